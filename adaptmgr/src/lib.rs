@@ -1,0 +1,4 @@
+//! Viola adaptation manager: the mechanisms that act on VMs (hypervisor trait over libvirt,
+//! orchestrated cross-domain live migration, inventory, host-failure handling) and the policies
+//! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
+pub mod hypervisor;
