@@ -1,0 +1,220 @@
+//! Cutting a part into chunks: fixed-size or content-defined (FastCDC 2020).
+//!
+//! The chunker spec is recorded in every part index so a part is always re-chunked the same
+//! way; changing the algorithm or its sizes changes the cut points and therefore the chunk names.
+
+use std::io::{self, Read};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest chunk any spec may produce (FastCDC's own ceiling).
+pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
+
+/// How a part is cut into chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ChunkerSpec {
+    /// Every chunk `size` bytes except the last.
+    Fixed { size: u32 },
+    /// FastCDC (2020 variant, normalization level 1) with these bounds.
+    FastCdc { min: u32, avg: u32, max: u32 },
+}
+
+impl Default for ChunkerSpec {
+    /// The measured winner for guest images (see `scripts/bench/depot.sh` and the crate docs):
+    /// FastCDC 16/64/256 KiB.
+    fn default() -> Self {
+        Self::FastCdc {
+            min: 16 * 1024,
+            avg: 64 * 1024,
+            max: 256 * 1024,
+        }
+    }
+}
+
+/// A chunker spec outside the bounds this crate accepts.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkerSpecError {
+    #[error("fixed chunk size {0} is outside 4 KiB..=16 MiB")]
+    FixedSize(u32),
+    #[error("FastCDC sizes {min}/{avg}/{max} must satisfy 64 <= min <= avg <= max, avg in 256..=4 MiB, max in 1 KiB..=16 MiB, min <= 1 MiB")]
+    CdcBounds { min: u32, avg: u32, max: u32 },
+}
+
+impl ChunkerSpec {
+    /// Checks the spec is usable (the fastcdc crate panics on out-of-range sizes).
+    pub fn validate(&self) -> Result<(), ChunkerSpecError> {
+        match *self {
+            Self::Fixed { size } => {
+                if !(4096..=MAX_CHUNK_LEN).contains(&size) {
+                    return Err(ChunkerSpecError::FixedSize(size));
+                }
+            }
+            Self::FastCdc { min, avg, max } => {
+                use fastcdc::v2020 as f;
+                let ok = (f::MINIMUM_MIN..=f::MINIMUM_MAX).contains(&min)
+                    && (f::AVERAGE_MIN..=f::AVERAGE_MAX).contains(&avg)
+                    && (f::MAXIMUM_MIN..=f::MAXIMUM_MAX).contains(&max)
+                    && min <= avg
+                    && avg <= max;
+                if !ok {
+                    return Err(ChunkerSpecError::CdcBounds { min, avg, max });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Largest chunk this spec produces.
+    pub fn max_len(&self) -> u32 {
+        match *self {
+            Self::Fixed { size } => size,
+            Self::FastCdc { max, .. } => max,
+        }
+    }
+
+    /// Short human name, e.g. `fixed-64k` or `fastcdc-16k/64k/256k`.
+    pub fn label(&self) -> String {
+        let k = |v: u32| format!("{}k", v / 1024);
+        match *self {
+            Self::Fixed { size } => format!("fixed-{}", k(size)),
+            Self::FastCdc { min, avg, max } => format!("fastcdc-{}/{}/{}", k(min), k(avg), k(max)),
+        }
+    }
+}
+
+/// Errors while chunking a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError<E: std::error::Error + 'static> {
+    #[error("bad chunker spec")]
+    Spec(#[from] ChunkerSpecError),
+    #[error("reading the input")]
+    Read(#[source] io::Error),
+    #[error("handling a chunk")]
+    Sink(#[source] E),
+}
+
+/// Reads `input` to the end, calling `sink(offset, bytes)` for every chunk in order.
+pub fn for_each_chunk<R, E, F>(spec: ChunkerSpec, mut input: R, mut sink: F) -> Result<u64, ChunkError<E>>
+where
+    R: Read,
+    E: std::error::Error + 'static,
+    F: FnMut(u64, &[u8]) -> Result<(), E>,
+{
+    spec.validate()?;
+    let mut offset = 0u64;
+    match spec {
+        ChunkerSpec::Fixed { size } => {
+            let mut buf = vec![0u8; size as usize];
+            loop {
+                let n = read_full(&mut input, &mut buf).map_err(ChunkError::Read)?;
+                if n == 0 {
+                    break;
+                }
+                sink(offset, &buf[..n]).map_err(ChunkError::Sink)?;
+                offset += n as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+        }
+        ChunkerSpec::FastCdc { min, avg, max } => {
+            let chunks = fastcdc::v2020::StreamCDC::new(input, min, avg, max);
+            for chunk in chunks {
+                let chunk = chunk.map_err(|e| match e {
+                    fastcdc::v2020::Error::IoError(io) => ChunkError::Read(io),
+                    other => ChunkError::Read(io::Error::other(other.to_string())),
+                })?;
+                sink(chunk.offset, &chunk.data).map_err(ChunkError::Sink)?;
+                offset = chunk.offset + chunk.data.len() as u64;
+            }
+        }
+    }
+    Ok(offset)
+}
+
+/// Cut points of an in-memory buffer (for tests and the dedup measurement).
+pub fn boundaries(spec: ChunkerSpec, data: &[u8]) -> Result<Vec<(u64, usize)>, ChunkerSpecError> {
+    let mut out = Vec::new();
+    let r = for_each_chunk::<_, io::Error, _>(spec, data, |off, bytes| {
+        out.push((off, bytes.len()));
+        Ok(())
+    });
+    match r {
+        Ok(_) => Ok(out),
+        Err(ChunkError::Spec(e)) => Err(e),
+        // Reading from a slice and pushing to a Vec cannot fail.
+        Err(_) => Ok(out),
+    }
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn small_cdc() -> ChunkerSpec {
+        ChunkerSpec::FastCdc { min: 64, avg: 256, max: 1024 }
+    }
+
+    proptest! {
+        #[test]
+        fn chunks_tile_the_input(data in proptest::collection::vec(any::<u8>(), 0..20_000), fixed in prop::bool::ANY) {
+            let spec = if fixed { ChunkerSpec::Fixed { size: 4096 } } else { small_cdc() };
+            let b = boundaries(spec, &data).unwrap();
+            let mut expect = 0u64;
+            for (off, len) in &b {
+                prop_assert_eq!(*off, expect);
+                prop_assert!(*len > 0 && *len as u32 <= spec.max_len());
+                expect += *len as u64;
+            }
+            prop_assert_eq!(expect, data.len() as u64);
+        }
+    }
+
+    #[test]
+    fn cdc_resynchronises_after_an_insertion_and_fixed_does_not() {
+        let mut rng_state = 12345u64;
+        let data: Vec<u8> = (0..200_000)
+            .map(|_| {
+                rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (rng_state >> 33) as u8
+            })
+            .collect();
+        let mut shifted = data.clone();
+        shifted.splice(1000..1000, [7u8; 17]);
+        let hashes = |spec, d: &[u8]| -> std::collections::HashSet<blake3::Hash> {
+            boundaries(spec, d)
+                .unwrap()
+                .into_iter()
+                .map(|(o, l)| blake3::hash(&d[o as usize..o as usize + l]))
+                .collect()
+        };
+        let shared = |spec| hashes(spec, &data).intersection(&hashes(spec, &shifted)).count();
+        let cdc = small_cdc();
+        let fixed = ChunkerSpec::Fixed { size: 4096 };
+        assert!(shared(cdc) * 10 >= hashes(cdc, &data).len() * 9, "CDC should keep >= 90% of chunks");
+        assert_eq!(shared(fixed), 0, "a 17-byte shift moves every fixed block after it");
+    }
+
+    #[test]
+    fn rejects_out_of_range_specs() {
+        assert!(ChunkerSpec::Fixed { size: 10 }.validate().is_err());
+        assert!(ChunkerSpec::FastCdc { min: 1, avg: 2, max: 3 }.validate().is_err());
+        assert!(ChunkerSpec::FastCdc { min: 4096, avg: 1024, max: 8192 }.validate().is_err());
+        assert!(ChunkerSpec::default().validate().is_ok());
+    }
+}
