@@ -2,3 +2,4 @@
 //! orchestrated cross-domain live migration, inventory, host-failure handling) and the policies
 //! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
 pub mod hypervisor;
+pub mod migration;

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{
-    Connector, CpuTuning, DiskInfo, DomainState, DomainStats, DomainSummary, HostInfo,
-    Hypervisor, HypervisorError, JobProgress, MigrationRequest, NicInfo, StorageCopy, xml,
+    Connector, CpuTuning, DiskInfo, DomainState, DomainStats, DomainSummary, HostInfo, Hypervisor,
+    HypervisorError, JobProgress, MigrationRequest, NicInfo, StorageCopy, xml,
 };
 
 #[derive(Debug, Clone)]
@@ -69,7 +69,9 @@ pub struct FakeHypervisor {
 
 fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
     // A test thread that panicked while holding the lock leaves consistent data: keep going.
-    world.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    world
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl FakeCluster {
@@ -505,7 +507,9 @@ impl Hypervisor for FakeHypervisor {
             if d.abort_requested {
                 d.job = None;
                 d.abort_requested = false;
-                return Err(fail("operation aborted: migration job: canceled by client".into()));
+                return Err(fail(
+                    "operation aborted: migration job: canceled by client".into(),
+                ));
             }
             let frac = if faults.migration_duration.is_zero() {
                 1.0
@@ -531,9 +535,7 @@ impl Hypervisor for FakeHypervisor {
                     dest.up = false;
                     dest.domains.insert(name.to_owned(), incoming);
                 }
-                return Err(fail(
-                    "Lost connection to destination host".into(),
-                ));
+                return Err(fail("Lost connection to destination host".into()));
             }
             if frac >= 1.0 {
                 break;
@@ -679,8 +681,13 @@ mod tests {
     fn define_start_resize_and_refuse_beyond_max() {
         let cluster = FakeCluster::new();
         let hv = cluster.host("fake://a1");
-        hv.define(&sample_domain_xml("vm1", "/img/vm1.qcow2", "/img/base.qcow2", "52:54:00:00:00:01"))
-            .unwrap();
+        hv.define(&sample_domain_xml(
+            "vm1",
+            "/img/vm1.qcow2",
+            "/img/base.qcow2",
+            "52:54:00:00:00:01",
+        ))
+        .unwrap();
         hv.start("vm1").unwrap();
         hv.set_vcpus("vm1", 2).unwrap();
         assert_eq!(hv.domain("vm1").unwrap().unwrap().vcpus, 2);
@@ -695,8 +702,13 @@ mod tests {
         let cluster = FakeCluster::new();
         let a = cluster.host("fake://a1");
         let _b = cluster.host("fake://b1");
-        a.define(&sample_domain_xml("vm1", "/img/vm1.qcow2", "/img/base.qcow2", "52:54:00:00:00:01"))
-            .unwrap();
+        a.define(&sample_domain_xml(
+            "vm1",
+            "/img/vm1.qcow2",
+            "/img/base.qcow2",
+            "52:54:00:00:00:01",
+        ))
+        .unwrap();
         a.start("vm1").unwrap();
         let req = MigrationRequest {
             dest_uri: "fake://b1".into(),
@@ -709,7 +721,12 @@ mod tests {
         assert!(err.to_string().contains("migrate"), "{err}");
         assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);
         cluster.add_image("fake://b1", "/img/base.qcow2", 1 << 30, None);
-        cluster.add_image("fake://b1", "/img/vm1.qcow2", 1 << 30, Some("/img/base.qcow2"));
+        cluster.add_image(
+            "fake://b1",
+            "/img/vm1.qcow2",
+            1 << 30,
+            Some("/img/base.qcow2"),
+        );
         a.migrate("vm1", &req).unwrap();
         assert_eq!(cluster.hosts_running("vm1"), vec!["fake://b1".to_string()]);
     }

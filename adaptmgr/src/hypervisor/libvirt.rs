@@ -18,9 +18,9 @@ use virt::storage_vol::StorageVol;
 use virt::sys;
 
 use super::{
-    Connector, CpuCap, CpuTuning, DiskCounters, DiskInfo, DomainState, DomainStats,
-    DomainSummary, HostInfo, Hypervisor, HypervisorError, JobProgress, MigrationRequest,
-    NicCounters, NicInfo, StorageCopy, xml,
+    Connector, CpuCap, CpuTuning, DiskCounters, DiskInfo, DomainState, DomainStats, DomainSummary,
+    HostInfo, Hypervisor, HypervisorError, JobProgress, MigrationRequest, NicCounters, NicInfo,
+    StorageCopy, xml,
 };
 
 /// A libvirt connection closed when dropped (the 0.4 crate's `Connect` has no `Drop`).
@@ -134,11 +134,7 @@ impl LibvirtHypervisor {
 
     fn err(op: &'static str, domain: &str) -> impl FnOnce(virt::error::Error) -> HypervisorError {
         let domain = domain.to_owned();
-        move |source| HypervisorError::Libvirt {
-            op,
-            domain,
-            source,
-        }
+        move |source| HypervisorError::Libvirt { op, domain, source }
     }
 
     fn summary(&self, dom: &Domain) -> Result<DomainSummary, HypervisorError> {
@@ -185,9 +181,7 @@ impl LibvirtHypervisor {
                 }
             }
         }
-        let desc = dom
-            .get_xml_desc(0)
-            .map_err(Self::err("get xml", &name))?;
+        let desc = dom.get_xml_desc(0).map_err(Self::err("get xml", &name))?;
         let mut disks = Vec::new();
         for disk in xml::disks(&desc).map_err(|e| HypervisorError::Xml {
             domain: name.clone(),
@@ -307,12 +301,13 @@ impl LibvirtHypervisor {
         // Another caller may have created it in the meantime; look it up by name then.
         let pool = match StoragePool::create_xml(&self.conn.0, &pool_xml, 0) {
             Ok(pool) => pool,
-            Err(err) => StoragePool::lookup_by_name(&self.conn.0, &name)
-                .map_err(|_| HypervisorError::Libvirt {
+            Err(err) => StoragePool::lookup_by_name(&self.conn.0, &name).map_err(|_| {
+                HypervisorError::Libvirt {
                     op: "create storage pool",
                     domain: dir.to_owned(),
                     source: err,
-                })?,
+                }
+            })?,
         };
         pool.refresh(0).map_err(Self::err("refresh pool", dir))?;
         Ok(pool)
@@ -710,10 +705,7 @@ mod tests {
         let hv = test_hv();
         let max = hv.domain("test").unwrap().unwrap().max_vcpus;
         let err = hv.set_vcpus("test", max + 1).unwrap_err();
-        assert!(
-            matches!(err, HypervisorError::OutOfRange { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, HypervisorError::OutOfRange { .. }), "{err}");
     }
 
     #[test]

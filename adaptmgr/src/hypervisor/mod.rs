@@ -231,9 +231,7 @@ impl HypervisorError {
     pub fn is_no_such_domain(&self) -> bool {
         match self {
             Self::NoSuchDomain(_) => true,
-            Self::Libvirt { source, .. } => {
-                source.code() == virt::error::ErrorNumber::NoDomain
-            }
+            Self::Libvirt { source, .. } => source.code() == virt::error::ErrorNumber::NoDomain,
             _ => false,
         }
     }

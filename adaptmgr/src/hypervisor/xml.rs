@@ -161,10 +161,7 @@ mod tests {
         assert_eq!(d[0].format, "qcow2");
         assert_eq!(
             d[0].backing,
-            Some((
-                "/var/lib/libvirt/images/base.qcow2".into(),
-                "qcow2".into()
-            ))
+            Some(("/var/lib/libvirt/images/base.qcow2".into(), "qcow2".into()))
         );
     }
 

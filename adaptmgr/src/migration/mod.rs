@@ -1,0 +1,14 @@
+//! Orchestrated cross-domain live migration with the root disk.
+//!
+//! [`plan`] is the pure step machine (pre-check, stage base, pre-create overlay, announce,
+//! migrate, verify, clean up; or reconcile and roll back); [`driver`] performs its steps
+//! against the hypervisors; [`stage`] holds what the steps need from outside (base staging,
+//! the overlay's move announcements).
+
+pub mod driver;
+pub mod plan;
+pub mod stage;
+
+pub use driver::{MigrationDeps, MigrationReport, MigrationStatus, run_migration};
+pub use plan::{MigrationPlan, Outcome};
+pub use stage::{BaseStager, LocalCopyStager, MoveAnnouncer, MoveNotice};
