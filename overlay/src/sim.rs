@@ -1,0 +1,579 @@
+//! Deterministic in-memory simulator of several hosts' switches (tests only).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::HostId;
+use crate::control::ControlMsg;
+use crate::switch::{
+    DropReason, HostPattern, Location, Output, Switch, SwitchConfig, ViolinConfig, tap_buffer,
+    test_frame,
+};
+use crate::wire::{self, Arp, BROADCAST, ETHERTYPE_RARP, Mac, ViolinId};
+
+struct Sim {
+    now: Instant,
+    hosts: BTreeMap<HostId, Switch>,
+    links: BTreeSet<(HostId, HostId)>,
+    max_datagram: usize,
+    queue: VecDeque<(HostId, Output)>,
+    delivered: BTreeMap<HostId, Vec<(ViolinId, Bytes)>>,
+    /// Datagrams from this host are held back (to deliver them late).
+    hold_from: Option<HostId>,
+    held: Vec<(HostId, Output)>,
+    datagrams_on_links: BTreeMap<(HostId, HostId), usize>,
+}
+
+fn h(s: &str) -> HostId {
+    s.into()
+}
+
+fn v(id: u32) -> ViolinId {
+    ViolinId::new(id).unwrap()
+}
+
+const IP: u16 = 0x0800;
+
+fn mac(n: u8) -> Mac {
+    [2, 0, 0, 0, 0, n]
+}
+
+impl Sim {
+    fn new(hosts: &[&str], max_datagram: usize) -> Self {
+        let now = Instant::now();
+        Self {
+            now,
+            hosts: hosts
+                .iter()
+                .map(|n| (h(n), Switch::new(h(n), SwitchConfig::default())))
+                .collect(),
+            links: BTreeSet::new(),
+            max_datagram,
+            queue: VecDeque::new(),
+            delivered: BTreeMap::new(),
+            hold_from: None,
+            held: Vec::new(),
+            datagrams_on_links: BTreeMap::new(),
+        }
+    }
+
+    fn sw(&mut self, host: &str) -> &mut Switch {
+        self.hosts.get_mut(&h(host)).unwrap()
+    }
+
+    fn violin(&mut self, host: &str, id: u32, allowed: &[&str], arp: &[(Ipv4Addr, Mac)]) {
+        let mut out = Vec::new();
+        self.sw(host).add_violin(
+            ViolinConfig {
+                id: v(id),
+                name: format!("v{id}"),
+                allowed: allowed.iter().map(|p| HostPattern::new(p)).collect(),
+                static_arp: arp.to_vec(),
+            },
+            &mut out,
+        );
+        self.push(host, out);
+        self.run();
+    }
+
+    fn push(&mut self, from: &str, out: Vec<Output>) {
+        for o in out {
+            self.queue.push_back((h(from), o));
+        }
+    }
+
+    fn connect(&mut self, a: &str, b: &str) {
+        self.links.insert((h(a), h(b)));
+        self.links.insert((h(b), h(a)));
+        let max = self.max_datagram;
+        for (x, y) in [(a, b), (b, a)] {
+            let mut out = Vec::new();
+            self.sw(x).peer_up(h(y), max, &mut out);
+            self.push(x, out);
+        }
+        self.run();
+    }
+
+    fn disconnect(&mut self, a: &str, b: &str) {
+        self.links.remove(&(h(a), h(b)));
+        self.links.remove(&(h(b), h(a)));
+        for (x, y) in [(a, b), (b, a)] {
+            let mut out = Vec::new();
+            self.sw(x).peer_down(&h(y), &mut out);
+            self.push(x, out);
+        }
+        self.run();
+    }
+
+    fn tap(&mut self, host: &str, violin: u32, frame: &[u8]) {
+        let now = self.now;
+        let mut out = Vec::new();
+        self.sw(host)
+            .handle_tap_frame(now, v(violin), tap_buffer(frame), &mut out);
+        self.push(host, out);
+        self.run();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        let now = self.now;
+        for sw in self.hosts.values_mut() {
+            sw.handle_timeout(now);
+        }
+    }
+
+    fn run(&mut self) {
+        let mut steps = 0;
+        while let Some((from, o)) = self.queue.pop_front() {
+            steps += 1;
+            assert!(steps < 100_000, "forwarding loop");
+            let now = self.now;
+            let mut out = Vec::new();
+            match o {
+                Output::Deliver { violin, frame } => {
+                    self.delivered
+                        .entry(from)
+                        .or_default()
+                        .push((violin, frame));
+                    continue;
+                }
+                Output::Transmit { via, datagram } => {
+                    if self.hold_from.as_ref() == Some(&from) {
+                        self.held.push((from, Output::Transmit { via, datagram }));
+                        continue;
+                    }
+                    if !self.links.contains(&(from.clone(), via.clone())) {
+                        continue;
+                    }
+                    assert!(datagram.len() <= self.max_datagram, "datagram too large");
+                    *self
+                        .datagrams_on_links
+                        .entry((from.clone(), via.clone()))
+                        .or_default() += 1;
+                    let sw = self.hosts.get_mut(&via).unwrap();
+                    sw.handle_datagram(now, &from, datagram, &mut out);
+                    for o in out {
+                        self.queue.push_back((via.clone(), o));
+                    }
+                }
+                Output::Control { via, msg } => {
+                    if !self.links.contains(&(from.clone(), via.clone())) {
+                        continue;
+                    }
+                    let sw = self.hosts.get_mut(&via).unwrap();
+                    sw.handle_control(now, &from, msg, &mut out);
+                    for o in out {
+                        self.queue.push_back((via.clone(), o));
+                    }
+                }
+            }
+        }
+    }
+
+    fn release_held(&mut self) {
+        self.hold_from = None;
+        let held = std::mem::take(&mut self.held);
+        self.queue.extend(held);
+        self.run();
+    }
+
+    /// Frames delivered to `host`'s TAP of `violin` since the last call.
+    fn take(&mut self, host: &str, violin: u32) -> Vec<Bytes> {
+        let all = self.delivered.remove(&h(host)).unwrap_or_default();
+        let (mine, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(vi, _)| *vi == v(violin));
+        if !rest.is_empty() {
+            self.delivered.insert(h(host), rest);
+        }
+        mine.into_iter().map(|(_, f)| f).collect()
+    }
+
+    fn clear(&mut self) {
+        self.delivered.clear();
+        self.datagrams_on_links.clear();
+    }
+
+    fn drops(&mut self, host: &str, r: DropReason) -> u64 {
+        self.sw(host).counters().drops.get(&r).copied().unwrap_or(0)
+    }
+
+    fn loc(&mut self, host: &str, violin: u32, m: Mac) -> Option<Location> {
+        self.sw(host).lookup(v(violin), &m).map(|(l, _)| l)
+    }
+}
+
+fn full_mesh(names: &[&str], max: usize) -> Sim {
+    let mut s = Sim::new(names, max);
+    for (i, a) in names.iter().enumerate() {
+        for b in &names[i + 1..] {
+            s.connect(a, b);
+        }
+    }
+    s
+}
+
+#[test]
+fn learning_unicast_and_flooding_to_members_only() {
+    let mut s = full_mesh(&["a/a1", "a/a2", "b/b1", "b/b2"], 1414);
+    for host in ["a/a1", "b/b1", "b/b2"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    // a2 is not a member of violin 1.
+    s.violin("a/a2", 2, &["*"], &[]);
+    s.clear();
+
+    // Broadcast from VM 1 on a1 reaches the members b1, b2 and not a2.
+    let bc = test_frame(BROADCAST, mac(1), IP, 100, 1);
+    s.tap("a/a1", 1, &bc);
+    assert_eq!(s.take("b/b1", 1), vec![Bytes::from(bc.clone())]);
+    assert_eq!(s.take("b/b2", 1), vec![Bytes::from(bc.clone())]);
+    assert!(s.take("a/a2", 1).is_empty());
+    assert_eq!(
+        s.datagrams_on_links.get(&(h("a/a1"), h("a/a2"))),
+        None,
+        "a non-member got a datagram"
+    );
+    assert_eq!(s.loc("b/b1", 1, mac(1)), Some(Location::Remote(h("a/a1"))));
+    assert_eq!(s.loc("a/a1", 1, mac(1)), Some(Location::Local));
+
+    // The reply from VM 2 on b1 is unicast: only a1 gets it.
+    s.clear();
+    let reply = test_frame(mac(1), mac(2), IP, 200, 2);
+    s.tap("b/b1", 1, &reply);
+    assert_eq!(s.take("a/a1", 1), vec![Bytes::from(reply)]);
+    assert!(s.take("b/b2", 1).is_empty());
+    assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 1);
+}
+
+#[test]
+fn violins_with_same_addresses_stay_isolated() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    for host in ["a/a1", "b/b1"] {
+        s.violin(host, 1, &["*"], &[]);
+        s.violin(host, 2, &["*"], &[]);
+    }
+    s.clear();
+    // Same MAC in both violins (same IP range inside), different hosts.
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(9), IP, 60, 1));
+    s.tap("b/b1", 2, &test_frame(BROADCAST, mac(9), IP, 60, 2));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    assert!(s.take("b/b1", 2).is_empty());
+    assert_eq!(s.take("a/a1", 2).len(), 1);
+    assert!(s.take("a/a1", 1).is_empty());
+    assert_eq!(s.loc("a/a1", 1, mac(9)), Some(Location::Local));
+    assert_eq!(s.loc("a/a1", 2, mac(9)), Some(Location::Remote(h("b/b1"))));
+}
+
+#[test]
+fn hosts_not_allowed_in_a_violin_neither_send_nor_receive() {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    s.violin("a/a1", 1, &["b/*"], &[]);
+    s.violin("b/b1", 1, &["a/a1"], &[]);
+    // c1 claims membership, but the others do not allow it.
+    s.violin("c/c1", 1, &["*"], &[]);
+    s.clear();
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 60, 1));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    assert!(s.take("c/c1", 1).is_empty());
+    // c1 floods (it believes a1 and b1 are members); both drop it.
+    s.tap("c/c1", 1, &test_frame(BROADCAST, mac(3), IP, 60, 3));
+    assert!(s.take("a/a1", 1).is_empty());
+    assert!(s.take("b/b1", 1).is_empty());
+    // One frame and one announcement each.
+    assert_eq!(s.drops("a/a1", DropReason::NotMember), 2);
+    assert_eq!(s.drops("b/b1", DropReason::NotMember), 2);
+    // Its announcements are refused too: a1 never learns mac 3.
+    assert_eq!(s.loc("a/a1", 1, mac(3)), None);
+}
+
+#[test]
+fn mac_move_converges_and_late_frames_never_pull_it_back() {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    for host in ["a/a1", "b/b1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    let vm = mac(5);
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    assert_eq!(s.loc("c/c1", 1, vm), Some(Location::Remote(h("a/a1"))));
+
+    // A late frame from the old host is held in flight while the VM moves to b1.
+    s.hold_from = Some(h("a/a1"));
+    s.tap("a/a1", 1, &test_frame(mac(7), vm, IP, 60, 0)); // unicast to unknown -> flooded
+    s.hold_from = None;
+    s.advance(Duration::from_millis(500));
+    // The migrated guest's RARP on b1.
+    let rarp = test_frame(BROADCAST, vm, ETHERTYPE_RARP, 60, 0);
+    s.tap("b/b1", 1, &rarp);
+    for host in ["a/a1", "c/c1"] {
+        assert_eq!(
+            s.loc(host, 1, vm),
+            Some(Location::Remote(h("b/b1"))),
+            "{host}"
+        );
+    }
+    // Traffic from c1 to the VM now goes to b1 only.
+    s.clear();
+    s.tap("c/c1", 1, &test_frame(vm, mac(8), IP, 60, 0));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    assert!(s.take("a/a1", 1).is_empty());
+    // The late datagram from a1 arrives: nobody moves the MAC back.
+    s.release_held();
+    assert_eq!(s.loc("c/c1", 1, vm), Some(Location::Remote(h("b/b1"))));
+    assert!(s.sw("c/c1").counters().stale_source_frames >= 1);
+    // A late frame on a1's own TAP (within the hold-down) is dropped, not re-announced.
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    assert_eq!(s.drops("a/a1", DropReason::StaleLocalAfterMove), 1);
+    assert_eq!(s.loc("c/c1", 1, vm), Some(Location::Remote(h("b/b1"))));
+    assert_eq!(s.sw("c/c1").lookup(v(1), &vm).unwrap().1, 2);
+    // After the hold-down a real move back works and gets a higher sequence number.
+    s.advance(Duration::from_secs(3));
+    s.tap("a/a1", 1, &rarp);
+    assert_eq!(s.loc("c/c1", 1, vm), Some(Location::Remote(h("a/a1"))));
+    assert_eq!(s.sw("c/c1").lookup(v(1), &vm).unwrap().1, 3);
+}
+
+#[test]
+fn frames_in_flight_to_the_old_host_are_redirected_once() {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    for host in ["a/a1", "b/b1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    let vm = mac(5);
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    // c1 sends to the VM, but the datagram is in flight while the VM moves to b1.
+    s.hold_from = Some(h("c/c1"));
+    s.tap("c/c1", 1, &test_frame(vm, mac(8), IP, 60, 0));
+    s.hold_from = None;
+    s.tap("b/b1", 1, &test_frame(BROADCAST, vm, ETHERTYPE_RARP, 60, 0));
+    s.clear();
+    s.release_held();
+    assert!(s.take("a/a1", 1).is_empty());
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    assert_eq!(s.sw("a/a1").counters().redirected, 1);
+}
+
+#[test]
+fn a_stale_announcement_after_forgetting_is_corrected_by_a_seq_hint() {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    for host in ["a/a1", "b/b1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    let vm = mac(5);
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    s.advance(Duration::from_secs(3));
+    s.tap("b/b1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    s.advance(Duration::from_secs(3));
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    assert_eq!(s.sw("c/c1").lookup(v(1), &vm).unwrap().1, 3);
+    // b1 is restarted: it forgot everything, and the VM moves to it again.
+    s.hosts
+        .insert(h("b/b1"), Switch::new(h("b/b1"), SwitchConfig::default()));
+    s.disconnect("a/a1", "b/b1");
+    s.disconnect("b/b1", "c/c1");
+    s.violin("b/b1", 1, &["*"], &[]);
+    s.connect("a/a1", "b/b1");
+    s.connect("b/b1", "c/c1");
+    s.advance(Duration::from_secs(3));
+    s.tap("b/b1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    // It announced seq 1 first; the hint made it re-announce above 3.
+    for host in ["a/a1", "c/c1"] {
+        let (loc, seq) = s.sw(host).lookup(v(1), &vm).unwrap();
+        assert_eq!(loc, Location::Remote(h("b/b1")), "{host}");
+        assert!(seq > 3);
+    }
+}
+
+#[test]
+fn expected_move_switches_on_the_first_data_frame() {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    for host in ["a/a1", "b/b1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    let vm = mac(5);
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    let now = s.now;
+    let mut out = Vec::new();
+    assert!(s.sw("a/a1").expect_move(now, v(1), vm, h("b/b1"), &mut out));
+    s.push("a/a1", out);
+    s.run();
+    // A data frame from b1 (the announcement is lost here: control from b1 dropped).
+    let mut out = Vec::new();
+    s.sw("b/b1").handle_tap_frame(
+        now,
+        v(1),
+        tap_buffer(&test_frame(BROADCAST, vm, IP, 60, 0)),
+        &mut out,
+    );
+    let data: Vec<Output> = out
+        .into_iter()
+        .filter(|o| matches!(o, Output::Transmit { .. }))
+        .collect();
+    assert_eq!(data.len(), 2);
+    s.push("b/b1", data);
+    s.run();
+    assert_eq!(s.loc("c/c1", 1, vm), Some(Location::Remote(h("b/b1"))));
+    assert_eq!(s.loc("a/a1", 1, vm), Some(Location::Remote(h("b/b1"))));
+}
+
+#[test]
+fn full_frames_cross_small_datagram_paths_by_fragmentation() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 600);
+    for host in ["a/a1", "b/b1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.clear();
+    let big = test_frame(BROADCAST, mac(1), IP, 1514, 7);
+    s.tap("a/a1", 1, &big);
+    assert_eq!(s.take("b/b1", 1), vec![Bytes::from(big)]);
+    assert_eq!(s.datagrams_on_links[&(h("a/a1"), h("b/b1"))], 3);
+    assert_eq!(s.sw("a/a1").counters().fragmented, 1);
+    // Jumbo frames beyond 8 fragments are refused and counted, not silently lost.
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 9000, 7));
+    assert_eq!(s.drops("a/a1", DropReason::Oversize), 1);
+}
+
+#[test]
+fn reassembly_is_memory_bounded_and_times_out() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 600);
+    for host in ["a/a1", "b/b1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    // Only the first fragment of each of many frames arrives.
+    for i in 0..2000u32 {
+        let parts = wire::fragment(
+            v(1),
+            &test_frame(BROADCAST, mac(1), IP, 1514, 0),
+            false,
+            i,
+            600,
+        )
+        .unwrap();
+        let now = s.now;
+        let mut out = Vec::new();
+        s.sw("b/b1")
+            .handle_datagram(now, &h("a/a1"), parts[0].clone(), &mut out);
+        assert!(out.is_empty());
+    }
+    let held = s.sw("b/b1").reassembly_bytes();
+    assert!(held > 0 && held <= 4 << 20, "{held}");
+    assert!(s.sw("b/b1").counters().reassembly_evicted >= 2000 - 1024);
+    s.advance(Duration::from_secs(1));
+    assert_eq!(s.sw("b/b1").reassembly_bytes(), 0);
+}
+
+#[test]
+fn arp_requests_for_known_addresses_are_answered_locally() {
+    let ip_b = Ipv4Addr::new(10, 1, 0, 2);
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    s.violin("a/a1", 1, &["*"], &[(ip_b, mac(2))]);
+    s.violin("b/b1", 1, &["*"], &[]);
+    s.clear();
+    let req = Arp {
+        op: 1,
+        sha: mac(1),
+        spa: [10, 1, 0, 1],
+        tha: [0; 6],
+        tpa: ip_b.octets(),
+    };
+    s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(1), &req));
+    let replies = s.take("a/a1", 1);
+    assert_eq!(replies.len(), 1);
+    let reply = wire::parse_arp(&replies[0]).unwrap();
+    assert_eq!((reply.op, reply.sha, reply.tpa), (2, mac(2), [10, 1, 0, 1]));
+    assert!(s.take("b/b1", 1).is_empty(), "answered request was flooded");
+    // An address nobody knows is flooded as usual.
+    let req2 = Arp {
+        tpa: [10, 1, 0, 99],
+        ..req
+    };
+    s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(1), &req2));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    // b1 learned 10.1.0.1 from a1's announcement (sender of the ARP) and answers for it.
+    let req3 = Arp {
+        op: 1,
+        sha: mac(2),
+        spa: ip_b.octets(),
+        tha: [0; 6],
+        tpa: [10, 1, 0, 1],
+    };
+    s.tap("b/b1", 1, &wire::build_arp(BROADCAST, mac(2), &req3));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    assert_eq!(s.sw("b/b1").counters().arp_answered, 1);
+}
+
+#[test]
+fn relay_carries_frames_and_control_between_unconnected_hosts() {
+    let mut s = Sim::new(&["a/a1", "r/r1", "c/c1"], 1414);
+    for host in ["a/a1", "r/r1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.connect("a/a1", "r/r1");
+    s.connect("r/r1", "c/c1");
+    s.clear();
+    let vm_a = mac(1);
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm_a, IP, 1514, 1));
+    assert_eq!(s.take("c/c1", 1).len(), 1, "broadcast did not reach c1");
+    assert_eq!(s.take("r/r1", 1).len(), 1);
+    assert_eq!(s.loc("c/c1", 1, vm_a), Some(Location::Remote(h("a/a1"))));
+    s.clear();
+    s.tap("c/c1", 1, &test_frame(vm_a, mac(3), IP, 1000, 3));
+    assert_eq!(s.take("a/a1", 1).len(), 1);
+    assert!(
+        s.take("r/r1", 1).is_empty(),
+        "relay delivered a unicast frame locally"
+    );
+    assert!(s.sw("r/r1").counters().relayed >= 2);
+    // The relay does not carry a violin it is not allowed in for others: control of an
+    // unrelated violin still flows, frames are relayed opaquely.
+    let now = s.now;
+    let st = s.sw("a/a1").status(now);
+    let c = st.peers.iter().find(|p| p.host == "c/c1").unwrap();
+    assert!(!c.connected);
+    assert_eq!(c.via.as_deref(), Some("r/r1"));
+}
+
+#[test]
+fn restarted_host_rejoins_and_relearns() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    for host in ["a/a1", "b/b1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 60, 0));
+    s.disconnect("a/a1", "b/b1");
+    s.hosts
+        .insert(h("b/b1"), Switch::new(h("b/b1"), SwitchConfig::default()));
+    s.violin("b/b1", 1, &["*"], &[]);
+    s.connect("a/a1", "b/b1");
+    // The full sync on (re)join told b1 where mac 1 is without any new frame.
+    assert_eq!(s.loc("b/b1", 1, mac(1)), Some(Location::Remote(h("a/a1"))));
+    s.clear();
+    s.tap("b/b1", 1, &test_frame(mac(1), mac(2), IP, 60, 0));
+    assert_eq!(s.take("a/a1", 1).len(), 1);
+}
+
+#[test]
+fn malformed_datagrams_and_control_are_counted_and_dropped() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    s.violin("b/b1", 1, &["*"], &[]);
+    let now = s.now;
+    let mut out = Vec::new();
+    let sw = s.sw("b/b1");
+    for d in [&b""[..], &[0x10, 0, 0, 1, 1], &[0x2F, 1, 2], &[0x11; 12]] {
+        sw.handle_datagram(now, &h("a/a1"), Bytes::copy_from_slice(d), &mut out);
+    }
+    sw.handle_control(
+        now,
+        &h("a/a1"),
+        ControlMsg::SeqHint {
+            violin: v(1),
+            mac: "zz".into(),
+            seq: 1,
+        },
+        &mut out,
+    );
+    assert!(out.is_empty());
+    let drops: u64 = sw.counters().drops.values().sum();
+    assert_eq!(drops, 5);
+}

@@ -1,0 +1,1266 @@
+//! The switching core: per-violin MAC learning, flooding to members, ARP answering, MAC moves
+//! with sequence numbers, fragmentation and relay routing. No I/O and no clock: the caller
+//! passes `now` and events in, and gets [`Output`]s back (quinn-proto's shape).
+//!
+//! Invariants:
+//! - A frame of violin V is only sent to, and only accepted from, hosts that claimed
+//!   membership of V *and* are allowed in V by local configuration; everything else is dropped
+//!   and counted ([`DropReason`]).
+//! - Frames received from peers are never flooded again (full mesh: no loops); the only
+//!   re-sending of a received frame is one REDIRECT to a MAC's new host, never repeated.
+//! - A MAC's remote location changes only through an announcement with a higher sequence
+//!   number (or, while the adaptation manager announced the move in advance, a frame from the
+//!   expected host). A late frame from the old location never pulls it back, and the old host
+//!   ignores the moved MAC on its own TAP for [`SwitchConfig::move_hold_down`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+
+use crate::HostId;
+use crate::control::ControlMsg;
+use crate::reassembly::{Fragment, Reassembler, ReassemblyLimits};
+use crate::wire::{self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, ViolinId};
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// Learned MACs not seen for this long are forgotten.
+    pub mac_ageing: Duration,
+    /// After a MAC moved away, frames from it on the local TAP are ignored this long.
+    pub move_hold_down: Duration,
+    /// How long an `expect_move` stays in force.
+    pub expect_move_ttl: Duration,
+    /// Reassembly limits.
+    pub reassembly: ReassemblyLimits,
+    /// Datagram size assumed for a peer until the driver reports one.
+    pub default_max_datagram: usize,
+    /// Period of the housekeeping timer.
+    pub sweep_interval: Duration,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        Self {
+            mac_ageing: Duration::from_secs(300),
+            move_hold_down: Duration::from_secs(2),
+            expect_move_ttl: Duration::from_secs(120),
+            reassembly: ReassemblyLimits::default(),
+            default_max_datagram: 1162,
+            sweep_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send `datagram` on the connection to `via` (the next hop).
+    Transmit {
+        /// Next hop.
+        via: HostId,
+        /// The datagram.
+        datagram: Bytes,
+    },
+    /// Write `frame` to the violin's local TAP.
+    Deliver {
+        /// Violin.
+        violin: ViolinId,
+        /// Ethernet frame.
+        frame: Bytes,
+    },
+    /// Send a control message on the control stream to `via`.
+    Control {
+        /// Next hop.
+        via: HostId,
+        /// Message.
+        msg: ControlMsg,
+    },
+}
+
+/// Why a frame, datagram or message was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// A datagram or frame that does not parse.
+    Malformed,
+    /// A violin this host is not a member of.
+    UnknownViolin,
+    /// A sender that is not a (permitted) member of the violin.
+    NotMember,
+    /// No direct connection and no relay towards the destination.
+    NoRoute,
+    /// A frame too large even for [`wire::MAX_FRAGMENTS`] fragments.
+    Oversize,
+    /// Inconsistent fragments.
+    FragmentMismatch,
+    /// A local frame from a MAC that just moved away (hold-down).
+    StaleLocalAfterMove,
+    /// A unicast frame on the TAP for a MAC that is local (no hairpin).
+    LocalDestination,
+    /// A received frame for a MAC that is elsewhere, already redirected once.
+    Misdelivered,
+    /// A relay request from or to a host we cannot serve.
+    RelayRefused,
+}
+
+impl DropReason {
+    /// Snake-case name (metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownViolin => "unknown_violin",
+            Self::NotMember => "not_member",
+            Self::NoRoute => "no_route",
+            Self::Oversize => "oversize",
+            Self::FragmentMismatch => "fragment_mismatch",
+            Self::StaleLocalAfterMove => "stale_local_after_move",
+            Self::LocalDestination => "local_destination",
+            Self::Misdelivered => "misdelivered",
+            Self::RelayRefused => "relay_refused",
+        }
+    }
+}
+
+/// Counters of the core (monotonic).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    /// Frames read from local TAPs.
+    pub tap_frames: u64,
+    /// Datagrams handed to the driver for sending (after fragmentation, all hops).
+    pub datagrams_out: u64,
+    /// Datagrams received.
+    pub datagrams_in: u64,
+    /// Frames delivered to local TAPs.
+    pub delivered: u64,
+    /// Frames sent to every member (broadcast/multicast/unknown unicast).
+    pub flooded: u64,
+    /// Frames split into fragments.
+    pub fragmented: u64,
+    /// Frames reassembled.
+    pub reassembled: u64,
+    /// Incomplete frames evicted from reassembly.
+    pub reassembly_evicted: u64,
+    /// ARP requests answered locally from control-plane knowledge.
+    pub arp_answered: u64,
+    /// MAC location changes (moves) applied.
+    pub mac_moves: u64,
+    /// Announcements ignored as stale (lower sequence number).
+    pub stale_announcements: u64,
+    /// Remote frames whose source MAC is known elsewhere (ignored for learning).
+    pub stale_source_frames: u64,
+    /// Frames re-sent to a MAC's new host.
+    pub redirected: u64,
+    /// Datagrams relayed for other hosts.
+    pub relayed: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<DropReason, u64>,
+}
+
+/// Where a MAC is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// Behind the local TAP.
+    Local,
+    /// At another host.
+    Remote(HostId),
+}
+
+#[derive(Debug, Clone)]
+struct MacEntry {
+    loc: Location,
+    seq: u64,
+    last_seen: Instant,
+    ip: Option<Ipv4Addr>,
+}
+
+/// A host pattern allowed in a violin: `site/host`, `site/*` or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern(String);
+
+impl HostPattern {
+    /// A pattern (`site/host`, `site/*` or `*`).
+    pub fn new(p: &str) -> Self {
+        Self(p.to_owned())
+    }
+
+    /// Whether `host` (`site/host`) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self.0.strip_suffix("/*") {
+            _ if self.0 == "*" => true,
+            Some(site) => host.split_once('/').is_some_and(|(s, _)| s == site),
+            None => self.0 == host,
+        }
+    }
+}
+
+/// Local configuration of one violin.
+#[derive(Debug, Clone)]
+pub struct ViolinConfig {
+    /// Id.
+    pub id: ViolinId,
+    /// Human name.
+    pub name: String,
+    /// Hosts allowed to be members (besides this one).
+    pub allowed: Vec<HostPattern>,
+    /// Known VM addresses (IPv4 → MAC) for ARP answering.
+    pub static_arp: Vec<(Ipv4Addr, Mac)>,
+}
+
+struct Violin {
+    cfg: ViolinConfig,
+    macs: HashMap<Mac, MacEntry>,
+    /// ARP knowledge: ip → (mac, static).
+    arp: HashMap<Ipv4Addr, (Mac, bool)>,
+    /// mac → (host it will appear on, until).
+    expected: HashMap<Mac, (HostId, Instant)>,
+    /// mac → when it moved away from here.
+    moved_away: HashMap<Mac, Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Peer {
+    connected: bool,
+    max_datagram: usize,
+    violins: BTreeSet<ViolinId>,
+    /// Hosts this peer is directly connected to.
+    reach: BTreeSet<HostId>,
+    /// We sent it our membership (directly or through a relay).
+    introduced: bool,
+}
+
+/// One host's switch.
+pub struct Switch {
+    me: HostId,
+    cfg: SwitchConfig,
+    violins: BTreeMap<ViolinId, Violin>,
+    peers: BTreeMap<HostId, Peer>,
+    reassembler: Reassembler,
+    next_frag_id: u32,
+    next_sweep: Option<Instant>,
+    counters: Counters,
+}
+
+fn mac_key(s: &str) -> Option<Mac> {
+    wire::parse_mac(s)
+}
+
+impl Switch {
+    /// A switch for host `me` (`site/host`).
+    pub fn new(me: HostId, cfg: SwitchConfig) -> Self {
+        Self {
+            me,
+            reassembler: Reassembler::new(cfg.reassembly),
+            cfg,
+            violins: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            next_frag_id: 0,
+            next_sweep: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// This host's name.
+    pub fn me(&self) -> &HostId {
+        &self.me
+    }
+
+    /// Makes this host a member of a violin and tells connected peers.
+    pub fn add_violin(&mut self, cfg: ViolinConfig, out: &mut Vec<Output>) {
+        let arp = cfg
+            .static_arp
+            .iter()
+            .map(|(ip, mac)| (*ip, (*mac, true)))
+            .collect();
+        self.violins.insert(
+            cfg.id,
+            Violin {
+                cfg,
+                macs: HashMap::new(),
+                arp,
+                expected: HashMap::new(),
+                moved_away: HashMap::new(),
+            },
+        );
+        self.broadcast_membership(out);
+    }
+
+    /// Leaves a violin and tells connected peers.
+    pub fn remove_violin(&mut self, id: ViolinId, out: &mut Vec<Output>) {
+        if self.violins.remove(&id).is_some() {
+            self.broadcast_membership(out);
+        }
+    }
+
+    fn membership(&self) -> ControlMsg {
+        ControlMsg::Membership {
+            violins: self.violins.keys().copied().collect(),
+        }
+    }
+
+    fn broadcast_membership(&mut self, out: &mut Vec<Output>) {
+        let msg = self.membership();
+        let known: Vec<HostId> = self.peers.keys().cloned().collect();
+        for p in known {
+            self.send_control(&p, msg.clone(), out);
+        }
+    }
+
+    fn reach_msg(&self) -> ControlMsg {
+        ControlMsg::Reach {
+            connected: self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.connected)
+                .map(|(h, _)| h.to_string())
+                .collect(),
+        }
+    }
+
+    /// A direct connection to `host` is up; `max_datagram` is its current datagram limit.
+    pub fn peer_up(&mut self, host: HostId, max_datagram: usize, out: &mut Vec<Output>) {
+        let peer = self.peers.entry(host.clone()).or_default();
+        peer.connected = true;
+        peer.max_datagram = max_datagram;
+        peer.introduced = true;
+        // A (re)connected peer may have restarted: its membership (and with it a full sync
+        // of our MACs) comes anew.
+        peer.violins.clear();
+        out.push(Output::Control {
+            via: host.clone(),
+            msg: self.membership(),
+        });
+        self.broadcast_reach(out);
+    }
+
+    /// The direct connection to `host` is gone (it may still be reachable through a relay).
+    pub fn peer_down(&mut self, host: &HostId, out: &mut Vec<Output>) {
+        if let Some(p) = self.peers.get_mut(host) {
+            p.connected = false;
+            p.reach.clear();
+            p.introduced = false;
+        }
+        self.broadcast_reach(out);
+    }
+
+    fn broadcast_reach(&mut self, out: &mut Vec<Output>) {
+        let msg = self.reach_msg();
+        for (h, p) in &self.peers {
+            if p.connected {
+                out.push(Output::Control {
+                    via: h.clone(),
+                    msg: msg.clone(),
+                });
+            }
+        }
+    }
+
+    /// The datagram limit of the connection to `host` changed.
+    pub fn set_max_datagram(&mut self, host: &HostId, max_datagram: usize) {
+        if let Some(p) = self.peers.get_mut(host) {
+            p.max_datagram = max_datagram;
+        }
+    }
+
+    /// Whether `host` is a member of `violin` that we accept: it claimed membership and local
+    /// configuration allows it.
+    fn is_member(&self, violin: &Violin, host: &HostId) -> bool {
+        violin.cfg.allowed.iter().any(|p| p.matches(host))
+            && self
+                .peers
+                .get(host)
+                .is_some_and(|p| p.violins.contains(&violin.cfg.id))
+    }
+
+    fn members(&self, violin: &Violin) -> Vec<HostId> {
+        self.peers
+            .keys()
+            .filter(|h| self.is_member(violin, h))
+            .cloned()
+            .collect()
+    }
+
+    /// Next hop towards `host`: itself if connected, else the first connected peer that
+    /// reaches it.
+    fn next_hop(&self, host: &HostId) -> Option<HostId> {
+        if self.peers.get(host).is_some_and(|p| p.connected) {
+            return Some(host.clone());
+        }
+        self.peers
+            .iter()
+            .find(|(_, p)| p.connected && p.reach.contains(host))
+            .map(|(h, _)| h.clone())
+    }
+
+    fn drop(&mut self, reason: DropReason) {
+        *self.counters.drops.entry(reason).or_default() += 1;
+    }
+
+    fn send_control(&mut self, to: &HostId, msg: ControlMsg, out: &mut Vec<Output>) {
+        let Some(via) = self.next_hop(to) else {
+            return;
+        };
+        let msg = if &via == to {
+            msg
+        } else {
+            ControlMsg::Relay {
+                to: to.to_string(),
+                msg: Box::new(msg),
+            }
+        };
+        out.push(Output::Control { via, msg });
+    }
+
+    /// Sends a sealed FRAME datagram to `to`, fragmenting or relaying as needed.
+    fn send_datagram(
+        &mut self,
+        to: &HostId,
+        violin: ViolinId,
+        datagram: &Bytes,
+        redirected: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(via) = self.next_hop(to) else {
+            self.drop(DropReason::NoRoute);
+            return;
+        };
+        let mut max = self
+            .peers
+            .get(&via)
+            .map_or(self.cfg.default_max_datagram, |p| p.max_datagram);
+        let relayed = &via != to;
+        if relayed {
+            // RELAY header here, RELAYED header (naming us) on the next link.
+            max = max.saturating_sub(2 + to.len().max(self.me.len()));
+        }
+        let parts = if datagram.len() <= max {
+            vec![datagram.clone()]
+        } else {
+            self.next_frag_id = self.next_frag_id.wrapping_add(1);
+            match wire::fragment(
+                violin,
+                &datagram[FRAME_HEADER_LEN..],
+                redirected,
+                self.next_frag_id,
+                max,
+            ) {
+                Some(parts) => {
+                    self.counters.fragmented += 1;
+                    parts
+                }
+                None => {
+                    self.drop(DropReason::Oversize);
+                    return;
+                }
+            }
+        };
+        for part in parts {
+            let datagram = if relayed {
+                match wire::encode_relay(false, to, &part) {
+                    Some(d) => d,
+                    None => {
+                        self.drop(DropReason::NoRoute);
+                        return;
+                    }
+                }
+            } else {
+                part
+            };
+            self.counters.datagrams_out += 1;
+            out.push(Output::Transmit {
+                via: via.clone(),
+                datagram,
+            });
+        }
+    }
+
+    /// A frame read from the local TAP of `violin`. `buf` holds [`FRAME_HEADER_LEN`] reserved
+    /// bytes followed by the Ethernet frame (so the common case sends it without copying).
+    pub fn handle_tap_frame(
+        &mut self,
+        now: Instant,
+        violin_id: ViolinId,
+        buf: BytesMut,
+        out: &mut Vec<Output>,
+    ) {
+        self.counters.tap_frames += 1;
+        let Some(frame) = buf.get(FRAME_HEADER_LEN..) else {
+            self.drop(DropReason::Malformed);
+            return;
+        };
+        let Some((dst, src, ethertype)) = wire::ethernet(frame) else {
+            self.drop(DropReason::Malformed);
+            return;
+        };
+        let arp = wire::parse_arp(frame);
+        if !self.violins.contains_key(&violin_id) {
+            self.drop(DropReason::UnknownViolin);
+            return;
+        }
+        if !wire::is_group(&src) && !self.learn_local(now, violin_id, src, arp.as_ref(), out) {
+            self.drop(DropReason::StaleLocalAfterMove);
+            return;
+        }
+        if ethertype == ETHERTYPE_ARP
+            && let Some(arp) = arp
+            && arp.op == 1
+            && let Some(reply) = self.answer_arp(violin_id, &arp)
+        {
+            self.counters.arp_answered += 1;
+            self.counters.delivered += 1;
+            out.push(Output::Deliver {
+                violin: violin_id,
+                frame: Bytes::from(reply),
+            });
+            return;
+        }
+        let Some(violin) = self.violins.get(&violin_id) else {
+            return;
+        };
+        let target = if wire::is_group(&dst) {
+            None
+        } else {
+            match violin.macs.get(&dst).map(|e| &e.loc) {
+                Some(Location::Local) => {
+                    self.drop(DropReason::LocalDestination);
+                    return;
+                }
+                Some(Location::Remote(h)) if self.is_member(violin, h) => Some(h.clone()),
+                _ => None,
+            }
+        };
+        let datagram = wire::seal_frame(buf, violin_id, false);
+        match target {
+            Some(h) => self.send_datagram(&h, violin_id, &datagram, false, out),
+            None => {
+                self.counters.flooded += 1;
+                for h in self.members(violin) {
+                    self.send_datagram(&h, violin_id, &datagram, false, out);
+                }
+            }
+        }
+    }
+
+    /// Learns `src` as local. Returns false if the frame must be dropped (hold-down).
+    fn learn_local(
+        &mut self,
+        now: Instant,
+        violin_id: ViolinId,
+        src: Mac,
+        arp: Option<&Arp>,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let me = self.me.clone();
+        let hold = self.cfg.move_hold_down;
+        let Some(v) = self.violins.get_mut(&violin_id) else {
+            return false;
+        };
+        let ip = arp
+            .filter(|a| a.sha == src && a.spa != [0; 4])
+            .map(|a| Ipv4Addr::from(a.spa));
+        if let Some(ip) = ip
+            && v.arp.get(&ip).is_none_or(|(_, is_static)| !is_static)
+        {
+            v.arp.insert(ip, (src, false));
+        }
+        let expected_here = v
+            .expected
+            .get(&src)
+            .is_some_and(|(h, until)| *h == me && *until > now);
+        let seq = match v.macs.get_mut(&src) {
+            Some(e) if e.loc == Location::Local => {
+                e.last_seen = now;
+                if ip.is_none() || e.ip == ip {
+                    return true;
+                }
+                e.ip = ip;
+                e.seq // re-announce the new address with the same sequence number
+            }
+            Some(e) => {
+                if !expected_here
+                    && v.moved_away
+                        .get(&src)
+                        .is_some_and(|t| now.duration_since(*t) < hold)
+                {
+                    return false;
+                }
+                self.counters.mac_moves += 1;
+                e.seq + 1
+            }
+            None => 1,
+        };
+        v.moved_away.remove(&src);
+        v.expected.remove(&src);
+        v.macs.insert(
+            src,
+            MacEntry {
+                loc: Location::Local,
+                seq,
+                last_seen: now,
+                ip,
+            },
+        );
+        let msg = ControlMsg::Announce {
+            violin: violin_id,
+            mac: wire::mac_to_string(&src),
+            seq,
+            ip,
+        };
+        let Some(v) = self.violins.get(&violin_id) else {
+            return true;
+        };
+        for h in self.members(v) {
+            self.send_control(&h, msg.clone(), out);
+        }
+        true
+    }
+
+    fn answer_arp(&self, violin_id: ViolinId, req: &Arp) -> Option<Vec<u8>> {
+        let v = self.violins.get(&violin_id)?;
+        let (mac, _) = v.arp.get(&Ipv4Addr::from(req.tpa))?;
+        // A local owner answers for itself on the bridge.
+        if v.macs.get(mac).is_some_and(|e| e.loc == Location::Local) || *mac == req.sha {
+            return None;
+        }
+        let reply = Arp {
+            op: 2,
+            sha: *mac,
+            spa: req.tpa,
+            tha: req.sha,
+            tpa: req.spa,
+        };
+        Some(wire::build_arp(req.sha, *mac, &reply))
+    }
+
+    /// A datagram received on the connection to `from`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        datagram: Bytes,
+        out: &mut Vec<Output>,
+    ) {
+        self.counters.datagrams_in += 1;
+        self.handle_datagram_inner(now, from, datagram, true, out);
+    }
+
+    fn handle_datagram_inner(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        datagram: Bytes,
+        direct: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let Ok(decoded) = wire::decode(&datagram) else {
+            self.drop(DropReason::Malformed);
+            return;
+        };
+        match decoded {
+            Datagram::Frame {
+                violin,
+                frame,
+                redirected,
+            } => self.handle_remote_frame(now, from, violin, frame, redirected, out),
+            Datagram::Fragment {
+                violin,
+                frag_id,
+                index,
+                count,
+                redirected,
+                payload,
+            } => {
+                let frag = Fragment {
+                    violin,
+                    frag_id,
+                    index,
+                    count,
+                    redirected,
+                    payload,
+                };
+                match self.reassembler.push(now, from, frag) {
+                    Ok(Some(r)) => {
+                        self.counters.reassembled += 1;
+                        self.handle_remote_frame(now, from, r.violin, r.frame, r.redirected, out);
+                    }
+                    Ok(None) => {}
+                    Err(_) => self.drop(DropReason::FragmentMismatch),
+                }
+                self.counters.reassembly_evicted = self.reassembler.evicted;
+            }
+            Datagram::Relay { to, inner } => {
+                let to: HostId = to.into();
+                if !direct || !self.peers.get(&to).is_some_and(|p| p.connected) {
+                    self.drop(DropReason::RelayRefused);
+                    return;
+                }
+                match wire::encode_relay(true, from, &inner) {
+                    Some(datagram) => {
+                        self.counters.relayed += 1;
+                        self.counters.datagrams_out += 1;
+                        out.push(Output::Transmit { via: to, datagram });
+                    }
+                    None => self.drop(DropReason::RelayRefused),
+                }
+            }
+            Datagram::Relayed {
+                from: origin,
+                inner,
+            } => {
+                if !direct {
+                    self.drop(DropReason::RelayRefused);
+                    return;
+                }
+                let origin: HostId = origin.into();
+                self.handle_datagram_inner(now, &origin, inner, false, out);
+            }
+        }
+    }
+
+    fn handle_remote_frame(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        violin_id: ViolinId,
+        frame: Bytes,
+        redirected: bool,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(v) = self.violins.get(&violin_id) else {
+            self.drop(DropReason::UnknownViolin);
+            return;
+        };
+        if !self.is_member(v, from) {
+            self.drop(DropReason::NotMember);
+            return;
+        }
+        let Some((dst, src, _)) = wire::ethernet(&frame) else {
+            self.drop(DropReason::Malformed);
+            return;
+        };
+        let arp = wire::parse_arp(&frame);
+        let Some(v) = self.violins.get_mut(&violin_id) else {
+            return;
+        };
+        if let Some(a) = arp
+            && a.sha == src
+            && a.spa != [0; 4]
+        {
+            let ip = Ipv4Addr::from(a.spa);
+            if v.arp.get(&ip).is_none_or(|(_, s)| !s) {
+                v.arp.insert(ip, (src, false));
+            }
+        }
+        if !wire::is_group(&src) {
+            let expected_from_sender = v
+                .expected
+                .get(&src)
+                .is_some_and(|(h, until)| h == from && *until > now);
+            match v.macs.get_mut(&src) {
+                None => {
+                    v.macs.insert(
+                        src,
+                        MacEntry {
+                            loc: Location::Remote(from.clone()),
+                            seq: 0,
+                            last_seen: now,
+                            ip: None,
+                        },
+                    );
+                }
+                Some(e) if e.loc == Location::Remote(from.clone()) => e.last_seen = now,
+                Some(e) if expected_from_sender => {
+                    // Announced in advance: switch on the first frame, before the announcement.
+                    if e.loc == Location::Local {
+                        v.moved_away.insert(src, now);
+                    }
+                    e.loc = Location::Remote(from.clone());
+                    e.seq += 1;
+                    e.last_seen = now;
+                    v.expected.remove(&src);
+                    self.counters.mac_moves += 1;
+                }
+                Some(_) => self.counters.stale_source_frames += 1,
+            }
+        }
+        let Some(v) = self.violins.get(&violin_id) else {
+            return;
+        };
+        if !wire::is_group(&dst)
+            && let Some(MacEntry {
+                loc: Location::Remote(h),
+                ..
+            }) = v.macs.get(&dst)
+            && h != &self.me
+        {
+            let h = h.clone();
+            if redirected || !self.is_member(v, &h) {
+                self.drop(DropReason::Misdelivered);
+                return;
+            }
+            self.counters.redirected += 1;
+            let datagram = wire::encode_frame(violin_id, &frame, true);
+            self.send_datagram(&h, violin_id, &datagram, true, out);
+            return;
+        }
+        self.counters.delivered += 1;
+        out.push(Output::Deliver {
+            violin: violin_id,
+            frame,
+        });
+    }
+
+    /// A control message received on the connection to `from`.
+    pub fn handle_control(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        msg: ControlMsg,
+        out: &mut Vec<Output>,
+    ) {
+        self.handle_control_inner(now, from, msg, true, out);
+    }
+
+    fn handle_control_inner(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        msg: ControlMsg,
+        direct: bool,
+        out: &mut Vec<Output>,
+    ) {
+        match msg {
+            ControlMsg::Membership { violins } => {
+                let new: BTreeSet<ViolinId> = violins.into_iter().collect();
+                let peer = self.peers.entry(from.clone()).or_default();
+                let added: Vec<ViolinId> = new.difference(&peer.violins).copied().collect();
+                peer.violins = new;
+                if !peer.introduced {
+                    peer.introduced = true;
+                    let m = self.membership();
+                    self.send_control(from, m, out);
+                }
+                // Full sync of our local MACs for newly shared violins.
+                for id in added {
+                    let Some(v) = self.violins.get(&id) else {
+                        continue;
+                    };
+                    if !self.is_member(v, from) {
+                        continue;
+                    }
+                    let msgs: Vec<ControlMsg> = v
+                        .macs
+                        .iter()
+                        .filter(|(_, e)| e.loc == Location::Local)
+                        .map(|(mac, e)| ControlMsg::Announce {
+                            violin: id,
+                            mac: wire::mac_to_string(mac),
+                            seq: e.seq,
+                            ip: e.ip,
+                        })
+                        .collect();
+                    for m in msgs {
+                        self.send_control(from, m, out);
+                    }
+                }
+            }
+            ControlMsg::Reach { connected } => {
+                if !direct {
+                    return;
+                }
+                let reach: BTreeSet<HostId> = connected
+                    .into_iter()
+                    .map(HostId::from)
+                    .filter(|h| h != &self.me)
+                    .collect();
+                // Introduce ourselves to hosts newly reachable only through this peer.
+                let fresh: Vec<HostId> = reach
+                    .iter()
+                    .filter(|h| {
+                        !self
+                            .peers
+                            .get(*h)
+                            .is_some_and(|p| p.connected || p.introduced)
+                    })
+                    .cloned()
+                    .collect();
+                self.peers.entry(from.clone()).or_default().reach = reach;
+                for h in fresh {
+                    self.peers.entry(h.clone()).or_default().introduced = true;
+                    let m = self.membership();
+                    self.send_control(&h, m, out);
+                }
+            }
+            ControlMsg::Peers { .. } => {}
+            ControlMsg::Announce {
+                violin,
+                mac,
+                seq,
+                ip,
+            } => self.handle_announce(now, from, violin, &mac, seq, ip, out),
+            ControlMsg::SeqHint { violin, mac, seq } => {
+                let Some(mac) = mac_key(&mac) else {
+                    self.drop(DropReason::Malformed);
+                    return;
+                };
+                let Some(v) = self.violins.get_mut(&violin) else {
+                    return;
+                };
+                let Some(e) = v.macs.get_mut(&mac) else {
+                    return;
+                };
+                if e.loc != Location::Local || e.seq > seq {
+                    return;
+                }
+                e.seq = seq + 1;
+                let msg = ControlMsg::Announce {
+                    violin,
+                    mac: wire::mac_to_string(&mac),
+                    seq: e.seq,
+                    ip: e.ip,
+                };
+                let Some(v) = self.violins.get(&violin) else {
+                    return;
+                };
+                for h in self.members(v) {
+                    self.send_control(&h, msg.clone(), out);
+                }
+            }
+            ControlMsg::ExpectMove { violin, mac, host } => {
+                let Some(mac) = mac_key(&mac) else {
+                    self.drop(DropReason::Malformed);
+                    return;
+                };
+                let Some(v) = self.violins.get(&violin) else {
+                    return;
+                };
+                if !self.is_member(v, from) {
+                    self.drop(DropReason::NotMember);
+                    return;
+                }
+                let ttl = self.cfg.expect_move_ttl;
+                if let Some(v) = self.violins.get_mut(&violin) {
+                    v.expected.insert(mac, (host.into(), now + ttl));
+                }
+            }
+            ControlMsg::Relay { to, msg } => {
+                let to: HostId = to.into();
+                if !direct || matches!(*msg, ControlMsg::Relay { .. } | ControlMsg::Relayed { .. })
+                {
+                    self.drop(DropReason::RelayRefused);
+                    return;
+                }
+                if to == self.me {
+                    self.handle_control_inner(now, from, *msg, false, out);
+                } else if self.peers.get(&to).is_some_and(|p| p.connected) {
+                    self.counters.relayed += 1;
+                    out.push(Output::Control {
+                        via: to,
+                        msg: ControlMsg::Relayed {
+                            from: from.to_string(),
+                            msg,
+                        },
+                    });
+                } else {
+                    self.drop(DropReason::RelayRefused);
+                }
+            }
+            ControlMsg::Relayed { from: origin, msg } => {
+                if !direct || matches!(*msg, ControlMsg::Relay { .. } | ControlMsg::Relayed { .. })
+                {
+                    self.drop(DropReason::RelayRefused);
+                    return;
+                }
+                let origin: HostId = origin.into();
+                self.handle_control_inner(now, &origin, *msg, false, out);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_announce(
+        &mut self,
+        now: Instant,
+        from: &HostId,
+        violin: ViolinId,
+        mac: &str,
+        seq: u64,
+        ip: Option<Ipv4Addr>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(mac) = mac_key(mac) else {
+            self.drop(DropReason::Malformed);
+            return;
+        };
+        let Some(v) = self.violins.get(&violin) else {
+            self.drop(DropReason::UnknownViolin);
+            return;
+        };
+        if !self.is_member(v, from) {
+            self.drop(DropReason::NotMember);
+            return;
+        }
+        let Some(v) = self.violins.get_mut(&violin) else {
+            return;
+        };
+        let here = Location::Remote(from.clone());
+        let hint = match v.macs.get_mut(&mac) {
+            None => {
+                v.macs.insert(
+                    mac,
+                    MacEntry {
+                        loc: here,
+                        seq,
+                        last_seen: now,
+                        ip,
+                    },
+                );
+                None
+            }
+            Some(e) if seq > e.seq => {
+                if e.loc != here {
+                    if e.loc == Location::Local {
+                        v.moved_away.insert(mac, now);
+                    }
+                    self.counters.mac_moves += 1;
+                }
+                *e = MacEntry {
+                    loc: here,
+                    seq,
+                    last_seen: now,
+                    ip: ip.or(e.ip),
+                };
+                None
+            }
+            Some(e) if e.loc == here => {
+                e.last_seen = now;
+                e.ip = ip.or(e.ip);
+                None
+            }
+            Some(e) => {
+                self.counters.stale_announcements += 1;
+                Some(e.seq)
+            }
+        };
+        if let Some(ip) = ip
+            && hint.is_none()
+            && v.arp.get(&ip).is_none_or(|(_, s)| !s)
+        {
+            v.arp.insert(ip, (mac, false));
+        }
+        if let Some(seq) = hint {
+            self.send_control(
+                from,
+                ControlMsg::SeqHint {
+                    violin,
+                    mac: wire::mac_to_string(&mac),
+                    seq,
+                },
+                out,
+            );
+        }
+    }
+
+    /// The adaptation manager announces that `mac` of `violin` will move to `host`. Recorded
+    /// here and sent to every member, so each switches on the first frame from `host`.
+    pub fn expect_move(
+        &mut self,
+        now: Instant,
+        violin: ViolinId,
+        mac: Mac,
+        host: HostId,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let ttl = self.cfg.expect_move_ttl;
+        let Some(v) = self.violins.get_mut(&violin) else {
+            return false;
+        };
+        v.expected.insert(mac, (host.clone(), now + ttl));
+        let msg = ControlMsg::ExpectMove {
+            violin,
+            mac: wire::mac_to_string(&mac),
+            host: host.to_string(),
+        };
+        let Some(v) = self.violins.get(&violin) else {
+            return false;
+        };
+        for h in self.members(v) {
+            self.send_control(&h, msg.clone(), out);
+        }
+        true
+    }
+
+    /// When [`Self::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Housekeeping: ages MAC entries, expectations, hold-downs and partial frames.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|t| t > now) {
+            return;
+        }
+        self.next_sweep = Some(now + self.cfg.sweep_interval);
+        let age = self.cfg.mac_ageing;
+        let hold = self.cfg.move_hold_down;
+        for v in self.violins.values_mut() {
+            v.macs.retain(|_, e| now.duration_since(e.last_seen) < age);
+            let macs = &v.macs;
+            v.arp
+                .retain(|_, (mac, is_static)| *is_static || macs.contains_key(mac));
+            v.expected.retain(|_, (_, until)| *until > now);
+            v.moved_away.retain(|_, t| now.duration_since(*t) < hold);
+        }
+        self.reassembler.handle_timeout(now);
+        self.counters.reassembly_evicted = self.reassembler.evicted;
+    }
+
+    /// Where `mac` of `violin` is believed to be, with its sequence number.
+    pub fn lookup(&self, violin: ViolinId, mac: &Mac) -> Option<(Location, u64)> {
+        let e = self.violins.get(&violin)?.macs.get(mac)?;
+        Some((e.loc.clone(), e.seq))
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Bytes held by incomplete fragmented frames.
+    pub fn reassembly_bytes(&self) -> usize {
+        self.reassembler.buffered_bytes()
+    }
+
+    /// A snapshot for the status command.
+    pub fn status(&self, now: Instant) -> SwitchStatus {
+        SwitchStatus {
+            host: self.me.to_string(),
+            peers: self
+                .peers
+                .iter()
+                .map(|(h, p)| PeerStatus {
+                    host: h.to_string(),
+                    connected: p.connected,
+                    via: if p.connected {
+                        None
+                    } else {
+                        self.next_hop(h).map(|v| v.to_string())
+                    },
+                    max_datagram: p.max_datagram,
+                    violins: p.violins.iter().map(|v| v.get()).collect(),
+                })
+                .collect(),
+            violins: self
+                .violins
+                .values()
+                .map(|v| ViolinStatus {
+                    id: v.cfg.id.get(),
+                    name: v.cfg.name.clone(),
+                    members: self.members(v).iter().map(|h| h.to_string()).collect(),
+                    macs: {
+                        let mut m: Vec<MacStatus> = v
+                            .macs
+                            .iter()
+                            .map(|(mac, e)| MacStatus {
+                                mac: wire::mac_to_string(mac),
+                                location: match &e.loc {
+                                    Location::Local => "local".into(),
+                                    Location::Remote(h) => h.to_string(),
+                                },
+                                seq: e.seq,
+                                age_s: now.duration_since(e.last_seen).as_secs_f64(),
+                                ip: e.ip,
+                            })
+                            .collect();
+                        m.sort_by(|a, b| a.mac.cmp(&b.mac));
+                        m
+                    },
+                })
+                .collect(),
+            counters: self.counters.clone(),
+            reassembly_bytes: self.reassembler.buffered_bytes(),
+        }
+    }
+}
+
+/// Status of the switch (serialised by the status command).
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchStatus {
+    /// This host.
+    pub host: String,
+    /// Known peers.
+    pub peers: Vec<PeerStatus>,
+    /// Local violins.
+    pub violins: Vec<ViolinStatus>,
+    /// Counters.
+    pub counters: Counters,
+    /// Bytes held in reassembly.
+    pub reassembly_bytes: usize,
+}
+
+/// One peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// `site/host`.
+    pub host: String,
+    /// Direct connection up.
+    pub connected: bool,
+    /// Relay used when not connected.
+    pub via: Option<String>,
+    /// Datagram limit of the direct connection.
+    pub max_datagram: usize,
+    /// Violins it is a member of.
+    pub violins: Vec<u32>,
+}
+
+/// One violin.
+#[derive(Debug, Clone, Serialize)]
+pub struct ViolinStatus {
+    /// Id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Member hosts (besides this one) we exchange frames with.
+    pub members: Vec<String>,
+    /// MAC table.
+    pub macs: Vec<MacStatus>,
+}
+
+/// One MAC table entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct MacStatus {
+    /// MAC.
+    pub mac: String,
+    /// `local` or `site/host`.
+    pub location: String,
+    /// Move sequence number.
+    pub seq: u64,
+    /// Seconds since last seen.
+    pub age_s: f64,
+    /// IPv4 address seen, if any.
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// Helper for tests and the driver: a frame buffer with the reserved header in front.
+pub fn tap_buffer(frame: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(FRAME_HEADER_LEN + frame.len());
+    b.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    b.extend_from_slice(frame);
+    b
+}
+
+/// An Ethernet frame with the given addresses and EtherType, padded to `len` bytes (tests).
+pub fn test_frame(dst: Mac, src: Mac, ethertype: u16, len: usize, fill: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len.max(14));
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.resize(len.max(14), fill);
+    f
+}
+
+/// The broadcast MAC (re-exported for tests).
+pub const BROADCAST_MAC: Mac = BROADCAST;
