@@ -330,7 +330,7 @@ async fn migrate<S: BaseStager, A: MoveAnnouncer>(
     let mover = open(&deps.connector, &plan.source_uri).await?;
     let watcher = open(&deps.connector, &plan.source_uri).await?;
     let req = MigrationRequest {
-        dest_uri: plan.dest_uri.clone(),
+        dest_uri: plan.dest_migration_uri.clone(),
         disks: ctx.disks.iter().map(|d| d.target.clone()).collect(),
         storage: machine.storage(),
         bandwidth_mib_s: plan.bandwidth_mib_s,
@@ -575,6 +575,7 @@ mod tests {
             vm: "vm1".into(),
             source_uri: A.into(),
             dest_uri: B.into(),
+            dest_migration_uri: B.into(),
             stage_base: true,
             bandwidth_mib_s: Some(50),
             timeout_ms,

@@ -17,6 +17,9 @@ pub struct MigrationPlan {
     pub vm: String,
     pub source_uri: String,
     pub dest_uri: String,
+    /// The destination as the *source's* libvirtd reaches it for the peer-to-peer migration
+    /// (often the same as `dest_uri`; differs when the manager reaches hosts another way).
+    pub dest_migration_uri: String,
     /// Whether to stage a missing base image at the destination (then copy only the overlay),
     /// or fall back to a full-disk copy.
     pub stage_base: bool,
@@ -373,6 +376,7 @@ mod tests {
             vm: "vm1".into(),
             source_uri: "a".into(),
             dest_uri: "b".into(),
+            dest_migration_uri: "b".into(),
             stage_base,
             bandwidth_mib_s: None,
             timeout_ms: 60_000,
