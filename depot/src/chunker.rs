@@ -37,7 +37,9 @@ impl Default for ChunkerSpec {
 pub enum ChunkerSpecError {
     #[error("fixed chunk size {0} is outside 4 KiB..=16 MiB")]
     FixedSize(u32),
-    #[error("FastCDC sizes {min}/{avg}/{max} must satisfy 64 <= min <= avg <= max, avg in 256..=4 MiB, max in 1 KiB..=16 MiB, min <= 1 MiB")]
+    #[error(
+        "FastCDC sizes {min}/{avg}/{max} must satisfy 64 <= min <= avg <= max, avg in 256..=4 MiB, max in 1 KiB..=16 MiB, min <= 1 MiB"
+    )]
     CdcBounds { min: u32, avg: u32, max: u32 },
 }
 
@@ -95,7 +97,11 @@ pub enum ChunkError<E: std::error::Error + 'static> {
 }
 
 /// Reads `input` to the end, calling `sink(offset, bytes)` for every chunk in order.
-pub fn for_each_chunk<R, E, F>(spec: ChunkerSpec, mut input: R, mut sink: F) -> Result<u64, ChunkError<E>>
+pub fn for_each_chunk<R, E, F>(
+    spec: ChunkerSpec,
+    mut input: R,
+    mut sink: F,
+) -> Result<u64, ChunkError<E>>
 where
     R: Read,
     E: std::error::Error + 'static,
@@ -167,7 +173,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn small_cdc() -> ChunkerSpec {
-        ChunkerSpec::FastCdc { min: 64, avg: 256, max: 1024 }
+        ChunkerSpec::FastCdc {
+            min: 64,
+            avg: 256,
+            max: 1024,
+        }
     }
 
     proptest! {
@@ -203,18 +213,45 @@ mod tests {
                 .map(|(o, l)| blake3::hash(&d[o as usize..o as usize + l]))
                 .collect()
         };
-        let shared = |spec| hashes(spec, &data).intersection(&hashes(spec, &shifted)).count();
+        let shared = |spec| {
+            hashes(spec, &data)
+                .intersection(&hashes(spec, &shifted))
+                .count()
+        };
         let cdc = small_cdc();
         let fixed = ChunkerSpec::Fixed { size: 4096 };
-        assert!(shared(cdc) * 10 >= hashes(cdc, &data).len() * 9, "CDC should keep >= 90% of chunks");
-        assert_eq!(shared(fixed), 0, "a 17-byte shift moves every fixed block after it");
+        assert!(
+            shared(cdc) * 10 >= hashes(cdc, &data).len() * 9,
+            "CDC should keep >= 90% of chunks"
+        );
+        assert_eq!(
+            shared(fixed),
+            0,
+            "a 17-byte shift moves every fixed block after it"
+        );
     }
 
     #[test]
     fn rejects_out_of_range_specs() {
         assert!(ChunkerSpec::Fixed { size: 10 }.validate().is_err());
-        assert!(ChunkerSpec::FastCdc { min: 1, avg: 2, max: 3 }.validate().is_err());
-        assert!(ChunkerSpec::FastCdc { min: 4096, avg: 1024, max: 8192 }.validate().is_err());
+        assert!(
+            ChunkerSpec::FastCdc {
+                min: 1,
+                avg: 2,
+                max: 3
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            ChunkerSpec::FastCdc {
+                min: 4096,
+                avg: 1024,
+                max: 8192
+            }
+            .validate()
+            .is_err()
+        );
         assert!(ChunkerSpec::default().validate().is_ok());
     }
 }

@@ -1,7 +1,10 @@
 //! Viola depot: content-addressed VM image parts, verified transfers and deadline-aware staging.
 
+pub mod bound;
 pub mod chunker;
 pub mod hash;
 pub mod manifest;
 pub mod part;
+pub mod planner;
+pub mod scenario_gen;
 pub mod store;

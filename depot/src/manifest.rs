@@ -111,7 +111,11 @@ pub enum ManifestError {
     #[error("the base part (index 0) names a backing part")]
     BaseHasBacking,
     #[error("part {index} must be layered on {expected} but names {found:?}")]
-    BrokenChain { index: usize, expected: Hash, found: Option<Hash> },
+    BrokenChain {
+        index: usize,
+        expected: Hash,
+        found: Option<Hash>,
+    },
     #[error("part {0} is raw: only the base may be raw (a raw file cannot have a backing file)")]
     RawLayer(usize),
     #[error("overlay cluster size {0} is not a power of two in 512..=2 MiB")]
@@ -126,8 +130,14 @@ pub fn validate_name(name: &str) -> Result<(), ManifestError> {
         && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok { Ok(()) } else { Err(ManifestError::BadName(name.chars().take(160).collect())) }
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ManifestError::BadName(name.chars().take(160).collect()))
+    }
 }
 
 impl Manifest {
@@ -136,7 +146,8 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooBig(bytes.len()));
         }
-        let m: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        let m: Self =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
         m.validate()?;
         Ok(m)
     }
@@ -171,10 +182,16 @@ impl Manifest {
         let mut seen = HashSet::new();
         for (index, p) in self.parts.iter().enumerate() {
             if p.size > MAX_PART_SIZE {
-                return Err(ManifestError::AbsurdSize { index, size: p.size });
+                return Err(ManifestError::AbsurdSize {
+                    index,
+                    size: p.size,
+                });
             }
             if p.virtual_size > MAX_VIRTUAL_SIZE || p.virtual_size == 0 {
-                return Err(ManifestError::AbsurdVirtualSize { index, size: p.virtual_size });
+                return Err(ManifestError::AbsurdVirtualSize {
+                    index,
+                    size: p.virtual_size,
+                });
             }
             if !seen.insert(p.id) {
                 return Err(ManifestError::Cycle(p.id));
@@ -186,7 +203,11 @@ impl Manifest {
             } else {
                 let expected = self.parts[index - 1].id;
                 if p.backing != Some(expected) {
-                    return Err(ManifestError::BrokenChain { index, expected, found: p.backing });
+                    return Err(ManifestError::BrokenChain {
+                        index,
+                        expected,
+                        found: p.backing,
+                    });
                 }
                 if p.format == DiskFormat::Raw {
                     return Err(ManifestError::RawLayer(index));
@@ -223,13 +244,22 @@ mod tests {
             parts.push(PartRef {
                 id,
                 size: 1 << 20,
-                format: if i == 0 { DiskFormat::Raw } else { DiskFormat::Qcow2 },
+                format: if i == 0 {
+                    DiskFormat::Raw
+                } else {
+                    DiskFormat::Qcow2
+                },
                 virtual_size: 1 << 30,
                 backing: parts.last().map(|p| p.id),
                 label: format!("layer{i}"),
             });
         }
-        Manifest { version: MANIFEST_VERSION, name: "img".into(), parts, overlay: OverlaySpec::default() }
+        Manifest {
+            version: MANIFEST_VERSION,
+            name: "img".into(),
+            parts,
+            overlay: OverlaySpec::default(),
+        }
     }
 
     proptest! {
@@ -256,10 +286,22 @@ mod tests {
 
     #[test]
     fn rejects_path_traversal_names() {
-        for bad in ["../etc", "a/b", "..", ".hidden", "", "-rf", "a\0b", "x".repeat(200).as_str()] {
+        for bad in [
+            "../etc",
+            "a/b",
+            "..",
+            ".hidden",
+            "",
+            "-rf",
+            "a\0b",
+            "x".repeat(200).as_str(),
+        ] {
             let mut m = chain(1);
             m.name = bad.into();
-            assert!(matches!(m.validate(), Err(ManifestError::BadName(_))), "{bad:?} accepted");
+            assert!(
+                matches!(m.validate(), Err(ManifestError::BadName(_))),
+                "{bad:?} accepted"
+            );
         }
     }
 
@@ -272,7 +314,10 @@ mod tests {
 
         let mut m = chain(3);
         m.parts[2].backing = Some(m.parts[0].id); // a fork: skips layer 1
-        assert!(matches!(m.validate(), Err(ManifestError::BrokenChain { index: 2, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::BrokenChain { index: 2, .. })
+        ));
 
         let mut m = chain(2);
         m.parts[0].backing = Some(m.parts[1].id); // base points at its own child
@@ -287,17 +332,33 @@ mod tests {
     fn rejects_absurd_sizes_versions_and_unknown_fields() {
         let mut m = chain(2);
         m.parts[1].size = u64::MAX;
-        assert!(matches!(m.validate(), Err(ManifestError::AbsurdSize { index: 1, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::AbsurdSize { index: 1, .. })
+        ));
         let mut m = chain(2);
         m.parts[0].virtual_size = 1 << 60;
-        assert!(matches!(m.validate(), Err(ManifestError::AbsurdVirtualSize { index: 0, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::AbsurdVirtualSize { index: 0, .. })
+        ));
         let m = chain(MAX_CHAIN_LEN + 1);
         assert_eq!(m.validate(), Err(ManifestError::TooLong(MAX_CHAIN_LEN + 1)));
         let mut m = chain(1);
         m.version = 2;
         assert_eq!(m.validate(), Err(ManifestError::Version(2)));
-        let text = String::from_utf8(chain(1).to_json()).unwrap().replacen("\"version\"", "\"evil\": 1, \"version\"", 1);
-        assert!(matches!(Manifest::from_json(text.as_bytes()), Err(ManifestError::Syntax(_))));
-        assert!(matches!(Manifest::from_json(&vec![b' '; MAX_MANIFEST_BYTES + 1]), Err(ManifestError::TooBig(_))));
+        let text = String::from_utf8(chain(1).to_json()).unwrap().replacen(
+            "\"version\"",
+            "\"evil\": 1, \"version\"",
+            1,
+        );
+        assert!(matches!(
+            Manifest::from_json(text.as_bytes()),
+            Err(ManifestError::Syntax(_))
+        ));
+        assert!(matches!(
+            Manifest::from_json(&vec![b' '; MAX_MANIFEST_BYTES + 1]),
+            Err(ManifestError::TooBig(_))
+        ));
     }
 }

@@ -118,7 +118,11 @@ impl PartIndex {
         let (a, b, c) = (u32_at(49), u32_at(53), u32_at(57));
         let chunker = match bytes[48] {
             1 if b == 0 && c == 0 => ChunkerSpec::Fixed { size: a },
-            2 => ChunkerSpec::FastCdc { min: a, avg: b, max: c },
+            2 => ChunkerSpec::FastCdc {
+                min: a,
+                avg: b,
+                max: c,
+            },
             t => return Err(IndexError::ChunkerTag(t)),
         };
         chunker.validate()?;
@@ -129,7 +133,10 @@ impl PartIndex {
         }
         let want = HEADER_LEN + count as usize * ENTRY_LEN;
         if bytes.len() != want {
-            return Err(IndexError::Length { got: bytes.len(), want });
+            return Err(IndexError::Length {
+                got: bytes.len(),
+                want,
+            });
         }
         let max = chunker.max_len().min(MAX_CHUNK_LEN);
         let mut chunks = Vec::with_capacity(count as usize);
@@ -147,12 +154,21 @@ impl PartIndex {
                 flags => return Err(IndexError::Flags { index, flags }),
             };
             sum += u64::from(len);
-            chunks.push(ChunkEntry { hash: Hash(hash), len, zero });
+            chunks.push(ChunkEntry {
+                hash: Hash(hash),
+                len,
+                zero,
+            });
         }
         if sum != size {
             return Err(IndexError::SizeMismatch { sum, size });
         }
-        Ok(Self { size, content_hash: Hash(content_hash), chunker, chunks })
+        Ok(Self {
+            size,
+            content_hash: Hash(content_hash),
+            chunker,
+            chunks,
+        })
     }
 
     /// Byte offset of every chunk.
@@ -170,7 +186,11 @@ impl PartIndex {
 
     /// Bytes that must actually be stored or sent (zero chunks excluded).
     pub fn stored_bytes(&self) -> u64 {
-        self.chunks.iter().filter(|c| !c.zero).map(|c| u64::from(c.len)).sum()
+        self.chunks
+            .iter()
+            .filter(|c| !c.zero)
+            .map(|c| u64::from(c.len))
+            .sum()
     }
 }
 
@@ -188,16 +208,24 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_index() -> impl Strategy<Value = PartIndex> {
-        proptest::collection::vec((any::<[u8; 32]>(), 1u32..=65536, any::<bool>()), 0..50).prop_map(|v| {
-            let chunks: Vec<ChunkEntry> =
-                v.into_iter().map(|(h, len, zero)| ChunkEntry { hash: Hash(h), len, zero }).collect();
-            PartIndex {
-                size: chunks.iter().map(|c| u64::from(c.len)).sum(),
-                content_hash: Hash::of(b"x"),
-                chunker: ChunkerSpec::Fixed { size: 65536 },
-                chunks,
-            }
-        })
+        proptest::collection::vec((any::<[u8; 32]>(), 1u32..=65536, any::<bool>()), 0..50).prop_map(
+            |v| {
+                let chunks: Vec<ChunkEntry> = v
+                    .into_iter()
+                    .map(|(h, len, zero)| ChunkEntry {
+                        hash: Hash(h),
+                        len,
+                        zero,
+                    })
+                    .collect();
+                PartIndex {
+                    size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+                    content_hash: Hash::of(b"x"),
+                    chunker: ChunkerSpec::Fixed { size: 65536 },
+                    chunks,
+                }
+            },
+        )
     }
 
     proptest! {
@@ -229,16 +257,26 @@ mod tests {
             size: 10,
             content_hash: Hash::of(b""),
             chunker: ChunkerSpec::Fixed { size: 4096 },
-            chunks: vec![ChunkEntry { hash: Hash::of(b""), len: 10, zero: false }],
+            chunks: vec![ChunkEntry {
+                hash: Hash::of(b""),
+                len: 10,
+                zero: false,
+            }],
         };
         let mut b = idx.encode();
         b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(PartIndex::decode(&b), Err(IndexError::TooLarge(u64::MAX)));
         let mut b = idx.encode();
         b[61..69].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(matches!(PartIndex::decode(&b), Err(IndexError::ChunkCount(_))));
+        assert!(matches!(
+            PartIndex::decode(&b),
+            Err(IndexError::ChunkCount(_))
+        ));
         let mut b = idx.encode();
         b[8..16].copy_from_slice(&11u64.to_le_bytes());
-        assert!(matches!(PartIndex::decode(&b), Err(IndexError::SizeMismatch { .. })));
+        assert!(matches!(
+            PartIndex::decode(&b),
+            Err(IndexError::SizeMismatch { .. })
+        ));
     }
 }

@@ -68,7 +68,11 @@ pub enum StoreError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { what, path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A depot's store rooted at a directory.
@@ -115,7 +119,12 @@ pub struct ImportStats {
 static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Writes `bytes` to `path` atomically: temp file in `tmp_dir`, fsync, rename, fsync the dir.
-pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+pub fn write_atomic(
+    tmp_dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    durable: bool,
+) -> Result<(), StoreError> {
     let tmp = tmp_path(tmp_dir);
     let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
     f.write_all(bytes).map_err(io_err("writing", &tmp))?;
@@ -132,11 +141,18 @@ pub fn write_atomic(tmp_dir: &Path, path: &Path, bytes: &[u8], durable: bool) ->
 
 fn tmp_path(tmp_dir: &Path) -> PathBuf {
     let n = TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tmp_dir.join(format!("{}-{}-{}", std::process::id(), n, rand::random::<u32>()))
+    tmp_dir.join(format!(
+        "{}-{}-{}",
+        std::process::id(),
+        n,
+        rand::random::<u32>()
+    ))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
 }
 
 fn syncfs(path: &Path) -> Result<(), StoreError> {
@@ -144,7 +160,11 @@ fn syncfs(path: &Path) -> Result<(), StoreError> {
     // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
     let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
     if rc != 0 {
-        return Err(StoreError::Io { what: "syncfs", path: path.to_path_buf(), source: io::Error::last_os_error() });
+        return Err(StoreError::Io {
+            what: "syncfs",
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -153,7 +173,10 @@ fn syncfs(path: &Path) -> Result<(), StoreError> {
 pub fn is_zero(data: &[u8]) -> bool {
     let blocks = data.chunks_exact(64);
     let rest = blocks.remainder();
-    blocks.into_iter().all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0) && rest.iter().all(|&x| x == 0)
+    blocks
+        .into_iter()
+        .all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0)
+        && rest.iter().all(|&x| x == 0)
 }
 
 impl Store {
@@ -169,9 +192,15 @@ impl Store {
         if let Ok(rd) = fs::read_dir(&tmp) {
             let me = format!("{}-", std::process::id());
             for e in rd.flatten() {
-                let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|m| m.elapsed().ok());
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok());
                 // Only remove temp files older than an hour: another process may be writing.
-                if !e.file_name().to_string_lossy().starts_with(&me) && old.is_some_and(|d| d > Duration::from_secs(3600)) {
+                if !e.file_name().to_string_lossy().starts_with(&me)
+                    && old.is_some_and(|d| d > Duration::from_secs(3600))
+                {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -240,7 +269,10 @@ impl Store {
         let id = idx.id();
         for c in &idx.chunks {
             if !c.zero && !self.has_chunk(&c.hash) {
-                return Err(StoreError::MissingChunk { part: id, hash: c.hash });
+                return Err(StoreError::MissingChunk {
+                    part: id,
+                    hash: c.hash,
+                });
             }
         }
         syncfs(&self.root)?;
@@ -255,7 +287,12 @@ impl Store {
     /// Records the index of a part that is being fetched, so its chunks survive GC and the
     /// fetch can resume.
     pub fn begin_partial(&self, idx: &PartIndex) -> Result<(), StoreError> {
-        write_atomic(&self.tmp_dir(), &self.partial_path(&idx.id()), &idx.encode(), true)
+        write_atomic(
+            &self.tmp_dir(),
+            &self.partial_path(&idx.id()),
+            &idx.encode(),
+            true,
+        )
     }
 
     pub fn has_part(&self, id: &Hash) -> bool {
@@ -279,12 +316,26 @@ impl Store {
     fn read_index(&self, path: &Path, id: &Hash) -> Result<PartIndex, StoreError> {
         let bytes = match fs::read(path) {
             Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NoSuchPart(*id)),
-            Err(e) => return Err(StoreError::Io { what: "reading", path: path.to_path_buf(), source: e }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchPart(*id));
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    what: "reading",
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
         };
-        let idx = PartIndex::decode(&bytes).map_err(|source| StoreError::Index { path: path.to_path_buf(), source })?;
+        let idx = PartIndex::decode(&bytes).map_err(|source| StoreError::Index {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if idx.id() != *id {
-            return Err(StoreError::Index { path: path.to_path_buf(), source: IndexError::Magic });
+            return Err(StoreError::Index {
+                path: path.to_path_buf(),
+                source: IndexError::Magic,
+            });
         }
         Ok(idx)
     }
@@ -317,11 +368,20 @@ impl Store {
 
     /// Indices of chunks of `idx` not yet in the store (zero chunks never count).
     pub fn missing_chunks(&self, idx: &PartIndex) -> Vec<usize> {
-        idx.chunks.iter().enumerate().filter(|(_, c)| !c.zero && !self.has_chunk(&c.hash)).map(|(i, _)| i).collect()
+        idx.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.zero && !self.has_chunk(&c.hash))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Chunks `idx` names, read from the store at their offsets, each verified.
-    pub fn read_part_range(&self, idx: &PartIndex, chunk_range: std::ops::Range<usize>) -> Result<Vec<(ChunkEntry, Vec<u8>)>, StoreError> {
+    pub fn read_part_range(
+        &self,
+        idx: &PartIndex,
+        chunk_range: std::ops::Range<usize>,
+    ) -> Result<Vec<(ChunkEntry, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for c in &idx.chunks[chunk_range] {
             if c.zero {
@@ -335,7 +395,12 @@ impl Store {
 
     /// Cuts a file into chunks, stores the new ones and commits the part. `progress` gets the
     /// bytes consumed so far.
-    pub fn import_file(&self, path: &Path, spec: ChunkerSpec, mut progress: impl FnMut(u64)) -> Result<(PartIndex, ImportStats), StoreError> {
+    pub fn import_file(
+        &self,
+        path: &Path,
+        spec: ChunkerSpec,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(PartIndex, ImportStats), StoreError> {
         let file = File::open(path).map_err(io_err("opening", path))?;
         let reader = io::BufReader::with_capacity(1 << 20, file);
         let mut chunks = Vec::new();
@@ -352,15 +417,27 @@ impl Store {
                 stats.new_chunks += 1;
                 stats.new_bytes += data.len() as u64;
             }
-            chunks.push(ChunkEntry { hash, len: data.len() as u32, zero });
+            chunks.push(ChunkEntry {
+                hash,
+                len: data.len() as u32,
+                zero,
+            });
             progress(off + data.len() as u64);
             Ok(())
         })
         .map_err(|e| match e {
             chunker::ChunkError::Sink(s) => s,
-            other => StoreError::Chunking { path: path.to_path_buf(), source: other.to_string().into() },
+            other => StoreError::Chunking {
+                path: path.to_path_buf(),
+                source: other.to_string().into(),
+            },
         })?;
-        let idx = PartIndex { size, content_hash: whole.finalize().into(), chunker: spec, chunks };
+        let idx = PartIndex {
+            size,
+            content_hash: whole.finalize().into(),
+            chunker: spec,
+            chunks,
+        };
         self.commit_part(&idx)?;
         Ok((idx, stats))
     }
@@ -368,11 +445,24 @@ impl Store {
     /// Stores a manifest (validated) and points `name` at it. Returns the manifest hash.
     pub fn put_manifest(&self, m: &Manifest) -> Result<Hash, StoreError> {
         let mpath = self.root.join("manifests");
-        m.validate().map_err(|source| StoreError::Manifest { path: mpath.clone(), source })?;
+        m.validate().map_err(|source| StoreError::Manifest {
+            path: mpath.clone(),
+            source,
+        })?;
         let bytes = m.to_json();
         let h = Hash::of(&bytes);
-        write_atomic(&self.tmp_dir(), &mpath.join(format!("{h}.json")), &bytes, true)?;
-        write_atomic(&self.tmp_dir(), &self.root.join("names").join(&m.name), h.to_hex().as_bytes(), true)?;
+        write_atomic(
+            &self.tmp_dir(),
+            &mpath.join(format!("{h}.json")),
+            &bytes,
+            true,
+        )?;
+        write_atomic(
+            &self.tmp_dir(),
+            &self.root.join("names").join(&m.name),
+            h.to_hex().as_bytes(),
+            true,
+        )?;
         Ok(h)
     }
 
@@ -381,7 +471,10 @@ impl Store {
         let path = self.root.join("manifests").join(format!("{h}.json"));
         let bytes = fs::read(&path).map_err(io_err("reading manifest", &path))?;
         if Hash::of(&bytes) != *h {
-            return Err(StoreError::Manifest { path, source: ManifestError::HashMismatch });
+            return Err(StoreError::Manifest {
+                path,
+                source: ManifestError::HashMismatch,
+            });
         }
         Manifest::from_json(&bytes).map_err(|source| StoreError::Manifest { path, source })
     }
@@ -391,15 +484,28 @@ impl Store {
         if let Ok(h) = name_or_hash.parse::<Hash>() {
             return Ok((h, self.manifest(&h)?));
         }
-        crate::manifest::validate_name(name_or_hash)
-            .map_err(|source| StoreError::Manifest { path: PathBuf::from(name_or_hash), source })?;
+        crate::manifest::validate_name(name_or_hash).map_err(|source| StoreError::Manifest {
+            path: PathBuf::from(name_or_hash),
+            source,
+        })?;
         let path = self.root.join("names").join(name_or_hash);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NoSuchImage(name_or_hash.to_string())),
-            Err(e) => return Err(StoreError::Io { what: "reading", path, source: e }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchImage(name_or_hash.to_string()));
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    what: "reading",
+                    path,
+                    source: e,
+                });
+            }
         };
-        let h: Hash = text.trim().parse().map_err(|_| StoreError::NoSuchImage(name_or_hash.to_string()))?;
+        let h: Hash = text
+            .trim()
+            .parse()
+            .map_err(|_| StoreError::NoSuchImage(name_or_hash.to_string()))?;
         Ok((h, self.manifest(&h)?))
     }
 
@@ -425,7 +531,11 @@ impl Store {
         let mut out = Vec::new();
         for e in fs::read_dir(&d).map_err(io_err("listing", &d))? {
             let e = e.map_err(io_err("listing", &d))?;
-            let h = e.file_name().to_string_lossy().strip_suffix(".json").and_then(|s| s.parse().ok());
+            let h = e
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".json")
+                .and_then(|s| s.parse().ok());
             out.push((e.path(), h));
         }
         Ok(out)
@@ -436,11 +546,22 @@ impl Store {
     /// younger than `grace` are spared (a concurrent fetch may not have recorded them yet).
     pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
         let lock_path = self.root.join("gc.lock");
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err("opening", &lock_path))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("opening", &lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked),
-            Err(fs::TryLockError::Error(e)) => return Err(StoreError::Io { what: "locking", path: lock_path, source: e }),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Io {
+                    what: "locking",
+                    path: lock_path,
+                    source: e,
+                });
+            }
         }
         let mut report = GcReport::default();
         let named: HashSet<Hash> = self.images()?.into_iter().map(|(_, h)| h).collect();
@@ -486,9 +607,19 @@ impl Store {
             }
         }
         let chunks_dir = self.root.join("chunks");
-        for sub in fs::read_dir(&chunks_dir).map_err(io_err("listing", &chunks_dir))?.flatten() {
-            for e in fs::read_dir(sub.path()).map_err(io_err("listing", &sub.path()))?.flatten() {
-                let live = e.file_name().to_string_lossy().parse::<Hash>().is_ok_and(|h| live_chunks.contains(&h));
+        for sub in fs::read_dir(&chunks_dir)
+            .map_err(io_err("listing", &chunks_dir))?
+            .flatten()
+        {
+            for e in fs::read_dir(sub.path())
+                .map_err(io_err("listing", &sub.path()))?
+                .flatten()
+            {
+                let live = e
+                    .file_name()
+                    .to_string_lossy()
+                    .parse::<Hash>()
+                    .is_ok_and(|h| live_chunks.contains(&h));
                 if live {
                     report.kept_chunks += 1;
                 } else if young(&e.path(), grace) {
@@ -506,15 +637,29 @@ impl Store {
 
     /// Re-hashes every chunk and re-checks every index and manifest. With `repair`, corrupt
     /// chunks are deleted (so a later fetch replaces them) instead of only reported.
-    pub fn scrub(&self, repair: bool, mut progress: impl FnMut(u64)) -> Result<ScrubReport, StoreError> {
+    pub fn scrub(
+        &self,
+        repair: bool,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ScrubReport, StoreError> {
         let mut report = ScrubReport::default();
         let chunks_dir = self.root.join("chunks");
         let mut buf = Vec::new();
-        for sub in fs::read_dir(&chunks_dir).map_err(io_err("listing", &chunks_dir))?.flatten() {
-            for e in fs::read_dir(sub.path()).map_err(io_err("listing", &sub.path()))?.flatten() {
-                let Ok(h) = e.file_name().to_string_lossy().parse::<Hash>() else { continue };
+        for sub in fs::read_dir(&chunks_dir)
+            .map_err(io_err("listing", &chunks_dir))?
+            .flatten()
+        {
+            for e in fs::read_dir(sub.path())
+                .map_err(io_err("listing", &sub.path()))?
+                .flatten()
+            {
+                let Ok(h) = e.file_name().to_string_lossy().parse::<Hash>() else {
+                    continue;
+                };
                 buf.clear();
-                File::open(e.path()).and_then(|mut f| f.read_to_end(&mut buf)).map_err(io_err("reading", &e.path()))?;
+                File::open(e.path())
+                    .and_then(|mut f| f.read_to_end(&mut buf))
+                    .map_err(io_err("reading", &e.path()))?;
                 report.chunks_checked += 1;
                 report.bytes_checked += buf.len() as u64;
                 progress(report.bytes_checked);
@@ -531,7 +676,9 @@ impl Store {
             report.parts_checked += 1;
             match self.part_index(&id) {
                 Ok(idx) => {
-                    let damaged = idx.chunks.iter().any(|c| !c.zero && (corrupt.contains(&c.hash) || !self.has_chunk(&c.hash)));
+                    let damaged = idx.chunks.iter().any(|c| {
+                        !c.zero && (corrupt.contains(&c.hash) || !self.has_chunk(&c.hash))
+                    });
                     if damaged {
                         report.damaged_parts.push(id);
                         if repair {
@@ -558,7 +705,10 @@ impl Store {
     pub fn chunk_bytes(&self) -> Result<(usize, u64), StoreError> {
         let chunks_dir = self.root.join("chunks");
         let (mut n, mut bytes) = (0usize, 0u64);
-        for sub in fs::read_dir(&chunks_dir).map_err(io_err("listing", &chunks_dir))?.flatten() {
+        for sub in fs::read_dir(&chunks_dir)
+            .map_err(io_err("listing", &chunks_dir))?
+            .flatten()
+        {
             for e in fs::read_dir(sub.path()).into_iter().flatten().flatten() {
                 n += 1;
                 bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
@@ -588,7 +738,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (s >> 33) as u8
             })
             .collect()
@@ -597,7 +749,18 @@ mod tests {
     fn import(store: &Store, dir: &Path, name: &str, data: &[u8]) -> PartIndex {
         let p = dir.join(name);
         fs::write(&p, data).unwrap();
-        store.import_file(&p, ChunkerSpec::FastCdc { min: 1024, avg: 4096, max: 16384 }, |_| {}).unwrap().0
+        store
+            .import_file(
+                &p,
+                ChunkerSpec::FastCdc {
+                    min: 1024,
+                    avg: 4096,
+                    max: 16384,
+                },
+                |_| {},
+            )
+            .unwrap()
+            .0
     }
 
     fn manifest_for(name: &str, idx: &PartIndex) -> Manifest {
@@ -625,9 +788,15 @@ mod tests {
         data.extend(pseudo_random(100_000, 1));
         let idx = import(&store, dir.path(), "a.raw", &data);
         assert_eq!(idx.content_hash, Hash::of(&data));
-        assert!(idx.chunks.iter().any(|c| c.zero), "the zero run becomes hole chunks");
+        assert!(
+            idx.chunks.iter().any(|c| c.zero),
+            "the zero run becomes hole chunks"
+        );
         let (_, stored) = store.chunk_bytes().unwrap();
-        assert!(stored < 150_000, "the repeated 100 kB is stored once, zeros not at all: {stored}");
+        assert!(
+            stored < 150_000,
+            "the repeated 100 kB is stored once, zeros not at all: {stored}"
+        );
         let mut back = Vec::new();
         for (c, bytes) in store.read_part_range(&idx, 0..idx.chunks.len()).unwrap() {
             if c.zero {
@@ -646,18 +815,28 @@ mod tests {
         let store = Store::open(dir.path().join("s")).unwrap();
         let keep = import(&store, dir.path(), "keep", &pseudo_random(60_000, 2));
         let drop = import(&store, dir.path(), "drop", &pseudo_random(60_000, 3));
-        let partial = PartIndex { ..import(&store, dir.path(), "partial", &pseudo_random(30_000, 4)) };
+        let partial = PartIndex {
+            ..import(&store, dir.path(), "partial", &pseudo_random(30_000, 4))
+        };
         store.put_manifest(&manifest_for("keep", &keep)).unwrap();
         // The third part is only being fetched: demote it to partial.
         store.begin_partial(&partial).unwrap();
         fs::remove_file(store.part_path(&partial.id())).unwrap();
         let report = store.gc(Duration::ZERO).unwrap();
-        assert!(report.removed_parts >= 1 && report.removed_chunks > 0, "{report:?}");
+        assert!(
+            report.removed_parts >= 1 && report.removed_chunks > 0,
+            "{report:?}"
+        );
         assert!(store.has_part(&keep.id()));
         assert!(!store.has_part(&drop.id()));
         assert!(store.missing_chunks(&keep).is_empty());
-        assert!(store.missing_chunks(&partial).is_empty(), "chunks of an in-progress fetch survive");
-        assert!(drop.chunks.iter().all(|c| c.zero || !store.has_chunk(&c.hash) || keep.chunks.iter().any(|k| k.hash == c.hash)));
+        assert!(
+            store.missing_chunks(&partial).is_empty(),
+            "chunks of an in-progress fetch survive"
+        );
+        assert!(drop.chunks.iter().all(|c| c.zero
+            || !store.has_chunk(&c.hash)
+            || keep.chunks.iter().any(|k| k.hash == c.hash)));
         // Nothing left to collect the second time.
         assert_eq!(store.gc(Duration::ZERO).unwrap().removed_chunks, 0);
     }
@@ -679,17 +858,28 @@ mod tests {
         let store = Store::open(dir.path().join("s")).unwrap();
         let idx = import(&store, dir.path(), "x", &pseudo_random(80_000, 5));
         store.put_manifest(&manifest_for("x", &idx)).unwrap();
-        assert!(store.scrub(false, |_| {}).unwrap().corrupt_chunks.is_empty());
+        assert!(
+            store
+                .scrub(false, |_| {})
+                .unwrap()
+                .corrupt_chunks
+                .is_empty()
+        );
         let victim = idx.chunks[1].hash;
         let path = store.chunk_path(&victim);
         let mut bytes = fs::read(&path).unwrap();
         bytes[7] ^= 0x10;
         fs::write(&path, bytes).unwrap();
-        assert!(matches!(store.read_chunk(&victim), Err(StoreError::CorruptChunk(h)) if h == victim));
+        assert!(
+            matches!(store.read_chunk(&victim), Err(StoreError::CorruptChunk(h)) if h == victim)
+        );
         let r = store.scrub(true, |_| {}).unwrap();
         assert_eq!(r.corrupt_chunks, vec![victim]);
         assert_eq!(r.damaged_parts, vec![idx.id()]);
-        assert!(!store.has_part(&idx.id()), "a damaged part is demoted to partial");
+        assert!(
+            !store.has_part(&idx.id()),
+            "a damaged part is demoted to partial"
+        );
         assert_eq!(store.partial_index(&idx.id()).unwrap(), Some(idx.clone()));
         assert_eq!(store.missing_chunks(&idx), vec![1]);
     }
@@ -703,18 +893,34 @@ mod tests {
             size: 1000,
             content_hash: Hash::of(&data),
             chunker: ChunkerSpec::Fixed { size: 4096 },
-            chunks: vec![ChunkEntry { hash: Hash::of(&data), len: 1000, zero: false }],
+            chunks: vec![ChunkEntry {
+                hash: Hash::of(&data),
+                len: 1000,
+                zero: false,
+            }],
         };
-        assert!(matches!(store.commit_part(&idx), Err(StoreError::MissingChunk { .. })));
+        assert!(matches!(
+            store.commit_part(&idx),
+            Err(StoreError::MissingChunk { .. })
+        ));
         assert!(!store.has_part(&idx.id()));
-        assert!(fs::read_dir(store.tmp_dir()).unwrap().next().is_none(), "no temp file left behind");
+        assert!(
+            fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
+            "no temp file left behind"
+        );
     }
 
     #[test]
     fn resolve_rejects_traversal_and_unknown_names() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("s")).unwrap();
-        assert!(matches!(store.resolve("../../etc/passwd"), Err(StoreError::Manifest { .. })));
-        assert!(matches!(store.resolve("nope"), Err(StoreError::NoSuchImage(_))));
+        assert!(matches!(
+            store.resolve("../../etc/passwd"),
+            Err(StoreError::Manifest { .. })
+        ));
+        assert!(matches!(
+            store.resolve("nope"),
+            Err(StoreError::NoSuchImage(_))
+        ));
     }
 }
