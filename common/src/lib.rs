@@ -1,0 +1,12 @@
+//! Viola's shared ground: what every daemon needs and nothing more.
+//!
+//! - [`config`]: defaults, then a TOML file, then the command line, unknown keys rejected.
+//! - [`errors`]: printing an error with its whole source chain.
+//! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
+//! - [`metrics`]: a minimal Prometheus text endpoint.
+
+pub mod config;
+pub mod errors;
+pub mod metrics;
+pub mod shutdown;
+pub mod identity;

@@ -1,0 +1,442 @@
+//! Helpers shared by Viola's lab tests (`tests/tests/*.rs`).
+//!
+//! A [`Lab`] is one instance of `scripts/lab.sh` (its own namespaces, libvirtds and files, so
+//! tests may run side by side); it is torn down when dropped, also when a test panics. Guests
+//! are the lab guest of `scripts/guest/`, driven over their small HTTP interface.
+//!
+//! Lab tests need root, libvirt, QEMU and the guest images (`scripts/setup.sh`). When those are
+//! missing they fail with a message saying so; set `VIOLA_SKIP_LAB=1` to skip them explicitly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where `scripts/guest/build.sh` puts the kernel, initrd and base image.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("VIOLA_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/viola/guest"))
+}
+
+/// Returns false (and says why) if lab tests were explicitly skipped; panics with a clear
+/// message if the machine is not set up for them.
+pub fn lab_tests_enabled() -> bool {
+    if std::env::var_os("VIOLA_SKIP_LAB").is_some_and(|v| v == "1") {
+        eprintln!("VIOLA_SKIP_LAB=1: lab test skipped");
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "lab tests need root (network namespaces, libvirtd); run scripts/test.sh as root or set VIOLA_SKIP_LAB=1"
+    );
+    for tool in [
+        "libvirtd",
+        "virsh",
+        "qemu-system-x86_64",
+        "qemu-img",
+        "ip",
+        "nsenter",
+    ] {
+        assert!(
+            which(tool),
+            "{tool} is missing: run scripts/setup.sh first (or set VIOLA_SKIP_LAB=1)"
+        );
+    }
+    for file in ["vmlinuz", "initrd.img", "base.qcow2"] {
+        assert!(
+            guest_dir().join(file).exists(),
+            "guest {file} missing in {}: run scripts/guest/build.sh",
+            guest_dir().display()
+        );
+    }
+    true
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs a command, returning its output; an error if it could not start.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    Ok(out)
+}
+
+/// Runs a command and insists on success, returning stdout.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One host as `lab.sh status --json` describes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub site: String,
+    pub namespace: String,
+    pub mount_namespace: String,
+    pub address: String,
+    pub libvirtd: String,
+    pub libvirt_uri: String,
+    pub images: String,
+    pub host_uuid: String,
+    pub domains: String,
+}
+
+/// The lab as `lab.sh status --json` describes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LabStatus {
+    pub up: bool,
+    pub lab: String,
+    #[serde(default)]
+    pub lab_dir: String,
+    #[serde(default)]
+    pub sites: u32,
+    #[serde(default)]
+    pub wan_delay_ms: f64,
+    #[serde(default)]
+    pub wan_rate_mbit: f64,
+    pub hosts: Vec<LabHost>,
+}
+
+/// Options for `lab.sh up`.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub sites: u32,
+    pub hosts: u32,
+    pub wan_delay_ms: u32,
+    pub wan_rate_mbit: u32,
+    pub nat_sites: Vec<String>,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        Self {
+            sites: 2,
+            hosts: 2,
+            wan_delay_ms: 10,
+            wan_rate_mbit: 200,
+            nat_sites: Vec::new(),
+        }
+    }
+}
+
+/// A running lab instance; `Drop` runs `lab.sh down`.
+pub struct Lab {
+    pub instance: String,
+    pub status: LabStatus,
+}
+
+impl Lab {
+    /// Brings up lab `instance` (1-6 lowercase letters/digits, unique per test).
+    pub fn up(instance: &str, spec: &LabSpec) -> Result<Self> {
+        let mut cmd = Self::script(instance);
+        cmd.arg("up")
+            .args(["--sites", &spec.sites.to_string()])
+            .args(["--hosts", &spec.hosts.to_string()])
+            .args(["--wan-delay-ms", &spec.wan_delay_ms.to_string()])
+            .args(["--wan-rate-mbit", &spec.wan_rate_mbit.to_string()]);
+        for site in &spec.nat_sites {
+            cmd.args(["--nat-site", site]);
+        }
+        // Construct the guard first so a failed `up` is still torn down.
+        let mut lab = Self {
+            instance: instance.to_owned(),
+            status: LabStatus {
+                up: false,
+                lab: instance.to_owned(),
+                lab_dir: String::new(),
+                sites: 0,
+                wan_delay_ms: 0.0,
+                wan_rate_mbit: 0.0,
+                hosts: Vec::new(),
+            },
+        };
+        run_ok(cmd.stdout(Stdio::null()))?;
+        lab.status = lab.read_status()?;
+        Ok(lab)
+    }
+
+    fn script(instance: &str) -> Command {
+        let mut cmd = Command::new(repo_root().join("scripts/lab.sh"));
+        cmd.env("VIOLA_LAB", instance);
+        cmd
+    }
+
+    /// `lab.sh status --json`, parsed.
+    pub fn read_status(&self) -> Result<LabStatus> {
+        let json = run_ok(Self::script(&self.instance).args(["status", "--json"]))?;
+        serde_json::from_str(&json).with_context(|| format!("bad lab status JSON: {json}"))
+    }
+
+    pub fn host(&self, name: &str) -> &LabHost {
+        self.status
+            .hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no lab host {name}"))
+    }
+
+    /// Where the lab keeps guest console logs (domain XML points serial output there).
+    pub fn console_dir(&self) -> PathBuf {
+        PathBuf::from(&self.status.lab_dir).join("console")
+    }
+
+    /// A command to run inside `host`'s network and mount namespace.
+    pub fn cmd(&self, host: &str, program: &str) -> Command {
+        let mut cmd = Self::script(&self.instance);
+        cmd.args(["exec", host, "--", program]);
+        cmd
+    }
+
+    /// Runs `sh -c script` inside `host`, insisting on success.
+    pub fn sh(&self, host: &str, script: &str) -> Result<String> {
+        run_ok(self.cmd(host, "sh").args(["-c", script]))
+    }
+
+    /// `virsh` against `host`'s own libvirtd.
+    pub fn virsh(&self, host: &str, args: &[&str]) -> Result<String> {
+        run_ok(
+            self.cmd(host, "virsh")
+                .args(["-c", "qemu:///system"])
+                .args(args),
+        )
+    }
+
+    /// The state of `domain` on `host` (`running`, `paused`, `shut off`) or None if unknown there.
+    pub fn domain_state(&self, host: &str, domain: &str) -> Option<String> {
+        let out = run(self
+            .cmd(host, "virsh")
+            .args(["-c", "qemu:///system", "domstate", domain]))
+        .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Tears the lab down now (also done on drop).
+    pub fn down(&mut self) -> Result<()> {
+        run_ok(
+            Self::script(&self.instance)
+                .arg("down")
+                .stdout(Stdio::null()),
+        )?;
+        self.status.up = false;
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(e) = run_ok(
+            Self::script(&self.instance)
+                .arg("down")
+                .stdout(Stdio::null()),
+        ) {
+            eprintln!("lab {} teardown failed: {e:#}", self.instance);
+        }
+    }
+}
+
+/// A lab guest to define on a host.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub name: String,
+    pub ip_cidr: String,
+    pub bridge: String,
+    pub memory_mib: u32,
+    pub max_memory_mib: u32,
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    pub mtu: Option<u32>,
+    pub cmdline_extra: String,
+}
+
+impl GuestSpec {
+    pub fn new(name: &str, ip_cidr: &str, bridge: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            ip_cidr: ip_cidr.to_owned(),
+            bridge: bridge.to_owned(),
+            memory_mib: 256,
+            max_memory_mib: 512,
+            vcpus: 1,
+            max_vcpus: 2,
+            mtu: None,
+            cmdline_extra: String::new(),
+        }
+    }
+
+    pub fn ip(&self) -> &str {
+        self.ip_cidr.split('/').next().unwrap_or(&self.ip_cidr)
+    }
+
+    /// The disk path inside every host (each host's own copy: no shared storage).
+    pub fn disk_path(&self) -> String {
+        format!("/var/lib/viola/images/{}.qcow2", self.name)
+    }
+
+    /// The domain XML from `scripts/guest/domain-xml.sh`.
+    pub fn xml(&self, console_dir: &Path) -> Result<String> {
+        let mut cmd = Command::new(repo_root().join("scripts/guest/domain-xml.sh"));
+        cmd.env("VIOLA_CONSOLE_DIR", console_dir)
+            .args(["--name", &self.name])
+            .args(["--disk", &self.disk_path()])
+            .args(["--bridge", &self.bridge])
+            .args(["--ip", &self.ip_cidr])
+            .args(["--memory-mib", &self.memory_mib.to_string()])
+            .args(["--max-memory-mib", &self.max_memory_mib.to_string()])
+            .args(["--vcpus", &self.vcpus.to_string()])
+            .args(["--max-vcpus", &self.max_vcpus.to_string()]);
+        if let Some(mtu) = self.mtu {
+            cmd.args(["--mtu", &mtu.to_string()]);
+        }
+        if !self.cmdline_extra.is_empty() {
+            cmd.args(["--cmdline-extra", &self.cmdline_extra]);
+        }
+        run_ok(&mut cmd)
+    }
+}
+
+/// Copies the guest base image into `host`'s image directory (its own copy, verified by
+/// checksum) unless an identical one is there.
+pub fn stage_base(lab: &Lab, host: &str) -> Result<()> {
+    let src = guest_dir().join("base.qcow2");
+    let dst = PathBuf::from(&lab.host(host).images).join("base.qcow2");
+    if !dst.exists() {
+        let tmp = dst.with_extension("qcow2.part");
+        std::fs::copy(&src, &tmp).with_context(|| format!("copy {src:?} to {tmp:?}"))?;
+        std::fs::rename(&tmp, &dst)?;
+    }
+    let sum = |p: &Path| run_ok(Command::new("sha256sum").arg(p)).map(|s| s[..64].to_owned());
+    if sum(&src)? != sum(&dst)? {
+        bail!("base image copy at {dst:?} does not match {src:?}");
+    }
+    Ok(())
+}
+
+/// Creates the guest's copy-on-write overlay on `host`, backed by the host's own base image.
+pub fn create_overlay(lab: &Lab, host: &str, guest: &GuestSpec) -> Result<()> {
+    lab.sh(
+        host,
+        &format!(
+            "qemu-img create -q -f qcow2 -F qcow2 -b /var/lib/viola/images/base.qcow2 {}",
+            guest.disk_path()
+        ),
+    )
+    .map(|_| ())
+}
+
+/// Makes a Linux bridge `bridge` with `addr_cidr` inside `host` (for guests' NICs).
+pub fn host_bridge(lab: &Lab, host: &str, bridge: &str, addr_cidr: &str) -> Result<()> {
+    lab.sh(
+        host,
+        &format!(
+            "ip link add {bridge} type bridge && ip link set {bridge} up && ip addr add {addr_cidr} dev {bridge}"
+        ),
+    )
+    .map(|_| ())
+}
+
+/// Defines and starts `guest` on `host`, then waits until it answers ping from that host.
+/// Returns the time from `virsh start` to the first answer.
+pub fn boot_guest(lab: &Lab, host: &str, guest: &GuestSpec, timeout: Duration) -> Result<Duration> {
+    let xml = guest.xml(&lab.console_dir())?;
+    let xml_path = std::env::temp_dir().join(format!("viola-{}-{}.xml", lab.instance, guest.name));
+    std::fs::write(&xml_path, xml)?;
+    lab.virsh(host, &["define", xml_path.to_str().unwrap_or_default()])?;
+    let start = Instant::now();
+    lab.virsh(host, &["start", &guest.name])?;
+    wait_ping(lab, host, guest.ip(), timeout)?;
+    Ok(start.elapsed())
+}
+
+/// Waits until `ip` answers one ping from inside `host`.
+pub fn wait_ping(lab: &Lab, host: &str, ip: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        let ok = run(lab.cmd(host, "ping").args(["-c", "1", "-W", "0.2", ip]))
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{ip} did not answer ping from {host} within {timeout:?}")
+}
+
+/// One action of the guest's HTTP interface (`/cgi-bin/viola?QUERY`), asked from `host`.
+pub fn guest_http(lab: &Lab, host: &str, ip: &str, query: &str) -> Result<String> {
+    let out = run_ok(lab.cmd(host, "curl").args([
+        "-sS",
+        "-m",
+        "5",
+        &format!("http://{ip}/cgi-bin/viola?{query}"),
+    ]))?;
+    Ok(out.trim().to_owned())
+}
+
+/// Parses `virsh domjobinfo --completed` into (key, value) pairs.
+pub fn parse_jobinfo(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The first number in a `virsh domjobinfo` value ("343          ms" → 343.0).
+pub fn jobinfo_number(info: &[(String, String)], key: &str) -> Option<f64> {
+    info.iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobinfo_is_parsed() {
+        let info = parse_jobinfo(
+            "Job type:         Completed\nTime elapsed:     4907         ms\nTotal downtime:   343          ms\n",
+        );
+        assert_eq!(jobinfo_number(&info, "Total downtime"), Some(343.0));
+        assert_eq!(jobinfo_number(&info, "Time elapsed"), Some(4907.0));
+        assert_eq!(jobinfo_number(&info, "Missing"), None);
+    }
+
+    #[test]
+    fn guest_disk_lives_in_the_hosts_private_image_dir() {
+        let g = GuestSpec::new("g1", "10.1.0.5/24", "lan0");
+        assert_eq!(g.disk_path(), "/var/lib/viola/images/g1.qcow2");
+        assert_eq!(g.ip(), "10.1.0.5");
+    }
+}
