@@ -18,3 +18,5 @@ mod sim;
 
 /// A host's name, `site/host`.
 pub type HostId = Arc<str>;
+pub mod config;
+pub mod daemon;

@@ -1,0 +1,233 @@
+//! `viola-overlay`: the per-host overlay daemon and its status/control commands.
+//!
+//! ```text
+//! viola-overlay run --config /etc/viola/overlay.toml [--listen ADDR] [--identity-dir DIR]
+//! viola-overlay status [--json] [--socket PATH]
+//! viola-overlay expect-move --violin 1 --mac 52:54:00:00:00:05 --host b/b1 [--socket PATH]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use viola_overlay::config::{OverlayConfig, PeerConfig};
+use viola_overlay::daemon::{self, ControlRequest, DaemonStatus};
+
+const DEFAULT_SOCKET: &str = "/run/viola/overlay.sock";
+
+#[derive(Parser)]
+#[command(about = "Viola overlay daemon: violins (virtual Ethernets) over QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon until SIGINT/SIGTERM.
+    Run {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override `identity_dir`.
+        #[arg(long)]
+        identity_dir: Option<PathBuf>,
+        /// Override `control_socket`.
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+        /// Add a peer address (repeatable).
+        #[arg(long)]
+        peer: Vec<SocketAddr>,
+    },
+    /// Show peers (with RTT), violins, MAC tables, counters and drops.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Tell the daemon (and through it every member) that a MAC will move to a host.
+    ExpectMove {
+        #[arg(long)]
+        violin: u32,
+        #[arg(long)]
+        mac: String,
+        /// Destination `site/host`.
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn print_status(s: &DaemonStatus) {
+    let sw = &s.switch;
+    println!(
+        "host {}",
+        sw.get("host").and_then(|h| h.as_str()).unwrap_or("?")
+    );
+    println!("\npeers:");
+    for p in sw
+        .get("peers")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let host = p.get("host").and_then(|h| h.as_str()).unwrap_or("?");
+        let how = if p.get("connected").and_then(|c| c.as_bool()) == Some(true) {
+            match s.rtt_ms.get(host) {
+                Some(rtt) => format!("direct, rtt {rtt:.2} ms"),
+                None => "direct".to_owned(),
+            }
+        } else {
+            match p.get("via").and_then(|v| v.as_str()) {
+                Some(v) => format!("via {v}"),
+                None => "unreachable".to_owned(),
+            }
+        };
+        println!(
+            "  {host:<20} {how:<28} max datagram {:>5}  violins {}",
+            p.get("max_datagram").and_then(|m| m.as_u64()).unwrap_or(0),
+            p.get("violins").map(|v| v.to_string()).unwrap_or_default()
+        );
+    }
+    for v in sw
+        .get("violins")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "\nviolin {} {:?}  members {}",
+            v.get("id").and_then(|i| i.as_u64()).unwrap_or(0),
+            v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+            v.get("members").map(|m| m.to_string()).unwrap_or_default()
+        );
+        for m in v
+            .get("macs")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+        {
+            println!(
+                "  {}  {:<16} seq {:<4} age {:>6.1}s  {}",
+                m.get("mac").and_then(|x| x.as_str()).unwrap_or("?"),
+                m.get("location").and_then(|x| x.as_str()).unwrap_or("?"),
+                m.get("seq").and_then(|x| x.as_u64()).unwrap_or(0),
+                m.get("age_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+                m.get("ip").and_then(|x| x.as_str()).unwrap_or("")
+            );
+        }
+    }
+    println!("\ncounters:");
+    if let Some(c) = sw.get("counters").and_then(|c| c.as_object()) {
+        for (k, v) in c {
+            if k != "drops" {
+                println!("  {k:<24} {v}");
+            }
+        }
+        println!("\ndrops:");
+        for (k, v) in c
+            .get("drops")
+            .and_then(|d| d.as_object())
+            .into_iter()
+            .flatten()
+        {
+            println!("  {k:<24} {v}");
+        }
+    }
+    for (k, v) in &s.driver_drops {
+        println!("  {k:<24} {v}");
+    }
+    for (k, v) in &s.refused {
+        println!("  refused_{k:<16} {v}");
+    }
+}
+
+fn main() -> ExitCode {
+    viola_common::shutdown::init_tracing();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("viola-overlay: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    match local.block_on(&rt, run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("viola-overlay: {}", viola_common::errors::chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run {
+            config,
+            listen,
+            identity_dir,
+            control_socket,
+            peer,
+        } => {
+            let mut cfg: OverlayConfig = viola_common::config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = identity_dir {
+                cfg.identity_dir = d;
+            }
+            if let Some(s) = control_socket {
+                cfg.control_socket = s;
+            }
+            cfg.peers
+                .extend(peer.into_iter().map(|addr| PeerConfig { addr }));
+            let token = viola_common::shutdown::signal_token()?;
+            daemon::run(cfg, token).await?;
+        }
+        Cmd::Status { json, socket } => {
+            let reply = daemon::request(&socket, &ControlRequest::Status)
+                .await
+                .with_context(|| format!("cannot reach daemon at {}", socket.display()))?;
+            if json {
+                print!("{reply}");
+            } else {
+                let s: DaemonStatus =
+                    serde_json::from_str(&reply).context("unexpected reply from daemon")?;
+                print_status(&s);
+            }
+        }
+        Cmd::ExpectMove {
+            violin,
+            mac,
+            host,
+            socket,
+        } => {
+            let reply = daemon::request(&socket, &ControlRequest::ExpectMove { violin, mac, host })
+                .await
+                .with_context(|| format!("cannot reach daemon at {}", socket.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&reply).context("unexpected reply from daemon")?;
+            if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
+                anyhow::bail!(
+                    "{}",
+                    v.get("error").and_then(|e| e.as_str()).unwrap_or("refused")
+                );
+            }
+            println!("ok");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! `viola-overlay` configuration (TOML; defaults, then the file, then the command line).
+//!
+//! ```toml
+//! listen = "198.18.1.11:4500"        # UDP address for QUIC
+//! advertise = "198.18.1.11:4500"     # told to peers (defaults to listen)
+//! identity_dir = "/etc/viola/overlay" # cert.pem, key.pem, ca.pem (viola-ca issue)
+//! control_socket = "/run/viola/overlay.sock"
+//! metrics = "127.0.0.1:9611"
+//! mtu = 1500                          # MTU of the TAPs/bridges (guest MTU)
+//!
+//! [[peers]]
+//! addr = "198.18.2.11:4500"
+//!
+//! [[violins]]
+//! id = 1
+//! name = "blue"
+//! allowed = ["*"]                     # `site/host`, `site/*` or `*`
+//! vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5" }]
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OverlayConfig {
+    /// UDP address the QUIC endpoint binds.
+    pub listen: SocketAddr,
+    /// Address announced to peers (default: `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// Directory with `cert.pem`, `key.pem`, `ca.pem`.
+    pub identity_dir: PathBuf,
+    /// Unix socket of the local control API (status, expect_move).
+    pub control_socket: PathBuf,
+    /// Prometheus endpoint (none: disabled).
+    pub metrics: Option<SocketAddr>,
+    /// MTU of TAP devices and bridges.
+    pub mtu: u32,
+    /// QUIC initial MTU (UDP payload); 1452 fits a 1500-byte underlay.
+    pub quic_initial_mtu: u16,
+    /// QUIC minimum MTU (black-hole detection never goes below).
+    pub quic_min_mtu: u16,
+    /// Keepalive interval in milliseconds.
+    pub keepalive_ms: u64,
+    /// A peer silent for this long is considered gone.
+    pub idle_timeout_ms: u64,
+    /// UDP socket receive/send buffer in bytes.
+    pub socket_buffer: usize,
+    /// Learned MACs age out after this many seconds.
+    pub mac_ageing_s: u64,
+    /// Peers to connect to.
+    pub peers: Vec<PeerConfig>,
+    /// Violins this host is a member of.
+    pub violins: Vec<ViolinEntry>,
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4500)),
+            advertise: None,
+            identity_dir: PathBuf::from("/etc/viola/overlay"),
+            control_socket: PathBuf::from("/run/viola/overlay.sock"),
+            metrics: None,
+            mtu: 1500,
+            quic_initial_mtu: 1452,
+            quic_min_mtu: 1200,
+            keepalive_ms: 1000,
+            idle_timeout_ms: 5000,
+            socket_buffer: 4 << 20,
+            mac_ageing_s: 300,
+            peers: Vec::new(),
+            violins: Vec::new(),
+        }
+    }
+}
+
+/// A peer to dial.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+}
+
+/// One violin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViolinEntry {
+    /// 24-bit id.
+    pub id: u32,
+    /// Name (shown in status).
+    #[serde(default)]
+    pub name: String,
+    /// Bridge name (default `vio<id>`); created unless it exists.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// Hosts allowed to be members: `site/host`, `site/*`, `*`.
+    #[serde(default = "all_hosts")]
+    pub allowed: Vec<String>,
+    /// Known VMs (for ARP answering).
+    #[serde(default)]
+    pub vms: Vec<VmEntry>,
+}
+
+fn all_hosts() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// A VM's addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmEntry {
+    /// MAC `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+}
+
+impl ViolinEntry {
+    /// The bridge name.
+    pub fn bridge_name(&self) -> String {
+        self.bridge
+            .clone()
+            .unwrap_or_else(|| format!("vio{}", self.id))
+    }
+
+    /// The TAP name (`<bridge>t`, at most 15 characters).
+    pub fn tap_name(&self) -> String {
+        let mut n = self.bridge_name();
+        n.truncate(14);
+        n.push('t');
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_parses_and_unknown_keys_are_refused() {
+        let cfg: OverlayConfig = toml::from_str(
+            r#"
+            listen = "198.18.1.11:4500"
+            [[peers]]
+            addr = "198.18.2.11:4500"
+            [[violins]]
+            id = 1
+            vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5" }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.violins[0].bridge_name(), "vio1");
+        assert_eq!(cfg.violins[0].tap_name(), "vio1t");
+        assert_eq!(cfg.violins[0].allowed, vec!["*"]);
+        assert_eq!(cfg.mtu, 1500);
+        assert!(toml::from_str::<OverlayConfig>("listn = \"1.2.3.4:1\"").is_err());
+    }
+}
