@@ -1,10 +1,15 @@
 //! Viola depot: content-addressed VM image parts, verified transfers and deadline-aware staging.
 
+pub mod api;
 pub mod bound;
 pub mod chunker;
 pub mod hash;
+pub mod image;
 pub mod manifest;
 pub mod part;
 pub mod planner;
+pub mod qemu;
 pub mod scenario_gen;
 pub mod store;
+pub mod transfer;
+pub mod wire;

@@ -1,0 +1,68 @@
+//! The staging API for the adaptation manager: "stage image X for VM v at host h by time t".
+//!
+//! Connect to the destination site's depot over QUIC (ALPN [`viola_common::identity::alpn::DEPOT`],
+//! a certificate with role `adaptmgr` or `cli`), open a bidirectional stream, send a control
+//! frame with [`crate::wire::Request::Stage`] and read back one control frame with
+//! [`crate::wire::Response::Stage`]. Poll with [`crate::wire::Request::StageStatus`] on new
+//! streams; `state` becomes `ready` when the overlay exists and passed `qemu-img check`.
+//! [`crate::client::DepotClient`] wraps this (`stage`, `stage_status`, `wait_ready`).
+//!
+//! Times are Unix milliseconds. The depot answers at once with its prediction; `accepted`
+//! false means the planner says the deadline cannot be met (the depot still stages the image,
+//! best effort, unless `reject_if_late` is set).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Stage `image` for `vm` at `host`, ready by `deadline_unix_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageRequest {
+    /// Image name or manifest hash.
+    pub image: String,
+    /// VM name: the overlay is `<image dir of host>/<vm>.qcow2`.
+    pub vm: String,
+    /// Destination host (must be served by this depot's site).
+    pub host: String,
+    pub deadline_unix_ms: u64,
+    /// Refuse instead of staging best-effort when the deadline cannot be met.
+    #[serde(default)]
+    pub reject_if_late: bool,
+}
+
+/// Where a staging request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    /// Looking up the manifest and the parts' holders.
+    Resolving,
+    /// Fetching missing parts from other depots.
+    Fetching,
+    /// Laying the chain down and creating the overlay.
+    Assembling,
+    /// The overlay exists and passed `qemu-img check`.
+    Ready,
+    Failed,
+    Rejected,
+}
+
+/// Status, progress and readiness of one staging request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageStatus {
+    pub stage_id: String,
+    pub state: StageState,
+    /// Whether the planner expects the deadline to hold.
+    pub accepted: bool,
+    pub predicted_ready_unix_ms: Option<u64>,
+    pub ready_unix_ms: Option<u64>,
+    pub deadline_unix_ms: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// The disk to give libvirt (the VM's overlay), once ready.
+    pub overlay: Option<PathBuf>,
+    /// The backing chain, base first.
+    pub chain: Vec<PathBuf>,
+    pub message: String,
+}

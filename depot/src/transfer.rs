@@ -1,0 +1,600 @@
+//! Verified multi-source part transfers over QUIC (both ends).
+//!
+//! Fetching a part: its index is fetched from any source and accepted only if its BLAKE3 is
+//! the part id; it is recorded as a partial part (so its chunks survive GC and a restart can
+//! resume). The missing chunks are cut into ranges that workers — several per source — take
+//! from one shared queue, so faster sources serve more ranges (multi-source splitting). Every
+//! chunk is checked against its hash from the index before it is stored; a source that sends
+//! one bad byte is marked lying, its current range goes back to the queue and it gets no more
+//! work. When every chunk is present the part is committed. Chunks already present (a resumed
+//! transfer) are re-hashed locally, never fetched again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::VarInt;
+use serde::Serialize;
+use viola_common::identity::{self, Role};
+
+use crate::hash::Hash;
+use crate::part::PartIndex;
+use crate::store::{Store, StoreError};
+use crate::wire::{self, Frame, Request, Response, WireError};
+
+/// Errors of one transfer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("QUIC connection")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("writing to the stream")]
+    Write(#[from] quinn::WriteError),
+    #[error("reading from the stream")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("stream closed")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("protocol")]
+    Wire(#[from] WireError),
+    #[error("peer answered: {0}")]
+    Remote(String),
+    #[error("unexpected frame from peer: {0}")]
+    Unexpected(&'static str),
+    #[error("index from {source_name} does not hash to part {part}")]
+    BadIndex { source_name: String, part: Hash },
+    #[error("store")]
+    Store(#[from] StoreError),
+    #[error("no source could provide part {part}: {detail}")]
+    NoSource { part: Hash, detail: String },
+}
+
+/// Path properties used to size flow-control windows.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PathTuning {
+    /// Expected bottleneck rate, Mbit/s.
+    pub rate_mbit: f64,
+    /// Expected round-trip time, ms.
+    pub rtt_ms: f64,
+}
+
+impl Default for PathTuning {
+    fn default() -> Self {
+        Self {
+            rate_mbit: 1000.0,
+            rtt_ms: 50.0,
+        }
+    }
+}
+
+impl PathTuning {
+    /// Bandwidth-delay product in bytes.
+    pub fn bdp(&self) -> u64 {
+        (self.rate_mbit * 1e6 / 8.0 * self.rtt_ms / 1e3).max(0.0) as u64
+    }
+}
+
+/// A transport whose windows fill the path: each stream may have 2×BDP in flight (at least
+/// QUIC's defaults), the connection 8×BDP, so a long fast link is never window-limited.
+pub fn transport_config(t: PathTuning) -> quinn::TransportConfig {
+    let bdp = t.bdp();
+    let stream = (2 * bdp).max(1_250_000);
+    let conn = (8 * bdp).max(8 * 1_250_000);
+    let mut cfg = quinn::TransportConfig::default();
+    cfg.stream_receive_window(VarInt::try_from(stream).unwrap_or(VarInt::MAX))
+        .receive_window(VarInt::try_from(conn).unwrap_or(VarInt::MAX))
+        .send_window(conn)
+        .max_concurrent_bidi_streams(VarInt::from_u32(256))
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .initial_rtt(Duration::from_secs_f64((t.rtt_ms / 1e3).max(0.001)));
+    cfg
+}
+
+/// Reads one frame; `None` when the peer finished the stream cleanly.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, TransferError> {
+    let mut h = [0u8; wire::HEADER_LEN];
+    match recv.read_exact(&mut h).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (kind, len) = wire::parse_header(h)?;
+    let mut payload = vec![0u8; len as usize];
+    recv.read_exact(&mut payload).await?;
+    Ok(Some(wire::frame_from(kind, payload)?))
+}
+
+pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), TransferError> {
+    send.write_all(&wire::encode(f)).await?;
+    Ok(())
+}
+
+async fn request(
+    conn: &quinn::Connection,
+    req: &Request,
+) -> Result<(quinn::SendStream, quinn::RecvStream), TransferError> {
+    let (mut send, recv) = conn.open_bi().await?;
+    write_frame(&mut send, &wire::control(req)).await?;
+    send.finish()?;
+    Ok((send, recv))
+}
+
+async fn expect_blob(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, TransferError> {
+    match read_frame(recv).await? {
+        Some(Frame::Blob(b)) => Ok(b),
+        Some(Frame::Control(c)) => match wire::parse_response(&c)? {
+            Response::Error { message } => Err(TransferError::Remote(message)),
+            _ => Err(TransferError::Unexpected("control frame instead of blob")),
+        },
+        _ => Err(TransferError::Unexpected("no blob")),
+    }
+}
+
+/// Fetches and verifies the index of `part` from one source.
+pub async fn fetch_index(
+    conn: &quinn::Connection,
+    source_name: &str,
+    part: Hash,
+) -> Result<PartIndex, TransferError> {
+    let (_s, mut recv) = request(conn, &Request::Index { part }).await?;
+    let bytes = expect_blob(&mut recv).await?;
+    if Hash::of(&bytes) != part {
+        return Err(TransferError::BadIndex {
+            source_name: source_name.to_string(),
+            part,
+        });
+    }
+    PartIndex::decode(&bytes).map_err(|_| TransferError::BadIndex {
+        source_name: source_name.to_string(),
+        part,
+    })
+}
+
+/// Fetches a manifest (validated, not yet trusted beyond that) from one source.
+pub async fn fetch_manifest(
+    conn: &quinn::Connection,
+    image: &str,
+) -> Result<crate::manifest::Manifest, TransferError> {
+    let (_s, mut recv) = request(
+        conn,
+        &Request::Manifest {
+            image: image.to_string(),
+        },
+    )
+    .await?;
+    let bytes = expect_blob(&mut recv).await?;
+    crate::manifest::Manifest::from_json(&bytes)
+        .map_err(|e| TransferError::Remote(format!("invalid manifest: {e}")))
+}
+
+/// Which of `parts` the source holds completely.
+pub async fn have(conn: &quinn::Connection, parts: &[Hash]) -> Result<Vec<bool>, TransferError> {
+    let (_s, mut recv) = request(
+        conn,
+        &Request::Have {
+            parts: parts.to_vec(),
+        },
+    )
+    .await?;
+    match read_frame(&mut recv).await? {
+        Some(Frame::Control(c)) => match wire::parse_response(&c)? {
+            Response::Have { complete } if complete.len() == parts.len() => Ok(complete),
+            Response::Error { message } => Err(TransferError::Remote(message)),
+            _ => Err(TransferError::Unexpected("bad have answer")),
+        },
+        _ => Err(TransferError::Unexpected("no have answer")),
+    }
+}
+
+/// A depot to fetch from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub name: String,
+    pub conn: quinn::Connection,
+}
+
+/// Tuning of one fetch.
+#[derive(Clone, Copy, Debug)]
+pub struct FetchOptions {
+    /// Chunks per range request.
+    pub range_chunks: usize,
+    /// Concurrent range requests per source.
+    pub streams_per_source: usize,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self {
+            range_chunks: 64,
+            streams_per_source: 4,
+        }
+    }
+}
+
+/// What a fetch did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct FetchReport {
+    pub part: Option<Hash>,
+    pub chunks_total: usize,
+    /// Chunks that were already here (resume) and re-verified locally.
+    pub chunks_already_present: usize,
+    pub chunks_fetched: usize,
+    pub bytes_fetched: u64,
+    /// Verified bytes per source.
+    pub bytes_by_source: HashMap<String, u64>,
+    /// Sources caught sending data that does not match its hash.
+    pub lying_sources: Vec<String>,
+    /// Chunks thrown away because they failed verification.
+    pub bad_chunks: usize,
+    /// Sources that failed (connection lost, protocol error).
+    pub failed_sources: Vec<String>,
+}
+
+struct Shared {
+    store: Store,
+    idx: PartIndex,
+    queue: Mutex<VecDeque<Vec<usize>>>,
+    report: Mutex<FetchReport>,
+    progress: Arc<AtomicU64>,
+}
+
+/// Fetches part `part` into `store` from `sources`, verifying every chunk; resumes from what
+/// the store already has. `progress` counts verified bytes as they arrive.
+pub async fn fetch_part(
+    store: &Store,
+    part: Hash,
+    sources: &[Source],
+    opts: FetchOptions,
+    progress: Arc<AtomicU64>,
+) -> Result<FetchReport, TransferError> {
+    let mut report = FetchReport {
+        part: Some(part),
+        ..FetchReport::default()
+    };
+    if store.has_part(&part) {
+        let idx = store.part_index(&part)?;
+        report.chunks_total = idx.chunks.len();
+        report.chunks_already_present = idx.chunks.len();
+        return Ok(report);
+    }
+    // The index: from a previous attempt, else from the first source that gives a valid one.
+    let idx = match store.partial_index(&part)? {
+        Some(idx) => idx,
+        None => {
+            let mut got = None;
+            let mut errors = Vec::new();
+            for s in sources {
+                match fetch_index(&s.conn, &s.name, part).await {
+                    Ok(idx) => {
+                        got = Some(idx);
+                        break;
+                    }
+                    Err(e) => {
+                        if matches!(e, TransferError::BadIndex { .. }) {
+                            report.lying_sources.push(s.name.clone());
+                        }
+                        errors.push(format!("{}: {}", s.name, viola_common::errors::chain(&e)));
+                    }
+                }
+            }
+            let idx = got.ok_or_else(|| TransferError::NoSource {
+                part,
+                detail: errors.join("; "),
+            })?;
+            store.begin_partial(&idx)?;
+            idx
+        }
+    };
+    report.chunks_total = idx.chunks.len();
+    // Resume: re-verify what is already here (it may predate a crash), fetch only the rest.
+    let mut missing = Vec::new();
+    for (i, c) in idx.chunks.iter().enumerate() {
+        if c.zero {
+            continue;
+        }
+        if store.has_chunk(&c.hash) {
+            if store.read_chunk(&c.hash).is_ok() {
+                report.chunks_already_present += 1;
+                continue;
+            }
+            let _ = std::fs::remove_file(store.chunk_path(&c.hash));
+        }
+        missing.push(i);
+    }
+    let queue: VecDeque<Vec<usize>> = missing
+        .chunks(opts.range_chunks.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        idx,
+        queue: Mutex::new(queue),
+        report: Mutex::new(report),
+        progress,
+    });
+    let mut workers = tokio::task::JoinSet::new();
+    for s in sources {
+        let bad = Arc::new(AtomicBool::new(false));
+        for _ in 0..opts.streams_per_source.max(1) {
+            let (shared, s, bad) = (shared.clone(), s.clone(), bad.clone());
+            workers.spawn(async move { worker(shared, s, bad).await });
+        }
+    }
+    while workers.join_next().await.is_some() {}
+    let shared =
+        Arc::try_unwrap(shared).map_err(|_| TransferError::Unexpected("worker outlived fetch"))?;
+    let mut report = shared
+        .report
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    report.lying_sources.sort();
+    report.lying_sources.dedup();
+    report.failed_sources.sort();
+    report.failed_sources.dedup();
+    let still = shared.store.missing_chunks(&shared.idx);
+    if !still.is_empty() {
+        return Err(TransferError::NoSource {
+            part,
+            detail: format!(
+                "{} chunks missing; lying sources {:?}, failed sources {:?}",
+                still.len(),
+                report.lying_sources,
+                report.failed_sources
+            ),
+        });
+    }
+    shared.store.commit_part(&shared.idx)?;
+    Ok(report)
+}
+
+async fn worker(sh: Arc<Shared>, src: Source, bad: Arc<AtomicBool>) {
+    loop {
+        if bad.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(range) = sh.queue.lock().ok().and_then(|mut q| q.pop_front()) else {
+            return;
+        };
+        match fetch_range(&sh, &src, &range).await {
+            Ok(()) => {}
+            Err((rest, lying, err)) => {
+                tracing::warn!(source = %src.name, lying, error = %viola_common::errors::chain(&err), "range failed; requeued");
+                if let Ok(mut q) = sh.queue.lock() {
+                    q.push_front(rest);
+                }
+                if let Ok(mut r) = sh.report.lock() {
+                    if lying {
+                        r.lying_sources.push(src.name.clone());
+                        r.bad_chunks += 1;
+                    } else {
+                        r.failed_sources.push(src.name.clone());
+                    }
+                }
+                bad.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// Fetches chunks `range` (sorted indices) from one source. On failure returns the chunks
+/// still missing, whether the source lied, and the error.
+async fn fetch_range(
+    sh: &Shared,
+    src: &Source,
+    range: &[usize],
+) -> Result<(), (Vec<usize>, bool, TransferError)> {
+    let (first, last) = (range[0], range[range.len() - 1]);
+    let mut pending: Vec<usize> = range.to_vec();
+    let fail = |pending: &Vec<usize>, lying: bool, e: TransferError| (pending.clone(), lying, e);
+    let req = Request::Chunks {
+        part: sh.idx.id(),
+        first: first as u32,
+        count: (last - first + 1) as u32,
+    };
+    let (_send, mut recv) = request(&src.conn, &req)
+        .await
+        .map_err(|e| fail(&pending, false, e))?;
+    loop {
+        let frame = read_frame(&mut recv)
+            .await
+            .map_err(|e| fail(&pending, false, e))?;
+        match frame {
+            Some(Frame::Chunk { index, data }) => {
+                let i = index as usize;
+                let Some(entry) = sh.idx.chunks.get(i) else {
+                    return Err(fail(
+                        &pending,
+                        true,
+                        TransferError::Unexpected("chunk index out of range"),
+                    ));
+                };
+                if Hash::of(&data) != entry.hash || data.len() != entry.len as usize {
+                    // Lying (or broken) source: drop its bytes, the range goes elsewhere.
+                    return Err(fail(
+                        &pending,
+                        true,
+                        TransferError::Remote(format!("chunk {i} fails verification")),
+                    ));
+                }
+                if let Some(pos) = pending.iter().position(|&p| p == i) {
+                    sh.store
+                        .put_chunk(&entry.hash, &data)
+                        .map_err(|e| fail(&pending, false, e.into()))?;
+                    pending.swap_remove(pos);
+                    sh.progress.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Ok(mut r) = sh.report.lock() {
+                        r.chunks_fetched += 1;
+                        r.bytes_fetched += data.len() as u64;
+                        *r.bytes_by_source.entry(src.name.clone()).or_default() +=
+                            data.len() as u64;
+                    }
+                }
+            }
+            Some(Frame::End) | None => break,
+            Some(Frame::Control(c)) => {
+                let msg = match wire::parse_response(&c) {
+                    Ok(Response::Error { message }) => message,
+                    _ => "unexpected control frame".into(),
+                };
+                return Err(fail(&pending, false, TransferError::Remote(msg)));
+            }
+            Some(Frame::Blob(_)) => {
+                return Err(fail(
+                    &pending,
+                    true,
+                    TransferError::Unexpected("blob in chunk stream"),
+                ));
+            }
+        }
+    }
+    if pending.is_empty() {
+        Ok(())
+    } else {
+        pending.sort_unstable();
+        Err((
+            pending,
+            false,
+            TransferError::Unexpected("source ended the range early"),
+        ))
+    }
+}
+
+/// Handles staging requests on the server (implemented by the daemon).
+pub trait Stager: Send + Sync + 'static {
+    fn stage(&self, req: crate::api::StageRequest) -> crate::api::StageStatus;
+    fn status(&self, stage_id: &str) -> Option<crate::api::StageStatus>;
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve_connection(
+    store: Store,
+    conn: quinn::Connection,
+    stager: Option<Arc<dyn Stager>>,
+) {
+    let peer = match identity::peer_identity(&conn) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %viola_common::errors::chain(&e), "connection without a Viola identity");
+            conn.close(VarInt::from_u32(1), b"no identity");
+            return;
+        }
+    };
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let (store, stager, peer) = (store.clone(), stager.clone(), peer.clone());
+        streams.spawn(async move {
+            if let Err(e) = serve_stream(&store, send, recv, stager.as_deref(), &peer).await {
+                tracing::debug!(peer = %peer, error = %viola_common::errors::chain(&e), "stream ended with an error");
+            }
+        });
+        while streams.try_join_next().is_some() {}
+    }
+    streams.shutdown().await;
+}
+
+async fn serve_stream(
+    store: &Store,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    stager: Option<&dyn Stager>,
+    peer: &identity::PeerIdentity,
+) -> Result<(), TransferError> {
+    let Some(Frame::Control(c)) = read_frame(&mut recv).await? else {
+        return Err(TransferError::Unexpected("request must be a control frame"));
+    };
+    let req = match wire::parse_request(&c) {
+        Ok(r) => r,
+        Err(e) => {
+            write_frame(
+                &mut send,
+                &wire::control(&Response::Error {
+                    message: e.to_string(),
+                }),
+            )
+            .await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    let is_stage = matches!(req, Request::Stage(_) | Request::StageStatus { .. });
+    let allowed: &[Role] = if is_stage {
+        &[Role::Adaptmgr, Role::Cli]
+    } else {
+        &[Role::Depot, Role::Adaptmgr, Role::Cli]
+    };
+    if let Err(e) = peer.require_role(allowed) {
+        write_frame(
+            &mut send,
+            &wire::control(&Response::Error {
+                message: e.to_string(),
+            }),
+        )
+        .await?;
+        send.finish()?;
+        return Ok(());
+    }
+    let err = |m: String| wire::control(&Response::Error { message: m });
+    match req {
+        Request::Index { part } => match store.part_index(&part) {
+            Ok(idx) => write_frame(&mut send, &Frame::Blob(idx.encode())).await?,
+            Err(e) => write_frame(&mut send, &err(viola_common::errors::chain(&e))).await?,
+        },
+        Request::Chunks { part, first, count } => match store.part_index(&part) {
+            Ok(idx) => {
+                let end = (first as usize)
+                    .saturating_add(count as usize)
+                    .min(idx.chunks.len());
+                for i in (first as usize).min(end)..end {
+                    let c = idx.chunks[i];
+                    if c.zero {
+                        continue;
+                    }
+                    // Sent as stored: the receiver verifies every chunk.
+                    let data = tokio::fs::read(store.chunk_path(&c.hash))
+                        .await
+                        .map_err(|e| {
+                            TransferError::Store(StoreError::Io {
+                                what: "reading chunk",
+                                path: store.chunk_path(&c.hash),
+                                source: e,
+                            })
+                        })?;
+                    send.write_all(&wire::chunk_header(i as u32, data.len()))
+                        .await?;
+                    send.write_all(&data).await?;
+                }
+                write_frame(&mut send, &Frame::End).await?;
+            }
+            Err(e) => write_frame(&mut send, &err(viola_common::errors::chain(&e))).await?,
+        },
+        Request::Manifest { image } => match store.resolve(&image) {
+            Ok((_, m)) => write_frame(&mut send, &Frame::Blob(m.to_json())).await?,
+            Err(e) => write_frame(&mut send, &err(viola_common::errors::chain(&e))).await?,
+        },
+        Request::Have { parts } => {
+            let complete = parts
+                .iter()
+                .take(10_000)
+                .map(|p| store.has_part(p))
+                .collect();
+            write_frame(&mut send, &wire::control(&Response::Have { complete })).await?;
+        }
+        Request::Stage(r) => match stager {
+            Some(s) => write_frame(&mut send, &wire::control(&Response::Stage(s.stage(r)))).await?,
+            None => write_frame(&mut send, &err("this depot does not stage images".into())).await?,
+        },
+        Request::StageStatus { stage_id } => match stager.and_then(|s| s.status(&stage_id)) {
+            Some(st) => write_frame(&mut send, &wire::control(&Response::Stage(st))).await?,
+            None => {
+                write_frame(&mut send, &err(format!("no staging request {stage_id:?}"))).await?
+            }
+        },
+    }
+    send.finish()?;
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Verified multi-source transfers over real QUIC with mutual TLS on loopback.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use viola_common::identity::{
+    CertificateAuthority, Identity, PeerIdentity, Role, alpn, server_name,
+};
+use viola_depot::chunker::ChunkerSpec;
+use viola_depot::hash::Hash;
+use viola_depot::store::Store;
+use viola_depot::transfer::{
+    FetchOptions, PathTuning, Source, fetch_part, serve_connection, transport_config,
+};
+
+fn data(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u8
+        })
+        .collect()
+}
+
+fn identity(ca: &CertificateAuthority, role: Role, site: &str) -> Identity {
+    ca.issue(
+        &PeerIdentity::new(role, site, &format!("{site}1")).unwrap(),
+        1,
+    )
+    .unwrap()
+    .to_identity()
+    .unwrap()
+}
+
+fn serve(store: Store, id: &Identity) -> (SocketAddr, quinn::Endpoint) {
+    let mut cfg = id.server_config(&[alpn::DEPOT]).unwrap();
+    cfg.transport_config(Arc::new(transport_config(PathTuning::default())));
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let accept = ep.clone();
+    tokio::spawn(async move {
+        while let Some(inc) = accept.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = inc.await {
+                    serve_connection(store, conn, None).await;
+                }
+            });
+        }
+    });
+    (addr, ep)
+}
+
+async fn connect(id: &Identity, addr: SocketAddr, name: &str) -> Source {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = id.client_config(alpn::DEPOT).unwrap();
+    cfg.transport_config(Arc::new(transport_config(PathTuning::default())));
+    ep.set_default_client_config(cfg);
+    let conn = ep
+        .connect(addr, &server_name(Role::Depot))
+        .unwrap()
+        .await
+        .unwrap();
+    Source {
+        name: name.into(),
+        conn,
+    }
+}
+
+fn import(store: &Store, dir: &Path, bytes: &[u8]) -> Hash {
+    let p = dir.join("img.raw");
+    std::fs::write(&p, bytes).unwrap();
+    store
+        .import_file(
+            &p,
+            ChunkerSpec::FastCdc {
+                min: 4096,
+                avg: 16384,
+                max: 65536,
+            },
+            |_| {},
+        )
+        .unwrap()
+        .0
+        .id()
+}
+
+fn read_back(store: &Store, part: Hash) -> Vec<u8> {
+    let idx = store.part_index(&part).unwrap();
+    let mut out = Vec::new();
+    for (c, b) in store.read_part_range(&idx, 0..idx.chunks.len()).unwrap() {
+        if c.zero {
+            out.extend(vec![0; c.len as usize])
+        } else {
+            out.extend(b)
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_source_is_caught_and_the_part_is_completed_from_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let (a, b, c) = (
+        Store::open(dir.path().join("a")).unwrap(),
+        Store::open(dir.path().join("b")).unwrap(),
+        Store::open(dir.path().join("c")).unwrap(),
+    );
+    let mut bytes = data(3_000_000, 1);
+    bytes[1_000_000..1_200_000].fill(0);
+    let part = import(&a, dir.path(), &bytes);
+    assert_eq!(import(&b, dir.path(), &bytes), part);
+    // Flip a bit in one chunk at source a.
+    let idx = a.part_index(&part).unwrap();
+    let victim = idx.chunks.iter().find(|c| !c.zero).unwrap().hash;
+    let path = a.chunk_path(&victim);
+    let mut chunk = std::fs::read(&path).unwrap();
+    chunk[10] ^= 1;
+    std::fs::write(&path, chunk).unwrap();
+
+    let (addr_a, _ea) = serve(a, &identity(&ca, Role::Depot, "a"));
+    let (addr_b, _eb) = serve(b, &identity(&ca, Role::Depot, "b"));
+    let me = identity(&ca, Role::Depot, "c");
+    let sources = vec![
+        connect(&me, addr_a, "a").await,
+        connect(&me, addr_b, "b").await,
+    ];
+    let opts = FetchOptions {
+        range_chunks: 8,
+        streams_per_source: 2,
+    };
+    let report = fetch_part(&c, part, &sources, opts, Arc::new(AtomicU64::new(0)))
+        .await
+        .unwrap();
+    assert_eq!(report.lying_sources, vec!["a".to_string()], "{report:?}");
+    assert!(report.bad_chunks >= 1);
+    assert!(report.bytes_by_source.get("b").copied().unwrap_or(0) > 0);
+    assert!(c.has_part(&part));
+    assert_eq!(
+        read_back(&c, part),
+        bytes,
+        "every byte verified and correct"
+    );
+    assert!(
+        !c.has_chunk(&Hash::of(&std::fs::read(path).unwrap())),
+        "the corrupt bytes were never stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_fetch_resumes_without_refetching_verified_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let (a, b) = (
+        Store::open(dir.path().join("a")).unwrap(),
+        Store::open(dir.path().join("b")).unwrap(),
+    );
+    let bytes = data(2_000_000, 2);
+    let part = import(&a, dir.path(), &bytes);
+    assert_eq!(import(&b, dir.path(), &bytes), part);
+    // Source a loses the second half of its chunks: a transfer from it dies part-way.
+    let idx = a.part_index(&part).unwrap();
+    let half = idx.chunks.len() / 2;
+    for c in &idx.chunks[half..] {
+        std::fs::remove_file(a.chunk_path(&c.hash)).unwrap();
+    }
+    let (addr_a, _ea) = serve(a, &identity(&ca, Role::Depot, "a"));
+    let (addr_b, _eb) = serve(b, &identity(&ca, Role::Depot, "b"));
+    let me = identity(&ca, Role::Depot, "c");
+    let opts = FetchOptions {
+        range_chunks: 4,
+        streams_per_source: 1,
+    };
+    {
+        let c = Store::open(dir.path().join("c")).unwrap();
+        let only_a = vec![connect(&me, addr_a, "a").await];
+        let err = fetch_part(&c, part, &only_a, opts, Arc::new(AtomicU64::new(0)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no source"), "{err}");
+        assert!(!c.has_part(&part));
+    }
+    // "Restart": a fresh handle on the same directory; the partial index is still there.
+    let c = Store::open(dir.path().join("c")).unwrap();
+    let partial = c
+        .partial_index(&part)
+        .unwrap()
+        .expect("partial index survives");
+    let before = partial.chunks.len() - c.missing_chunks(&partial).len();
+    assert!(
+        before >= 4,
+        "some chunks were verified before the source died ({before})"
+    );
+    let only_b = vec![connect(&me, addr_b, "b").await];
+    let report = fetch_part(&c, part, &only_b, opts, Arc::new(AtomicU64::new(0)))
+        .await
+        .unwrap();
+    assert_eq!(report.chunks_already_present, before);
+    assert_eq!(
+        report.chunks_fetched,
+        idx.chunks.len() - before,
+        "only what was missing was fetched"
+    );
+    assert_eq!(read_back(&c, part), bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_depot_or_manager_role_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let a = Store::open(dir.path().join("a")).unwrap();
+    let part = import(&a, dir.path(), &data(100_000, 3));
+    let (addr, _e) = serve(a, &identity(&ca, Role::Depot, "a"));
+    let monitor = identity(&ca, Role::Monitor, "m");
+    let src = connect(&monitor, addr, "a").await;
+    let err = viola_depot::transfer::fetch_index(&src.conn, "a", part)
+        .await
+        .unwrap_err();
+    assert!(
+        viola_common::errors::chain(&err).contains("not allowed"),
+        "{err}"
+    );
+}
