@@ -3,3 +3,5 @@
 //! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
 pub mod hypervisor;
 pub mod migration;
+pub mod policy;
+pub mod sim;
