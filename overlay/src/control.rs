@@ -31,6 +31,10 @@ pub enum ControlMsg {
     Membership {
         /// Violin ids.
         violins: Vec<ViolinId>,
+        /// The sender is new to the receiver (just connected or restarted): the receiver
+        /// answers with its own membership and a full sync of its MACs.
+        #[serde(default)]
+        ask: bool,
     },
     /// The hosts the sender has a direct connection to (for relay routing).
     Reach {
@@ -145,6 +149,7 @@ mod tests {
         assert_eq!(decode(&bytes[4..]).unwrap(), msg);
         assert!(check_len([0xFF; 4]).is_err());
         assert!(decode(br#"{"t":"membership","violins":[1],"x":1}"#).is_err());
+        assert!(decode(br#"{"t":"membership","violins":[16777216]}"#).is_err());
     }
 
     proptest! {

@@ -745,7 +745,12 @@ async fn control_reader(
                 for a in &p.addrs {
                     let _ = dial_tx.try_send(*a);
                 }
-                st.known.entry(h).or_insert_with(|| p.addrs.clone());
+                if h == *host {
+                    // What the peer advertises beats the (possibly NAT'd) address we saw.
+                    st.known.insert(h, p.addrs.clone());
+                } else {
+                    st.known.entry(h).or_insert_with(|| p.addrs.clone());
+                }
             }
             continue;
         }

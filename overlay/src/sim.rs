@@ -577,3 +577,28 @@ fn malformed_datagrams_and_control_are_counted_and_dropped() {
     let drops: u64 = sw.counters().drops.values().sum();
     assert_eq!(drops, 5);
 }
+
+#[test]
+fn restarted_host_behind_a_relay_rejoins() {
+    let mut s = Sim::new(&["a/a1", "r/r1", "c/c1"], 1414);
+    for host in ["a/a1", "r/r1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.connect("a/a1", "r/r1");
+    s.connect("r/r1", "c/c1");
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 60, 1));
+    // c1 restarts: new switch, reconnects to the relay only.
+    s.disconnect("r/r1", "c/c1");
+    s.hosts
+        .insert(h("c/c1"), Switch::new(h("c/c1"), SwitchConfig::default()));
+    s.violin("c/c1", 1, &["*"], &[]);
+    s.connect("r/r1", "c/c1");
+    // Both ends re-introduced themselves through the relay: a1's MAC is known at once, and
+    // frames flow both ways.
+    assert_eq!(s.loc("c/c1", 1, mac(1)), Some(Location::Remote(h("a/a1"))));
+    s.clear();
+    s.tap("c/c1", 1, &test_frame(mac(1), mac(3), IP, 60, 3));
+    assert_eq!(s.take("a/a1", 1).len(), 1);
+    s.tap("a/a1", 1, &test_frame(mac(3), mac(1), IP, 60, 1));
+    assert_eq!(s.take("c/c1", 1).len(), 1);
+}

@@ -295,14 +295,15 @@ impl Switch {
         }
     }
 
-    fn membership(&self) -> ControlMsg {
+    fn membership(&self, ask: bool) -> ControlMsg {
         ControlMsg::Membership {
             violins: self.violins.keys().copied().collect(),
+            ask,
         }
     }
 
     fn broadcast_membership(&mut self, out: &mut Vec<Output>) {
-        let msg = self.membership();
+        let msg = self.membership(false);
         let known: Vec<HostId> = self.peers.keys().cloned().collect();
         for p in known {
             self.send_control(&p, msg.clone(), out);
@@ -331,7 +332,7 @@ impl Switch {
         peer.violins.clear();
         out.push(Output::Control {
             via: host.clone(),
-            msg: self.membership(),
+            msg: self.membership(true),
         });
         self.broadcast_reach(out);
     }
@@ -833,14 +834,18 @@ impl Switch {
         out: &mut Vec<Output>,
     ) {
         match msg {
-            ControlMsg::Membership { violins } => {
+            ControlMsg::Membership { violins, ask } => {
                 let new: BTreeSet<ViolinId> = violins.into_iter().collect();
                 let peer = self.peers.entry(from.clone()).or_default();
+                if ask {
+                    // It is new to us (again): everything it shares with us is news to it.
+                    peer.violins.clear();
+                }
                 let added: Vec<ViolinId> = new.difference(&peer.violins).copied().collect();
                 peer.violins = new;
-                if !peer.introduced {
+                if ask || !peer.introduced {
                     peer.introduced = true;
-                    let m = self.membership();
+                    let m = self.membership(false);
                     self.send_control(from, m, out);
                 }
                 // Full sync of our local MACs for newly shared violins.
@@ -876,21 +881,22 @@ impl Switch {
                     .map(HostId::from)
                     .filter(|h| h != &self.me)
                     .collect();
-                // Introduce ourselves to hosts newly reachable only through this peer.
+                // Introduce ourselves to hosts newly reachable through this peer (they may
+                // have restarted) that we have no direct connection to.
+                let old = self
+                    .peers
+                    .get(from)
+                    .map(|p| p.reach.clone())
+                    .unwrap_or_default();
                 let fresh: Vec<HostId> = reach
-                    .iter()
-                    .filter(|h| {
-                        !self
-                            .peers
-                            .get(*h)
-                            .is_some_and(|p| p.connected || p.introduced)
-                    })
+                    .difference(&old)
+                    .filter(|h| !self.peers.get(*h).is_some_and(|p| p.connected))
                     .cloned()
                     .collect();
                 self.peers.entry(from.clone()).or_default().reach = reach;
                 for h in fresh {
                     self.peers.entry(h.clone()).or_default().introduced = true;
-                    let m = self.membership();
+                    let m = self.membership(true);
                     self.send_control(&h, m, out);
                 }
             }

@@ -66,13 +66,16 @@ enum Cmd {
     },
 }
 
-fn print_status(s: &DaemonStatus) {
+fn format_status(s: &DaemonStatus) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
     let sw = &s.switch;
-    println!(
+    let _ = writeln!(
+        o,
         "host {}",
         sw.get("host").and_then(|h| h.as_str()).unwrap_or("?")
     );
-    println!("\npeers:");
+    let _ = writeln!(o, "\npeers:");
     for p in sw
         .get("peers")
         .and_then(|p| p.as_array())
@@ -91,7 +94,8 @@ fn print_status(s: &DaemonStatus) {
                 None => "unreachable".to_owned(),
             }
         };
-        println!(
+        let _ = writeln!(
+            o,
             "  {host:<20} {how:<28} max datagram {:>5}  violins {}",
             p.get("max_datagram").and_then(|m| m.as_u64()).unwrap_or(0),
             p.get("violins").map(|v| v.to_string()).unwrap_or_default()
@@ -103,7 +107,8 @@ fn print_status(s: &DaemonStatus) {
         .into_iter()
         .flatten()
     {
-        println!(
+        let _ = writeln!(
+            o,
             "\nviolin {} {:?}  members {}",
             v.get("id").and_then(|i| i.as_u64()).unwrap_or(0),
             v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
@@ -115,7 +120,8 @@ fn print_status(s: &DaemonStatus) {
             .into_iter()
             .flatten()
         {
-            println!(
+            let _ = writeln!(
+                o,
                 "  {}  {:<16} seq {:<4} age {:>6.1}s  {}",
                 m.get("mac").and_then(|x| x.as_str()).unwrap_or("?"),
                 m.get("location").and_then(|x| x.as_str()).unwrap_or("?"),
@@ -125,29 +131,36 @@ fn print_status(s: &DaemonStatus) {
             );
         }
     }
-    println!("\ncounters:");
+    let _ = writeln!(o, "\ncounters:");
     if let Some(c) = sw.get("counters").and_then(|c| c.as_object()) {
         for (k, v) in c {
             if k != "drops" {
-                println!("  {k:<24} {v}");
+                let _ = writeln!(o, "  {k:<24} {v}");
             }
         }
-        println!("\ndrops:");
+        let _ = writeln!(o, "\ndrops:");
         for (k, v) in c
             .get("drops")
             .and_then(|d| d.as_object())
             .into_iter()
             .flatten()
         {
-            println!("  {k:<24} {v}");
+            let _ = writeln!(o, "  {k:<24} {v}");
         }
     }
     for (k, v) in &s.driver_drops {
-        println!("  {k:<24} {v}");
+        let _ = writeln!(o, "  {k:<24} {v}");
     }
     for (k, v) in &s.refused {
-        println!("  refused_{k:<16} {v}");
+        let _ = writeln!(o, "  refused_{k:<16} {v}");
     }
+    o
+}
+
+/// Prints without panicking when stdout is a closed pipe (`| head`).
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }
 
 fn main() -> ExitCode {
@@ -202,11 +215,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot reach daemon at {}", socket.display()))?;
             if json {
-                print!("{reply}");
+                emit(&reply);
             } else {
                 let s: DaemonStatus =
                     serde_json::from_str(&reply).context("unexpected reply from daemon")?;
-                print_status(&s);
+                emit(&format_status(&s));
             }
         }
         Cmd::ExpectMove {
