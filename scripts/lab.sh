@@ -265,9 +265,25 @@ cmd_up() {
   ip netns exec "${PREFIX}rtr" "$wanem" "${links[@]}" >"$RUN_DIR/wanem.log" 2>&1 &
   echo $! >"$RUN_DIR/wanem.pid"
 
+  # libvirtd probes QEMU's capabilities at start (seconds under TCG). Every lab host runs the
+  # same QEMU, so the first host's probe seeds the others' caches, and the next lab's.
+  local caps_seed=/var/cache/viola/libvirt-qemu-capabilities first=1
   for i in $(seq 1 "$sites"); do
     s=$(site_letter "$i")
-    for k in $(seq 1 "$hosts"); do start_host "$s$k" "$i" "$k"; done
+    for k in $(seq 1 "$hosts"); do
+      h="$s$k"
+      if [ -d "$caps_seed" ]; then
+        mkdir -p "$LAB_DIR/hosts/$h/cache/qemu/capabilities"
+        cp -a "$caps_seed/." "$LAB_DIR/hosts/$h/cache/qemu/capabilities/" 2>/dev/null || true
+      fi
+      start_host "$h" "$i" "$k"
+      if [ "$first" -eq 1 ] && [ ! -d "$caps_seed" ]; then
+        wait_libvirtd "$h"
+        mkdir -p "$caps_seed.tmp" && cp -a "$LAB_DIR/hosts/$h/cache/qemu/capabilities/." "$caps_seed.tmp/" \
+          && mv "$caps_seed.tmp" "$caps_seed" || rm -rf "$caps_seed.tmp"
+      fi
+      first=0
+    done
   done
   for h in $(lab_hosts); do wait_libvirtd "$h"; done
   cat >"$RUN_DIR/lab.env" <<EOF
@@ -305,7 +321,7 @@ cmd_status() {
   if [ "$json" -eq 1 ]; then
     printf '{"up":true,"lab":"%s","lab_dir":"%s","sites":%s,"wan_delay_ms":%s,"wan_rate_mbit":%s,"hosts":[' "$LAB" "$LAB_DIR" "$sites" "$wan_delay_ms" "$wan_rate_mbit"
   else
-    printf 'lab %s: %s sites x %s hosts, WAN %s ms one way at %s Mbit/s%s\n' "$sites" "$hosts" \
+    printf 'lab %s: %s sites x %s hosts, WAN %s ms one way at %s Mbit/s%s\n' "$LAB" "$sites" "$hosts" \
       "$wan_delay_ms" "$wan_rate_mbit" "${nat_sites:+, behind NAT: $nat_sites}"
     printf '%-6s %-5s %-14s %-10s %-8s %s\n' HOST SITE ADDRESS LIBVIRTD PID DOMAINS
   fi

@@ -375,7 +375,15 @@ pub fn boot_guest(lab: &Lab, host: &str, guest: &GuestSpec, timeout: Duration) -
     let start = Instant::now();
     lab.virsh(host, &["start", &guest.name])?;
     wait_ping(lab, host, guest.ip(), timeout)?;
-    Ok(start.elapsed())
+    let answered = start.elapsed();
+    // Ping answers as soon as the address is up; the HTTP interface follows a moment later.
+    while guest_http(lab, host, guest.ip(), "info").is_err() {
+        if start.elapsed() > timeout {
+            bail!("{} answers ping but not HTTP within {timeout:?}", guest.name);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(answered)
 }
 
 /// Waits until `ip` answers one ping from inside `host`.
