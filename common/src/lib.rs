@@ -7,6 +7,6 @@
 
 pub mod config;
 pub mod errors;
+pub mod identity;
 pub mod metrics;
 pub mod shutdown;
-pub mod identity;

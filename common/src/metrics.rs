@@ -75,7 +75,9 @@ pub async fn serve(
 /// The registry in Prometheus text format.
 pub fn encode(registry: &SharedRegistry) -> String {
     let mut out = String::new();
-    let guard = registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let guard = registry
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     // Encoding into a String cannot fail for the metric types we register.
     let _ = prometheus_client::encoding::text::encode(&mut out, &guard);
     out
@@ -102,7 +104,10 @@ mod tests {
             .unwrap();
         let server = tokio::spawn(fut);
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
         let mut reply = String::new();
         stream.read_to_string(&mut reply).await.unwrap();
         assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");

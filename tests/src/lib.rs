@@ -379,7 +379,10 @@ pub fn boot_guest(lab: &Lab, host: &str, guest: &GuestSpec, timeout: Duration) -
     // Ping answers as soon as the address is up; the HTTP interface follows a moment later.
     while guest_http(lab, host, guest.ip(), "info").is_err() {
         if start.elapsed() > timeout {
-            bail!("{} answers ping but not HTTP within {timeout:?}", guest.name);
+            bail!(
+                "{} answers ping but not HTTP within {timeout:?}",
+                guest.name
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

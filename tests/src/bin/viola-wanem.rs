@@ -136,7 +136,7 @@ fn run(link: &Link) -> io::Result<()> {
                 break;
             }
             // Frames the kernel sends out of FROM are not ours to forward.
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             if queue.len() >= QUEUE_LIMIT_FRAMES {
