@@ -3,6 +3,8 @@
 pub mod api;
 pub mod bound;
 pub mod chunker;
+pub mod client;
+pub mod daemon;
 pub mod hash;
 pub mod image;
 pub mod manifest;
