@@ -28,7 +28,13 @@
 //! is only meaningful together with the state it was computed from (names are in the state).
 
 pub mod beloglazov;
+pub mod marinescu;
+pub mod planning;
+pub mod shepherd;
+pub mod shirako;
 pub mod viola;
+pub mod violin;
+pub mod vservices;
 
 use serde::{Deserialize, Serialize};
 
@@ -309,6 +315,7 @@ pub const POLICY_NAMES: &[&str] = &[
     "marinescu-a",
     "marinescu-b",
     "shirako-energy-aware",
+    "shirako-room-for-growth",
     "viola",
 ];
 
@@ -331,7 +338,11 @@ pub fn by_name(name: &str) -> Result<Box<dyn Policy>, PolicyNameError> {
     match name {
         "dvfs" => return Ok(Box::new(beloglazov::Dvfs)),
         "viola" => return Ok(Box::new(viola::Viola::default())),
-        //TMP
+        "violin" => return Ok(Box::new(violin::Violin::default())),
+        "marinescu-a" => return Ok(Box::new(marinescu::ClusterPolicy::algorithm_a())),
+        "marinescu-b" => return Ok(Box::new(marinescu::ClusterPolicy::algorithm_b())),
+        "shirako-energy-aware" => return Ok(Box::new(shirako::EnergyAware)),
+        "shirako-room-for-growth" => return Ok(Box::new(shirako::RoomForGrowth)),
         _ => {}
     }
     let parts: Vec<&str> = name.split('-').collect();

@@ -16,6 +16,7 @@
 //! No I/O here: traces come in as data ([`trace::load_dir`] is the edge that reads them) and the
 //! decision trace comes out as data.
 
+pub mod scenarios;
 pub mod trace;
 
 use serde::Serialize;
@@ -167,11 +168,7 @@ pub struct Report {
     pub unplaced_vms: usize,
 }
 
-/// Virtual Services service-level function s(x) = w·a·(b−x)/√(1+(a·(b−x))²) + w.
-pub fn service_level(x: f64, a: f64, b: f64, w: f64) -> f64 {
-    let z = a * (b - x);
-    w * z / (1.0 + z * z).sqrt() + w
-}
+pub use crate::policy::vservices::service_level;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct HostEntry {
