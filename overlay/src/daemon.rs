@@ -253,8 +253,11 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
 
     // QUIC endpoint.
     let mut transport = quinn::TransportConfig::default();
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(cfg.quic_initial_mtu.max(1452));
     transport
         .initial_mtu(cfg.quic_initial_mtu)
+        .mtu_discovery_config(Some(mtud))
         .min_mtu(cfg.quic_min_mtu.min(cfg.quic_initial_mtu))
         .keep_alive_interval(Some(Duration::from_millis(cfg.keepalive_ms)))
         .max_idle_timeout(Some(

@@ -1,0 +1,384 @@
+#!/usr/bin/env bash
+# overlay.sh — Viola's overlay against a plain veth, kernel VXLAN, tinc (switch mode), OpenVPN
+# (tap) and wireguard-go (L3, for reference), on one topology and in one run.
+#
+#   vo-bv-a (10.77.0.11) --veth-- [vo-bh-a: br0 + tunnel] ==veth underlay== [vo-bh-b: br0 + tunnel] --veth-- vo-bv-b (10.77.0.12)
+#                                   198.18.99.1/24  <---- ul0, MTU 1500 ---->  198.18.99.2/24
+#
+# Per kind, the topology is built from scratch, measured and removed again: iperf3 TCP vB -> vA
+# with 1 and with 4 streams (--time s each), 200 pings at 10 ms (idle RTT), and CPU: the busy
+# CPU seconds of the whole machine (/proc/stat) per GB of TCP payload, which counts kernel and
+# userspace work alike; for userspace tunnels also the tunnel processes' own CPU seconds per GB.
+# VM MTU is 1400 everywhere (a full VM frame fits one QUIC datagram of 1414 bytes).
+#
+# Usage: overlay.sh [--json FILE] [--time S] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
+#                   [--no-install] [--keep]
+# Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools with apt if missing,
+# builds viola-overlay (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
+# <kind>.tcp4_gbps, <kind>.rtt_ms, <kind>.cpu_s_per_gb (+ <kind>.tunnel_cpu_s_per_gb, ratios).
+set -Eeuo pipefail
+export LC_ALL=C
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+
+ALL_KINDS="veth vxlan viola tinc openvpn wireguard_go"
+KINDS=$ALL_KINDS
+TIME=10
+JSON_OUT=
+INSTALL=1
+KEEP=0
+while (($#)); do
+  case $1 in
+    --json) JSON_OUT=$2; shift 2 ;;
+    --time) TIME=$2; shift 2 ;;
+    --kinds) KINDS=$2; shift 2 ;;
+    --no-install) INSTALL=0; shift ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+[[ $TIME =~ ^[1-9][0-9]?$ ]] || { echo "--time must be 1..99" >&2; exit 2; }
+for k in $KINDS; do [[ " $ALL_KINDS " == *" $k "* ]] || { echo "unknown kind $k" >&2; exit 2; }; done
+[[ $(id -u) == 0 ]] || { echo "must run as root" >&2; exit 2; }
+
+HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+HA=vo-bh-a HB=vo-bh-b VA=vo-bv-a VB=vo-bv-b
+NSS=("$HA" "$HB" "$VA" "$VB")
+UL_A=198.18.99.1 UL_B=198.18.99.2 VM_A=10.77.0.11 VM_B=10.77.0.12 VM_MTU=1400
+PORT=5211
+HZ=$(getconf CLK_TCK)
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+nsx() { ip netns exec "$@"; }
+
+# ----------------------------------------------------------------- install and build
+if ((INSTALL)); then
+  declare -A PKG=([iperf3]=iperf3 [tincd]=tinc [openvpn]=openvpn [wireguard-go]=wireguard-go [wg]=wireguard-tools [jq]=jq [openssl]=openssl)
+  missing=()
+  for c in "${!PKG[@]}"; do command -v "$c" >/dev/null || missing+=("${PKG[$c]}"); done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y --no-install-recommends "${missing[@]}" >/tmp/vo-bench-apt.log 2>&1 ||
+      { apt-get update >>/tmp/vo-bench-apt.log 2>&1 && apt-get install -y --no-install-recommends "${missing[@]}" >>/tmp/vo-bench-apt.log 2>&1; } ||
+      log "warning: apt-get install failed (see /tmp/vo-bench-apt.log)"
+  fi
+fi
+for c in iperf3 jq ip ping; do command -v "$c" >/dev/null || die "$c missing"; done
+if [[ " $KINDS " == *" viola "* ]]; then
+  log "building viola-overlay (release)"
+  (cd "$ROOT" && cargo build --release -q -p viola-overlay -p viola-common --bins) || die "cargo build failed"
+fi
+VIOLA=$ROOT/target/release/viola-overlay
+VIOLA_CA=$ROOT/target/release/viola-ca
+
+# ----------------------------------------------------------------- bookkeeping
+WORK=$(mktemp -d /tmp/vo-bench.XXXXXX)
+PIDS=() # daemons we started (for CPU and cleanup)
+ns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF "$1"; }
+teardown() {
+  local p ns i
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for i in $(seq 1 30); do
+    local alive=0
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  PIDS=()
+  for ns in "${NSS[@]}"; do
+    ns_exists "$ns" || continue
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+}
+cleanup() {
+  local rc=$?
+  teardown
+  if ((KEEP || rc)); then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+for ns in "${NSS[@]}"; do ns_exists "$ns" && die "namespace $ns exists (another run?); remove it first"; done
+
+wait_for() { # TENTHS WHAT CMD...
+  local n=$1 what=$2 i
+  shift 2
+  for ((i = 0; i < n; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "timeout waiting for $what"
+}
+start_bg() { # NS LOG CMD...   (records the PID)
+  local ns=$1 logf=$2
+  shift 2
+  ip netns exec "$ns" "$@" >"$logf" 2>&1 </dev/null &
+  PIDS+=($!)
+}
+proc_ticks() { # sum utime+stime of PIDS
+  local p s=0 f
+  for p in "${PIDS[@]}"; do
+    f=$(cat "/proc/$p/stat" 2>/dev/null) || die "tunnel process $p died"
+    f=${f##*) }
+    read -r -a a <<<"$f"
+    s=$((s + a[11] + a[12]))
+  done
+  echo $s
+}
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+
+# ----------------------------------------------------------------- topology
+build_base() {
+  local ns side
+  for ns in "${NSS[@]}"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  done
+  for ns in "$HA" "$HB"; do
+    if nsx "$ns" test -e /proc/sys/net/bridge/bridge-nf-call-iptables; then
+      nsx "$ns" sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 net.bridge.bridge-nf-call-arptables=0
+    fi
+  done
+  ip -n "$HA" link add ul0 mtu 1500 type veth peer name ul0 netns "$HB" mtu 1500
+  ip -n "$HA" addr add "$UL_A/24" dev ul0
+  ip -n "$HB" addr add "$UL_B/24" dev ul0
+  ip -n "$HA" link set ul0 up
+  ip -n "$HB" link set ul0 up
+  for side in a b; do
+    local h=vo-bh-$side v=vo-bv-$side ip=$VM_A
+    [[ $side == b ]] && ip=$VM_B
+    ip -n "$h" link add br0 type bridge stp_state 0
+    ip -n "$h" link set br0 up
+    ip -n "$h" link add vm0 mtu "$VM_MTU" type veth peer name eth0 netns "$v" mtu "$VM_MTU"
+    ip -n "$h" link set vm0 master br0 up
+    ip -n "$v" addr add "$ip/24" dev eth0
+    ip -n "$v" link set eth0 up
+  done
+}
+
+setup_veth() {
+  local ns
+  for ns in "$HA" "$HB"; do
+    ip -n "$ns" addr flush dev ul0
+    ip -n "$ns" link set ul0 master br0
+  done
+}
+
+setup_vxlan() {
+  ip -n "$HA" link add vx0 type vxlan id 77 local "$UL_A" remote "$UL_B" dev ul0 dstport 4789
+  ip -n "$HB" link add vx0 type vxlan id 77 local "$UL_B" remote "$UL_A" dev ul0 dstport 4789
+  local ns
+  for ns in "$HA" "$HB"; do ip -n "$ns" link set vx0 master br0 up; done
+}
+
+setup_viola() {
+  local d=$WORK/viola side ul other
+  "$VIOLA_CA" init --ca-dir "$d/ca" >/dev/null
+  for side in a b; do
+    [[ $side == a ]] && { ul=$UL_A; other=$UL_B; } || { ul=$UL_B; other=$UL_A; }
+    "$VIOLA_CA" issue --ca-dir "$d/ca" --role overlay --site "$side" --host "${side}1" --out "$d/$side" >/dev/null
+    cat >"$d/$side.toml" <<EOF
+listen = "$ul:4500"
+identity_dir = "$d/$side"
+control_socket = "$d/$side.sock"
+[[peers]]
+addr = "$other:4500"
+[[violins]]
+id = 77
+bridge = "br0"
+EOF
+    start_bg "vo-bh-$side" "$d/$side.log" env RUST_LOG=warn "$VIOLA" run --config "$d/$side.toml"
+  done
+  wait_for 100 "viola TAPs" ip -n "$HB" link show br0t
+}
+
+setup_tinc() {
+  local side ns d ip
+  for side in a b; do
+    d=$WORK/tinc/$side ns=vo-bh-$side ip=$UL_A
+    [[ $side == b ]] && ip=$UL_B
+    mkdir -p "$d/hosts"
+    { echo "Name = h$side"; echo "Mode = switch"; echo "DeviceType = tap"; echo "Interface = tinc0"
+      echo "AddressFamily = ipv4"; [[ $side == b ]] && echo "ConnectTo = ha"; } >"$d/tinc.conf"
+    printf 'Address = %s\nPort = 655\n' "$ip" >"$d/hosts/h$side"
+    timeout 60 tincd -c "$d" -K 2048 </dev/null >"$d/keygen.log" 2>&1 || die "tinc keygen"
+  done
+  cp "$WORK/tinc/a/hosts/ha" "$WORK/tinc/b/hosts/ha"
+  cp "$WORK/tinc/b/hosts/hb" "$WORK/tinc/a/hosts/hb"
+  for side in a b; do
+    ns=vo-bh-$side d=$WORK/tinc/$side
+    ip -n "$ns" tuntap add dev tinc0 mode tap
+    ip -n "$ns" link set tinc0 master br0 up
+    start_bg "$ns" "$d/tincd.log" tincd -c "$d" -D -d1 --pidfile="$d/pid"
+  done
+  SETTLE=8 # tinc 1.0 uses TCP for large frames until PMTU discovery has finished
+}
+
+setup_openvpn() {
+  local p=$WORK/pki side
+  mkdir -p "$p"
+  (
+    cd "$p"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=vo-bench-ca
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyAgreement\nextendedKeyUsage=serverAuth\n' >srv.ext
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyAgreement\nextendedKeyUsage=clientAuth\n' >cli.ext
+    for n in srv cli; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $n.key -out $n.csr -subj "/CN=vo-bench-$n"
+      openssl x509 -req -in $n.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $n.crt -days 2 -extfile $n.ext
+    done
+  ) >"$WORK/pki.log" 2>&1 || die "openssl"
+  for side in a b; do
+    ip -n "vo-bh-$side" tuntap add dev ovpn0 mode tap
+    ip -n "vo-bh-$side" link set ovpn0 master br0 up
+  done
+  local common=(--dev ovpn0 --dev-type tap --proto udp4 --port 1194 --disable-dco --ca "$p/ca.crt" --verb 3 --ping 10 --ping-restart 60)
+  start_bg "$HA" "$WORK/ovpn-a.log" openvpn "${common[@]}" --local "$UL_A" --remote "$UL_B" --tls-server --dh none \
+    --cert "$p/srv.crt" --key "$p/srv.key" --remote-cert-tls client
+  start_bg "$HB" "$WORK/ovpn-b.log" openvpn "${common[@]}" --local "$UL_B" --remote "$UL_A" --tls-client \
+    --cert "$p/cli.crt" --key "$p/cli.key" --remote-cert-tls server
+  wait_for 300 "openvpn a" grep -q 'Initialization Sequence Completed' "$WORK/ovpn-a.log"
+  wait_for 300 "openvpn b" grep -q 'Initialization Sequence Completed' "$WORK/ovpn-b.log"
+}
+
+# wireguard-go keeps its socket in /run/wireguard: give each side a private /run under $WORK.
+wg_in() { # SIDE CMD...
+  local side=$1
+  shift
+  ip netns exec "vo-bh-$side" unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$WORK/wgrun$side" "$@"
+}
+setup_wireguard_go() {
+  local side ns other_vm other_ul br_ip peer
+  for side in a b; do
+    mkdir -p "$WORK/wgrun$side"
+    (umask 077 && wg genkey >"$WORK/wg-$side.key")
+    wg pubkey <"$WORK/wg-$side.key" >"$WORK/wg-$side.pub"
+  done
+  for side in a b; do
+    ip netns exec "vo-bh-$side" unshare -m --propagation private \
+      sh -c 'mount --bind "$0" /run && exec wireguard-go -f "$1"' "$WORK/wgrun$side" "vowg$side" >"$WORK/wg-$side.log" 2>&1 </dev/null &
+    PIDS+=($!)
+  done
+  for side in a b; do
+    ns=vo-bh-$side
+    if [[ $side == a ]]; then other_vm=$VM_B other_ul=$UL_B br_ip=10.77.0.1; else other_vm=$VM_A other_ul=$UL_A br_ip=10.77.0.2; fi
+    wait_for 100 "wireguard-go socket $side" test -S "$WORK/wgrun$side/wireguard/vowg$side.sock"
+    [[ $side == a ]] && peer=$(cat "$WORK/wg-b.pub") || peer=$(cat "$WORK/wg-a.pub")
+    wg_in "$side" wg set "vowg$side" private-key "$WORK/wg-$side.key" listen-port 51820 \
+      peer "$peer" endpoint "$other_ul:51820" allowed-ips "$other_vm/32"
+    ip -n "$ns" link set "vowg$side" up
+    ip -n "$ns" addr add "$br_ip/24" dev br0
+    ip -n "$ns" route add "$other_vm/32" dev "vowg$side"
+    nsx "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.br0.proxy_arp=1 net.ipv4.neigh.br0.proxy_delay=0
+  done
+}
+
+# ----------------------------------------------------------------- measurement
+iperf() { # STREAMS -> "bits_per_second bytes"
+  timeout -k 5 $((TIME + 30)) ip netns exec "$VB" iperf3 -c "$VM_A" -B "$VM_B" -p "$PORT" -t "$TIME" -P "$1" -J \
+    --connect-timeout 5000 >"$WORK/iperf-$1.json" 2>&1 || true
+  jq -r 'if .error then "ERR" else "\(.end.sum_received.bits_per_second) \(.end.sum_received.bytes)" end' "$WORK/iperf-$1.json" 2>/dev/null || echo ERR
+}
+
+declare -A R
+measure() { # KIND
+  local kind=$1 i ok=0
+  SETTLE=1
+  log "$kind: building"
+  build_base
+  "setup_$kind"
+  for ((i = 0; i < 60; i++)); do
+    if nsx "$VB" ping -c1 -W1 -q "$VM_A" >/dev/null 2>&1; then ok=1; break; fi
+    sleep 0.5
+  done
+  ((ok)) || die "$kind: no connectivity"
+  sleep "$SETTLE"
+  start_bg "$VA" "$WORK/iperf-server.log" iperf3 -s -B "$VM_A" -p "$PORT"
+  wait_for 100 "iperf3 server" nsx "$VA" sh -c "ss -ltn | grep -q '$VM_A:$PORT '"
+  timeout -k 5 30 ip netns exec "$VB" iperf3 -c "$VM_A" -B "$VM_B" -p "$PORT" -t 2 >/dev/null 2>&1 || die "$kind: warm-up failed"
+  # the iperf3 server is not a tunnel process: keep it out of the tunnel CPU sum
+  local server=${PIDS[-1]}
+  unset 'PIDS[-1]'
+  local t0 b0 r1 r4 t1 b1 bg0 bg1
+  # other load on the machine right before measuring (1 s), reported with the results
+  bg0=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat)
+  sleep 1
+  bg1=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat)
+  R[$kind.background_busy_pct]=$(awk -v a="$bg0" -v b="$bg1" 'BEGIN{split(a,x," "); split(b,y," "); printf "%.0f", 100*(y[1]-x[1])/(y[2]-x[2])}')
+  t0=$( ((${#PIDS[@]})) && proc_ticks || echo 0)
+  b0=$(busy_ticks)
+  log "$kind: iperf3 1 stream, ${TIME}s"
+  r1=$(iperf 1)
+  sleep 1
+  log "$kind: iperf3 4 streams, ${TIME}s"
+  r4=$(iperf 4)
+  t1=$( ((${#PIDS[@]})) && proc_ticks || echo 0)
+  b1=$(busy_ticks)
+  PIDS+=("$server")
+  [[ $r1 != ERR && $r4 != ERR ]] || die "$kind: iperf3 failed ($(head -c 300 "$WORK/iperf-1.json"))"
+  log "$kind: 200 pings at 10 ms"
+  local rtt
+  rtt=$(timeout -k 5 60 ip netns exec "$VB" ping -c 200 -i 0.01 -W 1 "$VM_A" 2>/dev/null |
+    sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
+  [[ -n $rtt ]] || rtt=null
+  read -r bps1 by1 <<<"$r1"
+  read -r bps4 by4 <<<"$r4"
+  local k=$kind
+  R[$k.tcp1_gbps]=$(awk -v b="$bps1" 'BEGIN{printf "%.3f", b/1e9}')
+  R[$k.tcp4_gbps]=$(awk -v b="$bps4" 'BEGIN{printf "%.3f", b/1e9}')
+  R[$k.rtt_ms]=$rtt
+  R[$k.cpu_s_per_gb]=$(awk -v t=$((b1 - b0)) -v hz="$HZ" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.2f", (t/hz)/((g+h)/1e9)}')
+  if [[ $kind == viola || $kind == tinc || $kind == openvpn || $kind == wireguard_go ]]; then
+    R[$k.tunnel_cpu_s_per_gb]=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.2f", (t/hz)/((g+h)/1e9)}')
+  fi
+  log "$kind: tcp1 ${R[$k.tcp1_gbps]} Gbit/s, tcp4 ${R[$k.tcp4_gbps]} Gbit/s, rtt $rtt ms, ${R[$k.cpu_s_per_gb]} busy CPU s/GB (other load before: ${R[$k.background_busy_pct]} %)"
+  if [[ $kind == viola ]]; then
+    "$VIOLA" status --socket "$WORK/viola/b.sock" >"$WORK/viola-status-b.txt" 2>&1 || true
+  fi
+  teardown
+}
+
+for k in $KINDS; do measure "$k"; done
+
+# ----------------------------------------------------------------- report
+ratio() { awk -v a="${R[$1]:-}" -v b="${R[$2]:-}" 'BEGIN{ if (a=="" || b=="" || b+0==0) print "null"; else printf "%.2f", a/b }'; }
+diff_ms() { awk -v a="${R[$1]:-}" -v b="${R[$2]:-}" 'BEGIN{ if (a=="" || b=="" || a=="null" || b=="null") print "null"; else printf "%.3f", a-b }'; }
+R[ratio.viola_over_tinc_tcp1]=$(ratio viola.tcp1_gbps tinc.tcp1_gbps)
+R[ratio.viola_over_openvpn_tcp1]=$(ratio viola.tcp1_gbps openvpn.tcp1_gbps)
+R[ratio.viola_over_wireguard_go_tcp1]=$(ratio viola.tcp1_gbps wireguard_go.tcp1_gbps)
+R[ratio.viola_over_veth_tcp1]=$(ratio viola.tcp1_gbps veth.tcp1_gbps)
+R[rtt.viola_minus_vxlan_ms]=$(diff_ms viola.rtt_ms vxlan.rtt_ms)
+R[bench.time_s]=$TIME
+
+printf '\n%-13s %10s %10s %9s %14s %16s %12s\n' kind "tcp1 Gb/s" "tcp4 Gb/s" "rtt ms" "busy CPU s/GB" "tunnel CPU s/GB" "other load %"
+for k in $KINDS; do
+  printf '%-13s %10s %10s %9s %14s %16s %12s\n' "$k" "${R[$k.tcp1_gbps]}" "${R[$k.tcp4_gbps]}" "${R[$k.rtt_ms]}" \
+    "${R[$k.cpu_s_per_gb]}" "${R[$k.tunnel_cpu_s_per_gb]:--}" "${R[$k.background_busy_pct]}"
+done
+echo
+echo "viola / tinc (1 stream):         ${R[ratio.viola_over_tinc_tcp1]}   (target >= 2)"
+echo "viola / openvpn (1 stream):      ${R[ratio.viola_over_openvpn_tcp1]}   (target >= 2)"
+echo "viola / wireguard-go (1 stream): ${R[ratio.viola_over_wireguard_go_tcp1]}   (target >= 1)"
+echo "viola / veth (1 stream):         ${R[ratio.viola_over_veth_tcp1]}"
+echo "viola RTT - vxlan RTT:           ${R[rtt.viola_minus_vxlan_ms]} ms   (target <= 0.2)"
+
+if [[ -n $JSON_OUT ]]; then
+  {
+    echo "{"
+    first=1
+    for key in $(printf '%s\n' "${!R[@]}" | sort); do
+      v=${R[$key]}
+      [[ $v =~ ^-?[0-9.]+$ || $v == null ]] || v="\"$v\""
+      ((first)) || echo ","
+      printf '  "%s": %s' "$key" "$v"
+      first=0
+    done
+    echo
+    echo "}"
+  } >"$JSON_OUT"
+  jq . "$JSON_OUT" >/dev/null || die "wrote invalid JSON to $JSON_OUT"
+  log "wrote $JSON_OUT"
+fi
