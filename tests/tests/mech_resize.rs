@@ -18,6 +18,7 @@ fn resize_vcpus_memory_and_cap_of_a_running_guest() {
         remove_guest(&["a1"], name);
         remove_l2(&["a1"]);
     })]);
+    remove_guest(&["a1"], name); // leftovers of an interrupted run
     make_bridge("a1", "10.77.1.1/24");
     let hv = open("a1");
     boot_guest(&hv, "a1", name, &format!("{ip}/24"), "vm-br0", 2, 256);

@@ -204,8 +204,9 @@ pub fn make_bridge(host: &str, addr: &str) {
 }
 
 /// Joins the `vm-br0` bridges of `hosts` into one L2 with a VXLAN mesh over the underlay
-/// (head-end replication, kernel MAC learning): a stand-in for the overlay in tests of the
-/// mechanisms alone.
+/// (head-end replication, no VXLAN learning: every unicast is flooded to all hosts, so a moved
+/// MAC is found without relying on the kernel's learned entries, which were seen to go stale
+/// after a move): a stand-in for the overlay in tests of the mechanisms alone.
 pub fn make_l2(hosts: &[(&str, &str)]) {
     for (h, addr) in hosts {
         make_bridge(h, addr);
@@ -227,6 +228,7 @@ pub fn make_l2(hosts: &[(&str, &str)]) {
                 "eth0",
                 "local",
                 &address(h),
+                "nolearning",
             ],
         );
         for (other, _) in hosts.iter().filter(|(o, _)| o != h) {

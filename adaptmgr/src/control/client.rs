@@ -1,0 +1,89 @@
+//! A client of the manager's endpoint (used by the CLI and the monitor).
+
+use std::net::SocketAddr;
+
+use viola_common::identity::{self, Identity, Role, alpn};
+
+use super::proto::{Request, Response};
+use super::wire::{self, FrameError};
+
+/// Why talking to the manager failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot set up the client endpoint")]
+    Endpoint(#[source] std::io::Error),
+    #[error("invalid TLS configuration")]
+    Tls(#[source] identity::TlsConfigError),
+    #[error("cannot connect to the manager at {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectError,
+    },
+    #[error("connection to the manager at {addr} failed")]
+    Connection {
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    #[error("exchange with the manager failed")]
+    Frame(#[from] FrameError),
+    #[error("the manager closed the request without an answer")]
+    NoAnswer,
+}
+
+/// One connection to the manager.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl Client {
+    /// Connects to the manager at `addr` with this daemon's (or user's) identity; the
+    /// manager must present an `adaptmgr` certificate from the same CA.
+    pub async fn connect(me: &Identity, addr: SocketAddr) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
+        endpoint
+            .set_default_client_config(me.client_config(alpn::ADAPTMGR).map_err(ClientError::Tls)?);
+        let conn = endpoint
+            .connect(addr, &identity::server_name(Role::Adaptmgr))
+            .map_err(|source| ClientError::Connect { addr, source })?
+            .await
+            .map_err(|source| ClientError::Connection { addr, source })?;
+        Ok(Self { endpoint, conn })
+    }
+
+    /// Sends `req` and hands every response frame to `on_response` until the stream ends;
+    /// returns the last one.
+    pub async fn call(
+        &self,
+        req: &Request,
+        mut on_response: impl FnMut(&Response),
+    ) -> Result<Response, ClientError> {
+        let addr = self.conn.remote_address();
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|source| ClientError::Connection { addr, source })?;
+        wire::write_frame(&mut send, req).await?;
+        let _ = send.finish();
+        let mut last = None;
+        while let Some(resp) = wire::read_frame::<Response>(&mut recv).await? {
+            on_response(&resp);
+            last = Some(resp);
+        }
+        last.ok_or(ClientError::NoAnswer)
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}

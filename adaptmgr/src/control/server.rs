@@ -1,0 +1,175 @@
+//! The manager's QUIC + mutual-TLS endpoint: monitors push reports, the CLI asks questions and
+//! gives orders. Every connection's certificate is checked: monitors may only report about
+//! their own host; only `cli` and `adaptmgr` identities may read or change anything.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use viola_common::identity::{self, PeerIdentity, Role};
+
+use super::proto::{Request, Response};
+use super::wire::{self, FrameError};
+use crate::manager::Manager;
+
+/// Accepts connections until `token` is cancelled; then waits for the open ones to finish
+/// their current request (bounded by the endpoint's close).
+pub async fn serve(endpoint: quinn::Endpoint, manager: Arc<Manager>, token: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "connection task failed");
+                }
+            }
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let manager = Arc::clone(&manager);
+                let token = token.clone();
+                connections.spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => handle_connection(conn, manager, token).await,
+                        Err(e) => tracing::info!(error = %e, "handshake failed"),
+                    }
+                });
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"manager shutting down");
+    while connections.join_next().await.is_some() {}
+}
+
+async fn handle_connection(
+    conn: quinn::Connection,
+    manager: Arc<Manager>,
+    token: CancellationToken,
+) {
+    let peer = match identity::peer_identity(&conn) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "peer without a usable identity");
+            conn.close(1u32.into(), b"no identity");
+            return;
+        }
+    };
+    tracing::debug!(%peer, "connected");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            accepted = conn.accept_bi() => {
+                let Ok((send, recv)) = accepted else { break };
+                // Bounded work per connection: a peer cannot pile up unlimited requests.
+                if streams.len() >= 32 {
+                    tracing::warn!(%peer, "too many concurrent requests; dropping one");
+                    continue;
+                }
+                let manager = Arc::clone(&manager);
+                let peer = peer.clone();
+                let token = token.clone();
+                streams.spawn(async move {
+                    if let Err(e) = handle_stream(send, recv, &manager, &peer, token).await {
+                        tracing::info!(%peer, error = %viola_common::errors::chain(&e), "request failed");
+                    }
+                });
+            }
+        }
+    }
+    streams.abort_all();
+    while streams.join_next().await.is_some() {}
+}
+
+fn error(message: impl Into<String>) -> Response {
+    Response::Error {
+        message: message.into(),
+    }
+}
+
+/// Who may send what.
+pub fn authorize(peer: &PeerIdentity, req: &Request) -> Result<(), String> {
+    match req {
+        Request::Report(report) => {
+            peer.require_role(&[Role::Monitor])
+                .map_err(|e| e.to_string())?;
+            if report.host != peer.host || report.site != peer.site {
+                return Err(format!(
+                    "{peer} may only report about {}/{}, not {}/{}",
+                    peer.site, peer.host, report.site, report.host
+                ));
+            }
+            Ok(())
+        }
+        _ => peer
+            .require_role(&[Role::Cli, Role::Adaptmgr])
+            .map_err(|e| e.to_string()),
+    }
+}
+
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    manager: &Manager,
+    peer: &PeerIdentity,
+    token: CancellationToken,
+) -> Result<(), FrameError> {
+    let Some(req) = wire::read_frame::<Request>(&mut recv).await? else {
+        return Ok(());
+    };
+    if let Err(reason) = authorize(peer, &req) {
+        tracing::warn!(%peer, %reason, "request refused");
+        wire::write_frame(&mut send, &error(reason)).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
+    let chain = |e: &(dyn std::error::Error + 'static)| viola_common::errors::chain(e);
+    let response = match req {
+        Request::Report(report) => match manager.handle_report(report).await {
+            Ok(()) => Response::Ack,
+            Err(e) => error(chain(&e)),
+        },
+        Request::ListHosts => match manager.inventory.hosts() {
+            Ok(h) => Response::Hosts(h),
+            Err(e) => error(chain(&e)),
+        },
+        Request::ListVms => match manager.inventory.vms() {
+            Ok(v) => Response::Vms(v),
+            Err(e) => error(chain(&e)),
+        },
+        Request::Resize(r) => match manager.resize(r).await {
+            Ok(()) => Response::Ack,
+            Err(e) => error(chain(&e)),
+        },
+        Request::CancelMigration { vm } => {
+            if manager.cancel_migration(&vm) {
+                Response::Ack
+            } else {
+                error(format!("no migration of {vm} is running"))
+            }
+        }
+        Request::Migrate(m) => {
+            let (tx, mut rx) = mpsc::channel(16);
+            let cancel = token.child_token();
+            let run = manager.migrate(m, tx, cancel);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    result = &mut run => break match result {
+                        Ok(report) => Response::Migrated(Box::new(report)),
+                        Err(e) => error(chain(&e)),
+                    },
+                    Some(progress) = rx.recv() => {
+                        // A CLI that went away does not stop the migration.
+                        let _ = wire::write_frame(&mut send, &progress).await;
+                    }
+                }
+            }
+        }
+    };
+    wire::write_frame(&mut send, &response).await?;
+    let _ = send.finish();
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! The manager's view of the federation: sites, hosts (with capacities and liveness), VMs and
+//! violins, plus an append-only event log (migrations, failures, restarts), persisted so a
+//! restarted manager resumes where it stopped.
+//!
+//! Store: `redb` (an embedded, crash-safe B-tree with ACID transactions). Each record is a
+//! JSON value under its name, so the file stays inspectable with `viola` itself and the schema
+//! can grow fields (`#[serde(default)]`) without a migration. We chose it over a hand-rolled
+//! JSON snapshot + journal because atomic multi-record updates (a report touches a host and
+//! many VMs; a migration moves a VM and logs an event) and torn-write safety come for free,
+//! while a journal would need its own framing, fsync discipline and compaction.
+
+mod store;
+
+pub use store::{Inventory, InventoryError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::proto::HostUsage;
+use crate::hypervisor::DomainState;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub name: String,
+}
+
+/// Liveness as the failure detector sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Never reported yet.
+    Unknown,
+    Up,
+    /// Declared failed (no heartbeat for the configured time) at `since_ms`.
+    Failed {
+        since_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    pub site: String,
+    /// How the manager reaches the host's libvirtd.
+    pub libvirt_uri: String,
+    /// How another host's libvirtd reaches this one (peer-to-peer migration destination).
+    pub migration_uri: String,
+    pub cpus: u32,
+    pub memory_kib: u64,
+    pub state: HostState,
+    #[serde(default)]
+    pub last_heartbeat_ms: Option<u64>,
+    #[serde(default)]
+    pub last_report_seq: u64,
+    #[serde(default)]
+    pub usage: Option<HostUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    /// Where it runs (or last ran).
+    pub host: String,
+    #[serde(default)]
+    pub violin: Option<String>,
+    #[serde(default)]
+    pub macs: Vec<String>,
+    pub state: DomainState,
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    pub memory_kib: u64,
+    pub max_memory_kib: u64,
+    /// vCPUs' worth of CPU use in the last report.
+    #[serde(default)]
+    pub cpu_busy: f64,
+    /// Persistent domain XML, kept to re-instantiate the VM elsewhere if its host fails.
+    #[serde(default)]
+    pub domain_xml: Option<String>,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolinRecord {
+    pub name: String,
+    /// 24-bit virtual network id.
+    pub vni: u32,
+    pub vms: Vec<String>,
+}
+
+/// One line of the manager's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub ts_ms: u64,
+    /// `host_failed`, `host_recovered`, `vm_restarted`, `vm_restart_failed`, `migration`, ...
+    pub kind: String,
+    pub subject: String,
+    pub detail: serde_json::Value,
+}

@@ -1,0 +1,413 @@
+//! The redb-backed store behind [`Inventory`].
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{EventRecord, HostRecord, HostState, SiteRecord, ViolinRecord, VmRecord};
+use crate::control::proto::HostReport;
+
+const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const VIOLINS: TableDefinition<&str, &[u8]> = TableDefinition::new("violins");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+/// Why the inventory could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot open inventory {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("inventory store failed")]
+    Store(#[source] redb::Error),
+    #[error("inventory record {key:?} is corrupt")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode inventory record {key:?}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn store<E: Into<redb::Error>>(e: E) -> InventoryError {
+    InventoryError::Store(e.into())
+}
+
+/// The persistent inventory. Cheap to share behind an `Arc`; every method is one transaction.
+pub struct Inventory {
+    db: Database,
+}
+
+impl Inventory {
+    /// Opens (or creates) the inventory file at `path`.
+    pub fn open(path: &Path) -> Result<Self, InventoryError> {
+        let open_err = |e: redb::Error| InventoryError::Open {
+            path: path.to_owned(),
+            source: e,
+        };
+        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        // Create every table once so readers never meet a missing one.
+        let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
+        {
+            tx.open_table(SITES).map_err(|e| open_err(e.into()))?;
+            tx.open_table(HOSTS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(VMS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(VIOLINS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
+        }
+        tx.commit().map_err(|e| open_err(e.into()))?;
+        Ok(Self { db })
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), InventoryError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| InventoryError::Encode {
+            key: key.to_owned(),
+            source,
+        })?;
+        let tx = self.db.begin_write().map_err(store)?;
+        tx.open_table(table)
+            .map_err(store)?
+            .insert(key, bytes.as_slice())
+            .map_err(store)?;
+        tx.commit().map_err(store)
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(table).map_err(store)?;
+        let Some(v) = t.get(key).map_err(store)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|source| InventoryError::Corrupt {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(table).map_err(store)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(store)? {
+            let (k, v) = item.map_err(store)?;
+            out.push(serde_json::from_slice(v.value()).map_err(|source| {
+                InventoryError::Corrupt {
+                    key: k.value().to_owned(),
+                    source,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
+    pub fn put_site(&self, site: &SiteRecord) -> Result<(), InventoryError> {
+        self.put(SITES, &site.name, site)
+    }
+
+    pub fn sites(&self) -> Result<Vec<SiteRecord>, InventoryError> {
+        self.all(SITES)
+    }
+
+    pub fn put_host(&self, host: &HostRecord) -> Result<(), InventoryError> {
+        self.put(HOSTS, &host.name, host)
+    }
+
+    pub fn host(&self, name: &str) -> Result<Option<HostRecord>, InventoryError> {
+        self.get(HOSTS, name)
+    }
+
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, InventoryError> {
+        self.all(HOSTS)
+    }
+
+    pub fn put_vm(&self, vm: &VmRecord) -> Result<(), InventoryError> {
+        self.put(VMS, &vm.name, vm)
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Option<VmRecord>, InventoryError> {
+        self.get(VMS, name)
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>, InventoryError> {
+        self.all(VMS)
+    }
+
+    pub fn remove_vm(&self, name: &str) -> Result<(), InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        tx.open_table(VMS)
+            .map_err(store)?
+            .remove(name)
+            .map_err(store)?;
+        tx.commit().map_err(store)
+    }
+
+    pub fn put_violin(&self, violin: &ViolinRecord) -> Result<(), InventoryError> {
+        self.put(VIOLINS, &violin.name, violin)
+    }
+
+    pub fn violins(&self) -> Result<Vec<ViolinRecord>, InventoryError> {
+        self.all(VIOLINS)
+    }
+
+    /// Appends an event; returns it with its sequence number.
+    pub fn record(
+        &self,
+        ts_ms: u64,
+        kind: &str,
+        subject: &str,
+        detail: serde_json::Value,
+    ) -> Result<EventRecord, InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        let event = {
+            let mut t = tx.open_table(EVENTS).map_err(store)?;
+            let seq = t.last().map_err(store)?.map_or(1, |(k, _)| k.value() + 1);
+            let event = EventRecord {
+                seq,
+                ts_ms,
+                kind: kind.to_owned(),
+                subject: subject.to_owned(),
+                detail,
+            };
+            let bytes = serde_json::to_vec(&event).map_err(|source| InventoryError::Encode {
+                key: format!("event {seq}"),
+                source,
+            })?;
+            t.insert(seq, bytes.as_slice()).map_err(store)?;
+            event
+        };
+        tx.commit().map_err(store)?;
+        Ok(event)
+    }
+
+    /// Events with a sequence number above `after`, oldest first.
+    pub fn events_after(&self, after: u64) -> Result<Vec<EventRecord>, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(EVENTS).map_err(store)?;
+        let mut out = Vec::new();
+        for item in t.range(after.saturating_add(1)..).map_err(store)? {
+            let (k, v) = item.map_err(store)?;
+            out.push(serde_json::from_slice(v.value()).map_err(|source| {
+                InventoryError::Corrupt {
+                    key: format!("event {}", k.value()),
+                    source,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Folds a monitor report into the host and its VMs, in one transaction. Reports older
+    /// than the last one seen from that host are ignored (returns false).
+    pub fn apply_report(&self, report: &HostReport, now_ms: u64) -> Result<bool, InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        {
+            let mut hosts = tx.open_table(HOSTS).map_err(store)?;
+            let existing: Option<HostRecord> =
+                match hosts.get(report.host.as_str()).map_err(store)? {
+                    Some(v) => Some(serde_json::from_slice(v.value()).map_err(|source| {
+                        InventoryError::Corrupt {
+                            key: report.host.clone(),
+                            source,
+                        }
+                    })?),
+                    None => None,
+                };
+            let mut host = match existing {
+                Some(h) if h.last_report_seq >= report.seq && report.seq != 0 => return Ok(false),
+                Some(h) => h,
+                None => HostRecord {
+                    name: report.host.clone(),
+                    site: report.site.clone(),
+                    libvirt_uri: String::new(),
+                    migration_uri: String::new(),
+                    cpus: report.usage.cpus,
+                    memory_kib: report.usage.mem_total_kib,
+                    state: HostState::Unknown,
+                    last_heartbeat_ms: None,
+                    last_report_seq: 0,
+                    usage: None,
+                },
+            };
+            host.last_report_seq = report.seq;
+            host.last_heartbeat_ms = Some(now_ms);
+            if host.cpus == 0 {
+                host.cpus = report.usage.cpus;
+            }
+            if host.memory_kib == 0 {
+                host.memory_kib = report.usage.mem_total_kib;
+            }
+            host.usage = Some(report.usage.clone());
+            let bytes = serde_json::to_vec(&host).map_err(|source| InventoryError::Encode {
+                key: host.name.clone(),
+                source,
+            })?;
+            hosts
+                .insert(report.host.as_str(), bytes.as_slice())
+                .map_err(store)?;
+
+            let mut vms = tx.open_table(VMS).map_err(store)?;
+            for usage in &report.vms {
+                let old: Option<VmRecord> = match vms.get(usage.name.as_str()).map_err(store)? {
+                    Some(v) => serde_json::from_slice(v.value()).ok(),
+                    None => None,
+                };
+                let mut vm = old.unwrap_or_else(|| VmRecord {
+                    name: usage.name.clone(),
+                    host: report.host.clone(),
+                    violin: None,
+                    macs: Vec::new(),
+                    state: usage.state,
+                    vcpus: usage.vcpus,
+                    max_vcpus: usage.max_vcpus,
+                    memory_kib: usage.memory_kib,
+                    max_memory_kib: usage.max_memory_kib,
+                    cpu_busy: 0.0,
+                    domain_xml: None,
+                    updated_ms: now_ms,
+                });
+                vm.host = report.host.clone();
+                vm.state = usage.state;
+                vm.vcpus = usage.vcpus;
+                vm.max_vcpus = usage.max_vcpus;
+                vm.memory_kib = usage.balloon_kib.unwrap_or(usage.memory_kib);
+                vm.max_memory_kib = usage.max_memory_kib;
+                vm.cpu_busy = usage.cpu_busy;
+                vm.macs = usage.nics.iter().map(|n| n.mac.clone()).collect();
+                vm.updated_ms = now_ms;
+                let bytes = serde_json::to_vec(&vm).map_err(|source| InventoryError::Encode {
+                    key: vm.name.clone(),
+                    source,
+                })?;
+                vms.insert(usage.name.as_str(), bytes.as_slice())
+                    .map_err(store)?;
+            }
+        }
+        tx.commit().map_err(store)?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::proto::{HostUsage, VmUsage};
+    use crate::hypervisor::DomainState;
+
+    fn report(seq: u64, vms: &[(&str, f64)]) -> HostReport {
+        HostReport {
+            host: "a1".into(),
+            site: "a".into(),
+            seq,
+            sent_ms: 0,
+            usage: HostUsage {
+                cpus: 2,
+                cpu_busy: 0.5,
+                mem_total_kib: 1 << 20,
+                mem_available_kib: 1 << 19,
+                net: vec![],
+            },
+            vms: vms
+                .iter()
+                .map(|(n, busy)| VmUsage {
+                    name: (*n).into(),
+                    uuid: String::new(),
+                    state: DomainState::Running,
+                    vcpus: 1,
+                    max_vcpus: 2,
+                    cpu_time_ns: 0,
+                    cpu_busy: *busy,
+                    memory_kib: 262_144,
+                    max_memory_kib: 262_144,
+                    balloon_kib: Some(200_000),
+                    rss_kib: None,
+                    disks: vec![],
+                    nics: vec![],
+                })
+                .collect(),
+            probes: vec![],
+        }
+    }
+
+    #[test]
+    fn survives_a_restart_with_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inv.redb");
+        {
+            let inv = Inventory::open(&path).unwrap();
+            inv.put_site(&SiteRecord { name: "a".into() }).unwrap();
+            inv.put_violin(&ViolinRecord {
+                name: "lan".into(),
+                vni: 7,
+                vms: vec!["vm1".into()],
+            })
+            .unwrap();
+            assert!(inv.apply_report(&report(1, &[("vm1", 0.9)]), 1000).unwrap());
+            inv.record(1001, "migration", "vm1", serde_json::json!({"ok": true}))
+                .unwrap();
+        }
+        let inv = Inventory::open(&path).unwrap();
+        assert_eq!(inv.sites().unwrap().len(), 1);
+        assert_eq!(inv.violins().unwrap()[0].vni, 7);
+        let vm = inv.vm("vm1").unwrap().unwrap();
+        assert_eq!(vm.host, "a1");
+        assert_eq!(vm.memory_kib, 200_000, "balloon size is the VM's memory");
+        assert!((vm.cpu_busy - 0.9).abs() < 1e-9);
+        let host = inv.host("a1").unwrap().unwrap();
+        assert_eq!(host.last_heartbeat_ms, Some(1000));
+        let ev = inv.events_after(0).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].seq, 1);
+        assert_eq!(
+            inv.record(2000, "x", "y", serde_json::Value::Null)
+                .unwrap()
+                .seq,
+            2
+        );
+    }
+
+    #[test]
+    fn stale_reports_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = Inventory::open(&dir.path().join("inv.redb")).unwrap();
+        assert!(inv.apply_report(&report(5, &[("vm1", 0.1)]), 10).unwrap());
+        assert!(!inv.apply_report(&report(4, &[("vm1", 0.9)]), 20).unwrap());
+        assert!((inv.vm("vm1").unwrap().unwrap().cpu_busy - 0.1).abs() < 1e-9);
+        assert_eq!(inv.host("a1").unwrap().unwrap().last_heartbeat_ms, Some(10));
+    }
+
+    #[test]
+    fn a_garbage_file_is_an_open_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inv.redb");
+        std::fs::write(&path, b"this is not a database").unwrap();
+        assert!(matches!(
+            Inventory::open(&path),
+            Err(InventoryError::Open { .. })
+        ));
+    }
+}

@@ -1,0 +1,666 @@
+//! The live manager: inventory + hypervisors + migrations + host-failure handling, driven by
+//! monitor reports and CLI requests arriving at the control endpoint.
+//!
+//! Policies (`crate::policy`) plug in on top of this: a policy reads [`Manager::snapshot`]
+//! (hosts and VMs from the inventory) and returns decisions, which map onto
+//! [`Manager::resize`] and [`Manager::migrate`] — the same calls the CLI makes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::proto::{HostReport, Response, VmMigrate, VmResize};
+use crate::ha::{self, FailureDetector, HostEvent};
+use crate::hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
+use crate::inventory::{HostRecord, HostState, Inventory, InventoryError, SiteRecord, VmRecord};
+use crate::migration::stage::{AnnounceError, ImageDirView};
+use crate::migration::{
+    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationStatus, MoveAnnouncer,
+    MoveNotice, Outcome, run_migration,
+};
+
+/// One host the manager manages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub name: String,
+    pub site: String,
+    /// How the manager reaches its libvirtd.
+    pub libvirt_uri: String,
+    /// How other hosts' libvirtds reach it (defaults to `libvirt_uri`).
+    #[serde(default)]
+    pub migration_uri: Option<String>,
+    /// Its image directory as the manager sees it, for direct base staging.
+    #[serde(default)]
+    pub images_local: Option<PathBuf>,
+    /// Its overlay daemon's control socket, for move announcements.
+    #[serde(default)]
+    pub overlay_socket: Option<PathBuf>,
+}
+
+/// `viola-adaptmgr` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagerConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub identity_dir: PathBuf,
+    pub inventory: PathBuf,
+    /// A host is declared failed after this long without a report.
+    pub heartbeat_timeout_s: u64,
+    /// Re-instantiate the VMs of failed hosts elsewhere.
+    pub restart_on_failure: bool,
+    /// The image directory as the hosts' libvirtds see it (same path on every host).
+    pub images_host_dir: PathBuf,
+    pub migration_bandwidth_mib_s: u64,
+    pub migration_timeout_s: u64,
+    pub hosts: Vec<HostConfig>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9443)),
+            identity_dir: PathBuf::from("/etc/viola/adaptmgr"),
+            inventory: PathBuf::from("/var/lib/viola/adaptmgr/inventory.redb"),
+            heartbeat_timeout_s: 15,
+            restart_on_failure: true,
+            images_host_dir: PathBuf::from("/var/lib/libvirt/images"),
+            migration_bandwidth_mib_s: 100,
+            migration_timeout_s: 600,
+            hosts: Vec::new(),
+        }
+    }
+}
+
+/// Why a manager request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("no VM named {0:?} in the inventory")]
+    UnknownVm(String),
+    #[error("no host named {0:?}")]
+    UnknownHost(String),
+    #[error("{0} is already being migrated")]
+    Busy(String),
+    #[error("nothing to change: give vcpus, memory, cap or shares")]
+    NothingToResize,
+    #[error("inventory")]
+    Inventory(#[from] InventoryError),
+    #[error("hypervisor")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("migration of {vm} ended {outcome}")]
+    MigrationFailed { vm: String, outcome: String },
+}
+
+/// Prometheus metrics of the manager.
+#[derive(Default)]
+pub struct ManagerMetrics {
+    pub reports: Counter,
+    pub migrations: Family<Vec<(String, String)>, Counter>,
+    pub resizes: Counter,
+    pub host_failures: Counter,
+    pub vm_restarts: Family<Vec<(String, String)>, Counter>,
+    pub hosts_up: Gauge,
+    pub vms: Gauge,
+}
+
+impl ManagerMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "viola_adaptmgr_reports",
+            "Monitor reports received",
+            self.reports.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_migrations",
+            "Migrations by outcome",
+            self.migrations.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_resizes",
+            "Resize requests carried out",
+            self.resizes.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_host_failures",
+            "Hosts declared failed",
+            self.host_failures.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_vm_restarts",
+            "VM re-instantiations by result",
+            self.vm_restarts.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_hosts_up",
+            "Hosts currently up",
+            self.hosts_up.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_vms",
+            "VMs in the inventory",
+            self.vms.clone(),
+        );
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Tells each host's overlay daemon, through its local control socket, to expect a VM's MACs
+/// at the destination (`{"cmd":"expect_move","violin":N,"mac":M,"host":"site/host"}`). An
+/// expectation expires in the overlay by itself, so withdrawing needs no message.
+pub struct OverlaySocketAnnouncer {
+    sockets: Vec<PathBuf>,
+    host_label: BTreeMap<String, String>,
+    inventory: Arc<Inventory>,
+}
+
+impl OverlaySocketAnnouncer {
+    async fn tell(&self, socket: &PathBuf, line: String) -> Result<(), String> {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::UnixStream::connect(socket),
+        )
+        .await
+        .map_err(|_| format!("{} timed out", socket.display()))?
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+        let (r, mut w) = stream.into_split();
+        w.write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("{}: {e}", socket.display()))?;
+        let mut reply = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            BufReader::new(r).read_line(&mut reply),
+        )
+        .await
+        .map_err(|_| format!("{} did not answer", socket.display()))?
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&reply)
+            .map_err(|e| format!("{} answered {reply:?}: {e}", socket.display()))?;
+        if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
+            Ok(())
+        } else {
+            Err(format!("{} refused: {reply}", socket.display()))
+        }
+    }
+}
+
+impl MoveAnnouncer for OverlaySocketAnnouncer {
+    async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
+        let err = |reason: String| AnnounceError {
+            vm: n.vm.clone(),
+            reason,
+        };
+        let violin_name = self
+            .inventory
+            .vm(&n.vm)
+            .map_err(|e| err(e.to_string()))?
+            .and_then(|v| v.violin)
+            .ok_or_else(|| err("the VM is in no violin".into()))?;
+        let vni = self
+            .inventory
+            .violins()
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .find(|v| v.name == violin_name)
+            .map(|v| v.vni)
+            .ok_or_else(|| err(format!("unknown violin {violin_name}")))?;
+        let host = self
+            .host_label
+            .get(&n.dest_uri)
+            .ok_or_else(|| err(format!("no overlay name for {}", n.dest_uri)))?;
+        for socket in &self.sockets {
+            for mac in &n.macs {
+                let line = format!(
+                    "{}\n",
+                    serde_json::json!({"cmd": "expect_move", "violin": vni, "mac": mac, "host": host})
+                );
+                self.tell(socket, line).await.map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
+        tracing::info!(vm = %n.vm, "move withdrawn; overlay expectations expire by themselves");
+        Ok(())
+    }
+}
+
+/// The manager.
+pub struct Manager {
+    pub cfg: ManagerConfig,
+    pub inventory: Arc<Inventory>,
+    pub metrics: ManagerMetrics,
+    connector: Arc<dyn Connector>,
+    stager: LocalCopyStager,
+    detector: Mutex<FailureDetector>,
+    migrations: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl Manager {
+    /// Builds the manager and registers the configured sites and hosts in the inventory
+    /// (keeping what the inventory already knows about them).
+    pub fn new(
+        cfg: ManagerConfig,
+        inventory: Arc<Inventory>,
+        connector: Arc<dyn Connector>,
+    ) -> Result<Self, InventoryError> {
+        let now = now_ms();
+        let mut detector = FailureDetector::new(cfg.heartbeat_timeout_s * 1000);
+        let mut views = BTreeMap::new();
+        for h in &cfg.hosts {
+            inventory.put_site(&SiteRecord {
+                name: h.site.clone(),
+            })?;
+            let mut rec = inventory.host(&h.name)?.unwrap_or(HostRecord {
+                name: h.name.clone(),
+                site: h.site.clone(),
+                libvirt_uri: String::new(),
+                migration_uri: String::new(),
+                cpus: 0,
+                memory_kib: 0,
+                state: HostState::Unknown,
+                last_heartbeat_ms: None,
+                last_report_seq: 0,
+                usage: None,
+            });
+            rec.site = h.site.clone();
+            rec.libvirt_uri = h.libvirt_uri.clone();
+            rec.migration_uri = h
+                .migration_uri
+                .clone()
+                .unwrap_or_else(|| h.libvirt_uri.clone());
+            inventory.put_host(&rec)?;
+            detector.watch(&h.name, now, matches!(rec.state, HostState::Failed { .. }));
+            if let Some(local) = &h.images_local {
+                views.insert(
+                    h.libvirt_uri.clone(),
+                    ImageDirView {
+                        host_dir: cfg.images_host_dir.clone(),
+                        local_dir: local.clone(),
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            stager: LocalCopyStager::new(views),
+            detector: Mutex::new(detector),
+            migrations: Mutex::new(HashMap::new()),
+            metrics: ManagerMetrics::default(),
+            cfg,
+            inventory,
+            connector,
+        })
+    }
+
+    fn announcer(&self) -> OverlaySocketAnnouncer {
+        OverlaySocketAnnouncer {
+            sockets: self
+                .cfg
+                .hosts
+                .iter()
+                .filter_map(|h| h.overlay_socket.clone())
+                .collect(),
+            host_label: self
+                .cfg
+                .hosts
+                .iter()
+                .map(|h| (h.libvirt_uri.clone(), format!("{}/{}", h.site, h.name)))
+                .collect(),
+            inventory: Arc::clone(&self.inventory),
+        }
+    }
+
+    /// Hosts and VMs as the inventory has them (what policies read).
+    pub fn snapshot(&self) -> Result<(Vec<HostRecord>, Vec<VmRecord>), InventoryError> {
+        Ok((self.inventory.hosts()?, self.inventory.vms()?))
+    }
+
+    /// Folds in a monitor report (a heartbeat too); fetches the domain XML of VMs seen for the
+    /// first time so they can be re-instantiated should their host fail.
+    pub async fn handle_report(&self, report: HostReport) -> Result<(), ManagerError> {
+        let now = now_ms();
+        self.metrics.reports.inc();
+        let inv = Arc::clone(&self.inventory);
+        let r = report.clone();
+        tokio::task::spawn_blocking(move || inv.apply_report(&r, now))
+            .await
+            .map_err(|e| ManagerError::Hypervisor(HypervisorError::Join(e)))??;
+        let event = self
+            .detector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .heartbeat(&report.host, now);
+        let mut host = self
+            .inventory
+            .host(&report.host)?
+            .ok_or_else(|| ManagerError::UnknownHost(report.host.clone()))?;
+        if host.state != HostState::Up {
+            host.state = HostState::Up;
+            self.inventory.put_host(&host)?;
+        }
+        if let Some(HostEvent::Recovered {
+            host: name,
+            down_ms,
+        }) = event
+        {
+            self.inventory.record(
+                now,
+                "host_recovered",
+                &name,
+                serde_json::json!({ "down_ms": down_ms }),
+            )?;
+            if !host.libvirt_uri.is_empty() {
+                let vms = self.inventory.vms()?;
+                match ha::fence_returned_host(&self.connector, &host, &vms).await {
+                    Ok(removed) if !removed.is_empty() => {
+                        self.inventory.record(
+                            now_ms(),
+                            "stale_copies_removed",
+                            &name,
+                            serde_json::json!({ "vms": removed }),
+                        )?;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(host = %name, error = %viola_common::errors::chain(&e), "fencing failed")
+                    }
+                }
+            }
+        }
+        for vm in &report.vms {
+            let missing = self
+                .inventory
+                .vm(&vm.name)?
+                .is_none_or(|r| r.domain_xml.is_none());
+            if missing && !host.libvirt_uri.is_empty() {
+                self.capture_definition(&host, &vm.name).await;
+            }
+        }
+        self.refresh_gauges()?;
+        Ok(())
+    }
+
+    async fn capture_definition(&self, host: &HostRecord, vm: &str) {
+        let c = Arc::clone(&self.connector);
+        let uri = host.libvirt_uri.clone();
+        let name = vm.to_owned();
+        let got = tokio::task::spawn_blocking(move || {
+            let hv = c.open(&uri)?;
+            hv.domain_xml(&name)
+        })
+        .await;
+        if let Ok(Ok(xml)) = got
+            && let Ok(Some(mut rec)) = self.inventory.vm(vm)
+        {
+            rec.domain_xml = Some(xml);
+            if let Err(e) = self.inventory.put_vm(&rec) {
+                tracing::warn!(vm, error = %e, "cannot store domain XML");
+            }
+        }
+    }
+
+    fn refresh_gauges(&self) -> Result<(), InventoryError> {
+        let hosts = self.inventory.hosts()?;
+        self.metrics
+            .hosts_up
+            .set(hosts.iter().filter(|h| h.state == HostState::Up).count() as i64);
+        self.metrics.vms.set(self.inventory.vms()?.len() as i64);
+        Ok(())
+    }
+
+    fn host_of(&self, name: &str) -> Result<HostRecord, ManagerError> {
+        self.inventory
+            .host(name)?
+            .filter(|h| !h.libvirt_uri.is_empty())
+            .ok_or_else(|| ManagerError::UnknownHost(name.to_owned()))
+    }
+
+    /// Resizes a VM where it runs.
+    pub async fn resize(&self, req: VmResize) -> Result<(), ManagerError> {
+        if req.vcpus.is_none()
+            && req.memory_mib.is_none()
+            && req.cap_percent.is_none()
+            && req.shares.is_none()
+        {
+            return Err(ManagerError::NothingToResize);
+        }
+        let vm = self
+            .inventory
+            .vm(&req.vm)?
+            .ok_or_else(|| ManagerError::UnknownVm(req.vm.clone()))?;
+        let host = self.host_of(&vm.host)?;
+        let c = Arc::clone(&self.connector);
+        let uri = host.libvirt_uri.clone();
+        let hv = tokio::task::spawn_blocking(move || c.open(&uri))
+            .await
+            .map_err(|e| ManagerError::Hypervisor(HypervisorError::Join(e)))??;
+        if let Some(n) = req.vcpus {
+            let name = req.vm.clone();
+            blocking(&hv, move |h| h.set_vcpus(&name, n)).await?;
+        }
+        if let Some(mib) = req.memory_mib {
+            let name = req.vm.clone();
+            blocking(&hv, move |h| h.set_memory(&name, mib * 1024)).await?;
+        }
+        if req.cap_percent.is_some() || req.shares.is_some() {
+            let tuning = CpuTuning {
+                shares: req.shares,
+                cap: req.cap_percent.map(CpuCap::percent),
+            };
+            let name = req.vm.clone();
+            blocking(&hv, move |h| h.set_cpu_tuning(&name, tuning)).await?;
+        }
+        self.metrics.resizes.inc();
+        self.inventory.record(
+            now_ms(),
+            "vm_resized",
+            &req.vm,
+            serde_json::to_value(&req).unwrap_or_default(),
+        )?;
+        Ok(())
+    }
+
+    /// Migrates a VM; progress goes to `progress` (dropped if the receiver is slow or gone).
+    pub async fn migrate(
+        &self,
+        req: VmMigrate,
+        progress: mpsc::Sender<Response>,
+        cancel: CancellationToken,
+    ) -> Result<MigrationReport, ManagerError> {
+        let vm = self
+            .inventory
+            .vm(&req.vm)?
+            .ok_or_else(|| ManagerError::UnknownVm(req.vm.clone()))?;
+        let from = self.host_of(&vm.host)?;
+        let to = self.host_of(&req.to_host)?;
+        {
+            let mut running = self
+                .migrations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if running.contains_key(&req.vm) {
+                return Err(ManagerError::Busy(req.vm.clone()));
+            }
+            running.insert(req.vm.clone(), cancel.clone());
+        }
+        let plan = MigrationPlan {
+            vm: req.vm.clone(),
+            source_uri: from.libvirt_uri.clone(),
+            dest_uri: to.libvirt_uri.clone(),
+            dest_migration_uri: to.migration_uri.clone(),
+            stage_base: req.stage_base,
+            bandwidth_mib_s: Some(
+                req.bandwidth_mib_s
+                    .unwrap_or(self.cfg.migration_bandwidth_mib_s),
+            ),
+            timeout_ms: req.timeout_s.unwrap_or(self.cfg.migration_timeout_s) * 1000,
+        };
+        let deps = MigrationDeps {
+            connector: Arc::clone(&self.connector),
+            stager: self.stager.clone(),
+            announcer: self.announcer(),
+            poll_interval: Duration::from_millis(500),
+            reconnect_timeout: Duration::from_secs(60),
+        };
+        let (tx, mut rx) = watch::channel(MigrationStatus::default());
+        let forward = async {
+            while rx.changed().await.is_ok() {
+                let status = rx.borrow_and_update().clone();
+                let _ = progress.try_send(Response::Progress(status));
+            }
+        };
+        let run = async move {
+            let report = run_migration(plan, &deps, &tx, &cancel).await;
+            drop(tx); // ends the forwarder
+            report
+        };
+        let (report, ()) = tokio::join!(run, forward);
+        self.migrations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&req.vm);
+        let outcome = match &report.outcome {
+            Outcome::Migrated { .. } => "migrated",
+            Outcome::RolledBack { .. } => "rolled_back",
+            Outcome::Stuck { .. } => "stuck",
+        };
+        self.metrics
+            .migrations
+            .get_or_create(&vec![("outcome".to_owned(), outcome.to_owned())])
+            .inc();
+        self.inventory.record(
+            now_ms(),
+            "migration",
+            &req.vm,
+            serde_json::to_value(&report).unwrap_or_default(),
+        )?;
+        if let Outcome::Migrated { .. } = report.outcome {
+            let mut rec = vm;
+            rec.host = to.name.clone();
+            self.inventory.put_vm(&rec)?;
+        }
+        Ok(report)
+    }
+
+    /// Cancels the running migration of `vm`; false if none runs.
+    pub fn cancel_migration(&self, vm: &str) -> bool {
+        self.migrations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(vm)
+            .map(CancellationToken::cancel)
+            .is_some()
+    }
+
+    /// Declares silent hosts failed and re-instantiates their VMs elsewhere. Call periodically.
+    pub async fn ha_tick(&self) -> Result<(), ManagerError> {
+        let now = now_ms();
+        let events = self
+            .detector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .poll(now);
+        for event in events {
+            let HostEvent::Failed { host, last_seen_ms } = event else {
+                continue;
+            };
+            self.metrics.host_failures.inc();
+            tracing::warn!(%host, last_seen_ms, "host declared failed");
+            if let Some(mut rec) = self.inventory.host(&host)? {
+                rec.state = HostState::Failed { since_ms: now };
+                self.inventory.put_host(&rec)?;
+            }
+            self.inventory.record(
+                now,
+                "host_failed",
+                &host,
+                serde_json::json!({ "last_seen_ms": last_seen_ms }),
+            )?;
+            if self.cfg.restart_on_failure {
+                self.restart_vms_of(&host).await?;
+            }
+        }
+        self.refresh_gauges()?;
+        Ok(())
+    }
+
+    async fn restart_vms_of(&self, failed: &str) -> Result<(), ManagerError> {
+        let hosts = self.inventory.hosts()?;
+        let vms = self.inventory.vms()?;
+        let (placed, unplaced) = ha::plan_restarts(failed, &hosts, &vms);
+        let live: Vec<HostRecord> = hosts
+            .iter()
+            .filter(|h| h.state == HostState::Up)
+            .cloned()
+            .collect();
+        for name in unplaced {
+            self.inventory.record(
+                now_ms(),
+                "vm_restart_failed",
+                &name,
+                serde_json::json!({ "from": failed, "reason": "no host has room" }),
+            )?;
+        }
+        for r in placed {
+            let (Some(vm), Some(to)) = (
+                vms.iter().find(|v| v.name == r.vm),
+                hosts.iter().find(|h| h.name == r.to_host),
+            ) else {
+                continue;
+            };
+            let result = ha::restart_vm(&self.connector, &self.stager, vm, to, &live).await;
+            let ok = result.is_ok();
+            self.metrics
+                .vm_restarts
+                .get_or_create(&vec![(
+                    "result".to_owned(),
+                    if ok { "ok" } else { "failed" }.to_owned(),
+                )])
+                .inc();
+            match result {
+                Ok(()) => {
+                    let mut rec = vm.clone();
+                    rec.host = to.name.clone();
+                    self.inventory.put_vm(&rec)?;
+                    self.inventory.record(
+                        now_ms(),
+                        "vm_restarted",
+                        &vm.name,
+                        serde_json::json!({ "from": failed, "to": to.name }),
+                    )?;
+                    tracing::info!(vm = %vm.name, from = failed, to = %to.name, "VM re-instantiated");
+                }
+                Err(e) => {
+                    let reason = viola_common::errors::chain(&e);
+                    tracing::warn!(vm = %vm.name, %reason, "re-instantiation failed");
+                    self.inventory.record(
+                        now_ms(),
+                        "vm_restart_failed",
+                        &vm.name,
+                        serde_json::json!({ "from": failed, "to": to.name, "reason": reason }),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! Lab: orchestrated cross-site live migration with the root disk, under load, and with the
+//! destination's libvirtd killed half way.
+//!
+//! The guests' L2 here is a VXLAN mesh between the hosts' `vm-br0` bridges (kernel learning
+//! follows the RARP QEMU sends after the move), so these tests exercise the mechanisms alone;
+//! the overlay's own move handling is tested by the overlay's lab tests.
+
+#[path = "mech_util.rs"]
+mod util;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use util::*;
+use viola_adaptmgr::hypervisor::StorageCopy;
+use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
+use viola_adaptmgr::migration::stage::{AnnounceError, ImageDirView};
+use viola_adaptmgr::migration::{
+    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, MoveAnnouncer, MoveNotice,
+    Outcome, run_migration,
+};
+
+/// Records what the overlay would have been told (the VXLAN stand-in learns by itself).
+#[derive(Default, Clone)]
+struct RecordingAnnouncer(Arc<Mutex<Vec<String>>>);
+
+impl MoveAnnouncer for RecordingAnnouncer {
+    async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("expect {} {:?}", n.vm, n.macs));
+        Ok(())
+    }
+    async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
+        self.0.lock().unwrap().push(format!("withdraw {}", n.vm));
+        Ok(())
+    }
+}
+
+fn deps(
+    hosts: &[&str],
+    announcer: RecordingAnnouncer,
+) -> MigrationDeps<LocalCopyStager, RecordingAnnouncer> {
+    let views: BTreeMap<String, ImageDirView> = hosts
+        .iter()
+        .map(|h| {
+            (
+                manager_uri(h),
+                ImageDirView {
+                    host_dir: HOST_IMAGES.into(),
+                    local_dir: local_images(h),
+                },
+            )
+        })
+        .collect();
+    MigrationDeps {
+        connector: Arc::new(LibvirtConnector),
+        stager: LocalCopyStager::new(views),
+        announcer,
+        poll_interval: Duration::from_millis(200),
+        reconnect_timeout: Duration::from_secs(60),
+    }
+}
+
+fn plan(vm: &str, from: &str, to: &str, bandwidth: u64) -> MigrationPlan {
+    MigrationPlan {
+        vm: vm.into(),
+        source_uri: manager_uri(from),
+        dest_uri: manager_uri(to),
+        dest_migration_uri: peer_uri(to),
+        stage_base: true,
+        bandwidth_mib_s: Some(bandwidth),
+        timeout_ms: 300_000,
+    }
+}
+
+fn remove_base(host: &str) {
+    let _ = std::fs::remove_file(local_images(host).join("base.qcow2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
+    require_lab(&["a1", "a2", "b1"]);
+    let name = "vm-mig";
+    let ip = "10.77.2.5";
+    let _cleanup = Cleanup(vec![Box::new(move || {
+        remove_guest(&["a1", "b1"], name);
+        remove_l2(&["a1", "a2", "b1"]);
+    })]);
+    remove_guest(&["a1", "b1"], name); // leftovers of an interrupted run
+    make_l2(&[
+        ("a1", "10.77.2.1/24"),
+        ("a2", "10.77.2.2/24"),
+        ("b1", "10.77.2.3/24"),
+    ]);
+    let hv_a1 = open("a1");
+    // The destination starts without the base: the migration must stage it (verified).
+    remove_base("b1");
+    boot_guest(&hv_a1, "a1", name, &format!("{ip}/24"), "vm-br0", 2, 256);
+    wait_guest("a2", ip, Duration::from_secs(180));
+
+    // Data written before the move.
+    assert_eq!(
+        guest_http("a2", ip, "marker-write=before-move")
+            .as_deref()
+            .map(str::trim),
+        Some("ok")
+    );
+    let written = guest_http("a2", ip, "diskwrite=8").expect("diskwrite");
+    let md5_before = written.split_whitespace().next().expect("md5").to_owned();
+
+    // Load from a2 during the move: a 10 ms ping and a bounded stream of HTTP requests.
+    let ping = Command::new("bash")
+        .arg(repo_root().join("scripts/lab.sh"))
+        .args([
+            "exec", "a2", "--", "ping", "-n", "-q", "-i", "0.01", "-w", "40", ip,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ping");
+    let stream = Command::new("bash")
+        .arg(repo_root().join("scripts/lab.sh"))
+        .args(["exec", "a2", "--", "sh", "-c"])
+        .arg(format!(
+            "ok=0; fail=0; end=$(( $(date +%s) + 45 )); \
+             for i in $(seq 1 300); do [ $(date +%s) -lt $end ] || break; \
+               if curl -sf --max-time 5 -o /dev/null http://{ip}/index.html; then ok=$((ok+1)); else fail=$((fail+1)); fi; \
+               sleep 0.1; done; echo ok=$ok fail=$fail"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tcp load");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let announcer = RecordingAnnouncer::default();
+    let d = deps(&["a1", "b1"], announcer.clone());
+    let (tx, _rx) = watch::channel(MigrationStatus::default());
+    let report = run_migration(
+        plan(name, "a1", "b1", 64),
+        &d,
+        &tx,
+        &CancellationToken::new(),
+    )
+    .await;
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert_eq!(
+        report.outcome,
+        Outcome::Migrated {
+            storage: StorageCopy::Incremental
+        }
+    );
+
+    let ping_out = tokio::task::spawn_blocking(move || ping.wait_with_output())
+        .await
+        .unwrap()
+        .expect("ping");
+    let stream_out = tokio::task::spawn_blocking(move || stream.wait_with_output())
+        .await
+        .unwrap()
+        .expect("tcp load");
+    let ping_text = String::from_utf8_lossy(&ping_out.stdout).into_owned();
+    let stream_text = String::from_utf8_lossy(&stream_out.stdout).into_owned();
+    eprintln!("ping: {ping_text}\nhttp: {stream_text}");
+
+    // Exactly one copy, at the destination; the source is clean.
+    let hv_b1 = open("b1");
+    assert!(
+        hv_a1.domain(name).unwrap().is_none(),
+        "copy left at the source"
+    );
+    assert!(hv_b1.domain(name).unwrap().is_some_and(|d| d.persistent));
+    assert!(!local_images("a1").join(format!("{name}.qcow2")).exists());
+    assert!(announcer.0.lock().unwrap()[0].starts_with("expect vm-mig"));
+
+    // Data intact, guest reachable at the same IP from the other site.
+    assert_eq!(
+        guest_http("a2", ip, "marker-read")
+            .as_deref()
+            .map(str::trim),
+        Some("before-move")
+    );
+    let md5_after = guest_http("a2", ip, "md5").expect("md5");
+    assert!(
+        md5_after.starts_with(&md5_before),
+        "{md5_after} vs {md5_before}"
+    );
+
+    // The TCP requests all completed (retransmission covers the switchover).
+    assert!(stream_text.contains("fail=0"), "{stream_text}");
+    // The 10 ms ping lost at most 1 s worth of replies.
+    let received: u64 = ping_text
+        .split(',')
+        .find_map(|p| {
+            p.trim()
+                .strip_suffix(" received")
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .expect("ping summary");
+    let sent: u64 = ping_text
+        .split_whitespace()
+        .zip(ping_text.split_whitespace().skip(1))
+        .find_map(|(n, w)| (w.starts_with("packets")).then(|| n.parse().ok()).flatten())
+        .expect("ping summary");
+    assert!(
+        sent - received <= 100,
+        "lost {} of {sent} pings",
+        sent - received
+    );
+    let downtime = report.completed.and_then(|c| c.downtime_ms);
+    eprintln!(
+        "downtime {downtime:?} ms, lost {} pings of {sent}",
+        sent - received
+    );
+}
+
+/// PID of a lab host's libvirtd (the lab writes it).
+fn libvirtd_pid(host: &str) -> Option<i32> {
+    std::fs::read_to_string(format!("{LAB_DIR}/hosts/{host}/libvirtd.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Starts `host`'s libvirtd again the way the lab does (its cgroups, then its namespaces).
+fn restart_libvirtd(host: &str) {
+    let script = format!(
+        "for c in cpu cpuacct cpuset memory blkio devices freezer pids; do \
+           f=/sys/fs/cgroup/$c/viola-lab/{host}/cgroup.procs; [ -w \"$f\" ] && echo $$ >\"$f\" 2>/dev/null; done; \
+         exec nsenter --net=/run/netns/vl-{host} --mount={LAB_RUN}/ns/{host}.mnt -- \
+           libvirtd --daemon --listen --pid-file {LAB_DIR}/hosts/{host}/libvirtd.pid"
+    );
+    let out = run(Command::new("sh").arg("-c").arg(script));
+    assert!(
+        out.status.success(),
+        "restart libvirtd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only() {
+    require_lab(&["a1", "b1"]);
+    let name = "vm-kill";
+    let ip = "10.77.3.5";
+    let _cleanup = Cleanup(vec![Box::new(move || {
+        if libvirtd_pid("b1").is_none_or(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        {
+            restart_libvirtd("b1");
+        }
+        remove_guest(&["a1", "b1"], name);
+        remove_l2(&["a1", "b1"]);
+    })]);
+    remove_guest(&["a1", "b1"], name); // leftovers of an interrupted run
+    make_l2(&[("a1", "10.77.3.1/24"), ("b1", "10.77.3.3/24")]);
+    let hv_a1 = open("a1");
+    stage_base("b1");
+    boot_guest(&hv_a1, "a1", name, &format!("{ip}/24"), "vm-br0", 1, 256);
+    wait_guest("a1", ip, Duration::from_secs(180));
+    // Enough data in the overlay that a 4 MiB/s copy takes several seconds.
+    guest_http("a1", ip, "diskwrite=48").expect("diskwrite");
+
+    let announcer = RecordingAnnouncer::default();
+    let d = deps(&["a1", "b1"], announcer.clone());
+    let (tx, mut rx) = watch::channel(MigrationStatus::default());
+    let migration = {
+        let p = plan(name, "a1", "b1", 4);
+        async move { run_migration(p, &d, &tx, &CancellationToken::new()).await }
+    };
+    let killer = async {
+        // Wait until data is flowing, then kill the destination's libvirtd.
+        loop {
+            if rx.changed().await.is_err() {
+                return false;
+            }
+            let moving = rx
+                .borrow()
+                .job
+                .as_ref()
+                .is_some_and(|j| j.data_processed > 4 << 20);
+            if moving {
+                break;
+            }
+        }
+        let pid = libvirtd_pid("b1").expect("b1 libvirtd pid");
+        // SAFETY-free: a plain kill(2) of the one PID the lab recorded for b1's libvirtd.
+        let killed = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        assert!(killed.is_ok_and(|s| s.success()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        restart_libvirtd("b1");
+        true
+    };
+    let (report, killed) = tokio::join!(migration, killer);
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert!(killed, "the migration ended before data moved");
+    assert!(
+        matches!(report.outcome, Outcome::RolledBack { .. }),
+        "{:?}",
+        report.outcome
+    );
+
+    // The guest runs at the source, answers, and nothing of it is left at the destination.
+    let a1 = hv_a1
+        .domain(name)
+        .unwrap()
+        .expect("still defined at the source");
+    assert_eq!(a1.state, viola_adaptmgr::hypervisor::DomainState::Running);
+    wait_guest("a1", ip, Duration::from_secs(30));
+    let hv_b1 = open("b1");
+    wait_until(
+        "destination forgets the domain",
+        Duration::from_secs(30),
+        || hv_b1.domain(name).unwrap().is_none(),
+    );
+    assert!(
+        !local_images("b1").join(format!("{name}.qcow2")).exists(),
+        "overlay left at b1"
+    );
+    assert!(
+        announcer
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "withdraw vm-kill")
+    );
+}
