@@ -1,0 +1,128 @@
+//! `viola-adaptmgr`: the federation's adaptation manager daemon. Receives monitor reports and
+//! CLI requests over QUIC with mutual TLS, keeps the inventory, migrates and resizes VMs,
+//! re-instantiates the VMs of failed hosts, and exposes Prometheus metrics.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use viola_adaptmgr::control::server;
+use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
+use viola_adaptmgr::inventory::Inventory;
+use viola_adaptmgr::manager::{Manager, ManagerConfig};
+use viola_common::identity::{Identity, alpn};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Viola adaptation manager daemon")]
+struct Args {
+    /// TOML configuration file (defaults apply to missing keys; unknown keys are errors).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address for monitors and the CLI (overrides `listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Prometheus endpoint address (overrides `metrics_listen`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Directory with cert.pem, key.pem and ca.pem (overrides `identity_dir`).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Inventory file (overrides `inventory`).
+    #[arg(long)]
+    inventory: Option<PathBuf>,
+    /// Seconds without a report before a host is declared failed.
+    #[arg(long)]
+    heartbeat_timeout_s: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    viola_common::shutdown::init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("viola-adaptmgr: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Args::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("viola-adaptmgr: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg: ManagerConfig = viola_common::config::load(args.config.as_deref())?;
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        cfg.metrics_listen = v;
+    }
+    if let Some(v) = args.identity {
+        cfg.identity_dir = v;
+    }
+    if let Some(v) = args.inventory {
+        cfg.inventory = v;
+    }
+    if let Some(v) = args.heartbeat_timeout_s {
+        cfg.heartbeat_timeout_s = v;
+    }
+    let token = viola_common::shutdown::signal_token().context("cannot watch signals")?;
+    let identity = Identity::load_dir(&cfg.identity_dir)
+        .with_context(|| format!("cannot load identity from {}", cfg.identity_dir.display()))?;
+    if let Some(dir) = cfg.inventory.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let inventory = Arc::new(Inventory::open(&cfg.inventory)?);
+    let manager = Arc::new(Manager::new(
+        cfg.clone(),
+        inventory,
+        Arc::new(LibvirtConnector),
+    )?);
+
+    let mut registry = Registry::default();
+    manager.metrics.register(&mut registry);
+    let registry = Arc::new(Mutex::new(registry));
+    let (metrics_addr, metrics) =
+        viola_common::metrics::serve(cfg.metrics_listen, registry, token.clone()).await?;
+
+    let server_config = identity
+        .server_config(&[alpn::ADAPTMGR])
+        .context("cannot build the TLS server configuration")?;
+    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, hosts = cfg.hosts.len(), "viola-adaptmgr running");
+
+    let ha = {
+        let manager = Arc::clone(&manager);
+        let token = token.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = tick.tick() => {
+                        if let Err(e) = manager.ha_tick().await {
+                            tracing::warn!(error = %viola_common::errors::chain(&e), "failure handling");
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::join!(
+        server::serve(endpoint, Arc::clone(&manager), token.clone()),
+        ha,
+        metrics
+    );
+    tracing::info!("viola-adaptmgr stopped");
+    Ok(())
+}

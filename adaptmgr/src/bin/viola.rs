@@ -1,0 +1,297 @@
+//! `viola`: the command-line client of the adaptation manager.
+//!
+//!   viola host list [--json]
+//!   viola vm list [--json]
+//!   viola vm resize VM [--vcpus N] [--memory-mib M] [--cap-percent P] [--shares S]
+//!   viola vm migrate VM --to HOST [--bandwidth-mib-s B] [--full-copy] [--timeout-s T] [--json]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use viola_adaptmgr::control::client::Client;
+use viola_adaptmgr::control::proto::{Request, Response, VmMigrate, VmResize};
+use viola_adaptmgr::inventory::{HostRecord, HostState, VmRecord};
+use viola_adaptmgr::migration::Outcome;
+use viola_common::identity::Identity;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Viola command-line client")]
+struct Args {
+    /// The manager's address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    manager: SocketAddr,
+    /// Directory with this user's cert.pem, key.pem (role `cli`) and ca.pem.
+    #[arg(long, default_value = "/etc/viola/cli")]
+    identity: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Hosts.
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// Every host with its site, state and usage.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Every VM with its host, size and CPU use.
+    List,
+    /// Change a running VM's size.
+    Resize {
+        vm: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// CPU cap in percent of one CPU.
+        #[arg(long)]
+        cap_percent: Option<u32>,
+        #[arg(long)]
+        shares: Option<u64>,
+    },
+    /// Live-migrate a VM (with its disk) to another host.
+    Migrate {
+        vm: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        bandwidth_mib_s: Option<u64>,
+        /// Copy the whole disk instead of staging the base and copying the overlay.
+        #[arg(long)]
+        full_copy: bool,
+        #[arg(long)]
+        timeout_s: Option<u64>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("viola: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("viola: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn fail_on_error(resp: Response) -> anyhow::Result<Response> {
+    if let Response::Error { message } = resp {
+        bail!("{message}");
+    }
+    Ok(resp)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let me = Identity::load_dir(&args.identity)
+        .with_context(|| format!("cannot load identity from {}", args.identity.display()))?;
+    let client = Client::connect(&me, args.manager).await?;
+    match args.command {
+        Command::Host {
+            command: HostCommand::List,
+        } => {
+            let Response::Hosts(hosts) =
+                fail_on_error(client.call(&Request::ListHosts, |_| {}).await?)?
+            else {
+                bail!("unexpected answer");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&hosts)?);
+            } else {
+                print_hosts(&hosts);
+            }
+        }
+        Command::Vm {
+            command: VmCommand::List,
+        } => {
+            let Response::Vms(vms) = fail_on_error(client.call(&Request::ListVms, |_| {}).await?)?
+            else {
+                bail!("unexpected answer");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                print_vms(&vms);
+            }
+        }
+        Command::Vm {
+            command:
+                VmCommand::Resize {
+                    vm,
+                    vcpus,
+                    memory_mib,
+                    cap_percent,
+                    shares,
+                },
+        } => {
+            let req = Request::Resize(VmResize {
+                vm: vm.clone(),
+                vcpus,
+                memory_mib,
+                cap_percent,
+                shares,
+            });
+            fail_on_error(client.call(&req, |_| {}).await?)?;
+            if args.json {
+                println!("{}", serde_json::json!({"vm": vm, "resized": true}));
+            } else {
+                println!("{vm} resized");
+            }
+        }
+        Command::Vm {
+            command:
+                VmCommand::Migrate {
+                    vm,
+                    to,
+                    bandwidth_mib_s,
+                    full_copy,
+                    timeout_s,
+                },
+        } => {
+            let req = Request::Migrate(VmMigrate {
+                vm: vm.clone(),
+                to_host: to.clone(),
+                bandwidth_mib_s,
+                stage_base: !full_copy,
+                timeout_s,
+            });
+            let bar = if args.json {
+                ProgressBar::hidden()
+            } else {
+                let bar = ProgressBar::new(1000);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {msg:30} [{bar:30}] {percent:>3}%  {elapsed}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar.enable_steady_tick(std::time::Duration::from_millis(200));
+                bar
+            };
+            let last = client
+                .call(&req, |resp| {
+                    if let Response::Progress(status) = resp {
+                        let step = status.step.trim_start_matches("Run(").trim_end_matches(')');
+                        bar.set_message(step.to_owned());
+                        if let Some(job) = &status.job {
+                            bar.set_position((job.fraction() * 1000.0) as u64);
+                        }
+                    }
+                })
+                .await?;
+            bar.finish_and_clear();
+            let Response::Migrated(report) = fail_on_error(last)? else {
+                bail!("unexpected answer");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for r in &report.records {
+                    println!(
+                        "  {:>8} ms  {:<32} {}",
+                        r.finished_ms.saturating_sub(r.started_ms),
+                        r.action,
+                        r.result
+                    );
+                }
+                if let Some(c) = &report.completed {
+                    println!(
+                        "  time {} ms, downtime {} ms, {} bytes moved",
+                        c.time_elapsed_ms,
+                        c.downtime_ms.map_or("?".into(), |d| d.to_string()),
+                        c.data_processed
+                    );
+                }
+            }
+            match report.outcome {
+                Outcome::Migrated { storage } => {
+                    if !args.json {
+                        println!("{vm} now runs at {to} ({storage:?} disk copy)");
+                    }
+                }
+                Outcome::RolledBack { reason } => bail!("{vm} stays where it was: {reason}"),
+                Outcome::Stuck { reason } => bail!("{vm} needs an operator: {reason}"),
+            }
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+fn print_hosts(hosts: &[HostRecord]) {
+    println!(
+        "{:<10} {:<6} {:<10} {:>5} {:>10} {:>9} {:>10}",
+        "HOST", "SITE", "STATE", "CPUS", "MEM MiB", "CPU BUSY", "AVAIL MiB"
+    );
+    for h in hosts {
+        let state = match h.state {
+            HostState::Up => "up",
+            HostState::Unknown => "unknown",
+            HostState::Failed { .. } => "FAILED",
+        };
+        let (busy, avail) = h.usage.as_ref().map_or(("-".into(), "-".into()), |u| {
+            (
+                format!("{:.2}", u.cpu_busy),
+                (u.mem_available_kib / 1024).to_string(),
+            )
+        });
+        println!(
+            "{:<10} {:<6} {:<10} {:>5} {:>10} {:>9} {:>10}",
+            h.name,
+            h.site,
+            state,
+            h.cpus,
+            h.memory_kib / 1024,
+            busy,
+            avail
+        );
+    }
+}
+
+fn print_vms(vms: &[VmRecord]) {
+    println!(
+        "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8} {:<10}",
+        "VM", "HOST", "STATE", "VCPUS", "MEM MiB", "CPU", "VIOLIN"
+    );
+    for v in vms {
+        println!(
+            "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8.2} {:<10}",
+            v.name,
+            v.host,
+            format!("{:?}", v.state).to_lowercase(),
+            format!("{}/{}", v.vcpus, v.max_vcpus),
+            v.memory_kib / 1024,
+            v.cpu_busy,
+            v.violin.as_deref().unwrap_or("-")
+        );
+    }
+}
