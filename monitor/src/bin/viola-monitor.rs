@@ -1,0 +1,118 @@
+//! `viola-monitor`: per-host monitor daemon (host and VM usage, probes, heartbeats).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use prometheus_client::registry::Registry;
+use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
+use viola_common::identity::Identity;
+use viola_monitor::daemon::{self, MonitorConfig, MonitorMetrics};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Viola monitor daemon")]
+struct Args {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    manager: Option<SocketAddr>,
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    #[arg(long)]
+    interval_ms: Option<u64>,
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Print one report as JSON and exit (no manager needed).
+    #[arg(long)]
+    once: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    viola_common::shutdown::init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("viola-monitor: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Args::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("viola-monitor: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg: MonitorConfig = viola_common::config::load(args.config.as_deref())?;
+    if let Some(v) = args.host {
+        cfg.host = v;
+    }
+    if let Some(v) = args.site {
+        cfg.site = v;
+    }
+    if let Some(v) = args.manager {
+        cfg.manager = v;
+    }
+    if let Some(v) = args.identity {
+        cfg.identity_dir = v;
+    }
+    if let Some(v) = args.libvirt_uri {
+        cfg.libvirt_uri = v;
+    }
+    if let Some(v) = args.interval_ms {
+        cfg.interval_ms = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        cfg.metrics_listen = v;
+    }
+    if cfg.host.is_empty() || cfg.site.is_empty() {
+        bail!("host and site must be set (config keys `host`, `site` or --host/--site)");
+    }
+    if args.once {
+        let connector = LibvirtConnector;
+        let hv = viola_adaptmgr::hypervisor::Connector::open(&connector, &cfg.libvirt_uri).ok();
+        let mut sampler = viola_monitor::sampler::Sampler::new(&cfg.host, &cfg.site);
+        let _ = daemon::collect(&cfg, &mut sampler, hv.as_ref()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(cfg.interval_ms.max(100))).await;
+        let report = daemon::collect(&cfg, &mut sampler, hv.as_ref()).await;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let token = viola_common::shutdown::signal_token().context("cannot watch signals")?;
+    let identity = Identity::load_dir(&cfg.identity_dir)
+        .with_context(|| format!("cannot load identity from {}", cfg.identity_dir.display()))?;
+    let metrics = Arc::new(MonitorMetrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let (addr, serve) = viola_common::metrics::serve(
+        cfg.metrics_listen,
+        Arc::new(Mutex::new(registry)),
+        token.clone(),
+    )
+    .await?;
+    tracing::info!(host = %cfg.host, site = %cfg.site, manager = %cfg.manager, metrics = %addr, "viola-monitor running");
+    tokio::join!(
+        daemon::run(
+            cfg,
+            identity,
+            Arc::new(LibvirtConnector),
+            metrics,
+            token.clone()
+        ),
+        serve
+    );
+    tracing::info!("viola-monitor stopped");
+    Ok(())
+}

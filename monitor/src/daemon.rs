@@ -1,0 +1,278 @@
+//! The monitor's loop: every interval read /proc and libvirt, run probes, push one report to
+//! the manager (the report is the heartbeat), update the Prometheus gauges.
+//!
+//! A failed push is logged and counted; the next interval tries again with a fresh connection.
+//! Reports are never queued: the next one carries newer figures anyway.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use viola_adaptmgr::control::client::Client;
+use viola_adaptmgr::control::proto::{HostReport, Request, Response};
+use viola_adaptmgr::hypervisor::{Connector, Hypervisor, blocking};
+use viola_common::identity::Identity;
+
+use crate::probe::{ProbeConfig, run_probe};
+use crate::sampler::{ProcText, Sampler};
+
+/// `viola-monitor` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    pub host: String,
+    pub site: String,
+    /// The manager's endpoint.
+    pub manager: SocketAddr,
+    pub identity_dir: PathBuf,
+    pub libvirt_uri: String,
+    pub interval_ms: u64,
+    pub metrics_listen: SocketAddr,
+    /// Where /proc is (a test can point this at captured files).
+    pub proc_root: PathBuf,
+    pub probes: Vec<ProbeConfig>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            site: String::new(),
+            manager: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            identity_dir: PathBuf::from("/etc/viola/monitor"),
+            libvirt_uri: "qemu:///system".into(),
+            interval_ms: 1000,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9444)),
+            proc_root: PathBuf::from("/proc"),
+            probes: Vec::new(),
+        }
+    }
+}
+
+type VmLabels = Vec<(String, String)>;
+
+/// The monitor's Prometheus metrics.
+#[derive(Default)]
+pub struct MonitorMetrics {
+    pub reports_sent: Counter,
+    pub push_failures: Counter,
+    pub host_cpu_busy: Gauge<f64, AtomicU64>,
+    pub host_mem_available_kib: Gauge,
+    pub vm_cpu_busy: Family<VmLabels, Gauge<f64, AtomicU64>>,
+    pub vm_memory_kib: Family<VmLabels, Gauge>,
+    pub vm_vcpus: Family<VmLabels, Gauge>,
+    pub probe_latency_ms: Family<VmLabels, Gauge<f64, AtomicU64>>,
+    pub probe_ok: Family<VmLabels, Gauge>,
+}
+
+impl MonitorMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "viola_monitor_reports_sent",
+            "Reports delivered to the manager",
+            self.reports_sent.clone(),
+        );
+        r.register(
+            "viola_monitor_push_failures",
+            "Reports the manager did not get",
+            self.push_failures.clone(),
+        );
+        r.register(
+            "viola_monitor_host_cpu_busy",
+            "Host CPUs busy (CPUs)",
+            self.host_cpu_busy.clone(),
+        );
+        r.register(
+            "viola_monitor_host_mem_available_kib",
+            "Host memory available",
+            self.host_mem_available_kib.clone(),
+        );
+        r.register(
+            "viola_monitor_vm_cpu_busy",
+            "VM CPU use (vCPUs busy)",
+            self.vm_cpu_busy.clone(),
+        );
+        r.register(
+            "viola_monitor_vm_memory_kib",
+            "VM memory (balloon)",
+            self.vm_memory_kib.clone(),
+        );
+        r.register(
+            "viola_monitor_vm_vcpus",
+            "VM vCPUs online",
+            self.vm_vcpus.clone(),
+        );
+        r.register(
+            "viola_monitor_probe_latency_ms",
+            "Service probe latency",
+            self.probe_latency_ms.clone(),
+        );
+        r.register(
+            "viola_monitor_probe_ok",
+            "Service probe success (1/0)",
+            self.probe_ok.clone(),
+        );
+    }
+
+    fn observe(&self, report: &HostReport) {
+        self.host_cpu_busy.set(report.usage.cpu_busy);
+        self.host_mem_available_kib
+            .set(report.usage.mem_available_kib as i64);
+        self.vm_cpu_busy.clear();
+        self.vm_memory_kib.clear();
+        self.vm_vcpus.clear();
+        for vm in &report.vms {
+            let l = vec![("vm".to_owned(), vm.name.clone())];
+            self.vm_cpu_busy.get_or_create(&l).set(vm.cpu_busy);
+            self.vm_memory_kib
+                .get_or_create(&l)
+                .set(vm.balloon_kib.unwrap_or(vm.memory_kib) as i64);
+            self.vm_vcpus.get_or_create(&l).set(i64::from(vm.vcpus));
+        }
+        for p in &report.probes {
+            let l = vec![("probe".to_owned(), p.name.clone())];
+            self.probe_ok.get_or_create(&l).set(i64::from(p.ok));
+            if let Some(ms) = p.latency_ms {
+                self.probe_latency_ms.get_or_create(&l).set(ms);
+            }
+        }
+    }
+}
+
+/// Reads the three /proc files the sampler needs.
+pub fn read_proc(root: &std::path::Path) -> std::io::Result<ProcText> {
+    Ok(ProcText {
+        stat: std::fs::read_to_string(root.join("stat"))?,
+        meminfo: std::fs::read_to_string(root.join("meminfo"))?,
+        net_dev: std::fs::read_to_string(root.join("net/dev"))?,
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Collects one report (no push).
+pub async fn collect(
+    cfg: &MonitorConfig,
+    sampler: &mut Sampler,
+    hv: Option<&Arc<dyn Hypervisor>>,
+) -> HostReport {
+    let root = cfg.proc_root.clone();
+    let text = tokio::task::spawn_blocking(move || read_proc(&root))
+        .await
+        .ok()
+        .and_then(|r| {
+            r.map_err(|e| tracing::warn!(error = %e, "cannot read /proc"))
+                .ok()
+        })
+        .unwrap_or_default();
+    let vms = match hv {
+        Some(hv) => match blocking(hv, |h| h.stats()).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %viola_common::errors::chain(&e), "libvirt stats failed");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let mut probes = Vec::with_capacity(cfg.probes.len());
+    for p in &cfg.probes {
+        probes.push(run_probe(p).await);
+    }
+    sampler.sample(Instant::now(), now_ms(), &text, &vms, probes)
+}
+
+/// Runs until `token` is cancelled.
+pub async fn run(
+    cfg: MonitorConfig,
+    identity: Identity,
+    connector: Arc<dyn Connector>,
+    metrics: Arc<MonitorMetrics>,
+    token: CancellationToken,
+) {
+    let mut sampler = Sampler::new(&cfg.host, &cfg.site);
+    let mut hv: Option<Arc<dyn Hypervisor>> = None;
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if hv.is_none() {
+            let c = Arc::clone(&connector);
+            let uri = cfg.libvirt_uri.clone();
+            match tokio::task::spawn_blocking(move || c.open(&uri)).await {
+                Ok(Ok(h)) => hv = Some(h),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %viola_common::errors::chain(&e), "libvirt unreachable")
+                }
+                Err(e) => tracing::warn!(error = %e, "libvirt connect task failed"),
+            }
+        }
+        let report = collect(&cfg, &mut sampler, hv.as_ref()).await;
+        if report.vms.is_empty() && hv.is_some() {
+            // A libvirtd restart invalidates the connection; reopen next time to be sure.
+            hv = None;
+        }
+        metrics.observe(&report);
+        if client.is_none() {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                Client::connect(&identity, cfg.manager),
+            )
+            .await
+            {
+                Ok(Ok(c)) => client = Some(c),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %viola_common::errors::chain(&e), "manager unreachable")
+                }
+                Err(_) => tracing::warn!("manager connect timed out"),
+            }
+        }
+        let Some(c) = client.as_ref() else {
+            metrics.push_failures.inc();
+            continue;
+        };
+        let pushed = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.call(&Request::Report(report), |_| {}),
+        )
+        .await;
+        match pushed {
+            Ok(Ok(Response::Ack)) => {
+                metrics.reports_sent.inc();
+            }
+            Ok(Ok(other)) => {
+                metrics.push_failures.inc();
+                tracing::warn!(?other, "manager refused the report");
+            }
+            Ok(Err(e)) => {
+                metrics.push_failures.inc();
+                tracing::warn!(error = %viola_common::errors::chain(&e), "push failed");
+                client = None;
+            }
+            Err(_) => {
+                metrics.push_failures.inc();
+                tracing::warn!("push timed out");
+                client = None;
+            }
+        }
+    }
+    if let Some(c) = client {
+        c.close().await;
+    }
+}

@@ -1,0 +1,13 @@
+//! Viola monitor: host and VM usage, heartbeats and service probes, pushed to the adaptation
+//! manager over QUIC with mutual TLS, and exposed as Prometheus metrics.
+//!
+//! - [`proc`]: /proc parsers (pure);
+//! - [`sampler`]: raw samples to [`HostReport`](viola_adaptmgr::control::proto::HostReport)s
+//!   with rates (pure, time passed in);
+//! - [`probe`]: HTTP service probes;
+//! - [`daemon`]: the loop that reads, samples, probes, pushes and exports.
+
+pub mod daemon;
+pub mod probe;
+pub mod proc;
+pub mod sampler;

@@ -1,0 +1,125 @@
+//! Host usage from /proc: pure parsers of `/proc/stat`, `/proc/meminfo` and `/proc/net/dev`
+//! (tested on captured text), and rates from two samples.
+
+/// Cumulative CPU jiffies from the `cpu` line of /proc/stat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub total: u64,
+    pub idle: u64,
+}
+
+/// Parses the aggregate `cpu` line and counts `cpuN` lines.
+pub fn parse_stat(text: &str) -> Option<(CpuTimes, u32)> {
+    let mut agg = None;
+    let mut cpus = 0u32;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            Some("cpu") => {
+                let v: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+                if v.len() < 4 {
+                    return None;
+                }
+                // user nice system idle iowait irq softirq steal (guest time is inside user)
+                let total: u64 = v.iter().take(8).sum();
+                let idle = v[3] + v.get(4).copied().unwrap_or(0);
+                agg = Some(CpuTimes { total, idle });
+            }
+            Some(name) if name.starts_with("cpu") => cpus += 1,
+            _ => {}
+        }
+    }
+    agg.map(|a| (a, cpus.max(1)))
+}
+
+/// CPUs' worth of busy time between two samples.
+pub fn cpu_busy(before: CpuTimes, after: CpuTimes, cpus: u32) -> f64 {
+    let total = after.total.saturating_sub(before.total);
+    if total == 0 {
+        return 0.0;
+    }
+    let idle = after.idle.saturating_sub(before.idle);
+    (total.saturating_sub(idle) as f64 / total as f64) * f64::from(cpus)
+}
+
+/// `(MemTotal, MemAvailable)` in KiB.
+pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((get("MemTotal:")?, get("MemAvailable:")?))
+}
+
+/// `(interface, rx_bytes, tx_bytes)` per interface of /proc/net/dev.
+pub fn parse_net_dev(text: &str) -> Vec<(String, u64, u64)> {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(':')?;
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            Some((name.trim().to_owned(), *v.first()?, *v.get(8)?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const STAT: &str = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
+
+    #[test]
+    fn stat_and_busy_fraction() {
+        let (a, cpus) = parse_stat(STAT).unwrap();
+        assert_eq!(cpus, 2);
+        assert_eq!(
+            a,
+            CpuTimes {
+                total: 1000,
+                idle: 850
+            }
+        );
+        let b = CpuTimes {
+            total: 1200,
+            idle: 950,
+        };
+        // 200 jiffies passed, 100 idle: half of two CPUs = one CPU busy.
+        assert!((cpu_busy(a, b, cpus) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn meminfo_and_net_dev() {
+        let mem =
+            "MemTotal:       24684272 kB\nMemFree:        1 kB\nMemAvailable:   23000000 kB\n";
+        assert_eq!(parse_meminfo(mem), Some((24_684_272, 23_000_000)));
+        let net = "Inter-|   Receive\n face |bytes packets\n  eth0: 1000 10 0 0 0 0 0 0 2000 20 0 0 0 0 0 0\n    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n";
+        assert_eq!(
+            parse_net_dev(net),
+            vec![("eth0".to_string(), 1000, 2000), ("lo".to_string(), 5, 5)]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(text in ".{0,400}") {
+            let _ = parse_stat(&text);
+            let _ = parse_meminfo(&text);
+            let _ = parse_net_dev(&text);
+        }
+
+        #[test]
+        fn busy_is_within_zero_and_cpus(t0 in 0u64..1<<40, i0 in 0u64..1<<40, dt in 0u64..1<<20, di in 0u64..1<<20, cpus in 1u32..64) {
+            let di = di.min(dt);
+            let b = cpu_busy(CpuTimes { total: t0, idle: i0 }, CpuTimes { total: t0 + dt, idle: i0 + di }, cpus);
+            prop_assert!((0.0..=f64::from(cpus)).contains(&b));
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Turns raw samples (/proc text, libvirt domain statistics) into [`HostReport`]s with rates.
+//! No I/O: the daemon reads and passes in; time is passed in.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use viola_adaptmgr::control::proto::{HostReport, HostUsage, NetUsage, ProbeResult, VmUsage};
+use viola_adaptmgr::hypervisor::DomainStats;
+
+use crate::proc::{self, CpuTimes};
+
+/// The /proc text of one sample.
+#[derive(Debug, Clone, Default)]
+pub struct ProcText {
+    pub stat: String,
+    pub meminfo: String,
+    pub net_dev: String,
+}
+
+/// Keeps the previous sample to compute rates.
+#[derive(Debug)]
+pub struct Sampler {
+    host: String,
+    site: String,
+    seq: u64,
+    prev_cpu: Option<CpuTimes>,
+    prev_net: HashMap<String, (u64, u64)>,
+    prev_vm_cpu: HashMap<String, u64>,
+    prev_at: Option<Instant>,
+}
+
+impl Sampler {
+    pub fn new(host: &str, site: &str) -> Self {
+        Self {
+            host: host.to_owned(),
+            site: site.to_owned(),
+            seq: 0,
+            prev_cpu: None,
+            prev_net: HashMap::new(),
+            prev_vm_cpu: HashMap::new(),
+            prev_at: None,
+        }
+    }
+
+    /// Builds the next report. Rates are over the time since the previous call (zero on the
+    /// first). A VM's `cpu_busy` is in vCPUs: 1.0 means one vCPU fully busy.
+    pub fn sample(
+        &mut self,
+        now: Instant,
+        now_ms: u64,
+        text: &ProcText,
+        vms: &[DomainStats],
+        probes: Vec<ProbeResult>,
+    ) -> HostReport {
+        let secs = self
+            .prev_at
+            .map(|p| now.saturating_duration_since(p).as_secs_f64())
+            .filter(|s| *s > 0.0);
+        let (cpu, cpus) = proc::parse_stat(&text.stat).unwrap_or_default();
+        let cpu_busy = match (self.prev_cpu, secs) {
+            (Some(prev), Some(_)) => proc::cpu_busy(prev, cpu, cpus),
+            _ => 0.0,
+        };
+        let (mem_total_kib, mem_available_kib) =
+            proc::parse_meminfo(&text.meminfo).unwrap_or_default();
+        let mut net = Vec::new();
+        let mut next_net = HashMap::new();
+        for (iface, rx, tx) in proc::parse_net_dev(&text.net_dev) {
+            let (rx_bps, tx_bps) = match (self.prev_net.get(&iface), secs) {
+                (Some((prx, ptx)), Some(s)) => (
+                    rx.saturating_sub(*prx) as f64 * 8.0 / s,
+                    tx.saturating_sub(*ptx) as f64 * 8.0 / s,
+                ),
+                _ => (0.0, 0.0),
+            };
+            next_net.insert(iface.clone(), (rx, tx));
+            net.push(NetUsage {
+                iface,
+                rx_bytes: rx,
+                tx_bytes: tx,
+                rx_bps,
+                tx_bps,
+            });
+        }
+        let mut vm_usage = Vec::new();
+        let mut next_vm = HashMap::new();
+        for d in vms {
+            let s = &d.summary;
+            let busy = match (self.prev_vm_cpu.get(&s.uuid), secs) {
+                (Some(prev), Some(secs)) => {
+                    s.cpu_time_ns.saturating_sub(*prev) as f64 / (secs * 1e9)
+                }
+                _ => 0.0,
+            };
+            next_vm.insert(s.uuid.clone(), s.cpu_time_ns);
+            vm_usage.push(VmUsage {
+                name: s.name.clone(),
+                uuid: s.uuid.clone(),
+                state: s.state,
+                vcpus: s.vcpus,
+                max_vcpus: s.max_vcpus,
+                cpu_time_ns: s.cpu_time_ns,
+                cpu_busy: busy,
+                memory_kib: s.memory_kib,
+                max_memory_kib: s.max_memory_kib,
+                balloon_kib: d.balloon_current_kib,
+                rss_kib: d.rss_kib,
+                disks: d.disks.clone(),
+                nics: d.nics.clone(),
+            });
+        }
+        self.prev_cpu = Some(cpu);
+        self.prev_net = next_net;
+        self.prev_vm_cpu = next_vm;
+        self.prev_at = Some(now);
+        self.seq += 1;
+        HostReport {
+            host: self.host.clone(),
+            site: self.site.clone(),
+            seq: self.seq,
+            sent_ms: now_ms,
+            usage: HostUsage {
+                cpus,
+                cpu_busy,
+                mem_total_kib,
+                mem_available_kib,
+                net,
+            },
+            vms: vm_usage,
+            probes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use viola_adaptmgr::hypervisor::{DomainState, DomainSummary};
+
+    use super::*;
+
+    fn dom(cpu_time_ns: u64) -> DomainStats {
+        DomainStats {
+            summary: DomainSummary {
+                name: "vm1".into(),
+                uuid: "u1".into(),
+                state: DomainState::Running,
+                persistent: true,
+                vcpus: 2,
+                max_vcpus: 2,
+                memory_kib: 262_144,
+                max_memory_kib: 262_144,
+                cpu_time_ns,
+            },
+            balloon_current_kib: Some(200_000),
+            rss_kib: None,
+            disks: vec![],
+            nics: vec![],
+        }
+    }
+
+    #[test]
+    fn vm_cpu_rate_is_in_vcpus_and_seq_increases() {
+        let mut s = Sampler::new("a1", "a");
+        let t0 = Instant::now();
+        let text = ProcText {
+            stat: "cpu 1 0 1 10 0 0 0 0\ncpu0 1 0 1 10 0 0 0 0\n".into(),
+            meminfo: "MemTotal: 100 kB\nMemAvailable: 50 kB\n".into(),
+            net_dev: "h\nh\n eth0: 0 0 0 0 0 0 0 0 0 0\n".into(),
+        };
+        let r1 = s.sample(t0, 0, &text, &[dom(0)], vec![]);
+        assert_eq!(r1.vms[0].cpu_busy, 0.0);
+        // One vCPU busy for 2 s = 2e9 ns of CPU time.
+        let r2 = s.sample(
+            t0 + Duration::from_secs(2),
+            2000,
+            &text,
+            &[dom(2_000_000_000)],
+            vec![],
+        );
+        assert!((r2.vms[0].cpu_busy - 1.0).abs() < 1e-9);
+        assert_eq!((r1.seq, r2.seq), (1, 2));
+        assert_eq!(r2.usage.mem_available_kib, 50);
+        assert_eq!(r2.vms[0].balloon_kib, Some(200_000));
+    }
+}
