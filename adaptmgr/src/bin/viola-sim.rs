@@ -11,9 +11,17 @@ use viola_adaptmgr::{policy, sim};
 #[command(about = "Trace-driven evaluation of Viola's adaptation policies (CloudSim 3.0.3 model)")]
 struct Args {
     /// Folder of PlanetLab-format traces (one file per VM, one CPU % per line).
-    day_dir: PathBuf,
+    day_dir: Option<PathBuf>,
     /// Policy name (dvfs, thr-mmt-0.8, iqr-mmt-1.5, mad-mmt-2.5, lr-mmt-1.2, lrr-mmt-1.2, viola, ...).
-    policy: String,
+    policy: Option<String>,
+    /// Instead of a run: time one decision of each named policy (comma-separated) on a synthetic
+    /// federation of `--bench-hosts` hosts and `--bench-vms` VMs; prints {"<policy>": ms, ...}.
+    #[arg(long)]
+    decision_bench: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    bench_hosts: usize,
+    #[arg(long, default_value_t = 10000)]
+    bench_vms: usize,
     /// Number of hosts.
     #[arg(long, default_value_t = 800)]
     hosts: usize,
@@ -41,13 +49,19 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut traces = sim::trace::load_dir(&args.day_dir)?;
+    if let Some(names) = &args.decision_bench {
+        return decision_bench(names, args.bench_hosts, args.bench_vms);
+    }
+    let (Some(day_dir), Some(policy_name)) = (&args.day_dir, &args.policy) else {
+        anyhow::bail!("usage: viola-sim DAY_DIR POLICY (or --decision-bench POLICIES)");
+    };
+    let mut traces = sim::trace::load_dir(day_dir)?;
     match args.vm_order.as_str() {
         "name" => {}
         "hash" => traces.sort_by_key(|t| sim::trace::fnv1a(&t.name)),
         other => anyhow::bail!("unknown --vm-order {other:?} (name or hash)"),
     }
-    let mut policy = policy::by_name(&args.policy)?;
+    let mut policy = policy::by_name(policy_name)?;
     let mut cfg = sim::cloudsim_planetlab(&traces, args.hosts, args.sites, args.wan_mbps);
     cfg.record_trace = args.trace.is_some();
     let (report, records) = sim::Simulator::new(cfg).run(policy.as_mut());
@@ -61,5 +75,28 @@ fn run() -> anyhow::Result<()> {
             .with_context(|| format!("writing decision trace {}", path.display()))?;
     }
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Times `decide` on a synthetic, mostly consolidated federation (a few hosts overloaded, many
+/// lightly loaded), median of five runs per policy.
+fn decision_bench(names: &str, hosts: usize, vms: usize) -> anyhow::Result<()> {
+    let state = sim::synthetic_state(hosts, vms, 42);
+    let mut out = serde_json::Map::new();
+    for name in names.split(',').filter(|n| !n.is_empty()) {
+        let mut p = policy::by_name(name)?;
+        let mut times = Vec::new();
+        let mut actions = 0;
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            let d = p.decide(&state);
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            actions = d.actions.len();
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!("{name}: {:.2} ms ({actions} actions)", times[2]);
+        out.insert(name.to_string(), serde_json::json!(times[2]));
+    }
+    println!("{}", serde_json::Value::Object(out));
     Ok(())
 }

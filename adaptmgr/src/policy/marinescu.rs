@@ -3,7 +3,7 @@
 //! fit with one migration) and Algorithm B (K-best-first search over placements, utility = global
 //! profit − migration cost).
 
-use super::{planning, Action, Decision, ObservedState, Policy};
+use super::{Action, Decision, ObservedState, Policy, planning};
 
 /// What a VM manager observes about its VM.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +51,12 @@ pub enum Step {
 
 impl Cluster {
     fn used(&self, host_of: &[usize], sizes: &[f64], h: usize) -> f64 {
-        host_of.iter().zip(sizes).filter(|(x, _)| **x == h).map(|(_, s)| s).sum()
+        host_of
+            .iter()
+            .zip(sizes)
+            .filter(|(x, _)| **x == h)
+            .map(|(_, s)| s)
+            .sum()
     }
 }
 
@@ -66,7 +71,12 @@ pub fn algorithm_a(c: &Cluster, vm: usize, extra: f64) -> Option<Vec<Step>> {
     (0..c.capacity.len())
         .filter(|&d| d != h)
         .find(|&d| c.capacity[d] - c.used(&c.host_of, &c.size, d) >= need)
-        .map(|d| vec![Step::Migrate { vm, from: h, to: d }, Step::Grow { vm, amount: extra }])
+        .map(|d| {
+            vec![
+                Step::Migrate { vm, from: h, to: d },
+                Step::Grow { vm, amount: extra },
+            ]
+        })
 }
 
 /// Algorithm B's search parameters.
@@ -80,7 +90,11 @@ pub struct KbfsParams {
 
 impl Default for KbfsParams {
     fn default() -> Self {
-        Self { k: 4, iterations: 200, migration_cost: 0.1 }
+        Self {
+            k: 4,
+            iterations: 200,
+            migration_cost: 0.1,
+        }
     }
 }
 
@@ -99,7 +113,11 @@ pub fn algorithm_b(c: &Cluster, vm: usize, extra: f64, p: KbfsParams) -> Option<
                 return 0.0;
             }
             // An empty host can go offline: maximal local profit.
-            total += if used == 0.0 { 1.0 } else { used / c.capacity[h] };
+            total += if used == 0.0 {
+                1.0
+            } else {
+                used / c.capacity[h]
+            };
         }
         total
     };
@@ -150,7 +168,11 @@ pub fn algorithm_b(c: &Cluster, vm: usize, extra: f64, p: KbfsParams) -> Option<
     let mut steps: Vec<Step> = plan
         .moves()
         .filter_map(|m| match (m.from, m.to) {
-            (Some(f), Some(t)) => Some(Step::Migrate { vm: m.vm, from: f, to: t }),
+            (Some(f), Some(t)) => Some(Step::Migrate {
+                vm: m.vm,
+                from: f,
+                to: t,
+            }),
             _ => None,
         })
         .collect();
@@ -168,16 +190,30 @@ pub struct ClusterPolicy {
 
 impl ClusterPolicy {
     pub fn algorithm_a() -> Self {
-        Self { use_b: false, params: KbfsParams::default() }
+        Self {
+            use_b: false,
+            params: KbfsParams::default(),
+        }
     }
     pub fn algorithm_b() -> Self {
-        Self { use_b: true, params: KbfsParams { k: 3, iterations: 20, migration_cost: 0.05 } }
+        Self {
+            use_b: true,
+            params: KbfsParams {
+                k: 3,
+                iterations: 20,
+                migration_cost: 0.05,
+            },
+        }
     }
 }
 
 impl Policy for ClusterPolicy {
     fn name(&self) -> String {
-        if self.use_b { "marinescu-b".into() } else { "marinescu-a".into() }
+        if self.use_b {
+            "marinescu-b".into()
+        } else {
+            "marinescu-a".into()
+        }
     }
 
     fn decide(&mut self, st: &ObservedState) -> Decision {
@@ -189,15 +225,31 @@ impl Policy for ClusterPolicy {
                 continue;
             }
             // The VM with the largest unmet demand is the one whose SLO breaks first.
-            let Some(&vm) = host.vms.iter().filter(|&&v| !st.vms[v].in_migration && !moved[v]).max_by(|&&a, &&b| {
-                st.vms[a].requested_mips.total_cmp(&st.vms[b].requested_mips)
-            }) else {
+            let Some(&vm) = host
+                .vms
+                .iter()
+                .filter(|&&v| !st.vms[v].in_migration && !moved[v])
+                .max_by(|&&a, &&b| {
+                    st.vms[a]
+                        .requested_mips
+                        .total_cmp(&st.vms[b].requested_mips)
+                })
+            else {
                 continue;
             };
             let extra = req - host.total_mips();
             // A local cluster of the saturated host and the running hosts with the most room.
-            let mut cands: Vec<usize> = (0..st.hosts.len()).filter(|&d| d != h && !st.hosts[d].vms.is_empty()).collect();
-            let free = |d: usize| st.hosts[d].total_mips() - st.hosts[d].vms.iter().map(|&v| st.vms[v].requested_mips).sum::<f64>();
+            let mut cands: Vec<usize> = (0..st.hosts.len())
+                .filter(|&d| d != h && !st.hosts[d].vms.is_empty())
+                .collect();
+            let free = |d: usize| {
+                st.hosts[d].total_mips()
+                    - st.hosts[d]
+                        .vms
+                        .iter()
+                        .map(|&v| st.vms[v].requested_mips)
+                        .sum::<f64>()
+            };
             cands.sort_by(|&a, &b| free(b).total_cmp(&free(a)));
             cands.truncate(if self.use_b { 3 } else { st.hosts.len() });
             let empty = (0..st.hosts.len()).find(|&d| st.hosts[d].vms.is_empty());
@@ -217,7 +269,9 @@ impl Policy for ClusterPolicy {
                 size: vms_l.iter().map(|&v| st.vms[v].requested_mips).collect(),
                 host_of,
             };
-            let Some(idx) = vms_l.iter().position(|&v| v == vm) else { continue };
+            let Some(idx) = vms_l.iter().position(|&v| v == vm) else {
+                continue;
+            };
             // The VM "grows" to its demand: in the cluster view it already requests it, so the
             // request is for the host's shortfall to disappear.
             let sol = if self.use_b {
@@ -236,7 +290,12 @@ impl Policy for ClusterPolicy {
                             v,
                             local[from],
                             local[to],
-                            format!("SLO: host {} short of {:.0} MIPS (Algorithm {})", host.name, extra, if self.use_b { "B" } else { "A" }),
+                            format!(
+                                "SLO: host {} short of {:.0} MIPS (Algorithm {})",
+                                host.name,
+                                extra,
+                                if self.use_b { "B" } else { "A" }
+                            ),
                         ));
                     }
                 }

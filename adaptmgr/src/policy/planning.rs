@@ -51,17 +51,24 @@ impl Plan {
     }
     /// Live migrations, including the temporary ones.
     pub fn migrations(&self) -> usize {
-        self.moves().filter(|m| matches!(m.kind, MoveKind::Live | MoveKind::Temporary)).count()
+        self.moves()
+            .filter(|m| matches!(m.kind, MoveKind::Live | MoveKind::Temporary))
+            .count()
     }
     pub fn temporary(&self) -> usize {
-        self.moves().filter(|m| m.kind == MoveKind::Temporary).count()
+        self.moves()
+            .filter(|m| m.kind == MoveKind::Temporary)
+            .count()
     }
     pub fn stop_and_copy(&self) -> usize {
         self.moves().filter(|m| m.kind == MoveKind::Suspend).count()
     }
     /// Total size moved (e.g. MB of RAM): the cost of the plan.
     pub fn moved(&self, size: &[f64]) -> f64 {
-        self.moves().filter(|m| m.kind != MoveKind::Suspend).map(|m| size[m.vm]).sum()
+        self.moves()
+            .filter(|m| m.kind != MoveKind::Suspend)
+            .map(|m| size[m.vm])
+            .sum()
     }
 }
 
@@ -82,7 +89,13 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     if input.current.len() != n_v || input.target.len() != n_v {
         return Err(PlanError::Shape);
     }
-    if input.current.iter().chain(&input.target).flatten().any(|&h| h >= n_h) {
+    if input
+        .current
+        .iter()
+        .chain(&input.target)
+        .flatten()
+        .any(|&h| h >= n_h)
+    {
         return Err(PlanError::Shape);
     }
     let mut goal_used = vec![0.0; n_h];
@@ -107,7 +120,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let mut guard = 0usize;
     while let Some(first) = (0..n_v).find(|&v| pos[v] != input.target[v]) {
         guard += 1;
-        if guard > 4 * n_v + 16 {
+        if guard > 16 * n_v + 64 {
             return Err(PlanError::Stuck { vm: first });
         }
         let mut stage = Vec::new();
@@ -133,29 +146,53 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                     (None, _) => MoveKind::Resume,
                     (Some(_), None) => MoveKind::Suspend,
                 };
-                stage.push(Move { vm: v, from, to, kind });
+                stage.push(Move {
+                    vm: v,
+                    from,
+                    to,
+                    kind,
+                });
             }
         }
         if stage.is_empty() {
-            // A cycle: detour the smallest running VM that still has to move.
+            // A cycle: every remaining VM waits for room that a remaining VM holds. Take the
+            // waiting VM closest to fitting and move the largest VM standing in its way to the
+            // host with the most slack (a temporary placement), or suspend it when no host has
+            // room (stop-and-copy).
+            let deficit = |v: usize| match input.target[v] {
+                Some(t) => used[t] + input.size[v] - input.capacity[t],
+                None => f64::INFINITY,
+            };
             let Some(v) = (0..n_v)
-                .filter(|&v| pos[v] != input.target[v] && pos[v].is_some())
-                .min_by(|&a, &b| input.size[a].total_cmp(&input.size[b]).then(a.cmp(&b)))
+                .filter(|&v| pos[v] != input.target[v] && input.target[v].is_some())
+                .min_by(|&a, &b| deficit(a).total_cmp(&deficit(b)).then(a.cmp(&b)))
             else {
                 return Err(PlanError::Stuck { vm: first });
             };
-            let from = pos[v];
+            let t = input.target[v];
+            let Some(b) = (0..n_v)
+                .filter(|&u| u != v && pos[u] == t && pos[u] != input.target[u])
+                .max_by(|&a, &c| input.size[a].total_cmp(&input.size[c]).then(c.cmp(&a)))
+            else {
+                return Err(PlanError::Stuck { vm: v });
+            };
+            let from = pos[b];
             let pivot = (0..n_h)
-                .filter(|&h| Some(h) != from && Some(h) != input.target[v] && fits(&used, h, input.size[v]))
-                .max_by(|&a, &b| {
-                    (input.capacity[a] - used[a]).total_cmp(&(input.capacity[b] - used[b])).then(b.cmp(&a))
+                .filter(|&h| Some(h) != from && fits(&used, h, input.size[b]))
+                .max_by(|&a, &c| {
+                    let own = |h: usize| Some(h) == input.target[b];
+                    own(a)
+                        .cmp(&own(c))
+                        .then((input.capacity[a] - used[a]).total_cmp(&(input.capacity[c] - used[c])))
+                        .then(c.cmp(&a))
                 });
             let m = match pivot {
                 Some(p) => {
-                    used[p] += input.size[v];
-                    Move { vm: v, from, to: Some(p), kind: MoveKind::Temporary }
+                    used[p] += input.size[b];
+                    let kind = if Some(p) == input.target[b] { MoveKind::Live } else { MoveKind::Temporary };
+                    Move { vm: b, from, to: Some(p), kind }
                 }
-                None => Move { vm: v, from, to: None, kind: MoveKind::Suspend },
+                None => Move { vm: b, from, to: None, kind: MoveKind::Suspend },
             };
             stage.push(m);
         }
@@ -202,7 +239,9 @@ pub fn check(input: &PlanInput, p: &Plan) -> Result<(), String> {
             }
         }
         if ins.iter().chain(&outs).any(|&c| c > 1) {
-            return Err(format!("stage {i}: more than one move into or out of a host"));
+            return Err(format!(
+                "stage {i}: more than one move into or out of a host"
+            ));
         }
         for m in stage {
             if let Some(f) = m.from {

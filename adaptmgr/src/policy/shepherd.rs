@@ -21,7 +21,11 @@ pub struct Origin {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Grow or shrink its own CPU (MIPS) and/or memory (MB).
-    Resize { vm: String, cpu_mips: Option<f64>, ram_mb: Option<f64> },
+    Resize {
+        vm: String,
+        cpu_mips: Option<f64>,
+        ram_mb: Option<f64>,
+    },
     /// Ask to be moved (e.g. closer to its peers).
     Migrate { vm: String, to_site: Option<String> },
 }
@@ -98,7 +102,11 @@ impl Shepherd {
 
     /// Registers a VM of a violin with its current grant.
     pub fn add_vm(&mut self, violin: &str, vm: &str, cpu_mips: f64, ram_mb: f64) {
-        self.violins.entry(violin.to_string()).or_default().vms.insert(vm.to_string(), (cpu_mips, ram_mb));
+        self.violins
+            .entry(violin.to_string())
+            .or_default()
+            .vms
+            .insert(vm.to_string(), (cpu_mips, ram_mb));
     }
 
     pub fn log(&self) -> &[LogEntry] {
@@ -106,7 +114,12 @@ impl Shepherd {
     }
 
     /// Validates `body` (JSON) from `origin` at `now_s`. On acceptance the grant is updated.
-    pub fn validate(&mut self, now_s: f64, origin: Option<&Origin>, body: &[u8]) -> Result<Request, Refusal> {
+    pub fn validate(
+        &mut self,
+        now_s: f64,
+        origin: Option<&Origin>,
+        body: &[u8],
+    ) -> Result<Request, Refusal> {
         let res = self.check(now_s, origin, body);
         self.log.push(LogEntry {
             time_s: now_s,
@@ -121,49 +134,94 @@ impl Shepherd {
         res
     }
 
-    fn check(&mut self, now: f64, origin: Option<&Origin>, body: &[u8]) -> Result<Request, Refusal> {
+    fn check(
+        &mut self,
+        now: f64,
+        origin: Option<&Origin>,
+        body: &[u8],
+    ) -> Result<Request, Refusal> {
         let o = origin.ok_or(Refusal::Unauthenticated)?;
-        let st = self.violins.get_mut(&o.violin).ok_or_else(|| Refusal::UnknownViolin(o.violin.clone()))?;
-        let quota = st.quota.clone().ok_or_else(|| Refusal::UnknownViolin(o.violin.clone()))?;
+        let st = self
+            .violins
+            .get_mut(&o.violin)
+            .ok_or_else(|| Refusal::UnknownViolin(o.violin.clone()))?;
+        let quota = st
+            .quota
+            .clone()
+            .ok_or_else(|| Refusal::UnknownViolin(o.violin.clone()))?;
         if !st.vms.contains_key(&o.vm) {
-            return Err(Refusal::ForeignVm { violin: o.violin.clone(), vm: o.vm.clone() });
+            return Err(Refusal::ForeignVm {
+                violin: o.violin.clone(),
+                vm: o.vm.clone(),
+            });
         }
         // Rate limits count every authenticated attempt, well-formed or not.
         st.recent.retain(|(t, _)| now - t < 60.0);
         let vm_recent = st.recent.iter().filter(|(_, v)| *v == o.vm).count();
         if vm_recent >= quota.vm_rate_per_min as usize {
-            return Err(Refusal::RateLimited(format!("VM {} over {} requests/min", o.vm, quota.vm_rate_per_min)));
+            return Err(Refusal::RateLimited(format!(
+                "VM {} over {} requests/min",
+                o.vm, quota.vm_rate_per_min
+            )));
         }
         if st.recent.len() >= quota.violin_rate_per_min as usize {
-            return Err(Refusal::RateLimited(format!("violin over {} requests/min", quota.violin_rate_per_min)));
+            return Err(Refusal::RateLimited(format!(
+                "violin over {} requests/min",
+                quota.violin_rate_per_min
+            )));
         }
         st.recent.push((now, o.vm.clone()));
         let req = parse(body)?;
         match &req {
-            Request::Resize { vm, cpu_mips, ram_mb } => {
+            Request::Resize {
+                vm,
+                cpu_mips,
+                ram_mb,
+            } => {
                 if *vm != o.vm {
-                    return Err(Refusal::ForeignVm { violin: o.violin.clone(), vm: vm.clone() });
+                    return Err(Refusal::ForeignVm {
+                        violin: o.violin.clone(),
+                        vm: vm.clone(),
+                    });
                 }
                 let (cur_cpu, cur_ram) = st.vms[vm];
                 let cpu = cpu_mips.unwrap_or(cur_cpu);
                 let ram = ram_mb.unwrap_or(cur_ram);
                 if cpu > quota.max_cpu_mips_per_vm || ram > quota.max_ram_mb_per_vm {
-                    return Err(Refusal::Quota(format!("per-VM limit ({cpu} MIPS, {ram} MB)")));
+                    return Err(Refusal::Quota(format!(
+                        "per-VM limit ({cpu} MIPS, {ram} MB)"
+                    )));
                 }
-                let tot_cpu: f64 = st.vms.iter().map(|(n, g)| if n == vm { cpu } else { g.0 }).sum();
-                let tot_ram: f64 = st.vms.iter().map(|(n, g)| if n == vm { ram } else { g.1 }).sum();
+                let tot_cpu: f64 = st
+                    .vms
+                    .iter()
+                    .map(|(n, g)| if n == vm { cpu } else { g.0 })
+                    .sum();
+                let tot_ram: f64 = st
+                    .vms
+                    .iter()
+                    .map(|(n, g)| if n == vm { ram } else { g.1 })
+                    .sum();
                 if tot_cpu > quota.max_cpu_mips_total || tot_ram > quota.max_ram_mb_total {
-                    return Err(Refusal::Quota(format!("violin total ({tot_cpu} MIPS, {tot_ram} MB)")));
+                    return Err(Refusal::Quota(format!(
+                        "violin total ({tot_cpu} MIPS, {tot_ram} MB)"
+                    )));
                 }
                 st.vms.insert(vm.clone(), (cpu, ram));
             }
             Request::Migrate { vm, .. } => {
                 if *vm != o.vm {
-                    return Err(Refusal::ForeignVm { violin: o.violin.clone(), vm: vm.clone() });
+                    return Err(Refusal::ForeignVm {
+                        violin: o.violin.clone(),
+                        vm: vm.clone(),
+                    });
                 }
                 st.migrations.retain(|t| now - t < 3600.0);
                 if st.migrations.len() >= quota.migrations_per_hour as usize {
-                    return Err(Refusal::Quota(format!("{} migrations/hour", quota.migrations_per_hour)));
+                    return Err(Refusal::Quota(format!(
+                        "{} migrations/hour",
+                        quota.migrations_per_hour
+                    )));
                 }
                 st.migrations.push(now);
             }
@@ -175,14 +233,29 @@ impl Shepherd {
 /// Parses and bounds-checks a request body.
 pub fn parse(body: &[u8]) -> Result<Request, Refusal> {
     if body.len() > MAX_REQUEST_BYTES {
-        return Err(Refusal::Malformed(format!("{} bytes (max {MAX_REQUEST_BYTES})", body.len())));
+        return Err(Refusal::Malformed(format!(
+            "{} bytes (max {MAX_REQUEST_BYTES})",
+            body.len()
+        )));
     }
-    let req: Request = serde_json::from_slice(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
+    let req: Request =
+        serde_json::from_slice(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
     let bad = |x: &Option<f64>| x.is_some_and(|v| !v.is_finite() || v <= 0.0);
     match &req {
-        Request::Resize { vm, cpu_mips, ram_mb } => {
-            if vm.is_empty() || vm.len() > 255 || bad(cpu_mips) || bad(ram_mb) || (cpu_mips.is_none() && ram_mb.is_none()) {
-                return Err(Refusal::Malformed("resize needs a VM name and positive finite sizes".into()));
+        Request::Resize {
+            vm,
+            cpu_mips,
+            ram_mb,
+        } => {
+            if vm.is_empty()
+                || vm.len() > 255
+                || bad(cpu_mips)
+                || bad(ram_mb)
+                || (cpu_mips.is_none() && ram_mb.is_none())
+            {
+                return Err(Refusal::Malformed(
+                    "resize needs a VM name and positive finite sizes".into(),
+                ));
             }
         }
         Request::Migrate { vm, to_site } => {

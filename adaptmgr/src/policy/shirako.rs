@@ -54,7 +54,13 @@ fn best_fit(load: &[f64], size: f64, skip: Option<usize>) -> Option<usize> {
 /// Two guests on `hosts` unit-capacity hosts request VMs (a fifth of a host each, four requests per
 /// period until 75 % of the inventory is provisioned) and grow them by random steps up to half a
 /// host over `periods` lease periods.
-pub fn run_experiment(prov: Provisioning, place: SitePlacement, hosts: usize, periods: usize, seed: u64) -> ExperimentResult {
+pub fn run_experiment(
+    prov: Provisioning,
+    place: SitePlacement,
+    hosts: usize,
+    periods: usize,
+    seed: u64,
+) -> ExperimentResult {
     let mut rng = Rng(seed | 1);
     let mut res = ExperimentResult::default();
     let mut size: Vec<f64> = Vec::new();
@@ -132,7 +138,9 @@ pub fn run_experiment(prov: Provisioning, place: SitePlacement, hosts: usize, pe
                     physical[v] = np;
                     res.site_migrations += 1;
                 } else {
-                    let mut others: Vec<usize> = (0..size.len()).filter(|&o| o != v && physical[o] == p).collect();
+                    let mut others: Vec<usize> = (0..size.len())
+                        .filter(|&o| o != v && physical[o] == p)
+                        .collect();
                     others.sort_by(|&a, &b| size[a].total_cmp(&size[b]));
                     for o in others {
                         if p_load[p] + delta <= 1.0 + 1e-9 {
@@ -154,7 +162,11 @@ pub fn run_experiment(prov: Provisioning, place: SitePlacement, hosts: usize, pe
     res
 }
 
-fn relieve(st: &ObservedState, choose: impl Fn(&[f64], &ObservedState, usize, usize) -> Option<usize>, label: &str) -> Decision {
+fn relieve(
+    st: &ObservedState,
+    choose: impl Fn(&[f64], &ObservedState, usize, usize) -> Option<usize>,
+    label: &str,
+) -> Decision {
     let mut load: Vec<f64> = st
         .hosts
         .iter()
@@ -165,7 +177,12 @@ fn relieve(st: &ObservedState, choose: impl Fn(&[f64], &ObservedState, usize, us
         if load[h] <= 1.0 {
             continue;
         }
-        let mut vms: Vec<usize> = host.vms.iter().copied().filter(|&v| !st.vms[v].in_migration).collect();
+        let mut vms: Vec<usize> = host
+            .vms
+            .iter()
+            .copied()
+            .filter(|&v| !st.vms[v].in_migration)
+            .collect();
         vms.sort_by(|&a, &b| st.vms[a].ram_mb.total_cmp(&st.vms[b].ram_mb));
         for v in vms {
             if load[h] <= 1.0 {
@@ -175,7 +192,12 @@ fn relieve(st: &ObservedState, choose: impl Fn(&[f64], &ObservedState, usize, us
                 let share = st.vms[v].requested_mips;
                 load[h] -= share / host.total_mips();
                 load[d] += share / st.hosts[d].total_mips();
-                actions.push(Action::migrate(v, h, d, format!("host {} saturated: {label}", host.name)));
+                actions.push(Action::migrate(
+                    v,
+                    h,
+                    d,
+                    format!("host {} saturated: {label}", host.name),
+                ));
             }
         }
     }
@@ -199,7 +221,11 @@ impl Policy for EnergyAware {
     fn place(&mut self, st: &ObservedState, placed: &Placement, vm: usize) -> Option<usize> {
         (0..st.hosts.len())
             .filter(|&h| placed.fits(st, h, vm))
-            .max_by(|&a, &b| (placed.mips[a] / st.hosts[a].total_mips()).total_cmp(&(placed.mips[b] / st.hosts[b].total_mips())).then(b.cmp(&a)))
+            .max_by(|&a, &b| {
+                (placed.mips[a] / st.hosts[a].total_mips())
+                    .total_cmp(&(placed.mips[b] / st.hosts[b].total_mips()))
+                    .then(b.cmp(&a))
+            })
     }
     fn decide(&mut self, st: &ObservedState) -> Decision {
         relieve(
@@ -226,7 +252,11 @@ impl Policy for RoomForGrowth {
     fn place(&mut self, st: &ObservedState, placed: &Placement, vm: usize) -> Option<usize> {
         (0..st.hosts.len())
             .filter(|&h| placed.fits(st, h, vm))
-            .min_by(|&a, &b| (placed.mips[a] / st.hosts[a].total_mips()).total_cmp(&(placed.mips[b] / st.hosts[b].total_mips())).then(a.cmp(&b)))
+            .min_by(|&a, &b| {
+                (placed.mips[a] / st.hosts[a].total_mips())
+                    .total_cmp(&(placed.mips[b] / st.hosts[b].total_mips()))
+                    .then(a.cmp(&b))
+            })
     }
     fn decide(&mut self, st: &ObservedState) -> Decision {
         relieve(

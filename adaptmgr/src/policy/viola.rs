@@ -90,7 +90,13 @@ impl Load<'_> {
         self.req[to] += self.st.vms[v].requested_mips;
     }
     /// Best fit among running hosts of `site` (any site if None), else the most efficient empty host.
-    fn destination(&self, v: usize, limit: f64, skip: &[bool], site: Option<usize>) -> Option<usize> {
+    fn destination(
+        &self,
+        v: usize,
+        limit: f64,
+        skip: &[bool],
+        site: Option<usize>,
+    ) -> Option<usize> {
         let n = self.st.hosts.len();
         let in_site = |h: usize| site.is_none_or(|s| self.st.hosts[h].site == s);
         let mut best: Option<(f64, usize)> = None;
@@ -135,8 +141,16 @@ impl Policy for Viola {
         let est: Vec<f64> = (0..st.vms.len()).map(|v| self.estimate(st, v)).collect();
         let mut l = Load {
             st,
-            load: st.hosts.iter().map(|h| h.vms.iter().map(|&v| est[v]).sum()).collect(),
-            req: st.hosts.iter().map(|h| h.vms.iter().map(|&v| st.vms[v].requested_mips).sum()).collect(),
+            load: st
+                .hosts
+                .iter()
+                .map(|h| h.vms.iter().map(|&v| est[v]).sum())
+                .collect(),
+            req: st
+                .hosts
+                .iter()
+                .map(|h| h.vms.iter().map(|&v| st.vms[v].requested_mips).sum())
+                .collect(),
             vms: st.hosts.iter().map(|h| h.vms.clone()).collect(),
             est,
         };
@@ -149,11 +163,17 @@ impl Policy for Viola {
                 continue;
             }
             touched[h] = true;
-            let mut cands: Vec<usize> =
-                l.vms[h].iter().copied().filter(|&v| !st.vms[v].in_migration).collect();
+            let mut cands: Vec<usize> = l.vms[h]
+                .iter()
+                .copied()
+                .filter(|&v| !st.vms[v].in_migration)
+                .collect();
             // Smallest RAM first (shortest migration), bigger estimate first among equals.
             cands.sort_by(|&a, &b| {
-                st.vms[a].ram_mb.total_cmp(&st.vms[b].ram_mb).then(l.est[b].total_cmp(&l.est[a]))
+                st.vms[a]
+                    .ram_mb
+                    .total_cmp(&st.vms[b].ram_mb)
+                    .then(l.est[b].total_cmp(&l.est[a]))
             });
             for v in cands {
                 if l.load[h] <= self.target * cap && l.req[h] < cap {
@@ -170,13 +190,20 @@ impl Policy for Viola {
                         v,
                         h,
                         d,
-                        format!("host {} overloaded: demand {:.0} / {:.0} MIPS", st.hosts[h].name, l.req[h] + st.vms[v].requested_mips, cap),
+                        format!(
+                            "host {} overloaded: demand {:.0} / {:.0} MIPS",
+                            st.hosts[h].name,
+                            l.req[h] + st.vms[v].requested_mips,
+                            cap
+                        ),
                     ));
                 }
             }
         }
         // 2. Empty lightly loaded hosts when all of their VMs fit elsewhere.
-        let mut order: Vec<usize> = (0..n).filter(|&h| !l.vms[h].is_empty() && !touched[h]).collect();
+        let mut order: Vec<usize> = (0..n)
+            .filter(|&h| !l.vms[h].is_empty() && !touched[h])
+            .collect();
         order.sort_by(|&a, &b| (l.load[a] / l.cap(a)).total_cmp(&(l.load[b] / l.cap(b))));
         let mut evacuated = 0;
         let mut received = vec![false; n];
@@ -188,7 +215,9 @@ impl Policy for Viola {
                 continue;
             }
             let vms = l.vms[h].clone();
-            if vms.iter().any(|&v| st.vms[v].in_migration || st.time_s - self.last_moved[v] < self.cooldown_s) {
+            if vms.iter().any(|&v| {
+                st.vms[v].in_migration || st.time_s - self.last_moved[v] < self.cooldown_s
+            }) {
                 continue;
             }
             let mut skip = touched.clone();
@@ -201,7 +230,12 @@ impl Policy for Viola {
                 // Only hosts already running: emptying a host to wake another gains nothing.
                 let site = st.hosts[h].site;
                 let d = (0..n)
-                    .filter(|&d| !skip[d] && !l.vms[d].is_empty() && st.hosts[d].site == site && l.fits(d, v, self.target))
+                    .filter(|&d| {
+                        !skip[d]
+                            && !l.vms[d].is_empty()
+                            && st.hosts[d].site == site
+                            && l.fits(d, v, self.target)
+                    })
                     .min_by(|&a, &b| {
                         let sa = self.target * l.cap(a) - l.load[a];
                         let sb = self.target * l.cap(b) - l.load[b];
@@ -229,7 +263,15 @@ impl Policy for Viola {
             for (v, d) in plan {
                 received[d] = true;
                 self.last_moved[v] = st.time_s;
-                actions.push(Action::migrate(v, h, d, format!("host {} underloaded: empty it and let it sleep", st.hosts[h].name)));
+                actions.push(Action::migrate(
+                    v,
+                    h,
+                    d,
+                    format!(
+                        "host {} underloaded: empty it and let it sleep",
+                        st.hosts[h].name
+                    ),
+                ));
             }
         }
         Decision { actions }

@@ -16,7 +16,11 @@ pub struct Violin {
 
 impl Default for Violin {
     fn default() -> Self {
-        Self { margin: 0.25, cooldown_s: 3600.0, last_moved: Vec::new() }
+        Self {
+            margin: 0.25,
+            cooldown_s: 3600.0,
+            last_moved: Vec::new(),
+        }
     }
 }
 
@@ -31,14 +35,22 @@ impl Policy for Violin {
         }
         let n = st.hosts.len();
         let cap: Vec<f64> = st.hosts.iter().map(|h| h.total_mips()).collect();
-        let mut load: Vec<f64> =
-            st.hosts.iter().map(|h| h.vms.iter().map(|&v| st.vms[v].requested_mips).sum()).collect();
+        let mut load: Vec<f64> = st
+            .hosts
+            .iter()
+            .map(|h| h.vms.iter().map(|&v| st.vms[v].requested_mips).sum())
+            .collect();
         let active: Vec<bool> = st.hosts.iter().map(|h| !h.vms.is_empty()).collect();
         let mean = |load: &[f64], site: Option<usize>| {
-            let hs: Vec<usize> =
-                (0..n).filter(|&h| active[h] && site.is_none_or(|s| st.hosts[h].site == s)).collect();
+            let hs: Vec<usize> = (0..n)
+                .filter(|&h| active[h] && site.is_none_or(|s| st.hosts[h].site == s))
+                .collect();
             let c: f64 = hs.iter().map(|&h| cap[h]).sum();
-            if c > 0.0 { hs.iter().map(|&h| load[h]).sum::<f64>() / c } else { 0.0 }
+            if c > 0.0 {
+                hs.iter().map(|&h| load[h]).sum::<f64>() / c
+            } else {
+                0.0
+            }
         };
         let fed = mean(&load, None);
         let mut actions = Vec::new();
@@ -69,7 +81,9 @@ impl Policy for Violin {
                 .vms
                 .iter()
                 .copied()
-                .filter(|&v| !st.vms[v].in_migration && st.time_s - self.last_moved[v] >= self.cooldown_s)
+                .filter(|&v| {
+                    !st.vms[v].in_migration && st.time_s - self.last_moved[v] >= self.cooldown_s
+                })
                 .filter(|&v| st.hosts[d].pe_mips >= st.vms[v].requested_per_pe())
                 .filter(|&v| (load[d] + st.vms[v].requested_mips) / cap[d] <= 1.0)
                 .min_by(|&a, &b| {
@@ -86,8 +100,21 @@ impl Policy for Violin {
             busy[h] = true;
             busy[d] = true;
             self.last_moved[v] = st.time_s;
-            let scope = if st.hosts[d].site == site { "within" } else { "between" };
-            actions.push(Action::migrate(v, h, d, format!("balance {scope} domains: host {} at {:.0} %", st.hosts[h].name, 100.0 * u)));
+            let scope = if st.hosts[d].site == site {
+                "within"
+            } else {
+                "between"
+            };
+            actions.push(Action::migrate(
+                v,
+                h,
+                d,
+                format!(
+                    "balance {scope} domains: host {} at {:.0} %",
+                    st.hosts[h].name,
+                    100.0 * u
+                ),
+            ));
         }
         Decision { actions }
     }

@@ -17,7 +17,13 @@ pub fn aggregate(levels: &[(f64, f64)]) -> f64 {
 /// reaches `target`, found as the paper does: from `guess`, double (or halve) until the target is
 /// bracketed, then bisect until the bracket is narrower than `tolerance` × share. Returns the
 /// feasible end of the bracket (`max_share` if even that is not enough).
-pub fn min_share(guess: f64, max_share: f64, target: f64, tolerance: f64, mut level: impl FnMut(f64) -> f64) -> f64 {
+pub fn min_share(
+    guess: f64,
+    max_share: f64,
+    target: f64,
+    tolerance: f64,
+    mut level: impl FnMut(f64) -> f64,
+) -> f64 {
     let mut share = guess.clamp(f64::MIN_POSITIVE, max_share);
     let (mut lo, mut hi);
     if level(share) >= target {

@@ -63,6 +63,8 @@ pub struct SimConfig {
     pub record_trace: bool,
     /// CloudSim's events happen at 0.1 s + k × interval; demand is interpolated there.
     pub time_offset_s: f64,
+    /// Remove a VM for good once it requests nothing (CloudSim's completed-VM rule).
+    pub remove_idle_vms: bool,
 }
 
 /// CloudSim 3.0.3's PlanetLab setup: 800 hosts (G4/G5 alternating, `i % 2`), VM types in four
@@ -125,6 +127,93 @@ pub fn cloudsim_planetlab(
         vms,
         record_trace: false,
         time_offset_s: 0.1,
+        remove_idle_vms: true,
+    }
+}
+
+/// A synthetic federation for timing decisions: `hosts` hosts of 2 cores × 2660 MIPS (the model's
+/// G5), `vms` one-core VMs of the model's four types with 30 samples of noisy history, packed in
+/// order to a random 55–105 % of each host so that some hosts are overloaded and some are light
+/// (deterministic in `seed`).
+pub fn synthetic_state(hosts: usize, vms: usize, seed: u64) -> ObservedState {
+    let mut x = seed | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let g5 = PowerModel::hp_ml110_g5();
+    let mut host_obs: Vec<HostObs> = (0..hosts)
+        .map(|i| HostObs {
+            name: format!("host{i}"),
+            site: i * 4 / hosts.max(1),
+            pes: 2,
+            pe_mips: 2660.0,
+            ram_mb: 65536.0,
+            bw_mbps: 10000.0,
+            ram_used_mb: 0.0,
+            bw_used_mbps: 0.0,
+            power: g5.clone(),
+            vms: Vec::new(),
+            utilization: 0.0,
+            powered_on: true,
+        })
+        .collect();
+    let sizes = [2500.0, 2000.0, 1000.0, 500.0];
+    let rams = [870.0, 1740.0, 1740.0, 613.0];
+    let mut vm_obs = Vec::with_capacity(vms);
+    let mut load = vec![0.0; hosts];
+    let mut h = 0;
+    for i in 0..vms {
+        let ty = i % 4;
+        let base = rnd() * 0.4;
+        let history: Vec<f64> = (0..HISTORY_LENGTH)
+            .map(|_| (base + (rnd() - 0.5) * 0.3).clamp(0.01, 1.0))
+            .collect();
+        let req = history[0] * sizes[ty];
+        let cap = 2.0 * 2660.0;
+        let per_host = vms.div_ceil(hosts.max(1));
+        if h + 1 < hosts
+            && (host_obs[h].vms.len() >= per_host || load[h] + req > (0.55 + 0.5 * rnd()) * cap)
+        {
+            h += 1;
+        }
+        load[h] += req;
+        host_obs[h].vms.push(i);
+        vm_obs.push(VmObs {
+            name: format!("vm{i}"),
+            violin: None,
+            host: Some(h),
+            pes: 1,
+            mips: sizes[ty],
+            ram_mb: rams[ty],
+            ram_reserved_mb: 0.0,
+            bw_reserved_mbps: 0.0,
+            requested_mips: req,
+            allocated_mips: req,
+            cpu_cap_mips: None,
+            history,
+            in_migration: false,
+            suspended: false,
+            service: None,
+        });
+    }
+    for (i, host) in host_obs.iter_mut().enumerate() {
+        host.utilization = (load[i] / host.total_mips()).min(1.0);
+    }
+    ObservedState {
+        time_s: 86400.0,
+        interval_s: 300.0,
+        sites: (0..4)
+            .map(|s| SiteObs {
+                name: format!("site{s}"),
+                wan_mbps: 100.0,
+            })
+            .collect(),
+        violins: Vec::new(),
+        hosts: host_obs,
+        vms: vm_obs,
     }
 }
 
@@ -166,6 +255,8 @@ pub struct Report {
     pub resize_actions: u64,
     pub refused_actions: u64,
     pub unplaced_vms: usize,
+    /// VMs that left the run because their demand dropped to 0 (CloudSim model).
+    pub finished_vms: u64,
 }
 
 pub use crate::policy::vservices::service_level;
@@ -404,6 +495,7 @@ impl Simulator {
             self.compute_host(h, t);
         }
         if dt <= 0.0 {
+            self.remove_finished_vms();
             return;
         }
         for h in 0..n_h {
@@ -440,6 +532,35 @@ impl Simulator {
             }
         }
         self.last_t = t;
+        self.remove_finished_vms();
+    }
+
+    /// CloudSim's `PowerDatacenter` deallocates, for good, every VM that requests nothing at an
+    /// update (`HostDynamicWorkload.getCompletedVms`): a PlanetLab VM whose trace reads 0 leaves the
+    /// simulation. Reproduced when `remove_idle_vms` is set.
+    fn remove_finished_vms(&mut self) {
+        if !self.cfg.remove_idle_vms {
+            return;
+        }
+        for h in 0..self.cfg.hosts.len() {
+            let gone: Vec<usize> = self.obs.hosts[h]
+                .vms
+                .iter()
+                .copied()
+                .filter(|&v| !self.obs.vms[v].in_migration && self.obs.vms[v].requested_mips == 0.0)
+                .collect();
+            for v in gone {
+                self.obs.hosts[h].vms.retain(|&x| x != v);
+                self.obs.hosts[h].ram_used_mb -= self.vm_ram_held[v];
+                self.obs.hosts[h].bw_used_mbps -= self.vm_bw_held[v];
+                let vm = &mut self.obs.vms[v];
+                vm.host = None;
+                vm.suspended = true;
+                vm.allocated_mips = 0.0;
+                self.vm_entry[v] = None;
+                self.report.finished_vms += 1;
+            }
+        }
     }
 
     fn migration_time(&self, vm: usize, from: usize, to: usize) -> f64 {

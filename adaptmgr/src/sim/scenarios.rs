@@ -16,7 +16,13 @@ pub struct DeadlineRun {
 /// service level reaches 50 % (the deadline is met exactly at 50 %: x = projected completion /
 /// deadline on s(x) with a = 10, b = 1, w = 0.5), starting from the current share; the job then
 /// runs at that share until the next period. The share is capped at `max_share` CPUs.
-pub fn deadline_job(work_cpu_s: f64, deadline_s: f64, period_s: f64, initial_share: f64, max_share: f64) -> DeadlineRun {
+pub fn deadline_job(
+    work_cpu_s: f64,
+    deadline_s: f64,
+    period_s: f64,
+    initial_share: f64,
+    max_share: f64,
+) -> DeadlineRun {
     let mut t = 0.0;
     let mut left = work_cpu_s;
     let mut share = initial_share;
@@ -38,5 +44,9 @@ pub fn deadline_job(work_cpu_s: f64, deadline_s: f64, period_s: f64, initial_sha
         left -= run * share;
         t += run;
     }
-    DeadlineRun { finish_s: t, deadline_s, shares }
+    DeadlineRun {
+        finish_s: t,
+        deadline_s,
+        shares,
+    }
 }
