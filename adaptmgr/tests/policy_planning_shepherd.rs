@@ -1,6 +1,6 @@
 //! Migration planning and shepherding, as a caller uses them.
 
-use viola_adaptmgr::policy::planning::{check, plan, PlanInput};
+use viola_adaptmgr::policy::planning::{PlanInput, check, plan};
 use viola_adaptmgr::policy::shepherd::{Origin, Quota, Refusal, Shepherd};
 
 #[test]
@@ -39,22 +39,50 @@ fn abusive_or_malformed_requests_are_refused_logged_and_do_not_touch_other_violi
     s.add_vm("red", "r1", 1000.0, 1024.0);
     s.add_vm("red", "r2", 1000.0, 1024.0);
     s.add_vm("blue", "b1", 1000.0, 1024.0);
-    let r1 = Origin { violin: "red".into(), vm: "r1".into() };
-    let b1 = Origin { violin: "blue".into(), vm: "b1".into() };
-    let grow = |vm: &str, mips: f64| format!(r#"{{"op":"resize","vm":"{vm}","cpu_mips":{mips}}}"#).into_bytes();
+    let r1 = Origin {
+        violin: "red".into(),
+        vm: "r1".into(),
+    };
+    let b1 = Origin {
+        violin: "blue".into(),
+        vm: "b1".into(),
+    };
+    let grow = |vm: &str, mips: f64| {
+        format!(r#"{{"op":"resize","vm":"{vm}","cpu_mips":{mips}}}"#).into_bytes()
+    };
 
-    assert_eq!(s.validate(0.0, None, &grow("r1", 2000.0)), Err(Refusal::Unauthenticated));
-    assert!(matches!(s.validate(0.0, Some(&r1), &grow("b1", 2000.0)), Err(Refusal::ForeignVm { .. })));
-    assert!(matches!(s.validate(1.0, Some(&r1), b"{\"op\":\"resize\",\"vm\":"), Err(Refusal::Malformed(_))));
-    assert!(matches!(s.validate(2.0, Some(&r1), &grow("r1", 9000.0)), Err(Refusal::Quota(_))));
+    assert_eq!(
+        s.validate(0.0, None, &grow("r1", 2000.0)),
+        Err(Refusal::Unauthenticated)
+    );
+    assert!(matches!(
+        s.validate(0.0, Some(&r1), &grow("b1", 2000.0)),
+        Err(Refusal::ForeignVm { .. })
+    ));
+    assert!(matches!(
+        s.validate(1.0, Some(&r1), b"{\"op\":\"resize\",\"vm\":"),
+        Err(Refusal::Malformed(_))
+    ));
+    assert!(matches!(
+        s.validate(2.0, Some(&r1), &grow("r1", 9000.0)),
+        Err(Refusal::Quota(_))
+    ));
     assert!(s.validate(3.0, Some(&r1), &grow("r1", 3000.0)).is_ok());
     // 3000 + 3500 would exceed the violin's 6000 MIPS in total.
-    let r2 = Origin { violin: "red".into(), vm: "r2".into() };
-    assert!(matches!(s.validate(4.0, Some(&r2), &grow("r2", 3500.0)), Err(Refusal::Quota(_))));
+    let r2 = Origin {
+        violin: "red".into(),
+        vm: "r2".into(),
+    };
+    assert!(matches!(
+        s.validate(4.0, Some(&r2), &grow("r2", 3500.0)),
+        Err(Refusal::Quota(_))
+    ));
     // r1 floods: refused by its rate limit, then the violin's.
     let mut refused = 0;
     for i in 0..20 {
-        if let Err(Refusal::RateLimited(_)) = s.validate(5.0 + f64::from(i) * 0.1, Some(&r1), &grow("r1", 1500.0)) {
+        if let Err(Refusal::RateLimited(_)) =
+            s.validate(5.0 + f64::from(i) * 0.1, Some(&r1), &grow("r1", 1500.0))
+        {
             refused += 1;
         }
     }
@@ -65,8 +93,15 @@ fn abusive_or_malformed_requests_are_refused_logged_and_do_not_touch_other_violi
     let mig = br#"{"op":"migrate","vm":"b1","to_site":"b"}"#;
     assert!(s.validate(7.0, Some(&b), mig).is_ok());
     assert!(s.validate(8.0, Some(&b), mig).is_ok());
-    assert!(matches!(s.validate(9.0, Some(&b), mig), Err(Refusal::Quota(_))));
+    assert!(matches!(
+        s.validate(9.0, Some(&b), mig),
+        Err(Refusal::Quota(_))
+    ));
     // Every decision is in the log, with the refusals' reasons.
     assert!(s.log().len() >= 28);
-    assert!(s.log().iter().any(|e| !e.accepted && e.detail.contains("malformed")));
+    assert!(
+        s.log()
+            .iter()
+            .any(|e| !e.accepted && e.detail.contains("malformed"))
+    );
 }

@@ -5,10 +5,16 @@
 use std::path::{Path, PathBuf};
 
 use viola_adaptmgr::policy::by_name;
-use viola_adaptmgr::sim::{cloudsim_planetlab, trace, Report, Simulator};
+use viola_adaptmgr::sim::{Report, Simulator, cloudsim_planetlab, trace};
 
 const DAYS: [&str; 3] = ["20110303", "20110306", "20110309"];
-const BASELINES: [&str; 5] = ["thr-mmt-0.8", "iqr-mmt-1.5", "mad-mmt-2.5", "lr-mmt-1.2", "lrr-mmt-1.2"];
+const BASELINES: [&str; 5] = [
+    "thr-mmt-0.8",
+    "iqr-mmt-1.5",
+    "mad-mmt-2.5",
+    "lr-mmt-1.2",
+    "lrr-mmt-1.2",
+];
 
 fn data_dir() -> Option<PathBuf> {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/planetlab");
@@ -17,18 +23,35 @@ fn data_dir() -> Option<PathBuf> {
 
 fn run(traces: &[trace::VmTrace], policy: &str) -> Report {
     let mut p = by_name(policy).expect("known policy");
-    Simulator::new(cloudsim_planetlab(traces, 800, 1, 0.0)).run(p.as_mut()).0
+    Simulator::new(cloudsim_planetlab(traces, 800, 1, 0.0))
+        .run(p.as_mut())
+        .0
 }
 
 /// (energy kWh, migrations, SLATAH fraction) printed by CloudSim 3.0.3.
 fn reference(dir: &Path, day: &str, policy: &str) -> (f64, f64, f64) {
-    let file = dir.join(format!("cloudsim-3.0.3/{day}_{}.txt", policy.replace('-', "_")));
+    let file = dir.join(format!(
+        "cloudsim-3.0.3/{day}_{}.txt",
+        policy.replace('-', "_")
+    ));
     let text = std::fs::read_to_string(&file).expect("reference file");
     let field = |key: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with(key)).expect("field present");
-        line[key.len()..].trim().trim_end_matches(" kWh").trim_end_matches('%').parse().expect("number")
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .expect("field present");
+        line[key.len()..]
+            .trim()
+            .trim_end_matches(" kWh")
+            .trim_end_matches('%')
+            .parse()
+            .expect("number")
     };
-    (field("Energy consumption:"), field("Number of VM migrations:"), field("SLA time per active host:") / 100.0)
+    (
+        field("Energy consumption:"),
+        field("Number of VM migrations:"),
+        field("SLA time per active host:") / 100.0,
+    )
 }
 
 #[test]
@@ -55,19 +78,55 @@ fn baselines_reproduce_cloudsim_and_viola_beats_them_on_every_day() {
         let rel = |x: f64, y: f64| (x - y).abs() / y;
         for (p, r) in BASELINES.iter().zip(&base) {
             let (e, m, s) = reference(&dir, day, p);
-            eprintln!("{day} {p}: {:.2} kWh (ref {e}), {} migrations (ref {m}), SLATAH {:.4} (ref {s})", r.energy_kwh, r.migrations, r.slatah);
-            assert!(rel(r.energy_kwh, e) <= 0.10, "{day} {p}: energy {} vs {e}", r.energy_kwh);
-            assert!(rel(r.migrations as f64, m) <= 0.25, "{day} {p}: migrations {} vs {m}", r.migrations);
-            assert!(rel(r.slatah, s) <= 0.25, "{day} {p}: SLATAH {} vs {s}", r.slatah);
+            eprintln!(
+                "{day} {p}: {:.2} kWh (ref {e}), {} migrations (ref {m}), SLATAH {:.4} (ref {s})",
+                r.energy_kwh, r.migrations, r.slatah
+            );
+            assert!(
+                rel(r.energy_kwh, e) <= 0.10,
+                "{day} {p}: energy {} vs {e}",
+                r.energy_kwh
+            );
+            assert!(
+                rel(r.migrations as f64, m) <= 0.25,
+                "{day} {p}: migrations {} vs {m}",
+                r.migrations
+            );
+            assert!(
+                rel(r.slatah, s) <= 0.25,
+                "{day} {p}: SLATAH {} vs {s}",
+                r.slatah
+            );
         }
         let (e, _, _) = reference(&dir, day, "dvfs--");
-        assert!(rel(dvfs.energy_kwh, e) <= 0.10, "{day} dvfs: energy {} vs {e}", dvfs.energy_kwh);
+        assert!(
+            rel(dvfs.energy_kwh, e) <= 0.10,
+            "{day} dvfs: energy {} vs {e}",
+            dvfs.energy_kwh
+        );
         assert_eq!(dvfs.migrations, 0);
-        let best = base.iter().min_by(|a, b| a.esv.total_cmp(&b.esv)).expect("baselines ran");
-        eprintln!("{day} viola: {:.2} kWh, {} migrations, ESV {:.3e} (best baseline {} ESV {:.3e}, {} migrations)", viola.energy_kwh, viola.migrations, viola.esv, best.policy, best.esv, best.migrations);
+        let best = base
+            .iter()
+            .min_by(|a, b| a.esv.total_cmp(&b.esv))
+            .expect("baselines ran");
+        eprintln!(
+            "{day} viola: {:.2} kWh, {} migrations, ESV {:.3e} (best baseline {} ESV {:.3e}, {} migrations)",
+            viola.energy_kwh, viola.migrations, viola.esv, best.policy, best.esv, best.migrations
+        );
         for b in &base {
-            assert!(viola.esv < b.esv, "{day}: viola ESV {} vs {} {}", viola.esv, b.policy, b.esv);
+            assert!(
+                viola.esv < b.esv,
+                "{day}: viola ESV {} vs {} {}",
+                viola.esv,
+                b.policy,
+                b.esv
+            );
         }
-        assert!(viola.migrations * 5 <= best.migrations, "{day}: viola {} migrations vs best {}", viola.migrations, best.migrations);
+        assert!(
+            viola.migrations * 5 <= best.migrations,
+            "{day}: viola {} migrations vs best {}",
+            viola.migrations,
+            best.migrations
+        );
     }
 }

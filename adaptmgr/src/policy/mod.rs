@@ -27,6 +27,9 @@
 //! Indices: `host`, `vm`, `site`, `violin` fields are indices into the state's vectors, so an action
 //! is only meaningful together with the state it was computed from (names are in the state).
 
+// Placement code indexes several parallel per-host and per-VM vectors by the same index.
+#![allow(clippy::needless_range_loop)]
+
 pub mod beloglazov;
 pub mod marinescu;
 pub mod planning;

@@ -183,16 +183,32 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                     let own = |h: usize| Some(h) == input.target[b];
                     own(a)
                         .cmp(&own(c))
-                        .then((input.capacity[a] - used[a]).total_cmp(&(input.capacity[c] - used[c])))
+                        .then(
+                            (input.capacity[a] - used[a]).total_cmp(&(input.capacity[c] - used[c])),
+                        )
                         .then(c.cmp(&a))
                 });
             let m = match pivot {
                 Some(p) => {
                     used[p] += input.size[b];
-                    let kind = if Some(p) == input.target[b] { MoveKind::Live } else { MoveKind::Temporary };
-                    Move { vm: b, from, to: Some(p), kind }
+                    let kind = if Some(p) == input.target[b] {
+                        MoveKind::Live
+                    } else {
+                        MoveKind::Temporary
+                    };
+                    Move {
+                        vm: b,
+                        from,
+                        to: Some(p),
+                        kind,
+                    }
                 }
-                None => Move { vm: b, from, to: None, kind: MoveKind::Suspend },
+                None => Move {
+                    vm: b,
+                    from,
+                    to: None,
+                    kind: MoveKind::Suspend,
+                },
             };
             stage.push(m);
         }

@@ -16,6 +16,9 @@
 //! No I/O here: traces come in as data ([`trace::load_dir`] is the edge that reads them) and the
 //! decision trace comes out as data.
 
+// Placement code indexes several parallel per-host and per-VM vectors by the same index.
+#![allow(clippy::needless_range_loop)]
+
 pub mod scenarios;
 pub mod trace;
 
@@ -765,10 +768,11 @@ impl Simulator {
         self.complete_migrations_until(f64::INFINITY);
         // Commit the last entries (shutdown count).
         for h in 0..self.cfg.hosts.len() {
-            if let Some(e) = self.host_entry[h] {
-                if self.committed_active[h] && !e.active {
-                    self.report.host_shutdowns += 1;
-                }
+            if let Some(e) = self.host_entry[h]
+                && self.committed_active[h]
+                && !e.active
+            {
+                self.report.host_shutdowns += 1;
             }
         }
         let r = &mut self.report;
