@@ -86,6 +86,7 @@ fn remove_base(host: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     require_lab(&["a1", "a2", "b1"]);
+    let _lock = lab_lock();
     let name = "vm-mig";
     let ip = "10.77.2.5";
     let _cleanup = Cleanup(vec![Box::new(move || {
@@ -219,32 +220,10 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     );
 }
 
-/// PID of a lab host's libvirtd (the lab writes it).
-fn libvirtd_pid(host: &str) -> Option<i32> {
-    std::fs::read_to_string(format!("{LAB_DIR}/hosts/{host}/libvirtd.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
-
-/// Starts `host`'s libvirtd again the way the lab does (its cgroups, then its namespaces).
-fn restart_libvirtd(host: &str) {
-    let script = format!(
-        "for c in cpu cpuacct cpuset memory blkio devices freezer pids; do \
-           f=/sys/fs/cgroup/$c/viola-lab/{host}/cgroup.procs; [ -w \"$f\" ] && echo $$ >\"$f\" 2>/dev/null; done; \
-         exec nsenter --net=/run/netns/vl-{host} --mount={LAB_RUN}/ns/{host}.mnt -- \
-           libvirtd --daemon --listen --pid-file {LAB_DIR}/hosts/{host}/libvirtd.pid"
-    );
-    let out = run(Command::new("sh").arg("-c").arg(script));
-    assert!(
-        out.status.success(),
-        "restart libvirtd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only() {
     require_lab(&["a1", "b1"]);
+    let _lock = lab_lock();
     let name = "vm-kill";
     let ip = "10.77.3.5";
     let _cleanup = Cleanup(vec![Box::new(move || {

@@ -12,6 +12,7 @@ use viola_adaptmgr::hypervisor::{CpuCap, CpuTuning, HypervisorError};
 #[test]
 fn resize_vcpus_memory_and_cap_of_a_running_guest() {
     require_lab(&["a1"]);
+    let _lock = lab_lock();
     let name = "vm-resize";
     let ip = "10.77.1.5";
     let _cleanup = Cleanup(vec![Box::new(move || {

@@ -172,9 +172,22 @@ pub fn boot_guest(
     mib: u32,
 ) {
     stage_base(host);
+    boot_guest_on(hv, name, ip, bridge, max_vcpus, mib, "base.qcow2");
+}
+
+/// Like [`boot_guest`], over the base image `base_file` already in the host's image directory.
+pub fn boot_guest_on(
+    hv: &Arc<dyn Hypervisor>,
+    name: &str,
+    ip: &str,
+    bridge: &str,
+    max_vcpus: u32,
+    mib: u32,
+    base_file: &str,
+) {
     let overlay = format!("{HOST_IMAGES}/{name}.qcow2");
     let _ = hv.delete_image(&overlay);
-    let base = format!("{HOST_IMAGES}/base.qcow2");
+    let base = format!("{HOST_IMAGES}/{base_file}");
     let cap = hv.image_capacity(&base).expect("base capacity");
     hv.create_overlay(&overlay, &base, "qcow2", cap)
         .expect("create overlay");
@@ -314,4 +327,35 @@ impl Drop for Cleanup {
             f();
         }
     }
+}
+
+/// PID of a lab host's libvirtd (the lab writes it).
+pub fn libvirtd_pid(host: &str) -> Option<i32> {
+    std::fs::read_to_string(format!("{LAB_DIR}/hosts/{host}/libvirtd.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Starts `host`'s libvirtd again the way the lab does (its cgroups, then its namespaces).
+pub fn restart_libvirtd(host: &str) {
+    let script = format!(
+        "for c in cpu cpuacct cpuset memory blkio devices freezer pids; do \
+           f=/sys/fs/cgroup/$c/viola-lab/{host}/cgroup.procs; [ -w \"$f\" ] && echo $$ >\"$f\" 2>/dev/null; done; \
+         exec nsenter --net=/run/netns/vl-{host} --mount={LAB_RUN}/ns/{host}.mnt -- \
+           libvirtd --daemon --listen --pid-file {LAB_DIR}/hosts/{host}/libvirtd.pid"
+    );
+    let out = run(Command::new("sh").arg("-c").arg(script));
+    assert!(
+        out.status.success(),
+        "restart libvirtd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Serialises the mechanisms lab tests (they share bridge names and hosts): hold the returned
+/// file for the whole test.
+pub fn lab_lock() -> std::fs::File {
+    let f = std::fs::File::create("/tmp/viola-mech-lab.lock").expect("lock file");
+    f.lock().expect("lock");
+    f
 }

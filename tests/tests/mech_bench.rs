@@ -1,0 +1,215 @@
+//! Benchmark driver for `scripts/bench/migration.sh` (not a test: ignored, run explicitly).
+//!
+//! A guest whose base image holds 1 GiB of data and whose overlay has 64 MiB written by the
+//! guest is migrated a1 → b1 across the lab's WAN twice: incrementally with the base already
+//! staged at b1, and with a full disk copy. Measured: orchestration time, downtime (libvirt's
+//! completed-job statistics) and bytes through the router's link to site b.
+
+#[path = "mech_util.rs"]
+mod util;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use util::*;
+use viola_adaptmgr::hypervisor::StorageCopy;
+use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
+use viola_adaptmgr::migration::stage::{AnnounceError, ImageDirView};
+use viola_adaptmgr::migration::{
+    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, MoveAnnouncer, MoveNotice,
+    Outcome, run_migration,
+};
+
+const BENCH_BASE: &str = "base-1g.qcow2";
+const GUEST_MIB: u64 = 256;
+
+/// Nothing listens for moves in this benchmark (the guest's L2 is a local bridge): the
+/// announcements are only logged.
+struct LogAnnouncer;
+impl MoveAnnouncer for LogAnnouncer {
+    async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
+        eprintln!("expect move of {} {:?}", n.vm, n.macs);
+        Ok(())
+    }
+    async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
+        eprintln!("withdraw move of {}", n.vm);
+        Ok(())
+    }
+}
+
+fn sh(script: &str) {
+    let out = run(Command::new("sh").arg("-c").arg(script));
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guest's root file system grown to 1 GiB with its free space full of random data, as
+/// one qcow2 (about 1 GiB allocated).
+fn bench_base() -> PathBuf {
+    let dir = Path::new("/var/cache/viola/bench");
+    let base = dir.join(BENCH_BASE);
+    if base.exists() {
+        return base;
+    }
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let raw = dir.join("base-1g.raw");
+    sh(&format!(
+        "qemu-img convert -O raw {GUEST_DIR}/base.qcow2 {raw} && \
+         dd if=/dev/urandom of={raw} bs=1M seek=64 count=960 conv=notrunc status=none && \
+         e2fsck -fy {raw} >/dev/null 2>&1; resize2fs {raw} 1G >/dev/null 2>&1 && \
+         qemu-img convert -O qcow2 {raw} {base}.part && mv {base}.part {base} && rm -f {raw}",
+        raw = raw.display(),
+        base = base.display()
+    ));
+    base
+}
+
+fn wan_bytes() -> u64 {
+    let read = |what: &str| -> u64 {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            "vl-rtr",
+            "cat",
+            &format!("/sys/class/net/wan-b/statistics/{what}"),
+        ]));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    read("rx_bytes") + read("tx_bytes")
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+struct Run {
+    total_s: f64,
+    downtime_ms: u64,
+    wan_bytes: u64,
+    overlay_bytes: u64,
+}
+
+async fn one_run(mode: StorageCopy) -> Run {
+    let name = match mode {
+        StorageCopy::Incremental => "vm-bench-inc",
+        StorageCopy::Full => "vm-bench-full",
+    };
+    let ip = "10.77.7.5";
+    remove_guest(&["a1", "b1"], name);
+    let staged_at_b1 = local_images("b1").join(BENCH_BASE);
+    match mode {
+        StorageCopy::Incremental => {
+            if !staged_at_b1.exists() {
+                std::fs::copy(bench_base(), &staged_at_b1).expect("stage base at b1");
+            }
+        }
+        StorageCopy::Full => {
+            let _ = std::fs::remove_file(&staged_at_b1);
+        }
+    }
+    let hv = open("a1");
+    boot_guest_on(
+        &hv,
+        name,
+        &format!("{ip}/24"),
+        "vm-br0",
+        1,
+        GUEST_MIB as u32,
+        BENCH_BASE,
+    );
+    wait_guest("a1", ip, Duration::from_secs(180));
+    guest_http("a1", ip, "diskwrite=64").expect("64 MiB written in the guest");
+    let overlay_bytes = allocated_bytes(&local_images("a1").join(format!("{name}.qcow2")));
+
+    let views: BTreeMap<String, ImageDirView> = ["a1", "b1"]
+        .iter()
+        .map(|h| {
+            (
+                manager_uri(h),
+                ImageDirView {
+                    host_dir: HOST_IMAGES.into(),
+                    local_dir: local_images(h),
+                },
+            )
+        })
+        .collect();
+    let deps = MigrationDeps {
+        connector: Arc::new(LibvirtConnector),
+        stager: LocalCopyStager::new(views),
+        announcer: LogAnnouncer,
+        poll_interval: Duration::from_millis(500),
+        reconnect_timeout: Duration::from_secs(30),
+    };
+    let plan = MigrationPlan {
+        vm: name.into(),
+        source_uri: manager_uri("a1"),
+        dest_uri: manager_uri("b1"),
+        dest_migration_uri: peer_uri("b1"),
+        stage_base: mode == StorageCopy::Incremental,
+        bandwidth_mib_s: Some(10_000),
+        timeout_ms: 600_000,
+    };
+    let before = wan_bytes();
+    let (tx, _rx) = watch::channel(MigrationStatus::default());
+    let report = run_migration(plan, &deps, &tx, &CancellationToken::new()).await;
+    let wan = wan_bytes().saturating_sub(before);
+    remove_guest(&["a1", "b1"], name);
+    assert_eq!(
+        report.outcome,
+        Outcome::Migrated { storage: mode },
+        "{report:#?}"
+    );
+    let first = report.records.first().map_or(0, |r| r.started_ms);
+    let last = report.records.last().map_or(0, |r| r.finished_ms);
+    Run {
+        total_s: (last - first) as f64 / 1000.0,
+        downtime_ms: report.completed.and_then(|c| c.downtime_ms).unwrap_or(0),
+        wan_bytes: wan,
+        overlay_bytes,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark driver: run by scripts/bench/migration.sh"]
+async fn migration_benchmark() {
+    require_lab(&["a1", "b1"]);
+    let _lock = lab_lock();
+    let base = bench_base();
+    let at_a1 = local_images("a1").join(BENCH_BASE);
+    if !at_a1.exists() {
+        std::fs::copy(&base, &at_a1).expect("base at a1");
+    }
+    make_bridge("a1", "10.77.7.1/24");
+    make_bridge("b1", "10.77.7.2/24");
+    let inc = one_run(StorageCopy::Incremental).await;
+    let full = one_run(StorageCopy::Full).await;
+    remove_l2(&["a1", "b1"]);
+    let overlay_plus_ram = inc.overlay_bytes + GUEST_MIB * 1024 * 1024;
+    let json = serde_json::json!({
+        "inc.total_s": inc.total_s,
+        "inc.downtime_ms": inc.downtime_ms,
+        "inc.wan_bytes": inc.wan_bytes,
+        "full.total_s": full.total_s,
+        "full.downtime_ms": full.downtime_ms,
+        "full.wan_bytes": full.wan_bytes,
+        "overlay_plus_ram_bytes": overlay_plus_ram,
+        "speedup_full_over_inc": full.total_s / inc.total_s,
+        "inc_wan_over_overlay_plus_ram": inc.wan_bytes as f64 / overlay_plus_ram as f64,
+    });
+    println!("BENCH {json}");
+    if let Some(out) = std::env::var_os("VIOLA_BENCH_JSON") {
+        std::fs::write(out, json.to_string()).expect("write bench json");
+    }
+}
