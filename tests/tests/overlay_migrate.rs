@@ -1,0 +1,245 @@
+//! Overlay lab test with real QEMU guests: a guest on site a is live-migrated with its disk to
+//! site b while host a2 (on the violin through its bridge address) pings it every 10 ms and
+//! keeps fetching pages from it over TCP. The move is announced in advance to the overlay
+//! (`expect-move`, as the adaptation manager does), the guest keeps its IP and MAC, the pings
+//! lost are recorded against QEMU's own downtime, and after the move a2's traffic goes to b1
+//! only.
+
+#[path = "overlay_util.rs"]
+mod util;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use util::*;
+use viola_labtests::{
+    GuestSpec, Lab, LabSpec, boot_guest, create_overlay, guest_http, jobinfo_number,
+    lab_tests_enabled, parse_jobinfo, run_ok, stage_base,
+};
+
+const LAB: &str = "ovm";
+const HOSTS: [&str; 3] = ["a1", "a2", "b1"];
+
+fn mac_location(status: &serde_json::Value, mac: &str) -> Option<(String, u64)> {
+    status["switch"]["violins"][0]["macs"]
+        .as_array()?
+        .iter()
+        .find(|m| m["mac"] == mac)
+        .map(|m| {
+            (
+                m["location"].as_str().unwrap_or("").to_owned(),
+                m["seq"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+#[test]
+fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    build_binaries()?;
+    let lab = Lab::up(LAB, &LabSpec::default())?;
+    let mut o = Overlay {
+        lab: LAB.to_owned(),
+        dir: tempfile::tempdir()?,
+        daemons: BTreeMap::new(),
+        vm_namespaces: Vec::new(),
+    };
+    let ca = o.path("ca");
+    let ca = ca.to_str().context("path")?;
+    o.ca(&["init", "--ca-dir", ca])?;
+    let ns = |h: &str| lab.host(h).namespace.clone();
+    let peers: String = HOSTS
+        .iter()
+        .map(|h| format!("[[peers]]\naddr = \"{}:4500\"\n", lab.host(h).address))
+        .collect();
+    let guest = GuestSpec::new("vo-g1", "10.1.0.5/24", "vio1");
+    let mac = run_ok(
+        Command::new(repo_root_script("scripts/guest/domain-xml.sh"))
+            .args(["--name", &guest.name, "--disk", "/x", "--bridge", "vio1"])
+            .args(["--ip", &guest.ip_cidr]),
+    )?
+    .lines()
+    .find_map(|l| {
+        l.trim()
+            .strip_prefix("<mac address='")
+            .and_then(|r| r.strip_suffix("'/>"))
+            .map(str::to_owned)
+    })
+    .context("no MAC in the domain XML")?;
+    for (i, h) in HOSTS.iter().enumerate() {
+        let dir = o.path(&format!("pki-{h}"));
+        o.ca(&[
+            "issue",
+            "--ca-dir",
+            ca,
+            "--role",
+            "overlay",
+            "--site",
+            &h[..1],
+            "--host",
+            h,
+            "--out",
+            dir.to_str().context("path")?,
+        ])?;
+        let cfg = format!(
+            "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{peers}\
+             [[violins]]\nid = 1\nname = \"mig\"\nvms = [{{ mac = \"{mac}\", ip = \"10.1.0.5\" }}]\n",
+            lab.host(h).address,
+            dir.display(),
+            o.socket(h).display(),
+        );
+        let path = o.write_config(h, &cfg)?;
+        o.start(h, &ns(h), &path)?;
+        // The host itself joins the violin through its bridge (a2 is the pinging "third guest").
+        wait_until(Duration::from_secs(15), "bridge vio1", || {
+            viola_labtests::run(Command::new("ip").args(["-n", &ns(h), "link", "show", "vio1"]))
+                .is_ok_and(|o| o.status.success())
+        })?;
+        run_ok(Command::new("ip").args([
+            "-n",
+            &ns(h),
+            "addr",
+            "add",
+            &format!("10.1.0.{}/24", 201 + i),
+            "dev",
+            "vio1",
+        ]))?;
+    }
+    for h in ["a1", "b1"] {
+        stage_base(&lab, h)?;
+    }
+    create_overlay(&lab, "a1", &guest)?;
+    let boot = boot_guest(&lab, "a1", &guest, Duration::from_secs(120))?;
+    eprintln!("guest up {:.1} s after virsh start", boot.as_secs_f64());
+    wait_ping(&ns("a2"), guest.ip(), Duration::from_secs(20))?;
+    assert_eq!(
+        guest_http(&lab, "a2", guest.ip(), "marker-write=moved")?,
+        "ok"
+    );
+    let before = o.status("a2")?;
+    assert_eq!(
+        mac_location(&before, &mac).map(|l| l.0).as_deref(),
+        Some("a/a1")
+    );
+
+    // Load from a2: 10 ms ping and a bounded loop of HTTP fetches (TCP), across the move.
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &ns("a2"), "ping", "-n", "-q", "-i", "0.01"])
+        .args(["-w", "30", guest.ip()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let http = Command::new("ip")
+        .args(["netns", "exec", &ns("a2"), "sh", "-c"])
+        .arg(format!(
+            "ok=0; fail=0; end=$(( $(date +%s) + 30 )); \
+             for i in $(seq 1 250); do [ $(date +%s) -lt $end ] || break; \
+               if curl -sf --max-time 5 -o /dev/null http://{}/index.html; then ok=$((ok+1)); \
+               else fail=$((fail+1)); fi; sleep 0.1; done; echo ok=$ok fail=$fail",
+            guest.ip()
+        ))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The adaptation manager's advance notice, then the move.
+    run_ok(
+        Command::new(bin("viola-overlay"))
+            .args([
+                "expect-move",
+                "--violin",
+                "1",
+                "--mac",
+                &mac,
+                "--host",
+                "b/b1",
+            ])
+            .arg("--socket")
+            .arg(o.socket("a1")),
+    )?;
+    create_overlay(&lab, "b1", &guest)?;
+    let start = Instant::now();
+    lab.virsh(
+        "a1",
+        &[
+            "migrate",
+            "--live",
+            "--p2p",
+            "--persistent",
+            "--undefinesource",
+            "--copy-storage-inc",
+            &guest.name,
+            &lab.host("b1").libvirt_uri,
+        ],
+    )?;
+    eprintln!("virsh migrate took {:.2} s", start.elapsed().as_secs_f64());
+    let info = parse_jobinfo(&lab.virsh("b1", &["domjobinfo", &guest.name, "--completed"])?);
+    let downtime = jobinfo_number(&info, "Total downtime").context("downtime")?;
+
+    // Where a2 sends now, and that nothing more goes to a1 for the guest.
+    wait_until(Duration::from_secs(5), "a2 to learn the move", || {
+        o.status("a2")
+            .is_ok_and(|s| mac_location(&s, &mac).is_some_and(|l| l.0 == "b/b1"))
+    })?;
+    let a1_before = counter(&o.status("a1")?, &["switch", "counters", "datagrams_in"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let a1_after = counter(&o.status("a1")?, &["switch", "counters", "datagrams_in"]);
+
+    let ping_out = ping.wait_with_output()?;
+    let http_out = http.wait_with_output()?;
+    let ping_text = String::from_utf8_lossy(&ping_out.stdout).into_owned();
+    let http_text = String::from_utf8_lossy(&http_out.stdout).into_owned();
+    let num = |text: &str, suffix: &str| -> Option<u64> {
+        text.split(',')
+            .find_map(|p| p.trim().strip_suffix(suffix)?.trim().parse().ok())
+    };
+    let summary = ping_text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("no ping summary in {ping_text:?}"))?;
+    let sent = num(summary, " packets transmitted").context("ping summary")?;
+    let received = num(summary, " received").context("ping summary")?;
+    let lost = sent - received;
+    let a2 = o.status("a2")?;
+    let (loc, seq) = mac_location(&a2, &mac).context("a2 forgot the guest")?;
+    eprintln!(
+        "FIGURES overlay_migration downtime_ms={downtime} pings_sent={sent} pings_lost={lost} \
+         lost_ms={} http={} a2_sees={loc}@seq{seq} a1_datagrams_in_2s_after={}",
+        lost * 10,
+        http_text.trim(),
+        a1_after - a1_before
+    );
+    assert_eq!(loc, "b/b1");
+    assert!(seq >= 1);
+    // The guest answers at its new home, from the other site, with its disk.
+    assert_eq!(guest_http(&lab, "a2", guest.ip(), "marker-read")?, "moved");
+    assert!(http_text.contains("fail=0"), "{http_text}");
+    // After the move nothing of the ping stream (200 requests in 2 s) reaches a1; at most a
+    // few broadcasts do.
+    assert!(
+        a1_after - a1_before <= 10,
+        "a1 still receives traffic after the move: {}",
+        a1_after - a1_before
+    );
+    // Lost pings: no more than the guest's own downtime plus 50 ms (10 ms per ping), plus one
+    // for the ping in flight when the guest paused.
+    let allowed = ((downtime + 50.0) / 10.0).ceil() as u64 + 1;
+    assert!(
+        lost <= allowed,
+        "lost {lost} pings ({} ms) with {downtime} ms downtime (allowed {allowed})",
+        lost * 10
+    );
+    let _ = lab.virsh("b1", &["destroy", &guest.name]);
+    let _ = lab.virsh("b1", &["undefine", &guest.name]);
+    drop(o);
+    drop(lab);
+    Ok(())
+}
+
+fn repo_root_script(rel: &str) -> std::path::PathBuf {
+    viola_labtests::repo_root().join(rel)
+}
