@@ -179,6 +179,9 @@ allowed = ["a/*", "b/*"]
         "1",
         "10.1.0.255",
     ]));
+    // ping -b stops as soon as its own VM has answered the last request: give the copies on
+    // their way across the WAN time to arrive before counting.
+    sleep(Duration::from_millis(500));
     let after: Vec<u64> = v1
         .iter()
         .chain(&v2)
@@ -186,8 +189,8 @@ allowed = ["a/*", "b/*"]
         .collect::<Result<_>>()?;
     let got: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     eprintln!("broadcast echoes received (v1 a1 b1 c1, v2 a1 b1 c1): {got:?}");
-    // Datagrams are unreliable: most, not necessarily all, echo requests arrive.
-    assert!(got[1] >= 3 && got[2] >= 3, "members missed the broadcast");
+    // Datagrams are unreliable: nearly all, not necessarily every one, of 5 requests arrive.
+    assert!(got[1] >= 4 && got[2] >= 4, "members missed the broadcast");
     assert_eq!(
         &got[3..],
         &[0, 0, 0],
@@ -225,6 +228,7 @@ allowed = ["a/*", "b/*"]
         "1",
         "10.1.0.255",
     ]));
+    sleep(Duration::from_millis(500));
     assert_eq!(
         in_echos(&v2[2])?,
         echos_v2_c1,
