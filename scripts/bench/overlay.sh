@@ -9,10 +9,14 @@
 # with 1 and with 4 streams (--time s each), 200 pings at 10 ms (idle RTT), and CPU: the busy
 # CPU seconds of the whole machine (/proc/stat) per GB of TCP payload, which counts kernel and
 # userspace work alike; for userspace tunnels also the tunnel processes' own CPU seconds per GB.
-# VM MTU is 1400 everywhere (a full VM frame fits one QUIC datagram of 1414 bytes).
+# VM MTU is 1400 everywhere (a full VM frame plus Viola's 4-byte header fits one 1434-byte QUIC datagram).
 #
 # Usage: overlay.sh [--json FILE] [--time S] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
-#                   [--no-install] [--keep]
+#                   [--wait-quiet PCT [--quiet-max S]] [--no-install] [--keep]
+#   --wait-quiet PCT  before each kind, wait (at most --quiet-max s, default 300) until other load
+#                     is below PCT % of all CPUs; userspace tunnels share the CPUs with everything
+#                     else, so a busy machine distorts their figures (each kind reports the load
+#                     seen right before it was measured as <kind>.background_busy_pct).
 # Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools with apt if missing,
 # builds viola-overlay (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
 # <kind>.tcp4_gbps, <kind>.rtt_ms, <kind>.cpu_s_per_gb (+ <kind>.tunnel_cpu_s_per_gb, ratios).
@@ -26,6 +30,8 @@ TIME=10
 JSON_OUT=
 INSTALL=1
 KEEP=0
+QUIET_PCT=0
+QUIET_MAX=300
 while (($#)); do
   case $1 in
     --json) JSON_OUT=$2; shift 2 ;;
@@ -33,11 +39,14 @@ while (($#)); do
     --kinds) KINDS=$2; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --wait-quiet) QUIET_PCT=$2; shift 2 ;;
+    --quiet-max) QUIET_MAX=$2; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 [[ $TIME =~ ^[1-9][0-9]?$ ]] || { echo "--time must be 1..99" >&2; exit 2; }
+[[ $QUIET_PCT =~ ^[0-9]{1,3}$ && $QUIET_MAX =~ ^[0-9]{1,4}$ ]] || { echo "bad --wait-quiet/--quiet-max" >&2; exit 2; }
 for k in $KINDS; do [[ " $ALL_KINDS " == *" $k "* ]] || { echo "unknown kind $k" >&2; exit 2; }; done
 [[ $(id -u) == 0 ]] || { echo "must run as root" >&2; exit 2; }
 
@@ -283,10 +292,28 @@ iperf() { # STREAMS -> "bits_per_second bytes"
   jq -r 'if .error then "ERR" else "\(.end.sum_received.bits_per_second) \(.end.sum_received.bytes)" end' "$WORK/iperf-$1.json" 2>/dev/null || echo ERR
 }
 
+busy_pct_1s() {
+  local a b
+  a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat)
+  sleep 1
+  b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); printf "%.0f", 100*(y[1]-x[1])/(y[2]-x[2])}'
+}
+wait_quiet() { # bounded by QUIET_MAX seconds
+  ((QUIET_PCT > 0)) || return 0
+  local t0=$SECONDS b
+  while :; do
+    b=$(busy_pct_1s)
+    ((b < QUIET_PCT)) && { log "other load ${b}% < ${QUIET_PCT}%: go"; return 0; }
+    ((SECONDS - t0 >= QUIET_MAX)) && { log "other load still ${b}% after ${QUIET_MAX}s: measuring anyway"; return 0; }
+  done
+}
+
 declare -A R
 measure() { # KIND
   local kind=$1 i ok=0
   SETTLE=1
+  wait_quiet
   log "$kind: building"
   build_base
   "setup_$kind"
