@@ -2,7 +2,8 @@
 //! and a *migrating* variant that moves a VM to another logical host when a resize does not fit)
 //! and placement at the site (*energy-aware*: best fit so idle hosts can be powered down, and
 //! *follow-broker*: place where the broker provisioned). [`run_experiment`] replays guests whose
-//! slivers grow and counts the migrations the site performs; [`EnergyAware`] and [`RoomForGrowth`]
+//! slivers grow and counts the migrations the site performs (a lease the broker moves reaches an
+//! energy-aware site as a new sliver, which it places by its own best fit); [`EnergyAware`] and [`RoomForGrowth`]
 //! are the site policies as simulator policies.
 
 use super::{Action, Decision, ObservedState, Placement, Policy};
@@ -51,9 +52,9 @@ fn best_fit(load: &[f64], size: f64, skip: Option<usize>) -> Option<usize> {
         .max_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
 }
 
-/// Two guests on `hosts` unit-capacity hosts request VMs (a fifth of a host each, four requests per
-/// period until 75 % of the inventory is provisioned) and grow them by random steps up to half a
-/// host over `periods` lease periods.
+/// Two guests on `hosts` unit-capacity hosts request VMs of a fifth of a host (until 60 % of the
+/// inventory is provisioned) and then grow them by random steps towards half a host over
+/// `periods` lease periods, more than the hosts can hold in the end.
 pub fn run_experiment(
     prov: Provisioning,
     place: SitePlacement,
@@ -68,12 +69,13 @@ pub fn run_experiment(
     let mut physical: Vec<usize> = Vec::new();
     let mut l_load = vec![0.0; hosts];
     let mut p_load = vec![0.0; hosts];
-    for _period in 0..periods {
+    for period in 0..periods {
         // Arrivals: each guest asks for a new VM while the broker's inventory has room.
-        for _request in 0..4 {
+        // Both guests ask for their VMs at the start, until 60 % of the inventory is provisioned.
+        let arrivals = if period == 0 { 3 * hosts } else { 0 };
+        for _request in 0..arrivals {
             let s = 0.2;
-            // Guests stop asking for VMs once the broker's inventory is 75 % provisioned.
-            if l_load.iter().sum::<f64>() + s > 0.75 * hosts as f64 {
+            if l_load.iter().sum::<f64>() + s > 0.6 * hosts as f64 {
                 break;
             }
             if let Some(l) = worst_fit(&l_load, s, None) {
@@ -111,11 +113,26 @@ pub fn run_experiment(
                             l_load[nl] += size[v];
                             logical[v] = nl;
                             res.broker_migrations += 1;
-                            if place == SitePlacement::FollowBroker {
-                                p_load[physical[v]] -= size[v];
-                                p_load[nl] += size[v];
-                                physical[v] = nl;
-                                res.site_migrations += 1;
+                            match place {
+                                SitePlacement::FollowBroker => {
+                                    p_load[physical[v]] -= size[v];
+                                    p_load[nl] += size[v];
+                                    physical[v] = nl;
+                                    res.site_migrations += 1;
+                                }
+                                SitePlacement::EnergyAware => {
+                                    // The moved lease reaches the site as a new sliver at its
+                                    // new size, which the site places by its own best fit.
+                                    let p = physical[v];
+                                    p_load[p] -= size[v];
+                                    if let Some(np) = best_fit(&p_load, new, None) {
+                                        if np != p {
+                                            res.site_migrations += 1;
+                                        }
+                                        physical[v] = np;
+                                    }
+                                    p_load[physical[v]] += size[v];
+                                }
                             }
                         }
                         None => {
