@@ -65,6 +65,8 @@ pub struct ManagerConfig {
     pub images_host_dir: PathBuf,
     pub migration_bandwidth_mib_s: u64,
     pub migration_timeout_s: u64,
+    /// Longest pause allowed at a migration's switchover.
+    pub migration_max_downtime_ms: u64,
     pub hosts: Vec<HostConfig>,
 }
 
@@ -80,6 +82,7 @@ impl Default for ManagerConfig {
             images_host_dir: PathBuf::from("/var/lib/libvirt/images"),
             migration_bandwidth_mib_s: 100,
             migration_timeout_s: 600,
+            migration_max_downtime_ms: 100,
             hosts: Vec::new(),
         }
     }
@@ -513,6 +516,7 @@ impl Manager {
                     .unwrap_or(self.cfg.migration_bandwidth_mib_s),
             ),
             timeout_ms: req.timeout_s.unwrap_or(self.cfg.migration_timeout_s) * 1000,
+            max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
         };
         let deps = MigrationDeps {
             connector: Arc::clone(&self.connector),

@@ -160,6 +160,7 @@ async fn one_run(mode: StorageCopy) -> Run {
         stage_base: mode == StorageCopy::Incremental,
         bandwidth_mib_s: Some(10_000),
         timeout_ms: 600_000,
+        max_downtime_ms: Some(50),
     };
     let before = wan_bytes();
     let (tx, _rx) = watch::channel(MigrationStatus::default());

@@ -177,6 +177,8 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
         children.0.push(child);
     }
 
+    // The guest's base is at both hosts (as the depot keeps it at every site of the VM).
+    stage_base("a2");
     let hv_a1 = open("a1");
     boot_guest(&hv_a1, "a1", name, &format!("{ip}/24"), "vm-br0", 1, 256);
     wait_until(

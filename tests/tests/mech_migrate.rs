@@ -76,6 +76,7 @@ fn plan(vm: &str, from: &str, to: &str, bandwidth: u64) -> MigrationPlan {
         stage_base: true,
         bandwidth_mib_s: Some(bandwidth),
         timeout_ms: 300_000,
+        max_downtime_ms: Some(100),
     }
 }
 

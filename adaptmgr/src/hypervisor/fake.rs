@@ -716,6 +716,7 @@ mod tests {
             storage: StorageCopy::Incremental,
             bandwidth_mib_s: None,
             migrate_uri: None,
+            max_downtime_ms: None,
         };
         let err = a.migrate("vm1", &req).unwrap_err();
         assert!(err.to_string().contains("migrate"), "{err}");

@@ -590,6 +590,12 @@ impl Hypervisor for LibvirtHypervisor {
             uri: req.migrate_uri.clone(),
             ..Default::default()
         };
+        if let Some(ms) = req.max_downtime_ms
+            && let Err(err) = dom.migrate_set_max_downtime(ms, 0)
+        {
+            // Not fatal: the migration still works with QEMU's default limit.
+            tracing::warn!(domain = name, error = %err, "cannot set the downtime limit");
+        }
         dom.migrate_to_uri3(Some(&req.dest_uri), params, flags)
             .map_err(Self::err("migrate", name))
     }
@@ -728,6 +734,7 @@ mod tests {
             storage: StorageCopy::Incremental,
             bandwidth_mib_s: None,
             migrate_uri: None,
+            max_downtime_ms: None,
         };
         assert!(hv.migrate("test", &req).is_err());
     }

@@ -144,6 +144,9 @@ pub struct MigrationRequest {
     /// Explicit data-channel URI (`tcp://198.18.2.11`), when the destination's own idea of its
     /// address is not reachable from the source.
     pub migrate_uri: Option<String>,
+    /// Longest pause allowed at switchover, ms (QEMU's default is 300).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
 }
 
 /// Progress (or final figures) of a migration job.

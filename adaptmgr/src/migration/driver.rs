@@ -335,6 +335,7 @@ async fn migrate<S: BaseStager, A: MoveAnnouncer>(
         storage: machine.storage(),
         bandwidth_mib_s: plan.bandwidth_mib_s,
         migrate_uri: None,
+        max_downtime_ms: plan.max_downtime_ms,
     };
     let vm = plan.vm.clone();
     let mut task = tokio::task::spawn_blocking(move || mover.migrate(&vm, &req));
@@ -579,6 +580,7 @@ mod tests {
             stage_base: true,
             bandwidth_mib_s: Some(50),
             timeout_ms,
+            max_downtime_ms: None,
         }
     }
 

@@ -25,6 +25,9 @@ pub struct MigrationPlan {
     pub stage_base: bool,
     pub bandwidth_mib_s: Option<u64>,
     pub timeout_ms: u64,
+    /// Longest pause allowed at switchover (QEMU's downtime limit; its default is 300 ms).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
 }
 
 /// Forward steps, in order.
@@ -380,6 +383,7 @@ mod tests {
             stage_base,
             bandwidth_mib_s: None,
             timeout_ms: 60_000,
+            max_downtime_ms: None,
         }
     }
 
