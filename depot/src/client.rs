@@ -58,12 +58,8 @@ pub fn client_endpoint(
     identity: &Identity,
     tuning: PathTuning,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let mut ep = quinn::Endpoint::client(
-        "0.0.0.0:0"
-            .parse()
-            .map_err(|_| ClientError::Bind(std::io::Error::other("bad bind address")))?,
-    )
-    .map_err(ClientError::Bind)?;
+    let mut ep = transfer::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None, tuning)
+        .map_err(ClientError::Bind)?;
     let mut cfg = identity.client_config(alpn::DEPOT)?;
     cfg.transport_config(Arc::new(transport_config(tuning)));
     ep.set_default_client_config(cfg);
@@ -74,7 +70,7 @@ pub fn client_endpoint(
 pub async fn connect_on(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
-) -> Result<(quinn::Connection, String), ClientError> {
+) -> Result<(quinn::Connection, identity::PeerIdentity), ClientError> {
     let conn = endpoint
         .connect(addr, &identity::server_name(Role::Depot))
         .map_err(|source| ClientError::Connect { addr, source })?
@@ -84,7 +80,7 @@ pub async fn connect_on(
     if peer.role != Role::Depot {
         return Err(ClientError::NotADepot { addr });
     }
-    Ok((conn, peer.site))
+    Ok((conn, peer))
 }
 
 impl DepotClient {
@@ -94,7 +90,8 @@ impl DepotClient {
         tuning: PathTuning,
     ) -> Result<Self, ClientError> {
         let endpoint = client_endpoint(identity, tuning)?;
-        let (conn, site) = connect_on(&endpoint, addr).await?;
+        let (conn, peer) = connect_on(&endpoint, addr).await?;
+        let site = peer.site;
         Ok(Self {
             endpoint,
             conn,

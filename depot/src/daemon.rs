@@ -248,9 +248,11 @@ pub async fn run(
     let transport = Arc::new(transport_config(cfg.path));
     server.transport_config(transport.clone());
     let mut endpoint =
-        quinn::Endpoint::server(server, cfg.listen).map_err(|source| DaemonError::Listen {
-            addr: cfg.listen,
-            source,
+        transfer::endpoint(cfg.listen, Some(server), cfg.path).map_err(|source| {
+            DaemonError::Listen {
+                addr: cfg.listen,
+                source,
+            }
         })?;
     let mut client = identity.client_config(alpn::DEPOT)?;
     client.transport_config(transport);
@@ -329,11 +331,12 @@ async fn peer_sources(inner: &Inner) -> Vec<(PeerConfig, Source)> {
     let mut out = Vec::new();
     for p in &inner.cfg.peers {
         match crate::client::connect_on(&inner.endpoint, p.addr).await {
-            Ok((conn, site)) if site == p.site => {
-                out.push((p.clone(), Source { name: site, conn }))
+            Ok((conn, peer)) if peer.site == p.site => {
+                let name = format!("{}/{}", peer.site, peer.host);
+                out.push((p.clone(), Source { name, conn }))
             }
-            Ok((_, site)) => {
-                tracing::warn!(expected = %p.site, %site, addr = %p.addr, "peer certificate names another site; skipped")
+            Ok((_, peer)) => {
+                tracing::warn!(expected = %p.site, site = %peer.site, addr = %p.addr, "peer certificate names another site; skipped")
             }
             Err(e) => {
                 tracing::warn!(peer = %p.site, error = %viola_common::errors::chain(&e), "peer unreachable")
@@ -493,15 +496,15 @@ fn single_vm_scenario(
         ingress_bps: bps(inner.cfg.path.rate_mbit),
     }];
     let mut links = Vec::new();
-    for (p, _) in peers {
+    for (p, s) in peers {
         let rate = bps(p.rate_mbit.unwrap_or(inner.cfg.path.rate_mbit));
         sites.push(SiteSpec {
-            name: p.site.clone(),
+            name: s.name.clone(),
             egress_bps: rate,
             ingress_bps: rate,
         });
         links.push(LinkSpec {
-            from: p.site.clone(),
+            from: s.name.clone(),
             to: me.clone(),
             bytes_per_sec: rate,
         });

@@ -6,7 +6,8 @@
 //! verified chunks (zero chunks become holes) to a temp name and renames it into place, checks
 //! with `qemu-img info` that every part's backing reference is exactly its parent (a hostile
 //! part naming `/etc/shadow` as backing file or an external data file is refused), then creates
-//! the VM's overlay with an absolute backing path and runs `qemu-img check`.
+//! the VM's overlay (backing file: the top part's relative name, so it resolves in whatever
+//! mount namespace sees the directory) and runs `qemu-img check`.
 
 use std::fs::{self, File};
 use std::io;
@@ -201,10 +202,17 @@ pub fn assemble(
         )?;
         chain.push(path);
     }
-    let overlay = match (vm, m.top(), chain.last()) {
-        (Some(vm), Some(top), Some(top_path)) => {
+    let overlay = match (vm, m.top()) {
+        (Some(vm), Some(top)) => {
             let overlay = image_dir.join(format!("{vm}.qcow2"));
-            qemu::create_overlay(&overlay, top_path, top.format, m.overlay.cluster_size)?;
+            // Relative backing name: valid in every mount namespace that sees the directory
+            // (a lab host sees its image directory under another path than the depot does).
+            qemu::create_overlay(
+                &overlay,
+                Path::new(&top.file_name()),
+                top.format,
+                m.overlay.cluster_size,
+            )?;
             qemu::check(&overlay)?;
             Some(overlay)
         }
@@ -232,16 +240,60 @@ fn write_part(
     let result = (|| {
         let f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
         f.set_len(idx.size).map_err(io_err("sizing", &tmp))?;
-        let mut off = 0u64;
-        for c in &idx.chunks {
-            if !c.zero {
-                let data = store.read_chunk(&c.hash)?;
-                f.write_all_at(&data, off)
-                    .map_err(io_err("writing", &tmp))?;
+        // Chunks are independent: read, verify and write them on every core, in interleaved
+        // stripes so the threads stream through the file together.
+        let offsets = idx.offsets();
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 4);
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let stripe = 16;
+        std::thread::scope(|scope| -> Result<(), ImageError> {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (f, offsets, written, tmp) = (&f, &offsets, &written, &tmp);
+                    scope.spawn(move || -> Result<(), ImageError> {
+                        let mut i = t * stripe;
+                        while i < idx.chunks.len() {
+                            for (c, &offset) in
+                                idx.chunks.iter().zip(offsets.iter()).skip(i).take(stripe)
+                            {
+                                if !c.zero {
+                                    let data = store.read_chunk(&c.hash)?;
+                                    f.write_all_at(&data, offset)
+                                        .map_err(io_err("writing", tmp))?;
+                                }
+                                written.fetch_add(
+                                    u64::from(c.len),
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                            }
+                            i += threads * stripe;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            let mut result = Ok(());
+            for w in workers {
+                while !w.is_finished() {
+                    progress(written.load(std::sync::atomic::Ordering::Relaxed));
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                let r = w.join().unwrap_or_else(|_| {
+                    Err(ImageError::Io {
+                        what: "writing (worker panicked)",
+                        path: tmp.clone(),
+                        source: io::Error::other("panic"),
+                    })
+                });
+                if result.is_ok() {
+                    result = r;
+                }
             }
-            off += u64::from(c.len);
-            progress(off);
-        }
+            result
+        })?;
+        progress(idx.size);
         f.sync_all().map_err(io_err("syncing", &tmp))?;
         fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
         File::open(dir)

@@ -72,6 +72,7 @@ impl PartIndex {
         let (tag, a, b, c) = match self.chunker {
             ChunkerSpec::Fixed { size } => (1u8, size, 0, 0),
             ChunkerSpec::FastCdc { min, avg, max } => (2u8, min, avg, max),
+            ChunkerSpec::FastCdcAligned { min, avg, max } => (3u8, min, avg, max),
         };
         out.push(tag);
         for v in [a, b, c] {
@@ -119,6 +120,11 @@ impl PartIndex {
         let chunker = match bytes[48] {
             1 if b == 0 && c == 0 => ChunkerSpec::Fixed { size: a },
             2 => ChunkerSpec::FastCdc {
+                min: a,
+                avg: b,
+                max: c,
+            },
+            3 => ChunkerSpec::FastCdcAligned {
                 min: a,
                 avg: b,
                 max: c,
@@ -248,6 +254,31 @@ mod tests {
             if let Ok(other) = PartIndex::decode(&bytes) {
                 prop_assert_ne!(other.id(), idx.id());
             }
+        }
+    }
+
+    #[test]
+    fn every_chunker_kind_round_trips() {
+        for chunker in [
+            ChunkerSpec::Fixed { size: 65536 },
+            ChunkerSpec::FastCdc {
+                min: 16384,
+                avg: 65536,
+                max: 262144,
+            },
+            ChunkerSpec::default(),
+        ] {
+            let idx = PartIndex {
+                size: 10,
+                content_hash: Hash::of(b""),
+                chunker,
+                chunks: vec![ChunkEntry {
+                    hash: Hash::of(b""),
+                    len: 10,
+                    zero: false,
+                }],
+            };
+            assert_eq!(PartIndex::decode(&idx.encode()), Ok(idx));
         }
     }
 

@@ -56,6 +56,8 @@ pub struct PathTuning {
     pub rate_mbit: f64,
     /// Expected round-trip time, ms.
     pub rtt_ms: f64,
+    #[serde(default)]
+    pub congestion: Congestion,
 }
 
 impl Default for PathTuning {
@@ -63,8 +65,66 @@ impl Default for PathTuning {
         Self {
             rate_mbit: 1000.0,
             rtt_ms: 50.0,
+            congestion: Congestion::Cubic,
         }
     }
+}
+
+/// QUIC congestion controller.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    #[default]
+    Cubic,
+    /// quinn's BBR (marked experimental by quinn).
+    Bbr,
+}
+
+/// A UDP socket for a QUIC endpoint with kernel buffers of at least `bytes` each way: the
+/// default (~200 kB) overflows at a few hundred Mbit/s and the drops look like congestion.
+pub fn udp_socket(
+    addr: std::net::SocketAddr,
+    bytes: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let fd = sock.as_raw_fd();
+    let size = bytes.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| {
+            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        // The FORCE variant needs CAP_NET_ADMIN; otherwise take what rmem_max allows.
+        if set(force) != 0 {
+            let _ = set(plain);
+        }
+    }
+    Ok(sock)
+}
+
+/// A quinn endpoint on `addr` with large socket buffers (a server if `server` is given).
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    tuning: PathTuning,
+) -> std::io::Result<quinn::Endpoint> {
+    let buf = (4 * tuning.bdp() as usize).max(8 << 20);
+    let sock = udp_socket(addr, buf)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, sock, runtime)
 }
 
 impl PathTuning {
@@ -87,6 +147,9 @@ pub fn transport_config(t: PathTuning) -> quinn::TransportConfig {
         .max_concurrent_bidi_streams(VarInt::from_u32(256))
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .initial_rtt(Duration::from_secs_f64((t.rtt_ms / 1e3).max(0.001)));
+    if t.congestion == Congestion::Bbr {
+        cfg.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     cfg
 }
 
@@ -482,9 +545,8 @@ pub async fn serve_connection(
     };
     let mut streams = tokio::task::JoinSet::new();
     loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(_) => break,
+        let Ok((send, recv)) = conn.accept_bi().await else {
+            break;
         };
         let (store, stager, peer) = (store.clone(), stager.clone(), peer.clone());
         streams.spawn(async move {

@@ -31,7 +31,7 @@ use viola_depot::image;
 use viola_depot::planner::{self, Scenario};
 use viola_depot::scenario_gen::{GenParams, generate};
 use viola_depot::store::Store;
-use viola_depot::transfer::{self, FetchOptions, PathTuning};
+use viola_depot::transfer::{self, Congestion, FetchOptions, PathTuning};
 
 #[derive(Parser)]
 #[command(
@@ -54,7 +54,24 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum CongestionArg {
+    Cubic,
+    Bbr,
+}
+
+impl From<CongestionArg> for Congestion {
+    fn from(c: CongestionArg) -> Self {
+        match c {
+            CongestionArg::Cubic => Self::Cubic,
+            CongestionArg::Bbr => Self::Bbr,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ChunkerKind {
+    /// FastCDC with cut points on 4 KiB block boundaries (the default).
+    FastcdcAligned,
     Fastcdc,
     Fixed,
 }
@@ -66,7 +83,7 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         name: String,
-        #[arg(long, value_enum, default_value = "fastcdc")]
+        #[arg(long, value_enum, default_value = "fastcdc-aligned")]
         chunker: ChunkerKind,
         /// Average (fastcdc; min = avg/4, max = 4·avg) or fixed chunk size in KiB.
         #[arg(long, default_value_t = 64)]
@@ -121,6 +138,8 @@ enum Command {
         rate_mbit: Option<f64>,
         #[arg(long)]
         rtt_ms: Option<f64>,
+        #[arg(long, value_enum)]
+        congestion: Option<CongestionArg>,
     },
     /// Fetch an image (manifest and parts) from other depots into the local store.
     Fetch {
@@ -136,6 +155,8 @@ enum Command {
         rate_mbit: f64,
         #[arg(long, default_value_t = 50.0)]
         rtt_ms: f64,
+        #[arg(long, value_enum, default_value = "cubic")]
+        congestion: CongestionArg,
         /// Print the fetch report as JSON.
         #[arg(long)]
         json: bool,
@@ -179,6 +200,14 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Benchmark: chunk verification (BLAKE3 per chunk, as every transfer does) against raw
+    /// single-threaded BLAKE3 of the same bytes; prints JSON.
+    #[command(hide = true)]
+    BenchVerify {
+        file: PathBuf,
+        #[arg(long, default_value_t = 15)]
+        rounds: u32,
+    },
     /// Measure deduplication of files under several chunkers (no store needed).
     ChunkStats {
         files: Vec<PathBuf>,
@@ -218,6 +247,11 @@ fn chunker_spec(kind: ChunkerKind, kib: u32) -> anyhow::Result<ChunkerSpec> {
         ChunkerKind::Fixed => ChunkerSpec::Fixed { size: avg },
         ChunkerKind::Fastcdc => ChunkerSpec::FastCdc {
             min: avg / 4,
+            avg,
+            max: avg.saturating_mul(4),
+        },
+        ChunkerKind::FastcdcAligned => ChunkerSpec::FastCdcAligned {
+            min: (avg / 4).max(4096),
             avg,
             max: avg.saturating_mul(4),
         },
@@ -351,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             rate_mbit,
             rtt_ms,
+            congestion,
         } => {
             let mut cfg: DepotConfig = viola_common::config::load(config.as_deref())?;
             if let Some(v) = site {
@@ -377,6 +412,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(v) = rtt_ms {
                 cfg.path.rtt_ms = v;
             }
+            if let Some(v) = congestion {
+                cfg.path.congestion = v.into();
+            }
             if cli.store.as_os_str() != "/var/lib/viola/depot" {
                 cfg.store = cli.store.clone();
             }
@@ -398,17 +436,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             streams,
             rate_mbit,
             rtt_ms,
+            congestion,
             json,
         } => {
             let store = Store::open(&cli.store)?;
             let identity = Identity::load_dir(&identity)?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let ep = client_endpoint(&identity, PathTuning { rate_mbit, rtt_ms })?;
+                let ep = client_endpoint(&identity, PathTuning { rate_mbit, rtt_ms, congestion: congestion.into() })?;
                 let mut sources = Vec::new();
                 for addr in &from {
-                    let (conn, site) = connect_on(&ep, *addr).await?;
-                    sources.push(transfer::Source { name: site, conn });
+                    let (conn, peer) = connect_on(&ep, *addr).await?;
+                    sources.push(transfer::Source { name: format!("{}/{}", peer.site, peer.host), conn });
                 }
                 let m = match store.resolve(&image) {
                     Ok((_, m)) => m,
@@ -595,6 +634,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::BenchVerify { file, rounds } => {
+            let data =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let cuts = chunker::boundaries(ChunkerSpec::default(), &data)?;
+            let hashes: Vec<Hash> = cuts
+                .iter()
+                .map(|&(o, l)| Hash::of(&data[o as usize..o as usize + l]))
+                .collect();
+            // Interleaved rounds, alternating which goes first; medians (the machine is shared).
+            let (mut raws, mut verifies) = (Vec::new(), Vec::new());
+            for round in 0..rounds.max(1) {
+                for step in 0..2 {
+                    if (round + step) % 2 == 0 {
+                        let t = Instant::now();
+                        std::hint::black_box(blake3::hash(&data));
+                        raws.push(t.elapsed().as_secs_f64());
+                    } else {
+                        let t = Instant::now();
+                        let ok = cuts
+                            .iter()
+                            .zip(&hashes)
+                            .all(|(&(o, l), h)| Hash::of(&data[o as usize..o as usize + l]) == *h);
+                        verifies.push(t.elapsed().as_secs_f64());
+                        if !ok {
+                            bail!("verification failed on unchanged data");
+                        }
+                    }
+                }
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (raw, verify) = (median(&mut raws), median(&mut verifies));
+            let mb = data.len() as f64 / 1e6;
+            println!(
+                "{}",
+                serde_json::json!({ "bytes": data.len(), "chunks": cuts.len(), "raw_blake3_mb_s": mb / raw, "verify_mb_s": mb / verify, "verify_over_raw_blake3": raw / verify })
+            );
+        }
         Command::ChunkStats { files, json } => {
             let specs = [
                 ChunkerSpec::Fixed { size: 4096 },
@@ -605,6 +684,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max: 65536,
                 },
                 ChunkerSpec::FastCdc {
+                    min: 16384,
+                    avg: 65536,
+                    max: 262144,
+                },
+                ChunkerSpec::FastCdcAligned {
                     min: 16384,
                     avg: 65536,
                     max: 262144,

@@ -1,0 +1,134 @@
+//! Import and assembly with the real `qemu-img`.
+
+use std::path::Path;
+use std::process::Command;
+
+use viola_depot::chunker::ChunkerSpec;
+use viola_depot::image::{self, ImageError};
+use viola_depot::manifest::{DiskFormat, MANIFEST_VERSION, Manifest, OverlaySpec, PartRef};
+use viola_depot::store::Store;
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_io(image: &Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", cmd])
+        .arg(image)
+        .output()
+        .expect("qemu-io is installed");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn spec() -> ChunkerSpec {
+    ChunkerSpec::FastCdc {
+        min: 4096,
+        avg: 16384,
+        max: 65536,
+    }
+}
+
+#[test]
+fn a_chain_imported_elsewhere_assembles_to_the_same_disk_and_gets_a_checked_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let base = src.join("base.qcow2");
+    let layer = src.join("layer.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+    qemu_io(&base, "write -P 0x11 0 3M");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        layer.to_str().unwrap(),
+    ]);
+    qemu_io(&layer, "write -P 0x22 1M 2M");
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let (_, m) = image::import(&store, &layer, "demo", spec(), &mut |_, _| {}).unwrap();
+    assert_eq!(m.parts.len(), 2);
+    assert_eq!(m.parts[1].backing, Some(m.parts[0].id));
+
+    let host = dir.path().join("images/h1");
+    let a = image::assemble(&store, &m, &host, Some("vm1"), &mut |_, _| {}).unwrap();
+    let overlay = a.overlay.clone().unwrap();
+    // Same guest-visible content as the original chain.
+    qemu_img(&[
+        "compare",
+        "-q",
+        layer.to_str().unwrap(),
+        overlay.to_str().unwrap(),
+    ]);
+    // The layer's backing reference is the relative, content-addressed name of the base.
+    let info = viola_depot::qemu::info(&a.chain[1]).unwrap();
+    assert_eq!(
+        info.backing.as_deref(),
+        Some(m.parts[0].file_name().as_str())
+    );
+    // A second VM reuses the laid-down chain (verified, not rewritten) and never clobbers vm1.
+    let b = image::assemble(&store, &m, &host, Some("vm2"), &mut |_, _| {}).unwrap();
+    assert_eq!(b.reused, 2);
+    assert!(matches!(
+        image::assemble(&store, &m, &host, Some("vm1"), &mut |_, _| {}),
+        Err(ImageError::OverlayExists(_))
+    ));
+    // Hostile VM names never leave the image directory.
+    assert!(image::assemble(&store, &m, &host, Some("../escape"), &mut |_, _| {}).is_err());
+}
+
+#[test]
+fn a_part_whose_header_points_outside_the_chain_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("evil.qcow2");
+    // A "base" that would let the guest read a host file through its backing chain.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/etc/hostname",
+        "-F",
+        "raw",
+        evil.to_str().unwrap(),
+        "1M",
+    ]);
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let (idx, _) = store.import_file(&evil, spec(), |_| {}).unwrap();
+    let m = Manifest {
+        version: MANIFEST_VERSION,
+        name: "evil".into(),
+        parts: vec![PartRef {
+            id: idx.id(),
+            size: idx.size,
+            format: DiskFormat::Qcow2,
+            virtual_size: 1 << 20,
+            backing: None,
+            label: String::new(),
+        }],
+        overlay: OverlaySpec::default(),
+    };
+    let host = dir.path().join("h");
+    let err = image::assemble(&store, &m, &host, Some("vm"), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, ImageError::WrongBacking { .. }), "{err}");
+    assert!(!host.join("vm.qcow2").exists());
+}
