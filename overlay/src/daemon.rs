@@ -516,6 +516,30 @@ async fn acceptor(ctx: Rc<Ctx>, dial_tx: mpsc::Sender<SocketAddr>) {
                 }
                 Err(_) => return,
             };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol);
+            if alpn.as_deref() == Some(alpn::OVERLAY_CONTROL) {
+                match identity::peer_identity(&conn)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| {
+                        p.require_role(&[Role::Adaptmgr, Role::Cli])
+                            .map_err(|e| e.to_string())
+                    }) {
+                    Ok(()) => serve_control_connection(ctx, conn).await,
+                    Err(e) => {
+                        warn!(%remote, "control connection refused: {e}");
+                        *ctx.state
+                            .borrow_mut()
+                            .refused
+                            .entry("role".into())
+                            .or_default() += 1;
+                        conn.close(2u32.into(), b"role");
+                    }
+                }
+                return;
+            }
             handle_connection(ctx, conn, false, dial_tx).await;
         });
     }
@@ -834,44 +858,118 @@ async fn control_api(ctx: Rc<Ctx>, path: PathBuf) {
             else {
                 return;
             };
-            let reply = match serde_json::from_str::<ControlRequest>(&line) {
-                Ok(ControlRequest::Status) => serde_json::to_string(&status(&ctx)),
-                Ok(ControlRequest::ExpectMove { violin, mac, host }) => {
-                    let res = (|| {
-                        let v = ViolinId::new(violin).ok_or("violin id exceeds 24 bits")?;
-                        let m = wire::parse_mac(&mac).ok_or("bad MAC")?;
-                        let mut st = ctx.state.borrow_mut();
-                        let st = &mut *st;
-                        let ok = st.switch.expect_move(
-                            Instant::now(),
-                            v,
-                            m,
-                            host.as_str().into(),
-                            &mut st.out,
-                        );
-                        st.execute();
-                        if ok {
-                            Ok(())
-                        } else {
-                            Err("not a member of that violin")
-                        }
-                    })();
-                    info!(violin, %mac, %host, ok = res.is_ok(), "expect_move");
-                    serde_json::to_string(&match res {
-                        Ok(()) => serde_json::json!({"ok": true}),
-                        Err(e) => serde_json::json!({"ok": false, "error": e}),
-                    })
-                }
-                Err(e) => serde_json::to_string(
-                    &serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-                ),
-            };
-            if let Ok(mut reply) = reply {
-                reply.push('\n');
-                let _ = w.write_all(reply.as_bytes()).await;
-            }
+            let mut reply = answer(&ctx, &line);
+            reply.push('\n');
+            let _ = w.write_all(reply.as_bytes()).await;
         });
     }
+}
+
+/// Answers one control request (a JSON line) from the unix socket or a QUIC control stream.
+fn answer(ctx: &Ctx, line: &str) -> String {
+    let reply = match serde_json::from_str::<ControlRequest>(line) {
+        Ok(ControlRequest::Status) => serde_json::to_value(status(ctx)).unwrap_or_default(),
+        Ok(ControlRequest::ExpectMove { violin, mac, host }) => {
+            let res = (|| {
+                let v = ViolinId::new(violin).ok_or("violin id exceeds 24 bits")?;
+                let m = wire::parse_mac(&mac).ok_or("bad MAC")?;
+                let mut st = ctx.state.borrow_mut();
+                let st = &mut *st;
+                let ok =
+                    st.switch
+                        .expect_move(Instant::now(), v, m, host.as_str().into(), &mut st.out);
+                st.execute();
+                if ok {
+                    Ok(())
+                } else {
+                    Err("not a member of that violin")
+                }
+            })();
+            info!(violin, %mac, %host, ok = res.is_ok(), "expect_move");
+            match res {
+                Ok(()) => serde_json::json!({"ok": true}),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            }
+        }
+        Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    reply.to_string()
+}
+
+/// Serves control requests from an adaptation manager or CLI over QUIC (ALPN
+/// `viola-overlay-ctl/1`): one JSON request line per bidirectional stream, one reply line.
+async fn serve_control_connection(ctx: Rc<Ctx>, conn: quinn::Connection) {
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            () = ctx.token.cancelled() => return,
+            s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => return },
+        };
+        let Ok(Ok(body)) =
+            tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64 * 1024)).await
+        else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&body);
+        let mut reply = answer(&ctx, line.trim());
+        reply.push('\n');
+        let _ = send.write_all(reply.as_bytes()).await;
+        let _ = send.finish();
+    }
+}
+
+/// Sends one control request to the overlay daemon at `addr` over QUIC with mutual TLS
+/// (what the adaptation manager uses: its identity must have role `adaptmgr` or `cli`), and
+/// returns the reply (JSON).
+pub async fn remote_request(
+    me: &Identity,
+    addr: SocketAddr,
+    req: &ControlRequest,
+) -> Result<serde_json::Value, RemoteRequestError> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(RemoteRequestError::Io)?;
+    endpoint.set_default_client_config(me.client_config(alpn::OVERLAY_CONTROL)?);
+    let conn = endpoint
+        .connect(addr, &identity::server_name(Role::Overlay))
+        .map_err(|e| RemoteRequestError::Connect(e.to_string()))?
+        .await
+        .map_err(|e| RemoteRequestError::Connect(e.to_string()))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| RemoteRequestError::Connect(e.to_string()))?;
+    let body = serde_json::to_vec(req).map_err(|e| RemoteRequestError::Reply(e.to_string()))?;
+    send.write_all(&body)
+        .await
+        .map_err(|e| RemoteRequestError::Connect(e.to_string()))?;
+    let _ = send.finish();
+    let reply = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(16 << 20))
+        .await
+        .map_err(|_| RemoteRequestError::Connect("no reply within 10 s".into()))?
+        .map_err(|e| RemoteRequestError::Connect(e.to_string()))?;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    serde_json::from_slice(&reply).map_err(|e| RemoteRequestError::Reply(e.to_string()))
+}
+
+/// Why a remote control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteRequestError {
+    /// Local socket.
+    #[error("cannot open a QUIC endpoint")]
+    Io(#[source] io::Error),
+    /// TLS configuration from the identity.
+    #[error("TLS configuration")]
+    Tls(#[from] identity::TlsConfigError),
+    /// Connecting, sending or receiving (includes refusal by the daemon).
+    #[error("overlay control connection: {0}")]
+    Connect(String),
+    /// The reply is not JSON.
+    #[error("bad reply: {0}")]
+    Reply(String),
 }
 
 /// Sends one request to a running daemon's control socket and returns the reply line.

@@ -3,7 +3,8 @@
 //! keeps fetching pages from it over TCP. The move is announced in advance to the overlay
 //! (`expect-move`, as the adaptation manager does), the guest keeps its IP and MAC, the pings
 //! lost are recorded against QEMU's own downtime, and after the move a2's traffic goes to b1
-//! only.
+//! only. The advance notice travels the way the adaptation manager sends it: QUIC with mutual
+//! TLS and a certificate of role `adaptmgr`.
 
 #[path = "overlay_util.rs"]
 mod util;
@@ -146,9 +147,26 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         .spawn()?;
     std::thread::sleep(Duration::from_secs(3));
 
-    // The adaptation manager's advance notice, then the move.
+    // The adaptation manager's advance notice (over QUIC with its own certificate, from a2),
+    // then the move.
+    let mgr = o.path("pki-adaptmgr");
+    o.ca(&[
+        "issue",
+        "--ca-dir",
+        ca,
+        "--role",
+        "adaptmgr",
+        "--site",
+        "a",
+        "--host",
+        "mgr",
+        "--out",
+        mgr.to_str().context("path")?,
+    ])?;
     run_ok(
-        Command::new(bin("viola-overlay"))
+        Command::new("ip")
+            .args(["netns", "exec", &ns("a2")])
+            .arg(bin("viola-overlay"))
             .args([
                 "expect-move",
                 "--violin",
@@ -158,8 +176,9 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
                 "--host",
                 "b/b1",
             ])
-            .arg("--socket")
-            .arg(o.socket("a1")),
+            .args(["--remote", &format!("{}:4500", lab.host("a1").address)])
+            .arg("--identity-dir")
+            .arg(&mgr),
     )?;
     create_overlay(&lab, "b1", &guest)?;
     let start = Instant::now();

@@ -4,6 +4,7 @@
 //! viola-overlay run --config /etc/viola/overlay.toml [--listen ADDR] [--identity-dir DIR]
 //! viola-overlay status [--json] [--socket PATH]
 //! viola-overlay expect-move --violin 1 --mac 52:54:00:00:00:05 --host b/b1 [--socket PATH]
+//! viola-overlay status --remote 198.18.1.11:4500 --identity-dir /etc/viola/adaptmgr  # over QUIC
 //! ```
 
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Tell the daemon (and through it every member) that a MAC will move to a host.
     ExpectMove {
@@ -63,7 +66,39 @@ enum Cmd {
         host: String,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
     },
+}
+
+/// Talk to a daemon over QUIC (mutual TLS) instead of its local socket.
+#[derive(clap::Args)]
+struct Remote {
+    /// The daemon's QUIC address (e.g. 198.18.1.11:4500).
+    #[arg(long)]
+    remote: Option<SocketAddr>,
+    /// Our identity (cert.pem, key.pem, ca.pem) with role adaptmgr or cli; needed with --remote.
+    #[arg(long, default_value = "/etc/viola/cli")]
+    identity_dir: PathBuf,
+}
+
+async fn ask(
+    socket: &std::path::Path,
+    remote: &Remote,
+    req: &ControlRequest,
+) -> anyhow::Result<String> {
+    match remote.remote {
+        Some(addr) => {
+            let me = viola_common::identity::Identity::load_dir(&remote.identity_dir)?;
+            let reply = daemon::remote_request(&me, addr, req)
+                .await
+                .with_context(|| format!("cannot reach daemon at {addr}"))?;
+            Ok(reply.to_string())
+        }
+        None => daemon::request(socket, req)
+            .await
+            .with_context(|| format!("cannot reach daemon at {}", socket.display())),
+    }
 }
 
 fn format_status(s: &DaemonStatus) -> String {
@@ -210,10 +245,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let token = viola_common::shutdown::signal_token()?;
             daemon::run(cfg, token).await?;
         }
-        Cmd::Status { json, socket } => {
-            let reply = daemon::request(&socket, &ControlRequest::Status)
-                .await
-                .with_context(|| format!("cannot reach daemon at {}", socket.display()))?;
+        Cmd::Status {
+            json,
+            socket,
+            remote,
+        } => {
+            let reply = ask(&socket, &remote, &ControlRequest::Status).await?;
             if json {
                 emit(&reply);
             } else {
@@ -227,10 +264,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mac,
             host,
             socket,
+            remote,
         } => {
-            let reply = daemon::request(&socket, &ControlRequest::ExpectMove { violin, mac, host })
-                .await
-                .with_context(|| format!("cannot reach daemon at {}", socket.display()))?;
+            let req = ControlRequest::ExpectMove { violin, mac, host };
+            let reply = ask(&socket, &remote, &req).await?;
             let v: serde_json::Value =
                 serde_json::from_str(&reply).context("unexpected reply from daemon")?;
             if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
