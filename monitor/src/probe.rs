@@ -57,7 +57,7 @@ pub async fn run_probe(cfg: &ProbeConfig) -> ProbeResult {
         let host = authority.split(':').next().unwrap_or_default();
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
             .await?;
-        let mut head = vec![0u8; 64];
+        let mut head = [0u8; 64];
         let mut n = 0;
         while n < 12 {
             let got = s.read(&mut head[n..]).await?;

@@ -67,10 +67,8 @@ pub fn open(host: &str) -> Arc<dyn Hypervisor> {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs CMD inside lab host HOST's namespaces; returns stdout (panics on failure).
