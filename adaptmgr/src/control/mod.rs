@@ -6,3 +6,6 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod wire;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,235 @@
+//! The control plane end to end in-process: a real QUIC + mutual-TLS endpoint, real
+//! certificates from a test CA, the manager over a fake federation of hypervisors, and a fake
+//! overlay control socket.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+use viola_common::identity::{CertificateAuthority, Identity, PeerIdentity, Role, alpn};
+
+use super::client::Client;
+use super::proto::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize, VmUsage};
+use crate::hypervisor::fake::{FakeCluster, sample_domain_xml};
+use crate::hypervisor::{DomainState, Hypervisor};
+use crate::inventory::{Inventory, ViolinRecord};
+use crate::manager::{HostConfig, Manager, ManagerConfig};
+use crate::migration::Outcome;
+
+fn identity(ca: &CertificateAuthority, role: Role, site: &str, host: &str) -> Identity {
+    ca.issue(&PeerIdentity::new(role, site, host).unwrap(), 1)
+        .unwrap()
+        .to_identity()
+        .unwrap()
+}
+
+fn report(host: &str, seq: u64) -> Request {
+    Request::Report(HostReport {
+        host: host.into(),
+        site: "a".into(),
+        seq,
+        sent_ms: 0,
+        usage: HostUsage {
+            cpus: 8,
+            cpu_busy: 0.1,
+            mem_total_kib: 16 << 20,
+            mem_available_kib: 8 << 20,
+            net: vec![],
+        },
+        vms: vec![VmUsage {
+            name: "vm1".into(),
+            uuid: "u".into(),
+            state: DomainState::Running,
+            vcpus: 1,
+            max_vcpus: 2,
+            cpu_time_ns: 0,
+            cpu_busy: 0.0,
+            memory_kib: 262_144,
+            max_memory_kib: 262_144,
+            balloon_kib: None,
+            rss_kib: None,
+            disks: vec![],
+            nics: vec![],
+        }],
+        probes: vec![],
+    })
+}
+
+#[tokio::test]
+async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+
+    // A fake overlay daemon: answers every expect_move with ok and remembers it.
+    let socket = dir.path().join("overlay.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<String>(8);
+    let overlay = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let _ = BufReader::new(r).read_line(&mut line).await;
+            let _ = seen_tx.send(line).await;
+            let _ = w.write_all(b"{\"ok\":true}\n").await;
+        }
+    });
+
+    let cluster = FakeCluster::new();
+    let a1 = cluster.host("fake://a1");
+    cluster.host("fake://b1");
+    for h in ["fake://a1", "fake://b1"] {
+        cluster.add_image(h, "/img/base.qcow2", 1 << 30, None);
+    }
+    cluster.add_image(
+        "fake://a1",
+        "/img/vm1.qcow2",
+        1 << 30,
+        Some("/img/base.qcow2"),
+    );
+    a1.define(&sample_domain_xml(
+        "vm1",
+        "/img/vm1.qcow2",
+        "/img/base.qcow2",
+        "52:54:00:00:00:01",
+    ))
+    .unwrap();
+    a1.start("vm1").unwrap();
+
+    let host = |name: &str, site: &str| HostConfig {
+        name: name.into(),
+        site: site.into(),
+        libvirt_uri: format!("fake://{name}"),
+        migration_uri: None,
+        images_local: None,
+        overlay_socket: Some(socket.clone()),
+    };
+    let cfg = ManagerConfig {
+        hosts: vec![host("a1", "a"), host("b1", "b")],
+        ..ManagerConfig::default()
+    };
+    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+    let manager =
+        Arc::new(Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap());
+    let server_cfg = identity(&ca, Role::Adaptmgr, "fed", "mgr")
+        .server_config(&[alpn::ADAPTMGR])
+        .unwrap();
+    let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let token = CancellationToken::new();
+    let server = tokio::spawn(super::server::serve(
+        endpoint,
+        Arc::clone(&manager),
+        token.clone(),
+    ));
+
+    // The monitor of a1 reports; the manager learns the VM and fetches its definition.
+    let mon = Client::connect(&identity(&ca, Role::Monitor, "a", "a1"), addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        mon.call(&report("a1", 1), |_| {}).await.unwrap(),
+        Response::Ack
+    );
+    let vm = inventory.vm("vm1").unwrap().unwrap();
+    assert_eq!(vm.host, "a1");
+    assert!(vm.domain_xml.is_some());
+    // A monitor may not read the inventory, nor report for another host.
+    assert!(matches!(
+        mon.call(&Request::ListVms, |_| {}).await.unwrap(),
+        Response::Error { .. }
+    ));
+    let other = Client::connect(&identity(&ca, Role::Monitor, "a", "a2"), addr)
+        .await
+        .unwrap();
+    match other.call(&report("a1", 2), |_| {}).await.unwrap() {
+        Response::Error { message } => assert!(message.contains("may only report"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+
+    let cli = Client::connect(&identity(&ca, Role::Cli, "fed", "me"), addr)
+        .await
+        .unwrap();
+    let Response::Vms(vms) = cli.call(&Request::ListVms, |_| {}).await.unwrap() else {
+        panic!("no vm list");
+    };
+    assert_eq!(vms.len(), 1);
+    let resize = Request::Resize(VmResize {
+        vm: "vm1".into(),
+        vcpus: Some(2),
+        memory_mib: Some(128),
+        cap_percent: None,
+        shares: None,
+    });
+    assert_eq!(cli.call(&resize, |_| {}).await.unwrap(), Response::Ack);
+    let d = a1.domain("vm1").unwrap().unwrap();
+    assert_eq!((d.vcpus, d.memory_kib), (2, 128 * 1024));
+
+    // Not in a violin: the overlay cannot be told, so the move is rolled back.
+    let mv = Request::Migrate(VmMigrate {
+        vm: "vm1".into(),
+        to_host: "b1".into(),
+        bandwidth_mib_s: None,
+        stage_base: true,
+        timeout_s: Some(30),
+    });
+    let Response::Migrated(report) = cli.call(&mv, |_| {}).await.unwrap() else {
+        panic!("no migration report");
+    };
+    assert!(
+        matches!(&report.outcome, Outcome::RolledBack { reason } if reason.contains("violin")),
+        "{:?}",
+        report.outcome
+    );
+    assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);
+
+    // In a violin: the overlay is told, the VM moves, the inventory follows.
+    inventory
+        .put_violin(&ViolinRecord {
+            name: "lan".into(),
+            vni: 42,
+            vms: vec!["vm1".into()],
+        })
+        .unwrap();
+    let mut rec = inventory.vm("vm1").unwrap().unwrap();
+    rec.violin = Some("lan".into());
+    inventory.put_vm(&rec).unwrap();
+    let mut progress = 0;
+    let last = cli
+        .call(&mv, |r| {
+            if matches!(r, Response::Progress(_)) {
+                progress += 1;
+            }
+        })
+        .await
+        .unwrap();
+    let Response::Migrated(report) = last else {
+        panic!("{last:?}")
+    };
+    assert!(
+        matches!(report.outcome, Outcome::Migrated { .. }),
+        "{:?}",
+        report.outcome
+    );
+    assert!(progress > 0, "no progress frames");
+    assert_eq!(cluster.hosts_running("vm1"), vec!["fake://b1".to_string()]);
+    assert_eq!(inventory.vm("vm1").unwrap().unwrap().host, "b1");
+    let told = seen_rx.recv().await.unwrap();
+    assert!(
+        told.contains("\"expect_move\"") && told.contains("\"b/b1\"") && told.contains("42"),
+        "{told}"
+    );
+    assert!(
+        inventory
+            .events_after(0)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "migration")
+    );
+
+    cli.close().await;
+    mon.close().await;
+    other.close().await;
+    token.cancel();
+    server.await.unwrap();
+    overlay.abort();
+}
