@@ -45,11 +45,43 @@ pub struct Scratch<'a> {
     pub vm_host: Vec<Option<usize>>,
     ram_free: Vec<f64>,
     bw_free: Vec<f64>,
+    /// Per host: Σ over its VMs of history[i] × MIPS (kept up to date by add/remove).
+    hist_sum: Vec<[f64; HISTORY_LENGTH]>,
+    /// Per host: Σ of its VMs' requests capped at a core, and uncapped.
+    capped_sum: Vec<f64>,
+    req_sum: Vec<f64>,
 }
 
 impl<'a> Scratch<'a> {
     pub fn new(st: &'a ObservedState) -> Self {
+        let mut hist_sum = vec![[0.0; HISTORY_LENGTH]; st.hosts.len()];
+        for (h, host) in st.hosts.iter().enumerate() {
+            for &vm in &host.vms {
+                Self::accumulate(&mut hist_sum[h], &st.vms[vm], 1.0);
+            }
+        }
+        let capped_sum = st
+            .hosts
+            .iter()
+            .map(|h| {
+                h.vms
+                    .iter()
+                    .map(|&v| {
+                        st.vms[v].requested_per_pe().min(h.pe_mips)
+                            * f64::from(st.vms[v].pes.max(1))
+                    })
+                    .sum()
+            })
+            .collect();
+        let req_sum = st
+            .hosts
+            .iter()
+            .map(|h| h.vms.iter().map(|&v| st.vms[v].requested_mips).sum())
+            .collect();
         Self {
+            hist_sum,
+            capped_sum,
+            req_sum,
             st,
             host_vms: st.hosts.iter().map(|h| h.vms.clone()).collect(),
             vm_host: st.vms.iter().map(|v| v.host).collect(),
@@ -62,6 +94,28 @@ impl<'a> Scratch<'a> {
         }
     }
 
+    fn accumulate(sum: &mut [f64; HISTORY_LENGTH], v: &super::VmObs, sign: f64) {
+        for (i, u) in v.history.iter().take(HISTORY_LENGTH).enumerate() {
+            sum[i] += sign * u * v.mips;
+        }
+    }
+
+    /// Recomputes a host's cached sums in VM order (exactly as a from-scratch sum would be, so
+    /// adding and removing a VM leaves no rounding residue behind).
+    fn recompute(&mut self, h: usize) {
+        let mut hist = [0.0; HISTORY_LENGTH];
+        let (mut capped, mut req) = (0.0, 0.0);
+        for &vm in &self.host_vms[h] {
+            let v = &self.st.vms[vm];
+            Self::accumulate(&mut hist, v, 1.0);
+            capped += self.capped(h, vm);
+            req += v.requested_mips;
+        }
+        self.hist_sum[h] = hist;
+        self.capped_sum[h] = capped;
+        self.req_sum[h] = req;
+    }
+
     fn capped(&self, h: usize, vm: usize) -> f64 {
         let v = &self.st.vms[vm];
         v.requested_per_pe().min(self.st.hosts[h].pe_mips) * f64::from(v.pes.max(1))
@@ -70,7 +124,7 @@ impl<'a> Scratch<'a> {
     /// MIPS the VMs on `h` would be allocated (time-shared scheduler with over-subscription).
     pub fn allocated_mips(&self, h: usize) -> f64 {
         let cap = self.st.hosts[h].total_mips();
-        let total: f64 = self.host_vms[h].iter().map(|&v| self.capped(h, v)).sum();
+        let total = self.capped_sum[h];
         if total <= cap {
             total
         } else {
@@ -84,16 +138,13 @@ impl<'a> Scratch<'a> {
 
     fn available_mips(&self, h: usize) -> f64 {
         let cap = self.st.hosts[h].total_mips();
-        let total: f64 = self.host_vms[h].iter().map(|&v| self.capped(h, v)).sum();
+        let total = self.capped_sum[h];
         if total <= cap { cap - total } else { 0.0 }
     }
 
     /// Sum of the VMs' requested MIPS (uncapped) on `h`.
     pub fn requested_mips(&self, h: usize) -> f64 {
-        self.host_vms[h]
-            .iter()
-            .map(|&v| self.st.vms[v].requested_mips)
-            .sum()
+        self.req_sum[h]
     }
 
     /// Requested utilisation of `h` (may exceed 1).
@@ -114,6 +165,7 @@ impl<'a> Scratch<'a> {
     pub fn add(&mut self, h: usize, vm: usize) {
         self.host_vms[h].push(vm);
         self.vm_host[vm] = Some(h);
+        self.recompute(h);
         self.ram_free[h] -= self.st.vms[vm].ram_reserved_mb;
         self.bw_free[h] -= self.st.vms[vm].bw_reserved_mbps;
     }
@@ -121,6 +173,7 @@ impl<'a> Scratch<'a> {
     pub fn remove(&mut self, h: usize, vm: usize) {
         if let Some(pos) = self.host_vms[h].iter().rposition(|&x| x == vm) {
             self.host_vms[h].remove(pos);
+            self.recompute(h);
             self.ram_free[h] += self.st.vms[vm].ram_reserved_mb;
             self.bw_free[h] += self.st.vms[vm].bw_reserved_mbps;
         }
@@ -133,15 +186,24 @@ impl<'a> Scratch<'a> {
     /// all-zero tail trimmed (CloudSim's `PowerHostUtilizationHistory.getUtilizationHistory`).
     pub fn host_history(&self, h: usize) -> Vec<f64> {
         let host_mips = self.st.hosts[h].total_mips();
-        let mut hist = [0.0f64; HISTORY_LENGTH];
+        // Live VMs' samples are positive in the CloudSim model (a VM at 0 leaves), so the trimmed
+        // length is the longest history on the host; the sums are cached per host.
+        let mut len = 0;
         for &vm in &self.host_vms[h] {
             let v = &self.st.vms[vm];
-            for (i, u) in v.history.iter().take(HISTORY_LENGTH).enumerate() {
-                hist[i] += u * v.mips / host_mips;
+            if let Some(last) = v
+                .history
+                .iter()
+                .take(HISTORY_LENGTH)
+                .rposition(|&u| u != 0.0)
+            {
+                len = len.max(last + 1);
             }
         }
-        let len = hist.iter().rposition(|&x| x != 0.0).map_or(0, |i| i + 1);
-        hist[..len].to_vec()
+        self.hist_sum[h][..len]
+            .iter()
+            .map(|s| s / host_mips)
+            .collect()
     }
 }
 
@@ -276,6 +338,14 @@ pub fn pabfd(sc: &mut Scratch, det: &Detector, vm: usize, excluded: &[bool]) -> 
             continue;
         }
         let util_mips = sc.allocated_mips(h);
+        let host = &sc.st.hosts[h];
+        let after = (util_mips + req) / host.total_mips();
+        let diff = host.power.power(after) - host.power.power(host.utilization);
+        // Same result as checking every host (hosts are scanned in order and only a strictly
+        // smaller increase wins), but the costly overload check runs only for would-be winners.
+        if diff >= min_diff {
+            continue;
+        }
         if util_mips != 0.0 {
             sc.add(h, vm);
             let over = det.overloaded(sc, h);
@@ -284,13 +354,8 @@ pub fn pabfd(sc: &mut Scratch, det: &Detector, vm: usize, excluded: &[bool]) -> 
                 continue;
             }
         }
-        let host = &sc.st.hosts[h];
-        let after = (util_mips + req) / host.total_mips();
-        let diff = host.power.power(after) - host.power.power(host.utilization);
-        if diff < min_diff {
-            min_diff = diff;
-            best = Some(h);
-        }
+        min_diff = diff;
+        best = Some(h);
     }
     best
 }
