@@ -78,7 +78,7 @@ impl Default for DepotConfig {
             hosts: Vec::new(),
             peers: Vec::new(),
             path: PathTuning::default(),
-            streams_per_source: 4,
+            streams_per_source: 8,
             range_chunks: 64,
             assembly_bytes_per_sec: 400e6,
             chunker: ChunkerSpec::default(),

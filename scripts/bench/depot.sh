@@ -3,7 +3,7 @@
 #
 #   scripts/bench/depot.sh [--json FILE] [--skip-lab] [--only verify|assembly|planner|transfer]
 #   Extra options for the depot daemon and fetch in the transfer run: DEPOT_XFER_ARGS (e.g.
-#   "--congestion bbr").
+#   "--congestion cubic"); fetch-only options in DEPOT_FETCH_ARGS (e.g. "--streams 8").
 #
 #   transfer_over_iperf3                   verified multi-stream fetch a1 -> b1 across the lab's WAN
 #                                          link (10 ms one way, 200 Mbit/s) / iperf3 on the same link
@@ -130,7 +130,7 @@ if [ "$SKIP_LAB" = 0 ] && want transfer; then
     ip netns exec vdb-a1 "$VD" --quiet --store "$WORK/store" serve --site a --listen 198.18.1.11:7410 --identity "$WORK/id-a1" --rate-mbit 200 --rtt-ms 20 ${DEPOT_XFER_ARGS:-} 2>"$WORK/serve.log" &
     SERVER_PID=$!
     sleep 1
-    FETCH=$(lab b1 -- "$VD" --quiet --store "$WORK/store-b" fetch bench --from 198.18.1.11:7410 --identity "$WORK/id-b1" --rate-mbit 200 --rtt-ms 20 ${DEPOT_XFER_ARGS:-} --json)
+    FETCH=$(lab b1 -- "$VD" --quiet --store "$WORK/store-b" fetch bench --from 198.18.1.11:7410 --identity "$WORK/id-b1" --rate-mbit 200 --rtt-ms 20 ${DEPOT_XFER_ARGS:-} ${DEPOT_FETCH_ARGS:-} --json)
     XFER_MBIT=$(echo "$FETCH" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["bytes_fetched"]*8/d["seconds"]/1e6)')
     XFER_RATIO=$(echo "$XFER_MBIT / $IPERF_MBIT" | bc -l)
     echo "   fetch ${XFER_MBIT} Mbit/s, iperf3 ${IPERF_MBIT} Mbit/s" >&2

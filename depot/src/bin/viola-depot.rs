@@ -149,13 +149,13 @@ enum Command {
         /// Directory with cert.pem, key.pem, ca.pem.
         #[arg(long)]
         identity: PathBuf,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 8)]
         streams: usize,
         #[arg(long, default_value_t = 1000.0)]
         rate_mbit: f64,
         #[arg(long, default_value_t = 50.0)]
         rtt_ms: f64,
-        #[arg(long, value_enum, default_value = "cubic")]
+        #[arg(long, value_enum, default_value = "bbr")]
         congestion: CongestionArg,
         /// Print the fetch report as JSON.
         #[arg(long)]
