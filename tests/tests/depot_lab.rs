@@ -410,8 +410,7 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
     let log = d.log("b1");
     let line = log
         .lines()
-        .filter(|l| l.contains("part fetched"))
-        .last()
+        .rfind(|l| l.contains("part fetched"))
         .unwrap_or_else(|| panic!("no fetch in log: {log}"));
     let field = |k: &str| -> u64 {
         line.split_whitespace()
