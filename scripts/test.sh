@@ -23,4 +23,14 @@ step "unit, property and simulator tests"
 cargo test --workspace --locked --exclude viola-labtests
 
 step "lab tests (real namespaces, libvirtd, QEMU; one at a time)"
+# Most lab tests build a lab of their own; the mechanisms tests (mech_*) share the default lab,
+# which is brought up here and removed again whatever happens.
+trap 'scripts/lab.sh down >/dev/null 2>&1 || true' EXIT
+scripts/lab.sh up >/dev/null
 cargo test --locked -p viola-labtests -- --test-threads=1
+scripts/lab.sh down
+leftover=$(ip netns list | awk '{print $1}' | grep -E '^(vl|lf|ov|ovm|vd|vo|vm)-' || true)
+if [ -n "$leftover" ]; then
+  echo "lab namespaces left behind: $leftover" >&2
+  exit 1
+fi
