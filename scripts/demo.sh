@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Viola's multi-site demo: sets up this machine (idempotently), builds a lab of two sites with
-# two hosts each, boots a guest on site a, live-migrates it with its disk to site b, and prints
-# what happened and how long each step took. The lab is removed at the end, also on failure.
-# Run as root.
+# Viola's multi-site demo. Sets up this machine (idempotently: packages, guest, release build),
+# then, in a lab of two sites with two hosts each:
+#   1. a federation CA and a certificate for every daemon (role, site, host);
+#   2. an overlay daemon on every host: one violin ("demo", a private Ethernet across sites);
+#   3. a depot at each site: the guest image imported at site a, fetched by site b's depot over
+#      the WAN (QUIC, mutual TLS, every chunk verified) and assembled into a VM disk at host b2;
+#   4. two guests on the violin, g1 on a1 (site a) and g2 on b2 (site b, booted from the depot's
+#      chain), reachable across sites at their own addresses;
+#   5. the adaptation manager with a monitor per host; `viola vm migrate` moves g1 live, with its
+#      disk, to b1 (site b) while host a2 pings it every 10 ms: same IP, same MAC, the overlay
+#      told in advance.
+# It prints what happened and how long each step took, and removes everything at the end (also
+# on failure). Run as root. `--no-setup` skips the machine setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 export PATH="$HOME/.cargo/bin:$PATH"
 export VIOLA_LAB=${VIOLA_LAB:-demo}
+export RUST_LOG=${RUST_LOG:-warn}
+bin="$root/target/release"
 lab() { scripts/lab.sh "$@"; }
-
-say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 now() { date +%s.%N; }
 since() { printf '%.2f' "$(echo "$(now) - $1" | bc)"; }
 
@@ -18,43 +28,161 @@ if [ "${1:-}" != --no-setup ]; then
   say "setting up this machine (packages, guest kernel and images, release build)"
   scripts/setup.sh
 fi
+for b in viola-ca viola-overlay viola-depot viola-adaptmgr viola-monitor viola; do
+  [ -x "$bin/$b" ] || { echo "demo.sh: $bin/$b missing: run scripts/setup.sh" >&2; exit 1; }
+done
 
-trap 'say "tearing the lab down"; lab down >/dev/null 2>&1 || true' EXIT
+pids=()
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  lab down >/dev/null 2>&1
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------------------------------------
 t=$(now)
-say "building the lab: 2 sites x 2 hosts, each host a namespace with its own libvirtd"
+say "1. lab: 2 sites x 2 hosts (own libvirtd each), WAN 10 ms one way, 200 Mbit/s"
 lab up >/dev/null
 lab status
+lab_dir=$(lab status --json | jq -r .lab_dir)
+D=$lab_dir/demo
+mkdir -p "$D"
 echo "   lab up in $(since "$t") s"
 
-lab_dir=$(lab status --json | jq -r .lab_dir)
-guest=demo-g1
-ip=10.1.0.5
-for h in a1 b1; do
-  lab exec "$h" -- sh -c 'ip link add lan0 type bridge && ip link set lan0 up && ip addr add 10.1.0.1/24 dev lan0'
-  cp /var/cache/viola/guest/base.qcow2 "$lab_dir/images/$h/base.qcow2"
-  lab exec "$h" -- qemu-img create -q -f qcow2 -F qcow2 -b /var/lib/viola/images/base.qcow2 "/var/lib/viola/images/$guest.qcow2"
+say "2. federation CA and certificates"
+"$bin/viola-ca" init --ca-dir "$D/ca" >/dev/null
+issue() { "$bin/viola-ca" issue --ca-dir "$D/ca" --role "$1" --site "$2" --host "$3" --out "$D/pki/$1-$3" >/dev/null; }
+for h in a1 a2 b1 b2; do issue overlay "${h:0:1}" "$h"; issue monitor "${h:0:1}" "$h"; done
+issue depot a a1; issue depot b b1; issue adaptmgr fed mgr; issue cli fed operator
+echo "   $(ls "$D/pki" | wc -l) certificates: $(ls "$D/pki" | paste -sd' ' -)"
+
+mac_of() { local h; h=$(printf '%s' "$1" | md5sum); echo "52:54:00:${h:0:2}:${h:2:2}:${h:4:2}"; }
+g1=demo-g1 g1_ip=10.1.0.5 g1_mac=$(mac_of demo-g1)
+g2=demo-g2 g2_ip=10.1.0.6 g2_mac=$(mac_of demo-g2)
+
+say "3. overlay: violin 1 \"demo\" on every host, QUIC datagrams with mutual TLS between hosts"
+peers=""
+for h in a1 a2 b1 b2; do peers+="[[peers]]"$'\n'"addr = \"$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address"):4500\""$'\n'; done
+for h in a1 a2 b1 b2; do
+  addr=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address")
+  cat >"$D/overlay-$h.toml" <<EOF
+listen = "$addr:4500"
+identity_dir = "$D/pki/overlay-$h"
+control_socket = "$D/overlay-$h.sock"
+$peers
+[[violins]]
+id = 1
+name = "demo"
+vms = [{ mac = "$g1_mac", ip = "$g1_ip" }, { mac = "$g2_mac", ip = "$g2_ip" }]
+EOF
+  lab exec "$h" -- "$bin/viola-overlay" run --config "$D/overlay-$h.toml" >"$D/overlay-$h.log" 2>&1 &
+  pids+=($!)
 done
-VIOLA_CONSOLE_DIR="$lab_dir/console" scripts/guest/domain-xml.sh --name "$guest" \
-  --disk "/var/lib/viola/images/$guest.qcow2" --bridge lan0 --ip "$ip/24" >"$lab_dir/$guest.xml"
+for h in a1 a2 b1 b2; do
+  until lab exec "$h" -- ip link show vio1 >/dev/null 2>&1; do sleep 0.1; done
+done
+# Hosts a2 and b2 join the violin through their bridge, as observers.
+lab exec a2 -- ip addr add 10.1.0.202/24 dev vio1
+lab exec b2 -- ip addr add 10.1.0.204/24 dev vio1
+sleep 1
+"$bin/viola-overlay" status --socket "$D/overlay-a2.sock" | sed 's/^/   /' | head -12
 
-say "booting $guest on host a1 (site a), TCG, qcow2 overlay on a base image"
-lab virsh a1 define "$lab_dir/$guest.xml" >/dev/null
+say "4. depots: import at site a, fetch to site b across the WAN (verified), assemble at b2"
 t=$(now)
-lab virsh a1 start "$guest" >/dev/null
-until lab exec a1 -- ping -c 1 -W 0.2 "$ip" >/dev/null 2>&1; do sleep 0.05; done
-until lab exec a1 -- curl -sf -m 2 "http://$ip/cgi-bin/viola?info" >/dev/null 2>&1; do sleep 0.1; done
-echo "   $guest answers on $ip after $(since "$t") s"
-echo "   writes a marker to its root disk: $(lab exec a1 -- curl -s "http://$ip/cgi-bin/viola?marker-write=demo-$$")"
+"$bin/viola-depot" --quiet --store "$D/depot-a" import /var/cache/viola/guest/base.qcow2 --name demo-base
+echo "   imported at site a in $(since "$t") s: $("$bin/viola-depot" --store "$D/depot-a" status 2>/dev/null | head -1)"
+lab exec a1 -- "$bin/viola-depot" serve --store "$D/depot-a" --site a --listen 198.18.1.11:7410 \
+  --identity "$D/pki/depot-a1" --metrics-listen 198.18.1.11:9410 >"$D/depot-a.log" 2>&1 &
+pids+=($!)
+sleep 1
+t=$(now)
+lab exec b1 -- "$bin/viola-depot" --quiet --store "$D/depot-b" fetch demo-base --from 198.18.1.11:7410 \
+  --identity "$D/pki/depot-b1" --rate-mbit 200 --rtt-ms 20 --json >"$D/fetch.json"
+echo "   site b fetched it in $(since "$t") s: $(jq -c '{bytes: (.bytes_fetched // .bytes // null), chunks: (.chunks_fetched // .chunks // null), rejected: (.chunks_rejected // .rejected // 0)}' "$D/fetch.json" 2>/dev/null || cat "$D/fetch.json")"
+t=$(now)
+lab exec b2 -- "$bin/viola-depot" --quiet --store "$D/depot-b" assemble demo-base \
+  --image-dir /var/lib/viola/images --vm "$g2" >/dev/null
+echo "   assembled at b2 in $(since "$t") s: $(ls "$lab_dir/images/b2" | paste -sd' ' -)"
 
-say "live-migrating $guest with its disk from a1 (site a) to b1 (site b) across the WAN"
+say "5. guests on the violin: $g1 on a1 (site a), $g2 on b2 (site b, from the depot's chain)"
+cp /var/cache/viola/guest/base.qcow2 "$lab_dir/images/a1/base.qcow2"
+lab exec a1 -- qemu-img create -q -f qcow2 -F qcow2 -b /var/lib/viola/images/base.qcow2 "/var/lib/viola/images/$g1.qcow2"
+xml() { VIOLA_CONSOLE_DIR="$lab_dir/console" scripts/guest/domain-xml.sh --name "$1" \
+  --disk "/var/lib/viola/images/$1.qcow2" --bridge vio1 --ip "$2/24" --mtu 1400; }
+xml "$g1" "$g1_ip" >"$D/$g1.xml"
+xml "$g2" "$g2_ip" >"$D/$g2.xml"
 t=$(now)
-lab virsh a1 migrate --live --p2p --persistent --undefinesource --copy-storage-inc \
-  "$guest" qemu+tcp://198.18.2.11/system
+lab virsh a1 define "$D/$g1.xml" >/dev/null && lab virsh a1 start "$g1" >/dev/null
+lab virsh b2 define "$D/$g2.xml" >/dev/null && lab virsh b2 start "$g2" >/dev/null
+for ip in "$g1_ip" "$g2_ip"; do
+  until lab exec a2 -- curl -sf -m 2 "http://$ip/cgi-bin/viola?info" >/dev/null 2>&1; do sleep 0.2; done
+done
+echo "   both guests answer from a2 (site a) over the violin after $(since "$t") s"
+echo "   a2 -> $g2 on site b: $(lab exec a2 -- ping -c 5 -i 0.2 -q "$g2_ip" | tail -1)"
+echo "   $g1 writes a marker to its disk: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-write=demo-$$")"
+
+say "6. adaptation manager + monitors; live migration of $g1 a1 -> b1 across the WAN"
+hosts_toml=""
+for h in a1 a2 b1 b2; do
+  addr=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address")
+  hosts_toml+="[[hosts]]
+name = \"$h\"
+site = \"${h:0:1}\"
+libvirt_uri = \"qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock\"
+migration_uri = \"qemu+tcp://$addr/system\"
+images_local = \"$lab_dir/images/$h\"
+overlay_socket = \"$D/overlay-$h.sock\"
+
+"
+done
+cat >"$D/adaptmgr.toml" <<EOF
+listen = "127.0.0.1:17443"
+metrics_listen = "127.0.0.1:19443"
+identity_dir = "$D/pki/adaptmgr-mgr"
+inventory = "$D/inventory.redb"
+heartbeat_timeout_s = 30
+images_host_dir = "/var/lib/viola/images"
+
+$hosts_toml
+[[violins]]
+name = "demo"
+id = 1
+vms = ["$g1", "$g2"]
+EOF
+"$bin/viola-adaptmgr" --config "$D/adaptmgr.toml" >"$D/adaptmgr.log" 2>&1 &
+pids+=($!)
+port=19450
+for h in a1 a2 b1 b2; do
+  "$bin/viola-monitor" --host "$h" --site "${h:0:1}" --manager 127.0.0.1:17443 --interval-ms 1000 \
+    --libvirt-uri "qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock" \
+    --metrics-listen "127.0.0.1:$port" --identity "$D/pki/monitor-$h" >"$D/monitor-$h.log" 2>&1 &
+  pids+=($!)
+  port=$((port + 1))
+done
+viola() { "$bin/viola" --manager 127.0.0.1:17443 --identity "$D/pki/cli-operator" "$@"; }
+until viola --json vm list 2>/dev/null | jq -e ".[] | select(.name==\"$g1\")" >/dev/null 2>&1; do sleep 0.5; done
+viola host list | sed 's/^/   /'
+viola vm list | sed 's/^/   /'
+
+lab exec a2 -- ping -n -q -i 0.01 -w 40 "$g1_ip" >"$D/ping.txt" 2>&1 &
+ping_pid=$!
+sleep 1
+t=$(now)
+viola vm migrate "$g1" --to b1 | tee "$D/migrate.txt"
 total=$(since "$t")
-info=$(lab virsh b1 domjobinfo "$guest" --completed)
-downtime=$(echo "$info" | awk -F: '/Total downtime/ {print $2}' | awk '{print $1}')
-echo "   migrated in $total s, guest downtime ${downtime} ms (QEMU's figure)"
-echo "   a1 now runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || true)"
-echo "   b1 now runs: $(lab virsh b1 list --name | sed '/^$/d' | paste -sd, -)"
-echo "   marker read back on site b: $(lab exec b1 -- curl -s "http://$ip/cgi-bin/viola?marker-read")"
-say "done"
+sleep 2
+kill -INT "$ping_pid" 2>/dev/null || true
+wait "$ping_pid" 2>/dev/null || true
+downtime=$(sed -n 's/.*downtime \([0-9]*\) ms.*/\1/p' "$D/migrate.txt" | head -1)
+sent=$(awk '/packets transmitted/ {print $1}' "$D/ping.txt")
+got=$(awk '/packets transmitted/ {print $4}' "$D/ping.txt")
+
+say "what happened"
+echo "   $g1 moved a1 (site a) -> b1 (site b) in $total s with its disk, keeping $g1_ip and $g1_mac"
+echo "   guest downtime (QEMU): ${downtime:-?} ms; pings every 10 ms from a2: $((sent - got)) of $sent lost (~$(( (sent - got) * 10 )) ms)"
+echo "   a1 runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || true)   b1 runs: $(lab virsh b1 list --name | sed '/^$/d' | paste -sd, -)"
+echo "   marker read back from its disk on site b: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-read")"
+echo "   where a2's overlay sends frames for $g1_mac now: $("$bin/viola-overlay" status --json --socket "$D/overlay-a2.sock" | jq -r ".switch.violins[0].macs[] | select(.mac==\"$g1_mac\") | \"\(.location) (seq \(.seq))\"")"
+say "done: tearing the lab down"

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::control::proto::{HostReport, Response, VmMigrate, VmResize};
 use crate::ha::{self, FailureDetector, HostEvent};
 use crate::hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
-use crate::inventory::{HostRecord, HostState, Inventory, InventoryError, SiteRecord, VmRecord};
+use crate::inventory::{
+    HostRecord, HostState, Inventory, InventoryError, SiteRecord, ViolinRecord, VmRecord,
+};
 use crate::migration::stage::{AnnounceError, ImageDirView};
 use crate::migration::{
     LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationStatus, MoveAnnouncer,
@@ -68,6 +70,20 @@ pub struct ManagerConfig {
     /// Longest pause allowed at a migration's switchover.
     pub migration_max_downtime_ms: u64,
     pub hosts: Vec<HostConfig>,
+    /// The violins and their member VMs (by name): who must be announced to the overlay when
+    /// one of them moves.
+    pub violins: Vec<ViolinConfig>,
+}
+
+/// One violin the manager knows about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViolinConfig {
+    pub name: String,
+    /// 24-bit virtual network id, as in the overlay daemons' configuration.
+    pub id: u32,
+    #[serde(default)]
+    pub vms: Vec<String>,
 }
 
 impl Default for ManagerConfig {
@@ -84,6 +100,7 @@ impl Default for ManagerConfig {
             migration_timeout_s: 600,
             migration_max_downtime_ms: 100,
             hosts: Vec::new(),
+            violins: Vec::new(),
         }
     }
 }
@@ -211,20 +228,25 @@ impl MoveAnnouncer for OverlaySocketAnnouncer {
             vm: n.vm.clone(),
             reason,
         };
-        let violin_name = self
+        let recorded = self
             .inventory
             .vm(&n.vm)
             .map_err(|e| err(e.to_string()))?
-            .and_then(|v| v.violin)
-            .ok_or_else(|| err("the VM is in no violin".into()))?;
-        let vni = self
-            .inventory
-            .violins()
-            .map_err(|e| err(e.to_string()))?
-            .into_iter()
-            .find(|v| v.name == violin_name)
-            .map(|v| v.vni)
-            .ok_or_else(|| err(format!("unknown violin {violin_name}")))?;
+            .and_then(|v| v.violin);
+        let violins = self.inventory.violins().map_err(|e| err(e.to_string()))?;
+        // The VM's recorded violin, else the violin whose configured members name it.
+        let vni = match recorded {
+            Some(name) => violins
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| v.vni)
+                .ok_or_else(|| err(format!("unknown violin {name}")))?,
+            None => violins
+                .iter()
+                .find(|v| v.vms.contains(&n.vm))
+                .map(|v| v.vni)
+                .ok_or_else(|| err("the VM is in no violin".into()))?,
+        };
         let host = self
             .host_label
             .get(&n.dest_uri)
@@ -269,6 +291,13 @@ impl Manager {
         let now = now_ms();
         let mut detector = FailureDetector::new(cfg.heartbeat_timeout_s * 1000);
         let mut views = BTreeMap::new();
+        for v in &cfg.violins {
+            inventory.put_violin(&ViolinRecord {
+                name: v.name.clone(),
+                vni: v.id,
+                vms: v.vms.clone(),
+            })?;
+        }
         for h in &cfg.hosts {
             inventory.put_site(&SiteRecord {
                 name: h.site.clone(),
@@ -666,5 +695,32 @@ impl Manager {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn violins_and_their_members_come_from_the_config_and_typos_are_refused() {
+        let cfg: ManagerConfig = viola_common::config::parse(
+            "heartbeat_timeout_s = 6\n[[violins]]\nname = \"demo\"\nid = 1\nvms = [\"g1\", \"g2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.violins,
+            vec![ViolinConfig {
+                name: "demo".into(),
+                id: 1,
+                vms: vec!["g1".into(), "g2".into()],
+            }]
+        );
+        assert_eq!(cfg.heartbeat_timeout_s, 6);
+        let err = viola_common::config::parse::<ManagerConfig>(
+            "[[violins]]\nname = \"demo\"\nid = 1\nmembers = [\"g1\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("members"), "{err}");
     }
 }
