@@ -23,14 +23,24 @@ step "unit, property and simulator tests"
 cargo test --workspace --locked --exclude viola-labtests
 
 step "lab tests (real namespaces, libvirtd, QEMU; one at a time)"
-# Most lab tests build a lab of their own; the mechanisms tests (mech_*) share the default lab,
-# which is brought up here and removed again whatever happens.
+# Most lab tests build a lab of their own; the mechanisms tests (mech_*) use the default lab,
+# which is built afresh for each of them (some kill hosts) and removed again whatever happens.
 trap 'scripts/lab.sh down >/dev/null 2>&1 || true' EXIT
-scripts/lab.sh up >/dev/null
-cargo test --locked -p viola-labtests -- --test-threads=1
-scripts/lab.sh down
-leftover=$(ip netns list | awk '{print $1}' | grep -E '^(vl|lf|ov|ovm|vd|vo|vm)-' || true)
+cargo test --locked -p viola-labtests --lib --bins
+failed=()
+for file in tests/tests/*.rs; do
+  t=$(basename "$file" .rs)
+  case "$t" in *_util) continue ;; esac
+  case "$t" in mech_*) scripts/lab.sh up >/dev/null ;; esac
+  cargo test --locked -p viola-labtests --test "$t" -- --test-threads=1 || failed+=("$t")
+  case "$t" in mech_*) scripts/lab.sh down >/dev/null ;; esac
+done
+leftover=$(ip netns list | awk '{print $1}' | grep -E '^(vl|lf|ovl|ovm|vdl|vdb)-' || true)
 if [ -n "$leftover" ]; then
   echo "lab namespaces left behind: $leftover" >&2
+  exit 1
+fi
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "lab tests failed: ${failed[*]}" >&2
   exit 1
 fi
