@@ -241,6 +241,25 @@ impl Lab {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
+    /// Live-migrates `domain` from `from` to `to` with its disk (`--copy-storage-inc`: the
+    /// destination overlay must already exist with the same backing), peer to peer, keeping the
+    /// definition only at the destination.
+    pub fn migrate_with_disk(&self, domain: &str, from: &str, to: &str) -> Result<String> {
+        self.virsh(
+            from,
+            &[
+                "migrate",
+                "--live",
+                "--p2p",
+                "--persistent",
+                "--undefinesource",
+                "--copy-storage-inc",
+                domain,
+                &self.host(to).libvirt_uri,
+            ],
+        )
+    }
+
     /// Tears the lab down now (also done on drop).
     pub fn down(&mut self) -> Result<()> {
         run_ok(

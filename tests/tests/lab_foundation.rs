@@ -160,19 +160,7 @@ fn guest_boots_migrates_across_sites_with_its_disk_and_the_lab_leaves_nothing() 
             samples
         });
         let start = Instant::now();
-        let migrated = lab.virsh(
-            "a1",
-            &[
-                "migrate",
-                "--live",
-                "--p2p",
-                "--persistent",
-                "--undefinesource",
-                "--copy-storage-inc",
-                &guest.name,
-                &lab.host("b1").libvirt_uri,
-            ],
-        );
+        let migrated = lab.migrate_with_disk(&guest.name, "a1", "b1");
         let total = start.elapsed();
         done.store(true, Ordering::SeqCst);
         migrated.expect("live migration with disk a1 -> b1");

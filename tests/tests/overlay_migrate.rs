@@ -182,19 +182,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     )?;
     create_overlay(&lab, "b1", &guest)?;
     let start = Instant::now();
-    lab.virsh(
-        "a1",
-        &[
-            "migrate",
-            "--live",
-            "--p2p",
-            "--persistent",
-            "--undefinesource",
-            "--copy-storage-inc",
-            &guest.name,
-            &lab.host("b1").libvirt_uri,
-        ],
-    )?;
+    lab.migrate_with_disk(&guest.name, "a1", "b1")?;
     eprintln!("virsh migrate took {:.2} s", start.elapsed().as_secs_f64());
     let info = parse_jobinfo(&lab.virsh("b1", &["domjobinfo", &guest.name, "--completed"])?);
     let downtime = jobinfo_number(&info, "Total downtime").context("downtime")?;
