@@ -4,7 +4,8 @@
 //! a certificate with role `adaptmgr` or `cli`), open a bidirectional stream, send a control
 //! frame with [`crate::wire::Request::Stage`] and read back one control frame with
 //! [`crate::wire::Response::Stage`]. Poll with [`crate::wire::Request::StageStatus`] on new
-//! streams; `state` becomes `ready` when the overlay exists and passed `qemu-img check`.
+//! streams; `state` becomes `ready` when the chain is laid down and the overlay exists and passed
+//! `qemu-img check` (with `chain_only`, when the chain is laid down and checked).
 //! [`crate::client::DepotClient`] wraps this (`stage`, `stage_status`, `wait_ready`).
 //!
 //! Times are Unix milliseconds. The depot answers at once with its prediction; `accepted`
@@ -29,6 +30,11 @@ pub struct StageRequest {
     /// Refuse instead of staging best-effort when the deadline cannot be met.
     #[serde(default)]
     pub reject_if_late: bool,
+    /// Lay down the chain only, without `<vm>.qcow2`: for a caller that creates the VM's disk
+    /// itself (the adaptation manager before an incremental migration needs the overlay with
+    /// the source disk's virtual size, created by the migration so its rollback can remove it).
+    #[serde(default)]
+    pub chain_only: bool,
 }
 
 /// Where a staging request is.
@@ -41,7 +47,8 @@ pub enum StageState {
     Fetching,
     /// Laying the chain down and creating the overlay.
     Assembling,
-    /// The overlay exists and passed `qemu-img check`.
+    /// The overlay exists and passed `qemu-img check` (with `chain_only`: the chain is laid
+    /// down and checked).
     Ready,
     Failed,
     Rejected,

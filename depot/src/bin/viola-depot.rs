@@ -177,6 +177,9 @@ enum Command {
         identity: PathBuf,
         #[arg(long)]
         reject_if_late: bool,
+        /// Lay down the image's chain only, without the VM's overlay.
+        #[arg(long)]
+        chain_only: bool,
         /// Return after the first answer instead of waiting for readiness.
         #[arg(long)]
         no_wait: bool,
@@ -514,6 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             depot,
             identity,
             reject_if_late,
+            chain_only,
             no_wait,
             timeout_secs,
         } => {
@@ -530,6 +534,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         host,
                         deadline_unix_ms,
                         reject_if_late,
+                        chain_only,
                     })
                     .await?;
                 println!("stage {} {:?}", st.stage_id, st.state);
