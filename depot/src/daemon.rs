@@ -463,7 +463,10 @@ async fn stage_job(inner: &Inner, id: &str, req: &StageRequest) -> Result<(), St
     });
     // 5. Assemble (blocking file I/O and qemu-img).
     let dir = PathBuf::from(inner.cfg.image_dir_template.replace("{host}", &req.host));
-    let (store, vm) = (inner.store.clone(), (!req.chain_only).then(|| req.vm.clone()));
+    let (store, vm) = (
+        inner.store.clone(),
+        (!req.chain_only).then(|| req.vm.clone()),
+    );
     let assembled = tokio::task::spawn_blocking(move || {
         crate::image::assemble(&store, &m, &dir, vm.as_deref(), &mut |_, _| {})
     })
