@@ -26,10 +26,11 @@ use crate::hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking}
 use crate::inventory::{
     HostRecord, HostState, Inventory, InventoryError, SiteRecord, ViolinRecord, VmRecord,
 };
+use crate::migration::depot_stage::{DepotHost, DepotLink};
 use crate::migration::stage::{AnnounceError, ImageDirView};
 use crate::migration::{
-    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationStatus, MoveAnnouncer,
-    MoveNotice, Outcome, run_migration,
+    DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationStatus,
+    MoveAnnouncer, MoveNotice, Outcome, QuicDepotLink, run_migration,
 };
 
 /// One host the manager manages.
@@ -43,7 +44,8 @@ pub struct HostConfig {
     /// How other hosts' libvirtds reach it (defaults to `libvirt_uri`).
     #[serde(default)]
     pub migration_uri: Option<String>,
-    /// Its image directory as the manager sees it, for direct base staging.
+    /// Its image directory as the manager sees it, for direct base staging (used when the
+    /// destination's site has no depot or the VM runs from no depot image).
     #[serde(default)]
     pub images_local: Option<PathBuf>,
     /// Its overlay daemon's control socket, for move announcements.
@@ -73,6 +75,19 @@ pub struct ManagerConfig {
     /// The violins and their member VMs (by name): who must be announced to the overlay when
     /// one of them moves.
     pub violins: Vec<ViolinConfig>,
+    /// The depot of each site: a migration to a host of that site stages the VM's base through
+    /// it (when the VM's domain records the depot image it runs from; see
+    /// `migration::depot_stage`).
+    pub depots: Vec<DepotSiteConfig>,
+}
+
+/// One site's depot, as the manager reaches its staging API (QUIC, mutual TLS, with the
+/// manager's identity).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepotSiteConfig {
+    pub site: String,
+    pub addr: SocketAddr,
 }
 
 /// One violin the manager knows about.
@@ -101,6 +116,7 @@ impl Default for ManagerConfig {
             migration_max_downtime_ms: 100,
             hosts: Vec::new(),
             violins: Vec::new(),
+            depots: Vec::new(),
         }
     }
 }
@@ -275,7 +291,7 @@ pub struct Manager {
     pub inventory: Arc<Inventory>,
     pub metrics: ManagerMetrics,
     connector: Arc<dyn Connector>,
-    stager: LocalCopyStager,
+    stager: DepotStager,
     detector: Mutex<FailureDetector>,
     migrations: Mutex<HashMap<String, CancellationToken>>,
 }
@@ -287,6 +303,17 @@ impl Manager {
         cfg: ManagerConfig,
         inventory: Arc<Inventory>,
         connector: Arc<dyn Connector>,
+    ) -> Result<Self, InventoryError> {
+        let link = Arc::new(QuicDepotLink::new(cfg.identity_dir.clone()));
+        Self::with_depot_link(cfg, inventory, connector, link)
+    }
+
+    /// Like [`new`](Self::new), reaching the depots through `link`.
+    pub fn with_depot_link(
+        cfg: ManagerConfig,
+        inventory: Arc<Inventory>,
+        connector: Arc<dyn Connector>,
+        link: Arc<dyn DepotLink>,
     ) -> Result<Self, InventoryError> {
         let now = now_ms();
         let mut detector = FailureDetector::new(cfg.heartbeat_timeout_s * 1000);
@@ -332,8 +359,26 @@ impl Manager {
                 );
             }
         }
+        let depots = cfg
+            .depots
+            .iter()
+            .map(|d| (d.site.clone(), d.addr))
+            .collect();
+        let depot_hosts = cfg
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.libvirt_uri.clone(),
+                    DepotHost {
+                        name: h.name.clone(),
+                        site: h.site.clone(),
+                    },
+                )
+            })
+            .collect();
         Ok(Self {
-            stager: LocalCopyStager::new(views),
+            stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),
             metrics: ManagerMetrics::default(),
@@ -722,5 +767,25 @@ mod config_tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("members"), "{err}");
+    }
+
+    #[test]
+    fn depots_per_site_come_from_the_config_and_typos_are_refused() {
+        let cfg: ManagerConfig =
+            viola_common::config::parse("[[depots]]\nsite = \"b\"\naddr = \"198.18.2.11:7410\"\n")
+                .unwrap();
+        assert_eq!(
+            cfg.depots,
+            vec![DepotSiteConfig {
+                site: "b".into(),
+                addr: "198.18.2.11:7410".parse().unwrap(),
+            }]
+        );
+        assert!(ManagerConfig::default().depots.is_empty());
+        let err = viola_common::config::parse::<ManagerConfig>(
+            "[[depots]]\nsite = \"b\"\naddress = \"198.18.2.11:7410\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("address"), "{err}");
     }
 }

@@ -205,6 +205,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         if let Some(job) = &status.job {
                             bar.set_position((job.fraction() * 1000.0) as u64);
                         }
+                        if let Some(s) = &status.staging {
+                            bar.set_message(format!("{step}: {} {}", s.by, s.state));
+                            let fraction = if s.bytes_total == 0 {
+                                0.0
+                            } else {
+                                s.bytes_done as f64 / s.bytes_total as f64
+                            };
+                            bar.set_position((fraction * 1000.0) as u64);
+                        }
                     }
                 })
                 .await?;

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::plan::{
     Action, Copies, MigrationMachine, MigrationPlan, Outcome, Report, Rollback, Step, StepRecord,
 };
-use super::stage::{BaseStager, MoveAnnouncer, MoveNotice};
+use super::stage::{BaseStager, MoveAnnouncer, MoveNotice, StageJob, StagingProgress};
 use crate::hypervisor::{
     Connector, DiskInfo, DomainState, Hypervisor, HypervisorError, JobProgress, MigrationRequest,
     StorageCopy, blocking,
@@ -33,6 +33,9 @@ pub struct MigrationDeps<S, A> {
 pub struct MigrationStatus {
     pub step: String,
     pub job: Option<JobProgress>,
+    /// While the base is being staged.
+    #[serde(default)]
+    pub staging: Option<StagingProgress>,
 }
 
 /// The full account of one migration.
@@ -79,7 +82,7 @@ pub async fn run_migration<S: BaseStager, A: MoveAnnouncer>(
         tracing::info!(vm = %plan.vm, ?action, "migration step");
         status.send_replace(MigrationStatus {
             step: format!("{action:?}"),
-            job: None,
+            ..MigrationStatus::default()
         });
         let result = match action {
             Action::Finished(outcome) => {
@@ -226,7 +229,22 @@ async fn run_step<S: BaseStager, A: MoveAnnouncer>(
             })
         }
         Step::StageBase => {
+            let src = open(&deps.connector, &plan.source_uri).await?;
             let dst = open(&deps.connector, &plan.dest_uri).await?;
+            let v = vm.clone();
+            let domain_xml = blocking(&src, move |h| h.domain_xml(&v))
+                .await
+                .map_err(hv_err)?;
+            // Staging gets the migration's timeout as its deadline; cancellation stops waiting.
+            let deadline_unix_ms = now_ms() + plan.timeout_ms;
+            let progress = |p: StagingProgress| {
+                status.send_replace(MigrationStatus {
+                    step: "StageBase".into(),
+                    job: None,
+                    staging: Some(p),
+                });
+            };
+            let mut how = Vec::new();
             for d in &ctx.disks {
                 let Some((base, _)) = &d.backing else {
                     continue;
@@ -236,14 +254,26 @@ async fn run_step<S: BaseStager, A: MoveAnnouncer>(
                     .await
                     .map_err(hv_err)?
                 {
+                    how.push(format!("{base}: already at the destination"));
                     continue;
                 }
-                let staged = deps
-                    .stager
-                    .stage(base, &plan.source_uri, &plan.dest_uri)
-                    .await
-                    .map_err(|e| chain(&e))?;
-                tracing::info!(base = %base, blake3 = %staged.blake3, bytes = staged.bytes, "base staged");
+                let job = StageJob {
+                    vm: &vm,
+                    base_path: base,
+                    source_uri: &plan.source_uri,
+                    dest_uri: &plan.dest_uri,
+                    domain_xml: &domain_xml,
+                    deadline_unix_ms,
+                    progress: &progress,
+                };
+                let staged = tokio::select! {
+                    r = deps.stager.stage_for_vm(&job) => r.map_err(|e| chain(&e))?,
+                    () = tokio::time::sleep(Duration::from_millis(plan.timeout_ms)) => {
+                        return Err(format!("{base} not staged within {} ms", plan.timeout_ms));
+                    }
+                    () = cancel.cancelled() => return Err("cancelled while staging".into()),
+                };
+                tracing::info!(base = %base, how = %staged, "base staged");
                 let b = base.clone();
                 if !blocking(&dst, move |h| h.image_exists(&b))
                     .await
@@ -251,8 +281,9 @@ async fn run_step<S: BaseStager, A: MoveAnnouncer>(
                 {
                     return Err(format!("{base} staged but the destination does not see it"));
                 }
+                how.push(format!("{base}: {staged}"));
             }
-            Ok(Report::Done)
+            Ok(Report::Staged { how })
         }
         Step::PrecreateOverlay => {
             let src = open(&deps.connector, &plan.source_uri).await?;
@@ -364,7 +395,7 @@ async fn migrate<S: BaseStager, A: MoveAnnouncer>(
                     blocking(&watcher, move |h| h.job_progress(&v)),
                 ).await;
                 if let Ok(Ok(job)) = job {
-                    status.send_replace(MigrationStatus { step: "Migrate".into(), job });
+                    status.send_replace(MigrationStatus { step: "Migrate".into(), job, staging: None });
                 }
             }
             _ = tokio::time::sleep_until(deadline), if abort_reason.is_none() => {

@@ -3,12 +3,14 @@
 //! [`plan`] is the pure step machine (pre-check, stage base, pre-create overlay, announce,
 //! migrate, verify, clean up; or reconcile and roll back); [`driver`] performs its steps
 //! against the hypervisors; [`stage`] holds what the steps need from outside (base staging,
-//! the overlay's move announcements).
+//! the overlay's move announcements); [`depot_stage`] stages bases through the depots.
 
+pub mod depot_stage;
 pub mod driver;
 pub mod plan;
 pub mod stage;
 
+pub use depot_stage::{DepotStager, QuicDepotLink};
 pub use driver::{MigrationDeps, MigrationReport, MigrationStatus, run_migration};
 pub use plan::{MigrationPlan, Outcome};
 pub use stage::{BaseStager, LocalCopyStager, MoveAnnouncer, MoveNotice};

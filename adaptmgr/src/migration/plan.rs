@@ -89,6 +89,10 @@ pub enum Report {
         base_at_destination: bool,
     },
     Found(Copies),
+    /// How each missing base got to the destination (depot or direct copy, and why).
+    Staged {
+        how: Vec<String>,
+    },
 }
 
 /// What to do next.

@@ -1,12 +1,14 @@
 //! Getting a VM's base image to the destination before an incremental migration, and telling
 //! the overlay that a VM is about to move.
 //!
-//! [`BaseStager`] is what the orchestrator needs; [`LocalCopyStager`] is the direct, verified
-//! copy used while no depot staging API exists: both hosts' image directories must be visible
-//! from the manager's file system (true in the lab, where every host's image directory is also
-//! under `/var/lib/viola-lab/images/HOST/`). It copies to a temporary name, checks the BLAKE3
-//! hash of what landed against the source's, and only then renames into place, so a half copy
-//! never looks like a base.
+//! [`BaseStager`] is what the orchestrator needs. Two implementations: the depot's staging API
+//! ([`super::depot_stage::DepotStager`], used when the destination's site has a depot and the
+//! VM runs from a depot image), and [`LocalCopyStager`], the direct, verified copy used
+//! otherwise: both hosts' image directories must be visible from the manager's file system
+//! (true in the lab, where every host's image directory is also under
+//! `/var/lib/viola-lab/images/HOST/`). It copies to a temporary name, checks the BLAKE3 hash of
+//! what landed against the source's, and only then renames into place, so a half copy never
+//! looks like a base.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,6 +46,45 @@ pub enum StageError {
     },
     #[error("the staging task died")]
     Join(#[source] tokio::task::JoinError),
+    #[error("cannot reach the depot of site {site} at {addr}")]
+    DepotUnreachable {
+        site: String,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: Box<viola_depot::client::ClientError>,
+    },
+    #[error("request to the depot of site {site} failed")]
+    DepotRequest {
+        site: String,
+        #[source]
+        source: Box<viola_depot::client::ClientError>,
+    },
+    #[error("the depot of site {site} ended staging {stage_id} {state}: {message}")]
+    DepotRefused {
+        site: String,
+        stage_id: String,
+        state: String,
+        message: String,
+    },
+    #[error(
+        "the depot of site {site} did not have staging {stage_id} ready by the deadline ({waited_ms} ms; last state {state}, {bytes_done} of {bytes_total} bytes)"
+    )]
+    DepotLate {
+        site: String,
+        stage_id: String,
+        waited_ms: u64,
+        state: String,
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    #[error(
+        "the depot of site {site} laid down {laid:?}, which does not end in the VM's base {base}"
+    )]
+    ChainMismatch {
+        site: String,
+        base: String,
+        laid: Vec<PathBuf>,
+    },
 }
 
 /// Puts `base_path` (a path as the hosts see it) on the destination host.
@@ -54,6 +95,102 @@ pub trait BaseStager: Send + Sync + 'static {
         source_uri: &str,
         dest_uri: &str,
     ) -> impl Future<Output = Result<StagedBase, StageError>> + Send;
+
+    /// Stages the base of a migrating VM, knowing the VM (its domain XML may name the depot
+    /// image it runs from), the deadline, and where to report progress. By default a direct
+    /// copy through [`stage`](Self::stage).
+    fn stage_for_vm(
+        &self,
+        job: &StageJob<'_>,
+    ) -> impl Future<Output = Result<StagedHow, StageError>> + Send {
+        async move {
+            let staged = self
+                .stage(job.base_path, job.source_uri, job.dest_uri)
+                .await?;
+            Ok(StagedHow::DirectCopy {
+                reason: "this stager only copies directly".into(),
+                staged,
+            })
+        }
+    }
+}
+
+/// What the migration knows when it stages a VM's base.
+pub struct StageJob<'a> {
+    pub vm: &'a str,
+    /// The image right below the VM's disk, as the hosts see it.
+    pub base_path: &'a str,
+    pub source_uri: &'a str,
+    pub dest_uri: &'a str,
+    /// The VM's domain XML at the source.
+    pub domain_xml: &'a str,
+    /// The base must be in place by then (Unix ms).
+    pub deadline_unix_ms: u64,
+    /// Sees every progress update.
+    pub progress: &'a (dyn Fn(StagingProgress) + Send + Sync),
+}
+
+/// Progress of a staging, as the migration's status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StagingProgress {
+    /// Who stages: `depot b` or `direct copy`.
+    pub by: String,
+    /// The depot's state (`resolving`, `fetching`, `assembling`, `ready`, ...).
+    pub state: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub deadline_unix_ms: u64,
+    pub predicted_ready_unix_ms: Option<u64>,
+    /// Whether the depot's planner expects the deadline to hold.
+    pub accepted: bool,
+}
+
+/// How a base got to the destination (recorded in the migration's log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StagedHow {
+    /// Verified direct copy from the source's image directory.
+    DirectCopy { reason: String, staged: StagedBase },
+    /// Laid down by the destination site's depot.
+    Depot {
+        site: String,
+        image: String,
+        stage_id: String,
+        /// Bytes the depot fetched from other depots for it.
+        bytes_fetched: u64,
+        /// The chain as the depot laid it down, base first.
+        chain: Vec<PathBuf>,
+        elapsed_ms: u64,
+    },
+}
+
+impl std::fmt::Display for StagedHow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DirectCopy { reason, staged } => write!(
+                f,
+                "direct verified copy ({reason}): {} bytes, BLAKE3 {}{}",
+                staged.bytes,
+                &staged.blake3[..staged.blake3.len().min(16)],
+                if staged.copied {
+                    ""
+                } else {
+                    ", identical file already there"
+                }
+            ),
+            Self::Depot {
+                site,
+                image,
+                stage_id,
+                bytes_fetched,
+                chain,
+                elapsed_ms,
+            } => write!(
+                f,
+                "depot of site {site} staged image {image} ({stage_id}) in {elapsed_ms} ms: {} part(s), {bytes_fetched} bytes fetched from other depots",
+                chain.len()
+            ),
+        }
+    }
 }
 
 /// What staging did.
