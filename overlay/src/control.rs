@@ -126,6 +126,23 @@ pub fn decode(body: &[u8]) -> Result<ControlMsg, ControlDecodeError> {
     serde_json::from_slice(body).map_err(ControlDecodeError::Json)
 }
 
+/// Fuzz entry point: arbitrary bytes as a framed control message. Never panics; what decodes
+/// re-encodes to a message that decodes to the same value.
+pub fn fuzz_decode(data: &[u8]) {
+    let Some((prefix, body)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    // The daemon reads the prefix, refuses long ones, then reads exactly that many bytes.
+    let Ok(len) = check_len(*prefix) else { return };
+    let Ok(msg) = decode(body.get(..len).unwrap_or(body)) else {
+        return;
+    };
+    let again = encode(&msg);
+    let len = check_len(again[..4].try_into().unwrap_or_default()).expect("own message too long");
+    assert_eq!(len, again.len() - 4);
+    assert_eq!(decode(&again[4..]).ok(), Some(msg));
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -156,6 +173,7 @@ mod tests {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&data);
+            fuzz_decode(&data);
         }
     }
 }

@@ -14,6 +14,8 @@ pub mod switch;
 pub mod wire;
 
 #[cfg(test)]
+mod fuzz_seeds;
+#[cfg(test)]
 mod sim;
 
 /// A host's name, `site/host`.
