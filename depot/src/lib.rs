@@ -15,3 +15,6 @@ pub mod scenario_gen;
 pub mod store;
 pub mod transfer;
 pub mod wire;
+
+#[cfg(test)]
+mod fuzz_seeds;

@@ -186,17 +186,29 @@ pub fn parse_response(b: &[u8]) -> Result<Response, WireError> {
 }
 
 /// Fuzz entry point: decode frames from arbitrary bytes and parse control payloads. Never
-/// panics; a decoded frame re-encodes to the bytes it came from.
+/// panics; a decoded frame re-encodes to the bytes it came from, and a parsed request or
+/// response re-encodes to one that parses to the same value.
 pub fn fuzz_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Some((frame, used))) = decode(rest) {
         assert_eq!(encode(&frame), &rest[..used]);
         if let Frame::Control(b) = &frame {
-            let _ = parse_request(b);
-            let _ = parse_response(b);
+            if let Ok(r) = parse_request(b) {
+                assert_eq!(reparse(&r, parse_request), Some(r));
+            }
+            if let Ok(r) = parse_response(b) {
+                assert_eq!(reparse(&r, parse_response), Some(r));
+            }
         }
         rest = &rest[used..];
     }
+}
+
+fn reparse<T: Serialize>(msg: &T, parse: fn(&[u8]) -> Result<T, WireError>) -> Option<T> {
+    let Frame::Control(b) = control(msg) else {
+        return None;
+    };
+    parse(&b).ok()
 }
 
 #[cfg(test)]
