@@ -8,4 +8,6 @@ pub mod server;
 pub mod wire;
 
 #[cfg(test)]
+mod fuzz_seeds;
+#[cfg(test)]
 mod tests;

@@ -85,10 +85,21 @@ pub async fn write_frame<T: Serialize>(
     send.write_all(&bytes).await.map_err(FrameError::Write)
 }
 
-/// Fuzz entry point: decoding arbitrary bytes never panics (used by `fuzz/` and a unit test).
+/// Fuzz entry point (used by `fuzz/` and a unit test): decoding arbitrary bytes never panics,
+/// and a decoded message re-encodes to a frame that decodes to the same value.
 pub fn fuzz_decode(data: &[u8]) {
-    let _ = decode::<super::proto::Request>(data);
-    let _ = decode::<super::proto::Response>(data);
+    fuzz_round_trip::<super::proto::Request>(data);
+    fuzz_round_trip::<super::proto::Response>(data);
+}
+
+fn fuzz_round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(data: &[u8]) {
+    let Ok(Some((msg, used))) = decode::<T>(data) else {
+        return;
+    };
+    assert!(used <= data.len());
+    let again = encode(&msg).expect("a decoded message encodes");
+    let back = decode::<T>(&again).expect("own frame decodes");
+    assert_eq!(back, Some((msg, again.len())));
 }
 
 #[cfg(test)]

@@ -1,0 +1,90 @@
+//! The checked-in seed corpus of `fuzz/` (`fuzz/seeds/control_frame/`), made by the real
+//! encoder. The test fails when an encoding changes and the seeds are stale; regenerate them
+//! with `VIOLA_WRITE_FUZZ_SEEDS=1 cargo test -p viola-adaptmgr fuzz_seeds`.
+
+use std::path::Path;
+
+use super::proto::{
+    HostReport, HostUsage, NetUsage, ProbeResult, Request, Response, VmMigrate, VmResize,
+};
+use super::wire::{encode, fuzz_decode};
+
+#[test]
+fn fuzz_seeds() {
+    let report = HostReport {
+        host: "a1".into(),
+        site: "a".into(),
+        seq: 42,
+        sent_ms: 1_800_000_000_000,
+        usage: HostUsage {
+            cpus: 4,
+            cpu_busy: 1.25,
+            mem_total_kib: 8 << 20,
+            mem_available_kib: 3 << 20,
+            net: vec![NetUsage {
+                iface: "eth0".into(),
+                rx_bytes: 1 << 30,
+                tx_bytes: 1 << 29,
+                rx_bps: 1.5e6,
+                tx_bps: 0.1,
+            }],
+        },
+        vms: vec![],
+        probes: vec![ProbeResult {
+            name: "web".into(),
+            url: "http://10.1.0.5/".into(),
+            ok: true,
+            latency_ms: Some(3.7),
+            error: None,
+        }],
+    };
+    let seeds: [(&str, Vec<u8>); 6] = [
+        ("report", encode(&Request::Report(report)).unwrap()),
+        (
+            "resize",
+            encode(&Request::Resize(VmResize {
+                vm: "vm1".into(),
+                vcpus: Some(2),
+                memory_mib: None,
+                cap_percent: Some(150),
+                shares: None,
+            }))
+            .unwrap(),
+        ),
+        (
+            "migrate",
+            encode(&Request::Migrate(VmMigrate {
+                vm: "vm1".into(),
+                to_host: "b1".into(),
+                bandwidth_mib_s: Some(100),
+                stage_base: true,
+                timeout_s: None,
+            }))
+            .unwrap(),
+        ),
+        ("list_hosts", encode(&Request::ListHosts).unwrap()),
+        ("ack", encode(&Response::Ack).unwrap()),
+        (
+            "error",
+            encode(&Response::Error {
+                message: "no such VM".into(),
+            })
+            .unwrap(),
+        ),
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/control_frame");
+    for (name, bytes) in seeds {
+        let path = dir.join(name);
+        if std::env::var_os("VIOLA_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let on_disk = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            on_disk == bytes,
+            "{} is stale: rerun with VIOLA_WRITE_FUZZ_SEEDS=1",
+            path.display()
+        );
+        fuzz_decode(&bytes);
+    }
+}
