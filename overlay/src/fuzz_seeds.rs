@@ -124,6 +124,48 @@ fn fuzz_seeds() {
     interleaved.extend([0x00, frags[0].len() as u8]);
     interleaved.extend_from_slice(&frags[0]);
     interleaved.push(0xB2);
+    // Scripts for `switch::fuzz_switch`: peers join violin 1, then frames, a fragmented frame,
+    // an ARP request on the TAP and a relayed frame.
+    let mut switch = Vec::new();
+    let mut record = |op: u8, bytes: &[u8]| {
+        switch.push(op);
+        switch.push(bytes.len() as u8);
+        switch.extend_from_slice(bytes);
+    };
+    let joined = control::encode(&ControlMsg::Membership {
+        violins: vec![ViolinId::new(1).unwrap()],
+        ask: false,
+    });
+    for peer in 0..3 {
+        record(1 + 4 * peer, &joined[4..]);
+    }
+    let v1 = ViolinId::new(1).unwrap();
+    let unicast = wire::encode_frame(
+        v1,
+        &crate::switch::test_frame([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 7], 0x0800, 60, 1),
+        false,
+    );
+    record(4, &unicast);
+    for p in wire::fragment(
+        v1,
+        &crate::switch::test_frame(BROADCAST, [2, 0, 0, 0, 0, 8], 0x0800, 200, 2),
+        false,
+        1,
+        11 + 100,
+    )
+    .unwrap()
+    {
+        record(8, &p);
+    }
+    record(2, &arp_frame());
+    record(0, &wire::encode_relay(true, "c/c0", &unicast).unwrap());
+    switch.push(0xFF);
+    check(
+        "switch",
+        &[("membership_frames", switch)],
+        crate::switch::fuzz_switch,
+    );
+
     check(
         "reassembly",
         &[("roundtrip", roundtrip), ("interleaved", interleaved)],
