@@ -61,11 +61,11 @@ fn fuzz_seeds() {
             cluster_size: Some(65536),
         },
     };
-    check(
-        "manifest",
-        &[("two_parts", manifest.to_json())],
-        crate::manifest::fuzz_decode,
-    );
+    check("manifest", &[("two_parts", manifest.to_json())], |b| {
+        // A seed that is rejected would only exercise the error paths.
+        assert!(Manifest::from_json(b).is_ok());
+        crate::manifest::fuzz_decode(b);
+    });
 
     let chunk = |i: u8, len, zero| ChunkEntry {
         hash: Hash::of(&[i]),
@@ -95,7 +95,10 @@ fn fuzz_seeds() {
     check(
         "part_index",
         &[("fixed", fixed.encode()), ("cdc_aligned", cdc.encode())],
-        crate::part::fuzz_decode,
+        |b| {
+            assert!(PartIndex::decode(b).is_ok());
+            crate::part::fuzz_decode(b);
+        },
     );
 
     let part = Hash::of(b"part");
@@ -147,6 +150,9 @@ fn fuzz_seeds() {
             ),
             ("stream", stream),
         ],
-        wire::fuzz_decode,
+        |b| {
+            assert!(matches!(wire::decode(b), Ok(Some(_))));
+            wire::fuzz_decode(b);
+        },
     );
 }
