@@ -3,13 +3,15 @@
 # then, in a lab of two sites with two hosts each:
 #   1. a federation CA and a certificate for every daemon (role, site, host);
 #   2. an overlay daemon on every host: one violin ("demo", a private Ethernet across sites);
-#   3. a depot at each site: the guest image imported at site a, fetched by site b's depot over
-#      the WAN (QUIC, mutual TLS, every chunk verified) and assembled into a VM disk at host b2;
-#   4. two guests on the violin, g1 on a1 (site a) and g2 on b2 (site b, booted from the depot's
-#      chain), reachable across sites at their own addresses;
-#   5. the adaptation manager with a monitor per host; `viola vm migrate` moves g1 live, with its
-#      disk, to b1 (site b) while host a2 pings it every 10 ms: same IP, same MAC, the overlay
-#      told in advance.
+#   3. a depot at each site: the guest image imported at site a and assembled into g1's disk at
+#      a1; fetched by site b's depot over the WAN (QUIC, mutual TLS, every chunk verified) and
+#      assembled into g2's disk at host b2;
+#   4. two guests on the violin, g1 on a1 (site a) and g2 on b2 (site b), both booted from
+#      depot-assembled chains, reachable across sites at their own addresses;
+#   5. the adaptation manager (on host a2) with a monitor per host; `viola vm migrate` moves g1
+#      live, with its disk, to b1 (site b) while host a2 pings it every 10 ms: its base staged at
+#      b1 through site b's depot (the manager's staging API call), only g1's own layer copied,
+#      same IP, same MAC, the overlay told in advance.
 # It prints what happened and how long each step took, and removes everything at the end (also
 # on failure). Run as root. `--no-setup` skips the machine setup.
 set -euo pipefail
@@ -92,9 +94,12 @@ sleep 1
 say "4. depots: import at site a, fetch to site b across the WAN (verified), assemble at b2"
 t=$(now)
 "$bin/viola-depot" --quiet --store "$D/depot-a" import /var/cache/viola/guest/base.qcow2 --name demo-base
+image=$(cat "$D/depot-a/names/demo-base")
 echo "   imported at site a in $(since "$t") s: $("$bin/viola-depot" --store "$D/depot-a" status 2>/dev/null | head -1)"
+echo "   image demo-base = manifest $image"
 lab exec a1 -- "$bin/viola-depot" serve --store "$D/depot-a" --site a --listen 198.18.1.11:7410 \
-  --identity "$D/pki/depot-a1" --metrics-listen 198.18.1.11:9410 >"$D/depot-a.log" 2>&1 &
+  --identity "$D/pki/depot-a1" --metrics-listen 198.18.1.11:9410 \
+  --image-dir-template "$lab_dir/images/{host}" >"$D/depot-a.log" 2>&1 &
 pids+=($!)
 sleep 1
 t=$(now)
@@ -105,16 +110,25 @@ t=$(now)
 lab exec b2 -- "$bin/viola-depot" --quiet --store "$D/depot-b" assemble demo-base \
   --image-dir /var/lib/viola/images --vm "$g2" >/dev/null
 echo "   assembled at b2 in $(since "$t") s: $(ls "$lab_dir/images/b2" | paste -sd' ' -)"
+# Site b's depot serves its store from now on: the manager stages through it.
+lab exec b1 -- "$bin/viola-depot" serve --store "$D/depot-b" --site b --listen 198.18.2.11:7410 \
+  --identity "$D/pki/depot-b1" --peer a=198.18.1.11:7410 \
+  --image-dir-template "$lab_dir/images/{host}" >"$D/depot-b.log" 2>&1 &
+pids+=($!)
 
-say "5. guests on the violin: $g1 on a1 (site a), $g2 on b2 (site b, from the depot's chain)"
-cp /var/cache/viola/guest/base.qcow2 "$lab_dir/images/a1/base.qcow2"
-lab exec a1 -- qemu-img create -q -f qcow2 -F qcow2 -b /var/lib/viola/images/base.qcow2 "/var/lib/viola/images/$g1.qcow2"
+say "5. guests on the violin: $g1 on a1 (site a), $g2 on b2 (site b), from depot-assembled chains"
+lab exec a1 -- "$bin/viola-depot" --quiet --store "$D/depot-a" assemble demo-base \
+  --image-dir /var/lib/viola/images --vm "$g1" >/dev/null
+echo "   assembled at a1: $(ls "$lab_dir/images/a1" | paste -sd' ' -)"
 xml() { VIOLA_CONSOLE_DIR="$lab_dir/console" scripts/guest/domain-xml.sh --name "$1" \
   --disk "/var/lib/viola/images/$1.qcow2" --bridge vio1 --ip "$2/24" --mtu 1400; }
 xml "$g1" "$g1_ip" >"$D/$g1.xml"
 xml "$g2" "$g2_ip" >"$D/$g2.xml"
 t=$(now)
-lab virsh a1 define "$D/$g1.xml" >/dev/null && lab virsh a1 start "$g1" >/dev/null
+lab virsh a1 define "$D/$g1.xml" >/dev/null
+# g1's domain records the depot image it runs from: the manager stages that image when it moves.
+lab virsh a1 metadata "$g1" --uri urn:viola:depot:1 --key viola --set "<image ref='$image'/>" --config >/dev/null
+lab virsh a1 start "$g1" >/dev/null
 lab virsh b2 define "$D/$g2.xml" >/dev/null && lab virsh b2 start "$g2" >/dev/null
 for ip in "$g1_ip" "$g2_ip"; do
   until lab exec a2 -- curl -sf -m 2 "http://$ip/cgi-bin/viola?info" >/dev/null 2>&1; do sleep 0.2; done
@@ -123,7 +137,9 @@ echo "   both guests answer from a2 (site a) over the violin after $(since "$t")
 echo "   a2 -> $g2 on site b: $(lab exec a2 -- ping -c 5 -i 0.2 -q "$g2_ip" | tail -1)"
 echo "   $g1 writes a marker to its disk: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-write=demo-$$")"
 
-say "6. adaptation manager + monitors; live migration of $g1 a1 -> b1 across the WAN"
+say "6. adaptation manager (on a2) + monitors; live migration of $g1 a1 -> b1 across the WAN"
+# The manager runs in host a2's namespace so it reaches the depots on the lab's underlay.
+mgr=198.18.1.12:17443
 hosts_toml=""
 for h in a1 a2 b1 b2; do
   addr=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address")
@@ -138,7 +154,7 @@ overlay_socket = \"$D/overlay-$h.sock\"
 "
 done
 cat >"$D/adaptmgr.toml" <<EOF
-listen = "127.0.0.1:17443"
+listen = "$mgr"
 metrics_listen = "127.0.0.1:19443"
 identity_dir = "$D/pki/adaptmgr-mgr"
 inventory = "$D/inventory.redb"
@@ -150,18 +166,26 @@ $hosts_toml
 name = "demo"
 id = 1
 vms = ["$g1", "$g2"]
+
+[[depots]]
+site = "a"
+addr = "198.18.1.11:7410"
+
+[[depots]]
+site = "b"
+addr = "198.18.2.11:7410"
 EOF
-"$bin/viola-adaptmgr" --config "$D/adaptmgr.toml" >"$D/adaptmgr.log" 2>&1 &
+lab exec a2 -- "$bin/viola-adaptmgr" --config "$D/adaptmgr.toml" >"$D/adaptmgr.log" 2>&1 &
 pids+=($!)
 port=19450
 for h in a1 a2 b1 b2; do
-  "$bin/viola-monitor" --host "$h" --site "${h:0:1}" --manager 127.0.0.1:17443 --interval-ms 1000 \
+  lab exec "$h" -- "$bin/viola-monitor" --host "$h" --site "${h:0:1}" --manager "$mgr" --interval-ms 1000 \
     --libvirt-uri "qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock" \
     --metrics-listen "127.0.0.1:$port" --identity "$D/pki/monitor-$h" >"$D/monitor-$h.log" 2>&1 &
   pids+=($!)
   port=$((port + 1))
 done
-viola() { "$bin/viola" --manager 127.0.0.1:17443 --identity "$D/pki/cli-operator" "$@"; }
+viola() { lab exec a2 -- "$bin/viola" --manager "$mgr" --identity "$D/pki/cli-operator" "$@"; }
 until viola --json vm list 2>/dev/null | jq -e ".[] | select(.name==\"$g1\")" >/dev/null 2>&1; do sleep 0.5; done
 viola host list | sed 's/^/   /'
 viola vm list | sed 's/^/   /'
@@ -181,6 +205,7 @@ got=$(awk '/packets transmitted/ {print $4}' "$D/ping.txt")
 
 say "what happened"
 echo "   $g1 moved a1 (site a) -> b1 (site b) in $total s with its disk, keeping $g1_ip and $g1_mac"
+echo "   its base at b1: $(grep -o 'depot of site b staged[^"\\]*' "$D/migrate.txt" | head -1 || true)"
 echo "   guest downtime (QEMU): ${downtime:-?} ms; pings every 10 ms from a2: $((sent - got)) of $sent lost (~$(( (sent - got) * 10 )) ms)"
 echo "   a1 runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || true)   b1 runs: $(lab virsh b1 list --name | sed '/^$/d' | paste -sd, -)"
 echo "   marker read back from its disk on site b: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-read")"
