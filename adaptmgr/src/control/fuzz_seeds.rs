@@ -18,7 +18,8 @@ fn fuzz_seeds() {
         sent_ms: 1_800_000_000_000,
         usage: HostUsage {
             cpus: 4,
-            cpu_busy: 1.25,
+            // Measured rates have all 17 digits (and need an exact float parser).
+            cpu_busy: 30.070858376637702,
             mem_total_kib: 8 << 20,
             mem_available_kib: 3 << 20,
             net: vec![NetUsage {
@@ -26,7 +27,7 @@ fn fuzz_seeds() {
                 rx_bytes: 1 << 30,
                 tx_bytes: 1 << 29,
                 rx_bps: 1.5e6,
-                tx_bps: 0.1,
+                tx_bps: 37.523754495532884,
             }],
         },
         vms: vec![],
