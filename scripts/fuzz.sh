@@ -27,7 +27,7 @@ while (($#)); do
     case $1 in
         --seconds) seconds=$2; shift 2 ;;
         --rss-mb) rss_mb=$2; shift 2 ;;
-        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) wanted+=("$1"); shift ;;
     esac
