@@ -2,17 +2,26 @@
 //!
 //! Import normalises every layer's backing reference to the *relative* file name of its parent
 //! part (`<part-id>.<fmt>`), so the stored bytes do not depend on where the image came from and
-//! a chain laid down in any directory is valid there as it is. Assembly writes each part from
-//! verified chunks (zero chunks become holes) to a temp name and renames it into place, checks
-//! with `qemu-img info` that every part's backing reference is exactly its parent (a hostile
-//! part naming `/etc/shadow` as backing file or an external data file is refused), then creates
-//! the VM's overlay (backing file: the top part's relative name, so it resolves in whatever
-//! mount namespace sees the directory) and runs `qemu-img check`.
+//! a chain laid down in any directory is valid there as it is.
+//!
+//! Assembly first reads each qcow2 part's header from verified chunks and refuses a part that
+//! names anything but its parent as backing file (a hostile part naming `/etc/shadow`) or uses
+//! an external data file, before anything is written or opened. It writes each part from
+//! verified chunks (zero chunks become holes; block-aligned runs with O_DIRECT, several workers
+//! reading, hashing and writing at once) to a temp name, fsyncs it once and renames it into
+//! place. The VM's overlay is created under a temp name meanwhile (backing file: the top part's
+//! relative name, so it resolves in whatever mount namespace sees the directory). Then, all at
+//! once: `qemu-img info` (qemu's own view of each part's format, size and backing) and
+//! `qemu-img check` of every qcow2 part, and `qemu-img check` of the overlay (which opens the
+//! whole chain). Only when all pass does the overlay get its name (a hard link: never replaces
+//! a VM's disk); the directory is synced once at the end.
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::chunker::ChunkerSpec;
 use crate::hash::Hash;
@@ -37,6 +46,12 @@ pub enum ImageError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("part {path}: unreadable header")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: qemu::Qcow2HeaderError,
     },
     #[error("{path} uses an external data file; refusing (it would point outside the image)")]
     DataFile { path: PathBuf },
@@ -173,10 +188,25 @@ pub fn assemble(
             return Err(ImageError::OverlayExists(overlay));
         }
     }
+    // The VM's overlay is created under a temp name while the chain is laid down (it does not
+    // open its backing file); it is checked against the finished chain before it gets its name.
+    let mut overlay = match (vm, m.top()) {
+        (Some(vm), Some(top)) => Some(OverlayJob::start(
+            &image_dir,
+            image_dir.join(format!("{vm}.qcow2")),
+            top,
+            m.overlay.cluster_size,
+        )?),
+        _ => None,
+    };
     let total: u64 = m.parts.iter().map(|p| p.size).sum();
     let mut done = 0u64;
     let mut chain = Vec::new();
     let mut reused = 0;
+    let mut wrote = false;
+    // qemu-img checks of the parts run in the background while the next part is written; all
+    // of them must pass before the overlay gets its name.
+    let mut checks = Vec::new();
     for (i, part) in m.parts.iter().enumerate() {
         let idx = store.part_index(&part.id)?;
         if idx.size != part.size {
@@ -186,37 +216,38 @@ pub fn assemble(
             });
         }
         let path = image_dir.join(part.file_name());
+        let parent = if i == 0 { None } else { Some(&m.parts[i - 1]) };
+        // The header decides what qemu will open through this part: refused before anything
+        // is written or opened if it names anything but its parent.
+        check_header(store, &idx, part, parent, &path)?;
         if path.exists() && matches_part(&path, &idx)? {
             reused += 1;
         } else {
             write_part(store, &idx, &image_dir, &path, &mut |b| {
                 progress(done + b, total)
             })?;
+            wrote = true;
         }
+        checks.push(PartCheck::start(&path, part, parent)?);
         done += part.size;
         progress(done, total);
-        check_part(
-            &path,
-            part,
-            if i == 0 { None } else { Some(&m.parts[i - 1]) },
-        )?;
         chain.push(path);
     }
-    let overlay = match (vm, m.top()) {
-        (Some(vm), Some(top)) => {
-            let overlay = image_dir.join(format!("{vm}.qcow2"));
-            // Relative backing name: valid in every mount namespace that sees the directory
-            // (a lab host sees its image directory under another path than the depot does).
-            qemu::create_overlay(
-                &overlay,
-                Path::new(&top.file_name()),
-                top.format,
-                m.overlay.cluster_size,
-            )?;
-            qemu::check(&overlay)?;
-            Some(overlay)
+    // The overlay's check (which opens the whole chain) runs alongside the parts' checks.
+    if let Some(job) = overlay.as_mut() {
+        job.start_check()?;
+    }
+    for c in checks {
+        c.finish()?;
+    }
+    let overlay = match overlay.as_mut() {
+        Some(job) => Some(job.finish()?),
+        None => {
+            if wrote {
+                sync_dir(&image_dir)?;
+            }
+            None
         }
-        _ => None,
     };
     Ok(Assembled {
         chain,
@@ -225,6 +256,114 @@ pub fn assemble(
     })
 }
 
+/// The VM's overlay being created under a temp name in the image directory. Dropped without
+/// [`OverlayJob::finish`], it waits for `qemu-img create` and removes the temp file.
+struct OverlayJob {
+    dir: PathBuf,
+    tmp: PathBuf,
+    path: PathBuf,
+    create: Option<qemu::Pending>,
+    check: Option<qemu::Pending>,
+}
+
+impl OverlayJob {
+    fn start(
+        dir: &Path,
+        path: PathBuf,
+        top: &PartRef,
+        cluster_size: Option<u32>,
+    ) -> Result<Self, ImageError> {
+        let tmp = dir.join(format!(
+            ".viola-overlay-{}-{}.tmp",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Relative backing name: valid in every mount namespace that sees the directory
+        // (a lab host sees its image directory under another path than the depot does).
+        let create = qemu::spawn_create_overlay(
+            &tmp,
+            Path::new(&top.file_name()),
+            top.format,
+            cluster_size,
+            top.virtual_size,
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tmp,
+            path,
+            create: Some(create),
+            check: None,
+        })
+    }
+
+    /// Once the chain is laid down: `qemu-img check` of the overlay, which opens the whole
+    /// chain through the relative backing names.
+    fn start_check(&mut self) -> Result<(), ImageError> {
+        if let Some(create) = self.create.take() {
+            // qemu-img create syncs the new file itself.
+            create.wait()?;
+        }
+        self.check = Some(qemu::spawn_check(&self.tmp)?);
+        Ok(())
+    }
+
+    /// Once the parts passed their checks: the overlay's check passed too, and a hard link
+    /// gives it its final name, never replacing an existing file (a VM disk is never
+    /// clobbered).
+    fn finish(&mut self) -> Result<PathBuf, ImageError> {
+        if self.check.is_none() {
+            self.start_check()?;
+        }
+        if let Some(check) = self.check.take() {
+            check.wait()?;
+        }
+        fs::hard_link(&self.tmp, &self.path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                ImageError::OverlayExists(self.path.clone())
+            } else {
+                io_err("linking into place", &self.path)(e)
+            }
+        })?;
+        let _ = fs::remove_file(&self.tmp);
+        sync_dir(&self.dir)?;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for OverlayJob {
+    fn drop(&mut self) {
+        // Reap the qemu-img calls before the temp file goes.
+        drop(self.create.take());
+        drop(self.check.take());
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn sync_dir(dir: &Path) -> Result<(), ImageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing", dir))
+}
+
+/// Bytes per batch: consecutive chunks are read into one buffer and written with one call.
+/// Small enough that a batch stays in the CPU cache between reading, hashing and writing.
+const BATCH_BYTES: u64 = 1 << 20;
+
+/// Alignment of direct (page-cache bypassing) writes: offsets, lengths and buffer addresses.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Writes the part from verified chunks to a temp name, syncs it once and renames it into
+/// place.
+///
+/// Worker threads take batches of consecutive chunks in interleaved order; each reads and
+/// verifies its batch (every byte is checked against its chunk hash before it is written),
+/// then writes it. Block-aligned runs go out with O_DIRECT: no page-cache copy and no later
+/// writeback, and while one worker waits for the device the others read and hash, which keeps
+/// both the cores and the device busy. What cannot be written directly (unaligned tails,
+/// filesystems without O_DIRECT) goes through the page cache with its writeback started at
+/// once.
 fn write_part(
     store: &Store,
     idx: &crate::part::PartIndex,
@@ -233,54 +372,68 @@ fn write_part(
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), ImageError> {
     let tmp = dir.join(format!(
-        ".viola-{}-{}.tmp",
+        ".viola-{}-{}-{}.tmp",
         idx.id().short(),
-        std::process::id()
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
         let f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
         f.set_len(idx.size).map_err(io_err("sizing", &tmp))?;
-        // Chunks are independent: read, verify and write them on every core, in interleaved
-        // stripes so the threads stream through the file together.
+        let direct = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&tmp)
+            .ok();
         let offsets = idx.offsets();
-        let threads = std::thread::available_parallelism()
+        let batches = batches(idx, BATCH_BYTES);
+        // Twice the cores: half of the workers can wait for the device at any time.
+        let workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
-            .clamp(1, 4);
-        let written = std::sync::atomic::AtomicU64::new(0);
-        let stripe = 16;
+            .clamp(1, 4)
+            .saturating_mul(2)
+            .min(batches.len().max(1));
+        let written = AtomicU64::new(0);
+        let failed = AtomicBool::new(false);
+        let out = Output {
+            buffered: &f,
+            direct: direct.as_ref(),
+            direct_ok: AtomicBool::new(direct.is_some()),
+            path: &tmp,
+        };
         std::thread::scope(|scope| -> Result<(), ImageError> {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (f, offsets, written, tmp) = (&f, &offsets, &written, &tmp);
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (batches, offsets, written, failed, out) =
+                        (&batches, &offsets, &written, &failed, &out);
                     scope.spawn(move || -> Result<(), ImageError> {
-                        let mut i = t * stripe;
-                        while i < idx.chunks.len() {
-                            for (c, &offset) in
-                                idx.chunks.iter().zip(offsets.iter()).skip(i).take(stripe)
-                            {
-                                if !c.zero {
-                                    let data = store.read_chunk(&c.hash)?;
-                                    f.write_all_at(&data, offset)
-                                        .map_err(io_err("writing", tmp))?;
-                                }
-                                written.fetch_add(
-                                    u64::from(c.len),
-                                    std::sync::atomic::Ordering::Relaxed,
-                                );
+                        let mut buf = AlignedBuf::default();
+                        for b in batches.iter().skip(w).step_by(workers) {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok(());
                             }
-                            i += threads * stripe;
+                            let r = read_batch(store, idx, offsets, b.clone(), &mut buf)
+                                .and_then(|()| out.write_batch(idx, offsets, b.clone(), &buf));
+                            if r.is_err() {
+                                failed.store(true, Ordering::Relaxed);
+                                return r;
+                            }
+                            let last = b.end - 1;
+                            let len =
+                                offsets[last] + u64::from(idx.chunks[last].len) - offsets[b.start];
+                            written.fetch_add(len, Ordering::Relaxed);
                         }
                         Ok(())
                     })
                 })
                 .collect();
             let mut result = Ok(());
-            for w in workers {
-                while !w.is_finished() {
-                    progress(written.load(std::sync::atomic::Ordering::Relaxed));
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+            for h in handles {
+                while !h.is_finished() {
+                    progress(written.load(Ordering::Relaxed));
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                let r = w.join().unwrap_or_else(|_| {
+                let r = h.join().unwrap_or_else(|_| {
                     Err(ImageError::Io {
                         what: "writing (worker panicked)",
                         path: tmp.clone(),
@@ -295,15 +448,226 @@ fn write_part(
         })?;
         progress(idx.size);
         f.sync_all().map_err(io_err("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("syncing", dir))
+        // The directory is synced once after the last rename (see `assemble`).
+        fs::rename(&tmp, path).map_err(io_err("renaming into place", path))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The temp file a part is written to: a page-cache descriptor and, where the filesystem
+/// allows, an O_DIRECT one.
+struct Output<'a> {
+    buffered: &'a File,
+    direct: Option<&'a File>,
+    /// Cleared when the filesystem refuses our alignment; page cache from then on.
+    direct_ok: AtomicBool,
+    path: &'a Path,
+}
+
+impl Output<'_> {
+    /// Writes the non-zero runs of a batch (`buf` holds the batch from its first chunk's
+    /// offset); zero chunks stay holes.
+    fn write_batch(
+        &self,
+        idx: &crate::part::PartIndex,
+        offsets: &[u64],
+        range: std::ops::Range<usize>,
+        buf: &AlignedBuf,
+    ) -> Result<(), ImageError> {
+        let start = offsets[range.start];
+        let mut i = range.start;
+        while i < range.end {
+            if idx.chunks[i].zero {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < range.end && !idx.chunks[i].zero {
+                i += 1;
+            }
+            let from = offsets[run_start];
+            let to = offsets[i - 1] + u64::from(idx.chunks[i - 1].len);
+            self.write_run(
+                &buf.as_slice()[(from - start) as usize..(to - start) as usize],
+                from,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_run(&self, data: &[u8], from: u64) -> Result<(), ImageError> {
+        let mut done = 0;
+        if let Some(d) = self.direct
+            && self.direct_ok.load(Ordering::Relaxed)
+            && from.is_multiple_of(DIRECT_ALIGN as u64)
+            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        {
+            let n = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+            match d.write_all_at(&data[..n], from) {
+                Ok(()) => done = n,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(io_err("writing", self.path)(e)),
+            }
+        }
+        if done < data.len() {
+            let at = from + done as u64;
+            self.buffered
+                .write_all_at(&data[done..], at)
+                .map_err(io_err("writing", self.path))?;
+            // Start writeback now; durability still comes from the one fsync at the end.
+            // SAFETY: a plain syscall on a descriptor the borrowed `File` keeps open; an error
+            // only means less early writeback.
+            unsafe {
+                libc::sync_file_range(
+                    self.buffered.as_raw_fd(),
+                    at as libc::off64_t,
+                    (data.len() - done) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reusable buffer whose bytes start on a [`DIRECT_ALIGN`] boundary (O_DIRECT needs that).
+#[derive(Default)]
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Makes the buffer `len` bytes long (contents unspecified).
+    fn resize(&mut self, len: usize) {
+        if self.raw.len() < len + DIRECT_ALIGN {
+            self.raw = vec![0; len + DIRECT_ALIGN];
+            self.start = self.raw.as_ptr().align_offset(DIRECT_ALIGN);
+        }
+        self.len = len;
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+/// Chunk ranges of about `target` bytes each, in file order (every chunk in exactly one).
+fn batches(idx: &crate::part::PartIndex, target: u64) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, c) in idx.chunks.iter().enumerate() {
+        bytes += u64::from(c.len);
+        if bytes >= target {
+            out.push(start..i + 1);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < idx.chunks.len() {
+        out.push(start..idx.chunks.len());
+    }
+    out
+}
+
+/// Reads and verifies the non-zero chunks of `range` into `buf` at their offsets in the batch.
+fn read_batch(
+    store: &Store,
+    idx: &crate::part::PartIndex,
+    offsets: &[u64],
+    range: std::ops::Range<usize>,
+    buf: &mut AlignedBuf,
+) -> Result<(), ImageError> {
+    let start = offsets[range.start];
+    let last = range.end - 1;
+    let len = (offsets[last] + u64::from(idx.chunks[last].len) - start) as usize;
+    // Bytes of zero chunks are never written, so stale contents there do not matter.
+    buf.resize(len);
+    let bytes = buf.as_mut_slice();
+    for i in range {
+        let c = &idx.chunks[i];
+        if !c.zero {
+            let o = (offsets[i] - start) as usize;
+            store.read_chunk_into(&c.hash, &mut bytes[o..o + c.len as usize])?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a qcow2 part's header, read (verified) from the store: its virtual size is the
+/// manifest's, it names exactly its parent (by relative name and format) or nothing, and no
+/// external data file. Raw parts have no header; `qemu-img info` confirms qemu sees them as
+/// raw.
+fn check_header(
+    store: &Store,
+    idx: &crate::part::PartIndex,
+    part: &PartRef,
+    parent: Option<&PartRef>,
+    path: &Path,
+) -> Result<(), ImageError> {
+    if part.format != DiskFormat::Qcow2 {
+        return Ok(());
+    }
+    // qemu reads the header and its extensions from the first cluster (at most 2 MiB).
+    let head = part_head(store, idx, 2 << 20)?;
+    let h = qemu::parse_qcow2_header(&head).map_err(|source| ImageError::Header {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if h.data_file {
+        return Err(ImageError::DataFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if h.virtual_size != part.virtual_size {
+        return Err(ImageError::WrongShape {
+            path: path.to_path_buf(),
+            found: DiskFormat::Qcow2,
+            found_size: h.virtual_size,
+            expected: part.format,
+            expected_size: part.virtual_size,
+        });
+    }
+    let expected = parent.map(PartRef::file_name);
+    let expected_format = parent.map(|p| p.format.as_str().to_string());
+    if h.backing != expected || h.backing_format != expected_format {
+        return Err(ImageError::WrongBacking {
+            path: path.to_path_buf(),
+            found: h.backing,
+            found_format: h.backing_format,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// The first `want` bytes of a part (or all of it), from verified chunks.
+fn part_head(
+    store: &Store,
+    idx: &crate::part::PartIndex,
+    want: u64,
+) -> Result<Vec<u8>, ImageError> {
+    let mut head = Vec::new();
+    for c in &idx.chunks {
+        if head.len() as u64 >= want {
+            break;
+        }
+        let at = head.len();
+        head.resize(at + c.len as usize, 0);
+        if !c.zero {
+            store.read_chunk_into(&c.hash, &mut head[at..])?;
+        }
+    }
+    Ok(head)
 }
 
 /// Whether the file at `path` holds exactly the part's bytes (re-hashed, never trusted).
@@ -319,37 +683,68 @@ fn matches_part(path: &Path, idx: &crate::part::PartIndex) -> Result<bool, Image
     Ok(Hash::from(h.finalize()) == idx.content_hash)
 }
 
-fn check_part(path: &Path, part: &PartRef, parent: Option<&PartRef>) -> Result<(), ImageError> {
-    let info = qemu::info(path)?;
-    if info.has_data_file {
-        return Err(ImageError::DataFile {
+/// The `qemu-img info` and `qemu-img check` of one laid-down part, running in the background.
+struct PartCheck<'a> {
+    path: PathBuf,
+    part: &'a PartRef,
+    parent: Option<&'a PartRef>,
+    info: qemu::PendingInfo,
+    check: Option<qemu::Pending>,
+}
+
+impl<'a> PartCheck<'a> {
+    fn start(
+        path: &Path,
+        part: &'a PartRef,
+        parent: Option<&'a PartRef>,
+    ) -> Result<Self, ImageError> {
+        Ok(Self {
             path: path.to_path_buf(),
-        });
+            part,
+            parent,
+            info: qemu::spawn_info(path)?,
+            check: if part.format == DiskFormat::Qcow2 {
+                Some(qemu::spawn_check(path)?)
+            } else {
+                None
+            },
+        })
     }
-    if info.format != part.format || info.virtual_size != part.virtual_size {
-        return Err(ImageError::WrongShape {
-            path: path.to_path_buf(),
-            found: info.format,
-            found_size: info.virtual_size,
-            expected: part.format,
-            expected_size: part.virtual_size,
-        });
+
+    /// The part's header names exactly its parent (or nothing) and `qemu-img check` passed.
+    fn finish(self) -> Result<(), ImageError> {
+        let (path, part, parent) = (self.path, self.part, self.parent);
+        let info = self.info.wait();
+        let check = self.check.map(qemu::Pending::wait);
+        let info = info?;
+        if info.has_data_file {
+            return Err(ImageError::DataFile { path });
+        }
+        if info.format != part.format || info.virtual_size != part.virtual_size {
+            return Err(ImageError::WrongShape {
+                path,
+                found: info.format,
+                found_size: info.virtual_size,
+                expected: part.format,
+                expected_size: part.virtual_size,
+            });
+        }
+        let expected = parent.map(PartRef::file_name);
+        let format_ok = match parent {
+            None => info.backing_format.is_none(),
+            Some(p) => info.backing_format.as_deref() == Some(p.format.as_str()),
+        };
+        if info.backing != expected || !format_ok {
+            return Err(ImageError::WrongBacking {
+                path,
+                found: info.backing,
+                found_format: info.backing_format,
+                expected,
+            });
+        }
+        if let Some(check) = check {
+            check?;
+        }
+        Ok(())
     }
-    let expected = parent.map(PartRef::file_name);
-    let format_ok = match parent {
-        None => info.backing_format.is_none(),
-        Some(p) => info.backing_format.as_deref() == Some(p.format.as_str()),
-    };
-    if info.backing != expected || !format_ok {
-        return Err(ImageError::WrongBacking {
-            path: path.to_path_buf(),
-            found: info.backing,
-            found_format: info.backing_format,
-            expected,
-        });
-    }
-    if part.format == DiskFormat::Qcow2 {
-        qemu::check(path)?;
-    }
-    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The few `qemu-img` calls the depot needs, with their output parsed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
@@ -25,21 +25,63 @@ pub enum QemuImgError {
 }
 
 fn run(args: &[&str]) -> Result<String, QemuImgError> {
-    let shown = args.join(" ");
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|source| QemuImgError::Spawn {
-            args: shown.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(QemuImgError::Failed {
-            args: shown,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    Pending::spawn(args)?.wait()
+}
+
+/// A `qemu-img` call running in the background, so independent checks overlap each other and
+/// the caller's own work.
+pub struct Pending {
+    args: String,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for Pending {
+    /// A call abandoned on an error path is still reaped (no zombies in the daemon).
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Pending {
+    fn spawn(args: &[&str]) -> Result<Self, QemuImgError> {
+        let shown = args.join(" ");
+        let child = Command::new("qemu-img")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| QemuImgError::Spawn {
+                args: shown.clone(),
+                source,
+            })?;
+        Ok(Self {
+            args: shown,
+            child: Some(child),
+        })
+    }
+
+    /// Waits for the call; its stdout if it succeeded.
+    pub fn wait(mut self) -> Result<String, QemuImgError> {
+        let Some(child) = self.child.take() else {
+            return Ok(String::new());
+        };
+        let out = child
+            .wait_with_output()
+            .map_err(|source| QemuImgError::Spawn {
+                args: self.args.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(QemuImgError::Failed {
+                args: self.args.clone(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
 
 #[derive(Deserialize)]
@@ -103,13 +145,33 @@ fn convert(raw: RawInfo) -> Result<ImageInfo, QemuImgError> {
 
 /// `qemu-img info` of one image (without opening its backing chain).
 pub fn info(path: &Path) -> Result<ImageInfo, QemuImgError> {
+    spawn_info(path)?.wait()
+}
+
+/// [`info`] started in the background.
+pub fn spawn_info(path: &Path) -> Result<PendingInfo, QemuImgError> {
     let p = path.to_string_lossy();
-    let out = run(&["info", "-U", "--output=json", &p])?;
-    let raw: RawInfo = serde_json::from_str(&out).map_err(|e| QemuImgError::Parse {
+    Ok(PendingInfo {
         path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    convert(raw)
+        call: Pending::spawn(&["info", "-U", "--output=json", &p])?,
+    })
+}
+
+/// A background `qemu-img info`.
+pub struct PendingInfo {
+    path: PathBuf,
+    call: Pending,
+}
+
+impl PendingInfo {
+    pub fn wait(self) -> Result<ImageInfo, QemuImgError> {
+        let out = self.call.wait()?;
+        let raw: RawInfo = serde_json::from_str(&out).map_err(|e| QemuImgError::Parse {
+            path: self.path,
+            detail: e.to_string(),
+        })?;
+        convert(raw)
+    }
 }
 
 /// The whole backing chain of an image, top first.
@@ -143,19 +205,24 @@ pub fn rebase_unsafe(
     .map(drop)
 }
 
-/// Creates a qcow2 overlay on `backing`.
-pub fn create_overlay(
+/// Starts creating a qcow2 overlay of `virtual_size` bytes on `backing` in the background.
+/// The backing file is not opened (`-u`): the caller checks the finished chain with [`check`],
+/// so creation can overlap laying the chain down.
+pub fn spawn_create_overlay(
     overlay: &Path,
     backing: &Path,
     backing_format: DiskFormat,
     cluster_size: Option<u32>,
-) -> Result<(), QemuImgError> {
+    virtual_size: u64,
+) -> Result<Pending, QemuImgError> {
     let b = backing.to_string_lossy();
     let o = overlay.to_string_lossy();
     let cluster = cluster_size.map(|c| format!("cluster_size={c}"));
+    let size = virtual_size.to_string();
     let mut args = vec![
         "create",
         "-q",
+        "-u",
         "-f",
         "qcow2",
         "-b",
@@ -166,11 +233,140 @@ pub fn create_overlay(
     if let Some(c) = &cluster {
         args.extend(["-o", c.as_str()]);
     }
-    args.push(&o);
-    run(&args).map(drop)
+    args.extend([o.as_ref(), size.as_str()]);
+    Pending::spawn(&args)
 }
 
-/// `qemu-img check` of a qcow2 image (raw images have nothing to check).
+/// `qemu-img check` of a qcow2 image (raw images have nothing to check). It checks the
+/// metadata of this one image only (not its backing files), but fails if the chain cannot be
+/// opened.
 pub fn check(image: &Path) -> Result<(), QemuImgError> {
-    run(&["check", "-q", "-U", "-f", "qcow2", &image.to_string_lossy()]).map(drop)
+    spawn_check(image)?.wait().map(drop)
+}
+
+/// [`check`] started in the background; `wait` gives its (quiet) output.
+pub fn spawn_check(image: &Path) -> Result<Pending, QemuImgError> {
+    Pending::spawn(&["check", "-q", "-U", "-f", "qcow2", &image.to_string_lossy()])
+}
+
+/// What a qcow2 header says about where the image's data comes from, parsed from its bytes the
+/// way qemu's qcow2 driver reads them (header, backing file name, header extensions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qcow2Header {
+    pub version: u32,
+    pub cluster_size: u64,
+    pub virtual_size: u64,
+    pub backing: Option<String>,
+    pub backing_format: Option<String>,
+    /// An external data file is named or required (never accepted by the depot).
+    pub data_file: bool,
+}
+
+/// A qcow2 header that cannot be read (or that qemu itself would refuse to open).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("qcow2 header: {0}")]
+pub struct Qcow2HeaderError(pub &'static str);
+
+const QCOW2_EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const QCOW2_EXT_DATA_FILE: u32 = 0x4441_5441;
+const QCOW2_INCOMPAT_DATA_FILE: u64 = 1 << 2;
+
+/// Parses the qcow2 header at the start of `head` (the image's first bytes: at least its first
+/// cluster, or the whole image if it is shorter). Hostile input only yields errors.
+pub fn parse_qcow2_header(head: &[u8]) -> Result<Qcow2Header, Qcow2HeaderError> {
+    let e = Qcow2HeaderError;
+    let be32 = |o: usize| -> Result<u32, Qcow2HeaderError> {
+        head.get(o..o + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or(e("truncated"))
+    };
+    let be64 = |o: usize| -> Result<u64, Qcow2HeaderError> {
+        let hi = u64::from(be32(o)?);
+        Ok(hi << 32 | u64::from(be32(o + 4)?))
+    };
+    if head.get(..4) != Some(b"QFI\xfb".as_slice()) {
+        return Err(e("not a qcow2 image (bad magic)"));
+    }
+    let version = be32(4)?;
+    if version != 2 && version != 3 {
+        return Err(e("unsupported qcow2 version"));
+    }
+    let backing_offset = be64(8)?;
+    let backing_len = be32(16)?;
+    let cluster_bits = be32(20)?;
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(e("cluster size out of range"));
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    let virtual_size = be64(24)?;
+    let (header_len, incompatible) = if version == 3 {
+        (u64::from(be32(100)?), be64(72)?)
+    } else {
+        (72, 0)
+    };
+    if header_len < if version == 3 { 104 } else { 72 } || header_len > cluster_size {
+        return Err(e("bad header length"));
+    }
+    let backing = if backing_offset == 0 {
+        None
+    } else {
+        // qemu's limits: the name is at most 1023 bytes and inside the first cluster.
+        let end = backing_offset
+            .checked_add(u64::from(backing_len))
+            .ok_or(e("backing file name out of range"))?;
+        if backing_len > 1023 || end > cluster_size || end > head.len() as u64 {
+            return Err(e("backing file name out of range"));
+        }
+        let name = &head[backing_offset as usize..end as usize];
+        Some(
+            std::str::from_utf8(name)
+                .map_err(|_| e("backing file name is not UTF-8"))?
+                .to_string(),
+        )
+    };
+    // Header extensions run from the end of the header to the backing file name (or the end
+    // of the first cluster), as in qemu.
+    let ext_end = if backing_offset != 0 {
+        backing_offset
+    } else {
+        cluster_size
+    }
+    .min(head.len() as u64) as usize;
+    let mut backing_format = None;
+    let mut data_file = incompatible & QCOW2_INCOMPAT_DATA_FILE != 0;
+    let mut at = header_len as usize;
+    while at + 8 <= ext_end {
+        let (kind, len) = (be32(at)?, be32(at + 4)? as usize);
+        at += 8;
+        if kind == 0 {
+            break;
+        }
+        if len > ext_end - at {
+            return Err(e("header extension runs past its area"));
+        }
+        let data = &head[at..at + len];
+        match kind {
+            QCOW2_EXT_BACKING_FORMAT => {
+                if len >= 16 {
+                    return Err(e("backing format name too long"));
+                }
+                backing_format = Some(
+                    std::str::from_utf8(data)
+                        .map_err(|_| e("backing format is not UTF-8"))?
+                        .to_string(),
+                );
+            }
+            QCOW2_EXT_DATA_FILE => data_file = true,
+            _ => {}
+        }
+        at += len.div_ceil(8) * 8;
+    }
+    Ok(Qcow2Header {
+        version,
+        cluster_size,
+        virtual_size,
+        backing,
+        backing_format,
+        data_file,
+    })
 }

@@ -257,6 +257,24 @@ impl Store {
         Ok(data)
     }
 
+    /// Reads a chunk of `buf.len()` bytes into `buf` (no allocation, one read for the whole
+    /// chunk) and checks it against its hash. A shorter file is reported as corrupt.
+    pub fn read_chunk_into(&self, h: &Hash, buf: &mut [u8]) -> Result<(), StoreError> {
+        let path = self.chunk_path(h);
+        let mut f = File::open(&path).map_err(io_err("reading chunk", &path))?;
+        match f.read_exact(buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(StoreError::CorruptChunk(*h));
+            }
+            Err(e) => return Err(io_err("reading chunk", &path)(e)),
+        }
+        if Hash::of(buf) != *h {
+            return Err(StoreError::CorruptChunk(*h));
+        }
+        Ok(())
+    }
+
     /// Reads a chunk without checking it (the caller verifies, e.g. the receiving depot).
     pub fn read_chunk_unverified(&self, h: &Hash) -> Result<Vec<u8>, StoreError> {
         let path = self.chunk_path(h);

@@ -132,3 +132,105 @@ fn a_part_whose_header_points_outside_the_chain_is_refused() {
     assert!(matches!(err, ImageError::WrongBacking { .. }), "{err}");
     assert!(!host.join("vm.qcow2").exists());
 }
+
+#[test]
+fn the_header_parser_reads_what_qemu_img_info_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let layer = dir.path().join("layer.qcow2");
+    let v2 = dir.path().join("v2.qcow2");
+    let data = dir.path().join("data.qcow2");
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        layer.to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        v2.to_str().unwrap(),
+        "3M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", dir.path().join("data.bin").display()),
+        data.to_str().unwrap(),
+        "1M",
+    ]);
+    for img in [&layer, &v2, &data] {
+        let bytes = std::fs::read(img).unwrap();
+        let h = viola_depot::qemu::parse_qcow2_header(&bytes).unwrap();
+        let info = viola_depot::qemu::info(img).unwrap();
+        assert_eq!(h.virtual_size, info.virtual_size, "{}", img.display());
+        assert_eq!(h.backing, info.backing, "{}", img.display());
+        assert_eq!(h.backing_format, info.backing_format, "{}", img.display());
+        assert_eq!(h.data_file, info.has_data_file, "{}", img.display());
+        // Every truncation of a real header is an error or a prefix-consistent parse, never
+        // a panic, and never a different backing file.
+        for cut in (0..bytes.len().min(8192)).step_by(7) {
+            if let Ok(t) = viola_depot::qemu::parse_qcow2_header(&bytes[..cut]) {
+                assert!(t.backing.is_none() || t.backing == h.backing);
+            }
+        }
+    }
+    assert_eq!(
+        viola_depot::qemu::parse_qcow2_header(&std::fs::read(&v2).unwrap())
+            .unwrap()
+            .version,
+        2
+    );
+    assert!(viola_depot::qemu::parse_qcow2_header(&std::fs::read(&base).unwrap()).is_err());
+}
+
+#[test]
+fn a_part_with_an_external_data_file_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("evil.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=/etc/hostname,data_file_raw=on",
+        evil.to_str().unwrap(),
+        "1M",
+    ]);
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let (idx, _) = store.import_file(&evil, spec(), |_| {}).unwrap();
+    let m = Manifest {
+        version: MANIFEST_VERSION,
+        name: "evil".into(),
+        parts: vec![PartRef {
+            id: idx.id(),
+            size: idx.size,
+            format: DiskFormat::Qcow2,
+            virtual_size: 1 << 20,
+            backing: None,
+            label: String::new(),
+        }],
+        overlay: OverlaySpec::default(),
+    };
+    let host = dir.path().join("h");
+    let err = image::assemble(&store, &m, &host, Some("vm"), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, ImageError::DataFile { .. }), "{err}");
+    // Nothing under any name: no part, no overlay, no temp file.
+    assert_eq!(std::fs::read_dir(&host).unwrap().count(), 0);
+}
