@@ -792,6 +792,7 @@ mod tests {
     async fn migrate(
         cluster: &FakeCluster,
         stager: DepotStager,
+        timeout_ms: u64,
     ) -> (crate::migration::MigrationReport, Vec<MigrationStatus>) {
         let deps = MigrationDeps {
             connector: Arc::new(cluster.clone()),
@@ -807,7 +808,7 @@ mod tests {
             dest_migration_uri: B.into(),
             stage_base: true,
             bandwidth_mib_s: None,
-            timeout_ms: 5_000,
+            timeout_ms,
             max_downtime_ms: None,
         };
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
@@ -840,8 +841,12 @@ mod tests {
             on_ready: Some(Box::new(move || c.add_image(B, &laid, 1 << 30, None))),
             ..FakeDepot::default()
         });
-        let (report, statuses) =
-            migrate(&cluster, stager(&depot, LocalCopyStager::default(), &["b"])).await;
+        let (report, statuses) = migrate(
+            &cluster,
+            stager(&depot, LocalCopyStager::default(), &["b"]),
+            5_000,
+        )
+        .await;
         assert_eq!(
             report.outcome,
             Outcome::Migrated {
@@ -885,8 +890,12 @@ mod tests {
             st(StageState::Fetching, 0, 100, &[]),
             st(StageState::Failed, 0, 100, &[]),
         ]);
-        let (report, _) =
-            migrate(&cluster, stager(&depot, LocalCopyStager::default(), &["b"])).await;
+        let (report, _) = migrate(
+            &cluster,
+            stager(&depot, LocalCopyStager::default(), &["b"]),
+            5_000,
+        )
+        .await;
         match &report.outcome {
             Outcome::RolledBack { reason } => {
                 assert!(
@@ -905,5 +914,32 @@ mod tests {
             "{:#?}",
             report.records
         );
+    }
+
+    #[tokio::test]
+    async fn a_late_depot_staging_rolls_the_migration_back_at_its_timeout() {
+        let (cluster, base) = cluster();
+        let depot = scripted(vec![st(StageState::Fetching, 1, 100, &[])]);
+        let t = tokio::time::Instant::now();
+        let (report, _) = migrate(
+            &cluster,
+            stager(&depot, LocalCopyStager::default(), &["b"]),
+            300,
+        )
+        .await;
+        match &report.outcome {
+            Outcome::RolledBack { reason } => {
+                assert!(
+                    reason.contains("StageBase") && reason.contains("deadline"),
+                    "{reason}"
+                )
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(cluster.hosts_running("vm1"), vec![A.to_string()]);
+        assert!(!cluster.has_domain(B, "vm1"));
+        assert!(!cluster.has_image(B, "/img/vm1.qcow2"));
+        assert!(!cluster.has_image(B, &base));
     }
 }

@@ -266,9 +266,12 @@ async fn run_step<S: BaseStager, A: MoveAnnouncer>(
                     deadline_unix_ms,
                     progress: &progress,
                 };
+                // The stager reports lateness itself (with its progress); this only catches one
+                // that does not honour the deadline.
+                let backstop = Duration::from_millis(plan.timeout_ms) + Duration::from_secs(2);
                 let staged = tokio::select! {
                     r = deps.stager.stage_for_vm(&job) => r.map_err(|e| chain(&e))?,
-                    () = tokio::time::sleep(Duration::from_millis(plan.timeout_ms)) => {
+                    () = tokio::time::sleep(backstop) => {
                         return Err(format!("{base} not staged within {} ms", plan.timeout_ms));
                     }
                     () = cancel.cancelled() => return Err("cancelled while staging".into()),
