@@ -22,7 +22,9 @@
 //! "nothing of this VM at the destination" and the rollback's "remove only what the migration
 //! made" stay true. A laid-down chain is complete and verified (the depot writes each part to a
 //! temporary name and renames it) and, like a directly copied base, stays when a migration is
-//! rolled back: it is a shared, read-only base, not part of the VM.
+//! rolled back: it is a shared, read-only base, not part of the VM. (The staging API has no
+//! cancel: a depot still working when a migration gives up finishes the chain later, which is
+//! such a base too.)
 //!
 //! **When the depot is not used.** No depot configured for the destination's site, the
 //! destination host unknown to the configuration, no image recorded in the domain, or a base
@@ -30,6 +32,7 @@
 //! ([`LocalCopyStager`]), and the migration's log says which and why. A depot that cannot be
 //! reached, refuses, fails or is not ready by the deadline fails the step (the migration then
 //! rolls back like after any other failed step); it never silently turns into a direct copy.
+//! Re-instantiating the VMs of a failed host (`crate::ha`) still uses the direct copy.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
