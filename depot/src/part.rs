@@ -73,6 +73,7 @@ impl PartIndex {
             ChunkerSpec::Fixed { size } => (1u8, size, 0, 0),
             ChunkerSpec::FastCdc { min, avg, max } => (2u8, min, avg, max),
             ChunkerSpec::FastCdcAligned { min, avg, max } => (3u8, min, avg, max),
+            ChunkerSpec::FastCdcAligned16k { min, avg, max } => (4u8, min, avg, max),
         };
         out.push(tag);
         for v in [a, b, c] {
@@ -125,6 +126,11 @@ impl PartIndex {
                 max: c,
             },
             3 => ChunkerSpec::FastCdcAligned {
+                min: a,
+                avg: b,
+                max: c,
+            },
+            4 => ChunkerSpec::FastCdcAligned16k {
                 min: a,
                 avg: b,
                 max: c,
@@ -267,6 +273,11 @@ mod tests {
                 max: 262144,
             },
             ChunkerSpec::default(),
+            ChunkerSpec::FastCdcAligned16k {
+                min: 16384,
+                avg: 65536,
+                max: 262144,
+            },
         ] {
             let idx = PartIndex {
                 size: 10,
