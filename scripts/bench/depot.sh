@@ -7,9 +7,14 @@
 #
 #   transfer_over_iperf3                   verified multi-stream fetch a1 -> b1 across the lab's WAN
 #                                          link (10 ms one way, 200 Mbit/s) / iperf3 on the same link
-#   verify_over_raw_blake3                 chunk verification throughput / raw one-thread BLAKE3
-#   assembly_time_over_qemu_img_convert    `viola-depot assemble` (chain + overlay + checks, fsync'd)
-#                                          / `qemu-img convert -O qcow2` of the same image
+#   verify_over_raw_blake3                 chunk verification throughput / raw BLAKE3 throughput:
+#                                          both one thread, the same bytes (the test image read
+#                                          into memory once, so warm for both), interleaved rounds,
+#                                          medians; default chunker (also reported: 16 KiB-aligned)
+#   assembly_time_over_qemu_img_convert    `viola-depot assemble` (chain + overlay + qemu-img checks,
+#                                          every store byte verified, fsync'd) / `qemu-img convert
+#                                          -O qcow2` of the same image + fsync of its output; medians
+#                                          of interleaved runs, each started after `sync`
 #   assembly_time_over_cp                  the same against `cp`
 #   planner_met_over_lp_bound              Σ met / Σ LP bound over seeds 0..9 (50 VMs, 4 sites)
 #   planner_met_over_exact_optimum         Σ met / Σ exact optimum (MILP) on the same scenarios
@@ -79,7 +84,7 @@ export VIOLA_DEPOT_STORE="$WORK/store"
 if want assembly; then
 echo "== assembly" >&2
 ASM=(); CONV=(); CP=()
-for i in 1 2 3; do
+for i in 1 2 3 4 5; do
     sync
     t0=$(now); "$VD" --quiet assemble bench --image-dir "$WORK/asm$i" --vm vm >/dev/null; t1=$(now)
     ASM+=("$(echo "$t1 - $t0" | bc -l)")
@@ -95,6 +100,7 @@ ASM_S=$(printf '%s\n' "${ASM[@]}" | median)
 CONV_S=$(printf '%s\n' "${CONV[@]}" | median)
 CP_S=$(printf '%s\n' "${CP[@]}" | median)
 echo "   assemble ${ASM_S}s  qemu-img convert ${CONV_S}s  cp ${CP_S}s  ($IMG_BYTES bytes)" >&2
+echo "   runs: assemble ${ASM[*]}; convert ${CONV[*]}; cp ${CP[*]}" >&2
 fi
 
 # --- planner vs LP bound and exact optimum ----------------------------------------------------
