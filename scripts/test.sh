@@ -23,19 +23,29 @@ step "unit, property and simulator tests"
 cargo test --workspace --locked --exclude viola-labtests
 
 step "lab tests (real namespaces, libvirtd, QEMU; one at a time)"
-# Most lab tests build a lab of their own; the mechanisms tests (mech_*) use the default lab,
-# which is built afresh for each of them (some kill hosts) and removed again whatever happens.
+# Most lab tests build a lab of their own; the mechanisms tests on mech_util.rs use the default
+# lab, which is built afresh for each of them (some kill hosts) and removed again whatever happens.
 trap 'scripts/lab.sh down >/dev/null 2>&1 || true' EXIT
 cargo test --locked -p viola-labtests --lib --bins
 failed=()
+# A test binary needs the default lab when it uses mech_util.rs and has a test that is not
+# ignored (mech_bench is a benchmark driver only).
+needs_default_lab() {
+  grep -q '"mech_util.rs"' "$1" || return 1
+  local tests ignored
+  tests=$(grep -cE '^#\[(tokio::)?test' "$1" || true)
+  ignored=$(grep -cE '^#\[ignore' "$1" || true)
+  [ "$tests" -gt "$ignored" ]
+}
 for file in tests/tests/*.rs; do
   t=$(basename "$file" .rs)
   case "$t" in *_util) continue ;; esac
-  case "$t" in mech_*) scripts/lab.sh up >/dev/null ;; esac
+  lab=0
+  if needs_default_lab "$file"; then lab=1; scripts/lab.sh up >/dev/null; fi
   cargo test --locked -p viola-labtests --test "$t" -- --test-threads=1 || failed+=("$t")
-  case "$t" in mech_*) scripts/lab.sh down >/dev/null ;; esac
+  if [ "$lab" = 1 ]; then scripts/lab.sh down >/dev/null; fi
 done
-leftover=$(ip netns list | awk '{print $1}' | grep -E '^(vl|lf|ovl|ovm|vdl|vdb)-' || true)
+leftover=$(ip netns list | awk '{print $1}' | grep -E '^(vl|lf|ovl|ovm|vdl|vdb|vds)-' || true)
 if [ -n "$leftover" ]; then
   echo "lab namespaces left behind: $leftover" >&2
   exit 1

@@ -172,6 +172,14 @@ async fn one_run(mode: StorageCopy) -> Run {
         Outcome::Migrated { storage: mode },
         "{report:#?}"
     );
+    for r in &report.records {
+        eprintln!(
+            "  {name}: {:<18} {:>6} ms  {}",
+            r.action,
+            r.finished_ms.saturating_sub(r.started_ms),
+            r.result
+        );
+    }
     let first = report.records.first().map_or(0, |r| r.started_ms);
     let last = report.records.last().map_or(0, |r| r.finished_ms);
     Run {
