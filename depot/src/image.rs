@@ -22,6 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 
 use crate::chunker::ChunkerSpec;
 use crate::hash::Hash;
@@ -402,11 +403,16 @@ fn write_part(
             path: &tmp,
         };
         std::thread::scope(|scope| -> Result<(), ImageError> {
+            // Each worker says when it ends (the sender drops with it, even on a panic), so
+            // the last one is joined at once rather than at the next progress tick.
+            let (ended, ends) = mpsc::channel::<()>();
             let handles: Vec<_> = (0..workers)
                 .map(|w| {
                     let (batches, offsets, written, failed, out) =
                         (&batches, &offsets, &written, &failed, &out);
+                    let ended = ended.clone();
                     scope.spawn(move || -> Result<(), ImageError> {
+                        let _ended = ended;
                         let mut buf = AlignedBuf::default();
                         for b in batches.iter().skip(w).step_by(workers) {
                             if failed.load(Ordering::Relaxed) {
@@ -427,12 +433,14 @@ fn write_part(
                     })
                 })
                 .collect();
+            drop(ended);
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                ends.recv_timeout(std::time::Duration::from_millis(20))
+            {
+                progress(written.load(Ordering::Relaxed));
+            }
             let mut result = Ok(());
             for h in handles {
-                while !h.is_finished() {
-                    progress(written.load(Ordering::Relaxed));
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
                 let r = h.join().unwrap_or_else(|_| {
                     Err(ImageError::Io {
                         what: "writing (worker panicked)",
