@@ -7,9 +7,9 @@
 //! Assembly first reads each qcow2 part's header from verified chunks and refuses a part that
 //! names anything but its parent as backing file (a hostile part naming `/etc/shadow`) or uses
 //! an external data file, before anything is written or opened. It writes each part from
-//! verified chunks (zero chunks become holes; block-aligned runs with O_DIRECT, several workers
-//! reading, hashing and writing at once) to a temp name, fsyncs it once and renames it into
-//! place. The VM's overlay is created under a temp name meanwhile (backing file: the top part's
+//! verified chunks (zero chunks become holes; several workers reading, hashing and writing at
+//! once, each starting the writeback of what it wrote) to a temp name, fsyncs it once and
+//! renames it into place. The VM's overlay is created under a temp name meanwhile (backing file: the top part's
 //! relative name, so it resolves in whatever mount namespace sees the directory). Then, all at
 //! once: `qemu-img info` (qemu's own view of each part's format, size and backing) and
 //! `qemu-img check` of every qcow2 part, and `qemu-img check` of the overlay (which opens the
@@ -19,7 +19,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -352,19 +352,16 @@ fn sync_dir(dir: &Path) -> Result<(), ImageError> {
 /// Small enough that a batch stays in the CPU cache between reading, hashing and writing.
 const BATCH_BYTES: u64 = 1 << 20;
 
-/// Alignment of direct (page-cache bypassing) writes: offsets, lengths and buffer addresses.
-const DIRECT_ALIGN: usize = 4096;
-
 /// Writes the part from verified chunks to a temp name, syncs it once and renames it into
 /// place.
 ///
-/// Worker threads take batches of consecutive chunks in interleaved order; each reads and
-/// verifies its batch (every byte is checked against its chunk hash before it is written),
-/// then writes it. Block-aligned runs go out with O_DIRECT: no page-cache copy and no later
-/// writeback, and while one worker waits for the device the others read and hash, which keeps
-/// both the cores and the device busy. What cannot be written directly (unaligned tails,
-/// filesystems without O_DIRECT) goes through the page cache with its writeback started at
-/// once.
+/// Worker threads (twice the cores, at most 8) take 1 MiB batches of consecutive chunks in
+/// interleaved order; each reads and verifies its batch (every byte is checked against its
+/// chunk hash before it is written), writes it and starts its writeback at once. While one
+/// worker waits, the others read and hash, and the device writes all along instead of only
+/// during the final fsync. (Measured on the benchmark's image: faster than O_DIRECT writes,
+/// which went out as small requests at low queue depth, and than one writer thread fed by
+/// readers through large buffers.)
 fn write_part(
     store: &Store,
     idx: &crate::part::PartIndex,
@@ -381,11 +378,6 @@ fn write_part(
     let result = (|| {
         let f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
         f.set_len(idx.size).map_err(io_err("sizing", &tmp))?;
-        let direct = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&tmp)
-            .ok();
         let offsets = idx.offsets();
         let batches = batches(idx, BATCH_BYTES);
         // Twice the cores: half of the workers can wait for the device at any time.
@@ -397,9 +389,7 @@ fn write_part(
         let written = AtomicU64::new(0);
         let failed = AtomicBool::new(false);
         let out = Output {
-            buffered: &f,
-            direct: direct.as_ref(),
-            direct_ok: AtomicBool::new(direct.is_some()),
+            file: &f,
             path: &tmp,
         };
         std::thread::scope(|scope| -> Result<(), ImageError> {
@@ -413,7 +403,7 @@ fn write_part(
                     let ended = ended.clone();
                     scope.spawn(move || -> Result<(), ImageError> {
                         let _ended = ended;
-                        let mut buf = AlignedBuf::default();
+                        let mut buf = Vec::new();
                         for b in batches.iter().skip(w).step_by(workers) {
                             if failed.load(Ordering::Relaxed) {
                                 return Ok(());
@@ -465,13 +455,9 @@ fn write_part(
     result
 }
 
-/// The temp file a part is written to: a page-cache descriptor and, where the filesystem
-/// allows, an O_DIRECT one.
+/// The temp file a part is written to.
 struct Output<'a> {
-    buffered: &'a File,
-    direct: Option<&'a File>,
-    /// Cleared when the filesystem refuses our alignment; page cache from then on.
-    direct_ok: AtomicBool,
+    file: &'a File,
     path: &'a Path,
 }
 
@@ -483,7 +469,7 @@ impl Output<'_> {
         idx: &crate::part::PartIndex,
         offsets: &[u64],
         range: std::ops::Range<usize>,
-        buf: &AlignedBuf,
+        buf: &[u8],
     ) -> Result<(), ImageError> {
         let start = offsets[range.start];
         let mut i = range.start;
@@ -498,75 +484,24 @@ impl Output<'_> {
             }
             let from = offsets[run_start];
             let to = offsets[i - 1] + u64::from(idx.chunks[i - 1].len);
-            self.write_run(
-                &buf.as_slice()[(from - start) as usize..(to - start) as usize],
-                from,
-            )?;
-        }
-        Ok(())
-    }
-
-    fn write_run(&self, data: &[u8], from: u64) -> Result<(), ImageError> {
-        let mut done = 0;
-        if let Some(d) = self.direct
-            && self.direct_ok.load(Ordering::Relaxed)
-            && from.is_multiple_of(DIRECT_ALIGN as u64)
-            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-        {
-            let n = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-            match d.write_all_at(&data[..n], from) {
-                Ok(()) => done = n,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct_ok.store(false, Ordering::Relaxed);
-                }
-                Err(e) => return Err(io_err("writing", self.path)(e)),
-            }
-        }
-        if done < data.len() {
-            let at = from + done as u64;
-            self.buffered
-                .write_all_at(&data[done..], at)
+            self.file
+                .write_all_at(&buf[(from - start) as usize..(to - start) as usize], from)
                 .map_err(io_err("writing", self.path))?;
-            // Start writeback now; durability still comes from the one fsync at the end.
+            // Start writeback of this run now, so the device works while the workers go on
+            // (and the one fsync at the end has little left); durability still comes from
+            // that fsync.
             // SAFETY: a plain syscall on a descriptor the borrowed `File` keeps open; an error
             // only means less early writeback.
             unsafe {
                 libc::sync_file_range(
-                    self.buffered.as_raw_fd(),
-                    at as libc::off64_t,
-                    (data.len() - done) as libc::off64_t,
+                    self.file.as_raw_fd(),
+                    from as libc::off64_t,
+                    (to - from) as libc::off64_t,
                     libc::SYNC_FILE_RANGE_WRITE,
                 );
             }
         }
         Ok(())
-    }
-}
-
-/// A reusable buffer whose bytes start on a [`DIRECT_ALIGN`] boundary (O_DIRECT needs that).
-#[derive(Default)]
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// Makes the buffer `len` bytes long (contents unspecified).
-    fn resize(&mut self, len: usize) {
-        if self.raw.len() < len + DIRECT_ALIGN {
-            self.raw = vec![0; len + DIRECT_ALIGN];
-            self.start = self.raw.as_ptr().align_offset(DIRECT_ALIGN);
-        }
-        self.len = len;
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.raw[self.start..self.start + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
     }
 }
 
@@ -593,13 +528,13 @@ fn read_batch(
     idx: &crate::part::PartIndex,
     offsets: &[u64],
     range: std::ops::Range<usize>,
-    buf: &mut AlignedBuf,
+    buf: &mut Vec<u8>,
 ) -> Result<(), ImageError> {
     let start = offsets[range.start];
     let last = range.end - 1;
     let len = (offsets[last] + u64::from(idx.chunks[last].len) - start) as usize;
     // Bytes of zero chunks are never written, so stale contents there do not matter.
-    buf.resize(len);
+    buf.resize(len, 0);
     let bytes = buf.as_mut_slice();
     for i in range {
         let c = &idx.chunks[i];
