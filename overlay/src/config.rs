@@ -7,7 +7,6 @@
 //! control_socket = "/run/viola/overlay.sock"
 //! metrics = "127.0.0.1:9611"
 //! mtu = 1500                          # MTU of the TAPs/bridges (guest MTU)
-//! busy_poll_us = 0                    # keep polling this long after traffic (0: off)
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -54,14 +53,6 @@ pub struct OverlayConfig {
     pub socket_buffer: usize,
     /// Learned MACs age out after this many seconds.
     pub mac_ageing_s: u64,
-    /// After each burst of traffic, keep polling the TAPs and the UDP socket for this many
-    /// microseconds instead of sleeping (0: never). A sleeping thread costs a wake-up on the
-    /// next frame, which on a virtualised host (idle vCPUs halt) adds tens to hundreds of
-    /// microseconds per hop; polling briefly catches the reply of a request/response exchange
-    /// while the thread is still awake. Costs at most this much CPU time per burst. Off by
-    /// default: on a 2-core lab host 300 µs took about 0.1 ms off the idle RTT but also took
-    /// CPU from the VMs and the TAP writes under load (see README, overlay benchmark).
-    pub busy_poll_us: u64,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -83,7 +74,6 @@ impl Default for OverlayConfig {
             idle_timeout_ms: 5000,
             socket_buffer: 4 << 20,
             mac_ageing_s: 300,
-            busy_poll_us: 0,
             peers: Vec::new(),
             violins: Vec::new(),
         }

@@ -3,7 +3,7 @@
 //! [`tokio::task::LocalSet`]: the switch is shared by the tasks through `Rc<RefCell<_>>`, so a
 //! frame goes from TAP to QUIC (and back) without crossing a channel.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
@@ -374,7 +374,6 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         state: state.clone(),
         token: token.clone(),
         mtu: cfg.mtu as usize,
-        busy_poll: BusyPoll::new(Duration::from_micros(cfg.busy_poll_us)),
     });
 
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -384,7 +383,6 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     }
     tasks.spawn_local(acceptor(ctx.clone(), dial_tx.clone()));
     tasks.spawn_local(ticker(ctx.clone()));
-    tasks.spawn_local(busy_poller(ctx.clone()));
     tasks.spawn_local(control_api(ctx.clone(), cfg.control_socket.clone()));
     if let Some(addr) = cfg.metrics {
         let registry: viola_common::metrics::SharedRegistry = Default::default();
@@ -443,66 +441,6 @@ struct Ctx {
     state: State,
     token: CancellationToken,
     mtu: usize,
-    busy_poll: BusyPoll,
-}
-
-/// Spin-then-park: after traffic, the runtime keeps polling (epoll with a zero timeout)
-/// for a short window instead of sleeping, so the next frame of an exchange finds the thread
-/// awake. Everything runs on one thread, hence `Cell`.
-struct BusyPoll {
-    window: Duration,
-    last_activity: Cell<Instant>,
-    spinning: Cell<bool>,
-    wake: tokio::sync::Notify,
-}
-
-impl BusyPoll {
-    fn new(window: Duration) -> Self {
-        Self {
-            window,
-            last_activity: Cell::new(Instant::now()),
-            spinning: Cell::new(false),
-            wake: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Records traffic; starts the poller unless it is already spinning.
-    fn activity(&self) {
-        if self.window.is_zero() {
-            return;
-        }
-        self.last_activity.set(Instant::now());
-        if !self.spinning.get() {
-            self.spinning.set(true);
-            self.wake.notify_one();
-        }
-    }
-}
-
-/// Keeps the runtime from parking while the busy-poll window after the last traffic is open:
-/// a task that yields makes tokio's current-thread scheduler poll its I/O driver without
-/// blocking and come back.
-async fn busy_poller(ctx: Rc<Ctx>) {
-    let bp = &ctx.busy_poll;
-    if bp.window.is_zero() {
-        return;
-    }
-    loop {
-        tokio::select! {
-            () = ctx.token.cancelled() => return,
-            () = bp.wake.notified() => {}
-        }
-        while bp.last_activity.get().elapsed() < bp.window {
-            if ctx.token.is_cancelled() {
-                return;
-            }
-            // Let anything else runnable on this CPU (the VM, the other end's daemon) go first:
-            // polling must not delay the work it waits for.
-            std::thread::yield_now();
-            tokio::task::yield_now().await;
-        }
-        bp.spinning.set(false);
-    }
 }
 
 async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
@@ -536,7 +474,6 @@ async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
                     st.switch
                         .handle_tap_frame(Instant::now(), violin, buf, &mut st.out);
                     st.execute();
-                    ctx.busy_poll.activity();
                 }
                 Ok(Err(e)) => {
                     slab.clear();
@@ -750,7 +687,6 @@ async fn handle_connection(
             st.switch
                 .handle_datagram(Instant::now(), &host, d, &mut st.out);
             st.execute();
-            ctx.busy_poll.activity();
         }
     };
     let writer = control_writer(&conn, ctl_rx, &ctx.token);

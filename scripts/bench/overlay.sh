@@ -17,7 +17,7 @@
 #                     is below PCT % of all CPUs; userspace tunnels share the CPUs with everything
 #                     else, so a busy machine distorts their figures (each kind reports the load
 #                     seen right before it was measured as <kind>.background_busy_pct).
-# Extra daemon options for the viola kind in VIOLA_OVERLAY_ARGS (e.g. "--busy-poll-us 0").
+# Extra daemon options for the viola kind in VIOLA_OVERLAY_ARGS.
 # Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools with apt if missing,
 # builds viola-overlay (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
 # <kind>.tcp4_gbps, <kind>.rtt_ms, <kind>.cpu_s_per_gb (+ <kind>.tunnel_cpu_s_per_gb, ratios).

@@ -44,9 +44,6 @@ enum Cmd {
         /// Add a peer address (repeatable).
         #[arg(long)]
         peer: Vec<SocketAddr>,
-        /// Override `busy_poll_us` (0 turns busy polling off).
-        #[arg(long)]
-        busy_poll_us: Option<u64>,
     },
     /// Show peers (with RTT), violins, MAC tables, counters and drops.
     Status {
@@ -232,7 +229,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             identity_dir,
             control_socket,
             peer,
-            busy_poll_us,
         } => {
             let mut cfg: OverlayConfig = viola_common::config::load(config.as_deref())?;
             if let Some(l) = listen {
@@ -243,9 +239,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(s) = control_socket {
                 cfg.control_socket = s;
-            }
-            if let Some(us) = busy_poll_us {
-                cfg.busy_poll_us = us;
             }
             cfg.peers
                 .extend(peer.into_iter().map(|addr| PeerConfig { addr }));
