@@ -175,13 +175,9 @@ start_host() { # HOST SITE_INDEX K
     mount --bind '$d/cache' /var/cache/libvirt &&
     mount --bind '$LAB_DIR/images/$h' /var/lib/viola/images"
 
-  # libvirtd runs under tini as a child subreaper: the QEMU processes it double-forks are
-  # reparented to tini and reaped at once when they exit. Left to this machine's PID 1 they
-  # stay zombies for ~1.5 s, and libvirtd waits for that (and then fails to remove their
-  # cgroups) at the end of every migration and shutdown. QEMU inherits the namespaces.
+  # libvirtd daemonizes itself and writes its pid file; QEMU inherits its namespaces.
   nsenter --net="/run/netns/$ns" --mount="$NS_DIR/$h.mnt" -- \
-    setsid tini -s -- libvirtd --listen --pid-file "$d/libvirtd.pid" \
-    </dev/null >>"$d/log/libvirtd.stderr" 2>&1 &
+    libvirtd --daemon --listen --pid-file "$d/libvirtd.pid"
 }
 
 wait_libvirtd() { # HOST
@@ -213,7 +209,6 @@ cmd_up() {
     die "the machine's own routes use 198.18.0.0/15; the lab will not reuse that subnet"
   fi
   command -v libvirtd >/dev/null || die "libvirtd is not installed: run scripts/setup.sh"
-  command -v tini >/dev/null || die "tini is not installed: run scripts/setup.sh"
   if [ -d "$RUN_DIR" ] || ip netns list 2>/dev/null | grep -q "^${PREFIX}"; then
     log "leftovers of an earlier lab found: removing them first"
     cmd_down
