@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod errors;
+pub mod fuzz_seeds;
 pub mod identity;
 pub mod metrics;
 pub mod shutdown;

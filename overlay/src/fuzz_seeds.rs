@@ -12,20 +12,7 @@ fn check(target: &str, seeds: &[(&str, Vec<u8>)], run: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/seeds")
         .join(target);
-    for (name, bytes) in seeds {
-        let path = dir.join(name);
-        if std::env::var_os("VIOLA_WRITE_FUZZ_SEEDS").is_some() {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, bytes).unwrap();
-        }
-        let on_disk = std::fs::read(&path).unwrap_or_default();
-        assert!(
-            on_disk == *bytes,
-            "{} is stale: rerun with VIOLA_WRITE_FUZZ_SEEDS=1",
-            path.display()
-        );
-        run(bytes);
-    }
+    viola_common::fuzz_seeds::check(&dir, seeds, run);
 }
 
 fn arp_frame() -> Vec<u8> {
