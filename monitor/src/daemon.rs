@@ -162,11 +162,12 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Collects one report (no push).
+/// Collects one report (no push). A libvirt connection whose statistics call fails is
+/// dropped (set to `None`), so the caller reopens it: a libvirtd restart invalidates it.
 pub async fn collect(
     cfg: &MonitorConfig,
     sampler: &mut Sampler,
-    hv: Option<&Arc<dyn Hypervisor>>,
+    hv: &mut Option<Arc<dyn Hypervisor>>,
 ) -> HostReport {
     let root = cfg.proc_root.clone();
     let text = tokio::task::spawn_blocking(move || read_proc(&root))
@@ -177,11 +178,12 @@ pub async fn collect(
                 .ok()
         })
         .unwrap_or_default();
-    let vms = match hv {
-        Some(hv) => match blocking(hv, |h| h.stats()).await {
+    let vms = match hv.as_ref() {
+        Some(h) => match blocking(h, |h| h.stats()).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %viola_common::errors::chain(&e), "libvirt stats failed");
+                *hv = None;
                 Vec::new()
             }
         },
@@ -223,11 +225,7 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "libvirt connect task failed"),
             }
         }
-        let report = collect(&cfg, &mut sampler, hv.as_ref()).await;
-        if report.vms.is_empty() && hv.is_some() {
-            // A libvirtd restart invalidates the connection; reopen next time to be sure.
-            hv = None;
-        }
+        let report = collect(&cfg, &mut sampler, &mut hv).await;
         metrics.observe(&report);
         if client.is_none() {
             match tokio::time::timeout(

@@ -18,9 +18,11 @@ async fn busy_over(
     secs: u64,
 ) -> f64 {
     let mut sampler = Sampler::new("a1", "a");
-    let _ = collect(cfg, &mut sampler, Some(hv)).await;
+    let mut hv = Some(std::sync::Arc::clone(hv));
+    let _ = collect(cfg, &mut sampler, &mut hv).await;
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let report = collect(cfg, &mut sampler, Some(hv)).await;
+    let report = collect(cfg, &mut sampler, &mut hv).await;
+    assert!(hv.is_some(), "libvirt statistics failed");
     assert!(
         report.usage.cpus > 0 && report.usage.mem_total_kib > 0,
         "{:?}",

@@ -82,11 +82,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.once {
         let connector = LibvirtConnector;
-        let hv = viola_adaptmgr::hypervisor::Connector::open(&connector, &cfg.libvirt_uri).ok();
+        let mut hv = viola_adaptmgr::hypervisor::Connector::open(&connector, &cfg.libvirt_uri).ok();
         let mut sampler = viola_monitor::sampler::Sampler::new(&cfg.host, &cfg.site);
-        let _ = daemon::collect(&cfg, &mut sampler, hv.as_ref()).await;
+        let _ = daemon::collect(&cfg, &mut sampler, &mut hv).await;
         tokio::time::sleep(std::time::Duration::from_millis(cfg.interval_ms.max(100))).await;
-        let report = daemon::collect(&cfg, &mut sampler, hv.as_ref()).await;
+        let report = daemon::collect(&cfg, &mut sampler, &mut hv).await;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
