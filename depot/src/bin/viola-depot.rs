@@ -650,9 +650,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchVerify { file, rounds } => {
             let data =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            // The default chunker (the figure) and, for comparison, 16 KiB-aligned cut points
-            // (every chunk whole AVX-512 BLAKE3 batches; see `chunk-stats` for its dedup cost).
+            // The default chunker (the figure) and, for comparison, the same at 64 KiB average
+            // and 16 KiB-aligned cut points (every chunk whole AVX-512 BLAKE3 batches; see
+            // `chunk-stats` for what each costs in dedup).
             let default = bench_verify(&data, ChunkerSpec::default(), rounds)?;
+            let small = bench_verify(
+                &data,
+                ChunkerSpec::FastCdcAligned {
+                    min: 16 * 1024,
+                    avg: 64 * 1024,
+                    max: 256 * 1024,
+                },
+                rounds,
+            )?;
             let wide = bench_verify(
                 &data,
                 ChunkerSpec::FastCdcAligned16k {
@@ -672,6 +682,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "raw_blake3_mb_s": mb / default.raw_s,
                     "verify_mb_s": mb / default.verify_s,
                     "verify_over_raw_blake3": default.raw_s / default.verify_s,
+                    "aligned4k_64k_verify_over_raw_blake3": small.raw_s / small.verify_s,
                     "aligned16k_chunks": wide.chunks,
                     "aligned16k_verify_over_raw_blake3": wide.raw_s / wide.verify_s,
                 })
@@ -695,6 +706,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     min: 16384,
                     avg: 65536,
                     max: 262144,
+                },
+                ChunkerSpec::FastCdcAligned {
+                    min: 24 * 1024,
+                    avg: 96 * 1024,
+                    max: 384 * 1024,
+                },
+                ChunkerSpec::FastCdcAligned {
+                    min: 32 * 1024,
+                    avg: 128 * 1024,
+                    max: 512 * 1024,
                 },
                 ChunkerSpec::FastCdcAligned16k {
                     min: 16384,
