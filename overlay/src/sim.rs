@@ -19,6 +19,8 @@ struct Sim {
     hosts: BTreeMap<HostId, Switch>,
     links: BTreeSet<(HostId, HostId)>,
     max_datagram: usize,
+    /// Links whose datagram limit differs from `max_datagram`.
+    link_max: BTreeMap<(HostId, HostId), usize>,
     queue: VecDeque<(HostId, Output)>,
     delivered: BTreeMap<HostId, Vec<(ViolinId, Bytes)>>,
     /// Datagrams from this host are held back (to deliver them late).
@@ -52,6 +54,7 @@ impl Sim {
                 .collect(),
             links: BTreeSet::new(),
             max_datagram,
+            link_max: BTreeMap::new(),
             queue: VecDeque::new(),
             delivered: BTreeMap::new(),
             hold_from: None,
@@ -86,9 +89,16 @@ impl Sim {
     }
 
     fn connect(&mut self, a: &str, b: &str) {
+        let max = self.max_datagram;
+        self.connect_with_max(a, b, max);
+    }
+
+    /// Connects `a` and `b` over a path that carries datagrams of at most `max` bytes.
+    fn connect_with_max(&mut self, a: &str, b: &str, max: usize) {
         self.links.insert((h(a), h(b)));
         self.links.insert((h(b), h(a)));
-        let max = self.max_datagram;
+        self.link_max.insert((h(a), h(b)), max);
+        self.link_max.insert((h(b), h(a)), max);
         for (x, y) in [(a, b), (b, a)] {
             let mut out = Vec::new();
             self.sw(x).peer_up(h(y), max, &mut out);
@@ -148,7 +158,15 @@ impl Sim {
                     if !self.links.contains(&(from.clone(), via.clone())) {
                         continue;
                     }
-                    assert!(datagram.len() <= self.max_datagram, "datagram too large");
+                    let max = self
+                        .link_max
+                        .get(&(from.clone(), via.clone()))
+                        .copied()
+                        .unwrap_or(self.max_datagram);
+                    assert!(
+                        datagram.len() <= max,
+                        "datagram too large for {from}->{via}"
+                    );
                     *self
                         .datagrams_on_links
                         .entry((from.clone(), via.clone()))
@@ -532,6 +550,33 @@ fn relay_carries_frames_and_control_between_unconnected_hosts() {
     let c = st.peers.iter().find(|p| p.host == "c/c1").unwrap();
     assert!(!c.connected);
     assert_eq!(c.via.as_deref(), Some("r/r1"));
+}
+
+#[test]
+fn relayed_frames_fit_a_narrower_link_behind_the_relay() {
+    // a1's own link is wide, the relay's link on to c1 carries only QUIC's minimum: a1 cannot
+    // see that, so what it sends through a relay must fit any QUIC path.
+    let mut s = Sim::new(&["a/a1", "r/r1", "c/c1"], 1414);
+    for host in ["a/a1", "r/r1", "c/c1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.connect("a/a1", "r/r1");
+    s.connect_with_max("r/r1", "c/c1", SwitchConfig::default().default_max_datagram);
+    s.clear();
+    let (vm_a, vm_c) = (mac(1), mac(2));
+    s.tap("c/c1", 1, &test_frame(BROADCAST, vm_c, IP, 60, 0));
+    s.clear();
+    for len in [60, 1000, 1200, 1514] {
+        s.tap("a/a1", 1, &test_frame(vm_c, vm_a, IP, len, 1));
+        let got = s.take("c/c1", 1);
+        assert_eq!(
+            got.len(),
+            1,
+            "a {len}-byte frame did not reach c1 through r1"
+        );
+        assert_eq!(got[0].len(), len);
+    }
+    assert_eq!(s.sw("r/r1").counters().drops.values().sum::<u64>(), 0);
 }
 
 #[test]

@@ -36,7 +36,8 @@ pub struct SwitchConfig {
     pub expect_move_ttl: Duration,
     /// Reassembly limits.
     pub reassembly: ReassemblyLimits,
-    /// Datagram size assumed for a peer until the driver reports one.
+    /// Datagram size assumed for a peer until the driver reports one, and the most sent
+    /// through a relay: QUIC's smallest path (1200-byte UDP payloads) carries it.
     pub default_max_datagram: usize,
     /// Period of the housekeeping timer.
     pub sweep_interval: Duration,
@@ -434,7 +435,10 @@ impl Switch {
             .map_or(self.cfg.default_max_datagram, |p| p.max_datagram);
         let relayed = &via != to;
         if relayed {
-            // RELAY header here, RELAYED header (naming us) on the next link.
+            // The relay's next link is unknown here and may be narrower than ours: stay within
+            // what every QUIC path carries. RELAY header here, RELAYED header (naming us) on
+            // the next link.
+            max = max.min(self.cfg.default_max_datagram);
             max = max.saturating_sub(2 + to.len().max(self.me.len()));
         }
         let parts = if datagram.len() <= max {
