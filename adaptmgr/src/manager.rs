@@ -71,6 +71,10 @@ pub struct ManagerConfig {
     pub migration_timeout_s: u64,
     /// Longest pause allowed at a migration's switchover.
     pub migration_max_downtime_ms: u64,
+    /// Compress RAM on the wire during migrations: fewer WAN bytes for two CPU threads on each
+    /// side. Off by default: it is QEMU's threaded zlib (libvirt's "mt"), which QEMU 8.2
+    /// deprecated and 9.1 removed, so with newer hosts every migration would fail.
+    pub migration_compress: bool,
     pub hosts: Vec<HostConfig>,
     /// The violins and their member VMs (by name): who must be announced to the overlay when
     /// one of them moves.
@@ -114,6 +118,7 @@ impl Default for ManagerConfig {
             migration_bandwidth_mib_s: 100,
             migration_timeout_s: 600,
             migration_max_downtime_ms: 100,
+            migration_compress: false,
             hosts: Vec::new(),
             violins: Vec::new(),
             depots: Vec::new(),
@@ -591,6 +596,7 @@ impl Manager {
             ),
             timeout_ms: req.timeout_s.unwrap_or(self.cfg.migration_timeout_s) * 1000,
             max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
+            compress: self.cfg.migration_compress,
         };
         let deps = MigrationDeps {
             connector: Arc::clone(&self.connector),

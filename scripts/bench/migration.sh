@@ -2,7 +2,9 @@
 # Cross-site live migration with the root disk: incremental (base staged at the destination,
 # only the guest's overlay and RAM travel) against full-disk copy, across the lab's WAN.
 #
-#   scripts/bench/migration.sh [--json FILE]
+#   scripts/bench/migration.sh [--json FILE] [--compress]
+#
+# --compress moves RAM compressed (QEMU's threaded zlib; the manager's `migration_compress`).
 #
 # Needs the lab (scripts/lab.sh up) and the guest (scripts/guest/build.sh). The guest's base
 # holds 1 GiB of data and the guest writes 64 MiB into its overlay before each move. Prints
@@ -16,7 +18,8 @@ json=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --json) json=$2; shift 2 ;;
-    *) echo "usage: $0 [--json FILE]" >&2; exit 2 ;;
+    --compress) export VIOLA_BENCH_COMPRESS=1; shift ;;
+    *) echo "usage: $0 [--json FILE] [--compress]" >&2; exit 2 ;;
   esac
 done
 out=$(mktemp)

@@ -161,6 +161,8 @@ async fn one_run(mode: StorageCopy) -> Run {
         bandwidth_mib_s: Some(10_000),
         timeout_ms: 600_000,
         max_downtime_ms: Some(50),
+        // The manager's default is off; VIOLA_BENCH_COMPRESS=1 measures it on.
+        compress: std::env::var_os("VIOLA_BENCH_COMPRESS").is_some_and(|v| v == "1"),
     };
     let before = wan_bytes();
     let (tx, _rx) = watch::channel(MigrationStatus::default());

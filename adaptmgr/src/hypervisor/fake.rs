@@ -717,6 +717,7 @@ mod tests {
             bandwidth_mib_s: None,
             migrate_uri: None,
             max_downtime_ms: None,
+            compress: false,
         };
         let err = a.migrate("vm1", &req).unwrap_err();
         assert!(err.to_string().contains("migrate"), "{err}");

@@ -147,6 +147,10 @@ pub struct MigrationRequest {
     /// Longest pause allowed at switchover, ms (QEMU's default is 300).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
+    /// Compress RAM pages on the wire (QEMU's multithread zlib at level 1): a WAN link is
+    /// slower than the compression threads, and guest RAM is mostly compressible.
+    #[serde(default)]
+    pub compress: bool,
 }
 
 /// Progress (or final figures) of a migration job.

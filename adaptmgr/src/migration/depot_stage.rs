@@ -813,6 +813,7 @@ mod tests {
             bandwidth_mib_s: None,
             timeout_ms,
             max_downtime_ms: None,
+            compress: false,
         };
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
         let watcher = tokio::spawn(async move {

@@ -370,6 +370,7 @@ async fn migrate<S: BaseStager, A: MoveAnnouncer>(
         bandwidth_mib_s: plan.bandwidth_mib_s,
         migrate_uri: None,
         max_downtime_ms: plan.max_downtime_ms,
+        compress: plan.compress,
     };
     let vm = plan.vm.clone();
     let mut task = tokio::task::spawn_blocking(move || mover.migrate(&vm, &req));
@@ -615,6 +616,7 @@ mod tests {
             bandwidth_mib_s: Some(50),
             timeout_ms,
             max_downtime_ms: None,
+            compress: false,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct MigrationPlan {
     /// Longest pause allowed at switchover (QEMU's downtime limit; its default is 300 ms).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
+    /// Compress RAM pages on the wire.
+    #[serde(default)]
+    pub compress: bool,
 }
 
 /// Forward steps, in order.
@@ -388,6 +391,7 @@ mod tests {
             bandwidth_mib_s: None,
             timeout_ms: 60_000,
             max_downtime_ms: None,
+            compress: false,
         }
     }
 
