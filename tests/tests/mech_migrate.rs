@@ -77,7 +77,7 @@ fn plan(vm: &str, from: &str, to: &str, bandwidth: u64) -> MigrationPlan {
         bandwidth_mib_s: Some(bandwidth),
         timeout_ms: 300_000,
         max_downtime_ms: Some(100),
-        compress: true,
+        compress: false,
     }
 }
 
