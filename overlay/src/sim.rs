@@ -521,15 +521,22 @@ fn arp_requests_for_known_addresses_are_answered_locally() {
     assert_eq!(s.sw("b/b1").counters().arp_answered, 1);
 }
 
-#[test]
-fn relay_carries_frames_and_control_between_unconnected_hosts() {
+/// a1 — r1 — c1 in violin 1 (a1 and c1 not connected), links of 1414 bytes except r1–c1's
+/// `behind_relay_max`; nothing delivered yet.
+fn relay_line(behind_relay_max: usize) -> Sim {
     let mut s = Sim::new(&["a/a1", "r/r1", "c/c1"], 1414);
     for host in ["a/a1", "r/r1", "c/c1"] {
         s.violin(host, 1, &["*"], &[]);
     }
     s.connect("a/a1", "r/r1");
-    s.connect("r/r1", "c/c1");
+    s.connect_with_max("r/r1", "c/c1", behind_relay_max);
     s.clear();
+    s
+}
+
+#[test]
+fn relay_carries_frames_and_control_between_unconnected_hosts() {
+    let mut s = relay_line(1414);
     let vm_a = mac(1);
     s.tap("a/a1", 1, &test_frame(BROADCAST, vm_a, IP, 1514, 1));
     assert_eq!(s.take("c/c1", 1).len(), 1, "broadcast did not reach c1");
@@ -556,13 +563,7 @@ fn relay_carries_frames_and_control_between_unconnected_hosts() {
 fn relayed_frames_fit_a_narrower_link_behind_the_relay() {
     // a1's own link is wide, the relay's link on to c1 carries only QUIC's minimum: a1 cannot
     // see that, so what it sends through a relay must fit any QUIC path.
-    let mut s = Sim::new(&["a/a1", "r/r1", "c/c1"], 1414);
-    for host in ["a/a1", "r/r1", "c/c1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
-    s.connect("a/a1", "r/r1");
-    s.connect_with_max("r/r1", "c/c1", SwitchConfig::default().default_max_datagram);
-    s.clear();
+    let mut s = relay_line(SwitchConfig::default().default_max_datagram);
     let (vm_a, vm_c) = (mac(1), mac(2));
     s.tap("c/c1", 1, &test_frame(BROADCAST, vm_c, IP, 60, 0));
     s.clear();
@@ -625,12 +626,7 @@ fn malformed_datagrams_and_control_are_counted_and_dropped() {
 
 #[test]
 fn restarted_host_behind_a_relay_rejoins() {
-    let mut s = Sim::new(&["a/a1", "r/r1", "c/c1"], 1414);
-    for host in ["a/a1", "r/r1", "c/c1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
-    s.connect("a/a1", "r/r1");
-    s.connect("r/r1", "c/c1");
+    let mut s = relay_line(1414);
     s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 60, 1));
     // c1 restarts: new switch, reconnects to the relay only.
     s.disconnect("r/r1", "c/c1");
