@@ -29,8 +29,9 @@ use crate::inventory::{
 use crate::migration::depot_stage::{DepotHost, DepotLink};
 use crate::migration::stage::{AnnounceError, ImageDirView};
 use crate::migration::{
-    DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationStatus,
-    MoveAnnouncer, MoveNotice, Outcome, QuicDepotLink, run_migration,
+    DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationSnapshot,
+    MigrationStatus, MoveAnnouncer, MoveNotice, Outcome, QuicDepotLink, resume_migration,
+    run_journaled,
 };
 
 /// One host the manager manages.
@@ -599,13 +600,7 @@ impl Manager {
             max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
             compress: self.cfg.migration_compress,
         };
-        let deps = MigrationDeps {
-            connector: Arc::clone(&self.connector),
-            stager: self.stager.clone(),
-            announcer: self.announcer(),
-            poll_interval: Duration::from_millis(500),
-            reconnect_timeout: Duration::from_secs(60),
-        };
+        let deps = self.migration_deps();
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
         let forward = async {
             while rx.changed().await.is_ok() {
@@ -613,8 +608,12 @@ impl Manager {
                 let _ = progress.try_send(Response::Progress(status));
             }
         };
+        let vm_name = req.vm.clone();
         let run = async move {
-            let report = run_migration(plan, &deps, &tx, &cancel).await;
+            let report = run_journaled(plan, &deps, &tx, &cancel, |snap| {
+                self.journal(&vm_name, snap)
+            })
+            .await;
             drop(tx); // ends the forwarder
             report
         };
@@ -623,6 +622,29 @@ impl Manager {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&req.vm);
+        self.finish_migration(&req.vm, &report)?;
+        Ok(report)
+    }
+
+    fn migration_deps(&self) -> MigrationDeps<DepotStager, OverlaySocketAnnouncer> {
+        MigrationDeps {
+            connector: Arc::clone(&self.connector),
+            stager: self.stager.clone(),
+            announcer: self.announcer(),
+            poll_interval: Duration::from_millis(500),
+            reconnect_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Keeps the migration's latest snapshot in the inventory, for [`Self::resume_migrations`].
+    fn journal(&self, vm: &str, snapshot: &MigrationSnapshot) {
+        if let Err(e) = self.inventory.put_migration(vm, snapshot) {
+            tracing::warn!(%vm, error = %viola_common::errors::chain(&e), "cannot journal the migration");
+        }
+    }
+
+    /// Records a migration's end: event, metrics, the VM's new host, the journal entry gone.
+    fn finish_migration(&self, vm: &str, report: &MigrationReport) -> Result<(), ManagerError> {
         let outcome = match &report.outcome {
             Outcome::Migrated { .. } => "migrated",
             Outcome::RolledBack { .. } => "rolled_back",
@@ -635,15 +657,56 @@ impl Manager {
         self.inventory.record(
             now_ms(),
             "migration",
-            &req.vm,
-            serde_json::to_value(&report).unwrap_or_default(),
+            vm,
+            serde_json::to_value(report).unwrap_or_default(),
         )?;
-        if let Outcome::Migrated { .. } = report.outcome {
-            let mut rec = vm;
-            rec.host = to.name.clone();
+        if let Outcome::Migrated { .. } = report.outcome
+            && let Some(mut rec) = self.inventory.vm(vm)?
+            && let Some(to) = self
+                .inventory
+                .hosts()?
+                .into_iter()
+                .find(|h| h.libvirt_uri == report.plan.dest_uri)
+        {
+            rec.host = to.name;
             self.inventory.put_vm(&rec)?;
         }
-        Ok(report)
+        self.inventory.remove_migration(vm)?;
+        Ok(())
+    }
+
+    /// Finishes or rolls back the migrations a previous manager left in progress (it stopped
+    /// or crashed during them), so that each VM again runs at exactly one place and nothing
+    /// half-made stays behind. Call once at start, before serving requests for those VMs.
+    pub async fn resume_migrations(&self) -> Result<Vec<MigrationReport>, ManagerError> {
+        let pending: Vec<MigrationSnapshot> = self.inventory.migrations()?;
+        let mut reports = Vec::new();
+        for snap in pending {
+            let vm = snap.plan().vm.clone();
+            let cancel = CancellationToken::new();
+            {
+                let mut running = self
+                    .migrations
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if running.contains_key(&vm) {
+                    continue;
+                }
+                running.insert(vm.clone(), cancel);
+            }
+            tracing::warn!(%vm, "resuming a migration the previous manager left in progress");
+            let deps = self.migration_deps();
+            let (tx, _rx) = watch::channel(MigrationStatus::default());
+            let report = resume_migration(snap, &deps, &tx, |s| self.journal(&vm, s)).await;
+            self.migrations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&vm);
+            tracing::info!(%vm, outcome = ?report.outcome, "interrupted migration resolved");
+            self.finish_migration(&vm, &report)?;
+            reports.push(report);
+        }
+        Ok(reports)
     }
 
     /// Cancels the running migration of `vm`; false if none runs.

@@ -118,9 +118,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     };
+    // Migrations a previous manager left in progress: finished or rolled back while serving
+    // (a request for such a VM meanwhile gets "busy").
+    let resume = {
+        let manager = Arc::clone(&manager);
+        let token = token.clone();
+        async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                r = manager.resume_migrations() => match r {
+                    Ok(reports) if !reports.is_empty() => {
+                        tracing::info!(count = reports.len(), "interrupted migrations resolved");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %viola_common::errors::chain(&e), "cannot resume interrupted migrations"),
+                },
+            }
+        }
+    };
     tokio::join!(
         server::serve(endpoint, Arc::clone(&manager), token.clone()),
         ha,
+        resume,
         metrics
     );
     tracing::info!("viola-adaptmgr stopped");

@@ -233,3 +233,132 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     server.await.unwrap();
     overlay.abort();
 }
+
+/// A manager that stops in the middle of a migration leaves its journal; a new manager over
+/// the same inventory resolves it: the VM runs at exactly one place, the inventory says
+/// where, and no journal entry stays.
+#[tokio::test]
+async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fake overlay daemon that accepts every announcement.
+    let socket = dir.path().join("overlay.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let overlay = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let _ = BufReader::new(r).read_line(&mut line).await;
+            let _ = w.write_all(b"{\"ok\":true}\n").await;
+        }
+    });
+    let cluster = FakeCluster::new();
+    let a1 = cluster.host("fake://a1");
+    cluster.host("fake://b1");
+    for h in ["fake://a1", "fake://b1"] {
+        cluster.add_image(h, "/img/base.qcow2", 1 << 30, None);
+    }
+    cluster.add_image(
+        "fake://a1",
+        "/img/vm1.qcow2",
+        1 << 30,
+        Some("/img/base.qcow2"),
+    );
+    a1.define(&sample_domain_xml(
+        "vm1",
+        "/img/vm1.qcow2",
+        "/img/base.qcow2",
+        "52:54:00:00:00:01",
+    ))
+    .unwrap();
+    a1.start("vm1").unwrap();
+    let host = |name: &str, site: &str| HostConfig {
+        name: name.into(),
+        site: site.into(),
+        libvirt_uri: format!("fake://{name}"),
+        migration_uri: None,
+        images_local: None,
+        overlay_socket: Some(socket.clone()),
+    };
+    let cfg = ManagerConfig {
+        hosts: vec![host("a1", "a"), host("b1", "b")],
+        ..ManagerConfig::default()
+    };
+    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+    let Request::Report(r) = report("a1", 1) else {
+        unreachable!()
+    };
+    inventory.apply_report(&r, 1).unwrap();
+    inventory
+        .put_violin(&ViolinRecord {
+            name: "lan".into(),
+            vni: 42,
+            vms: vec!["vm1".into()],
+        })
+        .unwrap();
+    let mut rec = inventory.vm("vm1").unwrap().unwrap();
+    rec.violin = Some("lan".into());
+    inventory.put_vm(&rec).unwrap();
+
+    // The first manager starts a two-second move and is gone a moment later.
+    cluster.set_faults(crate::hypervisor::fake::Faults {
+        migration_duration: std::time::Duration::from_secs(2),
+        ..Default::default()
+    });
+    let first = Manager::new(
+        cfg.clone(),
+        Arc::clone(&inventory),
+        Arc::new(cluster.clone()),
+    )
+    .unwrap();
+    let (progress, _p) = tokio::sync::mpsc::channel(64);
+    let req = VmMigrate {
+        vm: "vm1".into(),
+        to_host: "b1".into(),
+        stage_base: true,
+        bandwidth_mib_s: None,
+        timeout_s: None,
+    };
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        first.migrate(req, progress, CancellationToken::new()),
+    )
+    .await;
+    assert!(
+        cut.is_err(),
+        "the move should still have been running: {cut:?}"
+    );
+    drop(first);
+    let left: Vec<crate::migration::MigrationSnapshot> = inventory.migrations().unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the migration must be journaled while it runs"
+    );
+
+    let second = Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap();
+    let reports = second.resume_migrations().await.unwrap();
+    assert_eq!(reports.len(), 1);
+    let running = cluster.hosts_running("vm1");
+    assert_eq!(running.len(), 1, "exactly one copy must run: {running:?}");
+    let recorded = inventory.vm("vm1").unwrap().unwrap().host;
+    assert_eq!(format!("fake://{recorded}"), running[0]);
+    match &reports[0].outcome {
+        Outcome::Migrated { .. } => {
+            assert_eq!(recorded, "b1");
+            assert!(!cluster.has_image("fake://a1", "/img/vm1.qcow2"));
+        }
+        Outcome::RolledBack { .. } => {
+            assert_eq!(recorded, "a1");
+            assert!(!cluster.has_image("fake://b1", "/img/vm1.qcow2"));
+        }
+        other => panic!("{other:?}: {:#?}", reports[0].records),
+    }
+    assert!(
+        inventory
+            .migrations::<crate::migration::MigrationSnapshot>()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(second.resume_migrations().await.unwrap().is_empty());
+    overlay.abort();
+}

@@ -14,6 +14,9 @@ const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const VIOLINS: TableDefinition<&str, &[u8]> = TableDefinition::new("violins");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Migrations in progress (the driver's snapshot after each step), by VM: what a restarted
+/// manager finishes or rolls back.
+const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
 
 /// Why the inventory could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,7 @@ impl Inventory {
             tx.open_table(VMS).map_err(|e| open_err(e.into()))?;
             tx.open_table(VIOLINS).map_err(|e| open_err(e.into()))?;
             tx.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(MIGRATIONS).map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         Ok(Self { db })
@@ -162,6 +166,30 @@ impl Inventory {
         tx.open_table(VMS)
             .map_err(store)?
             .remove(name)
+            .map_err(store)?;
+        tx.commit().map_err(store)
+    }
+
+    /// Records where the migration of `vm` stands (replaces the previous snapshot).
+    pub fn put_migration<T: Serialize>(
+        &self,
+        vm: &str,
+        snapshot: &T,
+    ) -> Result<(), InventoryError> {
+        self.put(MIGRATIONS, vm, snapshot)
+    }
+
+    /// Every migration recorded as in progress.
+    pub fn migrations<T: DeserializeOwned>(&self) -> Result<Vec<T>, InventoryError> {
+        self.all(MIGRATIONS)
+    }
+
+    /// Forgets the migration of `vm` (it ended).
+    pub fn remove_migration(&self, vm: &str) -> Result<(), InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        tx.open_table(MIGRATIONS)
+            .map_err(store)?
+            .remove(vm)
             .map_err(store)?;
         tx.commit().map_err(store)
     }

@@ -55,10 +55,25 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Context {
     disks: Vec<DiskInfo>,
     macs: Vec<String>,
     completed: Option<JobProgress>,
+}
+
+/// Where a migration stands, as journaled before every action: enough for a restarted
+/// manager to finish or roll it back ([`resume_migration`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationSnapshot {
+    machine: MigrationMachine,
+    ctx: Context,
+}
+
+impl MigrationSnapshot {
+    pub fn plan(&self) -> &MigrationPlan {
+        self.machine.plan()
+    }
 }
 
 /// Runs one migration to its end (success, rollback or stuck) and reports every step.
@@ -68,34 +83,101 @@ pub async fn run_migration<S: BaseStager, A: MoveAnnouncer>(
     status: &watch::Sender<MigrationStatus>,
     cancel: &CancellationToken,
 ) -> MigrationReport {
-    let mut machine = MigrationMachine::new(plan.clone());
-    let mut ctx = Context {
-        disks: Vec::new(),
-        macs: Vec::new(),
-        completed: None,
+    run_journaled(plan, deps, status, cancel, |_| {}).await
+}
+
+/// [`run_migration`], handing `journal` a snapshot before every action; the last one it gets
+/// is the finished migration's.
+pub async fn run_journaled<S: BaseStager, A: MoveAnnouncer>(
+    plan: MigrationPlan,
+    deps: &MigrationDeps<S, A>,
+    status: &watch::Sender<MigrationStatus>,
+    cancel: &CancellationToken,
+    journal: impl FnMut(&MigrationSnapshot),
+) -> MigrationReport {
+    let snapshot = MigrationSnapshot {
+        machine: MigrationMachine::new(plan),
+        ctx: Context::default(),
     };
-    loop {
-        if cancel.is_cancelled() && !machine.is_cancelled() {
-            machine.cancel();
+    drive(snapshot, deps, status, cancel, journal).await
+}
+
+/// Finishes a migration whose manager stopped in the middle of it, from its last journaled
+/// snapshot: a still running migration job at the source is aborted first, then the machine
+/// decides from where the VM runs (see [`MigrationMachine::resume_after_restart`]).
+pub async fn resume_migration<S: BaseStager, A: MoveAnnouncer>(
+    mut snapshot: MigrationSnapshot,
+    deps: &MigrationDeps<S, A>,
+    status: &watch::Sender<MigrationStatus>,
+    journal: impl FnMut(&MigrationSnapshot),
+) -> MigrationReport {
+    if !snapshot.machine.is_finished() {
+        abort_leftover_job(deps, snapshot.machine.plan()).await;
+        snapshot.machine.resume_after_restart(now_ms());
+    }
+    drive(snapshot, deps, status, &CancellationToken::new(), journal).await
+}
+
+/// Aborts a migration job of the plan's VM still running at the source (peer-to-peer jobs
+/// outlive the client that started them) and waits, bounded, until the job has gone.
+async fn abort_leftover_job<S, A>(deps: &MigrationDeps<S, A>, plan: &MigrationPlan) {
+    let Ok(src) = open(&deps.connector, &plan.source_uri).await else {
+        return;
+    };
+    let v = plan.vm.clone();
+    if !matches!(
+        blocking(&src, move |h| h.job_progress(&v)).await,
+        Ok(Some(_))
+    ) {
+        return;
+    }
+    tracing::warn!(vm = %plan.vm, "aborting the migration job left by the previous manager");
+    let v = plan.vm.clone();
+    let _ = blocking(&src, move |h| h.abort_job(&v)).await;
+    for _ in 0..60 {
+        tokio::time::sleep(deps.poll_interval.min(Duration::from_millis(500))).await;
+        let v = plan.vm.clone();
+        if !matches!(
+            blocking(&src, move |h| h.job_progress(&v)).await,
+            Ok(Some(_))
+        ) {
+            return;
         }
-        let action = machine.next(now_ms());
+    }
+}
+
+async fn drive<S: BaseStager, A: MoveAnnouncer>(
+    mut snap: MigrationSnapshot,
+    deps: &MigrationDeps<S, A>,
+    status: &watch::Sender<MigrationStatus>,
+    cancel: &CancellationToken,
+    mut journal: impl FnMut(&MigrationSnapshot),
+) -> MigrationReport {
+    let plan = snap.machine.plan().clone();
+    loop {
+        if cancel.is_cancelled() && !snap.machine.is_cancelled() {
+            snap.machine.cancel();
+        }
+        let action = snap.machine.next(now_ms());
         tracing::info!(vm = %plan.vm, ?action, "migration step");
         status.send_replace(MigrationStatus {
             step: format!("{action:?}"),
             ..MigrationStatus::default()
         });
+        journal(&snap);
+        let MigrationSnapshot { machine, ctx } = &mut snap;
         let result = match action {
             Action::Finished(outcome) => {
                 return MigrationReport {
                     storage: machine.storage(),
                     records: machine.records().to_vec(),
-                    completed: ctx.completed,
+                    completed: ctx.completed.take(),
                     plan,
                     outcome,
                 };
             }
-            Action::Run(step) => run_step(step, &machine, deps, &mut ctx, status, cancel).await,
-            Action::Undo(r) => undo_step(r, &machine, deps, &ctx).await,
+            Action::Run(step) => run_step(step, machine, deps, ctx, status, cancel).await,
+            Action::Undo(r) => undo_step(r, machine, deps, ctx).await,
         };
         if let Err(e) = &result {
             tracing::warn!(vm = %plan.vm, error = %e, "migration step failed");
@@ -770,5 +852,101 @@ mod tests {
             }
         );
         assert!(!cluster.has_image(B, BASE));
+    }
+
+    /// Runs a migration journaling every snapshot; returns the report and the snapshot that
+    /// was journaled just before the move (what a manager dying during the move leaves),
+    /// passed through JSON as the inventory stores it.
+    async fn run_keeping_move_snapshot(
+        deps: &MigrationDeps<FakeStager, Arc<RecordingAnnouncer>>,
+    ) -> (MigrationReport, MigrationSnapshot) {
+        let (tx, _rx) = watch::channel(MigrationStatus::default());
+        let mut at_move = None;
+        let report = run_journaled(plan(10_000), deps, &tx, &CancellationToken::new(), |s| {
+            if s.machine.clone().next(0) == Action::Run(Step::Migrate) {
+                at_move = Some(serde_json::to_string(s).unwrap());
+            }
+        })
+        .await;
+        let snap = serde_json::from_str(&at_move.expect("a snapshot before the move")).unwrap();
+        (report, snap)
+    }
+
+    async fn resume(
+        deps: &MigrationDeps<FakeStager, Arc<RecordingAnnouncer>>,
+        snap: MigrationSnapshot,
+    ) -> MigrationReport {
+        let (tx, _rx) = watch::channel(MigrationStatus::default());
+        resume_migration(snap, deps, &tx, |_| {}).await
+    }
+
+    #[tokio::test]
+    async fn manager_restarted_during_a_move_that_finished_completes_it() {
+        let (cluster, deps, announcer) = setup();
+        let (first, snap) = run_keeping_move_snapshot(&deps).await;
+        assert!(matches!(first.outcome, Outcome::Migrated { .. }));
+        // The manager died after libvirt moved the VM, before it cleaned up the source.
+        cluster.add_image(A, OVERLAY, 1 << 30, Some(BASE));
+        let report = resume(&deps, snap).await;
+        assert_eq!(
+            report.outcome,
+            Outcome::Migrated {
+                storage: StorageCopy::Incremental
+            },
+            "{:#?}",
+            report.records
+        );
+        assert!(
+            report
+                .records
+                .iter()
+                .any(|r| r.action == "Migrate" && r.result.starts_with("interrupted")),
+            "{:#?}",
+            report.records
+        );
+        assert_eq!(cluster.hosts_running("vm1"), vec![B.to_string()]);
+        assert!(!cluster.has_image(A, OVERLAY), "source overlay left behind");
+        assert!(cluster.has_image(B, OVERLAY));
+        assert!(
+            !announcer
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.starts_with("withdraw")),
+            "a finished move must not be withdrawn"
+        );
+    }
+
+    #[tokio::test]
+    async fn manager_restarted_during_a_move_that_did_not_happen_rolls_it_back() {
+        let (cluster, deps, announcer) = setup();
+        cluster.set_faults(Faults {
+            refuse_migration: Some("refused".into()),
+            ..Faults::default()
+        });
+        let (first, snap) = run_keeping_move_snapshot(&deps).await;
+        assert!(matches!(first.outcome, Outcome::RolledBack { .. }));
+        cluster.set_faults(Faults::default());
+        // The manager died during the move: the overlay it pre-created is still at the
+        // destination and the VM still runs at the source.
+        cluster.add_image(B, OVERLAY, 1 << 30, Some(BASE));
+        announcer.0.lock().unwrap().clear();
+        let report = resume(&deps, snap).await;
+        assert!(
+            matches!(report.outcome, Outcome::RolledBack { .. }),
+            "{:#?}",
+            report.records
+        );
+        assert_eq!(cluster.hosts_running("vm1"), vec![A.to_string()]);
+        assert!(cluster.has_image(A, OVERLAY), "the source's disk must stay");
+        assert!(
+            !cluster.has_image(B, OVERLAY),
+            "pre-created overlay left behind"
+        );
+        assert_eq!(
+            *announcer.0.lock().unwrap(),
+            vec!["withdraw vm1".to_string()]
+        );
     }
 }

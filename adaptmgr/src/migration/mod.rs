@@ -11,6 +11,9 @@ pub mod plan;
 pub mod stage;
 
 pub use depot_stage::{DepotStager, QuicDepotLink};
-pub use driver::{MigrationDeps, MigrationReport, MigrationStatus, run_migration};
+pub use driver::{
+    MigrationDeps, MigrationReport, MigrationSnapshot, MigrationStatus, resume_migration,
+    run_journaled, run_migration,
+};
 pub use plan::{MigrationPlan, Outcome};
 pub use stage::{BaseStager, LocalCopyStager, MoveAnnouncer, MoveNotice};

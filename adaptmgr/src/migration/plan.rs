@@ -128,15 +128,19 @@ pub struct StepRecord {
     pub result: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Phase {
     Forward(Step),
     Undo(Rollback),
     Done(Outcome),
 }
 
-/// The migration's state.
-#[derive(Debug, Clone)]
+/// The migration's state. Serializable so that a manager can journal it after every step and,
+/// restarted, finish or roll back what it had started ([`resume_after_restart`]).
+///
+/// [`resume_after_restart`]: MigrationMachine::resume_after_restart
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationMachine {
     plan: MigrationPlan,
     phase: Phase,
@@ -181,6 +185,52 @@ impl MigrationMachine {
 
     pub fn records(&self) -> &[StepRecord] {
         &self.records
+    }
+
+    /// Whether the machine has reached its outcome.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done(_))
+    }
+
+    /// Continues a journaled machine after the manager that drove it stopped in the middle of
+    /// an action, whose result is therefore unknown. Every step is assumed to have had its
+    /// effect (the undo steps are idempotent). Once the move may have begun, where the VM runs
+    /// decides ([`Rollback::Reconcile`]): only at the destination means the migration is
+    /// finished; at the source means it is rolled back. Before that, it is rolled back.
+    pub fn resume_after_restart(&mut self, now_ms: u64) {
+        let started = self.started_ms.take().unwrap_or(now_ms);
+        let label = match &self.phase {
+            Phase::Forward(s) => format!("{s:?}"),
+            Phase::Undo(r) => format!("undo {r:?}"),
+            Phase::Done(_) => return,
+        };
+        self.records.push(StepRecord {
+            action: label,
+            started_ms: started,
+            finished_ms: now_ms,
+            result: "interrupted: the manager stopped".to_owned(),
+        });
+        self.phase = match self.phase.clone() {
+            Phase::Forward(step) => {
+                match step {
+                    Step::PrecreateOverlay => self.overlay_created = true,
+                    Step::AnnounceMove => self.announced = true,
+                    Step::Migrate => self.migrate_started = true,
+                    _ => {}
+                }
+                match step {
+                    // The VM already runs at the destination only; the source file may remain.
+                    Step::CleanupSource => Phase::Forward(Step::CleanupSource),
+                    _ => {
+                        self.failure = Some(format!("{step:?}: interrupted by a manager restart"));
+                        self.first_undo()
+                    }
+                }
+            }
+            // Undo steps are idempotent: do the interrupted one again.
+            Phase::Undo(r) => Phase::Undo(r),
+            Phase::Done(o) => Phase::Done(o),
+        };
     }
 
     /// What to do now; `now_ms` marks the start of that action in the log.
@@ -571,5 +621,43 @@ mod tests {
         assert!(!steps.contains(&Action::Run(Step::Migrate)));
         assert!(steps.contains(&Action::Undo(Rollback::RemoveDestinationOverlay)));
         assert!(matches!(outcome, Outcome::RolledBack { reason } if reason == "cancelled"));
+    }
+
+    #[test]
+    fn restart_before_the_move_rolls_back_what_may_have_been_made() {
+        let mut m = MigrationMachine::new(plan(false));
+        let mut t = 0;
+        loop {
+            let a = m.next(t);
+            if a == Action::Run(Step::PrecreateOverlay) {
+                break; // the manager dies while creating the overlay
+            }
+            m.complete(t + 1, ok_path(&a, true));
+            t += 10;
+        }
+        let mut m: MigrationMachine =
+            serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        m.resume_after_restart(100);
+        let (seen, outcome) = run(&mut m, |_| Ok(Report::Done));
+        assert_eq!(seen, vec![Action::Undo(Rollback::RemoveDestinationOverlay)]);
+        assert!(matches!(outcome, Outcome::RolledBack { .. }), "{outcome:?}");
+    }
+
+    #[test]
+    fn restart_during_cleanup_finishes_the_migration() {
+        let mut m = MigrationMachine::new(plan(false));
+        let mut t = 0;
+        loop {
+            let a = m.next(t);
+            if a == Action::Run(Step::CleanupSource) {
+                break;
+            }
+            m.complete(t + 1, ok_path(&a, true));
+            t += 10;
+        }
+        m.resume_after_restart(100);
+        let (seen, outcome) = run(&mut m, |_| Ok(Report::Done));
+        assert_eq!(seen, vec![Action::Run(Step::CleanupSource)]);
+        assert!(matches!(outcome, Outcome::Migrated { .. }), "{outcome:?}");
     }
 }
