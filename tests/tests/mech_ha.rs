@@ -1,7 +1,8 @@
 //! Lab, end to end through the daemons: `viola-adaptmgr` with `viola-monitor`s on a1 and a2
 //! (QUIC + mutual TLS), the `viola` CLI; host a1 is killed (its monitor, libvirtd and guest
 //! die) → the manager declares it failed after the configured time and re-instantiates the
-//! guest on a2 from its image; when a1 returns, its stale definition is removed.
+//! guest on a2 from its image; when a1 returns, its stale definition is removed. And the
+//! manager itself killed in the middle of a migration: its successor resolves it.
 
 #[path = "mech_util.rs"]
 mod util;
@@ -275,5 +276,154 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     assert_eq!(
         vm_host(&mgr, &cli_id, name).map(|(h, _)| h),
         Some("a2".into())
+    );
+}
+
+fn start_manager(cfg: &Path) -> Child {
+    Command::new(bin("viola-adaptmgr"))
+        .arg("--config")
+        .arg(cfg)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start viola-adaptmgr")
+}
+
+/// The manager is killed (SIGKILL) while it migrates a guest a1 → b1; a new manager started on
+/// the same inventory finds the journaled migration and resolves it: the guest runs at exactly
+/// one host, answers there, the inventory says which, and nothing half-made stays behind.
+#[test]
+fn manager_killed_mid_migration_is_resolved_by_its_successor() {
+    require_lab(&["a1", "b1"]);
+    let _lock = lab_lock();
+    build_daemons();
+    let name = "vm-mgr-kill";
+    let ip = "10.77.8.5";
+    let _cleanup = Cleanup(vec![Box::new(move || {
+        remove_guest(&["a1", "b1"], name);
+        remove_l2(&["a1", "b1"]);
+    })]);
+    remove_guest(&["a1", "b1"], name); // leftovers of an interrupted run
+    make_bridge("a1", "10.77.8.1/24");
+    make_bridge("b1", "10.77.8.2/24");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("viola-test", 2).unwrap();
+    let mgr_id = issue(&ca, tmp.path(), Role::Adaptmgr, "fed", "mgr");
+    let cli_id = issue(&ca, tmp.path(), Role::Cli, "fed", "tester");
+    let mgr = format!("127.0.0.1:{}", free_port());
+    let mut hosts_toml = String::new();
+    for (h, site) in [("a1", "a"), ("b1", "b")] {
+        hosts_toml.push_str(&format!(
+            "[[hosts]]\nname = \"{h}\"\nsite = \"{site}\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
+            manager_uri(h),
+            peer_uri(h),
+            local_images(h).display()
+        ));
+    }
+    let cfg = tmp.path().join("adaptmgr.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{mgr}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n\
+             migration_bandwidth_mib_s = 4\n\n{hosts_toml}[[violins]]\nname = \"t\"\nid = 9\nvms = [\"{name}\"]\n",
+            free_port(),
+            mgr_id.display(),
+            tmp.path().join("inventory.redb").display()
+        ),
+    )
+    .unwrap();
+    let mut children = Children(vec![start_manager(&cfg)]);
+    for (h, site) in [("a1", "a"), ("b1", "b")] {
+        let id = issue(&ca, tmp.path(), Role::Monitor, site, h);
+        children.0.push(
+            Command::new(bin("viola-monitor"))
+                .args(["--host", h, "--site", site, "--manager", &mgr])
+                .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
+                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+                .arg("--identity")
+                .arg(&id)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start viola-monitor"),
+        );
+    }
+
+    // The base is at both sites, so the move copies only the overlay and RAM.
+    stage_base("b1");
+    let hv_a1 = open("a1");
+    boot_guest(&hv_a1, "a1", name, &format!("{ip}/24"), "vm-br0", 1, 256);
+    wait_guest("a1", ip, Duration::from_secs(180));
+    assert_eq!(
+        guest_http("a1", ip, "marker-write=before-kill")
+            .as_deref()
+            .map(str::trim),
+        Some("ok")
+    );
+    wait_until(
+        "the manager knows the guest",
+        Duration::from_secs(60),
+        || vm_host(&mgr, &cli_id, name).is_some_and(|(h, _)| h == "a1"),
+    );
+
+    // The move runs at 4 MiB/s (the guest's RAM alone takes tens of seconds): kill the
+    // manager once libvirt's migration job is under way.
+    let mut cli = Command::new(bin("viola"))
+        .args(["--manager", &mgr, "--identity"])
+        .arg(&cli_id)
+        .args(["--json", "vm", "migrate", name, "--to", "b1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("viola vm migrate");
+    wait_until(
+        "the migration job runs at a1",
+        Duration::from_secs(60),
+        || hv_a1.job_progress(name).ok().flatten().is_some(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let manager = &mut children.0[0];
+    let _ = Command::new("kill")
+        .args(["-KILL", &manager.id().to_string()])
+        .status();
+    let _ = manager.wait();
+
+    // Its successor resolves the migration from the journal (the CLI, whose connection died
+    // with the manager, is stopped: it would wait for its idle timeout).
+    children.0[0] = start_manager(&cfg);
+    let _ = Command::new("kill")
+        .args(["-TERM", &cli.id().to_string()])
+        .status();
+    let _ = cli.wait();
+    let hv_b1 = open("b1");
+    let running_at = |hv: &std::sync::Arc<dyn viola_adaptmgr::hypervisor::Hypervisor>| {
+        hv.domain(name)
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == viola_adaptmgr::hypervisor::DomainState::Running)
+    };
+    // Resolved: one running copy, nothing at the other host, the inventory agrees.
+    let resolved = || {
+        let (at_a1, at_b1) = (running_at(&hv_a1), running_at(&hv_b1));
+        if at_a1 == at_b1 {
+            return None;
+        }
+        let (here, other) = if at_a1 { ("a1", "b1") } else { ("b1", "a1") };
+        let clean = open(other).domain(name).ok().flatten().is_none()
+            && !local_images(other).join(format!("{name}.qcow2")).exists();
+        let recorded = vm_host(&mgr, &cli_id, name).is_some_and(|(h, _)| h == here);
+        (clean && recorded).then_some(here)
+    };
+    wait_until(
+        "the restarted manager resolves the migration",
+        Duration::from_secs(120),
+        || resolved().is_some(),
+    );
+    let here = resolved().expect("still resolved");
+    eprintln!("the interrupted migration was resolved with the guest at {here}");
+    assert_eq!(
+        guest_http(here, ip, "marker-read")
+            .as_deref()
+            .map(str::trim),
+        Some("before-kill")
     );
 }
