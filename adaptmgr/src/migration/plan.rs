@@ -198,18 +198,9 @@ impl MigrationMachine {
     /// decides ([`Rollback::Reconcile`]): only at the destination means the migration is
     /// finished; at the source means it is rolled back. Before that, it is rolled back.
     pub fn resume_after_restart(&mut self, now_ms: u64) {
-        let started = self.started_ms.take().unwrap_or(now_ms);
-        let label = match &self.phase {
-            Phase::Forward(s) => format!("{s:?}"),
-            Phase::Undo(r) => format!("undo {r:?}"),
-            Phase::Done(_) => return,
-        };
-        self.records.push(StepRecord {
-            action: label,
-            started_ms: started,
-            finished_ms: now_ms,
-            result: "interrupted: the manager stopped".to_owned(),
-        });
+        if !self.record_current(now_ms, "interrupted: the manager stopped".to_owned()) {
+            return;
+        }
         self.phase = match self.phase.clone() {
             Phase::Forward(step) => {
                 match step {
@@ -260,21 +251,13 @@ impl MigrationMachine {
 
     /// Reports how the action returned by the last [`next`](Self::next) went.
     pub fn complete(&mut self, now_ms: u64, result: Result<Report, String>) {
-        let started = self.started_ms.take().unwrap_or(now_ms);
-        let label = match &self.phase {
-            Phase::Forward(s) => format!("{s:?}"),
-            Phase::Undo(r) => format!("undo {r:?}"),
-            Phase::Done(_) => return,
+        let outcome = match &result {
+            Ok(r) => format!("ok {r:?}"),
+            Err(e) => format!("failed: {e}"),
         };
-        self.records.push(StepRecord {
-            action: label,
-            started_ms: started,
-            finished_ms: now_ms,
-            result: match &result {
-                Ok(r) => format!("ok {r:?}"),
-                Err(e) => format!("failed: {e}"),
-            },
-        });
+        if !self.record_current(now_ms, outcome) {
+            return;
+        }
         self.phase = match (self.phase.clone(), result) {
             (Phase::Forward(step), Ok(report)) => self.after_step(step, report),
             (Phase::Forward(step), Err(reason)) => {
@@ -295,6 +278,23 @@ impl MigrationMachine {
             (Phase::Undo(r), result) => self.after_undo(r, result),
             (Phase::Done(o), _) => Phase::Done(o),
         };
+    }
+
+    /// Logs the current action as ended at `now_ms` with `result`; false once finished.
+    fn record_current(&mut self, now_ms: u64, result: String) -> bool {
+        let started = self.started_ms.take().unwrap_or(now_ms);
+        let action = match &self.phase {
+            Phase::Forward(s) => format!("{s:?}"),
+            Phase::Undo(r) => format!("undo {r:?}"),
+            Phase::Done(_) => return false,
+        };
+        self.records.push(StepRecord {
+            action,
+            started_ms: started,
+            finished_ms: now_ms,
+            result,
+        });
+        true
     }
 
     fn first_undo(&self) -> Phase {
