@@ -55,16 +55,16 @@ fn report(host: &str, seq: u64) -> Request {
     })
 }
 
-#[tokio::test]
-async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertificateAuthority::generate("test", 1).unwrap();
-
-    // A fake overlay daemon: answers every expect_move with ok and remembers it.
-    let socket = dir.path().join("overlay.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<String>(8);
-    let overlay = tokio::spawn(async move {
+/// A fake overlay daemon on `socket`: answers every request with ok and passes it on.
+fn fake_overlay(
+    socket: &std::path::Path,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Receiver<String>,
+) {
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel::<String>(8);
+    let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -73,7 +73,11 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
             let _ = w.write_all(b"{\"ok\":true}\n").await;
         }
     });
+    (task, seen_rx)
+}
 
+/// Fake hosts a1 and b1, both with the base; vm1 runs on a1 from its overlay.
+fn federation_with_vm1_on_a1() -> (FakeCluster, crate::hypervisor::fake::FakeHypervisor) {
     let cluster = FakeCluster::new();
     let a1 = cluster.host("fake://a1");
     cluster.host("fake://b1");
@@ -94,15 +98,31 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     ))
     .unwrap();
     a1.start("vm1").unwrap();
+    (cluster, a1)
+}
 
-    let host = |name: &str, site: &str| HostConfig {
+fn fake_host(name: &str, site: &str, overlay_socket: &std::path::Path) -> HostConfig {
+    HostConfig {
         name: name.into(),
         site: site.into(),
         libvirt_uri: format!("fake://{name}"),
         migration_uri: None,
         images_local: None,
-        overlay_socket: Some(socket.clone()),
-    };
+        overlay_socket: Some(overlay_socket.to_owned()),
+    }
+}
+
+#[tokio::test]
+async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+
+    let socket = dir.path().join("overlay.sock");
+    let (overlay, mut seen_rx) = fake_overlay(&socket);
+
+    let (cluster, a1) = federation_with_vm1_on_a1();
+
+    let host = |name: &str, site: &str| fake_host(name, site, &socket);
     let cfg = ManagerConfig {
         hosts: vec![host("a1", "a"), host("b1", "b")],
         ..ManagerConfig::default()
@@ -240,45 +260,10 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
 #[tokio::test]
 async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
     let dir = tempfile::tempdir().unwrap();
-    // A fake overlay daemon that accepts every announcement.
     let socket = dir.path().join("overlay.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let overlay = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            let _ = BufReader::new(r).read_line(&mut line).await;
-            let _ = w.write_all(b"{\"ok\":true}\n").await;
-        }
-    });
-    let cluster = FakeCluster::new();
-    let a1 = cluster.host("fake://a1");
-    cluster.host("fake://b1");
-    for h in ["fake://a1", "fake://b1"] {
-        cluster.add_image(h, "/img/base.qcow2", 1 << 30, None);
-    }
-    cluster.add_image(
-        "fake://a1",
-        "/img/vm1.qcow2",
-        1 << 30,
-        Some("/img/base.qcow2"),
-    );
-    a1.define(&sample_domain_xml(
-        "vm1",
-        "/img/vm1.qcow2",
-        "/img/base.qcow2",
-        "52:54:00:00:00:01",
-    ))
-    .unwrap();
-    a1.start("vm1").unwrap();
-    let host = |name: &str, site: &str| HostConfig {
-        name: name.into(),
-        site: site.into(),
-        libvirt_uri: format!("fake://{name}"),
-        migration_uri: None,
-        images_local: None,
-        overlay_socket: Some(socket.clone()),
-    };
+    let (overlay, _seen) = fake_overlay(&socket);
+    let (cluster, _) = federation_with_vm1_on_a1();
+    let host = |name: &str, site: &str| fake_host(name, site, &socket);
     let cfg = ManagerConfig {
         hosts: vec![host("a1", "a"), host("b1", "b")],
         ..ManagerConfig::default()
