@@ -97,6 +97,46 @@ fn vm_host(mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
     })
 }
 
+/// Writes the manager's configuration for `hosts` (name, site) with `extra` keys and tables
+/// (top-level keys first), its inventory in `dir`.
+fn write_manager_config(
+    dir: &Path,
+    listen: &str,
+    identity: &Path,
+    hosts: &[(&str, &str)],
+    extra: &str,
+) -> PathBuf {
+    let mut toml = format!(
+        "listen = \"{listen}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
+        free_port(),
+        identity.display(),
+        dir.join("inventory.redb").display()
+    );
+    for (h, site) in hosts {
+        toml.push_str(&format!(
+            "[[hosts]]\nname = \"{h}\"\nsite = \"{site}\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
+            manager_uri(h),
+            peer_uri(h),
+            local_images(h).display()
+        ));
+    }
+    let cfg = dir.join("adaptmgr.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    cfg
+}
+
+fn start_monitor(manager: &str, host: &str, site: &str, identity: &Path) -> Child {
+    Command::new(bin("viola-monitor"))
+        .args(["--host", host, "--site", site, "--manager", manager])
+        .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--identity")
+        .arg(identity)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start viola-monitor")
+}
+
 #[test]
 fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     require_lab(&["a1", "a2"]);
@@ -123,57 +163,18 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     let cli_id = issue(&ca, tmp.path(), Role::Cli, "fed", "tester");
     let port = free_port();
     let mgr = format!("127.0.0.1:{port}");
-    let mut hosts_toml = String::new();
-    for h in ["a1", "a2"] {
-        hosts_toml.push_str(&format!(
-            "[[hosts]]\nname = \"{h}\"\nsite = \"a\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
-            manager_uri(h),
-            peer_uri(h),
-            local_images(h).display()
-        ));
-    }
-    let cfg = tmp.path().join("adaptmgr.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"{mgr}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\nheartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n\n{hosts_toml}",
-            free_port(),
-            mgr_id.display(),
-            tmp.path().join("inventory.redb").display()
-        ),
-    )
-    .unwrap();
-
-    let mut children = Children(Vec::new());
-    children.0.push(
-        Command::new(bin("viola-adaptmgr"))
-            .arg("--config")
-            .arg(&cfg)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start viola-adaptmgr"),
+    let cfg = write_manager_config(
+        tmp.path(),
+        &mgr,
+        &mgr_id,
+        &[("a1", "a"), ("a2", "a")],
+        &format!("heartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n"),
     );
+    let mut children = Children(vec![start_manager(&cfg)]);
     let mut monitor_of = std::collections::BTreeMap::new();
     for h in ["a1", "a2"] {
         let id = issue(&ca, tmp.path(), Role::Monitor, "a", h);
-        let child = Command::new(bin("viola-monitor"))
-            .args([
-                "--host",
-                h,
-                "--site",
-                "a",
-                "--manager",
-                &mgr,
-                "--interval-ms",
-                "1000",
-            ])
-            .args(["--libvirt-uri", &manager_uri(h)])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--identity")
-            .arg(&id)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start viola-monitor");
+        let child = start_monitor(&mgr, h, "a", &id);
         monitor_of.insert(h, children.0.len());
         children.0.push(child);
     }
@@ -248,26 +249,7 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     // a1 comes back: libvirtd restarted, its monitor reports again → the stale copy is fenced.
     restart_libvirtd("a1");
     let id = tmp.path().join("monitor-a1");
-    children.0.push(
-        Command::new(bin("viola-monitor"))
-            .args([
-                "--host",
-                "a1",
-                "--site",
-                "a",
-                "--manager",
-                &mgr,
-                "--interval-ms",
-                "1000",
-            ])
-            .args(["--libvirt-uri", &manager_uri("a1")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--identity")
-            .arg(&id)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("restart viola-monitor"),
-    );
+    children.0.push(start_monitor(&mgr, "a1", "a", &id));
     wait_until(
         "a1's stale definition is removed",
         Duration::from_secs(60),
@@ -311,41 +293,19 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
     let mgr_id = issue(&ca, tmp.path(), Role::Adaptmgr, "fed", "mgr");
     let cli_id = issue(&ca, tmp.path(), Role::Cli, "fed", "tester");
     let mgr = format!("127.0.0.1:{}", free_port());
-    let mut hosts_toml = String::new();
-    for (h, site) in [("a1", "a"), ("b1", "b")] {
-        hosts_toml.push_str(&format!(
-            "[[hosts]]\nname = \"{h}\"\nsite = \"{site}\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
-            manager_uri(h),
-            peer_uri(h),
-            local_images(h).display()
-        ));
-    }
-    let cfg = tmp.path().join("adaptmgr.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"{mgr}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n\
-             migration_bandwidth_mib_s = 4\n\n{hosts_toml}[[violins]]\nname = \"t\"\nid = 9\nvms = [\"{name}\"]\n",
-            free_port(),
-            mgr_id.display(),
-            tmp.path().join("inventory.redb").display()
+    let cfg = write_manager_config(
+        tmp.path(),
+        &mgr,
+        &mgr_id,
+        &[("a1", "a"), ("b1", "b")],
+        &format!(
+            "migration_bandwidth_mib_s = 4\n[[violins]]\nname = \"t\"\nid = 9\nvms = [\"{name}\"]\n"
         ),
-    )
-    .unwrap();
+    );
     let mut children = Children(vec![start_manager(&cfg)]);
     for (h, site) in [("a1", "a"), ("b1", "b")] {
         let id = issue(&ca, tmp.path(), Role::Monitor, site, h);
-        children.0.push(
-            Command::new(bin("viola-monitor"))
-                .args(["--host", h, "--site", site, "--manager", &mgr])
-                .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
-                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-                .arg("--identity")
-                .arg(&id)
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start viola-monitor"),
-        );
+        children.0.push(start_monitor(&mgr, h, site, &id));
     }
 
     // The base is at both sites, so the move copies only the overlay and RAM.
