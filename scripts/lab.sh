@@ -91,8 +91,11 @@ cmd_down() {
     [ -f "$f" ] && kill_pid "$(cat "$f" 2>/dev/null)"
   done
   # 3. Mount namespaces, then the namespaces themselves (their bridges and veths go with them).
-  for f in "$NS_DIR"/*.mnt; do
+  for f in "$NS_DIR"/*.mnt "$NS_DIR"/*.cgroup; do
     [ -e "$f" ] && umount "$f" 2>/dev/null || true
+  done
+  for f in "$NS_DIR"/*.mnt; do
+    [ -e "$f" ] && remove_host_cgroups "$(basename "$f" .mnt)"
   done
   if mountpoint -q "$NS_DIR" 2>/dev/null; then umount "$NS_DIR" 2>/dev/null || true; fi
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^${PREFIX}" || true); do
@@ -166,18 +169,59 @@ start_host() { # HOST SITE_INDEX K
   # image directory at /var/lib/viola/images (so "the same path on the destination" is a
   # different file on another host, as on real machines: no shared storage).
   mkdir -p /var/lib/viola/images
-  touch "$NS_DIR/$h.mnt"
-  unshare --mount="$NS_DIR/$h.mnt" --propagation private sh -c "
+  touch "$NS_DIR/$h.mnt" "$NS_DIR/$h.cgroup"
+  # The cgroup namespace is rooted at the host's own cgroup subtree, and the mount namespace
+  # mounts the cgroup file systems afresh inside it (in place of the machine's: the same file
+  # system cannot be mounted on top of itself), so this libvirtd sees that subtree as the
+  # whole tree.
+  in_host_cgroups "$h" unshare --mount="$NS_DIR/$h.mnt" --cgroup="$NS_DIR/$h.cgroup" \
+    --propagation private sh -c "
     mount --bind '$d/etc' /etc/libvirt &&
     mount --bind '$d/run' /run/libvirt 2>/dev/null || { mkdir -p /run/libvirt && mount --bind '$d/run' /run/libvirt; }
     mount --bind '$d/lib' /var/lib/libvirt &&
     mount --bind '$d/log' /var/log/libvirt &&
     mount --bind '$d/cache' /var/cache/libvirt &&
-    mount --bind '$LAB_DIR/images/$h' /var/lib/viola/images"
+    mount --bind '$LAB_DIR/images/$h' /var/lib/viola/images &&
+    awk '\$3 == \"cgroup\" || \$3 == \"cgroup2\" { print \$3, \$4, \$2 }' /proc/self/mounts |
+      while read -r type opts dir; do
+        umount \"\$dir\" && mount -t \"\$type\" -o \"\$opts\" \"\$type\" \"\$dir\" || exit 1
+      done"
+  start_libvirtd "$h"
+}
 
-  # libvirtd daemonizes itself and writes its pid file; QEMU inherits its namespaces.
-  nsenter --net="/run/netns/$ns" --mount="$NS_DIR/$h.mnt" -- \
-    libvirtd --daemon --listen --pid-file "$d/libvirtd.pid"
+# Every lab host's libvirtd and its QEMUs live in their own cgroup subtree (<mount>/PREFIX-HOST
+# of the controllers libvirt uses). Sharing the machine's tree, two hosts would name a migrating
+# VM's cgroup alike (qemu-ID-NAME): the source's libvirtd then finds the destination's vCPU
+# thread in "its" cgroup, fails to remove it for 1.2 s at the end of every migration, and CPU
+# caps set at one host would apply to the other's VM.
+host_cgroup_dirs() { # HOST -> the subtree's directory in each cgroup hierarchy libvirt uses
+  awk '$3 == "cgroup2" || ($3 == "cgroup" && $4 ~ /(^|,)cpu(acct)?(,|$)/) { print $2 }' /proc/self/mounts |
+    while read -r dir; do echo "$dir/${PREFIX}$1"; done
+}
+
+in_host_cgroups() { # HOST CMD...: run CMD inside HOST's cgroup subtree (made if missing)
+  local h=$1; shift
+  # shellcheck disable=SC2016
+  sh -c 'for c in $1; do mkdir -p "$c" && echo $$ >"$c/cgroup.procs" || exit 1; done; shift; exec "$@"' \
+    sh "$(host_cgroup_dirs "$h" | paste -sd' ' -)" "$@"
+}
+
+# libvirtd runs under tini as a child subreaper: the QEMU processes it double-forks are
+# reparented to tini and reaped at once when they exit (this machine's PID 1 leaves them zombies
+# for ~1.5 s, and libvirtd waits for that at the end of every migration and shutdown). QEMU
+# inherits the namespaces and the cgroup subtree.
+start_libvirtd() { # HOST
+  local h=$1 d="$LAB_DIR/hosts/$1"
+  in_host_cgroups "$h" nsenter --net="/run/netns/$(host_ns "$h")" --mount="$NS_DIR/$h.mnt" \
+    --cgroup="$NS_DIR/$h.cgroup" -- setsid tini -s -- libvirtd --listen --pid-file "$d/libvirtd.pid" \
+    </dev/null >>"$d/log/libvirtd.stderr" 2>&1 &
+}
+
+remove_host_cgroups() { # HOST: the subtree, deepest first (its processes are gone by now)
+  local dir
+  for dir in $(host_cgroup_dirs "$1"); do
+    [ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
 }
 
 wait_libvirtd() { # HOST
@@ -209,6 +253,7 @@ cmd_up() {
     die "the machine's own routes use 198.18.0.0/15; the lab will not reuse that subnet"
   fi
   command -v libvirtd >/dev/null || die "libvirtd is not installed: run scripts/setup.sh"
+  command -v tini >/dev/null || die "tini is not installed: run scripts/setup.sh"
   if [ -d "$RUN_DIR" ] || ip netns list 2>/dev/null | grep -q "^${PREFIX}"; then
     log "leftovers of an earlier lab found: removing them first"
     cmd_down
@@ -360,5 +405,10 @@ case "${1:-}" in
     esac
     ;;
   virsh) shift; h=${1:?usage: lab.sh virsh HOST ARGS...}; shift; host_exec "$h" virsh -c qemu:///system "$@" ;;
+  start-libvirtd)
+    h=${2:?usage: lab.sh start-libvirtd HOST}
+    [ -e "$NS_DIR/$h.mnt" ] || die "no lab host named $h (is the lab up?)"
+    start_libvirtd "$h"; wait_libvirtd "$h"
+    ;;
   *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

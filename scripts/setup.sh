@@ -27,7 +27,7 @@ fi
 packages=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
-  jq socat netcat-openbsd tcpdump iptables procps psmisc curl ca-certificates ethtool bc
+  jq socat netcat-openbsd tcpdump iptables procps psmisc curl ca-certificates ethtool bc tini
 )
 
 missing=()

@@ -334,15 +334,13 @@ pub fn libvirtd_pid(host: &str) -> Option<i32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// Starts `host`'s libvirtd again the way the lab does (its cgroups, then its namespaces).
+/// Starts `host`'s libvirtd again the way the lab does (its cgroups, its namespaces, its
+/// reaper), and waits until it answers.
 pub fn restart_libvirtd(host: &str) {
-    let script = format!(
-        "for c in cpu cpuacct cpuset memory blkio devices freezer pids; do \
-           f=/sys/fs/cgroup/$c/viola-lab/{host}/cgroup.procs; [ -w \"$f\" ] && echo $$ >\"$f\" 2>/dev/null; done; \
-         exec nsenter --net=/run/netns/vl-{host} --mount={LAB_RUN}/ns/{host}.mnt -- \
-           libvirtd --daemon --listen --pid-file {LAB_DIR}/hosts/{host}/libvirtd.pid"
+    let out = run(
+        Command::new(viola_labtests::repo_root().join("scripts/lab.sh"))
+            .args(["start-libvirtd", host]),
     );
-    let out = run(Command::new("sh").arg("-c").arg(script));
     assert!(
         out.status.success(),
         "restart libvirtd: {}",
