@@ -208,6 +208,14 @@ echo "   $g1 moved a1 (site a) -> b1 (site b) in $total s with its disk, keeping
 echo "   its base at b1: $(grep -o 'depot of site b staged[^"\\]*' "$D/migrate.txt" | head -1 || true)"
 echo "   guest downtime (QEMU): ${downtime:-?} ms; pings every 10 ms from a2: $((sent - got)) of $sent lost (~$(( (sent - got) * 10 )) ms)"
 echo "   a1 runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || true)   b1 runs: $(lab virsh b1 list --name | sed '/^$/d' | paste -sd, -)"
-echo "   marker read back from its disk on site b: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-read")"
+marker=$(lab exec a2 -- curl -s -m 5 "http://$g1_ip/cgi-bin/viola?marker-read" || true)
+echo "   marker read back from its disk on site b: ${marker:-(no answer)}"
 echo "   where a2's overlay sends frames for $g1_mac now: $("$bin/viola-overlay" status --json --socket "$D/overlay-a2.sock" | jq -r ".switch.violins[0].macs[] | select(.mac==\"$g1_mac\") | \"\(.location) (seq \(.seq))\"")"
+if [ "$marker" != "demo-$$" ]; then
+  # Say so, with the guest's own view, instead of ending as if it had worked.
+  say "FAILED: $g1 does not answer at b1 after the move; the last lines of its console:"
+  tail -n 15 "$lab_dir/console/$g1.log" 2>/dev/null | sed 's/^/   /'
+  say "tearing the lab down"
+  exit 1
+fi
 say "done: tearing the lab down"
