@@ -6,6 +6,7 @@
 #   lab.sh status [--json] sites, hosts, addresses, each libvirtd's state and its domains
 #   lab.sh exec HOST -- CMD...   run CMD in HOST's network and mount namespace
 #   lab.sh virsh HOST ARGS...    virsh against HOST's own libvirtd
+#   lab.sh start-libvirtd HOST   start HOST's libvirtd again the lab's way (after a test killed it)
 #   lab.sh hosts           host names, one per line
 #
 # Address plan (never the machine's own subnet; only 198.18.0.0/15 for underlays):
@@ -415,5 +416,5 @@ case "${1:-}" in
     [ -e "$NS_DIR/$h.mnt" ] || die "no lab host named $h (is the lab up?)"
     start_libvirtd "$h"; wait_libvirtd "$h"
     ;;
-  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -101,6 +101,20 @@ fn federation_with_vm1_on_a1() -> (FakeCluster, crate::hypervisor::fake::FakeHyp
     (cluster, a1)
 }
 
+/// Violin "lan" (VNI 42) with vm1 in it, as the inventory records it.
+fn put_vm1_in_violin_lan(inventory: &Inventory) {
+    inventory
+        .put_violin(&ViolinRecord {
+            name: "lan".into(),
+            vni: 42,
+            vms: vec!["vm1".into()],
+        })
+        .unwrap();
+    let mut rec = inventory.vm("vm1").unwrap().unwrap();
+    rec.violin = Some("lan".into());
+    inventory.put_vm(&rec).unwrap();
+}
+
 fn fake_host(name: &str, site: &str, overlay_socket: &std::path::Path) -> HostConfig {
     HostConfig {
         name: name.into(),
@@ -203,16 +217,7 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);
 
     // In a violin: the overlay is told, the VM moves, the inventory follows.
-    inventory
-        .put_violin(&ViolinRecord {
-            name: "lan".into(),
-            vni: 42,
-            vms: vec!["vm1".into()],
-        })
-        .unwrap();
-    let mut rec = inventory.vm("vm1").unwrap().unwrap();
-    rec.violin = Some("lan".into());
-    inventory.put_vm(&rec).unwrap();
+    put_vm1_in_violin_lan(&inventory);
     let mut progress = 0;
     let last = cli
         .call(&mv, |r| {
@@ -273,16 +278,7 @@ async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
         unreachable!()
     };
     inventory.apply_report(&r, 1).unwrap();
-    inventory
-        .put_violin(&ViolinRecord {
-            name: "lan".into(),
-            vni: 42,
-            vms: vec!["vm1".into()],
-        })
-        .unwrap();
-    let mut rec = inventory.vm("vm1").unwrap().unwrap();
-    rec.violin = Some("lan".into());
-    inventory.put_vm(&rec).unwrap();
+    put_vm1_in_violin_lan(&inventory);
 
     // The first manager starts a two-second move and is gone a moment later.
     cluster.set_faults(crate::hypervisor::fake::Faults {

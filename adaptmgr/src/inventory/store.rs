@@ -92,6 +92,15 @@ impl Inventory {
         tx.commit().map_err(store)
     }
 
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        tx.open_table(table)
+            .map_err(store)?
+            .remove(key)
+            .map_err(store)?;
+        tx.commit().map_err(store)
+    }
+
     fn get<T: DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -162,12 +171,7 @@ impl Inventory {
     }
 
     pub fn remove_vm(&self, name: &str) -> Result<(), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        tx.open_table(VMS)
-            .map_err(store)?
-            .remove(name)
-            .map_err(store)?;
-        tx.commit().map_err(store)
+        self.remove(VMS, name)
     }
 
     /// Records where the migration of `vm` stands (replaces the previous snapshot).
@@ -186,12 +190,7 @@ impl Inventory {
 
     /// Forgets the migration of `vm` (it ended).
     pub fn remove_migration(&self, vm: &str) -> Result<(), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        tx.open_table(MIGRATIONS)
-            .map_err(store)?
-            .remove(vm)
-            .map_err(store)?;
-        tx.commit().map_err(store)
+        self.remove(MIGRATIONS, vm)
     }
 
     pub fn put_violin(&self, violin: &ViolinRecord) -> Result<(), InventoryError> {

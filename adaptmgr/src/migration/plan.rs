@@ -623,18 +623,24 @@ mod tests {
         assert!(matches!(outcome, Outcome::RolledBack { reason } if reason == "cancelled"));
     }
 
-    #[test]
-    fn restart_before_the_move_rolls_back_what_may_have_been_made() {
+    /// A machine driven along the happy path until it has started `step` (and not finished it).
+    fn started_until(step: Step) -> MigrationMachine {
         let mut m = MigrationMachine::new(plan(false));
         let mut t = 0;
         loop {
             let a = m.next(t);
-            if a == Action::Run(Step::PrecreateOverlay) {
-                break; // the manager dies while creating the overlay
+            if a == Action::Run(step) {
+                return m;
             }
             m.complete(t + 1, ok_path(&a, true));
             t += 10;
         }
+    }
+
+    #[test]
+    fn restart_before_the_move_rolls_back_what_may_have_been_made() {
+        // The manager dies while creating the overlay.
+        let m = started_until(Step::PrecreateOverlay);
         let mut m: MigrationMachine =
             serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
         m.resume_after_restart(100);
@@ -645,16 +651,7 @@ mod tests {
 
     #[test]
     fn restart_during_cleanup_finishes_the_migration() {
-        let mut m = MigrationMachine::new(plan(false));
-        let mut t = 0;
-        loop {
-            let a = m.next(t);
-            if a == Action::Run(Step::CleanupSource) {
-                break;
-            }
-            m.complete(t + 1, ok_path(&a, true));
-            t += 10;
-        }
+        let mut m = started_until(Step::CleanupSource);
         m.resume_after_restart(100);
         let (seen, outcome) = run(&mut m, |_| Ok(Report::Done));
         assert_eq!(seen, vec![Action::Run(Step::CleanupSource)]);
