@@ -26,9 +26,7 @@ if [ -z "$mac" ]; then
 fi
 [ "$maxmem" -ge "$mem" ] || maxmem=$mem
 [ "$maxvcpus" -ge "$vcpus" ] || maxvcpus=$vcpus
-# init_on_free: the guest's kernel zeroes the pages it frees, so a live migration skips them as
-# zero pages instead of copying their stale contents across the WAN.
-cmdline="console=ttyS0 quiet panic=-1 init_on_free=1 viola.name=$name viola.ip=$ip viola.http=1"
+cmdline="console=ttyS0 quiet panic=-1 viola.name=$name viola.ip=$ip viola.http=1"
 [ -n "$mtu" ] && cmdline="$cmdline viola.mtu=$mtu"
 [ -n "$gw" ] && cmdline="$cmdline viola.gw=$gw"
 [ -n "$extra" ] && cmdline="$cmdline $extra"

@@ -118,8 +118,7 @@ pub fn mac_for(name: &str) -> String {
 
 /// Domain XML of a lab guest: qcow2 overlay `HOST_IMAGES/NAME.qcow2` over the base, direct
 /// kernel boot, virtio NIC on `bridge`, balloon, up to `max_vcpus` (ACPI is what lets the guest
-/// see hot-plugged vCPUs). Freed pages are zeroed (`init_on_free`), as in
-/// `scripts/guest/domain-xml.sh`: zero pages are cheap to migrate.
+/// see hot-plugged vCPUs).
 pub fn guest_xml(
     name: &str,
     ip: &str,
@@ -136,7 +135,7 @@ pub fn guest_xml(
   <vcpu placement='static' current='{vcpus}'>{max_vcpus}</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{GUEST_DIR}/vmlinuz</kernel><initrd>{GUEST_DIR}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet init_on_free=1 viola.name={name} viola.ip={ip} viola.http=1</cmdline>
+    <cmdline>console=ttyS0 quiet viola.name={name} viola.ip={ip} viola.http=1</cmdline>
   </os>
   <features><acpi/><apic/></features>
   <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
