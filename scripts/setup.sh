@@ -25,9 +25,17 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(
-  libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+  pkg-config
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
   jq socat netcat-openbsd tcpdump iptables procps psmisc curl ca-certificates ethtool bc tini
+)
+# libvirt and QEMU come as one stack, from one release. On Debian 12 that is bookworm-backports
+# (libvirt 11, QEMU 10): bookworm's own QEMU 7.2 corrupts the virtio TX ring of a guest that is
+# live-migrated under TCG now and then (see the README), and these machines already ship
+# qemu-utils from backports, which bookworm's qemu-system-x86 would replace by its own.
+stack=(
+  libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+  libvirt0 qemu-system-x86 qemu-system-common qemu-system-data qemu-utils qemu-block-extra
 )
 
 missing=()
@@ -44,30 +52,49 @@ apt_update_once() {
   fi
 }
 
-# QEMU: installing qemu-system-x86 alone pulls Debian's qemu-utils of its own release and removes
-# the newer qemu-utils some images ship, taking qemu-img with it. Install both from one release.
-qemu_ok=1
-sys_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
-utils_ver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
-if [ -z "$sys_ver" ] || [ "$sys_ver" != "$utils_ver" ] || ! command -v qemu-img >/dev/null; then
-  qemu_ok=0
+release_args=()
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+if [ "$codename" = bookworm ]; then
+  release_args=(-t bookworm-backports)
+  if ! grep -rqs --include='*.list' --include='*.sources' 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d; then
+    log "adding Debian's bookworm-backports to apt's sources (for libvirt and QEMU)"
+    cat >/etc/apt/sources.list.d/viola-bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    apt_update_once
+  fi
 fi
 
-if [ "${#missing[@]}" -gt 0 ] || [ "$qemu_ok" -eq 0 ]; then
+# The stack is up to date when every package of it is installed at the version apt would pick
+# from the chosen release.
+stack_ok() {
+  local p have want
+  for p in "${stack[@]}"; do
+    have=$(dpkg-query -W -f='${Version}' "$p" 2>/dev/null || true)
+    want=$(apt-cache "${release_args[@]}" policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+    [ -n "$have" ] && [ "$have" = "$want" ] || return 1
+  done
+}
+
+export DEBIAN_FRONTEND=noninteractive
+if [ "${#missing[@]}" -gt 0 ]; then
   apt_update_once
-  export DEBIAN_FRONTEND=noninteractive
-  if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing: ${missing[*]}"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-  if [ "$qemu_ok" -eq 0 ]; then
-    ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-    log "installing qemu-system-x86 and qemu-utils $ver together"
-    apt-get install -y -qq --allow-downgrades --no-install-recommends \
-      "qemu-system-x86=$ver" "qemu-system-common=$ver" "qemu-utils=$ver" \
-      "qemu-block-extra=$ver" qemu-system-data >/dev/null
-  fi
+  log "installing: ${missing[*]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+if ! stack_ok; then
+  apt_update_once
+  log "installing libvirt and QEMU together${release_args:+ from ${release_args[1]}}"
+  apt-get install -y -qq --no-install-recommends "${release_args[@]}" "${stack[@]}" >/dev/null
+fi
+sys_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+utils_ver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+[ -n "$sys_ver" ] && [ "$sys_ver" = "$utils_ver" ] ||
+  { echo "setup.sh: qemu-system-x86 ($sys_ver) and qemu-utils ($utils_ver) differ" >&2; exit 1; }
 command -v qemu-img >/dev/null || { echo "setup.sh: qemu-img is missing after install" >&2; exit 1; }
 command -v libvirtd >/dev/null || { echo "setup.sh: libvirtd is missing after install" >&2; exit 1; }
 
