@@ -72,10 +72,8 @@ pub struct ManagerConfig {
     pub migration_timeout_s: u64,
     /// Longest pause allowed at a migration's switchover.
     pub migration_max_downtime_ms: u64,
-    /// Compress RAM on the wire during migrations: fewer WAN bytes for two CPU threads on each
-    /// side. Off by default: it is QEMU's threaded zlib (libvirt's "mt"), which QEMU 8.2
-    /// deprecated as racy and untested and 9.1 removed (with it on, a newer host's migrations
-    /// fail). Newer hosts offer multifd compression instead, which this does not use yet.
+    /// Compress RAM on the wire during migrations: fewer WAN bytes for two compression threads
+    /// on each side (zstd on two multifd channels; needs QEMU built with zstd, as Debian's is).
     pub migration_compress: bool,
     pub hosts: Vec<HostConfig>,
     /// The violins and their member VMs (by name): who must be announced to the overlay when

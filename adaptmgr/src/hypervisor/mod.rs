@@ -147,7 +147,7 @@ pub struct MigrationRequest {
     /// Longest pause allowed at switchover, ms (QEMU's default is 300).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
-    /// Compress RAM pages on the wire (QEMU's multithread zlib at level 1): a WAN link is
+    /// Compress RAM pages on the wire (zstd level 1 on two multifd channels): a WAN link is
     /// slower than the compression threads, and guest RAM is mostly compressible.
     #[serde(default)]
     pub compress: bool,
