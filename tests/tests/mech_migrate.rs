@@ -86,7 +86,6 @@ fn remove_base(host: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky in CI: after the move the VXLAN stand-in for the overlay sometimes loses the guest (2 of 4 full runs); the same migration under a 10 ms ping is tested with the real overlay in overlay_migrate. Run: scripts/lab.sh up; cargo test -p viola-labtests --test mech_migrate -- --ignored"]
 async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     require_lab(&["a1", "a2", "b1"]);
     let _lock = lab_lock();
