@@ -2,9 +2,10 @@
 # Cross-site live migration with the root disk: incremental (base staged at the destination,
 # only the guest's overlay and RAM travel) against full-disk copy, across the lab's WAN.
 #
-#   scripts/bench/migration.sh [--json FILE] [--compress]
+#   scripts/bench/migration.sh [--json FILE] [--compress] [--max-downtime MS]
 #
-# --compress moves RAM compressed (QEMU's threaded zlib; the manager's `migration_compress`).
+# --compress moves RAM compressed (zstd on two multifd channels; the manager's `migration_compress`).
+# --max-downtime sets QEMU's downtime limit for both moves (default 50 ms).
 #
 # Needs the lab (scripts/lab.sh up) and the guest (scripts/guest/build.sh). The guest's base
 # holds 1 GiB of data and the guest writes 64 MiB into its overlay before each move. Prints
@@ -19,7 +20,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --json) json=$2; shift 2 ;;
     --compress) export VIOLA_BENCH_COMPRESS=1; shift ;;
-    *) echo "usage: $0 [--json FILE] [--compress]" >&2; exit 2 ;;
+    --max-downtime)
+      [[ ${2:-} =~ ^[1-9][0-9]{0,4}$ ]] || { echo "--max-downtime takes milliseconds (1..99999)" >&2; exit 2; }
+      export VIOLA_BENCH_MAX_DOWNTIME_MS=$2; shift 2 ;;
+    *) echo "usage: $0 [--json FILE] [--compress] [--max-downtime MS]" >&2; exit 2 ;;
   esac
 done
 out=$(mktemp)

@@ -167,7 +167,16 @@ async fn one_run(mode: StorageCopy) -> Run {
         stage_base: mode == StorageCopy::Incremental,
         bandwidth_mib_s: Some(10_000),
         timeout_ms: 600_000,
-        max_downtime_ms: Some(50),
+        // QEMU's downtime limit; VIOLA_BENCH_MAX_DOWNTIME_MS overrides the 50 ms used here.
+        max_downtime_ms: Some(
+            std::env::var("VIOLA_BENCH_MAX_DOWNTIME_MS")
+                .ok()
+                .map(|v| {
+                    v.parse()
+                        .expect("VIOLA_BENCH_MAX_DOWNTIME_MS: milliseconds")
+                })
+                .unwrap_or(50),
+        ),
         // The manager's default is off; VIOLA_BENCH_COMPRESS=1 measures it on.
         compress: std::env::var_os("VIOLA_BENCH_COMPRESS").is_some_and(|v| v == "1"),
     };
