@@ -31,6 +31,8 @@ struct FakeImage {
 struct FakeHost {
     up: bool,
     cpu_controller: bool,
+    /// Domain queries that fail before the host answers them again.
+    failing_queries: u32,
     domains: BTreeMap<String, FakeDomain>,
     images: BTreeMap<String, FakeImage>,
 }
@@ -87,6 +89,7 @@ impl FakeCluster {
             .or_insert_with(|| FakeHost {
                 up: true,
                 cpu_controller: true,
+                failing_queries: 0,
                 domains: BTreeMap::new(),
                 images: BTreeMap::new(),
             });
@@ -110,6 +113,14 @@ impl FakeCluster {
                     d.summary.state = DomainState::ShutOff;
                 }
             }
+        }
+    }
+
+    /// The host's next `n` domain queries fail, as a just restarted libvirtd's can while it is
+    /// still recovering its domains.
+    pub fn fail_domain_queries(&self, uri: &str, n: u32) {
+        if let Some(h) = lock(&self.world).hosts.get_mut(uri) {
+            h.failing_queries = n;
         }
     }
 
@@ -241,7 +252,17 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn domain(&self, name: &str) -> Result<Option<DomainSummary>, HypervisorError> {
-        self.with_host(|h| Ok(h.domains.get(name).map(|d| d.summary.clone())))
+        self.with_host(|h| {
+            if h.failing_queries > 0 {
+                h.failing_queries -= 1;
+                return Err(HypervisorError::Failed {
+                    op: "get info",
+                    domain: name.to_owned(),
+                    reason: "domain is being recovered".into(),
+                });
+            }
+            Ok(h.domains.get(name).map(|d| d.summary.clone()))
+        })
     }
 
     fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError> {

@@ -391,8 +391,10 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn domain(&self, name: &str) -> Result<Option<DomainSummary>, HypervisorError> {
-        match self.lookup(name) {
-            Ok(dom) => self.summary(&dom).map(Some),
+        // A domain can vanish between the lookup and the questions, e.g. a half-made incoming
+        // migration that a restarted libvirtd is cleaning up: that is "not here" too.
+        match self.lookup(name).and_then(|dom| self.summary(&dom)) {
+            Ok(summary) => Ok(Some(summary)),
             Err(e) if e.is_no_such_domain() => Ok(None),
             Err(e) => Err(e),
         }

@@ -218,6 +218,28 @@ async fn open_patiently(
     }
 }
 
+/// The VM's domain at a host that may have just restarted: a libvirtd that is still recovering
+/// its domains (for example cleaning up a half-made incoming migration) can fail questions for a
+/// moment, so errors are retried until `timeout`.
+async fn domain_patiently(
+    hv: &Arc<dyn Hypervisor>,
+    vm: &str,
+    timeout: Duration,
+) -> Result<Option<crate::hypervisor::DomainSummary>, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let v = vm.to_owned();
+        match blocking(hv, move |h| h.domain(&v)).await {
+            Ok(found) => return Ok(found),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(hv_err(e)),
+            Err(_) => {
+                let now = tokio::time::Instant::now();
+                tokio::time::sleep((deadline - now).min(Duration::from_millis(500))).await;
+            }
+        }
+    }
+}
+
 fn hv_err(e: HypervisorError) -> String {
     chain(&e)
 }
@@ -525,14 +547,7 @@ async fn find_copies<S, A>(
         .as_ref()
         .is_some_and(|d| d.state == DomainState::Running);
     let at_dest = match open_patiently(&deps.connector, &plan.dest_uri, patience).await {
-        Ok(dst) => {
-            let v = plan.vm.clone();
-            Some(
-                blocking(&dst, move |h| h.domain(&v))
-                    .await
-                    .map_err(hv_err)?,
-            )
-        }
+        Ok(dst) => Some(domain_patiently(&dst, &plan.vm, patience).await?),
         // Unreachable: it cannot run a copy we could see; leftovers are handled by cleanup.
         Err(_) => None,
     };
@@ -736,6 +751,17 @@ mod tests {
 
     #[tokio::test]
     async fn destination_dying_mid_move_leaves_vm_at_source_and_destination_clean() {
+        destination_dies_mid_move(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_restarted_destination_still_recovering_its_domains_is_asked_again() {
+        destination_dies_mid_move(1).await;
+    }
+
+    /// The destination dies half way and comes back; its first `failing_queries` domain
+    /// queries then fail.
+    async fn destination_dies_mid_move(failing_queries: u32) {
         let (cluster, deps, announcer) = setup();
         cluster.set_faults(Faults {
             destination_dies: true,
@@ -751,6 +777,7 @@ mod tests {
                     continue;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                c2.fail_domain_queries(B, failing_queries);
                 c2.set_host_up(B, true);
                 return;
             }
