@@ -182,11 +182,12 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     assert!(announcer.0.lock().unwrap()[0].starts_with("expect vm-mig"));
 
     // Data intact, guest reachable at the same IP from the other site.
+    let marker = guest_http("a2", ip, "marker-read");
     assert_eq!(
-        guest_http("a2", ip, "marker-read")
-            .as_deref()
-            .map(str::trim),
-        Some("before-move")
+        marker.as_deref().map(str::trim),
+        Some("before-move"),
+        "guest console at b1:\n{}",
+        console_tail("b1", name, 15)
     );
     let md5_after = guest_http("a2", ip, "md5").expect("md5");
     assert!(

@@ -62,6 +62,19 @@ pub fn local_images(host: &str) -> PathBuf {
     PathBuf::from(format!("{LAB_DIR}/hosts/{host}/lib/images"))
 }
 
+/// The last `lines` lines of a guest's serial console at `host` (for failure messages: a guest
+/// that stops answering usually says why there).
+pub fn console_tail(host: &str, name: &str, lines: usize) -> String {
+    let path = format!("{LAB_DIR}/hosts/{host}/log/{name}.console");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(no console at {path}: {e})"),
+    }
+}
+
 pub fn open(host: &str) -> Arc<dyn Hypervisor> {
     Arc::new(LibvirtHypervisor::open(&manager_uri(host)).expect("connect to lab libvirtd"))
 }
