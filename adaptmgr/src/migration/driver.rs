@@ -13,8 +13,8 @@ use super::plan::{
 };
 use super::stage::{BaseStager, MoveAnnouncer, MoveNotice, StageJob, StagingProgress};
 use crate::hypervisor::{
-    Connector, DiskInfo, DomainState, Hypervisor, HypervisorError, JobProgress, MigrationRequest,
-    StorageCopy, blocking,
+    Connector, DiskInfo, DomainState, DomainSummary, Hypervisor, HypervisorError, JobProgress,
+    MigrationRequest, StorageCopy, blocking,
 };
 
 /// What the driver needs besides the plan.
@@ -202,42 +202,48 @@ async fn open(
         .map_err(|e| chain(&e))
 }
 
+/// Calls `attempt` until it succeeds or `timeout` has passed (then its last error), pausing
+/// 500 ms between tries: a libvirtd that was just restarted refuses connections, and then fails
+/// questions for a moment while it recovers its domains.
+async fn retry_until<T, F, Fut>(timeout: Duration, mut attempt: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => {
+                let left = deadline - tokio::time::Instant::now();
+                tokio::time::sleep(left.min(Duration::from_millis(500))).await;
+            }
+        }
+    }
+}
+
 /// Keeps trying to open `uri` for `timeout` (a destination libvirtd may be restarting).
 async fn open_patiently(
     connector: &Arc<dyn Connector>,
     uri: &str,
     timeout: Duration,
 ) -> Result<Arc<dyn Hypervisor>, String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match open(connector, uri).await {
-            Ok(h) => return Ok(h),
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+    retry_until(timeout, || open(connector, uri)).await
 }
 
-/// The VM's domain at a host that may have just restarted: a libvirtd that is still recovering
-/// its domains (for example cleaning up a half-made incoming migration) can fail questions for a
-/// moment, so errors are retried until `timeout`.
+/// The VM's domain at a host that may have just restarted (for example one still cleaning up
+/// a half-made incoming migration), asked again on errors until `timeout`.
 async fn domain_patiently(
     hv: &Arc<dyn Hypervisor>,
     vm: &str,
     timeout: Duration,
-) -> Result<Option<crate::hypervisor::DomainSummary>, String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
+) -> Result<Option<DomainSummary>, String> {
+    retry_until(timeout, || {
         let v = vm.to_owned();
-        match blocking(hv, move |h| h.domain(&v)).await {
-            Ok(found) => return Ok(found),
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(hv_err(e)),
-            Err(_) => {
-                let now = tokio::time::Instant::now();
-                tokio::time::sleep((deadline - now).min(Duration::from_millis(500))).await;
-            }
-        }
-    }
+        async move { blocking(hv, move |h| h.domain(&v)).await.map_err(hv_err) }
+    })
+    .await
 }
 
 fn hv_err(e: HypervisorError) -> String {
