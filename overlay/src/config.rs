@@ -7,6 +7,7 @@
 //! control_socket = "/run/viola/overlay.sock"
 //! metrics = "127.0.0.1:9611"
 //! mtu = 1500                          # MTU of the TAPs/bridges (guest MTU)
+//! cpu_wake_latency_us = 0             # optional: hold a PM QoS request (lowest RTT, CPUs poll)
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -53,6 +54,11 @@ pub struct OverlayConfig {
     pub socket_buffer: usize,
     /// Learned MACs age out after this many seconds.
     pub mac_ageing_s: u64,
+    /// While running, hold a machine-wide CPU wake-up latency request of this many
+    /// microseconds (`/dev/cpu_dma_latency`): idle CPUs poll instead of halting, which takes the
+    /// wake-up from each frame's round trip (most of the idle RTT in virtual machines) at the
+    /// price of CPUs that never sleep. None (default): no request.
+    pub cpu_wake_latency_us: Option<u32>,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -74,6 +80,7 @@ impl Default for OverlayConfig {
             idle_timeout_ms: 5000,
             socket_buffer: 4 << 20,
             mac_ageing_s: 300,
+            cpu_wake_latency_us: None,
             peers: Vec::new(),
             violins: Vec::new(),
         }
@@ -160,6 +167,10 @@ mod tests {
         assert_eq!(cfg.violins[0].tap_name(), "vio1t");
         assert_eq!(cfg.violins[0].allowed, vec!["*"]);
         assert_eq!(cfg.mtu, 1500);
+        assert_eq!(cfg.cpu_wake_latency_us, None);
+        let low: OverlayConfig = toml::from_str("cpu_wake_latency_us = 0").unwrap();
+        assert_eq!(low.cpu_wake_latency_us, Some(0));
+        assert!(toml::from_str::<OverlayConfig>("cpu_wake_latency_us = -1").is_err());
         assert!(toml::from_str::<OverlayConfig>("listn = \"1.2.3.4:1\"").is_err());
     }
 }

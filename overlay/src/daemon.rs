@@ -31,6 +31,7 @@ use viola_common::identity::{self, Identity, Role, alpn};
 use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::control::{self, ControlMsg, PeerAddr};
+use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
 use crate::switch::{HostPattern, Output, Switch, SwitchConfig, SwitchStatus, ViolinConfig};
 use crate::wire::{self, FRAME_HEADER_LEN, ViolinId};
 
@@ -67,6 +68,9 @@ pub enum DaemonError {
     /// Metrics endpoint.
     #[error("metrics endpoint")]
     Metrics(#[from] viola_common::metrics::MetricsError),
+    /// The configured CPU wake-up latency request.
+    #[error("cpu_wake_latency_us")]
+    CpuLatency(#[from] CpuLatencyError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
@@ -165,6 +169,9 @@ pub struct DaemonStatus {
     pub driver_drops: BTreeMap<String, u64>,
     /// Connections refused, by reason.
     pub refused: BTreeMap<String, u64>,
+    /// The CPU wake-up latency request this daemon holds, microseconds.
+    #[serde(default)]
+    pub cpu_wake_latency_us: Option<u32>,
 }
 
 /// A request on the control socket (one JSON object per line).
@@ -250,6 +257,14 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     }
     let me = host_id(me_id.id());
     info!(host = %me, "starting overlay daemon");
+    // Held until `run` returns; the kernel also drops it if the process dies.
+    let cpu_latency = cfg
+        .cpu_wake_latency_us
+        .map(CpuLatencyRequest::hold)
+        .transpose()?;
+    if let Some(req) = &cpu_latency {
+        info!(us = req.us(), "holding a CPU wake-up latency request");
+    }
 
     // QUIC endpoint.
     let mut transport = quinn::TransportConfig::default();
@@ -374,6 +389,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         state: state.clone(),
         token: token.clone(),
         mtu: cfg.mtu as usize,
+        cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
     });
 
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -430,6 +446,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     drop(ctx);
     drop(bridges);
     let _ = std::fs::remove_file(&cfg.control_socket);
+    drop(cpu_latency);
     info!("stopped");
     Ok(())
 }
@@ -441,6 +458,7 @@ struct Ctx {
     state: State,
     token: CancellationToken,
     mtu: usize,
+    cpu_wake_latency_us: Option<u32>,
 }
 
 async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
@@ -826,6 +844,7 @@ fn status(ctx: &Ctx) -> DaemonStatus {
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect(),
         refused: st.refused.clone(),
+        cpu_wake_latency_us: ctx.cpu_wake_latency_us,
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
+//! - [`cpu_latency`]: the optional CPU wake-up latency request (PM QoS) for the lowest RTT.
 
 use std::sync::Arc;
 
@@ -21,4 +22,5 @@ mod sim;
 /// A host's name, `site/host`.
 pub type HostId = Arc<str>;
 pub mod config;
+pub mod cpu_latency;
 pub mod daemon;

@@ -9,7 +9,8 @@
 //! - b1 and c1 (both behind NAT) reach each other through a1 (relay);
 //! - a daemon with a certificate from another CA is refused;
 //! - a daemon killed with SIGKILL and restarted rejoins and traffic resumes;
-//! - SIGTERM removes the bridges and TAPs the daemon made.
+//! - a daemon configured to hold a CPU wake-up latency request holds it while it runs;
+//! - SIGTERM removes the bridges and TAPs the daemon made (and ends that request).
 
 #[path = "overlay_util.rs"]
 mod util;
@@ -25,6 +26,49 @@ use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run};
 
 const LAB: &str = "ovl";
 const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
+
+const PM_QOS_DEVICE: &str = "/dev/cpu_dma_latency";
+/// The limit the kernel reports when nobody holds a request.
+const NO_QOS_REQUEST: i32 = 2_000_000_000;
+
+/// The machine-wide CPU latency limit in force (PM QoS), microseconds.
+fn read_qos_limit() -> Result<i32> {
+    let bytes = std::fs::read(PM_QOS_DEVICE)?;
+    let raw: [u8; 4] = bytes.get(..4).context("short read")?.try_into()?;
+    Ok(i32::from_ne_bytes(raw))
+}
+
+/// Checks that daemon `name` holds the PM QoS device open and no other process does (else the
+/// limit read says nothing about `name`'s request).
+fn only_holder_of_qos_request(o: &Overlay, name: &str) -> Result<()> {
+    // `ip netns exec` execs the daemon, so the daemon has the child's PID.
+    let own = o.daemons.get(name).context("no such daemon")?.id();
+    let device = std::path::Path::new(PM_QOS_DEVICE);
+    let mut holders = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == device))
+        {
+            holders.push(pid);
+        }
+    }
+    anyhow::ensure!(
+        holders == [own],
+        "processes holding {PM_QOS_DEVICE}: {holders:?}; expected only {name} ({own})"
+    );
+    Ok(())
+}
 
 #[test]
 fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
@@ -68,9 +112,15 @@ fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
             "--out",
             dir.to_str().context("path")?,
         ])?;
+        // a1 also holds a CPU wake-up latency request (checked below).
+        let wake = if h == "a1" {
+            "cpu_wake_latency_us = 0\n"
+        } else {
+            ""
+        };
         // Violin 1: everyone. Violin 2: sites a and b only; c1 claims it but is not allowed.
         let cfg = format!(
-            r#"
+            r#"{wake}
 listen = "{addr}:4500"
 identity_dir = "{dir}"
 control_socket = "{sock}"
@@ -114,6 +164,17 @@ allowed = ["a/*", "b/*"]
     let t = wait_ping(&v1[0], "10.1.0.2", Duration::from_secs(30))
         .with_context(|| format!("a1 log:\n{}\nb1 log:\n{}", o.log("a1"), o.log("b1")))?;
     eprintln!("violin 1 a1 -> b1 reachable after {t:?}");
+
+    // a1 holds its PM QoS request while it runs (the machine-wide limit is 0 µs) and says so.
+    only_holder_of_qos_request(&o, "a1")?;
+    assert_eq!(
+        read_qos_limit()?,
+        0,
+        "a1's CPU wake-up latency request is not in force"
+    );
+    let a1_status = o.status("a1")?;
+    assert_eq!(a1_status["cpu_wake_latency_us"], 0, "{a1_status}");
+    assert!(o.status("b1")?["cpu_wake_latency_us"].is_null());
     assert!(ping(&v1[0], "10.1.0.2", 5), "ping a1 -> b1 lost packets");
     let mut server = Command::new("ip")
         .args(["netns", "exec", &v1[1], "iperf3", "-s", "-1", "-p", "5301"])
@@ -312,6 +373,12 @@ bridge = "vorogue"
         let out = run(Command::new("ip").args(["-n", &ns("a1"), "link", "show", link]))?;
         assert!(!out.status.success(), "{link} left behind on a1");
     }
+    // ... and its CPU wake-up latency request is gone with it.
+    assert_eq!(
+        read_qos_limit()?,
+        NO_QOS_REQUEST,
+        "a1's CPU wake-up latency request outlived it"
+    );
     drop(o);
     drop(lab);
     Ok(())

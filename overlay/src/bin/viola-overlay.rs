@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! viola-overlay run --config /etc/viola/overlay.toml [--listen ADDR] [--identity-dir DIR]
+//!                   [--cpu-wake-latency-us US]
 //! viola-overlay status [--json] [--socket PATH]
 //! viola-overlay expect-move --violin 1 --mac 52:54:00:00:00:05 --host b/b1 [--socket PATH]
 //! viola-overlay status --remote 198.18.1.11:4500 --identity-dir /etc/viola/adaptmgr  # over QUIC
@@ -44,6 +45,9 @@ enum Cmd {
         /// Add a peer address (repeatable).
         #[arg(long)]
         peer: Vec<SocketAddr>,
+        /// Override `cpu_wake_latency_us`: hold a CPU wake-up latency request of this many µs.
+        #[arg(long)]
+        cpu_wake_latency_us: Option<u32>,
     },
     /// Show peers (with RTT), violins, MAC tables, counters and drops.
     Status {
@@ -110,6 +114,9 @@ fn format_status(s: &DaemonStatus) -> String {
         "host {}",
         sw.get("host").and_then(|h| h.as_str()).unwrap_or("?")
     );
+    if let Some(us) = s.cpu_wake_latency_us {
+        let _ = writeln!(o, "holding a CPU wake-up latency request of {us} µs");
+    }
     let _ = writeln!(o, "\npeers:");
     for p in sw
         .get("peers")
@@ -229,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             identity_dir,
             control_socket,
             peer,
+            cpu_wake_latency_us,
         } => {
             let mut cfg: OverlayConfig = viola_common::config::load(config.as_deref())?;
             if let Some(l) = listen {
@@ -242,6 +250,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.peers
                 .extend(peer.into_iter().map(|addr| PeerConfig { addr }));
+            if cpu_wake_latency_us.is_some() {
+                cfg.cpu_wake_latency_us = cpu_wake_latency_us;
+            }
             let token = viola_common::shutdown::signal_token()?;
             daemon::run(cfg, token).await?;
         }
