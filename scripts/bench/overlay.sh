@@ -5,17 +5,20 @@
 #   vo-bv-a (10.77.0.11) --veth-- [vo-bh-a: br0 + tunnel] ==veth underlay== [vo-bh-b: br0 + tunnel] --veth-- vo-bv-b (10.77.0.12)
 #                                   198.18.99.1/24  <---- ul0, MTU 1500 ---->  198.18.99.2/24
 #
-# Per kind, the topology is built from scratch, measured and removed again: iperf3 TCP vB -> vA
-# with 1 and with 4 streams (--time s each), --pings pings at 10 ms (idle RTT; then the same
-# again while the script holds a machine-wide PM QoS request of 0 µs, so that idle CPUs poll
-# instead of halting: "rtt*", <kind>.rtt_lowlat_ms), and CPU: the busy
-# CPU seconds of the whole machine (/proc/stat) per GB of TCP payload, which counts kernel and
-# userspace work alike; for userspace tunnels also the tunnel processes' own CPU seconds per GB.
+# Throughput: per kind, the topology is built from scratch, measured alone and removed again:
+# iperf3 TCP vB -> vA with 1 and with 4 streams (--time s each), and CPU: the busy CPU seconds of
+# the whole machine (/proc/stat) per GB of TCP payload, which counts kernel and userspace work
+# alike; for userspace tunnels also the tunnel processes' own CPU seconds per GB.
+# RTT: afterwards every kind gets its own copy of the topology (vo-bh-a-KIND, ...), all side by
+# side, and --rtt-rounds rounds ping each in turn, --pings pings per kind at 10 ms (idle RTT),
+# so that every kind is measured in the same minutes; then the same again while the script holds
+# a machine-wide PM QoS request of 0 µs, so that idle CPUs poll instead of halting ("rtt*",
+# <kind>.rtt_lowlat_ms).
 # VM MTU is 1400 everywhere (a full VM frame plus Viola's 4-byte header fits one 1434-byte QUIC datagram).
 #
-# Usage: overlay.sh [--json FILE] [--time S] [--pings N] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
+# Usage: overlay.sh [--json FILE] [--time S] [--pings N] [--rtt-rounds R] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
 #                   [--wait-quiet PCT [--quiet-max S]] [--no-install] [--keep]
-#   --wait-quiet PCT  before each kind, wait (at most --quiet-max s, default 300) until other load
+#   --wait-quiet PCT  before each kind (and before the RTT rounds), wait (at most --quiet-max s, default 300) until other load
 #                     is below PCT % of all CPUs; userspace tunnels share the CPUs with everything
 #                     else, so a busy machine distorts their figures (each kind reports the load
 #                     seen right before it was measured as <kind>.background_busy_pct).
@@ -32,6 +35,7 @@ ALL_KINDS="veth vxlan viola tinc openvpn wireguard_go"
 KINDS=$ALL_KINDS
 TIME=10
 PINGS=300
+RTT_ROUNDS=5
 JSON_OUT=
 INSTALL=1
 KEEP=0
@@ -42,25 +46,27 @@ while (($#)); do
     --json) JSON_OUT=$2; shift 2 ;;
     --time) TIME=$2; shift 2 ;;
     --pings) PINGS=$2; shift 2 ;;
+    --rtt-rounds) RTT_ROUNDS=$2; shift 2 ;;
     --kinds) KINDS=$2; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --keep) KEEP=1; shift ;;
     --wait-quiet) QUIET_PCT=$2; shift 2 ;;
     --quiet-max) QUIET_MAX=$2; shift 2 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 [[ $TIME =~ ^[1-9][0-9]?$ ]] || { echo "--time must be 1..99" >&2; exit 2; }
 [[ $PINGS =~ ^[1-9][0-9]{0,3}$ ]] || { echo "--pings must be 1..9999" >&2; exit 2; }
+[[ $RTT_ROUNDS =~ ^[1-9][0-9]?$ ]] || { echo "--rtt-rounds must be 1..99" >&2; exit 2; }
 [[ $QUIET_PCT =~ ^[0-9]{1,3}$ && $QUIET_MAX =~ ^[0-9]{1,4}$ ]] || { echo "bad --wait-quiet/--quiet-max" >&2; exit 2; }
 for k in $KINDS; do [[ " $ALL_KINDS " == *" $k "* ]] || { echo "unknown kind $k" >&2; exit 2; }; done
 [[ $(id -u) == 0 ]] || { echo "must run as root" >&2; exit 2; }
 
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-HA=vo-bh-a HB=vo-bh-b VA=vo-bv-a VB=vo-bv-b
-NSS=("$HA" "$HB" "$VA" "$VB")
+HA= HB= VA= VB= KW=
+NSS=() # namespaces we made (removed by teardown)
 UL_A=198.18.99.1 UL_B=198.18.99.2 VM_A=10.77.0.11 VM_B=10.77.0.12 VM_MTU=1400
 PORT=5211
 HZ=$(getconf CLK_TCK)
@@ -110,6 +116,7 @@ teardown() {
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
+  NSS=()
 }
 cleanup() {
   local rc=$?
@@ -120,7 +127,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-for ns in "${NSS[@]}"; do ns_exists "$ns" && die "namespace $ns exists (another run?); remove it first"; done
+if ip netns list 2>/dev/null | awk '{print $1}' | grep -q '^vo-b[hv]-'; then
+  die "namespaces vo-bh-*/vo-bv-* exist (another run?); remove them first"
+fi
 
 wait_for() { # TENTHS WHAT CMD...
   local n=$1 what=$2 i
@@ -147,9 +156,20 @@ proc_ticks() { # sum utime+stime of PIDS
 busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
 
 # ----------------------------------------------------------------- topology
+# One topology's namespaces and work directory; SUFFIX "" for the throughput runs (one kind at a
+# time), "-KIND" for the RTT runs (all kinds side by side).
+use_set() { # SUFFIX
+  HA=vo-bh-a$1 HB=vo-bh-b$1 VA=vo-bv-a$1 VB=vo-bv-b$1
+  KW=$WORK/t$1
+  mkdir -p "$KW"
+}
+hns() { [[ $1 == a ]] && echo "$HA" || echo "$HB"; }
+vns() { [[ $1 == a ]] && echo "$VA" || echo "$VB"; }
+
 build_base() {
   local ns side
-  for ns in "${NSS[@]}"; do
+  NSS+=("$HA" "$HB" "$VA" "$VB")
+  for ns in "$HA" "$HB" "$VA" "$VB"; do
     ip netns add "$ns"
     ip -n "$ns" link set lo up
     nsx "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
@@ -165,7 +185,8 @@ build_base() {
   ip -n "$HA" link set ul0 up
   ip -n "$HB" link set ul0 up
   for side in a b; do
-    local h=vo-bh-$side v=vo-bv-$side ip=$VM_A
+    local h v ip=$VM_A
+    h=$(hns "$side") v=$(vns "$side")
     [[ $side == b ]] && ip=$VM_B
     ip -n "$h" link add br0 type bridge stp_state 0
     ip -n "$h" link set br0 up
@@ -192,7 +213,7 @@ setup_vxlan() {
 }
 
 setup_viola() {
-  local d=$WORK/viola side ul other
+  local d=$KW/viola side ul other
   "$VIOLA_CA" init --ca-dir "$d/ca" >/dev/null
   for side in a b; do
     [[ $side == a ]] && { ul=$UL_A; other=$UL_B; } || { ul=$UL_B; other=$UL_A; }
@@ -207,7 +228,7 @@ addr = "$other:4500"
 id = 77
 bridge = "br0"
 EOF
-    start_bg "vo-bh-$side" "$d/$side.log" env RUST_LOG=warn "$VIOLA" run --config "$d/$side.toml" ${VIOLA_OVERLAY_ARGS:-}
+    start_bg "$(hns "$side")" "$d/$side.log" env RUST_LOG=warn "$VIOLA" run --config "$d/$side.toml" ${VIOLA_OVERLAY_ARGS:-}
   done
   wait_for 100 "viola TAPs" ip -n "$HB" link show br0t
 }
@@ -215,7 +236,7 @@ EOF
 setup_tinc() {
   local side ns d ip
   for side in a b; do
-    d=$WORK/tinc/$side ns=vo-bh-$side ip=$UL_A
+    d=$KW/tinc/$side ns=$(hns "$side") ip=$UL_A
     [[ $side == b ]] && ip=$UL_B
     mkdir -p "$d/hosts"
     { echo "Name = h$side"; echo "Mode = switch"; echo "DeviceType = tap"; echo "Interface = tinc0"
@@ -223,10 +244,10 @@ setup_tinc() {
     printf 'Address = %s\nPort = 655\n' "$ip" >"$d/hosts/h$side"
     timeout 60 tincd -c "$d" -K 2048 </dev/null >"$d/keygen.log" 2>&1 || die "tinc keygen"
   done
-  cp "$WORK/tinc/a/hosts/ha" "$WORK/tinc/b/hosts/ha"
-  cp "$WORK/tinc/b/hosts/hb" "$WORK/tinc/a/hosts/hb"
+  cp "$KW/tinc/a/hosts/ha" "$KW/tinc/b/hosts/ha"
+  cp "$KW/tinc/b/hosts/hb" "$KW/tinc/a/hosts/hb"
   for side in a b; do
-    ns=vo-bh-$side d=$WORK/tinc/$side
+    ns=$(hns "$side") d=$KW/tinc/$side
     ip -n "$ns" tuntap add dev tinc0 mode tap
     ip -n "$ns" link set tinc0 master br0 up
     start_bg "$ns" "$d/tincd.log" tincd -c "$d" -D -d1 --pidfile="$d/pid"
@@ -235,7 +256,7 @@ setup_tinc() {
 }
 
 setup_openvpn() {
-  local p=$WORK/pki side
+  local p=$KW/pki side
   mkdir -p "$p"
   (
     cd "$p"
@@ -246,44 +267,44 @@ setup_openvpn() {
       openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $n.key -out $n.csr -subj "/CN=vo-bench-$n"
       openssl x509 -req -in $n.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $n.crt -days 2 -extfile $n.ext
     done
-  ) >"$WORK/pki.log" 2>&1 || die "openssl"
+  ) >"$KW/pki.log" 2>&1 || die "openssl"
   for side in a b; do
-    ip -n "vo-bh-$side" tuntap add dev ovpn0 mode tap
-    ip -n "vo-bh-$side" link set ovpn0 master br0 up
+    ip -n "$(hns "$side")" tuntap add dev ovpn0 mode tap
+    ip -n "$(hns "$side")" link set ovpn0 master br0 up
   done
   local common=(--dev ovpn0 --dev-type tap --proto udp4 --port 1194 --disable-dco --ca "$p/ca.crt" --verb 3 --ping 10 --ping-restart 60)
-  start_bg "$HA" "$WORK/ovpn-a.log" openvpn "${common[@]}" --local "$UL_A" --remote "$UL_B" --tls-server --dh none \
+  start_bg "$HA" "$KW/ovpn-a.log" openvpn "${common[@]}" --local "$UL_A" --remote "$UL_B" --tls-server --dh none \
     --cert "$p/srv.crt" --key "$p/srv.key" --remote-cert-tls client
-  start_bg "$HB" "$WORK/ovpn-b.log" openvpn "${common[@]}" --local "$UL_B" --remote "$UL_A" --tls-client \
+  start_bg "$HB" "$KW/ovpn-b.log" openvpn "${common[@]}" --local "$UL_B" --remote "$UL_A" --tls-client \
     --cert "$p/cli.crt" --key "$p/cli.key" --remote-cert-tls server
-  wait_for 300 "openvpn a" grep -q 'Initialization Sequence Completed' "$WORK/ovpn-a.log"
-  wait_for 300 "openvpn b" grep -q 'Initialization Sequence Completed' "$WORK/ovpn-b.log"
+  wait_for 300 "openvpn a" grep -q 'Initialization Sequence Completed' "$KW/ovpn-a.log"
+  wait_for 300 "openvpn b" grep -q 'Initialization Sequence Completed' "$KW/ovpn-b.log"
 }
 
-# wireguard-go keeps its socket in /run/wireguard: give each side a private /run under $WORK.
+# wireguard-go keeps its socket in /run/wireguard: give each side a private /run under $KW.
 wg_in() { # SIDE CMD...
   local side=$1
   shift
-  ip netns exec "vo-bh-$side" unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$WORK/wgrun$side" "$@"
+  ip netns exec "$(hns "$side")" unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$KW/wgrun$side" "$@"
 }
 setup_wireguard_go() {
   local side ns other_vm other_ul br_ip peer
   for side in a b; do
-    mkdir -p "$WORK/wgrun$side"
-    (umask 077 && wg genkey >"$WORK/wg-$side.key")
-    wg pubkey <"$WORK/wg-$side.key" >"$WORK/wg-$side.pub"
+    mkdir -p "$KW/wgrun$side"
+    (umask 077 && wg genkey >"$KW/wg-$side.key")
+    wg pubkey <"$KW/wg-$side.key" >"$KW/wg-$side.pub"
   done
   for side in a b; do
-    ip netns exec "vo-bh-$side" unshare -m --propagation private \
-      sh -c 'mount --bind "$0" /run && exec wireguard-go -f "$1"' "$WORK/wgrun$side" "vowg$side" >"$WORK/wg-$side.log" 2>&1 </dev/null &
+    ip netns exec "$(hns "$side")" unshare -m --propagation private \
+      sh -c 'mount --bind "$0" /run && exec wireguard-go -f "$1"' "$KW/wgrun$side" "vowg$side" >"$KW/wg-$side.log" 2>&1 </dev/null &
     PIDS+=($!)
   done
   for side in a b; do
-    ns=vo-bh-$side
+    ns=$(hns "$side")
     if [[ $side == a ]]; then other_vm=$VM_B other_ul=$UL_B br_ip=10.77.0.1; else other_vm=$VM_A other_ul=$UL_A br_ip=10.77.0.2; fi
-    wait_for 100 "wireguard-go socket $side" test -S "$WORK/wgrun$side/wireguard/vowg$side.sock"
-    [[ $side == a ]] && peer=$(cat "$WORK/wg-b.pub") || peer=$(cat "$WORK/wg-a.pub")
-    wg_in "$side" wg set "vowg$side" private-key "$WORK/wg-$side.key" listen-port 51820 \
+    wait_for 100 "wireguard-go socket $side" test -S "$KW/wgrun$side/wireguard/vowg$side.sock"
+    [[ $side == a ]] && peer=$(cat "$KW/wg-b.pub") || peer=$(cat "$KW/wg-a.pub")
+    wg_in "$side" wg set "vowg$side" private-key "$KW/wg-$side.key" listen-port 51820 \
       peer "$peer" endpoint "$other_ul:51820" allowed-ips "$other_vm/32"
     ip -n "$ns" link set "vowg$side" up
     ip -n "$ns" addr add "$br_ip/24" dev br0
@@ -316,26 +337,25 @@ wait_quiet() { # bounded by QUIET_MAX seconds
   done
 }
 
-ping_avg() { # average RTT in ms of $PINGS pings at 10 ms, vB -> vA; null if none came back
-  local avg
-  avg=$(timeout -k 5 $((PINGS / 50 + 30)) ip netns exec "$VB" ping -c "$PINGS" -i 0.01 -W 1 "$VM_A" 2>/dev/null |
-    sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
-  echo "${avg:-null}"
+wait_connected() { # KIND: the tunnel of the current topology carries a ping within 30 s
+  local i
+  for ((i = 0; i < 60; i++)); do
+    nsx "$VB" ping -c1 -W1 -q "$VM_A" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  die "$1: no connectivity"
 }
 
 declare -A R
-measure() { # KIND
-  local kind=$1 i ok=0
+measure() { # KIND: throughput and CPU, this kind alone on the machine
+  local kind=$1
   SETTLE=1
   wait_quiet
   log "$kind: building"
+  use_set ""
   build_base
   "setup_$kind"
-  for ((i = 0; i < 60; i++)); do
-    if nsx "$VB" ping -c1 -W1 -q "$VM_A" >/dev/null 2>&1; then ok=1; break; fi
-    sleep 0.5
-  done
-  ((ok)) || die "$kind: no connectivity"
+  wait_connected "$kind"
   sleep "$SETTLE"
   start_bg "$VA" "$WORK/iperf-server.log" iperf3 -s -B "$VM_A" -p "$PORT"
   wait_for 100 "iperf3 server" nsx "$VA" sh -c "ss -ltn | grep -q '$VM_A:$PORT '"
@@ -360,39 +380,79 @@ measure() { # KIND
   b1=$(busy_ticks)
   PIDS+=("$server")
   [[ $r1 != ERR && $r4 != ERR ]] || die "$kind: iperf3 failed ($(head -c 300 "$WORK/iperf-1.json"))"
-  log "$kind: $PINGS pings at 10 ms, then $PINGS more with CPU wake-ups held at 0 µs (PM QoS)"
-  local rtt rtt_low qos
-  rtt=$(ping_avg)
-  # The same pings while a machine-wide PM QoS request keeps idle CPUs polling instead of
-  # halting (what viola-overlay's cpu_wake_latency_us = 0 holds): for every kind alike, so the
-  # comparison stays fair; it shows what the tunnel itself adds once wake-up latency is gone.
-  if exec {qos}>/dev/cpu_dma_latency; then
-    printf 0 >&"$qos"
-    rtt_low=$(ping_avg)
-    exec {qos}>&-
-  else
-    log "$kind: no PM QoS (/dev/cpu_dma_latency): no rtt* figure"
-    rtt_low=null
-  fi
   read -r bps1 by1 <<<"$r1"
   read -r bps4 by4 <<<"$r4"
   local k=$kind
   R[$k.tcp1_gbps]=$(awk -v b="$bps1" 'BEGIN{printf "%.3f", b/1e9}')
   R[$k.tcp4_gbps]=$(awk -v b="$bps4" 'BEGIN{printf "%.3f", b/1e9}')
-  R[$k.rtt_ms]=$rtt
-  R[$k.rtt_lowlat_ms]=$rtt_low
   R[$k.cpu_s_per_gb]=$(awk -v t=$((b1 - b0)) -v hz="$HZ" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.2f", (t/hz)/((g+h)/1e9)}')
   if [[ $kind == viola || $kind == tinc || $kind == openvpn || $kind == wireguard_go ]]; then
     R[$k.tunnel_cpu_s_per_gb]=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.2f", (t/hz)/((g+h)/1e9)}')
   fi
-  log "$kind: tcp1 ${R[$k.tcp1_gbps]} Gbit/s, tcp4 ${R[$k.tcp4_gbps]} Gbit/s, rtt $rtt ms ($rtt_low ms with wake-ups held), ${R[$k.cpu_s_per_gb]} busy CPU s/GB (other load before: ${R[$k.background_busy_pct]} %)"
+  log "$kind: tcp1 ${R[$k.tcp1_gbps]} Gbit/s, tcp4 ${R[$k.tcp4_gbps]} Gbit/s, ${R[$k.cpu_s_per_gb]} busy CPU s/GB (other load before: ${R[$k.background_busy_pct]} %)"
   if [[ $kind == viola ]]; then
-    "$VIOLA" status --socket "$WORK/viola/b.sock" >"$WORK/viola-status-b.txt" 2>&1 || true
+    "$VIOLA" status --socket "$KW/viola/b.sock" >"$WORK/viola-status-b.txt" 2>&1 || true
   fi
   teardown
 }
 
+# RTT, all kinds side by side: on this machine idle RTT drifts by a factor of two within minutes
+# (how fast halted vCPUs wake, how cold the caches are), so kinds measured one after another
+# would be compared across different conditions. Every kind gets its own topology; then
+# --rtt-rounds rounds ping each kind in turn (rotating the order), --pings in all per kind and
+# condition, at 10 ms. Condition "plain" as the machine is; "held" while the script holds a
+# machine-wide PM QoS request of 0 µs, so idle CPUs poll instead of halting (what
+# viola-overlay's cpu_wake_latency_us = 0 does), for every kind alike.
+measure_rtt() {
+  local kinds=($KINDS) k i round cond qos settle=1 n
+  n=$(((PINGS + RTT_ROUNDS - 1) / RTT_ROUNDS))
+  wait_quiet
+  for k in "${kinds[@]}"; do
+    log "rtt: building $k"
+    SETTLE=1
+    use_set "-$k"
+    build_base
+    "setup_$k"
+    wait_connected "$k"
+    ((SETTLE > settle)) && settle=$SETTLE
+  done
+  sleep "$settle"
+  for cond in plain held; do
+    if [[ $cond == held ]]; then
+      if ! exec {qos}>/dev/cpu_dma_latency; then
+        log "rtt: no PM QoS (/dev/cpu_dma_latency): no rtt* figures"
+        break
+      fi
+      printf 0 >&"$qos"
+    fi
+    log "rtt ($cond): $RTT_ROUNDS rounds of $n pings at 10 ms per kind"
+    for ((round = 0; round < RTT_ROUNDS; round++)); do
+      for ((i = 0; i < ${#kinds[@]}; i++)); do
+        k=${kinds[$(((i + round) % ${#kinds[@]}))]}
+        use_set "-$k"
+        timeout -k 5 $((n / 50 + 30)) ip netns exec "$VB" ping -c "$n" -i 0.01 -W 1 "$VM_A" 2>/dev/null |
+          sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' >>"$WORK/rtt-$k-$cond.txt" || true
+      done
+    done
+    [[ $cond == held ]] && exec {qos}>&-
+  done
+  local avg
+  for k in "${kinds[@]}"; do
+    for cond in plain held; do
+      avg=null
+      [[ -s $WORK/rtt-$k-$cond.txt ]] &&
+        avg=$(awk '{s += $1; n++} END {if (n) printf "%.3f", s / n; else print "null"}' "$WORK/rtt-$k-$cond.txt")
+      [[ $cond == plain ]] && R[$k.rtt_ms]=$avg || R[$k.rtt_lowlat_ms]=$avg
+    done
+    R[$k.rtt_replies]=0
+    [[ -f $WORK/rtt-$k-plain.txt ]] && R[$k.rtt_replies]=$(wc -l <"$WORK/rtt-$k-plain.txt")
+    log "$k: rtt ${R[$k.rtt_ms]} ms (${R[$k.rtt_lowlat_ms]} ms with wake-ups held), ${R[$k.rtt_replies]} of $((n * RTT_ROUNDS)) replies"
+  done
+  teardown
+}
+
 for k in $KINDS; do measure "$k"; done
+measure_rtt
 
 # ----------------------------------------------------------------- report
 ratio() { awk -v a="${R[$1]:-}" -v b="${R[$2]:-}" 'BEGIN{ if (a=="" || b=="" || b+0==0) print "null"; else printf "%.2f", a/b }'; }
@@ -404,6 +464,7 @@ R[ratio.viola_over_veth_tcp1]=$(ratio viola.tcp1_gbps veth.tcp1_gbps)
 R[rtt.viola_minus_vxlan_ms]=$(diff_ms viola.rtt_ms vxlan.rtt_ms)
 R[rtt.viola_minus_vxlan_lowlat_ms]=$(diff_ms viola.rtt_lowlat_ms vxlan.rtt_lowlat_ms)
 R[rtt.tinc_minus_vxlan_ms]=$(diff_ms tinc.rtt_ms vxlan.rtt_ms)
+R[rtt.openvpn_minus_vxlan_ms]=$(diff_ms openvpn.rtt_ms vxlan.rtt_ms)
 R[bench.time_s]=$TIME
 
 printf '\n%-13s %10s %10s %9s %11s %14s %16s %12s\n' kind "tcp1 Gb/s" "tcp4 Gb/s" "rtt ms" "rtt* ms" "busy CPU s/GB" "tunnel CPU s/GB" "other load %"
@@ -419,6 +480,7 @@ echo "viola / veth (1 stream):         ${R[ratio.viola_over_veth_tcp1]}"
 echo "viola RTT - vxlan RTT:           ${R[rtt.viola_minus_vxlan_ms]} ms   (target <= 0.2)"
 echo "  the same with wake-ups held:   ${R[rtt.viola_minus_vxlan_lowlat_ms]} ms   (rtt*: CPU wake-up latency held at 0 µs, PM QoS)"
 echo "tinc RTT - vxlan RTT:            ${R[rtt.tinc_minus_vxlan_ms]} ms"
+echo "openvpn RTT - vxlan RTT:         ${R[rtt.openvpn_minus_vxlan_ms]} ms"
 
 if [[ -n $JSON_OUT ]]; then
   {
