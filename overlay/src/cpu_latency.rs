@@ -9,7 +9,7 @@
 //! released when the file is closed (the daemon exits, however it exits).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::Path;
 
 /// The kernel's device for CPU latency requests.
@@ -75,14 +75,6 @@ impl CpuLatencyRequest {
     pub fn us(&self) -> u32 {
         self.us
     }
-}
-
-/// The machine-wide CPU latency limit now in force, in microseconds (the smallest request held
-/// by anyone; 2000000000 when there is none).
-pub fn current_limit_us() -> io::Result<i32> {
-    let mut buf = [0u8; 4];
-    File::open(PM_QOS_DEVICE)?.read_exact(&mut buf)?;
-    Ok(i32::from_ne_bytes(buf))
 }
 
 #[cfg(test)]

@@ -250,8 +250,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.peers
                 .extend(peer.into_iter().map(|addr| PeerConfig { addr }));
-            if cpu_wake_latency_us.is_some() {
-                cfg.cpu_wake_latency_us = cpu_wake_latency_us;
+            if let Some(us) = cpu_wake_latency_us {
+                cfg.cpu_wake_latency_us = Some(us);
             }
             let token = viola_common::shutdown::signal_token()?;
             daemon::run(cfg, token).await?;
