@@ -8,6 +8,7 @@
 //! metrics = "127.0.0.1:9611"
 //! mtu = 1500                          # MTU of the TAPs/bridges (guest MTU)
 //! cpu_wake_latency_us = 0             # optional: hold a PM QoS request (lowest RTT, CPUs poll)
+//! handoff_yield = true                # yield the CPU once after a sparse send/TAP write
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -59,6 +60,10 @@ pub struct OverlayConfig {
     /// wake-up from each frame's round trip (most of the idle RTT in virtual machines) at the
     /// price of CPUs that never sleep. None (default): no request.
     pub cpu_wake_latency_us: Option<u32>,
+    /// After a UDP send or TAP write that follows a quiet spell, give the CPU up once, so the
+    /// receiver the kernel woke onto this CPU runs before the daemon's own bookkeeping (see
+    /// [`crate::handoff`]). Costs one `sched_yield` per sparse packet, nothing under load.
+    pub handoff_yield: bool,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -81,6 +86,7 @@ impl Default for OverlayConfig {
             socket_buffer: 4 << 20,
             mac_ageing_s: 300,
             cpu_wake_latency_us: None,
+            handoff_yield: true,
             peers: Vec::new(),
             violins: Vec::new(),
         }

@@ -32,6 +32,7 @@ use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::control::{self, ControlMsg, PeerAddr};
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
+use crate::handoff::{HandoffSocket, HandoffYield};
 use crate::switch::{HostPattern, Output, Switch, SwitchConfig, SwitchStatus, ViolinConfig};
 use crate::wire::{self, FRAME_HEADER_LEN, ViolinId};
 
@@ -104,6 +105,8 @@ struct Shared {
     known: BTreeMap<HostId, Vec<SocketAddr>>,
     out: Vec<Output>,
     serial: u64,
+    /// Yields after sparse TAP writes (the frame's reader may be woken onto this CPU).
+    tap_yield: HandoffYield,
 }
 
 impl Shared {
@@ -136,7 +139,7 @@ impl Shared {
                         continue;
                     };
                     match tap.get_ref().send(&frame) {
-                        Ok(_) => {}
+                        Ok(_) => self.tap_yield.after_handoff(),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.count("tap_full"),
                         Err(_) => self.count("tap_write"),
                     }
@@ -172,6 +175,9 @@ pub struct DaemonStatus {
     /// The CPU wake-up latency request this daemon holds, microseconds.
     #[serde(default)]
     pub cpu_wake_latency_us: Option<u32>,
+    /// How often the daemon gave the CPU up after a sparse handoff (None: `handoff_yield` off).
+    #[serde(default)]
+    pub handoff_yields: Option<u64>,
 }
 
 /// A request on the control socket (one JSON object per line).
@@ -300,11 +306,17 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         libc::SO_SNDBUF,
         cfg.socket_buffer,
     );
-    let mut endpoint = quinn::Endpoint::new(
+    let send_yield = Arc::new(HandoffYield::new(cfg.handoff_yield));
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let udp = runtime
+        .wrap_udp_socket(socket)
+        .map_err(io_err("cannot create QUIC endpoint"))?;
+    let udp = Arc::new(HandoffSocket::new(udp, send_yield.clone()));
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         Some(server_cfg),
-        socket,
-        Arc::new(quinn::TokioRuntime),
+        udp,
+        runtime,
     )
     .map_err(io_err("cannot create QUIC endpoint"))?;
     endpoint.set_default_client_config(client_cfg);
@@ -380,6 +392,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         known: BTreeMap::new(),
         out: Vec::new(),
         serial: 0,
+        tap_yield: HandoffYield::new(cfg.handoff_yield),
     }));
     let advertise = cfg.advertise.unwrap_or(local);
     let ctx = Rc::new(Ctx {
@@ -390,6 +403,8 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         token: token.clone(),
         mtu: cfg.mtu as usize,
         cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
+        send_yield,
+        handoff_yield: cfg.handoff_yield,
     });
 
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -459,6 +474,8 @@ struct Ctx {
     token: CancellationToken,
     mtu: usize,
     cpu_wake_latency_us: Option<u32>,
+    send_yield: Arc<HandoffYield>,
+    handoff_yield: bool,
 }
 
 async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
@@ -845,6 +862,9 @@ fn status(ctx: &Ctx) -> DaemonStatus {
             .collect(),
         refused: st.refused.clone(),
         cpu_wake_latency_us: ctx.cpu_wake_latency_us,
+        handoff_yields: ctx
+            .handoff_yield
+            .then(|| ctx.send_yield.yields() + st.tap_yield.yields()),
     }
 }
 

@@ -24,3 +24,4 @@ pub type HostId = Arc<str>;
 pub mod config;
 pub mod cpu_latency;
 pub mod daemon;
+pub mod handoff;

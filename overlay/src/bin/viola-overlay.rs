@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! viola-overlay run --config /etc/viola/overlay.toml [--listen ADDR] [--identity-dir DIR]
-//!                   [--cpu-wake-latency-us US]
+//!                   [--cpu-wake-latency-us US] [--handoff-yield BOOL]
 //! viola-overlay status [--json] [--socket PATH]
 //! viola-overlay expect-move --violin 1 --mac 52:54:00:00:00:05 --host b/b1 [--socket PATH]
 //! viola-overlay status --remote 198.18.1.11:4500 --identity-dir /etc/viola/adaptmgr  # over QUIC
@@ -48,6 +48,9 @@ enum Cmd {
         /// Override `cpu_wake_latency_us`: hold a CPU wake-up latency request of this many µs.
         #[arg(long)]
         cpu_wake_latency_us: Option<u32>,
+        /// Override `handoff_yield`: give the CPU up once after a sparse send or TAP write.
+        #[arg(long)]
+        handoff_yield: Option<bool>,
     },
     /// Show peers (with RTT), violins, MAC tables, counters and drops.
     Status {
@@ -116,6 +119,14 @@ fn format_status(s: &DaemonStatus) -> String {
     );
     if let Some(us) = s.cpu_wake_latency_us {
         let _ = writeln!(o, "holding a CPU wake-up latency request of {us} µs");
+    }
+    match s.handoff_yields {
+        Some(n) => {
+            let _ = writeln!(o, "handoff yield on ({n} yields)");
+        }
+        None => {
+            let _ = writeln!(o, "handoff yield off");
+        }
     }
     let _ = writeln!(o, "\npeers:");
     for p in sw
@@ -237,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             control_socket,
             peer,
             cpu_wake_latency_us,
+            handoff_yield,
         } => {
             let mut cfg: OverlayConfig = viola_common::config::load(config.as_deref())?;
             if let Some(l) = listen {
@@ -252,6 +264,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .extend(peer.into_iter().map(|addr| PeerConfig { addr }));
             if let Some(us) = cpu_wake_latency_us {
                 cfg.cpu_wake_latency_us = Some(us);
+            }
+            if let Some(y) = handoff_yield {
+                cfg.handoff_yield = y;
             }
             let token = viola_common::shutdown::signal_token()?;
             daemon::run(cfg, token).await?;
