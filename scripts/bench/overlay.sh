@@ -17,7 +17,10 @@
 # VM MTU is 1400 everywhere (a full VM frame plus Viola's 4-byte header fits one 1434-byte QUIC datagram).
 #
 # Usage: overlay.sh [--json FILE] [--time S] [--pings N] [--rtt-rounds R] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
-#                   [--wait-quiet PCT [--quiet-max S]] [--no-install] [--keep]
+#                   [--hops N] [--wait-quiet PCT [--quiet-max S]] [--no-install] [--keep]
+#   --hops N          after the RTT rounds, N more pings through viola, tinc and openvpn with
+#                     tcpdump in both host namespaces: median µs per hop (<kind>.hop_*_us; the
+#                     hops are named in overlay_hops.py). Needs tcpdump and python3.
 #   --wait-quiet PCT  before each kind (and before the RTT rounds), wait (at most --quiet-max s, default 300) until other load
 #                     is below PCT % of all CPUs; userspace tunnels share the CPUs with everything
 #                     else, so a busy machine distorts their figures (each kind reports the load
@@ -36,6 +39,7 @@ KINDS=$ALL_KINDS
 TIME=10
 PINGS=300
 RTT_ROUNDS=5
+HOPS=0
 JSON_OUT=
 INSTALL=1
 KEEP=0
@@ -47,18 +51,20 @@ while (($#)); do
     --time) TIME=$2; shift 2 ;;
     --pings) PINGS=$2; shift 2 ;;
     --rtt-rounds) RTT_ROUNDS=$2; shift 2 ;;
+    --hops) HOPS=$2; shift 2 ;;
     --kinds) KINDS=$2; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --keep) KEEP=1; shift ;;
     --wait-quiet) QUIET_PCT=$2; shift 2 ;;
     --quiet-max) QUIET_MAX=$2; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 [[ $TIME =~ ^[1-9][0-9]?$ ]] || { echo "--time must be 1..99" >&2; exit 2; }
 [[ $PINGS =~ ^[1-9][0-9]{0,3}$ ]] || { echo "--pings must be 1..9999" >&2; exit 2; }
 [[ $RTT_ROUNDS =~ ^[1-9][0-9]?$ ]] || { echo "--rtt-rounds must be 1..99" >&2; exit 2; }
+[[ $HOPS =~ ^[0-9]{1,4}$ ]] || { echo "--hops must be 0..9999" >&2; exit 2; }
 [[ $QUIET_PCT =~ ^[0-9]{1,3}$ && $QUIET_MAX =~ ^[0-9]{1,4}$ ]] || { echo "bad --wait-quiet/--quiet-max" >&2; exit 2; }
 for k in $KINDS; do [[ " $ALL_KINDS " == *" $k "* ]] || { echo "unknown kind $k" >&2; exit 2; }; done
 [[ $(id -u) == 0 ]] || { echo "must run as root" >&2; exit 2; }
@@ -78,6 +84,7 @@ nsx() { ip netns exec "$@"; }
 # ----------------------------------------------------------------- install and build
 if ((INSTALL)); then
   declare -A PKG=([iperf3]=iperf3 [tincd]=tinc [openvpn]=openvpn [wireguard-go]=wireguard-go [wg]=wireguard-tools [jq]=jq [openssl]=openssl)
+  ((HOPS)) && PKG+=([tcpdump]=tcpdump [python3]=python3)
   missing=()
   for c in "${!PKG[@]}"; do command -v "$c" >/dev/null || missing+=("${PKG[$c]}"); done
   if ((${#missing[@]})); then
@@ -403,6 +410,33 @@ measure() { # KIND: throughput and CPU, this kind alone on the machine
 # condition, at 10 ms. Condition "plain" as the machine is; "held" while the script holds a
 # machine-wide PM QoS request of 0 µs, so idle CPUs poll instead of halting (what
 # viola-overlay's cpu_wake_latency_us = 0 does), for every kind alike.
+# --hops N: per-hop latency of N more pings at 10 ms through each TAP tunnel (viola, tinc,
+# openvpn), from tcpdump timestamps in both host namespaces (overlay_hops.py names the hops).
+# Separate from the RTT rounds, because tcpdump itself adds work on the path.
+measure_hops() { # KINDS...
+  local k side ns hop us pids
+  for k in "$@"; do
+    [[ $k == viola || $k == tinc || $k == openvpn ]] || continue
+    use_set "-$k"
+    log "hops: $HOPS pings through $k"
+    pids=()
+    for side in a b; do
+      ns=$(hns "$side")
+      timeout -k 2 $((HOPS / 100 + 8)) ip netns exec "$ns" tcpdump -i any -nn -tt -l 'icmp or udp' \
+        >"$WORK/hops-$k-$side.txt" 2>/dev/null &
+      pids+=($!)
+    done
+    sleep 1.5
+    timeout -k 5 $((HOPS / 50 + 30)) ip netns exec "$VB" ping -q -c "$HOPS" -i 0.01 -W 1 "$VM_A" >/dev/null 2>&1 || true
+    wait "${pids[@]}" || true
+    while read -r hop us; do
+      [[ $hop == pings ]] && { R[$k.hop_pings]=$us; continue; }
+      R[$k.hop_${hop}_us]=$us
+    done < <(python3 "$HERE/overlay_hops.py" "$WORK/hops-$k-a.txt" "$WORK/hops-$k-b.txt")
+    log "$k: hops (median µs) B tap->udp ${R[$k.hop_b_tap_to_udp_us]:-?}, A udp->tap ${R[$k.hop_a_udp_to_tap_us]:-?}, A vm ${R[$k.hop_a_vm_reply_us]:-?}, A tap->udp ${R[$k.hop_a_tap_to_udp_us]:-?}, B udp->tap ${R[$k.hop_b_udp_to_tap_us]:-?}, total ${R[$k.hop_total_us]:-?} (${R[$k.hop_pings]:-0} pings)"
+  done
+}
+
 measure_rtt() {
   local kinds=($KINDS) k i round cond qos settle=1 n
   n=$(((PINGS + RTT_ROUNDS - 1) / RTT_ROUNDS))
@@ -436,6 +470,7 @@ measure_rtt() {
     done
     [[ $cond == held ]] && exec {qos}>&-
   done
+  ((HOPS)) && measure_hops "${kinds[@]}"
   local avg
   for k in "${kinds[@]}"; do
     for cond in plain held; do
@@ -481,6 +516,16 @@ echo "viola RTT - vxlan RTT:           ${R[rtt.viola_minus_vxlan_ms]} ms   (targ
 echo "  the same with wake-ups held:   ${R[rtt.viola_minus_vxlan_lowlat_ms]} ms   (rtt*: CPU wake-up latency held at 0 µs, PM QoS)"
 echo "tinc RTT - vxlan RTT:            ${R[rtt.tinc_minus_vxlan_ms]} ms"
 echo "openvpn RTT - vxlan RTT:         ${R[rtt.openvpn_minus_vxlan_ms]} ms"
+if ((HOPS)); then
+  printf '\nmedian µs per hop (--hops %s)\n%-13s %8s %8s %8s %8s %8s %8s\n' "$HOPS" kind "B t->u" "A u->t" "A vm" "A t->u" "B u->t" total
+  for k in viola tinc openvpn; do
+    [[ -n ${R[$k.hop_total_us]:-} ]] || continue
+    printf '%-13s %8s %8s %8s %8s %8s %8s\n' "$k" "${R[$k.hop_b_tap_to_udp_us]}" "${R[$k.hop_a_udp_to_tap_us]}" \
+      "${R[$k.hop_a_vm_reply_us]}" "${R[$k.hop_a_tap_to_udp_us]}" "${R[$k.hop_b_udp_to_tap_us]}" "${R[$k.hop_total_us]}"
+  done
+  R[ratio.viola_over_tinc_hop_total]=$(ratio viola.hop_total_us tinc.hop_total_us)
+  echo "viola / tinc (hop total):        ${R[ratio.viola_over_tinc_hop_total]}"
+fi
 
 if [[ -n $JSON_OUT ]]; then
   {
