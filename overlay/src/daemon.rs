@@ -404,7 +404,6 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         mtu: cfg.mtu as usize,
         cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
         send_yield,
-        handoff_yield: cfg.handoff_yield,
     });
 
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -475,7 +474,6 @@ struct Ctx {
     mtu: usize,
     cpu_wake_latency_us: Option<u32>,
     send_yield: Arc<HandoffYield>,
-    handoff_yield: bool,
 }
 
 async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
@@ -863,7 +861,8 @@ fn status(ctx: &Ctx) -> DaemonStatus {
         refused: st.refused.clone(),
         cpu_wake_latency_us: ctx.cpu_wake_latency_us,
         handoff_yields: ctx
-            .handoff_yield
+            .send_yield
+            .is_enabled()
             .then(|| ctx.send_yield.yields() + st.tap_yield.yields()),
     }
 }

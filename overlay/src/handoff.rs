@@ -70,9 +70,15 @@ impl HandoffYield {
         quiet
     }
 
+    /// Whether this decider ever yields.
+    #[must_use]
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Records a handoff now and yields the CPU if [`record`](Self::record) says so.
     pub fn after_handoff(&self) {
-        if self.record(Instant::now()) {
+        if self.enabled && self.record(Instant::now()) {
             // SAFETY: sched_yield takes no arguments and has no preconditions.
             unsafe { libc::sched_yield() };
         }

@@ -16,6 +16,7 @@ Tunnel datagrams are the UDP packets on ul0 of at least MIN_UDP bytes: a ping's 
 plus any tunnel's overhead is more, acknowledgements and keepalives are less. Prints `hop median_us` lines.
 """
 
+import bisect
 import re
 import statistics
 import sys
@@ -51,9 +52,10 @@ def load(path):
     return events
 
 
-def first(events, after, where, direction, kind, seq=None):
-    for e in events:
-        if e[0] >= after and e[1] == where and e[2] == direction and e[3] == kind:
+def first(events, times, after, where, direction, kind, seq=None):
+    """The time of the first matching event at or after `after` (`times`: the events' times)."""
+    for e in events[bisect.bisect_left(times, after):]:
+        if e[1] == where and e[2] == direction and e[3] == kind:
             if seq is None or e[4] == seq:
                 return e[0]
     return None
@@ -63,16 +65,19 @@ def main():
     if len(sys.argv) != 3:
         sys.exit("usage: overlay_hops.py HOST_A.txt HOST_B.txt")
     a, b = load(sys.argv[1]), load(sys.argv[2])
+    a.sort(key=lambda e: e[0])
+    b.sort(key=lambda e: e[0])
+    ta, tb = [e[0] for e in a], [e[0] for e in b]
     rows = []
     for e in b:
         if not (e[1] == "tap" and e[2] == "Out" and e[3] == "request"):
             continue
         seq, t1 = e[4], e[0]
-        t2 = first(b, t1, "ul0", "Out", "udp")
-        t3 = t2 and first(a, t2, "tap", "P", "request", seq)
-        t4 = t3 and first(a, t3, "tap", "Out", "reply", seq)
-        t5 = t4 and first(a, t4, "ul0", "Out", "udp")
-        t6 = t5 and first(b, t5, "tap", "P", "reply", seq)
+        t2 = first(b, tb, t1, "ul0", "Out", "udp")
+        t3 = t2 and first(a, ta, t2, "tap", "P", "request", seq)
+        t4 = t3 and first(a, ta, t3, "tap", "Out", "reply", seq)
+        t5 = t4 and first(a, ta, t4, "ul0", "Out", "udp")
+        t6 = t5 and first(b, tb, t5, "tap", "P", "reply", seq)
         if not t6 or t6 - t1 > 0.05:
             continue
         rows.append([t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t1])
