@@ -307,7 +307,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         cfg.socket_buffer,
     );
     let send_yield = Arc::new(HandoffYield::new(cfg.handoff_yield));
-    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(crate::local_runtime::LocalSetRuntime);
     let udp = runtime
         .wrap_udp_socket(socket)
         .map_err(io_err("cannot create QUIC endpoint"))?;
