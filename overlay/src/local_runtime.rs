@@ -58,7 +58,12 @@ mod tests {
         let ran = Arc::new(AtomicBool::new(false));
         let flag = ran.clone();
         local.block_on(&rt, async move {
-            LocalSetRuntime.spawn(Box::pin(async move { flag.store(true, Ordering::SeqCst) }));
+            LocalSetRuntime.spawn(Box::pin(async move {
+                // `spawn_local` panics outside a LocalSet, so the flag is set only if the
+                // spawned future runs inside one (as it would not with `tokio::spawn`).
+                drop(tokio::task::spawn_local(async {}));
+                flag.store(true, Ordering::SeqCst);
+            }));
             // A timer from the runtime fires, and the spawned task ran meanwhile.
             let mut t = LocalSetRuntime.new_timer(Instant::now());
             std::future::poll_fn(|cx| t.as_mut().poll(cx)).await;
