@@ -9,6 +9,7 @@
 //! mtu = 1500                          # MTU of the TAPs/bridges (guest MTU)
 //! cpu_wake_latency_us = 0             # optional: hold a PM QoS request (lowest RTT, CPUs poll)
 //! handoff_yield = true                # yield the CPU once after a sparse send/TAP write
+//! busy_poll_us = 300                  # poll this long after a sparse packet before sleeping (0: off)
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -64,6 +65,11 @@ pub struct OverlayConfig {
     /// receiver the kernel woke onto this CPU runs before the daemon's own bookkeeping (see
     /// [`crate::handoff`]). Costs one `sched_yield` per sparse packet, nothing under load.
     pub handoff_yield: bool,
+    /// After a UDP send or TAP write that follows a quiet spell, keep polling for I/O this many
+    /// microseconds before sleeping, yielding the CPU between polls (see [`crate::busy_poll`]):
+    /// the answer to a sparse request skips the daemon's wake-up, at the price of up to this
+    /// much CPU time per burst of traffic and at most 10 % of one CPU. 0: off.
+    pub busy_poll_us: u32,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -87,6 +93,7 @@ impl Default for OverlayConfig {
             mac_ageing_s: 300,
             cpu_wake_latency_us: None,
             handoff_yield: true,
+            busy_poll_us: 300,
             peers: Vec::new(),
             violins: Vec::new(),
         }
@@ -174,6 +181,9 @@ mod tests {
         assert_eq!(cfg.violins[0].allowed, vec!["*"]);
         assert_eq!(cfg.mtu, 1500);
         assert_eq!(cfg.cpu_wake_latency_us, None);
+        assert_eq!(cfg.busy_poll_us, 300);
+        let off: OverlayConfig = toml::from_str("busy_poll_us = 0").unwrap();
+        assert_eq!(off.busy_poll_us, 0);
         let low: OverlayConfig = toml::from_str("cpu_wake_latency_us = 0").unwrap();
         assert_eq!(low.cpu_wake_latency_us, Some(0));
         assert!(toml::from_str::<OverlayConfig>("cpu_wake_latency_us = -1").is_err());

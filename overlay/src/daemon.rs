@@ -29,6 +29,7 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{self, Identity, Role, alpn};
 
 use crate::HostId;
+use crate::busy_poll::BusyPoll;
 use crate::config::OverlayConfig;
 use crate::control::{self, ControlMsg, PeerAddr};
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
@@ -107,6 +108,8 @@ struct Shared {
     serial: u64,
     /// Yields after sparse TAP writes (the frame's reader may be woken onto this CPU).
     tap_yield: HandoffYield,
+    /// Busy polling after each packet (see [`crate::busy_poll`]).
+    busy: Arc<BusyPoll>,
 }
 
 impl Shared {
@@ -139,7 +142,10 @@ impl Shared {
                         continue;
                     };
                     match tap.get_ref().send(&frame) {
-                        Ok(_) => self.tap_yield.after_handoff(),
+                        Ok(_) => {
+                            self.tap_yield.after_handoff();
+                            self.busy.touch();
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.count("tap_full"),
                         Err(_) => self.count("tap_write"),
                     }
@@ -178,6 +184,9 @@ pub struct DaemonStatus {
     /// How often the daemon gave the CPU up after a sparse handoff (None: `handoff_yield` off).
     #[serde(default)]
     pub handoff_yields: Option<u64>,
+    /// The busy-poll window in microseconds and the polls made so far (None: off).
+    #[serde(default)]
+    pub busy_poll: Option<(u64, u64)>,
 }
 
 /// A request on the control socket (one JSON object per line).
@@ -311,7 +320,10 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     let udp = runtime
         .wrap_udp_socket(socket)
         .map_err(io_err("cannot create QUIC endpoint"))?;
-    let udp = Arc::new(HandoffSocket::new(udp, send_yield.clone()));
+    let busy = Arc::new(BusyPoll::new(Duration::from_micros(u64::from(
+        cfg.busy_poll_us,
+    ))));
+    let udp = Arc::new(HandoffSocket::new(udp, send_yield.clone(), busy.clone()));
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         Some(server_cfg),
@@ -393,6 +405,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         out: Vec::new(),
         serial: 0,
         tap_yield: HandoffYield::new(cfg.handoff_yield),
+        busy: busy.clone(),
     }));
     let advertise = cfg.advertise.unwrap_or(local);
     let ctx = Rc::new(Ctx {
@@ -404,6 +417,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         mtu: cfg.mtu as usize,
         cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
         send_yield,
+        busy: busy.clone(),
     });
 
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -413,6 +427,11 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     }
     tasks.spawn_local(acceptor(ctx.clone(), dial_tx.clone()));
     tasks.spawn_local(ticker(ctx.clone()));
+    if busy.is_enabled() {
+        info!(us = busy.window_us(), "busy polling after each packet");
+        let (busy, token) = (busy.clone(), token.clone());
+        tasks.spawn_local(async move { busy.run(token).await });
+    }
     tasks.spawn_local(control_api(ctx.clone(), cfg.control_socket.clone()));
     if let Some(addr) = cfg.metrics {
         let registry: viola_common::metrics::SharedRegistry = Default::default();
@@ -474,6 +493,7 @@ struct Ctx {
     mtu: usize,
     cpu_wake_latency_us: Option<u32>,
     send_yield: Arc<HandoffYield>,
+    busy: Arc<BusyPoll>,
 }
 
 async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
@@ -864,6 +884,10 @@ fn status(ctx: &Ctx) -> DaemonStatus {
             .send_yield
             .is_enabled()
             .then(|| ctx.send_yield.yields() + st.tap_yield.yields()),
+        busy_poll: ctx
+            .busy
+            .is_enabled()
+            .then(|| (ctx.busy.window_us(), ctx.busy.polls())),
     }
 }
 

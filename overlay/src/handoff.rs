@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
+use crate::busy_poll::BusyPoll;
+
 /// A handoff yields only if the previous one was at least this long ago. With 200 µs the lab's
 /// bulk TCP lost 15 % of its throughput: on a busy machine the daemon is often descheduled for
 /// longer than that, and yielding after such a pause hands away the CPU it just got back. With
@@ -95,13 +97,22 @@ impl HandoffYield {
 pub struct HandoffSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     decider: Arc<HandoffYield>,
+    busy: Arc<BusyPoll>,
 }
 
 impl HandoffSocket {
-    /// Wraps `inner`.
+    /// Wraps `inner`; every send is also a packet for `busy`'s window.
     #[must_use]
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>, decider: Arc<HandoffYield>) -> Self {
-        Self { inner, decider }
+    pub fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+        decider: Arc<HandoffYield>,
+        busy: Arc<BusyPoll>,
+    ) -> Self {
+        Self {
+            inner,
+            decider,
+            busy,
+        }
     }
 }
 
@@ -121,6 +132,7 @@ impl AsyncUdpSocket for HandoffSocket {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         self.inner.try_send(transmit)?;
         self.decider.after_handoff();
+        self.busy.touch();
         Ok(())
     }
 

@@ -183,6 +183,13 @@ allowed = ["a/*", "b/*"]
         assert!(o.status("b1")?["cpu_wake_latency_us"].is_null());
     }
     assert!(ping(&v1[0], "10.1.0.2", 5), "ping a1 -> b1 lost packets");
+    // Sparse pings make the daemons busy-poll after each packet (on by default, 300 µs).
+    let a1_status = o.status("a1")?;
+    assert_eq!(a1_status["busy_poll"][0], 300, "{a1_status}");
+    assert!(
+        a1_status["busy_poll"][1].as_u64().unwrap_or(0) > 0,
+        "a1 did not busy-poll after sparse pings: {a1_status}"
+    );
     let mut server = Command::new("ip")
         .args(["netns", "exec", &v1[1], "iperf3", "-s", "-1", "-p", "5301"])
         .stdout(Stdio::null())

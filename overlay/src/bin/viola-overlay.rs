@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! viola-overlay run --config /etc/viola/overlay.toml [--listen ADDR] [--identity-dir DIR]
-//!                   [--cpu-wake-latency-us US] [--handoff-yield BOOL]
+//!                   [--cpu-wake-latency-us US] [--handoff-yield BOOL] [--busy-poll-us US]
 //! viola-overlay status [--json] [--socket PATH]
 //! viola-overlay expect-move --violin 1 --mac 52:54:00:00:00:05 --host b/b1 [--socket PATH]
 //! viola-overlay status --remote 198.18.1.11:4500 --identity-dir /etc/viola/adaptmgr  # over QUIC
@@ -51,6 +51,9 @@ enum Cmd {
         /// Override `handoff_yield`: give the CPU up once after a sparse send or TAP write.
         #[arg(long)]
         handoff_yield: Option<bool>,
+        /// Override `busy_poll_us`: poll this many µs after each packet before sleeping (0: off).
+        #[arg(long)]
+        busy_poll_us: Option<u32>,
     },
     /// Show peers (with RTT), violins, MAC tables, counters and drops.
     Status {
@@ -127,6 +130,9 @@ fn format_status(s: &DaemonStatus) -> String {
         None => {
             let _ = writeln!(o, "handoff yield off");
         }
+    }
+    if let Some((us, polls)) = s.busy_poll {
+        let _ = writeln!(o, "busy polling {us} µs after each packet ({polls} polls)");
     }
     let _ = writeln!(o, "\npeers:");
     for p in sw
@@ -249,6 +255,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peer,
             cpu_wake_latency_us,
             handoff_yield,
+            busy_poll_us,
         } => {
             let mut cfg: OverlayConfig = viola_common::config::load(config.as_deref())?;
             if let Some(l) = listen {
@@ -267,6 +274,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(y) = handoff_yield {
                 cfg.handoff_yield = y;
+            }
+            if let Some(us) = busy_poll_us {
+                cfg.busy_poll_us = us;
             }
             let token = viola_common::shutdown::signal_token()?;
             daemon::run(cfg, token).await?;
