@@ -8,7 +8,11 @@
 # Throughput: per kind, the topology is built from scratch, measured alone and removed again:
 # iperf3 TCP vB -> vA with 1 and with 4 streams (--time s each), and CPU: the busy CPU seconds of
 # the whole machine (/proc/stat) per GB of TCP payload, which counts kernel and userspace work
-# alike; for userspace tunnels also the tunnel processes' own CPU seconds per GB.
+# alike; for userspace tunnels also the tunnel processes' own CPU seconds per GB. This is done
+# in --tcp-rounds rounds (default 3), every round going through all kinds in a rotated order;
+# a kind's Gb/s figures are the medians of its rounds (<kind>.tcp1_gbps_min/_max give the
+# spread), its CPU per GB is over all its rounds: single runs of the userspace tunnels vary by
+# a quarter from one minute to the next on these machines.
 # RTT: afterwards every kind gets its own copy of the topology (vo-bh-a-KIND, ...), all side by
 # side, and --rtt-rounds rounds ping each in turn, --pings pings per kind at 10 ms (idle RTT),
 # so that every kind is measured in the same minutes; then the same again while the script holds
@@ -16,7 +20,7 @@
 # <kind>.rtt_lowlat_ms).
 # VM MTU is 1400 everywhere (a full VM frame plus Viola's 4-byte header fits one 1434-byte QUIC datagram).
 #
-# Usage: overlay.sh [--json FILE] [--time S] [--pings N] [--rtt-rounds R] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
+# Usage: overlay.sh [--json FILE] [--time S] [--tcp-rounds R] [--pings N] [--rtt-rounds R] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
 #                   [--hops N] [--wait-quiet PCT [--quiet-max S]] [--no-install] [--keep]
 #   --hops N          after the RTT rounds, N more pings through viola, tinc and openvpn with
 #                     tcpdump in both host namespaces: median µs per hop (<kind>.hop_*_us; the
@@ -24,7 +28,8 @@
 #   --wait-quiet PCT  before each kind (and before the RTT rounds), wait (at most --quiet-max s, default 300) until other load
 #                     is below PCT % of all CPUs; userspace tunnels share the CPUs with everything
 #                     else, so a busy machine distorts their figures (each kind reports the load
-#                     seen right before it was measured as <kind>.background_busy_pct).
+#                     seen right before it was measured, the most over its rounds, as
+#                     <kind>.background_busy_pct).
 # Extra daemon options for the viola kind in VIOLA_OVERLAY_ARGS.
 # Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools with apt if missing,
 # builds viola-overlay (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
@@ -39,6 +44,7 @@ KINDS=$ALL_KINDS
 TIME=10
 PINGS=300
 RTT_ROUNDS=5
+TCP_ROUNDS=3
 HOPS=0
 JSON_OUT=
 INSTALL=1
@@ -51,19 +57,21 @@ while (($#)); do
     --time) TIME=$2; shift 2 ;;
     --pings) PINGS=$2; shift 2 ;;
     --rtt-rounds) RTT_ROUNDS=$2; shift 2 ;;
+    --tcp-rounds) TCP_ROUNDS=$2; shift 2 ;;
     --hops) HOPS=$2; shift 2 ;;
     --kinds) KINDS=$2; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
     --keep) KEEP=1; shift ;;
     --wait-quiet) QUIET_PCT=$2; shift 2 ;;
     --quiet-max) QUIET_MAX=$2; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 [[ $TIME =~ ^[1-9][0-9]?$ ]] || { echo "--time must be 1..99" >&2; exit 2; }
 [[ $PINGS =~ ^[1-9][0-9]{0,3}$ ]] || { echo "--pings must be 1..9999" >&2; exit 2; }
 [[ $RTT_ROUNDS =~ ^[1-9][0-9]?$ ]] || { echo "--rtt-rounds must be 1..99" >&2; exit 2; }
+[[ $TCP_ROUNDS =~ ^[1-9]$ ]] || { echo "--tcp-rounds must be 1..9" >&2; exit 2; }
 [[ $HOPS =~ ^[0-9]{1,4}$ ]] || { echo "--hops must be 0..9999" >&2; exit 2; }
 [[ $QUIET_PCT =~ ^[0-9]{1,3}$ && $QUIET_MAX =~ ^[0-9]{1,4}$ ]] || { echo "bad --wait-quiet/--quiet-max" >&2; exit 2; }
 for k in $KINDS; do [[ " $ALL_KINDS " == *" $k "* ]] || { echo "unknown kind $k" >&2; exit 2; }; done
@@ -354,11 +362,15 @@ wait_connected() { # KIND: the tunnel of the current topology carries a ping wit
 }
 
 declare -A R
+# per kind, over the throughput rounds: Gb/s of each round, busy and tunnel ticks, bytes
+declare -A TS1 TS4 BUSY_TICKS TUNNEL_TICKS BYTES BG_MAX
 measure() { # KIND: throughput and CPU, this kind alone on the machine
   local kind=$1
   SETTLE=1
   wait_quiet
   log "$kind: building"
+  # a fresh work directory for every round (keys and CAs are made anew)
+  rm -rf "$WORK/t"
   use_set ""
   build_base
   "setup_$kind"
@@ -389,14 +401,16 @@ measure() { # KIND: throughput and CPU, this kind alone on the machine
   [[ $r1 != ERR && $r4 != ERR ]] || die "$kind: iperf3 failed ($(head -c 300 "$WORK/iperf-1.json"))"
   read -r bps1 by1 <<<"$r1"
   read -r bps4 by4 <<<"$r4"
-  local k=$kind
-  R[$k.tcp1_gbps]=$(awk -v b="$bps1" 'BEGIN{printf "%.3f", b/1e9}')
-  R[$k.tcp4_gbps]=$(awk -v b="$bps4" 'BEGIN{printf "%.3f", b/1e9}')
-  R[$k.cpu_s_per_gb]=$(awk -v t=$((b1 - b0)) -v hz="$HZ" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.2f", (t/hz)/((g+h)/1e9)}')
-  if [[ $kind == viola || $kind == tinc || $kind == openvpn || $kind == wireguard_go ]]; then
-    R[$k.tunnel_cpu_s_per_gb]=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.2f", (t/hz)/((g+h)/1e9)}')
-  fi
-  log "$kind: tcp1 ${R[$k.tcp1_gbps]} Gbit/s, tcp4 ${R[$k.tcp4_gbps]} Gbit/s, ${R[$k.cpu_s_per_gb]} busy CPU s/GB (other load before: ${R[$k.background_busy_pct]} %)"
+  local k=$kind g1 g4
+  g1=$(awk -v b="$bps1" 'BEGIN{printf "%.3f", b/1e9}')
+  g4=$(awk -v b="$bps4" 'BEGIN{printf "%.3f", b/1e9}')
+  TS1[$k]+=" $g1"
+  TS4[$k]+=" $g4"
+  BUSY_TICKS[$k]=$(( ${BUSY_TICKS[$k]:-0} + b1 - b0 ))
+  TUNNEL_TICKS[$k]=$(( ${TUNNEL_TICKS[$k]:-0} + t1 - t0 ))
+  BYTES[$k]=$(awk -v a="${BYTES[$k]:-0}" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.0f", a + g + h}')
+  ((${R[$k.background_busy_pct]} > ${BG_MAX[$k]:-0})) && BG_MAX[$k]=${R[$k.background_busy_pct]}
+  log "$kind: tcp1 $g1 Gbit/s, tcp4 $g4 Gbit/s (other load before: ${R[$k.background_busy_pct]} %)"
   if [[ $kind == viola ]]; then
     "$VIOLA" status --socket "$KW/viola/b.sock" >"$WORK/viola-status-b.txt" 2>&1 || true
   fi
@@ -486,7 +500,26 @@ measure_rtt() {
   teardown
 }
 
-for k in $KINDS; do measure "$k"; done
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+KIND_LIST=($KINDS)
+for ((round = 0; round < TCP_ROUNDS; round++)); do
+  log "throughput round $((round + 1)) of $TCP_ROUNDS"
+  for ((i = 0; i < ${#KIND_LIST[@]}; i++)); do
+    measure "${KIND_LIST[$(((i + round) % ${#KIND_LIST[@]}))]}"
+  done
+done
+for k in $KINDS; do
+  R[$k.tcp1_gbps]=$(median <<<"${TS1[$k]}")
+  R[$k.tcp4_gbps]=$(median <<<"${TS4[$k]}")
+  R[$k.tcp1_gbps_min]=$(tr ' ' '\n' <<<"${TS1[$k]}" | sed '/^$/d' | sort -g | head -1)
+  R[$k.tcp1_gbps_max]=$(tr ' ' '\n' <<<"${TS1[$k]}" | sed '/^$/d' | sort -g | tail -1)
+  R[$k.background_busy_pct]=${BG_MAX[$k]:-0}
+  R[$k.cpu_s_per_gb]=$(awk -v t="${BUSY_TICKS[$k]}" -v hz="$HZ" -v b="${BYTES[$k]}" 'BEGIN{printf "%.2f", (t/hz)/(b/1e9)}')
+  if [[ $k == viola || $k == tinc || $k == openvpn || $k == wireguard_go ]]; then
+    R[$k.tunnel_cpu_s_per_gb]=$(awk -v t="${TUNNEL_TICKS[$k]}" -v hz="$HZ" -v b="${BYTES[$k]}" 'BEGIN{printf "%.2f", (t/hz)/(b/1e9)}')
+  fi
+  log "$k: tcp1 ${R[$k.tcp1_gbps]} Gbit/s (rounds:${TS1[$k]}), tcp4 ${R[$k.tcp4_gbps]} Gbit/s (rounds:${TS4[$k]}), ${R[$k.cpu_s_per_gb]} busy CPU s/GB"
+done
 measure_rtt
 
 # ----------------------------------------------------------------- report
@@ -501,6 +534,7 @@ R[rtt.viola_minus_vxlan_lowlat_ms]=$(diff_ms viola.rtt_lowlat_ms vxlan.rtt_lowla
 R[rtt.tinc_minus_vxlan_ms]=$(diff_ms tinc.rtt_ms vxlan.rtt_ms)
 R[rtt.openvpn_minus_vxlan_ms]=$(diff_ms openvpn.rtt_ms vxlan.rtt_ms)
 R[bench.time_s]=$TIME
+R[bench.tcp_rounds]=$TCP_ROUNDS
 
 printf '\n%-13s %10s %10s %9s %11s %14s %16s %12s\n' kind "tcp1 Gb/s" "tcp4 Gb/s" "rtt ms" "rtt* ms" "busy CPU s/GB" "tunnel CPU s/GB" "other load %"
 for k in $KINDS; do
