@@ -15,8 +15,8 @@
 //! yields to the runtime (tokio's current-thread scheduler polls its I/O driver with a zero
 //! timeout when a task has yielded) until the window has passed, and parks again. Packets
 //! closer together neither open nor extend a window: under load the daemon is busy anyway, and
-//! a spinner running beside bulk traffic cost a syscall per scheduler turn (measured: about a
-//! tenth of single-stream throughput). So busy polling costs at most the window's CPU time per
+//! a spinner running beside bulk traffic cost a syscall per scheduler turn (measured: 2.18
+//! against 2.64 Gb/s of single-stream TCP, two runs each). So busy polling costs at most the window's CPU time per
 //! burst of traffic, and never more than [`MAX_SHARE_PERCENT`] of the time on average
 //! ([`SpinBudget`]), whatever the traffic's pattern.
 
@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::handoff::QUIET_GAP;
-use tokio_util::sync::CancellationToken;
 
 /// Busy polling takes at most this share of wall-clock time, on average over
 /// [`BUDGET_CAP`]-long bursts. Traffic whose packets come just over [`QUIET_GAP`] apart would
