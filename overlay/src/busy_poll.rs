@@ -9,16 +9,16 @@
 //! packet, checking for I/O with a zero-timeout `epoll_wait` and giving the CPU to anything
 //! else runnable (`sched_yield`) between checks, so it never delays another task on its CPU.
 //!
-//! The spinner is one task of the daemon's `LocalSet`. [`BusyPoll::touch`] (after each UDP send
-//! and TAP write) records the time; a packet after a quiet spell of at least
-//! [`QUIET_GAP`](crate::handoff::QUIET_GAP) opens a window and wakes the spinner, which then
+//! The spinner is one task of the daemon's `LocalSet`. [`BusyPoll::touch_at`] (after each UDP
+//! send and TAP write, through [`HandoffYield::after_handoff`]) records the packet; one after a
+//! quiet spell of at least [`QUIET_GAP`] ([`QuietSpells`]) opens a window and wakes the spinner, which then
 //! yields to the runtime (tokio's current-thread scheduler polls its I/O driver with a zero
 //! timeout when a task has yielded) until the window has passed, and parks again. Packets
 //! closer together neither open nor extend a window: under load the daemon is busy anyway, and
 //! a spinner running beside bulk traffic cost a syscall per scheduler turn (measured: 2.18
-//! against 2.64 Gb/s of single-stream TCP, two runs each). So busy polling costs at most the window's CPU time per
-//! burst of traffic, and never more than [`MAX_SHARE_PERCENT`] of the time on average
-//! ([`SpinBudget`]), whatever the traffic's pattern.
+//! against 2.64 Gb/s of single-stream TCP, two runs each). So busy polling costs at most the
+//! window's CPU time per burst of traffic, and never more than [`MAX_SHARE_PERCENT`] of the
+//! time on average ([`SpinBudget`]), whatever the traffic's pattern.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::handoff::QUIET_GAP;
+use crate::handoff::QuietSpells;
+#[cfg(doc)]
+use crate::handoff::{HandoffYield, QUIET_GAP};
 
 /// Busy polling takes at most this share of wall-clock time, on average over
 /// [`BUDGET_CAP`]-long bursts. Traffic whose packets come just over [`QUIET_GAP`] apart would
@@ -72,10 +74,9 @@ impl SpinBudget {
 #[derive(Debug)]
 pub struct BusyPoll {
     window_ns: u64,
-    epoch: Instant,
-    /// Nanoseconds after `epoch` of the latest packet (+1, so 0 means "none yet").
-    last: AtomicU64,
-    /// Nanoseconds after `epoch` at which the current window closes.
+    /// Which packets follow a quiet spell (sends and TAP writes alike).
+    spells: QuietSpells,
+    /// Nanoseconds after the epoch of `spells` at which the current window closes.
     until: AtomicU64,
     /// The spinner waits for `notify` (set before it starts waiting, cleared by `touch`).
     parked: AtomicBool,
@@ -90,8 +91,7 @@ impl BusyPoll {
     pub fn new(window: Duration) -> Self {
         Self {
             window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
-            epoch: Instant::now(),
-            last: AtomicU64::new(0),
+            spells: QuietSpells::new(),
             until: AtomicU64::new(0),
             parked: AtomicBool::new(true),
             notify: Notify::new(),
@@ -117,24 +117,17 @@ impl BusyPoll {
         self.polls.load(Ordering::Relaxed)
     }
 
-    fn ns(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
     /// Records a packet at `now`; if it follows a quiet spell, opens a window and wakes the
     /// spinner.
     pub fn touch_at(&self, now: Instant) {
         if !self.is_enabled() {
             return;
         }
-        let ns = self.ns(now).saturating_add(1);
-        let prev = self.last.swap(ns, Ordering::Relaxed);
-        let quiet = prev == 0 || ns.saturating_sub(prev) >= QUIET_GAP.as_nanos() as u64;
-        if !quiet {
+        if !self.spells.record(now) {
             return;
         }
-        self.until
-            .store(ns.saturating_add(self.window_ns), Ordering::Relaxed);
+        let until = self.spells.ns(now).saturating_add(self.window_ns);
+        self.until.store(until, Ordering::Relaxed);
         if self.parked.swap(false, Ordering::AcqRel) {
             self.notify.notify_one();
         }
@@ -142,15 +135,13 @@ impl BusyPoll {
 
     /// Records a packet now.
     pub fn touch(&self) {
-        if self.is_enabled() {
-            self.touch_at(Instant::now());
-        }
+        self.touch_at(Instant::now());
     }
 
     /// True while `now` is within the current window.
     #[must_use]
     pub fn within_window(&self, now: Instant) -> bool {
-        self.ns(now).saturating_add(1) < self.until.load(Ordering::Relaxed)
+        self.spells.ns(now) < self.until.load(Ordering::Relaxed)
     }
 
     /// The spinner: runs until `token` is cancelled. Must run as a task of the runtime that
@@ -191,6 +182,7 @@ impl BusyPoll {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handoff::QUIET_GAP;
     use std::rc::Rc;
 
     #[test]
@@ -205,7 +197,7 @@ mod tests {
     #[test]
     fn a_packet_after_a_quiet_spell_opens_a_window_and_dense_packets_do_not() {
         let b = BusyPoll::new(Duration::from_micros(200));
-        let t0 = b.epoch + Duration::from_millis(1);
+        let t0 = b.spells.epoch() + Duration::from_millis(1);
         assert!(!b.within_window(t0));
         b.touch_at(t0);
         assert!(b.within_window(t0 + Duration::from_micros(199)));

@@ -108,7 +108,7 @@ struct Shared {
     serial: u64,
     /// Yields after sparse TAP writes (the frame's reader may be woken onto this CPU).
     tap_yield: HandoffYield,
-    /// Busy polling after each packet (see [`crate::busy_poll`]).
+    /// Busy polling after sparse packets (see [`crate::busy_poll`]).
     busy: Arc<BusyPoll>,
 }
 
@@ -142,10 +142,7 @@ impl Shared {
                         continue;
                     };
                     match tap.get_ref().send(&frame) {
-                        Ok(_) => {
-                            self.tap_yield.after_handoff();
-                            self.busy.touch();
-                        }
+                        Ok(_) => self.tap_yield.after_handoff(&self.busy),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.count("tap_full"),
                         Err(_) => self.count("tap_write"),
                     }
@@ -428,7 +425,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     tasks.spawn_local(acceptor(ctx.clone(), dial_tx.clone()));
     tasks.spawn_local(ticker(ctx.clone()));
     if busy.is_enabled() {
-        info!(us = busy.window_us(), "busy polling after each packet");
+        info!(us = busy.window_us(), "busy polling after sparse packets");
         let (busy, token) = (busy.clone(), token.clone());
         tasks.spawn_local(async move { busy.run(token).await });
     }

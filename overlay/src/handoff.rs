@@ -34,13 +34,56 @@ use crate::busy_poll::BusyPoll;
 /// 1 ms bulk throughput was unchanged (`scripts/bench/overlay.sh`, on and off alternately).
 pub const QUIET_GAP: Duration = Duration::from_millis(1);
 
+/// Tells, for a stream of packets, which of them follow a quiet spell of at least
+/// [`QUIET_GAP`]: the ones after which the handoff yield and busy polling act.
+#[derive(Debug)]
+pub struct QuietSpells {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the previous packet (+1, so 0 means "none yet").
+    last: AtomicU64,
+}
+
+impl QuietSpells {
+    /// No packet yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// The instant the tracker's times count from.
+    #[must_use]
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Nanoseconds from this tracker's epoch to `now` (0 for times before it).
+    #[must_use]
+    pub fn ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Records a packet at `now`; true if it is the first or followed a quiet spell.
+    pub fn record(&self, now: Instant) -> bool {
+        let ns = self.ns(now).saturating_add(1);
+        let prev = self.last.swap(ns, Ordering::Relaxed);
+        prev == 0 || ns.saturating_sub(prev) >= QUIET_GAP.as_nanos() as u64
+    }
+}
+
+impl Default for QuietSpells {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Decides, per stream of handoffs, whether to yield after the current one.
 #[derive(Debug)]
 pub struct HandoffYield {
     enabled: bool,
-    epoch: Instant,
-    /// Nanoseconds after `epoch` of the previous handoff (+1, so 0 means "none yet").
-    last: AtomicU64,
+    spells: QuietSpells,
     yields: AtomicU64,
 }
 
@@ -50,8 +93,7 @@ impl HandoffYield {
     pub fn new(enabled: bool) -> Self {
         Self {
             enabled,
-            epoch: Instant::now(),
-            last: AtomicU64::new(0),
+            spells: QuietSpells::new(),
             yields: AtomicU64::new(0),
         }
     }
@@ -61,11 +103,7 @@ impl HandoffYield {
         if !self.enabled {
             return false;
         }
-        let ns = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1);
-        let prev = self.last.swap(ns, Ordering::Relaxed);
-        let quiet = prev == 0 || ns.saturating_sub(prev) >= QUIET_GAP.as_nanos() as u64;
+        let quiet = self.spells.record(now);
         if quiet {
             self.yields.fetch_add(1, Ordering::Relaxed);
         }
@@ -78,9 +116,15 @@ impl HandoffYield {
         self.enabled
     }
 
-    /// Records a handoff now and yields the CPU if [`record`](Self::record) says so.
-    pub fn after_handoff(&self) {
-        if self.enabled && self.record(Instant::now()) {
+    /// Records a handoff now, for this decider and for `busy`'s window (one clock read for
+    /// both), and yields the CPU if [`record`](Self::record) says so.
+    pub fn after_handoff(&self, busy: &BusyPoll) {
+        if !self.enabled && !busy.is_enabled() {
+            return;
+        }
+        let now = Instant::now();
+        busy.touch_at(now);
+        if self.record(now) {
             // SAFETY: sched_yield takes no arguments and has no preconditions.
             unsafe { libc::sched_yield() };
         }
@@ -131,8 +175,7 @@ impl AsyncUdpSocket for HandoffSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         self.inner.try_send(transmit)?;
-        self.decider.after_handoff();
-        self.busy.touch();
+        self.decider.after_handoff(&self.busy);
         Ok(())
     }
 
@@ -169,7 +212,7 @@ mod tests {
     #[test]
     fn first_handoff_and_handoffs_after_a_quiet_gap_yield() {
         let d = HandoffYield::new(true);
-        let t0 = d.epoch + Duration::from_millis(5);
+        let t0 = d.spells.epoch + Duration::from_millis(5);
         assert!(d.record(t0));
         assert!(d.record(t0 + Duration::from_millis(10)));
         assert!(d.record(t0 + Duration::from_millis(10) + QUIET_GAP));
@@ -179,7 +222,7 @@ mod tests {
     #[test]
     fn dense_handoffs_do_not_yield() {
         let d = HandoffYield::new(true);
-        let t0 = d.epoch + Duration::from_millis(1);
+        let t0 = d.spells.epoch + Duration::from_millis(1);
         assert!(d.record(t0));
         // A burst: every handoff 10 µs after the previous one.
         for i in 1..100u64 {
@@ -195,18 +238,18 @@ mod tests {
     #[test]
     fn disabled_never_yields() {
         let d = HandoffYield::new(false);
-        assert!(!d.record(d.epoch + Duration::from_secs(1)));
-        assert!(!d.record(d.epoch + Duration::from_secs(2)));
+        assert!(!d.record(d.spells.epoch + Duration::from_secs(1)));
+        assert!(!d.record(d.spells.epoch + Duration::from_secs(2)));
         assert_eq!(d.yields(), 0);
     }
 
     #[test]
     fn a_clock_before_the_epoch_counts_as_the_epoch() {
         let d = HandoffYield::new(true);
-        let before = d.epoch.checked_sub(Duration::from_millis(1));
+        let before = d.spells.epoch.checked_sub(Duration::from_millis(1));
         if let Some(before) = before {
             assert!(d.record(before));
-            assert!(!d.record(d.epoch));
+            assert!(!d.record(d.spells.epoch));
         }
     }
 }

@@ -500,7 +500,8 @@ measure_rtt() {
   teardown
 }
 
-median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{v[NR] = $1} END {if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+sorted() { tr ' ' '\n' | sed '/^$/d' | sort -g; } # space-separated numbers, one per line, ascending
+median() { sorted | awk '{v[NR] = $1} END {if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 KIND_LIST=($KINDS)
 for ((round = 0; round < TCP_ROUNDS; round++)); do
   log "throughput round $((round + 1)) of $TCP_ROUNDS"
@@ -511,8 +512,8 @@ done
 for k in $KINDS; do
   R[$k.tcp1_gbps]=$(median <<<"${TS1[$k]}")
   R[$k.tcp4_gbps]=$(median <<<"${TS4[$k]}")
-  R[$k.tcp1_gbps_min]=$(tr ' ' '\n' <<<"${TS1[$k]}" | sed '/^$/d' | sort -g | head -1)
-  R[$k.tcp1_gbps_max]=$(tr ' ' '\n' <<<"${TS1[$k]}" | sed '/^$/d' | sort -g | tail -1)
+  R[$k.tcp1_gbps_min]=$(sorted <<<"${TS1[$k]}" | head -1)
+  R[$k.tcp1_gbps_max]=$(sorted <<<"${TS1[$k]}" | tail -1)
   R[$k.background_busy_pct]=${BG_MAX[$k]:-0}
   R[$k.cpu_s_per_gb]=$(awk -v t="${BUSY_TICKS[$k]}" -v hz="$HZ" -v b="${BYTES[$k]}" 'BEGIN{printf "%.2f", (t/hz)/(b/1e9)}')
   if [[ $k == viola || $k == tinc || $k == openvpn || $k == wireguard_go ]]; then

@@ -51,7 +51,7 @@ enum Cmd {
         /// Override `handoff_yield`: give the CPU up once after a sparse send or TAP write.
         #[arg(long)]
         handoff_yield: Option<bool>,
-        /// Override `busy_poll_us`: poll this many µs after each packet before sleeping (0: off).
+        /// Override `busy_poll_us`: poll this many µs after a sparse packet before sleeping (0: off).
         #[arg(long)]
         busy_poll_us: Option<u32>,
     },
@@ -132,7 +132,10 @@ fn format_status(s: &DaemonStatus) -> String {
         }
     }
     if let Some((us, polls)) = s.busy_poll {
-        let _ = writeln!(o, "busy polling {us} µs after each packet ({polls} polls)");
+        let _ = writeln!(
+            o,
+            "busy polling {us} µs after sparse packets ({polls} polls)"
+        );
     }
     let _ = writeln!(o, "\npeers:");
     for p in sw
