@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the decoder fuzz targets (overlay, depot, adaptmgr `fuzz/` crates) with cargo-fuzz on
+# Runs the decoder fuzz targets (overlay, depot, api `fuzz/` crates) with cargo-fuzz on
 # the stable toolchain, each for a bounded time, and fails if any of them finds a crash, a hang
 # or runs out of memory. Not part of CI (too slow for its budget): run it by hand.
 #
@@ -40,7 +40,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-crates=(overlay depot adaptmgr)
+crates=(overlay depot api)
 target_dir=$root/target/fuzz
 log_dir=$target_dir/logs
 mkdir -p "$log_dir"

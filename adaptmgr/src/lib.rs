@@ -3,7 +3,6 @@
 //! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
 pub mod control;
 pub mod ha;
-pub mod hypervisor;
 pub mod inventory;
 pub mod manager;
 pub mod migration;

@@ -20,9 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::control::proto::{HostReport, Response, VmMigrate, VmResize};
 use crate::ha::{self, FailureDetector, HostEvent};
-use crate::hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
 use crate::inventory::{
     HostRecord, HostState, Inventory, InventoryError, SiteRecord, ViolinRecord, VmRecord,
 };
@@ -33,6 +31,8 @@ use crate::migration::{
     MigrationStatus, MoveAnnouncer, MoveNotice, Outcome, QuicDepotLink, resume_migration,
     run_journaled,
 };
+use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
+use viola_hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
 
 /// One host the manager manages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

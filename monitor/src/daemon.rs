@@ -16,10 +16,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use viola_adaptmgr::control::client::Client;
-use viola_adaptmgr::control::proto::{HostReport, Request, Response};
-use viola_adaptmgr::hypervisor::{Connector, Hypervisor, blocking};
+use viola_api::client::Client;
+use viola_api::manager::{HostReport, Request, Response};
 use viola_common::identity::Identity;
+use viola_hypervisor::{Connector, Hypervisor, blocking};
 
 use crate::probe::{ProbeConfig, run_probe};
 use crate::sampler::{ProcText, Sampler};

@@ -2,7 +2,7 @@
 //! manager over QUIC with mutual TLS, and exposed as Prometheus metrics.
 //!
 //! - [`proc`]: /proc parsers (pure);
-//! - [`sampler`]: raw samples to [`HostReport`](viola_adaptmgr::control::proto::HostReport)s
+//! - [`sampler`]: raw samples to [`HostReport`](viola_api::manager::HostReport)s
 //!   with rates (pure, time passed in);
 //! - [`probe`]: HTTP service probes;
 //! - [`daemon`]: the loop that reads, samples, probes, pushes and exports.

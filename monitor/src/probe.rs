@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use viola_adaptmgr::control::proto::ProbeResult;
+use viola_api::manager::ProbeResult;
 
 /// One configured probe.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use viola_adaptmgr::control::proto::{HostReport, HostUsage, NetUsage, ProbeResult, VmUsage};
-use viola_adaptmgr::hypervisor::DomainStats;
+use viola_api::manager::{HostReport, HostUsage, NetUsage, ProbeResult, VmUsage};
+use viola_hypervisor::DomainStats;
 
 use crate::proc::{self, CpuTimes};
 
@@ -136,7 +136,7 @@ impl Sampler {
 mod tests {
     use std::time::Duration;
 
-    use viola_adaptmgr::hypervisor::{DomainState, DomainSummary};
+    use viola_hypervisor::{DomainState, DomainSummary};
 
     use super::*;
 

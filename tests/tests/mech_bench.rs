@@ -17,13 +17,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use util::*;
-use viola_adaptmgr::hypervisor::StorageCopy;
-use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
 use viola_adaptmgr::migration::stage::{AnnounceError, ImageDirView};
 use viola_adaptmgr::migration::{
     LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, MoveAnnouncer, MoveNotice,
     Outcome, run_migration,
 };
+use viola_hypervisor::StorageCopy;
+use viola_hypervisor::libvirt::LibvirtConnector;
 
 // v3: made with its inode tables zeroed (see `bench_base`).
 const BENCH_BASE: &str = "base-1g-v3.qcow2";

@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use viola_adaptmgr::control::proto::{Response, VmMigrate};
-use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
-use viola_adaptmgr::hypervisor::{DomainState, StorageCopy};
 use viola_adaptmgr::inventory::{Inventory, VmRecord};
 use viola_adaptmgr::manager::{Manager, ManagerConfig};
 use viola_adaptmgr::migration::{MigrationReport, Outcome};
+use viola_api::manager::{Response, VmMigrate};
+use viola_hypervisor::libvirt::LibvirtConnector;
+use viola_hypervisor::{DomainState, StorageCopy};
 use viola_labtests::{
     GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, repo_root,
     run_ok,

@@ -228,7 +228,7 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     let restarted_after = killed_at.elapsed();
     let hv_a2 = open("a2");
     let d = hv_a2.domain(name).unwrap().expect("defined on a2");
-    assert_eq!(d.state, viola_adaptmgr::hypervisor::DomainState::Running);
+    assert_eq!(d.state, viola_hypervisor::DomainState::Running);
     let hosts = viola_json(&mgr, &cli_id, &["host", "list"]).expect("host list");
     let a1 = hosts
         .as_array()
@@ -356,11 +356,11 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
         .status();
     let _ = cli.wait();
     let hv_b1 = open("b1");
-    let running_at = |hv: &std::sync::Arc<dyn viola_adaptmgr::hypervisor::Hypervisor>| {
+    let running_at = |hv: &std::sync::Arc<dyn viola_hypervisor::Hypervisor>| {
         hv.domain(name)
             .ok()
             .flatten()
-            .is_some_and(|d| d.state == viola_adaptmgr::hypervisor::DomainState::Running)
+            .is_some_and(|d| d.state == viola_hypervisor::DomainState::Running)
     };
     // Resolved: one running copy, nothing at the other host, the inventory agrees.
     let resolved = || {

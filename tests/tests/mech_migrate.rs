@@ -16,13 +16,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use util::*;
-use viola_adaptmgr::hypervisor::StorageCopy;
-use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
 use viola_adaptmgr::migration::stage::{AnnounceError, ImageDirView};
 use viola_adaptmgr::migration::{
     LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, MoveAnnouncer, MoveNotice,
     Outcome, run_migration,
 };
+use viola_hypervisor::StorageCopy;
+use viola_hypervisor::libvirt::LibvirtConnector;
 
 /// Records what the overlay would have been told (the VXLAN stand-in learns by itself).
 #[derive(Default, Clone)]
@@ -292,7 +292,7 @@ async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only()
         .domain(name)
         .unwrap()
         .expect("still defined at the source");
-    assert_eq!(a1.state, viola_adaptmgr::hypervisor::DomainState::Running);
+    assert_eq!(a1.state, viola_hypervisor::DomainState::Running);
     wait_guest("a1", ip, Duration::from_secs(30));
     let hv_b1 = open("b1");
     wait_until(

@@ -13,7 +13,7 @@ use viola_monitor::sampler::Sampler;
 
 async fn busy_over(
     cfg: &MonitorConfig,
-    hv: &std::sync::Arc<dyn viola_adaptmgr::hypervisor::Hypervisor>,
+    hv: &std::sync::Arc<dyn viola_hypervisor::Hypervisor>,
     name: &str,
     secs: u64,
 ) -> f64 {

@@ -7,7 +7,7 @@ mod util;
 use std::time::Duration;
 
 use util::*;
-use viola_adaptmgr::hypervisor::{CpuCap, CpuTuning, HypervisorError};
+use viola_hypervisor::{CpuCap, CpuTuning, HypervisorError};
 
 #[test]
 fn resize_vcpus_memory_and_cap_of_a_running_guest() {

@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use viola_adaptmgr::hypervisor::Hypervisor;
-use viola_adaptmgr::hypervisor::libvirt::LibvirtHypervisor;
+use viola_hypervisor::Hypervisor;
+use viola_hypervisor::libvirt::LibvirtHypervisor;
 
 pub const LAB_RUN: &str = "/run/viola-lab";
 pub const LAB_DIR: &str = "/var/lib/viola-lab";

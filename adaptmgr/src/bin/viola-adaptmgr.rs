@@ -11,10 +11,10 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use viola_adaptmgr::control::server;
-use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
 use viola_adaptmgr::inventory::Inventory;
 use viola_adaptmgr::manager::{Manager, ManagerConfig};
 use viola_common::identity::{Identity, alpn};
+use viola_hypervisor::libvirt::LibvirtConnector;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Viola adaptation manager daemon")]

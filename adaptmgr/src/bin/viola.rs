@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use viola_adaptmgr::control::client::Client;
-use viola_adaptmgr::control::proto::{Request, Response, VmMigrate, VmResize};
-use viola_adaptmgr::inventory::{HostRecord, HostState, VmRecord};
-use viola_adaptmgr::migration::Outcome;
+use viola_api::client::Client;
+use viola_api::manager::{HostState, HostView, VmView};
+use viola_api::manager::{Request, Response, VmMigrate, VmResize};
+use viola_api::migration::Outcome;
 use viola_common::identity::Identity;
 
 #[derive(Debug, Parser)]
@@ -256,7 +256,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_hosts(hosts: &[HostRecord]) {
+fn print_hosts(hosts: &[HostView]) {
     println!(
         "{:<10} {:<6} {:<10} {:>5} {:>10} {:>9} {:>10}",
         "HOST", "SITE", "STATE", "CPUS", "MEM MiB", "CPU BUSY", "AVAIL MiB"
@@ -286,7 +286,7 @@ fn print_hosts(hosts: &[HostRecord]) {
     }
 }
 
-fn print_vms(vms: &[VmRecord]) {
+fn print_vms(vms: &[VmView]) {
     println!(
         "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8} {:<10}",
         "VM", "HOST", "STATE", "VCPUS", "MEM MiB", "CPU", "VIOLIN"

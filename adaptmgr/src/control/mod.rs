@@ -1,13 +1,6 @@
-//! The manager's control plane: the wire format ([`wire`]), the messages ([`proto`]), the
-//! QUIC + mutual-TLS server that monitors and the CLI talk to ([`server`]) and its client
-//! ([`client`]).
+//! The manager's QUIC + mutual-TLS server that monitors and the CLI talk to ([`server`]); its
+//! messages, framing and client are in `viola-api`.
 
-pub mod client;
-pub mod proto;
 pub mod server;
-pub mod wire;
-
-#[cfg(test)]
-mod fuzz_seeds;
 #[cfg(test)]
 mod tests;

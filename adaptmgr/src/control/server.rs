@@ -9,9 +9,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use viola_common::identity::{self, PeerIdentity, Role};
 
-use super::proto::{Request, Response};
-use super::wire::{self, FrameError};
+use crate::inventory::{HostRecord, VmRecord};
 use crate::manager::Manager;
+use viola_api::manager::{Request, Response};
+use viola_api::wire::{self, FrameError};
 
 /// Accepts connections until `token` is cancelled; then waits for the open ones to finish
 /// their current request (bounded by the endpoint's close).
@@ -132,11 +133,11 @@ async fn handle_stream(
             Err(e) => error(chain(&e)),
         },
         Request::ListHosts => match manager.inventory.hosts() {
-            Ok(h) => Response::Hosts(h),
+            Ok(h) => Response::Hosts(h.iter().map(HostRecord::view).collect()),
             Err(e) => error(chain(&e)),
         },
         Request::ListVms => match manager.inventory.vms() {
-            Ok(v) => Response::Vms(v),
+            Ok(v) => Response::Vms(v.iter().map(VmRecord::view).collect()),
             Err(e) => error(chain(&e)),
         },
         Request::Resize(r) => match manager.resize(r).await {

@@ -8,13 +8,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use viola_common::identity::{CertificateAuthority, Identity, PeerIdentity, Role, alpn};
 
-use super::client::Client;
-use super::proto::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize, VmUsage};
-use crate::hypervisor::fake::{FakeCluster, sample_domain_xml};
-use crate::hypervisor::{DomainState, Hypervisor};
 use crate::inventory::{Inventory, ViolinRecord};
 use crate::manager::{HostConfig, Manager, ManagerConfig};
 use crate::migration::Outcome;
+use viola_api::client::Client;
+use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize, VmUsage};
+use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
+use viola_hypervisor::{DomainState, Hypervisor};
 
 fn identity(ca: &CertificateAuthority, role: Role, site: &str, host: &str) -> Identity {
     ca.issue(&PeerIdentity::new(role, site, host).unwrap(), 1)
@@ -77,7 +77,7 @@ fn fake_overlay(
 }
 
 /// Fake hosts a1 and b1, both with the base; vm1 runs on a1 from its overlay.
-fn federation_with_vm1_on_a1() -> (FakeCluster, crate::hypervisor::fake::FakeHypervisor) {
+fn federation_with_vm1_on_a1() -> (FakeCluster, viola_hypervisor::fake::FakeHypervisor) {
     let cluster = FakeCluster::new();
     let a1 = cluster.host("fake://a1");
     cluster.host("fake://b1");
@@ -281,7 +281,7 @@ async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
     put_vm1_in_violin_lan(&inventory);
 
     // The first manager starts a two-second move and is gone a moment later.
-    cluster.set_faults(crate::hypervisor::fake::Faults {
+    cluster.set_faults(viola_hypervisor::fake::Faults {
         migration_duration: std::time::Duration::from_secs(2),
         ..Default::default()
     });

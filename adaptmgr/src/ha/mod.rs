@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{Connector, DomainState, HypervisorError, blocking, xml};
 use crate::inventory::{HostRecord, HostState, VmRecord};
 use crate::migration::BaseStager;
+use viola_hypervisor::{Connector, DomainState, HypervisorError, blocking, xml};
 
 /// Liveness changes the detector reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,9 +338,9 @@ pub async fn fence_returned_host(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::Hypervisor;
-    use crate::hypervisor::fake::{FakeCluster, sample_domain_xml};
     use crate::migration::stage::{StageError, StagedBase};
+    use viola_hypervisor::Hypervisor;
+    use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
 
     fn host(name: &str, site: &str, mem_mib: u64, state: HostState) -> HostRecord {
         HostRecord {

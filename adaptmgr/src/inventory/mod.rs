@@ -15,27 +15,16 @@ pub use store::{Inventory, InventoryError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::proto::HostUsage;
-use crate::hypervisor::DomainState;
+use viola_api::domain::DomainState;
+pub use viola_api::manager::HostState;
+use viola_api::manager::{HostUsage, HostView, VmView};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteRecord {
     pub name: String,
 }
 
-/// Liveness as the failure detector sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostState {
-    /// Never reported yet.
-    Unknown,
-    Up,
-    /// Declared failed (no heartbeat for the configured time) at `since_ms`.
-    Failed {
-        since_ms: u64,
-    },
-}
-
+/// A host as the inventory stores it (what the API shows is [`HostView`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostRecord {
     pub name: String,
@@ -55,6 +44,7 @@ pub struct HostRecord {
     pub usage: Option<HostUsage>,
 }
 
+/// A VM as the inventory stores it (what the API shows is [`VmView`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmRecord {
     pub name: String,
@@ -95,4 +85,38 @@ pub struct EventRecord {
     pub kind: String,
     pub subject: String,
     pub detail: serde_json::Value,
+}
+
+impl HostRecord {
+    /// The host as the API shows it.
+    pub fn view(&self) -> HostView {
+        HostView {
+            name: self.name.clone(),
+            site: self.site.clone(),
+            cpus: self.cpus,
+            memory_kib: self.memory_kib,
+            state: self.state,
+            last_heartbeat_ms: self.last_heartbeat_ms,
+            usage: self.usage.clone(),
+        }
+    }
+}
+
+impl VmRecord {
+    /// The VM as the API shows it.
+    pub fn view(&self) -> VmView {
+        VmView {
+            name: self.name.clone(),
+            host: self.host.clone(),
+            violin: self.violin.clone(),
+            macs: self.macs.clone(),
+            state: self.state,
+            vcpus: self.vcpus,
+            max_vcpus: self.max_vcpus,
+            memory_kib: self.memory_kib,
+            max_memory_kib: self.max_memory_kib,
+            cpu_busy: self.cpu_busy,
+            updated_ms: self.updated_ms,
+        }
+    }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{EventRecord, HostRecord, HostState, SiteRecord, ViolinRecord, VmRecord};
-use crate::control::proto::HostReport;
+use viola_api::manager::HostReport;
 
 const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
@@ -342,8 +342,8 @@ impl Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::proto::{HostUsage, VmUsage};
-    use crate::hypervisor::DomainState;
+    use viola_api::manager::{HostUsage, VmUsage};
+    use viola_hypervisor::DomainState;
 
     fn report(seq: u64, vms: &[(&str, f64)]) -> HostReport {
         HostReport {

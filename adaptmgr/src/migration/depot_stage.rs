@@ -363,11 +363,11 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::hypervisor::fake::{FakeCluster, sample_domain_xml};
-    use crate::hypervisor::{Hypervisor, StorageCopy};
     use crate::migration::plan::{MigrationPlan, Outcome};
     use crate::migration::stage::{AnnounceError, ImageDirView, MoveAnnouncer, MoveNotice};
     use crate::migration::{MigrationDeps, MigrationStatus, run_migration};
+    use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
+    use viola_hypervisor::{Hypervisor, StorageCopy};
 
     const A: &str = "fake://a1";
     const B: &str = "fake://b1";

@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::plan::{
-    Action, Copies, MigrationMachine, MigrationPlan, Outcome, Report, Rollback, Step, StepRecord,
-};
+pub use viola_api::migration::{MigrationReport, MigrationStatus};
+
+use super::plan::{Action, Copies, MigrationMachine, MigrationPlan, Report, Rollback, Step};
 use super::stage::{BaseStager, MoveAnnouncer, MoveNotice, StageJob, StagingProgress};
-use crate::hypervisor::{
+use viola_hypervisor::{
     Connector, DiskInfo, DomainState, DomainSummary, Hypervisor, HypervisorError, JobProgress,
-    MigrationRequest, StorageCopy, blocking,
+    MigrationRequest, blocking,
 };
 
 /// What the driver needs besides the plan.
@@ -26,27 +26,6 @@ pub struct MigrationDeps<S, A> {
     pub poll_interval: Duration,
     /// How long cleanup keeps trying to reach a destination that went away.
     pub reconnect_timeout: Duration,
-}
-
-/// Published while a migration runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationStatus {
-    pub step: String,
-    pub job: Option<JobProgress>,
-    /// While the base is being staged.
-    #[serde(default)]
-    pub staging: Option<StagingProgress>,
-}
-
-/// The full account of one migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationReport {
-    pub plan: MigrationPlan,
-    pub outcome: Outcome,
-    pub storage: StorageCopy,
-    pub records: Vec<StepRecord>,
-    /// Destination's completed-job statistics (downtime, elapsed time, bytes) on success.
-    pub completed: Option<JobProgress>,
 }
 
 fn now_ms() -> u64 {
@@ -643,8 +622,10 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::hypervisor::fake::{FakeCluster, Faults, sample_domain_xml};
+    use crate::migration::Outcome;
     use crate::migration::stage::{AnnounceError, StageError, StagedBase};
+    use viola_hypervisor::StorageCopy;
+    use viola_hypervisor::fake::{FakeCluster, Faults, sample_domain_xml};
 
     const A: &str = "fake://a1";
     const B: &str = "fake://b1";

@@ -9,29 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::StorageCopy;
-
-/// What a migration is asked to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationPlan {
-    pub vm: String,
-    pub source_uri: String,
-    pub dest_uri: String,
-    /// The destination as the *source's* libvirtd reaches it for the peer-to-peer migration
-    /// (often the same as `dest_uri`; differs when the manager reaches hosts another way).
-    pub dest_migration_uri: String,
-    /// Whether to stage a missing base image at the destination (then copy only the overlay),
-    /// or fall back to a full-disk copy.
-    pub stage_base: bool,
-    pub bandwidth_mib_s: Option<u64>,
-    pub timeout_ms: u64,
-    /// Longest pause allowed at switchover (QEMU's downtime limit; its default is 300 ms).
-    #[serde(default)]
-    pub max_downtime_ms: Option<u64>,
-    /// Compress RAM pages on the wire.
-    #[serde(default)]
-    pub compress: bool,
-}
+pub use viola_api::migration::{MigrationPlan, Outcome, StepRecord};
+use viola_hypervisor::StorageCopy;
 
 /// Forward steps, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,27 +84,6 @@ pub enum Action {
     Run(Step),
     Undo(Rollback),
     Finished(Outcome),
-}
-
-/// How it ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Runs at the destination only.
-    Migrated { storage: StorageCopy },
-    /// Still (or again) runs at the source only; the destination was cleaned up.
-    RolledBack { reason: String },
-    /// Needs an operator: the state is not one the machine can safely repair.
-    Stuck { reason: String },
-}
-
-/// One line of the migration's log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepRecord {
-    pub action: String,
-    pub started_ms: u64,
-    pub finished_ms: u64,
-    pub result: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,8 @@ use std::future::Future;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+pub use viola_api::migration::StagingProgress;
+
 /// Why a base could not be staged.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -128,21 +130,6 @@ pub struct StageJob<'a> {
     pub deadline_unix_ms: u64,
     /// Sees every progress update.
     pub progress: &'a (dyn Fn(StagingProgress) + Send + Sync),
-}
-
-/// Progress of a staging, as the migration's status shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StagingProgress {
-    /// Who stages: `depot b` or `direct copy`.
-    pub by: String,
-    /// The depot's state (`resolving`, `fetching`, `assembling`, `ready`, ...).
-    pub state: String,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub deadline_unix_ms: u64,
-    pub predicted_ready_unix_ms: Option<u64>,
-    /// Whether the depot's planner expects the deadline to hold.
-    pub accepted: bool,
 }
 
 /// How a base got to the destination (recorded in the migration's log).

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, bail};
 use clap::Parser;
 use prometheus_client::registry::Registry;
-use viola_adaptmgr::hypervisor::libvirt::LibvirtConnector;
 use viola_common::identity::Identity;
+use viola_hypervisor::libvirt::LibvirtConnector;
 use viola_monitor::daemon::{self, MonitorConfig, MonitorMetrics};
 
 #[derive(Debug, Parser)]
@@ -82,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.once {
         let connector = LibvirtConnector;
-        let mut hv = viola_adaptmgr::hypervisor::Connector::open(&connector, &cfg.libvirt_uri).ok();
+        let mut hv = viola_hypervisor::Connector::open(&connector, &cfg.libvirt_uri).ok();
         let mut sampler = viola_monitor::sampler::Sampler::new(&cfg.host, &cfg.site);
         let _ = daemon::collect(&cfg, &mut sampler, &mut hv).await;
         tokio::time::sleep(std::time::Duration::from_millis(cfg.interval_ms.max(100))).await;

@@ -1,13 +1,13 @@
 //! The checked-in seed corpus of `fuzz/` (`fuzz/seeds/control_frame/`), made by the real
 //! encoder. The test fails when an encoding changes and the seeds are stale; regenerate them
-//! with `VIOLA_WRITE_FUZZ_SEEDS=1 cargo test -p viola-adaptmgr fuzz_seeds`.
+//! with `VIOLA_WRITE_FUZZ_SEEDS=1 cargo test -p viola-api fuzz_seeds`.
 
 use std::path::Path;
 
-use super::proto::{
+use crate::manager::{
     HostReport, HostUsage, NetUsage, ProbeResult, Request, Response, VmMigrate, VmResize,
 };
-use super::wire::{encode, fuzz_decode};
+use crate::wire::{encode, fuzz_decode};
 
 #[test]
 fn fuzz_seeds() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{
+use crate::{
     Connector, CpuTuning, DiskInfo, DomainState, DomainStats, DomainSummary, HostInfo, Hypervisor,
     HypervisorError, JobProgress, MigrationRequest, NicInfo, StorageCopy, xml,
 };

@@ -5,8 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DiskCounters, DomainState, NicCounters};
-use crate::inventory::{HostRecord, VmRecord};
+use crate::domain::{DiskCounters, DomainState, NicCounters};
 use crate::migration::{MigrationReport, MigrationStatus};
 
 /// What a monitor pushes every interval (also its heartbeat).
@@ -111,9 +110,53 @@ pub enum Request {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Ack,
-    Hosts(Vec<HostRecord>),
-    Vms(Vec<VmRecord>),
+    Hosts(Vec<HostView>),
+    Vms(Vec<VmView>),
     Progress(MigrationStatus),
     Migrated(Box<MigrationReport>),
     Error { message: String },
+}
+
+/// Liveness as the manager's failure detector sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Never reported yet.
+    Unknown,
+    Up,
+    /// Declared failed (no heartbeat for the configured time) at `since_ms`.
+    Failed {
+        since_ms: u64,
+    },
+}
+
+/// A host as `ListHosts` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostView {
+    pub name: String,
+    pub site: String,
+    pub cpus: u32,
+    pub memory_kib: u64,
+    pub state: HostState,
+    pub last_heartbeat_ms: Option<u64>,
+    /// The monitor's last report of the host's usage.
+    pub usage: Option<HostUsage>,
+}
+
+/// A VM as `ListVms` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    /// Where it runs (or last ran).
+    pub host: String,
+    pub violin: Option<String>,
+    pub macs: Vec<String>,
+    pub state: DomainState,
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    pub memory_kib: u64,
+    pub max_memory_kib: u64,
+    /// vCPUs' worth of CPU use in the last report.
+    pub cpu_busy: f64,
+    pub updated_ms: u64,
 }

@@ -1,11 +1,12 @@
-//! The hypervisor boundary: everything the manager does to a host's VMs goes through
-//! [`Hypervisor`]. [`libvirt::LibvirtHypervisor`] is the real backend (the `virt` crate);
-//! [`fake::FakeCluster`] is an in-memory federation of hosts for logic tests.
+//! The hypervisor boundary: everything Viola does to a host's VMs goes through [`Hypervisor`].
+//! [`libvirt::LibvirtHypervisor`] is the real backend (the `virt` crate); `fake::FakeCluster`
+//! (feature `fake`) is an in-memory federation of hosts for logic tests.
 //!
 //! The trait is synchronous because libvirt calls block (a migration blocks for its whole
-//! duration). Async code calls it through [`blocking`], which runs the call on tokio's blocking
-//! pool so a slow libvirtd never stalls the runtime.
+//! duration). Async code holds a [`Host`]: one connection to one host whose calls run on tokio's
+//! blocking pool, so a slow libvirtd never stalls the runtime and each call is one line.
 
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod libvirt;
 pub mod xml;
@@ -13,17 +14,7 @@ pub mod xml;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-
-/// A domain's run state as the manager cares about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DomainState {
-    Running,
-    Paused,
-    ShutOff,
-    Crashed,
-    Other,
-}
+pub use viola_api::domain::{DiskCounters, DomainState, JobProgress, NicCounters, StorageCopy};
 
 /// One domain as listed on a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,27 +28,6 @@ pub struct DomainSummary {
     pub memory_kib: u64,
     pub max_memory_kib: u64,
     pub cpu_time_ns: u64,
-}
-
-/// Counters of one virtual disk.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskCounters {
-    pub target: String,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub read_requests: u64,
-    pub write_requests: u64,
-}
-
-/// Counters of one virtual NIC (host-side tap view: `rx` is what the guest sent).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NicCounters {
-    pub tap: String,
-    pub mac: String,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub tx_packets: u64,
 }
 
 /// Usage figures of one running domain at one instant.
@@ -120,17 +90,6 @@ impl CpuCap {
     }
 }
 
-/// How the root disk travels with a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StorageCopy {
-    /// Only the top (copy-on-write) layer; the backing chain must already be at the destination
-    /// (`VIR_MIGRATE_NON_SHARED_INC`).
-    Incremental,
-    /// The whole disk, flattened (`VIR_MIGRATE_NON_SHARED_DISK`).
-    Full,
-}
-
 /// What to ask of one live migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRequest {
@@ -151,31 +110,6 @@ pub struct MigrationRequest {
     /// slower than the compression threads, and guest RAM is mostly compressible.
     #[serde(default)]
     pub compress: bool,
-}
-
-/// Progress (or final figures) of a migration job.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobProgress {
-    pub time_elapsed_ms: u64,
-    pub data_total: u64,
-    pub data_processed: u64,
-    pub data_remaining: u64,
-    pub disk_total: u64,
-    pub disk_processed: u64,
-    pub mem_total: u64,
-    pub mem_processed: u64,
-    /// Only in completed-job statistics.
-    pub downtime_ms: Option<u64>,
-}
-
-impl JobProgress {
-    /// Fraction done in `0.0..=1.0` (data can be re-dirtied, so this can move backwards).
-    pub fn fraction(&self) -> f64 {
-        if self.data_total == 0 {
-            return 0.0;
-        }
-        (self.data_processed as f64 / self.data_total as f64).clamp(0.0, 1.0)
-    }
 }
 
 /// Host-level facts.
@@ -299,7 +233,7 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn delete_image(&self, path: &str) -> Result<(), HypervisorError>;
 }
 
-/// Runs a blocking hypervisor call on tokio's blocking pool.
+/// Runs a blocking hypervisor call on tokio's blocking pool (see [`Host`] for the usual way).
 pub async fn blocking<H, T, F>(hv: &Arc<H>, call: F) -> Result<T, HypervisorError>
 where
     H: Hypervisor + ?Sized,
@@ -315,4 +249,101 @@ where
 /// Opens hypervisors by URI (the libvirt one opens a connection, the fake looks a host up).
 pub trait Connector: Send + Sync + 'static {
     fn open(&self, uri: &str) -> Result<Arc<dyn Hypervisor>, HypervisorError>;
+}
+
+/// One host's hypervisor as async code uses it: one connection, every call run on tokio's
+/// blocking pool. Cheap to clone (the connection is shared).
+#[derive(Clone)]
+pub struct Host {
+    hv: Arc<dyn Hypervisor>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("uri", &self.uri()).finish()
+    }
+}
+
+/// Async forms of the [`Hypervisor`] calls: string arguments are copied for the blocking pool,
+/// the others passed as they are.
+macro_rules! async_calls {
+    ($( $(#[$doc:meta])* fn $name:ident($($s:ident: &str),* $(; $($c:ident: $cty:ty),*)?) -> $ret:ty; )*) => {
+        $(
+            $(#[$doc])*
+            pub async fn $name(&self, $($s: &str,)* $($($c: $cty,)*)?) -> Result<$ret, HypervisorError> {
+                $(let $s = $s.to_owned();)*
+                self.call(move |hv| hv.$name($(&$s,)* $($($c,)*)?)).await
+            }
+        )*
+    };
+}
+
+impl Host {
+    pub fn new(hv: Arc<dyn Hypervisor>) -> Self {
+        Self { hv }
+    }
+
+    /// Opens a connection to the host at `uri` (on the blocking pool: libvirt connects
+    /// synchronously).
+    pub async fn open(connector: &Arc<dyn Connector>, uri: &str) -> Result<Self, HypervisorError> {
+        let connector = Arc::clone(connector);
+        let uri = uri.to_owned();
+        tokio::task::spawn_blocking(move || connector.open(&uri))
+            .await
+            .map_err(HypervisorError::Join)?
+            .map(Self::new)
+    }
+
+    pub fn uri(&self) -> &str {
+        self.hv.uri()
+    }
+
+    /// The synchronous hypervisor behind this host.
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.hv
+    }
+
+    /// Runs any call on the blocking pool.
+    pub async fn call<T, F>(&self, call: F) -> Result<T, HypervisorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Hypervisor) -> Result<T, HypervisorError> + Send + 'static,
+    {
+        let hv = Arc::clone(&self.hv);
+        tokio::task::spawn_blocking(move || call(hv.as_ref()))
+            .await
+            .map_err(HypervisorError::Join)?
+    }
+
+    async_calls! {
+        fn host_info() -> HostInfo;
+        fn list_domains() -> Vec<DomainSummary>;
+        fn domain(name: &str) -> Option<DomainSummary>;
+        fn stats() -> Vec<DomainStats>;
+        fn domain_xml(name: &str) -> String;
+        fn disks(name: &str) -> Vec<DiskInfo>;
+        fn nics(name: &str) -> Vec<NicInfo>;
+        fn define(xml: &str) -> String;
+        fn start(name: &str) -> ();
+        fn shutdown(name: &str) -> ();
+        fn destroy(name: &str) -> ();
+        fn undefine(name: &str) -> ();
+        fn set_vcpus(name: &str; vcpus: u32) -> ();
+        fn set_memory(name: &str; kib: u64) -> ();
+        fn cpu_tuning(name: &str) -> CpuTuning;
+        fn set_cpu_tuning(name: &str; tuning: CpuTuning) -> ();
+        fn job_progress(name: &str) -> Option<JobProgress>;
+        fn completed_job(name: &str) -> Option<JobProgress>;
+        fn abort_job(name: &str) -> ();
+        fn image_exists(path: &str) -> bool;
+        fn create_overlay(path: &str, backing: &str, backing_format: &str; capacity_bytes: u64) -> ();
+        fn image_capacity(path: &str) -> u64;
+        fn delete_image(path: &str) -> ();
+    }
+
+    /// Live-migrates `name` as [`Hypervisor::migrate`] does; blocks (on the pool) until it ends.
+    pub async fn migrate(&self, name: &str, req: MigrationRequest) -> Result<(), HypervisorError> {
+        let name = name.to_owned();
+        self.call(move |hv| hv.migrate(&name, &req)).await
+    }
 }

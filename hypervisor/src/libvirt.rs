@@ -17,7 +17,7 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::sys;
 
-use super::{
+use crate::{
     Connector, CpuCap, CpuTuning, DiskCounters, DiskInfo, DomainState, DomainStats, DomainSummary,
     HostInfo, Hypervisor, HypervisorError, JobProgress, MigrationRequest, NicCounters, NicInfo,
     StorageCopy, xml,

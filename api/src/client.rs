@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 
 use viola_common::identity::{self, Identity, Role, alpn};
 
-use super::proto::{Request, Response};
-use super::wire::{self, FrameError};
+use crate::manager::{Request, Response};
+use crate::wire::{self, FrameError};
 
 /// Why talking to the manager failed.
 #[derive(Debug, thiserror::Error)]

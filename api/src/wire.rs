@@ -88,8 +88,8 @@ pub async fn write_frame<T: Serialize>(
 /// Fuzz entry point (used by `fuzz/` and a unit test): decoding arbitrary bytes never panics,
 /// and a decoded message re-encodes to a frame that decodes to the same value.
 pub fn fuzz_decode(data: &[u8]) {
-    fuzz_round_trip::<super::proto::Request>(data);
-    fuzz_round_trip::<super::proto::Response>(data);
+    fuzz_round_trip::<crate::manager::Request>(data);
+    fuzz_round_trip::<crate::manager::Response>(data);
 }
 
 fn fuzz_round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(data: &[u8]) {
@@ -107,7 +107,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::control::proto::{Request, VmResize};
+    use crate::manager::{Request, VmResize};
 
     proptest! {
         #[test]

@@ -1,7 +1,7 @@
 //! Reading what the manager needs out of libvirt domain XML (disks with their backing chain,
 //! NICs, name). Pure functions over text, shared by the libvirt backend and the fake.
 
-use super::{DiskInfo, NicInfo};
+use crate::{DiskInfo, NicInfo};
 
 /// Why domain XML could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,86 @@
+//! A migration as the API shows it: what was asked ([`MigrationPlan`]), its progress while it
+//! runs ([`MigrationStatus`]) and its account when it ends ([`MigrationReport`]). The manager
+//! journals the plan; its step machine lives in `viola-adaptmgr`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{JobProgress, StorageCopy};
+
+/// What a migration is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPlan {
+    pub vm: String,
+    pub source_uri: String,
+    pub dest_uri: String,
+    /// The destination as the *source's* libvirtd reaches it for the peer-to-peer migration
+    /// (often the same as `dest_uri`; differs when the manager reaches hosts another way).
+    pub dest_migration_uri: String,
+    /// Whether to stage a missing base image at the destination (then copy only the overlay),
+    /// or fall back to a full-disk copy.
+    pub stage_base: bool,
+    pub bandwidth_mib_s: Option<u64>,
+    pub timeout_ms: u64,
+    /// Longest pause allowed at switchover (QEMU's downtime limit; its default is 300 ms).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Compress RAM pages on the wire.
+    #[serde(default)]
+    pub compress: bool,
+}
+
+/// How it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Runs at the destination only.
+    Migrated { storage: StorageCopy },
+    /// Still (or again) runs at the source only; the destination was cleaned up.
+    RolledBack { reason: String },
+    /// Needs an operator: the state is not one the machine can safely repair.
+    Stuck { reason: String },
+}
+
+/// One line of the migration's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub action: String,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub result: String,
+}
+
+/// Published while a migration runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub step: String,
+    pub job: Option<JobProgress>,
+    /// While the base is being staged.
+    #[serde(default)]
+    pub staging: Option<StagingProgress>,
+}
+
+/// The full account of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub plan: MigrationPlan,
+    pub outcome: Outcome,
+    pub storage: StorageCopy,
+    pub records: Vec<StepRecord>,
+    /// Destination's completed-job statistics (downtime, elapsed time, bytes) on success.
+    pub completed: Option<JobProgress>,
+}
+
+/// Progress of a staging, as the migration's status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagingProgress {
+    /// Who stages: `depot b` or `direct copy`.
+    pub by: String,
+    /// The depot's state (`resolving`, `fetching`, `assembling`, `ready`, ...).
+    pub state: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub deadline_unix_ms: u64,
+    pub predicted_ready_unix_ms: Option<u64>,
+    /// Whether the depot's planner expects the deadline to hold.
+    pub accepted: bool,
+}
