@@ -149,7 +149,7 @@ site = \"${h:0:1}\"
 libvirt_uri = \"qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock\"
 migration_uri = \"qemu+tcp://$addr/system\"
 images_local = \"$lab_dir/images/$h\"
-overlay_socket = \"$D/overlay-$h.sock\"
+overlay_addr = \"$addr:4500\"
 
 "
 done

@@ -1,6 +1,7 @@
 //! Viola adaptation manager: the mechanisms that act on VMs (hypervisor trait over libvirt,
 //! orchestrated cross-domain live migration, inventory, host-failure handling) and the policies
 //! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
+pub mod announce;
 pub mod control;
 pub mod ha;
 pub mod inventory;

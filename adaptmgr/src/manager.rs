@@ -16,20 +16,19 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::announce::{OverlayAnnouncer, OverlayHost, OverlayLink, QuicOverlayLink};
 use crate::ha::{self, FailureDetector, HostEvent};
 use crate::inventory::{
     HostRecord, HostState, Inventory, InventoryError, SiteRecord, ViolinRecord, VmRecord,
 };
 use crate::migration::depot_stage::{DepotHost, DepotLink};
-use crate::migration::stage::{AnnounceError, ImageDirView};
+use crate::migration::stage::ImageDirView;
 use crate::migration::{
     DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationSnapshot,
-    MigrationStatus, MoveAnnouncer, MoveNotice, Outcome, QuicDepotLink, resume_migration,
-    run_journaled,
+    MigrationStatus, Outcome, QuicDepotLink, resume_migration, run_journaled,
 };
 use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
 use viola_hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
@@ -49,9 +48,10 @@ pub struct HostConfig {
     /// destination's site has no depot or the VM runs from no depot image).
     #[serde(default)]
     pub images_local: Option<PathBuf>,
-    /// Its overlay daemon's control socket, for move announcements.
+    /// Its overlay daemon's address (the daemon's `listen`), for move announcements over QUIC
+    /// with the manager's certificate. Without it the host is taken to run no overlay daemon.
     #[serde(default)]
-    pub overlay_socket: Option<PathBuf>,
+    pub overlay_addr: Option<SocketAddr>,
 }
 
 /// `viola-adaptmgr` configuration.
@@ -203,93 +203,6 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Tells each host's overlay daemon, through its local control socket, to expect a VM's MACs
-/// at the destination (`{"cmd":"expect_move","violin":N,"mac":M,"host":"site/host"}`). An
-/// expectation expires in the overlay by itself, so withdrawing needs no message.
-pub struct OverlaySocketAnnouncer {
-    sockets: Vec<PathBuf>,
-    host_label: BTreeMap<String, String>,
-    inventory: Arc<Inventory>,
-}
-
-impl OverlaySocketAnnouncer {
-    async fn tell(&self, socket: &PathBuf, line: String) -> Result<(), String> {
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::UnixStream::connect(socket),
-        )
-        .await
-        .map_err(|_| format!("{} timed out", socket.display()))?
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
-        let (r, mut w) = stream.into_split();
-        w.write_all(line.as_bytes())
-            .await
-            .map_err(|e| format!("{}: {e}", socket.display()))?;
-        let mut reply = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            BufReader::new(r).read_line(&mut reply),
-        )
-        .await
-        .map_err(|_| format!("{} did not answer", socket.display()))?
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&reply)
-            .map_err(|e| format!("{} answered {reply:?}: {e}", socket.display()))?;
-        if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
-            Ok(())
-        } else {
-            Err(format!("{} refused: {reply}", socket.display()))
-        }
-    }
-}
-
-impl MoveAnnouncer for OverlaySocketAnnouncer {
-    async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-        let err = |reason: String| AnnounceError {
-            vm: n.vm.clone(),
-            reason,
-        };
-        let recorded = self
-            .inventory
-            .vm(&n.vm)
-            .map_err(|e| err(e.to_string()))?
-            .and_then(|v| v.violin);
-        let violins = self.inventory.violins().map_err(|e| err(e.to_string()))?;
-        // The VM's recorded violin, else the violin whose configured members name it.
-        let vni = match recorded {
-            Some(name) => violins
-                .iter()
-                .find(|v| v.name == name)
-                .map(|v| v.vni)
-                .ok_or_else(|| err(format!("unknown violin {name}")))?,
-            None => violins
-                .iter()
-                .find(|v| v.vms.contains(&n.vm))
-                .map(|v| v.vni)
-                .ok_or_else(|| err("the VM is in no violin".into()))?,
-        };
-        let host = self
-            .host_label
-            .get(&n.dest_uri)
-            .ok_or_else(|| err(format!("no overlay name for {}", n.dest_uri)))?;
-        for socket in &self.sockets {
-            for mac in &n.macs {
-                let line = format!(
-                    "{}\n",
-                    serde_json::json!({"cmd": "expect_move", "violin": vni, "mac": mac, "host": host})
-                );
-                self.tell(socket, line).await.map_err(err)?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-        tracing::info!(vm = %n.vm, "move withdrawn; overlay expectations expire by themselves");
-        Ok(())
-    }
-}
-
 /// The manager.
 pub struct Manager {
     pub cfg: ManagerConfig,
@@ -297,6 +210,7 @@ pub struct Manager {
     pub metrics: ManagerMetrics,
     connector: Arc<dyn Connector>,
     stager: DepotStager,
+    announcer: OverlayAnnouncer,
     detector: Mutex<FailureDetector>,
     migrations: Mutex<HashMap<String, CancellationToken>>,
 }
@@ -319,6 +233,19 @@ impl Manager {
         inventory: Arc<Inventory>,
         connector: Arc<dyn Connector>,
         link: Arc<dyn DepotLink>,
+    ) -> Result<Self, InventoryError> {
+        let overlays = Arc::new(QuicOverlayLink::new(cfg.identity_dir.clone()));
+        Self::with_links(cfg, inventory, connector, link, overlays)
+    }
+
+    /// Like [`new`](Self::new), reaching the depots through `depots` and the overlay daemons
+    /// through `overlays`.
+    pub fn with_links(
+        cfg: ManagerConfig,
+        inventory: Arc<Inventory>,
+        connector: Arc<dyn Connector>,
+        link: Arc<dyn DepotLink>,
+        overlays: Arc<dyn OverlayLink>,
     ) -> Result<Self, InventoryError> {
         let now = now_ms();
         let mut detector = FailureDetector::new(cfg.heartbeat_timeout_s * 1000);
@@ -382,7 +309,21 @@ impl Manager {
                 )
             })
             .collect();
+        let overlay_hosts = cfg
+            .hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.libvirt_uri.clone(),
+                    OverlayHost {
+                        label: format!("{}/{}", h.site, h.name),
+                        overlay_addr: h.overlay_addr,
+                    },
+                )
+            })
+            .collect();
         Ok(Self {
+            announcer: OverlayAnnouncer::new(overlay_hosts, Arc::clone(&inventory), overlays),
             stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),
@@ -391,24 +332,6 @@ impl Manager {
             inventory,
             connector,
         })
-    }
-
-    fn announcer(&self) -> OverlaySocketAnnouncer {
-        OverlaySocketAnnouncer {
-            sockets: self
-                .cfg
-                .hosts
-                .iter()
-                .filter_map(|h| h.overlay_socket.clone())
-                .collect(),
-            host_label: self
-                .cfg
-                .hosts
-                .iter()
-                .map(|h| (h.libvirt_uri.clone(), format!("{}/{}", h.site, h.name)))
-                .collect(),
-            inventory: Arc::clone(&self.inventory),
-        }
     }
 
     /// Hosts and VMs as the inventory has them (what policies read).
@@ -624,11 +547,11 @@ impl Manager {
         Ok(report)
     }
 
-    fn migration_deps(&self) -> MigrationDeps<DepotStager, OverlaySocketAnnouncer> {
+    fn migration_deps(&self) -> MigrationDeps<DepotStager, OverlayAnnouncer> {
         MigrationDeps {
             connector: Arc::clone(&self.connector),
             stager: self.stager.clone(),
-            announcer: self.announcer(),
+            announcer: self.announcer.clone(),
             poll_interval: Duration::from_millis(500),
             reconnect_timeout: Duration::from_secs(60),
         }

@@ -321,7 +321,9 @@ mod tests {
             r#"{"cmd":"expect_move","violin":7,"mac":"52:54:00:00:00:05","host":"b/b1"}"#
         );
         assert_eq!(serde_json::from_str::<ControlRequest>(&json).unwrap(), req);
-        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"status","x":1}"#).is_err());
+        let extra = r#"{"cmd":"expect_move","violin":7,"mac":"m","host":"b/b1","x":1}"#;
+        assert!(serde_json::from_str::<ControlRequest>(extra).is_err());
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"reboot"}"#).is_err());
     }
 
     #[test]

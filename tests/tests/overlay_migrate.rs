@@ -1,10 +1,10 @@
 //! Overlay lab test with real QEMU guests: a guest on site a is live-migrated with its disk to
 //! site b while a third guest (on host a2) pings it every 10 ms and keeps one TCP stream from
-//! it running. The move is announced in advance to the overlay
-//! (`expect-move`, as the adaptation manager does), the guest keeps its IP and MAC, the pings
-//! lost (counted at the pinger's NIC) stay within QEMU's own downtime plus 50 ms, and after the move a2's traffic goes to b1
-//! only. The advance notice travels the way the adaptation manager sends it: QUIC with mutual
-//! TLS and a certificate of role `adaptmgr`.
+//! it running. The move is made by the adaptation manager daemon (`viola vm migrate`), which
+//! runs on b2, a host without an overlay daemon: it announces the move in advance to the
+//! overlay daemons of the violin's hosts over QUIC with mutual TLS and its `adaptmgr`
+//! certificate. The guest keeps its IP and MAC, the pings lost (counted at the pinger's NIC)
+//! stay within QEMU's own downtime plus 50 ms, and after the move a2's traffic goes to b1 only.
 
 #[path = "overlay_util.rs"]
 mod util;
@@ -101,6 +101,19 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         return Ok(());
     }
     build_binaries()?;
+    run_ok(
+        Command::new(env!("CARGO"))
+            .current_dir(viola_labtests::repo_root())
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "viola-adaptmgr",
+                "-p",
+                "viola-monitor",
+                "--bins",
+            ]),
+    )?;
     let lab = Lab::up(LAB, &LabSpec::default())?;
     let mut o = Overlay {
         lab: LAB.to_owned(),
@@ -222,43 +235,133 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     assert_eq!(load, "ok", "the third guest refused the load: {load}");
     std::thread::sleep(Duration::from_secs(3));
 
-    // The adaptation manager's advance notice (over QUIC with its own certificate, from a2),
-    // then the move.
-    let mgr = o.path("pki-adaptmgr");
-    o.ca(&[
-        "issue",
-        "--ca-dir",
-        ca,
-        "--role",
+    // The move, by the adaptation manager daemon on b2, a host with no overlay daemon: it
+    // reaches the overlays only over QUIC with its `adaptmgr` certificate (no unix socket), asks
+    // a1's daemon for the violin's members and tells each of them in advance. A monitor on a1
+    // tells it about the guest; the CLI orders the move.
+    let manager_addr = format!("{}:17443", lab.host("b2").address);
+    let issue = |role: &str, site: &str, host: &str| -> Result<std::path::PathBuf> {
+        let dir = o.path(&format!("pki-{role}-{host}"));
+        o.ca(&[
+            "issue",
+            "--ca-dir",
+            ca,
+            "--role",
+            role,
+            "--site",
+            site,
+            "--host",
+            host,
+            "--out",
+            dir.to_str().context("path")?,
+        ])?;
+        Ok(dir)
+    };
+    let mgr_pki = issue("adaptmgr", "fed", "mgr")?;
+    let cli_pki = issue("cli", "fed", "operator")?;
+    let monitor_pki = issue("monitor", "a", "a1")?;
+    let hosts_toml: String = HOSTS
+        .iter()
+        .map(|h| {
+            let host = lab.host(h);
+            format!(
+                "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"{}\"\n\
+                 migration_uri = \"qemu+tcp://{}/system\"\nimages_local = \"{}\"\n\
+                 overlay_addr = \"{}:4500\"\n\n",
+                &h[..1],
+                host.libvirt_uri,
+                host.address,
+                host.images,
+                host.address
+            )
+        })
+        .collect();
+    let manager_cfg = o.write_config(
         "adaptmgr",
-        "--site",
-        "a",
-        "--host",
-        "mgr",
-        "--out",
-        mgr.to_str().context("path")?,
-    ])?;
-    run_ok(
-        Command::new("ip")
-            .args(["netns", "exec", &ns("a2")])
-            .arg(bin("viola-overlay"))
-            .args([
-                "expect-move",
-                "--violin",
-                "1",
-                "--mac",
-                &mac,
-                "--host",
-                "b/b1",
-            ])
-            .args(["--remote", &format!("{}:4500", lab.host("a1").address)])
-            .arg("--identity-dir")
-            .arg(&mgr),
+        &format!(
+            "listen = \"{manager_addr}\"\nmetrics_listen = \"127.0.0.1:19743\"\nidentity_dir = \"{}\"\n\
+             inventory = \"{}\"\nimages_host_dir = \"/var/lib/viola/images\"\n\n{hosts_toml}\
+             [[violins]]\nname = \"mig\"\nid = 1\nvms = [\"{}\"]\n",
+            mgr_pki.display(),
+            o.path("inventory.redb").display(),
+            guest.name
+        ),
     )?;
-    create_overlay(&lab, "b1", &guest)?;
+    // b2 runs no overlay daemon: no violin bridge there.
+    assert!(
+        !viola_labtests::run(Command::new("ip").args(["-n", &ns("b2"), "link", "show", "vio1"]))?
+            .status
+            .success(),
+        "b2 must have no overlay"
+    );
+    let spawn = |o: &mut Overlay, name: &str, netns: &str, cmd: &mut Command| -> Result<()> {
+        let log = std::fs::File::create(o.path(&format!("{name}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        o.daemons.insert(name.to_owned(), child);
+        Ok(())
+    };
+    spawn(
+        &mut o,
+        "adaptmgr",
+        &ns("b2"),
+        Command::new(bin("viola-adaptmgr"))
+            .arg("--config")
+            .arg(&manager_cfg),
+    )?;
+    spawn(
+        &mut o,
+        "monitor-a1",
+        &ns("a1"),
+        Command::new(bin("viola-monitor"))
+            .args(["--host", "a1", "--site", "a", "--manager", &manager_addr])
+            .args([
+                "--interval-ms",
+                "1000",
+                "--metrics-listen",
+                "127.0.0.1:19744",
+            ])
+            .args(["--libvirt-uri", &lab.host("a1").libvirt_uri])
+            .arg("--identity")
+            .arg(&monitor_pki),
+    )?;
+    let viola = |args: &[&str]| {
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &ns("b2")])
+                .arg(bin("viola"))
+                .args(["--manager", &manager_addr, "--identity"])
+                .arg(&cli_pki)
+                .args(args),
+        )
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the manager to learn the guest",
+        || viola(&["vm", "list", "--json"]).is_ok_and(|l| l.contains(&guest.name)),
+    )?;
     let start = Instant::now();
-    lab.migrate_with_disk(&guest.name, "a1", "b1")?;
-    eprintln!("virsh migrate took {:.2} s", start.elapsed().as_secs_f64());
+    let moved = viola(&["vm", "migrate", &guest.name, "--to", "b1"])?;
+    eprintln!(
+        "viola vm migrate took {:.2} s:\n{moved}",
+        start.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(o.path("adaptmgr.log"))?;
+    for member in ["a/a1", "a/a2", "b/b1"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("move announced") && l.contains(&format!("member={member}"))),
+            "the manager did not announce the move to {member}:\n{log}"
+        );
+    }
     let info = parse_jobinfo(&lab.virsh("b1", &["domjobinfo", &guest.name, "--completed"])?);
     let downtime = jobinfo_number(&info, "Total downtime").context("downtime")?;
 

@@ -1,10 +1,9 @@
 //! The control plane end to end in-process: a real QUIC + mutual-TLS endpoint, real
-//! certificates from a test CA, the manager over a fake federation of hypervisors, and a fake
-//! overlay control socket.
+//! certificates from a test CA, the manager over a fake federation of hypervisors, and fake
+//! overlay daemons on their QUIC control endpoints.
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use viola_common::identity::{CertificateAuthority, Identity, PeerIdentity, Role, alpn};
 
@@ -13,6 +12,7 @@ use crate::manager::{HostConfig, Manager, ManagerConfig};
 use crate::migration::Outcome;
 use viola_api::client::Client;
 use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize, VmUsage};
+use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus, Refusal, ViolinStatus};
 use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
 use viola_hypervisor::{DomainState, Hypervisor};
 
@@ -55,25 +55,84 @@ fn report(host: &str, seq: u64) -> Request {
     })
 }
 
-/// A fake overlay daemon on `socket`: answers every request with ok and passes it on.
-fn fake_overlay(
-    socket: &std::path::Path,
+/// What a fake overlay daemon was asked: (its host, the request).
+type Told = tokio::sync::mpsc::Receiver<(String, ControlRequest)>;
+
+/// Fake overlay daemons on QUIC control endpoints with certificates from `ca`, one per
+/// `(site, host, members of violin 42 besides itself)`; `None` for a host outside the violin.
+/// Each answers `status` with its violin membership, `expect_move` with `Done` when it carries
+/// violin 42 (else `NotMember`, as the real daemon does), and passes every request on.
+fn fake_overlays(
+    ca: &CertificateAuthority,
+    hosts: &[(&str, &str, Option<&[&str]>)],
 ) -> (
-    tokio::task::JoinHandle<()>,
-    tokio::sync::mpsc::Receiver<String>,
+    Vec<tokio::task::JoinHandle<()>>,
+    Vec<std::net::SocketAddr>,
+    Told,
 ) {
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel::<String>(8);
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            let _ = BufReader::new(r).read_line(&mut line).await;
-            let _ = seen_tx.send(line).await;
-            let _ = w.write_all(b"{\"ok\":true}\n").await;
-        }
-    });
-    (task, seen_rx)
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::channel(64);
+    let mut tasks = Vec::new();
+    let mut addrs = Vec::new();
+    for &(site, host, members) in hosts {
+        let server_cfg = identity(ca, Role::Overlay, site, host)
+            .server_config(&[alpn::OVERLAY_CONTROL])
+            .unwrap();
+        let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        addrs.push(endpoint.local_addr().unwrap());
+        let label = format!("{site}/{host}");
+        let violins: Vec<ViolinStatus> = members
+            .map(|m| ViolinStatus {
+                id: 42,
+                name: "lan".into(),
+                members: m.iter().map(|s| (*s).to_owned()).collect(),
+                macs: vec![],
+            })
+            .into_iter()
+            .collect();
+        let seen_tx = seen_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let body = recv.read_to_end(1 << 16).await.unwrap();
+                    let req: ControlRequest = serde_json::from_slice(&body).unwrap();
+                    let reply = match &req {
+                        ControlRequest::Status => {
+                            let mut status = OverlayStatus::default();
+                            status.switch.host = label.clone();
+                            status.switch.violins = violins.clone();
+                            ControlReply::Status(Box::new(status))
+                        }
+                        ControlRequest::ExpectMove { violin, .. } => {
+                            if violins.iter().any(|v| v.id == *violin) {
+                                ControlReply::Done
+                            } else {
+                                ControlReply::Refused {
+                                    reason: Refusal::NotMember(*violin),
+                                }
+                            }
+                        }
+                    };
+                    let _ = seen_tx.send((label.clone(), req)).await;
+                    send.write_all(&serde_json::to_vec(&reply).unwrap())
+                        .await
+                        .unwrap();
+                    let _ = send.finish();
+                }
+            }
+        }));
+    }
+    (tasks, addrs, seen_rx)
+}
+
+/// The manager's own certificate, saved where its configuration says.
+fn manager_identity_dir(ca: &CertificateAuthority, dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("mgr");
+    ca.issue(&PeerIdentity::new(Role::Adaptmgr, "fed", "mgr").unwrap(), 1)
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    path
 }
 
 /// Fake hosts a1 and b1, both with the base; vm1 runs on a1 from its overlay.
@@ -81,7 +140,8 @@ fn federation_with_vm1_on_a1() -> (FakeCluster, viola_hypervisor::fake::FakeHype
     let cluster = FakeCluster::new();
     let a1 = cluster.host("fake://a1");
     cluster.host("fake://b1");
-    for h in ["fake://a1", "fake://b1"] {
+    cluster.host("fake://a2");
+    for h in ["fake://a1", "fake://b1", "fake://a2"] {
         cluster.add_image(h, "/img/base.qcow2", 1 << 30, None);
     }
     cluster.add_image(
@@ -115,15 +175,36 @@ fn put_vm1_in_violin_lan(inventory: &Inventory) {
     inventory.put_vm(&rec).unwrap();
 }
 
-fn fake_host(name: &str, site: &str, overlay_socket: &std::path::Path) -> HostConfig {
+fn fake_host(name: &str, site: &str, overlay_addr: std::net::SocketAddr) -> HostConfig {
     HostConfig {
         name: name.into(),
         site: site.into(),
         libvirt_uri: format!("fake://{name}"),
         migration_uri: None,
         images_local: None,
-        overlay_socket: Some(overlay_socket.to_owned()),
+        overlay_addr: Some(overlay_addr),
     }
+}
+
+/// Fake overlays at a1 and b1 (both in violin 42) and a2 (outside it), and the three hosts
+/// configured with them.
+fn hosts_with_overlays(
+    ca: &CertificateAuthority,
+) -> (Vec<tokio::task::JoinHandle<()>>, Vec<HostConfig>, Told) {
+    let (tasks, addrs, told) = fake_overlays(
+        ca,
+        &[
+            ("a", "a1", Some(&["b/b1"])),
+            ("b", "b1", Some(&["a/a1"])),
+            ("a", "a2", None),
+        ],
+    );
+    let hosts = vec![
+        fake_host("a1", "a", addrs[0]),
+        fake_host("b1", "b", addrs[1]),
+        fake_host("a2", "a", addrs[2]),
+    ];
+    (tasks, hosts, told)
 }
 
 #[tokio::test]
@@ -131,14 +212,13 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test", 1).unwrap();
 
-    let socket = dir.path().join("overlay.sock");
-    let (overlay, mut seen_rx) = fake_overlay(&socket);
+    let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
 
     let (cluster, a1) = federation_with_vm1_on_a1();
 
-    let host = |name: &str, site: &str| fake_host(name, site, &socket);
     let cfg = ManagerConfig {
-        hosts: vec![host("a1", "a"), host("b1", "b")],
+        hosts,
+        identity_dir: manager_identity_dir(&ca, dir.path()),
         ..ManagerConfig::default()
     };
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
@@ -238,10 +318,29 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     assert!(progress > 0, "no progress frames");
     assert_eq!(cluster.hosts_running("vm1"), vec!["fake://b1".to_string()]);
     assert_eq!(inventory.vm("vm1").unwrap().unwrap().host, "b1");
-    let told = seen_rx.recv().await.unwrap();
-    assert!(
-        told.contains("\"expect_move\"") && told.contains("\"b/b1\"") && told.contains("42"),
-        "{told}"
+    // The source's overlay was asked for the violin's members, then a1 and b1 were told to
+    // expect the MAC at b1; a2, outside the violin, was never asked anything.
+    let mut asked = Vec::new();
+    while let Ok((host, req)) = told.try_recv() {
+        asked.push((host, req));
+    }
+    let expect = |host: &str| {
+        (
+            host.to_owned(),
+            ControlRequest::ExpectMove {
+                violin: 42,
+                mac: "52:54:00:00:00:01".into(),
+                host: "b/b1".into(),
+            },
+        )
+    };
+    assert_eq!(
+        asked,
+        vec![
+            ("a/a1".to_owned(), ControlRequest::Status),
+            expect("a/a1"),
+            expect("b/b1"),
+        ]
     );
     assert!(
         inventory
@@ -256,7 +355,7 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     other.close().await;
     token.cancel();
     server.await.unwrap();
-    overlay.abort();
+    overlays.iter().for_each(tokio::task::JoinHandle::abort);
 }
 
 /// A manager that stops in the middle of a migration leaves its journal; a new manager over
@@ -265,12 +364,12 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
 #[tokio::test]
 async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("overlay.sock");
-    let (overlay, _seen) = fake_overlay(&socket);
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let (overlays, hosts, _told) = hosts_with_overlays(&ca);
     let (cluster, _) = federation_with_vm1_on_a1();
-    let host = |name: &str, site: &str| fake_host(name, site, &socket);
     let cfg = ManagerConfig {
-        hosts: vec![host("a1", "a"), host("b1", "b")],
+        hosts,
+        identity_dir: manager_identity_dir(&ca, dir.path()),
         ..ManagerConfig::default()
     };
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
@@ -341,5 +440,57 @@ async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
             .is_empty()
     );
     assert!(second.resume_migrations().await.unwrap().is_empty());
-    overlay.abort();
+    overlays.iter().for_each(tokio::task::JoinHandle::abort);
+}
+
+/// A move to a host whose overlay does not carry the VM's violin is rolled back with that
+/// reason before the VM moves (its overlay would drop the VM's frames), leaving nothing at the
+/// destination. That host's overlay is never asked anything.
+#[tokio::test]
+async fn a_move_out_of_the_violin_is_refused_and_outsiders_are_never_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
+    let (cluster, _) = federation_with_vm1_on_a1();
+    let cfg = ManagerConfig {
+        hosts,
+        identity_dir: manager_identity_dir(&ca, dir.path()),
+        ..ManagerConfig::default()
+    };
+    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+    let Request::Report(r) = report("a1", 1) else {
+        unreachable!()
+    };
+    inventory.apply_report(&r, 1).unwrap();
+    put_vm1_in_violin_lan(&inventory);
+    let manager = Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap();
+    let (progress, _p) = tokio::sync::mpsc::channel(64);
+    let req = VmMigrate {
+        vm: "vm1".into(),
+        to_host: "a2".into(),
+        stage_base: true,
+        bandwidth_mib_s: None,
+        timeout_s: Some(30),
+    };
+    let report = manager
+        .migrate(req, progress, CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report.outcome, Outcome::RolledBack { reason } if reason.contains("a/a2 is not a member of violin 42")),
+        "{:?}",
+        report.outcome
+    );
+    assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);
+    assert!(!cluster.has_image("fake://a2", "/img/vm1.qcow2"));
+    let mut asked = Vec::new();
+    while let Ok((host, _)) = told.try_recv() {
+        asked.push(host);
+    }
+    assert_eq!(
+        asked,
+        vec!["a/a1".to_owned()],
+        "only the source's overlay is asked"
+    );
+    overlays.iter().for_each(tokio::task::JoinHandle::abort);
 }
