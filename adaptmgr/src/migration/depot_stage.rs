@@ -363,9 +363,12 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::migration::plan::{MigrationPlan, Outcome};
-    use crate::migration::stage::{AnnounceError, ImageDirView, MoveAnnouncer, MoveNotice};
-    use crate::migration::{MigrationDeps, MigrationStatus, run_migration};
+    use crate::migration::plan::{Action, MigrationPlan, Outcome, Step};
+    use crate::migration::stage::ImageDirView;
+    use crate::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
+    use crate::migration::{
+        MigrationDeps, MigrationRun, MigrationStatus, StepError, run_migration_detailed,
+    };
     use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
     use viola_hypervisor::{Hypervisor, StorageCopy};
 
@@ -767,18 +770,6 @@ mod tests {
         }
     }
 
-    struct NoteAnnouncer(Mutex<Vec<String>>);
-    impl MoveAnnouncer for Arc<NoteAnnouncer> {
-        async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-            self.0.lock().unwrap().push(format!("expect {}", n.vm));
-            Ok(())
-        }
-        async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-            self.0.lock().unwrap().push(format!("withdraw {}", n.vm));
-            Ok(())
-        }
-    }
-
     /// vm1 runs at a1 over a depot-laid base; b1 has nothing.
     fn cluster() -> (FakeCluster, String) {
         let cluster = FakeCluster::new();
@@ -792,15 +783,18 @@ mod tests {
         (cluster, base)
     }
 
+    /// Migrates vm1 from a1 to b1 staging through `stager`; returns the run, the statuses
+    /// seen, and what the overlay was told.
     async fn migrate(
         cluster: &FakeCluster,
         stager: DepotStager,
         timeout_ms: u64,
-    ) -> (crate::migration::MigrationReport, Vec<MigrationStatus>) {
+    ) -> (MigrationRun, Vec<MigrationStatus>, RecordingAnnouncer) {
+        let announcer = RecordingAnnouncer::default();
         let deps = MigrationDeps {
             connector: Arc::new(cluster.clone()),
             stager,
-            announcer: Arc::new(NoteAnnouncer(Mutex::new(Vec::new()))),
+            announcer: announcer.clone(),
             poll_interval: Duration::from_millis(5),
             reconnect_timeout: Duration::from_millis(50),
         };
@@ -823,9 +817,36 @@ mod tests {
             }
             seen
         });
-        let report = run_migration(plan, &deps, &tx, &CancellationToken::new()).await;
+        let run = run_migration_detailed(plan, &deps, &tx, &CancellationToken::new()).await;
         drop(tx);
-        (report, watcher.await.unwrap())
+        (run, watcher.await.unwrap(), announcer)
+    }
+
+    /// A migration whose staging ends in the depot's `script`: rolled back before the move,
+    /// with nothing at the destination (not even the base) and the stager's error as cause.
+    async fn assert_staging_rolls_back(
+        script: Vec<StageStatus>,
+        timeout_ms: u64,
+        expected: impl FnOnce(&StageError) -> bool,
+    ) {
+        let (cluster, base) = cluster();
+        let depot = scripted(script);
+        let (run, _, announcer) = migrate(
+            &cluster,
+            stager(&depot, LocalCopyStager::default(), &["b"]),
+            timeout_ms,
+        )
+        .await;
+        assert_rolled_back_clean(&run, &cluster.host(A), &cluster.host(B), &announcer, |f| {
+            f.action == Action::Run(Step::StageBase)
+                && matches!(&f.error, StepError::Staging { source, .. } if expected(source))
+        });
+        assert!(!cluster.has_image(B, &base));
+        assert!(
+            run.report.records.iter().all(|r| r.action != "Migrate"),
+            "{:#?}",
+            run.report.records
+        );
     }
 
     #[tokio::test]
@@ -845,12 +866,13 @@ mod tests {
             on_ready: Some(Box::new(move || c.add_image(B, &laid, 1 << 30, None))),
             ..FakeDepot::default()
         });
-        let (report, statuses) = migrate(
+        let (run, statuses, _) = migrate(
             &cluster,
             stager(&depot, LocalCopyStager::default(), &["b"]),
             5_000,
         )
         .await;
+        let report = run.report;
         assert_eq!(
             report.outcome,
             Outcome::Migrated {
@@ -889,61 +911,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_depot_staging_rolls_the_migration_back_with_nothing_at_the_destination() {
-        let (cluster, base) = cluster();
-        let depot = scripted(vec![
+        let script = vec![
             st(StageState::Fetching, 0, 100, &[]),
             st(StageState::Failed, 0, 100, &[]),
-        ]);
-        let (report, _) = migrate(
-            &cluster,
-            stager(&depot, LocalCopyStager::default(), &["b"]),
-            5_000,
-        )
+        ];
+        assert_staging_rolls_back(script, 5_000, |e| {
+            matches!(e, StageError::DepotRefused { .. })
+        })
         .await;
-        match &report.outcome {
-            Outcome::RolledBack { reason } => {
-                assert!(
-                    reason.contains("StageBase") && reason.contains("failed"),
-                    "{reason}"
-                )
-            }
-            o => panic!("{o:?}"),
-        }
-        assert_eq!(cluster.hosts_running("vm1"), vec![A.to_string()]);
-        assert!(!cluster.has_domain(B, "vm1"));
-        assert!(!cluster.has_image(B, "/img/vm1.qcow2"));
-        assert!(!cluster.has_image(B, &base));
-        assert!(
-            report.records.iter().all(|r| r.action != "Migrate"),
-            "{:#?}",
-            report.records
-        );
     }
 
     #[tokio::test]
     async fn a_late_depot_staging_rolls_the_migration_back_at_its_timeout() {
-        let (cluster, base) = cluster();
-        let depot = scripted(vec![st(StageState::Fetching, 1, 100, &[])]);
         let t = tokio::time::Instant::now();
-        let (report, _) = migrate(
-            &cluster,
-            stager(&depot, LocalCopyStager::default(), &["b"]),
-            300,
-        )
-        .await;
-        match &report.outcome {
-            Outcome::RolledBack { reason } => {
-                assert!(
-                    reason.contains("StageBase") && reason.contains("deadline"),
-                    "{reason}"
-                )
-            }
-            o => panic!("{o:?}"),
-        }
+        let script = vec![st(StageState::Fetching, 1, 100, &[])];
+        assert_staging_rolls_back(script, 300, |e| matches!(e, StageError::DepotLate { .. })).await;
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        assert_eq!(cluster.hosts_running("vm1"), vec![A.to_string()]);
-        assert!(!cluster.has_domain(B, "vm1"));
-        assert!(!cluster.has_image(B, "/img/vm1.qcow2"));
-        assert!(!cluster.has_image(B, &base));
     }
 }
