@@ -525,6 +525,16 @@ mod tests {
         (r, seen.into_inner().unwrap())
     }
 
+    /// Runs `stage_for_vm` for vm1 over a depot part at `/img`, with a depot at site b only.
+    async fn stage_at_site_b(
+        depot: &Arc<FakeDepot>,
+        deadline_in: Duration,
+    ) -> (Result<StagedHow, StageError>, Vec<StagingProgress>) {
+        let base = part_path("/img");
+        let s = stager(depot, LocalCopyStager::default(), &["b"]);
+        stage(&s, &base, &vm_xml(&base, Some(IMAGE)), deadline_in).await
+    }
+
     fn vm_xml(base: &str, image: Option<&str>) -> String {
         let xml = sample_domain_xml("vm1", "/img/vm1.qcow2", base, "52:54:00:00:00:01");
         match image {
@@ -622,19 +632,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_staging_fails_the_step_instead_of_copying() {
-        let base = part_path("/img");
         let depot = scripted(vec![
             st(StageState::Fetching, 0, 100, &[]),
             st(StageState::Failed, 10, 100, &[]),
         ]);
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
-        let (r, _) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, _) = stage_at_site_b(&depot, Duration::from_secs(10)).await;
         match r {
             Err(StageError::DepotRefused { state, message, .. }) => {
                 assert_eq!(state, "failed");
@@ -646,17 +648,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_staging_not_ready_by_the_deadline_fails_at_the_deadline() {
-        let base = part_path("/img");
         let depot = scripted(vec![st(StageState::Fetching, 5, 100, &[])]);
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
         let t = tokio::time::Instant::now();
-        let (r, seen) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_millis(150),
-        )
-        .await;
+        let (r, seen) = stage_at_site_b(&depot, Duration::from_millis(150)).await;
         assert!(
             matches!(r, Err(StageError::DepotLate { bytes_done: 5, .. })),
             "{r:?}"
@@ -673,35 +667,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_chain_ending_elsewhere_is_refused() {
-        let base = part_path("/img");
         let other = format!("/srv/b1/{}.qcow2", "0".repeat(64));
         let depot = scripted(vec![st(StageState::Ready, 0, 0, &[&other])]);
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
-        let (r, _) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, _) = stage_at_site_b(&depot, Duration::from_secs(10)).await;
         assert!(matches!(r, Err(StageError::ChainMismatch { .. })), "{r:?}");
     }
 
     #[tokio::test]
     async fn an_unreachable_depot_fails_the_step() {
-        let base = part_path("/img");
         let depot = Arc::new(FakeDepot {
             unreachable: true,
             ..FakeDepot::default()
         });
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
-        let (r, _) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, _) = stage_at_site_b(&depot, Duration::from_secs(10)).await;
         assert!(
             matches!(r, Err(StageError::DepotUnreachable { ref site, .. }) if site == "b"),
             "{r:?}"
