@@ -347,6 +347,12 @@ async fn drive<S: BaseStager, A: MoveAnnouncer>(
     mut journal: impl FnMut(&MigrationSnapshot),
 ) -> MigrationRun {
     let plan = snap.machine.plan().clone();
+    let steps = StepRunner {
+        deps,
+        links,
+        status,
+        cancel,
+    };
     let mut first_failure = None;
     loop {
         if cancel.is_cancelled() && !snap.machine.is_cancelled() {
@@ -374,8 +380,8 @@ async fn drive<S: BaseStager, A: MoveAnnouncer>(
                     first_failure,
                 };
             }
-            Action::Run(step) => run_step(*step, machine, deps, links, ctx, status, cancel).await,
-            Action::Undo(r) => undo_step(*r, machine, deps, links, ctx).await,
+            Action::Run(step) => steps.run(*step, machine, ctx).await,
+            Action::Undo(r) => steps.undo(*r, machine, ctx).await,
         };
         // The journal keeps the error as text, with its whole chain.
         let result = result.map_err(|error| {
@@ -388,58 +394,230 @@ async fn drive<S: BaseStager, A: MoveAnnouncer>(
     }
 }
 
-async fn run_step<S: BaseStager, A: MoveAnnouncer>(
-    step: Step,
-    machine: &MigrationMachine,
-    deps: &MigrationDeps<S, A>,
-    links: &Links,
-    ctx: &mut Context,
-    status: &watch::Sender<MigrationStatus>,
-    cancel: &CancellationToken,
-) -> Result<Report, StepError> {
-    let plan = machine.plan();
-    match step {
-        Step::PreCheck => pre_check(plan, links, ctx).await,
-        Step::StageBase => stage_bases(plan, deps, links, ctx, status, cancel).await,
-        Step::PrecreateOverlay => {
-            let (src, dst) = (&links.source, &links.dest);
-            let (s, d) = (src.host().await?, dst.host().await?);
-            for disk in &ctx.disks {
-                let Some((base, fmt)) = &disk.backing else {
-                    return Err(StepError::NoBackingImage {
-                        path: disk.path.clone(),
-                    });
-                };
-                let capacity = s
-                    .image_capacity(&disk.path)
-                    .await
-                    .map_err(src.failed("image_capacity"))?;
-                d.create_overlay(&disk.path, base, fmt, capacity)
-                    .await
-                    .map_err(dst.failed("create_overlay"))?;
+/// What the steps work with besides the machine and its context.
+struct StepRunner<'a, S, A> {
+    deps: &'a MigrationDeps<S, A>,
+    links: &'a Links,
+    status: &'a watch::Sender<MigrationStatus>,
+    cancel: &'a CancellationToken,
+}
+
+impl<S: BaseStager, A: MoveAnnouncer> StepRunner<'_, S, A> {
+    async fn run(
+        &self,
+        step: Step,
+        machine: &MigrationMachine,
+        ctx: &mut Context,
+    ) -> Result<Report, StepError> {
+        let plan = machine.plan();
+        match step {
+            Step::PreCheck => pre_check(plan, self.links, ctx).await,
+            Step::StageBase => self.stage_bases(plan, ctx).await,
+            Step::PrecreateOverlay => {
+                let (src, dst) = (&self.links.source, &self.links.dest);
+                let (s, d) = (src.host().await?, dst.host().await?);
+                for disk in &ctx.disks {
+                    let Some((base, fmt)) = &disk.backing else {
+                        return Err(StepError::NoBackingImage {
+                            path: disk.path.clone(),
+                        });
+                    };
+                    let capacity = s
+                        .image_capacity(&disk.path)
+                        .await
+                        .map_err(src.failed("image_capacity"))?;
+                    d.create_overlay(&disk.path, base, fmt, capacity)
+                        .await
+                        .map_err(dst.failed("create_overlay"))?;
+                }
+                Ok(Report::Done)
             }
-            Ok(Report::Done)
+            Step::AnnounceMove => {
+                self.deps
+                    .announcer
+                    .expect_move(&notice(plan, ctx))
+                    .await
+                    .map_err(StepError::Announce)?;
+                Ok(Report::Done)
+            }
+            Step::Migrate => self.migrate(machine, ctx).await,
+            Step::Verify => {
+                let found = find_copies(self.links, plan, Duration::ZERO).await?;
+                if found != Copies::DestinationOnly {
+                    return Err(StepError::VerifyMismatch { found });
+                }
+                // Only for the report: a destination that cannot tell is no failure.
+                if let Ok(d) = self.links.dest.host().await {
+                    ctx.completed = d.completed_job(&plan.vm).await.ok().flatten();
+                }
+                Ok(Report::Found(found))
+            }
+            Step::CleanupSource => {
+                delete_disks(&self.links.source, &ctx.disks, Duration::ZERO).await
+            }
         }
-        Step::AnnounceMove => {
-            deps.announcer
-                .expect_move(&notice(plan, ctx))
+    }
+
+    async fn undo(
+        &self,
+        r: Rollback,
+        machine: &MigrationMachine,
+        ctx: &Context,
+    ) -> Result<Report, StepError> {
+        let plan = machine.plan();
+        let patience = self.deps.reconnect_timeout;
+        match r {
+            Rollback::Reconcile => find_copies(self.links, plan, patience)
                 .await
-                .map_err(StepError::Announce)?;
-            Ok(Report::Done)
-        }
-        Step::Migrate => migrate(machine, deps, links, ctx, status, cancel).await,
-        Step::Verify => {
-            let found = find_copies(links, plan, Duration::ZERO).await?;
-            if found != Copies::DestinationOnly {
-                return Err(StepError::VerifyMismatch { found });
+                .map(Report::Found),
+            Rollback::RemoveDestinationDomain => {
+                remove_destination_domain(&self.links.dest, &plan.vm, patience).await
             }
-            // Only for the report: a destination that cannot tell is no failure.
-            if let Ok(d) = links.dest.host().await {
-                ctx.completed = d.completed_job(&plan.vm).await.ok().flatten();
+            Rollback::RemoveDestinationOverlay => {
+                delete_disks(&self.links.dest, &ctx.disks, patience).await
             }
-            Ok(Report::Found(found))
+            Rollback::WithdrawAnnouncement => {
+                self.deps
+                    .announcer
+                    .withdraw_move(&notice(plan, ctx))
+                    .await
+                    .map_err(StepError::Withdraw)?;
+                Ok(Report::Done)
+            }
         }
-        Step::CleanupSource => delete_disks(&links.source, &ctx.disks, Duration::ZERO).await,
+    }
+
+    /// Puts every base the destination lacks there, through the stager.
+    async fn stage_bases(&self, plan: &MigrationPlan, ctx: &Context) -> Result<Report, StepError> {
+        let (src, dst) = (&self.links.source, &self.links.dest);
+        let d = dst.host().await?;
+        let domain_xml = src
+            .host()
+            .await?
+            .domain_xml(&plan.vm)
+            .await
+            .map_err(src.failed("domain_xml"))?;
+        // Staging gets the migration's timeout as its deadline; cancellation stops waiting.
+        let deadline_unix_ms = now_ms() + plan.timeout_ms;
+        let progress = |p: StagingProgress| {
+            self.status.send_replace(MigrationStatus {
+                step: "StageBase".into(),
+                job: None,
+                staging: Some(p),
+            });
+        };
+        let mut how = Vec::new();
+        for disk in &ctx.disks {
+            let Some((base, _)) = &disk.backing else {
+                continue;
+            };
+            if d.image_exists(base)
+                .await
+                .map_err(dst.failed("image_exists"))?
+            {
+                how.push(format!("{base}: already at the destination"));
+                continue;
+            }
+            let job = StageJob {
+                vm: &plan.vm,
+                base_path: base,
+                source_uri: &plan.source_uri,
+                dest_uri: &plan.dest_uri,
+                domain_xml: &domain_xml,
+                deadline_unix_ms,
+                progress: &progress,
+            };
+            // The stager reports lateness itself (with its progress); this only catches one that
+            // does not honour the deadline.
+            let backstop = Duration::from_millis(plan.timeout_ms) + Duration::from_secs(2);
+            let staged = tokio::select! {
+                r = self.deps.stager.stage_for_vm(&job) => r.map_err(|source| StepError::Staging {
+                    base: base.clone(),
+                    source,
+                })?,
+                () = tokio::time::sleep(backstop) => {
+                    return Err(StepError::StagingTimedOut {
+                        base: base.clone(),
+                        timeout_ms: plan.timeout_ms,
+                    });
+                }
+                () = self.cancel.cancelled() => {
+                    return Err(StepError::StagingCancelled { base: base.clone() });
+                }
+            };
+            tracing::info!(base = %base, how = %staged, "base staged");
+            if !d
+                .image_exists(base)
+                .await
+                .map_err(dst.failed("image_exists"))?
+            {
+                return Err(StepError::StagedBaseMissing { base: base.clone() });
+            }
+            how.push(format!("{base}: {staged}"));
+        }
+        Ok(Report::Staged { how })
+    }
+
+    async fn migrate(
+        &self,
+        machine: &MigrationMachine,
+        ctx: &Context,
+    ) -> Result<Report, StepError> {
+        let plan = machine.plan();
+        let vm = plan.vm.as_str();
+        let mover = self.links.source.host().await?;
+        let watcher = self.links.source_watch.host().await?;
+        let req = MigrationRequest {
+            dest_uri: plan.dest_migration_uri.clone(),
+            disks: ctx.disks.iter().map(|d| d.target.clone()).collect(),
+            storage: machine.storage(),
+            bandwidth_mib_s: plan.bandwidth_mib_s,
+            migrate_uri: None,
+            max_downtime_ms: plan.max_downtime_ms,
+            compress: plan.compress,
+        };
+        // Runs on the blocking pool from its first poll; awaited to its end on every path.
+        let migration = mover.migrate(vm, req);
+        tokio::pin!(migration);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(plan.timeout_ms);
+        let mut poll = tokio::time::interval(self.deps.poll_interval);
+        let mut aborted: Option<AbortReason> = None;
+        loop {
+            tokio::select! {
+                result = &mut migration => {
+                    let Err(source) = result else {
+                        return Ok(Report::Done);
+                    };
+                    return Err(match aborted {
+                        Some(AbortReason::TimedOut) => StepError::MigrationTimedOut {
+                            timeout_ms: plan.timeout_ms,
+                            source,
+                        },
+                        Some(AbortReason::Cancelled) => StepError::MigrationCancelled(source),
+                        None => self.links.source.failed("migrate")(source),
+                    });
+                }
+                _ = poll.tick() => {
+                    if aborted.is_some() {
+                        // Aborting can fail while the job is still being set up; keep asking.
+                        abort(&watcher, vm).await;
+                        continue;
+                    }
+                    let job = tokio::time::timeout(Duration::from_secs(2), watcher.job_progress(vm)).await;
+                    if let Ok(Ok(job)) = job {
+                        self.status.send_replace(MigrationStatus { step: "Migrate".into(), job, staging: None });
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if aborted.is_none() => {
+                    aborted = Some(AbortReason::TimedOut);
+                    abort(&watcher, vm).await;
+                }
+                _ = self.cancel.cancelled(), if aborted.is_none() => {
+                    aborted = Some(AbortReason::Cancelled);
+                    abort(&watcher, vm).await;
+                }
+            }
+        }
     }
 }
 
@@ -520,84 +698,6 @@ async fn pre_check(
     })
 }
 
-/// Puts every base the destination lacks there, through the stager.
-async fn stage_bases<S: BaseStager, A>(
-    plan: &MigrationPlan,
-    deps: &MigrationDeps<S, A>,
-    links: &Links,
-    ctx: &Context,
-    status: &watch::Sender<MigrationStatus>,
-    cancel: &CancellationToken,
-) -> Result<Report, StepError> {
-    let (src, dst) = (&links.source, &links.dest);
-    let d = dst.host().await?;
-    let domain_xml = src
-        .host()
-        .await?
-        .domain_xml(&plan.vm)
-        .await
-        .map_err(src.failed("domain_xml"))?;
-    // Staging gets the migration's timeout as its deadline; cancellation stops waiting.
-    let deadline_unix_ms = now_ms() + plan.timeout_ms;
-    let progress = |p: StagingProgress| {
-        status.send_replace(MigrationStatus {
-            step: "StageBase".into(),
-            job: None,
-            staging: Some(p),
-        });
-    };
-    let mut how = Vec::new();
-    for disk in &ctx.disks {
-        let Some((base, _)) = &disk.backing else {
-            continue;
-        };
-        if d.image_exists(base)
-            .await
-            .map_err(dst.failed("image_exists"))?
-        {
-            how.push(format!("{base}: already at the destination"));
-            continue;
-        }
-        let job = StageJob {
-            vm: &plan.vm,
-            base_path: base,
-            source_uri: &plan.source_uri,
-            dest_uri: &plan.dest_uri,
-            domain_xml: &domain_xml,
-            deadline_unix_ms,
-            progress: &progress,
-        };
-        // The stager reports lateness itself (with its progress); this only catches one that
-        // does not honour the deadline.
-        let backstop = Duration::from_millis(plan.timeout_ms) + Duration::from_secs(2);
-        let staged = tokio::select! {
-            r = deps.stager.stage_for_vm(&job) => r.map_err(|source| StepError::Staging {
-                base: base.clone(),
-                source,
-            })?,
-            () = tokio::time::sleep(backstop) => {
-                return Err(StepError::StagingTimedOut {
-                    base: base.clone(),
-                    timeout_ms: plan.timeout_ms,
-                });
-            }
-            () = cancel.cancelled() => {
-                return Err(StepError::StagingCancelled { base: base.clone() });
-            }
-        };
-        tracing::info!(base = %base, how = %staged, "base staged");
-        if !d
-            .image_exists(base)
-            .await
-            .map_err(dst.failed("image_exists"))?
-        {
-            return Err(StepError::StagedBaseMissing { base: base.clone() });
-        }
-        how.push(format!("{base}: {staged}"));
-    }
-    Ok(Report::Staged { how })
-}
-
 /// Deletes the VM's disk overlays at one host (idempotent), each asked again until `patience`.
 async fn delete_disks(
     link: &HostLink,
@@ -628,71 +728,6 @@ fn notice(plan: &MigrationPlan, ctx: &Context) -> MoveNotice {
 enum AbortReason {
     TimedOut,
     Cancelled,
-}
-
-async fn migrate<S, A>(
-    machine: &MigrationMachine,
-    deps: &MigrationDeps<S, A>,
-    links: &Links,
-    ctx: &Context,
-    status: &watch::Sender<MigrationStatus>,
-    cancel: &CancellationToken,
-) -> Result<Report, StepError> {
-    let plan = machine.plan();
-    let vm = plan.vm.as_str();
-    let mover = links.source.host().await?;
-    let watcher = links.source_watch.host().await?;
-    let req = MigrationRequest {
-        dest_uri: plan.dest_migration_uri.clone(),
-        disks: ctx.disks.iter().map(|d| d.target.clone()).collect(),
-        storage: machine.storage(),
-        bandwidth_mib_s: plan.bandwidth_mib_s,
-        migrate_uri: None,
-        max_downtime_ms: plan.max_downtime_ms,
-        compress: plan.compress,
-    };
-    // Runs on the blocking pool from its first poll; awaited to its end on every path.
-    let migration = mover.migrate(vm, req);
-    tokio::pin!(migration);
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(plan.timeout_ms);
-    let mut poll = tokio::time::interval(deps.poll_interval);
-    let mut aborted: Option<AbortReason> = None;
-    loop {
-        tokio::select! {
-            result = &mut migration => {
-                let Err(source) = result else {
-                    return Ok(Report::Done);
-                };
-                return Err(match aborted {
-                    Some(AbortReason::TimedOut) => StepError::MigrationTimedOut {
-                        timeout_ms: plan.timeout_ms,
-                        source,
-                    },
-                    Some(AbortReason::Cancelled) => StepError::MigrationCancelled(source),
-                    None => links.source.failed("migrate")(source),
-                });
-            }
-            _ = poll.tick() => {
-                if aborted.is_some() {
-                    // Aborting can fail while the job is still being set up; keep asking.
-                    abort(&watcher, vm).await;
-                    continue;
-                }
-                let job = tokio::time::timeout(Duration::from_secs(2), watcher.job_progress(vm)).await;
-                if let Ok(Ok(job)) = job {
-                    status.send_replace(MigrationStatus { step: "Migrate".into(), job, staging: None });
-                }
-            }
-            _ = tokio::time::sleep_until(deadline), if aborted.is_none() => {
-                aborted = Some(AbortReason::TimedOut);
-                abort(&watcher, vm).await;
-            }
-            _ = cancel.cancelled(), if aborted.is_none() => {
-                aborted = Some(AbortReason::Cancelled);
-                abort(&watcher, vm).await;
-            }
-        }
-    }
 }
 
 async fn abort(watcher: &Host, vm: &str) {
@@ -742,31 +777,6 @@ async fn find_copies(
         (false, true) => Copies::DestinationOnly,
         (false, false) => Copies::Neither,
     })
-}
-
-async fn undo_step<S: BaseStager, A: MoveAnnouncer>(
-    r: Rollback,
-    machine: &MigrationMachine,
-    deps: &MigrationDeps<S, A>,
-    links: &Links,
-    ctx: &Context,
-) -> Result<Report, StepError> {
-    let plan = machine.plan();
-    let patience = deps.reconnect_timeout;
-    match r {
-        Rollback::Reconcile => find_copies(links, plan, patience).await.map(Report::Found),
-        Rollback::RemoveDestinationDomain => {
-            remove_destination_domain(&links.dest, &plan.vm, patience).await
-        }
-        Rollback::RemoveDestinationOverlay => delete_disks(&links.dest, &ctx.disks, patience).await,
-        Rollback::WithdrawAnnouncement => {
-            deps.announcer
-                .withdraw_move(&notice(plan, ctx))
-                .await
-                .map_err(StepError::Withdraw)?;
-            Ok(Report::Done)
-        }
-    }
 }
 
 /// Destroys and undefines what is left of `vm` at the destination (an incoming QEMU).
