@@ -176,6 +176,26 @@ impl HypervisorError {
             _ => false,
         }
     }
+
+    /// True when the connection itself failed (cannot connect, or the daemon went away), so
+    /// the caller should open a new one rather than use this one again.
+    pub fn is_connection_error(&self) -> bool {
+        use virt::error::{ErrorDomain, ErrorNumber};
+        match self {
+            Self::Connect { .. } => true,
+            // The fake's unreachable host.
+            Self::Failed { op, .. } => *op == "connect",
+            // A dead daemon shows as transport (RPC) errors on every later call.
+            Self::Libvirt { source, .. } => {
+                source.domain() == ErrorDomain::Rpc
+                    || matches!(
+                        source.code(),
+                        ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc
+                    )
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One host's hypervisor. Every call blocks; use [`blocking`] from async code.

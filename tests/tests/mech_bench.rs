@@ -17,10 +17,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use util::*;
-use viola_adaptmgr::migration::stage::{AnnounceError, ImageDirView};
+use viola_adaptmgr::migration::stage::ImageDirView;
+use viola_adaptmgr::migration::testing::RecordingAnnouncer;
 use viola_adaptmgr::migration::{
-    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, MoveAnnouncer, MoveNotice,
-    Outcome, run_migration,
+    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration,
 };
 use viola_hypervisor::StorageCopy;
 use viola_hypervisor::libvirt::LibvirtConnector;
@@ -28,20 +28,6 @@ use viola_hypervisor::libvirt::LibvirtConnector;
 // v3: made with its inode tables zeroed (see `bench_base`).
 const BENCH_BASE: &str = "base-1g-v3.qcow2";
 const GUEST_MIB: u64 = 256;
-
-/// Nothing listens for moves in this benchmark (the guest's L2 is a local bridge): the
-/// announcements are only logged.
-struct LogAnnouncer;
-impl MoveAnnouncer for LogAnnouncer {
-    async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-        eprintln!("expect move of {} {:?}", n.vm, n.macs);
-        Ok(())
-    }
-    async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-        eprintln!("withdraw move of {}", n.vm);
-        Ok(())
-    }
-}
 
 fn sh(script: &str) {
     let out = run(Command::new("sh").arg("-c").arg(script));
@@ -155,7 +141,8 @@ async fn one_run(mode: StorageCopy) -> Run {
     let deps = MigrationDeps {
         connector: Arc::new(LibvirtConnector),
         stager: LocalCopyStager::new(views),
-        announcer: LogAnnouncer,
+        // Nothing listens for moves here (the guest's L2 is a local bridge).
+        announcer: RecordingAnnouncer::default(),
         poll_interval: Duration::from_millis(500),
         reconnect_timeout: Duration::from_secs(30),
     };

@@ -10,37 +10,21 @@ mod util;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use util::*;
-use viola_adaptmgr::migration::stage::{AnnounceError, ImageDirView};
+use viola_adaptmgr::migration::plan::{Action, Step};
+use viola_adaptmgr::migration::stage::ImageDirView;
+use viola_adaptmgr::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
 use viola_adaptmgr::migration::{
-    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, MoveAnnouncer, MoveNotice,
-    Outcome, run_migration,
+    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration,
+    run_migration_detailed,
 };
 use viola_hypervisor::StorageCopy;
 use viola_hypervisor::libvirt::LibvirtConnector;
-
-/// Records what the overlay would have been told (the VXLAN stand-in learns by itself).
-#[derive(Default, Clone)]
-struct RecordingAnnouncer(Arc<Mutex<Vec<String>>>);
-
-impl MoveAnnouncer for RecordingAnnouncer {
-    async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("expect {} {:?}", n.vm, n.macs));
-        Ok(())
-    }
-    async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-        self.0.lock().unwrap().push(format!("withdraw {}", n.vm));
-        Ok(())
-    }
-}
 
 fn deps(
     hosts: &[&str],
@@ -179,7 +163,7 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     );
     assert!(hv_b1.domain(name).unwrap().is_some_and(|d| d.persistent));
     assert!(!local_images("a1").join(format!("{name}.qcow2")).exists());
-    assert!(announcer.0.lock().unwrap()[0].starts_with("expect vm-mig"));
+    assert!(announcer.notes()[0].starts_with("expect vm-mig"));
 
     // Data intact, guest reachable at the same IP from the other site.
     let marker = guest_http("a2", ip, "marker-read");
@@ -251,7 +235,7 @@ async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only()
     let (tx, mut rx) = watch::channel(MigrationStatus::default());
     let migration = {
         let p = plan(name, "a1", "b1", 4);
-        async move { run_migration(p, &d, &tx, &CancellationToken::new()).await }
+        async move { run_migration_detailed(p, &d, &tx, &CancellationToken::new()).await }
     };
     let killer = async {
         // Wait until data is flowing, then kill the destination's libvirtd.
@@ -278,21 +262,11 @@ async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only()
         restart_libvirtd("b1");
         true
     };
-    let (report, killed) = tokio::join!(migration, killer);
-    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    let (run, killed) = tokio::join!(migration, killer);
+    eprintln!("{}", serde_json::to_string_pretty(&run.report).unwrap());
     assert!(killed, "the migration ended before data moved");
-    assert!(
-        matches!(report.outcome, Outcome::RolledBack { .. }),
-        "{:?}",
-        report.outcome
-    );
 
     // The guest runs at the source, answers, and nothing of it is left at the destination.
-    let a1 = hv_a1
-        .domain(name)
-        .unwrap()
-        .expect("still defined at the source");
-    assert_eq!(a1.state, viola_hypervisor::DomainState::Running);
     wait_guest("a1", ip, Duration::from_secs(30));
     let hv_b1 = open("b1");
     wait_until(
@@ -304,12 +278,7 @@ async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only()
         !local_images("b1").join(format!("{name}.qcow2")).exists(),
         "overlay left at b1"
     );
-    assert!(
-        announcer
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l == "withdraw vm-kill")
-    );
+    assert_rolled_back_clean(&run, hv_a1.as_ref(), hv_b1.as_ref(), &announcer, |f| {
+        f.action == Action::Run(Step::Migrate)
+    });
 }

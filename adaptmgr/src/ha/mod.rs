@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::inventory::{HostRecord, HostState, VmRecord};
 use crate::migration::BaseStager;
-use viola_hypervisor::{Connector, DomainState, HypervisorError, blocking, xml};
+use viola_hypervisor::{Connector, DomainState, Host, HypervisorError, xml};
 
 /// Liveness changes the detector reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,27 +228,20 @@ pub async fn restart_vm<S: BaseStager>(
         vm: vm.name.clone(),
         source,
     })?;
-    let hv_err = |host: &str| {
-        let vm = vm.name.clone();
-        let host = host.to_owned();
-        move |source| RestartError::Hypervisor { vm, host, source }
+    let hv_err = |source| RestartError::Hypervisor {
+        vm: vm.name.clone(),
+        host: to.name.clone(),
+        source,
     };
-    let c = Arc::clone(connector);
-    let uri = to.libvirt_uri.clone();
-    let target = tokio::task::spawn_blocking(move || c.open(&uri))
+    let target = Host::open(connector, &to.libvirt_uri)
         .await
-        .map_err(|e| hv_err(&to.name)(HypervisorError::Join(e)))?
-        .map_err(hv_err(&to.name))?;
+        .map_err(hv_err)?;
     for disk in disks.iter().filter(|d| !d.read_only) {
         let (base, fmt) = disk.backing.clone().ok_or_else(|| RestartError::NoBase {
             vm: vm.name.clone(),
             path: disk.path.clone(),
         })?;
-        let b = base.clone();
-        if !blocking(&target, move |h| h.image_exists(&b))
-            .await
-            .map_err(hv_err(&to.name))?
-        {
+        if !target.image_exists(&base).await.map_err(hv_err)? {
             let mut staged = false;
             for src in live_hosts.iter().filter(|h| h.name != to.name) {
                 if stager
@@ -268,36 +261,21 @@ pub async fn restart_vm<S: BaseStager>(
                 });
             }
         }
-        let p = disk.path.clone();
-        if blocking(&target, move |h| h.image_exists(&p))
-            .await
-            .map_err(hv_err(&to.name))?
-        {
+        if target.image_exists(&disk.path).await.map_err(hv_err)? {
             return Err(RestartError::OverlayExists {
                 vm: vm.name.clone(),
                 path: disk.path.clone(),
                 host: to.name.clone(),
             });
         }
-        let b = base.clone();
-        let capacity = blocking(&target, move |h| h.image_capacity(&b))
+        let capacity = target.image_capacity(&base).await.map_err(hv_err)?;
+        target
+            .create_overlay(&disk.path, &base, &fmt, capacity)
             .await
-            .map_err(hv_err(&to.name))?;
-        let p = disk.path.clone();
-        blocking(&target, move |h| {
-            h.create_overlay(&p, &base, &fmt, capacity)
-        })
-        .await
-        .map_err(hv_err(&to.name))?;
+            .map_err(hv_err)?;
     }
-    let d = desc.clone();
-    blocking(&target, move |h| h.define(&d))
-        .await
-        .map_err(hv_err(&to.name))?;
-    let n = vm.name.clone();
-    blocking(&target, move |h| h.start(&n))
-        .await
-        .map_err(hv_err(&to.name))?;
+    target.define(&desc).await.map_err(hv_err)?;
+    target.start(&vm.name).await.map_err(hv_err)?;
     Ok(())
 }
 
@@ -308,12 +286,8 @@ pub async fn fence_returned_host(
     host: &HostRecord,
     vms: &[VmRecord],
 ) -> Result<Vec<String>, HypervisorError> {
-    let c = Arc::clone(connector);
-    let uri = host.libvirt_uri.clone();
-    let hv = tokio::task::spawn_blocking(move || c.open(&uri))
-        .await
-        .map_err(HypervisorError::Join)??;
-    let present = blocking(&hv, |h| h.list_domains()).await?;
+    let hv = Host::open(connector, &host.libvirt_uri).await?;
+    let present = hv.list_domains().await?;
     let mut removed = Vec::new();
     for d in present {
         let moved = vms.iter().any(|v| v.name == d.name && v.host != host.name);
@@ -321,11 +295,9 @@ pub async fn fence_returned_host(
             continue;
         }
         if matches!(d.state, DomainState::Running | DomainState::Paused) {
-            let n = d.name.clone();
-            blocking(&hv, move |h| h.destroy(&n)).await?;
+            hv.destroy(&d.name).await?;
         }
-        let n = d.name.clone();
-        match blocking(&hv, move |h| h.undefine(&n)).await {
+        match hv.undefine(&d.name).await {
             Ok(()) => {}
             Err(e) if e.is_no_such_domain() => {}
             Err(e) => return Err(e),
@@ -338,7 +310,7 @@ pub async fn fence_returned_host(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::stage::{StageError, StagedBase};
+    use crate::migration::testing::FakeStager;
     use viola_hypervisor::Hypervisor;
     use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
 
@@ -436,18 +408,6 @@ mod tests {
             ]
         );
         assert_eq!(unplaced, vec!["huge".to_string()]);
-    }
-
-    struct FakeStager(FakeCluster);
-    impl BaseStager for FakeStager {
-        async fn stage(&self, base: &str, _: &str, dest: &str) -> Result<StagedBase, StageError> {
-            self.0.add_image(dest, base, 1 << 30, None);
-            Ok(StagedBase {
-                blake3: String::new(),
-                bytes: 0,
-                copied: true,
-            })
-        }
     }
 
     #[tokio::test]

@@ -363,9 +363,12 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::migration::plan::{MigrationPlan, Outcome};
-    use crate::migration::stage::{AnnounceError, ImageDirView, MoveAnnouncer, MoveNotice};
-    use crate::migration::{MigrationDeps, MigrationStatus, run_migration};
+    use crate::migration::plan::{Action, MigrationPlan, Outcome, Step};
+    use crate::migration::stage::ImageDirView;
+    use crate::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
+    use crate::migration::{
+        MigrationDeps, MigrationRun, MigrationStatus, StepError, run_migration_detailed,
+    };
     use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
     use viola_hypervisor::{Hypervisor, StorageCopy};
 
@@ -522,6 +525,16 @@ mod tests {
         (r, seen.into_inner().unwrap())
     }
 
+    /// Runs `stage_for_vm` for vm1 over a depot part at `/img`, with a depot at site b only.
+    async fn stage_at_site_b(
+        depot: &Arc<FakeDepot>,
+        deadline_in: Duration,
+    ) -> (Result<StagedHow, StageError>, Vec<StagingProgress>) {
+        let base = part_path("/img");
+        let s = stager(depot, LocalCopyStager::default(), &["b"]);
+        stage(&s, &base, &vm_xml(&base, Some(IMAGE)), deadline_in).await
+    }
+
     fn vm_xml(base: &str, image: Option<&str>) -> String {
         let xml = sample_domain_xml("vm1", "/img/vm1.qcow2", base, "52:54:00:00:00:01");
         match image {
@@ -619,19 +632,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_staging_fails_the_step_instead_of_copying() {
-        let base = part_path("/img");
         let depot = scripted(vec![
             st(StageState::Fetching, 0, 100, &[]),
             st(StageState::Failed, 10, 100, &[]),
         ]);
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
-        let (r, _) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, _) = stage_at_site_b(&depot, Duration::from_secs(10)).await;
         match r {
             Err(StageError::DepotRefused { state, message, .. }) => {
                 assert_eq!(state, "failed");
@@ -643,17 +648,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_staging_not_ready_by_the_deadline_fails_at_the_deadline() {
-        let base = part_path("/img");
         let depot = scripted(vec![st(StageState::Fetching, 5, 100, &[])]);
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
         let t = tokio::time::Instant::now();
-        let (r, seen) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_millis(150),
-        )
-        .await;
+        let (r, seen) = stage_at_site_b(&depot, Duration::from_millis(150)).await;
         assert!(
             matches!(r, Err(StageError::DepotLate { bytes_done: 5, .. })),
             "{r:?}"
@@ -670,35 +667,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_chain_ending_elsewhere_is_refused() {
-        let base = part_path("/img");
         let other = format!("/srv/b1/{}.qcow2", "0".repeat(64));
         let depot = scripted(vec![st(StageState::Ready, 0, 0, &[&other])]);
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
-        let (r, _) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, _) = stage_at_site_b(&depot, Duration::from_secs(10)).await;
         assert!(matches!(r, Err(StageError::ChainMismatch { .. })), "{r:?}");
     }
 
     #[tokio::test]
     async fn an_unreachable_depot_fails_the_step() {
-        let base = part_path("/img");
         let depot = Arc::new(FakeDepot {
             unreachable: true,
             ..FakeDepot::default()
         });
-        let s = stager(&depot, LocalCopyStager::default(), &["b"]);
-        let (r, _) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, _) = stage_at_site_b(&depot, Duration::from_secs(10)).await;
         assert!(
             matches!(r, Err(StageError::DepotUnreachable { ref site, .. }) if site == "b"),
             "{r:?}"
@@ -767,18 +748,6 @@ mod tests {
         }
     }
 
-    struct NoteAnnouncer(Mutex<Vec<String>>);
-    impl MoveAnnouncer for Arc<NoteAnnouncer> {
-        async fn expect_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-            self.0.lock().unwrap().push(format!("expect {}", n.vm));
-            Ok(())
-        }
-        async fn withdraw_move(&self, n: &MoveNotice) -> Result<(), AnnounceError> {
-            self.0.lock().unwrap().push(format!("withdraw {}", n.vm));
-            Ok(())
-        }
-    }
-
     /// vm1 runs at a1 over a depot-laid base; b1 has nothing.
     fn cluster() -> (FakeCluster, String) {
         let cluster = FakeCluster::new();
@@ -792,15 +761,18 @@ mod tests {
         (cluster, base)
     }
 
+    /// Migrates vm1 from a1 to b1 staging through `stager`; returns the run, the statuses
+    /// seen, and what the overlay was told.
     async fn migrate(
         cluster: &FakeCluster,
         stager: DepotStager,
         timeout_ms: u64,
-    ) -> (crate::migration::MigrationReport, Vec<MigrationStatus>) {
+    ) -> (MigrationRun, Vec<MigrationStatus>, RecordingAnnouncer) {
+        let announcer = RecordingAnnouncer::default();
         let deps = MigrationDeps {
             connector: Arc::new(cluster.clone()),
             stager,
-            announcer: Arc::new(NoteAnnouncer(Mutex::new(Vec::new()))),
+            announcer: announcer.clone(),
             poll_interval: Duration::from_millis(5),
             reconnect_timeout: Duration::from_millis(50),
         };
@@ -823,9 +795,36 @@ mod tests {
             }
             seen
         });
-        let report = run_migration(plan, &deps, &tx, &CancellationToken::new()).await;
+        let run = run_migration_detailed(plan, &deps, &tx, &CancellationToken::new()).await;
         drop(tx);
-        (report, watcher.await.unwrap())
+        (run, watcher.await.unwrap(), announcer)
+    }
+
+    /// A migration whose staging ends in the depot's `script`: rolled back before the move,
+    /// with nothing at the destination (not even the base) and the stager's error as cause.
+    async fn assert_staging_rolls_back(
+        script: Vec<StageStatus>,
+        timeout_ms: u64,
+        expected: impl FnOnce(&StageError) -> bool,
+    ) {
+        let (cluster, base) = cluster();
+        let depot = scripted(script);
+        let (run, _, announcer) = migrate(
+            &cluster,
+            stager(&depot, LocalCopyStager::default(), &["b"]),
+            timeout_ms,
+        )
+        .await;
+        assert_rolled_back_clean(&run, &cluster.host(A), &cluster.host(B), &announcer, |f| {
+            f.action == Action::Run(Step::StageBase)
+                && matches!(&f.error, StepError::Staging { source, .. } if expected(source))
+        });
+        assert!(!cluster.has_image(B, &base));
+        assert!(
+            run.report.records.iter().all(|r| r.action != "Migrate"),
+            "{:#?}",
+            run.report.records
+        );
     }
 
     #[tokio::test]
@@ -845,12 +844,13 @@ mod tests {
             on_ready: Some(Box::new(move || c.add_image(B, &laid, 1 << 30, None))),
             ..FakeDepot::default()
         });
-        let (report, statuses) = migrate(
+        let (run, statuses, _) = migrate(
             &cluster,
             stager(&depot, LocalCopyStager::default(), &["b"]),
             5_000,
         )
         .await;
+        let report = run.report;
         assert_eq!(
             report.outcome,
             Outcome::Migrated {
@@ -889,61 +889,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_depot_staging_rolls_the_migration_back_with_nothing_at_the_destination() {
-        let (cluster, base) = cluster();
-        let depot = scripted(vec![
+        let script = vec![
             st(StageState::Fetching, 0, 100, &[]),
             st(StageState::Failed, 0, 100, &[]),
-        ]);
-        let (report, _) = migrate(
-            &cluster,
-            stager(&depot, LocalCopyStager::default(), &["b"]),
-            5_000,
-        )
+        ];
+        assert_staging_rolls_back(script, 5_000, |e| {
+            matches!(e, StageError::DepotRefused { .. })
+        })
         .await;
-        match &report.outcome {
-            Outcome::RolledBack { reason } => {
-                assert!(
-                    reason.contains("StageBase") && reason.contains("failed"),
-                    "{reason}"
-                )
-            }
-            o => panic!("{o:?}"),
-        }
-        assert_eq!(cluster.hosts_running("vm1"), vec![A.to_string()]);
-        assert!(!cluster.has_domain(B, "vm1"));
-        assert!(!cluster.has_image(B, "/img/vm1.qcow2"));
-        assert!(!cluster.has_image(B, &base));
-        assert!(
-            report.records.iter().all(|r| r.action != "Migrate"),
-            "{:#?}",
-            report.records
-        );
     }
 
     #[tokio::test]
     async fn a_late_depot_staging_rolls_the_migration_back_at_its_timeout() {
-        let (cluster, base) = cluster();
-        let depot = scripted(vec![st(StageState::Fetching, 1, 100, &[])]);
         let t = tokio::time::Instant::now();
-        let (report, _) = migrate(
-            &cluster,
-            stager(&depot, LocalCopyStager::default(), &["b"]),
-            300,
-        )
-        .await;
-        match &report.outcome {
-            Outcome::RolledBack { reason } => {
-                assert!(
-                    reason.contains("StageBase") && reason.contains("deadline"),
-                    "{reason}"
-                )
-            }
-            o => panic!("{o:?}"),
-        }
+        let script = vec![st(StageState::Fetching, 1, 100, &[])];
+        assert_staging_rolls_back(script, 300, |e| matches!(e, StageError::DepotLate { .. })).await;
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
-        assert_eq!(cluster.hosts_running("vm1"), vec![A.to_string()]);
-        assert!(!cluster.has_domain(B, "vm1"));
-        assert!(!cluster.has_image(B, "/img/vm1.qcow2"));
-        assert!(!cluster.has_image(B, &base));
     }
 }
