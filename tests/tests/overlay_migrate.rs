@@ -6,18 +6,16 @@
 //! only. The advance notice travels the way the adaptation manager sends it: QUIC with mutual
 //! TLS and a certificate of role `adaptmgr`.
 
-#[path = "overlay_util.rs"]
-mod util;
-
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use util::*;
+use viola_labtests::daemons::bin;
+use viola_labtests::overlay::*;
+use viola_labtests::pki::Pki;
 use viola_labtests::{
     GuestSpec, Lab, LabSpec, boot_guest, create_overlay, guest_http, jobinfo_number,
-    lab_tests_enabled, parse_jobinfo, run_ok, stage_base,
+    lab_tests_enabled, parse_jobinfo, run_ok, stage_base, wait_until,
 };
 
 const LAB: &str = "ovm";
@@ -102,15 +100,8 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     }
     build_binaries()?;
     let lab = Lab::up(LAB, &LabSpec::default())?;
-    let mut o = Overlay {
-        lab: LAB.to_owned(),
-        dir: tempfile::tempdir()?,
-        daemons: BTreeMap::new(),
-        vm_namespaces: Vec::new(),
-    };
-    let ca = o.path("ca");
-    let ca = ca.to_str().context("path")?;
-    o.ca(&["init", "--ca-dir", ca])?;
+    let mut o = Overlay::new(LAB)?;
+    let pki = Pki::init(&o.path("ca"))?;
     let ns = |h: &str| lab.host(h).namespace.clone();
     let peers: String = HOSTS
         .iter()
@@ -119,34 +110,9 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let guest = GuestSpec::new("vo-g1", "10.1.0.5/24", "vio1");
     // The third guest, on a2, loads g1 across the move.
     let pinger = GuestSpec::new("vo-g2", "10.1.0.6/24", "vio1");
-    let mac = run_ok(
-        Command::new(repo_root_script("scripts/guest/domain-xml.sh"))
-            .args(["--name", &guest.name, "--disk", "/x", "--bridge", "vio1"])
-            .args(["--ip", &guest.ip_cidr]),
-    )?
-    .lines()
-    .find_map(|l| {
-        l.trim()
-            .strip_prefix("<mac address='")
-            .and_then(|r| r.strip_suffix("'/>"))
-            .map(str::to_owned)
-    })
-    .context("no MAC in the domain XML")?;
+    let mac = guest.mac(&lab.console_dir())?;
     for (i, h) in HOSTS.iter().enumerate() {
-        let dir = o.path(&format!("pki-{h}"));
-        o.ca(&[
-            "issue",
-            "--ca-dir",
-            ca,
-            "--role",
-            "overlay",
-            "--site",
-            &h[..1],
-            "--host",
-            h,
-            "--out",
-            dir.to_str().context("path")?,
-        ])?;
+        let dir = pki.issue("overlay", &h[..1], h, &o.path(&format!("pki-{h}")))?;
         let cfg = format!(
             "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{peers}\
              [[violins]]\nid = 1\nname = \"mig\"\nvms = [{{ mac = \"{mac}\", ip = \"10.1.0.5\" }}]\n",
@@ -157,10 +123,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         let path = o.write_config(h, &cfg)?;
         o.start(h, &ns(h), &path)?;
         // The host itself joins the violin through its bridge (a2 is the pinging "third guest").
-        wait_until(Duration::from_secs(15), "bridge vio1", || {
-            viola_labtests::run(Command::new("ip").args(["-n", &ns(h), "link", "show", "vio1"]))
-                .is_ok_and(|o| o.status.success())
-        })?;
+        wait_for_link(&ns(h), "vio1", Duration::from_secs(15))?;
         run_ok(Command::new("ip").args([
             "-n",
             &ns(h),
@@ -179,8 +142,8 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let boot = boot_guest(&lab, "a1", &guest, Duration::from_secs(120))?;
     eprintln!("guest up {:.1} s after virsh start", boot.as_secs_f64());
     boot_guest(&lab, "a2", &pinger, Duration::from_secs(120))?;
-    wait_ping(&ns("a2"), pinger.ip(), Duration::from_secs(20))?;
-    wait_ping(&ns("a2"), guest.ip(), Duration::from_secs(20))?;
+    wait_ping_from(&ns("a2"), pinger.ip(), Duration::from_secs(20))?;
+    wait_ping_from(&ns("a2"), guest.ip(), Duration::from_secs(20))?;
     assert_eq!(
         guest_http(&lab, "a2", guest.ip(), "marker-write=moved")?,
         "ok"
@@ -224,20 +187,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
 
     // The adaptation manager's advance notice (over QUIC with its own certificate, from a2),
     // then the move.
-    let mgr = o.path("pki-adaptmgr");
-    o.ca(&[
-        "issue",
-        "--ca-dir",
-        ca,
-        "--role",
-        "adaptmgr",
-        "--site",
-        "a",
-        "--host",
-        "mgr",
-        "--out",
-        mgr.to_str().context("path")?,
-    ])?;
+    let mgr = pki.issue("adaptmgr", "a", "mgr", &o.path("pki-adaptmgr"))?;
     run_ok(
         Command::new("ip")
             .args(["netns", "exec", &ns("a2")])
@@ -263,7 +213,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let downtime = jobinfo_number(&info, "Total downtime").context("downtime")?;
 
     // Where a2 sends now, and that nothing more goes to a1 for the guest.
-    wait_until(Duration::from_secs(5), "a2 to learn the move", || {
+    wait_until("a2 to learn the move", Duration::from_secs(5), || {
         o.status("a2")
             .is_ok_and(|s| mac_location(&s, &mac).is_some_and(|l| l.0 == "b/b1"))
     })?;
@@ -347,8 +297,4 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     drop(o);
     drop(lab);
     Ok(())
-}
-
-fn repo_root_script(rel: &str) -> std::path::PathBuf {
-    viola_labtests::repo_root().join(rel)
 }
