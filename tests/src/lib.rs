@@ -181,19 +181,7 @@ impl Lab {
             cmd.args(["--nat-site", site]);
         }
         // Construct the guard first so a failed `up` is still torn down.
-        let mut lab = Self {
-            instance: instance.to_owned(),
-            status: LabStatus {
-                up: false,
-                lab: instance.to_owned(),
-                lab_dir: String::new(),
-                sites: 0,
-                wan_delay_ms: 0.0,
-                wan_rate_mbit: 0.0,
-                hosts: Vec::new(),
-            },
-            owned: true,
-        };
+        let mut lab = Self::unread(instance, true);
         run_ok(cmd.stdout(Stdio::null()))?;
         lab.status = lab.read_status()?;
         Ok(lab)
@@ -202,7 +190,17 @@ impl Lab {
     /// The lab `instance` someone else brought up (`scripts/lab.sh up`, as `scripts/test.sh`
     /// does for the mechanisms tests); left up when dropped. An error if it is not up.
     pub fn attach(instance: &str) -> Result<Self> {
-        let mut lab = Self {
+        let mut lab = Self::unread(instance, false);
+        lab.status = lab.read_status()?;
+        if !lab.status.up {
+            bail!("lab {instance} is not up: run `scripts/lab.sh up` first");
+        }
+        Ok(lab)
+    }
+
+    /// Lab `instance` before its status has been read.
+    fn unread(instance: &str, owned: bool) -> Self {
+        Self {
             instance: instance.to_owned(),
             status: LabStatus {
                 up: false,
@@ -213,13 +211,8 @@ impl Lab {
                 wan_rate_mbit: 0.0,
                 hosts: Vec::new(),
             },
-            owned: false,
-        };
-        lab.status = lab.read_status()?;
-        if !lab.status.up {
-            bail!("lab {instance} is not up: run `scripts/lab.sh up` first");
+            owned,
         }
-        Ok(lab)
     }
 
     fn script(instance: &str) -> Command {

@@ -92,6 +92,31 @@ pub fn begin(hosts: &[&'static str], name: &'static str) -> Cleanup {
     }
 }
 
+/// [`begin`] for one guest `name` at `host`, booted there on a bridge of its own: the host at
+/// `SUBNET.1/24`, the guest at `SUBNET.5` (one vCPU of at most `max_vcpus`, 256 MiB). Returns
+/// the guard, the host's hypervisor and the guest's address.
+pub fn begin_with_guest(
+    host: &'static str,
+    name: &'static str,
+    subnet: &str,
+    max_vcpus: u32,
+) -> (Cleanup, Arc<dyn Hypervisor>, String) {
+    let cleanup = begin(&[host], name);
+    make_bridge(host, &format!("{subnet}.1/24"));
+    let hv = open(host);
+    let ip = format!("{subnet}.5");
+    boot_guest(
+        &hv,
+        host,
+        name,
+        &format!("{ip}/24"),
+        "vm-br0",
+        max_vcpus,
+        256,
+    );
+    (cleanup, hv, ip)
+}
+
 /// The manager's way to a host's libvirtd: its unix socket, visible from the root namespace.
 pub fn manager_uri(host: &str) -> String {
     format!(

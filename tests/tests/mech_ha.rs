@@ -16,23 +16,33 @@ use viola_labtests::pki::Pki;
 
 const HEARTBEAT_TIMEOUT_S: u64 = 6;
 
-fn build_daemons() {
-    viola_labtests::daemons::build(&["viola-adaptmgr", "viola-monitor", "viola-common"])
-        .expect("building the daemons");
-}
-
 /// The federation of a test: its CA, the manager's and the CLI's identities, the manager's
-/// address, the daemons (stopped at the end).
+/// address and configuration, the daemons (stopped at the end).
 struct Federation {
     dir: tempfile::TempDir,
     pki: Pki,
     mgr: String,
     mgr_id: PathBuf,
     cli_id: PathBuf,
+    cfg: PathBuf,
     daemons: Daemons,
 }
 
 impl Federation {
+    /// Builds the daemons, makes the identities, configures the manager for `hosts` (name,
+    /// site) with `extra` keys and tables, and starts it and a monitor at each host.
+    fn start(hosts: &[(&str, &str)], extra: &str) -> Self {
+        viola_labtests::daemons::build(&["viola-adaptmgr", "viola-monitor", "viola-common"])
+            .expect("building the daemons");
+        let mut fed = Self::new();
+        fed.cfg = write_manager_config(&fed, hosts, extra);
+        fed.start_manager();
+        for (h, site) in hosts {
+            fed.start_monitor(h, site);
+        }
+        fed
+    }
+
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::init(&dir.path().join("ca")).unwrap();
@@ -48,15 +58,16 @@ impl Federation {
             pki,
             mgr_id,
             cli_id,
+            cfg: PathBuf::new(),
             daemons: Daemons::default(),
         }
     }
 
-    /// Starts the manager on `cfg` as daemon "manager".
-    fn start_manager(&mut self, cfg: &Path) {
+    /// Starts the manager as daemon "manager".
+    fn start_manager(&mut self) {
         let child = Command::new(bin("viola-adaptmgr"))
             .arg("--config")
-            .arg(cfg)
+            .arg(&self.cfg)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start viola-adaptmgr");
@@ -137,21 +148,13 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     let ip = "10.77.6.5";
     let mut cleanup = begin(&["a1", "a2"], name);
     cleanup.first(|| revive_libvirtd("a1"));
-    build_daemons();
     let qemu_pid_file = lab_dir().join(format!("hosts/a1/run/qemu/{name}.pid"));
     make_bridge("a1", "10.77.6.1/24");
     make_bridge("a2", "10.77.6.2/24");
-
-    let mut fed = Federation::new();
-    let cfg = write_manager_config(
-        &fed,
+    let mut fed = Federation::start(
         &[("a1", "a"), ("a2", "a")],
         &format!("heartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n"),
     );
-    fed.start_manager(&cfg);
-    for h in ["a1", "a2"] {
-        fed.start_monitor(h, "a");
-    }
     let (mgr, cli_id) = (fed.mgr.clone(), fed.cli_id.clone());
 
     // The guest's base is at both hosts (as the depot keeps it at every site of the VM).
@@ -242,22 +245,14 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
     let name = "vm-mgr-kill";
     let ip = "10.77.8.5";
     let _cleanup = begin(&["a1", "b1"], name);
-    build_daemons();
     make_bridge("a1", "10.77.8.1/24");
     make_bridge("b1", "10.77.8.2/24");
-
-    let mut fed = Federation::new();
-    let cfg = write_manager_config(
-        &fed,
+    let mut fed = Federation::start(
         &[("a1", "a"), ("b1", "b")],
         &format!(
             "migration_bandwidth_mib_s = 4\n[[violins]]\nname = \"t\"\nid = 9\nvms = [\"{name}\"]\n"
         ),
     );
-    fed.start_manager(&cfg);
-    for (h, site) in [("a1", "a"), ("b1", "b")] {
-        fed.start_monitor(h, site);
-    }
     let (mgr, cli_id) = (fed.mgr.clone(), fed.cli_id.clone());
 
     // The base is at both sites, so the move copies only the overlay and RAM.
@@ -294,7 +289,7 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
 
     // Its successor resolves the migration from the journal (the CLI, whose connection died
     // with the manager, is stopped: it would wait for its idle timeout).
-    fed.start_manager(&cfg);
+    fed.start_manager();
     let _ = Command::new("kill")
         .args(["-TERM", &cli.id().to_string()])
         .status();

@@ -47,11 +47,8 @@ fn process_cpu_s(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_burner_in_guest_shows_as_one_busy_vcpu() {
     let name = "vm-burn";
-    let ip = "10.77.5.5";
-    let _cleanup = begin(&["a1"], name);
-    make_bridge("a1", "10.77.5.1/24");
-    let hv = open("a1");
-    boot_guest(&hv, "a1", name, &format!("{ip}/24"), "vm-br0", 2, 256);
+    let (_cleanup, hv, ip) = begin_with_guest("a1", name, "10.77.5", 2);
+    let ip = ip.as_str();
     hv.set_vcpus(name, 2).expect("two vCPUs");
     wait_guest("a1", ip, Duration::from_secs(180));
     wait_info("a1", ip, "cpus_online", Duration::from_secs(60), |n| n == 2);

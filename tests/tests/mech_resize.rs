@@ -10,11 +10,8 @@ use viola_labtests::mech::*;
 #[test]
 fn resize_vcpus_memory_and_cap_of_a_running_guest() {
     let name = "vm-resize";
-    let ip = "10.77.1.5";
-    let _cleanup = begin(&["a1"], name);
-    make_bridge("a1", "10.77.1.1/24");
-    let hv = open("a1");
-    boot_guest(&hv, "a1", name, &format!("{ip}/24"), "vm-br0", 2, 256);
+    let (_cleanup, hv, ip) = begin_with_guest("a1", name, "10.77.1", 2);
+    let ip = ip.as_str();
 
     let info = wait_guest("a1", ip, Duration::from_secs(180));
     assert_eq!(info_value(&info, "cpus_online"), Some(1), "{info}");
