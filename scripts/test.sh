@@ -23,15 +23,16 @@ step "unit, property and simulator tests"
 cargo test --workspace --locked --exclude viola-labtests
 
 step "lab tests (real namespaces, libvirtd, QEMU; one at a time)"
-# Most lab tests build a lab of their own; the mechanisms tests on mech_util.rs use the default
-# lab, which is built afresh for each of them (some kill hosts) and removed again whatever happens.
+# Most lab tests build a lab of their own; the mechanisms tests (on viola_labtests::mech) use the
+# default lab, which is built afresh for each of them (some kill hosts) and removed again whatever
+# happens.
 trap 'scripts/lab.sh down >/dev/null 2>&1 || true' EXIT
 cargo test --locked -p viola-labtests --lib --bins
 failed=()
-# A test binary needs the default lab when it uses mech_util.rs and has a test that is not
-# ignored (mech_bench is a benchmark driver only).
+# A test binary needs the default lab when it says so with a line `// lab: default` and has a
+# test that is not ignored (mech_bench is a benchmark driver only).
 needs_default_lab() {
-  grep -q '"mech_util.rs"' "$1" || return 1
+  grep -q '^// lab: default' "$1" || return 1
   local tests ignored
   tests=$(grep -cE '^#\[(tokio::)?test' "$1" || true)
   ignored=$(grep -cE '^#\[ignore' "$1" || true)
@@ -39,7 +40,6 @@ needs_default_lab() {
 }
 for file in tests/tests/*.rs; do
   t=$(basename "$file" .rs)
-  case "$t" in *_util) continue ;; esac
   lab=0
   if needs_default_lab "$file"; then lab=1; scripts/lab.sh up >/dev/null; fi
   cargo test --locked -p viola-labtests --test "$t" -- --test-threads=1 || failed+=("$t")

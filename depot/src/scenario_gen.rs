@@ -29,6 +29,20 @@ impl Default for GenParams {
     }
 }
 
+/// `n` deterministic pseudo-random bytes for `seed` (a linear congruential generator: data
+/// for tests and benchmarks that neither compresses nor repeats, not for anything secret).
+pub fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u8
+        })
+        .collect()
+}
+
 /// A deterministic scenario for `seed`.
 pub fn generate(seed: u64, g: GenParams) -> Scenario {
     let mut rng = StdRng::seed_from_u64(seed);

@@ -751,18 +751,7 @@ fn young(path: &Path, grace: Duration) -> bool {
 mod tests {
     use super::*;
     use crate::manifest::{DiskFormat, MANIFEST_VERSION, OverlaySpec, PartRef};
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 33) as u8
-            })
-            .collect()
-    }
+    use crate::scenario_gen::pseudo_random_bytes as pseudo_random;
 
     fn import(store: &Store, dir: &Path, name: &str, data: &[u8]) -> PartIndex {
         let p = dir.join(name);

@@ -8,29 +8,59 @@ use viola_depot::image::{self, ImageError};
 use viola_depot::manifest::{DiskFormat, MANIFEST_VERSION, Manifest, OverlaySpec, PartRef};
 use viola_depot::store::Store;
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
+/// Runs `cmd`, panicking (with its stderr) unless it succeeds.
+fn run(cmd: &mut Command) {
+    let out = cmd
         .output()
-        .expect("qemu-img is installed");
+        .unwrap_or_else(|e| panic!("{cmd:?} (is it installed?): {e}"));
     assert!(
         out.status.success(),
-        "qemu-img {args:?}: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
+fn qemu_img(args: &[&str]) {
+    run(Command::new("qemu-img").args(args));
+}
+
+/// `qemu-img create -q -f qcow2 OPTIONS... PATH [SIZE]` (no size: the backing file's).
+fn create_qcow2(path: &Path, options: &[&str], size: Option<&str>) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .args(options)
+        .arg(path)
+        .args(size));
+}
+
 fn qemu_io(image: &Path, cmd: &str) {
-    let out = Command::new("qemu-io")
+    run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", cmd])
-        .arg(image)
-        .output()
-        .expect("qemu-io is installed");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(image));
+}
+
+/// Makes a 1 MiB qcow2 `dir/evil.qcow2` with `qemu-img create` `options`, imports it into a
+/// new store in `dir` as the one part of an image, as a hostile peer would serve it, and
+/// assembles that for VM `vm` in `dir/h`.
+fn assemble_hostile_part(dir: &Path, options: &[&str]) -> Result<image::Assembled, ImageError> {
+    let evil = dir.join("evil.qcow2");
+    create_qcow2(&evil, options, Some("1M"));
+    let store = Store::open(dir.join("store")).unwrap();
+    let (idx, _) = store.import_file(&evil, spec(), |_| {}).unwrap();
+    let m = Manifest {
+        version: MANIFEST_VERSION,
+        name: "evil".into(),
+        parts: vec![PartRef {
+            id: idx.id(),
+            size: idx.size,
+            format: DiskFormat::Qcow2,
+            virtual_size: 1 << 20,
+            backing: None,
+            label: String::new(),
+        }],
+        overlay: OverlaySpec::default(),
+    };
+    image::assemble(&store, &m, &dir.join("h"), Some("vm"), &mut |_, _| {})
 }
 
 fn spec() -> ChunkerSpec {
@@ -48,19 +78,9 @@ fn a_chain_imported_elsewhere_assembles_to_the_same_disk_and_gets_a_checked_over
     std::fs::create_dir_all(&src).unwrap();
     let base = src.join("base.qcow2");
     let layer = src.join("layer.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+    create_qcow2(&base, &[], Some("64M"));
     qemu_io(&base, "write -P 0x11 0 3M");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        layer.to_str().unwrap(),
-    ]);
+    create_qcow2(&layer, &["-b", base.to_str().unwrap(), "-F", "qcow2"], None);
     qemu_io(&layer, "write -P 0x22 1M 2M");
     let store = Store::open(dir.path().join("store")).unwrap();
     let (_, m) = image::import(&store, &layer, "demo", spec(), &mut |_, _| {}).unwrap();
@@ -97,38 +117,10 @@ fn a_chain_imported_elsewhere_assembles_to_the_same_disk_and_gets_a_checked_over
 #[test]
 fn a_part_whose_header_points_outside_the_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let evil = dir.path().join("evil.qcow2");
     // A "base" that would let the guest read a host file through its backing chain.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "/etc/hostname",
-        "-F",
-        "raw",
-        evil.to_str().unwrap(),
-        "1M",
-    ]);
-    let store = Store::open(dir.path().join("store")).unwrap();
-    let (idx, _) = store.import_file(&evil, spec(), |_| {}).unwrap();
-    let m = Manifest {
-        version: MANIFEST_VERSION,
-        name: "evil".into(),
-        parts: vec![PartRef {
-            id: idx.id(),
-            size: idx.size,
-            format: DiskFormat::Qcow2,
-            virtual_size: 1 << 20,
-            backing: None,
-            label: String::new(),
-        }],
-        overlay: OverlaySpec::default(),
-    };
+    let err =
+        assemble_hostile_part(dir.path(), &["-u", "-b", "/etc/hostname", "-F", "raw"]).unwrap_err();
     let host = dir.path().join("h");
-    let err = image::assemble(&store, &m, &host, Some("vm"), &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, ImageError::WrongBacking { .. }), "{err}");
     assert!(!host.join("vm.qcow2").exists());
 }
@@ -141,39 +133,14 @@ fn the_header_parser_reads_what_qemu_img_info_reads() {
     let v2 = dir.path().join("v2.qcow2");
     let data = dir.path().join("data.qcow2");
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        layer.to_str().unwrap(),
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        v2.to_str().unwrap(),
-        "3M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={}", dir.path().join("data.bin").display()),
-        data.to_str().unwrap(),
-        "1M",
-    ]);
+    create_qcow2(
+        &layer,
+        &["-o", "cluster_size=4096", "-b", "base.raw", "-F", "raw"],
+        None,
+    );
+    create_qcow2(&v2, &["-o", "compat=0.10"], Some("3M"));
+    let data_file = format!("data_file={}", dir.path().join("data.bin").display());
+    create_qcow2(&data, &["-o", &data_file], Some("1M"));
     for img in [&layer, &v2, &data] {
         let bytes = std::fs::read(img).unwrap();
         let h = viola_depot::qemu::parse_qcow2_header(&bytes).unwrap();
@@ -202,34 +169,9 @@ fn the_header_parser_reads_what_qemu_img_info_reads() {
 #[test]
 fn a_part_with_an_external_data_file_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let evil = dir.path().join("evil.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=/etc/hostname,data_file_raw=on",
-        evil.to_str().unwrap(),
-        "1M",
-    ]);
-    let store = Store::open(dir.path().join("store")).unwrap();
-    let (idx, _) = store.import_file(&evil, spec(), |_| {}).unwrap();
-    let m = Manifest {
-        version: MANIFEST_VERSION,
-        name: "evil".into(),
-        parts: vec![PartRef {
-            id: idx.id(),
-            size: idx.size,
-            format: DiskFormat::Qcow2,
-            virtual_size: 1 << 20,
-            backing: None,
-            label: String::new(),
-        }],
-        overlay: OverlaySpec::default(),
-    };
+    let options = ["-o", "data_file=/etc/hostname,data_file_raw=on"];
+    let err = assemble_hostile_part(dir.path(), &options).unwrap_err();
     let host = dir.path().join("h");
-    let err = image::assemble(&store, &m, &host, Some("vm"), &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, ImageError::DataFile { .. }), "{err}");
     // Nothing under any name: no part, no overlay, no temp file.
     assert_eq!(std::fs::read_dir(&host).unwrap().count(), 0);

@@ -10,22 +10,11 @@ use viola_common::identity::{
 };
 use viola_depot::chunker::ChunkerSpec;
 use viola_depot::hash::Hash;
+use viola_depot::scenario_gen::pseudo_random_bytes as data;
 use viola_depot::store::Store;
 use viola_depot::transfer::{
     FetchOptions, PathTuning, Source, fetch_part, serve_connection, transport_config,
 };
-
-fn data(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u8
-        })
-        .collect()
-}
 
 fn identity(ca: &CertificateAuthority, role: Role, site: &str) -> Identity {
     ca.issue(

@@ -3,16 +3,23 @@
 #   domain-xml.sh --name NAME --disk OVERLAY.qcow2 --bridge BRIDGE --ip 10.1.0.5/24
 #                 [--mac MAC] [--memory-mib 256] [--max-memory-mib 512] [--vcpus 1]
 #                 [--max-vcpus 2] [--mtu 1400] [--gw ADDR] [--cmdline-extra "..."]
+#                 [--depot-image REF]
+# The one source of the lab guest's domain XML: scripts/demo.sh and the lab tests
+# (viola_labtests::GuestSpec) both print it with this script. --depot-image records the depot
+# image the guest runs from in the domain's metadata (what the adaptation manager stages when the
+# guest moves). The serial console goes to $VIOLA_CONSOLE_DIR/NAME.log.
 # TCG (`type='qemu'`) with the named CPU model qemu64, so the same guest can live-migrate
 # between any two lab hosts; direct kernel boot from the shared guest directory.
 set -euo pipefail
 guest_dir=${VIOLA_GUEST_DIR:-/var/cache/viola/guest}
 name="" disk="" bridge="" ip="" mac="" mem=256 maxmem=512 vcpus=1 maxvcpus=2 mtu="" gw="" extra=""
+image=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --name) name=$2 ;; --disk) disk=$2 ;; --bridge) bridge=$2 ;; --ip) ip=$2 ;; --mac) mac=$2 ;;
     --memory-mib) mem=$2 ;; --max-memory-mib) maxmem=$2 ;; --vcpus) vcpus=$2 ;;
     --max-vcpus) maxvcpus=$2 ;; --mtu) mtu=$2 ;; --gw) gw=$2 ;; --cmdline-extra) extra=$2 ;;
+    --depot-image) image=$2 ;;
     *) echo "domain-xml.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift 2
@@ -20,6 +27,7 @@ done
 [ -n "$name" ] && [ -n "$disk" ] && [ -n "$bridge" ] && [ -n "$ip" ] \
   || { echo "domain-xml.sh: --name, --disk, --bridge and --ip are required" >&2; exit 2; }
 [[ "$name" =~ ^[A-Za-z0-9_-]{1,48}$ ]] || { echo "domain-xml.sh: bad name $name" >&2; exit 2; }
+[[ "$image" =~ ^[A-Za-z0-9._-]*$ ]] || { echo "domain-xml.sh: bad depot image $image" >&2; exit 2; }
 if [ -z "$mac" ]; then
   h=$(printf '%s' "$name" | md5sum)
   mac="52:54:00:${h:0:2}:${h:2:2}:${h:4:2}"
@@ -34,9 +42,14 @@ console_dir=${VIOLA_CONSOLE_DIR:-/var/lib/viola-lab/console}
 mkdir -p "$console_dir"
 mtu_xml=""
 [ -n "$mtu" ] && mtu_xml="<mtu size='$mtu'/>"
+# The namespace is viola_adaptmgr::migration::depot_stage::METADATA_NS (as `virsh metadata
+# --uri urn:viola:depot:1 --key viola` writes it).
+metadata_xml=""
+[ -n "$image" ] && metadata_xml="<metadata><viola:image xmlns:viola='urn:viola:depot:1' ref='$image'/></metadata>"
 cat <<XML
 <domain type='qemu'>
   <name>$name</name>
+  $metadata_xml
   <memory unit='MiB'>$maxmem</memory>
   <currentMemory unit='MiB'>$mem</currentMemory>
   <vcpu placement='static' current='$vcpus'>$maxvcpus</vcpu>

@@ -6,6 +6,18 @@
 //!
 //! Lab tests need root, libvirt, QEMU and the guest images (`scripts/setup.sh`). When those are
 //! missing they fail with a message saying so; set `VIOLA_SKIP_LAB=1` to skip them explicitly.
+//!
+//! The modules hold what several lab tests share: [`daemons`] (building and running the
+//! workspace's daemons), [`pki`] (certificates through `viola-ca`), [`depot`] (depot daemons in
+//! lab hosts), [`overlay`] (overlay daemons and namespaces standing in for VMs) and, with the
+//! `mech` feature, [`mech`] (the mechanisms tests on the default lab).
+
+pub mod daemons;
+pub mod depot;
+#[cfg(feature = "mech")]
+pub mod mech;
+pub mod overlay;
+pub mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -148,10 +160,12 @@ impl Default for LabSpec {
     }
 }
 
-/// A running lab instance; `Drop` runs `lab.sh down`.
+/// A lab instance; `Drop` runs `lab.sh down` if this value brought it up.
 pub struct Lab {
     pub instance: String,
     pub status: LabStatus,
+    /// Brought up by [`Lab::up`] (torn down on drop), not found by [`Lab::attach`].
+    owned: bool,
 }
 
 impl Lab {
@@ -167,7 +181,26 @@ impl Lab {
             cmd.args(["--nat-site", site]);
         }
         // Construct the guard first so a failed `up` is still torn down.
-        let mut lab = Self {
+        let mut lab = Self::unread(instance, true);
+        run_ok(cmd.stdout(Stdio::null()))?;
+        lab.status = lab.read_status()?;
+        Ok(lab)
+    }
+
+    /// The lab `instance` someone else brought up (`scripts/lab.sh up`, as `scripts/test.sh`
+    /// does for the mechanisms tests); left up when dropped. An error if it is not up.
+    pub fn attach(instance: &str) -> Result<Self> {
+        let mut lab = Self::unread(instance, false);
+        lab.status = lab.read_status()?;
+        if !lab.status.up {
+            bail!("lab {instance} is not up: run `scripts/lab.sh up` first");
+        }
+        Ok(lab)
+    }
+
+    /// Lab `instance` before its status has been read.
+    fn unread(instance: &str, owned: bool) -> Self {
+        Self {
             instance: instance.to_owned(),
             status: LabStatus {
                 up: false,
@@ -178,10 +211,8 @@ impl Lab {
                 wan_rate_mbit: 0.0,
                 hosts: Vec::new(),
             },
-        };
-        run_ok(cmd.stdout(Stdio::null()))?;
-        lab.status = lab.read_status()?;
-        Ok(lab)
+            owned,
+        }
     }
 
     fn script(instance: &str) -> Command {
@@ -274,6 +305,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(e) = run_ok(
             Self::script(&self.instance)
                 .arg("down")
@@ -284,18 +318,23 @@ impl Drop for Lab {
     }
 }
 
-/// A lab guest to define on a host.
+/// A lab guest to define on a host; its domain XML comes from `scripts/guest/domain-xml.sh`,
+/// the one source of it (scripts/demo.sh prints it there too).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
     pub ip_cidr: String,
     pub bridge: String,
+    /// The directory of the guest's overlay as the host's libvirtd sees it.
+    pub disk_dir: String,
     pub memory_mib: u32,
     pub max_memory_mib: u32,
     pub vcpus: u32,
     pub max_vcpus: u32,
     pub mtu: Option<u32>,
     pub cmdline_extra: String,
+    /// The depot image the guest runs from, recorded in the domain's metadata.
+    pub depot_image: Option<String>,
 }
 
 impl GuestSpec {
@@ -304,12 +343,14 @@ impl GuestSpec {
             name: name.to_owned(),
             ip_cidr: ip_cidr.to_owned(),
             bridge: bridge.to_owned(),
+            disk_dir: "/var/lib/viola/images".to_owned(),
             memory_mib: 256,
             max_memory_mib: 512,
             vcpus: 1,
             max_vcpus: 2,
             mtu: None,
             cmdline_extra: String::new(),
+            depot_image: None,
         }
     }
 
@@ -319,7 +360,7 @@ impl GuestSpec {
 
     /// The disk path inside every host (each host's own copy: no shared storage).
     pub fn disk_path(&self) -> String {
-        format!("/var/lib/viola/images/{}.qcow2", self.name)
+        format!("{}/{}.qcow2", self.disk_dir, self.name)
     }
 
     /// The domain XML from `scripts/guest/domain-xml.sh`.
@@ -340,7 +381,23 @@ impl GuestSpec {
         if !self.cmdline_extra.is_empty() {
             cmd.args(["--cmdline-extra", &self.cmdline_extra]);
         }
+        if let Some(image) = &self.depot_image {
+            cmd.args(["--depot-image", image]);
+        }
         run_ok(&mut cmd)
+    }
+
+    /// The MAC address of the guest's NIC, as its domain XML gives it.
+    pub fn mac(&self, console_dir: &Path) -> Result<String> {
+        let xml = self.xml(console_dir)?;
+        xml.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("<mac address='")
+                    .and_then(|r| r.strip_suffix("'/>"))
+                    .map(str::to_owned)
+            })
+            .with_context(|| format!("no MAC in the domain XML of {}", self.name))
     }
 }
 
@@ -396,38 +453,62 @@ pub fn boot_guest(lab: &Lab, host: &str, guest: &GuestSpec, timeout: Duration) -
     wait_ping(lab, host, guest.ip(), timeout)?;
     let answered = start.elapsed();
     // Ping answers as soon as the address is up; the HTTP interface follows a moment later.
-    while guest_http(lab, host, guest.ip(), "info").is_err() {
-        if start.elapsed() > timeout {
-            bail!(
-                "{} answers ping but not HTTP within {timeout:?}",
-                guest.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let left = timeout.saturating_sub(start.elapsed());
+    poll_until(
+        &format!("{} to answer HTTP (it answers ping)", guest.name),
+        left,
+        Duration::from_millis(100),
+        || guest_http(lab, host, guest.ip(), "info").is_ok(),
+    )?;
     Ok(answered)
 }
 
 /// Waits until `ip` answers one ping from inside `host`.
 pub fn wait_ping(lab: &Lab, host: &str, ip: &str, timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        let ok = run(lab.cmd(host, "ping").args(["-c", "1", "-W", "0.2", ip]))
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{ip} did not answer ping from {host} within {timeout:?}")
+    poll_until(
+        &format!("{ip} to answer ping from {host}"),
+        timeout,
+        Duration::from_millis(50),
+        || {
+            run(lab.cmd(host, "ping").args(["-c", "1", "-W", "0.2", ip]))
+                .is_ok_and(|o| o.status.success())
+        },
+    )
 }
 
-/// One action of the guest's HTTP interface (`/cgi-bin/viola?QUERY`), asked from `host`.
+/// Waits until `check` holds, asking every 200 ms; an error naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, check: impl FnMut() -> bool) -> Result<()> {
+    poll_until(what, timeout, Duration::from_millis(200), check)
+}
+
+/// Waits until `check` holds, asking every `every`; an error naming `what` after `timeout`.
+/// `check` is asked at least once.
+pub fn poll_until(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// One action of the guest's HTTP interface (`/cgi-bin/viola?QUERY`), asked from `host`: its
+/// answer, trimmed; an error if the guest does not answer, or answers with an HTTP error, within
+/// 10 s.
 pub fn guest_http(lab: &Lab, host: &str, ip: &str, query: &str) -> Result<String> {
     let out = run_ok(lab.cmd(host, "curl").args([
-        "-sS",
+        "-sSf",
         "-m",
-        "5",
+        "10",
         &format!("http://{ip}/cgi-bin/viola?{query}"),
     ]))?;
     Ok(out.trim().to_owned())
@@ -461,6 +542,78 @@ mod tests {
         assert_eq!(jobinfo_number(&info, "Total downtime"), Some(343.0));
         assert_eq!(jobinfo_number(&info, "Time elapsed"), Some(4907.0));
         assert_eq!(jobinfo_number(&info, "Missing"), None);
+    }
+
+    #[test]
+    fn the_one_domain_xml_carries_every_setting_of_the_spec() {
+        let console = tempfile::tempdir().unwrap();
+        let g = GuestSpec {
+            disk_dir: "/var/lib/libvirt/images".into(),
+            memory_mib: 192,
+            max_memory_mib: 384,
+            vcpus: 1,
+            max_vcpus: 3,
+            mtu: Some(1400),
+            cmdline_extra: "viola.cpuburn=1".into(),
+            depot_image: Some("abc123".into()),
+            ..GuestSpec::new("vm-x", "10.77.9.5/24", "vm-br0")
+        };
+        let xml = g.xml(console.path()).unwrap();
+        for want in [
+            "<name>vm-x</name>",
+            "<source file='/var/lib/libvirt/images/vm-x.qcow2'/>",
+            "<source bridge='vm-br0'/>",
+            "viola.ip=10.77.9.5/24",
+            "viola.mtu=1400",
+            "viola.cpuburn=1",
+            "<memory unit='MiB'>384</memory>",
+            "<currentMemory unit='MiB'>192</currentMemory>",
+            "<vcpu placement='static' current='1'>3</vcpu>",
+            "<viola:image xmlns:viola='urn:viola:depot:1' ref='abc123'/>",
+            &format!("{}/vm-x.log", console.path().display()),
+        ] {
+            assert!(xml.contains(want), "{want} missing in\n{xml}");
+        }
+        let mac = g.mac(console.path()).unwrap();
+        assert!(mac.starts_with("52:54:00:"), "{mac}");
+        assert_eq!(mac, g.mac(console.path()).unwrap(), "the MAC is stable");
+    }
+
+    #[cfg(feature = "mech")]
+    #[test]
+    fn the_manager_reads_the_depot_image_the_domain_xml_records() {
+        let console = tempfile::tempdir().unwrap();
+        let g = GuestSpec {
+            depot_image: Some("abc123".into()),
+            ..GuestSpec::new("vm-x", "10.77.9.5/24", "vm-br0")
+        };
+        let xml = g.xml(console.path()).unwrap();
+        assert_eq!(
+            viola_adaptmgr::migration::depot_stage::depot_image(&xml).unwrap(),
+            Some("abc123".to_owned())
+        );
+    }
+
+    /// scripts/test.sh brings the default lab up for a test file with the line `// lab: default`:
+    /// every file on the mechanisms helpers must have it, and only those.
+    #[test]
+    fn every_test_on_the_default_lab_says_so() {
+        let dir = repo_root().join("tests/tests");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let marked = text.lines().any(|l| l.starts_with("// lab: default"));
+            let uses = text.contains("viola_labtests::mech");
+            assert_eq!(
+                marked,
+                uses,
+                "{}: `// lab: default` and viola_labtests::mech go together",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen > 0, "no lab tests in {}", dir.display());
     }
 
     #[test]

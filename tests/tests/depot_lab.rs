@@ -6,113 +6,19 @@
 //! refetching the chunks it had already verified.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
+use viola_labtests::daemons::{Daemons, bin, log_text};
+use viola_labtests::depot::{self, depot, serve_config};
+use viola_labtests::pki::Pki;
 use viola_labtests::{
-    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, repo_root,
-    run_ok,
+    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, run_ok,
 };
 
 const LAB: &str = "vdl";
-
-fn bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug").join(name)
-}
-
-/// Depot daemons and files of this test; daemons are stopped on drop (also on panic).
-struct Depots {
-    dir: tempfile::TempDir,
-    daemons: Vec<(String, Child)>,
-}
-
-impl Drop for Depots {
-    fn drop(&mut self) {
-        for (name, child) in &mut self.daemons {
-            stop(name, child);
-        }
-    }
-}
-
-fn stop(name: &str, child: &mut Child) {
-    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        sleep(Duration::from_millis(50));
-    }
-    eprintln!("depot {name} did not stop on SIGTERM; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-impl Depots {
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn depot(&self, args: &[&str]) -> Result<String> {
-        run_ok(Command::new(bin("viola-depot")).arg("--quiet").args(args))
-    }
-
-    /// Starts `viola-depot serve` in host `host`'s network namespace.
-    fn start(&mut self, lab: &Lab, host: &str, config: &str) -> Result<()> {
-        let cfg = self.path(&format!("{host}.toml"));
-        let started_before = self.log(host).matches("depot serving").count();
-        std::fs::write(&cfg, config)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path(&format!("{host}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.host(host).namespace])
-            .arg(bin("viola-depot"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning viola-depot serve")?;
-        self.daemons.push((host.to_string(), child));
-        // Ready when it accepts QUIC: poll its log for the "depot serving" line.
-        let start = Instant::now();
-        while self.log(host).matches("depot serving").count() <= started_before {
-            if start.elapsed() > Duration::from_secs(20) {
-                bail!("depot on {host} did not start: {}", self.log(host));
-            }
-            sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    /// The daemon's log without terminal colour codes.
-    fn log(&self, host: &str) -> String {
-        let raw = std::fs::read_to_string(self.path(&format!("{host}.log"))).unwrap_or_default();
-        let mut out = String::with_capacity(raw.len());
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                for e in chars.by_ref() {
-                    if e == 'm' {
-                        break;
-                    }
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    }
-}
 
 /// A layer on the guest's base: a marker file and a payload of random bytes, written into the
 /// ext4 filesystem with debugfs, stored as the difference against the base (`convert -B`).
@@ -196,55 +102,34 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
     if !lab_tests_enabled() {
         return;
     }
-    run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
-        "build",
-        "-q",
-        "-p",
-        "viola-depot",
-        "-p",
-        "viola-common",
-        "--bins",
-    ]))
-    .expect("build");
+    viola_labtests::daemons::build(&["viola-depot", "viola-common"]).expect("build");
     let lab = Lab::up(LAB, &LabSpec::default()).expect("lab up");
-    let mut d = Depots {
-        dir: tempfile::tempdir().expect("tempdir"),
-        daemons: Vec::new(),
-    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let mut daemons = Daemons::default();
+    let log = |host: &str| log_text(&depot::log_path(dir, host));
 
     // Identities: a depot per serving host, the adaptation manager.
-    let ca = d.path("ca");
-    run_ok(
-        Command::new(bin("viola-ca"))
-            .args(["init", "--ca-dir"])
-            .arg(&ca),
-    )
-    .unwrap();
+    let pki = Pki::init(&dir.join("ca")).unwrap();
     for (role, site, host) in [
         ("depot", "a", "a1"),
         ("depot", "a", "a2"),
         ("depot", "b", "b1"),
         ("adaptmgr", "b", "am"),
     ] {
-        run_ok(
-            Command::new(bin("viola-ca"))
-                .args(["issue", "--ca-dir"])
-                .arg(&ca)
-                .args(["--role", role, "--site", site, "--host", host, "--out"])
-                .arg(d.path(&format!("id-{host}"))),
-        )
-        .unwrap();
+        pki.issue(role, site, host, &dir.join(format!("id-{host}")))
+            .unwrap();
     }
 
     // Images at site a: the guest base + a small layer ("guest"), and + a big layer ("big").
     let base = viola_labtests::guest_dir().join("base.qcow2");
-    let guest_layer = make_layer(d.dir.path(), &base, "guest", "vd-layer-ok", 8).unwrap();
-    let big_layer = make_layer(d.dir.path(), &base, "big", "vd-big", 48).unwrap();
-    let store_a1 = d.path("store-a1");
-    let store_a2 = d.path("store-a2");
-    let store_b1 = d.path("store-b1");
+    let guest_layer = make_layer(dir, &base, "guest", "vd-layer-ok", 8).unwrap();
+    let big_layer = make_layer(dir, &base, "big", "vd-big", 48).unwrap();
+    let store_a1 = dir.join("store-a1");
+    let store_a2 = dir.join("store-a2");
+    let store_b1 = dir.join("store-b1");
     for (img, name) in [(&guest_layer, "guest"), (&big_layer, "big")] {
-        d.depot(&[
+        depot(&[
             "--store",
             store_a1.to_str().unwrap(),
             "import",
@@ -257,8 +142,7 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
     run_ok(Command::new("cp").arg("-a").arg(&store_a1).arg(&store_a2)).unwrap();
     // a1's copy of the guest layer is corrupt: one flipped byte in every chunk of that part.
     let status: serde_json::Value = serde_json::from_str(
-        &d.depot(&["--store", store_a1.to_str().unwrap(), "status", "--json"])
-            .unwrap(),
+        &depot(&["--store", store_a1.to_str().unwrap(), "status", "--json"]).unwrap(),
     )
     .unwrap();
     assert_eq!(
@@ -266,26 +150,13 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
         Some(2),
         "{status}"
     );
-    let manifest_of = |store: &Path, name: &str| -> serde_json::Value {
-        let hash = std::fs::read_to_string(store.join("names").join(name)).unwrap();
-        serde_json::from_slice(
-            &std::fs::read(
-                store
-                    .join("manifests")
-                    .join(format!("{}.json", hash.trim())),
-            )
-            .unwrap(),
-        )
-        .unwrap()
-    };
+    let manifest_of = |store: &Path, name: &str| depot::manifest(store, name).unwrap().1;
     let guest_manifest = manifest_of(&store_a1, "guest");
     let layer_id = guest_manifest["parts"][1]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let scrub_before = d
-        .depot(&["--store", store_a1.to_str().unwrap(), "scrub"])
-        .unwrap();
+    let scrub_before = depot(&["--store", store_a1.to_str().unwrap(), "scrub"]).unwrap();
     assert!(
         scrub_before.contains("\"corrupt_chunks\": []"),
         "{scrub_before}"
@@ -304,18 +175,10 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
     assert!(corrupted > 0);
 
     // Depots: a1 and a2 serve; b1 stages for b1 and b2 and fetches from both.
-    let images_root = PathBuf::from(&lab.host("b2").images)
-        .parent()
-        .unwrap()
-        .to_path_buf();
     let serve_cfg = |site: &str, host: &str, store: &Path, extra: &str| {
-        format!(
-            "site = \"{site}\"\nstore = \"{}\"\nlisten = \"{}:7410\"\nidentity_dir = \"{}\"\nimage_dir_template = \"{}/{{host}}\"\nrange_chunks = 4\nstreams_per_source = 2\n{extra}\n[path]\nrate_mbit = 200.0\nrtt_ms = 20.0\n",
-            store.display(),
-            lab.host(host).address,
-            d.path(&format!("id-{host}")).display(),
-            images_root.display()
-        )
+        let extra = format!("range_chunks = 4\nstreams_per_source = 2\n{extra}");
+        let identity = dir.join(format!("id-{host}"));
+        serve_config(&lab, site, host, store, &identity, &extra)
     };
     let a1_cfg = serve_cfg("a", "a1", &store_a1, "");
     let a2_cfg = serve_cfg("a", "a2", &store_a2, "");
@@ -325,13 +188,13 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
         lab.host("a2").address
     );
     let b1_cfg = serve_cfg("b", "b1", &store_b1, &b1_extra);
-    d.start(&lab, "a1", &a1_cfg).unwrap();
-    d.start(&lab, "a2", &a2_cfg).unwrap();
-    d.start(&lab, "b1", &b1_cfg).unwrap();
+    depot::start(&lab, &mut daemons, "a1", &a1_cfg, dir).unwrap();
+    depot::start(&lab, &mut daemons, "a2", &a2_cfg, dir).unwrap();
+    depot::start(&lab, &mut daemons, "b1", &b1_cfg, dir).unwrap();
 
     // Stage "guest" for VM vdg1 on b2 with a 120 s deadline, as the adaptation manager would.
     let depot_b1 = format!("{}:7410", lab.host("b1").address);
-    let am_identity = d.path("id-am");
+    let am_identity = dir.join("id-am");
     let stage = |image: &str, vm: &str, host: &str, extra: &[&str]| {
         run_ok(
             lab.cmd("b2", bin("viola-depot").to_str().unwrap())
@@ -362,9 +225,9 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
     assert!(
         bad >= 1.0,
         "b1 should have discarded a1's corrupt chunks (bad_chunks {bad}); log:\n{}",
-        d.log("b1")
+        log("b1")
     );
-    assert!(d.log("b1").contains("lying"), "{}", d.log("b1"));
+    assert!(log("b1").contains("lying"), "{}", log("b1"));
 
     // Booted by libvirt on b2 from the staged overlay; the guest sees the layer's marker.
     let guest = GuestSpec::new("vdg1", "10.1.0.5/24", "lan0");
@@ -390,24 +253,21 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "b1 never started fetching big: {}",
-            d.log("b1")
+            log("b1")
         );
         sleep(Duration::from_millis(20));
     }
-    let (_, mut b1) = d.daemons.pop().unwrap();
-    // SAFETY: kill(2) on our own child's PID.
-    unsafe { libc::kill(b1.id() as i32, libc::SIGKILL) };
-    let _ = b1.wait();
+    daemons.kill("b1", libc::SIGKILL).unwrap();
     let verified_before_kill = chunk_files(&store_b1) - before;
     assert!(
         std::fs::read_dir(store_b1.join("partial")).unwrap().count() >= 1,
         "the interrupted part is recorded as partial"
     );
-    d.start(&lab, "b1", &b1_cfg).unwrap();
+    depot::start(&lab, &mut daemons, "b1", &b1_cfg, dir).unwrap();
     let out = stage("big", "vdg3", "b1", &[]).expect("staging big after restart");
     assert!(out.contains("\"state\": \"ready\""), "{out}");
     // The restarted depot re-verified what it had and fetched only the rest.
-    let log = d.log("b1");
+    let log = log("b1");
     let line = log
         .lines()
         .rfind(|l| l.contains("part fetched"))

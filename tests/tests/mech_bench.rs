@@ -4,11 +4,8 @@
 //! guest is migrated a1 → b1 across the lab's WAN twice: incrementally with the base already
 //! staged at b1, and with a full disk copy. Measured: orchestration time, downtime (libvirt's
 //! completed-job statistics) and bytes through the router's link to site b.
+// lab: default (ignored: a benchmark driver, so scripts/test.sh does not bring the lab up for it)
 
-#[path = "mech_util.rs"]
-mod util;
-
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -16,26 +13,21 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use util::*;
-use viola_adaptmgr::migration::stage::ImageDirView;
 use viola_adaptmgr::migration::testing::RecordingAnnouncer;
 use viola_adaptmgr::migration::{
     LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration,
 };
 use viola_hypervisor::StorageCopy;
 use viola_hypervisor::libvirt::LibvirtConnector;
+use viola_labtests::mech::*;
+use viola_labtests::{guest_dir, run_ok};
 
 // v3: made with its inode tables zeroed (see `bench_base`).
 const BENCH_BASE: &str = "base-1g-v3.qcow2";
 const GUEST_MIB: u64 = 256;
 
 fn sh(script: &str) {
-    let out = run(Command::new("sh").arg("-c").arg(script));
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("sh").arg("-c").arg(script)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// The guest's root file system copied into a fresh 1 GiB ext4 beside 930 MiB of random
@@ -52,7 +44,7 @@ fn bench_base() -> PathBuf {
     std::fs::create_dir_all(dir).expect("bench dir");
     sh(&format!(
         "set -e; cd {dir}; rm -rf root small.raw big.raw; mkdir root; \
-         qemu-img convert -O raw {GUEST_DIR}/base.qcow2 small.raw; \
+         qemu-img convert -O raw {guest}/base.qcow2 small.raw; \
          debugfs -R 'rdump / {dir}/root' small.raw >/dev/null 2>&1; rm -rf root/lost+found; \
          head -c 930M /dev/urandom >root/fill.bin; \
          mkfs.ext4 -q -F -L viola-root -E lazy_itable_init=0,lazy_journal_init=0 \
@@ -60,6 +52,7 @@ fn bench_base() -> PathBuf {
          qemu-img convert -O qcow2 big.raw {base}.part; mv {base}.part {base}; \
          rm -rf root small.raw big.raw",
         dir = dir.display(),
+        guest = guest_dir().display(),
         base = base.display()
     ));
     base
@@ -67,17 +60,13 @@ fn bench_base() -> PathBuf {
 
 fn wan_bytes() -> u64 {
     let read = |what: &str| -> u64 {
-        let out = run(Command::new("ip").args([
-            "netns",
-            "exec",
-            "vl-rtr",
-            "cat",
-            &format!("/sys/class/net/wan-b/statistics/{what}"),
-        ]));
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
+        lab_exec(
+            "rtr",
+            &["cat", &format!("/sys/class/net/wan-b/statistics/{what}")],
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0)
     };
     read("rx_bytes") + read("tx_bytes")
 }
@@ -126,21 +115,9 @@ async fn one_run(mode: StorageCopy) -> Run {
     guest_http("a1", ip, "diskwrite=64").expect("64 MiB written in the guest");
     let overlay_bytes = allocated_bytes(&local_images("a1").join(format!("{name}.qcow2")));
 
-    let views: BTreeMap<String, ImageDirView> = ["a1", "b1"]
-        .iter()
-        .map(|h| {
-            (
-                manager_uri(h),
-                ImageDirView {
-                    host_dir: HOST_IMAGES.into(),
-                    local_dir: local_images(h),
-                },
-            )
-        })
-        .collect();
     let deps = MigrationDeps {
         connector: Arc::new(LibvirtConnector),
-        stager: LocalCopyStager::new(views),
+        stager: LocalCopyStager::new(image_dir_views(&["a1", "b1"])),
         // Nothing listens for moves here (the guest's L2 is a local bridge).
         announcer: RecordingAnnouncer::default(),
         poll_interval: Duration::from_millis(500),

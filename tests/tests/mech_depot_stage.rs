@@ -17,9 +17,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -31,95 +29,14 @@ use viola_adaptmgr::migration::{MigrationReport, Outcome};
 use viola_api::manager::{Response, VmMigrate};
 use viola_hypervisor::libvirt::LibvirtConnector;
 use viola_hypervisor::{DomainState, StorageCopy};
+use viola_labtests::daemons::{Daemons, log_text};
+use viola_labtests::depot::{self, depot, serve_config};
+use viola_labtests::pki::Pki;
 use viola_labtests::{
-    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, repo_root,
-    run_ok,
+    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled,
 };
 
 const LAB: &str = "vds";
-
-fn bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug").join(name)
-}
-
-/// Depot daemons of this test; stopped on drop (also on panic).
-struct Daemons(Vec<(String, Child)>);
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        for (name, child) in &mut self.0 {
-            // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                sleep(Duration::from_millis(50));
-            }
-            if let Ok(None) = child.try_wait() {
-                eprintln!("depot {name} did not stop on SIGTERM; killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn log_of(path: &Path) -> String {
-    let raw = std::fs::read_to_string(path).unwrap_or_default();
-    // Without terminal colour codes.
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for e in chars.by_ref() {
-                if e == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Starts `viola-depot serve` in `host`'s network namespace; waits until it serves.
-fn start_depot(
-    lab: &Lab,
-    host: &str,
-    config: &str,
-    dir: &Path,
-    daemons: &mut Daemons,
-) -> Result<PathBuf> {
-    let cfg = dir.join(format!("depot-{host}.toml"));
-    std::fs::write(&cfg, config)?;
-    let log_path = dir.join(format!("depot-{host}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lab.host(host).namespace])
-        .arg(bin("viola-depot"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("spawning viola-depot serve")?;
-    daemons.0.push((host.to_owned(), child));
-    let start = Instant::now();
-    while !log_of(&log_path).contains("depot serving") {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("depot on {host} did not start: {}", log_of(&log_path));
-        }
-        sleep(Duration::from_millis(50));
-    }
-    Ok(log_path)
-}
 
 /// Runs `f` on a thread inside network namespace `ns` (a `ip netns` name), with its own tokio
 /// runtime: sockets it opens live in that namespace.
@@ -184,50 +101,28 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
         return;
     }
     let started = Instant::now();
-    run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
-        "build",
-        "-q",
-        "-p",
-        "viola-depot",
-        "-p",
-        "viola-common",
-        "--bins",
-    ]))
-    .expect("build");
+    viola_labtests::daemons::build(&["viola-depot", "viola-common"]).expect("build");
     let lab = Lab::up(LAB, &LabSpec::default()).expect("lab up");
-    let mut daemons = Daemons(Vec::new());
+    let mut daemons = Daemons::default();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let lab_dir = PathBuf::from(&lab.status.lab_dir);
     let images = |h: &str| PathBuf::from(&lab.host(h).images);
 
     // Identities: the depots of sites a and b, the manager.
-    let ca = dir.join("ca");
-    run_ok(
-        Command::new(bin("viola-ca"))
-            .args(["init", "--ca-dir"])
-            .arg(&ca),
-    )
-    .unwrap();
+    let pki = Pki::init(&dir.join("ca")).unwrap();
     for (role, site, host) in [
         ("depot", "a", "a1"),
         ("depot", "b", "b1"),
         ("adaptmgr", "fed", "mgr"),
     ] {
-        run_ok(
-            Command::new(bin("viola-ca"))
-                .args(["issue", "--ca-dir"])
-                .arg(&ca)
-                .args(["--role", role, "--site", site, "--host", host, "--out"])
-                .arg(dir.join(format!("id-{host}"))),
-        )
-        .unwrap();
+        pki.issue(role, site, host, &dir.join(format!("id-{host}")))
+            .unwrap();
     }
 
     // The guest image in site a's depot; its manifest hash is what g1's domain will name.
     let store_a = dir.join("store-a");
     let store_b = dir.join("store-b");
-    let depot = |args: &[&str]| run_ok(Command::new(bin("viola-depot")).arg("--quiet").args(args));
     depot(&[
         "--store",
         store_a.to_str().unwrap(),
@@ -240,14 +135,7 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
         "guest",
     ])
     .expect("import");
-    let image = std::fs::read_to_string(store_a.join("names").join("guest"))
-        .expect("image name recorded")
-        .trim()
-        .to_owned();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(store_a.join("manifests").join(format!("{image}.json"))).unwrap(),
-    )
-    .unwrap();
+    let (image, manifest) = depot::manifest(&store_a, "guest").expect("image recorded");
     let parts = manifest["parts"].as_array().expect("parts");
     let top = parts.last().expect("a part");
     let top_file = format!(
@@ -258,14 +146,14 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
 
     // Depots: a at a1, b at b1 (fetching from a), each laying chains down in its hosts' image
     // directories.
-    let images_root = images("a1").parent().unwrap().to_path_buf();
     let serve_cfg = |site: &str, host: &str, store: &Path, extra: &str| {
-        format!(
-            "site = \"{site}\"\nstore = \"{}\"\nlisten = \"{}:7410\"\nidentity_dir = \"{}\"\nimage_dir_template = \"{}/{{host}}\"\n{extra}\n[path]\nrate_mbit = 200.0\nrtt_ms = 20.0\n",
-            store.display(),
-            lab.host(host).address,
-            dir.join(format!("id-{host}")).display(),
-            images_root.display()
+        serve_config(
+            &lab,
+            site,
+            host,
+            store,
+            &dir.join(format!("id-{host}")),
+            extra,
         )
     };
     let a_cfg = serve_cfg("a", "a1", &store_a, "hosts = [\"a1\", \"a2\"]");
@@ -278,8 +166,8 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
             lab.host("a1").address
         ),
     );
-    start_depot(&lab, "a1", &a_cfg, dir, &mut daemons).unwrap();
-    let b_log = start_depot(&lab, "b1", &b_cfg, dir, &mut daemons).unwrap();
+    depot::start(&lab, &mut daemons, "a1", &a_cfg, dir).unwrap();
+    let b_log = depot::start(&lab, &mut daemons, "b1", &b_cfg, dir).unwrap();
 
     // g1 at a1, booted from the chain site a's depot assembled there.
     depot(&[
@@ -430,7 +318,7 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     );
 
     // The base at b1 was laid down by site b's depot, fetched from a1 across the WAN.
-    let log = log_of(&b_log);
+    let log = log_text(&b_log);
     let fetched = log
         .lines()
         .find(|l| l.contains("part fetched"))

@@ -4,71 +4,92 @@
 //! guest on a2 from its image; when a1 returns, its stale definition is removed. And the
 //! manager itself killed in the middle of a migration: its successor resolves it.
 
-#[path = "mech_util.rs"]
-mod util;
+// lab: default
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::*;
-use viola_common::identity::{CertificateAuthority, PeerIdentity, Role};
+use viola_labtests::daemons::{Daemons, bin, free_port};
+use viola_labtests::mech::*;
+use viola_labtests::pki::Pki;
 
 const HEARTBEAT_TIMEOUT_S: u64 = 6;
 
-fn bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug").join(name)
+/// The federation of a test: its CA, the manager's and the CLI's identities, the manager's
+/// address and configuration, the daemons (stopped at the end).
+struct Federation {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    mgr: String,
+    mgr_id: PathBuf,
+    cli_id: PathBuf,
+    cfg: PathBuf,
+    daemons: Daemons,
 }
 
-fn build_daemons() {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(repo_root())
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "viola-adaptmgr",
-            "-p",
-            "viola-monitor",
-            "--bins",
-        ])
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building the daemons failed");
-}
-
-fn issue(ca: &CertificateAuthority, dir: &Path, role: Role, site: &str, host: &str) -> PathBuf {
-    let out = dir.join(format!("{role}-{host}"));
-    ca.issue(&PeerIdentity::new(role, site, host).unwrap(), 2)
-        .unwrap()
-        .save(&out)
-        .unwrap();
-    out
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills (by PID) and reaps the daemons this test started.
-struct Children(Vec<Child>);
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+impl Federation {
+    /// Builds the daemons, makes the identities, configures the manager for `hosts` (name,
+    /// site) with `extra` keys and tables, and starts it and a monitor at each host.
+    fn start(hosts: &[(&str, &str)], extra: &str) -> Self {
+        viola_labtests::daemons::build(&["viola-adaptmgr", "viola-monitor", "viola-common"])
+            .expect("building the daemons");
+        let mut fed = Self::new();
+        fed.cfg = write_manager_config(&fed, hosts, extra);
+        fed.start_manager();
+        for (h, site) in hosts {
+            fed.start_monitor(h, site);
         }
-        for c in &mut self.0 {
-            let _ = c.wait();
+        fed
+    }
+
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("ca")).unwrap();
+        let mgr_id = pki
+            .issue("adaptmgr", "fed", "mgr", &dir.path().join("adaptmgr-mgr"))
+            .unwrap();
+        let cli_id = pki
+            .issue("cli", "fed", "tester", &dir.path().join("cli-tester"))
+            .unwrap();
+        Self {
+            mgr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            pki,
+            mgr_id,
+            cli_id,
+            cfg: PathBuf::new(),
+            daemons: Daemons::default(),
         }
+    }
+
+    /// Starts the manager as daemon "manager".
+    fn start_manager(&mut self) {
+        let child = Command::new(bin("viola-adaptmgr"))
+            .arg("--config")
+            .arg(&self.cfg)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start viola-adaptmgr");
+        self.daemons.add("manager", child);
+    }
+
+    /// Starts the monitor of `host` as daemon "monitor-HOST" (its identity issued once).
+    fn start_monitor(&mut self, host: &str, site: &str) {
+        let id = self.dir.path().join(format!("monitor-{host}"));
+        if !id.exists() {
+            self.pki.issue("monitor", site, host, &id).unwrap();
+        }
+        let child = Command::new(bin("viola-monitor"))
+            .args(["--host", host, "--site", site, "--manager", &self.mgr])
+            .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--identity")
+            .arg(&id)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start viola-monitor");
+        self.daemons.add(&format!("monitor-{host}"), child);
     }
 }
 
@@ -98,18 +119,14 @@ fn vm_host(mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
 }
 
 /// Writes the manager's configuration for `hosts` (name, site) with `extra` keys and tables
-/// (top-level keys first), its inventory in `dir`.
-fn write_manager_config(
-    dir: &Path,
-    listen: &str,
-    identity: &Path,
-    hosts: &[(&str, &str)],
-    extra: &str,
-) -> PathBuf {
+/// (top-level keys first), its inventory in the federation's directory.
+fn write_manager_config(fed: &Federation, hosts: &[(&str, &str)], extra: &str) -> PathBuf {
+    let dir = fed.dir.path();
     let mut toml = format!(
-        "listen = \"{listen}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
+        "listen = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
+        fed.mgr,
         free_port(),
-        identity.display(),
+        fed.mgr_id.display(),
         dir.join("inventory.redb").display()
     );
     for (h, site) in hosts {
@@ -125,59 +142,20 @@ fn write_manager_config(
     cfg
 }
 
-fn start_monitor(manager: &str, host: &str, site: &str, identity: &Path) -> Child {
-    Command::new(bin("viola-monitor"))
-        .args(["--host", host, "--site", site, "--manager", manager])
-        .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-        .arg("--identity")
-        .arg(identity)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start viola-monitor")
-}
-
 #[test]
 fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
-    require_lab(&["a1", "a2"]);
-    let _lock = lab_lock();
-    build_daemons();
     let name = "vm-ha";
     let ip = "10.77.6.5";
-    let qemu_pid_file = format!("{LAB_DIR}/hosts/a1/run/qemu/{name}.pid");
-    let _cleanup = Cleanup(vec![Box::new(move || {
-        if libvirtd_pid("a1").is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists()) {
-            restart_libvirtd("a1");
-        }
-        remove_guest(&["a1", "a2"], name);
-        remove_l2(&["a1", "a2"]);
-    })]);
-    remove_guest(&["a1", "a2"], name); // leftovers of an interrupted run
+    let mut cleanup = begin(&["a1", "a2"], name);
+    cleanup.first(|| revive_libvirtd("a1"));
+    let qemu_pid_file = lab_dir().join(format!("hosts/a1/run/qemu/{name}.pid"));
     make_bridge("a1", "10.77.6.1/24");
     make_bridge("a2", "10.77.6.2/24");
-
-    // Identities.
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = CertificateAuthority::generate("viola-test", 2).unwrap();
-    let mgr_id = issue(&ca, tmp.path(), Role::Adaptmgr, "fed", "mgr");
-    let cli_id = issue(&ca, tmp.path(), Role::Cli, "fed", "tester");
-    let port = free_port();
-    let mgr = format!("127.0.0.1:{port}");
-    let cfg = write_manager_config(
-        tmp.path(),
-        &mgr,
-        &mgr_id,
+    let mut fed = Federation::start(
         &[("a1", "a"), ("a2", "a")],
         &format!("heartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n"),
     );
-    let mut children = Children(vec![start_manager(&cfg)]);
-    let mut monitor_of = std::collections::BTreeMap::new();
-    for h in ["a1", "a2"] {
-        let id = issue(&ca, tmp.path(), Role::Monitor, "a", h);
-        let child = start_monitor(&mgr, h, "a", &id);
-        monitor_of.insert(h, children.0.len());
-        children.0.push(child);
-    }
+    let (mgr, cli_id) = (fed.mgr.clone(), fed.cli_id.clone());
 
     // The guest's base is at both hosts (as the depot keeps it at every site of the VM).
     stage_base("a2");
@@ -205,11 +183,9 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
         .expect("qemu pid")
         .trim()
         .to_owned();
-    let mon = &mut children.0[monitor_of["a1"]];
-    let _ = Command::new("kill")
-        .args(["-KILL", &mon.id().to_string()])
-        .status();
-    let _ = mon.wait();
+    fed.daemons
+        .kill("monitor-a1", libc::SIGKILL)
+        .expect("kill a1's monitor");
     let libvirtd = libvirtd_pid("a1").expect("a1 libvirtd").to_string();
     assert!(
         Command::new("kill")
@@ -248,8 +224,7 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
 
     // a1 comes back: libvirtd restarted, its monitor reports again → the stale copy is fenced.
     restart_libvirtd("a1");
-    let id = tmp.path().join("monitor-a1");
-    children.0.push(start_monitor(&mgr, "a1", "a", &id));
+    fed.start_monitor("a1", "a");
     wait_until(
         "a1's stale definition is removed",
         Duration::from_secs(60),
@@ -262,64 +237,30 @@ fn killed_host_guest_is_restarted_elsewhere_within_configured_time() {
     );
 }
 
-fn start_manager(cfg: &Path) -> Child {
-    Command::new(bin("viola-adaptmgr"))
-        .arg("--config")
-        .arg(cfg)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start viola-adaptmgr")
-}
-
 /// The manager is killed (SIGKILL) while it migrates a guest a1 → b1; a new manager started on
 /// the same inventory finds the journaled migration and resolves it: the guest runs at exactly
 /// one host, answers there, the inventory says which, and nothing half-made stays behind.
 #[test]
 fn manager_killed_mid_migration_is_resolved_by_its_successor() {
-    require_lab(&["a1", "b1"]);
-    let _lock = lab_lock();
-    build_daemons();
     let name = "vm-mgr-kill";
     let ip = "10.77.8.5";
-    let _cleanup = Cleanup(vec![Box::new(move || {
-        remove_guest(&["a1", "b1"], name);
-        remove_l2(&["a1", "b1"]);
-    })]);
-    remove_guest(&["a1", "b1"], name); // leftovers of an interrupted run
+    let _cleanup = begin(&["a1", "b1"], name);
     make_bridge("a1", "10.77.8.1/24");
     make_bridge("b1", "10.77.8.2/24");
-
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = CertificateAuthority::generate("viola-test", 2).unwrap();
-    let mgr_id = issue(&ca, tmp.path(), Role::Adaptmgr, "fed", "mgr");
-    let cli_id = issue(&ca, tmp.path(), Role::Cli, "fed", "tester");
-    let mgr = format!("127.0.0.1:{}", free_port());
-    let cfg = write_manager_config(
-        tmp.path(),
-        &mgr,
-        &mgr_id,
+    let mut fed = Federation::start(
         &[("a1", "a"), ("b1", "b")],
         &format!(
             "migration_bandwidth_mib_s = 4\n[[violins]]\nname = \"t\"\nid = 9\nvms = [\"{name}\"]\n"
         ),
     );
-    let mut children = Children(vec![start_manager(&cfg)]);
-    for (h, site) in [("a1", "a"), ("b1", "b")] {
-        let id = issue(&ca, tmp.path(), Role::Monitor, site, h);
-        children.0.push(start_monitor(&mgr, h, site, &id));
-    }
+    let (mgr, cli_id) = (fed.mgr.clone(), fed.cli_id.clone());
 
     // The base is at both sites, so the move copies only the overlay and RAM.
     stage_base("b1");
     let hv_a1 = open("a1");
     boot_guest(&hv_a1, "a1", name, &format!("{ip}/24"), "vm-br0", 1, 256);
     wait_guest("a1", ip, Duration::from_secs(180));
-    assert_eq!(
-        guest_http("a1", ip, "marker-write=before-kill")
-            .as_deref()
-            .map(str::trim),
-        Some("ok")
-    );
+    write_marker("a1", ip, "before-kill");
     wait_until(
         "the manager knows the guest",
         Duration::from_secs(60),
@@ -342,15 +283,13 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
         || hv_a1.job_progress(name).ok().flatten().is_some(),
     );
     std::thread::sleep(Duration::from_secs(2));
-    let manager = &mut children.0[0];
-    let _ = Command::new("kill")
-        .args(["-KILL", &manager.id().to_string()])
-        .status();
-    let _ = manager.wait();
+    fed.daemons
+        .kill("manager", libc::SIGKILL)
+        .expect("kill the manager");
 
     // Its successor resolves the migration from the journal (the CLI, whose connection died
     // with the manager, is stopped: it would wait for its idle timeout).
-    children.0[0] = start_manager(&cfg);
+    fed.start_manager();
     let _ = Command::new("kill")
         .args(["-TERM", &cli.id().to_string()])
         .status();

@@ -4,20 +4,15 @@
 //! The guests' L2 here is a VXLAN mesh between the hosts' `vm-br0` bridges (kernel learning
 //! follows the RARP QEMU sends after the move), so these tests exercise the mechanisms alone;
 //! the overlay's own move handling is tested by the overlay's lab tests.
+// lab: default
 
-#[path = "mech_util.rs"]
-mod util;
-
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use util::*;
 use viola_adaptmgr::migration::plan::{Action, Step};
-use viola_adaptmgr::migration::stage::ImageDirView;
 use viola_adaptmgr::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
 use viola_adaptmgr::migration::{
     LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration,
@@ -25,26 +20,15 @@ use viola_adaptmgr::migration::{
 };
 use viola_hypervisor::StorageCopy;
 use viola_hypervisor::libvirt::LibvirtConnector;
+use viola_labtests::mech::*;
 
 fn deps(
     hosts: &[&str],
     announcer: RecordingAnnouncer,
 ) -> MigrationDeps<LocalCopyStager, RecordingAnnouncer> {
-    let views: BTreeMap<String, ImageDirView> = hosts
-        .iter()
-        .map(|h| {
-            (
-                manager_uri(h),
-                ImageDirView {
-                    host_dir: HOST_IMAGES.into(),
-                    local_dir: local_images(h),
-                },
-            )
-        })
-        .collect();
     MigrationDeps {
         connector: Arc::new(LibvirtConnector),
-        stager: LocalCopyStager::new(views),
+        stager: LocalCopyStager::new(image_dir_views(hosts)),
         announcer,
         poll_interval: Duration::from_millis(200),
         reconnect_timeout: Duration::from_secs(60),
@@ -71,15 +55,9 @@ fn remove_base(host: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
-    require_lab(&["a1", "a2", "b1"]);
-    let _lock = lab_lock();
     let name = "vm-mig";
     let ip = "10.77.2.5";
-    let _cleanup = Cleanup(vec![Box::new(move || {
-        remove_guest(&["a1", "b1"], name);
-        remove_l2(&["a1", "a2", "b1"]);
-    })]);
-    remove_guest(&["a1", "b1"], name); // leftovers of an interrupted run
+    let _cleanup = begin(&["a1", "a2", "b1"], name);
     make_l2(&[
         ("a1", "10.77.2.1/24"),
         ("a2", "10.77.2.2/24"),
@@ -92,28 +70,21 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     wait_guest("a2", ip, Duration::from_secs(180));
 
     // Data written before the move.
-    assert_eq!(
-        guest_http("a2", ip, "marker-write=before-move")
-            .as_deref()
-            .map(str::trim),
-        Some("ok")
-    );
+    write_marker("a2", ip, "before-move");
     let written = guest_http("a2", ip, "diskwrite=8").expect("diskwrite");
     let md5_before = written.split_whitespace().next().expect("md5").to_owned();
 
     // Load from a2 during the move: a 10 ms ping and a bounded stream of HTTP requests.
-    let ping = Command::new("bash")
-        .arg(repo_root().join("scripts/lab.sh"))
-        .args([
-            "exec", "a2", "--", "ping", "-n", "-q", "-i", "0.01", "-w", "40", ip,
-        ])
+    let ping = lab()
+        .cmd("a2", "ping")
+        .args(["-n", "-q", "-i", "0.01", "-w", "40", ip])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start ping");
-    let stream = Command::new("bash")
-        .arg(repo_root().join("scripts/lab.sh"))
-        .args(["exec", "a2", "--", "sh", "-c"])
+    let stream = lab()
+        .cmd("a2", "sh")
+        .arg("-c")
         .arg(format!(
             "ok=0; fail=0; end=$(( $(date +%s) + 45 )); \
              for i in $(seq 1 300); do [ $(date +%s) -lt $end ] || break; \
@@ -170,8 +141,8 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     assert_eq!(
         marker.as_deref().map(str::trim),
         Some("before-move"),
-        "guest console at b1:\n{}",
-        console_tail("b1", name, 15)
+        "guest console:\n{}",
+        console_tail(name, 15)
     );
     let md5_after = guest_http("a2", ip, "md5").expect("md5");
     assert!(
@@ -209,19 +180,10 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only() {
-    require_lab(&["a1", "b1"]);
-    let _lock = lab_lock();
     let name = "vm-kill";
     let ip = "10.77.3.5";
-    let _cleanup = Cleanup(vec![Box::new(move || {
-        if libvirtd_pid("b1").is_none_or(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-        {
-            restart_libvirtd("b1");
-        }
-        remove_guest(&["a1", "b1"], name);
-        remove_l2(&["a1", "b1"]);
-    })]);
-    remove_guest(&["a1", "b1"], name); // leftovers of an interrupted run
+    let mut cleanup = begin(&["a1", "b1"], name);
+    cleanup.first(|| revive_libvirtd("b1"));
     make_l2(&[("a1", "10.77.3.1/24"), ("b1", "10.77.3.3/24")]);
     let hv_a1 = open("a1");
     stage_base("b1");

@@ -1,13 +1,11 @@
 //! Lab: the monitor's figures agree with what the guest does — a CPU burner inside a 2-vCPU
 //! guest shows as about one vCPU busy; idle shows as well below.
-
-#[path = "mech_util.rs"]
-mod util;
+// lab: default
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use util::*;
+use viola_labtests::mech::*;
 use viola_monitor::daemon::{MonitorConfig, collect};
 use viola_monitor::sampler::Sampler;
 
@@ -48,23 +46,12 @@ fn process_cpu_s(pid: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_burner_in_guest_shows_as_one_busy_vcpu() {
-    require_lab(&["a1"]);
-    let _lock = lab_lock();
     let name = "vm-burn";
-    let ip = "10.77.5.5";
-    let _cleanup = Cleanup(vec![Box::new(move || {
-        remove_guest(&["a1"], name);
-        remove_l2(&["a1"]);
-    })]);
-    remove_guest(&["a1"], name); // leftovers of an interrupted run
-    make_bridge("a1", "10.77.5.1/24");
-    let hv = open("a1");
-    boot_guest(&hv, "a1", name, &format!("{ip}/24"), "vm-br0", 2, 256);
+    let (_cleanup, hv, ip) = begin_with_guest("a1", name, "10.77.5", 2);
+    let ip = ip.as_str();
     hv.set_vcpus(name, 2).expect("two vCPUs");
     wait_guest("a1", ip, Duration::from_secs(180));
-    wait_until("guest has 2 CPUs online", Duration::from_secs(60), || {
-        guest_http("a1", ip, "info").and_then(|i| info_value(&i, "cpus_online")) == Some(2)
-    });
+    wait_info("a1", ip, "cpus_online", Duration::from_secs(60), |n| n == 2);
     let cfg = MonitorConfig {
         host: "a1".into(),
         site: "a".into(),

@@ -1,28 +1,17 @@
 //! Lab: live resize of a running guest (vCPU hot-plug, balloon, CPU cap) through the
 //! hypervisor trait, checked from inside the guest.
-
-#[path = "mech_util.rs"]
-mod util;
+// lab: default
 
 use std::time::Duration;
 
-use util::*;
 use viola_hypervisor::{CpuCap, CpuTuning, HypervisorError};
+use viola_labtests::mech::*;
 
 #[test]
 fn resize_vcpus_memory_and_cap_of_a_running_guest() {
-    require_lab(&["a1"]);
-    let _lock = lab_lock();
     let name = "vm-resize";
-    let ip = "10.77.1.5";
-    let _cleanup = Cleanup(vec![Box::new(move || {
-        remove_guest(&["a1"], name);
-        remove_l2(&["a1"]);
-    })]);
-    remove_guest(&["a1"], name); // leftovers of an interrupted run
-    make_bridge("a1", "10.77.1.1/24");
-    let hv = open("a1");
-    boot_guest(&hv, "a1", name, &format!("{ip}/24"), "vm-br0", 2, 256);
+    let (_cleanup, hv, ip) = begin_with_guest("a1", name, "10.77.1", 2);
+    let ip = ip.as_str();
 
     let info = wait_guest("a1", ip, Duration::from_secs(180));
     assert_eq!(info_value(&info, "cpus_online"), Some(1), "{info}");
@@ -31,25 +20,19 @@ fn resize_vcpus_memory_and_cap_of_a_running_guest() {
     // vCPU hot-plug: the guest brings the new CPU online by itself.
     hv.set_vcpus(name, 2).expect("set vcpus");
     assert_eq!(hv.domain(name).unwrap().unwrap().vcpus, 2);
-    wait_until("guest sees 2 CPUs", Duration::from_secs(60), || {
-        guest_http("a1", ip, "info").and_then(|i| info_value(&i, "cpus_online")) == Some(2)
-    });
+    wait_info("a1", ip, "cpus_online", Duration::from_secs(60), |n| n == 2);
     // Above the maximum: refused with a clear error, nothing changes.
     let err = hv.set_vcpus(name, 3).unwrap_err();
     assert!(matches!(err, HypervisorError::OutOfRange { .. }), "{err}");
 
     // Balloon: 256 MiB → 160 MiB; the guest's MemTotal drops by about the difference.
     hv.set_memory(name, 160 * 1024).expect("set memory");
-    wait_until("guest memory shrinks", Duration::from_secs(60), || {
-        guest_http("a1", ip, "info")
-            .and_then(|i| info_value(&i, "mem_total_kib"))
-            .is_some_and(|m| m + 80 * 1024 < mem_before)
+    wait_info("a1", ip, "mem_total_kib", Duration::from_secs(60), |m| {
+        m + 80 * 1024 < mem_before
     });
     hv.set_memory(name, 256 * 1024).expect("grow memory");
-    wait_until("guest memory grows back", Duration::from_secs(60), || {
-        guest_http("a1", ip, "info")
-            .and_then(|i| info_value(&i, "mem_total_kib"))
-            .is_some_and(|m| m + 16 * 1024 >= mem_before)
+    wait_info("a1", ip, "mem_total_kib", Duration::from_secs(60), |m| {
+        m + 16 * 1024 >= mem_before
     });
 
     // CPU cap and shares: either applied and read back, or refused saying why.

@@ -12,17 +12,14 @@
 //! - a daemon configured to hold a CPU wake-up latency request holds it while it runs;
 //! - SIGTERM removes the bridges and TAPs the daemon made (and ends that request).
 
-#[path = "overlay_util.rs"]
-mod util;
-
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use util::*;
-use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run};
+use viola_labtests::overlay::*;
+use viola_labtests::pki::Pki;
+use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run, wait_until};
 
 const LAB: &str = "ovl";
 const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
@@ -42,7 +39,7 @@ fn read_qos_limit() -> Result<i32> {
 /// limit read says nothing about `name`'s request).
 fn only_holder_of_qos_request(o: &Overlay, name: &str) -> Result<()> {
     // `ip netns exec` execs the daemon, so the daemon has the child's PID.
-    let own = o.daemons.get(name).context("no such daemon")?.id();
+    let own = o.daemons.pid(name).context("no such daemon")?;
     let device = std::path::Path::new(PM_QOS_DEVICE);
     let mut holders = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
@@ -85,15 +82,8 @@ fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
             ..LabSpec::default()
         },
     )?;
-    let mut o = Overlay {
-        lab: LAB.to_owned(),
-        dir: tempfile::tempdir()?,
-        daemons: BTreeMap::new(),
-        vm_namespaces: Vec::new(),
-    };
-    let ca = o.path("ca");
-    let ca = ca.to_str().context("path")?;
-    o.ca(&["init", "--ca-dir", ca])?;
+    let mut o = Overlay::new(LAB)?;
+    let pki = Pki::init(&o.path("ca"))?;
     let pm_qos = std::path::Path::new(PM_QOS_DEVICE).exists();
     if !pm_qos {
         eprintln!("no {PM_QOS_DEVICE} in this kernel: the CPU wake-up latency checks are skipped");
@@ -102,20 +92,7 @@ fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
     let addr = |h: &str| lab.host(h).address.clone();
     for h in HOSTS {
         let site = &h[..1];
-        let dir = o.path(&format!("pki-{h}"));
-        o.ca(&[
-            "issue",
-            "--ca-dir",
-            ca,
-            "--role",
-            "overlay",
-            "--site",
-            site,
-            "--host",
-            h,
-            "--out",
-            dir.to_str().context("path")?,
-        ])?;
+        let dir = pki.issue("overlay", site, h, &o.path(&format!("pki-{h}")))?;
         // a1 also holds a CPU wake-up latency request (checked below), where the kernel has
         // the PM QoS device.
         let wake = if h == "a1" && pm_qos {
@@ -166,7 +143,7 @@ allowed = ["a/*", "b/*"]
         .collect::<Result<_>>()?;
 
     // 1. Ping and TCP across sites (a1 <-> b1 direct: b1 dials out through its NAT).
-    let t = wait_ping(&v1[0], "10.1.0.2", Duration::from_secs(30))
+    let t = wait_ping_from(&v1[0], "10.1.0.2", Duration::from_secs(30))
         .with_context(|| format!("a1 log:\n{}\nb1 log:\n{}", o.log("a1"), o.log("b1")))?;
     eprintln!("violin 1 a1 -> b1 reachable after {t:?}");
 
@@ -217,7 +194,7 @@ allowed = ["a/*", "b/*"]
     assert!(bytes > 100_000.0, "TCP moved only {bytes} bytes");
 
     // 2. b1 and c1 are both behind NAT: they reach each other only through a1.
-    let t = wait_ping(&v1[1], "10.1.0.3", Duration::from_secs(30))
+    let t = wait_ping_from(&v1[1], "10.1.0.3", Duration::from_secs(30))
         .with_context(|| format!("b1 log:\n{}\nc1 log:\n{}", o.log("b1"), o.log("c1")))?;
     eprintln!("violin 1 b1 -> c1 (relayed) reachable after {t:?}");
     assert!(
@@ -234,26 +211,13 @@ allowed = ["a/*", "b/*"]
     assert!(counter(&o.status("a1")?, &["switch", "counters", "relayed"]) > 0);
 
     // 3. Broadcast reaches violin 1's members, and not violin 2's VMs on the same hosts.
-    wait_ping(&v2[0], "10.1.0.2", Duration::from_secs(15))?;
+    wait_ping_from(&v2[0], "10.1.0.2", Duration::from_secs(15))?;
     let before: Vec<u64> = v1
         .iter()
         .chain(&v2)
         .map(|n| in_echos(n))
         .collect::<Result<_>>()?;
-    let _ = run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &v1[0],
-        "ping",
-        "-b",
-        "-c",
-        "5",
-        "-i",
-        "0.3",
-        "-W",
-        "1",
-        "10.1.0.255",
-    ]));
+    broadcast_ping(&v1[0], "10.1.0.255", 5);
     // ping -b stops as soon as its own VM has answered the last request: give the copies on
     // their way across the WAN time to arrive before counting.
     sleep(Duration::from_millis(500));
@@ -289,20 +253,7 @@ allowed = ["a/*", "b/*"]
         !ping(&v2[2], "10.1.0.1", 2),
         "non-member c1 reached violin 2"
     );
-    let _ = run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &v2[0],
-        "ping",
-        "-b",
-        "-c",
-        "2",
-        "-i",
-        "0.3",
-        "-W",
-        "1",
-        "10.1.0.255",
-    ]));
+    broadcast_ping(&v2[0], "10.1.0.255", 2);
     sleep(Duration::from_millis(500));
     assert_eq!(
         in_echos(&v2[2])?,
@@ -315,23 +266,8 @@ allowed = ["a/*", "b/*"]
     assert!(!v2_members.contains("c/c1"), "{v2_members}");
 
     // 6. A daemon with a certificate from another CA is refused.
-    let other_ca = o.path("other-ca");
-    let other_ca = other_ca.to_str().context("path")?;
-    o.ca(&["init", "--ca-dir", other_ca])?;
-    let rogue_dir = o.path("pki-rogue");
-    o.ca(&[
-        "issue",
-        "--ca-dir",
-        other_ca,
-        "--role",
-        "overlay",
-        "--site",
-        "c",
-        "--host",
-        "c9",
-        "--out",
-        rogue_dir.to_str().context("path")?,
-    ])?;
+    let other_ca = Pki::init(&o.path("other-ca"))?;
+    let rogue_dir = other_ca.issue("overlay", "c", "c9", &o.path("pki-rogue"))?;
     let rogue_cfg = format!(
         r#"
 listen = "{c1}:4501"
@@ -352,8 +288,8 @@ bridge = "vorogue"
     let path = o.write_config("rogue", &rogue_cfg)?;
     o.start("rogue", &ns("c1"), &path)?;
     wait_until(
-        Duration::from_secs(20),
         "a1 refusing the rogue daemon",
+        Duration::from_secs(20),
         || {
             o.status("a1")
                 .is_ok_and(|s| counter(&s, &["refused", "handshake"]) > refused_before)
@@ -376,9 +312,9 @@ bridge = "vorogue"
     );
     let b1_cfg = o.path("b1.toml");
     o.start("b1", &ns("b1"), &b1_cfg)?;
-    let t = wait_ping(&v1[0], "10.1.0.2", Duration::from_secs(30))?;
+    let t = wait_ping_from(&v1[0], "10.1.0.2", Duration::from_secs(30))?;
     eprintln!("after restart, a1 -> b1 resumed in {t:?}");
-    let t = wait_ping(&v1[2], "10.1.0.2", Duration::from_secs(30))?;
+    let t = wait_ping_from(&v1[2], "10.1.0.2", Duration::from_secs(30))?;
     eprintln!("after restart, c1 -> b1 (relayed) resumed in {t:?}");
 
     // 8. SIGTERM: a1 removes the bridges and TAPs it created.

@@ -6,18 +6,16 @@
 //! certificate. The guest keeps its IP and MAC, the pings lost (counted at the pinger's NIC)
 //! stay within QEMU's own downtime plus 50 ms, and after the move a2's traffic goes to b1 only.
 
-#[path = "overlay_util.rs"]
-mod util;
-
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use util::*;
+use viola_labtests::daemons::{bin, build, log_text, spawn_logged};
+use viola_labtests::overlay::*;
+use viola_labtests::pki::Pki;
 use viola_labtests::{
     GuestSpec, Lab, LabSpec, boot_guest, create_overlay, guest_http, jobinfo_number,
-    lab_tests_enabled, parse_jobinfo, run_ok, stage_base,
+    lab_tests_enabled, parse_jobinfo, run_ok, stage_base, wait_until,
 };
 
 const LAB: &str = "ovm";
@@ -101,29 +99,10 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         return Ok(());
     }
     build_binaries()?;
-    run_ok(
-        Command::new(env!("CARGO"))
-            .current_dir(viola_labtests::repo_root())
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "viola-adaptmgr",
-                "-p",
-                "viola-monitor",
-                "--bins",
-            ]),
-    )?;
+    build(&["viola-adaptmgr", "viola-monitor"])?;
     let lab = Lab::up(LAB, &LabSpec::default())?;
-    let mut o = Overlay {
-        lab: LAB.to_owned(),
-        dir: tempfile::tempdir()?,
-        daemons: BTreeMap::new(),
-        vm_namespaces: Vec::new(),
-    };
-    let ca = o.path("ca");
-    let ca = ca.to_str().context("path")?;
-    o.ca(&["init", "--ca-dir", ca])?;
+    let mut o = Overlay::new(LAB)?;
+    let pki = Pki::init(&o.path("ca"))?;
     let ns = |h: &str| lab.host(h).namespace.clone();
     let peers: String = HOSTS
         .iter()
@@ -132,34 +111,9 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let guest = GuestSpec::new("vo-g1", "10.1.0.5/24", "vio1");
     // The third guest, on a2, loads g1 across the move.
     let pinger = GuestSpec::new("vo-g2", "10.1.0.6/24", "vio1");
-    let mac = run_ok(
-        Command::new(repo_root_script("scripts/guest/domain-xml.sh"))
-            .args(["--name", &guest.name, "--disk", "/x", "--bridge", "vio1"])
-            .args(["--ip", &guest.ip_cidr]),
-    )?
-    .lines()
-    .find_map(|l| {
-        l.trim()
-            .strip_prefix("<mac address='")
-            .and_then(|r| r.strip_suffix("'/>"))
-            .map(str::to_owned)
-    })
-    .context("no MAC in the domain XML")?;
+    let mac = guest.mac(&lab.console_dir())?;
     for (i, h) in HOSTS.iter().enumerate() {
-        let dir = o.path(&format!("pki-{h}"));
-        o.ca(&[
-            "issue",
-            "--ca-dir",
-            ca,
-            "--role",
-            "overlay",
-            "--site",
-            &h[..1],
-            "--host",
-            h,
-            "--out",
-            dir.to_str().context("path")?,
-        ])?;
+        let dir = pki.issue("overlay", &h[..1], h, &o.path(&format!("pki-{h}")))?;
         let cfg = format!(
             "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{peers}\
              [[violins]]\nid = 1\nname = \"mig\"\nvms = [{{ mac = \"{mac}\", ip = \"10.1.0.5\" }}]\n",
@@ -170,10 +124,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         let path = o.write_config(h, &cfg)?;
         o.start(h, &ns(h), &path)?;
         // The host itself joins the violin through its bridge (a2 is the pinging "third guest").
-        wait_until(Duration::from_secs(15), "bridge vio1", || {
-            viola_labtests::run(Command::new("ip").args(["-n", &ns(h), "link", "show", "vio1"]))
-                .is_ok_and(|o| o.status.success())
-        })?;
+        wait_for_link(&ns(h), "vio1", Duration::from_secs(15))?;
         run_ok(Command::new("ip").args([
             "-n",
             &ns(h),
@@ -192,8 +143,8 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let boot = boot_guest(&lab, "a1", &guest, Duration::from_secs(120))?;
     eprintln!("guest up {:.1} s after virsh start", boot.as_secs_f64());
     boot_guest(&lab, "a2", &pinger, Duration::from_secs(120))?;
-    wait_ping(&ns("a2"), pinger.ip(), Duration::from_secs(20))?;
-    wait_ping(&ns("a2"), guest.ip(), Duration::from_secs(20))?;
+    wait_ping_from(&ns("a2"), pinger.ip(), Duration::from_secs(20))?;
+    wait_ping_from(&ns("a2"), guest.ip(), Duration::from_secs(20))?;
     assert_eq!(
         guest_http(&lab, "a2", guest.ip(), "marker-write=moved")?,
         "ok"
@@ -240,26 +191,9 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     // a1's daemon for the violin's members and tells each of them in advance. A monitor on a1
     // tells it about the guest; the CLI orders the move.
     let manager_addr = format!("{}:17443", lab.host("b2").address);
-    let issue = |role: &str, site: &str, host: &str| -> Result<std::path::PathBuf> {
-        let dir = o.path(&format!("pki-{role}-{host}"));
-        o.ca(&[
-            "issue",
-            "--ca-dir",
-            ca,
-            "--role",
-            role,
-            "--site",
-            site,
-            "--host",
-            host,
-            "--out",
-            dir.to_str().context("path")?,
-        ])?;
-        Ok(dir)
-    };
-    let mgr_pki = issue("adaptmgr", "fed", "mgr")?;
-    let cli_pki = issue("cli", "fed", "operator")?;
-    let monitor_pki = issue("monitor", "a", "a1")?;
+    let mgr_pki = pki.issue("adaptmgr", "fed", "mgr", &o.path("pki-adaptmgr"))?;
+    let cli_pki = pki.issue("cli", "fed", "operator", &o.path("pki-cli"))?;
+    let monitor_pki = pki.issue("monitor", "a", "a1", &o.path("pki-monitor-a1"))?;
     let hosts_toml: String = HOSTS
         .iter()
         .map(|h| {
@@ -295,18 +229,14 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         "b2 must have no overlay"
     );
     let spawn = |o: &mut Overlay, name: &str, netns: &str, cmd: &mut Command| -> Result<()> {
-        let log = std::fs::File::create(o.path(&format!("{name}.log")))?;
-        let child = Command::new("ip")
+        let mut wrapped = Command::new("ip");
+        wrapped
             .args(["netns", "exec", netns])
             .arg(cmd.get_program())
             .args(cmd.get_args())
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        o.daemons.insert(name.to_owned(), child);
+            .env("RUST_LOG", "info");
+        let child = spawn_logged(&mut wrapped, &o.path(&format!("{name}.log")))?;
+        o.daemons.add(name, child);
         Ok(())
     };
     spawn(
@@ -344,8 +274,8 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         )
     };
     wait_until(
-        Duration::from_secs(30),
         "the manager to learn the guest",
+        Duration::from_secs(30),
         || viola(&["vm", "list", "--json"]).is_ok_and(|l| l.contains(&guest.name)),
     )?;
     let start = Instant::now();
@@ -354,7 +284,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         "viola vm migrate took {:.2} s:\n{moved}",
         start.elapsed().as_secs_f64()
     );
-    let log = std::fs::read_to_string(o.path("adaptmgr.log"))?;
+    let log = log_text(&o.path("adaptmgr.log"));
     for member in ["a/a1", "a/a2", "b/b1"] {
         assert!(
             log.lines()
@@ -366,7 +296,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let downtime = jobinfo_number(&info, "Total downtime").context("downtime")?;
 
     // Where a2 sends now, and that nothing more goes to a1 for the guest.
-    wait_until(Duration::from_secs(5), "a2 to learn the move", || {
+    wait_until("a2 to learn the move", Duration::from_secs(5), || {
         o.status("a2")
             .is_ok_and(|s| mac_location(&s, &mac).is_some_and(|l| l.0 == "b/b1"))
     })?;
@@ -450,8 +380,4 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     drop(o);
     drop(lab);
     Ok(())
-}
-
-fn repo_root_script(rel: &str) -> std::path::PathBuf {
-    viola_labtests::repo_root().join(rel)
 }

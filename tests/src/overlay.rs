@@ -1,63 +1,33 @@
-//! Helpers of the overlay lab tests (`overlay_*.rs`), included with `#[path]`: `viola-overlay`
-//! daemons in lab hosts, namespaces standing in for VMs, status queries. Everything made here is
-//! named `vo-…` and removed again (also on panic).
-#![allow(dead_code)]
+//! The overlay lab tests' helpers (`overlay_*.rs`): `viola-overlay` daemons in lab hosts,
+//! namespaces standing in for VMs, status queries. Everything made here is named `vo-…` and
+//! removed again (also on panic). Build the daemons first: [`build_binaries`].
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use viola_labtests::{repo_root, run, run_ok};
 
-pub fn bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug").join(name)
-}
+use crate::daemons::{Daemons, bin, log_text, spawn_logged};
+use crate::{run, run_ok, wait_until};
 
+/// Builds `viola-overlay` and `viola-ca`.
 pub fn build_binaries() -> Result<()> {
-    run_ok(Command::new(env!("CARGO")).current_dir(repo_root()).args([
-        "build",
-        "-q",
-        "-p",
-        "viola-overlay",
-        "-p",
-        "viola-common",
-        "--bins",
-    ]))?;
-    Ok(())
+    crate::daemons::build(&["viola-overlay", "viola-common"])
 }
 
 /// Daemons, VM namespaces and files of this test; removed on drop (also on panic).
 pub struct Overlay {
     pub lab: String,
     pub dir: tempfile::TempDir,
-    pub daemons: BTreeMap<String, Child>,
+    pub daemons: Daemons,
     pub vm_namespaces: Vec<String>,
 }
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        for (name, child) in &mut self.daemons {
-            // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                sleep(Duration::from_millis(100));
-            }
-            if let Ok(None) = child.try_wait() {
-                eprintln!("daemon {name} did not stop; killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        // The daemons first (they own the bridges the VM namespaces' links are ports of).
+        drop(std::mem::take(&mut self.daemons));
         for ns in &self.vm_namespaces {
             let _ = run(Command::new("ip").args(["netns", "del", ns]));
         }
@@ -65,13 +35,18 @@ impl Drop for Overlay {
 }
 
 impl Overlay {
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+    /// No daemons yet, files in a new temporary directory; VM namespaces named `vo-LAB-…`.
+    pub fn new(lab: &str) -> Result<Self> {
+        Ok(Self {
+            lab: lab.to_owned(),
+            dir: tempfile::tempdir()?,
+            daemons: Daemons::default(),
+            vm_namespaces: Vec::new(),
+        })
     }
 
-    pub fn ca(&self, args: &[&str]) -> Result<()> {
-        run_ok(Command::new(bin("viola-ca")).args(args))?;
-        Ok(())
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
     }
 
     pub fn write_config(&self, name: &str, body: &str) -> Result<PathBuf> {
@@ -80,32 +55,26 @@ impl Overlay {
         Ok(p)
     }
 
+    /// Starts `viola-overlay run` in network namespace `netns` as daemon `name`.
     pub fn start(&mut self, name: &str, netns: &str, config: &Path) -> Result<()> {
-        let log = std::fs::File::create(self.path(&format!("{name}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(bin("viola-overlay"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start viola-overlay")?;
-        if let Some(mut old) = self.daemons.insert(name.to_owned(), child) {
-            let _ = old.wait();
-        }
+        let log = self.path(&format!("{name}.log"));
+        // A fresh log per start: a restarted daemon's log is its own.
+        std::fs::File::create(&log)?;
+        let child = spawn_logged(
+            Command::new("ip")
+                .args(["netns", "exec", netns])
+                .arg(bin("viola-overlay"))
+                .args(["run", "--config"])
+                .arg(config)
+                .env("RUST_LOG", "info"),
+            &log,
+        )?;
+        self.daemons.add(name, child);
         Ok(())
     }
 
     pub fn kill(&mut self, name: &str, signal: i32) -> Result<()> {
-        let mut child = self.daemons.remove(name).context("no such daemon")?;
-        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let status = child.wait()?;
-        eprintln!("daemon {name} ended: {status}");
-        Ok(())
+        self.daemons.kill(name, signal).map(|_| ())
     }
 
     pub fn socket(&self, name: &str) -> PathBuf {
@@ -122,7 +91,7 @@ impl Overlay {
     }
 
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+        log_text(&self.path(&format!("{name}.log")))
     }
 
     /// A namespace standing in for a VM of `violin` on `host`, attached to the violin's bridge.
@@ -132,14 +101,7 @@ impl Overlay {
         self.vm_namespaces.push(ns.clone());
         let port = format!("vm{violin}");
         let bridge = format!("vio{violin}");
-        wait_until(
-            Duration::from_secs(15),
-            "bridge created by the daemon",
-            || {
-                run(Command::new("ip").args(["-n", host_ns, "link", "show", &bridge]))
-                    .is_ok_and(|o| o.status.success())
-            },
-        )?;
+        wait_for_link(host_ns, &bridge, Duration::from_secs(15))?;
         for args in [
             vec![
                 "-n", host_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
@@ -164,15 +126,12 @@ impl Overlay {
     }
 }
 
-pub fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if ok() {
-            return Ok(());
-        }
-        sleep(Duration::from_millis(200));
-    }
-    bail!("timeout after {limit:?} waiting for {what}")
+/// Waits until the daemon has made `link` (a violin's bridge) in namespace `ns`.
+pub fn wait_for_link(ns: &str, link: &str, timeout: Duration) -> Result<()> {
+    wait_until(&format!("{link} in {ns}"), timeout, || {
+        run(Command::new("ip").args(["-n", ns, "link", "show", link]))
+            .is_ok_and(|o| o.status.success())
+    })
 }
 
 pub fn ping(ns: &str, ip: &str, count: u32) -> bool {
@@ -193,9 +152,28 @@ pub fn ping(ns: &str, ip: &str, count: u32) -> bool {
     .is_ok_and(|o| o.status.success())
 }
 
-pub fn wait_ping(ns: &str, ip: &str, limit: Duration) -> Result<Duration> {
+/// Pings broadcast address `broadcast` `count` times from namespace `ns` (whoever answers).
+pub fn broadcast_ping(ns: &str, broadcast: &str, count: u32) {
+    let _ = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns,
+        "ping",
+        "-b",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.3",
+        "-W",
+        "1",
+        broadcast,
+    ]));
+}
+
+/// Waits until `ip` answers a ping from namespace `ns`; how long that took.
+pub fn wait_ping_from(ns: &str, ip: &str, limit: Duration) -> Result<Duration> {
     let start = Instant::now();
-    wait_until(limit, &format!("ping {ns} -> {ip}"), || ping(ns, ip, 1))?;
+    wait_until(&format!("ping {ns} -> {ip}"), limit, || ping(ns, ip, 1))?;
     Ok(start.elapsed())
 }
 

@@ -1,0 +1,149 @@
+//! The workspace's daemons in lab tests: built once, started with their output in a log file,
+//! and stopped when the test ends (also when it panics), by the PIDs the test started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::{poll_until, repo_root, run_ok};
+
+/// A binary of this workspace in the debug target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    target.join("debug").join(name)
+}
+
+/// `cargo build --bins` of `packages` (quietly; what is built already is not built again).
+pub fn build(packages: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(repo_root()).args(["build", "-q"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    run_ok(cmd.arg("--bins"))?;
+    Ok(())
+}
+
+/// A local port free at the time of asking (for listeners bound to 127.0.0.1).
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// Spawns `cmd` with stdin closed and stdout and stderr appended to `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("log file {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))
+}
+
+/// A daemon's log file without terminal colour codes ("" if there is none yet).
+pub fn log_text(path: &Path) -> String {
+    let raw = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for e in chars.by_ref() {
+                if e == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Waits until `log` holds more than `seen` lines containing `needle` (a daemon started again
+/// appends to the log of its predecessor).
+pub fn wait_for_log(log: &Path, needle: &str, seen: usize, timeout: Duration) -> Result<()> {
+    poll_until(
+        &format!("{needle:?} in {}", log.display()),
+        timeout,
+        Duration::from_millis(50),
+        || log_text(log).matches(needle).count() > seen,
+    )
+    .with_context(|| log_text(log))
+}
+
+/// The daemons a test started, by name; each is stopped on drop (SIGTERM, then SIGKILL after
+/// 5 s), also when the test panics.
+#[derive(Default)]
+pub struct Daemons(Vec<(String, Child)>);
+
+impl Daemons {
+    /// Keeps `child` as `name`; a daemon of that name already ended is reaped.
+    pub fn add(&mut self, name: &str, child: Child) {
+        if let Some(i) = self.0.iter().position(|(n, _)| n == name) {
+            let (_, mut old) = self.0.remove(i);
+            let _ = old.wait();
+        }
+        self.0.push((name.to_owned(), child));
+    }
+
+    /// The PID of daemon `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
+    /// Sends `signal` to daemon `name` and waits until it has ended.
+    pub fn kill(&mut self, name: &str, signal: i32) -> Result<ExitStatus> {
+        let i = self
+            .0
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no daemon {name}"))?;
+        let (_, mut child) = self.0.remove(i);
+        signal_child(&child, signal);
+        let status = child.wait()?;
+        eprintln!("daemon {name} ended: {status}");
+        Ok(status)
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for (name, child) in &mut self.0 {
+            stop(name, child);
+        }
+    }
+}
+
+fn signal_child(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
+    unsafe { libc::kill(child.id() as i32, signal) };
+}
+
+/// SIGTERM, then SIGKILL if `child` has not ended within 5 s.
+fn stop(name: &str, child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    signal_child(child, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    eprintln!("daemon {name} did not stop on SIGTERM; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,42 @@
+//! Certificates for lab tests, issued the way an operator issues them: with `viola-ca` (build
+//! it first: `daemons::build(&["viola-common"])`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::daemons::bin;
+use crate::run_ok;
+
+/// A federation CA in a directory of its own.
+pub struct Pki {
+    ca_dir: PathBuf,
+}
+
+impl Pki {
+    /// Makes a new CA in `ca_dir` (`viola-ca init`).
+    pub fn init(ca_dir: &Path) -> Result<Self> {
+        run_ok(
+            Command::new(bin("viola-ca"))
+                .args(["init", "--ca-dir"])
+                .arg(ca_dir),
+        )?;
+        Ok(Self {
+            ca_dir: ca_dir.to_owned(),
+        })
+    }
+
+    /// Issues an identity of `role` (`overlay`, `depot`, `adaptmgr`, `monitor`, `cli`) for
+    /// `host` of `site` into the directory `out`; returns `out`.
+    pub fn issue(&self, role: &str, site: &str, host: &str, out: &Path) -> Result<PathBuf> {
+        run_ok(
+            Command::new(bin("viola-ca"))
+                .args(["issue", "--ca-dir"])
+                .arg(&self.ca_dir)
+                .args(["--role", role, "--site", site, "--host", host, "--out"])
+                .arg(out),
+        )?;
+        Ok(out.to_owned())
+    }
+}
