@@ -294,10 +294,22 @@ pub struct FetchReport {
     pub failed_sources: Vec<String>,
 }
 
+/// Ranges still to fetch, and how many are being fetched right now. A worker that finds the
+/// queue empty waits while ranges are in flight, because a source that lies or fails puts its
+/// range back: a worker that left then would leave that range to no one (seen in the depot lab
+/// test on a loaded machine: the honest second source's workers had quit before the first
+/// source's corrupt range came back, and the fetch failed with "chunks missing").
+struct Work {
+    queue: VecDeque<Vec<usize>>,
+    in_flight: usize,
+}
+
 struct Shared {
     store: Store,
     idx: PartIndex,
-    queue: Mutex<VecDeque<Vec<usize>>>,
+    work: Mutex<Work>,
+    /// Woken whenever a range is done or put back, for workers waiting on ranges in flight.
+    work_changed: tokio::sync::Notify,
     report: Mutex<FetchReport>,
     progress: Arc<AtomicU64>,
 }
@@ -372,7 +384,11 @@ pub async fn fetch_part(
     let shared = Arc::new(Shared {
         store: store.clone(),
         idx,
-        queue: Mutex::new(queue),
+        work: Mutex::new(Work {
+            queue,
+            in_flight: 0,
+        }),
+        work_changed: tokio::sync::Notify::new(),
         report: Mutex::new(report),
         progress,
     });
@@ -411,32 +427,67 @@ pub async fn fetch_part(
     Ok(report)
 }
 
+/// What a worker should do next.
+enum Next {
+    Fetch(Vec<usize>),
+    /// Nothing queued, but ranges are in flight and may come back.
+    Wait,
+    Done,
+}
+
+fn next_range(sh: &Shared) -> Next {
+    let Ok(mut work) = sh.work.lock() else {
+        return Next::Done;
+    };
+    match work.queue.pop_front() {
+        Some(range) => {
+            work.in_flight += 1;
+            Next::Fetch(range)
+        }
+        None if work.in_flight > 0 => Next::Wait,
+        None => Next::Done,
+    }
+}
+
 async fn worker(sh: Arc<Shared>, src: Source, bad: Arc<AtomicBool>) {
     loop {
         if bad.load(Ordering::Relaxed) {
             return;
         }
-        let Some(range) = sh.queue.lock().ok().and_then(|mut q| q.pop_front()) else {
-            return;
-        };
-        match fetch_range(&sh, &src, &range).await {
-            Ok(()) => {}
-            Err((rest, lying, err)) => {
-                tracing::warn!(source = %src.name, lying, error = %viola_common::errors::chain(&err), "range failed; requeued");
-                if let Ok(mut q) = sh.queue.lock() {
-                    q.push_front(rest);
-                }
-                if let Ok(mut r) = sh.report.lock() {
-                    if lying {
-                        r.lying_sources.push(src.name.clone());
-                        r.bad_chunks += 1;
-                    } else {
-                        r.failed_sources.push(src.name.clone());
-                    }
-                }
-                bad.store(true, Ordering::Relaxed);
-                return;
+        // Registered before looking, so a change between the look and the wait is not missed.
+        let changed = sh.work_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let range = match next_range(&sh) {
+            Next::Fetch(range) => range,
+            Next::Wait => {
+                changed.await;
+                continue;
             }
+            Next::Done => return,
+        };
+        let result = fetch_range(&sh, &src, &range).await;
+        if let Err((rest, lying, err)) = &result {
+            tracing::warn!(source = %src.name, lying, error = %viola_common::errors::chain(err), "range failed; requeued");
+            if let Ok(mut r) = sh.report.lock() {
+                if *lying {
+                    r.lying_sources.push(src.name.clone());
+                    r.bad_chunks += 1;
+                } else {
+                    r.failed_sources.push(src.name.clone());
+                }
+            }
+            bad.store(true, Ordering::Relaxed);
+            if let Ok(mut work) = sh.work.lock() {
+                work.queue.push_front(rest.clone());
+            }
+        }
+        if let Ok(mut work) = sh.work.lock() {
+            work.in_flight -= 1;
+        }
+        sh.work_changed.notify_waiters();
+        if result.is_err() {
+            return;
         }
     }
 }
