@@ -29,11 +29,10 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{self, Identity, Role, alpn};
 
 use crate::HostId;
-use crate::busy_poll::BusyPoll;
 use crate::config::OverlayConfig;
 use crate::control::{self, ControlMsg, PeerAddr};
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
-use crate::handoff::{HandoffSocket, HandoffYield};
+use crate::sparse::{BusyPoll, HandoffSocket, SparsePath};
 use crate::switch::{HostPattern, Output, Switch, SwitchConfig, SwitchStatus, ViolinConfig};
 use crate::wire::{self, FRAME_HEADER_LEN, ViolinId};
 
@@ -106,10 +105,8 @@ struct Shared {
     known: BTreeMap<HostId, Vec<SocketAddr>>,
     out: Vec<Output>,
     serial: u64,
-    /// Yields after sparse TAP writes (the frame's reader may be woken onto this CPU).
-    tap_yield: HandoffYield,
-    /// Busy polling after sparse packets (see [`crate::busy_poll`]).
-    busy: Arc<BusyPoll>,
+    /// Sparse TAP writes: the frame's reader may be woken onto this CPU (see [`crate::sparse`]).
+    tap_path: SparsePath,
 }
 
 impl Shared {
@@ -142,7 +139,7 @@ impl Shared {
                         continue;
                     };
                     match tap.get_ref().send(&frame) {
-                        Ok(_) => self.tap_yield.after_handoff(&self.busy),
+                        Ok(_) => self.tap_path.after_handoff(),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.count("tap_full"),
                         Err(_) => self.count("tap_write"),
                     }
@@ -312,7 +309,6 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         libc::SO_SNDBUF,
         cfg.socket_buffer,
     );
-    let send_yield = Arc::new(HandoffYield::new(cfg.handoff_yield));
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(crate::local_runtime::LocalSetRuntime);
     let udp = runtime
         .wrap_udp_socket(socket)
@@ -320,7 +316,8 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     let busy = Arc::new(BusyPoll::new(Duration::from_micros(u64::from(
         cfg.busy_poll_us,
     ))));
-    let udp = Arc::new(HandoffSocket::new(udp, send_yield.clone(), busy.clone()));
+    let send_path = Arc::new(SparsePath::new(cfg.handoff_yield, busy.clone()));
+    let udp = Arc::new(HandoffSocket::new(udp, send_path.clone()));
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         Some(server_cfg),
@@ -401,8 +398,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         known: BTreeMap::new(),
         out: Vec::new(),
         serial: 0,
-        tap_yield: HandoffYield::new(cfg.handoff_yield),
-        busy: busy.clone(),
+        tap_path: SparsePath::new(cfg.handoff_yield, busy.clone()),
     }));
     let advertise = cfg.advertise.unwrap_or(local);
     let ctx = Rc::new(Ctx {
@@ -413,7 +409,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         token: token.clone(),
         mtu: cfg.mtu as usize,
         cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
-        send_yield,
+        send_path,
         busy: busy.clone(),
     });
 
@@ -489,7 +485,7 @@ struct Ctx {
     token: CancellationToken,
     mtu: usize,
     cpu_wake_latency_us: Option<u32>,
-    send_yield: Arc<HandoffYield>,
+    send_path: Arc<SparsePath>,
     busy: Arc<BusyPoll>,
 }
 
@@ -878,9 +874,9 @@ fn status(ctx: &Ctx) -> DaemonStatus {
         refused: st.refused.clone(),
         cpu_wake_latency_us: ctx.cpu_wake_latency_us,
         handoff_yields: ctx
-            .send_yield
-            .is_enabled()
-            .then(|| ctx.send_yield.yields() + st.tap_yield.yields()),
+            .send_path
+            .yield_enabled()
+            .then(|| ctx.send_path.yields() + st.tap_path.yields()),
         busy_poll: ctx
             .busy
             .is_enabled()

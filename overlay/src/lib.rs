@@ -5,7 +5,7 @@
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
-//! - [`handoff`], [`local_runtime`], [`busy_poll`]: keeping the sparse-packet path short (see each module).
+//! - [`sparse`], [`local_runtime`]: keeping the sparse-packet path short (see each module).
 //! - [`cpu_latency`]: the optional CPU wake-up latency request (PM QoS) for the lowest RTT.
 
 use std::sync::Arc;
@@ -22,9 +22,8 @@ mod sim;
 
 /// A host's name, `site/host`.
 pub type HostId = Arc<str>;
-pub mod busy_poll;
 pub mod config;
 pub mod cpu_latency;
 pub mod daemon;
-pub mod handoff;
 pub mod local_runtime;
+pub mod sparse;
