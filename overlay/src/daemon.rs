@@ -29,11 +29,12 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{self, Identity, Role, alpn};
 
 use crate::HostId;
+use crate::api_types::SwitchStatus;
 use crate::config::OverlayConfig;
 use crate::control::{self, ControlMsg, PeerAddr};
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
 use crate::sparse::{BusyPoll, HandoffSocket, SparsePath};
-use crate::switch::{HostPattern, Output, Switch, SwitchConfig, SwitchStatus, ViolinConfig};
+use crate::switch::{HostPattern, Output, Switch, SwitchConfig, ViolinConfig};
 use crate::wire::{self, FRAME_HEADER_LEN, ViolinId};
 
 /// Why the daemon could not start or failed.
