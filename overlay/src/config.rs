@@ -63,12 +63,13 @@ pub struct OverlayConfig {
     pub cpu_wake_latency_us: Option<u32>,
     /// After a UDP send or TAP write that follows a quiet spell, give the CPU up once, so the
     /// receiver the kernel woke onto this CPU runs before the daemon's own bookkeeping (see
-    /// [`crate::handoff`]). Costs one `sched_yield` per sparse packet, nothing under load.
+    /// [`crate::sparse`]). Costs one `sched_yield` per sparse packet, nothing under load.
     pub handoff_yield: bool,
     /// After a UDP send or TAP write that follows a quiet spell, keep polling for I/O this many
-    /// microseconds before sleeping, yielding the CPU between polls (see [`crate::busy_poll`]):
-    /// the answer to a sparse request skips the daemon's wake-up, at the price of up to this
-    /// much CPU time per burst of traffic and at most 10 % of one CPU. 0: off.
+    /// microseconds before sleeping, yielding the CPU between polls (see
+    /// [`crate::sparse::busy_poll`]): the answer to a sparse request skips the daemon's wake-up,
+    /// at the price of up to this much CPU time per burst of traffic and at most 10 % of one
+    /// CPU. 0: off.
     pub busy_poll_us: u32,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,

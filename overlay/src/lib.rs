@@ -4,16 +4,53 @@
 //! - [`control`]: control messages (membership, MAC announcements, relay) and their framing.
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
+//! - [`api_types`]: the daemon's control API (requests, replies, status), free of internals.
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
-//! - [`handoff`], [`local_runtime`], [`busy_poll`]: keeping the sparse-packet path short (see each module).
+//! - [`sparse`], [`local_runtime`]: keeping the sparse-packet path short (see each module).
 //! - [`cpu_latency`]: the optional CPU wake-up latency request (PM QoS) for the lowest RTT.
 
 use std::sync::Arc;
 
+/// Declares a fieldless enum together with `ALL` (every variant) and `as_str` (each variant's
+/// label), so that lists of every reason (metrics export, tests) cannot fall behind the enum.
+macro_rules! labelled_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $label:literal, )*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )*
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
+
+            /// The variant's snake_case label (status keys, metrics labels).
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $label,)*
+                }
+            }
+        }
+    };
+}
+
+pub mod api_types;
 pub mod control;
 pub mod reassembly;
 pub mod switch;
 pub mod wire;
+
+pub mod config;
+pub mod cpu_latency;
+pub mod daemon;
+pub mod local_runtime;
+pub mod sparse;
 
 #[cfg(test)]
 mod fuzz_seeds;
@@ -22,9 +59,3 @@ mod sim;
 
 /// A host's name, `site/host`.
 pub type HostId = Arc<str>;
-pub mod busy_poll;
-pub mod config;
-pub mod cpu_latency;
-pub mod daemon;
-pub mod handoff;
-pub mod local_runtime;

@@ -214,7 +214,12 @@ impl Sim {
     }
 
     fn drops(&mut self, host: &str, r: DropReason) -> u64 {
-        self.sw(host).counters().drops.get(&r).copied().unwrap_or(0)
+        self.sw(host)
+            .counters()
+            .drops
+            .get(r.as_str())
+            .copied()
+            .unwrap_or(0)
     }
 
     fn loc(&mut self, host: &str, violin: u32, m: Mac) -> Option<Location> {

@@ -18,9 +18,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use serde::Serialize;
 
 use crate::HostId;
+use crate::api_types::{Counters, MacStatus, PeerStatus, SwitchStatus, ViolinStatus};
 use crate::control::ControlMsg;
 use crate::reassembly::{Fragment, Reassembler, ReassemblyLimits};
 use crate::wire::{self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, ViolinId};
@@ -82,83 +82,31 @@ pub enum Output {
     },
 }
 
-/// Why a frame, datagram or message was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropReason {
-    /// A datagram or frame that does not parse.
-    Malformed,
-    /// A violin this host is not a member of.
-    UnknownViolin,
-    /// A sender that is not a (permitted) member of the violin.
-    NotMember,
-    /// No direct connection and no relay towards the destination.
-    NoRoute,
-    /// A frame too large even for [`wire::MAX_FRAGMENTS`] fragments.
-    Oversize,
-    /// Inconsistent fragments.
-    FragmentMismatch,
-    /// A local frame from a MAC that just moved away (hold-down).
-    StaleLocalAfterMove,
-    /// A unicast frame on the TAP for a MAC that is local (no hairpin).
-    LocalDestination,
-    /// A received frame for a MAC that is elsewhere, already redirected once.
-    Misdelivered,
-    /// A relay request from or to a host we cannot serve.
-    RelayRefused,
-}
-
-impl DropReason {
-    /// Snake-case name (metrics label).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::UnknownViolin => "unknown_violin",
-            Self::NotMember => "not_member",
-            Self::NoRoute => "no_route",
-            Self::Oversize => "oversize",
-            Self::FragmentMismatch => "fragment_mismatch",
-            Self::StaleLocalAfterMove => "stale_local_after_move",
-            Self::LocalDestination => "local_destination",
-            Self::Misdelivered => "misdelivered",
-            Self::RelayRefused => "relay_refused",
-        }
+labelled_enum! {
+    /// Why a frame, datagram or message was dropped.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum DropReason {
+        /// A datagram or frame that does not parse.
+        Malformed = "malformed",
+        /// A violin this host is not a member of.
+        UnknownViolin = "unknown_violin",
+        /// A sender that is not a (permitted) member of the violin.
+        NotMember = "not_member",
+        /// No direct connection and no relay towards the destination.
+        NoRoute = "no_route",
+        /// A frame too large even for [`wire::MAX_FRAGMENTS`] fragments.
+        Oversize = "oversize",
+        /// Inconsistent fragments.
+        FragmentMismatch = "fragment_mismatch",
+        /// A local frame from a MAC that just moved away (hold-down).
+        StaleLocalAfterMove = "stale_local_after_move",
+        /// A unicast frame on the TAP for a MAC that is local (no hairpin).
+        LocalDestination = "local_destination",
+        /// A received frame for a MAC that is elsewhere, already redirected once.
+        Misdelivered = "misdelivered",
+        /// A relay request from or to a host we cannot serve.
+        RelayRefused = "relay_refused",
     }
-}
-
-/// Counters of the core (monotonic).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Counters {
-    /// Frames read from local TAPs.
-    pub tap_frames: u64,
-    /// Datagrams handed to the driver for sending (after fragmentation, all hops).
-    pub datagrams_out: u64,
-    /// Datagrams received.
-    pub datagrams_in: u64,
-    /// Frames delivered to local TAPs.
-    pub delivered: u64,
-    /// Frames sent to every member (broadcast/multicast/unknown unicast).
-    pub flooded: u64,
-    /// Frames split into fragments.
-    pub fragmented: u64,
-    /// Frames reassembled.
-    pub reassembled: u64,
-    /// Incomplete frames evicted from reassembly.
-    pub reassembly_evicted: u64,
-    /// ARP requests answered locally from control-plane knowledge.
-    pub arp_answered: u64,
-    /// MAC location changes (moves) applied.
-    pub mac_moves: u64,
-    /// Announcements ignored as stale (lower sequence number).
-    pub stale_announcements: u64,
-    /// Remote frames whose source MAC is known elsewhere (ignored for learning).
-    pub stale_source_frames: u64,
-    /// Frames re-sent to a MAC's new host.
-    pub redirected: u64,
-    /// Datagrams relayed for other hosts.
-    pub relayed: u64,
-    /// Drops by reason.
-    pub drops: BTreeMap<DropReason, u64>,
 }
 
 /// Where a MAC is.
@@ -398,7 +346,13 @@ impl Switch {
     }
 
     fn drop(&mut self, reason: DropReason) {
-        *self.counters.drops.entry(reason).or_default() += 1;
+        // Keyed by label for the status; allocates only the first time a reason is counted.
+        match self.counters.drops.get_mut(reason.as_str()) {
+            Some(n) => *n += 1,
+            None => {
+                self.counters.drops.insert(reason.as_str().to_owned(), 1);
+            }
+        }
     }
 
     fn send_control(&mut self, to: &HostId, msg: ControlMsg, out: &mut Vec<Output>) {
@@ -1196,64 +1150,6 @@ impl Switch {
     }
 }
 
-/// Status of the switch (serialised by the status command).
-#[derive(Debug, Clone, Serialize)]
-pub struct SwitchStatus {
-    /// This host.
-    pub host: String,
-    /// Known peers.
-    pub peers: Vec<PeerStatus>,
-    /// Local violins.
-    pub violins: Vec<ViolinStatus>,
-    /// Counters.
-    pub counters: Counters,
-    /// Bytes held in reassembly.
-    pub reassembly_bytes: usize,
-}
-
-/// One peer.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    /// `site/host`.
-    pub host: String,
-    /// Direct connection up.
-    pub connected: bool,
-    /// Relay used when not connected.
-    pub via: Option<String>,
-    /// Datagram limit of the direct connection.
-    pub max_datagram: usize,
-    /// Violins it is a member of.
-    pub violins: Vec<u32>,
-}
-
-/// One violin.
-#[derive(Debug, Clone, Serialize)]
-pub struct ViolinStatus {
-    /// Id.
-    pub id: u32,
-    /// Name.
-    pub name: String,
-    /// Member hosts (besides this one) we exchange frames with.
-    pub members: Vec<String>,
-    /// MAC table.
-    pub macs: Vec<MacStatus>,
-}
-
-/// One MAC table entry.
-#[derive(Debug, Clone, Serialize)]
-pub struct MacStatus {
-    /// MAC.
-    pub mac: String,
-    /// `local` or `site/host`.
-    pub location: String,
-    /// Move sequence number.
-    pub seq: u64,
-    /// Seconds since last seen.
-    pub age_s: f64,
-    /// IPv4 address seen, if any.
-    pub ip: Option<Ipv4Addr>,
-}
-
 /// Helper for tests and the driver: a frame buffer with the reserved header in front.
 pub fn tap_buffer(frame: &[u8]) -> BytesMut {
     let mut b = BytesMut::with_capacity(FRAME_HEADER_LEN + frame.len());
@@ -1331,10 +1227,18 @@ pub fn fuzz_switch(data: &[u8]) {
                 0 => {
                     let datagram = Bytes::copy_from_slice(bytes);
                     let malformed = wire::decode(&datagram).is_err();
-                    let before = sw.counters.drops.get(&DropReason::Malformed).copied();
+                    let before = sw
+                        .counters
+                        .drops
+                        .get(DropReason::Malformed.as_str())
+                        .copied();
                     sw.handle_datagram(now, peer, datagram, &mut out);
                     if malformed {
-                        let after = sw.counters.drops.get(&DropReason::Malformed).copied();
+                        let after = sw
+                            .counters
+                            .drops
+                            .get(DropReason::Malformed.as_str())
+                            .copied();
                         assert_eq!(after, Some(before.unwrap_or(0) + 1));
                         assert!(out.is_empty());
                     }

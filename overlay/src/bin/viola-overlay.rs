@@ -14,8 +14,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use viola_overlay::api_types::{ControlReply, ControlRequest, OverlayStatus};
 use viola_overlay::config::{OverlayConfig, PeerConfig};
-use viola_overlay::daemon::{self, ControlRequest, DaemonStatus};
+use viola_overlay::daemon;
 
 const DEFAULT_SOCKET: &str = "/run/viola/overlay.sock";
 
@@ -96,30 +97,25 @@ async fn ask(
     socket: &std::path::Path,
     remote: &Remote,
     req: &ControlRequest,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<ControlReply> {
     match remote.remote {
         Some(addr) => {
             let me = viola_common::identity::Identity::load_dir(&remote.identity_dir)?;
-            let reply = daemon::remote_request(&me, addr, req)
+            daemon::request_quic(&me, addr, req)
                 .await
-                .with_context(|| format!("cannot reach daemon at {addr}"))?;
-            Ok(reply.to_string())
+                .with_context(|| format!("cannot reach daemon at {addr}"))
         }
-        None => daemon::request(socket, req)
+        None => daemon::request_unix(socket, req)
             .await
             .with_context(|| format!("cannot reach daemon at {}", socket.display())),
     }
 }
 
-fn format_status(s: &DaemonStatus) -> String {
+fn format_status(s: &OverlayStatus) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let sw = &s.switch;
-    let _ = writeln!(
-        o,
-        "host {}",
-        sw.get("host").and_then(|h| h.as_str()).unwrap_or("?")
-    );
+    let _ = writeln!(o, "host {}", sw.host);
     if let Some(us) = s.cpu_wake_latency_us {
         let _ = writeln!(o, "holding a CPU wake-up latency request of {us} µs");
     }
@@ -131,92 +127,73 @@ fn format_status(s: &DaemonStatus) -> String {
             let _ = writeln!(o, "handoff yield off");
         }
     }
-    if let Some((us, polls)) = s.busy_poll {
+    if let Some(b) = s.busy_poll {
         let _ = writeln!(
             o,
-            "busy polling {us} µs after sparse packets ({polls} polls)"
+            "busy polling {} µs after sparse packets ({} polls)",
+            b.window_us, b.polls
         );
     }
     let _ = writeln!(o, "\npeers:");
-    for p in sw
-        .get("peers")
-        .and_then(|p| p.as_array())
-        .into_iter()
-        .flatten()
-    {
-        let host = p.get("host").and_then(|h| h.as_str()).unwrap_or("?");
-        let how = if p.get("connected").and_then(|c| c.as_bool()) == Some(true) {
-            match s.rtt_ms.get(host) {
+    for p in &sw.peers {
+        let how = if p.connected {
+            match s.rtt_ms.get(&p.host) {
                 Some(rtt) => format!("direct, rtt {rtt:.2} ms"),
                 None => "direct".to_owned(),
             }
         } else {
-            match p.get("via").and_then(|v| v.as_str()) {
+            match &p.via {
                 Some(v) => format!("via {v}"),
                 None => "unreachable".to_owned(),
             }
         };
         let _ = writeln!(
             o,
-            "  {host:<20} {how:<28} max datagram {:>5}  violins {}",
-            p.get("max_datagram").and_then(|m| m.as_u64()).unwrap_or(0),
-            p.get("violins").map(|v| v.to_string()).unwrap_or_default()
+            "  {:<20} {how:<28} max datagram {:>5}  violins {}",
+            p.host,
+            p.max_datagram,
+            json_list(&p.violins)
         );
     }
-    for v in sw
-        .get("violins")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten()
-    {
+    for v in &sw.violins {
         let _ = writeln!(
             o,
             "\nviolin {} {:?}  members {}",
-            v.get("id").and_then(|i| i.as_u64()).unwrap_or(0),
-            v.get("name").and_then(|n| n.as_str()).unwrap_or(""),
-            v.get("members").map(|m| m.to_string()).unwrap_or_default()
+            v.id,
+            v.name,
+            json_list(&v.members)
         );
-        for m in v
-            .get("macs")
-            .and_then(|m| m.as_array())
-            .into_iter()
-            .flatten()
-        {
+        for m in &v.macs {
             let _ = writeln!(
                 o,
                 "  {}  {:<16} seq {:<4} age {:>6.1}s  {}",
-                m.get("mac").and_then(|x| x.as_str()).unwrap_or("?"),
-                m.get("location").and_then(|x| x.as_str()).unwrap_or("?"),
-                m.get("seq").and_then(|x| x.as_u64()).unwrap_or(0),
-                m.get("age_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
-                m.get("ip").and_then(|x| x.as_str()).unwrap_or("")
+                m.mac,
+                m.location,
+                m.seq,
+                m.age_s,
+                m.ip.map(|ip| ip.to_string()).unwrap_or_default()
             );
         }
     }
     let _ = writeln!(o, "\ncounters:");
-    if let Some(c) = sw.get("counters").and_then(|c| c.as_object()) {
-        for (k, v) in c {
-            if k != "drops" {
-                let _ = writeln!(o, "  {k:<24} {v}");
-            }
-        }
-        let _ = writeln!(o, "\ndrops:");
-        for (k, v) in c
-            .get("drops")
-            .and_then(|d| d.as_object())
-            .into_iter()
-            .flatten()
-        {
-            let _ = writeln!(o, "  {k:<24} {v}");
-        }
+    let mut events = sw.counters.events();
+    events.sort_unstable_by_key(|(name, _)| *name);
+    for (k, v) in events {
+        let _ = writeln!(o, "  {k:<24} {v}");
     }
-    for (k, v) in &s.driver_drops {
+    let _ = writeln!(o, "\ndrops:");
+    for (k, v) in sw.counters.drops.iter().chain(&s.driver_drops) {
         let _ = writeln!(o, "  {k:<24} {v}");
     }
     for (k, v) in &s.refused {
         let _ = writeln!(o, "  refused_{k:<16} {v}");
     }
     o
+}
+
+/// A list as the status JSON shows it (`[1,2]`, `["b/b1"]`).
+fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).unwrap_or_default()
 }
 
 /// Prints without panicking when stdout is a closed pipe (`| head`).
@@ -288,16 +265,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             socket,
             remote,
-        } => {
-            let reply = ask(&socket, &remote, &ControlRequest::Status).await?;
-            if json {
-                emit(&reply);
-            } else {
-                let s: DaemonStatus =
-                    serde_json::from_str(&reply).context("unexpected reply from daemon")?;
-                emit(&format_status(&s));
+        } => match ask(&socket, &remote, &ControlRequest::Status).await? {
+            ControlReply::Status(s) if json => {
+                emit(&format!("{}\n", serde_json::to_string(&s)?));
             }
-        }
+            ControlReply::Status(s) => emit(&format_status(&s)),
+            ControlReply::Refused { reason } => anyhow::bail!("refused: {reason}"),
+            ControlReply::Done => anyhow::bail!("unexpected reply from daemon"),
+        },
         Cmd::ExpectMove {
             violin,
             mac,
@@ -306,16 +281,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             remote,
         } => {
             let req = ControlRequest::ExpectMove { violin, mac, host };
-            let reply = ask(&socket, &remote, &req).await?;
-            let v: serde_json::Value =
-                serde_json::from_str(&reply).context("unexpected reply from daemon")?;
-            if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
-                anyhow::bail!(
-                    "{}",
-                    v.get("error").and_then(|e| e.as_str()).unwrap_or("refused")
-                );
+            match ask(&socket, &remote, &req).await? {
+                ControlReply::Done => println!("ok"),
+                ControlReply::Refused { reason } => anyhow::bail!("{reason}"),
+                ControlReply::Status(_) => anyhow::bail!("unexpected reply from daemon"),
             }
-            println!("ok");
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! Polling for a short while after a packet instead of going to sleep at once.
+//! Polling for a short while after a sparse packet instead of going to sleep at once.
 //!
 //! Sparse request/response traffic (a ping, an MPI message and its answer) crosses the daemon
 //! twice within a few hundred microseconds: the request out, the answer back. If the daemon
@@ -6,19 +6,20 @@
 //! the daemon, the CPU's exit from its idle state (in a virtual machine, a trip through the
 //! hypervisor), and cold caches. Busy polling, as `SO_BUSY_POLL` does for sockets and MPI
 //! libraries do for their queues, keeps the daemon on the CPU for a bounded window after each
-//! packet, checking for I/O with a zero-timeout `epoll_wait` and giving the CPU to anything
-//! else runnable (`sched_yield`) between checks, so it never delays another task on its CPU.
+//! sparse packet, checking for I/O with a zero-timeout `epoll_wait` and giving the CPU to
+//! anything else runnable (`sched_yield`) between checks, so it never delays another task on
+//! its CPU.
 //!
-//! The spinner is one task of the daemon's `LocalSet`. [`BusyPoll::touch_at`] (after each UDP
-//! send and TAP write, through [`HandoffYield::after_handoff`]) records the packet; one after a
-//! quiet spell of at least [`QUIET_GAP`] ([`QuietSpells`]) opens a window and wakes the spinner, which then
-//! yields to the runtime (tokio's current-thread scheduler polls its I/O driver with a zero
-//! timeout when a task has yielded) until the window has passed, and parks again. Packets
-//! closer together neither open nor extend a window: under load the daemon is busy anyway, and
-//! a spinner running beside bulk traffic cost a syscall per scheduler turn (measured: 2.18
-//! against 2.64 Gb/s of single-stream TCP, two runs each). So busy polling costs at most the
-//! window's CPU time per burst of traffic, and never more than [`MAX_SHARE_PERCENT`] of the
-//! time on average ([`SpinBudget`]), whatever the traffic's pattern.
+//! The spinner is one task of the daemon's `LocalSet`. A packet after a quiet spell on its path
+//! (the parent module's `SparsePath`) opens a window ([`BusyPoll::open_window`]) and wakes the
+//! spinner, which then yields to the runtime (tokio's current-thread scheduler polls its I/O
+//! driver with a zero timeout when a task has yielded) until the window has passed, and parks
+//! again. Packets closer together neither open nor extend a window: under load the daemon is
+//! busy anyway, and a spinner running beside bulk traffic cost a syscall per scheduler turn
+//! (measured: 2.18 against 2.64 Gb/s of single-stream TCP, two runs each). So busy polling
+//! costs at most the window's CPU time per burst of traffic, and never more than
+//! [`MAX_SHARE_PERCENT`] of the time on average ([`SpinBudget`]), whatever the traffic's
+//! pattern.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,12 +27,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::handoff::QuietSpells;
-#[cfg(doc)]
-use crate::handoff::{HandoffYield, QUIET_GAP};
-
 /// Busy polling takes at most this share of wall-clock time, on average over
-/// [`BUDGET_CAP`]-long bursts. Traffic whose packets come just over [`QUIET_GAP`] apart would
+/// [`BUDGET_CAP`]-long bursts. Traffic whose packets come just over the quiet gap apart would
 /// otherwise keep a CPU spinning for a window in every gap.
 pub const MAX_SHARE_PERCENT: u64 = 10;
 
@@ -70,15 +67,14 @@ impl SpinBudget {
     }
 }
 
-/// The busy-poll window and its bookkeeping, shared by the spinner and those who touch it.
+/// The busy-poll window and its bookkeeping, shared by the spinner and the packet paths.
 #[derive(Debug)]
 pub struct BusyPoll {
     window_ns: u64,
-    /// Which packets follow a quiet spell (sends and TAP writes alike).
-    spells: QuietSpells,
-    /// Nanoseconds after the epoch of `spells` at which the current window closes.
+    epoch: Instant,
+    /// Nanoseconds after `epoch` at which the current window closes.
     until: AtomicU64,
-    /// The spinner waits for `notify` (set before it starts waiting, cleared by `touch`).
+    /// The spinner waits for `notify` (set before it starts waiting, cleared by `open_window`).
     parked: AtomicBool,
     notify: Notify,
     /// Zero-timeout polls made by the spinner, for status.
@@ -86,12 +82,12 @@ pub struct BusyPoll {
 }
 
 impl BusyPoll {
-    /// A window of `window` after each packet; zero disables busy polling.
+    /// A window of `window` after each sparse packet; zero disables busy polling.
     #[must_use]
     pub fn new(window: Duration) -> Self {
         Self {
             window_ns: u64::try_from(window.as_nanos()).unwrap_or(u64::MAX),
-            spells: QuietSpells::new(),
+            epoch: Instant::now(),
             until: AtomicU64::new(0),
             parked: AtomicBool::new(true),
             notify: Notify::new(),
@@ -117,31 +113,27 @@ impl BusyPoll {
         self.polls.load(Ordering::Relaxed)
     }
 
-    /// Records a packet at `now`; if it follows a quiet spell, opens a window and wakes the
-    /// spinner.
-    pub fn touch_at(&self, now: Instant) {
+    /// Opens a window at `now` (a sparse packet) and wakes the spinner.
+    pub fn open_window(&self, now: Instant) {
         if !self.is_enabled() {
             return;
         }
-        if !self.spells.record(now) {
-            return;
-        }
-        let until = self.spells.ns(now).saturating_add(self.window_ns);
+        let until = self.ns(now).saturating_add(self.window_ns);
         self.until.store(until, Ordering::Relaxed);
         if self.parked.swap(false, Ordering::AcqRel) {
             self.notify.notify_one();
         }
     }
 
-    /// Records a packet now.
-    pub fn touch(&self) {
-        self.touch_at(Instant::now());
-    }
-
     /// True while `now` is within the current window.
     #[must_use]
     pub fn within_window(&self, now: Instant) -> bool {
-        self.spells.ns(now) < self.until.load(Ordering::Relaxed)
+        self.ns(now) < self.until.load(Ordering::Relaxed)
+    }
+
+    /// Nanoseconds from the epoch to `now` (0 for times before it).
+    fn ns(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
     /// The spinner: runs until `token` is cancelled. Must run as a task of the runtime that
@@ -182,38 +174,28 @@ impl BusyPoll {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handoff::QUIET_GAP;
     use std::rc::Rc;
 
     #[test]
-    fn zero_window_is_disabled_and_touch_is_a_no_op() {
+    fn zero_window_is_disabled_and_opening_is_a_no_op() {
         let b = BusyPoll::new(Duration::ZERO);
         assert!(!b.is_enabled());
-        b.touch();
+        b.open_window(Instant::now());
         assert!(!b.within_window(Instant::now()));
         assert!(b.parked.load(Ordering::Relaxed));
     }
 
     #[test]
-    fn a_packet_after_a_quiet_spell_opens_a_window_and_dense_packets_do_not() {
+    fn a_window_lasts_its_length_and_a_new_one_replaces_it() {
         let b = BusyPoll::new(Duration::from_micros(200));
-        let t0 = b.spells.epoch() + Duration::from_millis(1);
+        let t0 = b.epoch + Duration::from_millis(1);
         assert!(!b.within_window(t0));
-        b.touch_at(t0);
+        b.open_window(t0);
         assert!(b.within_window(t0 + Duration::from_micros(199)));
         assert!(!b.within_window(t0 + Duration::from_micros(200)));
-        // Dense packets (a burst, bulk traffic) do not extend the window.
-        for i in 1..50u64 {
-            b.touch_at(t0 + Duration::from_micros(10 * i));
-        }
-        assert!(!b.within_window(t0 + Duration::from_micros(495)));
-        // The quiet spell is measured from the latest packet.
-        let last = t0 + Duration::from_micros(490);
-        b.touch_at(last + QUIET_GAP - Duration::from_micros(1));
-        assert!(!b.within_window(last + QUIET_GAP));
-        let next = last + QUIET_GAP * 3;
-        b.touch_at(next);
-        assert!(b.within_window(next + Duration::from_micros(100)));
+        let t1 = t0 + Duration::from_millis(5);
+        b.open_window(t1);
+        assert!(b.within_window(t1 + Duration::from_micros(100)));
     }
 
     #[test]
@@ -249,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn the_spinner_polls_after_a_touch_and_parks_after_the_window() {
+    fn the_spinner_polls_after_a_window_opens_and_parks_after_it() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -265,10 +247,13 @@ mod tests {
             });
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert_eq!(b.polls(), 0, "no packet yet, so no polling");
-            b.touch();
+            b.open_window(Instant::now());
             tokio::time::sleep(Duration::from_millis(30)).await;
             let after_first = b.polls();
-            assert!(after_first > 0, "the spinner polled after the touch");
+            assert!(
+                after_first > 0,
+                "the spinner polled after the window opened"
+            );
             assert!(
                 b.parked.load(Ordering::Relaxed),
                 "and parked after the window"
