@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use viola_api::overlay::{ClientError, ControlReply, ControlRequest, OverlayClient};
+use viola_api::overlay::{ClientError, ControlReply, ControlRequest, request_quic};
 use viola_common::identity::Identity;
 
 use crate::inventory::Inventory;
@@ -67,10 +67,7 @@ impl OverlayLink for QuicOverlayLink {
                     source,
                 }
             })?;
-            let client = OverlayClient::new(&me)?;
-            let reply = client.request(addr, &req).await;
-            client.close().await;
-            Ok(reply?)
+            Ok(request_quic(&me, addr, &req).await?)
         })
     }
 }

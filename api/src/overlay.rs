@@ -1,74 +1,102 @@
-//! The overlay daemon's control API: typed requests and replies, the daemon's status, and the
-//! clients. One JSON request per QUIC bidirectional stream (ALPN `viola-overlay-ctl/1`, roles
-//! `adaptmgr` and `cli`) or per line on the host-local unix socket; one JSON reply.
+//! The overlay daemon's control API: requests, replies and the status it reports, and the
+//! clients: over QUIC with mutual TLS (ALPN `viola-overlay-ctl/1`, roles `adaptmgr` and `cli`)
+//! or the host-local unix socket.
+//!
+//! On the wire a request is one JSON object per line (`{"cmd":"status"}`,
+//! `{"cmd":"expect_move","violin":1,"mac":"52:54:00:00:00:05","host":"b/b1"}`). A reply is one
+//! JSON line: the status object itself, `{"ok":true}`, or `{"ok":false,"error":"…"}` (the shape
+//! the adaptation manager reads).
 
 use std::collections::BTreeMap;
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use viola_common::identity::{self, Identity, Role, alpn};
 
-/// Largest request the daemon reads.
-pub const MAX_REQUEST: usize = 64 * 1024;
-/// Largest reply a client reads (a status with big MAC tables).
-pub const MAX_REPLY: usize = 16 << 20;
-/// How long a client waits for a reply.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A request to an overlay daemon.
+/// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
-    /// Answered with [`ControlReply::Status`].
+    /// Asks for [`OverlayStatus`].
     Status,
-    /// Announces that `mac` of `violin` will move to `host` (`site/host`), so the daemon
-    /// switches to it at the first frame from there and never flaps back.
+    /// Announces that `mac` of `violin` will move to `host` (`site/host`).
     ExpectMove {
         /// Violin id (24 bits).
         violin: u32,
-        /// MAC (`52:54:00:..`).
+        /// MAC, `aa:bb:cc:dd:ee:ff`.
         mac: String,
         /// Destination host, `site/host`.
         host: String,
     },
 }
 
-/// The daemon's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// The answer to a [`ControlRequest`].
+#[derive(Debug, Clone, PartialEq)]
 pub enum ControlReply {
+    /// The daemon's status (the answer to [`ControlRequest::Status`]).
     Status(Box<OverlayStatus>),
     /// The request was carried out.
     Done,
-    /// The request was understood but not carried out.
+    /// The request was not carried out (malformed, or not applicable).
     Refused {
-        reason: Refusal,
+        /// Why.
+        reason: String,
     },
 }
 
-/// Why a daemon refused a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(rename_all = "snake_case")]
-pub enum Refusal {
-    #[error("this host is not a member of violin {0}")]
-    NotMember(u32),
-    #[error("violin id {0} exceeds 24 bits")]
-    BadViolin(u32),
-    #[error("{0:?} is not a MAC address")]
-    BadMac(String),
-    #[error("malformed request: {0}")]
-    Malformed(String),
+/// The wire shape of [`ControlReply`] (see the module documentation).
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum ReplyWire<S> {
+    Outcome {
+        ok: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    Status(S),
 }
 
-/// What `status` returns.
+impl Serialize for ControlReply {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let wire: ReplyWire<&OverlayStatus> = match self {
+            Self::Status(status) => ReplyWire::Status(status),
+            Self::Done => ReplyWire::Outcome {
+                ok: true,
+                error: None,
+            },
+            Self::Refused { reason } => ReplyWire::Outcome {
+                ok: false,
+                error: Some(reason.clone()),
+            },
+        };
+        wire.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ControlReply {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(
+            match ReplyWire::<Box<OverlayStatus>>::deserialize(deserializer)? {
+                ReplyWire::Status(status) => Self::Status(status),
+                ReplyWire::Outcome { ok: true, .. } => Self::Done,
+                ReplyWire::Outcome { ok: false, error } => Self::Refused {
+                    reason: error.unwrap_or_else(|| "refused".to_owned()),
+                },
+            },
+        )
+    }
+}
+
+/// What the daemon reports about itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OverlayStatus {
-    /// The switching core's view.
+    /// The switching core: peers, violins, MAC tables, counters, drops.
     pub switch: SwitchStatus,
-    /// Round-trip time per directly connected peer, milliseconds.
+    /// Round-trip time per directly connected peer (`site/host`), milliseconds.
     pub rtt_ms: BTreeMap<String, f64>,
     /// Drops counted by the driver, by reason.
     pub driver_drops: BTreeMap<String, u64>,
@@ -80,9 +108,31 @@ pub struct OverlayStatus {
     /// How often the daemon gave the CPU up after a sparse handoff (None: `handoff_yield` off).
     #[serde(default)]
     pub handoff_yields: Option<u64>,
-    /// The busy-poll window in microseconds and the polls made so far (None: off).
+    /// Busy polling after sparse packets (None: off).
     #[serde(default)]
-    pub busy_poll: Option<(u64, u64)>,
+    pub busy_poll: Option<BusyPollStatus>,
+}
+
+/// Busy polling after sparse packets; on the wire `[window_us, polls]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u64)", into = "(u64, u64)")]
+pub struct BusyPollStatus {
+    /// The window after a sparse packet, microseconds.
+    pub window_us: u64,
+    /// Zero-timeout polls made so far.
+    pub polls: u64,
+}
+
+impl From<(u64, u64)> for BusyPollStatus {
+    fn from((window_us, polls): (u64, u64)) -> Self {
+        Self { window_us, polls }
+    }
+}
+
+impl From<BusyPollStatus> for (u64, u64) {
+    fn from(s: BusyPollStatus) -> Self {
+        (s.window_us, s.polls)
+    }
 }
 
 /// The switching core's status.
@@ -90,10 +140,12 @@ pub struct OverlayStatus {
 pub struct SwitchStatus {
     /// This host, `site/host`.
     pub host: String,
+    /// Known peers.
     pub peers: Vec<PeerStatus>,
     /// Local violins.
     pub violins: Vec<ViolinStatus>,
-    pub counters: SwitchCounters,
+    /// Counters.
+    pub counters: Counters,
     /// Bytes held in reassembly.
     pub reassembly_bytes: usize,
 }
@@ -105,7 +157,7 @@ impl SwitchStatus {
     }
 }
 
-/// One peer host.
+/// One peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// `site/host`.
@@ -120,12 +172,14 @@ pub struct PeerStatus {
     pub violins: Vec<u32>,
 }
 
-/// One violin on this host.
+/// One violin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ViolinStatus {
+    /// Id.
     pub id: u32,
+    /// Name.
     pub name: String,
-    /// Member hosts (besides this one) this host exchanges frames with, `site/host`.
+    /// Member hosts (besides this one) we exchange frames with.
     pub members: Vec<String>,
     /// MAC table.
     pub macs: Vec<MacStatus>,
@@ -134,6 +188,7 @@ pub struct ViolinStatus {
 /// One MAC table entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MacStatus {
+    /// MAC.
     pub mac: String,
     /// `local` or `site/host`.
     pub location: String,
@@ -145,9 +200,9 @@ pub struct MacStatus {
     pub ip: Option<Ipv4Addr>,
 }
 
-/// Monotonic counters of the switching core.
+/// Counters of the switching core (monotonic).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SwitchCounters {
+pub struct Counters {
     /// Frames read from local TAPs.
     pub tap_frames: u64,
     /// Datagrams handed to the driver for sending (after fragmentation, all hops).
@@ -176,174 +231,245 @@ pub struct SwitchCounters {
     pub redirected: u64,
     /// Datagrams relayed for other hosts.
     pub relayed: u64,
-    /// Drops by reason.
+    /// Drops by reason (snake_case); a reason appears once it happened.
     pub drops: BTreeMap<String, u64>,
 }
 
-/// Why a control request got no reply.
+impl Counters {
+    /// Every counter but the drops, by name (the names of the status' JSON fields).
+    #[must_use]
+    pub fn events(&self) -> [(&'static str, u64); 14] {
+        [
+            ("tap_frames", self.tap_frames),
+            ("datagrams_out", self.datagrams_out),
+            ("datagrams_in", self.datagrams_in),
+            ("delivered", self.delivered),
+            ("flooded", self.flooded),
+            ("fragmented", self.fragmented),
+            ("reassembled", self.reassembled),
+            ("reassembly_evicted", self.reassembly_evicted),
+            ("arp_answered", self.arp_answered),
+            ("mac_moves", self.mac_moves),
+            ("stale_announcements", self.stale_announcements),
+            ("stale_source_frames", self.stale_source_frames),
+            ("redirected", self.redirected),
+            ("relayed", self.relayed),
+        ]
+    }
+}
+
+/// Why a control request to a daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The unix control socket.
+    #[error("cannot reach the control socket {}", .path.display())]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A local QUIC endpoint for the request.
     #[error("cannot open a QUIC endpoint")]
-    Endpoint(#[source] std::io::Error),
-    #[error("invalid TLS configuration")]
+    Endpoint(#[source] io::Error),
+    /// TLS configuration from our identity.
+    #[error("TLS configuration")]
     Tls(#[from] identity::TlsConfigError),
-    #[error("cannot connect to the overlay daemon at {addr}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: quinn::ConnectError,
-    },
-    #[error("connection to the overlay daemon at {addr} failed")]
-    Connection {
-        addr: SocketAddr,
-        #[source]
-        source: quinn::ConnectionError,
-    },
-    #[error("sending the request failed")]
-    Send(#[source] std::io::Error),
-    #[error("reading the reply failed")]
-    Receive(#[source] std::io::Error),
+    /// The connection could not be started.
+    #[error("cannot connect")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed (includes refusal by the daemon).
+    #[error("connection failed")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Sending the request.
+    #[error("cannot send the request")]
+    Send(#[from] quinn::WriteError),
+    /// Receiving the reply.
+    #[error("cannot read the reply")]
+    Receive(#[from] quinn::ReadToEndError),
+    /// The daemon did not answer in time.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
-    #[error("cannot reach the control socket {path}")]
-    Socket {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("malformed reply")]
+    /// The request could not be encoded.
+    #[error("cannot encode the request")]
+    Encode(#[source] serde_json::Error),
+    /// The reply is not a control reply.
+    #[error("bad reply")]
     Reply(#[source] serde_json::Error),
 }
 
-/// Decodes a reply (also the fuzzers' and tests' entry point).
-pub fn decode_reply(bytes: &[u8]) -> Result<ControlReply, serde_json::Error> {
-    serde_json::from_slice(bytes)
-}
+/// How long a client waits for a reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Talks to overlay daemons over QUIC with mutual TLS: the caller's certificate must carry
-/// the `adaptmgr` or `cli` role, the daemon's the `overlay` role. One endpoint for any number
-/// of daemons.
-pub struct OverlayClient {
-    endpoint: quinn::Endpoint,
-}
+/// How long a client waits for a reply over QUIC (connection set-up included).
+const QUIC_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl OverlayClient {
-    pub fn new(me: &Identity) -> Result<Self, ClientError> {
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
-            .map_err(ClientError::Endpoint)?;
-        endpoint.set_default_client_config(me.client_config(alpn::OVERLAY_CONTROL)?);
-        Ok(Self { endpoint })
-    }
-
-    /// Sends `req` to the daemon at `addr` and returns its reply.
-    pub async fn request(
-        &self,
-        addr: SocketAddr,
-        req: &ControlRequest,
-    ) -> Result<ControlReply, ClientError> {
-        let conn = self
-            .endpoint
-            .connect(addr, &identity::server_name(Role::Overlay))
-            .map_err(|source| ClientError::Connect { addr, source })?;
-        let exchange = async {
-            let conn = conn
-                .await
-                .map_err(|source| ClientError::Connection { addr, source })?;
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|source| ClientError::Connection { addr, source })?;
-            let body = serde_json::to_vec(req).map_err(ClientError::Reply)?;
-            send.write_all(&body)
-                .await
-                .map_err(|e| ClientError::Send(e.into()))?;
-            let _ = send.finish();
-            let reply = recv
-                .read_to_end(MAX_REPLY)
-                .await
-                .map_err(|e| ClientError::Receive(std::io::Error::other(e)))?;
-            conn.close(0u32.into(), b"done");
-            decode_reply(&reply).map_err(ClientError::Reply)
-        };
-        tokio::time::timeout(REPLY_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))?
-    }
-
-    /// Waits until the endpoint's connections are closed politely.
-    pub async fn close(self) {
-        self.endpoint.wait_idle().await;
-    }
-}
-
-/// Sends `req` to the daemon's host-local control socket and returns its reply.
+/// Sends one request to the daemon's unix control socket and returns its reply.
 pub async fn request_unix(
     socket: &Path,
     req: &ControlRequest,
 ) -> Result<ControlReply, ClientError> {
-    let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|source| ClientError::Socket {
-                path: socket.display().to_string(),
-                source,
-            })?;
-        let mut line = serde_json::to_vec(req).map_err(ClientError::Reply)?;
-        line.push(b'\n');
-        stream.write_all(&line).await.map_err(ClientError::Send)?;
-        let mut reply = Vec::new();
-        stream
-            .take(MAX_REPLY as u64)
-            .read_to_end(&mut reply)
-            .await
-            .map_err(ClientError::Receive)?;
-        decode_reply(&reply).map_err(ClientError::Reply)
+    let io_err = |source| ClientError::Socket {
+        path: socket.to_owned(),
+        source,
     };
-    tokio::time::timeout(REPLY_TIMEOUT, exchange)
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(io_err)?;
+    let mut line = serde_json::to_string(req).map_err(ClientError::Encode)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).await.map_err(io_err)?;
+    let mut reply = String::new();
+    tokio::time::timeout(REPLY_TIMEOUT, stream.read_to_string(&mut reply))
         .await
         .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))?
+        .map_err(io_err)?;
+    serde_json::from_str(&reply).map_err(ClientError::Reply)
+}
+
+/// Sends one request to the daemon at `addr` over QUIC with mutual TLS (our identity must have
+/// role `adaptmgr` or `cli`) and returns its reply.
+pub async fn request_quic(
+    me: &Identity,
+    addr: SocketAddr,
+    req: &ControlRequest,
+) -> Result<ControlReply, ClientError> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
+    endpoint.set_default_client_config(me.client_config(alpn::OVERLAY_CONTROL)?);
+    let conn = endpoint
+        .connect(addr, &identity::server_name(Role::Overlay))?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let body = serde_json::to_vec(req).map_err(ClientError::Encode)?;
+    send.write_all(&body).await?;
+    let _ = send.finish();
+    let reply = tokio::time::timeout(QUIC_REPLY_TIMEOUT, recv.read_to_end(16 << 20))
+        .await
+        .map_err(|_| ClientError::Timeout(QUIC_REPLY_TIMEOUT))??;
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    serde_json::from_slice(&reply).map_err(ClientError::Reply)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn status() -> OverlayStatus {
+        OverlayStatus {
+            switch: SwitchStatus {
+                host: "a/a1".into(),
+                peers: vec![PeerStatus {
+                    host: "b/b1".into(),
+                    connected: false,
+                    via: Some("c/c1".into()),
+                    max_datagram: 1434,
+                    violins: vec![1],
+                }],
+                violins: vec![ViolinStatus {
+                    id: 1,
+                    name: "blue".into(),
+                    members: vec!["b/b1".into()],
+                    macs: vec![MacStatus {
+                        mac: "52:54:00:00:00:05".into(),
+                        location: "local".into(),
+                        seq: 2,
+                        age_s: 0.5,
+                        ip: Some(Ipv4Addr::new(10, 1, 0, 5)),
+                    }],
+                }],
+                counters: Counters {
+                    relayed: 3,
+                    drops: [("not_member".to_owned(), 2)].into(),
+                    ..Counters::default()
+                },
+                reassembly_bytes: 0,
+            },
+            rtt_ms: [("b/b1".to_owned(), 0.25)].into(),
+            driver_drops: BTreeMap::new(),
+            refused: [("handshake".to_owned(), 1)].into(),
+            cpu_wake_latency_us: None,
+            handoff_yields: Some(7),
+            busy_poll: Some(BusyPollStatus {
+                window_us: 300,
+                polls: 9,
+            }),
+        }
+    }
+
     #[test]
-    fn requests_keep_their_line_format() {
-        let req = ControlRequest::ExpectMove {
-            violin: 7,
-            mac: "52:54:00:00:00:05".into(),
-            host: "b/b1".into(),
-        };
-        let json = serde_json::to_string(&req).unwrap();
-        assert_eq!(
-            json,
-            r#"{"cmd":"expect_move","violin":7,"mac":"52:54:00:00:00:05","host":"b/b1"}"#
-        );
-        assert_eq!(serde_json::from_str::<ControlRequest>(&json).unwrap(), req);
-        let extra = r#"{"cmd":"expect_move","violin":7,"mac":"m","host":"b/b1","x":1}"#;
-        assert!(serde_json::from_str::<ControlRequest>(extra).is_err());
+    fn requests_keep_their_json_shape() {
+        let status: ControlRequest = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(status, ControlRequest::Status);
+        let line = r#"{"cmd":"expect_move","violin":1,"mac":"52:54:00:00:00:05","host":"b/b1"}"#;
+        let req: ControlRequest = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&req).unwrap(), line);
+        let typo = r#"{"cmd":"expect_move","violin":1,"mac":"x","host":"b/b1","hots":"c"}"#;
+        assert!(serde_json::from_str::<ControlRequest>(typo).is_err());
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"reboot"}"#).is_err());
     }
 
     #[test]
-    fn replies_round_trip() {
-        let mut status = OverlayStatus::default();
-        status.switch.violins.push(ViolinStatus {
-            id: 1,
-            name: "demo".into(),
-            members: vec!["b/b1".into()],
-            macs: vec![],
-        });
-        for reply in [
-            ControlReply::Done,
-            ControlReply::Refused {
-                reason: Refusal::NotMember(3),
-            },
-            ControlReply::Status(Box::new(status)),
-        ] {
-            let bytes = serde_json::to_vec(&reply).unwrap();
-            assert_eq!(decode_reply(&bytes).unwrap(), reply);
+    fn outcome_replies_are_ok_objects() {
+        let done = serde_json::to_string(&ControlReply::Done).unwrap();
+        assert_eq!(done, r#"{"ok":true}"#);
+        let refused = ControlReply::Refused {
+            reason: "bad MAC".into(),
+        };
+        let line = serde_json::to_string(&refused).unwrap();
+        assert_eq!(line, r#"{"ok":false,"error":"bad MAC"}"#);
+        for reply in [ControlReply::Done, refused] {
+            let text = serde_json::to_string(&reply).unwrap();
+            assert_eq!(serde_json::from_str::<ControlReply>(&text).unwrap(), reply);
         }
+        let bare: ControlReply = serde_json::from_str(r#"{"ok":false}"#).unwrap();
+        assert!(matches!(bare, ControlReply::Refused { .. }));
+        assert!(serde_json::from_str::<ControlReply>(r#"{"nonsense":1}"#).is_err());
+    }
+
+    #[test]
+    fn a_status_reply_is_the_status_object_with_the_keys_lab_tests_read() {
+        let reply = ControlReply::Status(Box::new(status()));
+        let v = serde_json::to_value(&reply).unwrap();
+        assert_eq!(v["switch"]["host"], "a/a1");
+        assert_eq!(v["switch"]["peers"][0]["via"], "c/c1");
+        assert_eq!(v["switch"]["violins"][0]["macs"][0]["location"], "local");
+        assert_eq!(v["switch"]["counters"]["relayed"], 3);
+        assert_eq!(v["switch"]["counters"]["drops"]["not_member"], 2);
+        assert_eq!(v["switch"]["reassembly_bytes"], 0);
+        assert_eq!(v["refused"]["handshake"], 1);
+        assert_eq!(v["rtt_ms"]["b/b1"], 0.25);
+        assert!(v["cpu_wake_latency_us"].is_null());
+        assert_eq!(v["handoff_yields"], 7);
+        assert_eq!(v["busy_poll"], serde_json::json!([300, 9]));
+        assert!(v["driver_drops"].as_object().is_some());
+        let back: ControlReply = serde_json::from_value(v).unwrap();
+        assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn events_name_every_counter_field_but_drops() {
+        let v = serde_json::to_value(Counters::default()).unwrap();
+        let mut fields: Vec<&str> = v
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "drops")
+            .collect();
+        let mut events: Vec<&str> = Counters::default()
+            .events()
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        fields.sort_unstable();
+        events.sort_unstable();
+        assert_eq!(fields, events);
     }
 }

@@ -4,7 +4,6 @@
 //! - [`control`]: control messages (membership, MAC announcements, relay) and their framing.
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
-//! - [`api_types`]: the daemon's control API (requests, replies, status), free of internals.
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
 //! - [`sparse`], [`local_runtime`]: keeping the sparse-packet path short (see each module).
 //! - [`cpu_latency`]: the optional CPU wake-up latency request (PM QoS) for the lowest RTT.
@@ -40,7 +39,6 @@ macro_rules! labelled_enum {
     };
 }
 
-pub mod api_types;
 pub mod control;
 pub mod reassembly;
 pub mod switch;

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::HostId;
-use crate::api_types::{Counters, MacStatus, PeerStatus, SwitchStatus, ViolinStatus};
 use crate::control::ControlMsg;
 use crate::reassembly::{Fragment, Reassembler, ReassemblyLimits};
 use crate::wire::{self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, ViolinId};
+use viola_api::overlay::{Counters, MacStatus, PeerStatus, SwitchStatus, ViolinStatus};
 
 /// Tunables of the core.
 #[derive(Debug, Clone)]

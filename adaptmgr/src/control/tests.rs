@@ -12,7 +12,7 @@ use crate::manager::{HostConfig, Manager, ManagerConfig};
 use crate::migration::Outcome;
 use viola_api::client::Client;
 use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize, VmUsage};
-use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus, Refusal, ViolinStatus};
+use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus, ViolinStatus};
 use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
 use viola_hypervisor::{DomainState, Hypervisor};
 
@@ -108,7 +108,7 @@ fn fake_overlays(
                                 ControlReply::Done
                             } else {
                                 ControlReply::Refused {
-                                    reason: Refusal::NotMember(*violin),
+                                    reason: format!("not a member of violin {violin}"),
                                 }
                             }
                         }

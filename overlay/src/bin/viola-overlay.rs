@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use viola_overlay::api_types::{ControlReply, ControlRequest, OverlayStatus};
+use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus};
 use viola_overlay::config::{OverlayConfig, PeerConfig};
 use viola_overlay::daemon;
 
@@ -101,11 +101,11 @@ async fn ask(
     match remote.remote {
         Some(addr) => {
             let me = viola_common::identity::Identity::load_dir(&remote.identity_dir)?;
-            daemon::request_quic(&me, addr, req)
+            viola_api::overlay::request_quic(&me, addr, req)
                 .await
                 .with_context(|| format!("cannot reach daemon at {addr}"))
         }
-        None => daemon::request_unix(socket, req)
+        None => viola_api::overlay::request_unix(socket, req)
             .await
             .with_context(|| format!("cannot reach daemon at {}", socket.display())),
     }

@@ -13,8 +13,8 @@ use viola_common::metrics::SharedRegistry;
 
 use super::Ctx;
 use super::switching::{DriverDrop, Refusal};
-use crate::api_types::OverlayStatus;
 use crate::switch::DropReason;
+use viola_api::overlay::OverlayStatus;
 
 type Labels = Vec<(String, String)>;
 
@@ -130,7 +130,7 @@ pub(super) async fn updater(ctx: Rc<Ctx>, mut m: Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api_types::{Counters, SwitchStatus};
+    use viola_api::overlay::{Counters, SwitchStatus};
 
     fn status() -> OverlayStatus {
         OverlayStatus {

@@ -31,16 +31,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use viola_common::identity::{self, Identity, Role};
 
-pub use self::control::{ClientError, request_quic, request_unix};
 use self::metrics::Metrics;
 use self::peers::PeerBook;
 use self::switching::{Shared, State};
 use crate::HostId;
-use crate::api_types::{BusyPollStatus, OverlayStatus};
 use crate::config::OverlayConfig;
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
 use crate::sparse::{BusyPoll, SparsePath};
 use crate::switch::{Switch, SwitchConfig};
+use viola_api::overlay::{BusyPollStatus, OverlayStatus};
 
 /// Why the daemon could not start or failed.
 #[derive(Debug, thiserror::Error)]
