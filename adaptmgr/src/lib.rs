@@ -7,5 +7,6 @@ pub mod ha;
 pub mod inventory;
 pub mod manager;
 pub mod migration;
+pub mod observe;
 pub mod policy;
 pub mod sim;
