@@ -9,4 +9,5 @@ pub mod manager;
 pub mod migration;
 pub mod observe;
 pub mod policy;
+pub mod policy_loop;
 pub mod sim;
