@@ -8,7 +8,7 @@
 //! history and `viola decisions` the same log.
 //!
 //! Store: `redb` (an embedded, crash-safe B-tree with ACID transactions). Each record is a
-//! JSON value under its name, so the file stays inspectable with `viola` itself and the schema
+//! JSON value under its name (sample series excepted: 16-byte binary records, read in bulk), so the file stays inspectable with `viola` itself and the schema
 //! can grow fields (`#[serde(default)]`) without a migration. We chose it over a hand-rolled
 //! JSON snapshot + journal because atomic multi-record updates (a report touches a host and
 //! many VMs; a migration moves a VM and logs an event) and torn-write safety come for free,
