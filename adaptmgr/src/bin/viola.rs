@@ -321,7 +321,8 @@ async fn decisions(
             }
             after = d.seq;
         }
-        if batch.len() == 100 {
+        // The manager may send fewer than asked (one frame's worth): ask until none is left.
+        if !batch.is_empty() {
             continue;
         }
         if !follow {

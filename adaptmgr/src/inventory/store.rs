@@ -191,8 +191,18 @@ impl Inventory {
         self.all(VMS)
     }
 
+    /// Forgets a VM and its samples.
     pub fn remove_vm(&self, name: &str) -> Result<(), InventoryError> {
-        self.remove(VMS, name)
+        let tx = self.db.begin_write().map_err(store)?;
+        tx.open_table(VMS)
+            .map_err(store)?
+            .remove(name)
+            .map_err(store)?;
+        tx.open_table(SAMPLES)
+            .map_err(store)?
+            .remove(SampleKey::Vm(name).encode().as_str())
+            .map_err(store)?;
+        tx.commit().map_err(store)
     }
 
     /// Records where the migration of `vm` stands (replaces the previous snapshot).

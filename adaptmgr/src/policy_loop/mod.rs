@@ -435,26 +435,15 @@ impl LoopCore {
                         outcome,
                     }
                 }
-                other => {
-                    let (action, vm, to) = match other {
-                        ActionKind::Suspend { vm } => ("suspend", vm_name(vm), None),
-                        ActionKind::Resume { vm, host } => ("resume", vm_name(vm), host_name(host)),
-                        ActionKind::PowerOn { host } => ("power_on", None, host_name(host)),
-                        ActionKind::PowerOff { host } => ("power_off", None, host_name(host)),
-                        ActionKind::Migrate { .. } | ActionKind::Resize { .. } => {
-                            unreachable!("handled above")
-                        }
-                    };
-                    ActionRecord {
-                        action: action.into(),
-                        vm,
-                        from: None,
-                        to,
-                        detail: None,
-                        reason: a.reason,
-                        stage: None,
-                        outcome: skip("not carried out by the live manager yet".into()),
-                    }
+                ActionKind::Suspend { vm } => unsupported("suspend", vm_name(vm), None, a.reason),
+                ActionKind::Resume { vm, host } => {
+                    unsupported("resume", vm_name(vm), host_name(host), a.reason)
+                }
+                ActionKind::PowerOn { host } => {
+                    unsupported("power_on", None, host_name(host), a.reason)
+                }
+                ActionKind::PowerOff { host } => {
+                    unsupported("power_off", None, host_name(host), a.reason)
                 }
             };
             actions.push(record);
@@ -575,6 +564,27 @@ impl LoopCore {
             }
         }
         steps
+    }
+}
+
+/// An action the live manager records but does not carry out.
+fn unsupported(
+    action: &str,
+    vm: Option<String>,
+    to: Option<String>,
+    reason: String,
+) -> ActionRecord {
+    ActionRecord {
+        action: action.into(),
+        vm,
+        from: None,
+        to,
+        detail: None,
+        reason,
+        stage: None,
+        outcome: ActionOutcome::Skipped {
+            reason: "not carried out by the live manager yet".into(),
+        },
     }
 }
 
