@@ -311,6 +311,15 @@ impl LoopCore {
         })
     }
 
+    /// With a policy of the caller's (tests, tools); `cfg.name` is then only a label.
+    pub fn with_policy(cfg: PolicyConfig, policy: Box<dyn Policy>) -> Self {
+        Self {
+            cfg,
+            policy,
+            memory: LoopMemory::default(),
+        }
+    }
+
     /// The whole period's work before anything is done: read the inventory, build the state
     /// (`moving`: VMs whose migration runs now), decide and plan.
     pub fn plan_from_inventory(

@@ -361,6 +361,107 @@ async fn a_failed_move_is_recorded_and_its_destination_avoided() {
     assert_eq!(f.running("vm1"), ["fake://a1"]);
 }
 
+/// Always says the same thing.
+struct Scripted(Vec<policy::Action>);
+
+impl Policy for Scripted {
+    fn name(&self) -> String {
+        "scripted".into()
+    }
+    fn decide(&mut self, _: &ObservedState) -> policy::Decision {
+        policy::Decision {
+            actions: self.0.clone(),
+        }
+    }
+}
+
+/// Hosts h0..h2 of 1 GiB; v0 fills h0, v1 fills h1, v2 (small) on h2.
+fn full_hosts() -> ObservedState {
+    let mut st = crate::sim::synthetic_state(3, 3, 1);
+    for (i, h) in st.hosts.iter_mut().enumerate() {
+        h.name = format!("h{i}");
+        h.ram_mb = 1024.0;
+        h.vms = vec![i];
+    }
+    for (i, v) in st.vms.iter_mut().enumerate() {
+        v.name = format!("v{i}");
+        v.host = Some(i);
+        v.ram_mb = if i == 2 { 128.0 } else { 1024.0 };
+        v.ram_reserved_mb = v.ram_mb;
+    }
+    st
+}
+
+#[test]
+fn a_swap_of_full_hosts_is_ordered_safely_and_unsupported_actions_are_skipped() {
+    let actions = vec![
+        policy::Action::migrate(0, 0, 1, "swap"),
+        policy::Action::migrate(1, 1, 0, "swap"),
+        policy::Action {
+            kind: ActionKind::Resize {
+                vm: 2,
+                cpu_mips: Some(1500.0),
+                ram_mb: None,
+            },
+            reason: "grow".into(),
+        },
+        policy::Action {
+            kind: ActionKind::PowerOff { host: 2 },
+            reason: "idle".into(),
+        },
+    ];
+    let cfg = PolicyConfig {
+        mode: PolicyMode::Act,
+        max_parallel: 1,
+        ..PolicyConfig::default()
+    };
+    let mut core = LoopCore::with_policy(cfg, Box::new(Scripted(actions)));
+    let plan = core.plan(&full_hosts(), 1000);
+    let r = &plan.record;
+    // Neither host has room for the other's VM while it still holds its own: neither move can
+    // start; h2 has no room for a 1 GiB VM either, so the planner would need stop-and-copy.
+    assert!(
+        matches!(&r.actions[0].outcome, ActionOutcome::Skipped { reason } if reason.contains("stop-and-copy")),
+        "{:?}",
+        r.actions[0]
+    );
+    assert_eq!(r.actions[2].outcome, ActionOutcome::Pending);
+    assert_eq!(
+        r.actions[2].detail.as_deref(),
+        Some("cap 150 %, memory = MiB")
+    );
+    assert!(matches!(
+        r.actions[3].outcome,
+        ActionOutcome::Skipped { .. }
+    ));
+    assert_eq!(plan.steps.len(), 1, "only the resize: {:?}", plan.steps);
+
+    // With room on h2 (its VM is small and h2 grows), the swap goes through a temporary move.
+    let mut st = full_hosts();
+    st.hosts[2].ram_mb = 2048.0;
+    let plan = core.plan(&st, 2000);
+    let stages: Vec<(usize, String, String)> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Migrate { stage, req, .. } => Some((*stage, req.vm.clone(), req.to_host.clone())),
+            Step::Resize { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        vec![
+            (0, "v1".into(), "h2".into()),
+            (1, "v0".into(), "h1".into()),
+            (2, "v1".into(), "h0".into()),
+        ]
+    );
+    let temporary = plan.record.actions.last().unwrap();
+    assert!(temporary.reason.contains("temporary"), "{temporary:?}");
+    assert_eq!(plan.record.actions[0].stage, Some(1));
+    assert_eq!(plan.record.actions[1].stage, Some(2));
+}
+
 #[test]
 fn the_policy_table_is_strict_and_names_are_the_simulators() {
     let cfg: ManagerConfig = viola_common::config::parse(
