@@ -7,5 +7,7 @@ pub mod ha;
 pub mod inventory;
 pub mod manager;
 pub mod migration;
+pub mod observe;
 pub mod policy;
+pub mod policy_loop;
 pub mod sim;

@@ -1,11 +1,11 @@
 //! The live manager: inventory + hypervisors + migrations + host-failure handling, driven by
 //! monitor reports and CLI requests arriving at the control endpoint.
 //!
-//! Policies (`crate::policy`) plug in on top of this: a policy reads [`Manager::snapshot`]
-//! (hosts and VMs from the inventory) and returns decisions, which map onto
-//! [`Manager::resize`] and [`Manager::migrate`] — the same calls the CLI makes.
+//! The policy loop (`crate::policy_loop`, configured by the `[policy]` table) plugs in on top
+//! of this: each period it builds the policy's state from the inventory and carries decisions
+//! out through [`Manager::resize`] and [`Manager::migrate`], the same calls the CLI makes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,7 @@ use crate::migration::{
     DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationSnapshot,
     MigrationStatus, Outcome, QuicDepotLink, resume_migration, run_journaled,
 };
+use crate::policy_loop::PolicyConfig;
 use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
 use viola_hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
 
@@ -83,6 +84,8 @@ pub struct ManagerConfig {
     /// it (when the VM's domain records the depot image it runs from; see
     /// `migration::depot_stage`).
     pub depots: Vec<DepotSiteConfig>,
+    /// The adaptation policy loop: which policy, in which mode, how often.
+    pub policy: PolicyConfig,
 }
 
 /// One site's depot, as the manager reaches its staging API (QUIC, mutual TLS, with the
@@ -122,6 +125,7 @@ impl Default for ManagerConfig {
             hosts: Vec::new(),
             violins: Vec::new(),
             depots: Vec::new(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -628,6 +632,16 @@ impl Manager {
             reports.push(report);
         }
         Ok(reports)
+    }
+
+    /// The VMs whose migration runs now.
+    pub fn migrating_vms(&self) -> BTreeSet<String> {
+        self.migrations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Cancels the running migration of `vm`; false if none runs.

@@ -4,6 +4,9 @@
 
 use std::path::Path;
 
+use crate::adaptation::{
+    ActionOutcome, ActionRecord, DecisionRecord, PolicyMode, PolicyView, StateBrief,
+};
 use crate::manager::{
     HostReport, HostUsage, NetUsage, ProbeResult, Request, Response, VmMigrate, VmResize,
 };
@@ -39,7 +42,33 @@ fn fuzz_seeds() {
             error: None,
         }],
     };
-    let seeds: [(&str, Vec<u8>); 6] = [
+    let decision = DecisionRecord {
+        seq: 7,
+        ts_ms: 1_800_000_000_000,
+        policy: "viola".into(),
+        mode: PolicyMode::Act,
+        state: StateBrief {
+            hosts: 3,
+            hosts_up: 3,
+            vms: 4,
+            vms_held: 1,
+            hosts_overloaded: 1,
+            mean_demand: 0.6666666666666666,
+        },
+        actions: vec![ActionRecord {
+            action: "migrate".into(),
+            vm: Some("vm1".into()),
+            from: Some("a1".into()),
+            to: Some("a2".into()),
+            detail: None,
+            reason: "host a1 overloaded: demand 2100 / 2000 MIPS".into(),
+            stage: Some(0),
+            outcome: ActionOutcome::RolledBack {
+                reason: "destination refused".into(),
+            },
+        }],
+    };
+    let seeds: [(&str, Vec<u8>); 10] = [
         ("report", encode(&Request::Report(report)).unwrap()),
         (
             "resize",
@@ -64,6 +93,29 @@ fn fuzz_seeds() {
             .unwrap(),
         ),
         ("list_hosts", encode(&Request::ListHosts).unwrap()),
+        (
+            "decisions",
+            encode(&Request::Decisions {
+                after_seq: 6,
+                limit: 100,
+            })
+            .unwrap(),
+        ),
+        ("policy_show", encode(&Request::PolicyShow).unwrap()),
+        (
+            "decisions_reply",
+            encode(&Response::Decisions(vec![decision])).unwrap(),
+        ),
+        (
+            "policy_reply",
+            encode(&Response::Policy(Box::new(PolicyView {
+                policy: "viola".into(),
+                mode: PolicyMode::Advise,
+                period_s: 60.0,
+                parameters: serde_json::json!({"max_parallel": 2, "cooldown_s": 600.0}),
+            })))
+            .unwrap(),
+        ),
         ("ack", encode(&Response::Ack).unwrap()),
         (
             "error",

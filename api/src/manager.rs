@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::adaptation::{DecisionRecord, PolicyView};
 use crate::domain::{DiskCounters, DomainState, NicCounters};
 use crate::migration::{MigrationReport, MigrationStatus};
 
@@ -104,6 +105,14 @@ pub enum Request {
     CancelMigration {
         vm: String,
     },
+    /// Decisions of the policy loop with a sequence number above `after_seq`, oldest first, at
+    /// most `limit` of them.
+    Decisions {
+        after_seq: u64,
+        limit: u32,
+    },
+    /// The policy, mode and parameters in force.
+    PolicyShow,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +123,8 @@ pub enum Response {
     Vms(Vec<VmView>),
     Progress(MigrationStatus),
     Migrated(Box<MigrationReport>),
+    Decisions(Vec<DecisionRecord>),
+    Policy(Box<PolicyView>),
     Error { message: String },
 }
 

@@ -1,6 +1,7 @@
 //! `viola-adaptmgr`: the federation's adaptation manager daemon. Receives monitor reports and
 //! CLI requests over QUIC with mutual TLS, keeps the inventory, migrates and resizes VMs,
-//! re-instantiates the VMs of failed hosts, and exposes Prometheus metrics.
+//! re-instantiates the VMs of failed hosts, runs the adaptation policy loop (`[policy]`), and
+//! exposes Prometheus metrics.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use prometheus_client::registry::Registry;
 use viola_adaptmgr::control::server;
 use viola_adaptmgr::inventory::Inventory;
 use viola_adaptmgr::manager::{Manager, ManagerConfig};
+use viola_adaptmgr::policy_loop::{PolicyLoop, PolicyMetrics};
 use viola_common::identity::{Identity, alpn};
 use viola_hypervisor::libvirt::LibvirtConnector;
 
@@ -88,8 +90,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::new(LibvirtConnector),
     )?);
 
+    // Built (and so checked) even when `off`: a typo in the policy's name fails the start.
+    let policy_metrics = Arc::new(PolicyMetrics::default());
+    let policy_loop = PolicyLoop::new(
+        cfg.policy.clone(),
+        &manager.inventory,
+        Arc::clone(&policy_metrics),
+    )
+    .context("cannot start the policy loop")?;
+
     let mut registry = Registry::default();
     manager.metrics.register(&mut registry);
+    policy_metrics.register(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
     let (metrics_addr, metrics) =
         viola_common::metrics::serve(cfg.metrics_listen, registry, token.clone()).await?;
@@ -99,7 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot build the TLS server configuration")?;
     let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, hosts = cfg.hosts.len(), "viola-adaptmgr running");
+    tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, hosts = cfg.hosts.len(),
+        policy = %cfg.policy.name, mode = %cfg.policy.mode, period_s = cfg.policy.period_s, "viola-adaptmgr running");
 
     let ha = {
         let manager = Arc::clone(&manager);
@@ -140,6 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server::serve(endpoint, Arc::clone(&manager), token.clone()),
         ha,
         resume,
+        policy_loop.run(Arc::clone(&manager), token.clone()),
         metrics
     );
     tracing::info!("viola-adaptmgr stopped");

@@ -4,6 +4,8 @@
 //!   viola vm list [--json]
 //!   viola vm resize VM [--vcpus N] [--memory-mib M] [--cap-percent P] [--shares S]
 //!   viola vm migrate VM --to HOST [--bandwidth-mib-s B] [--full-copy] [--timeout-s T] [--json]
+//!   viola decisions [--after SEQ] [--follow] [--json]
+//!   viola policy show [--json]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use viola_api::adaptation::{DecisionRecord, PolicyView};
 use viola_api::client::Client;
 use viola_api::manager::{HostState, HostView, VmView};
 use viola_api::manager::{Request, Response, VmMigrate, VmResize};
@@ -45,6 +48,26 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// The policy loop's decisions: what it saw, what it chose and why, how each action ended.
+    Decisions {
+        /// Only decisions after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep printing new decisions as they come (polls every 2 s).
+        #[arg(long)]
+        follow: bool,
+    },
+    /// The adaptation policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// The policy, mode and parameters in force.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +139,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot load identity from {}", args.identity.display()))?;
     let client = Client::connect(&me, args.manager).await?;
     match args.command {
+        Command::Decisions { after, follow } => {
+            decisions(&client, after, follow, args.json).await?;
+        }
+        Command::Policy {
+            command: PolicyCommand::Show,
+        } => {
+            let Response::Policy(view) =
+                fail_on_error(client.call(&Request::PolicyShow, |_| {}).await?)?
+            else {
+                bail!("unexpected answer");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_policy(&view);
+            }
+        }
         Command::Host {
             command: HostCommand::List,
         } => {
@@ -254,6 +294,96 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// Prints the decisions after `after`; with `follow`, keeps asking for newer ones. (Outcomes
+/// of an act-mode decision settle after it is first printed: `--json` lines are the decision as
+/// it stood when read.)
+async fn decisions(
+    client: &Client,
+    mut after: u64,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    loop {
+        let req = Request::Decisions {
+            after_seq: after,
+            limit: 100,
+        };
+        let Response::Decisions(batch) = fail_on_error(client.call(&req, |_| {}).await?)? else {
+            bail!("unexpected answer");
+        };
+        for d in &batch {
+            if json {
+                println!("{}", serde_json::to_string(d)?);
+            } else {
+                print_decision(d);
+            }
+            after = d.seq;
+        }
+        // The manager may send fewer than asked (one frame's worth): ask until none is left.
+        if !batch.is_empty() {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+fn print_decision(d: &DecisionRecord) {
+    let s = &d.state;
+    println!(
+        "#{} at {} ms: {} ({}) saw {}/{} hosts up, {} VMs ({} held), {} overloaded, mean demand {:.0} %",
+        d.seq,
+        d.ts_ms,
+        d.policy,
+        d.mode,
+        s.hosts_up,
+        s.hosts,
+        s.vms,
+        s.vms_held,
+        s.hosts_overloaded,
+        s.mean_demand * 100.0
+    );
+    for a in &d.actions {
+        let what = match (&a.from, &a.to, &a.detail) {
+            (Some(f), Some(t), _) => format!("{f} -> {t}"),
+            (None, Some(t), _) => format!("-> {t}"),
+            (_, _, Some(detail)) => detail.clone(),
+            _ => String::new(),
+        };
+        let outcome = match &a.outcome {
+            viola_api::adaptation::ActionOutcome::RolledBack { reason }
+            | viola_api::adaptation::ActionOutcome::Stuck { reason }
+            | viola_api::adaptation::ActionOutcome::Skipped { reason } => {
+                format!("{}: {reason}", a.outcome.label())
+            }
+            viola_api::adaptation::ActionOutcome::Failed { error } => format!("failed: {error}"),
+            other => other.label().to_owned(),
+        };
+        let stage = a.stage.map_or(String::new(), |s| format!(" [stage {s}]"));
+        println!(
+            "  {:<8} {:<14} {:<20} {}{stage}\n           because {}",
+            a.action,
+            a.vm.as_deref().unwrap_or("-"),
+            what,
+            outcome,
+            a.reason
+        );
+    }
+}
+
+fn print_policy(view: &PolicyView) {
+    println!("policy  {}", view.policy);
+    println!("mode    {}", view.mode);
+    println!("period  {} s", view.period_s);
+    if let Some(map) = view.parameters.as_object() {
+        for (k, v) in map {
+            println!("{k:<14} {v}");
+        }
+    }
 }
 
 fn print_hosts(hosts: &[HostView]) {

@@ -11,6 +11,7 @@ use viola_common::identity::{self, PeerIdentity, Role};
 
 use crate::inventory::{HostRecord, VmRecord};
 use crate::manager::Manager;
+use viola_api::adaptation::DecisionRecord;
 use viola_api::manager::{Request, Response};
 use viola_api::wire::{self, FrameError};
 
@@ -110,6 +111,21 @@ pub fn authorize(peer: &PeerIdentity, req: &Request) -> Result<(), String> {
     }
 }
 
+/// The oldest decisions that fit in half a frame (at least one): the CLI asks again after the
+/// last one it got.
+fn within_frame(decisions: Vec<DecisionRecord>) -> Vec<DecisionRecord> {
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for d in decisions {
+        bytes += serde_json::to_vec(&d).map_or(0, |b| b.len());
+        if !out.is_empty() && bytes > wire::MAX_FRAME / 2 {
+            break;
+        }
+        out.push(d);
+    }
+    out
+}
+
 async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -144,6 +160,14 @@ async fn handle_stream(
             Ok(()) => Response::Ack,
             Err(e) => error(chain(&e)),
         },
+        Request::Decisions { after_seq, limit } => {
+            let limit = (limit as usize).clamp(1, 500);
+            match manager.inventory.decisions_after(after_seq, limit) {
+                Ok(d) => Response::Decisions(within_frame(d)),
+                Err(e) => error(chain(&e)),
+            }
+        }
+        Request::PolicyShow => Response::Policy(Box::new(manager.cfg.policy.view())),
         Request::CancelMigration { vm } => {
             if manager.cancel_migration(&vm) {
                 Response::Ack

@@ -494,3 +494,78 @@ async fn a_move_out_of_the_violin_is_refused_and_outsiders_are_never_asked() {
     );
     overlays.iter().for_each(tokio::task::JoinHandle::abort);
 }
+
+#[tokio::test]
+async fn the_cli_reads_the_decision_log_and_the_policy_in_force() {
+    use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, PolicyMode};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let cfg: ManagerConfig =
+        viola_common::config::parse("[policy]\nmode = \"act\"\nperiod_s = 30\n").unwrap();
+    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+    for i in 0..3 {
+        inventory
+            .record_decision(&DecisionRecord {
+                seq: 0,
+                ts_ms: 1000 + i,
+                policy: "viola".into(),
+                mode: PolicyMode::Act,
+                state: Default::default(),
+                actions: vec![ActionRecord {
+                    action: "migrate".into(),
+                    vm: Some("vm1".into()),
+                    from: Some("a1".into()),
+                    to: Some("a2".into()),
+                    detail: None,
+                    reason: "host a1 overloaded".into(),
+                    stage: Some(0),
+                    outcome: ActionOutcome::Done,
+                }],
+            })
+            .unwrap();
+    }
+    let manager =
+        Arc::new(Manager::new(cfg, Arc::clone(&inventory), Arc::new(FakeCluster::new())).unwrap());
+    let server_cfg = identity(&ca, Role::Adaptmgr, "fed", "mgr")
+        .server_config(&[alpn::ADAPTMGR])
+        .unwrap();
+    let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let token = CancellationToken::new();
+    let server = tokio::spawn(super::server::serve(
+        endpoint,
+        Arc::clone(&manager),
+        token.clone(),
+    ));
+    let cli = Client::connect(&identity(&ca, Role::Cli, "fed", "me"), addr)
+        .await
+        .unwrap();
+    let Response::Policy(view) = cli.call(&Request::PolicyShow, |_| {}).await.unwrap() else {
+        panic!("no policy view");
+    };
+    assert_eq!(
+        (view.policy.as_str(), view.mode),
+        ("viola", PolicyMode::Act)
+    );
+    assert_eq!(view.period_s, 30.0);
+    let req = Request::Decisions {
+        after_seq: 1,
+        limit: 1,
+    };
+    let Response::Decisions(d) = cli.call(&req, |_| {}).await.unwrap() else {
+        panic!("no decisions");
+    };
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].seq, 2);
+    let mon = Client::connect(&identity(&ca, Role::Monitor, "a", "a1"), addr)
+        .await
+        .unwrap();
+    assert!(matches!(
+        mon.call(&Request::PolicyShow, |_| {}).await.unwrap(),
+        Response::Error { .. }
+    ));
+    cli.close().await;
+    mon.close().await;
+    token.cancel();
+    server.await.unwrap();
+}

@@ -2,8 +2,13 @@
 //! violins, plus an append-only event log (migrations, failures, restarts), persisted so a
 //! restarted manager resumes where it stopped.
 //!
+//! Beside the latest figures, the inventory keeps per host and per VM a bounded history of the
+//! monitor's CPU samples ([`SAMPLES_KEPT`], newest first), each host's last service-probe
+//! results, and the policy loop's decision log, so a restarted manager's policy sees the same
+//! history and `viola decisions` the same log.
+//!
 //! Store: `redb` (an embedded, crash-safe B-tree with ACID transactions). Each record is a
-//! JSON value under its name, so the file stays inspectable with `viola` itself and the schema
+//! JSON value under its name (sample series excepted: 16-byte binary records, read in bulk), so the file stays inspectable with `viola` itself and the schema
 //! can grow fields (`#[serde(default)]`) without a migration. We chose it over a hand-rolled
 //! JSON snapshot + journal because atomic multi-record updates (a report touches a host and
 //! many VMs; a migration moves a VM and logs an event) and torn-write safety come for free,
@@ -18,6 +23,42 @@ use serde::{Deserialize, Serialize};
 use viola_api::domain::DomainState;
 pub use viola_api::manager::HostState;
 use viola_api::manager::{HostUsage, HostView, VmView};
+
+/// Monitor samples kept per host and per VM: 30 control periods (the policies'
+/// `HISTORY_LENGTH`) of one minute at one report every 5 s, with room to spare.
+pub const SAMPLES_KEPT: usize = 400;
+
+/// One monitor sample of a host's or a VM's CPU use.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// When the manager received it.
+    pub ts_ms: u64,
+    /// CPUs' (for a VM: vCPUs') worth of busy time over the monitor's interval.
+    pub cpu_busy: f64,
+}
+
+/// Whose samples: keys of the sample table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKey<'a> {
+    Host(&'a str),
+    Vm(&'a str),
+}
+
+impl SampleKey<'_> {
+    fn encode(self) -> String {
+        match self {
+            Self::Host(n) => format!("host/{n}"),
+            Self::Vm(n) => format!("vm/{n}"),
+        }
+    }
+}
+
+/// Every host's and VM's samples, newest first, by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampleHistories {
+    pub hosts: std::collections::HashMap<String, Vec<Sample>>,
+    pub vms: std::collections::HashMap<String, Vec<Sample>>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteRecord {

@@ -6,8 +6,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{EventRecord, HostRecord, HostState, SiteRecord, ViolinRecord, VmRecord};
-use viola_api::manager::HostReport;
+use super::{
+    EventRecord, HostRecord, HostState, SAMPLES_KEPT, Sample, SampleHistories, SampleKey,
+    SiteRecord, ViolinRecord, VmRecord,
+};
+use viola_api::adaptation::{ActionOutcome, DecisionRecord};
+use viola_api::manager::{HostReport, ProbeResult};
 
 const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
@@ -17,6 +21,16 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// Migrations in progress (the driver's snapshot after each step), by VM: what a restarted
 /// manager finishes or rolls back.
 const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
+/// Monitor samples, newest first, under `host/NAME` and `vm/NAME`: 16 bytes each (`ts_ms` u64
+/// then `cpu_busy` f64, little-endian), not JSON: the policy loop reads every series each period
+/// and decoding 300,000 JSON numbers was most of its time at 10,000 VMs.
+const SAMPLES: TableDefinition<&str, &[u8]> = TableDefinition::new("samples");
+/// Each host's last service-probe results.
+const PROBES: TableDefinition<&str, &[u8]> = TableDefinition::new("probes");
+/// The policy loop's decisions, by sequence number.
+const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
+/// Decisions kept; older ones are dropped as new ones come (a year of hourly moves).
+const DECISIONS_KEPT: u64 = 10_000;
 
 /// Why the inventory could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +49,10 @@ pub enum InventoryError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "inventory sample series {key:?} is corrupt ({len} bytes is no whole number of samples)"
+    )]
+    CorruptSamples { key: String, len: usize },
     #[error("cannot encode inventory record {key:?}")]
     Encode {
         key: String,
@@ -69,6 +87,9 @@ impl Inventory {
             tx.open_table(VIOLINS).map_err(|e| open_err(e.into()))?;
             tx.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
             tx.open_table(MIGRATIONS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(SAMPLES).map_err(|e| open_err(e.into()))?;
+            tx.open_table(PROBES).map_err(|e| open_err(e.into()))?;
+            tx.open_table(DECISIONS).map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         Ok(Self { db })
@@ -170,8 +191,18 @@ impl Inventory {
         self.all(VMS)
     }
 
+    /// Forgets a VM and its samples.
     pub fn remove_vm(&self, name: &str) -> Result<(), InventoryError> {
-        self.remove(VMS, name)
+        let tx = self.db.begin_write().map_err(store)?;
+        tx.open_table(VMS)
+            .map_err(store)?
+            .remove(name)
+            .map_err(store)?;
+        tx.open_table(SAMPLES)
+            .map_err(store)?
+            .remove(SampleKey::Vm(name).encode().as_str())
+            .map_err(store)?;
+        tx.commit().map_err(store)
     }
 
     /// Records where the migration of `vm` stands (replaces the previous snapshot).
@@ -297,6 +328,35 @@ impl Inventory {
                 .insert(report.host.as_str(), bytes.as_slice())
                 .map_err(store)?;
 
+            let mut samples = tx.open_table(SAMPLES).map_err(store)?;
+            push_sample(
+                &mut samples,
+                SampleKey::Host(&report.host),
+                Sample {
+                    ts_ms: now_ms,
+                    cpu_busy: report.usage.cpu_busy,
+                },
+            )?;
+            for usage in &report.vms {
+                push_sample(
+                    &mut samples,
+                    SampleKey::Vm(&usage.name),
+                    Sample {
+                        ts_ms: now_ms,
+                        cpu_busy: usage.cpu_busy,
+                    },
+                )?;
+            }
+            let probes =
+                serde_json::to_vec(&report.probes).map_err(|source| InventoryError::Encode {
+                    key: format!("probes of {}", report.host),
+                    source,
+                })?;
+            tx.open_table(PROBES)
+                .map_err(store)?
+                .insert(report.host.as_str(), probes.as_slice())
+                .map_err(store)?;
+
             let mut vms = tx.open_table(VMS).map_err(store)?;
             for usage in &report.vms {
                 let old: Option<VmRecord> = match vms.get(usage.name.as_str()).map_err(store)? {
@@ -337,6 +397,172 @@ impl Inventory {
         tx.commit().map_err(store)?;
         Ok(true)
     }
+
+    /// Samples of one host or VM, newest first.
+    pub fn samples(&self, key: SampleKey<'_>) -> Result<Vec<Sample>, InventoryError> {
+        let key = key.encode();
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(SAMPLES).map_err(store)?;
+        let Some(v) = t.get(key.as_str()).map_err(store)? else {
+            return Ok(Vec::new());
+        };
+        decode_samples(&key, v.value())
+    }
+
+    /// Every host's and VM's samples (what the policy loop reads each period).
+    pub fn sample_histories(&self) -> Result<SampleHistories, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(SAMPLES).map_err(store)?;
+        let mut out = SampleHistories::default();
+        for item in t.iter().map_err(store)? {
+            let (k, v) = item.map_err(store)?;
+            let key = k.value();
+            let samples = decode_samples(key, v.value())?;
+            if let Some(name) = key.strip_prefix("host/") {
+                out.hosts.insert(name.to_owned(), samples);
+            } else if let Some(name) = key.strip_prefix("vm/") {
+                out.vms.insert(name.to_owned(), samples);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last service-probe results a host's monitor sent.
+    pub fn probes(&self, host: &str) -> Result<Vec<ProbeResult>, InventoryError> {
+        Ok(self.get(PROBES, host)?.unwrap_or_default())
+    }
+
+    /// Appends a decision (its `seq` is assigned here); returns its sequence number.
+    pub fn record_decision(&self, decision: &DecisionRecord) -> Result<u64, InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        let seq = {
+            let mut t = tx.open_table(DECISIONS).map_err(store)?;
+            let seq = t.last().map_err(store)?.map_or(1, |(k, _)| k.value() + 1);
+            let mut d = decision.clone();
+            d.seq = seq;
+            let bytes = serde_json::to_vec(&d).map_err(|source| InventoryError::Encode {
+                key: format!("decision {seq}"),
+                source,
+            })?;
+            t.insert(seq, bytes.as_slice()).map_err(store)?;
+            if seq > DECISIONS_KEPT {
+                t.retain_in(..=seq - DECISIONS_KEPT, |_, _| false)
+                    .map_err(store)?;
+            }
+            seq
+        };
+        tx.commit().map_err(store)?;
+        Ok(seq)
+    }
+
+    /// Sets the outcome of action `index` of decision `seq` (no-op if either is gone).
+    pub fn set_action_outcome(
+        &self,
+        seq: u64,
+        index: usize,
+        outcome: ActionOutcome,
+    ) -> Result<(), InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        {
+            let mut t = tx.open_table(DECISIONS).map_err(store)?;
+            let existing = t.get(seq).map_err(store)?.map(|v| v.value().to_vec());
+            let Some(bytes) = existing else {
+                return Ok(());
+            };
+            let mut d: DecisionRecord =
+                serde_json::from_slice(&bytes).map_err(|source| InventoryError::Corrupt {
+                    key: format!("decision {seq}"),
+                    source,
+                })?;
+            let Some(action) = d.actions.get_mut(index) else {
+                return Ok(());
+            };
+            action.outcome = outcome;
+            let bytes = serde_json::to_vec(&d).map_err(|source| InventoryError::Encode {
+                key: format!("decision {seq}"),
+                source,
+            })?;
+            t.insert(seq, bytes.as_slice()).map_err(store)?;
+        }
+        tx.commit().map_err(store)
+    }
+
+    /// Decisions with a sequence number above `after`, oldest first, at most `limit`.
+    pub fn decisions_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DecisionRecord>, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(DECISIONS).map_err(store)?;
+        let mut out = Vec::new();
+        for item in t
+            .range(after.saturating_add(1)..)
+            .map_err(store)?
+            .take(limit)
+        {
+            let (k, v) = item.map_err(store)?;
+            out.push(serde_json::from_slice(v.value()).map_err(|source| {
+                InventoryError::Corrupt {
+                    key: format!("decision {}", k.value()),
+                    source,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+const SAMPLE_BYTES: usize = 16;
+
+fn encode_samples(samples: &[Sample]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(samples.len() * SAMPLE_BYTES);
+    for s in samples {
+        out.extend_from_slice(&s.ts_ms.to_le_bytes());
+        out.extend_from_slice(&s.cpu_busy.to_le_bytes());
+    }
+    out
+}
+
+fn decode_samples(key: &str, bytes: &[u8]) -> Result<Vec<Sample>, InventoryError> {
+    if !bytes.len().is_multiple_of(SAMPLE_BYTES) {
+        return Err(InventoryError::CorruptSamples {
+            key: key.to_owned(),
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(SAMPLE_BYTES)
+        .map(|c| {
+            let (ts, busy) = c.split_at(8);
+            Sample {
+                ts_ms: u64::from_le_bytes(ts.try_into().unwrap_or_default()),
+                cpu_busy: f64::from_le_bytes(busy.try_into().unwrap_or_default()),
+            }
+        })
+        .collect())
+}
+
+/// Adds `sample` in front of `key`'s samples, keeping [`SAMPLES_KEPT`].
+fn push_sample(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: SampleKey<'_>,
+    sample: Sample,
+) -> Result<(), InventoryError> {
+    let key = key.encode();
+    let mut bytes = encode_samples(&[sample]);
+    if let Some(v) = table.get(key.as_str()).map_err(store)? {
+        let old = v.value();
+        // A corrupt series is only history: start it again rather than refuse the report.
+        if old.len().is_multiple_of(SAMPLE_BYTES) {
+            let keep = old.len().min((SAMPLES_KEPT - 1) * SAMPLE_BYTES);
+            bytes.extend_from_slice(&old[..keep]);
+        }
+    }
+    table
+        .insert(key.as_str(), bytes.as_slice())
+        .map_err(store)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -415,6 +641,82 @@ mod tests {
                 .seq,
             2
         );
+    }
+
+    #[test]
+    fn samples_probes_and_decisions_survive_a_restart_and_stay_bounded() {
+        use viola_api::adaptation::{ActionRecord, PolicyMode, StateBrief};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inv.redb");
+        {
+            let inv = Inventory::open(&path).unwrap();
+            for seq in 1..=(SAMPLES_KEPT as u64 + 5) {
+                let mut r = report(seq, &[("vm1", seq as f64 / 1000.0)]);
+                if seq == 3 {
+                    r.probes.push(ProbeResult {
+                        name: "web".into(),
+                        url: "http://10.0.0.5/".into(),
+                        ok: true,
+                        latency_ms: Some(4.5),
+                        error: None,
+                    });
+                }
+                assert!(inv.apply_report(&r, seq * 1000).unwrap());
+            }
+            let d = DecisionRecord {
+                seq: 0,
+                ts_ms: 5,
+                policy: "viola".into(),
+                mode: PolicyMode::Act,
+                state: StateBrief::default(),
+                actions: vec![ActionRecord {
+                    action: "migrate".into(),
+                    vm: Some("vm1".into()),
+                    from: Some("a1".into()),
+                    to: Some("a2".into()),
+                    detail: None,
+                    reason: "because".into(),
+                    stage: Some(0),
+                    outcome: ActionOutcome::Pending,
+                }],
+            };
+            assert_eq!(inv.record_decision(&d).unwrap(), 1);
+            assert_eq!(inv.record_decision(&d).unwrap(), 2);
+            inv.set_action_outcome(1, 0, ActionOutcome::Done).unwrap();
+        }
+        let inv = Inventory::open(&path).unwrap();
+        let vm = inv.samples(SampleKey::Vm("vm1")).unwrap();
+        assert_eq!(vm.len(), SAMPLES_KEPT);
+        let newest = SAMPLES_KEPT as u64 + 5;
+        assert_eq!(vm[0].ts_ms, newest * 1000, "newest first");
+        assert!((vm[0].cpu_busy - newest as f64 / 1000.0).abs() < 1e-12);
+        let all = inv.sample_histories().unwrap();
+        assert_eq!(all.hosts["a1"].len(), SAMPLES_KEPT);
+        assert_eq!(all.vms["vm1"], vm);
+        // Each report replaces the probe results; the last one had none.
+        assert!(inv.probes("a1").unwrap().is_empty());
+        let decisions = inv.decisions_after(0, 10).unwrap();
+        assert_eq!(decisions.len(), 2);
+        assert_eq!(decisions[0].actions[0].outcome, ActionOutcome::Done);
+        assert_eq!(decisions[1].actions[0].outcome, ActionOutcome::Pending);
+        assert_eq!(inv.decisions_after(1, 10).unwrap()[0].seq, 2);
+        assert_eq!(inv.decisions_after(0, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn probe_results_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = Inventory::open(&dir.path().join("inv.redb")).unwrap();
+        let mut r = report(1, &[]);
+        r.probes.push(ProbeResult {
+            name: "web".into(),
+            url: "http://10.0.0.5/".into(),
+            ok: false,
+            latency_ms: None,
+            error: Some("timeout".into()),
+        });
+        inv.apply_report(&r, 10).unwrap();
+        assert_eq!(inv.probes("a1").unwrap(), r.probes);
     }
 
     #[test]

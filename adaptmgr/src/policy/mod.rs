@@ -9,8 +9,9 @@
 //! time in the state, and the same state (plus the policy's own remembered history) always gives
 //! the same decision.
 //!
-//! Feeding it from the live system (the monitors): per host, fill [`HostObs`] with the capacity
-//! (`pes` × `pe_mips`, `ram_mb`), the power curve if known (else any monotone curve), `vms` (the
+//! Feeding it from the live system: `crate::observe` builds the state from the inventory (the
+//! monitors' samples) and `crate::policy_loop` runs the policy every control period. Per host,
+//! fill [`HostObs`] with the capacity (`pes` × `pe_mips`, `ram_mb`), the power curve if known (else any monotone curve), `vms` (the
 //! VMs resident on it, oldest first), and `utilization` (CPU in use / capacity at the last sample).
 //! Per VM, fill [`VmObs`] with its size (`mips` per vCPU, `ram_mb`), what it currently reserves on
 //! its host (`ram_reserved_mb`, `bw_reserved_mbps`), its current CPU demand `requested_mips`, what

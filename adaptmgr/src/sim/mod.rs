@@ -68,6 +68,10 @@ pub struct SimConfig {
     pub time_offset_s: f64,
     /// Remove a VM for good once it requests nothing (CloudSim's completed-VM rule).
     pub remove_idle_vms: bool,
+    /// Start VM i on host `placement[i]` instead of asking the policy where.
+    pub placement: Option<Vec<usize>>,
+    /// False: the live manager's advise mode (every action is recorded, none is applied).
+    pub apply_actions: bool,
 }
 
 /// CloudSim 3.0.3's PlanetLab setup: 800 hosts (G4/G5 alternating, `i % 2`), VM types in four
@@ -131,6 +135,8 @@ pub fn cloudsim_planetlab(
         record_trace: false,
         time_offset_s: 0.1,
         remove_idle_vms: true,
+        placement: None,
+        apply_actions: true,
     }
 }
 
@@ -718,13 +724,49 @@ impl Simulator {
         }
     }
 
+    /// Records the actions without applying any (the live manager's advise mode).
+    fn advise(&mut self, policy_actions: Vec<crate::policy::Action>, t: f64) {
+        let host = |s: &Self, h: usize| s.obs.hosts.get(h).map(|x| x.name.clone());
+        let vm = |s: &Self, v: usize| s.obs.vms.get(v).map(|x| x.name.clone());
+        for a in policy_actions {
+            let (action, v, from, to) = match a.kind {
+                ActionKind::Migrate { vm: v, from, to } => {
+                    ("migrate", vm(self, v), host(self, from), host(self, to))
+                }
+                ActionKind::Resize { vm: v, .. } => ("resize", vm(self, v), None, None),
+                ActionKind::Suspend { vm: v } => ("suspend", vm(self, v), None, None),
+                ActionKind::Resume { vm: v, host: h } => {
+                    ("resume", vm(self, v), None, host(self, h))
+                }
+                ActionKind::PowerOn { host: h } => ("power_on", None, None, host(self, h)),
+                ActionKind::PowerOff { host: h } => ("power_off", None, None, host(self, h)),
+            };
+            let rec = TraceRecord {
+                time_s: t,
+                action: action.into(),
+                vm: v,
+                from,
+                to,
+                reason: a.reason,
+                cost_s: 0.0,
+                cross_site: false,
+                applied: false,
+            };
+            self.record(rec);
+        }
+    }
+
     /// Runs the whole trace with `policy`.
     pub fn run(mut self, policy: &mut dyn Policy) -> (Report, Vec<TraceRecord>) {
         self.report.policy = policy.name();
         // Initial placement, VM by VM, at full size.
         let mut placed = Placement::new(self.cfg.hosts.len());
         for vm in 0..self.cfg.vms.len() {
-            match policy.place(&self.obs, &placed, vm) {
+            let host = match &self.cfg.placement {
+                Some(given) => given.get(vm).copied(),
+                None => policy.place(&self.obs, &placed, vm),
+            };
+            match host {
                 Some(h) if h < self.cfg.hosts.len() => {
                     placed.add(&self.obs, h, vm);
                     self.obs.vms[vm].host = Some(h);
@@ -763,7 +805,11 @@ impl Simulator {
             active_samples += self.host_util.iter().filter(|&&u| u > 0.0).count() as f64;
             self.obs.time_s = t;
             let decision = policy.decide(&self.obs);
-            self.apply(decision.actions, t);
+            if self.cfg.apply_actions {
+                self.apply(decision.actions, t);
+            } else {
+                self.advise(decision.actions, t);
+            }
         }
         self.complete_migrations_until(f64::INFINITY);
         // Commit the last entries (shutdown count).
