@@ -30,7 +30,7 @@ use crate::migration::{
     DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationSnapshot,
     MigrationStatus, Outcome, QuicDepotLink, resume_migration, run_journaled,
 };
-use crate::policy_loop::PolicyConfig;
+use crate::policy_loop::config::PolicyConfig;
 use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
 use viola_hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
 

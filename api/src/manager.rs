@@ -169,5 +169,8 @@ pub struct VmView {
     pub max_memory_kib: u64,
     /// vCPUs' worth of CPU use in the last report.
     pub cpu_busy: f64,
+    /// The persistent definition the manager keeps to re-instantiate the VM elsewhere if its
+    /// host fails (`None` until it has fetched it).
+    pub domain_xml: Option<String>,
     pub updated_ms: u64,
 }

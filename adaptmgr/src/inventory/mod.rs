@@ -157,6 +157,7 @@ impl VmRecord {
             memory_kib: self.memory_kib,
             max_memory_kib: self.max_memory_kib,
             cpu_busy: self.cpu_busy,
+            domain_xml: self.domain_xml.clone(),
             updated_ms: self.updated_ms,
         }
     }

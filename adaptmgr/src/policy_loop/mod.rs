@@ -17,157 +17,20 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::inventory::{Inventory, InventoryError};
 use crate::manager::{Manager, ManagerError, now_ms};
 use crate::migration::Outcome;
-use crate::observe::{ObserveParams, observed_state};
+use crate::observe::observed_state;
 use crate::policy::planning::{self, MoveKind, PlanInput};
-use crate::policy::{self, ActionKind, ObservedState, Policy, PolicyNameError};
-pub use viola_api::adaptation::PolicyMode;
-use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, PolicyView, StateBrief};
+use crate::policy::{self, ActionKind, ObservedState, Policy};
+pub mod config;
+
+pub use config::{PolicyConfig, PolicyConfigError, PolicyMode, ViolaParams};
+use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, StateBrief};
 use viola_api::manager::{VmMigrate, VmResize};
-
-/// The `[policy]` table of the manager's configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// A policy name the simulator accepts (`viola`, `thr-mmt-0.8`, `marinescu-a`, ...).
-    pub name: String,
-    pub mode: PolicyMode,
-    /// Seconds between decisions.
-    pub period_s: f64,
-    /// Migrations run at the same time (one planner stage at most this many).
-    pub max_parallel: usize,
-    /// A VM that moved is not chosen again for this long.
-    pub cooldown_s: f64,
-    /// A destination a move to which failed is avoided for this long.
-    pub avoid_failed_s: f64,
-    /// MIPS of one host CPU: the unit the policies count CPU in.
-    pub pe_mips: f64,
-    /// Each host's NIC, Mbit/s (migration time estimates).
-    pub bw_mbps: f64,
-    /// Bandwidth of one cross-site migration, Mbit/s (migration time estimates).
-    pub wan_mbps: f64,
-    /// Parameters of the `viola` policy.
-    pub viola: ViolaParams,
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        Self {
-            name: "viola".into(),
-            // Advise: a manager upgraded in place records what it would do and moves nothing
-            // until an operator, having read `viola decisions`, switches to `act`.
-            mode: PolicyMode::Advise,
-            period_s: 60.0,
-            max_parallel: 2,
-            cooldown_s: 600.0,
-            avoid_failed_s: 1800.0,
-            pe_mips: 1000.0,
-            bw_mbps: 1000.0,
-            wan_mbps: 100.0,
-            viola: ViolaParams::default(),
-        }
-    }
-}
-
-/// The `[policy.viola]` table: the parameters of [`policy::viola::Viola`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ViolaParams {
-    pub quantile: f64,
-    pub window: usize,
-    pub target: f64,
-    pub overload: f64,
-    pub underload: f64,
-    pub cooldown_s: f64,
-    pub max_evacuations: usize,
-}
-
-impl Default for ViolaParams {
-    fn default() -> Self {
-        let v = policy::viola::Viola::default();
-        Self {
-            quantile: v.quantile,
-            window: v.window,
-            target: v.target,
-            overload: v.overload,
-            underload: v.underload,
-            cooldown_s: v.cooldown_s,
-            max_evacuations: v.max_evacuations,
-        }
-    }
-}
-
-/// Why the `[policy]` table cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyConfigError {
-    #[error("policy.name")]
-    Name(#[from] PolicyNameError),
-    #[error("policy.{field} must be positive, not {value}")]
-    NotPositive { field: &'static str, value: f64 },
-}
-
-impl PolicyConfig {
-    /// The configured policy, with its parameters.
-    pub fn build(&self) -> Result<Box<dyn Policy>, PolicyConfigError> {
-        for (field, value) in [
-            ("period_s", self.period_s),
-            ("pe_mips", self.pe_mips),
-            ("bw_mbps", self.bw_mbps),
-            ("wan_mbps", self.wan_mbps),
-        ] {
-            if !(value > 0.0 && value.is_finite()) {
-                return Err(PolicyConfigError::NotPositive { field, value });
-            }
-        }
-        if self.name == "viola" {
-            let p = &self.viola;
-            let mut v = policy::viola::Viola::default();
-            v.quantile = p.quantile;
-            v.window = p.window;
-            v.target = p.target;
-            v.overload = p.overload;
-            v.underload = p.underload;
-            v.cooldown_s = p.cooldown_s;
-            v.max_evacuations = p.max_evacuations;
-            return Ok(Box::new(v));
-        }
-        Ok(policy::by_name(&self.name)?)
-    }
-
-    /// What `viola policy show` prints.
-    pub fn view(&self) -> PolicyView {
-        let mut parameters = serde_json::to_value(self).unwrap_or_default();
-        if let Some(map) = parameters.as_object_mut() {
-            for shown in ["name", "mode", "period_s"] {
-                map.remove(shown);
-            }
-            if self.name != "viola" {
-                map.remove("viola");
-            }
-        }
-        PolicyView {
-            policy: self.name.clone(),
-            mode: self.mode,
-            period_s: self.period_s,
-            parameters,
-        }
-    }
-
-    fn observe_params(&self) -> ObserveParams {
-        ObserveParams {
-            period_ms: (self.period_s * 1000.0) as u64,
-            pe_mips: self.pe_mips,
-            bw_mbps: self.bw_mbps,
-            wan_mbps: self.wan_mbps,
-        }
-    }
-}
 
 /// Prometheus metrics of the policy loop.
 #[derive(Default)]
