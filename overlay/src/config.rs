@@ -18,7 +18,7 @@
 //! id = 1
 //! name = "blue"
 //! allowed = ["*"]                     # `site/host`, `site/*` or `*`
-//! vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5" }]
+//! vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5", host = "a/a1" }] # managed VMs
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -124,7 +124,8 @@ pub struct ViolinEntry {
     /// Hosts allowed to be members: `site/host`, `site/*`, `*`.
     #[serde(default = "all_hosts")]
     pub allowed: Vec<String>,
-    /// Known VMs (for ARP answering).
+    /// Managed VMs: their MACs are accepted only from their home host, ARP for their addresses
+    /// is answered from this table and cannot be changed by guests.
     #[serde(default)]
     pub vms: Vec<VmEntry>,
 }
@@ -141,6 +142,10 @@ pub struct VmEntry {
     pub mac: String,
     /// IPv4 address.
     pub ip: Ipv4Addr,
+    /// The host it runs on (`site/host`); without it, the first host that claims the MAC.
+    /// Moves follow `expect_move`.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 impl ViolinEntry {

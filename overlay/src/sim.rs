@@ -9,8 +9,8 @@ use bytes::Bytes;
 use crate::HostId;
 use crate::control::ControlMsg;
 use crate::switch::{
-    DropReason, HostPattern, Location, Output, Switch, SwitchConfig, ViolinConfig, tap_buffer,
-    test_frame,
+    DropReason, HostPattern, Location, ManagedVm, Output, Switch, SwitchConfig, ViolinConfig,
+    tap_buffer, test_frame,
 };
 use crate::wire::{self, Arp, BROADCAST, ETHERTYPE_RARP, Mac, ViolinId};
 
@@ -67,14 +67,27 @@ impl Sim {
         self.hosts.get_mut(&h(host)).unwrap()
     }
 
+    /// Makes `host` a member of violin `id`; `arp` lists managed VMs whose home is unknown.
     fn violin(&mut self, host: &str, id: u32, allowed: &[&str], arp: &[(Ipv4Addr, Mac)]) {
+        let vms: Vec<ManagedVm> = arp
+            .iter()
+            .map(|(ip, mac)| ManagedVm {
+                mac: *mac,
+                ip: *ip,
+                host: None,
+            })
+            .collect();
+        self.violin_with_vms(host, id, allowed, vms);
+    }
+
+    fn violin_with_vms(&mut self, host: &str, id: u32, allowed: &[&str], vms: Vec<ManagedVm>) {
         let mut out = Vec::new();
         self.sw(host).add_violin(
             ViolinConfig {
                 id: v(id),
                 name: format!("v{id}"),
                 allowed: allowed.iter().map(|p| HostPattern::new(p)).collect(),
-                static_arp: arp.to_vec(),
+                vms,
             },
             &mut out,
         );
@@ -647,4 +660,107 @@ fn restarted_host_behind_a_relay_rejoins() {
     assert_eq!(s.take("a/a1", 1).len(), 1);
     s.tap("a/a1", 1, &test_frame(mac(3), mac(1), IP, 60, 1));
     assert_eq!(s.take("c/c1", 1).len(), 1);
+}
+
+const VICTIM_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+
+/// a1, b1, c1 in violin 1; the managed victim mac 5 (10.1.0.5) lives on a1 (`home`: what the
+/// control plane says, None for first claim) and has spoken once.
+fn managed_victim(home: Option<&str>) -> Sim {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    for host in ["a/a1", "b/b1", "c/c1"] {
+        let vm = ManagedVm {
+            mac: mac(5),
+            ip: VICTIM_IP,
+            host: home.map(h),
+        };
+        s.violin_with_vms(host, 1, &["*"], vec![vm]);
+    }
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 5));
+    s.clear();
+    s
+}
+
+#[test]
+fn a_guest_cannot_steal_a_managed_mac() {
+    for home in [Some("a/a1"), None] {
+        let mut s = managed_victim(home);
+        // The spoofer on b1 sends as the victim, broadcast and unicast.
+        s.tap("b/b1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 7));
+        s.tap("b/b1", 1, &test_frame(mac(8), mac(5), IP, 60, 7));
+        assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 2, "{home:?}");
+        assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 0, "{home:?}");
+        for host in ["b/b1", "c/c1"] {
+            assert_eq!(s.loc(host, 1, mac(5)), Some(Location::Remote(h("a/a1"))));
+        }
+        // The victim keeps its traffic.
+        s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+        assert_eq!(s.take("a/a1", 1).len(), 1, "{home:?}");
+        assert!(s.take("b/b1", 1).is_empty(), "{home:?}");
+    }
+}
+
+#[test]
+fn a_managed_mac_from_the_wrong_host_is_refused_by_every_receiver() {
+    let mut s = managed_victim(Some("a/a1"));
+    // As if b1's overlay forwarded the theft anyway (an older daemon): c1 and a1 refuse the
+    // frame and the announcement.
+    let now = s.now;
+    let frame = wire::encode_frame(v(1), &test_frame(BROADCAST, mac(5), IP, 60, 7), false);
+    let announce = ControlMsg::Announce {
+        violin: v(1),
+        mac: wire::mac_to_string(&mac(5)),
+        seq: 100,
+        ip: None,
+    };
+    for host in ["a/a1", "c/c1"] {
+        let mut out = Vec::new();
+        let sw = s.sw(host);
+        sw.handle_datagram(now, &h("b/b1"), frame.clone(), &mut out);
+        sw.handle_control(now, &h("b/b1"), announce.clone(), &mut out);
+        assert!(out.is_empty(), "{host}: {out:?}");
+        assert_eq!(s.drops(host, DropReason::SpoofedSource), 2, "{host}");
+    }
+    assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("a/a1"))));
+    assert_eq!(s.loc("a/a1", 1, mac(5)), Some(Location::Local));
+    // The home outlives ageing: after the victim's entry aged out, theft still fails.
+    s.advance(Duration::from_secs(301));
+    s.tap("b/b1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 7));
+    assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 1);
+    s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+    assert_eq!(s.take("a/a1", 1).len(), 1, "not sent to the victim's home");
+    assert!(s.take("b/b1", 1).is_empty());
+}
+
+#[test]
+fn a_managed_mac_moves_when_the_control_plane_says_so() {
+    let mut s = managed_victim(Some("a/a1"));
+    let now = s.now;
+    let mut out = Vec::new();
+    assert!(
+        s.sw("a/a1")
+            .expect_move(now, v(1), mac(5), h("b/b1"), &mut out)
+    );
+    s.push("a/a1", out);
+    s.run();
+    // The migrated VM's RARP on b1 moves it everywhere.
+    s.tap(
+        "b/b1",
+        1,
+        &test_frame(BROADCAST, mac(5), ETHERTYPE_RARP, 60, 0),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 0);
+    for host in ["a/a1", "c/c1"] {
+        assert_eq!(s.loc(host, 1, mac(5)), Some(Location::Remote(h("b/b1"))));
+    }
+    s.clear();
+    s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    // A late frame on a1's TAP is held down, not theft; afterwards a1 cannot take it back.
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 5));
+    assert_eq!(s.drops("a/a1", DropReason::StaleLocalAfterMove), 1);
+    s.advance(Duration::from_secs(3));
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 5));
+    assert_eq!(s.drops("a/a1", DropReason::SpoofedSource), 1);
+    assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("b/b1"))));
 }

@@ -12,6 +12,10 @@
 //!   number (or, while the adaptation manager announced the move in advance, a frame from the
 //!   expected host). A late frame from the old location never pulls it back, and the old host
 //!   ignores the moved MAC on its own TAP for [`SwitchConfig::move_hold_down`].
+//! - A managed MAC (a VM the control plane lists with its address, [`ManagedVm`]) is accepted
+//!   as a source only from its home: the host the control plane names, else the first that
+//!   claimed it. Frames and announcements naming it from elsewhere are dropped and counted
+//!   ([`DropReason::SpoofedSource`]); its home changes only through `expect_move`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -106,11 +110,14 @@ labelled_enum! {
         Misdelivered = "misdelivered",
         /// A relay request from or to a host we cannot serve.
         RelayRefused = "relay_refused",
+        /// A managed VM's MAC as the source of a frame or announcement from somewhere other
+        /// than its home (MAC theft, or a move the control plane did not announce).
+        SpoofedSource = "spoofed_source",
     }
 }
 
 /// Where a MAC is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Location {
     /// Behind the local TAP.
     Local,
@@ -155,14 +162,52 @@ pub struct ViolinConfig {
     pub name: String,
     /// Hosts allowed to be members (besides this one).
     pub allowed: Vec<HostPattern>,
-    /// Known VM addresses (IPv4 → MAC) for ARP answering.
-    pub static_arp: Vec<(Ipv4Addr, Mac)>,
+    /// VMs the control plane manages in this violin.
+    pub vms: Vec<ManagedVm>,
+}
+
+/// A VM whose addresses the control plane knows: its MAC is accepted only from its home and
+/// ARP for its address is answered from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedVm {
+    /// MAC.
+    pub mac: Mac,
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+    /// The host it runs on (`site/host`); None: the first host that claims it.
+    pub host: Option<HostId>,
+}
+
+/// Where the control plane says a managed VM is.
+#[derive(Debug, Clone)]
+struct Managed {
+    /// None until configured or first claimed.
+    home: Option<Location>,
+    /// The home it left and when: late frames from there are delivered, not counted as theft.
+    left: Option<(Location, Instant)>,
+}
+
+impl Managed {
+    fn move_home(&mut self, to: Location, now: Instant) {
+        if let Some(old) = self.home.replace(to) {
+            self.left = Some((old, now));
+        }
+    }
+
+    /// A frame from `at` just after the VM left it (in flight during the move).
+    fn just_left(&self, at: &Location, now: Instant, hold: Duration) -> bool {
+        self.left
+            .as_ref()
+            .is_some_and(|(l, t)| l == at && now.duration_since(*t) < hold)
+    }
 }
 
 struct Violin {
     cfg: ViolinConfig,
     macs: HashMap<Mac, MacEntry>,
-    /// ARP knowledge: ip → (mac, static).
+    /// Managed VMs by MAC (never aged: the control plane's word stands until it changes it).
+    managed: HashMap<Mac, Managed>,
+    /// ARP knowledge: ip → (mac, managed).
     arp: HashMap<Ipv4Addr, (Mac, bool)>,
     /// mac → (host it will appear on, until).
     expected: HashMap<Mac, (HostId, Instant)>,
@@ -219,16 +264,27 @@ impl Switch {
 
     /// Makes this host a member of a violin and tells connected peers.
     pub fn add_violin(&mut self, cfg: ViolinConfig, out: &mut Vec<Output>) {
-        let arp = cfg
-            .static_arp
+        let arp = cfg.vms.iter().map(|vm| (vm.ip, (vm.mac, true))).collect();
+        let managed = cfg
+            .vms
             .iter()
-            .map(|(ip, mac)| (*ip, (*mac, true)))
+            .map(|vm| {
+                let home = vm.host.as_ref().map(|h| {
+                    if *h == self.me {
+                        Location::Local
+                    } else {
+                        Location::Remote(h.clone())
+                    }
+                });
+                (vm.mac, Managed { home, left: None })
+            })
             .collect();
         self.violins.insert(
             cfg.id,
             Violin {
                 cfg,
                 macs: HashMap::new(),
+                managed,
                 arp,
                 expected: HashMap::new(),
                 moved_away: HashMap::new(),
@@ -459,8 +515,10 @@ impl Switch {
             self.drop(DropReason::UnknownViolin);
             return;
         }
-        if !wire::is_group(&src) && !self.learn_local(now, violin_id, src, arp.as_ref(), out) {
-            self.drop(DropReason::StaleLocalAfterMove);
+        if !wire::is_group(&src)
+            && let Err(reason) = self.learn_local(now, violin_id, src, arp.as_ref(), out)
+        {
+            self.drop(reason);
             return;
         }
         if ethertype == ETHERTYPE_ARP
@@ -482,7 +540,13 @@ impl Switch {
         let target = if wire::is_group(&dst) {
             None
         } else {
-            match violin.macs.get(&dst).map(|e| &e.loc) {
+            // A managed VM's home stands in for an aged-out entry: no flooding towards it.
+            let loc = violin
+                .macs
+                .get(&dst)
+                .map(|e| &e.loc)
+                .or_else(|| violin.managed.get(&dst).and_then(|m| m.home.as_ref()));
+            match loc {
                 Some(Location::Local) => {
                     self.drop(DropReason::LocalDestination);
                     return;
@@ -503,7 +567,7 @@ impl Switch {
         }
     }
 
-    /// Learns `src` as local. Returns false if the frame must be dropped (hold-down).
+    /// Learns `src` as local, or says why the frame must be dropped.
     fn learn_local(
         &mut self,
         now: Instant,
@@ -511,12 +575,31 @@ impl Switch {
         src: Mac,
         arp: Option<&Arp>,
         out: &mut Vec<Output>,
-    ) -> bool {
+    ) -> Result<(), DropReason> {
         let me = self.me.clone();
         let hold = self.cfg.move_hold_down;
         let Some(v) = self.violins.get_mut(&violin_id) else {
-            return false;
+            return Err(DropReason::UnknownViolin);
         };
+        let expected_here = v
+            .expected
+            .get(&src)
+            .is_some_and(|(h, until)| *h == me && *until > now);
+        let held_down = v
+            .moved_away
+            .get(&src)
+            .is_some_and(|t| now.duration_since(*t) < hold);
+        if let Some(m) = v.managed.get(&src)
+            && matches!(m.home, Some(Location::Remote(_)))
+            && !expected_here
+        {
+            // Its home is elsewhere: either a late frame of a VM that just left, or theft.
+            return Err(if held_down {
+                DropReason::StaleLocalAfterMove
+            } else {
+                DropReason::SpoofedSource
+            });
+        }
         let ip = arp
             .filter(|a| a.sha == src && a.spa != [0; 4])
             .map(|a| Ipv4Addr::from(a.spa));
@@ -525,27 +608,22 @@ impl Switch {
         {
             v.arp.insert(ip, (src, false));
         }
-        let expected_here = v
-            .expected
-            .get(&src)
-            .is_some_and(|(h, until)| *h == me && *until > now);
+        if let Some(m) = v.managed.get_mut(&src)
+            && m.home != Some(Location::Local)
+        {
+            m.move_home(Location::Local, now);
+        }
         let seq = match v.macs.get_mut(&src) {
             Some(e) if e.loc == Location::Local => {
                 e.last_seen = now;
                 if ip.is_none() || e.ip == ip {
-                    return true;
+                    return Ok(());
                 }
                 e.ip = ip;
                 e.seq // re-announce the new address with the same sequence number
             }
+            Some(_) if !expected_here && held_down => return Err(DropReason::StaleLocalAfterMove),
             Some(e) => {
-                if !expected_here
-                    && v.moved_away
-                        .get(&src)
-                        .is_some_and(|t| now.duration_since(*t) < hold)
-                {
-                    return false;
-                }
                 self.counters.mac_moves += 1;
                 e.seq + 1
             }
@@ -569,12 +647,12 @@ impl Switch {
             ip,
         };
         let Some(v) = self.violins.get(&violin_id) else {
-            return true;
+            return Ok(());
         };
         for h in self.members(v) {
             self.send_control(&h, msg.clone(), out);
         }
-        true
+        Ok(())
     }
 
     fn answer_arp(&self, violin_id: ViolinId, req: &Arp) -> Option<Vec<u8>> {
@@ -701,10 +779,34 @@ impl Switch {
             return;
         };
         let arp = wire::parse_arp(&frame);
+        let hold = self.cfg.move_hold_down;
         let Some(v) = self.violins.get_mut(&violin_id) else {
             return;
         };
+        let mut learn = !wire::is_group(&src);
+        let expected_from_sender = v
+            .expected
+            .get(&src)
+            .is_some_and(|(h, until)| h == from && *until > now);
+        if learn && let Some(m) = v.managed.get_mut(&src) {
+            let sender = Location::Remote(from.clone());
+            match &m.home {
+                None => m.home = Some(sender),
+                Some(home) if *home == sender => {}
+                Some(_) if expected_from_sender => m.move_home(sender, now),
+                Some(_) if m.just_left(&sender, now, hold) => {
+                    // In flight while the VM moved: deliver, but it does not move the MAC.
+                    self.counters.stale_source_frames += 1;
+                    learn = false;
+                }
+                Some(_) => {
+                    self.drop(DropReason::SpoofedSource);
+                    return;
+                }
+            }
+        }
         if let Some(a) = arp
+            && learn
             && a.sha == src
             && a.spa != [0; 4]
         {
@@ -713,11 +815,7 @@ impl Switch {
                 v.arp.insert(ip, (src, false));
             }
         }
-        if !wire::is_group(&src) {
-            let expected_from_sender = v
-                .expected
-                .get(&src)
-                .is_some_and(|(h, until)| h == from && *until > now);
+        if learn {
             match v.macs.get_mut(&src) {
                 None => {
                     v.macs.insert(
@@ -971,6 +1069,24 @@ impl Switch {
             return;
         };
         let here = Location::Remote(from.clone());
+        if let Some(m) = v.managed.get_mut(&mac) {
+            let expected = v
+                .expected
+                .get(&mac)
+                .is_some_and(|(h, until)| h == from && *until > now);
+            match &m.home {
+                None => m.home = Some(here.clone()),
+                Some(home) if *home == here => {}
+                Some(_) if expected => {
+                    m.move_home(here.clone(), now);
+                    v.expected.remove(&mac);
+                }
+                Some(_) => {
+                    self.drop(DropReason::SpoofedSource);
+                    return;
+                }
+            }
+        }
         let hint = match v.macs.get_mut(&mac) {
             None => {
                 v.macs.insert(
@@ -1200,7 +1316,11 @@ pub fn fuzz_switch(data: &[u8]) {
                 id: v,
                 name: format!("v{i}"),
                 allowed: vec![HostPattern::new(if i == 0 { "*" } else { "b/*" })],
-                static_arp: vec![(Ipv4Addr::new(10, 0, 0, 9), [2, 0, 0, 0, 0, 9])],
+                vms: vec![ManagedVm {
+                    mac: [2, 0, 0, 0, 0, 9],
+                    ip: Ipv4Addr::new(10, 0, 0, 9),
+                    host: (i == 0).then(|| HostId::from("b/b0")),
+                }],
             },
             &mut out,
         );

@@ -16,10 +16,11 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{Identity, alpn};
 
 use super::{DaemonError, io_err};
+use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::local_runtime::LocalSetRuntime;
 use crate::sparse::{HandoffSocket, SparsePath};
-use crate::switch::{HostPattern, Switch, ViolinConfig};
+use crate::switch::{HostPattern, ManagedVm, Switch, ViolinConfig};
 use crate::wire::{self, ViolinId};
 
 /// A violin's TAP, readable through tokio.
@@ -107,11 +108,15 @@ pub(super) fn violins(
     for v in &cfg.violins {
         let id = ViolinId::new(v.id)
             .ok_or_else(|| DaemonError::Config(format!("violin id {} exceeds 24 bits", v.id)))?;
-        let mut static_arp = Vec::new();
+        let mut vms = Vec::new();
         for vm in &v.vms {
             let mac = wire::parse_mac(&vm.mac)
                 .ok_or_else(|| DaemonError::Config(format!("bad MAC {:?}", vm.mac)))?;
-            static_arp.push((vm.ip, mac));
+            vms.push(ManagedVm {
+                mac,
+                ip: vm.ip,
+                host: vm.host.as_deref().map(HostId::from),
+            });
         }
         let br = v.bridge_name();
         if !link_exists(&br) {
@@ -146,7 +151,7 @@ pub(super) fn violins(
                 id,
                 name: v.name.clone(),
                 allowed: v.allowed.iter().map(|p| HostPattern::new(p)).collect(),
-                static_arp,
+                vms,
             },
             &mut out,
         );
