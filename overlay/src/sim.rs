@@ -764,3 +764,58 @@ fn a_managed_mac_moves_when_the_control_plane_says_so() {
     assert_eq!(s.drops("a/a1", DropReason::SpoofedSource), 1);
     assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("b/b1"))));
 }
+
+#[test]
+fn arp_for_a_managed_address_cannot_be_poisoned() {
+    let mut s = managed_victim(Some("a/a1"));
+    let garp = Arp {
+        op: 2,
+        sha: mac(7),
+        spa: VICTIM_IP.octets(),
+        tha: BROADCAST,
+        tpa: VICTIM_IP.octets(),
+    };
+    // The spoofer's gratuitous ARP at its own MAC, and one naming the victim's MAC as sender.
+    s.tap("b/b1", 1, &wire::build_arp(BROADCAST, mac(7), &garp));
+    let forged_sender = Arp {
+        sha: mac(5),
+        spa: [10, 1, 0, 7],
+        ..garp
+    };
+    s.tap(
+        "b/b1",
+        1,
+        &wire::build_arp(BROADCAST, mac(7), &forged_sender),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::ArpSpoof), 2);
+    assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 0, "forwarded");
+    // Also refused when it arrives from another host.
+    let now = s.now;
+    let mut out = Vec::new();
+    let datagram = wire::encode_frame(v(1), &wire::build_arp(BROADCAST, mac(7), &garp), false);
+    s.sw("c/c1")
+        .handle_datagram(now, &h("b/b1"), datagram, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(s.drops("c/c1", DropReason::ArpSpoof), 1);
+    // Everyone still answers with the victim's MAC.
+    for host in ["b/b1", "c/c1"] {
+        let req = Arp {
+            op: 1,
+            sha: mac(8),
+            spa: [10, 1, 0, 8],
+            tha: [0; 6],
+            tpa: VICTIM_IP.octets(),
+        };
+        s.tap(host, 1, &wire::build_arp(BROADCAST, mac(8), &req));
+        let replies = s.take(host, 1);
+        assert_eq!(replies.len(), 1, "{host}");
+        assert_eq!(wire::parse_arp(&replies[0]).unwrap().sha, mac(5), "{host}");
+    }
+    // The victim's own ARP passes.
+    let own = Arp {
+        sha: mac(5),
+        ..garp
+    };
+    s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(5), &own));
+    assert_eq!(s.drops("a/a1", DropReason::ArpSpoof), 0);
+}

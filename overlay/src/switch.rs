@@ -15,7 +15,9 @@
 //! - A managed MAC (a VM the control plane lists with its address, [`ManagedVm`]) is accepted
 //!   as a source only from its home: the host the control plane names, else the first that
 //!   claimed it. Frames and announcements naming it from elsewhere are dropped and counted
-//!   ([`DropReason::SpoofedSource`]); its home changes only through `expect_move`.
+//!   ([`DropReason::SpoofedSource`]); its home changes only through `expect_move`. ARP for a
+//!   managed address is answered only from the control plane's table, and ARP claiming a
+//!   managed address or MAC for someone else is dropped ([`DropReason::ArpSpoof`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -113,6 +115,9 @@ labelled_enum! {
         /// A managed VM's MAC as the source of a frame or announcement from somewhere other
         /// than its home (MAC theft, or a move the control plane did not announce).
         SpoofedSource = "spoofed_source",
+        /// ARP claiming a managed VM's address with another MAC, or a managed MAC sent by
+        /// someone else.
+        ArpSpoof = "arp_spoof",
     }
 }
 
@@ -213,6 +218,19 @@ struct Violin {
     expected: HashMap<Mac, (HostId, Instant)>,
     /// mac → when it moved away from here.
     moved_away: HashMap<Mac, Instant>,
+}
+
+impl Violin {
+    /// Whether `arp` (in a frame from `src`) claims a managed VM's address with another MAC, or
+    /// a managed MAC for a frame some other MAC sent.
+    fn arp_spoofed(&self, src: Mac, arp: &Arp) -> bool {
+        let claims_managed_ip = arp.spa != [0; 4]
+            && self
+                .arp
+                .get(&Ipv4Addr::from(arp.spa))
+                .is_some_and(|(mac, managed)| *managed && *mac != arp.sha);
+        claims_managed_ip || (arp.sha != src && self.managed.contains_key(&arp.sha))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -515,6 +533,15 @@ impl Switch {
             self.drop(DropReason::UnknownViolin);
             return;
         }
+        if let Some(arp) = &arp
+            && self
+                .violins
+                .get(&violin_id)
+                .is_some_and(|v| v.arp_spoofed(src, arp))
+        {
+            self.drop(DropReason::ArpSpoof);
+            return;
+        }
         if !wire::is_group(&src)
             && let Err(reason) = self.learn_local(now, violin_id, src, arp.as_ref(), out)
         {
@@ -783,6 +810,10 @@ impl Switch {
         let Some(v) = self.violins.get_mut(&violin_id) else {
             return;
         };
+        if arp.as_ref().is_some_and(|a| v.arp_spoofed(src, a)) {
+            self.drop(DropReason::ArpSpoof);
+            return;
+        }
         let mut learn = !wire::is_group(&src);
         let expected_from_sender = v
             .expected
