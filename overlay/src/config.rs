@@ -10,6 +10,9 @@
 //! cpu_wake_latency_us = 0             # optional: hold a PM QoS request (lowest RTT, CPUs poll)
 //! handoff_yield = true                # yield the CPU once after a sparse send/TAP write
 //! busy_poll_us = 300                  # poll this long after a sparse packet before sleeping (0: off)
+//! max_macs_per_violin = 1024          # learned (unmanaged) MACs per violin
+//! max_macs_per_port = 512             # ... per port (local TAP, each peer host)
+//! mac_learn_rate = 100                # new MACs per second from the local TAP (burst 2x)
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -71,6 +74,14 @@ pub struct OverlayConfig {
     /// at the price of up to this much CPU time per burst of traffic and at most 10 % of one
     /// CPU. 0: off.
     pub busy_poll_us: u32,
+    /// Learned (unmanaged) MACs kept per violin; frames from further new MACs on the local
+    /// TAP are dropped and counted (`mac_limit`).
+    pub max_macs_per_violin: usize,
+    /// Learned MACs kept per port (the local TAP, or one peer host).
+    pub max_macs_per_port: usize,
+    /// New MACs learned from the local TAP per second and violin, with a burst of twice as
+    /// many; frames from new MACs above it are dropped and counted (`learn_rate_limit`).
+    pub mac_learn_rate: u32,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -95,6 +106,9 @@ impl Default for OverlayConfig {
             cpu_wake_latency_us: None,
             handoff_yield: true,
             busy_poll_us: 300,
+            max_macs_per_violin: 1024,
+            max_macs_per_port: 512,
+            mac_learn_rate: 100,
             peers: Vec::new(),
             violins: Vec::new(),
         }

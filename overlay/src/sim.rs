@@ -819,3 +819,57 @@ fn arp_for_a_managed_address_cannot_be_poisoned() {
     s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(5), &own));
     assert_eq!(s.drops("a/a1", DropReason::ArpSpoof), 0);
 }
+
+#[test]
+fn a_flood_of_source_macs_is_bounded_and_spares_managed_vms() {
+    let mut s = managed_victim(Some("a/a1"));
+    let limits = SwitchConfig::default().learning;
+    // b1's guest sends 5,000 frames from random MACs, 100 µs apart, then 5,000 more slowly
+    // enough for the learning rate (so the port limit is what stops them).
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random_mac = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let b = seed.to_be_bytes();
+        [b[0] & 0xFE | 0x02, b[1], b[2], b[3], b[4], b[5]]
+    };
+    for i in 0..10_000 {
+        s.advance(Duration::from_micros(if i < 5000 { 100 } else { 20_000 }));
+        let src = random_mac();
+        s.tap("b/b1", 1, &test_frame(BROADCAST, src, IP, 60, 0));
+        if i % 1000 == 0 {
+            // The victim keeps talking through the flood.
+            s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+            let to = |frames: Vec<Bytes>, m: Mac| frames.iter().filter(|f| f[..6] == m).count();
+            assert_eq!(to(s.take("a/a1", 1), mac(5)), 1, "frame {i}");
+            s.tap("a/a1", 1, &test_frame(mac(8), mac(5), IP, 60, 5));
+            assert_eq!(to(s.take("c/c1", 1), mac(8)), 1, "frame {i}");
+        }
+    }
+    let managed_and_c1 = 2;
+    for host in ["b/b1", "c/c1"] {
+        let (len, _) = s.sw(host).mac_table_size(v(1));
+        assert!(len <= limits.per_port + managed_and_c1, "{host}: {len}");
+    }
+    assert!(s.drops("b/b1", DropReason::LearnRateLimit) > 0);
+    assert!(s.drops("b/b1", DropReason::MacLimit) > 0);
+    let dropped =
+        s.drops("b/b1", DropReason::LearnRateLimit) + s.drops("b/b1", DropReason::MacLimit);
+    assert_eq!(dropped as usize, 10_000 - limits.per_port);
+    assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("a/a1"))));
+    // After ageing the tables shrink, memory included.
+    let (_, cap_before) = s.sw("c/c1").mac_table_size(v(1));
+    s.advance(Duration::from_secs(301));
+    for host in ["b/b1", "c/c1"] {
+        let (len, cap) = s.sw(host).mac_table_size(v(1));
+        assert_eq!(len, 0, "{host}");
+        assert!(
+            cap < cap_before / 4,
+            "{host}: capacity {cap} of {cap_before}"
+        );
+    }
+    // And b1 learns again.
+    s.tap("b/b1", 1, &test_frame(BROADCAST, mac(9), IP, 60, 0));
+    assert_eq!(s.loc("c/c1", 1, mac(9)), Some(Location::Remote(h("b/b1"))));
+}

@@ -47,6 +47,60 @@ pub struct SwitchConfig {
     pub default_max_datagram: usize,
     /// Period of the housekeeping timer.
     pub sweep_interval: Duration,
+    /// Bounds on learned (unmanaged) MACs.
+    pub learning: LearningLimits,
+}
+
+/// Bounds on learned (unmanaged) MACs; managed VMs are exempt (the configuration bounds them).
+#[derive(Debug, Clone, Copy)]
+pub struct LearningLimits {
+    /// Learned MACs per violin.
+    pub per_violin: usize,
+    /// Learned MACs per port (the local TAP, or one peer host), so that one flooding port
+    /// leaves room for the others.
+    pub per_port: usize,
+    /// New MACs learned from the local TAP per second and violin (token bucket)...
+    pub local_rate_per_s: u32,
+    /// ...with this burst.
+    pub local_burst: u32,
+}
+
+impl Default for LearningLimits {
+    fn default() -> Self {
+        Self {
+            per_violin: 1024,
+            per_port: 512,
+            local_rate_per_s: 100,
+            local_burst: 200,
+        }
+    }
+}
+
+/// A token bucket with time passed in.
+#[derive(Debug, Clone, Default)]
+struct TokenBucket {
+    tokens: f64,
+    /// None: never used, full.
+    at: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now: Instant, rate_per_s: u32, burst: u32) -> bool {
+        let burst = f64::from(burst);
+        self.tokens = match self.at {
+            None => burst,
+            Some(at) => {
+                let refill = now.duration_since(at).as_secs_f64() * f64::from(rate_per_s);
+                (self.tokens + refill).min(burst)
+            }
+        };
+        self.at = Some(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 impl Default for SwitchConfig {
@@ -58,6 +112,7 @@ impl Default for SwitchConfig {
             reassembly: ReassemblyLimits::default(),
             default_max_datagram: 1162,
             sweep_interval: Duration::from_millis(250),
+            learning: LearningLimits::default(),
         }
     }
 }
@@ -112,6 +167,11 @@ labelled_enum! {
         Misdelivered = "misdelivered",
         /// A relay request from or to a host we cannot serve.
         RelayRefused = "relay_refused",
+        /// A frame from a new source MAC on the local TAP while the violin's or the port's
+        /// limit of learned MACs is reached.
+        MacLimit = "mac_limit",
+        /// A frame from a new source MAC on the local TAP above the learning rate.
+        LearnRateLimit = "learn_rate_limit",
         /// A managed VM's MAC as the source of a frame or announcement from somewhere other
         /// than its home (MAC theft, or a move the control plane did not announce).
         SpoofedSource = "spoofed_source",
@@ -218,9 +278,60 @@ struct Violin {
     expected: HashMap<Mac, (HostId, Instant)>,
     /// mac → when it moved away from here.
     moved_away: HashMap<Mac, Instant>,
+    /// Learned (unmanaged) MACs per port, for the limits; recounted at every sweep.
+    learned: HashMap<Location, usize>,
+    learned_total: usize,
+    /// New MACs from the local TAP.
+    local_learning: TokenBucket,
 }
 
 impl Violin {
+    /// Whether a new unmanaged MAC may be learned at `port`.
+    fn may_learn(&self, port: &Location, limits: &LearningLimits) -> bool {
+        self.learned_total < limits.per_violin
+            && self.learned.get(port).copied().unwrap_or(0) < limits.per_port
+    }
+
+    fn note_learned(&mut self, mac: &Mac, port: Location) {
+        if !self.managed.contains_key(mac) {
+            self.learned_total += 1;
+            *self.learned.entry(port).or_default() += 1;
+        }
+    }
+
+    fn note_moved(&mut self, mac: &Mac, from: &Location, to: Location) {
+        if !self.managed.contains_key(mac) {
+            if let Some(n) = self.learned.get_mut(from) {
+                *n = n.saturating_sub(1);
+            }
+            *self.learned.entry(to).or_default() += 1;
+        }
+    }
+
+    fn recount_learned(&mut self) {
+        self.learned.clear();
+        self.learned_total = 0;
+        for (mac, e) in &self.macs {
+            if !self.managed.contains_key(mac) {
+                self.learned_total += 1;
+                *self.learned.entry(e.loc.clone()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Records that `ip` is at `mac` unless a managed VM owns `ip` or the table is full.
+    fn learn_ip(&mut self, ip: Ipv4Addr, mac: Mac, limits: &LearningLimits) {
+        let full = self.arp.len() >= limits.per_violin + self.managed.len();
+        match self.arp.get_mut(&ip) {
+            Some((_, true)) => {}
+            Some(known) => *known = (mac, false),
+            None if full => {}
+            None => {
+                self.arp.insert(ip, (mac, false));
+            }
+        }
+    }
+
     /// Whether `arp` (in a frame from `src`) claims a managed VM's address with another MAC, or
     /// a managed MAC for a frame some other MAC sent.
     fn arp_spoofed(&self, src: Mac, arp: &Arp) -> bool {
@@ -306,6 +417,9 @@ impl Switch {
                 arp,
                 expected: HashMap::new(),
                 moved_away: HashMap::new(),
+                learned: HashMap::new(),
+                learned_total: 0,
+                local_learning: TokenBucket::default(),
             },
         );
         self.broadcast_membership(out);
@@ -627,13 +741,24 @@ impl Switch {
                 DropReason::SpoofedSource
             });
         }
+        let limits = self.cfg.learning;
+        let new_here = v.macs.get(&src).is_none_or(|e| e.loc != Location::Local);
+        if new_here && !v.managed.contains_key(&src) {
+            if !v.may_learn(&Location::Local, &limits) {
+                return Err(DropReason::MacLimit);
+            }
+            if !v
+                .local_learning
+                .take(now, limits.local_rate_per_s, limits.local_burst)
+            {
+                return Err(DropReason::LearnRateLimit);
+            }
+        }
         let ip = arp
             .filter(|a| a.sha == src && a.spa != [0; 4])
             .map(|a| Ipv4Addr::from(a.spa));
-        if let Some(ip) = ip
-            && v.arp.get(&ip).is_none_or(|(_, is_static)| !is_static)
-        {
-            v.arp.insert(ip, (src, false));
+        if let Some(ip) = ip {
+            v.learn_ip(ip, src, &limits);
         }
         if let Some(m) = v.managed.get_mut(&src)
             && m.home != Some(Location::Local)
@@ -652,9 +777,14 @@ impl Switch {
             Some(_) if !expected_here && held_down => return Err(DropReason::StaleLocalAfterMove),
             Some(e) => {
                 self.counters.mac_moves += 1;
-                e.seq + 1
+                let (old, seq) = (e.loc.clone(), e.seq + 1);
+                v.note_moved(&src, &old, Location::Local);
+                seq
             }
-            None => 1,
+            None => {
+                v.note_learned(&src, Location::Local);
+                1
+            }
         };
         v.moved_away.remove(&src);
         v.expected.remove(&src);
@@ -836,19 +966,28 @@ impl Switch {
                 }
             }
         }
+        let limits = self.cfg.learning;
+        let sender = Location::Remote(from.clone());
+        if learn
+            && !v.macs.contains_key(&src)
+            && !v.managed.contains_key(&src)
+            && !v.may_learn(&sender, &limits)
+        {
+            // Delivered all the same: the sending host enforced its own limits.
+            self.counters.learning_refused += 1;
+            learn = false;
+        }
         if let Some(a) = arp
             && learn
             && a.sha == src
             && a.spa != [0; 4]
         {
-            let ip = Ipv4Addr::from(a.spa);
-            if v.arp.get(&ip).is_none_or(|(_, s)| !s) {
-                v.arp.insert(ip, (src, false));
-            }
+            v.learn_ip(Ipv4Addr::from(a.spa), src, &limits);
         }
         if learn {
             match v.macs.get_mut(&src) {
                 None => {
+                    v.note_learned(&src, sender);
                     v.macs.insert(
                         src,
                         MacEntry {
@@ -865,10 +1004,11 @@ impl Switch {
                     if e.loc == Location::Local {
                         v.moved_away.insert(src, now);
                     }
-                    e.loc = Location::Remote(from.clone());
+                    let old = std::mem::replace(&mut e.loc, Location::Remote(from.clone()));
                     e.seq += 1;
                     e.last_seen = now;
                     v.expected.remove(&src);
+                    v.note_moved(&src, &old, Location::Remote(from.clone()));
                     self.counters.mac_moves += 1;
                 }
                 Some(_) => self.counters.stale_source_frames += 1,
@@ -1035,7 +1175,10 @@ impl Switch {
                     return;
                 }
                 let ttl = self.cfg.expect_move_ttl;
-                if let Some(v) = self.violins.get_mut(&violin) {
+                let limit = self.cfg.learning.per_violin;
+                if let Some(v) = self.violins.get_mut(&violin)
+                    && (v.expected.len() < limit + v.managed.len() || v.expected.contains_key(&mac))
+                {
                     v.expected.insert(mac, (host.into(), now + ttl));
                 }
             }
@@ -1118,8 +1261,17 @@ impl Switch {
                 }
             }
         }
+        let limits = self.cfg.learning;
+        if !v.macs.contains_key(&mac)
+            && !v.managed.contains_key(&mac)
+            && !v.may_learn(&here, &limits)
+        {
+            self.counters.learning_refused += 1;
+            return;
+        }
         let hint = match v.macs.get_mut(&mac) {
             None => {
+                v.note_learned(&mac, here.clone());
                 v.macs.insert(
                     mac,
                     MacEntry {
@@ -1132,18 +1284,20 @@ impl Switch {
                 None
             }
             Some(e) if seq > e.seq => {
-                if e.loc != here {
-                    if e.loc == Location::Local {
-                        v.moved_away.insert(mac, now);
-                    }
-                    self.counters.mac_moves += 1;
-                }
+                let moved_from = (e.loc != here).then(|| e.loc.clone());
                 *e = MacEntry {
-                    loc: here,
+                    loc: here.clone(),
                     seq,
                     last_seen: now,
                     ip: ip.or(e.ip),
                 };
+                if let Some(old) = moved_from {
+                    if old == Location::Local {
+                        v.moved_away.insert(mac, now);
+                    }
+                    v.note_moved(&mac, &old, here);
+                    self.counters.mac_moves += 1;
+                }
                 None
             }
             Some(e) if e.loc == here => {
@@ -1158,9 +1312,8 @@ impl Switch {
         };
         if let Some(ip) = ip
             && hint.is_none()
-            && v.arp.get(&ip).is_none_or(|(_, s)| !s)
         {
-            v.arp.insert(ip, (mac, false));
+            v.learn_ip(ip, mac, &limits);
         }
         if let Some(seq) = hint {
             self.send_control(
@@ -1224,9 +1377,23 @@ impl Switch {
                 .retain(|_, (mac, is_static)| *is_static || macs.contains_key(mac));
             v.expected.retain(|_, (_, until)| *until > now);
             v.moved_away.retain(|_, t| now.duration_since(*t) < hold);
+            v.recount_learned();
+            // A flood leaves tables with room for thousands: give the memory back.
+            shrink_if_sparse(&mut v.macs);
+            shrink_if_sparse(&mut v.arp);
+            shrink_if_sparse(&mut v.expected);
+            shrink_if_sparse(&mut v.moved_away);
         }
         self.reassembler.handle_timeout(now);
         self.counters.reassembly_evicted = self.reassembler.evicted;
+    }
+
+    /// Entries and capacity of the MAC table of `violin` (tests).
+    #[cfg(test)]
+    pub(crate) fn mac_table_size(&self, violin: ViolinId) -> (usize, usize) {
+        self.violins
+            .get(&violin)
+            .map_or((0, 0), |v| (v.macs.len(), v.macs.capacity()))
     }
 
     /// Where `mac` of `violin` is believed to be, with its sequence number.
@@ -1294,6 +1461,13 @@ impl Switch {
             counters: self.counters.clone(),
             reassembly_bytes: self.reassembler.buffered_bytes(),
         }
+    }
+}
+
+/// Frees a map's memory once it holds less than a quarter of its capacity.
+fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
 

@@ -38,7 +38,7 @@ use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
 use crate::sparse::{BusyPoll, SparsePath};
-use crate::switch::{Switch, SwitchConfig};
+use crate::switch::{LearningLimits, Switch, SwitchConfig};
 use viola_api::overlay::{BusyPollStatus, OverlayStatus};
 
 /// Why the daemon could not start or failed.
@@ -163,6 +163,12 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         me.clone(),
         SwitchConfig {
             mac_ageing: Duration::from_secs(cfg.mac_ageing_s),
+            learning: LearningLimits {
+                per_violin: cfg.max_macs_per_violin,
+                per_port: cfg.max_macs_per_port,
+                local_rate_per_s: cfg.mac_learn_rate,
+                local_burst: cfg.mac_learn_rate.saturating_mul(2),
+            },
             ..SwitchConfig::default()
         },
     );
