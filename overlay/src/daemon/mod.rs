@@ -90,7 +90,6 @@ struct Ctx {
     endpoint: quinn::Endpoint,
     state: State,
     token: CancellationToken,
-    mtu: usize,
     cpu_wake_latency_us: Option<u32>,
     send_path: Arc<SparsePath>,
     busy: Arc<BusyPoll>,
@@ -188,13 +187,15 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         out: Vec::new(),
         serial: 0,
         tap_path: SparsePath::new(cfg.handoff_yield, busy.clone()),
+        // Ethernet header and one VLAN tag.
+        max_frame: cfg.mtu as usize + 18,
+        drop_log: Default::default(),
     }));
     let ctx = Rc::new(Ctx {
         me,
         endpoint: endpoint.clone(),
         state: state.clone(),
         token: token.clone(),
-        mtu: cfg.mtu as usize,
         cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
         send_path,
         busy: busy.clone(),
