@@ -13,6 +13,7 @@
 //! max_macs_per_violin = 1024          # learned (unmanaged) MACs per violin
 //! max_macs_per_port = 512             # ... per port (local TAP, each peer host)
 //! mac_learn_rate = 100                # new MACs per second from the local TAP (burst 2x)
+//! mss_clamp = true                    # lower TCP SYNs' MSS so full segments fit one datagram
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -82,6 +83,9 @@ pub struct OverlayConfig {
     /// New MACs learned from the local TAP per second and violin, with a burst of twice as
     /// many; frames from new MACs above it are dropped and counted (`learn_rate_limit`).
     pub mac_learn_rate: u32,
+    /// Lower the MSS option of TCP SYNs from local guests so that a full segment fits one
+    /// QUIC datagram on its way (no fragmentation for TCP at the guest's default MTU).
+    pub mss_clamp: bool,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -109,6 +113,7 @@ impl Default for OverlayConfig {
             max_macs_per_violin: 1024,
             max_macs_per_port: 512,
             mac_learn_rate: 100,
+            mss_clamp: true,
             peers: Vec::new(),
             violins: Vec::new(),
         }

@@ -873,3 +873,35 @@ fn a_flood_of_source_macs_is_bounded_and_spares_managed_vms() {
     s.tap("b/b1", 1, &test_frame(BROADCAST, mac(9), IP, 60, 0));
     assert_eq!(s.loc("c/c1", 1, mac(9)), Some(Location::Remote(h("b/b1"))));
 }
+
+#[test]
+fn tcp_syns_from_guests_get_an_mss_that_fits_the_path() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    for host in ["a/a1", "b/b1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.tap("b/b1", 1, &test_frame(BROADCAST, mac(2), IP, 60, 0));
+    // A SYN from a guest at MTU 1500 (MSS 1460), IPv4 without options, MSS first.
+    let mut syn = test_frame(mac(2), mac(1), IP, 14 + 20 + 24, 0);
+    syn[14] = 0x45;
+    syn[23] = 6; // TCP
+    syn[14 + 20 + 12] = 6 << 4; // data offset: 24 bytes
+    syn[14 + 20 + 13] = 0x02; // SYN
+    syn[14 + 20 + 20..].copy_from_slice(&[2, 4, 0x05, 0xB4]);
+    s.clear();
+    s.tap("a/a1", 1, &syn);
+    let got = s.take("b/b1", 1);
+    let mss = u16::from_be_bytes([got[0][14 + 20 + 22], got[0][14 + 20 + 23]]);
+    // 1414-byte datagrams: FRAME header 4, Ethernet 14, IPv4 20, TCP 20.
+    assert_eq!(mss, 1414 - 4 - 14 - 20 - 20);
+    assert_eq!(s.sw("a/a1").counters().mss_clamped, 1);
+    // A full segment at that MSS crosses in one datagram.
+    s.clear();
+    s.tap(
+        "a/a1",
+        1,
+        &test_frame(mac(2), mac(1), IP, 14 + 20 + 20 + 1356, 0),
+    );
+    assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 1);
+    assert_eq!(s.sw("a/a1").counters().fragmented, 0);
+}

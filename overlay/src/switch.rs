@@ -49,6 +49,9 @@ pub struct SwitchConfig {
     pub sweep_interval: Duration,
     /// Bounds on learned (unmanaged) MACs.
     pub learning: LearningLimits,
+    /// Lower the MSS of TCP SYNs from the local TAP so full segments fit one datagram on the
+    /// way they take ([`crate::mss`]).
+    pub mss_clamp: bool,
 }
 
 /// Bounds on learned (unmanaged) MACs; managed VMs are exempt (the configuration bounds them).
@@ -113,6 +116,7 @@ impl Default for SwitchConfig {
             default_max_datagram: 1162,
             sweep_interval: Duration::from_millis(250),
             learning: LearningLimits::default(),
+            mss_clamp: true,
         }
     }
 }
@@ -558,6 +562,23 @@ impl Switch {
         out.push(Output::Control { via, msg });
     }
 
+    /// The next hop towards `to` and the largest datagram that reaches `to` that way whole.
+    fn route(&self, to: &HostId) -> Option<(HostId, usize)> {
+        let via = self.next_hop(to)?;
+        let mut max = self
+            .peers
+            .get(&via)
+            .map_or(self.cfg.default_max_datagram, |p| p.max_datagram);
+        if &via != to {
+            // The relay's next link is unknown here and may be narrower than ours: stay within
+            // what every QUIC path carries. RELAY header here, RELAYED header (naming us) on
+            // the next link.
+            max = max.min(self.cfg.default_max_datagram);
+            max = max.saturating_sub(2 + to.len().max(self.me.len()));
+        }
+        Some((via, max))
+    }
+
     /// Sends a sealed FRAME datagram to `to`, fragmenting or relaying as needed.
     fn send_datagram(
         &mut self,
@@ -567,22 +588,11 @@ impl Switch {
         redirected: bool,
         out: &mut Vec<Output>,
     ) {
-        let Some(via) = self.next_hop(to) else {
+        let Some((via, max)) = self.route(to) else {
             self.drop(DropReason::NoRoute);
             return;
         };
-        let mut max = self
-            .peers
-            .get(&via)
-            .map_or(self.cfg.default_max_datagram, |p| p.max_datagram);
         let relayed = &via != to;
-        if relayed {
-            // The relay's next link is unknown here and may be narrower than ours: stay within
-            // what every QUIC path carries. RELAY header here, RELAYED header (naming us) on
-            // the next link.
-            max = max.min(self.cfg.default_max_datagram);
-            max = max.saturating_sub(2 + to.len().max(self.me.len()));
-        }
         let parts = if datagram.len() <= max {
             vec![datagram.clone()]
         } else {
@@ -696,6 +706,26 @@ impl Switch {
                 _ => None,
             }
         };
+        let mut buf = buf;
+        if self.cfg.mss_clamp {
+            // What the frame may take on the narrowest way it goes (all members if flooded).
+            let max_datagram = match &target {
+                Some(h) => self.route(h).map(|(_, max)| max),
+                None => self
+                    .members(violin)
+                    .iter()
+                    .filter_map(|h| self.route(h).map(|(_, max)| max))
+                    .min(),
+            };
+            if let Some(max) = max_datagram
+                && crate::mss::clamp(
+                    &mut buf[FRAME_HEADER_LEN..],
+                    max.saturating_sub(FRAME_HEADER_LEN),
+                )
+            {
+                self.counters.mss_clamped += 1;
+            }
+        }
         let datagram = wire::seal_frame(buf, violin_id, false);
         match target {
             Some(h) => self.send_datagram(&h, violin_id, &datagram, false, out),

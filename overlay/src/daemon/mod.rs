@@ -168,6 +168,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
                 local_rate_per_s: cfg.mac_learn_rate,
                 local_burst: cfg.mac_learn_rate.saturating_mul(2),
             },
+            mss_clamp: cfg.mss_clamp,
             ..SwitchConfig::default()
         },
     );
