@@ -1,0 +1,198 @@
+//! Overlay lab test: a guest attacking another guest of its violin. Three sites with one host
+//! each; the victim (a managed VM, MAC and IP in every daemon's `vms`) on a1, the spoofer on
+//! b1, an observer on c1:
+//!
+//! - the spoofer takes the victim's MAC and sends: its daemon drops the frames
+//!   (`spoofed_source`), every daemon keeps the victim at a1, the observer's pings to the victim
+//!   are all answered meanwhile;
+//! - the spoofer sends gratuitous ARP claiming the victim's address at its own MAC: its daemon
+//!   drops it (`arp_spoof`), and the observer, its ARP cache flushed, still resolves the victim's
+//!   address to the victim's MAC.
+
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use viola_labtests::overlay::*;
+use viola_labtests::pki::Pki;
+use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run, run_ok};
+
+const LAB: &str = "ovh";
+const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
+const VICTIM_MAC: &str = "52:54:00:0a:00:01";
+const VICTIM_IP: &str = "10.1.0.1";
+
+/// Echo replies `ns` got for `count` pings to `ip`, 0.2 s apart.
+fn pings_answered(ns: &str, ip: &str, count: u32) -> Result<u32> {
+    let out = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns,
+        "ping",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        ip,
+    ]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no ping summary in {text}"))
+}
+
+/// Sends `count` gratuitous ARP replies from `ns`'s eth0 claiming `ip` at its own MAC.
+fn gratuitous_arp(ns: &str, own_mac: &str, ip: &str, count: u32) -> Result<()> {
+    let script = format!(
+        r#"
+import socket, time
+mac = bytes.fromhex("{mac}")
+ip = socket.inet_aton("{ip}")
+frame = b"\xff" * 6 + mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x02" + mac + ip \
+    + b"\xff" * 6 + ip
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for _ in range({count}):
+    s.send(frame.ljust(60, b"\x00"))
+    time.sleep(0.1)
+"#,
+        mac = own_mac.replace(':', ""),
+    );
+    run_ok(Command::new("ip").args(["netns", "exec", ns, "python3", "-c", &script]))?;
+    Ok(())
+}
+
+fn set_mac(ns: &str, mac: &str) -> Result<()> {
+    run_ok(Command::new("ip").args(["-n", ns, "link", "set", "eth0", "address", mac]))?;
+    Ok(())
+}
+
+fn victim_location(o: &Overlay, host: &str) -> Result<String> {
+    let status = o.status(host)?;
+    let macs = status["switch"]["violins"][0]["macs"]
+        .as_array()
+        .context("no MAC table")?;
+    Ok(macs
+        .iter()
+        .find(|m| m["mac"] == VICTIM_MAC)
+        .map(|m| m["location"].as_str().unwrap_or("").to_owned())
+        .unwrap_or_default())
+}
+
+#[test]
+fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
+    if !lab_tests_enabled() {
+        return Ok(());
+    }
+    build_binaries()?;
+    let lab = Lab::up(
+        LAB,
+        &LabSpec {
+            sites: 3,
+            hosts: 1,
+            ..LabSpec::default()
+        },
+    )?;
+    let mut o = Overlay::new(LAB)?;
+    let pki = Pki::init(&o.path("ca"))?;
+    let ns = |h: &str| lab.host(h).namespace.clone();
+    let addr = |h: &str| lab.host(h).address.clone();
+    for h in HOSTS {
+        let dir = pki.issue("overlay", &h[..1], h, &o.path(&format!("pki-{h}")))?;
+        let cfg = format!(
+            r#"
+listen = "{addr}:4500"
+identity_dir = "{dir}"
+control_socket = "{sock}"
+[[peers]]
+addr = "{a1}:4500"
+[[peers]]
+addr = "{b1}:4500"
+[[peers]]
+addr = "{c1}:4500"
+[[violins]]
+id = 1
+vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
+"#,
+            addr = addr(h),
+            dir = dir.display(),
+            sock = o.socket(h).display(),
+            a1 = addr("a1"),
+            b1 = addr("b1"),
+            c1 = addr("c1"),
+        );
+        let path = o.write_config(h, &cfg)?;
+        o.start(h, &ns(h), &path)?;
+    }
+    let vms: Vec<String> = HOSTS
+        .iter()
+        .enumerate()
+        .map(|(i, h)| o.vm(&ns(h), h, 1, &format!("10.1.0.{}/24", i + 1)))
+        .collect::<Result<_>>()?;
+    let (victim, spoofer, observer) = (&vms[0], &vms[1], &vms[2]);
+    set_mac(victim, VICTIM_MAC)?;
+    let spoofer_mac = mac_of(spoofer)?;
+    let t = wait_ping_from(observer, VICTIM_IP, Duration::from_secs(30))
+        .with_context(|| format!("a1 log:\n{}\nc1 log:\n{}", o.log("a1"), o.log("c1")))?;
+    eprintln!("victim reachable from c1 after {t:?}");
+    wait_ping_from(spoofer, VICTIM_IP, Duration::from_secs(15))?;
+
+    // 1. MAC theft: the spoofer sends as the victim while the observer pings the victim.
+    set_mac(spoofer, VICTIM_MAC)?;
+    let mut spoofing = Command::new("ip")
+        .args([
+            "netns", "exec", spoofer, "ping", "-q", "-i", "0.05", "-c", "80",
+        ])
+        .arg("10.1.0.3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let answered = pings_answered(observer, VICTIM_IP, 20);
+    let _ = spoofing.kill();
+    let _ = spoofing.wait();
+    let answered = answered?;
+    let b1 = o.status("b1")?;
+    let spoofed = counter(&b1, &["switch", "counters", "drops", "spoofed_source"]);
+    let locations: Vec<String> = HOSTS
+        .iter()
+        .map(|h| victim_location(&o, h))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "MAC theft: observer got {answered}/20 answers from the victim; b1 spoofed_source \
+         {spoofed}; victim located at {locations:?} (a1 b1 c1)"
+    );
+    assert!(answered >= 19, "the victim lost traffic: {answered}/20");
+    assert!(spoofed > 0, "b1 counted no spoofed frames: {b1}");
+    assert_eq!(
+        locations,
+        ["local", "a/a1", "a/a1"],
+        "the victim's MAC moved"
+    );
+
+    // 2. ARP poisoning: the spoofer, back at its own MAC, claims the victim's address.
+    set_mac(spoofer, &spoofer_mac)?;
+    gratuitous_arp(spoofer, &spoofer_mac, VICTIM_IP, 5)?;
+    sleep(Duration::from_millis(300));
+    let arp_spoof = counter(
+        &o.status("b1")?,
+        &["switch", "counters", "drops", "arp_spoof"],
+    );
+    run_ok(Command::new("ip").args(["-n", observer, "neigh", "flush", "all"]))?;
+    let answered = pings_answered(observer, VICTIM_IP, 5)?;
+    let resolved = neighbour_mac(observer, VICTIM_IP)?;
+    eprintln!(
+        "ARP poisoning: b1 arp_spoof {arp_spoof}; observer resolves {VICTIM_IP} to {resolved}, \
+         {answered}/5 answered"
+    );
+    assert_eq!(arp_spoof, 5, "b1 did not drop every gratuitous ARP");
+    assert_eq!(resolved, VICTIM_MAC, "the observer's ARP was poisoned");
+    assert!(answered >= 4, "the victim lost traffic: {answered}/5");
+    drop(o);
+    drop(lab);
+    Ok(())
+}
