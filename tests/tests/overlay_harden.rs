@@ -7,7 +7,11 @@
 //!   are all answered meanwhile;
 //! - the spoofer sends gratuitous ARP claiming the victim's address at its own MAC: its daemon
 //!   drops it (`arp_spoof`), and the observer, its ARP cache flushed, still resolves the victim's
-//!   address to the victim's MAC.
+//!   address to the victim's MAC;
+//! - the spoofer floods frames from random source MACs for 10 s: its daemon keeps its MAC
+//!   table within the limits and drops the rest (`learn_rate_limit`, `mac_limit`), the observer
+//!   keeps reaching the victim, and the daemons' memory stays bounded (printed: RSS before,
+//!   during and after, the observer's pings answered).
 
 use std::process::{Command, Stdio};
 use std::thread::sleep;
@@ -22,6 +26,8 @@ const LAB: &str = "ovh";
 const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
 const VICTIM_MAC: &str = "52:54:00:0a:00:01";
 const VICTIM_IP: &str = "10.1.0.1";
+/// Short, so that the flood's leftovers age out within the test.
+const MAC_AGEING_S: u64 = 5;
 
 /// Echo replies `ns` got for `count` pings to `ip`, 0.2 s apart.
 fn pings_answered(ns: &str, ip: &str, count: u32) -> Result<u32> {
@@ -67,6 +73,52 @@ for _ in range({count}):
     Ok(())
 }
 
+/// Floods broadcast frames from random source MACs out of `ns`'s eth0 for `seconds`; returns
+/// the child (it prints how many frames it sent).
+fn flood_random_sources(ns: &str, seconds: u32) -> Result<std::process::Child> {
+    let script = format!(
+        r#"
+import random, socket, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+tail = b"\x08\x00" + b"\x00" * 46
+sent, end = 0, time.time() + {seconds}
+while time.time() < end:
+    for _ in range(500):
+        src = (random.getrandbits(48) & ~(1 << 40)) | (2 << 40)
+        try:
+            s.send(b"\xff" * 6 + src.to_bytes(6, "big") + tail)
+            sent += 1
+        except OSError:
+            pass
+print(sent)
+"#
+    );
+    Ok(Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// Resident memory of daemon `name`, MiB.
+fn rss_mib(o: &Overlay, name: &str) -> Result<f64> {
+    let pid = o.daemons.pid(name).context("no such daemon")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+fn mac_table_len(o: &Overlay, name: &str) -> Result<usize> {
+    Ok(o.status(name)?["switch"]["violins"][0]["macs"]
+        .as_array()
+        .map_or(0, Vec::len))
+}
+
 fn set_mac(ns: &str, mac: &str) -> Result<()> {
     run_ok(Command::new("ip").args(["-n", ns, "link", "set", "eth0", "address", mac]))?;
     Ok(())
@@ -109,6 +161,7 @@ fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
 listen = "{addr}:4500"
 identity_dir = "{dir}"
 control_socket = "{sock}"
+mac_ageing_s = {MAC_AGEING_S}
 [[peers]]
 addr = "{a1}:4500"
 [[peers]]
@@ -192,6 +245,59 @@ vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
     assert_eq!(arp_spoof, 5, "b1 did not drop every gratuitous ARP");
     assert_eq!(resolved, VICTIM_MAC, "the observer's ARP was poisoned");
     assert!(answered >= 4, "the victim lost traffic: {answered}/5");
+
+    // 3. A flood of random source MACs from the spoofer for 10 s.
+    let rss = |o: &Overlay| -> Result<Vec<f64>> { HOSTS.iter().map(|h| rss_mib(o, h)).collect() };
+    let idle = rss(&o)?;
+    let flood = flood_random_sources(spoofer, 10)?;
+    let observer_ns = observer.clone();
+    let pings = std::thread::spawn(move || pings_answered(&observer_ns, VICTIM_IP, 45));
+    let (mut peak, mut largest_table) = (idle.clone(), 0);
+    for _ in 0..9 {
+        sleep(Duration::from_secs(1));
+        for (p, now) in peak.iter_mut().zip(rss(&o)?) {
+            *p = p.max(now);
+        }
+        for h in HOSTS {
+            largest_table = largest_table.max(mac_table_len(&o, h)?);
+        }
+    }
+    let flood_out = flood.wait_with_output()?;
+    let answered = pings
+        .join()
+        .map_err(|_| anyhow::anyhow!("ping thread panicked"))??;
+    let sent = String::from_utf8_lossy(&flood_out.stdout).trim().to_owned();
+    let b1 = o.status("b1")?;
+    let drops = &b1["switch"]["counters"]["drops"];
+    let limited = counter(drops, &["learn_rate_limit"]) + counter(drops, &["mac_limit"]);
+    sleep(Duration::from_secs(MAC_AGEING_S + 2));
+    let after = rss(&o)?;
+    let tables_after: Vec<usize> = HOSTS
+        .iter()
+        .map(|h| mac_table_len(&o, h))
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "flood: {sent} frames from random MACs (b1's TAP frames in all: {}); b1 dropped {limited} \
+         (learn_rate_limit {}, mac_limit {}); largest MAC table {largest_table}; observer got \
+         {answered}/45 answers; RSS MiB (a1 b1 c1) idle {idle:.1?}, peak {peak:.1?}, {}s after \
+         {after:.1?}; tables after {tables_after:?}",
+        b1["switch"]["counters"]["tap_frames"],
+        drops["learn_rate_limit"],
+        drops["mac_limit"],
+        MAC_AGEING_S + 2,
+    );
+    assert!(limited > 0, "b1 limited nothing: {b1}");
+    assert!(
+        largest_table <= 512 + 8,
+        "a MAC table grew to {largest_table}"
+    );
+    assert!(
+        answered >= 40,
+        "the victim lost traffic in the flood: {answered}/45"
+    );
+    for (h, (p, i)) in HOSTS.iter().zip(peak.iter().zip(&idle)) {
+        assert!(p - i < 32.0, "{h}'s RSS grew from {i:.1} to {p:.1} MiB");
+    }
     drop(o);
     drop(lab);
     Ok(())
