@@ -154,7 +154,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         cfg.busy_poll_us,
     ))));
     let send_path = Arc::new(SparsePath::new(cfg.handoff_yield, busy.clone()));
-    let endpoint = net::endpoint(&cfg, &me_id, send_path.clone())?;
+    let (endpoint, udp_inode) = net::endpoint(&cfg, &me_id, send_path.clone())?;
     let local = endpoint.local_addr().map_err(io_err("local address"))?;
     info!(%local, "QUIC endpoint listening");
 
@@ -191,6 +191,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         // Ethernet header and one VLAN tag.
         max_frame: cfg.mtu as usize + 18,
         drop_log: Default::default(),
+        kernel_drops: net::KernelDrops::new(udp_inode),
     }));
     let ctx = Rc::new(Ctx {
         me,

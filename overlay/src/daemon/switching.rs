@@ -14,6 +14,7 @@ use tracing::warn;
 use tun_tap::Iface;
 
 use super::Ctx;
+use super::net::KernelDrops;
 use super::peers::PeerBook;
 use crate::HostId;
 use crate::control::ControlMsg;
@@ -45,6 +46,11 @@ labelled_enum! {
         ConnectionLost = "connection_lost",
         /// The peer does not take datagrams, or they are disabled here.
         DatagramsUnsupported = "datagrams_unsupported",
+        /// Frames the kernel dropped because the TAP's queue was full (the daemon did not read
+        /// them in time).
+        TapQueueOverflow = "tap_queue_overflow",
+        /// Datagrams the kernel dropped because the UDP socket's receive buffer was full.
+        UdpReceiveOverflow = "udp_receive_overflow",
         /// The peer's control stream is too far behind.
         ControlQueueFull = "control_queue_full",
         /// A control message from a peer that does not decode.
@@ -90,6 +96,8 @@ pub(super) struct Shared {
     pub(super) max_frame: usize,
     /// Rate-limited log lines about drops.
     pub(super) drop_log: DropLog,
+    /// The kernel's drops on the TAPs and the UDP socket.
+    pub(super) kernel_drops: KernelDrops,
 }
 
 /// Logs drops at most once per reason per [`DropLog::INTERVAL`], with the number since the
@@ -243,6 +251,7 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
 /// Drives the core's timers and keeps its datagram limits in step with QUIC's.
 pub(super) async fn ticker(ctx: Rc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             () = ctx.token.cancelled() => return,
@@ -252,6 +261,13 @@ pub(super) async fn ticker(ctx: Rc<Ctx>) {
         let st = &mut *st;
         let now = Instant::now();
         st.switch.handle_timeout(now);
+        ticks += 1;
+        if ticks.is_multiple_of(4) {
+            let taps = st.taps.values().map(|t| t.get_ref().name());
+            let (tap, udp) = st.kernel_drops.read(taps);
+            st.driver_drops.insert(DriverDrop::TapQueueOverflow, tap);
+            st.driver_drops.insert(DriverDrop::UdpReceiveOverflow, udp);
+        }
         let counters = st.switch.counters();
         for r in DropReason::ALL {
             let n = counters.drops.get(r.as_str()).copied().unwrap_or(0);
