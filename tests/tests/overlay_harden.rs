@@ -277,11 +277,13 @@ vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
         .map(|h| mac_table_len(&o, h))
         .collect::<Result<_>>()?;
     eprintln!(
-        "flood: {sent} frames from random MACs (b1's TAP frames in all: {}); b1 dropped {limited} \
+        "flood: {sent} frames from random MACs (b1's TAP frames in all: {}, kernel TAP queue \
+         overflows: {}); b1 dropped {limited} \
          (learn_rate_limit {}, mac_limit {}); largest MAC table {largest_table}; observer got \
          {answered}/45 answers; RSS MiB (a1 b1 c1) idle {idle:.1?}, peak {peak:.1?}, {}s after \
          {after:.1?}; tables after {tables_after:?}",
         b1["switch"]["counters"]["tap_frames"],
+        b1["driver_drops"]["tap_queue_overflow"],
         drops["learn_rate_limit"],
         drops["mac_limit"],
         MAC_AGEING_S + 2,
