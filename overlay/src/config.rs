@@ -14,6 +14,7 @@
 //! max_macs_per_port = 512             # ... per port (local TAP, each peer host)
 //! mac_learn_rate = 100                # new MACs per second from the local TAP (burst 2x)
 //! mss_clamp = true                    # lower TCP SYNs' MSS so full segments fit one datagram
+//! expect_move_ttl_s = 600             # how long an announced move stays expected
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -86,6 +87,10 @@ pub struct OverlayConfig {
     /// Lower the MSS option of TCP SYNs from local guests so that a full segment fits one
     /// QUIC datagram on its way (no fragmentation for TCP at the guest's default MTU).
     pub mss_clamp: bool,
+    /// How long a move announced by `expect_move` stays expected, in seconds. A managed VM
+    /// moves only while expected, so this must outlast the longest migration; while it lasts,
+    /// the expected host may claim the VM even if the migration was abandoned.
+    pub expect_move_ttl_s: u64,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -114,6 +119,7 @@ impl Default for OverlayConfig {
             max_macs_per_port: 512,
             mac_learn_rate: 100,
             mss_clamp: true,
+            expect_move_ttl_s: 600,
             peers: Vec::new(),
             violins: Vec::new(),
         }

@@ -38,7 +38,8 @@ pub struct SwitchConfig {
     pub mac_ageing: Duration,
     /// After a MAC moved away, frames from it on the local TAP are ignored this long.
     pub move_hold_down: Duration,
-    /// How long an `expect_move` stays in force.
+    /// How long an `expect_move` stays in force. For a managed VM it is the only way to move,
+    /// so it must outlast the longest migration (disk and memory copy) it announces.
     pub expect_move_ttl: Duration,
     /// Reassembly limits.
     pub reassembly: ReassemblyLimits,
@@ -111,7 +112,7 @@ impl Default for SwitchConfig {
         Self {
             mac_ageing: Duration::from_secs(300),
             move_hold_down: Duration::from_secs(2),
-            expect_move_ttl: Duration::from_secs(120),
+            expect_move_ttl: Duration::from_secs(600),
             reassembly: ReassemblyLimits::default(),
             default_max_datagram: 1162,
             sweep_interval: Duration::from_millis(250),

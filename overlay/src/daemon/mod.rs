@@ -169,6 +169,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
                 local_burst: cfg.mac_learn_rate.saturating_mul(2),
             },
             mss_clamp: cfg.mss_clamp,
+            expect_move_ttl: Duration::from_secs(cfg.expect_move_ttl_s),
             ..SwitchConfig::default()
         },
     );
