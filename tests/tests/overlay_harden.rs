@@ -11,7 +11,10 @@
 //! - the spoofer floods frames from random source MACs for 10 s: its daemon keeps its MAC
 //!   table within the limits and drops the rest (`learn_rate_limit`, `mac_limit`), the observer
 //!   keeps reaching the victim, and the daemons' memory stays bounded (printed: RSS before,
-//!   during and after, the observer's pings answered).
+//!   during and after, the observer's pings answered);
+//! - TCP from the observer to the victim (both at MTU 1500): the SYNs' MSS is clamped and the
+//!   stream's full segments cross in one datagram each (printed: throughput through the overlay
+//!   and between the hosts without it, fragmented frames).
 
 use std::process::{Command, Stdio};
 use std::thread::sleep;
@@ -117,6 +120,32 @@ fn mac_table_len(o: &Overlay, name: &str) -> Result<usize> {
     Ok(o.status(name)?["switch"]["violins"][0]["macs"]
         .as_array()
         .map_or(0, Vec::len))
+}
+
+/// TCP throughput from namespace `client` to `server_ip` in namespace `server`, 3 s of iperf3.
+fn tcp_mbit(server: &str, client: &str, server_ip: &str) -> Result<f64> {
+    let mut iperf_server = Command::new("ip")
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5311"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    sleep(Duration::from_millis(500));
+    let iperf = run(Command::new("ip").args([
+        "netns", "exec", client, "timeout", "20", "iperf3", "-c", server_ip, "-p", "5311", "-t",
+        "3", "-J",
+    ]));
+    let _ = iperf_server.kill();
+    let _ = iperf_server.wait();
+    let iperf = iperf?;
+    anyhow::ensure!(
+        iperf.status.success(),
+        "iperf3 {client} -> {server_ip} failed"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&iperf.stdout)?;
+    Ok(report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6)
 }
 
 fn set_mac(ns: &str, mac: &str) -> Result<()> {
@@ -300,6 +329,33 @@ vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
     for (h, (p, i)) in HOSTS.iter().zip(peak.iter().zip(&idle)) {
         assert!(p - i < 32.0, "{h}'s RSS grew from {i:.1} to {p:.1} MiB");
     }
+
+    // 4. TCP at the guests' default MTU is not fragmented.
+    let events = |h: &str| -> Result<(u64, u64, u64)> {
+        let s = o.status(h)?;
+        let c = |k: &str| counter(&s, &["switch", "counters", k]);
+        Ok((c("datagrams_out"), c("fragmented"), c("mss_clamped")))
+    };
+    let (c1_before, a1_before) = (events("c1")?, events("a1")?);
+    let mbit = tcp_mbit(victim, observer, VICTIM_IP)?;
+    let (c1_after, a1_after) = (events("c1")?, events("a1")?);
+    let direct = tcp_mbit(&ns("a1"), &ns("c1"), &addr("a1"))?;
+    let sent = c1_after.0 - c1_before.0;
+    let fragmented = c1_after.1 - c1_before.1;
+    eprintln!(
+        "TCP c1 -> a1 at MTU 1500: {mbit:.1} Mbit/s through the overlay, {direct:.1} Mbit/s \
+         between the hosts without it ({:.2}); c1 sent {sent} datagrams, fragmented \
+         {fragmented} frames; SYNs clamped: c1 {}, a1 {}",
+        mbit / direct,
+        c1_after.2 - c1_before.2,
+        a1_after.2 - a1_before.2,
+    );
+    assert!(c1_after.2 > c1_before.2, "c1 clamped no SYN");
+    assert!(a1_after.2 > a1_before.2, "a1 clamped no SYN-ACK");
+    assert!(
+        fragmented * 100 <= sent,
+        "{fragmented} of {sent} frames were fragmented"
+    );
     drop(o);
     drop(lab);
     Ok(())
