@@ -7,6 +7,11 @@
 //! VM's frames and the move is refused before anything happens), and each member's daemon is
 //! told to expect the VM's MACs at the destination. A host outside the violin would refuse
 //! (`NotMember`), so asking it could only fail the migration for nothing.
+//!
+//! A VM re-instantiated after its host failed is announced the same way before it starts,
+//! except that the restart host's daemon names the members (the failed host cannot) and a
+//! member that cannot be reached is skipped: with port security the daemons take a managed
+//! VM's frames only from where the control plane says it is.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -143,71 +148,125 @@ impl OverlayAnnouncer {
             .map_err(|e| format!("overlay at {addr}: {}", viola_common::errors::chain(&e)))
     }
 
+    /// The hosts that carry violin `vni` as `asked`'s overlay daemon sees them, `asked` first.
+    async fn members_seen_by(&self, asked: &OverlayHost, vni: u32) -> Result<Vec<String>, String> {
+        let addr = asked
+            .overlay_addr
+            .ok_or_else(|| format!("no overlay address configured for {}", asked.label))?;
+        let status = match self.ask(addr, ControlRequest::Status).await? {
+            ControlReply::Status(s) => s,
+            other => return Err(format!("overlay at {addr} answered {other:?} to status")),
+        };
+        let violin = status
+            .switch
+            .violin(vni)
+            .ok_or_else(|| format!("the overlay at {} does not carry violin {vni}", asked.label))?;
+        Ok(std::iter::once(asked.label.clone())
+            .chain(violin.members.iter().cloned())
+            .collect())
+    }
+
+    /// Tells every member's daemon to expect `macs` at `dest`. With `strict`, a member that
+    /// cannot be told fails the announcement; without, it is logged and skipped (a host that
+    /// failed cannot answer, and the others must still learn where the VM now runs).
+    async fn tell_members(
+        &self,
+        members: &[String],
+        vm: &str,
+        macs: &[String],
+        vni: u32,
+        dest: &str,
+        strict: bool,
+    ) -> Result<(), String> {
+        for member in members {
+            let Some(addr) = self.overlay_of_label(member) else {
+                if member == dest {
+                    return Err(format!("no overlay address configured for {member}"));
+                }
+                tracing::warn!(%vm, %member,
+                    "violin member with no overlay address in the configuration; it learns the move from the destination's announcement");
+                continue;
+            };
+            let mut failure = None;
+            for mac in macs {
+                let req = ControlRequest::ExpectMove {
+                    violin: vni,
+                    mac: mac.clone(),
+                    host: dest.to_owned(),
+                };
+                match self.ask(addr, req).await {
+                    Ok(ControlReply::Done) => {}
+                    Ok(ControlReply::Refused { reason }) => {
+                        failure = Some(format!("overlay of {member} refused: {reason}"));
+                    }
+                    Ok(other) => failure = Some(format!("overlay of {member} answered {other:?}")),
+                    Err(e) => failure = Some(e),
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
+            match failure {
+                None => {
+                    tracing::info!(%vm, %member, violin = vni, to = %dest, "move announced");
+                }
+                Some(failure) if strict || member == dest => return Err(failure),
+                Some(failure) => {
+                    tracing::warn!(%vm, %member, error = %failure, "violin member not told of the move");
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn announce(&self, n: &MoveNotice) -> Result<(), String> {
         let vni = self.violin_of(&n.vm)?;
-        let host = |uri: &str| {
-            self.hosts
-                .get(uri)
-                .ok_or_else(|| format!("no host with libvirt URI {uri} in the configuration"))
-        };
-        let source = host(&n.source_uri)?;
-        let dest = host(&n.dest_uri)?;
-        let Some(source_addr) = source.overlay_addr else {
+        let source = self.host(&n.source_uri)?;
+        let dest = self.host(&n.dest_uri)?;
+        if source.overlay_addr.is_none() {
             tracing::warn!(vm = %n.vm, source = %source.label,
                 "no overlay daemon configured at the source; the move is not announced");
             return Ok(());
-        };
-        let status = match self.ask(source_addr, ControlRequest::Status).await? {
-            ControlReply::Status(s) => s,
-            other => {
-                return Err(format!(
-                    "overlay at {source_addr} answered {other:?} to status"
-                ));
-            }
-        };
-        let violin = status.switch.violin(vni).ok_or_else(|| {
-            format!(
-                "the overlay at {} does not carry violin {vni}",
-                source.label
-            )
-        })?;
-        // The source first: it is the host the MAC leaves.
-        let members: Vec<&str> = std::iter::once(source.label.as_str())
-            .chain(violin.members.iter().map(String::as_str))
-            .collect();
-        if !members.contains(&dest.label.as_str()) {
+        }
+        // The source's daemon is a member (the VM's frames leave through it) and is alive.
+        let members = self.members_seen_by(source, vni).await?;
+        if !members.contains(&dest.label) {
             return Err(format!(
                 "{} is not a member of violin {vni} (members: {}): its overlay would drop the VM's frames",
                 dest.label,
                 members.join(", ")
             ));
         }
-        for member in members {
-            let Some(addr) = self.overlay_of_label(member) else {
-                if member == dest.label {
-                    return Err(format!("no overlay address configured for {member}"));
-                }
-                tracing::warn!(vm = %n.vm, %member,
-                    "violin member with no overlay address in the configuration; it learns the move from the destination's announcement");
-                continue;
-            };
-            for mac in &n.macs {
-                let req = ControlRequest::ExpectMove {
-                    violin: vni,
-                    mac: mac.clone(),
-                    host: dest.label.clone(),
-                };
-                match self.ask(addr, req).await? {
-                    ControlReply::Done => {}
-                    ControlReply::Refused { reason } => {
-                        return Err(format!("overlay of {member} refused: {reason}"));
-                    }
-                    other => return Err(format!("overlay of {member} answered {other:?}")),
-                }
-            }
-            tracing::info!(vm = %n.vm, %member, violin = vni, to = %dest.label, "move announced");
+        self.tell_members(&members, &n.vm, &n.macs, vni, &dest.label, true)
+            .await
+    }
+
+    /// Tells the violin's daemons that `vm`, restarted at `dest_uri` after its host failed,
+    /// will send from there (with port security, a managed VM's frames are taken only from
+    /// where the control plane says it is). The failed host cannot answer, so the destination's
+    /// daemon names the members, and members that cannot be reached are skipped.
+    pub async fn announce_restart(
+        &self,
+        vm: &str,
+        macs: &[String],
+        dest_uri: &str,
+    ) -> Result<(), String> {
+        let vni = self.violin_of(vm)?;
+        let dest = self.host(dest_uri)?;
+        if dest.overlay_addr.is_none() {
+            tracing::warn!(%vm, dest = %dest.label,
+                "no overlay daemon configured at the restart host; nothing announced");
+            return Ok(());
         }
-        Ok(())
+        let members = self.members_seen_by(dest, vni).await?;
+        self.tell_members(&members, vm, macs, vni, &dest.label, false)
+            .await
+    }
+
+    fn host(&self, uri: &str) -> Result<&OverlayHost, String> {
+        self.hosts
+            .get(uri)
+            .ok_or_else(|| format!("no host with libvirt URI {uri} in the configuration"))
     }
 }
 

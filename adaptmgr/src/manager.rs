@@ -710,6 +710,15 @@ impl Manager {
             ) else {
                 continue;
             };
+            // Told before the VM starts, so its first frames from the new host are taken.
+            if let Err(reason) = self
+                .announcer
+                .announce_restart(&vm.name, &vm.macs, &to.libvirt_uri)
+                .await
+            {
+                tracing::warn!(vm = %vm.name, to = %to.name, %reason,
+                    "the overlay daemons were not told of the restart");
+            }
             let result = ha::restart_vm(&self.connector, &self.stager, vm, to, &live).await;
             let ok = result.is_ok();
             self.metrics

@@ -569,3 +569,66 @@ async fn the_cli_reads_the_decision_log_and_the_policy_in_force() {
     token.cancel();
     server.await.unwrap();
 }
+
+/// A VM restarted after its host failed is announced before it starts: the restart host's
+/// overlay names the violin's members (the failed host cannot), each member is told, and a
+/// host outside the violin is never asked.
+#[tokio::test]
+async fn a_restart_elsewhere_is_announced_to_the_violin_from_the_restart_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
+    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+    let Request::Report(r) = report("a1", 1) else {
+        unreachable!()
+    };
+    inventory.apply_report(&r, 1).unwrap();
+    put_vm1_in_violin_lan(&inventory);
+    let announcer = crate::announce::OverlayAnnouncer::new(
+        hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.libvirt_uri.clone(),
+                    crate::announce::OverlayHost {
+                        label: format!("{}/{}", h.site, h.name),
+                        overlay_addr: h.overlay_addr,
+                    },
+                )
+            })
+            .collect(),
+        Arc::clone(&inventory),
+        Arc::new(crate::announce::QuicOverlayLink::new(manager_identity_dir(
+            &ca,
+            dir.path(),
+        ))),
+    );
+    let mac = "52:54:00:00:00:01".to_owned();
+    announcer
+        .announce_restart("vm1", std::slice::from_ref(&mac), "fake://b1")
+        .await
+        .unwrap();
+    let mut asked = Vec::new();
+    while let Ok((host, req)) = told.try_recv() {
+        asked.push((host, req));
+    }
+    let expect = |host: &str| {
+        (
+            host.to_owned(),
+            ControlRequest::ExpectMove {
+                violin: 42,
+                mac: mac.clone(),
+                host: "b/b1".into(),
+            },
+        )
+    };
+    assert_eq!(
+        asked,
+        vec![
+            ("b/b1".to_owned(), ControlRequest::Status),
+            expect("b/b1"),
+            expect("a/a1"),
+        ]
+    );
+    overlays.iter().for_each(tokio::task::JoinHandle::abort);
+}
