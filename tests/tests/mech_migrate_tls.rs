@@ -191,6 +191,7 @@ async fn migrate_captured(name: &str, from: &str, to: &str, tls: bool) -> Measur
     let wall = start.elapsed();
     let captured_bytes = capture.stop();
     eprintln!("{}", serde_json::to_string_pretty(&run.report).unwrap());
+    eprintln!("{from} -> {to} (tls: {tls}): {captured_bytes} bytes captured on the WAN link");
     assert_eq!(
         run.report.outcome,
         Outcome::Migrated {
