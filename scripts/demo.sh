@@ -143,11 +143,13 @@ mgr=198.18.1.12:17443
 hosts_toml=""
 for h in a1 a2 b1 b2; do
   addr=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address")
+  # How the other hosts' libvirtds reach this one: TLS, with the lab CA's host certificates.
+  peer_uri=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .libvirt_uri")
   hosts_toml+="[[hosts]]
 name = \"$h\"
 site = \"${h:0:1}\"
 libvirt_uri = \"qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock\"
-migration_uri = \"qemu+tcp://$addr/system\"
+migration_uri = \"$peer_uri\"
 images_local = \"$lab_dir/images/$h\"
 overlay_addr = \"$addr:4500\"
 

@@ -2,11 +2,15 @@
 # Viola's lab: several sites of real libvirt hosts on one machine.
 #
 #   lab.sh up [--sites N] [--hosts M] [--wan-delay-ms D] [--wan-rate-mbit R] [--nat-site S]
+#             [--allow-plain-migration]
 #   lab.sh down            remove everything `up` made (also after a crash or a half-made up)
 #   lab.sh status [--json] sites, hosts, addresses, each libvirtd's state and its domains
 #   lab.sh exec HOST -- CMD...   run CMD in HOST's network and mount namespace
 #   lab.sh virsh HOST ARGS...    virsh against HOST's own libvirtd
 #   lab.sh start-libvirtd HOST   start HOST's libvirtd again the lab's way (after a test killed it)
+#   lab.sh issue-libvirt HOST [--ca-dir DIR]   issue HOST's libvirt/QEMU certificates again, from
+#                          the lab's CA or DIR's (a host from outside the federation), and restart
+#                          its libvirtd to serve them
 #   lab.sh hosts           host names, one per line
 #
 # Address plan (never the machine's own subnet; only 198.18.0.0/15 for underlays):
@@ -19,9 +23,17 @@
 #   kernel has no netem) and a tbf qdisc (the WAN rate), so a cross-site packet sees the delay
 #   and the rate once in each direction; traffic inside a site never touches the router.
 # Each host runs its own libvirtd in a private mount namespace with private /etc/libvirt,
-# /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt, a random host_uuid,
-# TCP listening on its underlay address (lab only: no auth), and a private image directory:
-# /var/lib/viola/images inside the host is /var/lib/viola-lab/images/<host> outside.
+# /run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt and /etc/pki, a random
+# host_uuid, and a private image directory: /var/lib/viola/images inside the host is
+# /var/lib/viola-lab/images/<host> outside.
+# Migrations are encrypted and mutually authenticated as in a real federation: `up` makes a lab
+# CA with viola-ca (LAB_DIR/pki/ca) and issues each host's libvirt and QEMU certificates from it
+# (`viola-ca issue-libvirt`, the host's name and underlay address as names) into the host's
+# /etc/pki. libvirtd listens only with TLS (16514) on the underlay address, taking any client
+# certificate of the lab CA; there is no TCP listener. QEMU verifies its peer's certificate and
+# refuses migrations without TLS, unless `up --allow-plain-migration` (for measuring what TLS
+# costs: the libvirtds still talk TLS, the migration stream may then go in the clear). Other
+# hosts reach a host's libvirtd at qemu+tls://ADDRESS/system (`status --json`: libvirt_uri).
 set -euo pipefail
 
 # Several labs can coexist (parallel tests, several developers): VIOLA_LAB names the instance.
@@ -54,6 +66,14 @@ host_exec() { # HOST CMD...
   local h=$1; shift
   [ -e "$NS_DIR/$h.mnt" ] || die "no lab host named $h (is the lab up?)"
   nsenter --net="/run/netns/$(host_ns "$h")" --mount="$NS_DIR/$h.mnt" -- "$@"
+}
+
+ca_bin() { # viola-ca with issue-libvirt: the workspace's build, else a fresh one
+  for b in "$root/target/debug/viola-ca" "$root/target/release/viola-ca"; do
+    [ -x "$b" ] && "$b" issue-libvirt --help >/dev/null 2>&1 && { echo "$b"; return; }
+  done
+  (cd "$root" && cargo build --quiet -p viola-common --bin viola-ca) >&2
+  echo "$root/target/debug/viola-ca"
 }
 
 wanem_bin() {
@@ -107,19 +127,24 @@ cmd_down() {
 }
 
 # ---------------------------------------------------------------------------------------------
-write_libvirt_config() { # HOST ADDR DIR
-  local h=$1 addr=$2 d=$3 uuid
+write_libvirt_config() { # HOST ADDR DIR PLAIN_MIGRATION_ALLOWED(0|1)
+  local h=$1 addr=$2 d=$3 plain=$4 uuid
   cp -a /etc/libvirt/. "$d/etc/"
   rm -f "$d/etc/qemu/networks/autostart/"*.xml
   # libvirtd rejects a host_uuid whose digits are all equal: use a random one.
   uuid=$(cat /proc/sys/kernel/random/uuid)
   cat >>"$d/etc/libvirtd.conf" <<EOF
 
-# --- viola lab host $h (lab only: TCP without authentication, reachable only in the lab) ---
-listen_tls = 0
-listen_tcp = 1
+# --- viola lab host $h ---
+# TLS only, on the underlay address. A client is authenticated by its certificate (the lab CA's
+# in /etc/pki/CA/cacert.pem, this host's own under /etc/pki/libvirt, both private to the host).
+listen_tls = 1
+listen_tcp = 0
 listen_addr = "$addr"
-auth_tcp = "none"
+auth_tls = "none"
+ca_file = "/etc/pki/CA/cacert.pem"
+cert_file = "/etc/pki/libvirt/servercert.pem"
+key_file = "/etc/pki/libvirt/private/serverkey.pem"
 host_uuid = "$uuid"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 EOF
@@ -141,12 +166,18 @@ migration_host = "$addr"
 # cpu and cpuacct give CPU caps and shares (scheduler quota). Memory is sized by the balloon;
 # leaving the memory controller alone keeps QEMU inside the machine's own memory cgroup.
 cgroup_controllers = [ "cpu", "cpuacct" ]
+# QEMU's TLS (migration stream and NBD disk copy): this host's certificates, the peer's checked
+# against the lab CA; a migration without VIR_MIGRATE_TLS is refused.
+default_tls_x509_cert_dir = "/etc/pki/qemu"
+default_tls_x509_verify = 1
+migrate_tls_x509_verify = 1
+migrate_tls_force = $((1 - plain))
 EOF
   echo "$uuid" >"$d/host_uuid"
 }
 
-start_host() { # HOST SITE_INDEX K
-  local h=$1 i=$2 k=$3 ns addr d c
+start_host() { # HOST SITE_INDEX K PLAIN_MIGRATION_ALLOWED
+  local h=$1 i=$2 k=$3 plain=$4 ns addr d c
   ns=$(host_ns "$h")
   addr="198.18.$i.$((10 + k))"
   d="$LAB_DIR/hosts/$h"
@@ -164,12 +195,16 @@ start_host() { # HOST SITE_INDEX K
 
   mkdir -p "$d"/{etc,run,lib,log,cache} "$LAB_DIR/images/$h"
   cp -a /var/lib/libvirt/. "$d/lib/" 2>/dev/null || true
-  write_libvirt_config "$h" "$addr" "$d"
+  write_libvirt_config "$h" "$addr" "$d" "$plain"
+  issue_libvirt_certs "$h" "$LAB_DIR/pki/ca"
 
   # A persistent private mount namespace with the host's own libvirt directories and its own
   # image directory at /var/lib/viola/images (so "the same path on the destination" is a
   # different file on another host, as on real machines: no shared storage).
   mkdir -p /var/lib/viola/images
+  # Only a mount point: every host mounts its own certificates over it (libvirt's client side,
+  # libvirtd connecting to a peer or virsh, always looks in /etc/pki).
+  mkdir -p /etc/pki
   touch "$NS_DIR/$h.mnt" "$NS_DIR/$h.cgroup"
   # The cgroup namespace is rooted at the host's own cgroup subtree, and the mount namespace
   # mounts the cgroup file systems afresh inside it (in place of the machine's: the same file
@@ -183,6 +218,7 @@ start_host() { # HOST SITE_INDEX K
     mount --bind '$d/log' /var/log/libvirt &&
     mount --bind '$d/cache' /var/cache/libvirt &&
     mount --bind '$LAB_DIR/images/$h' /var/lib/viola/images &&
+    mount --bind '$d/pki' /etc/pki &&
     awk '\$3 == \"cgroup\" || \$3 == \"cgroup2\" { print \$3, \$4, \$2 }' /proc/self/mounts |
       while read -r type opts dir; do
         umount \"\$dir\" && mount -t \"\$type\" -o \"\$opts\" \"\$type\" \"\$dir\" || exit 1
@@ -223,6 +259,18 @@ start_libvirtd() { # HOST
     </dev/null >>"$d/log/libvirtd.stderr" 2>&1 &
 }
 
+host_address() { # HOST -> its underlay address
+  local s i k
+  s=${1%%[0-9]*}; k=${1#"$s"}; i=$(site_index "$s")
+  echo "198.18.$i.$((10 + k))"
+}
+
+issue_libvirt_certs() { # HOST CA_DIR: HOST's libvirt and QEMU certificates into its /etc/pki
+  local h=$1 s=${1%%[0-9]*}
+  "$(ca_bin)" issue-libvirt --ca-dir "$2" --site "$s" --host "$h" --address "$(host_address "$h")" \
+    --days 30 --out "$LAB_DIR/hosts/$h/pki" >/dev/null
+}
+
 remove_host_cgroups() { # HOST: the subtree, deepest first (its processes are gone by now)
   local dir
   for dir in $(host_cgroup_dirs "$1"); do
@@ -240,7 +288,7 @@ wait_libvirtd() { # HOST
 }
 
 cmd_up() {
-  local sites=2 hosts=2 delay=10 rate=200 nat_sites="" i k s h
+  local sites=2 hosts=2 delay=10 rate=200 nat_sites="" plain=0 i k s h
   while [ $# -gt 0 ]; do
     case "$1" in
       --sites) sites=$2; shift 2 ;;
@@ -248,6 +296,7 @@ cmd_up() {
       --wan-delay-ms) delay=$2; shift 2 ;;
       --wan-rate-mbit) rate=$2; shift 2 ;;
       --nat-site) nat_sites="$nat_sites $2"; shift 2 ;;
+      --allow-plain-migration) plain=1; shift ;;
       *) die "up: unknown option $1" ;;
     esac
   done
@@ -268,6 +317,8 @@ cmd_up() {
   local wanem
   wanem=$(wanem_bin)
   mkdir -p "$NS_DIR" "$LAB_DIR/hosts" "$LAB_DIR/images" "$LAB_DIR/console"
+  # The lab's own federation CA: it issues every host's libvirt and QEMU certificates.
+  "$(ca_bin)" init --ca-dir "$LAB_DIR/pki/ca" --name "lab-$LAB" --days 30 >/dev/null
   # The namespace files need a private mount to be bind targets.
   mount --bind "$NS_DIR" "$NS_DIR"
   mount --make-private "$NS_DIR"
@@ -327,7 +378,7 @@ cmd_up() {
         mkdir -p "$LAB_DIR/hosts/$h/cache/qemu/capabilities"
         cp -a "$caps_seed/." "$LAB_DIR/hosts/$h/cache/qemu/capabilities/" 2>/dev/null || true
       fi
-      start_host "$h" "$i" "$k"
+      start_host "$h" "$i" "$k" "$plain"
       if [ "$first" -eq 1 ] && [ ! -d "$caps_seed" ]; then
         wait_libvirtd "$h"
         mkdir -p "$caps_seed.tmp" && cp -a "$LAB_DIR/hosts/$h/cache/qemu/capabilities/." "$caps_seed.tmp/" \
@@ -343,6 +394,7 @@ hosts=$hosts
 wan_delay_ms=$delay
 wan_rate_mbit=$rate
 nat_sites="${nat_sites# }"
+plain_migration_allowed=$plain
 EOF
   trap - ERR
   log "up: $sites sites x $hosts hosts, WAN ${delay} ms one way at ${rate} Mbit/s"
@@ -370,10 +422,13 @@ cmd_status() {
   # shellcheck disable=SC1091
   . "$RUN_DIR/lab.env"
   if [ "$json" -eq 1 ]; then
-    printf '{"up":true,"lab":"%s","lab_dir":"%s","sites":%s,"wan_delay_ms":%s,"wan_rate_mbit":%s,"hosts":[' "$LAB" "$LAB_DIR" "$sites" "$wan_delay_ms" "$wan_rate_mbit"
+    printf '{"up":true,"lab":"%s","lab_dir":"%s","ca_dir":"%s","plain_migration_allowed":%s,"sites":%s,"wan_delay_ms":%s,"wan_rate_mbit":%s,"hosts":[' \
+      "$LAB" "$LAB_DIR" "$LAB_DIR/pki/ca" "$([ "${plain_migration_allowed:-0}" = 1 ] && echo true || echo false)" \
+      "$sites" "$wan_delay_ms" "$wan_rate_mbit"
   else
-    printf 'lab %s: %s sites x %s hosts, WAN %s ms one way at %s Mbit/s%s\n' "$LAB" "$sites" "$hosts" \
-      "$wan_delay_ms" "$wan_rate_mbit" "${nat_sites:+, behind NAT: $nat_sites}"
+    printf 'lab %s: %s sites x %s hosts, WAN %s ms one way at %s Mbit/s%s, migrations over TLS%s\n' \
+      "$LAB" "$sites" "$hosts" "$wan_delay_ms" "$wan_rate_mbit" "${nat_sites:+, behind NAT: $nat_sites}" \
+      "$([ "${plain_migration_allowed:-0}" = 1 ] && echo ' (plain allowed)')"
     printf '%-6s %-5s %-14s %-10s %-8s %s\n' HOST SITE ADDRESS LIBVIRTD PID DOMAINS
   fi
   local first=1
@@ -385,9 +440,9 @@ cmd_status() {
     [ "$state" = running ] && doms=$(host_exec "$h" virsh -q -c qemu:///system list --all --name 2>/dev/null | sed '/^$/d' | paste -sd, -)
     if [ "$json" -eq 1 ]; then
       [ "$first" -eq 1 ] || printf ','
-      printf '{"name":"%s","site":"%s","namespace":"%s","mount_namespace":"%s","address":"%s","libvirtd":"%s","libvirt_uri":"qemu+tcp://%s/system","images":"%s","host_uuid":"%s","domains":"%s"}' \
-        "$h" "$s" "$(host_ns "$h")" "$NS_DIR/$h.mnt" "$addr" "$state" "$addr" "$LAB_DIR/images/$h" \
-        "$(cat "$LAB_DIR/hosts/$h/host_uuid" 2>/dev/null)" "$doms"
+      printf '{"name":"%s","site":"%s","namespace":"%s","mount_namespace":"%s","address":"%s","libvirtd":"%s","libvirt_uri":"qemu+tls://%s/system","pki":"%s","images":"%s","host_uuid":"%s","domains":"%s"}' \
+        "$h" "$s" "$(host_ns "$h")" "$NS_DIR/$h.mnt" "$addr" "$state" "$addr" "$LAB_DIR/hosts/$h/pki" \
+        "$LAB_DIR/images/$h" "$(cat "$LAB_DIR/hosts/$h/host_uuid" 2>/dev/null)" "$doms"
     else
       printf '%-6s %-5s %-14s %-10s %-8s %s\n' "$h" "$s" "$addr" "$state" "$pid" "${doms:--}"
     fi
@@ -416,5 +471,15 @@ case "${1:-}" in
     [ -e "$NS_DIR/$h.mnt" ] || die "no lab host named $h (is the lab up?)"
     start_libvirtd "$h"; wait_libvirtd "$h"
     ;;
-  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  issue-libvirt)
+    h=${2:?usage: lab.sh issue-libvirt HOST [--ca-dir DIR]}
+    [ -e "$NS_DIR/$h.mnt" ] || die "no lab host named $h (is the lab up?)"
+    ca_dir=$LAB_DIR/pki/ca
+    if [ "${3:-}" = --ca-dir ]; then ca_dir=${4:?--ca-dir needs a directory}; fi
+    issue_libvirt_certs "$h" "$ca_dir"
+    # libvirtd reads its certificates when it starts (QEMU reads its own at each migration).
+    kill_pid "$(cat "$LAB_DIR/hosts/$h/libvirtd.pid" 2>/dev/null)"
+    start_libvirtd "$h"; wait_libvirtd "$h"
+    ;;
+  *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
                 site: format!("site{}", h.site),
                 libvirt_uri: format!("fake://{}", h.name),
                 migration_uri: None,
+                migration_tls_name: None,
                 images_local: None,
                 overlay_addr: None,
             }

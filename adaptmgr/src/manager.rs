@@ -42,9 +42,14 @@ pub struct HostConfig {
     pub site: String,
     /// How the manager reaches its libvirtd.
     pub libvirt_uri: String,
-    /// How other hosts' libvirtds reach it (defaults to `libvirt_uri`).
+    /// How other hosts' libvirtds reach it (defaults to `libvirt_uri`): `qemu+tls://ADDR/system`
+    /// with `migration_tls`.
     #[serde(default)]
     pub migration_uri: Option<String>,
+    /// The name its libvirt certificate carries, when `migration_uri`'s host (and the address
+    /// its QEMU receives migrations on) is not among the certificate's names.
+    #[serde(default)]
+    pub migration_tls_name: Option<String>,
     /// Its image directory as the manager sees it, for direct base staging (used when the
     /// destination's site has no depot or the VM runs from no depot image).
     #[serde(default)]
@@ -76,6 +81,11 @@ pub struct ManagerConfig {
     /// Compress RAM on the wire during migrations: fewer WAN bytes for two compression threads
     /// on each side (zstd on two multifd channels; needs QEMU built with zstd, as Debian's is).
     pub migration_compress: bool,
+    /// Encrypt and authenticate migrations with TLS (libvirt's `VIR_MIGRATE_TLS`: QEMU's TLS
+    /// on the memory, device and disk streams) with the hosts' libvirt certificates from the
+    /// federation CA (`viola-ca issue-libvirt`). On by default; off only for hosts without
+    /// those certificates, whose migrations then cross the network in the clear.
+    pub migration_tls: bool,
     pub hosts: Vec<HostConfig>,
     /// The violins and their member VMs (by name): who must be announced to the overlay when
     /// one of them moves.
@@ -122,6 +132,7 @@ impl Default for ManagerConfig {
             migration_timeout_s: 600,
             migration_max_downtime_ms: 100,
             migration_compress: false,
+            migration_tls: true,
             hosts: Vec::new(),
             violins: Vec::new(),
             depots: Vec::new(),
@@ -524,6 +535,13 @@ impl Manager {
             timeout_ms: req.timeout_s.unwrap_or(self.cfg.migration_timeout_s) * 1000,
             max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
             compress: self.cfg.migration_compress,
+            tls: self.cfg.migration_tls,
+            tls_destination: self
+                .cfg
+                .hosts
+                .iter()
+                .find(|h| h.name == req.to_host)
+                .and_then(|h| h.migration_tls_name.clone()),
         };
         let deps = self.migration_deps();
         let (tx, mut rx) = watch::channel(MigrationStatus::default());

@@ -26,6 +26,14 @@ pub struct MigrationPlan {
     /// Compress RAM pages on the wire.
     #[serde(default)]
     pub compress: bool,
+    /// Encrypt and authenticate the migration stream with TLS (QEMU's, `VIR_MIGRATE_TLS`).
+    /// Off in plans journaled before it existed.
+    #[serde(default)]
+    pub tls: bool,
+    /// The name the destination's libvirt certificate carries, when `dest_migration_uri`'s host
+    /// is not one of its names.
+    #[serde(default)]
+    pub tls_destination: Option<String>,
 }
 
 /// How it ended.

@@ -54,6 +54,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
 
+pub mod libvirt;
+
 /// ALPN protocol ids, one per service. A server lists the services it offers, a client names one.
 pub mod alpn {
     /// Overlay daemon peering (frames as datagrams, control on streams).
@@ -83,6 +85,9 @@ pub enum Role {
     Cli,
     /// Per-site image depot.
     Depot,
+    /// A host's libvirtd and QEMU, for TLS migrations ([`libvirt`]). No Viola service accepts
+    /// this role: the key lies where QEMU can read it, so it must not stand for a daemon.
+    Libvirt,
     /// Per-host monitor daemon.
     Monitor,
     /// Per-host overlay daemon.
@@ -91,10 +96,11 @@ pub enum Role {
 
 impl Role {
     /// All roles, in a stable order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Adaptmgr,
         Self::Cli,
         Self::Depot,
+        Self::Libvirt,
         Self::Monitor,
         Self::Overlay,
     ];
@@ -105,6 +111,7 @@ impl Role {
             Self::Adaptmgr => "adaptmgr",
             Self::Cli => "cli",
             Self::Depot => "depot",
+            Self::Libvirt => "libvirt",
             Self::Monitor => "monitor",
             Self::Overlay => "overlay",
         }
@@ -119,7 +126,7 @@ impl fmt::Display for Role {
 
 /// A string that is not one of the [`Role`] names.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown role {0:?} (expected one of adaptmgr, cli, depot, monitor, overlay)")]
+#[error("unknown role {0:?} (expected one of adaptmgr, cli, depot, libvirt, monitor, overlay)")]
 pub struct UnknownRole(String);
 
 impl FromStr for Role {
@@ -295,6 +302,9 @@ pub enum CaError {
     /// Refusing to overwrite an existing CA.
     #[error("{} already exists; refusing to overwrite a CA", .0.display())]
     Exists(PathBuf),
+    /// A site or host name the certificate would carry is not a DNS label.
+    #[error("certificate name")]
+    Name(#[source] IdentityParseError),
 }
 
 /// The federation certificate authority: its certificate and private key.
@@ -425,10 +435,29 @@ impl CertificateAuthority {
         identity: &PeerIdentity,
         valid_days: u32,
     ) -> Result<IssuedCertificate, CaError> {
+        self.sign(
+            identity,
+            identity.uri(),
+            Vec::new(),
+            vec![KeyUsagePurpose::DigitalSignature],
+            valid_days,
+        )
+    }
+
+    /// Signs a fresh key's certificate naming `identity` (URI and DNS SANs) and `extra_sans`,
+    /// for TLS server and client authentication.
+    fn sign(
+        &self,
+        identity: &PeerIdentity,
+        common_name: String,
+        extra_sans: Vec<SanType>,
+        key_usages: Vec<KeyUsagePurpose>,
+        valid_days: u32,
+    ) -> Result<IssuedCertificate, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.uri());
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, "Viola");
         params.distinguished_name = dn;
         let san = |s: String| s.try_into().map_err(CaError::Generate);
@@ -437,8 +466,9 @@ impl CertificateAuthority {
             SanType::DnsName(san(identity.server_name())?),
             SanType::DnsName(san(server_name(identity.role))?),
         ];
+        params.subject_alt_names.extend(extra_sans);
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = key_usages;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -54,6 +54,8 @@ struct World {
     hosts: BTreeMap<String, FakeHost>,
     faults: Faults,
     uuid_counter: u64,
+    /// Every migration asked for, in order (what the caller asked libvirt for).
+    migrations: Vec<MigrationRequest>,
 }
 
 /// The shared world; hand out per-host [`FakeHypervisor`]s with [`FakeCluster::host`].
@@ -158,6 +160,11 @@ impl FakeCluster {
     }
 
     /// Whether a host has any trace of `name` (domain defined) or an image at `path`.
+    /// Every migration request made so far, in order.
+    pub fn migration_requests(&self) -> Vec<MigrationRequest> {
+        lock(&self.world).migrations.clone()
+    }
+
     pub fn has_domain(&self, uri: &str, name: &str) -> bool {
         lock(&self.world)
             .hosts
@@ -449,6 +456,7 @@ impl Hypervisor for FakeHypervisor {
         };
         let (faults, disks) = {
             let mut world = lock(&self.world);
+            world.migrations.push(req.clone());
             let faults = std::mem::take(&mut world.faults);
             let src = world
                 .hosts
@@ -739,6 +747,8 @@ mod tests {
             migrate_uri: None,
             max_downtime_ms: None,
             compress: false,
+            tls: false,
+            tls_destination: None,
         };
         let err = a.migrate("vm1", &req).unwrap_err();
         assert!(err.to_string().contains("migrate"), "{err}");

@@ -93,7 +93,7 @@ impl CpuCap {
 /// What to ask of one live migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRequest {
-    /// libvirt URI of the destination daemon (`qemu+tcp://198.18.2.11/system`).
+    /// libvirt URI of the destination daemon (`qemu+tls://198.18.2.11/system`).
     pub dest_uri: String,
     /// Disks to copy (targets such as `vda`).
     pub disks: Vec<String>,
@@ -110,6 +110,15 @@ pub struct MigrationRequest {
     /// slower than the compression threads, and guest RAM is mostly compressible.
     #[serde(default)]
     pub compress: bool,
+    /// Encrypt and authenticate the migration stream (RAM, device state and the disk copy)
+    /// with QEMU's TLS (`VIR_MIGRATE_TLS`), with the hosts' certificates from the federation CA.
+    /// `dest_uri` should then be `qemu+tls://…`, so the libvirtds' own connection is TLS too.
+    #[serde(default)]
+    pub tls: bool,
+    /// The name the destination's certificate must carry, when it is not the host of
+    /// `dest_uri` (libvirt's `tls.destination`); only with `tls`.
+    #[serde(default)]
+    pub tls_destination: Option<String>,
 }
 
 /// Host-level facts.

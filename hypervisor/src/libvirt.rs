@@ -577,30 +577,7 @@ impl Hypervisor for LibvirtHypervisor {
     fn migrate(&self, name: &str, req: &MigrationRequest) -> Result<(), HypervisorError> {
         check_c_string("migrate", name, &req.dest_uri)?;
         let dom = self.lookup(name)?;
-        let mut flags = sys::VIR_MIGRATE_LIVE
-            | sys::VIR_MIGRATE_PEER2PEER
-            | sys::VIR_MIGRATE_PERSIST_DEST
-            | sys::VIR_MIGRATE_UNDEFINE_SOURCE
-            | sys::VIR_MIGRATE_ABORT_ON_ERROR;
-        flags |= match req.storage {
-            StorageCopy::Incremental => sys::VIR_MIGRATE_NON_SHARED_INC,
-            StorageCopy::Full => sys::VIR_MIGRATE_NON_SHARED_DISK,
-        };
-        let mut params = MigrateParameters {
-            migrate_disks: req.disks.clone(),
-            bandwidth: req.bandwidth_mib_s,
-            uri: req.migrate_uri.clone(),
-            ..Default::default()
-        };
-        if req.compress {
-            // zstd at its fastest level on two multifd channels: each channel compresses in its
-            // own thread; zero pages are skipped as ever. (QEMU's older threaded "mt" zlib is
-            // gone since QEMU 9.1.)
-            flags |= sys::VIR_MIGRATE_COMPRESSED | sys::VIR_MIGRATE_PARALLEL;
-            params.compression = Some("zstd".into());
-            params.compression_zstd_level = Some(1);
-            params.parallel_connections = Some(2);
-        }
+        let (flags, params) = migrate_flags_and_params(req);
         if let Some(ms) = req.max_downtime_ms
             && let Err(err) = dom.migrate_set_max_downtime(ms, 0)
         {
@@ -691,6 +668,43 @@ impl Hypervisor for LibvirtHypervisor {
     }
 }
 
+/// libvirt's flags and parameters for `req`: a live, peer-to-peer migration with the disks,
+/// defined only at the destination when it succeeds, aborted on any I/O error.
+fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) {
+    let mut flags = sys::VIR_MIGRATE_LIVE
+        | sys::VIR_MIGRATE_PEER2PEER
+        | sys::VIR_MIGRATE_PERSIST_DEST
+        | sys::VIR_MIGRATE_UNDEFINE_SOURCE
+        | sys::VIR_MIGRATE_ABORT_ON_ERROR;
+    flags |= match req.storage {
+        StorageCopy::Incremental => sys::VIR_MIGRATE_NON_SHARED_INC,
+        StorageCopy::Full => sys::VIR_MIGRATE_NON_SHARED_DISK,
+    };
+    let mut params = MigrateParameters {
+        migrate_disks: req.disks.clone(),
+        bandwidth: req.bandwidth_mib_s,
+        uri: req.migrate_uri.clone(),
+        ..Default::default()
+    };
+    if req.compress {
+        // zstd at its fastest level on two multifd channels: each channel compresses in its
+        // own thread; zero pages are skipped as ever. (QEMU's older threaded "mt" zlib is
+        // gone since QEMU 9.1.)
+        flags |= sys::VIR_MIGRATE_COMPRESSED | sys::VIR_MIGRATE_PARALLEL;
+        params.compression = Some("zstd".into());
+        params.compression_zstd_level = Some(1);
+        params.parallel_connections = Some(2);
+    }
+    if req.tls {
+        // QEMU's own TLS on the migration stream and, since libvirt 4.4, on the NBD disk copy;
+        // the destination's certificate is checked against the data channel's host name
+        // unless the request names another.
+        flags |= sys::VIR_MIGRATE_TLS;
+        params.tls_destination = req.tls_destination.clone();
+    }
+    (flags, params)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -747,7 +761,33 @@ mod tests {
             migrate_uri: None,
             max_downtime_ms: None,
             compress: false,
+            tls: false,
+            tls_destination: None,
         };
         assert!(hv.migrate("test", &req).is_err());
+    }
+
+    #[test]
+    fn tls_is_asked_of_libvirt_only_when_requested() {
+        let mut req = MigrationRequest {
+            dest_uri: "qemu+tls://198.18.2.11/system".into(),
+            disks: vec!["vda".into()],
+            storage: StorageCopy::Incremental,
+            bandwidth_mib_s: Some(64),
+            migrate_uri: None,
+            max_downtime_ms: None,
+            compress: false,
+            tls: false,
+            tls_destination: Some("b1".into()),
+        };
+        let (flags, params) = migrate_flags_and_params(&req);
+        assert_eq!(flags & sys::VIR_MIGRATE_TLS, 0);
+        assert_eq!(params.tls_destination, None);
+        req.tls = true;
+        let (flags, params) = migrate_flags_and_params(&req);
+        assert_ne!(flags & sys::VIR_MIGRATE_TLS, 0);
+        assert_ne!(flags & sys::VIR_MIGRATE_NON_SHARED_INC, 0);
+        assert_eq!(params.tls_destination.as_deref(), Some("b1"));
+        assert_eq!(params.migrate_disks, vec!["vda".to_owned()]);
     }
 }

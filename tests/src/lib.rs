@@ -116,7 +116,11 @@ pub struct LabHost {
     pub mount_namespace: String,
     pub address: String,
     pub libvirtd: String,
+    /// How other lab hosts' libvirtds reach this one (`qemu+tls://ADDRESS/system`).
     pub libvirt_uri: String,
+    /// The host's /etc/pki (its libvirt and QEMU certificates) seen from the root namespace.
+    #[serde(default)]
+    pub pki: String,
     pub images: String,
     pub host_uuid: String,
     pub domains: String,
@@ -129,6 +133,12 @@ pub struct LabStatus {
     pub lab: String,
     #[serde(default)]
     pub lab_dir: String,
+    /// The lab's CA (`viola-ca`), which issued every host's libvirt certificates.
+    #[serde(default)]
+    pub ca_dir: String,
+    /// Whether QEMU accepts migrations without TLS (`lab.sh up --allow-plain-migration`).
+    #[serde(default)]
+    pub plain_migration_allowed: bool,
     #[serde(default)]
     pub sites: u32,
     #[serde(default)]
@@ -146,6 +156,8 @@ pub struct LabSpec {
     pub wan_delay_ms: u32,
     pub wan_rate_mbit: u32,
     pub nat_sites: Vec<String>,
+    /// Let QEMU accept migrations without TLS (to measure what TLS costs).
+    pub allow_plain_migration: bool,
 }
 
 impl Default for LabSpec {
@@ -156,6 +168,7 @@ impl Default for LabSpec {
             wan_delay_ms: 10,
             wan_rate_mbit: 200,
             nat_sites: Vec::new(),
+            allow_plain_migration: false,
         }
     }
 }
@@ -179,6 +192,9 @@ impl Lab {
             .args(["--wan-rate-mbit", &spec.wan_rate_mbit.to_string()]);
         for site in &spec.nat_sites {
             cmd.args(["--nat-site", site]);
+        }
+        if spec.allow_plain_migration {
+            cmd.arg("--allow-plain-migration");
         }
         // Construct the guard first so a failed `up` is still torn down.
         let mut lab = Self::unread(instance, true);
@@ -206,6 +222,8 @@ impl Lab {
                 up: false,
                 lab: instance.to_owned(),
                 lab_dir: String::new(),
+                ca_dir: String::new(),
+                plain_migration_allowed: false,
                 sites: 0,
                 wan_delay_ms: 0.0,
                 wan_rate_mbit: 0.0,
@@ -233,6 +251,16 @@ impl Lab {
             .iter()
             .find(|h| h.name == name)
             .unwrap_or_else(|| panic!("no lab host {name}"))
+    }
+
+    /// How a process outside `host`'s namespaces (a manager or monitor started with
+    /// `ip netns exec`) reaches its libvirtd: the unix socket, visible from the root mount
+    /// namespace. (`libvirt_uri` is TLS, with the client certificate in the host's own /etc/pki.)
+    pub fn socket_uri(&self, host: &str) -> String {
+        format!(
+            "qemu+unix:///system?socket={}/hosts/{host}/run/libvirt-sock",
+            self.status.lab_dir
+        )
     }
 
     /// Where the lab keeps guest console logs (domain XML points serial output there).
@@ -273,8 +301,9 @@ impl Lab {
     }
 
     /// Live-migrates `domain` from `from` to `to` with its disk (`--copy-storage-inc`: the
-    /// destination overlay must already exist with the same backing), peer to peer, keeping the
-    /// definition only at the destination.
+    /// destination overlay must already exist with the same backing), peer to peer, over TLS
+    /// (the lab's libvirtds and QEMUs take nothing else), keeping the definition only at the
+    /// destination.
     pub fn migrate_with_disk(&self, domain: &str, from: &str, to: &str) -> Result<String> {
         self.virsh(
             from,
@@ -285,6 +314,7 @@ impl Lab {
                 "--persistent",
                 "--undefinesource",
                 "--copy-storage-inc",
+                "--tls",
                 domain,
                 &self.host(to).libvirt_uri,
             ],

@@ -403,6 +403,18 @@ pub fn revive_libvirtd(host: &str) {
     }
 }
 
+/// Issues `host`'s libvirt and QEMU certificates again, from the lab's CA or, with `ca_dir`,
+/// from that CA (a host from outside the federation), and restarts its libvirtd to serve them.
+pub fn issue_libvirt_certs(host: &str, ca_dir: Option<&Path>) {
+    let mut cmd = Command::new(repo_root().join("scripts/lab.sh"));
+    cmd.env("VIOLA_LAB", &lab().instance)
+        .args(["issue-libvirt", host]);
+    if let Some(dir) = ca_dir {
+        cmd.arg("--ca-dir").arg(dir);
+    }
+    crate::run_ok(&mut cmd).unwrap_or_else(|e| panic!("lab.sh issue-libvirt {host}: {e:#}"));
+}
+
 /// Serialises the mechanisms lab tests of a lab (they share bridge names and hosts): hold the
 /// returned file for the whole test.
 pub fn lab_lock() -> std::fs::File {

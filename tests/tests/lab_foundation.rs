@@ -111,7 +111,7 @@ fn guest_boots_migrates_across_sites_with_its_disk_and_the_lab_leaves_nothing() 
         });
     assert!(
         remote.is_ok(),
-        "a1 cannot reach b1's libvirtd over TCP: {remote:?}"
+        "a1 cannot reach b1's libvirtd over TLS: {remote:?}"
     );
 
     // A guest on a1, with a private LAN bridge on a1 and b1 (no overlay yet: each host reaches

@@ -143,6 +143,9 @@ async fn one_run(mode: StorageCopy) -> Run {
         ),
         // The manager's default is off; VIOLA_BENCH_COMPRESS=1 measures it on.
         compress: std::env::var_os("VIOLA_BENCH_COMPRESS").is_some_and(|v| v == "1"),
+        // The lab's QEMUs refuse migrations without TLS.
+        tls: true,
+        tls_destination: None,
     };
     let before = wan_bytes();
     let (tx, _rx) = watch::channel(MigrationStatus::default());

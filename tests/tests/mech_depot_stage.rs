@@ -218,10 +218,10 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     let mut hosts_toml = String::new();
     for h in ["a1", "a2", "b1", "b2"] {
         hosts_toml += &format!(
-            "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"qemu+unix:///system?socket={}/hosts/{h}/run/libvirt-sock\"\nmigration_uri = \"qemu+tcp://{}/system\"\nimages_local = \"{}\"\n\n",
+            "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"qemu+unix:///system?socket={}/hosts/{h}/run/libvirt-sock\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
             &h[..1],
             lab_dir.display(),
-            lab.host(h).address,
+            lab.host(h).libvirt_uri,
             images(h).display()
         );
     }

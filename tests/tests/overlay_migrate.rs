@@ -200,11 +200,11 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
             let host = lab.host(h);
             format!(
                 "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"{}\"\n\
-                 migration_uri = \"qemu+tcp://{}/system\"\nimages_local = \"{}\"\n\
+                 migration_uri = \"{}\"\nimages_local = \"{}\"\n\
                  overlay_addr = \"{}:4500\"\n\n",
                 &h[..1],
+                lab.socket_uri(h),
                 host.libvirt_uri,
-                host.address,
                 host.images,
                 host.address
             )
@@ -259,7 +259,7 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
                 "--metrics-listen",
                 "127.0.0.1:19744",
             ])
-            .args(["--libvirt-uri", &lab.host("a1").libvirt_uri])
+            .args(["--libvirt-uri", &lab.socket_uri("a1")])
             .arg("--identity")
             .arg(&monitor_pki),
     )?;

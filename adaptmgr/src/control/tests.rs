@@ -181,6 +181,7 @@ fn fake_host(name: &str, site: &str, overlay_addr: std::net::SocketAddr) -> Host
         site: site.into(),
         libvirt_uri: format!("fake://{name}"),
         migration_uri: None,
+        migration_tls_name: None,
         images_local: None,
         overlay_addr: Some(overlay_addr),
     }
@@ -212,7 +213,8 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test", 1).unwrap();
 
-    let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
+    let (overlays, mut hosts, mut told) = hosts_with_overlays(&ca);
+    hosts[1].migration_tls_name = Some("b1.b.libvirt.viola".into());
 
     let (cluster, a1) = federation_with_vm1_on_a1();
 
@@ -318,6 +320,14 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     assert!(progress > 0, "no progress frames");
     assert_eq!(cluster.hosts_running("vm1"), vec!["fake://b1".to_string()]);
     assert_eq!(inventory.vm("vm1").unwrap().unwrap().host, "b1");
+    // Encrypted by default, checked against the name b1's configuration gives.
+    let asked = cluster.migration_requests();
+    let last_asked = asked.last().expect("a migration request");
+    assert!(last_asked.tls);
+    assert_eq!(
+        last_asked.tls_destination.as_deref(),
+        Some("b1.b.libvirt.viola")
+    );
     // The source's overlay was asked for the violin's members, then a1 and b1 were told to
     // expect the MAC at b1; a2, outside the violin, was never asked anything.
     let mut asked = Vec::new();

@@ -786,6 +786,8 @@ mod tests {
             timeout_ms,
             max_downtime_ms: None,
             compress: false,
+            tls: false,
+            tls_destination: None,
         };
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
         let watcher = tokio::spawn(async move {

@@ -575,6 +575,8 @@ impl<S: BaseStager, A: MoveAnnouncer> StepRunner<'_, S, A> {
             migrate_uri: None,
             max_downtime_ms: plan.max_downtime_ms,
             compress: plan.compress,
+            tls: plan.tls,
+            tls_destination: plan.tls_destination.clone(),
         };
         // Runs on the blocking pool from its first poll; awaited to its end on every path.
         let migration = mover.migrate(vm, req);
@@ -891,6 +893,8 @@ mod tests {
             timeout_ms,
             max_downtime_ms: None,
             compress: false,
+            tls: false,
+            tls_destination: None,
         }
     }
 
@@ -925,6 +929,25 @@ mod tests {
             vec!["expect vm1 [\"52:54:00:00:00:01\"]".to_string()]
         );
         assert!(report.completed.is_some_and(|c| c.downtime_ms.is_some()));
+    }
+
+    #[tokio::test]
+    async fn the_plan_s_tls_reaches_the_hypervisor() {
+        let lab = Lab::new();
+        let tls_plan = MigrationPlan {
+            tls: true,
+            tls_destination: Some("b1.b.libvirt.viola".into()),
+            ..plan(10_000)
+        };
+        let run = lab.run(tls_plan, &CancellationToken::new()).await;
+        assert!(matches!(run.report.outcome, Outcome::Migrated { .. }));
+        let asked = lab.cluster.migration_requests();
+        assert_eq!(asked.len(), 1);
+        assert!(asked[0].tls);
+        assert_eq!(
+            asked[0].tls_destination.as_deref(),
+            Some("b1.b.libvirt.viola")
+        );
     }
 
     /// A normal migration opens 3 connections: one to each end, kept for every step, and

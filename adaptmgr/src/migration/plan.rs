@@ -400,6 +400,8 @@ mod tests {
             timeout_ms: 60_000,
             max_downtime_ms: None,
             compress: false,
+            tls: false,
+            tls_destination: None,
         }
     }
 

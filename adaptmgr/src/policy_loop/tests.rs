@@ -57,6 +57,7 @@ impl Federation {
                     site: (*site).into(),
                     libvirt_uri: format!("fake://{h}"),
                     migration_uri: None,
+                    migration_tls_name: None,
                     images_local: None,
                     // No overlay daemons: the move is not announced (the announcer's own tests
                     // cover that); the VM must still be in a violin.

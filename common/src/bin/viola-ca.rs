@@ -4,9 +4,13 @@
 //! viola-ca init  --ca-dir /etc/viola/ca [--name fed] [--days 3650]
 //! viola-ca issue --ca-dir /etc/viola/ca --role overlay --site a --host a1 --out /etc/viola/overlay
 //! viola-ca show  /etc/viola/overlay/cert.pem
+//! viola-ca issue-libvirt --ca-dir /etc/viola/ca --site a --host a1 --address 198.18.1.11 --out /etc/pki
 //! ```
-//! `issue` writes `cert.pem`, `key.pem` (0600) and `ca.pem` into `--out`.
+//! `issue` writes `cert.pem`, `key.pem` (0600) and `ca.pem` into `--out`. `issue-libvirt`
+//! writes a host's libvirtd and QEMU certificates in the layout they expect below `--out`
+//! (`CA/`, `libvirt/`, `qemu/`; see `viola_common::identity::libvirt`).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,6 +18,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use viola_common::identity::libvirt::{self, LibvirtHost};
 use viola_common::identity::{self, CertificateAuthority, PeerIdentity, Role};
 
 #[derive(Parser)]
@@ -39,13 +44,37 @@ enum Command {
     Issue {
         #[arg(long)]
         ca_dir: PathBuf,
-        /// adaptmgr, cli, depot, monitor or overlay.
+        /// adaptmgr, cli, depot, monitor or overlay (libvirt: use issue-libvirt).
         #[arg(long)]
         role: Role,
         #[arg(long)]
         site: String,
         #[arg(long)]
         host: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue a host's certificate for libvirtd and QEMU (TLS migrations), valid for server and
+    /// client authentication, and write it below --out (a PKI directory such as /etc/pki) as
+    /// CA/cacert.pem, libvirt/{server,client}cert.pem, libvirt/private/{server,client}key.pem and
+    /// qemu/{ca-cert,server-cert,server-key,client-cert,client-key}.pem; existing files are
+    /// replaced.
+    IssueLibvirt {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        /// The host name (also a DNS name in the certificate).
+        #[arg(long)]
+        host: String,
+        /// An address other hosts' migration URIs name (repeatable).
+        #[arg(long = "address")]
+        addresses: Vec<IpAddr>,
+        /// A further DNS name other hosts' migration URIs name (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 365)]
@@ -70,10 +99,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             days,
         } => {
+            if role == Role::Libvirt {
+                // Its certificate needs the host's addresses and libvirt's file layout.
+                anyhow::bail!("for libvirt certificates use `viola-ca issue-libvirt`");
+            }
             let ca = CertificateAuthority::load(&ca_dir)?;
             let id = PeerIdentity::new(role, &site, &host)?;
             ca.issue(&id, days)?.save(&out)?;
             println!("issued {id} -> {}", out.display());
+        }
+        Command::IssueLibvirt {
+            ca_dir,
+            site,
+            host,
+            addresses,
+            dns_names,
+            out,
+            days,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let host = LibvirtHost {
+                site,
+                host,
+                addresses,
+                dns_names,
+            };
+            let issued = ca.issue_libvirt(&host, days)?;
+            libvirt::write_layout(&issued, &out)?;
+            println!("issued {} -> {}", issued.identity, out.display());
         }
         Command::Show { cert } => {
             let der = CertificateDer::from_pem_file(&cert)
