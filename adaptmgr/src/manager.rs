@@ -295,7 +295,12 @@ impl Manager {
                 .clone()
                 .unwrap_or_else(|| h.libvirt_uri.clone());
             inventory.put_host(&rec)?;
-            detector.watch(&h.name, now, matches!(rec.state, HostState::Failed { .. }));
+            // A host that never reported (no monitor yet) is not watched: silence from a host
+            // that was never heard cannot mean it failed, and restarting its VMs elsewhere would
+            // make a second copy. Its first heartbeat arms the detector.
+            if rec.state != HostState::Unknown {
+                detector.watch(&h.name, now, matches!(rec.state, HostState::Failed { .. }));
+            }
             if let Some(local) = &h.images_local {
                 views.insert(
                     h.libvirt_uri.clone(),
@@ -705,6 +710,9 @@ impl Manager {
     }
 
     async fn restart_vms_of(&self, failed: &str) -> Result<(), ManagerError> {
+        fn failed_host<'a>(hosts: &'a [HostRecord], name: &str) -> Option<&'a HostRecord> {
+            hosts.iter().find(|h| h.name == name)
+        }
         let hosts = self.inventory.hosts()?;
         let vms = self.inventory.vms()?;
         let (placed, unplaced) = ha::plan_restarts(failed, &hosts, &vms);
@@ -728,6 +736,26 @@ impl Manager {
             ) else {
                 continue;
             };
+            // Fencing: a host whose monitor fell silent may still run the VM (the monitor died,
+            // or the network to the manager did). Restarting it elsewhere would make two copies.
+            match ha::probe_vm_at(&self.connector, failed_host(&hosts, failed), &vm.name).await {
+                probe @ (ha::Probe::Running | ha::Probe::Unsure) => {
+                    let reason = if probe == ha::Probe::Running {
+                        "the silent host's hypervisor answers and the VM runs there"
+                    } else {
+                        "the silent host's hypervisor answers with an error"
+                    };
+                    tracing::warn!(vm = %vm.name, host = failed, reason, "VM not restarted");
+                    self.inventory.record(
+                        now_ms(),
+                        "vm_restart_skipped",
+                        &vm.name,
+                        serde_json::json!({ "from": failed, "reason": reason }),
+                    )?;
+                    continue;
+                }
+                ha::Probe::NotRunning | ha::Probe::Unreachable => {}
+            }
             // Told before the VM starts, so its first frames from the new host are taken.
             if let Err(reason) = self
                 .announcer
@@ -819,5 +847,156 @@ mod config_tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("address"), "{err}");
+    }
+}
+
+/// Host failure and fencing, on the fake hypervisor: a restart must never make a second copy.
+#[cfg(test)]
+mod ha_tests {
+    use super::*;
+    use viola_api::manager::{HostUsage, VmUsage};
+    use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
+    use viola_hypervisor::{DomainState, Hypervisor};
+
+    const HOSTS: [&str; 3] = ["a1", "a2", "b1"];
+
+    fn usage(vms: &[&str]) -> (HostUsage, Vec<VmUsage>) {
+        let host = HostUsage {
+            cpus: 8,
+            cpu_busy: 0.1,
+            mem_total_kib: 16 << 20,
+            mem_available_kib: 8 << 20,
+            net: vec![],
+        };
+        let vms = vms
+            .iter()
+            .map(|name| VmUsage {
+                name: (*name).into(),
+                uuid: format!("uuid-{name}"),
+                state: DomainState::Running,
+                vcpus: 1,
+                max_vcpus: 2,
+                cpu_time_ns: 0,
+                cpu_busy: 0.0,
+                memory_kib: 262_144,
+                max_memory_kib: 262_144,
+                balloon_kib: None,
+                rss_kib: None,
+                disks: vec![],
+                nics: vec![],
+            })
+            .collect();
+        (host, vms)
+    }
+
+    async fn report(m: &Manager, host: &str, seq: u64, vms: &[&str]) {
+        let (usage, vms) = usage(vms);
+        m.handle_report(HostReport {
+            host: host.into(),
+            site: host[..1].into(),
+            seq,
+            sent_ms: 0,
+            usage,
+            vms,
+            probes: vec![],
+        })
+        .await
+        .unwrap();
+    }
+
+    /// vm1 runs on a1; a1 and a2 have reported once, b1 never (it has no monitor).
+    async fn federation(dir: &std::path::Path) -> (FakeCluster, Manager, Arc<Inventory>) {
+        let cluster = FakeCluster::new();
+        for h in HOSTS {
+            let uri = format!("fake://{h}");
+            cluster.host(&uri);
+            cluster.add_image(&uri, "/img/base.qcow2", 1 << 30, None);
+        }
+        cluster.add_image(
+            "fake://a1",
+            "/img/vm1.qcow2",
+            1 << 30,
+            Some("/img/base.qcow2"),
+        );
+        let a1 = cluster.host("fake://a1");
+        a1.define(&sample_domain_xml(
+            "vm1",
+            "/img/vm1.qcow2",
+            "/img/base.qcow2",
+            "52:54:00:00:00:01",
+        ))
+        .unwrap();
+        a1.start("vm1").unwrap();
+        let cfg = ManagerConfig {
+            hosts: HOSTS
+                .iter()
+                .map(|h| HostConfig {
+                    name: (*h).into(),
+                    site: h[..1].into(),
+                    libvirt_uri: format!("fake://{h}"),
+                    migration_uri: None,
+                    migration_tls_name: None,
+                    images_local: None,
+                    overlay_addr: None,
+                })
+                .collect(),
+            heartbeat_timeout_s: 1,
+            ..ManagerConfig::default()
+        };
+        let inventory = Arc::new(Inventory::open(&dir.join("inv.redb")).unwrap());
+        let m = Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap();
+        report(&m, "a1", 1, &["vm1"]).await;
+        report(&m, "a2", 1, &[]).await;
+        (cluster, m, inventory)
+    }
+
+    /// a1 falls silent (a2 keeps reporting); the next HA tick after the timeout.
+    async fn a1_falls_silent(m: &Manager) {
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        report(m, "a2", 2, &[]).await;
+        m.ha_tick().await.unwrap();
+    }
+
+    fn events(inventory: &Inventory, kind: &str) -> Vec<String> {
+        inventory
+            .events_after(0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.subject)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_silent_host_whose_hypervisor_still_runs_the_vm_keeps_the_only_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, m, inventory) = federation(dir.path()).await;
+        a1_falls_silent(&m).await;
+        // a1 is declared failed, but its libvirt answers that vm1 runs there: no restart.
+        assert_eq!(events(&inventory, "host_failed"), vec!["a1".to_owned()]);
+        assert_eq!(
+            events(&inventory, "vm_restart_skipped"),
+            vec!["vm1".to_owned()]
+        );
+        assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_owned()]);
+        assert_eq!(inventory.vm("vm1").unwrap().unwrap().host, "a1");
+    }
+
+    #[tokio::test]
+    async fn a_dead_host_s_vm_is_restarted_once_and_a_host_never_heard_from_is_not_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, m, inventory) = federation(dir.path()).await;
+        cluster.set_host_up("fake://a1", false);
+        a1_falls_silent(&m).await;
+        // b1 never reported: silence from it means nothing, so it is not declared failed.
+        assert_eq!(events(&inventory, "host_failed"), vec!["a1".to_owned()]);
+        assert_eq!(events(&inventory, "vm_restarted"), vec!["vm1".to_owned()]);
+        let now_at = inventory.vm("vm1").unwrap().unwrap().host;
+        assert_ne!(now_at, "a1");
+        assert!(
+            cluster
+                .hosts_running("vm1")
+                .contains(&format!("fake://{now_at}"))
+        );
     }
 }

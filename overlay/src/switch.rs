@@ -547,6 +547,8 @@ impl Switch {
                     return false;
                 }
                 self.counters.mac_moves += 1;
+                tracing::info!(violin = %violin_id, mac = %wire::mac_to_string(&src), seq = e.seq + 1,
+                    expected = expected_here, "mac moved here: seen on the local TAP");
                 e.seq + 1
             }
             None => 1,
@@ -741,6 +743,8 @@ impl Switch {
                     e.last_seen = now;
                     v.expected.remove(&src);
                     self.counters.mac_moves += 1;
+                    tracing::info!(violin = %violin_id, mac = %wire::mac_to_string(&src), seq = e.seq,
+                        to = %from, "mac moved: first frame from the expected host");
                 }
                 Some(_) => self.counters.stale_source_frames += 1,
             }
@@ -880,6 +884,8 @@ impl Switch {
                     return;
                 }
                 e.seq = seq + 1;
+                tracing::info!(violin = %violin, mac = %wire::mac_to_string(&mac), seq = e.seq, from = %from,
+                    "sequence hint: re-announcing a local mac with a higher sequence");
                 let msg = ControlMsg::Announce {
                     violin,
                     mac: wire::mac_to_string(&mac),
@@ -990,6 +996,8 @@ impl Switch {
                         v.moved_away.insert(mac, now);
                     }
                     self.counters.mac_moves += 1;
+                    tracing::info!(violin = %violin, mac = %wire::mac_to_string(&mac), seq, to = %from,
+                        "mac moved: announcement with a higher sequence");
                 }
                 *e = MacEntry {
                     loc: here,
@@ -1006,6 +1014,8 @@ impl Switch {
             }
             Some(e) => {
                 self.counters.stale_announcements += 1;
+                tracing::info!(violin = %violin, mac = %wire::mac_to_string(&mac), seq, ours = e.seq,
+                    from = %from, "stale announcement: answering with a sequence hint");
                 Some(e.seq)
             }
         };

@@ -348,6 +348,16 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
         wire_lost * 10,
         a1_after - a1_before
     );
+    // Every location change each overlay made, for the record (a handful of lines).
+    for h in HOSTS {
+        for line in o.log(h).lines().filter(|l| {
+            l.contains("mac moved")
+                || l.contains("sequence hint")
+                || l.contains("stale announcement")
+        }) {
+            eprintln!("{h}: {line}");
+        }
+    }
     // The capture saw the same stream the pinger sent (a few at the edges may differ).
     assert!(
         wire_sent + 5 >= sent && sent + 5 >= wire_sent,

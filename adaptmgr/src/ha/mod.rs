@@ -209,6 +209,52 @@ pub enum RestartError {
     },
 }
 
+/// What a failed host's hypervisor says of one of its VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The hypervisor answers and the VM runs (or is paused) there: do not restart it.
+    Running,
+    /// The hypervisor answers and the VM is not running there.
+    NotRunning,
+    /// No connection within [`PROBE_TIMEOUT`]: the host is taken as down.
+    Unreachable,
+    /// The hypervisor answers, but with an error: the host is alive and the VM's state unknown,
+    /// so it is not restarted.
+    Unsure,
+}
+
+/// How long the fencing probe waits for a silent host's hypervisor. A dead host's TCP connect
+/// fails or hangs; a live one answers within a second.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks `host`'s hypervisor whether `vm` still runs there (fencing before a restart).
+pub async fn probe_vm_at(
+    connector: &Arc<dyn Connector>,
+    host: Option<&HostRecord>,
+    vm: &str,
+) -> Probe {
+    let Some(host) = host.filter(|h| !h.libvirt_uri.is_empty()) else {
+        return Probe::Unreachable;
+    };
+    let ask = async {
+        let hv = Host::open(connector, &host.libvirt_uri).await?;
+        hv.list_domains().await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, ask).await {
+        Ok(Ok(domains)) => {
+            if domains.iter().any(|d| {
+                d.name == vm && matches!(d.state, DomainState::Running | DomainState::Paused)
+            }) {
+                Probe::Running
+            } else {
+                Probe::NotRunning
+            }
+        }
+        Ok(Err(e)) if !e.is_connection_error() => Probe::Unsure,
+        Ok(Err(_)) | Err(_) => Probe::Unreachable,
+    }
+}
+
 /// Re-instantiates `vm` (from its recorded XML) on `to`: base present (staged from another
 /// live host if needed), a fresh overlay over it, define, start.
 pub async fn restart_vm<S: BaseStager>(

@@ -122,7 +122,8 @@ pub struct ViolinRecord {
 pub struct EventRecord {
     pub seq: u64,
     pub ts_ms: u64,
-    /// `host_failed`, `host_recovered`, `vm_restarted`, `vm_restart_failed`, `migration`, ...
+    /// `host_failed`, `host_recovered`, `vm_restarted`, `vm_restart_skipped`,
+    /// `vm_restart_failed`, `migration`, ...
     pub kind: String,
     pub subject: String,
     pub detail: serde_json::Value,
