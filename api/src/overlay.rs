@@ -231,6 +231,12 @@ pub struct Counters {
     pub redirected: u64,
     /// Datagrams relayed for other hosts.
     pub relayed: u64,
+    /// MACs from peers not learned because a limit was reached (their frames are delivered).
+    #[serde(default)]
+    pub learning_refused: u64,
+    /// TCP SYNs from local guests whose MSS was lowered to fit one datagram.
+    #[serde(default)]
+    pub mss_clamped: u64,
     /// Drops by reason (snake_case); a reason appears once it happened.
     pub drops: BTreeMap<String, u64>,
 }
@@ -238,7 +244,7 @@ pub struct Counters {
 impl Counters {
     /// Every counter but the drops, by name (the names of the status' JSON fields).
     #[must_use]
-    pub fn events(&self) -> [(&'static str, u64); 14] {
+    pub fn events(&self) -> [(&'static str, u64); 16] {
         [
             ("tap_frames", self.tap_frames),
             ("datagrams_out", self.datagrams_out),
@@ -254,6 +260,8 @@ impl Counters {
             ("stale_source_frames", self.stale_source_frames),
             ("redirected", self.redirected),
             ("relayed", self.relayed),
+            ("learning_refused", self.learning_refused),
+            ("mss_clamped", self.mss_clamped),
         ]
     }
 }

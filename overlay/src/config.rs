@@ -10,6 +10,11 @@
 //! cpu_wake_latency_us = 0             # optional: hold a PM QoS request (lowest RTT, CPUs poll)
 //! handoff_yield = true                # yield the CPU once after a sparse send/TAP write
 //! busy_poll_us = 300                  # poll this long after a sparse packet before sleeping (0: off)
+//! max_macs_per_violin = 1024          # learned (unmanaged) MACs per violin
+//! max_macs_per_port = 512             # ... per port (local TAP, each peer host)
+//! mac_learn_rate = 100                # new MACs per second from the local TAP (burst 2x)
+//! mss_clamp = true                    # lower TCP SYNs' MSS so full segments fit one datagram
+//! expect_move_ttl_s = 600             # how long an announced move stays expected
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -18,7 +23,7 @@
 //! id = 1
 //! name = "blue"
 //! allowed = ["*"]                     # `site/host`, `site/*` or `*`
-//! vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5" }]
+//! vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5", host = "a/a1" }] # managed VMs
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -71,6 +76,21 @@ pub struct OverlayConfig {
     /// at the price of up to this much CPU time per burst of traffic and at most 10 % of one
     /// CPU. 0: off.
     pub busy_poll_us: u32,
+    /// Learned (unmanaged) MACs kept per violin; frames from further new MACs on the local
+    /// TAP are dropped and counted (`mac_limit`).
+    pub max_macs_per_violin: usize,
+    /// Learned MACs kept per port (the local TAP, or one peer host).
+    pub max_macs_per_port: usize,
+    /// New MACs learned from the local TAP per second and violin, with a burst of twice as
+    /// many; frames from new MACs above it are dropped and counted (`learn_rate_limit`).
+    pub mac_learn_rate: u32,
+    /// Lower the MSS option of TCP SYNs from local guests so that a full segment fits one
+    /// QUIC datagram on its way (no fragmentation for TCP at the guest's default MTU).
+    pub mss_clamp: bool,
+    /// How long a move announced by `expect_move` stays expected, in seconds. A managed VM
+    /// moves only while expected, so this must outlast the longest migration; while it lasts,
+    /// the expected host may claim the VM even if the migration was abandoned.
+    pub expect_move_ttl_s: u64,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -95,6 +115,11 @@ impl Default for OverlayConfig {
             cpu_wake_latency_us: None,
             handoff_yield: true,
             busy_poll_us: 300,
+            max_macs_per_violin: 1024,
+            max_macs_per_port: 512,
+            mac_learn_rate: 100,
+            mss_clamp: true,
+            expect_move_ttl_s: 600,
             peers: Vec::new(),
             violins: Vec::new(),
         }
@@ -124,7 +149,8 @@ pub struct ViolinEntry {
     /// Hosts allowed to be members: `site/host`, `site/*`, `*`.
     #[serde(default = "all_hosts")]
     pub allowed: Vec<String>,
-    /// Known VMs (for ARP answering).
+    /// Managed VMs: their MACs are accepted only from their home host, ARP for their addresses
+    /// is answered from this table and cannot be changed by guests.
     #[serde(default)]
     pub vms: Vec<VmEntry>,
 }
@@ -141,6 +167,10 @@ pub struct VmEntry {
     pub mac: String,
     /// IPv4 address.
     pub ip: Ipv4Addr,
+    /// The host it runs on (`site/host`); without it, the first host that claims the MAC.
+    /// Moves follow `expect_move`.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 impl ViolinEntry {

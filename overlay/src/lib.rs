@@ -4,6 +4,7 @@
 //! - [`control`]: control messages (membership, MAC announcements, relay) and their framing.
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
+//! - [`mss`]: TCP MSS clamping, so that full segments fit one datagram.
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
 //! - [`sparse`], [`local_runtime`]: keeping the sparse-packet path short (see each module).
 //! - [`cpu_latency`]: the optional CPU wake-up latency request (PM QoS) for the lowest RTT.
@@ -40,6 +41,7 @@ macro_rules! labelled_enum {
 }
 
 pub mod control;
+pub mod mss;
 pub mod reassembly;
 pub mod switch;
 pub mod wire;

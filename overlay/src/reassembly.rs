@@ -181,6 +181,10 @@ impl Reassembler {
         });
         self.bytes -= freed;
         self.evicted += (before - self.partial.len()) as u64;
+        // After a burst of partial frames, give the table's memory back.
+        if self.partial.capacity() > 64 && self.partial.len() < self.partial.capacity() / 4 {
+            self.partial.shrink_to_fit();
+        }
     }
 
     /// Bytes held by incomplete frames.

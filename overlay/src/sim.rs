@@ -9,8 +9,8 @@ use bytes::Bytes;
 use crate::HostId;
 use crate::control::ControlMsg;
 use crate::switch::{
-    DropReason, HostPattern, Location, Output, Switch, SwitchConfig, ViolinConfig, tap_buffer,
-    test_frame,
+    DropReason, HostPattern, Location, ManagedVm, Output, Switch, SwitchConfig, ViolinConfig,
+    tap_buffer, test_frame,
 };
 use crate::wire::{self, Arp, BROADCAST, ETHERTYPE_RARP, Mac, ViolinId};
 
@@ -67,14 +67,27 @@ impl Sim {
         self.hosts.get_mut(&h(host)).unwrap()
     }
 
+    /// Makes `host` a member of violin `id`; `arp` lists managed VMs whose home is unknown.
     fn violin(&mut self, host: &str, id: u32, allowed: &[&str], arp: &[(Ipv4Addr, Mac)]) {
+        let vms: Vec<ManagedVm> = arp
+            .iter()
+            .map(|(ip, mac)| ManagedVm {
+                mac: *mac,
+                ip: *ip,
+                host: None,
+            })
+            .collect();
+        self.violin_with_vms(host, id, allowed, vms);
+    }
+
+    fn violin_with_vms(&mut self, host: &str, id: u32, allowed: &[&str], vms: Vec<ManagedVm>) {
         let mut out = Vec::new();
         self.sw(host).add_violin(
             ViolinConfig {
                 id: v(id),
                 name: format!("v{id}"),
                 allowed: allowed.iter().map(|p| HostPattern::new(p)).collect(),
-                static_arp: arp.to_vec(),
+                vms,
             },
             &mut out,
         );
@@ -647,4 +660,248 @@ fn restarted_host_behind_a_relay_rejoins() {
     assert_eq!(s.take("a/a1", 1).len(), 1);
     s.tap("a/a1", 1, &test_frame(mac(3), mac(1), IP, 60, 1));
     assert_eq!(s.take("c/c1", 1).len(), 1);
+}
+
+const VICTIM_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+
+/// a1, b1, c1 in violin 1; the managed victim mac 5 (10.1.0.5) lives on a1 (`home`: what the
+/// control plane says, None for first claim) and has spoken once.
+fn managed_victim(home: Option<&str>) -> Sim {
+    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
+    for host in ["a/a1", "b/b1", "c/c1"] {
+        let vm = ManagedVm {
+            mac: mac(5),
+            ip: VICTIM_IP,
+            host: home.map(h),
+        };
+        s.violin_with_vms(host, 1, &["*"], vec![vm]);
+    }
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 5));
+    s.clear();
+    s
+}
+
+#[test]
+fn a_guest_cannot_steal_a_managed_mac() {
+    for home in [Some("a/a1"), None] {
+        let mut s = managed_victim(home);
+        // The spoofer on b1 sends as the victim, broadcast and unicast.
+        s.tap("b/b1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 7));
+        s.tap("b/b1", 1, &test_frame(mac(8), mac(5), IP, 60, 7));
+        assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 2, "{home:?}");
+        assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 0, "{home:?}");
+        for host in ["b/b1", "c/c1"] {
+            assert_eq!(s.loc(host, 1, mac(5)), Some(Location::Remote(h("a/a1"))));
+        }
+        // The victim keeps its traffic.
+        s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+        assert_eq!(s.take("a/a1", 1).len(), 1, "{home:?}");
+        assert!(s.take("b/b1", 1).is_empty(), "{home:?}");
+    }
+}
+
+#[test]
+fn a_managed_mac_from_the_wrong_host_is_refused_by_every_receiver() {
+    let mut s = managed_victim(Some("a/a1"));
+    // As if b1's overlay forwarded the theft anyway (an older daemon): c1 and a1 refuse the
+    // frame and the announcement.
+    let now = s.now;
+    let frame = wire::encode_frame(v(1), &test_frame(BROADCAST, mac(5), IP, 60, 7), false);
+    let announce = ControlMsg::Announce {
+        violin: v(1),
+        mac: wire::mac_to_string(&mac(5)),
+        seq: 100,
+        ip: None,
+    };
+    for host in ["a/a1", "c/c1"] {
+        let mut out = Vec::new();
+        let sw = s.sw(host);
+        sw.handle_datagram(now, &h("b/b1"), frame.clone(), &mut out);
+        sw.handle_control(now, &h("b/b1"), announce.clone(), &mut out);
+        assert!(out.is_empty(), "{host}: {out:?}");
+        assert_eq!(s.drops(host, DropReason::SpoofedSource), 2, "{host}");
+    }
+    assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("a/a1"))));
+    assert_eq!(s.loc("a/a1", 1, mac(5)), Some(Location::Local));
+    // The home outlives ageing: after the victim's entry aged out, theft still fails.
+    s.advance(Duration::from_secs(301));
+    s.tap("b/b1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 7));
+    assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 1);
+    s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+    assert_eq!(s.take("a/a1", 1).len(), 1, "not sent to the victim's home");
+    assert!(s.take("b/b1", 1).is_empty());
+}
+
+#[test]
+fn a_managed_mac_moves_when_the_control_plane_says_so() {
+    let mut s = managed_victim(Some("a/a1"));
+    let now = s.now;
+    let mut out = Vec::new();
+    assert!(
+        s.sw("a/a1")
+            .expect_move(now, v(1), mac(5), h("b/b1"), &mut out)
+    );
+    s.push("a/a1", out);
+    s.run();
+    // The migrated VM's RARP on b1 moves it everywhere.
+    s.tap(
+        "b/b1",
+        1,
+        &test_frame(BROADCAST, mac(5), ETHERTYPE_RARP, 60, 0),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 0);
+    for host in ["a/a1", "c/c1"] {
+        assert_eq!(s.loc(host, 1, mac(5)), Some(Location::Remote(h("b/b1"))));
+    }
+    s.clear();
+    s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    // A late frame on a1's TAP is held down, not theft; afterwards a1 cannot take it back.
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 5));
+    assert_eq!(s.drops("a/a1", DropReason::StaleLocalAfterMove), 1);
+    s.advance(Duration::from_secs(3));
+    s.tap("a/a1", 1, &test_frame(BROADCAST, mac(5), IP, 60, 5));
+    assert_eq!(s.drops("a/a1", DropReason::SpoofedSource), 1);
+    assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("b/b1"))));
+}
+
+#[test]
+fn arp_for_a_managed_address_cannot_be_poisoned() {
+    let mut s = managed_victim(Some("a/a1"));
+    let garp = Arp {
+        op: 2,
+        sha: mac(7),
+        spa: VICTIM_IP.octets(),
+        tha: BROADCAST,
+        tpa: VICTIM_IP.octets(),
+    };
+    // The spoofer's gratuitous ARP at its own MAC, and one naming the victim's MAC as sender.
+    s.tap("b/b1", 1, &wire::build_arp(BROADCAST, mac(7), &garp));
+    let forged_sender = Arp {
+        sha: mac(5),
+        spa: [10, 1, 0, 7],
+        ..garp
+    };
+    s.tap(
+        "b/b1",
+        1,
+        &wire::build_arp(BROADCAST, mac(7), &forged_sender),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::ArpSpoof), 2);
+    assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 0, "forwarded");
+    // Also refused when it arrives from another host.
+    let now = s.now;
+    let mut out = Vec::new();
+    let datagram = wire::encode_frame(v(1), &wire::build_arp(BROADCAST, mac(7), &garp), false);
+    s.sw("c/c1")
+        .handle_datagram(now, &h("b/b1"), datagram, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(s.drops("c/c1", DropReason::ArpSpoof), 1);
+    // Everyone still answers with the victim's MAC.
+    for host in ["b/b1", "c/c1"] {
+        let req = Arp {
+            op: 1,
+            sha: mac(8),
+            spa: [10, 1, 0, 8],
+            tha: [0; 6],
+            tpa: VICTIM_IP.octets(),
+        };
+        s.tap(host, 1, &wire::build_arp(BROADCAST, mac(8), &req));
+        let replies = s.take(host, 1);
+        assert_eq!(replies.len(), 1, "{host}");
+        assert_eq!(wire::parse_arp(&replies[0]).unwrap().sha, mac(5), "{host}");
+    }
+    // The victim's own ARP passes.
+    let own = Arp {
+        sha: mac(5),
+        ..garp
+    };
+    s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(5), &own));
+    assert_eq!(s.drops("a/a1", DropReason::ArpSpoof), 0);
+}
+
+#[test]
+fn a_flood_of_source_macs_is_bounded_and_spares_managed_vms() {
+    let mut s = managed_victim(Some("a/a1"));
+    let limits = SwitchConfig::default().learning;
+    // b1's guest sends 5,000 frames from random MACs, 100 µs apart, then 5,000 more slowly
+    // enough for the learning rate (so the port limit is what stops them).
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random_mac = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let b = seed.to_be_bytes();
+        [b[0] & 0xFE | 0x02, b[1], b[2], b[3], b[4], b[5]]
+    };
+    for i in 0..10_000 {
+        s.advance(Duration::from_micros(if i < 5000 { 100 } else { 20_000 }));
+        let src = random_mac();
+        s.tap("b/b1", 1, &test_frame(BROADCAST, src, IP, 60, 0));
+        if i % 1000 == 0 {
+            // The victim keeps talking through the flood.
+            s.tap("c/c1", 1, &test_frame(mac(5), mac(8), IP, 60, 8));
+            let to = |frames: Vec<Bytes>, m: Mac| frames.iter().filter(|f| f[..6] == m).count();
+            assert_eq!(to(s.take("a/a1", 1), mac(5)), 1, "frame {i}");
+            s.tap("a/a1", 1, &test_frame(mac(8), mac(5), IP, 60, 5));
+            assert_eq!(to(s.take("c/c1", 1), mac(8)), 1, "frame {i}");
+        }
+    }
+    let managed_and_c1 = 2;
+    for host in ["b/b1", "c/c1"] {
+        let (len, _) = s.sw(host).mac_table_size(v(1));
+        assert!(len <= limits.per_port + managed_and_c1, "{host}: {len}");
+    }
+    assert!(s.drops("b/b1", DropReason::LearnRateLimit) > 0);
+    assert!(s.drops("b/b1", DropReason::MacLimit) > 0);
+    let dropped =
+        s.drops("b/b1", DropReason::LearnRateLimit) + s.drops("b/b1", DropReason::MacLimit);
+    assert_eq!(dropped as usize, 10_000 - limits.per_port);
+    assert_eq!(s.loc("c/c1", 1, mac(5)), Some(Location::Remote(h("a/a1"))));
+    // After ageing the tables shrink, memory included.
+    let (_, cap_before) = s.sw("c/c1").mac_table_size(v(1));
+    s.advance(Duration::from_secs(301));
+    for host in ["b/b1", "c/c1"] {
+        let (len, cap) = s.sw(host).mac_table_size(v(1));
+        assert_eq!(len, 0, "{host}");
+        assert!(
+            cap < cap_before / 4,
+            "{host}: capacity {cap} of {cap_before}"
+        );
+    }
+    // And b1 learns again.
+    s.tap("b/b1", 1, &test_frame(BROADCAST, mac(9), IP, 60, 0));
+    assert_eq!(s.loc("c/c1", 1, mac(9)), Some(Location::Remote(h("b/b1"))));
+}
+
+#[test]
+fn tcp_syns_from_guests_get_an_mss_that_fits_the_path() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    for host in ["a/a1", "b/b1"] {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s.tap("b/b1", 1, &test_frame(BROADCAST, mac(2), IP, 60, 0));
+    // A SYN from a guest at MTU 1500 (MSS 1460), IPv4 without options, MSS first.
+    let mut syn = test_frame(mac(2), mac(1), IP, 14 + 20 + 24, 0);
+    syn[14] = 0x45;
+    syn[23] = 6; // TCP
+    syn[14 + 20 + 12] = 6 << 4; // data offset: 24 bytes
+    syn[14 + 20 + 13] = 0x02; // SYN
+    syn[14 + 20 + 20..].copy_from_slice(&[2, 4, 0x05, 0xB4]);
+    s.clear();
+    s.tap("a/a1", 1, &syn);
+    let got = s.take("b/b1", 1);
+    let mss = u16::from_be_bytes([got[0][14 + 20 + 22], got[0][14 + 20 + 23]]);
+    // 1414-byte datagrams: FRAME header 4, Ethernet 14, IPv4 20, TCP 20.
+    assert_eq!(mss, 1414 - 4 - 14 - 20 - 20);
+    assert_eq!(s.sw("a/a1").counters().mss_clamped, 1);
+    // A full segment at that MSS crosses in one datagram.
+    s.clear();
+    s.tap(
+        "a/a1",
+        1,
+        &test_frame(mac(2), mac(1), IP, 14 + 20 + 20 + 1356, 0),
+    );
+    assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 1);
+    assert_eq!(s.sw("a/a1").counters().fragmented, 0);
 }

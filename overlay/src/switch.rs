@@ -12,6 +12,12 @@
 //!   number (or, while the adaptation manager announced the move in advance, a frame from the
 //!   expected host). A late frame from the old location never pulls it back, and the old host
 //!   ignores the moved MAC on its own TAP for [`SwitchConfig::move_hold_down`].
+//! - A managed MAC (a VM the control plane lists with its address, [`ManagedVm`]) is accepted
+//!   as a source only from its home: the host the control plane names, else the first that
+//!   claimed it. Frames and announcements naming it from elsewhere are dropped and counted
+//!   ([`DropReason::SpoofedSource`]); its home changes only through `expect_move`. ARP for a
+//!   managed address is answered only from the control plane's table, and ARP claiming a
+//!   managed address or MAC for someone else is dropped ([`DropReason::ArpSpoof`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -32,7 +38,8 @@ pub struct SwitchConfig {
     pub mac_ageing: Duration,
     /// After a MAC moved away, frames from it on the local TAP are ignored this long.
     pub move_hold_down: Duration,
-    /// How long an `expect_move` stays in force.
+    /// How long an `expect_move` stays in force. For a managed VM it is the only way to move,
+    /// so it must outlast the longest migration (disk and memory copy) it announces.
     pub expect_move_ttl: Duration,
     /// Reassembly limits.
     pub reassembly: ReassemblyLimits,
@@ -41,6 +48,63 @@ pub struct SwitchConfig {
     pub default_max_datagram: usize,
     /// Period of the housekeeping timer.
     pub sweep_interval: Duration,
+    /// Bounds on learned (unmanaged) MACs.
+    pub learning: LearningLimits,
+    /// Lower the MSS of TCP SYNs from the local TAP so full segments fit one datagram on the
+    /// way they take ([`crate::mss`]).
+    pub mss_clamp: bool,
+}
+
+/// Bounds on learned (unmanaged) MACs; managed VMs are exempt (the configuration bounds them).
+#[derive(Debug, Clone, Copy)]
+pub struct LearningLimits {
+    /// Learned MACs per violin.
+    pub per_violin: usize,
+    /// Learned MACs per port (the local TAP, or one peer host), so that one flooding port
+    /// leaves room for the others.
+    pub per_port: usize,
+    /// New MACs learned from the local TAP per second and violin (token bucket)...
+    pub local_rate_per_s: u32,
+    /// ...with this burst.
+    pub local_burst: u32,
+}
+
+impl Default for LearningLimits {
+    fn default() -> Self {
+        Self {
+            per_violin: 1024,
+            per_port: 512,
+            local_rate_per_s: 100,
+            local_burst: 200,
+        }
+    }
+}
+
+/// A token bucket with time passed in.
+#[derive(Debug, Clone, Default)]
+struct TokenBucket {
+    tokens: f64,
+    /// None: never used, full.
+    at: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now: Instant, rate_per_s: u32, burst: u32) -> bool {
+        let burst = f64::from(burst);
+        self.tokens = match self.at {
+            None => burst,
+            Some(at) => {
+                let refill = now.duration_since(at).as_secs_f64() * f64::from(rate_per_s);
+                (self.tokens + refill).min(burst)
+            }
+        };
+        self.at = Some(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 impl Default for SwitchConfig {
@@ -48,10 +112,12 @@ impl Default for SwitchConfig {
         Self {
             mac_ageing: Duration::from_secs(300),
             move_hold_down: Duration::from_secs(2),
-            expect_move_ttl: Duration::from_secs(120),
+            expect_move_ttl: Duration::from_secs(600),
             reassembly: ReassemblyLimits::default(),
             default_max_datagram: 1162,
             sweep_interval: Duration::from_millis(250),
+            learning: LearningLimits::default(),
+            mss_clamp: true,
         }
     }
 }
@@ -106,11 +172,22 @@ labelled_enum! {
         Misdelivered = "misdelivered",
         /// A relay request from or to a host we cannot serve.
         RelayRefused = "relay_refused",
+        /// A frame from a new source MAC on the local TAP while the violin's or the port's
+        /// limit of learned MACs is reached.
+        MacLimit = "mac_limit",
+        /// A frame from a new source MAC on the local TAP above the learning rate.
+        LearnRateLimit = "learn_rate_limit",
+        /// A managed VM's MAC as the source of a frame or announcement from somewhere other
+        /// than its home (MAC theft, or a move the control plane did not announce).
+        SpoofedSource = "spoofed_source",
+        /// ARP claiming a managed VM's address with another MAC, or a managed MAC sent by
+        /// someone else.
+        ArpSpoof = "arp_spoof",
     }
 }
 
 /// Where a MAC is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Location {
     /// Behind the local TAP.
     Local,
@@ -155,19 +232,121 @@ pub struct ViolinConfig {
     pub name: String,
     /// Hosts allowed to be members (besides this one).
     pub allowed: Vec<HostPattern>,
-    /// Known VM addresses (IPv4 → MAC) for ARP answering.
-    pub static_arp: Vec<(Ipv4Addr, Mac)>,
+    /// VMs the control plane manages in this violin.
+    pub vms: Vec<ManagedVm>,
+}
+
+/// A VM whose addresses the control plane knows: its MAC is accepted only from its home and
+/// ARP for its address is answered from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedVm {
+    /// MAC.
+    pub mac: Mac,
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+    /// The host it runs on (`site/host`); None: the first host that claims it.
+    pub host: Option<HostId>,
+}
+
+/// Where the control plane says a managed VM is.
+#[derive(Debug, Clone)]
+struct Managed {
+    /// None until configured or first claimed.
+    home: Option<Location>,
+    /// The home it left and when: late frames from there are delivered, not counted as theft.
+    left: Option<(Location, Instant)>,
+}
+
+impl Managed {
+    fn move_home(&mut self, to: Location, now: Instant) {
+        if let Some(old) = self.home.replace(to) {
+            self.left = Some((old, now));
+        }
+    }
+
+    /// A frame from `at` just after the VM left it (in flight during the move).
+    fn just_left(&self, at: &Location, now: Instant, hold: Duration) -> bool {
+        self.left
+            .as_ref()
+            .is_some_and(|(l, t)| l == at && now.duration_since(*t) < hold)
+    }
 }
 
 struct Violin {
     cfg: ViolinConfig,
     macs: HashMap<Mac, MacEntry>,
-    /// ARP knowledge: ip → (mac, static).
+    /// Managed VMs by MAC (never aged: the control plane's word stands until it changes it).
+    managed: HashMap<Mac, Managed>,
+    /// ARP knowledge: ip → (mac, managed).
     arp: HashMap<Ipv4Addr, (Mac, bool)>,
     /// mac → (host it will appear on, until).
     expected: HashMap<Mac, (HostId, Instant)>,
     /// mac → when it moved away from here.
     moved_away: HashMap<Mac, Instant>,
+    /// Learned (unmanaged) MACs per port, for the limits; recounted at every sweep.
+    learned: HashMap<Location, usize>,
+    learned_total: usize,
+    /// New MACs from the local TAP.
+    local_learning: TokenBucket,
+}
+
+impl Violin {
+    /// Whether a new unmanaged MAC may be learned at `port`.
+    fn may_learn(&self, port: &Location, limits: &LearningLimits) -> bool {
+        self.learned_total < limits.per_violin
+            && self.learned.get(port).copied().unwrap_or(0) < limits.per_port
+    }
+
+    fn note_learned(&mut self, mac: &Mac, port: Location) {
+        if !self.managed.contains_key(mac) {
+            self.learned_total += 1;
+            *self.learned.entry(port).or_default() += 1;
+        }
+    }
+
+    fn note_moved(&mut self, mac: &Mac, from: &Location, to: Location) {
+        if !self.managed.contains_key(mac) {
+            if let Some(n) = self.learned.get_mut(from) {
+                *n = n.saturating_sub(1);
+            }
+            *self.learned.entry(to).or_default() += 1;
+        }
+    }
+
+    fn recount_learned(&mut self) {
+        self.learned.clear();
+        self.learned_total = 0;
+        for (mac, e) in &self.macs {
+            if !self.managed.contains_key(mac) {
+                self.learned_total += 1;
+                *self.learned.entry(e.loc.clone()).or_default() += 1;
+            }
+        }
+    }
+
+    /// Records that `ip` is at `mac` unless a managed VM owns `ip` or the table is full.
+    fn learn_ip(&mut self, ip: Ipv4Addr, mac: Mac, limits: &LearningLimits) {
+        let full = self.arp.len() >= limits.per_violin + self.managed.len();
+        match self.arp.get_mut(&ip) {
+            Some((_, true)) => {}
+            Some(known) => *known = (mac, false),
+            None if full => {}
+            None => {
+                self.arp.insert(ip, (mac, false));
+            }
+        }
+    }
+
+    /// Whether `arp` (in a frame from `src`) claims a managed VM's address with another MAC, or
+    /// a managed MAC for a frame some other MAC sent.
+    fn arp_spoofed(&self, src: Mac, arp: &Arp) -> bool {
+        let claims_managed_ip = arp.spa != [0; 4]
+            && self
+                .arp
+                .get(&Ipv4Addr::from(arp.spa))
+                .is_some_and(|(mac, managed)| *managed && *mac != arp.sha);
+        claims_managed_ip || (arp.sha != src && self.managed.contains_key(&arp.sha))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -219,19 +398,33 @@ impl Switch {
 
     /// Makes this host a member of a violin and tells connected peers.
     pub fn add_violin(&mut self, cfg: ViolinConfig, out: &mut Vec<Output>) {
-        let arp = cfg
-            .static_arp
+        let arp = cfg.vms.iter().map(|vm| (vm.ip, (vm.mac, true))).collect();
+        let managed = cfg
+            .vms
             .iter()
-            .map(|(ip, mac)| (*ip, (*mac, true)))
+            .map(|vm| {
+                let home = vm.host.as_ref().map(|h| {
+                    if *h == self.me {
+                        Location::Local
+                    } else {
+                        Location::Remote(h.clone())
+                    }
+                });
+                (vm.mac, Managed { home, left: None })
+            })
             .collect();
         self.violins.insert(
             cfg.id,
             Violin {
                 cfg,
                 macs: HashMap::new(),
+                managed,
                 arp,
                 expected: HashMap::new(),
                 moved_away: HashMap::new(),
+                learned: HashMap::new(),
+                learned_total: 0,
+                local_learning: TokenBucket::default(),
             },
         );
         self.broadcast_membership(out);
@@ -370,6 +563,23 @@ impl Switch {
         out.push(Output::Control { via, msg });
     }
 
+    /// The next hop towards `to` and the largest datagram that reaches `to` that way whole.
+    fn route(&self, to: &HostId) -> Option<(HostId, usize)> {
+        let via = self.next_hop(to)?;
+        let mut max = self
+            .peers
+            .get(&via)
+            .map_or(self.cfg.default_max_datagram, |p| p.max_datagram);
+        if &via != to {
+            // The relay's next link is unknown here and may be narrower than ours: stay within
+            // what every QUIC path carries. RELAY header here, RELAYED header (naming us) on
+            // the next link.
+            max = max.min(self.cfg.default_max_datagram);
+            max = max.saturating_sub(2 + to.len().max(self.me.len()));
+        }
+        Some((via, max))
+    }
+
     /// Sends a sealed FRAME datagram to `to`, fragmenting or relaying as needed.
     fn send_datagram(
         &mut self,
@@ -379,22 +589,11 @@ impl Switch {
         redirected: bool,
         out: &mut Vec<Output>,
     ) {
-        let Some(via) = self.next_hop(to) else {
+        let Some((via, max)) = self.route(to) else {
             self.drop(DropReason::NoRoute);
             return;
         };
-        let mut max = self
-            .peers
-            .get(&via)
-            .map_or(self.cfg.default_max_datagram, |p| p.max_datagram);
         let relayed = &via != to;
-        if relayed {
-            // The relay's next link is unknown here and may be narrower than ours: stay within
-            // what every QUIC path carries. RELAY header here, RELAYED header (naming us) on
-            // the next link.
-            max = max.min(self.cfg.default_max_datagram);
-            max = max.saturating_sub(2 + to.len().max(self.me.len()));
-        }
         let parts = if datagram.len() <= max {
             vec![datagram.clone()]
         } else {
@@ -459,8 +658,19 @@ impl Switch {
             self.drop(DropReason::UnknownViolin);
             return;
         }
-        if !wire::is_group(&src) && !self.learn_local(now, violin_id, src, arp.as_ref(), out) {
-            self.drop(DropReason::StaleLocalAfterMove);
+        if let Some(arp) = &arp
+            && self
+                .violins
+                .get(&violin_id)
+                .is_some_and(|v| v.arp_spoofed(src, arp))
+        {
+            self.drop(DropReason::ArpSpoof);
+            return;
+        }
+        if !wire::is_group(&src)
+            && let Err(reason) = self.learn_local(now, violin_id, src, arp.as_ref(), out)
+        {
+            self.drop(reason);
             return;
         }
         if ethertype == ETHERTYPE_ARP
@@ -482,7 +692,13 @@ impl Switch {
         let target = if wire::is_group(&dst) {
             None
         } else {
-            match violin.macs.get(&dst).map(|e| &e.loc) {
+            // A managed VM's home stands in for an aged-out entry: no flooding towards it.
+            let loc = violin
+                .macs
+                .get(&dst)
+                .map(|e| &e.loc)
+                .or_else(|| violin.managed.get(&dst).and_then(|m| m.home.as_ref()));
+            match loc {
                 Some(Location::Local) => {
                     self.drop(DropReason::LocalDestination);
                     return;
@@ -491,6 +707,26 @@ impl Switch {
                 _ => None,
             }
         };
+        let mut buf = buf;
+        if self.cfg.mss_clamp {
+            // What the frame may take on the narrowest way it goes (all members if flooded).
+            let max_datagram = match &target {
+                Some(h) => self.route(h).map(|(_, max)| max),
+                None => self
+                    .members(violin)
+                    .iter()
+                    .filter_map(|h| self.route(h).map(|(_, max)| max))
+                    .min(),
+            };
+            if let Some(max) = max_datagram
+                && crate::mss::clamp(
+                    &mut buf[FRAME_HEADER_LEN..],
+                    max.saturating_sub(FRAME_HEADER_LEN),
+                )
+            {
+                self.counters.mss_clamped += 1;
+            }
+        }
         let datagram = wire::seal_frame(buf, violin_id, false);
         match target {
             Some(h) => self.send_datagram(&h, violin_id, &datagram, false, out),
@@ -503,7 +739,7 @@ impl Switch {
         }
     }
 
-    /// Learns `src` as local. Returns false if the frame must be dropped (hold-down).
+    /// Learns `src` as local, or says why the frame must be dropped.
     fn learn_local(
         &mut self,
         now: Instant,
@@ -511,47 +747,77 @@ impl Switch {
         src: Mac,
         arp: Option<&Arp>,
         out: &mut Vec<Output>,
-    ) -> bool {
+    ) -> Result<(), DropReason> {
         let me = self.me.clone();
         let hold = self.cfg.move_hold_down;
         let Some(v) = self.violins.get_mut(&violin_id) else {
-            return false;
+            return Err(DropReason::UnknownViolin);
         };
-        let ip = arp
-            .filter(|a| a.sha == src && a.spa != [0; 4])
-            .map(|a| Ipv4Addr::from(a.spa));
-        if let Some(ip) = ip
-            && v.arp.get(&ip).is_none_or(|(_, is_static)| !is_static)
-        {
-            v.arp.insert(ip, (src, false));
-        }
         let expected_here = v
             .expected
             .get(&src)
             .is_some_and(|(h, until)| *h == me && *until > now);
+        let held_down = v
+            .moved_away
+            .get(&src)
+            .is_some_and(|t| now.duration_since(*t) < hold);
+        if let Some(m) = v.managed.get(&src)
+            && matches!(m.home, Some(Location::Remote(_)))
+            && !expected_here
+        {
+            // Its home is elsewhere: either a late frame of a VM that just left, or theft.
+            return Err(if held_down {
+                DropReason::StaleLocalAfterMove
+            } else {
+                DropReason::SpoofedSource
+            });
+        }
+        let limits = self.cfg.learning;
+        let new_here = v.macs.get(&src).is_none_or(|e| e.loc != Location::Local);
+        if new_here && !v.managed.contains_key(&src) {
+            if !v.may_learn(&Location::Local, &limits) {
+                return Err(DropReason::MacLimit);
+            }
+            if !v
+                .local_learning
+                .take(now, limits.local_rate_per_s, limits.local_burst)
+            {
+                return Err(DropReason::LearnRateLimit);
+            }
+        }
+        let ip = arp
+            .filter(|a| a.sha == src && a.spa != [0; 4])
+            .map(|a| Ipv4Addr::from(a.spa));
+        if let Some(ip) = ip {
+            v.learn_ip(ip, src, &limits);
+        }
+        if let Some(m) = v.managed.get_mut(&src)
+            && m.home != Some(Location::Local)
+        {
+            m.move_home(Location::Local, now);
+        }
         let seq = match v.macs.get_mut(&src) {
             Some(e) if e.loc == Location::Local => {
                 e.last_seen = now;
                 if ip.is_none() || e.ip == ip {
-                    return true;
+                    return Ok(());
                 }
                 e.ip = ip;
                 e.seq // re-announce the new address with the same sequence number
             }
+            Some(_) if !expected_here && held_down => return Err(DropReason::StaleLocalAfterMove),
             Some(e) => {
-                if !expected_here
-                    && v.moved_away
-                        .get(&src)
-                        .is_some_and(|t| now.duration_since(*t) < hold)
-                {
-                    return false;
-                }
                 self.counters.mac_moves += 1;
-                tracing::info!(violin = %violin_id, mac = %wire::mac_to_string(&src), seq = e.seq + 1,
+                let (old, seq) = (e.loc.clone(), e.seq + 1);
+                tracing::info!(violin = %violin_id, mac = %wire::mac_to_string(&src), seq,
                     expected = expected_here, "mac moved here: seen on the local TAP");
-                e.seq + 1
+                v.note_moved(&src, &old, Location::Local);
+                seq
             }
-            None => 1,
+            None => {
+                v.note_learned(&src, Location::Local);
+                1
+            }
         };
         v.moved_away.remove(&src);
         v.expected.remove(&src);
@@ -571,12 +837,12 @@ impl Switch {
             ip,
         };
         let Some(v) = self.violins.get(&violin_id) else {
-            return true;
+            return Ok(());
         };
         for h in self.members(v) {
             self.send_control(&h, msg.clone(), out);
         }
-        true
+        Ok(())
     }
 
     fn answer_arp(&self, violin_id: ViolinId, req: &Arp) -> Option<Vec<u8>> {
@@ -703,25 +969,58 @@ impl Switch {
             return;
         };
         let arp = wire::parse_arp(&frame);
+        let hold = self.cfg.move_hold_down;
         let Some(v) = self.violins.get_mut(&violin_id) else {
             return;
         };
+        if arp.as_ref().is_some_and(|a| v.arp_spoofed(src, a)) {
+            self.drop(DropReason::ArpSpoof);
+            return;
+        }
+        let mut learn = !wire::is_group(&src);
+        let expected_from_sender = v
+            .expected
+            .get(&src)
+            .is_some_and(|(h, until)| h == from && *until > now);
+        if learn && let Some(m) = v.managed.get_mut(&src) {
+            let sender = Location::Remote(from.clone());
+            match &m.home {
+                None => m.home = Some(sender),
+                Some(home) if *home == sender => {}
+                Some(_) if expected_from_sender => m.move_home(sender, now),
+                Some(_) if m.just_left(&sender, now, hold) => {
+                    // In flight while the VM moved: deliver, but it does not move the MAC.
+                    self.counters.stale_source_frames += 1;
+                    learn = false;
+                }
+                Some(_) => {
+                    self.drop(DropReason::SpoofedSource);
+                    return;
+                }
+            }
+        }
+        let limits = self.cfg.learning;
+        let sender = Location::Remote(from.clone());
+        if learn
+            && !v.macs.contains_key(&src)
+            && !v.managed.contains_key(&src)
+            && !v.may_learn(&sender, &limits)
+        {
+            // Delivered all the same: the sending host enforced its own limits.
+            self.counters.learning_refused += 1;
+            learn = false;
+        }
         if let Some(a) = arp
+            && learn
             && a.sha == src
             && a.spa != [0; 4]
         {
-            let ip = Ipv4Addr::from(a.spa);
-            if v.arp.get(&ip).is_none_or(|(_, s)| !s) {
-                v.arp.insert(ip, (src, false));
-            }
+            v.learn_ip(Ipv4Addr::from(a.spa), src, &limits);
         }
-        if !wire::is_group(&src) {
-            let expected_from_sender = v
-                .expected
-                .get(&src)
-                .is_some_and(|(h, until)| h == from && *until > now);
+        if learn {
             match v.macs.get_mut(&src) {
                 None => {
+                    v.note_learned(&src, sender);
                     v.macs.insert(
                         src,
                         MacEntry {
@@ -738,13 +1037,14 @@ impl Switch {
                     if e.loc == Location::Local {
                         v.moved_away.insert(src, now);
                     }
-                    e.loc = Location::Remote(from.clone());
+                    let old = std::mem::replace(&mut e.loc, Location::Remote(from.clone()));
                     e.seq += 1;
                     e.last_seen = now;
-                    v.expected.remove(&src);
-                    self.counters.mac_moves += 1;
                     tracing::info!(violin = %violin_id, mac = %wire::mac_to_string(&src), seq = e.seq,
                         to = %from, "mac moved: first frame from the expected host");
+                    v.expected.remove(&src);
+                    v.note_moved(&src, &old, Location::Remote(from.clone()));
+                    self.counters.mac_moves += 1;
                 }
                 Some(_) => self.counters.stale_source_frames += 1,
             }
@@ -912,7 +1212,10 @@ impl Switch {
                     return;
                 }
                 let ttl = self.cfg.expect_move_ttl;
-                if let Some(v) = self.violins.get_mut(&violin) {
+                let limit = self.cfg.learning.per_violin;
+                if let Some(v) = self.violins.get_mut(&violin)
+                    && (v.expected.len() < limit + v.managed.len() || v.expected.contains_key(&mac))
+                {
                     v.expected.insert(mac, (host.into(), now + ttl));
                 }
             }
@@ -977,8 +1280,35 @@ impl Switch {
             return;
         };
         let here = Location::Remote(from.clone());
+        if let Some(m) = v.managed.get_mut(&mac) {
+            let expected = v
+                .expected
+                .get(&mac)
+                .is_some_and(|(h, until)| h == from && *until > now);
+            match &m.home {
+                None => m.home = Some(here.clone()),
+                Some(home) if *home == here => {}
+                Some(_) if expected => {
+                    m.move_home(here.clone(), now);
+                    v.expected.remove(&mac);
+                }
+                Some(_) => {
+                    self.drop(DropReason::SpoofedSource);
+                    return;
+                }
+            }
+        }
+        let limits = self.cfg.learning;
+        if !v.macs.contains_key(&mac)
+            && !v.managed.contains_key(&mac)
+            && !v.may_learn(&here, &limits)
+        {
+            self.counters.learning_refused += 1;
+            return;
+        }
         let hint = match v.macs.get_mut(&mac) {
             None => {
+                v.note_learned(&mac, here.clone());
                 v.macs.insert(
                     mac,
                     MacEntry {
@@ -991,20 +1321,22 @@ impl Switch {
                 None
             }
             Some(e) if seq > e.seq => {
-                if e.loc != here {
-                    if e.loc == Location::Local {
-                        v.moved_away.insert(mac, now);
-                    }
-                    self.counters.mac_moves += 1;
-                    tracing::info!(violin = %violin, mac = %wire::mac_to_string(&mac), seq, to = %from,
-                        "mac moved: announcement with a higher sequence");
-                }
+                let moved_from = (e.loc != here).then(|| e.loc.clone());
                 *e = MacEntry {
-                    loc: here,
+                    loc: here.clone(),
                     seq,
                     last_seen: now,
                     ip: ip.or(e.ip),
                 };
+                if let Some(old) = moved_from {
+                    if old == Location::Local {
+                        v.moved_away.insert(mac, now);
+                    }
+                    v.note_moved(&mac, &old, here);
+                    self.counters.mac_moves += 1;
+                    tracing::info!(violin = %violin, mac = %wire::mac_to_string(&mac), seq, to = %from,
+                        "mac moved: announcement with a higher sequence");
+                }
                 None
             }
             Some(e) if e.loc == here => {
@@ -1021,9 +1353,8 @@ impl Switch {
         };
         if let Some(ip) = ip
             && hint.is_none()
-            && v.arp.get(&ip).is_none_or(|(_, s)| !s)
         {
-            v.arp.insert(ip, (mac, false));
+            v.learn_ip(ip, mac, &limits);
         }
         if let Some(seq) = hint {
             self.send_control(
@@ -1087,9 +1418,23 @@ impl Switch {
                 .retain(|_, (mac, is_static)| *is_static || macs.contains_key(mac));
             v.expected.retain(|_, (_, until)| *until > now);
             v.moved_away.retain(|_, t| now.duration_since(*t) < hold);
+            v.recount_learned();
+            // A flood leaves tables with room for thousands: give the memory back.
+            shrink_if_sparse(&mut v.macs);
+            shrink_if_sparse(&mut v.arp);
+            shrink_if_sparse(&mut v.expected);
+            shrink_if_sparse(&mut v.moved_away);
         }
         self.reassembler.handle_timeout(now);
         self.counters.reassembly_evicted = self.reassembler.evicted;
+    }
+
+    /// Entries and capacity of the MAC table of `violin` (tests).
+    #[cfg(test)]
+    pub(crate) fn mac_table_size(&self, violin: ViolinId) -> (usize, usize) {
+        self.violins
+            .get(&violin)
+            .map_or((0, 0), |v| (v.macs.len(), v.macs.capacity()))
     }
 
     /// Where `mac` of `violin` is believed to be, with its sequence number.
@@ -1160,6 +1505,13 @@ impl Switch {
     }
 }
 
+/// Frees a map's memory once it holds less than a quarter of its capacity.
+fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
+    }
+}
+
 /// Helper for tests and the driver: a frame buffer with the reserved header in front.
 pub fn tap_buffer(frame: &[u8]) -> BytesMut {
     let mut b = BytesMut::with_capacity(FRAME_HEADER_LEN + frame.len());
@@ -1210,7 +1562,11 @@ pub fn fuzz_switch(data: &[u8]) {
                 id: v,
                 name: format!("v{i}"),
                 allowed: vec![HostPattern::new(if i == 0 { "*" } else { "b/*" })],
-                static_arp: vec![(Ipv4Addr::new(10, 0, 0, 9), [2, 0, 0, 0, 0, 9])],
+                vms: vec![ManagedVm {
+                    mac: [2, 0, 0, 0, 0, 9],
+                    ip: Ipv4Addr::new(10, 0, 0, 9),
+                    host: (i == 0).then(|| HostId::from("b/b0")),
+                }],
             },
             &mut out,
         );

@@ -38,7 +38,7 @@ use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
 use crate::sparse::{BusyPoll, SparsePath};
-use crate::switch::{Switch, SwitchConfig};
+use crate::switch::{LearningLimits, Switch, SwitchConfig};
 use viola_api::overlay::{BusyPollStatus, OverlayStatus};
 
 /// Why the daemon could not start or failed.
@@ -90,7 +90,6 @@ struct Ctx {
     endpoint: quinn::Endpoint,
     state: State,
     token: CancellationToken,
-    mtu: usize,
     cpu_wake_latency_us: Option<u32>,
     send_path: Arc<SparsePath>,
     busy: Arc<BusyPoll>,
@@ -155,7 +154,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         cfg.busy_poll_us,
     ))));
     let send_path = Arc::new(SparsePath::new(cfg.handoff_yield, busy.clone()));
-    let endpoint = net::endpoint(&cfg, &me_id, send_path.clone())?;
+    let (endpoint, udp_inode) = net::endpoint(&cfg, &me_id, send_path.clone())?;
     let local = endpoint.local_addr().map_err(io_err("local address"))?;
     info!(%local, "QUIC endpoint listening");
 
@@ -163,6 +162,14 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         me.clone(),
         SwitchConfig {
             mac_ageing: Duration::from_secs(cfg.mac_ageing_s),
+            learning: LearningLimits {
+                per_violin: cfg.max_macs_per_violin,
+                per_port: cfg.max_macs_per_port,
+                local_rate_per_s: cfg.mac_learn_rate,
+                local_burst: cfg.mac_learn_rate.saturating_mul(2),
+            },
+            mss_clamp: cfg.mss_clamp,
+            expect_move_ttl: Duration::from_secs(cfg.expect_move_ttl_s),
             ..SwitchConfig::default()
         },
     );
@@ -182,13 +189,16 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         out: Vec::new(),
         serial: 0,
         tap_path: SparsePath::new(cfg.handoff_yield, busy.clone()),
+        // Ethernet header and one VLAN tag.
+        max_frame: cfg.mtu as usize + 18,
+        drop_log: Default::default(),
+        kernel_drops: net::KernelDrops::new(udp_inode),
     }));
     let ctx = Rc::new(Ctx {
         me,
         endpoint: endpoint.clone(),
         state: state.clone(),
         token: token.clone(),
-        mtu: cfg.mtu as usize,
         cpu_wake_latency_us: cpu_latency.as_ref().map(CpuLatencyRequest::us),
         send_path,
         busy: busy.clone(),

@@ -16,10 +16,11 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{Identity, alpn};
 
 use super::{DaemonError, io_err};
+use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::local_runtime::LocalSetRuntime;
 use crate::sparse::{HandoffSocket, SparsePath};
-use crate::switch::{HostPattern, Switch, ViolinConfig};
+use crate::switch::{HostPattern, ManagedVm, Switch, ViolinConfig};
 use crate::wire::{self, ViolinId};
 
 /// A violin's TAP, readable through tokio.
@@ -40,12 +41,13 @@ impl Drop for Bridges {
 }
 
 /// The QUIC endpoint on `cfg.listen`, serving the overlay and control ALPNs; every send is a
-/// handoff on `send_path`.
+/// handoff on `send_path`. Also the inode of its UDP socket (to find its drops in
+/// `/proc/net/udp`).
 pub(super) fn endpoint(
     cfg: &OverlayConfig,
     me: &Identity,
     send_path: Arc<SparsePath>,
-) -> Result<quinn::Endpoint, DaemonError> {
+) -> Result<(quinn::Endpoint, Option<u64>), DaemonError> {
     let mut transport = quinn::TransportConfig::default();
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.upper_bound(cfg.quic_initial_mtu.max(1452));
@@ -79,6 +81,16 @@ pub(super) fn endpoint(
         libc::SO_SNDBUF,
         cfg.socket_buffer,
     );
+    let inode = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+        .ok()
+        .and_then(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        });
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(LocalSetRuntime);
     let udp = runtime
         .wrap_udp_socket(socket)
@@ -92,7 +104,61 @@ pub(super) fn endpoint(
     )
     .map_err(io_err("cannot create QUIC endpoint"))?;
     endpoint.set_default_client_config(client_cfg);
-    Ok(endpoint)
+    Ok((endpoint, inode))
+}
+
+/// What the kernel dropped on the daemon's own devices, counted from the first reading: frames
+/// a TAP dropped because its queue was full (the daemon did not read fast enough), and datagrams
+/// the UDP socket dropped with its receive buffer full.
+#[derive(Debug, Default)]
+pub(super) struct KernelDrops {
+    udp_inode: Option<u64>,
+    /// The first readings: (TAPs' tx_dropped by name, UDP drops).
+    baseline: Option<(HashMap<String, u64>, u64)>,
+}
+
+impl KernelDrops {
+    pub(super) fn new(udp_inode: Option<u64>) -> Self {
+        Self {
+            udp_inode,
+            baseline: None,
+        }
+    }
+
+    /// (TAP queue overflows, UDP receive overflows) since the first call.
+    pub(super) fn read<'a>(&mut self, taps: impl Iterator<Item = &'a str>) -> (u64, u64) {
+        let taps: HashMap<String, u64> = taps
+            .map(|t| {
+                let path = format!("/sys/class/net/{t}/statistics/tx_dropped");
+                let n = std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                (t.to_owned(), n)
+            })
+            .collect();
+        let udp = self.udp_inode.map_or(0, |inode| {
+            ["/proc/net/udp", "/proc/net/udp6"]
+                .iter()
+                .find_map(|p| udp_socket_drops(&std::fs::read_to_string(p).ok()?, inode))
+                .unwrap_or(0)
+        });
+        let (tap_base, udp_base) = self.baseline.get_or_insert_with(|| (taps.clone(), udp));
+        let tap_drops = taps
+            .iter()
+            .map(|(t, n)| n.saturating_sub(tap_base.get(t).copied().unwrap_or(0)))
+            .sum();
+        (tap_drops, udp.saturating_sub(*udp_base))
+    }
+}
+
+/// The `drops` column of the socket with `inode` in a `/proc/net/udp` table.
+fn udp_socket_drops(table: &str, inode: u64) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.get(9)?.parse::<u64>().ok()? == inode).then_some(())?;
+        cols.get(12)?.parse().ok()
+    })
 }
 
 /// Sets up each configured violin: its bridge and TAP, and its place in `switch`.
@@ -107,11 +173,15 @@ pub(super) fn violins(
     for v in &cfg.violins {
         let id = ViolinId::new(v.id)
             .ok_or_else(|| DaemonError::Config(format!("violin id {} exceeds 24 bits", v.id)))?;
-        let mut static_arp = Vec::new();
+        let mut vms = Vec::new();
         for vm in &v.vms {
             let mac = wire::parse_mac(&vm.mac)
                 .ok_or_else(|| DaemonError::Config(format!("bad MAC {:?}", vm.mac)))?;
-            static_arp.push((vm.ip, mac));
+            vms.push(ManagedVm {
+                mac,
+                ip: vm.ip,
+                host: vm.host.as_deref().map(HostId::from),
+            });
         }
         let br = v.bridge_name();
         if !link_exists(&br) {
@@ -146,7 +216,7 @@ pub(super) fn violins(
                 id,
                 name: v.name.clone(),
                 allowed: v.allowed.iter().map(|p| HostPattern::new(p)).collect(),
-                static_arp,
+                vms,
             },
             &mut out,
         );
@@ -189,5 +259,21 @@ fn set_buffer(fd: i32, opt_force: i32, opt: i32, size: usize) {
     if rc != 0 {
         // SAFETY: as above.
         unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, p, len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_udp_sockets_drops_are_found_by_inode() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  123: 00000000:1194 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4711 2 ffff8881 17
+  124: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4712 2 ffff8882 0
+";
+        assert_eq!(udp_socket_drops(table, 4711), Some(17));
+        assert_eq!(udp_socket_drops(table, 4712), Some(0));
+        assert_eq!(udp_socket_drops(table, 9), None);
     }
 }

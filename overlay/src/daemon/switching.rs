@@ -14,11 +14,12 @@ use tracing::warn;
 use tun_tap::Iface;
 
 use super::Ctx;
+use super::net::KernelDrops;
 use super::peers::PeerBook;
 use crate::HostId;
 use crate::control::ControlMsg;
 use crate::sparse::SparsePath;
-use crate::switch::{Output, Switch};
+use crate::switch::{DropReason, Output, Switch};
 use crate::wire::{FRAME_HEADER_LEN, ViolinId};
 
 labelled_enum! {
@@ -29,14 +30,29 @@ labelled_enum! {
         TapFull = "tap_full",
         /// Writing to the TAP failed otherwise.
         TapWrite = "tap_write",
+        /// A frame from a peer longer than the violin's MTU allows (plus Ethernet header and
+        /// one VLAN tag): the guests' ports would drop it silently.
+        DeliverOversize = "deliver_oversize",
+        /// A frame on the TAP longer than the MTU allows (read truncated).
+        TapOversize = "tap_oversize",
         /// A datagram above the connection's current limit.
         DatagramTooLarge = "datagram_too_large",
+        /// A datagram that displaced older ones from QUIC's full datagram send buffer (QUIC
+        /// drops the oldest; counted once per datagram sent into a full buffer).
+        DatagramBufferFull = "datagram_buffer_full",
         /// No connection to the next hop.
         NoConnection = "no_connection",
+        /// The connection to the next hop was lost while sending.
+        ConnectionLost = "connection_lost",
+        /// The peer does not take datagrams, or they are disabled here.
+        DatagramsUnsupported = "datagrams_unsupported",
+        /// Frames the kernel dropped because the TAP's queue was full (the daemon did not read
+        /// them in time).
+        TapQueueOverflow = "tap_queue_overflow",
+        /// Datagrams the kernel dropped because the UDP socket's receive buffer was full.
+        UdpReceiveOverflow = "udp_receive_overflow",
         /// The peer's control stream is too far behind.
         ControlQueueFull = "control_queue_full",
-        /// QUIC refused the datagram otherwise.
-        SendFailed = "send_failed",
         /// A control message from a peer that does not decode.
         ControlMalformed = "control_malformed",
     }
@@ -76,6 +92,34 @@ pub(super) struct Shared {
     pub(super) serial: u64,
     /// Sparse TAP writes: the frame's reader may be woken onto this CPU (see [`crate::sparse`]).
     pub(super) tap_path: SparsePath,
+    /// The longest frame a guest takes: MTU, Ethernet header and one VLAN tag.
+    pub(super) max_frame: usize,
+    /// Rate-limited log lines about drops.
+    pub(super) drop_log: DropLog,
+    /// The kernel's drops on the TAPs and the UDP socket.
+    pub(super) kernel_drops: KernelDrops,
+}
+
+/// Logs drops at most once per reason per [`DropLog::INTERVAL`], with the number since the
+/// last line: guests can make them happen at line rate.
+#[derive(Default)]
+pub(super) struct DropLog {
+    /// reason → (when last logged, total then).
+    logged: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl DropLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    /// `total` is the reason's counter now.
+    pub(super) fn observe(&mut self, now: Instant, reason: &'static str, total: u64) {
+        let (at, before) = self.logged.get(reason).copied().unwrap_or((now, 0));
+        let due = before == 0 || now.duration_since(at) >= Self::INTERVAL;
+        if total > before && due {
+            warn!(reason, dropped = total - before, total, "dropped");
+            self.logged.insert(reason, (now, total));
+        }
+    }
 }
 
 pub(super) type State = Rc<RefCell<Shared>>;
@@ -99,20 +143,33 @@ impl Shared {
                         self.count(DriverDrop::NoConnection);
                         continue;
                     };
+                    // QUIC makes room by dropping its oldest datagrams, without telling us.
+                    let displaces = c.conn.datagram_send_buffer_space() < datagram.len();
                     match c.conn.send_datagram(datagram) {
+                        Ok(()) if displaces => self.count(DriverDrop::DatagramBufferFull),
                         Ok(()) => {}
                         Err(quinn::SendDatagramError::TooLarge) => {
                             let max = c.conn.max_datagram_size().unwrap_or(0);
                             self.switch.set_max_datagram(&via, max);
                             self.count(DriverDrop::DatagramTooLarge);
                         }
-                        Err(_) => self.count(DriverDrop::SendFailed),
+                        Err(quinn::SendDatagramError::ConnectionLost(_)) => {
+                            self.count(DriverDrop::ConnectionLost);
+                        }
+                        Err(
+                            quinn::SendDatagramError::Disabled
+                            | quinn::SendDatagramError::UnsupportedByPeer,
+                        ) => self.count(DriverDrop::DatagramsUnsupported),
                     }
                 }
                 Output::Deliver { violin, frame } => {
                     let Some(tap) = self.taps.get(&violin) else {
                         continue;
                     };
+                    if frame.len() > self.max_frame {
+                        self.count(DriverDrop::DeliverOversize);
+                        continue;
+                    }
                     match tap.get_ref().send(&frame) {
                         Ok(_) => self.tap_path.after_handoff(),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -141,8 +198,7 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
     let Some(tap) = ctx.state.borrow().taps.get(&violin).cloned() else {
         return;
     };
-    // Ethernet header + VLAN tag + payload.
-    let max_frame = ctx.mtu + 18;
+    let max_frame = ctx.state.borrow().max_frame;
     let mut slab = BytesMut::with_capacity(256 * 1024);
     loop {
         let mut guard = tokio::select! {
@@ -157,9 +213,14 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
             if slab.capacity() < FRAME_HEADER_LEN + max_frame {
                 slab.reserve(256 * 1024);
             }
-            slab.resize(FRAME_HEADER_LEN + max_frame, 0);
+            // One byte more than a frame may have, to see longer ones.
+            slab.resize(FRAME_HEADER_LEN + max_frame + 1, 0);
             let res = guard.try_io(|inner| inner.get_ref().recv(&mut slab[FRAME_HEADER_LEN..]));
             match res {
+                Ok(Ok(n)) if n > max_frame => {
+                    slab.clear();
+                    ctx.state.borrow_mut().count(DriverDrop::TapOversize);
+                }
                 Ok(Ok(n)) => {
                     slab.truncate(FRAME_HEADER_LEN + n);
                     let buf = slab.split();
@@ -190,6 +251,7 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
 /// Drives the core's timers and keeps its datagram limits in step with QUIC's.
 pub(super) async fn ticker(ctx: Rc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             () = ctx.token.cancelled() => return,
@@ -197,7 +259,25 @@ pub(super) async fn ticker(ctx: Rc<Ctx>) {
         }
         let mut st = ctx.state.borrow_mut();
         let st = &mut *st;
-        st.switch.handle_timeout(Instant::now());
+        let now = Instant::now();
+        st.switch.handle_timeout(now);
+        ticks += 1;
+        if ticks.is_multiple_of(4) {
+            let taps = st.taps.values().map(|t| t.get_ref().name());
+            let (tap, udp) = st.kernel_drops.read(taps);
+            st.driver_drops.insert(DriverDrop::TapQueueOverflow, tap);
+            st.driver_drops.insert(DriverDrop::UdpReceiveOverflow, udp);
+        }
+        let counters = st.switch.counters();
+        for r in DropReason::ALL {
+            let n = counters.drops.get(r.as_str()).copied().unwrap_or(0);
+            st.drop_log.observe(now, r.as_str(), n);
+        }
+        st.drop_log
+            .observe(now, "learning_refused", counters.learning_refused);
+        for (d, n) in &st.driver_drops {
+            st.drop_log.observe(now, d.as_str(), *n);
+        }
         let sizes: Vec<(HostId, usize)> = st
             .conns
             .iter()
@@ -206,5 +286,30 @@ pub(super) async fn ticker(ctx: Rc<Ctx>) {
         for (h, m) in sizes {
             st.switch.set_max_datagram(&h, m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_logged_at_most_once_per_reason_per_interval() {
+        let mut log = DropLog::default();
+        let t0 = Instant::now();
+        log.observe(t0, "mac_limit", 0);
+        assert!(log.logged.is_empty(), "nothing dropped, nothing logged");
+        log.observe(t0, "mac_limit", 5);
+        assert_eq!(log.logged["mac_limit"], (t0, 5));
+        log.observe(t0 + Duration::from_secs(9), "mac_limit", 900);
+        assert_eq!(log.logged["mac_limit"], (t0, 5), "logged again within 10 s");
+        log.observe(t0 + Duration::from_secs(9), "tap_full", 1);
+        assert_eq!(
+            log.logged["tap_full"].1, 1,
+            "reasons are limited separately"
+        );
+        let t10 = t0 + Duration::from_secs(10);
+        log.observe(t10, "mac_limit", 1000);
+        assert_eq!(log.logged["mac_limit"], (t10, 1000));
     }
 }
