@@ -14,7 +14,9 @@
 //!   during and after, the observer's pings answered);
 //! - TCP from the observer to the victim (both at MTU 1500): the SYNs' MSS is clamped and the
 //!   stream's full segments cross in one datagram each (printed: throughput through the overlay
-//!   and between the hosts without it, fragmented frames).
+//!   and between the hosts without it, fragmented frames);
+//! - UDP from the observer to the victim at 300 Mbit/s over the 200 Mbit/s WAN: the datagrams
+//!   iperf3 lost are the drops the daemons counted, within 5 % (printed by reason).
 
 use std::process::{Command, Stdio};
 use std::thread::sleep;
@@ -356,7 +358,81 @@ vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
         fragmented * 100 <= sent,
         "{fragmented} of {sent} frames were fragmented"
     );
+
+    // 5. UDP above the WAN's rate (300 Mbit/s offered, 200 Mbit/s WAN): whatever iperf3 lost
+    // shows in the daemons' counters (the core's drops, the driver's, the kernel's on the
+    // daemons' devices and what QUIC declared lost on the WAN), within 5 %.
+    let (counted_before, _) = drops_counted(&o)?;
+    let (sent, lost) = udp_loss(victim, observer, VICTIM_IP, 300, 5)?;
+    // Kernel and QUIC loss counters are read once a second.
+    sleep(Duration::from_secs(2));
+    let (counted_after, by_reason) = drops_counted(&o)?;
+    let counted = counted_after - counted_before;
+    eprintln!(
+        "UDP overload c1 -> a1: iperf3 sent {sent} datagrams, lost {lost}; the daemons counted {counted} drops: {by_reason:?}"
+    );
+    assert!(lost > 0, "300 Mbit/s over a 200 Mbit/s WAN lost nothing");
+    assert!(
+        counted.abs_diff(lost) * 100 <= lost * 5 + 100,
+        "iperf3 lost {lost} datagrams, the counters say {counted}: {by_reason:?}"
+    );
     drop(o);
     drop(lab);
     Ok(())
+}
+
+/// Every drop the daemons counted, in total and by daemon and reason (non-zero only).
+fn drops_counted(o: &Overlay) -> Result<(u64, Vec<(String, u64)>)> {
+    let mut by_reason = Vec::new();
+    for h in HOSTS {
+        let s = o.status(h)?;
+        for group in [&s["switch"]["counters"]["drops"], &s["driver_drops"]] {
+            for (reason, n) in group.as_object().context("no drop counters")? {
+                let n = n.as_u64().unwrap_or(0);
+                if n > 0 {
+                    by_reason.push((format!("{h}/{reason}"), n));
+                }
+            }
+        }
+    }
+    Ok((by_reason.iter().map(|(_, n)| n).sum(), by_reason))
+}
+
+/// UDP from namespace `client` to `server_ip` (in `server`) at `mbit` Mbit/s for `seconds`, in
+/// 1000-byte datagrams (one overlay datagram each): (datagrams sent, lost) as iperf3 counts.
+fn udp_loss(
+    server: &str,
+    client: &str,
+    server_ip: &str,
+    mbit: u32,
+    seconds: u32,
+) -> Result<(u64, u64)> {
+    let mut iperf_server = Command::new("ip")
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5312"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    sleep(Duration::from_millis(500));
+    let iperf = run(Command::new("ip")
+        .args([
+            "netns", "exec", client, "timeout", "30", "iperf3", "-c", server_ip,
+        ])
+        .args(["-p", "5312", "-u", "-l", "1000", "-w", "4M", "-J"])
+        .args(["-b", &format!("{mbit}M"), "-t", &seconds.to_string()]));
+    let _ = iperf_server.kill();
+    let _ = iperf_server.wait();
+    let iperf = iperf?;
+    anyhow::ensure!(
+        iperf.status.success(),
+        "iperf3 -u {client} -> {server_ip} failed: {}",
+        String::from_utf8_lossy(&iperf.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&iperf.stdout)?;
+    let sum = &report["end"]["sum"];
+    let field = |k: &str| {
+        sum[k]
+            .as_u64()
+            .with_context(|| format!("no {k} in iperf3's report: {sum}"))
+    };
+    Ok((field("packets")?, field("lost_packets")?))
 }

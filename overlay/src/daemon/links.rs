@@ -164,6 +164,7 @@ async fn serve_link(ctx: Rc<Ctx>, conn: quinn::Connection, dialed: bool) {
                 ctl: ctl_tx.clone(),
                 since: now,
                 serial,
+                lost_counted: conn.stats().path.lost_packets,
             },
         );
         let known = st.peers.link_up(&host, remote);

@@ -55,6 +55,10 @@ labelled_enum! {
         ControlQueueFull = "control_queue_full",
         /// A control message from a peer that does not decode.
         ControlMalformed = "control_malformed",
+        /// Packets to peers that QUIC declared lost on the way (the WAN dropped them; each
+        /// carried a datagram or control data). Read once a second from each connection's
+        /// statistics, so up to a second of a closing connection's losses is not counted.
+        WanLost = "wan_lost",
     }
 }
 
@@ -77,6 +81,8 @@ pub(super) struct Conn {
     pub(super) since: Instant,
     /// Tells this connection from a later one to the same host.
     pub(super) serial: u64,
+    /// QUIC's lost-packet count when last added to [`DriverDrop::WanLost`].
+    pub(super) lost_counted: u64,
 }
 
 /// What the daemon's tasks share (all on one thread).
@@ -267,6 +273,15 @@ pub(super) async fn ticker(ctx: Rc<Ctx>) {
             let (tap, udp) = st.kernel_drops.read(taps);
             st.driver_drops.insert(DriverDrop::TapQueueOverflow, tap);
             st.driver_drops.insert(DriverDrop::UdpReceiveOverflow, udp);
+            let mut lost = 0;
+            for c in st.conns.values_mut() {
+                let now_lost = c.conn.stats().path.lost_packets;
+                lost += now_lost.saturating_sub(c.lost_counted);
+                c.lost_counted = now_lost;
+            }
+            if lost > 0 {
+                *st.driver_drops.entry(DriverDrop::WanLost).or_default() += lost;
+            }
         }
         let counters = st.switch.counters();
         for r in DropReason::ALL {
