@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::control::{self, ControlMsg, PeerAddr};
-use crate::wire::{self, Arp, BROADCAST, ViolinId};
+use crate::wire::{self, Arp, BROADCAST, Nd, ViolinId};
 
 fn check(target: &str, seeds: &[(&str, Vec<u8>)], run: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,6 +24,18 @@ fn arp_frame() -> Vec<u8> {
         tpa: [10, 1, 0, 2],
     };
     wire::build_arp(BROADCAST, arp.sha, &arp)
+}
+
+fn nd_frame() -> Vec<u8> {
+    let mac = [2, 0, 0, 0, 0, 1];
+    let ll = wire::eui64_link_local(&mac);
+    let nd = Nd {
+        advert: true,
+        src_ip: ll,
+        target: ll,
+        lladdr: Some(mac),
+    };
+    wire::build_nd(BROADCAST, mac, &nd)
 }
 
 #[test]
@@ -51,6 +63,9 @@ fn fuzz_seeds() {
                     .unwrap()
                     .to_vec(),
             ),
+            // Bare Ethernet frames, as guests send them.
+            ("arp", arp_frame()),
+            ("neighbour_advert", nd_frame()),
         ],
         wire::fuzz_decode,
     );

@@ -821,6 +821,79 @@ fn arp_for_a_managed_address_cannot_be_poisoned() {
 }
 
 #[test]
+fn neighbour_discovery_for_a_managed_vm_cannot_be_poisoned() {
+    let mut s = managed_victim(Some("a/a1"));
+    let victim_ll = wire::eui64_link_local(&mac(5));
+    let global: std::net::Ipv6Addr = "fd00::5".parse().unwrap();
+    let advert = |target, lladdr| wire::Nd {
+        advert: true,
+        src_ip: target,
+        target,
+        lladdr: Some(lladdr),
+    };
+    // The spoofer advertises the victim's link-local address at its own MAC, and its own
+    // address naming the victim's MAC: both dropped on its host, nothing forwarded.
+    s.tap(
+        "b/b1",
+        1,
+        &wire::build_nd(BROADCAST, mac(7), &advert(victim_ll, mac(7))),
+    );
+    let own_ll = wire::eui64_link_local(&mac(7));
+    s.tap(
+        "b/b1",
+        1,
+        &wire::build_nd(BROADCAST, mac(7), &advert(own_ll, mac(5))),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::NdSpoof), 2);
+    assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 0, "forwarded");
+    // The victim's duplicate address detection claims its global address first; from then on
+    // the spoofer cannot advertise it, on its own host or from another.
+    let dad = wire::Nd {
+        advert: false,
+        src_ip: std::net::Ipv6Addr::UNSPECIFIED,
+        target: global,
+        lladdr: None,
+    };
+    s.tap("a/a1", 1, &wire::build_nd(BROADCAST, mac(5), &dad));
+    s.tap(
+        "a/a1",
+        1,
+        &wire::build_nd(BROADCAST, mac(5), &advert(victim_ll, mac(5))),
+    );
+    assert_eq!(
+        s.drops("a/a1", DropReason::NdSpoof),
+        0,
+        "the victim's own ND"
+    );
+    s.run();
+    s.clear();
+    s.tap(
+        "b/b1",
+        1,
+        &wire::build_nd(BROADCAST, mac(7), &advert(global, mac(7))),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::NdSpoof), 3);
+    let now = s.now;
+    let mut out = Vec::new();
+    let forged = wire::encode_frame(
+        v(1),
+        &wire::build_nd(BROADCAST, mac(7), &advert(global, mac(7))),
+        false,
+    );
+    s.sw("c/c1")
+        .handle_datagram(now, &h("b/b1"), forged, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(s.drops("c/c1", DropReason::NdSpoof), 1);
+    // An unmanaged guest's own neighbour discovery passes.
+    s.tap(
+        "b/b1",
+        1,
+        &wire::build_nd(BROADCAST, mac(7), &advert(own_ll, mac(7))),
+    );
+    assert_eq!(s.drops("b/b1", DropReason::NdSpoof), 3);
+}
+
+#[test]
 fn a_flood_of_source_macs_is_bounded_and_spares_managed_vms() {
     let mut s = managed_victim(Some("a/a1"));
     let limits = SwitchConfig::default().learning;

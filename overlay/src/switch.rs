@@ -20,7 +20,7 @@
 //!   managed address or MAC for someone else is dropped ([`DropReason::ArpSpoof`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -28,7 +28,9 @@ use bytes::{Bytes, BytesMut};
 use crate::HostId;
 use crate::control::ControlMsg;
 use crate::reassembly::{Fragment, Reassembler, ReassemblyLimits};
-use crate::wire::{self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, ViolinId};
+use crate::wire::{
+    self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, Nd, ViolinId,
+};
 use viola_api::overlay::{Counters, MacStatus, PeerStatus, SwitchStatus, ViolinStatus};
 
 /// Tunables of the core.
@@ -183,6 +185,9 @@ labelled_enum! {
         /// ARP claiming a managed VM's address with another MAC, or a managed MAC sent by
         /// someone else.
         ArpSpoof = "arp_spoof",
+        /// An IPv6 neighbour solicitation or advertisement claiming a managed VM's IPv6
+        /// address from another MAC, or naming a managed MAC someone else sent.
+        NdSpoof = "nd_spoof",
     }
 }
 
@@ -279,6 +284,10 @@ struct Violin {
     managed: HashMap<Mac, Managed>,
     /// ARP knowledge: ip → (mac, managed).
     arp: HashMap<Ipv4Addr, (Mac, bool)>,
+    /// Managed VMs' IPv6 addresses → their MAC: each one's EUI-64 link-local from the start,
+    /// and the addresses it claims itself (duplicate address detection, advertisements) once
+    /// seen, [`ND_ADDRESSES_PER_VM`] at most per VM.
+    nd: HashMap<Ipv6Addr, Mac>,
     /// mac → (host it will appear on, until).
     expected: HashMap<Mac, (HostId, Instant)>,
     /// mac → when it moved away from here.
@@ -337,6 +346,33 @@ impl Violin {
         }
     }
 
+    /// Whether `nd` (in a frame from `src`) claims a managed VM's IPv6 address from another
+    /// MAC, or names a managed MAC as the link-layer address of a frame someone else sent.
+    fn nd_spoofed(&self, src: Mac, nd: &Nd) -> bool {
+        let names_other_managed = nd
+            .lladdr
+            .is_some_and(|m| m != src && self.managed.contains_key(&m));
+        names_other_managed
+            || nd_claims(nd).any(|ip| self.nd.get(&ip).is_some_and(|owner| *owner != src))
+    }
+
+    /// Records the IPv6 addresses a managed VM claims for itself (after [`Self::nd_spoofed`]
+    /// let the frame through).
+    fn note_nd_claims(&mut self, src: Mac, nd: &Nd) {
+        if !self.managed.contains_key(&src) {
+            return;
+        }
+        for ip in nd_claims(nd) {
+            if self.nd.contains_key(&ip) {
+                continue;
+            }
+            if self.nd.values().filter(|m| **m == src).count() >= ND_ADDRESSES_PER_VM {
+                return;
+            }
+            self.nd.insert(ip, src);
+        }
+    }
+
     /// Whether `arp` (in a frame from `src`) claims a managed VM's address with another MAC, or
     /// a managed MAC for a frame some other MAC sent.
     fn arp_spoofed(&self, src: Mac, arp: &Arp) -> bool {
@@ -347,6 +383,20 @@ impl Violin {
                 .is_some_and(|(mac, managed)| *managed && *mac != arp.sha);
         claims_managed_ip || (arp.sha != src && self.managed.contains_key(&arp.sha))
     }
+}
+
+/// IPv6 addresses remembered per managed VM (its link-local and a few global ones).
+const ND_ADDRESSES_PER_VM: usize = 16;
+
+/// The addresses an ND message claims for its sender: an advertisement's target, a
+/// solicitation's source, and the tentative target of duplicate address detection.
+fn nd_claims(nd: &Nd) -> impl Iterator<Item = Ipv6Addr> {
+    let claimed = if nd.advert || nd.src_ip.is_unspecified() {
+        nd.target
+    } else {
+        nd.src_ip
+    };
+    std::iter::once(claimed).filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
 }
 
 #[derive(Debug, Default)]
@@ -399,6 +449,11 @@ impl Switch {
     /// Makes this host a member of a violin and tells connected peers.
     pub fn add_violin(&mut self, cfg: ViolinConfig, out: &mut Vec<Output>) {
         let arp = cfg.vms.iter().map(|vm| (vm.ip, (vm.mac, true))).collect();
+        let nd = cfg
+            .vms
+            .iter()
+            .map(|vm| (wire::eui64_link_local(&vm.mac), vm.mac))
+            .collect();
         let managed = cfg
             .vms
             .iter()
@@ -420,6 +475,7 @@ impl Switch {
                 macs: HashMap::new(),
                 managed,
                 arp,
+                nd,
                 expected: HashMap::new(),
                 moved_away: HashMap::new(),
                 learned: HashMap::new(),
@@ -667,11 +723,27 @@ impl Switch {
             self.drop(DropReason::ArpSpoof);
             return;
         }
+        let nd = wire::parse_nd(frame);
+        if let Some(nd) = &nd
+            && self
+                .violins
+                .get(&violin_id)
+                .is_some_and(|v| v.nd_spoofed(src, nd))
+        {
+            self.drop(DropReason::NdSpoof);
+            return;
+        }
         if !wire::is_group(&src)
             && let Err(reason) = self.learn_local(now, violin_id, src, arp.as_ref(), out)
         {
             self.drop(reason);
             return;
+        }
+        // Past port security: what a managed VM claims is its own.
+        if let Some(nd) = &nd
+            && let Some(v) = self.violins.get_mut(&violin_id)
+        {
+            v.note_nd_claims(src, nd);
         }
         if ethertype == ETHERTYPE_ARP
             && let Some(arp) = arp
@@ -977,6 +1049,11 @@ impl Switch {
             self.drop(DropReason::ArpSpoof);
             return;
         }
+        let nd = wire::parse_nd(&frame);
+        if nd.as_ref().is_some_and(|n| v.nd_spoofed(src, n)) {
+            self.drop(DropReason::NdSpoof);
+            return;
+        }
         let mut learn = !wire::is_group(&src);
         let expected_from_sender = v
             .expected
@@ -1016,6 +1093,12 @@ impl Switch {
             && a.spa != [0; 4]
         {
             v.learn_ip(Ipv4Addr::from(a.spa), src, &limits);
+        }
+        // Past port security: what a managed VM claims is its own.
+        if let Some(nd) = &nd
+            && learn
+        {
+            v.note_nd_claims(src, nd);
         }
         if learn {
             match v.macs.get_mut(&src) {

@@ -401,6 +401,86 @@ pub fn parse_arp(frame: &[u8]) -> Option<Arp> {
     })
 }
 
+/// EtherType of IPv6.
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+
+/// An IPv6 neighbour solicitation or advertisement (RFC 4861 §4.3, §4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nd {
+    /// An advertisement (136); else a solicitation (135).
+    pub advert: bool,
+    /// The packet's IPv6 source (`::` in duplicate address detection).
+    pub src_ip: std::net::Ipv6Addr,
+    /// The address solicited or advertised.
+    pub target: std::net::Ipv6Addr,
+    /// The source (solicitation) or target (advertisement) link-layer address option.
+    pub lladdr: Option<Mac>,
+}
+
+/// Parses an untagged IPv6 neighbour solicitation or advertisement: ICMPv6 right after the
+/// IPv6 header (ND messages carry no extension headers). Anything else is `None`.
+pub fn parse_nd(frame: &[u8]) -> Option<Nd> {
+    const IPV6_HEADER_LEN: usize = 40;
+    const ICMPV6: u8 = 58;
+    let (_, _, ethertype) = ethernet(frame)?;
+    if ethertype != ETHERTYPE_IPV6 {
+        return None;
+    }
+    let ip = frame.get(ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + IPV6_HEADER_LEN)?;
+    if ip[0] >> 4 != 6 || ip[6] != ICMPV6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let start = ETHERNET_HEADER_LEN + IPV6_HEADER_LEN;
+    let icmp = frame.get(start..start + payload_len)?;
+    let (advert, option_wanted) = match icmp.first()? {
+        135 => (false, 1),
+        136 => (true, 2),
+        _ => return None,
+    };
+    let addr = |b: &[u8]| -> Option<std::net::Ipv6Addr> {
+        Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?))
+    };
+    let src_ip = addr(&ip[8..24])?;
+    let target = addr(icmp.get(8..24)?)?;
+    let mut lladdr = None;
+    let mut options = &icmp[24..];
+    while options.len() >= 2 {
+        let len = usize::from(options[1]) * 8;
+        if len == 0 || len > options.len() {
+            // RFC 4861 §4.6: a zero-length option makes the whole packet invalid.
+            return None;
+        }
+        if options[0] == option_wanted && len == 8 {
+            lladdr = Some(<Mac>::try_from(&options[2..8]).ok()?);
+        }
+        options = &options[len..];
+    }
+    Some(Nd {
+        advert,
+        src_ip,
+        target,
+        lladdr,
+    })
+}
+
+/// The link-local address a guest forms from `mac` by default (modified EUI-64, RFC 4291
+/// appendix A): `fe80::` + the MAC with `ff:fe` in the middle and the U/L bit flipped.
+pub fn eui64_link_local(mac: &Mac) -> std::net::Ipv6Addr {
+    let mut a = [0u8; 16];
+    a[0] = 0xfe;
+    a[1] = 0x80;
+    a[8] = mac[0] ^ 0x02;
+    a[9] = mac[1];
+    a[10] = mac[2];
+    a[11] = 0xff;
+    a[12] = 0xfe;
+    a[13] = mac[3];
+    a[14] = mac[4];
+    a[15] = mac[5];
+    std::net::Ipv6Addr::from(a)
+}
+
 /// Builds an Ethernet frame carrying an ARP packet (padded to the 60-byte minimum).
 pub fn build_arp(dst: Mac, src: Mac, arp: &Arp) -> Vec<u8> {
     let mut f = Vec::with_capacity(60);
@@ -417,15 +497,55 @@ pub fn build_arp(dst: Mac, src: Mac, arp: &Arp) -> Vec<u8> {
     f
 }
 
-/// Fuzz entry point: decodes arbitrary bytes as a datagram and as an Ethernet/ARP frame.
+/// Builds an Ethernet frame carrying an IPv6 neighbour solicitation or advertisement (hop
+/// limit 255, ICMPv6 checksum left zero: the switch does not check it, guests do).
+pub fn build_nd(dst: Mac, src: Mac, nd: &Nd) -> Vec<u8> {
+    let option_len = if nd.lladdr.is_some() { 8 } else { 0 };
+    let icmp_len = 24 + option_len;
+    let mut f = Vec::with_capacity(ETHERNET_HEADER_LEN + 40 + icmp_len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&nd.src_ip.octets());
+    // Destination: all-nodes for an advertisement, the target's solicited-node group else.
+    let t = nd.target.octets();
+    let dst_ip: [u8; 16] = if nd.advert {
+        [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    } else {
+        [
+            0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+        ]
+    };
+    f.extend_from_slice(&dst_ip);
+    let (icmp_type, option_type, flags) = if nd.advert {
+        (136, 2, 0x20) // override
+    } else {
+        (135, 1, 0)
+    };
+    f.extend_from_slice(&[icmp_type, 0, 0, 0, flags, 0, 0, 0]);
+    f.extend_from_slice(&t);
+    if let Some(mac) = nd.lladdr {
+        f.extend_from_slice(&[option_type, 1]);
+        f.extend_from_slice(&mac);
+    }
+    f
+}
+
+/// Fuzz entry point: decodes arbitrary bytes as a datagram and as an Ethernet/ARP/ND frame.
 /// Must never panic; whatever decodes re-encodes to the bytes it came from.
 pub fn fuzz_decode(data: &[u8]) {
     fuzz_datagram(&Bytes::copy_from_slice(data), 0);
     let _ = ethernet(data);
+    let (dst, src, _) = ethernet(data).unwrap_or_default();
     if let Some(arp) = parse_arp(data) {
         // parse_arp accepts trailing bytes and ignores the padding, so compare the parsed part.
-        let (dst, src, _) = ethernet(data).unwrap_or_default();
         assert_eq!(parse_arp(&build_arp(dst, src, &arp)), Some(arp));
+    }
+    if let Some(nd) = parse_nd(data) {
+        assert_eq!(parse_nd(&build_nd(dst, src, &nd)), Some(nd));
     }
 }
 
@@ -559,6 +679,61 @@ mod tests {
         ] {
             fuzz_decode(data);
         }
+    }
+
+    #[test]
+    fn neighbour_discovery_parses_what_it_builds_and_the_eui64_link_local_is_standard() {
+        let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+        let ll = eui64_link_local(&mac);
+        assert_eq!(
+            ll,
+            "fe80::5054:ff:fe12:3456"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+        );
+        for (advert, src_ip, lladdr) in [
+            (true, ll, Some(mac)),
+            (false, ll, Some(mac)),
+            (false, std::net::Ipv6Addr::UNSPECIFIED, None),
+        ] {
+            let nd = Nd {
+                advert,
+                src_ip,
+                target: ll,
+                lladdr,
+            };
+            let f = build_nd(BROADCAST, mac, &nd);
+            assert_eq!(parse_nd(&f), Some(nd));
+            // Cut short, or with a zero-length option: not ND.
+            assert_eq!(parse_nd(&f[..f.len() - 1]), None);
+        }
+        let mut zero_option = build_nd(
+            BROADCAST,
+            mac,
+            &Nd {
+                advert: true,
+                src_ip: ll,
+                target: ll,
+                lladdr: Some(mac),
+            },
+        );
+        let at = zero_option.len() - 7;
+        zero_option[at] = 0;
+        assert_eq!(parse_nd(&zero_option), None);
+        assert_eq!(
+            parse_nd(&build_arp(
+                BROADCAST,
+                mac,
+                &Arp {
+                    op: 1,
+                    sha: mac,
+                    spa: [10, 0, 0, 1],
+                    tha: [0; 6],
+                    tpa: [10, 0, 0, 2]
+                }
+            )),
+            None
+        );
     }
 
     proptest! {

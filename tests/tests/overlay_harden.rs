@@ -8,6 +8,9 @@
 //! - the spoofer sends gratuitous ARP claiming the victim's address at its own MAC: its daemon
 //!   drops it (`arp_spoof`), and the observer, its ARP cache flushed, still resolves the victim's
 //!   address to the victim's MAC;
+//! - the spoofer advertises the victim's IPv6 address (claimed by the victim's duplicate
+//!   address detection) at its own MAC: its daemon drops it (`nd_spoof`) and the observer's
+//!   neighbour entry keeps the victim's MAC;
 //! - the spoofer floods frames from random source MACs for 10 s: its daemon keeps its MAC
 //!   table within the limits and drops the rest (`learn_rate_limit`, `mac_limit`), the observer
 //!   keeps reaching the victim, and the daemons' memory stays bounded (printed: RSS before,
@@ -76,6 +79,53 @@ for _ in range({count}):
     );
     run_ok(Command::new("ip").args(["netns", "exec", ns, "python3", "-c", &script]))?;
     Ok(())
+}
+
+/// Sends `count` unsolicited IPv6 neighbour advertisements (override flag set, to all nodes)
+/// from `ns`'s eth0 claiming `ip6` at its own MAC, with a valid ICMPv6 checksum: a guest that
+/// got one would overwrite its neighbour entry.
+fn unsolicited_advert(ns: &str, own_mac: &str, ip6: &str, count: u32) -> Result<()> {
+    let script = format!(
+        r#"
+import socket, struct, time
+mac = bytes.fromhex("{mac}")
+target = socket.inet_pton(socket.AF_INET6, "{ip6}")
+src, dst = target, socket.inet_pton(socket.AF_INET6, "ff02::1")
+body = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + target + b"\x02\x01" + mac
+pseudo = src + dst + struct.pack("!I3xB", len(body), 58) + body
+total = sum(struct.unpack("!%dH" % (len(pseudo) // 2), pseudo))
+while total >> 16:
+    total = (total & 0xffff) + (total >> 16)
+body = body[:2] + struct.pack("!H", ~total & 0xffff) + body[4:]
+ip = struct.pack("!IHBB", 0x60000000, len(body), 58, 255) + src + dst
+frame = b"\x33\x33\x00\x00\x00\x01" + mac + b"\x86\xdd" + ip + body
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for _ in range({count}):
+    s.send(frame)
+    time.sleep(0.1)
+"#,
+        mac = own_mac.replace(':', ""),
+    );
+    run_ok(Command::new("ip").args(["netns", "exec", ns, "python3", "-c", &script]))?;
+    Ok(())
+}
+
+/// Adds `addr` (IPv6, with prefix) to `ns`'s eth0 and waits for duplicate address detection.
+fn add_ipv6(ns: &str, addr: &str) -> Result<()> {
+    run_ok(Command::new("ip").args(["-n", ns, "addr", "add", addr, "dev", "eth0"]))?;
+    let ip = addr.split('/').next().unwrap_or(addr);
+    for _ in 0..50 {
+        let out = run_ok(Command::new("ip").args(["-n", ns, "-6", "addr", "show", "dev", "eth0"]))?;
+        if out
+            .lines()
+            .any(|l| l.contains(ip) && !l.contains("tentative"))
+        {
+            return Ok(());
+        }
+        sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("{addr} in {ns} stayed tentative")
 }
 
 /// Floods broadcast frames from random source MACs out of `ns`'s eth0 for `seconds`; returns
@@ -276,6 +326,39 @@ vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
     assert_eq!(arp_spoof, 5, "b1 did not drop every gratuitous ARP");
     assert_eq!(resolved, VICTIM_MAC, "the observer's ARP was poisoned");
     assert!(answered >= 4, "the victim lost traffic: {answered}/5");
+
+    // 2b. IPv6 neighbour discovery: the victim's duplicate address detection claims its
+    // address; the spoofer's advertisements of it at its own MAC are dropped (`nd_spoof`), and
+    // the observer's neighbour entry keeps the victim's MAC.
+    add_ipv6(victim, "fd00::1/64")?;
+    add_ipv6(observer, "fd00::3/64")?;
+    add_ipv6(spoofer, "fd00::2/64")?;
+    let answered_before = pings_answered(observer, "fd00::1", 3)?;
+    unsolicited_advert(spoofer, &spoofer_mac, "fd00::1", 5)?;
+    sleep(Duration::from_millis(300));
+    let nd_spoof = counter(
+        &o.status("b1")?,
+        &["switch", "counters", "drops", "nd_spoof"],
+    );
+    let resolved6 = neighbour_mac(observer, "fd00::1")?;
+    let answered6 = pings_answered(observer, "fd00::1", 5)?;
+    eprintln!(
+        "ND poisoning: b1 nd_spoof {nd_spoof}; observer resolves fd00::1 to {resolved6}, \
+         {answered_before}/3 answered before, {answered6}/5 after"
+    );
+    assert_eq!(
+        answered_before, 3,
+        "the victim's IPv6 address did not answer"
+    );
+    assert_eq!(nd_spoof, 5, "b1 did not drop every spoofed advertisement");
+    assert_eq!(
+        resolved6, VICTIM_MAC,
+        "the observer's neighbour entry was poisoned"
+    );
+    assert!(
+        answered6 >= 4,
+        "the victim lost IPv6 traffic: {answered6}/5"
+    );
 
     // 3. A flood of random source MACs from the spoofer for 10 s.
     let rss = |o: &Overlay| -> Result<Vec<f64>> { HOSTS.iter().map(|h| rss_mib(o, h)).collect() };
