@@ -493,6 +493,13 @@ impl Manager {
             };
             let name = req.vm.clone();
             blocking(&hv, move |h| h.set_cpu_tuning(&name, tuning)).await?;
+            if let Some(cap) = req.cap_percent
+                && let Some(mut rec) = self.inventory.vm(&req.vm)?
+            {
+                // What the policies see as the VM's cap (`observe`).
+                rec.cap_percent = Some(cap);
+                self.inventory.put_vm(&rec)?;
+            }
         }
         self.metrics.resizes.inc();
         self.inventory.record(

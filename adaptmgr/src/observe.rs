@@ -15,6 +15,9 @@
 //!   sample are left out), as the simulator keeps one trace value per interval.
 //! - A VM that is not running has no host and is `suspended`; one the loop holds (moving, or in
 //!   its cool-down after a move) is `in_migration`, which every policy leaves alone.
+//! - A VM's `cpu_cap_mips` is the cap the manager last set on it (`viola vm resize
+//!   --cap-percent`, or the policy loop), in percent of one CPU at `pe_mips`; a cap set outside
+//!   Viola is not known.
 //! - Service levels (`VmObs::service`) stay `None`: targets per VM are not configured yet.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -118,7 +121,7 @@ pub fn observed_state(
             bw_reserved_mbps: 0.0,
             requested_mips: if running { demand } else { 0.0 },
             allocated_mips: if running { demand } else { 0.0 },
-            cpu_cap_mips: None,
+            cpu_cap_mips: v.cap_percent.map(|c| f64::from(c) / 100.0 * params.pe_mips),
             history,
             in_migration: held.contains(&v.name),
             suspended: !running,
@@ -235,6 +238,7 @@ mod tests {
             max_memory_kib: 1 << 20,
             cpu_busy: busy,
             domain_xml: None,
+            cap_percent: None,
             updated_ms: 0,
         };
         let hosts = [

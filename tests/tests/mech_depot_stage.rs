@@ -248,6 +248,7 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
             max_memory_kib: 512 * 1024,
             cpu_busy: 0.0,
             domain_xml: None,
+            cap_percent: None,
             updated_ms: 0,
         })
         .unwrap();

@@ -393,6 +393,7 @@ mod tests {
                 "/img/base.qcow2",
                 "52:54:00:00:00:01",
             )),
+            cap_percent: None,
             updated_ms: 0,
         }
     }

@@ -106,6 +106,9 @@ pub struct VmRecord {
     /// Persistent domain XML, kept to re-instantiate the VM elsewhere if its host fails.
     #[serde(default)]
     pub domain_xml: Option<String>,
+    /// The CPU cap the manager last set (percent of one CPU); `None`: none set through Viola.
+    #[serde(default)]
+    pub cap_percent: Option<u32>,
     pub updated_ms: u64,
 }
 

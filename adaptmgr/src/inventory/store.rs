@@ -375,6 +375,7 @@ impl Inventory {
                     max_memory_kib: usage.max_memory_kib,
                     cpu_busy: 0.0,
                     domain_xml: None,
+                    cap_percent: None,
                     updated_ms: now_ms,
                 });
                 vm.host = report.host.clone();

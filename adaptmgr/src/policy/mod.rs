@@ -36,6 +36,7 @@ pub mod marinescu;
 pub mod planning;
 pub mod shepherd;
 pub mod shirako;
+pub mod vertical;
 pub mod viola;
 pub mod violin;
 pub mod vservices;

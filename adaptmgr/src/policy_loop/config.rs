@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::observe::ObserveParams;
+use crate::policy::vertical::{Vertical, VerticalParams};
 use crate::policy::{self, Policy, PolicyNameError};
 pub use viola_api::adaptation::PolicyMode;
 use viola_api::adaptation::PolicyView;
@@ -32,6 +33,8 @@ pub struct PolicyConfig {
     pub wan_mbps: f64,
     /// Parameters of the `viola` policy.
     pub viola: ViolaParams,
+    /// Vertical scaling of capped VMs, in front of whichever policy places them.
+    pub vertical: VerticalParams,
 }
 
 impl Default for PolicyConfig {
@@ -49,6 +52,7 @@ impl Default for PolicyConfig {
             bw_mbps: 1000.0,
             wan_mbps: 100.0,
             viola: ViolaParams::default(),
+            vertical: VerticalParams::default(),
         }
     }
 }
@@ -88,6 +92,12 @@ pub enum PolicyConfigError {
     Name(#[from] PolicyNameError),
     #[error("policy.{field} must be positive, not {value}")]
     NotPositive { field: &'static str, value: f64 },
+    #[error("policy.vertical.{field} must be {range}, not {value}")]
+    OutOfRange {
+        field: &'static str,
+        range: &'static str,
+        value: f64,
+    },
 }
 
 impl PolicyConfig {
@@ -103,7 +113,49 @@ impl PolicyConfig {
                 return Err(PolicyConfigError::NotPositive { field, value });
             }
         }
-        if self.name == "viola" {
+        let v = &self.vertical;
+        for (field, range, value, ok) in [
+            (
+                "at_cap",
+                "in (0, 1]",
+                v.at_cap,
+                v.at_cap > 0.0 && v.at_cap <= 1.0,
+            ),
+            (
+                "raise_factor",
+                "above 1",
+                v.raise_factor,
+                v.raise_factor > 1.0,
+            ),
+            (
+                "host_target",
+                "in (0, 1]",
+                v.host_target,
+                v.host_target > 0.0 && v.host_target <= 1.0,
+            ),
+            (
+                "quiet",
+                "in (0, 1)",
+                v.quiet,
+                v.quiet > 0.0 && v.quiet < 1.0,
+            ),
+            (
+                "quiet_periods",
+                "at least 1",
+                v.quiet_periods as f64,
+                v.quiet_periods >= 1,
+            ),
+            ("cooldown_s", "0 or more", v.cooldown_s, v.cooldown_s >= 0.0),
+        ] {
+            if !ok || !value.is_finite() {
+                return Err(PolicyConfigError::OutOfRange {
+                    field,
+                    range,
+                    value,
+                });
+            }
+        }
+        let placement: Box<dyn Policy> = if self.name == "viola" {
             let p = &self.viola;
             let mut v = policy::viola::Viola::default();
             v.quantile = p.quantile;
@@ -113,9 +165,11 @@ impl PolicyConfig {
             v.underload = p.underload;
             v.cooldown_s = p.cooldown_s;
             v.max_evacuations = p.max_evacuations;
-            return Ok(Box::new(v));
-        }
-        Ok(policy::by_name(&self.name)?)
+            Box::new(v)
+        } else {
+            policy::by_name(&self.name)?
+        };
+        Ok(Box::new(Vertical::new(self.vertical.clone(), placement)))
     }
 
     /// What `viola policy show` prints.

@@ -645,3 +645,74 @@ async fn live_and_simulated_decisions_are_identical_on_a_recorded_trace() {
         assert_eq!(f.running(vm), [format!("fake://{host}")]);
     }
 }
+
+/// A VM at its cap gets a higher one in act mode, through the manager's resize (the libvirt
+/// cap changes and the inventory records it); quiet again, it gets its own cap back.
+#[tokio::test]
+async fn act_mode_raises_the_cap_of_a_vm_at_its_cap_and_lowers_it_when_quiet() {
+    let token = CancellationToken::new();
+    let mut cfg = policy(PolicyMode::Act);
+    cfg.vertical.cooldown_s = 0.0;
+    cfg.vertical.quiet_periods = 2;
+    let mut f = Federation::new(&[("a1", "a"), ("a2", "a")], &[("vm1", "a1")], cfg);
+    let period = Duration::from_secs_f64(f.manager.cfg.policy.period_s);
+    let cap_of = |f: &Federation| {
+        let tuning = f.cluster.host("fake://a1").cpu_tuning("vm1").unwrap();
+        let recorded = f.manager.inventory.vm("vm1").unwrap().unwrap().cap_percent;
+        (
+            tuning.cap.map(|c| c.quota_us * 100 / c.period_us as i64),
+            recorded,
+        )
+    };
+    // The manager learns of vm1 from a1's monitor.
+    f.report(&|_| 0.01).await;
+    f.manager
+        .resize(VmResize {
+            vm: "vm1".into(),
+            vcpus: None,
+            memory_mib: None,
+            cap_percent: Some(50),
+            shares: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(cap_of(&f), (Some(50), Some(50)));
+    let lp = new_loop(&f);
+    // At its cap (half a CPU) for a period: raised to a whole one.
+    tokio::time::sleep(period + Duration::from_millis(50)).await;
+    f.report(&|_| 0.5).await;
+    let raised = lp
+        .tick(&f.manager, now_ms(), &token)
+        .await
+        .unwrap()
+        .unwrap();
+    let said = actions(&raised);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert_eq!(said[0].0, "resize");
+    assert!(said[0].4.contains("at its cap"), "{said:?}");
+    assert_eq!(raised.actions[0].outcome, ActionOutcome::Done);
+    assert_eq!(cap_of(&f), (Some(100), Some(100)));
+    // Quiet for two periods: back to its own cap.
+    for _ in 0..2 {
+        tokio::time::sleep(period + Duration::from_millis(50)).await;
+        f.report(&|_| 0.01).await;
+    }
+    let lowered = lp
+        .tick(&f.manager, now_ms(), &token)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        actions(&lowered)[0].4.contains("lowered"),
+        "{:?}",
+        actions(&lowered)
+    );
+    assert_eq!(cap_of(&f), (Some(50), Some(50)));
+    // Nothing more to do.
+    assert!(
+        lp.tick(&f.manager, now_ms(), &token)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
