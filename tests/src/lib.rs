@@ -14,6 +14,7 @@
 
 pub mod daemons;
 pub mod depot;
+pub mod federation;
 #[cfg(feature = "mech")]
 pub mod mech;
 pub mod overlay;

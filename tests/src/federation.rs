@@ -1,0 +1,136 @@
+//! A federation for lab tests on the default lab: a CA, a `viola-adaptmgr` on loopback with
+//! its configuration, a `viola-monitor` per host, and the `viola` CLI's identity.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::daemons::{Daemons, bin, free_port};
+use crate::mech::{local_images, manager_uri, peer_uri};
+use crate::pki::Pki;
+
+/// The federation of a test: its CA, the manager's and the CLI's identities, the manager's
+/// address and configuration, the daemons (stopped at the end).
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    /// The manager's address.
+    pub mgr: String,
+    pub mgr_id: PathBuf,
+    pub cli_id: PathBuf,
+    pub cfg: PathBuf,
+    pub daemons: Daemons,
+}
+
+impl Federation {
+    /// Builds the daemons, makes the identities, configures the manager for `hosts` (name,
+    /// site) with `extra` keys and tables, and starts it and a monitor at each host.
+    pub fn start(hosts: &[(&str, &str)], extra: &str) -> Self {
+        crate::daemons::build(&["viola-adaptmgr", "viola-monitor", "viola-common"])
+            .expect("building the daemons");
+        let mut fed = Self::new();
+        fed.cfg = write_manager_config(&fed, hosts, extra);
+        fed.start_manager();
+        for (h, site) in hosts {
+            fed.start_monitor(h, site);
+        }
+        fed
+    }
+
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("ca")).unwrap();
+        let mgr_id = pki
+            .issue("adaptmgr", "fed", "mgr", &dir.path().join("adaptmgr-mgr"))
+            .unwrap();
+        let cli_id = pki
+            .issue("cli", "fed", "tester", &dir.path().join("cli-tester"))
+            .unwrap();
+        Self {
+            mgr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            pki,
+            mgr_id,
+            cli_id,
+            cfg: PathBuf::new(),
+            daemons: Daemons::default(),
+        }
+    }
+
+    /// Starts the manager as daemon "manager".
+    pub fn start_manager(&mut self) {
+        let child = Command::new(bin("viola-adaptmgr"))
+            .arg("--config")
+            .arg(&self.cfg)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start viola-adaptmgr");
+        self.daemons.add("manager", child);
+    }
+
+    /// Starts the monitor of `host` as daemon "monitor-HOST" (its identity issued once).
+    pub fn start_monitor(&mut self, host: &str, site: &str) {
+        let id = self.dir.path().join(format!("monitor-{host}"));
+        if !id.exists() {
+            self.pki.issue("monitor", site, host, &id).unwrap();
+        }
+        let child = Command::new(bin("viola-monitor"))
+            .args(["--host", host, "--site", site, "--manager", &self.mgr])
+            .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--identity")
+            .arg(&id)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start viola-monitor");
+        self.daemons.add(&format!("monitor-{host}"), child);
+    }
+}
+
+pub fn viola_json(mgr: &str, cli: &Path, args: &[&str]) -> Option<serde_json::Value> {
+    let out = Command::new(bin("viola"))
+        .args(["--manager", mgr, "--identity"])
+        .arg(cli)
+        .arg("--json")
+        .args(args)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("viola {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+pub fn vm_host(mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
+    let vms = viola_json(mgr, cli, &["vm", "list"])?;
+    vms.as_array()?.iter().find(|v| v["name"] == vm).map(|v| {
+        (
+            v["host"].as_str().unwrap_or_default().to_owned(),
+            !v["domain_xml"].is_null(),
+        )
+    })
+}
+
+/// Writes the manager's configuration for `hosts` (name, site) with `extra` keys and tables
+/// (top-level keys first), its inventory in the federation's directory.
+fn write_manager_config(fed: &Federation, hosts: &[(&str, &str)], extra: &str) -> PathBuf {
+    let dir = fed.dir.path();
+    let mut toml = format!(
+        "listen = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
+        fed.mgr,
+        free_port(),
+        fed.mgr_id.display(),
+        dir.join("inventory.redb").display()
+    );
+    for (h, site) in hosts {
+        toml.push_str(&format!(
+            "[[hosts]]\nname = \"{h}\"\nsite = \"{site}\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
+            manager_uri(h),
+            peer_uri(h),
+            local_images(h).display()
+        ));
+    }
+    let cfg = dir.join("adaptmgr.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    cfg
+}

@@ -1,0 +1,142 @@
+//! Lab, end to end through the daemons: the manager's policy loop in `act` mode, a monitor on
+//! a1, a guest on a1 capped at 30 % of a CPU by `viola vm resize`. The guest starts burning a
+//! CPU: within two control periods the manager raises its cap (libvirt's CFS quota changes,
+//! the decision log says why); when the burn stops, after the cool-down, the cap goes back to
+//! 30 %. Nobody types a resize after the first.
+
+// lab: default
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use viola_labtests::daemons::bin;
+use viola_labtests::federation::{Federation, vm_host};
+use viola_labtests::mech::*;
+
+const PERIOD_S: u64 = 5;
+const COOLDOWN_S: u64 = 10;
+const BURN_S: u64 = 30;
+
+/// The guest's cap in percent of one CPU as libvirt has it now (`None`: uncapped).
+fn cap_percent(name: &str) -> Option<i64> {
+    let tuning = open("a1").cpu_tuning(name).ok()?;
+    let cap = tuning.cap?;
+    (cap.quota_us > 0).then(|| cap.quota_us * 100 / cap.period_us as i64)
+}
+
+fn viola(mgr: &str, cli: &Path, args: &[&str]) {
+    let out = Command::new(bin("viola"))
+        .args(["--manager", mgr, "--identity"])
+        .arg(cli)
+        .args(args)
+        .output()
+        .expect("run viola");
+    assert!(
+        out.status.success(),
+        "viola {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The resize actions the decision log holds for `vm`: (reason, outcome). `viola --json
+/// decisions` prints one decision per line.
+fn resizes(mgr: &str, cli: &Path, vm: &str) -> Vec<(String, String)> {
+    let out = Command::new(bin("viola"))
+        .args(["--manager", mgr, "--identity"])
+        .arg(cli)
+        .args(["--json", "decisions"])
+        .output()
+        .expect("run viola decisions");
+    assert!(
+        out.status.success(),
+        "viola decisions: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a decision per line"))
+        .flat_map(|d| d["actions"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["action"] == "resize" && a["vm"] == vm)
+        .map(|a| {
+            (
+                a["reason"].as_str().unwrap_or_default().to_owned(),
+                a["outcome"].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
+    let name = "vm-vert";
+    let (_cleanup, _hv, ip) = begin_with_guest("a1", name, "10.77.9", 1);
+    let ip = ip.as_str();
+    let fed = Federation::start(
+        &[("a1", "a")],
+        &format!(
+            "[policy]\nmode = \"act\"\nperiod_s = {PERIOD_S}\n\
+             [policy.vertical]\ncooldown_s = {COOLDOWN_S}\nquiet_periods = 2\n"
+        ),
+    );
+    let (mgr, cli) = (fed.mgr.clone(), fed.cli_id.clone());
+    wait_guest("a1", ip, Duration::from_secs(180));
+    wait_until(
+        "the manager knows the guest",
+        Duration::from_secs(60),
+        || vm_host(&mgr, &cli, name).is_some_and(|(h, _)| h == "a1"),
+    );
+    viola(&mgr, &cli, &["vm", "resize", name, "--cap-percent", "30"]);
+    assert_eq!(cap_percent(name), Some(30));
+    // A quiet period at the new cap first, so that the loop's history starts from it.
+    std::thread::sleep(Duration::from_secs(PERIOD_S));
+    assert_eq!(cap_percent(name), Some(30), "raised while idle");
+
+    assert_eq!(
+        guest_http("a1", ip, &format!("burn=1,{BURN_S}")).as_deref(),
+        Some("ok")
+    );
+    let burn_started = Instant::now();
+    // Two periods, plus a monitor sample and a tick's work.
+    wait_until(
+        "the manager raises the cap",
+        Duration::from_secs(2 * PERIOD_S + 5),
+        || cap_percent(name).is_some_and(|c| c > 30),
+    );
+    let reaction = burn_started.elapsed();
+    let raised_to = cap_percent(name);
+    let said = resizes(&mgr, &cli, name);
+    eprintln!(
+        "FIGURES adapt_vertical reaction_s={:.1} raised_to={raised_to:?} decisions={said:?}",
+        reaction.as_secs_f64()
+    );
+    assert!(
+        said.iter()
+            .any(|(reason, outcome)| reason.contains("at its cap") && outcome.contains("done")),
+        "no raise in the decision log: {said:?}"
+    );
+
+    // The burn ends; after two quiet periods and the cool-down the cap is 30 % again.
+    let burn_ends = Duration::from_secs(BURN_S).saturating_sub(burn_started.elapsed());
+    std::thread::sleep(burn_ends);
+    let quiet_since = Instant::now();
+    wait_until(
+        "the manager lowers the cap back",
+        Duration::from_secs(COOLDOWN_S + 3 * PERIOD_S + 10),
+        || cap_percent(name) == Some(30),
+    );
+    eprintln!(
+        "FIGURES adapt_vertical lowered_after_s={:.1}",
+        quiet_since.elapsed().as_secs_f64()
+    );
+    let said = resizes(&mgr, &cli, name);
+    assert!(
+        said.iter()
+            .any(|(reason, outcome)| reason.contains("lowered") && outcome.contains("done")),
+        "no lowering in the decision log: {said:?}"
+    );
+    // The guest kept running on a1 throughout.
+    assert_eq!(vm_host(&mgr, &cli, name).map(|(h, _)| h), Some("a1".into()));
+    wait_guest("a1", ip, Duration::from_secs(30));
+    drop(fed);
+}
