@@ -814,7 +814,8 @@ mod tests {
     use super::*;
     use crate::migration::Outcome;
     use crate::migration::testing::{
-        CountingConnector, FakeStager, RecordingAnnouncer, assert_rolled_back_clean,
+        CountingConnector, FakeStager, RecordingAnnouncer, assert_migrated_incrementally,
+        assert_rolled_back_clean,
     };
     use viola_hypervisor::fake::{FakeCluster, FakeHypervisor, Faults, sample_domain_xml};
     use viola_hypervisor::{Hypervisor, StorageCopy};
@@ -910,14 +911,7 @@ mod tests {
         let lab = Lab::new();
         let run = lab.run(plan(10_000), &CancellationToken::new()).await;
         let report = run.report;
-        assert_eq!(
-            report.outcome,
-            Outcome::Migrated {
-                storage: StorageCopy::Incremental
-            },
-            "{:#?}",
-            report.records
-        );
+        assert_migrated_incrementally(&report);
         assert!(run.first_failure.is_none());
         let cluster = &lab.cluster;
         assert_eq!(cluster.hosts_running("vm1"), vec![B.to_string()]);
@@ -1086,47 +1080,49 @@ mod tests {
         assert!(!lab.cluster.has_image(B, BASE));
     }
 
-    /// Runs a migration journaling every snapshot; returns the report and the snapshot that
-    /// was journaled just before the move (what a manager dying during the move leaves),
-    /// passed through JSON as the inventory stores it.
-    async fn run_keeping_move_snapshot(deps: &Deps) -> (MigrationReport, MigrationSnapshot) {
-        let (tx, _rx) = watch::channel(MigrationStatus::default());
-        let mut at_move = None;
-        let report = run_journaled(plan(10_000), deps, &tx, &CancellationToken::new(), |s| {
-            if s.machine.clone().next(0) == Action::Run(Step::Migrate) {
-                at_move = Some(serde_json::to_string(s).unwrap());
-            }
-        })
-        .await;
-        let snap = serde_json::from_str(&at_move.expect("a snapshot before the move")).unwrap();
-        (report, snap)
-    }
-
-    async fn resume(deps: &Deps, snap: MigrationSnapshot) -> MigrationReport {
-        let (tx, _rx) = watch::channel(MigrationStatus::default());
-        resume_migration(snap, deps, &tx, |_| {}).await
+    impl Lab {
+        /// Runs a migration journaling every snapshot, hands its report to `meanwhile` (which
+        /// leaves the lab as a manager dying during the move would), and resumes as a restarted
+        /// manager from the snapshot journaled just before the move, passed through JSON as the
+        /// inventory stores it.
+        async fn restart_during_move(
+            &self,
+            meanwhile: impl FnOnce(&MigrationReport),
+        ) -> MigrationReport {
+            let (tx, _rx) = watch::channel(MigrationStatus::default());
+            let mut at_move = None;
+            let first = run_journaled(
+                plan(10_000),
+                &self.deps,
+                &tx,
+                &CancellationToken::new(),
+                |s| {
+                    if s.machine.clone().next(0) == Action::Run(Step::Migrate) {
+                        at_move = Some(serde_json::to_string(s).unwrap());
+                    }
+                },
+            )
+            .await;
+            let snap = serde_json::from_str(&at_move.expect("a snapshot before the move")).unwrap();
+            meanwhile(&first);
+            resume_migration(snap, &self.deps, &tx, |_| {}).await
+        }
     }
 
     #[tokio::test]
     async fn manager_restarted_during_a_move_that_finished_completes_it() {
+        let lab = Lab::new();
+        let report = lab
+            .restart_during_move(|first| {
+                assert!(matches!(first.outcome, Outcome::Migrated { .. }));
+                // The manager died after libvirt moved the VM, before it cleaned up the source.
+                lab.cluster.add_image(A, OVERLAY, 1 << 30, Some(BASE));
+            })
+            .await;
         let Lab {
-            cluster,
-            deps,
-            announcer,
-        } = Lab::new();
-        let (first, snap) = run_keeping_move_snapshot(&deps).await;
-        assert!(matches!(first.outcome, Outcome::Migrated { .. }));
-        // The manager died after libvirt moved the VM, before it cleaned up the source.
-        cluster.add_image(A, OVERLAY, 1 << 30, Some(BASE));
-        let report = resume(&deps, snap).await;
-        assert_eq!(
-            report.outcome,
-            Outcome::Migrated {
-                storage: StorageCopy::Incremental
-            },
-            "{:#?}",
-            report.records
-        );
+            cluster, announcer, ..
+        } = lab;
+        assert_migrated_incrementally(&report);
         assert!(
             report
                 .records
@@ -1146,23 +1142,24 @@ mod tests {
 
     #[tokio::test]
     async fn manager_restarted_during_a_move_that_did_not_happen_rolls_it_back() {
-        let Lab {
-            cluster,
-            deps,
-            announcer,
-        } = Lab::new();
-        cluster.set_faults(Faults {
+        let lab = Lab::new();
+        lab.cluster.set_faults(Faults {
             refuse_migration: Some("refused".into()),
             ..Faults::default()
         });
-        let (first, snap) = run_keeping_move_snapshot(&deps).await;
-        assert!(matches!(first.outcome, Outcome::RolledBack { .. }));
-        cluster.set_faults(Faults::default());
-        // The manager died during the move: the overlay it pre-created is still at the
-        // destination and the VM still runs at the source.
-        cluster.add_image(B, OVERLAY, 1 << 30, Some(BASE));
-        announcer.clear();
-        let report = resume(&deps, snap).await;
+        let report = lab
+            .restart_during_move(|first| {
+                assert!(matches!(first.outcome, Outcome::RolledBack { .. }));
+                lab.cluster.set_faults(Faults::default());
+                // The manager died during the move: the overlay it pre-created is still at
+                // the destination and the VM still runs at the source.
+                lab.cluster.add_image(B, OVERLAY, 1 << 30, Some(BASE));
+                lab.announcer.clear();
+            })
+            .await;
+        let Lab {
+            cluster, announcer, ..
+        } = lab;
         assert!(
             matches!(report.outcome, Outcome::RolledBack { .. }),
             "{:#?}",
