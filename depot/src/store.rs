@@ -624,32 +624,24 @@ impl Store {
                 }
             }
         }
-        let chunks_dir = self.root.join("chunks");
-        for sub in fs::read_dir(&chunks_dir)
-            .map_err(io_err("listing", &chunks_dir))?
-            .flatten()
-        {
-            for e in fs::read_dir(sub.path())
-                .map_err(io_err("listing", &sub.path()))?
-                .flatten()
-            {
-                let live = e
-                    .file_name()
-                    .to_string_lossy()
-                    .parse::<Hash>()
-                    .is_ok_and(|h| live_chunks.contains(&h));
-                if live {
-                    report.kept_chunks += 1;
-                } else if young(&e.path(), grace) {
-                    report.spared_young_chunks += 1;
-                } else {
-                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                    fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
-                    report.removed_chunks += 1;
-                    report.removed_bytes += len;
-                }
+        self.for_each_chunk_file(|e| {
+            let live = e
+                .file_name()
+                .to_string_lossy()
+                .parse::<Hash>()
+                .is_ok_and(|h| live_chunks.contains(&h));
+            if live {
+                report.kept_chunks += 1;
+            } else if young(&e.path(), grace) {
+                report.spared_young_chunks += 1;
+            } else {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
+                report.removed_chunks += 1;
+                report.removed_bytes += len;
             }
-        }
+            Ok(())
+        })?;
         Ok(report)
     }
 
@@ -661,34 +653,26 @@ impl Store {
         mut progress: impl FnMut(u64),
     ) -> Result<ScrubReport, StoreError> {
         let mut report = ScrubReport::default();
-        let chunks_dir = self.root.join("chunks");
         let mut buf = Vec::new();
-        for sub in fs::read_dir(&chunks_dir)
-            .map_err(io_err("listing", &chunks_dir))?
-            .flatten()
-        {
-            for e in fs::read_dir(sub.path())
-                .map_err(io_err("listing", &sub.path()))?
-                .flatten()
-            {
-                let Ok(h) = e.file_name().to_string_lossy().parse::<Hash>() else {
-                    continue;
-                };
-                buf.clear();
-                File::open(e.path())
-                    .and_then(|mut f| f.read_to_end(&mut buf))
-                    .map_err(io_err("reading", &e.path()))?;
-                report.chunks_checked += 1;
-                report.bytes_checked += buf.len() as u64;
-                progress(report.bytes_checked);
-                if Hash::of(&buf) != h {
-                    report.corrupt_chunks.push(h);
-                    if repair {
-                        fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
-                    }
+        self.for_each_chunk_file(|e| {
+            let Ok(h) = e.file_name().to_string_lossy().parse::<Hash>() else {
+                return Ok(());
+            };
+            buf.clear();
+            File::open(e.path())
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .map_err(io_err("reading", &e.path()))?;
+            report.chunks_checked += 1;
+            report.bytes_checked += buf.len() as u64;
+            progress(report.bytes_checked);
+            if Hash::of(&buf) != h {
+                report.corrupt_chunks.push(h);
+                if repair {
+                    fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
                 }
             }
-        }
+            Ok(())
+        })?;
         let corrupt: HashSet<Hash> = report.corrupt_chunks.iter().copied().collect();
         for id in self.parts()? {
             report.parts_checked += 1;
@@ -717,6 +701,27 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Calls `visit` with every chunk file (`chunks/<prefix>/<hash>`) until it fails; a
+    /// directory that cannot be listed fails too.
+    fn for_each_chunk_file(
+        &self,
+        mut visit: impl FnMut(fs::DirEntry) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let chunks_dir = self.root.join("chunks");
+        for sub in fs::read_dir(&chunks_dir)
+            .map_err(io_err("listing", &chunks_dir))?
+            .flatten()
+        {
+            for e in fs::read_dir(sub.path())
+                .map_err(io_err("listing", &sub.path()))?
+                .flatten()
+            {
+                visit(e)?;
+            }
+        }
+        Ok(())
     }
 
     /// Total bytes of chunk files.
