@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::HostId;
 use crate::control::ControlMsg;
-use crate::reassembly::{Fragment, Reassembler, ReassemblyLimits};
+use crate::reassembly::{Reassembler, ReassemblyLimits};
 use crate::wire::{self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, ViolinId};
 use viola_api::overlay::{Counters, MacStatus, PeerStatus, SwitchStatus, ViolinStatus};
 
@@ -624,22 +624,7 @@ impl Switch {
                 frame,
                 redirected,
             } => self.handle_remote_frame(now, from, violin, frame, redirected, out),
-            Datagram::Fragment {
-                violin,
-                frag_id,
-                index,
-                count,
-                redirected,
-                payload,
-            } => {
-                let frag = Fragment {
-                    violin,
-                    frag_id,
-                    index,
-                    count,
-                    redirected,
-                    payload,
-                };
+            Datagram::Fragment(frag) => {
                 match self.reassembler.push(now, from, frag) {
                     Ok(Some(r)) => {
                         self.counters.reassembled += 1;
