@@ -739,17 +739,7 @@ mod tests {
         ))
         .unwrap();
         a.start("vm1").unwrap();
-        let req = MigrationRequest {
-            dest_uri: "fake://b1".into(),
-            disks: vec!["vda".into()],
-            storage: StorageCopy::Incremental,
-            bandwidth_mib_s: None,
-            migrate_uri: None,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
-        };
+        let req = MigrationRequest::new("fake://b1", vec!["vda".into()], StorageCopy::Incremental);
         let err = a.migrate("vm1", &req).unwrap_err();
         assert!(err.to_string().contains("migrate"), "{err}");
         assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);

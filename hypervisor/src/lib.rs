@@ -121,6 +121,24 @@ pub struct MigrationRequest {
     pub tls_destination: Option<String>,
 }
 
+impl MigrationRequest {
+    /// A migration to `dest_uri` copying `disks` as `storage` says, uncapped, unencrypted, with
+    /// QEMU's defaults otherwise.
+    pub fn new(dest_uri: impl Into<String>, disks: Vec<String>, storage: StorageCopy) -> Self {
+        Self {
+            dest_uri: dest_uri.into(),
+            disks,
+            storage,
+            bandwidth_mib_s: None,
+            migrate_uri: None,
+            max_downtime_ms: None,
+            compress: false,
+            tls: false,
+            tls_destination: None,
+        }
+    }
+}
+
 /// Host-level facts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostInfo {

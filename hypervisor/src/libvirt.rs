@@ -753,32 +753,20 @@ mod tests {
     #[test]
     fn nul_in_uri_is_refused() {
         let hv = test_hv();
-        let req = MigrationRequest {
-            dest_uri: "qemu+tcp://x\0/system".into(),
-            disks: vec![],
-            storage: StorageCopy::Incremental,
-            bandwidth_mib_s: None,
-            migrate_uri: None,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
-        };
+        let req = MigrationRequest::new("qemu+tcp://x\0/system", vec![], StorageCopy::Incremental);
         assert!(hv.migrate("test", &req).is_err());
     }
 
     #[test]
     fn tls_is_asked_of_libvirt_only_when_requested() {
         let mut req = MigrationRequest {
-            dest_uri: "qemu+tls://198.18.2.11/system".into(),
-            disks: vec!["vda".into()],
-            storage: StorageCopy::Incremental,
             bandwidth_mib_s: Some(64),
-            migrate_uri: None,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
             tls_destination: Some("b1".into()),
+            ..MigrationRequest::new(
+                "qemu+tls://198.18.2.11/system",
+                vec!["vda".into()],
+                StorageCopy::Incremental,
+            )
         };
         let (flags, params) = migrate_flags_and_params(&req);
         assert_eq!(flags & sys::VIR_MIGRATE_TLS, 0);
