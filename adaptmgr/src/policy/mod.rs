@@ -345,8 +345,8 @@ pub fn by_name(name: &str) -> Result<Box<dyn Policy>, PolicyNameError> {
         "violin" => return Ok(Box::new(violin::Violin::default())),
         "marinescu-a" => return Ok(Box::new(marinescu::ClusterPolicy::algorithm_a())),
         "marinescu-b" => return Ok(Box::new(marinescu::ClusterPolicy::algorithm_b())),
-        "shirako-energy-aware" => return Ok(Box::new(shirako::EnergyAware)),
-        "shirako-room-for-growth" => return Ok(Box::new(shirako::RoomForGrowth)),
+        "shirako-energy-aware" => return Ok(Box::new(shirako::Fit::Best)),
+        "shirako-room-for-growth" => return Ok(Box::new(shirako::Fit::Worst)),
         _ => {}
     }
     let parts: Vec<&str> = name.split('-').collect();
