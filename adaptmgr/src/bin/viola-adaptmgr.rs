@@ -43,21 +43,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     viola_common::shutdown::init_tracing();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("viola-adaptmgr: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(Args::parse())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("viola-adaptmgr: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::run_main("viola-adaptmgr", run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -109,22 +109,7 @@ enum VmCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("viola: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("viola: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::run_main("viola", run(Args::parse()))
 }
 
 fn fail_on_error(resp: Response) -> anyhow::Result<Response> {

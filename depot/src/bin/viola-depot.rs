@@ -816,11 +816,5 @@ fn bench_verify(data: &[u8], spec: ChunkerSpec, rounds: u32) -> anyhow::Result<V
 
 fn main() -> ExitCode {
     viola_common::shutdown::init_tracing();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("viola-depot: {}", viola_common::errors::chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::exit_code("viola-depot", run(Cli::parse()))
 }

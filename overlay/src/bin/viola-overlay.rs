@@ -216,13 +216,7 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    match local.block_on(&rt, run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("viola-overlay: {}", viola_common::errors::chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::exit_code("viola-overlay", local.block_on(&rt, run(cli)))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
