@@ -48,20 +48,12 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg: ManagerConfig = viola_common::config::load(args.config.as_deref())?;
-    if let Some(v) = args.listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = args.metrics_listen {
-        cfg.metrics_listen = v;
-    }
-    if let Some(v) = args.identity {
-        cfg.identity_dir = v;
-    }
-    if let Some(v) = args.inventory {
-        cfg.inventory = v;
-    }
-    if let Some(v) = args.heartbeat_timeout_s {
-        cfg.heartbeat_timeout_s = v;
+    viola_common::override_with! {
+        args.listen => cfg.listen,
+        args.metrics_listen => cfg.metrics_listen,
+        args.identity => cfg.identity_dir,
+        args.inventory => cfg.inventory,
+        args.heartbeat_timeout_s => cfg.heartbeat_timeout_s,
     }
     let token = viola_common::shutdown::signal_token().context("cannot watch signals")?;
     let identity = Identity::load_dir(&cfg.identity_dir)

@@ -42,26 +42,14 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg: MonitorConfig = viola_common::config::load(args.config.as_deref())?;
-    if let Some(v) = args.host {
-        cfg.host = v;
-    }
-    if let Some(v) = args.site {
-        cfg.site = v;
-    }
-    if let Some(v) = args.manager {
-        cfg.manager = v;
-    }
-    if let Some(v) = args.identity {
-        cfg.identity_dir = v;
-    }
-    if let Some(v) = args.libvirt_uri {
-        cfg.libvirt_uri = v;
-    }
-    if let Some(v) = args.interval_ms {
-        cfg.interval_ms = v;
-    }
-    if let Some(v) = args.metrics_listen {
-        cfg.metrics_listen = v;
+    viola_common::override_with! {
+        args.host => cfg.host,
+        args.site => cfg.site,
+        args.manager => cfg.manager,
+        args.identity => cfg.identity_dir,
+        args.libvirt_uri => cfg.libvirt_uri,
+        args.interval_ms => cfg.interval_ms,
+        args.metrics_listen => cfg.metrics_listen,
     }
     if cfg.host.is_empty() || cfg.site.is_empty() {
         bail!("host and site must be set (config keys `host`, `site` or --host/--site)");
