@@ -20,7 +20,7 @@ use viola_common::identity::{self, Role};
 
 use crate::hash::Hash;
 use crate::part::PartIndex;
-use crate::store::{Store, StoreError};
+use crate::store::{PathIoError, Store, StoreError};
 use crate::wire::{self, Frame, Request, Response, WireError};
 
 /// Errors of one transfer.
@@ -666,11 +666,8 @@ async fn serve_stream(
                     let data = tokio::fs::read(store.chunk_path(&c.hash))
                         .await
                         .map_err(|e| {
-                            TransferError::Store(StoreError::Io {
-                                what: "reading chunk",
-                                path: store.chunk_path(&c.hash),
-                                source: e,
-                            })
+                            let path = store.chunk_path(&c.hash);
+                            TransferError::Store(PathIoError::on("reading chunk", &path)(e))
                         })?;
                     send.write_all(&wire::chunk_header(i as u32, data.len()))
                         .await?;
