@@ -335,6 +335,19 @@ impl LibvirtHypervisor {
     }
 }
 
+/// Where a resize of the domain `s` describes applies: the running guest, and its persistent
+/// definition too if it has one; a guest that is not running only in its definition.
+fn resize_flags(s: &DomainSummary) -> u32 {
+    if s.state != DomainState::Running {
+        return sys::VIR_DOMAIN_AFFECT_CONFIG;
+    }
+    if s.persistent {
+        sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
+    } else {
+        sys::VIR_DOMAIN_AFFECT_LIVE
+    }
+}
+
 fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -491,13 +504,7 @@ impl Hypervisor for LibvirtHypervisor {
                 max: u64::from(s.max_vcpus),
             });
         }
-        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-        if s.persistent {
-            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
-        if s.state != DomainState::Running {
-            flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
+        let flags = resize_flags(&s);
         dom.set_vcpus_flags(vcpus, flags)
             .map(|_| ())
             .map_err(Self::err("set vcpus", name))
@@ -517,13 +524,7 @@ impl Hypervisor for LibvirtHypervisor {
                 max: s.max_memory_kib,
             });
         }
-        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-        if s.persistent {
-            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
-        if s.state != DomainState::Running {
-            flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
+        let flags = resize_flags(&s);
         dom.set_memory_flags(kib, flags)
             .map(|_| ())
             .map_err(Self::err("set memory", name))
