@@ -60,6 +60,22 @@ pub struct HostConfig {
     pub overlay_addr: Option<SocketAddr>,
 }
 
+/// `f` of each of `hosts`, by libvirt URI (the name migrations and failures give a host).
+fn by_libvirt_uri<T>(hosts: &[HostConfig], f: impl Fn(&HostConfig) -> T) -> BTreeMap<String, T> {
+    hosts
+        .iter()
+        .map(|h| (h.libvirt_uri.clone(), f(h)))
+        .collect()
+}
+
+/// Where the overlay daemon of each of `hosts` is, by libvirt URI, for the move announcer.
+pub(crate) fn overlay_hosts(hosts: &[HostConfig]) -> BTreeMap<String, OverlayHost> {
+    by_libvirt_uri(hosts, |h| OverlayHost {
+        label: format!("{}/{}", h.site, h.name),
+        overlay_addr: h.overlay_addr,
+    })
+}
+
 /// `viola-adaptmgr` configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -311,34 +327,16 @@ impl Manager {
             .iter()
             .map(|d| (d.site.clone(), d.addr))
             .collect();
-        let depot_hosts = cfg
-            .hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.libvirt_uri.clone(),
-                    DepotHost {
-                        name: h.name.clone(),
-                        site: h.site.clone(),
-                    },
-                )
-            })
-            .collect();
-        let overlay_hosts = cfg
-            .hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.libvirt_uri.clone(),
-                    OverlayHost {
-                        label: format!("{}/{}", h.site, h.name),
-                        overlay_addr: h.overlay_addr,
-                    },
-                )
-            })
-            .collect();
+        let depot_hosts = by_libvirt_uri(&cfg.hosts, |h| DepotHost {
+            name: h.name.clone(),
+            site: h.site.clone(),
+        });
         Ok(Self {
-            announcer: OverlayAnnouncer::new(overlay_hosts, Arc::clone(&inventory), overlays),
+            announcer: OverlayAnnouncer::new(
+                overlay_hosts(&cfg.hosts),
+                Arc::clone(&inventory),
+                overlays,
+            ),
             stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),

@@ -587,18 +587,7 @@ async fn a_restart_elsewhere_is_announced_to_the_violin_from_the_restart_host() 
     let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
     let inventory = inventory_with_vm1_in_lan(dir.path());
     let announcer = crate::announce::OverlayAnnouncer::new(
-        hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.libvirt_uri.clone(),
-                    crate::announce::OverlayHost {
-                        label: format!("{}/{}", h.site, h.name),
-                        overlay_addr: h.overlay_addr,
-                    },
-                )
-            })
-            .collect(),
+        crate::manager::overlay_hosts(&hosts),
         Arc::clone(&inventory),
         Arc::new(crate::announce::QuicOverlayLink::new(manager_identity_dir(
             &ca,
