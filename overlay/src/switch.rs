@@ -325,6 +325,17 @@ impl Switch {
                 .is_some_and(|p| p.violins.contains(&violin.cfg.id))
     }
 
+    /// Whether `from` is a permitted member of `violin`; if not, counts the drop and why.
+    fn accepts_from(&mut self, violin: ViolinId, from: &HostId) -> bool {
+        let why = match self.violins.get(&violin) {
+            None => DropReason::UnknownViolin,
+            Some(v) if !self.is_member(v, from) => DropReason::NotMember,
+            Some(_) => return true,
+        };
+        self.drop(why);
+        false
+    }
+
     fn members(&self, violin: &Violin) -> Vec<HostId> {
         self.peers
             .keys()
@@ -673,12 +684,7 @@ impl Switch {
         redirected: bool,
         out: &mut Vec<Output>,
     ) {
-        let Some(v) = self.violins.get(&violin_id) else {
-            self.drop(DropReason::UnknownViolin);
-            return;
-        };
-        if !self.is_member(v, from) {
-            self.drop(DropReason::NotMember);
+        if !self.accepts_from(violin_id, from) {
             return;
         }
         let Some((dst, src, _)) = wire::ethernet(&frame) else {
@@ -944,12 +950,7 @@ impl Switch {
             self.drop(DropReason::Malformed);
             return;
         };
-        let Some(v) = self.violins.get(&violin) else {
-            self.drop(DropReason::UnknownViolin);
-            return;
-        };
-        if !self.is_member(v, from) {
-            self.drop(DropReason::NotMember);
+        if !self.accepts_from(violin, from) {
             return;
         }
         let Some(v) = self.violins.get_mut(&violin) else {
