@@ -28,7 +28,7 @@ use crate::migration::depot_stage::{DepotHost, DepotLink};
 use crate::migration::stage::ImageDirView;
 use crate::migration::{
     DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationSnapshot,
-    MigrationStatus, Outcome, QuicDepotLink, resume_migration, run_journaled,
+    MigrationStatus, MigrationTuning, Outcome, QuicDepotLink, resume_migration, run_journaled,
 };
 use crate::policy_loop::config::PolicyConfig;
 use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
@@ -526,20 +526,22 @@ impl Manager {
             dest_uri: to.libvirt_uri.clone(),
             dest_migration_uri: to.migration_uri.clone(),
             stage_base: req.stage_base,
-            bandwidth_mib_s: Some(
-                req.bandwidth_mib_s
-                    .unwrap_or(self.cfg.migration_bandwidth_mib_s),
-            ),
             timeout_ms: req.timeout_s.unwrap_or(self.cfg.migration_timeout_s) * 1000,
-            max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
-            compress: self.cfg.migration_compress,
-            tls: self.cfg.migration_tls,
-            tls_destination: self
-                .cfg
-                .hosts
-                .iter()
-                .find(|h| h.name == req.to_host)
-                .and_then(|h| h.migration_tls_name.clone()),
+            tuning: MigrationTuning {
+                bandwidth_mib_s: Some(
+                    req.bandwidth_mib_s
+                        .unwrap_or(self.cfg.migration_bandwidth_mib_s),
+                ),
+                max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
+                compress: self.cfg.migration_compress,
+                tls: self.cfg.migration_tls,
+                tls_destination: self
+                    .cfg
+                    .hosts
+                    .iter()
+                    .find(|h| h.name == req.to_host)
+                    .and_then(|h| h.migration_tls_name.clone()),
+            },
         };
         let deps = self.migration_deps();
         let (tx, mut rx) = watch::channel(MigrationStatus::default());

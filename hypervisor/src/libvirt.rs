@@ -579,7 +579,7 @@ impl Hypervisor for LibvirtHypervisor {
         check_c_string("migrate", name, &req.dest_uri)?;
         let dom = self.lookup(name)?;
         let (flags, params) = migrate_flags_and_params(req);
-        if let Some(ms) = req.max_downtime_ms
+        if let Some(ms) = req.tuning.max_downtime_ms
             && let Err(err) = dom.migrate_set_max_downtime(ms, 0)
         {
             // Not fatal: the migration still works with QEMU's default limit.
@@ -683,11 +683,11 @@ fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) 
     };
     let mut params = MigrateParameters {
         migrate_disks: req.disks.clone(),
-        bandwidth: req.bandwidth_mib_s,
+        bandwidth: req.tuning.bandwidth_mib_s,
         uri: req.migrate_uri.clone(),
         ..Default::default()
     };
-    if req.compress {
+    if req.tuning.compress {
         // zstd at its fastest level on two multifd channels: each channel compresses in its
         // own thread; zero pages are skipped as ever. (QEMU's older threaded "mt" zlib is
         // gone since QEMU 9.1.)
@@ -696,12 +696,12 @@ fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) 
         params.compression_zstd_level = Some(1);
         params.parallel_connections = Some(2);
     }
-    if req.tls {
+    if req.tuning.tls {
         // QEMU's own TLS on the migration stream and, since libvirt 4.4, on the NBD disk copy;
         // the destination's certificate is checked against the data channel's host name
         // unless the request names another.
         flags |= sys::VIR_MIGRATE_TLS;
-        params.tls_destination = req.tls_destination.clone();
+        params.tls_destination = req.tuning.tls_destination.clone();
     }
     (flags, params)
 }
@@ -709,6 +709,7 @@ fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MigrationTuning;
 
     // libvirt's in-process test driver: no daemon needed, so these run in CI.
     fn test_hv() -> LibvirtHypervisor {
@@ -761,8 +762,11 @@ mod tests {
     #[test]
     fn tls_is_asked_of_libvirt_only_when_requested() {
         let mut req = MigrationRequest {
-            bandwidth_mib_s: Some(64),
-            tls_destination: Some("b1".into()),
+            tuning: MigrationTuning {
+                bandwidth_mib_s: Some(64),
+                tls_destination: Some("b1".into()),
+                ..MigrationTuning::default()
+            },
             ..MigrationRequest::new(
                 "qemu+tls://198.18.2.11/system",
                 vec!["vda".into()],
@@ -772,7 +776,7 @@ mod tests {
         let (flags, params) = migrate_flags_and_params(&req);
         assert_eq!(flags & sys::VIR_MIGRATE_TLS, 0);
         assert_eq!(params.tls_destination, None);
-        req.tls = true;
+        req.tuning.tls = true;
         let (flags, params) = migrate_flags_and_params(&req);
         assert_ne!(flags & sys::VIR_MIGRATE_TLS, 0);
         assert_ne!(flags & sys::VIR_MIGRATE_NON_SHARED_INC, 0);

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use viola_adaptmgr::migration::stage::{ImageDirView, MoveAnnouncer};
-use viola_adaptmgr::migration::{LocalCopyStager, MigrationDeps, MigrationPlan};
+use viola_adaptmgr::migration::{LocalCopyStager, MigrationDeps, MigrationPlan, MigrationTuning};
 use viola_hypervisor::Hypervisor;
 use viola_hypervisor::libvirt::{LibvirtConnector, LibvirtHypervisor};
 
@@ -182,12 +182,14 @@ pub fn migration_plan(vm: &str, from: &str, to: &str, bandwidth_mib_s: u64) -> M
         dest_uri: manager_uri(to),
         dest_migration_uri: peer_uri(to),
         stage_base: true,
-        bandwidth_mib_s: Some(bandwidth_mib_s),
         timeout_ms: 300_000,
-        max_downtime_ms: Some(100),
-        compress: false,
-        tls: true,
-        tls_destination: None,
+        tuning: MigrationTuning {
+            bandwidth_mib_s: Some(bandwidth_mib_s),
+            max_downtime_ms: Some(100),
+            compress: false,
+            tls: true,
+            tls_destination: None,
+        },
     }
 }
 

@@ -25,11 +25,10 @@ use viola_labtests::{daemons, pki::Pki, run};
 
 /// A lab migration, encrypted or not as `tls` says.
 fn plan(vm: &str, from: &str, to: &str, tls: bool) -> MigrationPlan {
-    MigrationPlan {
-        tls,
-        // Above the WAN's rate: the link sets the pace.
-        ..migration_plan(vm, from, to, 100)
-    }
+    // Above the WAN's rate: the link sets the pace.
+    let mut plan = migration_plan(vm, from, to, 100);
+    plan.tuning.tls = tls;
+    plan
 }
 
 /// A marker no earlier run left anywhere (letters and digits, as the guest's CGI wants).

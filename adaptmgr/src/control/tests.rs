@@ -395,9 +395,9 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     // Encrypted by default, checked against the name b1's configuration gives.
     let asked = cluster.migration_requests();
     let last_asked = asked.last().expect("a migration request");
-    assert!(last_asked.tls);
+    assert!(last_asked.tuning.tls);
     assert_eq!(
-        last_asked.tls_destination.as_deref(),
+        last_asked.tuning.tls_destination.as_deref(),
         Some("b1.b.libvirt.viola")
     );
     // The source's overlay was asked for the violin's members, then a1 and b1 were told to

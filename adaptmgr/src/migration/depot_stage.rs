@@ -363,7 +363,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::migration::plan::{Action, MigrationPlan, Step};
+    use crate::migration::plan::{Action, MigrationPlan, MigrationTuning, Step};
     use crate::migration::stage::ImageDirView;
     use crate::migration::testing::{
         RecordingAnnouncer, assert_migrated_incrementally, assert_rolled_back_clean,
@@ -785,12 +785,8 @@ mod tests {
             dest_uri: B.into(),
             dest_migration_uri: B.into(),
             stage_base: true,
-            bandwidth_mib_s: None,
             timeout_ms,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
+            tuning: MigrationTuning::default(),
         };
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
         let watcher = tokio::spawn(async move {

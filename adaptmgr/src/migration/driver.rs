@@ -571,12 +571,8 @@ impl<S: BaseStager, A: MoveAnnouncer> StepRunner<'_, S, A> {
             dest_uri: plan.dest_migration_uri.clone(),
             disks: ctx.disks.iter().map(|d| d.target.clone()).collect(),
             storage: machine.storage(),
-            bandwidth_mib_s: plan.bandwidth_mib_s,
             migrate_uri: None,
-            max_downtime_ms: plan.max_downtime_ms,
-            compress: plan.compress,
-            tls: plan.tls,
-            tls_destination: plan.tls_destination.clone(),
+            tuning: plan.tuning.clone(),
         };
         // Runs on the blocking pool from its first poll; awaited to its end on every path.
         let migration = mover.migrate(vm, req);
@@ -812,11 +808,11 @@ async fn remove_destination_domain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::Outcome;
     use crate::migration::testing::{
         CountingConnector, FakeStager, RecordingAnnouncer, assert_migrated_incrementally,
         assert_rolled_back_clean,
     };
+    use crate::migration::{MigrationTuning, Outcome};
     use viola_hypervisor::fake::{FakeCluster, FakeHypervisor, Faults, sample_domain_xml};
     use viola_hypervisor::{Hypervisor, StorageCopy};
 
@@ -890,12 +886,11 @@ mod tests {
             dest_uri: B.into(),
             dest_migration_uri: B.into(),
             stage_base: true,
-            bandwidth_mib_s: Some(50),
             timeout_ms,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
+            tuning: MigrationTuning {
+                bandwidth_mib_s: Some(50),
+                ..MigrationTuning::default()
+            },
         }
     }
 
@@ -929,17 +924,20 @@ mod tests {
     async fn the_plan_s_tls_reaches_the_hypervisor() {
         let lab = Lab::new();
         let tls_plan = MigrationPlan {
-            tls: true,
-            tls_destination: Some("b1.b.libvirt.viola".into()),
+            tuning: MigrationTuning {
+                tls: true,
+                tls_destination: Some("b1.b.libvirt.viola".into()),
+                ..MigrationTuning::default()
+            },
             ..plan(10_000)
         };
         let run = lab.run(tls_plan, &CancellationToken::new()).await;
         assert!(matches!(run.report.outcome, Outcome::Migrated { .. }));
         let asked = lab.cluster.migration_requests();
         assert_eq!(asked.len(), 1);
-        assert!(asked[0].tls);
+        assert!(asked[0].tuning.tls);
         assert_eq!(
-            asked[0].tls_destination.as_deref(),
+            asked[0].tuning.tls_destination.as_deref(),
             Some("b1.b.libvirt.viola")
         );
     }

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use viola_api::migration::{MigrationPlan, Outcome, StepRecord};
+pub use viola_api::migration::{MigrationPlan, MigrationTuning, Outcome, StepRecord};
 use viola_hypervisor::StorageCopy;
 
 /// Forward steps, in order.
@@ -396,12 +396,8 @@ mod tests {
             dest_uri: "b".into(),
             dest_migration_uri: "b".into(),
             stage_base,
-            bandwidth_mib_s: None,
             timeout_ms: 60_000,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
+            tuning: MigrationTuning::default(),
         }
     }
 
