@@ -363,11 +363,11 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::migration::plan::{Action, MigrationPlan, MigrationTuning, Step};
+    use crate::migration::plan::{Action, Step};
     use crate::migration::stage::ImageDirView;
     use crate::migration::testing::{
         RecordingAnnouncer, assert_migrated_incrementally, assert_rolled_back_clean,
-        stage_base_result,
+        stage_base_result, vm1_plan,
     };
     use crate::migration::{
         MigrationDeps, MigrationRun, MigrationStatus, StepError, run_migration_detailed,
@@ -779,15 +779,7 @@ mod tests {
             poll_interval: Duration::from_millis(5),
             reconnect_timeout: Duration::from_millis(50),
         };
-        let plan = MigrationPlan {
-            vm: "vm1".into(),
-            source_uri: A.into(),
-            dest_uri: B.into(),
-            dest_migration_uri: B.into(),
-            stage_base: true,
-            timeout_ms,
-            tuning: MigrationTuning::default(),
-        };
+        let plan = vm1_plan(A, B, timeout_ms);
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
         let watcher = tokio::spawn(async move {
             let mut seen = Vec::new();

@@ -810,7 +810,7 @@ mod tests {
     use super::*;
     use crate::migration::testing::{
         CountingConnector, FakeStager, RecordingAnnouncer, assert_migrated_incrementally,
-        assert_rolled_back_clean,
+        assert_rolled_back_clean, vm1_plan,
     };
     use crate::migration::{MigrationTuning, Outcome};
     use viola_hypervisor::fake::{FakeCluster, FakeHypervisor, Faults, sample_domain_xml};
@@ -880,18 +880,9 @@ mod tests {
     }
 
     fn plan(timeout_ms: u64) -> MigrationPlan {
-        MigrationPlan {
-            vm: "vm1".into(),
-            source_uri: A.into(),
-            dest_uri: B.into(),
-            dest_migration_uri: B.into(),
-            stage_base: true,
-            timeout_ms,
-            tuning: MigrationTuning {
-                bandwidth_mib_s: Some(50),
-                ..MigrationTuning::default()
-            },
-        }
+        let mut plan = vm1_plan(A, B, timeout_ms);
+        plan.tuning.bandwidth_mib_s = Some(50);
+        plan
     }
 
     fn slow_migrations(cluster: &FakeCluster) {

@@ -391,13 +391,8 @@ mod tests {
 
     fn plan(stage_base: bool) -> MigrationPlan {
         MigrationPlan {
-            vm: "vm1".into(),
-            source_uri: "a".into(),
-            dest_uri: "b".into(),
-            dest_migration_uri: "b".into(),
             stage_base,
-            timeout_ms: 60_000,
-            tuning: MigrationTuning::default(),
+            ..crate::migration::testing::vm1_plan("a", "b", 60_000)
         }
     }
 

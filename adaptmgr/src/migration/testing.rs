@@ -6,10 +6,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::driver::{MigrationReport, MigrationRun, StepFailure};
-use super::plan::Outcome;
+use super::plan::{MigrationPlan, MigrationTuning, Outcome};
 use super::stage::{AnnounceError, BaseStager, MoveAnnouncer, MoveNotice, StageError, StagedBase};
 use viola_hypervisor::fake::FakeCluster;
 use viola_hypervisor::{Connector, DomainState, Hypervisor, HypervisorError, StorageCopy};
+
+/// A migration of vm1 from `source` to `dest` (each reached at that URI) with its base
+/// staged, in `timeout_ms`, tuned as QEMU's defaults.
+pub fn vm1_plan(source: &str, dest: &str, timeout_ms: u64) -> MigrationPlan {
+    MigrationPlan {
+        vm: "vm1".into(),
+        source_uri: source.into(),
+        dest_uri: dest.into(),
+        dest_migration_uri: dest.into(),
+        stage_base: true,
+        timeout_ms,
+        tuning: MigrationTuning::default(),
+    }
+}
 
 /// Records every announcement as `expect VM [MACS]` or `withdraw VM`. Clones share the record.
 #[derive(Debug, Clone, Default)]
