@@ -193,10 +193,6 @@ pub struct Switch {
     counters: Counters,
 }
 
-fn mac_key(s: &str) -> Option<Mac> {
-    wire::parse_mac(s)
-}
-
 impl Switch {
     /// A switch for host `me` (`site/host`).
     pub fn new(me: HostId, cfg: SwitchConfig) -> Self {
@@ -323,6 +319,15 @@ impl Switch {
                 .peers
                 .get(host)
                 .is_some_and(|p| p.violins.contains(&violin.cfg.id))
+    }
+
+    /// The MAC address `text` spells; counts a malformed message if it spells none.
+    fn parse_mac(&mut self, text: &str) -> Option<Mac> {
+        let mac = wire::parse_mac(text);
+        if mac.is_none() {
+            self.drop(DropReason::Malformed);
+        }
+        mac
     }
 
     /// Whether `from` is a permitted member of `violin`; if not, counts the drop and why.
@@ -857,8 +862,7 @@ impl Switch {
                 ip,
             } => self.handle_announce(now, from, violin, &mac, seq, ip, out),
             ControlMsg::SeqHint { violin, mac, seq } => {
-                let Some(mac) = mac_key(&mac) else {
-                    self.drop(DropReason::Malformed);
+                let Some(mac) = self.parse_mac(&mac) else {
                     return;
                 };
                 let Some(v) = self.violins.get_mut(&violin) else {
@@ -885,8 +889,7 @@ impl Switch {
                 }
             }
             ControlMsg::ExpectMove { violin, mac, host } => {
-                let Some(mac) = mac_key(&mac) else {
-                    self.drop(DropReason::Malformed);
+                let Some(mac) = self.parse_mac(&mac) else {
                     return;
                 };
                 let Some(v) = self.violins.get(&violin) else {
@@ -946,8 +949,7 @@ impl Switch {
         ip: Option<Ipv4Addr>,
         out: &mut Vec<Output>,
     ) {
-        let Some(mac) = mac_key(mac) else {
-            self.drop(DropReason::Malformed);
+        let Some(mac) = self.parse_mac(mac) else {
             return;
         };
         if !self.accepts_from(violin, from) {

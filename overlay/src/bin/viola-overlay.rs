@@ -205,18 +205,13 @@ fn emit(text: &str) {
 fn main() -> ExitCode {
     viola_common::shutdown::init_tracing();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    match viola_overlay::local_runtime::block_on_local(run(cli)) {
+        Ok(result) => viola_common::errors::exit_code("viola-overlay", result),
         Err(e) => {
             eprintln!("viola-overlay: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    let local = tokio::task::LocalSet::new();
-    viola_common::errors::exit_code("viola-overlay", local.block_on(&rt, run(cli)))
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
