@@ -137,6 +137,29 @@ impl LibvirtHypervisor {
         move |source| HypervisorError::Libvirt { op, domain, source }
     }
 
+    /// What `ask` answers of every domain listed with `flags`, but for those it answers
+    /// nothing of and those gone before it asked (migrated away or undefined meanwhile).
+    fn ask_each_domain<T>(
+        &self,
+        flags: u32,
+        ask: impl Fn(&Domain) -> Result<Option<T>, HypervisorError>,
+    ) -> Result<Vec<T>, HypervisorError> {
+        let doms = self
+            .conn
+            .0
+            .list_all_domains(flags)
+            .map_err(Self::err("list domains", "-"))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for dom in &doms {
+            match ask(dom) {
+                Ok(answer) => out.extend(answer),
+                Err(e) if e.is_no_such_domain() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     fn summary(&self, dom: &Domain) -> Result<DomainSummary, HypervisorError> {
         let name = dom.get_name().map_err(Self::err("get name", "?"))?;
         let info = dom.get_info().map_err(Self::err("get info", &name))?;
@@ -385,20 +408,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn list_domains(&self) -> Result<Vec<DomainSummary>, HypervisorError> {
-        let doms = self
-            .conn
-            .0
-            .list_all_domains(0)
-            .map_err(Self::err("list domains", "-"))?;
-        let mut out = Vec::with_capacity(doms.len());
-        for dom in &doms {
-            match self.summary(dom) {
-                Ok(s) => out.push(s),
-                // A domain can vanish between listing and asking (migrated away, undefined).
-                Err(e) if e.is_no_such_domain() => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let mut out = self.ask_each_domain(0, |dom| self.summary(dom).map(Some))?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -414,24 +424,17 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError> {
-        let doms = self
-            .conn
-            .0
-            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            .map_err(Self::err("list domains", "-"))?;
-        let mut out = Vec::with_capacity(doms.len());
-        for dom in &doms {
+        let mut out = self.ask_each_domain(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE, |dom| {
             match self.domain_stats(dom) {
-                Ok(s) => out.push(s),
-                Err(e) if e.is_no_such_domain() => {}
+                // Stopped between listing and asking.
                 Err(HypervisorError::Libvirt { source, .. })
                     if source.code() == ErrorNumber::OperationInvalid =>
                 {
-                    // Stopped between listing and asking.
+                    Ok(None)
                 }
-                Err(e) => return Err(e),
+                other => other.map(Some),
             }
-        }
+        })?;
         out.sort_by(|a, b| a.summary.name.cmp(&b.summary.name));
         Ok(out)
     }
