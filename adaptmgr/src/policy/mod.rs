@@ -189,6 +189,14 @@ pub struct ObservedState {
 }
 
 impl ObservedState {
+    /// Of `vms`, those not migrating now: the ones a policy may move.
+    pub fn movable(&self, vms: &[usize]) -> Vec<usize> {
+        vms.iter()
+            .copied()
+            .filter(|&v| !self.vms[v].in_migration)
+            .collect()
+    }
+
     /// Seconds a live migration of `vm` from `from` to `to` takes: RAM over half the NIC inside a
     /// site (CloudSim's model), over the smaller WAN share between sites.
     pub fn migration_time_s(&self, vm: usize, from: usize, to: usize) -> f64 {

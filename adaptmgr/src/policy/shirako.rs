@@ -180,12 +180,7 @@ fn relieve(
         if load[h] <= 1.0 {
             continue;
         }
-        let mut vms: Vec<usize> = host
-            .vms
-            .iter()
-            .copied()
-            .filter(|&v| !st.vms[v].in_migration)
-            .collect();
+        let mut vms = st.movable(&host.vms);
         vms.sort_by(|&a, &b| st.vms[a].ram_mb.total_cmp(&st.vms[b].ram_mb));
         for v in vms {
             if load[h] <= 1.0 {

@@ -178,11 +178,7 @@ impl Policy for Viola {
                 continue;
             }
             touched[h] = true;
-            let mut cands: Vec<usize> = l.vms[h]
-                .iter()
-                .copied()
-                .filter(|&v| !st.vms[v].in_migration)
-                .collect();
+            let mut cands = st.movable(&l.vms[h]);
             // Smallest RAM first (shortest migration), bigger estimate first among equals.
             cands.sort_by(|&a, &b| {
                 st.vms[a]
