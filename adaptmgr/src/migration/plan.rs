@@ -525,27 +525,33 @@ mod tests {
         assert!(matches!(outcome, Outcome::RolledBack { .. }));
     }
 
-    #[test]
-    fn client_error_but_vm_at_destination_counts_as_migrated() {
+    /// Runs a migration whose `step` answers `answer` and whose reconciliation then finds
+    /// `found`; checks that the destination's domain was left alone and returns the outcome.
+    fn reconciled(step: Step, answer: Result<Report, String>, found: Copies) -> Outcome {
         let mut m = MigrationMachine::new(plan(true));
         let (seen, outcome) = run(&mut m, |a| match a {
-            Action::Run(Step::Migrate) => Err("client connection reset".into()),
-            Action::Undo(Rollback::Reconcile) => Ok(Report::Found(Copies::DestinationOnly)),
+            Action::Run(s) if *s == step => answer.clone(),
+            Action::Undo(Rollback::Reconcile) => Ok(Report::Found(found)),
             other => ok_path(other, true),
         });
         assert!(!seen.contains(&Action::Undo(Rollback::RemoveDestinationDomain)));
+        outcome
+    }
+
+    #[test]
+    fn client_error_but_vm_at_destination_counts_as_migrated() {
+        let outcome = reconciled(
+            Step::Migrate,
+            Err("client connection reset".into()),
+            Copies::DestinationOnly,
+        );
         assert!(matches!(outcome, Outcome::Migrated { .. }));
     }
 
     #[test]
     fn both_running_is_stuck_not_destroyed() {
-        let mut m = MigrationMachine::new(plan(true));
-        let (seen, outcome) = run(&mut m, |a| match a {
-            Action::Run(Step::Verify) => Ok(Report::Found(Copies::BothRunning)),
-            Action::Undo(Rollback::Reconcile) => Ok(Report::Found(Copies::BothRunning)),
-            other => ok_path(other, true),
-        });
-        assert!(!seen.contains(&Action::Undo(Rollback::RemoveDestinationDomain)));
+        let both = Copies::BothRunning;
+        let outcome = reconciled(Step::Verify, Ok(Report::Found(both)), both);
         assert!(matches!(outcome, Outcome::Stuck { .. }));
     }
 
