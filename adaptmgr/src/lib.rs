@@ -3,6 +3,8 @@
 //! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
 pub mod announce;
 pub mod control;
+#[cfg(test)]
+mod fixtures;
 pub mod ha;
 pub mod inventory;
 pub mod manager;

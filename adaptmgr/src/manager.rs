@@ -28,7 +28,7 @@ use crate::migration::depot_stage::{DepotHost, DepotLink};
 use crate::migration::stage::ImageDirView;
 use crate::migration::{
     DepotStager, LocalCopyStager, MigrationDeps, MigrationPlan, MigrationReport, MigrationSnapshot,
-    MigrationStatus, Outcome, QuicDepotLink, resume_migration, run_journaled,
+    MigrationStatus, MigrationTuning, Outcome, QuicDepotLink, resume_migration, run_journaled,
 };
 use crate::policy_loop::config::PolicyConfig;
 use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
@@ -58,6 +58,22 @@ pub struct HostConfig {
     /// with the manager's certificate. Without it the host is taken to run no overlay daemon.
     #[serde(default)]
     pub overlay_addr: Option<SocketAddr>,
+}
+
+/// `f` of each of `hosts`, by libvirt URI (the name migrations and failures give a host).
+fn by_libvirt_uri<T>(hosts: &[HostConfig], f: impl Fn(&HostConfig) -> T) -> BTreeMap<String, T> {
+    hosts
+        .iter()
+        .map(|h| (h.libvirt_uri.clone(), f(h)))
+        .collect()
+}
+
+/// Where the overlay daemon of each of `hosts` is, by libvirt URI, for the move announcer.
+pub(crate) fn overlay_hosts(hosts: &[HostConfig]) -> BTreeMap<String, OverlayHost> {
+    by_libvirt_uri(hosts, |h| OverlayHost {
+        label: format!("{}/{}", h.site, h.name),
+        overlay_addr: h.overlay_addr,
+    })
 }
 
 /// `viola-adaptmgr` configuration.
@@ -316,34 +332,16 @@ impl Manager {
             .iter()
             .map(|d| (d.site.clone(), d.addr))
             .collect();
-        let depot_hosts = cfg
-            .hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.libvirt_uri.clone(),
-                    DepotHost {
-                        name: h.name.clone(),
-                        site: h.site.clone(),
-                    },
-                )
-            })
-            .collect();
-        let overlay_hosts = cfg
-            .hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.libvirt_uri.clone(),
-                    OverlayHost {
-                        label: format!("{}/{}", h.site, h.name),
-                        overlay_addr: h.overlay_addr,
-                    },
-                )
-            })
-            .collect();
+        let depot_hosts = by_libvirt_uri(&cfg.hosts, |h| DepotHost {
+            name: h.name.clone(),
+            site: h.site.clone(),
+        });
         Ok(Self {
-            announcer: OverlayAnnouncer::new(overlay_hosts, Arc::clone(&inventory), overlays),
+            announcer: OverlayAnnouncer::new(
+                overlay_hosts(&cfg.hosts),
+                Arc::clone(&inventory),
+                overlays,
+            ),
             stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),
@@ -540,20 +538,22 @@ impl Manager {
             dest_uri: to.libvirt_uri.clone(),
             dest_migration_uri: to.migration_uri.clone(),
             stage_base: req.stage_base,
-            bandwidth_mib_s: Some(
-                req.bandwidth_mib_s
-                    .unwrap_or(self.cfg.migration_bandwidth_mib_s),
-            ),
             timeout_ms: req.timeout_s.unwrap_or(self.cfg.migration_timeout_s) * 1000,
-            max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
-            compress: self.cfg.migration_compress,
-            tls: self.cfg.migration_tls,
-            tls_destination: self
-                .cfg
-                .hosts
-                .iter()
-                .find(|h| h.name == req.to_host)
-                .and_then(|h| h.migration_tls_name.clone()),
+            tuning: MigrationTuning {
+                bandwidth_mib_s: Some(
+                    req.bandwidth_mib_s
+                        .unwrap_or(self.cfg.migration_bandwidth_mib_s),
+                ),
+                max_downtime_ms: Some(self.cfg.migration_max_downtime_ms),
+                compress: self.cfg.migration_compress,
+                tls: self.cfg.migration_tls,
+                tls_destination: self
+                    .cfg
+                    .hosts
+                    .iter()
+                    .find(|h| h.name == req.to_host)
+                    .and_then(|h| h.migration_tls_name.clone()),
+            },
         };
         let deps = self.migration_deps();
         let (tx, mut rx) = watch::channel(MigrationStatus::default());

@@ -6,27 +6,26 @@ use viola_adaptmgr::policy::marinescu::{
 
 #[test]
 fn the_rules_name_memory_when_the_slo_breaks_while_swapping() {
-    let s = Symptoms {
-        slo_violated: true,
-        cpu_utilization: 0.3,
-        memory_utilization: 0.97,
-        swapping: true,
-    };
-    assert_eq!(bottleneck(&s), Some(Resource::Memory));
-    let s = Symptoms {
-        slo_violated: true,
-        cpu_utilization: 0.98,
-        memory_utilization: 0.5,
-        swapping: false,
-    };
-    assert_eq!(bottleneck(&s), Some(Resource::Cpu));
-    assert_eq!(
-        bottleneck(&Symptoms {
+    // (CPU utilization, memory utilization, swapping, the bottleneck while the SLO is broken)
+    let cases = [
+        (0.3, 0.97, true, Resource::Memory),
+        (0.98, 0.5, false, Resource::Cpu),
+    ];
+    for (cpu_utilization, memory_utilization, swapping, resource) in cases {
+        let s = Symptoms {
+            slo_violated: true,
+            cpu_utilization,
+            memory_utilization,
+            swapping,
+        };
+        assert_eq!(bottleneck(&s), Some(resource), "{s:?}");
+        // Nothing to name while the SLO holds.
+        let met = Symptoms {
             slo_violated: false,
             ..s
-        }),
-        None
-    );
+        };
+        assert_eq!(bottleneck(&met), None, "{met:?}");
+    }
 }
 
 #[test]

@@ -110,6 +110,29 @@ pub struct ActionRecord {
     pub outcome: ActionOutcome,
 }
 
+impl ActionRecord {
+    /// A move of `vm` from `from` to `to` (no detail: a move sets nothing else).
+    pub fn migration(
+        vm: Option<String>,
+        from: Option<String>,
+        to: Option<String>,
+        reason: String,
+        stage: Option<usize>,
+        outcome: ActionOutcome,
+    ) -> Self {
+        Self {
+            action: "migrate".into(),
+            vm,
+            from,
+            to,
+            detail: None,
+            reason,
+            stage,
+            outcome,
+        }
+    }
+}
+
 /// One decision of the policy loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionRecord {

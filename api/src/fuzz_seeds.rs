@@ -55,18 +55,16 @@ fn fuzz_seeds() {
             hosts_overloaded: 1,
             mean_demand: 0.6666666666666666,
         },
-        actions: vec![ActionRecord {
-            action: "migrate".into(),
-            vm: Some("vm1".into()),
-            from: Some("a1".into()),
-            to: Some("a2".into()),
-            detail: None,
-            reason: "host a1 overloaded: demand 2100 / 2000 MIPS".into(),
-            stage: Some(0),
-            outcome: ActionOutcome::RolledBack {
+        actions: vec![ActionRecord::migration(
+            Some("vm1".into()),
+            Some("a1".into()),
+            Some("a2".into()),
+            "host a1 overloaded: demand 2100 / 2000 MIPS".into(),
+            Some(0),
+            ActionOutcome::RolledBack {
                 reason: "destination refused".into(),
             },
-        }],
+        )],
     };
     let seeds: [(&str, Vec<u8>); 10] = [
         ("report", encode(&Request::Report(report)).unwrap()),

@@ -18,20 +18,35 @@ pub struct MigrationPlan {
     /// Whether to stage a missing base image at the destination (then copy only the overlay),
     /// or fall back to a full-disk copy.
     pub stage_base: bool,
-    pub bandwidth_mib_s: Option<u64>,
     pub timeout_ms: u64,
-    /// Longest pause allowed at switchover (QEMU's downtime limit; its default is 300 ms).
+    /// How the migration stream runs (its fields sit at the plan's top level in JSON).
+    #[serde(flatten)]
+    pub tuning: MigrationTuning,
+}
+
+/// How a live migration's stream runs: what the manager plans and passes on to the source's
+/// libvirtd as it is. The default is QEMU's: uncapped, uncompressed, in the clear.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationTuning {
+    /// Bandwidth cap for RAM and disk mirror, MiB/s.
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Longest pause allowed at switchover, ms (QEMU's downtime limit; its default is 300).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
-    /// Compress RAM pages on the wire.
+    /// Compress RAM pages on the wire (zstd level 1 on two multifd channels): a WAN link is
+    /// slower than the compression threads, and guest RAM is mostly compressible.
     #[serde(default)]
     pub compress: bool,
-    /// Encrypt and authenticate the migration stream with TLS (QEMU's, `VIR_MIGRATE_TLS`).
-    /// Off in plans journaled before it existed.
+    /// Encrypt and authenticate the migration stream (RAM, device state and the disk copy)
+    /// with QEMU's TLS (`VIR_MIGRATE_TLS`), with the hosts' certificates from the federation CA.
+    /// The destination's URI should then be `qemu+tls://…`, so the libvirtds' own connection is
+    /// TLS too. Off in plans journaled before it existed.
     #[serde(default)]
     pub tls: bool,
-    /// The name the destination's libvirt certificate carries, when `dest_migration_uri`'s host
-    /// is not one of its names.
+    /// The name the destination's libvirt certificate must carry, when the host of the URI the
+    /// source reaches it by is not one of its names (libvirt's `tls.destination`); only with
+    /// `tls`.
     #[serde(default)]
     pub tls_destination: Option<String>,
 }

@@ -2,11 +2,35 @@
 //!
 //! Every config struct derives `Deserialize` with `#[serde(default, deny_unknown_fields)]`, so a
 //! typo in a file is an error that names the key, never a silently ignored setting. Command-line
-//! overrides are applied by the binary after [`load`] returns.
+//! overrides are applied by the binary after [`load`] returns ([`override_with!`](crate::override_with)).
 
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+
+/// Applies command-line overrides to a loaded configuration: each `value => place` sets `place`
+/// to what the `Option` `value` holds, if it holds something.
+///
+/// ```
+/// # struct Cfg { host: String, port: u16 }
+/// # let mut cfg = Cfg { host: "a1".into(), port: 1 };
+/// let (host, port): (Option<String>, Option<u16>) = (None, Some(4433));
+/// viola_common::override_with! {
+///     host => cfg.host,
+///     port => cfg.port,
+/// }
+/// assert_eq!((cfg.host.as_str(), cfg.port), ("a1", 4433));
+/// ```
+#[macro_export]
+macro_rules! override_with {
+    ($($value:expr => $place:expr),+ $(,)?) => {
+        $(
+            if let Some(v) = $value {
+                $place = v;
+            }
+        )+
+    };
+}
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
-//! Printing errors with their whole source chain, as binaries do at the top.
+//! Printing errors with their whole source chain, as binaries do at the top, and that top:
+//! [`exit_code`] and [`run_main`].
 
 use std::error::Error;
+use std::process::ExitCode;
 
 /// Formats `err` and every source below it as `top: cause: root cause`.
 pub fn chain(err: &(dyn Error + 'static)) -> String {
@@ -16,6 +18,29 @@ pub fn chain(err: &(dyn Error + 'static)) -> String {
         source = cause.source();
     }
     out
+}
+
+/// A binary's exit code for `result`; an error is printed first, as `name: top: cause: …`.
+pub fn exit_code(name: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {}", chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs binary `name`'s asynchronous main on a multi-threaded runtime; its exit code as
+/// [`exit_code`] gives it.
+pub fn run_main(name: &str, main: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => exit_code(name, runtime.block_on(main)),
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

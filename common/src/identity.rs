@@ -763,6 +763,14 @@ mod tests {
         PeerIdentity::new(role, site, host).unwrap()
     }
 
+    /// A one-day identity from `ca` for `role` at `site`/`host`.
+    fn issued(ca: &CertificateAuthority, role: Role, site: &str, host: &str) -> Identity {
+        ca.issue(&id(role, site, host), 1)
+            .unwrap()
+            .to_identity()
+            .unwrap()
+    }
+
     #[test]
     fn identity_uri_roundtrip_and_validation() {
         let i = id(Role::Overlay, "a", "a1");
@@ -865,16 +873,8 @@ mod tests {
     #[tokio::test]
     async fn mutual_tls_between_daemons_of_one_ca() {
         let ca = CertificateAuthority::generate("test", 30).unwrap();
-        let a = ca
-            .issue(&id(Role::Overlay, "a", "a1"), 1)
-            .unwrap()
-            .to_identity()
-            .unwrap();
-        let b = ca
-            .issue(&id(Role::Adaptmgr, "a", "ctl"), 1)
-            .unwrap()
-            .to_identity()
-            .unwrap();
+        let a = issued(&ca, Role::Overlay, "a", "a1");
+        let b = issued(&ca, Role::Adaptmgr, "a", "ctl");
         let (seen_by_server, seen_by_client) = handshake(
             &a,
             &b,
@@ -902,17 +902,9 @@ mod tests {
     async fn certificate_from_another_ca_is_refused() {
         let ours = CertificateAuthority::generate("ours", 30).unwrap();
         let theirs = CertificateAuthority::generate("theirs", 30).unwrap();
-        let good = ours
-            .issue(&id(Role::Overlay, "a", "a1"), 1)
-            .unwrap()
-            .to_identity()
-            .unwrap();
+        let good = issued(&ours, Role::Overlay, "a", "a1");
         // Same names, wrong CA.
-        let foreign = theirs
-            .issue(&id(Role::Overlay, "b", "b1"), 1)
-            .unwrap()
-            .to_identity()
-            .unwrap();
+        let foreign = issued(&theirs, Role::Overlay, "b", "b1");
         let sn = server_name(Role::Overlay);
         let err = handshake(&good, &foreign, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
             .await
@@ -927,16 +919,8 @@ mod tests {
     #[tokio::test]
     async fn wrong_role_name_or_alpn_is_refused() {
         let ca = CertificateAuthority::generate("test", 30).unwrap();
-        let depot = ca
-            .issue(&id(Role::Depot, "a", "d1"), 1)
-            .unwrap()
-            .to_identity()
-            .unwrap();
-        let overlay = ca
-            .issue(&id(Role::Overlay, "a", "a1"), 1)
-            .unwrap()
-            .to_identity()
-            .unwrap();
+        let depot = issued(&ca, Role::Depot, "a", "d1");
+        let overlay = issued(&ca, Role::Overlay, "a", "a1");
         // A depot cannot pass itself off as an overlay daemon.
         let err = handshake(
             &depot,

@@ -1,7 +1,7 @@
 //! Viola's shared ground: what every daemon needs and nothing more.
 //!
 //! - [`config`]: defaults, then a TOML file, then the command line, unknown keys rejected.
-//! - [`errors`]: printing an error with its whole source chain.
+//! - [`errors`]: printing an error with its whole source chain, and a binary's exit code.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a cancellation token.
 //! - [`metrics`]: a minimal Prometheus text endpoint.
 

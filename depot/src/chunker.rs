@@ -280,15 +280,29 @@ mod tests {
         }
     }
 
-    fn aligned_cdc_case(spec: ChunkerSpec) {
-        let align = spec.align().unwrap() as usize;
-        let mut s = 99u64;
-        let data: Vec<u8> = (0..3_000_000)
+    /// `len` pseudo-random bytes from `seed` (incompressible, reproducible).
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut s = seed;
+        (0..len)
             .map(|_| {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
                 (s >> 33) as u8
             })
-            .collect();
+            .collect()
+    }
+
+    /// The hashes of the chunks `spec` cuts `data` into.
+    fn chunk_hashes(spec: ChunkerSpec, data: &[u8]) -> std::collections::HashSet<blake3::Hash> {
+        boundaries(spec, data)
+            .unwrap()
+            .into_iter()
+            .map(|(o, l)| blake3::hash(&data[o as usize..o as usize + l]))
+            .collect()
+    }
+
+    fn aligned_cdc_case(spec: ChunkerSpec) {
+        let align = spec.align().unwrap() as usize;
+        let data = noise(99, 3_000_000);
         let b = boundaries(spec, &data).unwrap();
         let mut expect = 0u64;
         for (i, (off, len)) in b.iter().enumerate() {
@@ -302,14 +316,7 @@ mod tests {
         assert_eq!(expect, data.len() as u64);
         let mut shifted = data.clone();
         shifted.splice(100_000..100_000, vec![3u8; 16384]);
-        let set = |d: &[u8]| -> std::collections::HashSet<blake3::Hash> {
-            boundaries(spec, d)
-                .unwrap()
-                .into_iter()
-                .map(|(o, l)| blake3::hash(&d[o as usize..o as usize + l]))
-                .collect()
-        };
-        let (a, c) = (set(&data), set(&shifted));
+        let (a, c) = (chunk_hashes(spec, &data), chunk_hashes(spec, &shifted));
         assert!(
             a.intersection(&c).count() * 10 >= a.len() * 8,
             "{} of {} shared",
@@ -335,31 +342,18 @@ mod tests {
 
     #[test]
     fn cdc_resynchronises_after_an_insertion_and_fixed_does_not() {
-        let mut rng_state = 12345u64;
-        let data: Vec<u8> = (0..200_000)
-            .map(|_| {
-                rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1);
-                (rng_state >> 33) as u8
-            })
-            .collect();
+        let data = noise(12345, 200_000);
         let mut shifted = data.clone();
         shifted.splice(1000..1000, [7u8; 17]);
-        let hashes = |spec, d: &[u8]| -> std::collections::HashSet<blake3::Hash> {
-            boundaries(spec, d)
-                .unwrap()
-                .into_iter()
-                .map(|(o, l)| blake3::hash(&d[o as usize..o as usize + l]))
-                .collect()
-        };
         let shared = |spec| {
-            hashes(spec, &data)
-                .intersection(&hashes(spec, &shifted))
+            chunk_hashes(spec, &data)
+                .intersection(&chunk_hashes(spec, &shifted))
                 .count()
         };
         let cdc = small_cdc();
         let fixed = ChunkerSpec::Fixed { size: 4096 };
         assert!(
-            shared(cdc) * 10 >= hashes(cdc, &data).len() * 9,
+            shared(cdc) * 10 >= chunk_hashes(cdc, &data).len() * 9,
             "CDC should keep >= 90% of chunks"
         );
         assert_eq!(

@@ -30,7 +30,7 @@ use crate::manifest::{
     self, DiskFormat, MANIFEST_VERSION, Manifest, ManifestError, OverlaySpec, PartRef,
 };
 use crate::qemu::{self, QemuImgError};
-use crate::store::{Store, StoreError};
+use crate::store::{PathIoError, Store, StoreError};
 
 /// Errors of import and assembly.
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +41,8 @@ pub enum ImageError {
     Store(#[from] StoreError),
     #[error("manifest")]
     Manifest(#[from] ManifestError),
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("part {path}: unreadable header")]
     Header {
         path: PathBuf,
@@ -80,11 +75,7 @@ pub enum ImageError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
+    PathIoError::on(what, path)
 }
 
 /// Progress of a long operation: bytes done of bytes total.
@@ -432,11 +423,9 @@ fn write_part(
             let mut result = Ok(());
             for h in handles {
                 let r = h.join().unwrap_or_else(|_| {
-                    Err(ImageError::Io {
-                        what: "writing (worker panicked)",
-                        path: tmp.clone(),
-                        source: io::Error::other("panic"),
-                    })
+                    Err(io_err("writing (worker panicked)", &tmp)(io::Error::other(
+                        "panic",
+                    )))
                 });
                 if result.is_ok() {
                     result = r;

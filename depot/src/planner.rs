@@ -889,12 +889,19 @@ mod tests {
         }
     }
 
+    /// The plan over [`two_sites`] (10 MB/s links) for the one VM [`vm`] describes, and when
+    /// that VM is ready.
+    fn plan_one_vm(parts: &[&str], deadline: f64, assembly: f64) -> (Plan, f64) {
+        let mut sc = two_sites(10.0);
+        sc.vms.push(vm("v", parts, deadline, assembly));
+        let p = plan(&sc).unwrap();
+        let ready_at = p.vms[0].ready_at.unwrap();
+        (p, ready_at)
+    }
+
     #[test]
     fn predicts_ready_time_including_assembly() {
-        let mut sc = two_sites(10.0);
-        sc.vms.push(vm("v", &["base"], 20.0, 2.0));
-        let p = plan(&sc).unwrap();
-        let t = p.vms[0].ready_at.unwrap();
+        let (p, t) = plan_one_vm(&["base"], 20.0, 2.0);
         assert!(
             (t - 12.0).abs() < 0.2,
             "100 MB at 10 MB/s + 2 s assembly, got {t}"
@@ -921,10 +928,7 @@ mod tests {
 
     #[test]
     fn splits_a_part_over_every_source() {
-        let mut sc = two_sites(10.0);
-        sc.vms.push(vm("v", &["layer"], 30.0, 0.0));
-        let p = plan(&sc).unwrap();
-        let t = p.vms[0].ready_at.unwrap();
+        let (p, t) = plan_one_vm(&["layer"], 30.0, 0.0);
         assert!(
             (t - 1.0).abs() < 0.1,
             "20 MB from two 10 MB/s sources takes 1 s, got {t}"

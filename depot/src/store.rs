@@ -30,13 +30,8 @@ use crate::part::{ChunkEntry, IndexError, PartIndex};
 /// Errors of store operations.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("part index {path} is corrupt")]
     Index {
         path: PathBuf,
@@ -67,12 +62,35 @@ pub enum StoreError {
     Locked,
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
+/// A file operation that failed: what was done, to which path, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}")]
+pub struct PathIoError {
+    pub what: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl PathIoError {
+    /// For `map_err`: the failure of `what` on `path`, as the caller's error `E`.
+    pub(crate) fn on<'a, E: From<Self>>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> E + 'a {
+        move |source| {
+            Self {
+                what,
+                path: path.to_path_buf(),
+                source,
+            }
+            .into()
+        }
     }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    PathIoError::on(what, path)
 }
 
 /// A depot's store rooted at a directory.
@@ -160,11 +178,7 @@ fn syncfs(path: &Path) -> Result<(), StoreError> {
     // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
     let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
     if rc != 0 {
-        return Err(StoreError::Io {
-            what: "syncfs",
-            path: path.to_path_buf(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(io_err("syncfs", path)(io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -338,11 +352,7 @@ impl Store {
                 return Err(StoreError::NoSuchPart(*id));
             }
             Err(e) => {
-                return Err(StoreError::Io {
-                    what: "reading",
-                    path: path.to_path_buf(),
-                    source: e,
-                });
+                return Err(io_err("reading", path)(e));
             }
         };
         let idx = PartIndex::decode(&bytes).map_err(|source| StoreError::Index {
@@ -513,11 +523,7 @@ impl Store {
                 return Err(StoreError::NoSuchImage(name_or_hash.to_string()));
             }
             Err(e) => {
-                return Err(StoreError::Io {
-                    what: "reading",
-                    path,
-                    source: e,
-                });
+                return Err(io_err("reading", &path)(e));
             }
         };
         let h: Hash = text
@@ -574,11 +580,7 @@ impl Store {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked),
             Err(fs::TryLockError::Error(e)) => {
-                return Err(StoreError::Io {
-                    what: "locking",
-                    path: lock_path,
-                    source: e,
-                });
+                return Err(io_err("locking", &lock_path)(e));
             }
         }
         let mut report = GcReport::default();
@@ -624,32 +626,24 @@ impl Store {
                 }
             }
         }
-        let chunks_dir = self.root.join("chunks");
-        for sub in fs::read_dir(&chunks_dir)
-            .map_err(io_err("listing", &chunks_dir))?
-            .flatten()
-        {
-            for e in fs::read_dir(sub.path())
-                .map_err(io_err("listing", &sub.path()))?
-                .flatten()
-            {
-                let live = e
-                    .file_name()
-                    .to_string_lossy()
-                    .parse::<Hash>()
-                    .is_ok_and(|h| live_chunks.contains(&h));
-                if live {
-                    report.kept_chunks += 1;
-                } else if young(&e.path(), grace) {
-                    report.spared_young_chunks += 1;
-                } else {
-                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                    fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
-                    report.removed_chunks += 1;
-                    report.removed_bytes += len;
-                }
+        self.for_each_chunk_file(|e| {
+            let live = e
+                .file_name()
+                .to_string_lossy()
+                .parse::<Hash>()
+                .is_ok_and(|h| live_chunks.contains(&h));
+            if live {
+                report.kept_chunks += 1;
+            } else if young(&e.path(), grace) {
+                report.spared_young_chunks += 1;
+            } else {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
+                report.removed_chunks += 1;
+                report.removed_bytes += len;
             }
-        }
+            Ok(())
+        })?;
         Ok(report)
     }
 
@@ -661,34 +655,26 @@ impl Store {
         mut progress: impl FnMut(u64),
     ) -> Result<ScrubReport, StoreError> {
         let mut report = ScrubReport::default();
-        let chunks_dir = self.root.join("chunks");
         let mut buf = Vec::new();
-        for sub in fs::read_dir(&chunks_dir)
-            .map_err(io_err("listing", &chunks_dir))?
-            .flatten()
-        {
-            for e in fs::read_dir(sub.path())
-                .map_err(io_err("listing", &sub.path()))?
-                .flatten()
-            {
-                let Ok(h) = e.file_name().to_string_lossy().parse::<Hash>() else {
-                    continue;
-                };
-                buf.clear();
-                File::open(e.path())
-                    .and_then(|mut f| f.read_to_end(&mut buf))
-                    .map_err(io_err("reading", &e.path()))?;
-                report.chunks_checked += 1;
-                report.bytes_checked += buf.len() as u64;
-                progress(report.bytes_checked);
-                if Hash::of(&buf) != h {
-                    report.corrupt_chunks.push(h);
-                    if repair {
-                        fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
-                    }
+        self.for_each_chunk_file(|e| {
+            let Ok(h) = e.file_name().to_string_lossy().parse::<Hash>() else {
+                return Ok(());
+            };
+            buf.clear();
+            File::open(e.path())
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .map_err(io_err("reading", &e.path()))?;
+            report.chunks_checked += 1;
+            report.bytes_checked += buf.len() as u64;
+            progress(report.bytes_checked);
+            if Hash::of(&buf) != h {
+                report.corrupt_chunks.push(h);
+                if repair {
+                    fs::remove_file(e.path()).map_err(io_err("removing", &e.path()))?;
                 }
             }
-        }
+            Ok(())
+        })?;
         let corrupt: HashSet<Hash> = report.corrupt_chunks.iter().copied().collect();
         for id in self.parts()? {
             report.parts_checked += 1;
@@ -717,6 +703,27 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Calls `visit` with every chunk file (`chunks/<prefix>/<hash>`) until it fails; a
+    /// directory that cannot be listed fails too.
+    fn for_each_chunk_file(
+        &self,
+        mut visit: impl FnMut(fs::DirEntry) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let chunks_dir = self.root.join("chunks");
+        for sub in fs::read_dir(&chunks_dir)
+            .map_err(io_err("listing", &chunks_dir))?
+            .flatten()
+        {
+            for e in fs::read_dir(sub.path())
+                .map_err(io_err("listing", &sub.path()))?
+                .flatten()
+            {
+                visit(e)?;
+            }
+        }
+        Ok(())
     }
 
     /// Total bytes of chunk files.

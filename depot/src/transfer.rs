@@ -20,7 +20,7 @@ use viola_common::identity::{self, Role};
 
 use crate::hash::Hash;
 use crate::part::PartIndex;
-use crate::store::{Store, StoreError};
+use crate::store::{PathIoError, Store, StoreError};
 use crate::wire::{self, Frame, Request, Response, WireError};
 
 /// Errors of one transfer.
@@ -611,6 +611,24 @@ pub async fn serve_connection(
     streams.shutdown().await;
 }
 
+/// The request in control frame `c`, if it parses and `peer`'s role may make it; else what to
+/// answer.
+fn admit(c: &[u8], peer: &identity::PeerIdentity) -> Result<Request, String> {
+    let req = wire::parse_request(c).map_err(|e| e.to_string())?;
+    let is_stage = matches!(req, Request::Stage(_) | Request::StageStatus { .. });
+    let allowed: &[Role] = if is_stage {
+        &[Role::Adaptmgr, Role::Cli]
+    } else {
+        &[Role::Depot, Role::Adaptmgr, Role::Cli]
+    };
+    peer.require_role(allowed).map_err(|e| e.to_string())?;
+    Ok(req)
+}
+
+fn error_frame(message: String) -> Frame {
+    wire::control(&Response::Error { message })
+}
+
 async fn serve_stream(
     store: &Store,
     mut send: quinn::SendStream,
@@ -621,42 +639,18 @@ async fn serve_stream(
     let Some(Frame::Control(c)) = read_frame(&mut recv).await? else {
         return Err(TransferError::Unexpected("request must be a control frame"));
     };
-    let req = match wire::parse_request(&c) {
-        Ok(r) => r,
-        Err(e) => {
-            write_frame(
-                &mut send,
-                &wire::control(&Response::Error {
-                    message: e.to_string(),
-                }),
-            )
-            .await?;
+    let req = match admit(&c, peer) {
+        Ok(req) => req,
+        Err(refusal) => {
+            write_frame(&mut send, &error_frame(refusal)).await?;
             send.finish()?;
             return Ok(());
         }
     };
-    let is_stage = matches!(req, Request::Stage(_) | Request::StageStatus { .. });
-    let allowed: &[Role] = if is_stage {
-        &[Role::Adaptmgr, Role::Cli]
-    } else {
-        &[Role::Depot, Role::Adaptmgr, Role::Cli]
-    };
-    if let Err(e) = peer.require_role(allowed) {
-        write_frame(
-            &mut send,
-            &wire::control(&Response::Error {
-                message: e.to_string(),
-            }),
-        )
-        .await?;
-        send.finish()?;
-        return Ok(());
-    }
-    let err = |m: String| wire::control(&Response::Error { message: m });
     match req {
         Request::Index { part } => match store.part_index(&part) {
             Ok(idx) => write_frame(&mut send, &Frame::Blob(idx.encode())).await?,
-            Err(e) => write_frame(&mut send, &err(viola_common::errors::chain(&e))).await?,
+            Err(e) => write_frame(&mut send, &error_frame(viola_common::errors::chain(&e))).await?,
         },
         Request::Chunks { part, first, count } => match store.part_index(&part) {
             Ok(idx) => {
@@ -672,11 +666,8 @@ async fn serve_stream(
                     let data = tokio::fs::read(store.chunk_path(&c.hash))
                         .await
                         .map_err(|e| {
-                            TransferError::Store(StoreError::Io {
-                                what: "reading chunk",
-                                path: store.chunk_path(&c.hash),
-                                source: e,
-                            })
+                            let path = store.chunk_path(&c.hash);
+                            TransferError::Store(PathIoError::on("reading chunk", &path)(e))
                         })?;
                     send.write_all(&wire::chunk_header(i as u32, data.len()))
                         .await?;
@@ -684,11 +675,11 @@ async fn serve_stream(
                 }
                 write_frame(&mut send, &Frame::End).await?;
             }
-            Err(e) => write_frame(&mut send, &err(viola_common::errors::chain(&e))).await?,
+            Err(e) => write_frame(&mut send, &error_frame(viola_common::errors::chain(&e))).await?,
         },
         Request::Manifest { image } => match store.resolve(&image) {
             Ok((_, m)) => write_frame(&mut send, &Frame::Blob(m.to_json())).await?,
-            Err(e) => write_frame(&mut send, &err(viola_common::errors::chain(&e))).await?,
+            Err(e) => write_frame(&mut send, &error_frame(viola_common::errors::chain(&e))).await?,
         },
         Request::Have { parts } => {
             let complete = parts
@@ -700,12 +691,22 @@ async fn serve_stream(
         }
         Request::Stage(r) => match stager {
             Some(s) => write_frame(&mut send, &wire::control(&Response::Stage(s.stage(r)))).await?,
-            None => write_frame(&mut send, &err("this depot does not stage images".into())).await?,
+            None => {
+                write_frame(
+                    &mut send,
+                    &error_frame("this depot does not stage images".into()),
+                )
+                .await?
+            }
         },
         Request::StageStatus { stage_id } => match stager.and_then(|s| s.status(&stage_id)) {
             Some(st) => write_frame(&mut send, &wire::control(&Response::Stage(st))).await?,
             None => {
-                write_frame(&mut send, &err(format!("no staging request {stage_id:?}"))).await?
+                write_frame(
+                    &mut send,
+                    &error_frame(format!("no staging request {stage_id:?}")),
+                )
+                .await?
             }
         },
     }

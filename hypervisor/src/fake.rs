@@ -37,6 +37,14 @@ struct FakeHost {
     images: BTreeMap<String, FakeImage>,
 }
 
+impl FakeHost {
+    fn domain_mut(&mut self, name: &str) -> Result<&mut FakeDomain, HypervisorError> {
+        self.domains
+            .get_mut(name)
+            .ok_or_else(|| HypervisorError::NoSuchDomain(name.to_owned()))
+    }
+}
+
 /// Faults the next migrations hit.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
@@ -218,10 +226,7 @@ impl FakeHypervisor {
         name: &str,
         f: impl FnOnce(&mut FakeDomain) -> Result<T, HypervisorError>,
     ) -> Result<T, HypervisorError> {
-        self.with_host(|h| match h.domains.get_mut(name) {
-            Some(d) => f(d),
-            None => Err(HypervisorError::NoSuchDomain(name.to_owned())),
-        })
+        self.with_host(|h| f(h.domain_mut(name)?))
     }
 }
 
@@ -362,10 +367,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
         self.with_host(|h| {
-            let d = h
-                .domains
-                .get_mut(name)
-                .ok_or_else(|| HypervisorError::NoSuchDomain(name.to_owned()))?;
+            let d = h.domain_mut(name)?;
             d.summary.state = DomainState::ShutOff;
             if !d.summary.persistent {
                 h.domains.remove(name);
@@ -376,10 +378,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn undefine(&self, name: &str) -> Result<(), HypervisorError> {
         self.with_host(|h| {
-            let d = h
-                .domains
-                .get_mut(name)
-                .ok_or_else(|| HypervisorError::NoSuchDomain(name.to_owned()))?;
+            let d = h.domain_mut(name)?;
             if d.summary.state == DomainState::ShutOff {
                 h.domains.remove(name);
             } else {
@@ -434,10 +433,7 @@ impl Hypervisor for FakeHypervisor {
                     reason: "no cgroup cpu controller (fake host)".into(),
                 });
             }
-            let d = h
-                .domains
-                .get_mut(name)
-                .ok_or_else(|| HypervisorError::NoSuchDomain(name.to_owned()))?;
+            let d = h.domain_mut(name)?;
             if let Some(s) = tuning.shares {
                 d.tuning.shares = Some(s);
             }
@@ -463,10 +459,7 @@ impl Hypervisor for FakeHypervisor {
                 .get_mut(&self.uri)
                 .filter(|h| h.up)
                 .ok_or_else(|| fail("source unreachable".into()))?;
-            let d = src
-                .domains
-                .get_mut(name)
-                .ok_or_else(|| HypervisorError::NoSuchDomain(name.to_owned()))?;
+            let d = src.domain_mut(name)?;
             if d.summary.state != DomainState::Running {
                 return Err(fail("domain is not running".into()));
             }
@@ -739,17 +732,7 @@ mod tests {
         ))
         .unwrap();
         a.start("vm1").unwrap();
-        let req = MigrationRequest {
-            dest_uri: "fake://b1".into(),
-            disks: vec!["vda".into()],
-            storage: StorageCopy::Incremental,
-            bandwidth_mib_s: None,
-            migrate_uri: None,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
-        };
+        let req = MigrationRequest::new("fake://b1", vec!["vda".into()], StorageCopy::Incremental);
         let err = a.migrate("vm1", &req).unwrap_err();
         assert!(err.to_string().contains("migrate"), "{err}");
         assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 pub use viola_api::domain::{DiskCounters, DomainState, JobProgress, NicCounters, StorageCopy};
+pub use viola_api::migration::MigrationTuning;
 
 /// One domain as listed on a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,27 +99,26 @@ pub struct MigrationRequest {
     /// Disks to copy (targets such as `vda`).
     pub disks: Vec<String>,
     pub storage: StorageCopy,
-    /// Bandwidth cap for RAM and disk mirror, MiB/s.
-    pub bandwidth_mib_s: Option<u64>,
     /// Explicit data-channel URI (`tcp://198.18.2.11`), when the destination's own idea of its
     /// address is not reachable from the source.
     pub migrate_uri: Option<String>,
-    /// Longest pause allowed at switchover, ms (QEMU's default is 300).
-    #[serde(default)]
-    pub max_downtime_ms: Option<u64>,
-    /// Compress RAM pages on the wire (zstd level 1 on two multifd channels): a WAN link is
-    /// slower than the compression threads, and guest RAM is mostly compressible.
-    #[serde(default)]
-    pub compress: bool,
-    /// Encrypt and authenticate the migration stream (RAM, device state and the disk copy)
-    /// with QEMU's TLS (`VIR_MIGRATE_TLS`), with the hosts' certificates from the federation CA.
-    /// `dest_uri` should then be `qemu+tls://…`, so the libvirtds' own connection is TLS too.
-    #[serde(default)]
-    pub tls: bool,
-    /// The name the destination's certificate must carry, when it is not the host of
-    /// `dest_uri` (libvirt's `tls.destination`); only with `tls`.
-    #[serde(default)]
-    pub tls_destination: Option<String>,
+    /// Bandwidth, downtime, compression and TLS (its fields sit at the top level in JSON).
+    #[serde(flatten)]
+    pub tuning: MigrationTuning,
+}
+
+impl MigrationRequest {
+    /// A migration to `dest_uri` copying `disks` as `storage` says, uncapped, unencrypted, with
+    /// QEMU's defaults otherwise.
+    pub fn new(dest_uri: impl Into<String>, disks: Vec<String>, storage: StorageCopy) -> Self {
+        Self {
+            dest_uri: dest_uri.into(),
+            disks,
+            storage,
+            migrate_uri: None,
+            tuning: MigrationTuning::default(),
+        }
+    }
 }
 
 /// Host-level facts.

@@ -137,6 +137,29 @@ impl LibvirtHypervisor {
         move |source| HypervisorError::Libvirt { op, domain, source }
     }
 
+    /// What `ask` answers of every domain listed with `flags`, but for those it answers
+    /// nothing of and those gone before it asked (migrated away or undefined meanwhile).
+    fn ask_each_domain<T>(
+        &self,
+        flags: u32,
+        ask: impl Fn(&Domain) -> Result<Option<T>, HypervisorError>,
+    ) -> Result<Vec<T>, HypervisorError> {
+        let doms = self
+            .conn
+            .0
+            .list_all_domains(flags)
+            .map_err(Self::err("list domains", "-"))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for dom in &doms {
+            match ask(dom) {
+                Ok(answer) => out.extend(answer),
+                Err(e) if e.is_no_such_domain() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     fn summary(&self, dom: &Domain) -> Result<DomainSummary, HypervisorError> {
         let name = dom.get_name().map_err(Self::err("get name", "?"))?;
         let info = dom.get_info().map_err(Self::err("get info", &name))?;
@@ -335,6 +358,19 @@ impl LibvirtHypervisor {
     }
 }
 
+/// Where a resize of the domain `s` describes applies: the running guest, and its persistent
+/// definition too if it has one; a guest that is not running only in its definition.
+fn resize_flags(s: &DomainSummary) -> u32 {
+    if s.state != DomainState::Running {
+        return sys::VIR_DOMAIN_AFFECT_CONFIG;
+    }
+    if s.persistent {
+        sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
+    } else {
+        sys::VIR_DOMAIN_AFFECT_LIVE
+    }
+}
+
 fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -372,20 +408,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn list_domains(&self) -> Result<Vec<DomainSummary>, HypervisorError> {
-        let doms = self
-            .conn
-            .0
-            .list_all_domains(0)
-            .map_err(Self::err("list domains", "-"))?;
-        let mut out = Vec::with_capacity(doms.len());
-        for dom in &doms {
-            match self.summary(dom) {
-                Ok(s) => out.push(s),
-                // A domain can vanish between listing and asking (migrated away, undefined).
-                Err(e) if e.is_no_such_domain() => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let mut out = self.ask_each_domain(0, |dom| self.summary(dom).map(Some))?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -401,24 +424,17 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn stats(&self) -> Result<Vec<DomainStats>, HypervisorError> {
-        let doms = self
-            .conn
-            .0
-            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            .map_err(Self::err("list domains", "-"))?;
-        let mut out = Vec::with_capacity(doms.len());
-        for dom in &doms {
+        let mut out = self.ask_each_domain(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE, |dom| {
             match self.domain_stats(dom) {
-                Ok(s) => out.push(s),
-                Err(e) if e.is_no_such_domain() => {}
+                // Stopped between listing and asking.
                 Err(HypervisorError::Libvirt { source, .. })
                     if source.code() == ErrorNumber::OperationInvalid =>
                 {
-                    // Stopped between listing and asking.
+                    Ok(None)
                 }
-                Err(e) => return Err(e),
+                other => other.map(Some),
             }
-        }
+        })?;
         out.sort_by(|a, b| a.summary.name.cmp(&b.summary.name));
         Ok(out)
     }
@@ -491,13 +507,7 @@ impl Hypervisor for LibvirtHypervisor {
                 max: u64::from(s.max_vcpus),
             });
         }
-        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-        if s.persistent {
-            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
-        if s.state != DomainState::Running {
-            flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
+        let flags = resize_flags(&s);
         dom.set_vcpus_flags(vcpus, flags)
             .map(|_| ())
             .map_err(Self::err("set vcpus", name))
@@ -517,13 +527,7 @@ impl Hypervisor for LibvirtHypervisor {
                 max: s.max_memory_kib,
             });
         }
-        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-        if s.persistent {
-            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
-        if s.state != DomainState::Running {
-            flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
+        let flags = resize_flags(&s);
         dom.set_memory_flags(kib, flags)
             .map(|_| ())
             .map_err(Self::err("set memory", name))
@@ -578,7 +582,7 @@ impl Hypervisor for LibvirtHypervisor {
         check_c_string("migrate", name, &req.dest_uri)?;
         let dom = self.lookup(name)?;
         let (flags, params) = migrate_flags_and_params(req);
-        if let Some(ms) = req.max_downtime_ms
+        if let Some(ms) = req.tuning.max_downtime_ms
             && let Err(err) = dom.migrate_set_max_downtime(ms, 0)
         {
             // Not fatal: the migration still works with QEMU's default limit.
@@ -682,11 +686,11 @@ fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) 
     };
     let mut params = MigrateParameters {
         migrate_disks: req.disks.clone(),
-        bandwidth: req.bandwidth_mib_s,
+        bandwidth: req.tuning.bandwidth_mib_s,
         uri: req.migrate_uri.clone(),
         ..Default::default()
     };
-    if req.compress {
+    if req.tuning.compress {
         // zstd at its fastest level on two multifd channels: each channel compresses in its
         // own thread; zero pages are skipped as ever. (QEMU's older threaded "mt" zlib is
         // gone since QEMU 9.1.)
@@ -695,12 +699,12 @@ fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) 
         params.compression_zstd_level = Some(1);
         params.parallel_connections = Some(2);
     }
-    if req.tls {
+    if req.tuning.tls {
         // QEMU's own TLS on the migration stream and, since libvirt 4.4, on the NBD disk copy;
         // the destination's certificate is checked against the data channel's host name
         // unless the request names another.
         flags |= sys::VIR_MIGRATE_TLS;
-        params.tls_destination = req.tls_destination.clone();
+        params.tls_destination = req.tuning.tls_destination.clone();
     }
     (flags, params)
 }
@@ -708,6 +712,7 @@ fn migrate_flags_and_params(req: &MigrationRequest) -> (u32, MigrateParameters) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MigrationTuning;
 
     // libvirt's in-process test driver: no daemon needed, so these run in CI.
     fn test_hv() -> LibvirtHypervisor {
@@ -753,37 +758,28 @@ mod tests {
     #[test]
     fn nul_in_uri_is_refused() {
         let hv = test_hv();
-        let req = MigrationRequest {
-            dest_uri: "qemu+tcp://x\0/system".into(),
-            disks: vec![],
-            storage: StorageCopy::Incremental,
-            bandwidth_mib_s: None,
-            migrate_uri: None,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
-        };
+        let req = MigrationRequest::new("qemu+tcp://x\0/system", vec![], StorageCopy::Incremental);
         assert!(hv.migrate("test", &req).is_err());
     }
 
     #[test]
     fn tls_is_asked_of_libvirt_only_when_requested() {
         let mut req = MigrationRequest {
-            dest_uri: "qemu+tls://198.18.2.11/system".into(),
-            disks: vec!["vda".into()],
-            storage: StorageCopy::Incremental,
-            bandwidth_mib_s: Some(64),
-            migrate_uri: None,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: Some("b1".into()),
+            tuning: MigrationTuning {
+                bandwidth_mib_s: Some(64),
+                tls_destination: Some("b1".into()),
+                ..MigrationTuning::default()
+            },
+            ..MigrationRequest::new(
+                "qemu+tls://198.18.2.11/system",
+                vec!["vda".into()],
+                StorageCopy::Incremental,
+            )
         };
         let (flags, params) = migrate_flags_and_params(&req);
         assert_eq!(flags & sys::VIR_MIGRATE_TLS, 0);
         assert_eq!(params.tls_destination, None);
-        req.tls = true;
+        req.tuning.tls = true;
         let (flags, params) = migrate_flags_and_params(&req);
         assert_ne!(flags & sys::VIR_MIGRATE_TLS, 0);
         assert_ne!(flags & sys::VIR_MIGRATE_NON_SHARED_INC, 0);

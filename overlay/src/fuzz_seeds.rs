@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::control::{self, ControlMsg, PeerAddr};
-use crate::wire::{self, Arp, BROADCAST, Nd, ViolinId};
+use crate::wire::{self, BROADCAST, Nd, ViolinId};
 
 fn check(target: &str, seeds: &[(&str, Vec<u8>)], run: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,13 +16,7 @@ fn check(target: &str, seeds: &[(&str, Vec<u8>)], run: fn(&[u8])) {
 }
 
 fn arp_frame() -> Vec<u8> {
-    let arp = Arp {
-        op: 1,
-        sha: [2, 0, 0, 0, 0, 1],
-        spa: [10, 1, 0, 1],
-        tha: [0; 6],
-        tpa: [10, 1, 0, 2],
-    };
+    let arp = wire::tests::arp_request();
     wire::build_arp(BROADCAST, arp.sha, &arp)
 }
 

@@ -43,6 +43,15 @@ impl Runtime for LocalSetRuntime {
     }
 }
 
+/// Runs `main` to its end inside a `LocalSet` on a new current-thread runtime, as the daemon
+/// runs everything (see the module's doc).
+pub fn block_on_local<F: Future>(main: F) -> io::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(tokio::task::LocalSet::new().block_on(&rt, main))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,14 +59,9 @@ mod tests {
 
     #[test]
     fn spawned_futures_run_in_the_local_set() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
         let ran = Arc::new(AtomicBool::new(false));
         let flag = ran.clone();
-        local.block_on(&rt, async move {
+        block_on_local(async move {
             LocalSetRuntime.spawn(Box::pin(async move {
                 // `spawn_local` panics outside a LocalSet, so the flag is set only if the
                 // spawned future runs inside one (as it would not with `tokio::spawn`).
@@ -68,7 +72,8 @@ mod tests {
             let mut t = LocalSetRuntime.new_timer(Instant::now());
             std::future::poll_fn(|cx| t.as_mut().poll(cx)).await;
             tokio::task::yield_now().await;
-        });
+        })
+        .unwrap();
         assert!(ran.load(Ordering::SeqCst));
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::HostId;
-use crate::wire::{MAX_FRAGMENTS, ViolinId};
+use crate::wire::{Fragment, MAX_FRAGMENTS, ViolinId};
 
 /// Limits of the reassembler.
 #[derive(Debug, Clone, Copy)]
@@ -44,22 +44,6 @@ struct Partial {
 pub enum FragmentDrop {
     /// A part disagreed with earlier parts of the same frame (count, violin) or repeated one.
     Mismatch,
-}
-
-/// One fragment, as decoded.
-pub struct Fragment {
-    /// Violin of the frame.
-    pub violin: ViolinId,
-    /// Sender-local frame id.
-    pub frag_id: u32,
-    /// Position.
-    pub index: u8,
-    /// Number of parts.
-    pub count: u8,
-    /// REDIRECTED frame.
-    pub redirected: bool,
-    /// The part's bytes.
-    pub payload: Bytes,
 }
 
 /// A completely reassembled frame.
@@ -242,24 +226,8 @@ pub fn fuzz_reassemble(data: &[u8]) {
             let evicted = r.evicted;
             let mut out = None;
             for p in parts.iter().rev() {
-                let Ok(Datagram::Fragment {
-                    violin,
-                    frag_id,
-                    index,
-                    count,
-                    redirected,
-                    payload,
-                }) = decode(p)
-                else {
+                let Ok(Datagram::Fragment(frag)) = decode(p) else {
                     panic!("own fragment does not decode");
-                };
-                let frag = Fragment {
-                    violin,
-                    frag_id,
-                    index,
-                    count,
-                    redirected,
-                    payload,
                 };
                 assert!(out.is_none(), "frame completed before its last part");
                 out = r
@@ -277,23 +245,7 @@ pub fn fuzz_reassemble(data: &[u8]) {
             let [len, ..] = *rest else { return };
             let d = rest.get(1..1 + usize::from(len)).unwrap_or(&rest[1..]);
             rest = &rest[1 + d.len()..];
-            if let Ok(Datagram::Fragment {
-                violin,
-                frag_id,
-                index,
-                count,
-                redirected,
-                payload,
-            }) = decode(&Bytes::copy_from_slice(d))
-            {
-                let frag = Fragment {
-                    violin,
-                    frag_id,
-                    index,
-                    count,
-                    redirected,
-                    payload,
-                };
+            if let Ok(Datagram::Fragment(frag)) = decode(&Bytes::copy_from_slice(d)) {
                 if let Ok(Some(done)) = r.push(now, &senders[usize::from(op & 3)], frag) {
                     assert!(!done.frame.is_empty());
                 }
@@ -326,21 +278,7 @@ mod tests {
 
     fn frag(d: &Bytes) -> Fragment {
         match crate::wire::decode(d) {
-            Ok(crate::wire::Datagram::Fragment {
-                violin,
-                frag_id,
-                index,
-                count,
-                redirected,
-                payload,
-            }) => Fragment {
-                violin,
-                frag_id,
-                index,
-                count,
-                redirected,
-                payload,
-            },
+            Ok(crate::wire::Datagram::Fragment(f)) => f,
             other => panic!("not a fragment: {other:?}"),
         }
     }

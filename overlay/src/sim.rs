@@ -131,6 +131,19 @@ impl Sim {
         self.run();
     }
 
+    /// `host` restarts with a fresh switch in violin 1 and reconnects to `neighbours`.
+    fn restart(&mut self, host: &str, neighbours: &[&str]) {
+        for n in neighbours {
+            self.disconnect(n, host);
+        }
+        self.hosts
+            .insert(h(host), Switch::new(h(host), SwitchConfig::default()));
+        self.violin(host, 1, &["*"], &[]);
+        for n in neighbours {
+            self.connect(n, host);
+        }
+    }
+
     fn tap(&mut self, host: &str, violin: u32, frame: &[u8]) {
         let now = self.now;
         let mut out = Vec::new();
@@ -250,6 +263,23 @@ fn full_mesh(names: &[&str], max: usize) -> Sim {
     s
 }
 
+/// [`full_mesh`] with every host in violin 1 (open to all).
+fn mesh_in_violin_1(names: &[&str], max: usize) -> Sim {
+    let mut s = full_mesh(names, max);
+    for host in names {
+        s.violin(host, 1, &["*"], &[]);
+    }
+    s
+}
+
+/// a1, b1 and c1 in violin 1, and a VM (the returned MAC) that spoke up at a1.
+fn vm_at_a1_of_three() -> (Sim, Mac) {
+    let mut s = mesh_in_violin_1(&["a/a1", "b/b1", "c/c1"], 1414);
+    let vm = mac(5);
+    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    (s, vm)
+}
+
 #[test]
 fn learning_unicast_and_flooding_to_members_only() {
     let mut s = full_mesh(&["a/a1", "a/a2", "b/b1", "b/b2"], 1414);
@@ -326,12 +356,7 @@ fn hosts_not_allowed_in_a_violin_neither_send_nor_receive() {
 
 #[test]
 fn mac_move_converges_and_late_frames_never_pull_it_back() {
-    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
-    for host in ["a/a1", "b/b1", "c/c1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
-    let vm = mac(5);
-    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    let (mut s, vm) = vm_at_a1_of_three();
     assert_eq!(s.loc("c/c1", 1, vm), Some(Location::Remote(h("a/a1"))));
 
     // A late frame from the old host is held in flight while the VM moves to b1.
@@ -372,12 +397,7 @@ fn mac_move_converges_and_late_frames_never_pull_it_back() {
 
 #[test]
 fn frames_in_flight_to_the_old_host_are_redirected_once() {
-    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
-    for host in ["a/a1", "b/b1", "c/c1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
-    let vm = mac(5);
-    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    let (mut s, vm) = vm_at_a1_of_three();
     // c1 sends to the VM, but the datagram is in flight while the VM moves to b1.
     s.hold_from = Some(h("c/c1"));
     s.tap("c/c1", 1, &test_frame(vm, mac(8), IP, 60, 0));
@@ -392,25 +412,14 @@ fn frames_in_flight_to_the_old_host_are_redirected_once() {
 
 #[test]
 fn a_stale_announcement_after_forgetting_is_corrected_by_a_seq_hint() {
-    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
-    for host in ["a/a1", "b/b1", "c/c1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
-    let vm = mac(5);
-    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    let (mut s, vm) = vm_at_a1_of_three();
     s.advance(Duration::from_secs(3));
     s.tap("b/b1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
     s.advance(Duration::from_secs(3));
     s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
     assert_eq!(s.sw("c/c1").lookup(v(1), &vm).unwrap().1, 3);
     // b1 is restarted: it forgot everything, and the VM moves to it again.
-    s.hosts
-        .insert(h("b/b1"), Switch::new(h("b/b1"), SwitchConfig::default()));
-    s.disconnect("a/a1", "b/b1");
-    s.disconnect("b/b1", "c/c1");
-    s.violin("b/b1", 1, &["*"], &[]);
-    s.connect("a/a1", "b/b1");
-    s.connect("b/b1", "c/c1");
+    s.restart("b/b1", &["a/a1", "c/c1"]);
     s.advance(Duration::from_secs(3));
     s.tap("b/b1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
     // It announced seq 1 first; the hint made it re-announce above 3.
@@ -423,12 +432,7 @@ fn a_stale_announcement_after_forgetting_is_corrected_by_a_seq_hint() {
 
 #[test]
 fn expected_move_switches_on_the_first_data_frame() {
-    let mut s = full_mesh(&["a/a1", "b/b1", "c/c1"], 1414);
-    for host in ["a/a1", "b/b1", "c/c1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
-    let vm = mac(5);
-    s.tap("a/a1", 1, &test_frame(BROADCAST, vm, IP, 60, 0));
+    let (mut s, vm) = vm_at_a1_of_three();
     let now = s.now;
     let mut out = Vec::new();
     assert!(s.sw("a/a1").expect_move(now, v(1), vm, h("b/b1"), &mut out));
@@ -455,10 +459,7 @@ fn expected_move_switches_on_the_first_data_frame() {
 
 #[test]
 fn full_frames_cross_small_datagram_paths_by_fragmentation() {
-    let mut s = full_mesh(&["a/a1", "b/b1"], 600);
-    for host in ["a/a1", "b/b1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
+    let mut s = mesh_in_violin_1(&["a/a1", "b/b1"], 600);
     s.clear();
     let big = test_frame(BROADCAST, mac(1), IP, 1514, 7);
     s.tap("a/a1", 1, &big);
@@ -472,10 +473,7 @@ fn full_frames_cross_small_datagram_paths_by_fragmentation() {
 
 #[test]
 fn reassembly_is_memory_bounded_and_times_out() {
-    let mut s = full_mesh(&["a/a1", "b/b1"], 600);
-    for host in ["a/a1", "b/b1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
+    let mut s = mesh_in_violin_1(&["a/a1", "b/b1"], 600);
     // Only the first fragment of each of many frames arrives.
     for i in 0..2000u32 {
         let parts = wire::fragment(
@@ -600,16 +598,9 @@ fn relayed_frames_fit_a_narrower_link_behind_the_relay() {
 
 #[test]
 fn restarted_host_rejoins_and_relearns() {
-    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
-    for host in ["a/a1", "b/b1"] {
-        s.violin(host, 1, &["*"], &[]);
-    }
+    let mut s = mesh_in_violin_1(&["a/a1", "b/b1"], 1414);
     s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 60, 0));
-    s.disconnect("a/a1", "b/b1");
-    s.hosts
-        .insert(h("b/b1"), Switch::new(h("b/b1"), SwitchConfig::default()));
-    s.violin("b/b1", 1, &["*"], &[]);
-    s.connect("a/a1", "b/b1");
+    s.restart("b/b1", &["a/a1"]);
     // The full sync on (re)join told b1 where mac 1 is without any new frame.
     assert_eq!(s.loc("b/b1", 1, mac(1)), Some(Location::Remote(h("a/a1"))));
     s.clear();
@@ -647,11 +638,7 @@ fn restarted_host_behind_a_relay_rejoins() {
     let mut s = relay_line(1414);
     s.tap("a/a1", 1, &test_frame(BROADCAST, mac(1), IP, 60, 1));
     // c1 restarts: new switch, reconnects to the relay only.
-    s.disconnect("r/r1", "c/c1");
-    s.hosts
-        .insert(h("c/c1"), Switch::new(h("c/c1"), SwitchConfig::default()));
-    s.violin("c/c1", 1, &["*"], &[]);
-    s.connect("r/r1", "c/c1");
+    s.restart("c/c1", &["r/r1"]);
     // Both ends re-introduced themselves through the relay: a1's MAC is known at once, and
     // frames flow both ways.
     assert_eq!(s.loc("c/c1", 1, mac(1)), Some(Location::Remote(h("a/a1"))));

@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::HostId;
 use crate::control::ControlMsg;
-use crate::reassembly::{Fragment, Reassembler, ReassemblyLimits};
+use crate::reassembly::{Reassembler, ReassemblyLimits};
 use crate::wire::{
     self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, Nd, ViolinId,
 };
@@ -422,10 +422,6 @@ pub struct Switch {
     counters: Counters,
 }
 
-fn mac_key(s: &str) -> Option<Mac> {
-    wire::parse_mac(s)
-}
-
 impl Switch {
     /// A switch for host `me` (`site/host`).
     pub fn new(me: HostId, cfg: SwitchConfig) -> Self {
@@ -572,6 +568,26 @@ impl Switch {
                 .peers
                 .get(host)
                 .is_some_and(|p| p.violins.contains(&violin.cfg.id))
+    }
+
+    /// The MAC address `text` spells; counts a malformed message if it spells none.
+    fn parse_mac(&mut self, text: &str) -> Option<Mac> {
+        let mac = wire::parse_mac(text);
+        if mac.is_none() {
+            self.drop(DropReason::Malformed);
+        }
+        mac
+    }
+
+    /// Whether `from` is a permitted member of `violin`; if not, counts the drop and why.
+    fn accepts_from(&mut self, violin: ViolinId, from: &HostId) -> bool {
+        let why = match self.violins.get(&violin) {
+            None => DropReason::UnknownViolin,
+            Some(v) if !self.is_member(v, from) => DropReason::NotMember,
+            Some(_) => return true,
+        };
+        self.drop(why);
+        false
     }
 
     fn members(&self, violin: &Violin) -> Vec<HostId> {
@@ -964,22 +980,7 @@ impl Switch {
                 frame,
                 redirected,
             } => self.handle_remote_frame(now, from, violin, frame, redirected, out),
-            Datagram::Fragment {
-                violin,
-                frag_id,
-                index,
-                count,
-                redirected,
-                payload,
-            } => {
-                let frag = Fragment {
-                    violin,
-                    frag_id,
-                    index,
-                    count,
-                    redirected,
-                    payload,
-                };
+            Datagram::Fragment(frag) => {
                 match self.reassembler.push(now, from, frag) {
                     Ok(Some(r)) => {
                         self.counters.reassembled += 1;
@@ -1028,12 +1029,7 @@ impl Switch {
         redirected: bool,
         out: &mut Vec<Output>,
     ) {
-        let Some(v) = self.violins.get(&violin_id) else {
-            self.drop(DropReason::UnknownViolin);
-            return;
-        };
-        if !self.is_member(v, from) {
-            self.drop(DropReason::NotMember);
+        if !self.accepts_from(violin_id, from) {
             return;
         }
         let Some((dst, src, _)) = wire::ethernet(&frame) else {
@@ -1253,8 +1249,7 @@ impl Switch {
                 ip,
             } => self.handle_announce(now, from, violin, &mac, seq, ip, out),
             ControlMsg::SeqHint { violin, mac, seq } => {
-                let Some(mac) = mac_key(&mac) else {
-                    self.drop(DropReason::Malformed);
+                let Some(mac) = self.parse_mac(&mac) else {
                     return;
                 };
                 let Some(v) = self.violins.get_mut(&violin) else {
@@ -1283,8 +1278,7 @@ impl Switch {
                 }
             }
             ControlMsg::ExpectMove { violin, mac, host } => {
-                let Some(mac) = mac_key(&mac) else {
-                    self.drop(DropReason::Malformed);
+                let Some(mac) = self.parse_mac(&mac) else {
                     return;
                 };
                 let Some(v) = self.violins.get(&violin) else {
@@ -1347,16 +1341,10 @@ impl Switch {
         ip: Option<Ipv4Addr>,
         out: &mut Vec<Output>,
     ) {
-        let Some(mac) = mac_key(mac) else {
-            self.drop(DropReason::Malformed);
+        let Some(mac) = self.parse_mac(mac) else {
             return;
         };
-        let Some(v) = self.violins.get(&violin) else {
-            self.drop(DropReason::UnknownViolin);
-            return;
-        };
-        if !self.is_member(v, from) {
-            self.drop(DropReason::NotMember);
+        if !self.accepts_from(violin, from) {
             return;
         }
         let Some(v) = self.violins.get_mut(&violin) else {

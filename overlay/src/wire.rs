@@ -124,6 +124,23 @@ pub enum DecodeError {
     ShortFrame,
 }
 
+/// One part of a fragmented frame, as decoded (and as the reassembler takes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    /// The violin.
+    pub violin: ViolinId,
+    /// Sender-local id shared by the parts of one frame.
+    pub frag_id: u32,
+    /// Position, `0..count`.
+    pub index: u8,
+    /// Number of parts, `1..=MAX_FRAGMENTS`.
+    pub count: u8,
+    /// Whether the reassembled frame is REDIRECTED.
+    pub redirected: bool,
+    /// This part's bytes.
+    pub payload: Bytes,
+}
+
 /// A decoded datagram; payloads are zero-copy slices of the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Datagram {
@@ -137,20 +154,7 @@ pub enum Datagram {
         redirected: bool,
     },
     /// One part of a frame.
-    Fragment {
-        /// The violin.
-        violin: ViolinId,
-        /// Sender-local id shared by the parts of one frame.
-        frag_id: u32,
-        /// Position, `0..count`.
-        index: u8,
-        /// Number of parts, `1..=MAX_FRAGMENTS`.
-        count: u8,
-        /// Whether the reassembled frame is REDIRECTED.
-        redirected: bool,
-        /// This part's bytes.
-        payload: Bytes,
-    },
+    Fragment(Fragment),
     /// To be forwarded to `to`.
     Relay {
         /// Destination host.
@@ -208,14 +212,14 @@ pub fn decode(datagram: &Bytes) -> Result<Datagram, DecodeError> {
                 b if b == Kind::Redirected.byte() => true,
                 _ => return Err(DecodeError::Fragment),
             };
-            Ok(Datagram::Fragment {
+            Ok(Datagram::Fragment(Fragment {
                 violin: violin_at(&datagram[1..4]),
                 frag_id: u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]),
                 index,
                 count,
                 redirected,
                 payload: datagram.slice(FRAGMENT_HEADER_LEN..),
-            })
+            }))
         }
         Kind::Relay | Kind::Relayed => {
             let len = usize::from(*datagram.get(1).ok_or(DecodeError::Truncated)?);
@@ -557,14 +561,14 @@ fn fuzz_datagram(b: &Bytes, depth: u8) {
             frame,
             redirected,
         } => assert_eq!(encode_frame(violin, &frame, redirected), b),
-        Datagram::Fragment {
+        Datagram::Fragment(Fragment {
             violin,
             frag_id,
             index,
             count,
             redirected,
             payload,
-        } => {
+        }) => {
             // The part alone is a one-fragment frame: re-encode it and patch index/count in.
             let mut again = fragment(violin, &payload, redirected, frag_id, usize::MAX)
                 .and_then(|mut v| v.pop())
@@ -586,7 +590,7 @@ fn fuzz_datagram(b: &Bytes, depth: u8) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -620,13 +624,13 @@ mod tests {
         assert!(parts.iter().all(|p| p.len() <= 1162));
         let mut joined = Vec::new();
         for p in &parts {
-            let Datagram::Fragment {
+            let Datagram::Fragment(Fragment {
                 payload,
                 redirected,
                 frag_id,
                 count,
                 ..
-            } = decode(p).unwrap()
+            }) = decode(p).unwrap()
             else {
                 panic!("not a fragment")
             };
@@ -652,15 +656,20 @@ mod tests {
         assert!(encode_relay(true, "", &inner).is_none());
     }
 
-    #[test]
-    fn arp_build_parse() {
-        let arp = Arp {
+    /// 02:00:00:00:00:01 at 10.1.0.1 asks who has 10.1.0.2.
+    pub(crate) fn arp_request() -> Arp {
+        Arp {
             op: 1,
             sha: [2, 0, 0, 0, 0, 1],
             spa: [10, 1, 0, 1],
             tha: [0; 6],
             tpa: [10, 1, 0, 2],
-        };
+        }
+    }
+
+    #[test]
+    fn arp_build_parse() {
+        let arp = arp_request();
         let f = build_arp(BROADCAST, arp.sha, &arp);
         assert_eq!(f.len(), 60);
         assert_eq!(parse_arp(&f), Some(arp));
@@ -751,7 +760,7 @@ mod tests {
                 for (i, p) in parts.iter().enumerate() {
                     prop_assert!(p.len() <= max);
                     match decode(p).unwrap() {
-                        Datagram::Fragment { violin, index, payload, .. } => {
+                        Datagram::Fragment(Fragment { violin, index, payload, .. }) => {
                             prop_assert_eq!(violin, v);
                             prop_assert_eq!(usize::from(index), i);
                             joined.extend_from_slice(&payload);

@@ -12,9 +12,10 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use viola_adaptmgr::migration::stage::ImageDirView;
+use viola_adaptmgr::migration::stage::{ImageDirView, MoveAnnouncer};
+use viola_adaptmgr::migration::{LocalCopyStager, MigrationDeps, MigrationPlan, MigrationTuning};
 use viola_hypervisor::Hypervisor;
-use viola_hypervisor::libvirt::LibvirtHypervisor;
+use viola_hypervisor::libvirt::{LibvirtConnector, LibvirtHypervisor};
 
 use crate::{GuestSpec, Lab, guest_dir, repo_root, run};
 
@@ -155,6 +156,41 @@ pub fn image_dir_views(hosts: &[&str]) -> BTreeMap<String, ImageDirView> {
             )
         })
         .collect()
+}
+
+/// What a migration between lab hosts needs: libvirt connections, the direct copy of bases
+/// between the image directories of `hosts`, and `announcer`.
+pub fn migration_deps<A: MoveAnnouncer>(
+    hosts: &[&str],
+    announcer: A,
+) -> MigrationDeps<LocalCopyStager, A> {
+    MigrationDeps {
+        connector: Arc::new(LibvirtConnector),
+        stager: LocalCopyStager::new(image_dir_views(hosts)),
+        announcer,
+        poll_interval: Duration::from_millis(200),
+        reconnect_timeout: Duration::from_secs(60),
+    }
+}
+
+/// A migration of `vm` between lab hosts with its base staged, at most `bandwidth_mib_s`,
+/// over TLS (the lab's QEMUs refuse migrations without it).
+pub fn migration_plan(vm: &str, from: &str, to: &str, bandwidth_mib_s: u64) -> MigrationPlan {
+    MigrationPlan {
+        vm: vm.into(),
+        source_uri: manager_uri(from),
+        dest_uri: manager_uri(to),
+        dest_migration_uri: peer_uri(to),
+        stage_base: true,
+        timeout_ms: 300_000,
+        tuning: MigrationTuning {
+            bandwidth_mib_s: Some(bandwidth_mib_s),
+            max_downtime_ms: Some(100),
+            compress: false,
+            tls: true,
+            tls_destination: None,
+        },
+    }
 }
 
 /// The last `lines` lines of guest `name`'s serial console (for failure messages: a guest

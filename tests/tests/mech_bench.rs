@@ -8,17 +8,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use viola_adaptmgr::migration::testing::RecordingAnnouncer;
-use viola_adaptmgr::migration::{
-    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration,
-};
+use viola_adaptmgr::migration::{MigrationDeps, MigrationStatus, Outcome, run_migration};
 use viola_hypervisor::StorageCopy;
-use viola_hypervisor::libvirt::LibvirtConnector;
 use viola_labtests::mech::*;
 use viola_labtests::{guest_dir, run_ok};
 
@@ -116,37 +112,26 @@ async fn one_run(mode: StorageCopy) -> Run {
     let overlay_bytes = allocated_bytes(&local_images("a1").join(format!("{name}.qcow2")));
 
     let deps = MigrationDeps {
-        connector: Arc::new(LibvirtConnector),
-        stager: LocalCopyStager::new(image_dir_views(&["a1", "b1"])),
-        // Nothing listens for moves here (the guest's L2 is a local bridge).
-        announcer: RecordingAnnouncer::default(),
         poll_interval: Duration::from_millis(500),
         reconnect_timeout: Duration::from_secs(30),
+        // Nothing listens for moves here (the guest's L2 is a local bridge).
+        ..migration_deps(&["a1", "b1"], RecordingAnnouncer::default())
     };
-    let plan = MigrationPlan {
-        vm: name.into(),
-        source_uri: manager_uri("a1"),
-        dest_uri: manager_uri("b1"),
-        dest_migration_uri: peer_uri("b1"),
-        stage_base: mode == StorageCopy::Incremental,
-        bandwidth_mib_s: Some(10_000),
-        timeout_ms: 600_000,
-        // QEMU's downtime limit; VIOLA_BENCH_MAX_DOWNTIME_MS overrides the 50 ms used here.
-        max_downtime_ms: Some(
-            std::env::var("VIOLA_BENCH_MAX_DOWNTIME_MS")
-                .ok()
-                .map(|v| {
-                    v.parse()
-                        .expect("VIOLA_BENCH_MAX_DOWNTIME_MS: milliseconds")
-                })
-                .unwrap_or(50),
-        ),
-        // The manager's default is off; VIOLA_BENCH_COMPRESS=1 measures it on.
-        compress: std::env::var_os("VIOLA_BENCH_COMPRESS").is_some_and(|v| v == "1"),
-        // The lab's QEMUs refuse migrations without TLS.
-        tls: true,
-        tls_destination: None,
-    };
+    let mut plan = migration_plan(name, "a1", "b1", 10_000);
+    plan.stage_base = mode == StorageCopy::Incremental;
+    plan.timeout_ms = 600_000;
+    // QEMU's downtime limit; VIOLA_BENCH_MAX_DOWNTIME_MS overrides the 50 ms used here.
+    plan.tuning.max_downtime_ms = Some(
+        std::env::var("VIOLA_BENCH_MAX_DOWNTIME_MS")
+            .ok()
+            .map(|v| {
+                v.parse()
+                    .expect("VIOLA_BENCH_MAX_DOWNTIME_MS: milliseconds")
+            })
+            .unwrap_or(50),
+    );
+    // The manager's default is off; VIOLA_BENCH_COMPRESS=1 measures it on.
+    plan.tuning.compress = std::env::var_os("VIOLA_BENCH_COMPRESS").is_some_and(|v| v == "1");
     let before = wan_bytes();
     let (tx, _rx) = watch::channel(MigrationStatus::default());
     let report = run_migration(plan, &deps, &tx, &CancellationToken::new()).await;

@@ -25,10 +25,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use viola_adaptmgr::inventory::{Inventory, VmRecord};
 use viola_adaptmgr::manager::{Manager, ManagerConfig};
+use viola_adaptmgr::migration::testing::{assert_migrated_incrementally, stage_base_result};
 use viola_adaptmgr::migration::{MigrationReport, Outcome};
 use viola_api::manager::{Response, VmMigrate};
+use viola_hypervisor::DomainState;
 use viola_hypervisor::libvirt::LibvirtConnector;
-use viola_hypervisor::{DomainState, StorageCopy};
 use viola_labtests::daemons::{Daemons, log_text};
 use viola_labtests::depot::{self, depot, serve_config};
 use viola_labtests::pki::Pki;
@@ -286,23 +287,11 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
         report.records,
         report.completed
     );
-    assert_eq!(
-        report.outcome,
-        Outcome::Migrated {
-            storage: StorageCopy::Incremental
-        }
-    );
-    let staged = report
-        .records
-        .iter()
-        .find(|r| r.action == "StageBase")
-        .expect("StageBase recorded");
+    assert_migrated_incrementally(&report);
+    let staged = stage_base_result(&report);
     assert!(
-        staged
-            .result
-            .contains(&format!("depot of site b staged image {image}")),
-        "{}",
-        staged.result
+        staged.contains(&format!("depot of site b staged image {image}")),
+        "{staged}"
     );
     let staging: Vec<_> = progress
         .iter()

@@ -7,50 +7,16 @@
 // lab: default
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use viola_adaptmgr::migration::plan::{Action, Step};
-use viola_adaptmgr::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
-use viola_adaptmgr::migration::{
-    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration,
-    run_migration_detailed,
+use viola_adaptmgr::migration::testing::{
+    RecordingAnnouncer, assert_migrated_incrementally, assert_rolled_back_clean,
 };
-use viola_hypervisor::StorageCopy;
-use viola_hypervisor::libvirt::LibvirtConnector;
+use viola_adaptmgr::migration::{MigrationStatus, run_migration, run_migration_detailed};
 use viola_labtests::mech::*;
-
-fn deps(
-    hosts: &[&str],
-    announcer: RecordingAnnouncer,
-) -> MigrationDeps<LocalCopyStager, RecordingAnnouncer> {
-    MigrationDeps {
-        connector: Arc::new(LibvirtConnector),
-        stager: LocalCopyStager::new(image_dir_views(hosts)),
-        announcer,
-        poll_interval: Duration::from_millis(200),
-        reconnect_timeout: Duration::from_secs(60),
-    }
-}
-
-fn plan(vm: &str, from: &str, to: &str, bandwidth: u64) -> MigrationPlan {
-    MigrationPlan {
-        vm: vm.into(),
-        source_uri: manager_uri(from),
-        dest_uri: manager_uri(to),
-        dest_migration_uri: peer_uri(to),
-        stage_base: true,
-        bandwidth_mib_s: Some(bandwidth),
-        timeout_ms: 300_000,
-        max_downtime_ms: Some(100),
-        compress: false,
-        // The lab's QEMUs refuse migrations without TLS.
-        tls: true,
-        tls_destination: None,
-    }
-}
 
 fn remove_base(host: &str) {
     let _ = std::fs::remove_file(local_images(host).join("base.qcow2"));
@@ -100,22 +66,17 @@ async fn migrate_across_sites_with_disk_under_ping_and_tcp_load() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let announcer = RecordingAnnouncer::default();
-    let d = deps(&["a1", "b1"], announcer.clone());
+    let d = migration_deps(&["a1", "b1"], announcer.clone());
     let (tx, _rx) = watch::channel(MigrationStatus::default());
     let report = run_migration(
-        plan(name, "a1", "b1", 64),
+        migration_plan(name, "a1", "b1", 64),
         &d,
         &tx,
         &CancellationToken::new(),
     )
     .await;
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
-    assert_eq!(
-        report.outcome,
-        Outcome::Migrated {
-            storage: StorageCopy::Incremental
-        }
-    );
+    assert_migrated_incrementally(&report);
 
     let ping_out = tokio::task::spawn_blocking(move || ping.wait_with_output())
         .await
@@ -196,10 +157,10 @@ async fn destination_libvirtd_killed_mid_migration_leaves_guest_at_source_only()
     guest_http("a1", ip, "diskwrite=48").expect("diskwrite");
 
     let announcer = RecordingAnnouncer::default();
-    let d = deps(&["a1", "b1"], announcer.clone());
+    let d = migration_deps(&["a1", "b1"], announcer.clone());
     let (tx, mut rx) = watch::channel(MigrationStatus::default());
     let migration = {
-        let p = plan(name, "a1", "b1", 4);
+        let p = migration_plan(name, "a1", "b1", 4);
         async move { run_migration_detailed(p, &d, &tx, &CancellationToken::new()).await }
     };
     let killer = async {

@@ -12,46 +12,23 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use viola_adaptmgr::migration::plan::{Action, Step};
 use viola_adaptmgr::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
-use viola_adaptmgr::migration::{
-    LocalCopyStager, MigrationDeps, MigrationPlan, MigrationStatus, Outcome, run_migration_detailed,
-};
+use viola_adaptmgr::migration::{MigrationPlan, MigrationStatus, Outcome, run_migration_detailed};
 use viola_hypervisor::StorageCopy;
-use viola_hypervisor::libvirt::LibvirtConnector;
 use viola_labtests::mech::*;
 use viola_labtests::{daemons, pki::Pki, run};
 
-fn deps(hosts: &[&str]) -> MigrationDeps<LocalCopyStager, RecordingAnnouncer> {
-    MigrationDeps {
-        connector: Arc::new(LibvirtConnector),
-        stager: LocalCopyStager::new(image_dir_views(hosts)),
-        announcer: RecordingAnnouncer::default(),
-        poll_interval: Duration::from_millis(200),
-        reconnect_timeout: Duration::from_secs(60),
-    }
-}
-
+/// A lab migration, encrypted or not as `tls` says.
 fn plan(vm: &str, from: &str, to: &str, tls: bool) -> MigrationPlan {
-    MigrationPlan {
-        vm: vm.into(),
-        source_uri: manager_uri(from),
-        dest_uri: manager_uri(to),
-        dest_migration_uri: peer_uri(to),
-        stage_base: true,
-        // Above the WAN's rate: the link sets the pace.
-        bandwidth_mib_s: Some(100),
-        timeout_ms: 300_000,
-        max_downtime_ms: Some(100),
-        compress: false,
-        tls,
-        tls_destination: None,
-    }
+    // Above the WAN's rate: the link sets the pace.
+    let mut plan = migration_plan(vm, from, to, 100);
+    plan.tuning.tls = tls;
+    plan
 }
 
 /// A marker no earlier run left anywhere (letters and digits, as the guest's CGI wants).
@@ -183,7 +160,7 @@ async fn migrate_captured(name: &str, from: &str, to: &str, tls: bool) -> Measur
     let start = Instant::now();
     let run = run_migration_detailed(
         plan(name, from, to, tls),
-        &deps(&[from, to]),
+        &migration_deps(&[from, to], RecordingAnnouncer::default()),
         &tx,
         &CancellationToken::new(),
     )
@@ -257,10 +234,7 @@ async fn a_host_whose_certificate_is_not_from_the_federation_ca_cannot_receive_a
     boot_with_marker(name, ip, "10.77.6", "b2");
 
     let announcer = RecordingAnnouncer::default();
-    let d = MigrationDeps {
-        announcer: announcer.clone(),
-        ..deps(&["a1", "b2"])
-    };
+    let d = migration_deps(&["a1", "b2"], announcer.clone());
     let (tx, _rx) = watch::channel(MigrationStatus::default());
     let run = run_migration_detailed(
         plan(name, "a1", "b2", true),

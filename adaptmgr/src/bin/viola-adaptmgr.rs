@@ -43,39 +43,17 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     viola_common::shutdown::init_tracing();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("viola-adaptmgr: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(Args::parse())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("viola-adaptmgr: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::run_main("viola-adaptmgr", run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg: ManagerConfig = viola_common::config::load(args.config.as_deref())?;
-    if let Some(v) = args.listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = args.metrics_listen {
-        cfg.metrics_listen = v;
-    }
-    if let Some(v) = args.identity {
-        cfg.identity_dir = v;
-    }
-    if let Some(v) = args.inventory {
-        cfg.inventory = v;
-    }
-    if let Some(v) = args.heartbeat_timeout_s {
-        cfg.heartbeat_timeout_s = v;
+    viola_common::override_with! {
+        args.listen => cfg.listen,
+        args.metrics_listen => cfg.metrics_listen,
+        args.identity => cfg.identity_dir,
+        args.inventory => cfg.inventory,
+        args.heartbeat_timeout_s => cfg.heartbeat_timeout_s,
     }
     let token = viola_common::shutdown::signal_token().context("cannot watch signals")?;
     let identity = Identity::load_dir(&cfg.identity_dir)

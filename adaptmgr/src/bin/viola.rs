@@ -109,22 +109,7 @@ enum VmCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("viola: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("viola: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::run_main("viola", run(Args::parse()))
 }
 
 fn fail_on_error(resp: Response) -> anyhow::Result<Response> {
@@ -132,6 +117,21 @@ fn fail_on_error(resp: Response) -> anyhow::Result<Response> {
         bail!("{message}");
     }
     Ok(resp)
+}
+
+/// Asks the manager `req` and returns its answer, failing on an error answer.
+async fn ask(client: &Client, req: &Request) -> anyhow::Result<Response> {
+    fail_on_error(client.call(req, |_| {}).await?)
+}
+
+/// Prints `value` as JSON with `json`, else for people with `print`.
+fn show<T: serde::Serialize + ?Sized>(json: bool, value: &T, print: fn(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print(value);
+    }
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -145,43 +145,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Policy {
             command: PolicyCommand::Show,
         } => {
-            let Response::Policy(view) =
-                fail_on_error(client.call(&Request::PolicyShow, |_| {}).await?)?
-            else {
+            let Response::Policy(view) = ask(&client, &Request::PolicyShow).await? else {
                 bail!("unexpected answer");
             };
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                print_policy(&view);
-            }
+            show(args.json, &*view, print_policy)?;
         }
         Command::Host {
             command: HostCommand::List,
         } => {
-            let Response::Hosts(hosts) =
-                fail_on_error(client.call(&Request::ListHosts, |_| {}).await?)?
-            else {
+            let Response::Hosts(hosts) = ask(&client, &Request::ListHosts).await? else {
                 bail!("unexpected answer");
             };
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&hosts)?);
-            } else {
-                print_hosts(&hosts);
-            }
+            show(args.json, &hosts[..], print_hosts)?;
         }
         Command::Vm {
             command: VmCommand::List,
         } => {
-            let Response::Vms(vms) = fail_on_error(client.call(&Request::ListVms, |_| {}).await?)?
-            else {
+            let Response::Vms(vms) = ask(&client, &Request::ListVms).await? else {
                 bail!("unexpected answer");
             };
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&vms)?);
-            } else {
-                print_vms(&vms);
-            }
+            show(args.json, &vms[..], print_vms)?;
         }
         Command::Vm {
             command:
@@ -200,7 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cap_percent,
                 shares,
             });
-            fail_on_error(client.call(&req, |_| {}).await?)?;
+            ask(&client, &req).await?;
             if args.json {
                 println!("{}", serde_json::json!({"vm": vm, "resized": true}));
             } else {
@@ -310,7 +293,7 @@ async fn decisions(
             after_seq: after,
             limit: 100,
         };
-        let Response::Decisions(batch) = fail_on_error(client.call(&req, |_| {}).await?)? else {
+        let Response::Decisions(batch) = ask(client, &req).await? else {
             bail!("unexpected answer");
         };
         for d in &batch {

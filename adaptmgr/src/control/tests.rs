@@ -208,6 +208,104 @@ fn hosts_with_overlays(
     (tasks, hosts, told)
 }
 
+/// The manager's configuration over `hosts`, its certificate saved in `dir`.
+fn manager_config(
+    ca: &CertificateAuthority,
+    dir: &std::path::Path,
+    hosts: Vec<HostConfig>,
+) -> ManagerConfig {
+    ManagerConfig {
+        hosts,
+        identity_dir: manager_identity_dir(ca, dir),
+        ..ManagerConfig::default()
+    }
+}
+
+/// An inventory in `dir` that has a1's first report, with vm1 in violin "lan".
+fn inventory_with_vm1_in_lan(dir: &std::path::Path) -> Arc<Inventory> {
+    let inventory = Arc::new(Inventory::open(&dir.join("inv.redb")).unwrap());
+    let Request::Report(r) = report("a1", 1) else {
+        unreachable!()
+    };
+    inventory.apply_report(&r, 1).unwrap();
+    put_vm1_in_violin_lan(&inventory);
+    inventory
+}
+
+/// The manager's control server on a loopback port.
+struct Served {
+    addr: std::net::SocketAddr,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    fn start(ca: &CertificateAuthority, manager: &Arc<Manager>) -> Self {
+        let server_cfg = identity(ca, Role::Adaptmgr, "fed", "mgr")
+            .server_config(&[alpn::ADAPTMGR])
+            .unwrap();
+        let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(super::server::serve(
+            endpoint,
+            Arc::clone(manager),
+            token.clone(),
+        ));
+        Self { addr, token, task }
+    }
+
+    /// A client with the certificate of `role` at `site`/`host`.
+    async fn connect(
+        &self,
+        ca: &CertificateAuthority,
+        role: Role,
+        site: &str,
+        host: &str,
+    ) -> Client {
+        Client::connect(&identity(ca, role, site, host), self.addr)
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+/// A move of vm1 to `to_host` with its base staged, as the CLI asks by default.
+fn move_vm1(to_host: &str, timeout_s: Option<u64>) -> VmMigrate {
+    VmMigrate {
+        vm: "vm1".into(),
+        to_host: to_host.into(),
+        bandwidth_mib_s: None,
+        stage_base: true,
+        timeout_s,
+    }
+}
+
+/// Everything the fake overlays were asked so far.
+fn drain(told: &mut Told) -> Vec<(String, ControlRequest)> {
+    let mut asked = Vec::new();
+    while let Ok(seen) = told.try_recv() {
+        asked.push(seen);
+    }
+    asked
+}
+
+/// What the overlay of `host` is told when `mac` of violin 42 moves to b1.
+fn expect_move_to_b1(host: &str, mac: &str) -> (String, ControlRequest) {
+    (
+        host.to_owned(),
+        ControlRequest::ExpectMove {
+            violin: 42,
+            mac: mac.to_owned(),
+            host: "b/b1".into(),
+        },
+    )
+}
+
 #[tokio::test]
 async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     let dir = tempfile::tempdir().unwrap();
@@ -218,30 +316,14 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
 
     let (cluster, a1) = federation_with_vm1_on_a1();
 
-    let cfg = ManagerConfig {
-        hosts,
-        identity_dir: manager_identity_dir(&ca, dir.path()),
-        ..ManagerConfig::default()
-    };
+    let cfg = manager_config(&ca, dir.path(), hosts);
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
     let manager =
         Arc::new(Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap());
-    let server_cfg = identity(&ca, Role::Adaptmgr, "fed", "mgr")
-        .server_config(&[alpn::ADAPTMGR])
-        .unwrap();
-    let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let token = CancellationToken::new();
-    let server = tokio::spawn(super::server::serve(
-        endpoint,
-        Arc::clone(&manager),
-        token.clone(),
-    ));
+    let server = Served::start(&ca, &manager);
 
     // The monitor of a1 reports; the manager learns the VM and fetches its definition.
-    let mon = Client::connect(&identity(&ca, Role::Monitor, "a", "a1"), addr)
-        .await
-        .unwrap();
+    let mon = server.connect(&ca, Role::Monitor, "a", "a1").await;
     assert_eq!(
         mon.call(&report("a1", 1), |_| {}).await.unwrap(),
         Response::Ack
@@ -254,17 +336,13 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
         mon.call(&Request::ListVms, |_| {}).await.unwrap(),
         Response::Error { .. }
     ));
-    let other = Client::connect(&identity(&ca, Role::Monitor, "a", "a2"), addr)
-        .await
-        .unwrap();
+    let other = server.connect(&ca, Role::Monitor, "a", "a2").await;
     match other.call(&report("a1", 2), |_| {}).await.unwrap() {
         Response::Error { message } => assert!(message.contains("may only report"), "{message}"),
         r => panic!("{r:?}"),
     }
 
-    let cli = Client::connect(&identity(&ca, Role::Cli, "fed", "me"), addr)
-        .await
-        .unwrap();
+    let cli = server.connect(&ca, Role::Cli, "fed", "me").await;
     let Response::Vms(vms) = cli.call(&Request::ListVms, |_| {}).await.unwrap() else {
         panic!("no vm list");
     };
@@ -281,13 +359,7 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     assert_eq!((d.vcpus, d.memory_kib), (2, 128 * 1024));
 
     // Not in a violin: the overlay cannot be told, so the move is rolled back.
-    let mv = Request::Migrate(VmMigrate {
-        vm: "vm1".into(),
-        to_host: "b1".into(),
-        bandwidth_mib_s: None,
-        stage_base: true,
-        timeout_s: Some(30),
-    });
+    let mv = Request::Migrate(move_vm1("b1", Some(30)));
     let Response::Migrated(report) = cli.call(&mv, |_| {}).await.unwrap() else {
         panic!("no migration report");
     };
@@ -323,33 +395,20 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     // Encrypted by default, checked against the name b1's configuration gives.
     let asked = cluster.migration_requests();
     let last_asked = asked.last().expect("a migration request");
-    assert!(last_asked.tls);
+    assert!(last_asked.tuning.tls);
     assert_eq!(
-        last_asked.tls_destination.as_deref(),
+        last_asked.tuning.tls_destination.as_deref(),
         Some("b1.b.libvirt.viola")
     );
     // The source's overlay was asked for the violin's members, then a1 and b1 were told to
     // expect the MAC at b1; a2, outside the violin, was never asked anything.
-    let mut asked = Vec::new();
-    while let Ok((host, req)) = told.try_recv() {
-        asked.push((host, req));
-    }
-    let expect = |host: &str| {
-        (
-            host.to_owned(),
-            ControlRequest::ExpectMove {
-                violin: 42,
-                mac: "52:54:00:00:00:01".into(),
-                host: "b/b1".into(),
-            },
-        )
-    };
+    let mac = "52:54:00:00:00:01";
     assert_eq!(
-        asked,
+        drain(&mut told),
         vec![
             ("a/a1".to_owned(), ControlRequest::Status),
-            expect("a/a1"),
-            expect("b/b1"),
+            expect_move_to_b1("a/a1", mac),
+            expect_move_to_b1("b/b1", mac),
         ]
     );
     assert!(
@@ -363,8 +422,7 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     cli.close().await;
     mon.close().await;
     other.close().await;
-    token.cancel();
-    server.await.unwrap();
+    server.stop().await;
     overlays.iter().for_each(tokio::task::JoinHandle::abort);
 }
 
@@ -377,17 +435,8 @@ async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
     let ca = CertificateAuthority::generate("test", 1).unwrap();
     let (overlays, hosts, _told) = hosts_with_overlays(&ca);
     let (cluster, _) = federation_with_vm1_on_a1();
-    let cfg = ManagerConfig {
-        hosts,
-        identity_dir: manager_identity_dir(&ca, dir.path()),
-        ..ManagerConfig::default()
-    };
-    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
-    let Request::Report(r) = report("a1", 1) else {
-        unreachable!()
-    };
-    inventory.apply_report(&r, 1).unwrap();
-    put_vm1_in_violin_lan(&inventory);
+    let cfg = manager_config(&ca, dir.path(), hosts);
+    let inventory = inventory_with_vm1_in_lan(dir.path());
 
     // The first manager starts a two-second move and is gone a moment later.
     cluster.set_faults(viola_hypervisor::fake::Faults {
@@ -401,16 +450,9 @@ async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
     )
     .unwrap();
     let (progress, _p) = tokio::sync::mpsc::channel(64);
-    let req = VmMigrate {
-        vm: "vm1".into(),
-        to_host: "b1".into(),
-        stage_base: true,
-        bandwidth_mib_s: None,
-        timeout_s: None,
-    };
     let cut = tokio::time::timeout(
         std::time::Duration::from_millis(300),
-        first.migrate(req, progress, CancellationToken::new()),
+        first.migrate(move_vm1("b1", None), progress, CancellationToken::new()),
     )
     .await;
     assert!(
@@ -462,28 +504,12 @@ async fn a_move_out_of_the_violin_is_refused_and_outsiders_are_never_asked() {
     let ca = CertificateAuthority::generate("test", 1).unwrap();
     let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
     let (cluster, _) = federation_with_vm1_on_a1();
-    let cfg = ManagerConfig {
-        hosts,
-        identity_dir: manager_identity_dir(&ca, dir.path()),
-        ..ManagerConfig::default()
-    };
-    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
-    let Request::Report(r) = report("a1", 1) else {
-        unreachable!()
-    };
-    inventory.apply_report(&r, 1).unwrap();
-    put_vm1_in_violin_lan(&inventory);
+    let cfg = manager_config(&ca, dir.path(), hosts);
+    let inventory = inventory_with_vm1_in_lan(dir.path());
     let manager = Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap();
     let (progress, _p) = tokio::sync::mpsc::channel(64);
-    let req = VmMigrate {
-        vm: "vm1".into(),
-        to_host: "a2".into(),
-        stage_base: true,
-        bandwidth_mib_s: None,
-        timeout_s: Some(30),
-    };
     let report = manager
-        .migrate(req, progress, CancellationToken::new())
+        .migrate(move_vm1("a2", Some(30)), progress, CancellationToken::new())
         .await
         .unwrap();
     assert!(
@@ -493,10 +519,7 @@ async fn a_move_out_of_the_violin_is_refused_and_outsiders_are_never_asked() {
     );
     assert_eq!(cluster.hosts_running("vm1"), vec!["fake://a1".to_string()]);
     assert!(!cluster.has_image("fake://a2", "/img/vm1.qcow2"));
-    let mut asked = Vec::new();
-    while let Ok((host, _)) = told.try_recv() {
-        asked.push(host);
-    }
+    let asked: Vec<String> = drain(&mut told).into_iter().map(|(host, _)| host).collect();
     assert_eq!(
         asked,
         vec!["a/a1".to_owned()],
@@ -507,7 +530,8 @@ async fn a_move_out_of_the_violin_is_refused_and_outsiders_are_never_asked() {
 
 #[tokio::test]
 async fn the_cli_reads_the_decision_log_and_the_policy_in_force() {
-    use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, PolicyMode};
+    use crate::fixtures::decision_to_move_vm1;
+    use viola_api::adaptation::{ActionOutcome, PolicyMode};
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test", 1).unwrap();
     let cfg: ManagerConfig =
@@ -515,41 +539,17 @@ async fn the_cli_reads_the_decision_log_and_the_policy_in_force() {
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
     for i in 0..3 {
         inventory
-            .record_decision(&DecisionRecord {
-                seq: 0,
-                ts_ms: 1000 + i,
-                policy: "viola".into(),
-                mode: PolicyMode::Act,
-                state: Default::default(),
-                actions: vec![ActionRecord {
-                    action: "migrate".into(),
-                    vm: Some("vm1".into()),
-                    from: Some("a1".into()),
-                    to: Some("a2".into()),
-                    detail: None,
-                    reason: "host a1 overloaded".into(),
-                    stage: Some(0),
-                    outcome: ActionOutcome::Done,
-                }],
-            })
+            .record_decision(&decision_to_move_vm1(
+                1000 + i,
+                "host a1 overloaded",
+                ActionOutcome::Done,
+            ))
             .unwrap();
     }
     let manager =
         Arc::new(Manager::new(cfg, Arc::clone(&inventory), Arc::new(FakeCluster::new())).unwrap());
-    let server_cfg = identity(&ca, Role::Adaptmgr, "fed", "mgr")
-        .server_config(&[alpn::ADAPTMGR])
-        .unwrap();
-    let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let token = CancellationToken::new();
-    let server = tokio::spawn(super::server::serve(
-        endpoint,
-        Arc::clone(&manager),
-        token.clone(),
-    ));
-    let cli = Client::connect(&identity(&ca, Role::Cli, "fed", "me"), addr)
-        .await
-        .unwrap();
+    let server = Served::start(&ca, &manager);
+    let cli = server.connect(&ca, Role::Cli, "fed", "me").await;
     let Response::Policy(view) = cli.call(&Request::PolicyShow, |_| {}).await.unwrap() else {
         panic!("no policy view");
     };
@@ -567,17 +567,14 @@ async fn the_cli_reads_the_decision_log_and_the_policy_in_force() {
     };
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].seq, 2);
-    let mon = Client::connect(&identity(&ca, Role::Monitor, "a", "a1"), addr)
-        .await
-        .unwrap();
+    let mon = server.connect(&ca, Role::Monitor, "a", "a1").await;
     assert!(matches!(
         mon.call(&Request::PolicyShow, |_| {}).await.unwrap(),
         Response::Error { .. }
     ));
     cli.close().await;
     mon.close().await;
-    token.cancel();
-    server.await.unwrap();
+    server.stop().await;
 }
 
 /// A VM restarted after its host failed is announced before it starts: the restart host's
@@ -588,25 +585,9 @@ async fn a_restart_elsewhere_is_announced_to_the_violin_from_the_restart_host() 
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test", 1).unwrap();
     let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
-    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
-    let Request::Report(r) = report("a1", 1) else {
-        unreachable!()
-    };
-    inventory.apply_report(&r, 1).unwrap();
-    put_vm1_in_violin_lan(&inventory);
+    let inventory = inventory_with_vm1_in_lan(dir.path());
     let announcer = crate::announce::OverlayAnnouncer::new(
-        hosts
-            .iter()
-            .map(|h| {
-                (
-                    h.libvirt_uri.clone(),
-                    crate::announce::OverlayHost {
-                        label: format!("{}/{}", h.site, h.name),
-                        overlay_addr: h.overlay_addr,
-                    },
-                )
-            })
-            .collect(),
+        crate::manager::overlay_hosts(&hosts),
         Arc::clone(&inventory),
         Arc::new(crate::announce::QuicOverlayLink::new(manager_identity_dir(
             &ca,
@@ -618,26 +599,12 @@ async fn a_restart_elsewhere_is_announced_to_the_violin_from_the_restart_host() 
         .announce_restart("vm1", std::slice::from_ref(&mac), "fake://b1")
         .await
         .unwrap();
-    let mut asked = Vec::new();
-    while let Ok((host, req)) = told.try_recv() {
-        asked.push((host, req));
-    }
-    let expect = |host: &str| {
-        (
-            host.to_owned(),
-            ControlRequest::ExpectMove {
-                violin: 42,
-                mac: mac.clone(),
-                host: "b/b1".into(),
-            },
-        )
-    };
     assert_eq!(
-        asked,
+        drain(&mut told),
         vec![
             ("b/b1".to_owned(), ControlRequest::Status),
-            expect("b/b1"),
-            expect("a/a1"),
+            expect_move_to_b1("b/b1", &mac),
+            expect_move_to_b1("a/a1", &mac),
         ]
     );
     overlays.iter().for_each(tokio::task::JoinHandle::abort);

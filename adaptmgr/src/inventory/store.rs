@@ -646,7 +646,7 @@ mod tests {
 
     #[test]
     fn samples_probes_and_decisions_survive_a_restart_and_stay_bounded() {
-        use viola_api::adaptation::{ActionRecord, PolicyMode, StateBrief};
+        use crate::fixtures::decision_to_move_vm1;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inv.redb");
         {
@@ -664,23 +664,7 @@ mod tests {
                 }
                 assert!(inv.apply_report(&r, seq * 1000).unwrap());
             }
-            let d = DecisionRecord {
-                seq: 0,
-                ts_ms: 5,
-                policy: "viola".into(),
-                mode: PolicyMode::Act,
-                state: StateBrief::default(),
-                actions: vec![ActionRecord {
-                    action: "migrate".into(),
-                    vm: Some("vm1".into()),
-                    from: Some("a1".into()),
-                    to: Some("a2".into()),
-                    detail: None,
-                    reason: "because".into(),
-                    stage: Some(0),
-                    outcome: ActionOutcome::Pending,
-                }],
-            };
+            let d = decision_to_move_vm1(5, "because", ActionOutcome::Pending);
             assert_eq!(inv.record_decision(&d).unwrap(), 1);
             assert_eq!(inv.record_decision(&d).unwrap(), 2);
             inv.set_action_outcome(1, 0, ActionOutcome::Done).unwrap();

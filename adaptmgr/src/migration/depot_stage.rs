@@ -363,14 +363,17 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::migration::plan::{Action, MigrationPlan, Outcome, Step};
+    use crate::migration::plan::{Action, Step};
     use crate::migration::stage::ImageDirView;
-    use crate::migration::testing::{RecordingAnnouncer, assert_rolled_back_clean};
+    use crate::migration::testing::{
+        RecordingAnnouncer, assert_migrated_incrementally, assert_rolled_back_clean,
+        stage_base_result, vm1_plan,
+    };
     use crate::migration::{
         MigrationDeps, MigrationRun, MigrationStatus, StepError, run_migration_detailed,
     };
+    use viola_hypervisor::Hypervisor;
     use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
-    use viola_hypervisor::{Hypervisor, StorageCopy};
 
     const A: &str = "fake://a1";
     const B: &str = "fake://b1";
@@ -776,19 +779,7 @@ mod tests {
             poll_interval: Duration::from_millis(5),
             reconnect_timeout: Duration::from_millis(50),
         };
-        let plan = MigrationPlan {
-            vm: "vm1".into(),
-            source_uri: A.into(),
-            dest_uri: B.into(),
-            dest_migration_uri: B.into(),
-            stage_base: true,
-            bandwidth_mib_s: None,
-            timeout_ms,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
-        };
+        let plan = vm1_plan(A, B, timeout_ms);
         let (tx, mut rx) = watch::channel(MigrationStatus::default());
         let watcher = tokio::spawn(async move {
             let mut seen = Vec::new();
@@ -853,27 +844,13 @@ mod tests {
         )
         .await;
         let report = run.report;
-        assert_eq!(
-            report.outcome,
-            Outcome::Migrated {
-                storage: StorageCopy::Incremental
-            },
-            "{:#?}",
-            report.records
-        );
+        assert_migrated_incrementally(&report);
         assert_eq!(cluster.hosts_running("vm1"), vec![B.to_string()]);
         assert!(cluster.has_image(B, &base) && cluster.has_image(B, "/img/vm1.qcow2"));
-        let staged = report
-            .records
-            .iter()
-            .find(|r| r.action == "StageBase")
-            .expect("StageBase recorded");
+        let staged = stage_base_result(&report);
         assert!(
-            staged
-                .result
-                .contains("depot of site b staged image guest-manifest-hash"),
-            "{}",
-            staged.result
+            staged.contains("depot of site b staged image guest-manifest-hash"),
+            "{staged}"
         );
         let staging: Vec<_> = statuses.iter().filter_map(|s| s.staging.clone()).collect();
         assert!(

@@ -571,12 +571,8 @@ impl<S: BaseStager, A: MoveAnnouncer> StepRunner<'_, S, A> {
             dest_uri: plan.dest_migration_uri.clone(),
             disks: ctx.disks.iter().map(|d| d.target.clone()).collect(),
             storage: machine.storage(),
-            bandwidth_mib_s: plan.bandwidth_mib_s,
             migrate_uri: None,
-            max_downtime_ms: plan.max_downtime_ms,
-            compress: plan.compress,
-            tls: plan.tls,
-            tls_destination: plan.tls_destination.clone(),
+            tuning: plan.tuning.clone(),
         };
         // Runs on the blocking pool from its first poll; awaited to its end on every path.
         let migration = mover.migrate(vm, req);
@@ -812,10 +808,11 @@ async fn remove_destination_domain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::Outcome;
     use crate::migration::testing::{
-        CountingConnector, FakeStager, RecordingAnnouncer, assert_rolled_back_clean,
+        CountingConnector, FakeStager, RecordingAnnouncer, assert_migrated_incrementally,
+        assert_rolled_back_clean, vm1_plan,
     };
+    use crate::migration::{MigrationTuning, Outcome};
     use viola_hypervisor::fake::{FakeCluster, FakeHypervisor, Faults, sample_domain_xml};
     use viola_hypervisor::{Hypervisor, StorageCopy};
 
@@ -883,19 +880,9 @@ mod tests {
     }
 
     fn plan(timeout_ms: u64) -> MigrationPlan {
-        MigrationPlan {
-            vm: "vm1".into(),
-            source_uri: A.into(),
-            dest_uri: B.into(),
-            dest_migration_uri: B.into(),
-            stage_base: true,
-            bandwidth_mib_s: Some(50),
-            timeout_ms,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
-        }
+        let mut plan = vm1_plan(A, B, timeout_ms);
+        plan.tuning.bandwidth_mib_s = Some(50);
+        plan
     }
 
     fn slow_migrations(cluster: &FakeCluster) {
@@ -910,14 +897,7 @@ mod tests {
         let lab = Lab::new();
         let run = lab.run(plan(10_000), &CancellationToken::new()).await;
         let report = run.report;
-        assert_eq!(
-            report.outcome,
-            Outcome::Migrated {
-                storage: StorageCopy::Incremental
-            },
-            "{:#?}",
-            report.records
-        );
+        assert_migrated_incrementally(&report);
         assert!(run.first_failure.is_none());
         let cluster = &lab.cluster;
         assert_eq!(cluster.hosts_running("vm1"), vec![B.to_string()]);
@@ -935,17 +915,20 @@ mod tests {
     async fn the_plan_s_tls_reaches_the_hypervisor() {
         let lab = Lab::new();
         let tls_plan = MigrationPlan {
-            tls: true,
-            tls_destination: Some("b1.b.libvirt.viola".into()),
+            tuning: MigrationTuning {
+                tls: true,
+                tls_destination: Some("b1.b.libvirt.viola".into()),
+                ..MigrationTuning::default()
+            },
             ..plan(10_000)
         };
         let run = lab.run(tls_plan, &CancellationToken::new()).await;
         assert!(matches!(run.report.outcome, Outcome::Migrated { .. }));
         let asked = lab.cluster.migration_requests();
         assert_eq!(asked.len(), 1);
-        assert!(asked[0].tls);
+        assert!(asked[0].tuning.tls);
         assert_eq!(
-            asked[0].tls_destination.as_deref(),
+            asked[0].tuning.tls_destination.as_deref(),
             Some("b1.b.libvirt.viola")
         );
     }
@@ -1086,47 +1069,49 @@ mod tests {
         assert!(!lab.cluster.has_image(B, BASE));
     }
 
-    /// Runs a migration journaling every snapshot; returns the report and the snapshot that
-    /// was journaled just before the move (what a manager dying during the move leaves),
-    /// passed through JSON as the inventory stores it.
-    async fn run_keeping_move_snapshot(deps: &Deps) -> (MigrationReport, MigrationSnapshot) {
-        let (tx, _rx) = watch::channel(MigrationStatus::default());
-        let mut at_move = None;
-        let report = run_journaled(plan(10_000), deps, &tx, &CancellationToken::new(), |s| {
-            if s.machine.clone().next(0) == Action::Run(Step::Migrate) {
-                at_move = Some(serde_json::to_string(s).unwrap());
-            }
-        })
-        .await;
-        let snap = serde_json::from_str(&at_move.expect("a snapshot before the move")).unwrap();
-        (report, snap)
-    }
-
-    async fn resume(deps: &Deps, snap: MigrationSnapshot) -> MigrationReport {
-        let (tx, _rx) = watch::channel(MigrationStatus::default());
-        resume_migration(snap, deps, &tx, |_| {}).await
+    impl Lab {
+        /// Runs a migration journaling every snapshot, hands its report to `meanwhile` (which
+        /// leaves the lab as a manager dying during the move would), and resumes as a restarted
+        /// manager from the snapshot journaled just before the move, passed through JSON as the
+        /// inventory stores it.
+        async fn restart_during_move(
+            &self,
+            meanwhile: impl FnOnce(&MigrationReport),
+        ) -> MigrationReport {
+            let (tx, _rx) = watch::channel(MigrationStatus::default());
+            let mut at_move = None;
+            let first = run_journaled(
+                plan(10_000),
+                &self.deps,
+                &tx,
+                &CancellationToken::new(),
+                |s| {
+                    if s.machine.clone().next(0) == Action::Run(Step::Migrate) {
+                        at_move = Some(serde_json::to_string(s).unwrap());
+                    }
+                },
+            )
+            .await;
+            let snap = serde_json::from_str(&at_move.expect("a snapshot before the move")).unwrap();
+            meanwhile(&first);
+            resume_migration(snap, &self.deps, &tx, |_| {}).await
+        }
     }
 
     #[tokio::test]
     async fn manager_restarted_during_a_move_that_finished_completes_it() {
+        let lab = Lab::new();
+        let report = lab
+            .restart_during_move(|first| {
+                assert!(matches!(first.outcome, Outcome::Migrated { .. }));
+                // The manager died after libvirt moved the VM, before it cleaned up the source.
+                lab.cluster.add_image(A, OVERLAY, 1 << 30, Some(BASE));
+            })
+            .await;
         let Lab {
-            cluster,
-            deps,
-            announcer,
-        } = Lab::new();
-        let (first, snap) = run_keeping_move_snapshot(&deps).await;
-        assert!(matches!(first.outcome, Outcome::Migrated { .. }));
-        // The manager died after libvirt moved the VM, before it cleaned up the source.
-        cluster.add_image(A, OVERLAY, 1 << 30, Some(BASE));
-        let report = resume(&deps, snap).await;
-        assert_eq!(
-            report.outcome,
-            Outcome::Migrated {
-                storage: StorageCopy::Incremental
-            },
-            "{:#?}",
-            report.records
-        );
+            cluster, announcer, ..
+        } = lab;
+        assert_migrated_incrementally(&report);
         assert!(
             report
                 .records
@@ -1146,23 +1131,24 @@ mod tests {
 
     #[tokio::test]
     async fn manager_restarted_during_a_move_that_did_not_happen_rolls_it_back() {
-        let Lab {
-            cluster,
-            deps,
-            announcer,
-        } = Lab::new();
-        cluster.set_faults(Faults {
+        let lab = Lab::new();
+        lab.cluster.set_faults(Faults {
             refuse_migration: Some("refused".into()),
             ..Faults::default()
         });
-        let (first, snap) = run_keeping_move_snapshot(&deps).await;
-        assert!(matches!(first.outcome, Outcome::RolledBack { .. }));
-        cluster.set_faults(Faults::default());
-        // The manager died during the move: the overlay it pre-created is still at the
-        // destination and the VM still runs at the source.
-        cluster.add_image(B, OVERLAY, 1 << 30, Some(BASE));
-        announcer.clear();
-        let report = resume(&deps, snap).await;
+        let report = lab
+            .restart_during_move(|first| {
+                assert!(matches!(first.outcome, Outcome::RolledBack { .. }));
+                lab.cluster.set_faults(Faults::default());
+                // The manager died during the move: the overlay it pre-created is still at
+                // the destination and the VM still runs at the source.
+                lab.cluster.add_image(B, OVERLAY, 1 << 30, Some(BASE));
+                lab.announcer.clear();
+            })
+            .await;
+        let Lab {
+            cluster, announcer, ..
+        } = lab;
         assert!(
             matches!(report.outcome, Outcome::RolledBack { .. }),
             "{:#?}",

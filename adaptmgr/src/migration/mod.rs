@@ -18,5 +18,5 @@ pub use driver::{
     MigrationDeps, MigrationReport, MigrationRun, MigrationSnapshot, MigrationStatus, StepError,
     StepFailure, resume_migration, run_journaled, run_migration, run_migration_detailed,
 };
-pub use plan::{MigrationPlan, Outcome};
+pub use plan::{MigrationPlan, MigrationTuning, Outcome};
 pub use stage::{BaseStager, LocalCopyStager, MoveAnnouncer, MoveNotice};

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use viola_api::migration::{MigrationPlan, Outcome, StepRecord};
+pub use viola_api::migration::{MigrationPlan, MigrationTuning, Outcome, StepRecord};
 use viola_hypervisor::StorageCopy;
 
 /// Forward steps, in order.
@@ -391,17 +391,8 @@ mod tests {
 
     fn plan(stage_base: bool) -> MigrationPlan {
         MigrationPlan {
-            vm: "vm1".into(),
-            source_uri: "a".into(),
-            dest_uri: "b".into(),
-            dest_migration_uri: "b".into(),
             stage_base,
-            bandwidth_mib_s: None,
-            timeout_ms: 60_000,
-            max_downtime_ms: None,
-            compress: false,
-            tls: false,
-            tls_destination: None,
+            ..crate::migration::testing::vm1_plan("a", "b", 60_000)
         }
     }
 
@@ -534,27 +525,33 @@ mod tests {
         assert!(matches!(outcome, Outcome::RolledBack { .. }));
     }
 
-    #[test]
-    fn client_error_but_vm_at_destination_counts_as_migrated() {
+    /// Runs a migration whose `step` answers `answer` and whose reconciliation then finds
+    /// `found`; checks that the destination's domain was left alone and returns the outcome.
+    fn reconciled(step: Step, answer: Result<Report, String>, found: Copies) -> Outcome {
         let mut m = MigrationMachine::new(plan(true));
         let (seen, outcome) = run(&mut m, |a| match a {
-            Action::Run(Step::Migrate) => Err("client connection reset".into()),
-            Action::Undo(Rollback::Reconcile) => Ok(Report::Found(Copies::DestinationOnly)),
+            Action::Run(s) if *s == step => answer.clone(),
+            Action::Undo(Rollback::Reconcile) => Ok(Report::Found(found)),
             other => ok_path(other, true),
         });
         assert!(!seen.contains(&Action::Undo(Rollback::RemoveDestinationDomain)));
+        outcome
+    }
+
+    #[test]
+    fn client_error_but_vm_at_destination_counts_as_migrated() {
+        let outcome = reconciled(
+            Step::Migrate,
+            Err("client connection reset".into()),
+            Copies::DestinationOnly,
+        );
         assert!(matches!(outcome, Outcome::Migrated { .. }));
     }
 
     #[test]
     fn both_running_is_stuck_not_destroyed() {
-        let mut m = MigrationMachine::new(plan(true));
-        let (seen, outcome) = run(&mut m, |a| match a {
-            Action::Run(Step::Verify) => Ok(Report::Found(Copies::BothRunning)),
-            Action::Undo(Rollback::Reconcile) => Ok(Report::Found(Copies::BothRunning)),
-            other => ok_path(other, true),
-        });
-        assert!(!seen.contains(&Action::Undo(Rollback::RemoveDestinationDomain)));
+        let both = Copies::BothRunning;
+        let outcome = reconciled(Step::Verify, Ok(Report::Found(both)), both);
         assert!(matches!(outcome, Outcome::Stuck { .. }));
     }
 

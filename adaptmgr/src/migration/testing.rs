@@ -5,11 +5,25 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::driver::{MigrationRun, StepFailure};
-use super::plan::Outcome;
+use super::driver::{MigrationReport, MigrationRun, StepFailure};
+use super::plan::{MigrationPlan, MigrationTuning, Outcome};
 use super::stage::{AnnounceError, BaseStager, MoveAnnouncer, MoveNotice, StageError, StagedBase};
 use viola_hypervisor::fake::FakeCluster;
-use viola_hypervisor::{Connector, DomainState, Hypervisor, HypervisorError};
+use viola_hypervisor::{Connector, DomainState, Hypervisor, HypervisorError, StorageCopy};
+
+/// A migration of vm1 from `source` to `dest` (each reached at that URI) with its base
+/// staged, in `timeout_ms`, tuned as QEMU's defaults.
+pub fn vm1_plan(source: &str, dest: &str, timeout_ms: u64) -> MigrationPlan {
+    MigrationPlan {
+        vm: "vm1".into(),
+        source_uri: source.into(),
+        dest_uri: dest.into(),
+        dest_migration_uri: dest.into(),
+        stage_base: true,
+        timeout_ms,
+        tuning: MigrationTuning::default(),
+    }
+}
 
 /// Records every announcement as `expect VM [MACS]` or `withdraw VM`. Clones share the record.
 #[derive(Debug, Clone, Default)]
@@ -83,6 +97,31 @@ impl Connector for CountingConnector {
         self.opened.fetch_add(1, Ordering::Relaxed);
         self.inner.open(uri)
     }
+}
+
+/// Asserts that the migration moved the VM copying only its overlay (its base was at the
+/// destination already, or staged there).
+#[track_caller]
+pub fn assert_migrated_incrementally(report: &MigrationReport) {
+    assert_eq!(
+        report.outcome,
+        Outcome::Migrated {
+            storage: StorageCopy::Incremental
+        },
+        "{:#?}",
+        report.records
+    );
+}
+
+/// What the migration's `StageBase` step recorded as its result.
+#[track_caller]
+pub fn stage_base_result(report: &MigrationReport) -> &str {
+    &report
+        .records
+        .iter()
+        .find(|r| r.action == "StageBase")
+        .expect("StageBase recorded")
+        .result
 }
 
 /// Asserts what a rolled back migration must leave: outcome `RolledBack`, a first failed step

@@ -435,11 +435,7 @@ impl Beloglazov {
     }
 
     fn select(&mut self, sc: &Scratch, h: usize) -> Option<usize> {
-        let movable: Vec<usize> = sc.host_vms[h]
-            .iter()
-            .copied()
-            .filter(|&v| !sc.st.vms[v].in_migration)
-            .collect();
+        let movable = sc.st.movable(&sc.host_vms[h]);
         if movable.is_empty() {
             return None;
         }
@@ -625,11 +621,7 @@ fn underload(st: &ObservedState, sc: &mut Scratch, det: &Detector, over: &[usize
         excl_under[h] = true;
         n_under += 1;
         excl_place[h] = true;
-        let mut vms: Vec<usize> = sc.host_vms[h]
-            .iter()
-            .copied()
-            .filter(|&v| !st.vms[v].in_migration)
-            .collect();
+        let mut vms = st.movable(&sc.host_vms[h]);
         if vms.is_empty() {
             continue;
         }

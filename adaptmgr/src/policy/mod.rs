@@ -190,6 +190,14 @@ pub struct ObservedState {
 }
 
 impl ObservedState {
+    /// Of `vms`, those not migrating now: the ones a policy may move.
+    pub fn movable(&self, vms: &[usize]) -> Vec<usize> {
+        vms.iter()
+            .copied()
+            .filter(|&v| !self.vms[v].in_migration)
+            .collect()
+    }
+
     /// Seconds a live migration of `vm` from `from` to `to` takes: RAM over half the NIC inside a
     /// site (CloudSim's model), over the smaller WAN share between sites.
     pub fn migration_time_s(&self, vm: usize, from: usize, to: usize) -> f64 {
@@ -346,8 +354,8 @@ pub fn by_name(name: &str) -> Result<Box<dyn Policy>, PolicyNameError> {
         "violin" => return Ok(Box::new(violin::Violin::default())),
         "marinescu-a" => return Ok(Box::new(marinescu::ClusterPolicy::algorithm_a())),
         "marinescu-b" => return Ok(Box::new(marinescu::ClusterPolicy::algorithm_b())),
-        "shirako-energy-aware" => return Ok(Box::new(shirako::EnergyAware)),
-        "shirako-room-for-growth" => return Ok(Box::new(shirako::RoomForGrowth)),
+        "shirako-energy-aware" => return Ok(Box::new(shirako::Fit::Best)),
+        "shirako-room-for-growth" => return Ok(Box::new(shirako::Fit::Worst)),
         _ => {}
     }
     let parts: Vec<&str> = name.split('-').collect();

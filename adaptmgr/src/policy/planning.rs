@@ -277,15 +277,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn a_swap_with_a_spare_host_goes_through_a_pivot() {
-        let input = PlanInput {
-            capacity: vec![1.0, 1.0, 1.0],
+    /// Two VMs that each fill a host swap hosts 0 and 1.
+    fn swap(capacity: Vec<f64>, max_parallel: usize) -> PlanInput {
+        PlanInput {
+            capacity,
             size: vec![1.0, 1.0],
             current: vec![Some(0), Some(1)],
             target: vec![Some(1), Some(0)],
-            max_parallel: 2,
-        };
+            max_parallel,
+        }
+    }
+
+    #[test]
+    fn a_swap_with_a_spare_host_goes_through_a_pivot() {
+        let input = swap(vec![1.0, 1.0, 1.0], 2);
         let p = plan(&input).expect("plannable");
         assert_eq!(check(&input, &p), Ok(()));
         assert_eq!(p.temporary(), 1);
@@ -295,13 +300,7 @@ mod tests {
 
     #[test]
     fn a_swap_without_room_anywhere_uses_stop_and_copy() {
-        let input = PlanInput {
-            capacity: vec![1.0, 1.0],
-            size: vec![1.0, 1.0],
-            current: vec![Some(0), Some(1)],
-            target: vec![Some(1), Some(0)],
-            max_parallel: 4,
-        };
+        let input = swap(vec![1.0, 1.0], 4);
         let p = plan(&input).expect("plannable");
         assert_eq!(check(&input, &p), Ok(()));
         assert_eq!(p.stop_and_copy(), 1);

@@ -30,6 +30,15 @@ pub enum Request {
     Migrate { vm: String, to_site: Option<String> },
 }
 
+impl Request {
+    /// The VM the request is about (a VM may only ask about itself).
+    pub fn vm(&self) -> &str {
+        match self {
+            Self::Resize { vm, .. } | Self::Migrate { vm, .. } => vm,
+        }
+    }
+}
+
 /// Per-violin limits set by the administrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Quota {
@@ -172,18 +181,18 @@ impl Shepherd {
         }
         st.recent.push((now, o.vm.clone()));
         let req = parse(body)?;
+        if req.vm() != o.vm {
+            return Err(Refusal::ForeignVm {
+                violin: o.violin.clone(),
+                vm: req.vm().to_owned(),
+            });
+        }
         match &req {
             Request::Resize {
                 vm,
                 cpu_mips,
                 ram_mb,
             } => {
-                if *vm != o.vm {
-                    return Err(Refusal::ForeignVm {
-                        violin: o.violin.clone(),
-                        vm: vm.clone(),
-                    });
-                }
                 let (cur_cpu, cur_ram) = st.vms[vm];
                 let cpu = cpu_mips.unwrap_or(cur_cpu);
                 let ram = ram_mb.unwrap_or(cur_ram);
@@ -209,13 +218,7 @@ impl Shepherd {
                 }
                 st.vms.insert(vm.clone(), (cpu, ram));
             }
-            Request::Migrate { vm, .. } => {
-                if *vm != o.vm {
-                    return Err(Refusal::ForeignVm {
-                        violin: o.violin.clone(),
-                        vm: vm.clone(),
-                    });
-                }
+            Request::Migrate { .. } => {
                 st.migrations.retain(|t| now - t < 3600.0);
                 if st.migrations.len() >= quota.migrations_per_hour as usize {
                     return Err(Refusal::Quota(format!(

@@ -3,8 +3,8 @@
 //! and placement at the site (*energy-aware*: best fit so idle hosts can be powered down, and
 //! *follow-broker*: place where the broker provisioned). [`run_experiment`] replays guests whose
 //! slivers grow and counts the migrations the site performs (a lease the broker moves reaches an
-//! energy-aware site as a new sliver, which it places by its own best fit); [`EnergyAware`] and [`RoomForGrowth`]
-//! are the site policies as simulator policies.
+//! energy-aware site as a new sliver, which it places by its own best fit); [`Fit`] holds the two
+//! fits, as simulator policies too.
 
 use super::{Action, Decision, ObservedState, Placement, Policy};
 
@@ -38,20 +38,6 @@ impl Rng {
     }
 }
 
-/// Worst fit: the host with the most free room that fits `size` (lowest index on ties).
-fn worst_fit(load: &[f64], size: f64, skip: Option<usize>) -> Option<usize> {
-    (0..load.len())
-        .filter(|&h| Some(h) != skip && load[h] + size <= 1.0 + 1e-9)
-        .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
-}
-
-/// Best fit: the fullest host that still fits `size`.
-fn best_fit(load: &[f64], size: f64, skip: Option<usize>) -> Option<usize> {
-    (0..load.len())
-        .filter(|&h| Some(h) != skip && load[h] + size <= 1.0 + 1e-9)
-        .max_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
-}
-
 /// Two guests on `hosts` unit-capacity hosts request VMs of a fifth of a host (until 60 % of the
 /// inventory is provisioned) and then grow them by random steps towards half a host over
 /// `periods` lease periods, more than the hosts can hold in the end.
@@ -78,10 +64,10 @@ pub fn run_experiment(
             if l_load.iter().sum::<f64>() + s > 0.6 * hosts as f64 {
                 break;
             }
-            if let Some(l) = worst_fit(&l_load, s, None) {
+            if let Some(l) = Fit::Worst.with_room(&l_load, s, None) {
                 let p = match place {
                     SitePlacement::FollowBroker => l,
-                    SitePlacement::EnergyAware => match best_fit(&p_load, s, None) {
+                    SitePlacement::EnergyAware => match Fit::Best.with_room(&p_load, s, None) {
                         Some(p) => p,
                         None => continue,
                     },
@@ -107,7 +93,7 @@ pub fn run_experiment(
                         res.denied_resizes += 1;
                         continue;
                     }
-                    Provisioning::Migrating => match worst_fit(&l_load, new, Some(l)) {
+                    Provisioning::Migrating => match Fit::Worst.with_room(&l_load, new, Some(l)) {
                         Some(nl) => {
                             l_load[l] -= size[v];
                             l_load[nl] += size[v];
@@ -125,7 +111,7 @@ pub fn run_experiment(
                                     // new size, which the site places by its own best fit.
                                     let p = physical[v];
                                     p_load[p] -= size[v];
-                                    if let Some(np) = best_fit(&p_load, new, None) {
+                                    if let Some(np) = Fit::Best.with_room(&p_load, new, None) {
                                         if np != p {
                                             res.site_migrations += 1;
                                         }
@@ -149,7 +135,7 @@ pub fn run_experiment(
             if p_load[p] + delta > 1.0 + 1e-9 {
                 // The site must make room: move the growing VM to the best-fit host that can take
                 // it, else move its neighbours away (smallest first).
-                if let Some(np) = best_fit(&p_load, new, Some(p)) {
+                if let Some(np) = Fit::Best.with_room(&p_load, new, Some(p)) {
                     p_load[p] -= size[v];
                     p_load[np] += size[v];
                     physical[v] = np;
@@ -163,7 +149,7 @@ pub fn run_experiment(
                         if p_load[p] + delta <= 1.0 + 1e-9 {
                             break;
                         }
-                        if let Some(np) = best_fit(&p_load, size[o], Some(p)) {
+                        if let Some(np) = Fit::Best.with_room(&p_load, size[o], Some(p)) {
                             p_load[p] -= size[o];
                             p_load[np] += size[o];
                             physical[o] = np;
@@ -194,12 +180,7 @@ fn relieve(
         if load[h] <= 1.0 {
             continue;
         }
-        let mut vms: Vec<usize> = host
-            .vms
-            .iter()
-            .copied()
-            .filter(|&v| !st.vms[v].in_migration)
-            .collect();
+        let mut vms = st.movable(&host.vms);
         vms.sort_by(|&a, &b| st.vms[a].ram_mb.total_cmp(&st.vms[b].ram_mb));
         for v in vms {
             if load[h] <= 1.0 {
@@ -227,63 +208,79 @@ fn fits(load: &[f64], st: &ObservedState, v: usize, d: usize, h: usize) -> bool 
         && load[d] + st.vms[v].requested_mips / st.hosts[d].total_mips() <= 1.0
 }
 
-/// Site placement *energy-aware*: best fit on arrival and when a host saturates.
-#[derive(Debug, Default)]
-pub struct EnergyAware;
+/// The site's placement policies for the simulator and the live manager: best fit is the
+/// site's *energy-aware* placement, worst fit the broker's *room-for-growth*.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// The fullest host: packs VMs so that other hosts can idle.
+    Best,
+    /// The emptiest host: leaves every host room to grow.
+    Worst,
+}
 
-impl Policy for EnergyAware {
-    fn name(&self) -> String {
-        "shirako-energy-aware".into()
+impl Fit {
+    /// Of `hosts`, the one this fit takes by `load`; the lowest index among equal loads.
+    fn pick(
+        self,
+        hosts: impl Iterator<Item = usize>,
+        load: impl Fn(usize) -> f64,
+    ) -> Option<usize> {
+        hosts.min_by(|&a, &b| {
+            let by_load = load(a).total_cmp(&load(b));
+            match self {
+                Self::Best => by_load.reverse(),
+                Self::Worst => by_load,
+            }
+            .then(a.cmp(&b))
+        })
     }
-    fn place(&mut self, st: &ObservedState, placed: &Placement, vm: usize) -> Option<usize> {
-        (0..st.hosts.len())
-            .filter(|&h| placed.fits(st, h, vm))
-            .max_by(|&a, &b| {
-                (placed.mips[a] / st.hosts[a].total_mips())
-                    .total_cmp(&(placed.mips[b] / st.hosts[b].total_mips()))
-                    .then(b.cmp(&a))
-            })
-    }
-    fn decide(&mut self, st: &ObservedState) -> Decision {
-        relieve(
-            st,
-            |load, st, v, h| {
-                (0..st.hosts.len())
-                    .filter(|&d| !st.hosts[d].vms.is_empty() && fits(load, st, v, d, h))
-                    .max_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
-                    .or_else(|| (0..st.hosts.len()).find(|&d| fits(load, st, v, d, h)))
-            },
-            "best fit",
+
+    /// The host this fit takes among the unit-capacity hosts (but `skip`) with room for `size`.
+    fn with_room(self, load: &[f64], size: f64, skip: Option<usize>) -> Option<usize> {
+        self.pick(
+            (0..load.len()).filter(|&h| Some(h) != skip && load[h] + size <= 1.0 + 1e-9),
+            |h| load[h],
         )
     }
 }
 
-/// Broker provisioning *room-for-growth* as a placement policy: worst fit.
-#[derive(Debug, Default)]
-pub struct RoomForGrowth;
+impl Fit {
+    /// Where this fit moves VM `v` off saturated host `h`, given the hosts' `load`: best fit
+    /// prefers a host already in use and powers one up only when none fits.
+    fn destination(self, load: &[f64], st: &ObservedState, v: usize, h: usize) -> Option<usize> {
+        let fitting = (0..st.hosts.len()).filter(move |&d| fits(load, st, v, d, h));
+        match self {
+            Self::Best => self
+                .pick(
+                    fitting.clone().filter(|&d| !st.hosts[d].vms.is_empty()),
+                    |d| load[d],
+                )
+                .or_else(|| fitting.clone().next()),
+            Self::Worst => self.pick(fitting, |d| load[d]),
+        }
+    }
+}
 
-impl Policy for RoomForGrowth {
+impl Policy for Fit {
     fn name(&self) -> String {
-        "shirako-room-for-growth".into()
+        match self {
+            Self::Best => "shirako-energy-aware",
+            Self::Worst => "shirako-room-for-growth",
+        }
+        .into()
     }
     fn place(&mut self, st: &ObservedState, placed: &Placement, vm: usize) -> Option<usize> {
-        (0..st.hosts.len())
-            .filter(|&h| placed.fits(st, h, vm))
-            .min_by(|&a, &b| {
-                (placed.mips[a] / st.hosts[a].total_mips())
-                    .total_cmp(&(placed.mips[b] / st.hosts[b].total_mips()))
-                    .then(a.cmp(&b))
-            })
+        self.pick(
+            (0..st.hosts.len()).filter(|&h| placed.fits(st, h, vm)),
+            |h| placed.mips[h] / st.hosts[h].total_mips(),
+        )
     }
     fn decide(&mut self, st: &ObservedState) -> Decision {
-        relieve(
-            st,
-            |load, st, v, h| {
-                (0..st.hosts.len())
-                    .filter(|&d| fits(load, st, v, d, h))
-                    .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
-            },
-            "worst fit",
-        )
+        let fit = *self;
+        let label = match fit {
+            Self::Best => "best fit",
+            Self::Worst => "worst fit",
+        };
+        relieve(st, |load, st, v, h| fit.destination(load, st, v, h), label)
     }
 }

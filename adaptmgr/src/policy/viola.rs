@@ -16,10 +16,14 @@
 //!   only when no host of the VM's own site can take it.
 //! - **Bounded work.** At most `max_evacuations` hosts are emptied per period.
 
+use serde::{Deserialize, Serialize};
+
 use super::{Action, Decision, ObservedState, Policy};
 
-#[derive(Debug, Clone)]
-pub struct Viola {
+/// The policy's parameters; the live manager reads them from its `[policy.viola]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ViolaParams {
     /// Quantile of the history used as the demand estimate.
     pub quantile: f64,
     /// History samples looked at.
@@ -29,10 +33,9 @@ pub struct Viola {
     pub underload: f64,
     pub cooldown_s: f64,
     pub max_evacuations: usize,
-    last_moved: Vec<f64>,
 }
 
-impl Default for Viola {
+impl Default for ViolaParams {
     fn default() -> Self {
         Self {
             quantile: 0.9,
@@ -42,21 +45,33 @@ impl Default for Viola {
             underload: 0.45,
             cooldown_s: 4.0 * 3600.0,
             max_evacuations: 400,
-            last_moved: Vec::new(),
         }
     }
 }
 
+#[derive(Debug, Clone, Default)]
+pub struct Viola {
+    pub params: ViolaParams,
+    last_moved: Vec<f64>,
+}
+
 impl Viola {
+    pub fn new(params: ViolaParams) -> Self {
+        Self {
+            params,
+            last_moved: Vec::new(),
+        }
+    }
+
     fn estimate(&self, st: &ObservedState, v: usize) -> f64 {
         let vm = &st.vms[v];
-        let n = vm.history.len().min(self.window);
+        let n = vm.history.len().min(self.params.window);
         let mut h: Vec<f64> = vm.history[..n].to_vec();
         let q = if h.is_empty() {
             0.0
         } else {
             h.sort_by(f64::total_cmp);
-            h[((self.quantile * (n as f64 - 1.0)).round() as usize).min(n - 1)]
+            h[((self.params.quantile * (n as f64 - 1.0)).round() as usize).min(n - 1)]
         };
         (q * vm.total_mips()).max(vm.requested_mips)
     }
@@ -159,15 +174,11 @@ impl Policy for Viola {
         // 1. Relieve overloaded hosts.
         for h in 0..n {
             let cap = l.cap(h);
-            if !(l.req[h] >= cap || l.load[h] > self.overload * cap) {
+            if !(l.req[h] >= cap || l.load[h] > self.params.overload * cap) {
                 continue;
             }
             touched[h] = true;
-            let mut cands: Vec<usize> = l.vms[h]
-                .iter()
-                .copied()
-                .filter(|&v| !st.vms[v].in_migration)
-                .collect();
+            let mut cands = st.movable(&l.vms[h]);
             // Smallest RAM first (shortest migration), bigger estimate first among equals.
             cands.sort_by(|&a, &b| {
                 st.vms[a]
@@ -176,13 +187,13 @@ impl Policy for Viola {
                     .then(l.est[b].total_cmp(&l.est[a]))
             });
             for v in cands {
-                if l.load[h] <= self.target * cap && l.req[h] < cap {
+                if l.load[h] <= self.params.target * cap && l.req[h] < cap {
                     break;
                 }
                 let site = Some(st.hosts[h].site);
                 let dest = l
-                    .destination(v, self.target, &touched, site)
-                    .or_else(|| l.destination(v, self.target, &touched, None));
+                    .destination(v, self.params.target, &touched, site)
+                    .or_else(|| l.destination(v, self.params.target, &touched, None));
                 if let Some(d) = dest {
                     l.move_vm(v, h, d);
                     self.last_moved[v] = st.time_s;
@@ -208,7 +219,9 @@ impl Policy for Viola {
         let mut evacuated = 0;
         let mut received = vec![false; n];
         for h in order {
-            if evacuated >= self.max_evacuations || l.load[h] > self.underload * l.cap(h) {
+            if evacuated >= self.params.max_evacuations
+                || l.load[h] > self.params.underload * l.cap(h)
+            {
                 break;
             }
             if received[h] {
@@ -216,7 +229,7 @@ impl Policy for Viola {
             }
             let vms = l.vms[h].clone();
             if vms.iter().any(|&v| {
-                st.vms[v].in_migration || st.time_s - self.last_moved[v] < self.cooldown_s
+                st.vms[v].in_migration || st.time_s - self.last_moved[v] < self.params.cooldown_s
             }) {
                 continue;
             }
@@ -234,11 +247,11 @@ impl Policy for Viola {
                         !skip[d]
                             && !l.vms[d].is_empty()
                             && st.hosts[d].site == site
-                            && l.fits(d, v, self.target)
+                            && l.fits(d, v, self.params.target)
                     })
                     .min_by(|&a, &b| {
-                        let sa = self.target * l.cap(a) - l.load[a];
-                        let sb = self.target * l.cap(b) - l.load[b];
+                        let sa = self.params.target * l.cap(a) - l.load[a];
+                        let sb = self.params.target * l.cap(b) - l.load[b];
                         sa.total_cmp(&sb)
                     });
                 match d {

@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::observe::ObserveParams;
-use crate::policy::vertical::{Vertical, VerticalParams};
+pub use crate::policy::vertical::{Vertical, VerticalParams};
+pub use crate::policy::viola::ViolaParams;
 use crate::policy::{self, Policy, PolicyNameError};
 pub use viola_api::adaptation::PolicyMode;
 use viola_api::adaptation::PolicyView;
@@ -53,34 +54,6 @@ impl Default for PolicyConfig {
             wan_mbps: 100.0,
             viola: ViolaParams::default(),
             vertical: VerticalParams::default(),
-        }
-    }
-}
-
-/// The `[policy.viola]` table: the parameters of [`policy::viola::Viola`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ViolaParams {
-    pub quantile: f64,
-    pub window: usize,
-    pub target: f64,
-    pub overload: f64,
-    pub underload: f64,
-    pub cooldown_s: f64,
-    pub max_evacuations: usize,
-}
-
-impl Default for ViolaParams {
-    fn default() -> Self {
-        let v = policy::viola::Viola::default();
-        Self {
-            quantile: v.quantile,
-            window: v.window,
-            target: v.target,
-            overload: v.overload,
-            underload: v.underload,
-            cooldown_s: v.cooldown_s,
-            max_evacuations: v.max_evacuations,
         }
     }
 }
@@ -156,16 +129,7 @@ impl PolicyConfig {
             }
         }
         let placement: Box<dyn Policy> = if self.name == "viola" {
-            let p = &self.viola;
-            let mut v = policy::viola::Viola::default();
-            v.quantile = p.quantile;
-            v.window = p.window;
-            v.target = p.target;
-            v.overload = p.overload;
-            v.underload = p.underload;
-            v.cooldown_s = p.cooldown_s;
-            v.max_evacuations = p.max_evacuations;
-            Box::new(v)
+            Box::new(policy::viola::Viola::new(self.viola.clone()))
         } else {
             policy::by_name(&self.name)?
         };

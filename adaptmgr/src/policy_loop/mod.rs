@@ -252,16 +252,14 @@ impl LoopCore {
                             ready.clone()
                         }
                     };
-                    ActionRecord {
-                        action: "migrate".into(),
-                        vm: vm_name(vm),
-                        from: host_name(from),
-                        to: host_name(to),
-                        detail: None,
-                        reason: a.reason,
-                        stage: None,
+                    ActionRecord::migration(
+                        vm_name(vm),
+                        host_name(from),
+                        host_name(to),
+                        a.reason,
+                        None,
                         outcome,
-                    }
+                    )
                 }
                 ActionKind::Resize {
                     vm,
@@ -402,19 +400,17 @@ impl LoopCore {
                     continue; // stop-and-copy halves were refused above
                 };
                 let index = if mv.kind == MoveKind::Temporary {
-                    actions.push(ActionRecord {
-                        action: "migrate".into(),
-                        vm: Some(state.vms[vm].name.clone()),
-                        from: Some(state.hosts[from].name.clone()),
-                        to: Some(state.hosts[to].name.clone()),
-                        detail: None,
-                        reason: format!(
+                    actions.push(ActionRecord::migration(
+                        Some(state.vms[vm].name.clone()),
+                        Some(state.hosts[from].name.clone()),
+                        Some(state.hosts[to].name.clone()),
+                        format!(
                             "temporary placement to break a cycle of moves (then on to {})",
                             actions[original].to.clone().unwrap_or_default()
                         ),
-                        stage: Some(stage),
-                        outcome: ready.clone(),
-                    });
+                        Some(stage),
+                        ready.clone(),
+                    ));
                     actions.len() - 1
                 } else {
                     actions[original].stage = Some(stage);

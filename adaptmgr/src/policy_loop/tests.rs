@@ -185,6 +185,21 @@ fn a1_busy(vm: &str) -> f64 {
     if vm == "vm3" { 0.1 } else { 1.0 }
 }
 
+/// [`overloaded_a1`] once its monitors reported it busy ([`a1_busy`]).
+async fn reported_overloaded_a1(mode: PolicyMode) -> Federation {
+    let mut f = overloaded_a1(mode);
+    f.report(&a1_busy).await;
+    f
+}
+
+/// The decision of one period of `lp` over `f`, now (there must be one).
+async fn decide(lp: &PolicyLoop, f: &Federation, token: &CancellationToken) -> DecisionRecord {
+    lp.tick(&f.manager, now_ms(), token)
+        .await
+        .unwrap()
+        .expect("a decision")
+}
+
 /// What a decision said about one action: (action, vm, from, to, reason).
 type Said = (
     String,
@@ -212,8 +227,7 @@ fn actions(d: &DecisionRecord) -> Vec<Said> {
 
 #[tokio::test]
 async fn act_mode_moves_a_vm_off_an_overloaded_host_within_two_periods() {
-    let mut f = overloaded_a1(PolicyMode::Act);
-    f.report(&a1_busy).await;
+    let f = reported_overloaded_a1(PolicyMode::Act).await;
     let token = CancellationToken::new();
     let looping = tokio::spawn(new_loop(&f).run(Arc::clone(&f.manager), token.clone()));
     let period = Duration::from_secs_f64(f.manager.cfg.policy.period_s);
@@ -248,25 +262,15 @@ async fn act_mode_moves_a_vm_off_an_overloaded_host_within_two_periods() {
 #[tokio::test]
 async fn advise_mode_records_the_same_decision_and_changes_nothing() {
     let token = CancellationToken::new();
-    let mut advised = overloaded_a1(PolicyMode::Advise);
-    advised.report(&a1_busy).await;
-    let d = new_loop(&advised)
-        .tick(&advised.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .expect("a decision");
+    let advised = reported_overloaded_a1(PolicyMode::Advise).await;
+    let d = decide(&new_loop(&advised), &advised, &token).await;
     assert_eq!(d.actions[0].outcome, ActionOutcome::Advised);
     assert_eq!(advised.running("vm1"), ["fake://a1"]);
     assert_eq!(advised.running("vm2"), ["fake://a1"]);
     assert_eq!(advised.decisions(), vec![d.clone()]);
 
-    let mut acted = overloaded_a1(PolicyMode::Act);
-    acted.report(&a1_busy).await;
-    let done = new_loop(&acted)
-        .tick(&acted.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .expect("a decision");
+    let acted = reported_overloaded_a1(PolicyMode::Act).await;
+    let done = decide(&new_loop(&acted), &acted, &token).await;
     assert_eq!(actions(&done), actions(&d), "advise and act decide alike");
     assert_eq!(acted.running("vm1"), ["fake://a2"]);
 }
@@ -274,24 +278,15 @@ async fn advise_mode_records_the_same_decision_and_changes_nothing() {
 #[tokio::test]
 async fn a_vm_in_its_cool_down_is_not_chosen() {
     let token = CancellationToken::new();
-    let mut f = overloaded_a1(PolicyMode::Act);
-    f.report(&a1_busy).await;
+    let mut f = reported_overloaded_a1(PolicyMode::Act).await;
     let lp = new_loop(&f);
-    let first = lp
-        .tick(&f.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .unwrap();
+    let first = decide(&lp, &f, &token).await;
     assert_eq!(first.actions[0].vm.as_deref(), Some("vm1"));
     assert_eq!(f.running("vm1"), ["fake://a2"]);
     // Now a2 is overloaded by vm1 and vm3; vm1 just moved, so vm3 must go (to b1: a1 has no
     // room below the target with vm2 busy).
     f.report(&|_| 1.0).await;
-    let second = lp
-        .tick(&f.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .unwrap();
+    let second = decide(&lp, &f, &token).await;
     assert_eq!(second.state.vms_held, 1);
     assert!(
         second
@@ -317,18 +312,13 @@ async fn a_vm_in_its_cool_down_is_not_chosen() {
 #[tokio::test]
 async fn a_failed_move_is_recorded_and_its_destination_avoided() {
     let token = CancellationToken::new();
-    let mut f = overloaded_a1(PolicyMode::Act);
-    f.report(&a1_busy).await;
+    let mut f = reported_overloaded_a1(PolicyMode::Act).await;
     f.cluster.set_faults(Faults {
         refuse_migration: Some("out of memory at the destination".into()),
         ..Faults::default()
     });
     let lp = new_loop(&f);
-    let first = lp
-        .tick(&f.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .unwrap();
+    let first = decide(&lp, &f, &token).await;
     let outcome = &first.actions[0].outcome;
     assert!(
         matches!(
@@ -342,11 +332,7 @@ async fn a_failed_move_is_recorded_and_its_destination_avoided() {
     // The next period the policy asks again; a2 is avoided.
     f.cluster.set_faults(Faults::default());
     f.report(&a1_busy).await;
-    let second = lp
-        .tick(&f.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .unwrap();
+    let second = decide(&lp, &f, &token).await;
     let to_a2: Vec<_> = second
         .actions
         .iter()

@@ -139,11 +139,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("viola-ca: {}", viola_common::errors::chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::exit_code("viola-ca", run(Cli::parse()))
 }

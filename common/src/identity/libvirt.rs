@@ -223,20 +223,16 @@ mod tests {
         for ca_file in ["CA/cacert.pem", "qemu/ca-cert.pem"] {
             assert_eq!(read(d, ca_file), ca.cert_pem(), "{ca_file}");
         }
-        for cert in [
-            "libvirt/servercert.pem",
-            "libvirt/clientcert.pem",
-            "qemu/server-cert.pem",
-            "qemu/client-cert.pem",
-        ] {
+        // Each certificate file with its key file: libvirt and QEMU, as server and client, all
+        // hold the issued pair.
+        let pairs = [
+            ("libvirt/servercert.pem", "libvirt/private/serverkey.pem"),
+            ("libvirt/clientcert.pem", "libvirt/private/clientkey.pem"),
+            ("qemu/server-cert.pem", "qemu/server-key.pem"),
+            ("qemu/client-cert.pem", "qemu/client-key.pem"),
+        ];
+        for (cert, key) in pairs {
             assert_eq!(read(d, cert), issued.cert_pem, "{cert}");
-        }
-        for key in [
-            "libvirt/private/serverkey.pem",
-            "libvirt/private/clientkey.pem",
-            "qemu/server-key.pem",
-            "qemu/client-key.pem",
-        ] {
             assert_eq!(read(d, key), issued.key_pem, "{key}");
             let mode = std::os::unix::fs::PermissionsExt::mode(
                 &fs::metadata(d.join(key)).unwrap().permissions(),

@@ -399,32 +399,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             congestion,
         } => {
             let mut cfg: DepotConfig = viola_common::config::load(config.as_deref())?;
-            if let Some(v) = site {
-                cfg.site = v;
-            }
-            if let Some(v) = listen {
-                cfg.listen = v;
-            }
-            if let Some(v) = identity {
-                cfg.identity_dir = v;
+            viola_common::override_with! {
+                site => cfg.site,
+                listen => cfg.listen,
+                identity => cfg.identity_dir,
+                image_dir_template => cfg.image_dir_template,
+                metrics_listen.map(Some) => cfg.metrics_listen,
+                rate_mbit => cfg.path.rate_mbit,
+                rtt_ms => cfg.path.rtt_ms,
+                congestion.map(Into::into) => cfg.path.congestion,
             }
             if !peers.is_empty() {
                 cfg.peers = peers;
-            }
-            if let Some(v) = image_dir_template {
-                cfg.image_dir_template = v;
-            }
-            if let Some(v) = metrics_listen {
-                cfg.metrics_listen = Some(v);
-            }
-            if let Some(v) = rate_mbit {
-                cfg.path.rate_mbit = v;
-            }
-            if let Some(v) = rtt_ms {
-                cfg.path.rtt_ms = v;
-            }
-            if let Some(v) = congestion {
-                cfg.path.congestion = v.into();
             }
             if cli.store.as_os_str() != "/var/lib/viola/depot" {
                 cfg.store = cli.store.clone();
@@ -816,11 +802,5 @@ fn bench_verify(data: &[u8], spec: ChunkerSpec, rounds: u32) -> anyhow::Result<V
 
 fn main() -> ExitCode {
     viola_common::shutdown::init_tracing();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("viola-depot: {}", viola_common::errors::chain(e.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::exit_code("viola-depot", run(Cli::parse()))
 }

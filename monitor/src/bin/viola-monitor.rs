@@ -37,45 +37,19 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     viola_common::shutdown::init_tracing();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("viola-monitor: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(Args::parse())) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("viola-monitor: {}", chain.join(": "));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    viola_common::errors::run_main("viola-monitor", run(Args::parse()))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg: MonitorConfig = viola_common::config::load(args.config.as_deref())?;
-    if let Some(v) = args.host {
-        cfg.host = v;
-    }
-    if let Some(v) = args.site {
-        cfg.site = v;
-    }
-    if let Some(v) = args.manager {
-        cfg.manager = v;
-    }
-    if let Some(v) = args.identity {
-        cfg.identity_dir = v;
-    }
-    if let Some(v) = args.libvirt_uri {
-        cfg.libvirt_uri = v;
-    }
-    if let Some(v) = args.interval_ms {
-        cfg.interval_ms = v;
-    }
-    if let Some(v) = args.metrics_listen {
-        cfg.metrics_listen = v;
+    viola_common::override_with! {
+        args.host => cfg.host,
+        args.site => cfg.site,
+        args.manager => cfg.manager,
+        args.identity => cfg.identity_dir,
+        args.libvirt_uri => cfg.libvirt_uri,
+        args.interval_ms => cfg.interval_ms,
+        args.metrics_listen => cfg.metrics_listen,
     }
     if cfg.host.is_empty() || cfg.site.is_empty() {
         bail!("host and site must be set (config keys `host`, `site` or --host/--site)");

@@ -205,21 +205,10 @@ fn emit(text: &str) {
 fn main() -> ExitCode {
     viola_common::shutdown::init_tracing();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    match viola_overlay::local_runtime::block_on_local(run(cli)) {
+        Ok(result) => viola_common::errors::exit_code("viola-overlay", result),
         Err(e) => {
             eprintln!("viola-overlay: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    match local.block_on(&rt, run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("viola-overlay: {}", viola_common::errors::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -238,26 +227,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             busy_poll_us,
         } => {
             let mut cfg: OverlayConfig = viola_common::config::load(config.as_deref())?;
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
-            if let Some(d) = identity_dir {
-                cfg.identity_dir = d;
-            }
-            if let Some(s) = control_socket {
-                cfg.control_socket = s;
+            viola_common::override_with! {
+                listen => cfg.listen,
+                identity_dir => cfg.identity_dir,
+                control_socket => cfg.control_socket,
+                cpu_wake_latency_us.map(Some) => cfg.cpu_wake_latency_us,
+                handoff_yield => cfg.handoff_yield,
+                busy_poll_us => cfg.busy_poll_us,
             }
             cfg.peers
                 .extend(peer.into_iter().map(|addr| PeerConfig { addr }));
-            if let Some(us) = cpu_wake_latency_us {
-                cfg.cpu_wake_latency_us = Some(us);
-            }
-            if let Some(y) = handoff_yield {
-                cfg.handoff_yield = y;
-            }
-            if let Some(us) = busy_poll_us {
-                cfg.busy_poll_us = us;
-            }
             let token = viola_common::shutdown::signal_token()?;
             daemon::run(cfg, token).await?;
         }

@@ -232,12 +232,7 @@ mod tests {
 
     #[test]
     fn the_spinner_polls_after_a_window_opens_and_parks_after_it() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async {
+        crate::local_runtime::block_on_local(async {
             let b = Rc::new(BusyPoll::new(Duration::from_millis(5)));
             let token = CancellationToken::new();
             let spinner = tokio::task::spawn_local({
@@ -262,6 +257,7 @@ mod tests {
             assert_eq!(b.polls(), after_first, "a parked spinner does not poll");
             token.cancel();
             spinner.await.unwrap();
-        });
+        })
+        .unwrap();
     }
 }
