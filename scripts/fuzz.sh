@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the decoder fuzz targets (overlay, depot, api `fuzz/` crates) with cargo-fuzz on
 # the stable toolchain, each for a bounded time, and fails if any of them finds a crash, a hang
-# or runs out of memory. Not part of CI (too slow for its budget): run it by hand.
+# or runs out of memory. CI (scripts/test.sh) runs it with `--ci`; run it by hand for longer.
 #
-#   scripts/fuzz.sh [--seconds N] [--rss-mb M] [TARGET...]
+#   scripts/fuzz.sh [--seconds N] [--rss-mb M] [--ci] [TARGET...]
+#   scripts/fuzz.sh --install      only install cargo-fuzz (scripts/setup.sh calls this)
 #
 # TARGET is `crate/target` (`overlay/datagram`) or just `target`; default: all of them.
+# --ci: 15 s per target (unless --seconds says otherwise) and a quicker build (16 codegen units
+# instead of 1: builds faster, runs somewhat slower).
 # Stable Rust: cargo-fuzz's default AddressSanitizer needs `-Zsanitizer` (nightly only), so the
 # targets are built with `--sanitizer none`. The coverage instrumentation libFuzzer needs
 # (`-Cpasses=sancov-module` and LLVM arguments) is stable; debug assertions and overflow checks
@@ -13,38 +16,52 @@
 # `-rss_limit_mb`/`-malloc_limit_mb`. The decoders have no `unsafe`, which is what ASan would add.
 #
 # Builds go to target/fuzz (one target dir shared by the three fuzz crates, separate from the
-# workspace build so neither waits on the other's lock). New corpus entries go to
-# <crate>/fuzz/corpus/<target> (ignored by git); the checked-in seeds in
-# <crate>/fuzz/seeds/<target> are read too. Crashing inputs land in <crate>/fuzz/artifacts/.
+# workspace build so neither waits on the other's lock; the crates name the same dependencies
+# so each library is built once). New corpus entries go to <crate>/fuzz/corpus/<target>
+# (ignored by git); the checked-in seeds in <crate>/fuzz/seeds/<target> are read too. Crashing
+# inputs land in <crate>/fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-seconds=60
+# The cargo-fuzz release that CI and scripts/setup.sh install.
+cargo_fuzz_version=0.13.2
+
+install_cargo_fuzz() {
+    if [[ $(cargo fuzz --version 2>/dev/null) != "cargo-fuzz $cargo_fuzz_version" ]]; then
+        echo "== installing cargo-fuzz $cargo_fuzz_version" >&2
+        cargo install cargo-fuzz --locked --version "$cargo_fuzz_version"
+    fi
+}
+
+seconds=
 rss_mb=2048
+ci=
 wanted=()
 while (($#)); do
     case $1 in
         --seconds) seconds=$2; shift 2 ;;
         --rss-mb) rss_mb=$2; shift 2 ;;
-        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --ci) ci=1; shift ;;
+        --install) install_cargo_fuzz; exit 0 ;;
+        -h | --help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) wanted+=("$1"); shift ;;
     esac
 done
+[[ -n $seconds ]] || seconds=${ci:+15}
+seconds=${seconds:-60}
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || { echo "--seconds needs a positive integer" >&2; exit 2; }
 [[ $rss_mb =~ ^[0-9]+$ ]] || { echo "--rss-mb needs an integer" >&2; exit 2; }
 
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "== installing cargo-fuzz"
-    cargo install cargo-fuzz --locked
-fi
+install_cargo_fuzz
 
 crates=(overlay depot api)
 target_dir=$root/target/fuzz
 log_dir=$target_dir/logs
 mkdir -p "$log_dir"
 flags=(--sanitizer none --target-dir "$target_dir")
+[[ -z $ci ]] || flags+=(--codegen-units 16)
 
 # Every crate/target pair, from the fuzz crates' manifests.
 all=()
@@ -76,7 +93,13 @@ for ct in "${selected[@]}"; do
     c=${ct%%/*}
     t=${ct#*/}
     echo "== $ct: build"
-    (cd "$c" && cargo fuzz build "${flags[@]}" "$t")
+    if ! (cd "$c" && cargo fuzz build "${flags[@]}" "$t"); then
+        line="$ct: FAILED: the fuzz target does not build (cargo's errors above)"
+        echo "$line" >&2
+        failed+=("$line")
+        summary+=("$line")
+        continue
+    fi
     mkdir -p "$c/fuzz/corpus/$t"
     corpora=("fuzz/corpus/$t")
     [[ -d $c/fuzz/seeds/$t ]] && corpora+=("fuzz/seeds/$t")
@@ -93,9 +116,14 @@ for ct in "${selected[@]}"; do
     cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)
     line="$ct: ${runs:-?} runs in ${secs:-?} s, ${cov:-no coverage line}, corpus $(find "$c/fuzz/corpus/$t" -type f | wc -l) files"
     if ((rc != 0)); then
-        line+=" — FAILED (exit $rc)"
-        failed+=("$ct")
-        grep -E 'panicked|ERROR: libFuzzer|SUMMARY|Test unit written|Reproduce with' "$log" | head -20 || true
+        # libFuzzer: "Test unit written to <path>" (crash-*, timeout-*, oom-*, slow-unit-*).
+        artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
+        kind=$(grep -oE 'ERROR: libFuzzer: [a-z-]+|panicked at [^:]*:[0-9]+' "$log" | head -1 || true)
+        echo "--- $ct: what libFuzzer reported (all of it in $log)" >&2
+        grep -E -A8 "panicked at|ERROR: libFuzzer|^==[0-9]+== ERROR" "$log" | head -40 >&2 || tail -20 "$log" >&2
+        line="$ct: FAILED (exit $rc${kind:+: $kind}): input ${artifact:-not written (see $log)}"
+        [[ -z $artifact ]] || line+="; reproduce: (cd $c && cargo fuzz run ${flags[*]} $t $artifact)"
+        failed+=("$line")
     fi
     echo "$line"
     summary+=("$line")
@@ -105,7 +133,8 @@ echo
 echo "== summary"
 printf '%s\n' "${summary[@]}"
 if ((${#failed[@]})); then
-    echo "crashes, hangs or OOMs in: ${failed[*]} (inputs in <crate>/fuzz/artifacts/<target>/;" \
-        "reproduce with: cd <crate> && cargo fuzz run -s none --target-dir $target_dir <target> <input>)" >&2
+    echo >&2
+    echo "fuzzing FAILED in ${#failed[@]} of ${#selected[@]} targets:" >&2
+    printf '  %s\n' "${failed[@]}" >&2
     exit 1
 fi
