@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything a fresh Debian 12 machine needs to build, run and test Viola, idempotently:
-# Debian packages (libvirt, QEMU with a matching qemu-utils, network tools), the guest kernel
-# and images, and the release build of Viola's binaries.
+# Debian packages (libvirt, QEMU with a matching qemu-utils, network tools), cargo-fuzz, the
+# guest kernel and images, and the release build of Viola's binaries.
 #
 #   scripts/setup.sh            everything
-#   scripts/setup.sh --no-build packages and guest only
+#   scripts/setup.sh --no-build packages, cargo-fuzz and guest only
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -110,6 +110,10 @@ if ! command -v cargo >/dev/null; then
     exit 1
   fi
 fi
+
+# cargo-fuzz, from crates.io, for the decoders' fuzz targets that CI runs for a bounded time
+# (fuzz.sh pins its version and installs it only when that version is missing).
+"$here/fuzz.sh" --install
 
 log "guest kernel and images"
 "$here/guest/build.sh"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up this machine (idempotently) and runs all of Viola's tests: formatting and lints, unit,
-# property and simulator tests, then the lab tests on real libvirt hosts and QEMU guests.
+# property and simulator tests, a bounded run of the decoder fuzz targets, then the lab tests on
+# real libvirt hosts and QEMU guests.
 # Run as root. Safe to run twice in a row: every lab a test builds is torn down again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,12 @@ cargo build --release --locked --quiet -p viola-labtests --bin viola-wanem
 
 step "unit, property and simulator tests"
 cargo test --workspace --locked --exclude viola-labtests
+
+step "fuzz targets (bounded: 15 s each)"
+# Every decoder fuzz target, built with cargo-fuzz on the stable toolchain (no sanitizer), runs
+# for 15 s from its checked-in seeds; a crash, hang or OOM fails the step and names the target
+# and the input it saved. Longer runs by hand: scripts/fuzz.sh --seconds N.
+scripts/fuzz.sh --ci
 
 step "lab tests (real namespaces, libvirtd, QEMU; one at a time)"
 # Most lab tests build a lab of their own; the mechanisms tests (on viola_labtests::mech) use the
