@@ -862,8 +862,8 @@ mod config_tests {
 mod ha_tests {
     use super::*;
     use viola_api::manager::{HostUsage, VmUsage};
+    use viola_hypervisor::Hypervisor;
     use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
-    use viola_hypervisor::{DomainState, Hypervisor};
 
     const HOSTS: [&str; 3] = ["a1", "a2", "b1"];
 
@@ -877,21 +877,7 @@ mod ha_tests {
         };
         let vms = vms
             .iter()
-            .map(|name| VmUsage {
-                name: (*name).into(),
-                uuid: format!("uuid-{name}"),
-                state: DomainState::Running,
-                vcpus: 1,
-                max_vcpus: 2,
-                cpu_time_ns: 0,
-                cpu_busy: 0.0,
-                memory_kib: 262_144,
-                max_memory_kib: 262_144,
-                balloon_kib: None,
-                rss_kib: None,
-                disks: vec![],
-                nics: vec![],
-            })
+            .map(|name| crate::fixtures::running_vm(name, 2, 262_144, 0.0))
             .collect();
         (host, vms)
     }
@@ -937,15 +923,7 @@ mod ha_tests {
         let cfg = ManagerConfig {
             hosts: HOSTS
                 .iter()
-                .map(|h| HostConfig {
-                    name: (*h).into(),
-                    site: h[..1].into(),
-                    libvirt_uri: format!("fake://{h}"),
-                    migration_uri: None,
-                    migration_tls_name: None,
-                    images_local: None,
-                    overlay_addr: None,
-                })
+                .map(|h| crate::fixtures::fake_host(h, &h[..1]))
                 .collect(),
             heartbeat_timeout_s: 1,
             ..ManagerConfig::default()

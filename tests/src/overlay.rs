@@ -134,7 +134,8 @@ pub fn wait_for_link(ns: &str, link: &str, timeout: Duration) -> Result<()> {
     })
 }
 
-pub fn ping(ns: &str, ip: &str, count: u32) -> bool {
+/// `count` pings to `ip` from namespace `ns`, 0.2 s apart, each waited for 2 s at most.
+fn ping_output(ns: &str, ip: &str, count: u32) -> Result<std::process::Output> {
     run(Command::new("ip").args([
         "netns",
         "exec",
@@ -149,7 +150,21 @@ pub fn ping(ns: &str, ip: &str, count: u32) -> bool {
         "2",
         ip,
     ]))
-    .is_ok_and(|o| o.status.success())
+}
+
+/// Whether any of `count` pings from `ns` to `ip` was answered.
+pub fn ping(ns: &str, ip: &str, count: u32) -> bool {
+    ping_output(ns, ip, count).is_ok_and(|o| o.status.success())
+}
+
+/// Echo replies `ns` got for `count` pings to `ip`, 0.2 s apart.
+pub fn pings_answered(ns: &str, ip: &str, count: u32) -> Result<u32> {
+    let out = ping_output(ns, ip, count)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no ping summary in {text}"))
 }
 
 /// Pings broadcast address `broadcast` `count` times from namespace `ns` (whoever answers).

@@ -37,29 +37,6 @@ const VICTIM_IP: &str = "10.1.0.1";
 /// Short, so that the flood's leftovers age out within the test.
 const MAC_AGEING_S: u64 = 5;
 
-/// Echo replies `ns` got for `count` pings to `ip`, 0.2 s apart.
-fn pings_answered(ns: &str, ip: &str, count: u32) -> Result<u32> {
-    let out = run(Command::new("ip").args([
-        "netns",
-        "exec",
-        ns,
-        "ping",
-        "-q",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        ip,
-    ]))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split(',')
-        .find_map(|part| part.trim().strip_suffix(" received"))
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("no ping summary in {text}"))
-}
-
 /// Sends `count` gratuitous ARP replies from `ns`'s eth0 claiming `ip` at its own MAC.
 fn gratuitous_arp(ns: &str, own_mac: &str, ip: &str, count: u32) -> Result<()> {
     let script = format!(

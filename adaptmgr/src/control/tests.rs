@@ -11,10 +11,10 @@ use crate::inventory::{Inventory, ViolinRecord};
 use crate::manager::{HostConfig, Manager, ManagerConfig};
 use crate::migration::Outcome;
 use viola_api::client::Client;
-use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize, VmUsage};
+use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize};
 use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus, ViolinStatus};
+use viola_hypervisor::Hypervisor;
 use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
-use viola_hypervisor::{DomainState, Hypervisor};
 
 fn identity(ca: &CertificateAuthority, role: Role, site: &str, host: &str) -> Identity {
     ca.issue(&PeerIdentity::new(role, site, host).unwrap(), 1)
@@ -36,21 +36,7 @@ fn report(host: &str, seq: u64) -> Request {
             mem_available_kib: 8 << 20,
             net: vec![],
         },
-        vms: vec![VmUsage {
-            name: "vm1".into(),
-            uuid: "u".into(),
-            state: DomainState::Running,
-            vcpus: 1,
-            max_vcpus: 2,
-            cpu_time_ns: 0,
-            cpu_busy: 0.0,
-            memory_kib: 262_144,
-            max_memory_kib: 262_144,
-            balloon_kib: None,
-            rss_kib: None,
-            disks: vec![],
-            nics: vec![],
-        }],
+        vms: vec![crate::fixtures::running_vm("vm1", 2, 262_144, 0.0)],
         probes: vec![],
     })
 }
@@ -177,13 +163,8 @@ fn put_vm1_in_violin_lan(inventory: &Inventory) {
 
 fn fake_host(name: &str, site: &str, overlay_addr: std::net::SocketAddr) -> HostConfig {
     HostConfig {
-        name: name.into(),
-        site: site.into(),
-        libvirt_uri: format!("fake://{name}"),
-        migration_uri: None,
-        migration_tls_name: None,
-        images_local: None,
         overlay_addr: Some(overlay_addr),
+        ..crate::fixtures::fake_host(name, site)
     }
 }
 

@@ -123,19 +123,16 @@ impl Vertical {
                         at_s: st.time_s,
                     },
                 );
-                actions.push(Action {
-                    kind: ActionKind::Resize {
-                        vm: i,
-                        cpu_mips: Some(new),
-                        ram_mb: None,
-                    },
-                    reason: format!(
+                actions.push(set_cap(
+                    i,
+                    new,
+                    format!(
                         "CPU use at its cap ({:.0} of {cap:.0} MIPS now, {:.0} % of the cap over \
                          the last period): cap raised to {new:.0} MIPS",
                         v.requested_mips,
                         last_period.unwrap_or(0.0) / cap_fraction * 100.0
                     ),
-                });
+                ));
                 continue;
             }
             let Some(r) = self.raised.get(&v.name).copied() else {
@@ -159,19 +156,16 @@ impl Vertical {
             if new <= r.original_mips {
                 self.raised.remove(&v.name);
             }
-            actions.push(Action {
-                kind: ActionKind::Resize {
-                    vm: i,
-                    cpu_mips: Some(new),
-                    ram_mb: None,
-                },
-                reason: format!(
+            actions.push(set_cap(
+                i,
+                new,
+                format!(
                     "CPU use below {:.0} % of its raised cap for {} periods (at most {highest:.0} \
                      of {cap:.0} MIPS): cap lowered to {new:.0} MIPS",
                     p.quiet * 100.0,
                     p.quiet_periods
                 ),
-            });
+            ));
         }
         // VMs that left the state (deleted) are forgotten.
         self.raised
@@ -211,6 +205,17 @@ impl Policy for Vertical {
                 .filter(|a| !action_vm(&a.kind).is_some_and(|vm| resized.contains(&vm))),
         );
         Decision { actions }
+    }
+}
+
+fn set_cap(vm: usize, cpu_mips: f64, reason: String) -> Action {
+    Action {
+        kind: ActionKind::Resize {
+            vm,
+            cpu_mips: Some(cpu_mips),
+            ram_mb: None,
+        },
+        reason,
     }
 }
 

@@ -12,7 +12,7 @@ use super::*;
 use crate::inventory::Inventory;
 use crate::manager::{HostConfig, ManagerConfig, ViolinConfig};
 use crate::sim::{HostSpec, SimConfig, Simulator, VmSpec};
-use viola_api::manager::{HostReport, HostUsage, VmUsage};
+use viola_api::manager::{HostReport, HostUsage};
 
 const BASE: &str = "/img/base.qcow2";
 
@@ -100,21 +100,7 @@ impl Federation {
                     .unwrap()
                     .into_iter()
                     .filter(|d| d.state == DomainState::Running)
-                    .map(|d| VmUsage {
-                        cpu_busy: busy(&d.name),
-                        name: d.name,
-                        uuid: String::new(),
-                        state: DomainState::Running,
-                        vcpus: 1,
-                        max_vcpus: 1,
-                        cpu_time_ns: 0,
-                        memory_kib: 512 << 10,
-                        max_memory_kib: 512 << 10,
-                        balloon_kib: None,
-                        rss_kib: None,
-                        disks: vec![],
-                        nics: vec![],
-                    })
+                    .map(|d| crate::fixtures::running_vm(&d.name, 1, 512 << 10, busy(&d.name)))
                     .collect();
                 HostReport {
                     host: h.clone(),
