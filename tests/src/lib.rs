@@ -10,10 +10,12 @@
 //! The modules hold what several lab tests share: [`daemons`] (building and running the
 //! workspace's daemons), [`pki`] (certificates through `viola-ca`), [`depot`] (depot daemons in
 //! lab hosts), [`overlay`] (overlay daemons and namespaces standing in for VMs) and, with the
-//! `mech` feature, [`mech`] (the mechanisms tests on the default lab).
+//! `mech` feature, [`mech`] (the mechanisms tests on the default lab) and [`federation`] (a
+//! manager, monitors and the CLI on it).
 
 pub mod daemons;
 pub mod depot;
+#[cfg(feature = "mech")]
 pub mod federation;
 #[cfg(feature = "mech")]
 pub mod mech;
