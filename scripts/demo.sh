@@ -11,7 +11,10 @@
 #   5. the adaptation manager (on host a2) with a monitor per host; `viola vm migrate` moves g1
 #      live, with its disk, to b1 (site b) while host a2 pings it every 10 ms: its base staged at
 #      b1 through site b's depot (the manager's staging API call), only g1's own layer copied,
-#      same IP, same MAC, the overlay told in advance.
+#      same IP, same MAC, the overlay told in advance;
+#   6. the manager's policy loop on its own (act mode, 5 s period): g1, capped at 30 % of a CPU,
+#      starts burning one; the loop raises its cap and, once the burn is over, lowers it back,
+#      and its decision log says why (no resize typed after the first).
 # It prints what happened and how long each step took, and removes everything at the end (also
 # on failure). Run as root. `--no-setup` skips the machine setup.
 set -euo pipefail
@@ -176,6 +179,19 @@ addr = "198.18.1.11:7410"
 [[depots]]
 site = "b"
 addr = "198.18.2.11:7410"
+
+# The policy loop acts on its own; the demo shows its vertical layer (caps of capped VMs), so
+# the consolidation of idle hosts (viola's underload) is off here.
+[policy]
+mode = "act"
+period_s = 5
+
+[policy.viola]
+underload = 0.0
+
+[policy.vertical]
+cooldown_s = 10
+quiet_periods = 2
 EOF
 lab exec a2 -- "$bin/viola-adaptmgr" --config "$D/adaptmgr.toml" >"$D/adaptmgr.log" 2>&1 &
 pids+=($!)
@@ -220,4 +236,32 @@ if [ "$marker" != "demo-$$" ]; then
   say "tearing the lab down"
   exit 1
 fi
+say "7. the policy loop on its own: $g1 (at b1) capped at 30 % of a CPU starts burning one"
+# The loop's decisions on g1 that were carried out, as JSON lines.
+done_resizes() {
+  viola --json decisions | jq -c "select(.actions[] | (.vm == \"$g1\" and .action == \"resize\" and .outcome.outcome == \"done\"))" | wc -l
+}
+viola vm resize "$g1" --cap-percent 30 >/dev/null
+sleep 6 # a quiet control period at the new cap
+burn=30
+[ "$(lab exec a2 -- curl -s -m 5 "http://$g1_ip/cgi-bin/viola?burn=1,$burn")" = ok ] || { say "FAILED: $g1 did not start burning"; exit 1; }
+t=$(now)
+deadline=$(( $(date +%s) + 40 ))
+until [ "$(done_resizes)" -ge 1 ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: the loop did not raise $g1's cap within 40 s"; exit 1; }
+  sleep 0.5
+done
+raised_after=$(since "$t")
+sleep "$(echo "$burn - $raised_after" | bc | sed 's/^-.*/0/')"
+t=$(now)
+deadline=$(( $(date +%s) + 60 ))
+# Raised once or twice, then lowered once: the last carried-out resize lowers the cap.
+until viola --json decisions | jq -e "select(.actions[] | (.vm == \"$g1\" and .action == \"resize\" and .outcome.outcome == \"done\" and (.reason | test(\"lowered\"))))" >/dev/null; do
+  [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: the loop did not lower $g1's cap within 60 s of the burn's end"; exit 1; }
+  sleep 0.5
+done
+lowered_after=$(since "$t")
+viola decisions | sed 's/^/   /'
+echo "   cap raised ${raised_after} s after the burn began; back to 30 % ${lowered_after} s after it ended"
+
 say "done: tearing the lab down"
