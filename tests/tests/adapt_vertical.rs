@@ -2,7 +2,8 @@
 //! a1, a guest on a1 capped at 30 % of a CPU by `viola vm resize`. The guest starts burning a
 //! CPU: within two control periods the manager raises its cap (libvirt's CFS quota changes,
 //! the decision log says why); when the burn stops, after the cool-down, the cap goes back to
-//! 30 %. Nobody types a resize after the first.
+//! 30 %. Nobody types a resize after the first. Restarted in `advise` mode, the manager records
+//! the same raise for the same burn and changes nothing.
 
 // lab: default
 
@@ -138,5 +139,35 @@ fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
     // The guest kept running on a1 throughout.
     assert_eq!(vm_host(&mgr, &cli, name).map(|(h, _)| h), Some("a1".into()));
     wait_guest("a1", ip, Duration::from_secs(30));
+
+    // Advise mode: the manager restarted with `mode = "advise"` sees the same burn, records
+    // the same raise as advised, and changes nothing.
+    let mut fed = fed;
+    let cfg = std::fs::read_to_string(&fed.cfg).expect("the manager's configuration");
+    std::fs::write(&fed.cfg, cfg.replace("mode = \"act\"", "mode = \"advise\"")).unwrap();
+    fed.daemons
+        .kill("manager", libc::SIGTERM)
+        .expect("stop the manager");
+    fed.start_manager();
+    let advised = |said: &[(String, String)]| {
+        said.iter()
+            .filter(|(reason, outcome)| {
+                reason.contains("at its cap") && outcome.contains("advised")
+            })
+            .count()
+    };
+    wait_until(
+        "the restarted manager answers",
+        Duration::from_secs(30),
+        || vm_host(&mgr, &cli, name).is_some(),
+    );
+    std::thread::sleep(Duration::from_secs(PERIOD_S));
+    assert_eq!(guest_http("a1", ip, "burn=1,15").as_deref(), Some("ok"));
+    wait_until(
+        "the advise-mode loop records a raise",
+        Duration::from_secs(2 * PERIOD_S + 5),
+        || advised(&resizes(&mgr, &cli, name)) > 0,
+    );
+    assert_eq!(cap_percent(name), Some(30), "advise mode changed the cap");
     drop(fed);
 }
