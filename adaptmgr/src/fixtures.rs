@@ -59,3 +59,35 @@ pub fn running_vm(
         nics: vec![],
     }
 }
+
+/// Fake hosts a1, b1 and a2, each with the base; vm1 runs on a1 from its overlay.
+pub fn federation_with_vm1_on_a1() -> (
+    viola_hypervisor::fake::FakeCluster,
+    viola_hypervisor::fake::FakeHypervisor,
+) {
+    let cluster = viola_hypervisor::fake::FakeCluster::new();
+    let a1 = cluster.host("fake://a1");
+    cluster.host("fake://b1");
+    cluster.host("fake://a2");
+    for h in ["fake://a1", "fake://b1", "fake://a2"] {
+        cluster.add_image(h, "/img/base.qcow2", 1 << 30, None);
+    }
+    cluster.add_image(
+        "fake://a1",
+        "/img/vm1.qcow2",
+        1 << 30,
+        Some("/img/base.qcow2"),
+    );
+    viola_hypervisor::Hypervisor::define(
+        &a1,
+        &viola_hypervisor::fake::sample_domain_xml(
+            "vm1",
+            "/img/vm1.qcow2",
+            "/img/base.qcow2",
+            "52:54:00:00:00:01",
+        ),
+    )
+    .unwrap();
+    viola_hypervisor::Hypervisor::start(&a1, "vm1").unwrap();
+    (cluster, a1)
+}

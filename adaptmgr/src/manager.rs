@@ -862,8 +862,7 @@ mod config_tests {
 mod ha_tests {
     use super::*;
     use viola_api::manager::{HostUsage, VmUsage};
-    use viola_hypervisor::Hypervisor;
-    use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
+    use viola_hypervisor::fake::FakeCluster;
 
     const HOSTS: [&str; 3] = ["a1", "a2", "b1"];
 
@@ -899,27 +898,7 @@ mod ha_tests {
 
     /// vm1 runs on a1; a1 and a2 have reported once, b1 never (it has no monitor).
     async fn federation(dir: &std::path::Path) -> (FakeCluster, Manager, Arc<Inventory>) {
-        let cluster = FakeCluster::new();
-        for h in HOSTS {
-            let uri = format!("fake://{h}");
-            cluster.host(&uri);
-            cluster.add_image(&uri, "/img/base.qcow2", 1 << 30, None);
-        }
-        cluster.add_image(
-            "fake://a1",
-            "/img/vm1.qcow2",
-            1 << 30,
-            Some("/img/base.qcow2"),
-        );
-        let a1 = cluster.host("fake://a1");
-        a1.define(&sample_domain_xml(
-            "vm1",
-            "/img/vm1.qcow2",
-            "/img/base.qcow2",
-            "52:54:00:00:00:01",
-        ))
-        .unwrap();
-        a1.start("vm1").unwrap();
+        let (cluster, _) = crate::fixtures::federation_with_vm1_on_a1();
         let cfg = ManagerConfig {
             hosts: HOSTS
                 .iter()

@@ -14,7 +14,7 @@ use viola_api::client::Client;
 use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize};
 use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus, ViolinStatus};
 use viola_hypervisor::Hypervisor;
-use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
+use viola_hypervisor::fake::FakeCluster;
 
 fn identity(ca: &CertificateAuthority, role: Role, site: &str, host: &str) -> Identity {
     ca.issue(&PeerIdentity::new(role, site, host).unwrap(), 1)
@@ -119,32 +119,6 @@ fn manager_identity_dir(ca: &CertificateAuthority, dir: &std::path::Path) -> std
         .save(&path)
         .unwrap();
     path
-}
-
-/// Fake hosts a1 and b1, both with the base; vm1 runs on a1 from its overlay.
-fn federation_with_vm1_on_a1() -> (FakeCluster, viola_hypervisor::fake::FakeHypervisor) {
-    let cluster = FakeCluster::new();
-    let a1 = cluster.host("fake://a1");
-    cluster.host("fake://b1");
-    cluster.host("fake://a2");
-    for h in ["fake://a1", "fake://b1", "fake://a2"] {
-        cluster.add_image(h, "/img/base.qcow2", 1 << 30, None);
-    }
-    cluster.add_image(
-        "fake://a1",
-        "/img/vm1.qcow2",
-        1 << 30,
-        Some("/img/base.qcow2"),
-    );
-    a1.define(&sample_domain_xml(
-        "vm1",
-        "/img/vm1.qcow2",
-        "/img/base.qcow2",
-        "52:54:00:00:00:01",
-    ))
-    .unwrap();
-    a1.start("vm1").unwrap();
-    (cluster, a1)
 }
 
 /// Violin "lan" (VNI 42) with vm1 in it, as the inventory records it.
@@ -295,7 +269,7 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
     let (overlays, mut hosts, mut told) = hosts_with_overlays(&ca);
     hosts[1].migration_tls_name = Some("b1.b.libvirt.viola".into());
 
-    let (cluster, a1) = federation_with_vm1_on_a1();
+    let (cluster, a1) = crate::fixtures::federation_with_vm1_on_a1();
 
     let cfg = manager_config(&ca, dir.path(), hosts);
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
@@ -415,7 +389,7 @@ async fn a_restarted_manager_resolves_the_migration_its_predecessor_left() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test", 1).unwrap();
     let (overlays, hosts, _told) = hosts_with_overlays(&ca);
-    let (cluster, _) = federation_with_vm1_on_a1();
+    let (cluster, _) = crate::fixtures::federation_with_vm1_on_a1();
     let cfg = manager_config(&ca, dir.path(), hosts);
     let inventory = inventory_with_vm1_in_lan(dir.path());
 
@@ -484,7 +458,7 @@ async fn a_move_out_of_the_violin_is_refused_and_outsiders_are_never_asked() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertificateAuthority::generate("test", 1).unwrap();
     let (overlays, hosts, mut told) = hosts_with_overlays(&ca);
-    let (cluster, _) = federation_with_vm1_on_a1();
+    let (cluster, _) = crate::fixtures::federation_with_vm1_on_a1();
     let cfg = manager_config(&ca, dir.path(), hosts);
     let inventory = inventory_with_vm1_in_lan(dir.path());
     let manager = Manager::new(cfg, Arc::clone(&inventory), Arc::new(cluster.clone())).unwrap();
