@@ -346,6 +346,18 @@ impl Violin {
         }
     }
 
+    /// Why a frame from `src` carrying `arp` or `nd` is dropped as a false claim to a managed
+    /// VM's address or MAC, if it is (the same check on the TAP and from peers).
+    fn claim_spoofed(&self, src: Mac, arp: Option<&Arp>, nd: Option<&Nd>) -> Option<DropReason> {
+        if arp.is_some_and(|a| self.arp_spoofed(src, a)) {
+            Some(DropReason::ArpSpoof)
+        } else if nd.is_some_and(|n| self.nd_spoofed(src, n)) {
+            Some(DropReason::NdSpoof)
+        } else {
+            None
+        }
+    }
+
     /// Whether `nd` (in a frame from `src`) claims a managed VM's IPv6 address from another
     /// MAC, or names a managed MAC as the link-layer address of a frame someone else sent.
     fn nd_spoofed(&self, src: Mac, nd: &Nd) -> bool {
@@ -730,23 +742,13 @@ impl Switch {
             self.drop(DropReason::UnknownViolin);
             return;
         }
-        if let Some(arp) = &arp
-            && self
-                .violins
-                .get(&violin_id)
-                .is_some_and(|v| v.arp_spoofed(src, arp))
-        {
-            self.drop(DropReason::ArpSpoof);
-            return;
-        }
         let nd = wire::parse_nd(frame);
-        if let Some(nd) = &nd
-            && self
-                .violins
-                .get(&violin_id)
-                .is_some_and(|v| v.nd_spoofed(src, nd))
+        if let Some(reason) = self
+            .violins
+            .get(&violin_id)
+            .and_then(|v| v.claim_spoofed(src, arp.as_ref(), nd.as_ref()))
         {
-            self.drop(DropReason::NdSpoof);
+            self.drop(reason);
             return;
         }
         if !wire::is_group(&src)
@@ -1041,13 +1043,9 @@ impl Switch {
         let Some(v) = self.violins.get_mut(&violin_id) else {
             return;
         };
-        if arp.as_ref().is_some_and(|a| v.arp_spoofed(src, a)) {
-            self.drop(DropReason::ArpSpoof);
-            return;
-        }
         let nd = wire::parse_nd(&frame);
-        if nd.as_ref().is_some_and(|n| v.nd_spoofed(src, n)) {
-            self.drop(DropReason::NdSpoof);
+        if let Some(reason) = v.claim_spoofed(src, arp.as_ref(), nd.as_ref()) {
+            self.drop(reason);
             return;
         }
         let mut learn = !wire::is_group(&src);
