@@ -32,6 +32,51 @@ pub enum ControlRequest {
         /// Destination host, `site/host`.
         host: String,
     },
+    /// Makes this host a member of a violin, or replaces the violin's settings if it already
+    /// is (idempotent): its bridge and TAP are made at once, no restart. Sent by the manager.
+    SetViolin {
+        /// What the violin is.
+        violin: ViolinSpec,
+    },
+    /// Takes this host out of a violin: its bridge (if the daemon made it) and TAP go.
+    RemoveViolin {
+        /// Violin id (24 bits).
+        violin: u32,
+    },
+}
+
+/// A violin as the control plane hands it to an overlay daemon (and as a daemon keeps it
+/// across its restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViolinSpec {
+    /// 24-bit id.
+    pub id: u32,
+    /// Name (shown in status).
+    pub name: String,
+    /// Hosts allowed to be members: `site/host`, `site/*`, `*`.
+    pub allowed: Vec<String>,
+    /// The violin's IPv4 subnet (`10.1.0.0/24`); with it, the daemon answers DHCP for the
+    /// managed VMs on its TAP (each gets its own `ip`, nobody else gets a lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// Managed VMs: their MACs are accepted only from their home host, ARP (and DHCP) for
+    /// their addresses is answered from this table.
+    #[serde(default)]
+    pub vms: Vec<ManagedVmSpec>,
+}
+
+/// A managed VM's addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedVmSpec {
+    /// MAC `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+    /// The host it runs on (`site/host`); without it, the first host that claims the MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// The answer to a [`ControlRequest`].

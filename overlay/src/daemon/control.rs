@@ -36,6 +36,11 @@ pub(super) fn handle(ctx: &Ctx, req: ControlRequest) -> ControlReply {
                 },
             }
         }
+        ControlRequest::SetViolin { .. } | ControlRequest::RemoveViolin { .. } => {
+            ControlReply::Refused {
+                reason: "violins are configured in this daemon's TOML file".to_owned(),
+            }
+        }
     }
 }
 
