@@ -86,6 +86,8 @@ add_module() { # resolve dependencies depth-first from modules.dep
 for m in $want; do add_module "$m"; done
 cp "$here/initramfs-init" "$work/initrd/init"
 cp "$here/viola-init" "$work/initrd/sbin/viola-init"
+mkdir -p "$work/initrd/usr/share/udhcpc"
+install -m 0755 "$here/udhcpc.script" "$work/initrd/usr/share/udhcpc/default.script"
 (cd "$work/initrd" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initrd.img"
 
 # 3. The root disk's base: ext4 populated from a directory (no loop mounts needed).
@@ -96,6 +98,9 @@ for applet in $(/bin/busybox --list); do
   [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
 cp "$here/viola-init" "$root/sbin/viola-init"
+# viola.ip=dhcp: busybox udhcpc (linked above with every applet) runs this on lease events.
+mkdir -p "$root/usr/share/udhcpc"
+install -m 0755 "$here/udhcpc.script" "$root/usr/share/udhcpc/default.script"
 cp "$here/cpuburn" "$here/diskwrite" "$root/usr/bin/"
 cp "$here/viola-cgi" "$root/www/cgi-bin/viola"
 echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"

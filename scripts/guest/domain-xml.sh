@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Prints the libvirt domain XML of a Viola lab guest.
-#   domain-xml.sh --name NAME --disk OVERLAY.qcow2 --bridge BRIDGE --ip 10.1.0.5/24
+#   domain-xml.sh --name NAME --disk OVERLAY.qcow2 --bridge BRIDGE --ip 10.1.0.5/24|dhcp
 #                 [--mac MAC] [--memory-mib 256] [--max-memory-mib 512] [--vcpus 1]
 #                 [--max-vcpus 2] [--mtu 1400] [--gw ADDR] [--cmdline-extra "..."]
 #                 [--depot-image REF]
 # The one source of the lab guest's domain XML: scripts/demo.sh and the lab tests
 # (viola_labtests::GuestSpec) both print it with this script. --depot-image records the depot
 # image the guest runs from in the domain's metadata (what the adaptation manager stages when the
-# guest moves). The serial console goes to $VIOLA_CONSOLE_DIR/NAME.log.
+# guest moves). --ip dhcp writes viola.ip=dhcp: the guest takes its address by DHCP (its
+# udhcpc script; the overlay answers for the VMs the manager creates). The serial console goes
+# to $VIOLA_CONSOLE_DIR/NAME.log.
 # TCG (`type='qemu'`) with the named CPU model qemu64, so the same guest can live-migrate
 # between any two lab hosts; direct kernel boot from the shared guest directory.
 set -euo pipefail
