@@ -6,6 +6,7 @@
 //! duration). Async code holds a [`Host`]: one connection to one host whose calls run on tokio's
 //! blocking pool, so a slow libvirtd never stalls the runtime and each call is one line.
 
+pub mod domain;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod libvirt;
@@ -13,6 +14,7 @@ pub mod xml;
 
 use std::sync::Arc;
 
+pub use domain::{Boot, DomainError, DomainSpec, lab_cmdline};
 use serde::{Deserialize, Serialize};
 pub use viola_api::domain::{DiskCounters, DomainState, JobProgress, NicCounters, StorageCopy};
 pub use viola_api::migration::MigrationTuning;

@@ -119,6 +119,42 @@ pub fn memory_kib(xml: &str) -> Result<(u64, u64), XmlError> {
     Ok((read("currentMemory").unwrap_or(max), max))
 }
 
+/// The violin and tenant a domain belongs to, from its metadata
+/// (`<viola:vm xmlns:viola='urn:viola:vm:1' violin='…' tenant='…'/>`, see
+/// [`crate::domain::DomainSpec`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmMetadata {
+    pub violin: Option<String>,
+    pub tenant: Option<String>,
+}
+
+/// The domain's [`VmMetadata`], `None` when its metadata has no element of that namespace.
+/// Empty attributes read as absent.
+pub fn viola_vm_metadata(xml: &str) -> Result<Option<VmMetadata>, XmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(XmlError::Parse)?;
+    let found = doc
+        .root_element()
+        .children()
+        .filter(|c| c.has_tag_name("metadata"))
+        .flat_map(|m| m.children())
+        .find(|n| {
+            n.tag_name().namespace() == Some(crate::domain::VM_METADATA_NS)
+                && n.tag_name().name() == "vm"
+        });
+    Ok(found.map(|n| {
+        let read = |name: &str| {
+            n.attribute(name)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        VmMetadata {
+            violin: read("violin"),
+            tenant: read("tenant"),
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
