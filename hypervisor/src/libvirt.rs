@@ -719,6 +719,53 @@ mod tests {
         LibvirtHypervisor::open("test:///default").unwrap()
     }
 
+    /// libvirt takes the XML of a [`crate::DomainSpec`] and keeps what Viola reads back: the
+    /// disk, the NIC and both metadata elements (same prefix, two namespaces).
+    #[test]
+    fn the_test_driver_keeps_a_domain_spec() {
+        let hv = test_hv();
+        let name = format!("spec-{}", std::process::id());
+        let spec = crate::DomainSpec {
+            name: name.clone(),
+            memory_mib: 256,
+            max_memory_mib: 512,
+            vcpus: 1,
+            max_vcpus: 2,
+            disk: "/img/spec vm's <disk>.qcow2".into(),
+            bridge: "vbr-1".into(),
+            mac: "52:54:00:12:34:56".into(),
+            mtu: Some(1400),
+            boot: crate::Boot::Kernel {
+                kernel: "/guest/vmlinuz".into(),
+                initrd: "/guest/initrd.img".into(),
+                cmdline: crate::lab_cmdline(&name, None, Some(1400), true).unwrap(),
+            },
+            console_log: None,
+            image_ref: Some("abc123".into()),
+            violin: Some("blue".into()),
+            tenant: Some("acme".into()),
+        };
+        assert_eq!(hv.define(&spec.to_xml().unwrap()).unwrap(), name);
+        let back = hv.domain_xml(&name).unwrap();
+        // The test driver refuses undefine's flags; the domain stays in this process's driver.
+        let _ = hv.undefine(&name);
+        assert_eq!(xml::disks(&back).unwrap()[0].path, spec.disk);
+        let nic = &xml::nics(&back).unwrap()[0];
+        assert_eq!(nic.mac, "52:54:00:12:34:56");
+        assert_eq!(nic.bridge.as_deref(), Some("vbr-1"));
+        assert_eq!(
+            xml::viola_vm_metadata(&back).unwrap(),
+            Some(xml::VmMetadata {
+                violin: Some("blue".into()),
+                tenant: Some("acme".into()),
+            })
+        );
+        assert!(
+            back.contains("urn:viola:depot:1") && back.contains("ref=\"abc123\""),
+            "{back}"
+        );
+    }
+
     #[test]
     fn lists_the_test_drivers_domain() {
         let hv = test_hv();
