@@ -8,12 +8,18 @@
 #   VIOLA_GUEST_DIR=/tmp/guest-test scripts/guest-dhcp-test.sh
 #   VGT_MTU=1300   also put viola.mtu=1300 on the command line (it wins over the server's 1400)
 #   VGT_RENEW=1    also wait for the renewal of the 2-minute lease (about 70 s more)
+#   VGT_IP=10.77.0.43/24   boot the static path instead (viola.ip=ADDR/PREFIX), same checks
 set -euo pipefail
 guest_dir=${VIOLA_GUEST_DIR:-/var/cache/viola/guest}
 timeout_s=${VGT_TIMEOUT:-240}
 ns=vgt-$$
 mac=52:54:00:77:00:05
 lease=10.77.0.42
+guest_ip=${VGT_IP:-dhcp}
+expect=${VGT_IP:-$lease/24}
+addr=${expect%/*}
+# Without viola.mtu, a static guest keeps the NIC's 1500; a DHCP one takes the server's 1400.
+if [ "$guest_ip" = dhcp ]; then expect_mtu=${VGT_MTU:-1400}; else expect_mtu=${VGT_MTU:-1500}; fi
 work=$(mktemp -d /tmp/vgt.XXXXXX)
 qemu_pid="" dns_pid="" cat_pid=""
 cleanup() {
@@ -54,7 +60,7 @@ cat "$work/ser.out" >"$work/console.log" &
 cat_pid=$!
 ip netns exec "$ns" qemu-system-x86_64 -accel tcg -cpu qemu64 -m 256 -display none -monitor none -no-reboot \
   -kernel "$guest_dir/vmlinuz" -initrd "$guest_dir/initrd.img" \
-  -append "console=ttyS0 quiet panic=-1 viola.name=vgt viola.ip=dhcp viola.http=1${VGT_MTU:+ viola.mtu=$VGT_MTU}" \
+  -append "console=ttyS0 quiet panic=-1 viola.name=vgt viola.ip=$guest_ip viola.http=1${VGT_MTU:+ viola.mtu=$VGT_MTU}" \
   -drive "file=$work/overlay.qcow2,if=virtio,format=qcow2" \
   -nic "tap,ifname=tap0,script=no,downscript=no,model=virtio-net-pci,mac=$mac" \
   -serial "pipe:$work/ser" &
@@ -70,19 +76,19 @@ done
 ready=$(grep -a VIOLA-GUEST-READY "$work/console.log" | tr -d '\r')
 echo "console: $ready"
 case "$ready" in
-  *" ip=$lease/24 "*) ;;
-  *) fail "the guest did not report the lease $lease/24" ;;
+  *" ip=$expect "*) ;;
+  *) fail "the guest did not report $expect" ;;
 esac
-info=$(nsx wget -q -T 5 -O - "http://$lease/cgi-bin/viola?info" 2>/dev/null \
-  || nsx curl -s -m 5 "http://$lease/cgi-bin/viola?info") || fail "no HTTP answer on $lease"
+info=$(nsx wget -q -T 5 -O - "http://$addr/cgi-bin/viola?info" 2>/dev/null \
+  || nsx curl -s -m 5 "http://$addr/cgi-bin/viola?info") || fail "no HTTP answer on $addr"
 echo "http: $(echo "$info" | tr '\n' ' ')"
 echo "$info" | grep -q '^name=vgt$' || fail "unexpected HTTP answer"
 echo 'echo "VGT-MTU=$(cat /sys/class/net/eth0/mtu) VGT-ROUTE=$(ip route | grep -c default)"' >&3
 for _ in $(seq 30); do grep -aq 'VGT-MTU=[0-9]' "$work/console.log" && break; sleep 1; done
 probe=$(grep -ao 'VGT-MTU=[0-9]* VGT-ROUTE=[0-9]*' "$work/console.log" | tail -n 1)
 echo "guest: $probe"
-[ "$probe" = "VGT-MTU=${VGT_MTU:-1400} VGT-ROUTE=0" ] || fail "eth0 MTU/route not as leased"
-if [ "${VGT_RENEW:-0}" = 1 ]; then
+[ "$probe" = "VGT-MTU=$expect_mtu VGT-ROUTE=0" ] || fail "eth0 MTU/route not as leased"
+if [ "${VGT_RENEW:-0}" = 1 ] && [ "$guest_ip" = dhcp ]; then
   # udhcpc renews at half the lease (60 s): a second DHCPACK, and the address still answers.
   deadline=$((SECONDS + 120))
   until [ "$(grep -c "DHCPACK(br0) $lease" "$work/dnsmasq.log")" -ge 2 ]; do
