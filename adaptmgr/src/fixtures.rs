@@ -91,3 +91,26 @@ pub fn federation_with_vm1_on_a1() -> (
     viola_hypervisor::Hypervisor::start(&a1, "vm1").unwrap();
     (cluster, a1)
 }
+
+/// A monitor's report of `host` (site: its first letter; 8 CPUs, 16 GiB with 8 free) with
+/// `vms` running (256 MiB, idle).
+pub fn host_report(host: &str, seq: u64, vms: &[&str]) -> viola_api::manager::HostReport {
+    viola_api::manager::HostReport {
+        host: host.into(),
+        site: host[..1].into(),
+        seq,
+        sent_ms: 0,
+        usage: viola_api::manager::HostUsage {
+            cpus: 8,
+            cpu_busy: 0.1,
+            mem_total_kib: 16 << 20,
+            mem_available_kib: 8 << 20,
+            net: vec![],
+        },
+        vms: vms
+            .iter()
+            .map(|name| running_vm(name, 2, 262_144, 0.0))
+            .collect(),
+        probes: vec![],
+    }
+}

@@ -7,6 +7,7 @@ pub mod control;
 mod fixtures;
 pub mod ha;
 pub mod inventory;
+pub mod lifecycle;
 pub mod manager;
 pub mod migration;
 pub mod observe;

@@ -24,6 +24,7 @@ use crate::ha::{self, FailureDetector, HostEvent};
 use crate::inventory::{
     HostRecord, HostState, Inventory, InventoryError, SiteRecord, ViolinRecord, VmRecord,
 };
+use crate::lifecycle::VmTemplate;
 use crate::migration::depot_stage::{DepotHost, DepotLink};
 use crate::migration::stage::ImageDirView;
 use crate::migration::{
@@ -112,6 +113,8 @@ pub struct ManagerConfig {
     pub depots: Vec<DepotSiteConfig>,
     /// The adaptation policy loop: which policy, in which mode, how often.
     pub policy: PolicyConfig,
+    /// How `viola vm create` defines a VM's domain.
+    pub vm_template: VmTemplate,
 }
 
 /// One site's depot, as the manager reaches its staging API (QUIC, mutual TLS, with the
@@ -153,6 +156,7 @@ impl Default for ManagerConfig {
             violins: Vec::new(),
             depots: Vec::new(),
             policy: PolicyConfig::default(),
+            vm_template: VmTemplate::default(),
         }
     }
 }
@@ -239,7 +243,11 @@ pub struct Manager {
     pub cfg: ManagerConfig,
     pub inventory: Arc<Inventory>,
     pub metrics: ManagerMetrics,
-    connector: Arc<dyn Connector>,
+    pub(crate) connector: Arc<dyn Connector>,
+    /// The depots' staging API (VM creates; migrations go through `stager`).
+    pub(crate) depot_link: Arc<dyn DepotLink>,
+    /// The overlay daemons' control endpoints (violins pushed; moves go through `announcer`).
+    pub(crate) overlays: Arc<dyn OverlayLink>,
     stager: DepotStager,
     announcer: OverlayAnnouncer,
     detector: Mutex<FailureDetector>,
@@ -282,10 +290,19 @@ impl Manager {
         let mut detector = FailureDetector::new(cfg.heartbeat_timeout_s * 1000);
         let mut views = BTreeMap::new();
         for v in &cfg.violins {
+            if let Some(old) = inventory.violin(&v.name)?
+                && old.managed
+            {
+                return Err(InventoryError::Conflict(format!(
+                    "violin {:?} of the configuration was made with `viola violin create`; rename one",
+                    v.name
+                )));
+            }
             inventory.put_violin(&ViolinRecord {
                 name: v.name.clone(),
                 vni: v.id,
                 vms: v.vms.clone(),
+                ..ViolinRecord::default()
             })?;
         }
         for h in &cfg.hosts {
@@ -340,8 +357,10 @@ impl Manager {
             announcer: OverlayAnnouncer::new(
                 overlay_hosts(&cfg.hosts),
                 Arc::clone(&inventory),
-                overlays,
+                Arc::clone(&overlays),
             ),
+            overlays,
+            depot_link: Arc::clone(&link),
             stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),
@@ -861,39 +880,14 @@ mod config_tests {
 #[cfg(test)]
 mod ha_tests {
     use super::*;
-    use viola_api::manager::{HostUsage, VmUsage};
     use viola_hypervisor::fake::FakeCluster;
 
     const HOSTS: [&str; 3] = ["a1", "a2", "b1"];
 
-    fn usage(vms: &[&str]) -> (HostUsage, Vec<VmUsage>) {
-        let host = HostUsage {
-            cpus: 8,
-            cpu_busy: 0.1,
-            mem_total_kib: 16 << 20,
-            mem_available_kib: 8 << 20,
-            net: vec![],
-        };
-        let vms = vms
-            .iter()
-            .map(|name| crate::fixtures::running_vm(name, 2, 262_144, 0.0))
-            .collect();
-        (host, vms)
-    }
-
     async fn report(m: &Manager, host: &str, seq: u64, vms: &[&str]) {
-        let (usage, vms) = usage(vms);
-        m.handle_report(HostReport {
-            host: host.into(),
-            site: host[..1].into(),
-            seq,
-            sent_ms: 0,
-            usage,
-            vms,
-            probes: vec![],
-        })
-        .await
-        .unwrap();
+        m.handle_report(crate::fixtures::host_report(host, seq, vms))
+            .await
+            .unwrap();
     }
 
     /// vm1 runs on a1; a1 and a2 have reported once, b1 never (it has no monitor).

@@ -254,6 +254,7 @@ mod tests {
             name: "lan".into(),
             vni: 1,
             vms: vec![],
+            ..ViolinRecord::default()
         }];
         let mut samples = SampleHistories::default();
         samples

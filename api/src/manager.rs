@@ -93,6 +93,74 @@ pub struct VmMigrate {
     pub timeout_s: Option<u64>,
 }
 
+/// Make a violin: a private Ethernet over the hosts of `sites`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViolinCreate {
+    /// Its name (`[a-z0-9-]`, 1 to 32 characters), unique in the federation.
+    pub name: String,
+    /// Its IPv4 subnet (`10.x.y.0/24`, inside 10.0.0.0/8, prefix /16 to /29); `None`: the
+    /// manager picks `10.<id/256>.<id%256>.0/24`.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// The sites whose hosts carry it; empty: every site.
+    #[serde(default)]
+    pub sites: Vec<String>,
+}
+
+/// Make a VM from a depot image on a violin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    /// Its name (`[A-Za-z0-9_-]`, 1 to 48 characters); with `count`, the prefix of
+    /// `NAME-1` .. `NAME-N`.
+    pub name: String,
+    pub violin: String,
+    /// Depot image name (or manifest hash).
+    pub image: String,
+    /// Where: a host, else a site (the placement picks a host there), else any host of the
+    /// violin's sites.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// The disk must be ready this many seconds after the request; refused at once when the
+    /// depot's planner says it cannot be (default: 600 s).
+    #[serde(default)]
+    pub ready_by_s: Option<u64>,
+    /// Make this many VMs at once (their images staged together, one plan); default 1.
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// A violin as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolinView {
+    pub name: String,
+    /// 24-bit virtual network id.
+    pub id: u32,
+    pub subnet: Option<String>,
+    /// Sites whose hosts carry it (empty for a violin from the manager's configuration).
+    pub sites: Vec<String>,
+    /// Made through the API (`true`) or listed in the manager's configuration.
+    pub managed: bool,
+    pub vms: Vec<ViolinMember>,
+}
+
+/// A VM of a violin with its addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolinMember {
+    pub vm: String,
+    pub mac: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Where it runs (or last ran).
+    pub host: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Request {
@@ -113,6 +181,29 @@ pub enum Request {
     },
     /// The policy, mode and parameters in force.
     PolicyShow,
+    ViolinCreate(ViolinCreate),
+    ViolinList,
+    ViolinShow {
+        name: String,
+    },
+    /// Delete a violin; its VMs first, which needs `force` when it has any.
+    ViolinDelete {
+        name: String,
+        force: bool,
+    },
+    /// Answered with `Step` frames while it works, then `Vms` (the VMs made).
+    VmCreate(VmCreate),
+    VmStart {
+        vm: String,
+    },
+    /// Power a VM off (it stays defined, with its disk and address).
+    VmStop {
+        vm: String,
+    },
+    /// Remove a VM: stopped, undefined, its disk deleted, its address freed.
+    VmDelete {
+        vm: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,7 +216,14 @@ pub enum Response {
     Migrated(Box<MigrationReport>),
     Decisions(Vec<DecisionRecord>),
     Policy(Box<PolicyView>),
-    Error { message: String },
+    Violins(Vec<ViolinView>),
+    /// Progress of a long request (one line for people).
+    Step {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Liveness as the manager's failure detector sees it.
@@ -162,6 +260,9 @@ pub struct VmView {
     pub host: String,
     pub violin: Option<String>,
     pub macs: Vec<String>,
+    /// Its violin address, when the manager handed it out.
+    #[serde(default)]
+    pub ip: Option<std::net::Ipv4Addr>,
     pub state: DomainState,
     pub vcpus: u32,
     pub max_vcpus: u32,

@@ -125,6 +125,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(error = %viola_common::errors::chain(&e), "cannot resume interrupted migrations"),
                 },
             }
+            // Then creates and deletes left half-done (undone, finished), and every violin
+            // made through the API pushed again to its overlay daemons.
+            tokio::select! {
+                () = token.cancelled() => {}
+                r = async {
+                    let undone = manager.resume_pending().await?;
+                    manager.push_all_violins().await?;
+                    Ok::<_, viola_adaptmgr::inventory::InventoryError>(undone)
+                } => match r {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(count = n, "interrupted creates and deletes resolved"),
+                    Err(e) => tracing::warn!(error = %viola_common::errors::chain(&e), "cannot resolve interrupted creates and deletes"),
+                },
+            }
         }
     };
     tokio::join!(

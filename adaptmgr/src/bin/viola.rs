@@ -4,6 +4,12 @@
 //!   viola vm list [--json]
 //!   viola vm resize VM [--vcpus N] [--memory-mib M] [--cap-percent P] [--shares S]
 //!   viola vm migrate VM --to HOST [--bandwidth-mib-s B] [--full-copy] [--timeout-s T] [--json]
+//!   viola vm create NAME --violin V --image IMAGE [--site S | --host H] [--vcpus N]
+//!                  [--memory-mib M] [--ready-by SECONDS] [--count N] [--json]
+//!   viola vm start|stop|delete VM
+//!   viola violin create NAME [--subnet 10.x.y.0/24] [--sites a,b] [--json]
+//!   viola violin list|show NAME [--json]
+//!   viola violin delete NAME [--force]
 //!   viola decisions [--after SEQ] [--follow] [--json]
 //!   viola policy show [--json]
 
@@ -15,7 +21,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use viola_api::adaptation::{DecisionRecord, PolicyView};
 use viola_api::client::Client;
-use viola_api::manager::{HostState, HostView, VmView};
+use viola_api::manager::{HostState, HostView, ViolinCreate, ViolinView, VmCreate, VmView};
 use viola_api::manager::{Request, Response, VmMigrate, VmResize};
 use viola_api::migration::Outcome;
 use viola_common::identity::Identity;
@@ -48,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Violins: private Ethernets across sites.
+    Violin {
+        #[command(subcommand)]
+        command: ViolinCommand,
+    },
     /// The policy loop's decisions: what it saw, what it chose and why, how each action ended.
     Decisions {
         /// Only decisions after this sequence number.
@@ -61,6 +72,30 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ViolinCommand {
+    /// Make a violin over the hosts of some sites (all by default).
+    Create {
+        name: String,
+        /// Its IPv4 subnet inside 10.0.0.0/8 (default 10.<id/256>.<id%256>.0/24).
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Comma-separated sites.
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+    },
+    /// Every violin with its VMs' addresses.
+    List,
+    /// One violin.
+    Show { name: String },
+    /// Delete a violin (its VMs first, which needs --force when it has any).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -80,6 +115,35 @@ enum HostCommand {
 enum VmCommand {
     /// Every VM with its host, size and CPU use.
     List,
+    /// Make a VM (or --count of them) on a violin from a depot image.
+    Create {
+        name: String,
+        #[arg(long)]
+        violin: String,
+        /// Depot image name (or manifest hash).
+        #[arg(long)]
+        image: String,
+        #[arg(long, conflicts_with = "host")]
+        site: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// The disk must be ready within this many seconds, else the create is refused at once.
+        #[arg(long)]
+        ready_by: Option<u64>,
+        /// Make NAME-1 .. NAME-N, their images staged together.
+        #[arg(long)]
+        count: Option<u32>,
+    },
+    /// Start a stopped VM.
+    Start { vm: String },
+    /// Power a VM off (it keeps its disk and address).
+    Stop { vm: String },
+    /// Delete a VM: its domain, its disk and its address.
+    Delete { vm: String },
     /// Change a running VM's size.
     Resize {
         vm: String,
@@ -157,6 +221,83 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 bail!("unexpected answer");
             };
             show(args.json, &hosts[..], print_hosts)?;
+        }
+        Command::Violin { command } => violin(&client, command, args.json).await?,
+        Command::Vm {
+            command:
+                VmCommand::Create {
+                    name,
+                    violin,
+                    image,
+                    site,
+                    host,
+                    vcpus,
+                    memory_mib,
+                    ready_by,
+                    count,
+                },
+        } => {
+            let req = Request::VmCreate(VmCreate {
+                name,
+                violin,
+                image,
+                host,
+                site,
+                vcpus,
+                memory_mib,
+                ready_by_s: ready_by,
+                count,
+            });
+            let json = args.json;
+            let last = client
+                .call(&req, |resp| {
+                    if let Response::Step { message } = resp
+                        && !json
+                    {
+                        println!("  {message}");
+                    }
+                })
+                .await?;
+            let Response::Vms(vms) = fail_on_error(last)? else {
+                bail!("unexpected answer");
+            };
+            show(args.json, &vms[..], print_vms)?;
+        }
+        Command::Vm {
+            command: VmCommand::Start { vm },
+        } => {
+            done(
+                &client,
+                Request::VmStart { vm: vm.clone() },
+                &vm,
+                "started",
+                args.json,
+            )
+            .await?
+        }
+        Command::Vm {
+            command: VmCommand::Stop { vm },
+        } => {
+            done(
+                &client,
+                Request::VmStop { vm: vm.clone() },
+                &vm,
+                "stopped",
+                args.json,
+            )
+            .await?
+        }
+        Command::Vm {
+            command: VmCommand::Delete { vm },
+        } => {
+            done(
+                &client,
+                Request::VmDelete { vm: vm.clone() },
+                &vm,
+                "deleted",
+                args.json,
+            )
+            .await?
         }
         Command::Vm {
             command: VmCommand::List,
@@ -277,6 +418,81 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// Asks `req` (answered by `Ack`) and says `what` happened to `subject`.
+async fn done(
+    client: &Client,
+    req: Request,
+    subject: &str,
+    what: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    ask(client, &req).await?;
+    if json {
+        println!("{}", serde_json::json!({ "name": subject, what: true }));
+    } else {
+        println!("{subject} {what}");
+    }
+    Ok(())
+}
+
+async fn violin(client: &Client, command: ViolinCommand, json: bool) -> anyhow::Result<()> {
+    let req = match command {
+        ViolinCommand::Create {
+            name,
+            subnet,
+            sites,
+        } => Request::ViolinCreate(ViolinCreate {
+            name,
+            subnet,
+            sites,
+        }),
+        ViolinCommand::List => Request::ViolinList,
+        ViolinCommand::Show { name } => Request::ViolinShow { name },
+        ViolinCommand::Delete { name, force } => {
+            let req = Request::ViolinDelete {
+                name: name.clone(),
+                force,
+            };
+            return done(client, req, &name, "deleted", json).await;
+        }
+    };
+    let Response::Violins(violins) = ask(client, &req).await? else {
+        bail!("unexpected answer");
+    };
+    show(json, &violins[..], print_violins)
+}
+
+fn print_violins(violins: &[ViolinView]) {
+    println!(
+        "{:<16} {:>6} {:<18} {:<10} {:>4}",
+        "VIOLIN", "ID", "SUBNET", "SITES", "VMS"
+    );
+    for v in violins {
+        let sites = if v.managed {
+            v.sites.join(",")
+        } else {
+            "(config)".to_owned()
+        };
+        println!(
+            "{:<16} {:>6} {:<18} {:<10} {:>4}",
+            v.name,
+            v.id,
+            v.subnet.as_deref().unwrap_or("-"),
+            sites,
+            v.vms.len()
+        );
+        for m in &v.vms {
+            println!(
+                "  {:<16} {:<18} {:<16} {}",
+                m.vm,
+                m.mac.as_deref().unwrap_or("-"),
+                m.ip.map_or("-".to_owned(), |ip| ip.to_string()),
+                m.host.as_deref().unwrap_or("-")
+            );
+        }
+    }
 }
 
 /// Prints the decisions after `after`; with `follow`, keeps asking for newer ones. (Outcomes
@@ -401,19 +617,20 @@ fn print_hosts(hosts: &[HostView]) {
 
 fn print_vms(vms: &[VmView]) {
     println!(
-        "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8} {:<10}",
-        "VM", "HOST", "STATE", "VCPUS", "MEM MiB", "CPU", "VIOLIN"
+        "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8} {:<10} {:<15}",
+        "VM", "HOST", "STATE", "VCPUS", "MEM MiB", "CPU", "VIOLIN", "ADDRESS"
     );
     for v in vms {
         println!(
-            "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8.2} {:<10}",
+            "{:<16} {:<8} {:<9} {:>6} {:>8} {:>8.2} {:<10} {:<15}",
             v.name,
             v.host,
             format!("{:?}", v.state).to_lowercase(),
             format!("{}/{}", v.vcpus, v.max_vcpus),
             v.memory_kib / 1024,
             v.cpu_busy,
-            v.violin.as_deref().unwrap_or("-")
+            v.violin.as_deref().unwrap_or("-"),
+            v.ip.map_or("-".to_owned(), |ip| ip.to_string())
         );
     }
 }

@@ -9,7 +9,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use viola_common::identity::{self, PeerIdentity, Role};
 
-use crate::inventory::{HostRecord, VmRecord};
+use crate::inventory::HostRecord;
+use crate::lifecycle;
 use crate::manager::Manager;
 use viola_api::adaptation::DecisionRecord;
 use viola_api::manager::{Request, Response};
@@ -152,8 +153,56 @@ async fn handle_stream(
             Ok(h) => Response::Hosts(h.iter().map(HostRecord::view).collect()),
             Err(e) => error(chain(&e)),
         },
-        Request::ListVms => match manager.inventory.vms() {
-            Ok(v) => Response::Vms(v.iter().map(VmRecord::view).collect()),
+        Request::ListVms => match (manager.inventory.vms(), manager.inventory.violins()) {
+            (Ok(v), Ok(violins)) => Response::Vms(lifecycle::vm_views(&v, &violins)),
+            (Err(e), _) | (_, Err(e)) => error(chain(&e)),
+        },
+        Request::ViolinCreate(create) => match manager.create_violin(create).await {
+            Ok(v) => Response::Violins(vec![v]),
+            Err(e) => error(chain(&e)),
+        },
+        Request::ViolinList => match manager.list_violins() {
+            Ok(v) => Response::Violins(v),
+            Err(e) => error(chain(&e)),
+        },
+        Request::ViolinShow { name } => match manager.list_violins() {
+            Ok(v) => match v.into_iter().find(|v| v.name == name) {
+                Some(v) => Response::Violins(vec![v]),
+                None => error(format!("no violin named {name:?}")),
+            },
+            Err(e) => error(chain(&e)),
+        },
+        Request::ViolinDelete { name, force } => match manager.delete_violin(&name, force).await {
+            Ok(()) => Response::Ack,
+            Err(e) => error(chain(&e)),
+        },
+        Request::VmCreate(create) => {
+            let (tx, mut rx) = mpsc::channel(64);
+            let run = manager.create_vms(create, tx);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    result = &mut run => break match result {
+                        Ok(vms) => Response::Vms(vms),
+                        Err(e) => error(chain(&e)),
+                    },
+                    Some(step) = rx.recv() => {
+                        // A CLI that went away does not stop the create.
+                        let _ = wire::write_frame(&mut send, &step).await;
+                    }
+                }
+            }
+        }
+        Request::VmStart { vm } => match manager.start_vm(&vm).await {
+            Ok(()) => Response::Ack,
+            Err(e) => error(chain(&e)),
+        },
+        Request::VmStop { vm } => match manager.stop_vm(&vm).await {
+            Ok(()) => Response::Ack,
+            Err(e) => error(chain(&e)),
+        },
+        Request::VmDelete { vm } => match manager.delete_vm(&vm).await {
+            Ok(()) => Response::Ack,
             Err(e) => error(chain(&e)),
         },
         Request::Resize(r) => match manager.resize(r).await {

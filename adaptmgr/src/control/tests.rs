@@ -98,6 +98,11 @@ fn fake_overlays(
                                 }
                             }
                         }
+                        ControlRequest::SetViolin { .. } | ControlRequest::RemoveViolin { .. } => {
+                            ControlReply::Refused {
+                                reason: "not expected in this test".into(),
+                            }
+                        }
                     };
                     let _ = seen_tx.send((label.clone(), req)).await;
                     send.write_all(&serde_json::to_vec(&reply).unwrap())
@@ -128,6 +133,7 @@ fn put_vm1_in_violin_lan(inventory: &Inventory) {
             name: "lan".into(),
             vni: 42,
             vms: vec!["vm1".into()],
+            ..ViolinRecord::default()
         })
         .unwrap();
     let mut rec = inventory.vm("vm1").unwrap().unwrap();

@@ -112,12 +112,56 @@ pub struct VmRecord {
     pub updated_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViolinRecord {
     pub name: String,
     /// 24-bit virtual network id.
     pub vni: u32,
     pub vms: Vec<String>,
+    /// Its IPv4 subnet (`10.1.0.0/24`), for a violin made through the API.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// The sites whose hosts carry it (a violin made through the API).
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// Made through the API (the manager owns it and pushes it to the overlays) rather than
+    /// listed in the configuration.
+    #[serde(default)]
+    pub managed: bool,
+    /// The addresses handed out to its VMs (never reused while the VM exists).
+    #[serde(default)]
+    pub members: Vec<MemberRecord>,
+}
+
+/// A VM's place in a violin made through the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub vm: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    /// The host it was created on (its overlay home until it moves).
+    pub host: String,
+    /// The depot image it runs from.
+    pub image: String,
+}
+
+/// A create or delete in progress, journaled before the first action so that a manager that
+/// stops in the middle can undo (create) or finish (delete) it at its next start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOp {
+    pub kind: PendingKind,
+    pub vm: String,
+    pub violin: String,
+    pub host: String,
+    /// The VM's disk as its host's libvirtd sees it.
+    pub disk: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingKind {
+    Create,
+    Delete,
 }
 
 /// One line of the manager's log.
@@ -155,6 +199,7 @@ impl VmRecord {
             host: self.host.clone(),
             violin: self.violin.clone(),
             macs: self.macs.clone(),
+            ip: None,
             state: self.state,
             vcpus: self.vcpus,
             max_vcpus: self.max_vcpus,

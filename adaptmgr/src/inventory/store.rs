@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    EventRecord, HostRecord, HostState, SAMPLES_KEPT, Sample, SampleHistories, SampleKey,
-    SiteRecord, ViolinRecord, VmRecord,
+    EventRecord, HostRecord, HostState, PendingOp, SAMPLES_KEPT, Sample, SampleHistories,
+    SampleKey, SiteRecord, ViolinRecord, VmRecord,
 };
 use viola_api::adaptation::{ActionOutcome, DecisionRecord};
 use viola_api::manager::{HostReport, ProbeResult};
@@ -29,6 +29,8 @@ const SAMPLES: TableDefinition<&str, &[u8]> = TableDefinition::new("samples");
 const PROBES: TableDefinition<&str, &[u8]> = TableDefinition::new("probes");
 /// The policy loop's decisions, by sequence number.
 const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
+/// Creates and deletes in progress (`PendingOp` by VM name).
+const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
 /// Decisions kept; older ones are dropped as new ones come (a year of hourly moves).
 const DECISIONS_KEPT: u64 = 10_000;
 
@@ -59,6 +61,8 @@ pub enum InventoryError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the configuration conflicts with the inventory: {0}")]
+    Conflict(String),
 }
 
 fn store<E: Into<redb::Error>>(e: E) -> InventoryError {
@@ -90,6 +94,7 @@ impl Inventory {
             tx.open_table(SAMPLES).map_err(|e| open_err(e.into()))?;
             tx.open_table(PROBES).map_err(|e| open_err(e.into()))?;
             tx.open_table(DECISIONS).map_err(|e| open_err(e.into()))?;
+            tx.open_table(PENDING).map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         Ok(Self { db })
@@ -230,6 +235,28 @@ impl Inventory {
 
     pub fn violins(&self) -> Result<Vec<ViolinRecord>, InventoryError> {
         self.all(VIOLINS)
+    }
+
+    pub fn violin(&self, name: &str) -> Result<Option<ViolinRecord>, InventoryError> {
+        self.get(VIOLINS, name)
+    }
+
+    pub fn remove_violin(&self, name: &str) -> Result<(), InventoryError> {
+        self.remove(VIOLINS, name)
+    }
+
+    /// Journals a create or delete before its first action (replaces an earlier entry).
+    pub fn put_pending(&self, op: &PendingOp) -> Result<(), InventoryError> {
+        self.put(PENDING, &op.vm, op)
+    }
+
+    /// Every create or delete journaled as in progress.
+    pub fn pending(&self) -> Result<Vec<PendingOp>, InventoryError> {
+        self.all(PENDING)
+    }
+
+    pub fn remove_pending(&self, vm: &str) -> Result<(), InventoryError> {
+        self.remove(PENDING, vm)
     }
 
     /// Appends an event; returns it with its sequence number.
@@ -618,6 +645,7 @@ mod tests {
                 name: "lan".into(),
                 vni: 7,
                 vms: vec!["vm1".into()],
+                ..ViolinRecord::default()
             })
             .unwrap();
             assert!(inv.apply_report(&report(1, &[("vm1", 0.9)]), 1000).unwrap());

@@ -155,7 +155,7 @@ impl PolicyConfig {
         }
     }
 
-    pub(super) fn observe_params(&self) -> ObserveParams {
+    pub(crate) fn observe_params(&self) -> ObserveParams {
         ObserveParams {
             period_ms: (self.period_s * 1000.0) as u64,
             pe_mips: self.pe_mips,

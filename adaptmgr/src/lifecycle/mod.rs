@@ -1,0 +1,1210 @@
+//! Violins and VMs as a service: `viola violin create|list|show|delete` and
+//! `viola vm create|start|stop|delete`.
+//!
+//! - A violin made here is the manager's: it picks the id and (unless given) the subnet
+//!   ([`alloc`]), keeps it in the inventory and pushes it to the overlay daemon of every host
+//!   of its sites (`set_violin` over their QUIC control endpoint): bridge and TAP appear at
+//!   once, no TOML, no restart. At start the manager pushes every violin again, so a daemon
+//!   that lost its state gets it back.
+//! - A VM is placed (its host, else a site's hosts, else the violin's, through the configured
+//!   policy's `place`), given a MAC and the next free address of the violin, pushed to the
+//!   violin's daemons (they answer its DHCP and ARP, and accept its MAC only from its host),
+//!   its disk staged by the site's depot before the deadline (refused at once, with the
+//!   depot's predicted time, when the deadline cannot be met), then defined (domain XML from
+//!   [`viola_hypervisor::domain::DomainSpec`], with its image, violin and tenant in the
+//!   metadata) and started. `--count N` sends every staging request before waiting for any,
+//!   so the depot plans them together.
+//! - Nothing half-made: each VM of a create is journaled ([`PendingOp`]) before the first
+//!   action; a failure undoes every VM of the request (domain, disk, address, inventory entry)
+//!   and a manager that stopped in the middle undoes it at its next start
+//!   ([`Manager::resume_pending`]); a delete is journaled too and finished at the next start.
+
+pub mod alloc;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use viola_api::manager::{Response, ViolinCreate, ViolinMember, ViolinView, VmCreate, VmView};
+use viola_api::overlay::{ControlReply, ControlRequest, ManagedVmSpec, ViolinSpec};
+use viola_depot::api::{StageRequest, StageState, StageStatus};
+use viola_hypervisor::domain::{Boot, DomainSpec};
+use viola_hypervisor::{Host, HypervisorError};
+
+use crate::migration::depot_stage::DepotSession;
+
+use self::alloc::{AllocError, Subnet};
+use crate::inventory::{
+    HostRecord, HostState, InventoryError, MemberRecord, PendingKind, PendingOp, ViolinRecord,
+    VmRecord,
+};
+use crate::manager::{Manager, now_ms};
+use crate::observe;
+use crate::policy::{Placement, VmObs};
+use viola_api::domain::DomainState;
+
+/// The most VMs one `vm create --count` makes.
+pub const MAX_COUNT: u32 = 64;
+
+/// How a new VM is defined: the domain's fixed parts (`[vm_template]` in the manager's
+/// configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmTemplate {
+    /// Direct kernel boot (as the hosts see the files), for images without a boot loader such
+    /// as the lab guest's; without it the VM boots from its disk.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    /// The kernel command line with direct kernel boot; `viola.name=NAME` is appended.
+    pub cmdline: String,
+    /// The serial console goes to `DIR/NAME.log` (as the hosts see it); else a pty.
+    pub console_dir: Option<String>,
+    /// The guest NIC's MTU (what fits the overlay daemons' `mtu`).
+    pub mtu: Option<u32>,
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    pub memory_mib: u64,
+    pub max_memory_mib: u64,
+    /// Seconds a VM's disk may take to be ready when the request gives no deadline.
+    pub ready_by_s: u64,
+}
+
+impl Default for VmTemplate {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: "console=ttyS0".to_owned(),
+            console_dir: None,
+            mtu: None,
+            vcpus: 1,
+            max_vcpus: 2,
+            memory_mib: 256,
+            max_memory_mib: 512,
+            ready_by_s: 600,
+        }
+    }
+}
+
+/// Why a violin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ViolinError {
+    #[error(transparent)]
+    Invalid(#[from] AllocError),
+    #[error("a violin named {0:?} exists")]
+    Exists(String),
+    #[error("no violin named {0:?}")]
+    Unknown(String),
+    #[error("no site named {0:?}")]
+    UnknownSite(String),
+    #[error("violin {0:?} comes from the manager's configuration file; change it there")]
+    Configured(String),
+    #[error("violin {name:?} has VMs ({}); delete them first or give --force", vms.join(", "))]
+    HasVms { name: String, vms: Vec<String> },
+    #[error("the overlay daemon of {host} did not take violin {violin}: {reason}")]
+    Overlay {
+        host: String,
+        violin: String,
+        reason: String,
+    },
+    #[error("deleting VM {vm}")]
+    DeleteVm {
+        vm: String,
+        #[source]
+        source: Box<VmError>,
+    },
+    #[error("inventory")]
+    Inventory(#[from] InventoryError),
+}
+
+/// Why a VM request failed (a create that fails has been undone).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Invalid(#[from] AllocError),
+    #[error("a VM named {0:?} exists")]
+    Exists(String),
+    #[error("a domain or disk named {vm} exists at {host} (not made by this request)")]
+    ExistsAtHost { vm: String, host: String },
+    #[error("no VM named {0:?}")]
+    Unknown(String),
+    #[error("no violin named {0:?}")]
+    UnknownViolin(String),
+    #[error(
+        "violin {0:?} comes from the manager's configuration file: create VMs on a violin made with `viola violin create`"
+    )]
+    ConfiguredViolin(String),
+    #[error("--count must be 1 to {MAX_COUNT}")]
+    BadCount,
+    #[error("image name {0:?}: use letters, digits, '.', '_' and '-'")]
+    BadImage(String),
+    #[error("{0}")]
+    NoPlace(String),
+    #[error("no capacity for {vm} on {candidates}")]
+    NoCapacity { vm: String, candidates: String },
+    #[error("site {0} has no depot to stage images")]
+    NoDepot(String),
+    #[error(
+        "the disk of {vm} cannot be ready by the deadline ({deadline_s} s from now){}: {message}",
+        earliest_s.map(|s| format!("; the depot's earliest is {s} s from now")).unwrap_or_default()
+    )]
+    DeadlineImpossible {
+        vm: String,
+        deadline_s: u64,
+        earliest_s: Option<u64>,
+        message: String,
+    },
+    #[error("the depot of site {site} failed staging {vm}: {message}")]
+    Staging {
+        site: String,
+        vm: String,
+        message: String,
+    },
+    #[error("the depot of site {site}")]
+    Depot {
+        site: String,
+        #[source]
+        source: Box<viola_depot::client::ClientError>,
+    },
+    #[error("the overlay daemon of {host}: {reason}")]
+    Overlay { host: String, reason: String },
+    #[error("domain of {vm}")]
+    Domain {
+        vm: String,
+        #[source]
+        source: viola_hypervisor::domain::DomainError,
+    },
+    #[error("{vm} on {host}")]
+    Hypervisor {
+        vm: String,
+        host: String,
+        #[source]
+        source: Box<HypervisorError>,
+    },
+    #[error("{0} is being migrated")]
+    Busy(String),
+    #[error("inventory")]
+    Inventory(#[from] InventoryError),
+}
+
+/// Label `site/host` as the overlay daemons name hosts.
+fn label(h: &HostRecord) -> String {
+    format!("{}/{}", h.site, h.name)
+}
+
+impl ViolinRecord {
+    /// The violin as the API shows it; `vms` gives where each member runs.
+    pub fn view(&self, vms: &[VmRecord]) -> ViolinView {
+        let host_of = |vm: &str| vms.iter().find(|v| v.name == vm).map(|v| v.host.clone());
+        let mut members: Vec<ViolinMember> = self
+            .members
+            .iter()
+            .map(|m| ViolinMember {
+                vm: m.vm.clone(),
+                mac: Some(m.mac.clone()),
+                ip: Some(m.ip),
+                host: host_of(&m.vm).or_else(|| Some(m.host.clone())),
+            })
+            .collect();
+        for vm in &self.vms {
+            if !self.members.iter().any(|m| &m.vm == vm) {
+                members.push(ViolinMember {
+                    vm: vm.clone(),
+                    mac: vms
+                        .iter()
+                        .find(|v| &v.name == vm)
+                        .and_then(|v| v.macs.first().cloned()),
+                    ip: None,
+                    host: host_of(vm),
+                });
+            }
+        }
+        ViolinView {
+            name: self.name.clone(),
+            id: self.vni,
+            subnet: self.subnet.clone(),
+            sites: self.sites.clone(),
+            managed: self.managed,
+            vms: members,
+        }
+    }
+}
+
+/// What a VM's record shows through the API, with the violin and address the violins give it.
+pub fn vm_views(vms: &[VmRecord], violins: &[ViolinRecord]) -> Vec<VmView> {
+    vms.iter()
+        .map(|v| {
+            let mut view = v.view();
+            for violin in violins {
+                if let Some(m) = violin.members.iter().find(|m| m.vm == v.name) {
+                    view.violin = Some(violin.name.clone());
+                    view.ip = Some(m.ip);
+                } else if view.violin.is_none() && violin.vms.contains(&v.name) {
+                    view.violin = Some(violin.name.clone());
+                }
+            }
+            view
+        })
+        .collect()
+}
+
+/// One VM of a create, placed and addressed.
+#[derive(Debug, Clone)]
+struct NewVm {
+    name: String,
+    host: HostRecord,
+    mac: String,
+    ip: std::net::Ipv4Addr,
+    disk: String,
+    stage_id: Option<String>,
+}
+
+fn valid_image(image: &str) -> bool {
+    (1..=200).contains(&image.len())
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Manager {
+    fn overlay_addr(&self, host: &str) -> Option<SocketAddr> {
+        self.cfg
+            .hosts
+            .iter()
+            .find(|h| h.name == host)
+            .and_then(|h| h.overlay_addr)
+    }
+
+    /// The hosts that carry `violin`: every configured host of its sites.
+    fn violin_hosts(&self, violin: &ViolinRecord) -> Result<Vec<HostRecord>, InventoryError> {
+        Ok(self
+            .inventory
+            .hosts()?
+            .into_iter()
+            .filter(|h| violin.sites.contains(&h.site) && !h.libvirt_uri.is_empty())
+            .collect())
+    }
+
+    /// What the overlay daemons are told about `violin`.
+    fn violin_spec(&self, violin: &ViolinRecord) -> Result<ViolinSpec, InventoryError> {
+        let vms = self.inventory.vms()?;
+        let hosts = self.inventory.hosts()?;
+        let label_of = |name: &str| hosts.iter().find(|h| h.name == name).map(label);
+        Ok(ViolinSpec {
+            id: violin.vni,
+            name: violin.name.clone(),
+            allowed: violin.sites.iter().map(|s| format!("{s}/*")).collect(),
+            subnet: violin.subnet.clone(),
+            vms: violin
+                .members
+                .iter()
+                .map(|m| {
+                    // Where it runs now (a migration moved it), else where it was created.
+                    let host = vms
+                        .iter()
+                        .find(|v| v.name == m.vm)
+                        .map_or(m.host.as_str(), |v| v.host.as_str());
+                    ManagedVmSpec {
+                        mac: m.mac.clone(),
+                        ip: m.ip,
+                        host: label_of(host),
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// Sends `req` to the overlay daemon of `host` (none configured: nothing to tell).
+    async fn tell_overlay(&self, host: &HostRecord, req: ControlRequest) -> Result<(), String> {
+        let Some(addr) = self.overlay_addr(&host.name) else {
+            tracing::info!(host = %host.name, "no overlay_addr configured: no overlay to tell");
+            return Ok(());
+        };
+        match self.overlays.request(addr, req).await {
+            Ok(ControlReply::Done) => Ok(()),
+            Ok(ControlReply::Refused { reason }) => Err(reason),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(viola_common::errors::chain(&e)),
+        }
+    }
+
+    /// Pushes `violin` to every host of its sites; the first refusal is the error (hosts
+    /// already told keep the new spec, which a later push or the next start repeats).
+    async fn push_violin(&self, violin: &ViolinRecord) -> Result<(), (String, String)> {
+        let spec = self
+            .violin_spec(violin)
+            .map_err(|e| (String::from("inventory"), viola_common::errors::chain(&e)))?;
+        let hosts = self
+            .violin_hosts(violin)
+            .map_err(|e| (String::from("inventory"), viola_common::errors::chain(&e)))?;
+        let pushes = hosts.iter().map(|h| {
+            let req = ControlRequest::SetViolin {
+                violin: spec.clone(),
+            };
+            async move { (h.name.clone(), self.tell_overlay(h, req).await) }
+        });
+        for (host, result) in futures::future::join_all(pushes).await {
+            result.map_err(|reason| (host, reason))?;
+        }
+        Ok(())
+    }
+
+    /// Pushes every violin made through the API to its hosts' overlay daemons (at start: a
+    /// daemon that restarted without its state gets its violins back). Failures are logged.
+    pub async fn push_all_violins(&self) -> Result<(), InventoryError> {
+        for violin in self.inventory.violins()? {
+            if violin.managed
+                && let Err((host, reason)) = self.push_violin(&violin).await
+            {
+                tracing::warn!(violin = %violin.name, %host, %reason, "cannot push the violin");
+            }
+        }
+        Ok(())
+    }
+
+    /// `viola violin create`.
+    pub async fn create_violin(&self, req: ViolinCreate) -> Result<ViolinView, ViolinError> {
+        alloc::check_violin_name(&req.name)?;
+        let violins = self.inventory.violins()?;
+        if violins.iter().any(|v| v.name == req.name) {
+            return Err(ViolinError::Exists(req.name));
+        }
+        let known_sites: BTreeSet<String> = self
+            .inventory
+            .hosts()?
+            .into_iter()
+            .filter(|h| !h.libvirt_uri.is_empty())
+            .map(|h| h.site)
+            .collect();
+        let sites: Vec<String> = if req.sites.is_empty() {
+            known_sites.iter().cloned().collect()
+        } else {
+            let mut sites = req.sites.clone();
+            sites.sort();
+            sites.dedup();
+            if let Some(bad) = sites.iter().find(|s| !known_sites.contains(*s)) {
+                return Err(ViolinError::UnknownSite(bad.clone()));
+            }
+            sites
+        };
+        let id = alloc::next_violin_id(&violins.iter().map(|v| v.vni).collect())?;
+        let subnet = match &req.subnet {
+            Some(text) => Subnet::parse(text)?,
+            None => Subnet::default_for(id),
+        };
+        let record = ViolinRecord {
+            name: req.name.clone(),
+            vni: id,
+            vms: Vec::new(),
+            subnet: Some(subnet.to_string()),
+            sites,
+            managed: true,
+            members: Vec::new(),
+        };
+        self.inventory.put_violin(&record)?;
+        if let Err((host, reason)) = self.push_violin(&record).await {
+            // Nothing half-made: take it back from every host and forget it.
+            self.withdraw_violin(&record).await;
+            self.inventory.remove_violin(&record.name)?;
+            return Err(ViolinError::Overlay {
+                host,
+                violin: record.name,
+                reason,
+            });
+        }
+        self.inventory.record(
+            now_ms(),
+            "violin_created",
+            &record.name,
+            serde_json::json!({ "id": id, "subnet": record.subnet, "sites": record.sites }),
+        )?;
+        Ok(record.view(&[]))
+    }
+
+    /// Removes `violin` from its hosts' overlay daemons (bridges and TAPs go); failures logged.
+    async fn withdraw_violin(&self, violin: &ViolinRecord) {
+        let Ok(hosts) = self.violin_hosts(violin) else {
+            return;
+        };
+        for h in hosts {
+            let req = ControlRequest::RemoveViolin { violin: violin.vni };
+            if let Err(reason) = self.tell_overlay(&h, req).await {
+                tracing::warn!(violin = %violin.name, host = %h.name, %reason, "cannot remove the violin");
+            }
+        }
+    }
+
+    /// `viola violin list`.
+    pub fn list_violins(&self) -> Result<Vec<ViolinView>, InventoryError> {
+        let vms = self.inventory.vms()?;
+        Ok(self
+            .inventory
+            .violins()?
+            .iter()
+            .map(|v| v.view(&vms))
+            .collect())
+    }
+
+    /// `viola violin delete`: its VMs first (with `force`), then the violin everywhere.
+    pub async fn delete_violin(&self, name: &str, force: bool) -> Result<(), ViolinError> {
+        let violin = self
+            .inventory
+            .violin(name)?
+            .ok_or_else(|| ViolinError::Unknown(name.to_owned()))?;
+        if !violin.managed {
+            return Err(ViolinError::Configured(name.to_owned()));
+        }
+        let vms: Vec<String> = violin.members.iter().map(|m| m.vm.clone()).collect();
+        if !vms.is_empty() && !force {
+            return Err(ViolinError::HasVms {
+                name: name.to_owned(),
+                vms,
+            });
+        }
+        for vm in &vms {
+            self.delete_vm(vm)
+                .await
+                .map_err(|e| ViolinError::DeleteVm {
+                    vm: vm.clone(),
+                    source: Box::new(e),
+                })?;
+        }
+        self.withdraw_violin(&violin).await;
+        self.inventory.remove_violin(name)?;
+        self.inventory.record(
+            now_ms(),
+            "violin_deleted",
+            name,
+            serde_json::json!({ "id": violin.vni, "vms": vms }),
+        )?;
+        Ok(())
+    }
+
+    /// Picks hosts for `names` among `candidates` with the configured policy's placement (on
+    /// the VMs' full size, the VMs already there counted at theirs).
+    fn place(
+        &self,
+        names: &[String],
+        candidates: &[HostRecord],
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<Vec<HostRecord>, VmError> {
+        let up: Vec<HostRecord> = candidates
+            .iter()
+            .filter(|h| h.state == HostState::Up && h.cpus > 0)
+            .cloned()
+            .collect();
+        let names_of = |hs: &[HostRecord]| {
+            hs.iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if up.is_empty() {
+            return Err(VmError::NoPlace(format!(
+                "no host up with a monitor among {}",
+                names_of(candidates)
+            )));
+        }
+        let resident: Vec<VmRecord> = self
+            .inventory
+            .vms()?
+            .into_iter()
+            .filter(|v| up.iter().any(|h| h.name == v.host))
+            .collect();
+        let params = self.cfg.policy.observe_params();
+        let mut state = observe::observed_state(
+            &up,
+            &resident,
+            &[],
+            &Default::default(),
+            &BTreeSet::new(),
+            now_ms(),
+            &params,
+        );
+        let mut placed = Placement::new(state.hosts.len());
+        for (v, vm) in state.vms.clone().iter().enumerate() {
+            if let Some(h) = vm.host {
+                placed.add(&state, h, v);
+            }
+        }
+        let mut policy = self.cfg.policy.build().map_err(|e| {
+            VmError::NoPlace(format!("policy: {}", viola_common::errors::chain(&e)))
+        })?;
+        let mut out = Vec::new();
+        for name in names {
+            let ram = memory_mib as f64;
+            state.vms.push(VmObs {
+                name: name.clone(),
+                violin: None,
+                host: None,
+                pes: vcpus.max(1),
+                mips: params.pe_mips,
+                ram_mb: ram,
+                ram_reserved_mb: ram,
+                bw_reserved_mbps: 0.0,
+                requested_mips: 0.0,
+                allocated_mips: 0.0,
+                cpu_cap_mips: None,
+                history: Vec::new(),
+                in_migration: false,
+                suspended: false,
+                service: None,
+            });
+            let v = state.vms.len() - 1;
+            let h = policy
+                .place(&state, &placed, v)
+                .ok_or_else(|| VmError::NoCapacity {
+                    vm: name.clone(),
+                    candidates: names_of(&up),
+                })?;
+            placed.add(&state, h, v);
+            out.push(up[h].clone());
+        }
+        Ok(out)
+    }
+
+    /// `viola vm create`: makes the VMs or nothing; `progress` gets one line per step.
+    pub async fn create_vms(
+        &self,
+        req: VmCreate,
+        progress: mpsc::Sender<Response>,
+    ) -> Result<Vec<VmView>, VmError> {
+        let say = |message: String| {
+            tracing::info!(%message, "vm create");
+            let _ = progress.try_send(Response::Step { message });
+        };
+        let count = req.count.unwrap_or(1);
+        if count == 0 || count > MAX_COUNT {
+            return Err(VmError::BadCount);
+        }
+        alloc::check_vm_name(&req.name)?;
+        let names = alloc::names_for(&req.name, count);
+        for n in &names {
+            alloc::check_vm_name(n)?;
+        }
+        if !valid_image(&req.image) {
+            return Err(VmError::BadImage(req.image.clone()));
+        }
+        let mut violin = self
+            .inventory
+            .violin(&req.violin)?
+            .ok_or_else(|| VmError::UnknownViolin(req.violin.clone()))?;
+        if !violin.managed {
+            return Err(VmError::ConfiguredViolin(req.violin.clone()));
+        }
+        let subnet = Subnet::parse(violin.subnet.as_deref().unwrap_or_default())?;
+        let existing = self.inventory.vms()?;
+        let pending = self.inventory.pending()?;
+        let all_violins = self.inventory.violins()?;
+        for n in &names {
+            let taken = existing.iter().any(|v| &v.name == n)
+                || pending.iter().any(|p| &p.vm == n)
+                || all_violins
+                    .iter()
+                    .any(|v| v.vms.contains(n) || v.members.iter().any(|m| &m.vm == n));
+            if taken {
+                return Err(VmError::Exists(n.clone()));
+            }
+        }
+        // Where: the host, else the site, else the violin's sites.
+        let candidates: Vec<HostRecord> = self
+            .violin_hosts(&violin)?
+            .into_iter()
+            .filter(|h| req.site.as_ref().is_none_or(|s| &h.site == s))
+            .filter(|h| req.host.as_ref().is_none_or(|n| &h.name == n))
+            .collect();
+        if candidates.is_empty() {
+            return Err(VmError::NoPlace(format!(
+                "no host of violin {} (sites {}) matches{}{}",
+                violin.name,
+                violin.sites.join(", "),
+                req.site
+                    .as_ref()
+                    .map(|s| format!(" site {s}"))
+                    .unwrap_or_default(),
+                req.host
+                    .as_ref()
+                    .map(|h| format!(" host {h}"))
+                    .unwrap_or_default(),
+            )));
+        }
+        let t = &self.cfg.vm_template;
+        let vcpus = req.vcpus.unwrap_or(t.vcpus).max(1);
+        let memory_mib = req.memory_mib.unwrap_or(t.memory_mib).max(64);
+        let hosts = self.place(&names, &candidates, vcpus, memory_mib)?;
+        for h in &hosts {
+            if !self.cfg.depots.iter().any(|d| d.site == h.site) {
+                return Err(VmError::NoDepot(h.site.clone()));
+            }
+        }
+        // Addresses: never one another VM of the violin holds.
+        let mut used_ips: BTreeSet<_> = violin.members.iter().map(|m| m.ip).collect();
+        let mut used_macs: BTreeSet<String> = all_violins
+            .iter()
+            .flat_map(|v| v.members.iter().map(|m| m.mac.clone()))
+            .chain(existing.iter().flat_map(|v| v.macs.iter().cloned()))
+            .collect();
+        let mut new = Vec::new();
+        for (name, host) in names.iter().zip(hosts) {
+            let ip = subnet.next_free(&used_ips)?;
+            let mac = alloc::mac_for(name, violin.vni, &used_macs)?;
+            used_ips.insert(ip);
+            used_macs.insert(mac.clone());
+            new.push(NewVm {
+                name: name.clone(),
+                disk: self
+                    .cfg
+                    .images_host_dir
+                    .join(format!("{name}.qcow2"))
+                    .to_string_lossy()
+                    .into_owned(),
+                host,
+                mac,
+                ip,
+                stage_id: None,
+            });
+        }
+        // Anything found at a host from here on was made by this request (what the undo
+        // removes), so nothing of that name may be there before.
+        for vm in &new {
+            let hv_err = |source| VmError::Hypervisor {
+                vm: vm.name.clone(),
+                host: vm.host.name.clone(),
+                source: Box::new(source),
+            };
+            let hv = Host::open(&self.connector, &vm.host.libvirt_uri)
+                .await
+                .map_err(hv_err)?;
+            if hv.domain(&vm.name).await.map_err(hv_err)?.is_some()
+                || hv.image_exists(&vm.disk).await.map_err(hv_err)?
+            {
+                return Err(VmError::ExistsAtHost {
+                    vm: vm.name.clone(),
+                    host: vm.host.name.clone(),
+                });
+            }
+        }
+        // Journal first, then hand out the addresses: a manager that stops from here on
+        // undoes these VMs at its next start.
+        for vm in &new {
+            self.inventory.put_pending(&PendingOp {
+                kind: PendingKind::Create,
+                vm: vm.name.clone(),
+                violin: violin.name.clone(),
+                host: vm.host.name.clone(),
+                disk: vm.disk.clone(),
+            })?;
+        }
+        for vm in &new {
+            violin.members.push(MemberRecord {
+                vm: vm.name.clone(),
+                mac: vm.mac.clone(),
+                ip: vm.ip,
+                host: vm.host.name.clone(),
+                image: req.image.clone(),
+            });
+        }
+        self.inventory.put_violin(&violin)?;
+        for vm in &new {
+            say(format!(
+                "{}: host {} (site {}), MAC {}, address {}",
+                vm.name, vm.host.name, vm.host.site, vm.mac, vm.ip
+            ));
+        }
+        let made = self
+            .make_vms(&req, &violin, &mut new, vcpus, memory_mib, &say)
+            .await;
+        match made {
+            Ok(()) => {
+                let mut views = Vec::new();
+                for vm in &new {
+                    self.inventory.remove_pending(&vm.name)?;
+                    self.inventory.record(
+                        now_ms(),
+                        "vm_created",
+                        &vm.name,
+                        serde_json::json!({
+                            "violin": violin.name, "host": vm.host.name, "image": req.image,
+                            "mac": vm.mac, "ip": vm.ip,
+                        }),
+                    )?;
+                    views.push(self.inventory.vm(&vm.name)?);
+                }
+                let violins = self.inventory.violins()?;
+                Ok(vm_views(
+                    &views.into_iter().flatten().collect::<Vec<_>>(),
+                    &violins,
+                ))
+            }
+            Err(e) => {
+                say(format!(
+                    "failed: {}; undoing",
+                    viola_common::errors::chain(&e)
+                ));
+                for vm in &new {
+                    self.undo_create(&PendingOp {
+                        kind: PendingKind::Create,
+                        vm: vm.name.clone(),
+                        violin: violin.name.clone(),
+                        host: vm.host.name.clone(),
+                        disk: vm.disk.clone(),
+                    })
+                    .await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The actions of a create, after the journal: overlays told, disks staged, domains
+    /// defined and started, inventory records written.
+    async fn make_vms(
+        &self,
+        req: &VmCreate,
+        violin: &ViolinRecord,
+        new: &mut [NewVm],
+        vcpus: u32,
+        memory_mib: u64,
+        say: &(dyn Fn(String) + Sync),
+    ) -> Result<(), VmError> {
+        self.push_violin(violin)
+            .await
+            .map_err(|(host, reason)| VmError::Overlay { host, reason })?;
+        let mut sessions = BTreeMap::new();
+        if let Err(e) = self.stage_disks(req, new, say, &mut sessions).await {
+            // The depots cannot be told to stop: wait until they are done with what they
+            // started, so that the undo removes the disks they lay down.
+            settle(&sessions, new).await;
+            return Err(e);
+        }
+        for vm in new.iter_mut() {
+            let spec = self.domain_spec(vm, violin, &req.image, vcpus, memory_mib);
+            let xml = spec.to_xml().map_err(|source| VmError::Domain {
+                vm: vm.name.clone(),
+                source,
+            })?;
+            let hv_err = |source| VmError::Hypervisor {
+                vm: vm.name.clone(),
+                host: vm.host.name.clone(),
+                source: Box::new(source),
+            };
+            let host = Host::open(&self.connector, &vm.host.libvirt_uri)
+                .await
+                .map_err(hv_err)?;
+            host.define(&xml).await.map_err(hv_err)?;
+            host.start(&vm.name).await.map_err(hv_err)?;
+            self.inventory.put_vm(&VmRecord {
+                name: vm.name.clone(),
+                host: vm.host.name.clone(),
+                violin: Some(violin.name.clone()),
+                macs: vec![vm.mac.clone()],
+                state: DomainState::Running,
+                vcpus,
+                max_vcpus: self.cfg.vm_template.max_vcpus.max(vcpus),
+                memory_kib: memory_mib * 1024,
+                max_memory_kib: self.cfg.vm_template.max_memory_mib.max(memory_mib) * 1024,
+                cpu_busy: 0.0,
+                domain_xml: Some(xml),
+                cap_percent: None,
+                updated_ms: now_ms(),
+            })?;
+            say(format!("{}: started on {}", vm.name, vm.host.name));
+        }
+        Ok(())
+    }
+
+    /// Asks each VM's site depot to stage its disk (every request before waiting for any, so
+    /// the depots plan them together) and waits until all are ready.
+    async fn stage_disks(
+        &self,
+        req: &VmCreate,
+        new: &mut [NewVm],
+        say: &(dyn Fn(String) + Sync),
+        sessions: &mut BTreeMap<String, Box<dyn DepotSession>>,
+    ) -> Result<(), VmError> {
+        // Every staging request first, so the depots plan them together.
+        let ready_by_s = req.ready_by_s.unwrap_or(self.cfg.vm_template.ready_by_s);
+        let deadline_ms = now_ms() + ready_by_s * 1000;
+        for vm in new.iter_mut() {
+            let site = vm.host.site.clone();
+            if !sessions.contains_key(&site) {
+                let addr = self
+                    .cfg
+                    .depots
+                    .iter()
+                    .find(|d| d.site == site)
+                    .map(|d| d.addr)
+                    .ok_or_else(|| VmError::NoDepot(site.clone()))?;
+                let session =
+                    self.depot_link
+                        .connect(addr)
+                        .await
+                        .map_err(|source| VmError::Depot {
+                            site: site.clone(),
+                            source: Box::new(source),
+                        })?;
+                sessions.insert(site.clone(), session);
+            }
+            let status = sessions[&site]
+                .stage(StageRequest {
+                    image: req.image.clone(),
+                    vm: vm.name.clone(),
+                    host: vm.host.name.clone(),
+                    deadline_unix_ms: deadline_ms,
+                    reject_if_late: true,
+                    chain_only: false,
+                })
+                .await
+                .map_err(|source| VmError::Depot {
+                    site: site.clone(),
+                    source: Box::new(source),
+                })?;
+            vm.stage_id = Some(status.stage_id.clone());
+            check_stage(&vm.name, &site, deadline_ms, &status)?;
+            say(format!(
+                "{}: depot of site {site} staging image {} ({} bytes), predicted ready in {} s",
+                vm.name,
+                req.image,
+                status.bytes_total,
+                status
+                    .predicted_ready_unix_ms
+                    .map_or("?".to_owned(), |t| format!(
+                        "{:.1}",
+                        t.saturating_sub(now_ms()) as f64 / 1000.0
+                    )),
+            ));
+        }
+        for vm in new.iter() {
+            let site = &vm.host.site;
+            let stage_id = vm.stage_id.clone().unwrap_or_default();
+            let mut last_reported = 0u64;
+            loop {
+                let status =
+                    sessions[site]
+                        .status(&stage_id)
+                        .await
+                        .map_err(|source| VmError::Depot {
+                            site: site.clone(),
+                            source: Box::new(source),
+                        })?;
+                match status.state {
+                    StageState::Ready => break,
+                    StageState::Failed | StageState::Rejected => {
+                        return Err(VmError::Staging {
+                            site: site.clone(),
+                            vm: vm.name.clone(),
+                            message: status.message,
+                        });
+                    }
+                    _ => {}
+                }
+                if now_ms() > deadline_ms + 30_000 {
+                    return Err(VmError::Staging {
+                        site: site.clone(),
+                        vm: vm.name.clone(),
+                        message: format!("not ready 30 s after the deadline ({})", status.message),
+                    });
+                }
+                if status.bytes_done >= last_reported + (32 << 20) {
+                    last_reported = status.bytes_done;
+                    say(format!(
+                        "{}: {} of {} MiB staged",
+                        vm.name,
+                        status.bytes_done >> 20,
+                        status.bytes_total >> 20
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            say(format!("{}: disk ready at {}", vm.name, vm.host.name));
+        }
+        Ok(())
+    }
+
+    fn domain_spec(
+        &self,
+        vm: &NewVm,
+        violin: &ViolinRecord,
+        image: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> DomainSpec {
+        let t = &self.cfg.vm_template;
+        let boot = match (&t.kernel, &t.initrd) {
+            (Some(kernel), Some(initrd)) => Boot::Kernel {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: format!("{} viola.name={}", t.cmdline, vm.name),
+            },
+            _ => Boot::Disk,
+        };
+        DomainSpec {
+            name: vm.name.clone(),
+            memory_mib,
+            max_memory_mib: t.max_memory_mib.max(memory_mib),
+            vcpus,
+            max_vcpus: t.max_vcpus.max(vcpus),
+            disk: vm.disk.clone(),
+            bridge: format!("vio{}", violin.vni),
+            mac: vm.mac.clone(),
+            mtu: t.mtu,
+            boot,
+            console_log: t
+                .console_dir
+                .as_ref()
+                .map(|d| format!("{d}/{}.log", vm.name)),
+            image_ref: Some(image.to_owned()),
+            violin: Some(violin.name.clone()),
+            tenant: None,
+        }
+    }
+
+    /// Undoes a create (or finishes a delete): no domain, no disk, no address, no record.
+    /// Each step is tolerant of what is already gone; failures are logged and leave the
+    /// journal entry for the next start.
+    async fn undo_create(&self, op: &PendingOp) {
+        match self.remove_vm_everywhere(op).await {
+            Ok(()) => {
+                if let Err(e) = self.inventory.remove_pending(&op.vm) {
+                    tracing::warn!(vm = %op.vm, error = %viola_common::errors::chain(&e), "cannot clear the journal");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vm = %op.vm, error = %viola_common::errors::chain(&e), "cannot remove the VM; will retry at the next start");
+            }
+        }
+    }
+
+    async fn remove_vm_everywhere(&self, op: &PendingOp) -> Result<(), VmError> {
+        // The host it runs on now (a migration may have moved it), else the one it was made on.
+        let at = self
+            .inventory
+            .vm(&op.vm)?
+            .map_or_else(|| op.host.clone(), |v| v.host);
+        let host = self
+            .inventory
+            .host(&at)?
+            .filter(|h| !h.libvirt_uri.is_empty());
+        if let Some(host) = &host {
+            let hv_err = |source| VmError::Hypervisor {
+                vm: op.vm.clone(),
+                host: host.name.clone(),
+                source: Box::new(source),
+            };
+            let hv = Host::open(&self.connector, &host.libvirt_uri)
+                .await
+                .map_err(hv_err)?;
+            if let Some(domain) = hv.domain(&op.vm).await.map_err(hv_err)? {
+                // Only a domain of this violin is ours to remove (its metadata says so).
+                let xml = hv.domain_xml(&op.vm).await.map_err(hv_err)?;
+                let ours = viola_hypervisor::xml::viola_vm_metadata(&xml)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.violin.as_deref() == Some(op.violin.as_str()));
+                if !ours {
+                    tracing::warn!(vm = %op.vm, host = %host.name, "a domain of that name is not of this violin: left alone, with its disk");
+                } else {
+                    if matches!(domain.state, DomainState::Running | DomainState::Paused) {
+                        hv.destroy(&op.vm).await.map_err(hv_err)?;
+                    }
+                    hv.undefine(&op.vm).await.map_err(hv_err)?;
+                    hv.delete_image(&op.disk).await.map_err(hv_err)?;
+                }
+            } else {
+                hv.delete_image(&op.disk).await.map_err(hv_err)?;
+            }
+        }
+        if let Some(mut violin) = self.inventory.violin(&op.violin)? {
+            let before = violin.members.len();
+            violin.members.retain(|m| m.vm != op.vm);
+            violin.vms.retain(|v| v != &op.vm);
+            if violin.members.len() != before {
+                self.inventory.put_violin(&violin)?;
+                if let Err((host, reason)) = self.push_violin(&violin).await {
+                    tracing::warn!(violin = %violin.name, %host, %reason, "cannot update the violin after removing a VM");
+                }
+            }
+        }
+        self.inventory.remove_vm(&op.vm)?;
+        Ok(())
+    }
+
+    /// Undoes the creates and finishes the deletes a previous manager left in progress. Call
+    /// once at start.
+    pub async fn resume_pending(&self) -> Result<usize, InventoryError> {
+        let pending = self.inventory.pending()?;
+        for op in &pending {
+            tracing::warn!(vm = %op.vm, kind = ?op.kind, "resolving a create or delete the previous manager left in progress");
+            self.undo_create(op).await;
+            self.inventory.record(
+                now_ms(),
+                match op.kind {
+                    PendingKind::Create => "vm_create_undone",
+                    PendingKind::Delete => "vm_delete_finished",
+                },
+                &op.vm,
+                serde_json::to_value(op).unwrap_or_default(),
+            )?;
+        }
+        Ok(pending.len())
+    }
+
+    fn member(&self, vm: &str) -> Result<(ViolinRecord, MemberRecord), VmError> {
+        for violin in self.inventory.violins()? {
+            if let Some(m) = violin.members.iter().find(|m| m.vm == vm) {
+                let m = m.clone();
+                return Ok((violin, m));
+            }
+        }
+        Err(VmError::Unknown(vm.to_owned()))
+    }
+
+    /// `viola vm delete`: stopped, undefined, disk deleted, address freed.
+    pub async fn delete_vm(&self, vm: &str) -> Result<(), VmError> {
+        let (violin, _) = self.member(vm)?;
+        if self.migrating_vms().contains(vm) {
+            return Err(VmError::Busy(vm.to_owned()));
+        }
+        let rec = self.inventory.vm(vm)?;
+        let op = PendingOp {
+            kind: PendingKind::Delete,
+            vm: vm.to_owned(),
+            violin: violin.name.clone(),
+            host: rec.map_or_else(
+                || {
+                    violin
+                        .members
+                        .iter()
+                        .find(|m| m.vm == vm)
+                        .map(|m| m.host.clone())
+                        .unwrap_or_default()
+                },
+                |r| r.host,
+            ),
+            disk: self
+                .cfg
+                .images_host_dir
+                .join(format!("{vm}.qcow2"))
+                .to_string_lossy()
+                .into_owned(),
+        };
+        self.inventory.put_pending(&op)?;
+        self.remove_vm_everywhere(&op).await?;
+        self.inventory.remove_pending(vm)?;
+        self.inventory.record(
+            now_ms(),
+            "vm_deleted",
+            vm,
+            serde_json::to_value(&op).unwrap_or_default(),
+        )?;
+        Ok(())
+    }
+
+    async fn vm_host(&self, vm: &str) -> Result<Host, VmError> {
+        let rec = self
+            .inventory
+            .vm(vm)?
+            .ok_or_else(|| VmError::Unknown(vm.to_owned()))?;
+        let host = self
+            .inventory
+            .host(&rec.host)?
+            .filter(|h| !h.libvirt_uri.is_empty())
+            .ok_or_else(|| VmError::NoPlace(format!("{vm}'s host {} is unknown", rec.host)))?;
+        Host::open(&self.connector, &host.libvirt_uri)
+            .await
+            .map_err(|source| VmError::Hypervisor {
+                vm: vm.to_owned(),
+                host: host.name.clone(),
+                source: Box::new(source),
+            })
+    }
+
+    /// `viola vm start`.
+    pub async fn start_vm(&self, vm: &str) -> Result<(), VmError> {
+        let hv = self.vm_host(vm).await?;
+        hv.start(vm).await.map_err(|source| VmError::Hypervisor {
+            vm: vm.to_owned(),
+            host: hv.uri().to_owned(),
+            source: Box::new(source),
+        })?;
+        self.inventory
+            .record(now_ms(), "vm_started", vm, serde_json::Value::Null)?;
+        Ok(())
+    }
+
+    /// `viola vm stop`: powers the VM off (it keeps its disk and address).
+    pub async fn stop_vm(&self, vm: &str) -> Result<(), VmError> {
+        if self.migrating_vms().contains(vm) {
+            return Err(VmError::Busy(vm.to_owned()));
+        }
+        let hv = self.vm_host(vm).await?;
+        hv.destroy(vm).await.map_err(|source| VmError::Hypervisor {
+            vm: vm.to_owned(),
+            host: hv.uri().to_owned(),
+            source: Box::new(source),
+        })?;
+        if let Some(mut rec) = self.inventory.vm(vm)? {
+            rec.state = DomainState::ShutOff;
+            self.inventory.put_vm(&rec)?;
+        }
+        self.inventory
+            .record(now_ms(), "vm_stopped", vm, serde_json::Value::Null)?;
+        Ok(())
+    }
+}
+
+/// Waits (at most 2 minutes) until every staging that was started has ended, one way or the
+/// other.
+async fn settle(sessions: &BTreeMap<String, Box<dyn DepotSession>>, new: &[NewVm]) {
+    let until = now_ms() + 120_000;
+    for vm in new {
+        let (Some(stage_id), Some(session)) = (&vm.stage_id, sessions.get(&vm.host.site)) else {
+            continue;
+        };
+        while now_ms() < until {
+            match session.status(stage_id).await {
+                Ok(s)
+                    if matches!(
+                        s.state,
+                        StageState::Resolving | StageState::Fetching | StageState::Assembling
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Refuses a staging the depot will not finish by the deadline.
+fn check_stage(
+    vm: &str,
+    site: &str,
+    deadline_ms: u64,
+    status: &StageStatus,
+) -> Result<(), VmError> {
+    let now = now_ms();
+    if status.state == StageState::Rejected || !status.accepted {
+        return Err(VmError::DeadlineImpossible {
+            vm: vm.to_owned(),
+            deadline_s: deadline_ms.saturating_sub(now) / 1000,
+            earliest_s: status
+                .predicted_ready_unix_ms
+                .map(|t| t.saturating_sub(now).div_ceil(1000)),
+            message: status.message.clone(),
+        });
+    }
+    if status.state == StageState::Failed {
+        return Err(VmError::Staging {
+            site: site.to_owned(),
+            vm: vm.to_owned(),
+            message: status.message.clone(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,534 @@
+//! Violin and VM lifecycle on fake hypervisors, a fake depot and fake overlay daemons: what a
+//! user gets, and that a failure leaves nothing behind.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use viola_api::manager::{ViolinCreate, VmCreate};
+use viola_api::overlay::{ControlReply, ControlRequest};
+use viola_depot::api::{StageRequest, StageState, StageStatus};
+use viola_depot::client::ClientError;
+use viola_hypervisor::Hypervisor as _;
+use viola_hypervisor::fake::FakeCluster;
+
+use super::VmError;
+use crate::announce::{OverlayLink, OverlayLinkError};
+use crate::inventory::Inventory;
+use crate::manager::{DepotSiteConfig, Manager, ManagerConfig, now_ms};
+use crate::migration::depot_stage::{DepotLink, DepotSession};
+
+/// Overlay daemons that record what they are told; `refuse` names a host whose daemon refuses.
+#[derive(Default)]
+struct Overlays {
+    told: Mutex<Vec<(SocketAddr, ControlRequest)>>,
+    refuse: Option<SocketAddr>,
+}
+
+impl OverlayLink for Overlays {
+    fn request(
+        &self,
+        addr: SocketAddr,
+        req: ControlRequest,
+    ) -> BoxFuture<'_, Result<ControlReply, OverlayLinkError>> {
+        self.told.lock().unwrap().push((addr, req));
+        let reply = if Some(addr) == self.refuse {
+            ControlReply::Refused {
+                reason: "no bridge".into(),
+            }
+        } else {
+            ControlReply::Done
+        };
+        Box::pin(async move { Ok(reply) })
+    }
+}
+
+/// A depot that lays the disk down in the fake cluster when asked (or refuses the deadline
+/// when `earliest_ms` says it is later).
+struct Depot {
+    cluster: FakeCluster,
+    earliest_s: Option<u64>,
+    requests: Mutex<Vec<StageRequest>>,
+    /// This host goes down when the depot first says a disk is ready.
+    down_when_ready: Mutex<Option<String>>,
+}
+
+fn status(req: &StageRequest, state: StageState, accepted: bool, ready_in_s: u64) -> StageStatus {
+    StageStatus {
+        stage_id: format!("stage-{}", req.vm),
+        state,
+        accepted,
+        predicted_ready_unix_ms: Some(now_ms() + ready_in_s * 1000),
+        ready_unix_ms: None,
+        deadline_unix_ms: req.deadline_unix_ms,
+        bytes_total: 1 << 20,
+        bytes_done: 0,
+        overlay: None,
+        chain: vec![],
+        message: if accepted {
+            String::new()
+        } else {
+            "the fetch over the WAN takes longer".into()
+        },
+    }
+}
+
+impl DepotSession for Arc<Depot> {
+    fn stage(&self, req: StageRequest) -> BoxFuture<'_, Result<StageStatus, ClientError>> {
+        self.requests.lock().unwrap().push(req.clone());
+        let late = self
+            .earliest_s
+            .filter(|s| now_ms() + s * 1000 > req.deadline_unix_ms);
+        let answer = match late {
+            Some(s) => status(&req, StageState::Rejected, false, s),
+            None => {
+                self.cluster.add_image(
+                    &format!("fake://{}", req.host),
+                    &format!("/img/{}.qcow2", req.vm),
+                    1 << 30,
+                    None,
+                );
+                status(&req, StageState::Fetching, true, 1)
+            }
+        };
+        Box::pin(async move { Ok(answer) })
+    }
+
+    fn status<'a>(&'a self, stage_id: &'a str) -> BoxFuture<'a, Result<StageStatus, ClientError>> {
+        let req = self
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| format!("stage-{}", r.vm) == stage_id)
+            .cloned()
+            .expect("a stage this depot was asked for");
+        if let Some(uri) = self.down_when_ready.lock().unwrap().take() {
+            self.cluster.set_host_up(&uri, false);
+        }
+        Box::pin(async move { Ok(status(&req, StageState::Ready, true, 0)) })
+    }
+}
+
+struct Link(Arc<Depot>);
+
+impl DepotLink for Link {
+    fn connect(
+        &self,
+        _addr: SocketAddr,
+    ) -> BoxFuture<'_, Result<Box<dyn DepotSession>, ClientError>> {
+        let depot = Arc::clone(&self.0);
+        Box::pin(async move { Ok(Box::new(depot) as Box<dyn DepotSession>) })
+    }
+}
+
+const HOSTS: [&str; 3] = ["a1", "a2", "b1"];
+
+fn overlay_addr(host: &str) -> SocketAddr {
+    let i = HOSTS.iter().position(|h| *h == host).unwrap();
+    SocketAddr::from(([198, 18, 1, 11 + i as u8], 4500))
+}
+
+struct Lab {
+    cluster: FakeCluster,
+    manager: Manager,
+    overlays: Arc<Overlays>,
+    depot: Arc<Depot>,
+    _dir: tempfile::TempDir,
+}
+
+async fn lab(refuse: Option<&str>, earliest_s: Option<u64>) -> Lab {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = FakeCluster::new();
+    for h in HOSTS {
+        cluster.host(&format!("fake://{h}"));
+    }
+    let cfg = ManagerConfig {
+        hosts: HOSTS
+            .iter()
+            .map(|h| crate::manager::HostConfig {
+                overlay_addr: Some(overlay_addr(h)),
+                ..crate::fixtures::fake_host(h, &h[..1])
+            })
+            .collect(),
+        depots: ["a", "b"]
+            .iter()
+            .map(|s| DepotSiteConfig {
+                site: (*s).into(),
+                addr: "198.18.0.1:7410".parse().unwrap(),
+            })
+            .collect(),
+        images_host_dir: "/img".into(),
+        ..ManagerConfig::default()
+    };
+    let overlays = Arc::new(Overlays {
+        told: Mutex::default(),
+        refuse: refuse.map(overlay_addr),
+    });
+    let depot = Arc::new(Depot {
+        cluster: cluster.clone(),
+        earliest_s,
+        requests: Mutex::default(),
+        down_when_ready: Mutex::default(),
+    });
+    let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+    let manager = Manager::with_links(
+        cfg,
+        inventory,
+        Arc::new(cluster.clone()),
+        Arc::new(Link(Arc::clone(&depot))),
+        Arc::clone(&overlays) as Arc<dyn OverlayLink>,
+    )
+    .unwrap();
+    for h in HOSTS {
+        manager
+            .handle_report(crate::fixtures::host_report(h, 1, &[]))
+            .await
+            .unwrap();
+    }
+    Lab {
+        cluster,
+        manager,
+        overlays,
+        depot,
+        _dir: dir,
+    }
+}
+
+fn violin(name: &str, sites: &[&str]) -> ViolinCreate {
+    ViolinCreate {
+        name: name.into(),
+        subnet: None,
+        sites: sites.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn vm(name: &str, violin: &str) -> VmCreate {
+    VmCreate {
+        name: name.into(),
+        violin: violin.into(),
+        image: "guest-base".into(),
+        host: None,
+        site: None,
+        vcpus: None,
+        memory_mib: None,
+        ready_by_s: None,
+        count: None,
+    }
+}
+
+impl Lab {
+    fn told(&self) -> Vec<(SocketAddr, ControlRequest)> {
+        std::mem::take(&mut *self.overlays.told.lock().unwrap())
+    }
+
+    async fn create(&self, req: VmCreate) -> Result<Vec<viola_api::manager::VmView>, VmError> {
+        let (tx, _rx) = mpsc::channel(1024);
+        self.manager.create_vms(req, tx).await
+    }
+
+    /// Nothing of `vm` anywhere: no domain, no disk, no record, no address, no journal.
+    fn assert_gone(&self, vm: &str) {
+        for h in HOSTS {
+            let uri = format!("fake://{h}");
+            assert!(!self.cluster.has_domain(&uri, vm), "{vm} defined at {h}");
+            assert!(
+                !self.cluster.has_image(&uri, &format!("/img/{vm}.qcow2")),
+                "{vm}'s disk at {h}"
+            );
+        }
+        let inv = &self.manager.inventory;
+        assert!(inv.vm(vm).unwrap().is_none());
+        assert!(inv.pending().unwrap().is_empty());
+        for v in inv.violins().unwrap() {
+            assert!(v.members.iter().all(|m| m.vm != vm), "{vm} in {}", v.name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
+    let lab = lab(None, None).await;
+    let v = lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    assert_eq!((v.id, v.subnet.as_deref()), (1, Some("10.0.1.0/24")));
+    assert_eq!(v.sites, ["a", "b"]);
+    let told = lab.told();
+    assert_eq!(told.len(), 3, "{told:?}");
+    for (_, req) in &told {
+        let ControlRequest::SetViolin { violin } = req else {
+            panic!("{req:?}");
+        };
+        assert_eq!(violin.allowed, ["a/*", "b/*"]);
+        assert!(violin.vms.is_empty());
+    }
+    // Only site b's host carries a violin of site b; ids are not reused.
+    let w = lab
+        .manager
+        .create_violin(violin("wan", &["b"]))
+        .await
+        .unwrap();
+    assert_eq!(w.id, 2);
+    let told = lab.told();
+    assert_eq!(
+        told.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        [overlay_addr("b1")]
+    );
+    let err = lab.manager.create_violin(violin("lab", &[])).await;
+    assert!(err.unwrap_err().to_string().contains("exists"));
+    let err = lab.manager.create_violin(violin("x", &["c"])).await;
+    assert!(err.unwrap_err().to_string().contains("no site named \"c\""));
+    let bad = ViolinCreate {
+        subnet: Some("192.168.0.0/24".into()),
+        ..violin("bad", &[])
+    };
+    assert!(lab.manager.create_violin(bad).await.is_err());
+    assert!(lab.told().is_empty(), "a refused request tells no overlay");
+}
+
+#[tokio::test]
+async fn a_violin_a_daemon_refuses_is_taken_back_everywhere() {
+    let lab = lab(Some("b1"), None).await;
+    let err = lab
+        .manager
+        .create_violin(violin("lab", &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("b/b1") || err.to_string().contains("b1"),
+        "{err}"
+    );
+    assert!(lab.manager.list_violins().unwrap().is_empty());
+    let removed: Vec<SocketAddr> = lab
+        .told()
+        .into_iter()
+        .filter(|(_, r)| matches!(r, ControlRequest::RemoveViolin { violin: 1 }))
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(removed.len(), 3);
+}
+
+#[tokio::test]
+async fn vms_are_placed_addressed_staged_defined_and_started() {
+    let lab = lab(None, None).await;
+    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.told();
+    let vms = lab
+        .create(VmCreate {
+            site: Some("b".into()),
+            ..vm("web", "lab")
+        })
+        .await
+        .unwrap();
+    assert_eq!(vms.len(), 1);
+    let web = &vms[0];
+    assert_eq!(web.host, "b1");
+    assert_eq!(web.violin.as_deref(), Some("lab"));
+    assert_eq!(web.ip, Some("10.0.1.2".parse().unwrap()));
+    assert!(lab.cluster.hosts_running("web") == ["fake://b1"]);
+    let xml = lab
+        .manager
+        .inventory
+        .vm("web")
+        .unwrap()
+        .unwrap()
+        .domain_xml
+        .unwrap();
+    assert!(
+        xml.contains("<source bridge='vio1'/>") || xml.contains("bridge='vio1'"),
+        "{xml}"
+    );
+    assert!(xml.contains(&web.macs[0]));
+    // Every host of the violin now knows the VM's MAC, address and home.
+    let told = lab.told();
+    assert_eq!(told.len(), 3);
+    for (_, req) in &told {
+        let ControlRequest::SetViolin { violin } = req else {
+            panic!("{req:?}");
+        };
+        assert_eq!(violin.vms.len(), 1);
+        assert_eq!(
+            violin.vms[0].ip,
+            "10.0.1.2".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        assert_eq!(violin.vms[0].host.as_deref(), Some("b/b1"));
+    }
+    // Three more at once: one plan (every staging asked before any wait), distinct addresses.
+    let more = lab
+        .create(VmCreate {
+            count: Some(3),
+            ..vm("node", "lab")
+        })
+        .await
+        .unwrap();
+    let names: Vec<&str> = more.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["node-1", "node-2", "node-3"]);
+    let mut ips: Vec<_> = more.iter().map(|v| v.ip.unwrap()).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3);
+    assert!(!ips.contains(&"10.0.1.2".parse().unwrap()));
+    assert_eq!(lab.depot.requests.lock().unwrap().len(), 4);
+    let listed = lab.manager.list_violins().unwrap();
+    assert_eq!(listed[0].vms.len(), 4);
+    // The name is taken now.
+    assert!(matches!(
+        lab.create(vm("web", "lab")).await,
+        Err(VmError::Exists(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_impossible_deadline_is_refused_with_the_earliest_time_and_leaves_nothing() {
+    let lab = lab(None, Some(900)).await;
+    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    let err = lab
+        .create(VmCreate {
+            ready_by_s: Some(60),
+            count: Some(2),
+            ..vm("late", "lab")
+        })
+        .await
+        .unwrap_err();
+    let VmError::DeadlineImpossible { earliest_s, .. } = &err else {
+        panic!("{err}");
+    };
+    assert!(
+        earliest_s.is_some_and(|s| (899..=901).contains(&s)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("earliest"), "{err}");
+    lab.assert_gone("late-1");
+    lab.assert_gone("late-2");
+    // The same request with a deadline the depot can meet works, with the first addresses.
+    let ok = lab
+        .create(VmCreate {
+            ready_by_s: Some(1000),
+            ..vm("late", "lab")
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok[0].ip, Some("10.0.1.2".parse().unwrap()));
+}
+
+#[tokio::test]
+async fn a_failure_half_way_undoes_every_vm_of_the_request() {
+    let lab = lab(None, None).await;
+    lab.manager
+        .create_violin(violin("lab", &["a"]))
+        .await
+        .unwrap();
+    // a2's libvirt goes away once its disks are staged: the define there fails, and so does
+    // the undo at a2 until it is back; the journal keeps the VMs for the next start.
+    *lab.depot.down_when_ready.lock().unwrap() = Some("fake://a2".into());
+    let err = lab
+        .create(VmCreate {
+            count: Some(2),
+            host: Some("a2".into()),
+            ..vm("half", "lab")
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmError::Hypervisor { .. }), "{err}");
+    assert_eq!(lab.manager.inventory.pending().unwrap().len(), 2);
+    lab.cluster.set_host_up("fake://a2", true);
+    assert_eq!(lab.manager.resume_pending().await.unwrap(), 2);
+    lab.assert_gone("half-1");
+    lab.assert_gone("half-2");
+    // A domain of that name already at the host (not Viola's) is refused before anything,
+    // and stays.
+    let foreign = viola_hypervisor::fake::sample_domain_xml(
+        "mine",
+        "/img/mine.qcow2",
+        "/img/base.qcow2",
+        "52:54:00:00:00:99",
+    );
+    lab.cluster.host("fake://a1").define(&foreign).unwrap();
+    let err = lab
+        .create(VmCreate {
+            host: Some("a1".into()),
+            ..vm("mine", "lab")
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+    assert!(lab.cluster.has_domain("fake://a1", "mine"));
+    assert!(lab.manager.inventory.pending().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_create_left_half_done_is_undone_at_the_next_start() {
+    let lab = lab(None, None).await;
+    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.create(vm("kept", "lab")).await.unwrap();
+    // As if the manager had stopped after defining `cut` at a1: journal, address, domain, disk.
+    let op = crate::inventory::PendingOp {
+        kind: crate::inventory::PendingKind::Create,
+        vm: "cut".into(),
+        violin: "lab".into(),
+        host: "a1".into(),
+        disk: "/img/cut.qcow2".into(),
+    };
+    lab.manager.inventory.put_pending(&op).unwrap();
+    let mut rec = lab.manager.inventory.violin("lab").unwrap().unwrap();
+    rec.members.push(crate::inventory::MemberRecord {
+        vm: "cut".into(),
+        mac: "02:00:00:00:00:01".into(),
+        ip: "10.0.1.9".parse().unwrap(),
+        host: "a1".into(),
+        image: "guest-base".into(),
+    });
+    lab.manager.inventory.put_violin(&rec).unwrap();
+    lab.cluster
+        .add_image("fake://a1", "/img/cut.qcow2", 1 << 30, None);
+    let spec = viola_hypervisor::domain::DomainSpec {
+        name: "cut".into(),
+        memory_mib: 256,
+        max_memory_mib: 512,
+        vcpus: 1,
+        max_vcpus: 2,
+        disk: "/img/cut.qcow2".into(),
+        bridge: "vio1".into(),
+        mac: "02:00:00:00:00:01".into(),
+        mtu: None,
+        boot: viola_hypervisor::domain::Boot::Disk,
+        console_log: None,
+        image_ref: Some("guest-base".into()),
+        violin: Some("lab".into()),
+        tenant: None,
+    };
+    lab.cluster
+        .host("fake://a1")
+        .define(&spec.to_xml().unwrap())
+        .unwrap();
+    assert_eq!(lab.manager.resume_pending().await.unwrap(), 1);
+    lab.assert_gone("cut");
+    assert!(lab.manager.inventory.vm("kept").unwrap().is_some());
+}
+
+#[tokio::test]
+async fn deleting_a_violin_with_vms_needs_force_and_then_removes_everything() {
+    let lab = lab(None, None).await;
+    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.create(VmCreate {
+        count: Some(2),
+        ..vm("n", "lab")
+    })
+    .await
+    .unwrap();
+    let err = lab.manager.delete_violin("lab", false).await.unwrap_err();
+    assert!(err.to_string().contains("n-1"), "{err}");
+    assert_eq!(lab.manager.list_violins().unwrap().len(), 1);
+    lab.told();
+    lab.manager.delete_violin("lab", true).await.unwrap();
+    lab.assert_gone("n-1");
+    lab.assert_gone("n-2");
+    assert!(lab.manager.list_violins().unwrap().is_empty());
+    let removed = lab
+        .told()
+        .into_iter()
+        .filter(|(_, r)| matches!(r, ControlRequest::RemoveViolin { violin: 1 }))
+        .count();
+    assert_eq!(removed, 3);
+    assert!(lab.manager.delete_violin("lab", true).await.is_err());
+}
