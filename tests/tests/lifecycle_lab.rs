@@ -1,0 +1,437 @@
+//! Violins and VMs as a service, on the lab with the real daemons and the `viola` CLI (lab
+//! test). Two sites of two hosts; an overlay daemon on every host with no violin in its TOML;
+//! a depot at each site (site a holds the guest image, site b fetches from it); the manager in
+//! host a2's namespace (it reaches depots and overlays on the underlay, libvirtds through
+//! their unix sockets); a monitor per host. Then, with the CLI only:
+//!
+//! - `viola violin create lab --sites a,b`: every host gets bridge `vio<id>` at once;
+//! - `viola vm create` of three VMs from the depot image with a deadline, one at site a and two
+//!   at site b (`--count 2`, one plan); each takes its address by DHCP from the overlay on its
+//!   host (the console says so), answers HTTP on it from a2 across the sites, and `viola vm
+//!   list` shows its violin and address;
+//! - an impossible deadline is refused before anything is made;
+//! - a created VM migrates across sites with no hand-written configuration;
+//! - `viola violin delete lab` is refused while it has VMs, and with `--force` leaves nothing
+//!   on any host: no domain (`virsh list --all`), no disk, no bridge, no violin in the
+//!   overlays' status, nothing in the inventory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use viola_labtests::daemons::{Daemons, bin, free_port, log_text, spawn_logged};
+use viola_labtests::depot::{self, depot, serve_config};
+use viola_labtests::mech::manager_uri;
+use viola_labtests::pki::Pki;
+use viola_labtests::{Lab, LabSpec, guest_dir, lab_tests_enabled, run, run_ok, wait_until};
+
+const LAB: &str = "vlc";
+const HOSTS: [&str; 4] = ["a1", "a2", "b1", "b2"];
+
+struct Cli {
+    ns: String,
+    mgr: String,
+    id: PathBuf,
+}
+
+impl Cli {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns])
+            .arg(bin("viola"))
+            .args(["--manager", &self.mgr, "--identity"])
+            .arg(&self.id)
+            .args(args);
+        c
+    }
+
+    /// `viola --json ARGS`: its JSON answer, or the error it printed.
+    fn json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = run(&mut self.cmd(&full)).map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {:?}", out.stdout))
+    }
+}
+
+fn console_ready_ip(console: &Path, vm: &str) -> Option<String> {
+    let text = std::fs::read_to_string(console.join(format!("{vm}.log"))).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("VIOLA-GUEST-READY"))?;
+    let ip = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ip="))?;
+    Some(ip.split('/').next()?.to_owned())
+}
+
+#[test]
+fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_left_behind() {
+    if !lab_tests_enabled() {
+        return;
+    }
+    viola_labtests::daemons::build(&[
+        "viola-adaptmgr",
+        "viola-monitor",
+        "viola-overlay",
+        "viola-depot",
+        "viola-common",
+    ])
+    .expect("build");
+    let lab = Lab::up(LAB, &LabSpec::default()).expect("lab up");
+    let mut daemons = Daemons::default();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let lab_dir = PathBuf::from(&lab.status.lab_dir);
+    let console = lab_dir.join("console");
+    let ns = |h: &str| lab.host(h).namespace.clone();
+    let addr = |h: &str| lab.host(h).address.clone();
+
+    let pki = Pki::init(&dir.join("ca")).unwrap();
+    let id = |name: &str| dir.join(format!("id-{name}"));
+    for h in HOSTS {
+        pki.issue("overlay", &h[..1], h, &id(&format!("overlay-{h}")))
+            .unwrap();
+        pki.issue("monitor", &h[..1], h, &id(&format!("monitor-{h}")))
+            .unwrap();
+    }
+    pki.issue("depot", "a", "a1", &id("depot-a1")).unwrap();
+    pki.issue("depot", "b", "b1", &id("depot-b1")).unwrap();
+    pki.issue("adaptmgr", "fed", "mgr", &id("mgr")).unwrap();
+    pki.issue("cli", "fed", "user", &id("cli")).unwrap();
+
+    // Overlays: peers only, no violin; each keeps what it is given in a state file.
+    let peers: String = HOSTS
+        .iter()
+        .map(|h| format!("[[peers]]\naddr = \"{}:4500\"\n", addr(h)))
+        .collect();
+    for h in HOSTS {
+        let cfg = dir.join(format!("overlay-{h}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\nstate_file = \"{}\"\n{peers}",
+                addr(h),
+                id(&format!("overlay-{h}")).display(),
+                dir.join(format!("overlay-{h}.sock")).display(),
+                dir.join(format!("overlay-{h}.state")).display(),
+            ),
+        )
+        .unwrap();
+        let child = spawn_logged(
+            Command::new("ip")
+                .args(["netns", "exec", &ns(h)])
+                .arg(bin("viola-overlay"))
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "info"),
+            &dir.join(format!("overlay-{h}.log")),
+        )
+        .unwrap();
+        daemons.add(&format!("overlay-{h}"), child);
+    }
+
+    // Depots: the guest image at site a; site b fetches from a.
+    let store_a = dir.join("store-a");
+    depot(&[
+        "--store",
+        store_a.to_str().unwrap(),
+        "import",
+        guest_dir().join("base.qcow2").to_str().unwrap(),
+        "--name",
+        "guest",
+    ])
+    .expect("import");
+    let a_cfg = serve_config(
+        &lab,
+        "a",
+        "a1",
+        &store_a,
+        &id("depot-a1"),
+        "hosts = [\"a1\", \"a2\"]",
+    );
+    let b_cfg = serve_config(
+        &lab,
+        "b",
+        "b1",
+        &dir.join("store-b"),
+        &id("depot-b1"),
+        &format!(
+            "hosts = [\"b1\", \"b2\"]\n[[peers]]\nsite = \"a\"\naddr = \"{}:7410\"",
+            addr("a1")
+        ),
+    );
+    depot::start(&lab, &mut daemons, "a1", &a_cfg, dir).expect("depot a");
+    depot::start(&lab, &mut daemons, "b1", &b_cfg, dir).expect("depot b");
+
+    // The manager in a2's namespace.
+    let mgr = format!("{}:{}", addr("a2"), free_port());
+    let mut cfg = format!(
+        "listen = \"{mgr}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"/var/lib/viola/images\"\n\n",
+        free_port(),
+        id("mgr").display(),
+        dir.join("inventory.redb").display(),
+    );
+    for h in HOSTS {
+        cfg.push_str(&format!(
+            "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\noverlay_addr = \"{}:4500\"\n\n",
+            &h[..1],
+            manager_uri(h),
+            lab.host(h).libvirt_uri,
+            addr(h)
+        ));
+    }
+    cfg.push_str(&format!(
+        "[[depots]]\nsite = \"a\"\naddr = \"{}:7410\"\n\n[[depots]]\nsite = \"b\"\naddr = \"{}:7410\"\n\n\
+         [vm_template]\nkernel = \"{g}/vmlinuz\"\ninitrd = \"{g}/initrd.img\"\n\
+         cmdline = \"console=ttyS0 quiet panic=-1 viola.ip=dhcp viola.http=1\"\n\
+         console_dir = \"{}\"\nmtu = 1400\n",
+        addr("a1"),
+        addr("b1"),
+        console.display(),
+        g = guest_dir().display(),
+    ));
+    let mgr_cfg = dir.join("adaptmgr.toml");
+    std::fs::write(&mgr_cfg, cfg).unwrap();
+    let mgr_log = dir.join("adaptmgr.log");
+    let child = spawn_logged(
+        Command::new("ip")
+            .args(["netns", "exec", &ns("a2")])
+            .arg(bin("viola-adaptmgr"))
+            .arg("--config")
+            .arg(&mgr_cfg)
+            .env("RUST_LOG", "info"),
+        &mgr_log,
+    )
+    .unwrap();
+    daemons.add("manager", child);
+    for h in HOSTS {
+        let child = spawn_logged(
+            Command::new("ip")
+                .args(["netns", "exec", &ns(h)])
+                .arg(bin("viola-monitor"))
+                .args(["--host", h, "--site", &h[..1], "--manager", &mgr])
+                .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
+                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+                .arg("--identity")
+                .arg(id(&format!("monitor-{h}"))),
+            &dir.join(format!("monitor-{h}.log")),
+        )
+        .unwrap();
+        daemons.add(&format!("monitor-{h}"), child);
+    }
+    let cli = Cli {
+        ns: ns("a2"),
+        mgr: mgr.clone(),
+        id: id("cli"),
+    };
+    wait_until("every host reports", Duration::from_secs(60), || {
+        cli.json(&["host", "list"]).is_ok_and(|hosts| {
+            hosts
+                .as_array()
+                .is_some_and(|a| a.len() == 4 && a.iter().all(|h| h["state"] == "up"))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\nmanager log:\n{}", log_text(&mgr_log)));
+
+    // A violin across both sites: a bridge on every host at once.
+    let violin = cli
+        .json(&["violin", "create", "lab", "--sites", "a,b"])
+        .unwrap_or_else(|e| panic!("violin create: {e}\n{}", log_text(&mgr_log)));
+    let vid = violin[0]["id"].as_u64().expect("violin id");
+    let subnet = violin[0]["subnet"].as_str().expect("subnet").to_owned();
+    let bridge = format!("vio{vid}");
+    eprintln!("violin lab: id {vid}, subnet {subnet}");
+    for h in HOSTS {
+        let shown = run(Command::new("ip").args(["-n", &ns(h), "link", "show", &bridge]));
+        assert!(
+            shown.is_ok_and(|o| o.status.success()),
+            "{bridge} missing at {h}"
+        );
+    }
+    // a2 looks into the violin from an address of its own (no VM holds it).
+    let observer = subnet.replace(".0/", ".250/");
+    run_ok(Command::new("ip").args(["-n", &ns("a2"), "addr", "add", &observer, "dev", &bridge]))
+        .unwrap();
+
+    // Three VMs from the depot image with a deadline: one at site a, two at site b.
+    let created = Instant::now();
+    let a_vms = cli
+        .json(&[
+            "vm",
+            "create",
+            "web",
+            "--violin",
+            "lab",
+            "--image",
+            "guest",
+            "--site",
+            "a",
+            "--ready-by",
+            "120",
+        ])
+        .unwrap_or_else(|e| panic!("vm create web: {e}\n{}", log_text(&mgr_log)));
+    let b_vms = cli
+        .json(&[
+            "vm",
+            "create",
+            "node",
+            "--violin",
+            "lab",
+            "--image",
+            "guest",
+            "--site",
+            "b",
+            "--ready-by",
+            "180",
+            "--count",
+            "2",
+        ])
+        .unwrap_or_else(|e| panic!("vm create node: {e}\n{}", log_text(&mgr_log)));
+    eprintln!(
+        "created in {:.1} s: {a_vms}\n{b_vms}",
+        created.elapsed().as_secs_f64()
+    );
+    let vms: Vec<(String, String, String)> = a_vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(b_vms.as_array().unwrap())
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["host"].as_str().unwrap().to_owned(),
+                v["ip"].as_str().expect("an address").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(vms.len(), 3);
+    assert!(vms[0].1.starts_with('a') && vms[1].1.starts_with('b') && vms[2].1.starts_with('b'));
+    for (name, host, ip) in &vms {
+        // Its address by DHCP from the overlay on its host, then HTTP from a2 (site a).
+        wait_until(
+            &format!("{name} leases {ip}"),
+            Duration::from_secs(120),
+            || console_ready_ip(&console, name).is_some_and(|got| &got == ip),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; console: {:?}",
+                std::fs::read_to_string(console.join(format!("{name}.log")))
+            )
+        });
+        wait_until(
+            &format!("{name} answers at {ip}"),
+            Duration::from_secs(60),
+            || viola_labtests::guest_http(&lab, "a2", ip, "info").is_ok(),
+        )
+        .unwrap();
+        eprintln!(
+            "{name} at {host} answers at {ip} {:.1} s after the first create",
+            created.elapsed().as_secs_f64()
+        );
+    }
+    let listed = cli.json(&["vm", "list"]).unwrap();
+    for (name, _, ip) in &vms {
+        let v = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{name} not listed: {listed}"));
+        assert_eq!(v["violin"], "lab");
+        assert_eq!(v["ip"], ip.as_str());
+    }
+
+    // An impossible deadline: refused at once, nothing made.
+    let late = cli.json(&[
+        "vm",
+        "create",
+        "late",
+        "--violin",
+        "lab",
+        "--image",
+        "guest",
+        "--site",
+        "b",
+        "--ready-by",
+        "0",
+    ]);
+    let err = late.expect_err("a deadline of 0 s cannot be met");
+    assert!(err.contains("cannot be ready"), "{err}");
+    for h in ["b1", "b2"] {
+        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
+        assert!(!all.contains("late"), "{h}: {all}");
+        assert!(!Path::new(&lab.host(h).images).join("late.qcow2").exists());
+    }
+
+    // A created VM moves across sites with nothing configured by hand.
+    let (web, web_host, web_ip) = vms[0].clone();
+    let out =
+        run(&mut cli.cmd(&["vm", "migrate", &web, "--to", "b2", "--timeout-s", "240"])).unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.domain_state("b2", &web).as_deref(), Some("running"));
+    assert!(lab.domain_state(&web_host, &web).is_none());
+    wait_until(
+        &format!("{web} answers at b2"),
+        Duration::from_secs(30),
+        || viola_labtests::guest_http(&lab, "a2", &web_ip, "info").is_ok(),
+    )
+    .unwrap();
+
+    // Delete: refused while it has VMs; with --force nothing is left anywhere.
+    let refused = cli.json(&["violin", "delete", "lab"]);
+    assert!(refused.is_err_and(|e| e.contains("--force")));
+    cli.json(&["violin", "delete", "lab", "--force"])
+        .unwrap_or_else(|e| panic!("violin delete: {e}\n{}", log_text(&mgr_log)));
+    for h in HOSTS {
+        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
+        for (name, _, _) in &vms {
+            assert!(
+                !all.lines().any(|l| l.trim() == name),
+                "{name} still defined at {h}"
+            );
+            assert!(
+                !Path::new(&lab.host(h).images)
+                    .join(format!("{name}.qcow2"))
+                    .exists(),
+                "{name}'s disk still at {h}"
+            );
+        }
+        let shown = run(Command::new("ip").args(["-n", &ns(h), "link", "show", &bridge]));
+        assert!(
+            shown.is_ok_and(|o| !o.status.success()),
+            "{bridge} still at {h}"
+        );
+        let status = run_ok(
+            Command::new(bin("viola-overlay"))
+                .args(["status", "--json", "--socket"])
+                .arg(dir.join(format!("overlay-{h}.sock"))),
+        )
+        .unwrap();
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["switch"]["violins"], serde_json::json!([]), "{h}");
+    }
+    assert_eq!(
+        cli.json(&["violin", "list"]).unwrap(),
+        serde_json::json!([])
+    );
+    let left = cli.json(&["vm", "list"]).unwrap();
+    assert!(
+        left.as_array()
+            .unwrap()
+            .iter()
+            .all(|v| !vms.iter().any(|(n, _, _)| v["name"] == n.as_str())),
+        "{left}"
+    );
+    drop(daemons);
+}
