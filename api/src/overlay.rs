@@ -228,6 +228,13 @@ pub struct ViolinStatus {
     pub members: Vec<String>,
     /// MAC table.
     pub macs: Vec<MacStatus>,
+    /// The violin's IPv4 subnet, if it has one (the daemon answers DHCP for its managed VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// Set at run time by a control request (`set_violin`, kept in the daemon's state file);
+    /// false: from the daemon's TOML configuration.
+    #[serde(default)]
+    pub runtime: bool,
 }
 
 /// One MAC table entry.
@@ -282,6 +289,19 @@ pub struct Counters {
     /// TCP SYNs from local guests whose MSS was lowered to fit one datagram.
     #[serde(default)]
     pub mss_clamped: u64,
+    /// DHCP offers sent to managed VMs.
+    #[serde(default)]
+    pub dhcp_offers: u64,
+    /// DHCP acknowledgements sent to managed VMs.
+    #[serde(default)]
+    pub dhcp_acks: u64,
+    /// DHCP refusals (NAK: a managed VM asked for an address other than its own).
+    #[serde(default)]
+    pub dhcp_naks: u64,
+    /// DHCP messages to the broadcast or server address from clients that are not managed
+    /// VMs of the violin (no lease from the overlay; broadcast ones go their usual way).
+    #[serde(default)]
+    pub dhcp_unknown_client: u64,
     /// Drops by reason (snake_case); a reason appears once it happened.
     pub drops: BTreeMap<String, u64>,
 }
@@ -289,7 +309,7 @@ pub struct Counters {
 impl Counters {
     /// Every counter but the drops, by name (the names of the status' JSON fields).
     #[must_use]
-    pub fn events(&self) -> [(&'static str, u64); 16] {
+    pub fn events(&self) -> [(&'static str, u64); 20] {
         [
             ("tap_frames", self.tap_frames),
             ("datagrams_out", self.datagrams_out),
@@ -307,6 +327,10 @@ impl Counters {
             ("relayed", self.relayed),
             ("learning_refused", self.learning_refused),
             ("mss_clamped", self.mss_clamped),
+            ("dhcp_offers", self.dhcp_offers),
+            ("dhcp_acks", self.dhcp_acks),
+            ("dhcp_naks", self.dhcp_naks),
+            ("dhcp_unknown_client", self.dhcp_unknown_client),
         ]
     }
 }
@@ -436,6 +460,8 @@ mod tests {
                         age_s: 0.5,
                         ip: Some(Ipv4Addr::new(10, 1, 0, 5)),
                     }],
+                    subnet: Some("10.1.0.0/24".into()),
+                    runtime: true,
                 }],
                 counters: Counters {
                     relayed: 3,

@@ -15,6 +15,9 @@
 //! mac_learn_rate = 100                # new MACs per second from the local TAP (burst 2x)
 //! mss_clamp = true                    # lower TCP SYNs' MSS so full segments fit one datagram
 //! expect_move_ttl_s = 600             # how long an announced move stays expected
+//! dhcp_mtu = true                     # DHCP answers to managed VMs carry option 26 = mtu
+//! state_file = "/var/lib/viola/overlay-violins.json" # optional: keep run-time violins
+//!                                     # (set_violin/remove_violin) across restarts
 //!
 //! [[peers]]
 //! addr = "198.18.2.11:4500"
@@ -24,6 +27,7 @@
 //! name = "blue"
 //! allowed = ["*"]                     # `site/host`, `site/*` or `*`
 //! vms = [{ mac = "52:54:00:00:00:05", ip = "10.1.0.5", host = "a/a1" }] # managed VMs
+//! subnet = "10.1.0.0/24"              # optional: answer DHCP for the managed VMs
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -91,6 +95,14 @@ pub struct OverlayConfig {
     /// moves only while expected, so this must outlast the longest migration; while it lasts,
     /// the expected host may claim the VM even if the migration was abandoned.
     pub expect_move_ttl_s: u64,
+    /// The DHCP answers to managed VMs carry the interface MTU (option 26) = `mtu`. Guests
+    /// that take it (busybox's `udhcpc` script does, systemd-networkd only with `UseMTU=yes`)
+    /// set their MTU to the bridge's.
+    pub dhcp_mtu: bool,
+    /// Where the violins set at run time by control requests (`set_violin`, `remove_violin`)
+    /// are kept as JSON, rewritten after each change and restored at start; a corrupt file
+    /// stops the start. None (default): they last until the daemon stops.
+    pub state_file: Option<PathBuf>,
     /// Peers to connect to.
     pub peers: Vec<PeerConfig>,
     /// Violins this host is a member of.
@@ -120,6 +132,8 @@ impl Default for OverlayConfig {
             mac_learn_rate: 100,
             mss_clamp: true,
             expect_move_ttl_s: 600,
+            dhcp_mtu: true,
+            state_file: None,
             peers: Vec::new(),
             violins: Vec::new(),
         }
@@ -153,6 +167,10 @@ pub struct ViolinEntry {
     /// is answered from this table and cannot be changed by guests.
     #[serde(default)]
     pub vms: Vec<VmEntry>,
+    /// The violin's IPv4 subnet (`10.1.0.0/24`): with it, the daemon answers DHCP for the
+    /// managed VMs on its TAP.
+    #[serde(default)]
+    pub subnet: Option<String>,
 }
 
 fn all_hosts() -> Vec<String> {
@@ -174,6 +192,25 @@ pub struct VmEntry {
 }
 
 impl ViolinEntry {
+    /// The violin as the control plane would describe it.
+    pub fn spec(&self) -> viola_api::overlay::ViolinSpec {
+        viola_api::overlay::ViolinSpec {
+            id: self.id,
+            name: self.name.clone(),
+            allowed: self.allowed.clone(),
+            subnet: self.subnet.clone(),
+            vms: self
+                .vms
+                .iter()
+                .map(|vm| viola_api::overlay::ManagedVmSpec {
+                    mac: vm.mac.clone(),
+                    ip: vm.ip,
+                    host: vm.host.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// The bridge name.
     pub fn bridge_name(&self) -> String {
         self.bridge
@@ -211,6 +248,9 @@ mod tests {
         assert_eq!(cfg.violins[0].tap_name(), "vio1t");
         assert_eq!(cfg.violins[0].allowed, vec!["*"]);
         assert_eq!(cfg.mtu, 1500);
+        assert_eq!(cfg.state_file, None);
+        assert!(cfg.dhcp_mtu);
+        assert_eq!(cfg.violins[0].spec().vms[0].mac, "52:54:00:00:00:05");
         assert_eq!(cfg.cpu_wake_latency_us, None);
         assert_eq!(cfg.busy_poll_us, 300);
         let off: OverlayConfig = toml::from_str("busy_poll_us = 0").unwrap();

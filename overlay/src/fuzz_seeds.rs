@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::control::{self, ControlMsg, PeerAddr};
+use crate::dhcp::{self, MessageType};
 use crate::wire::{self, BROADCAST, Nd, ViolinId};
 
 fn check(target: &str, seeds: &[(&str, Vec<u8>)], run: fn(&[u8])) {
@@ -166,5 +167,37 @@ fn fuzz_seeds() {
         "reassembly",
         &[("roundtrip", roundtrip), ("interleaved", interleaved)],
         crate::reassembly::fuzz_reassemble,
+    );
+
+    // DHCP: a client's frames, and a bare message with every option this module knows.
+    let server = Ipv4Addr::new(10, 7, 0, 1);
+    let client = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+    let discover = dhcp::tests::client_frame(client, MessageType::Discover, None, None);
+    let request = dhcp::tests::client_frame(
+        client,
+        MessageType::Request,
+        Some(Ipv4Addr::new(10, 7, 0, 10)),
+        Some(server),
+    );
+    let mut ack = dhcp::parse_client_frame(&request).unwrap().msg;
+    ack.op = 2;
+    ack.options = dhcp::Options {
+        msg_type: Some(MessageType::Ack),
+        requested_ip: None,
+        server_id: Some(server),
+        lease_time: Some(3600),
+        renewal_time: Some(1800),
+        rebinding_time: Some(3150),
+        subnet_mask: Some(Ipv4Addr::new(255, 255, 255, 0)),
+        mtu: Some(1500),
+    };
+    check(
+        "dhcp",
+        &[
+            ("discover_frame", discover),
+            ("request_frame", request),
+            ("ack_message", ack.encode()),
+        ],
+        dhcp::fuzz_parse,
     );
 }

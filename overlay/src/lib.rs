@@ -5,6 +5,8 @@
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
 //! - [`mss`]: TCP MSS clamping, so that full segments fit one datagram.
+//! - [`dhcp`]: DHCPv4 formats for the switch's answers to managed VMs.
+//! - [`spec`]: checking the control plane's violins, and the state file keeping them.
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
 //! - [`sparse`], [`local_runtime`]: keeping the sparse-packet path short (see each module).
 //! - [`cpu_latency`]: the optional CPU wake-up latency request (PM QoS) for the lowest RTT.
@@ -41,8 +43,10 @@ macro_rules! labelled_enum {
 }
 
 pub mod control;
+pub mod dhcp;
 pub mod mss;
 pub mod reassembly;
+pub mod spec;
 pub mod switch;
 pub mod wire;
 

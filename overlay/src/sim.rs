@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::HostId;
 use crate::control::ControlMsg;
+use crate::dhcp::{self, MessageType, Subnet};
 use crate::switch::{
     DropReason, HostPattern, Location, ManagedVm, Output, Switch, SwitchConfig, ViolinConfig,
     tap_buffer, test_frame,
@@ -81,16 +82,22 @@ impl Sim {
     }
 
     fn violin_with_vms(&mut self, host: &str, id: u32, allowed: &[&str], vms: Vec<ManagedVm>) {
-        let mut out = Vec::new();
-        self.sw(host).add_violin(
+        self.set_violin(
+            host,
             ViolinConfig {
                 id: v(id),
                 name: format!("v{id}"),
                 allowed: allowed.iter().map(|p| HostPattern::new(p)).collect(),
                 vms,
+                subnet: None,
             },
-            &mut out,
         );
+    }
+
+    /// Adds the violin to `host`, or replaces its settings there.
+    fn set_violin(&mut self, host: &str, cfg: ViolinConfig) {
+        let mut out = Vec::new();
+        self.sw(host).add_violin(cfg, &mut out);
         self.push(host, out);
         self.run();
     }
@@ -964,4 +971,239 @@ fn tcp_syns_from_guests_get_an_mss_that_fits_the_path() {
     );
     assert_eq!(s.datagrams_on_links.values().sum::<usize>(), 1);
     assert_eq!(s.sw("a/a1").counters().fragmented, 0);
+}
+
+/// a1 and b1 in violin 7 (subnet 10.7.0.0/24) with managed VMs `mac(10)` at 10.7.0.10 and
+/// `mac(11)` at 10.7.0.11, both on a1.
+fn dhcp_violin(vms: &[(u8, [u8; 4])]) -> ViolinConfig {
+    ViolinConfig {
+        id: v(7),
+        name: "lab".into(),
+        allowed: vec![HostPattern::new("*")],
+        vms: vms
+            .iter()
+            .map(|(n, ip)| ManagedVm {
+                mac: mac(*n),
+                ip: Ipv4Addr::from(*ip),
+                host: Some(h("a/a1")),
+            })
+            .collect(),
+        subnet: Some(Subnet::parse("10.7.0.0/24").unwrap()),
+    }
+}
+
+fn dhcp_pair() -> Sim {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    let cfg = dhcp_violin(&[(10, [10, 7, 0, 10]), (11, [10, 7, 0, 11])]);
+    s.set_violin("a/a1", cfg.clone());
+    s.set_violin("b/b1", cfg);
+    s.clear();
+    s
+}
+
+/// The one DHCP reply delivered to a1's TAP of violin 7: (Ethernet dst, IPv4 dst, message).
+fn dhcp_reply(s: &mut Sim) -> (Mac, Ipv4Addr, dhcp::Message) {
+    let frames = s.take("a/a1", 7);
+    assert_eq!(frames.len(), 1, "one reply: {frames:?}");
+    dhcp::tests::server_reply(&frames[0])
+}
+
+#[test]
+fn a_managed_vm_gets_its_address_by_dhcp_from_its_own_host() {
+    let mut s = dhcp_pair();
+    let server = Ipv4Addr::new(10, 7, 0, 1);
+    let ip = Ipv4Addr::new(10, 7, 0, 10);
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
+    );
+    let (dst, to, offer) = dhcp_reply(&mut s);
+    assert_eq!((dst, to), (mac(10), ip), "unicast to chaddr and yiaddr");
+    assert_eq!(offer.op, 2);
+    assert_eq!(offer.xid, 0x1234_5678);
+    assert_eq!(offer.yiaddr, ip);
+    assert_eq!(offer.options.msg_type, Some(MessageType::Offer));
+    assert_eq!(offer.options.server_id, Some(server));
+    assert_eq!(
+        offer.options.subnet_mask,
+        Some(Ipv4Addr::new(255, 255, 255, 0))
+    );
+    assert_eq!(offer.options.lease_time, Some(3600));
+    assert_eq!(offer.options.renewal_time, Some(1800));
+    assert_eq!(offer.options.rebinding_time, Some(3150));
+    assert!(s.take("b/b1", 7).is_empty(), "the DISCOVER stays on a1");
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(10), MessageType::Request, Some(ip), Some(server)),
+    );
+    let (_, _, ack) = dhcp_reply(&mut s);
+    assert_eq!(ack.options.msg_type, Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr, ip);
+    assert!(s.take("b/b1", 7).is_empty(), "the REQUEST stays on a1");
+    let c = s.sw("a/a1").counters().clone();
+    assert_eq!((c.dhcp_offers, c.dhcp_acks, c.dhcp_naks), (1, 1, 0));
+
+    // The server's address resolves (renewals are unicast to it), from a1's TAP only.
+    let arp = Arp {
+        op: 1,
+        sha: mac(10),
+        spa: ip.octets(),
+        tha: [0; 6],
+        tpa: server.octets(),
+    };
+    s.tap("a/a1", 7, &wire::build_arp(BROADCAST, mac(10), &arp));
+    let answers = s.take("a/a1", 7);
+    assert_eq!(answers.len(), 1);
+    let reply = wire::parse_arp(&answers[0]).unwrap();
+    assert_eq!((reply.op, reply.spa), (2, server.octets()));
+    assert_eq!(reply.sha, crate::switch::dhcp_server_mac(v(7)));
+    // A renewal unicast to the server is answered unicast to the client's address.
+    let mut renew = dhcp::tests::client_frame(mac(10), MessageType::Request, None, None);
+    let mut msg = dhcp::parse_client_frame(&renew).unwrap().msg;
+    msg.ciaddr = ip;
+    renew = dhcp::build_server_frame(reply.sha, mac(10), ip, server, &msg);
+    renew[34..38].copy_from_slice(&[0, 68, 0, 67]);
+    s.tap("a/a1", 7, &renew);
+    let (dst, to, ack) = dhcp_reply(&mut s);
+    assert_eq!((dst, to), (mac(10), ip));
+    assert_eq!(
+        (ack.options.msg_type, ack.ciaddr),
+        (Some(MessageType::Ack), ip)
+    );
+}
+
+#[test]
+fn a_request_for_another_address_gets_a_nak() {
+    let mut s = dhcp_pair();
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(
+            mac(10),
+            MessageType::Request,
+            Some(Ipv4Addr::new(10, 7, 0, 99)),
+            None,
+        ),
+    );
+    let (dst, to, nak) = dhcp_reply(&mut s);
+    assert_eq!(
+        (dst, to),
+        (BROADCAST, Ipv4Addr::BROADCAST),
+        "a NAK is broadcast"
+    );
+    assert_eq!(nak.options.msg_type, Some(MessageType::Nak));
+    assert_eq!(nak.yiaddr, Ipv4Addr::UNSPECIFIED);
+    assert_eq!(nak.options.lease_time, None);
+    assert_eq!(s.sw("a/a1").counters().dhcp_naks, 1);
+    assert!(s.take("b/b1", 7).is_empty());
+}
+
+#[test]
+fn unknown_clients_get_no_lease_and_their_dhcp_is_flooded() {
+    let mut s = dhcp_pair();
+    let stranger = mac(99);
+    let discover = dhcp::tests::client_frame(stranger, MessageType::Discover, None, None);
+    s.tap("a/a1", 7, &discover);
+    assert!(s.take("a/a1", 7).is_empty(), "no answer from the overlay");
+    assert_eq!(s.take("b/b1", 7), vec![Bytes::from(discover)], "flooded");
+    // A guest naming a managed VM's MAC as chaddr from its own MAC gets nothing either.
+    let mut forged = dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None);
+    forged[6..12].copy_from_slice(&stranger);
+    s.tap("a/a1", 7, &forged);
+    assert!(s.take("a/a1", 7).is_empty());
+    assert_eq!(s.take("b/b1", 7).len(), 1);
+    let c = s.sw("a/a1").counters().clone();
+    assert_eq!(c.dhcp_unknown_client, 2);
+    assert_eq!((c.dhcp_offers, c.dhcp_acks, c.dhcp_naks), (0, 0, 0));
+    assert!(c.drops.is_empty(), "not drops: {:?}", c.drops);
+}
+
+#[test]
+fn a_violin_without_a_subnet_leaves_dhcp_alone() {
+    let mut s = mesh_in_violin_1(&["a/a1", "b/b1"], 1414);
+    s.clear();
+    s.tap(
+        "a/a1",
+        1,
+        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
+    );
+    assert!(s.take("a/a1", 1).is_empty());
+    assert_eq!(s.take("b/b1", 1).len(), 1);
+    assert_eq!(s.sw("a/a1").counters().dhcp_unknown_client, 0);
+}
+
+#[test]
+fn a_changed_violin_spec_takes_effect_in_place() {
+    let mut s = dhcp_pair();
+    // mac(10) speaks up at a1: learned, sequence 1, home a1.
+    s.tap("a/a1", 7, &test_frame(BROADCAST, mac(10), IP, 60, 0));
+    s.tap("a/a1", 7, &test_frame(BROADCAST, mac(11), IP, 60, 0));
+    assert_eq!(s.loc("b/b1", 7, mac(10)), Some(Location::Remote(h("a/a1"))));
+    s.clear();
+    // mac(10) removed, mac(12) added, the violin renamed.
+    let mut cfg = dhcp_violin(&[(11, [10, 7, 0, 11]), (12, [10, 7, 0, 12])]);
+    cfg.name = "renamed".into();
+    s.set_violin("a/a1", cfg.clone());
+    s.set_violin("b/b1", cfg);
+    assert!(s.take("b/b1", 7).is_empty());
+    let now = s.now;
+    let status = s.sw("a/a1").status(now);
+    assert_eq!(status.violins[0].name, "renamed");
+    assert_eq!(status.violins[0].subnet.as_deref(), Some("10.7.0.0/24"));
+    // The removed VM gets no lease; its DISCOVER goes out like anyone's.
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
+    );
+    assert!(s.take("a/a1", 7).is_empty());
+    assert_eq!(s.take("b/b1", 7).len(), 1);
+    // ... nor is ARP for its old address answered from the table.
+    let arp = Arp {
+        op: 1,
+        sha: mac(1),
+        spa: [10, 7, 0, 50],
+        tha: [0; 6],
+        tpa: [10, 7, 0, 10],
+    };
+    s.tap("b/b1", 7, &wire::build_arp(BROADCAST, mac(1), &arp));
+    assert!(
+        s.take("b/b1", 7).is_empty(),
+        "b1 no longer answers for 10.7.0.10"
+    );
+    s.clear();
+    // The VM kept keeps its lease, its MAC entry and sequence number; the new one gets one.
+    assert_eq!(
+        s.sw("a/a1").lookup(v(7), &mac(11)),
+        Some((Location::Local, 1))
+    );
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(11), MessageType::Discover, None, None),
+    );
+    assert_eq!(dhcp_reply(&mut s).2.yiaddr, Ipv4Addr::new(10, 7, 0, 11));
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(12), MessageType::Discover, None, None),
+    );
+    assert_eq!(dhcp_reply(&mut s).2.yiaddr, Ipv4Addr::new(10, 7, 0, 12));
+    // The new VM's home is a1: b1 refuses it from elsewhere.
+    s.tap("b/b1", 7, &test_frame(BROADCAST, mac(12), IP, 60, 0));
+    assert_eq!(s.drops("b/b1", DropReason::SpoofedSource), 1);
+    // Removed from the subnet: no DHCP at all.
+    let mut cfg = dhcp_violin(&[(11, [10, 7, 0, 11])]);
+    cfg.subnet = None;
+    s.set_violin("a/a1", cfg);
+    s.clear();
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(11), MessageType::Discover, None, None),
+    );
+    assert!(s.take("a/a1", 7).is_empty());
+    assert_eq!(s.take("b/b1", 7).len(), 1);
 }

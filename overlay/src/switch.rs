@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::HostId;
 use crate::control::ControlMsg;
+use crate::dhcp::{self, MessageType, Subnet};
 use crate::reassembly::{Reassembler, ReassemblyLimits};
 use crate::wire::{
     self, Arp, BROADCAST, Datagram, ETHERTYPE_ARP, FRAME_HEADER_LEN, Mac, Nd, ViolinId,
@@ -55,6 +56,10 @@ pub struct SwitchConfig {
     /// Lower the MSS of TCP SYNs from the local TAP so full segments fit one datagram on the
     /// way they take ([`crate::mss`]).
     pub mss_clamp: bool,
+    /// Lease time of the DHCP answers to managed VMs (T1 half of it, T2 seven eighths).
+    pub dhcp_lease: Duration,
+    /// Interface MTU (option 26) in the DHCP answers; None: not sent.
+    pub dhcp_mtu: Option<u16>,
 }
 
 /// Bounds on learned (unmanaged) MACs; managed VMs are exempt (the configuration bounds them).
@@ -120,6 +125,8 @@ impl Default for SwitchConfig {
             sweep_interval: Duration::from_millis(250),
             learning: LearningLimits::default(),
             mss_clamp: true,
+            dhcp_lease: Duration::from_secs(3600),
+            dhcp_mtu: None,
         }
     }
 }
@@ -239,6 +246,9 @@ pub struct ViolinConfig {
     pub allowed: Vec<HostPattern>,
     /// VMs the control plane manages in this violin.
     pub vms: Vec<ManagedVm>,
+    /// The violin's IPv4 subnet: with it, DHCP from managed VMs on the local TAP is answered
+    /// here (each gets its configured address) and ARP for the server's address too.
+    pub subnet: Option<Subnet>,
 }
 
 /// A VM whose addresses the control plane knows: its MAC is accepted only from its home and
@@ -397,6 +407,23 @@ impl Violin {
     }
 }
 
+/// What the switch does with a DHCP client message from its TAP.
+enum DhcpVerdict {
+    /// Not for us: switched like any frame.
+    Forward,
+    /// Taken, no answer.
+    Consumed,
+    /// Taken, this frame goes back to the TAP.
+    Answer(Vec<u8>),
+}
+
+/// The MAC the DHCP server of `violin` answers from (and its address resolves to), locally
+/// administered: `02:76:64` and the violin's id. Seen only on the local bridge.
+pub fn dhcp_server_mac(violin: ViolinId) -> Mac {
+    let [_, a, b, c] = violin.get().to_be_bytes();
+    [0x02, 0x76, 0x64, a, b, c]
+}
+
 /// IPv6 addresses remembered per managed VM (its link-local and a few global ones).
 const ND_ADDRESSES_PER_VM: usize = 16;
 
@@ -454,36 +481,26 @@ impl Switch {
         &self.me
     }
 
-    /// Makes this host a member of a violin and tells connected peers.
+    /// Makes this host a member of a violin and tells connected peers; if it already is,
+    /// replaces the violin's settings in place ([`Self::update_violin`]).
     pub fn add_violin(&mut self, cfg: ViolinConfig, out: &mut Vec<Output>) {
-        let arp = cfg.vms.iter().map(|vm| (vm.ip, (vm.mac, true))).collect();
-        let nd = cfg
-            .vms
-            .iter()
-            .map(|vm| (wire::eui64_link_local(&vm.mac), vm.mac))
-            .collect();
-        let managed = cfg
-            .vms
-            .iter()
-            .map(|vm| {
-                let home = vm.host.as_ref().map(|h| {
-                    if *h == self.me {
-                        Location::Local
-                    } else {
-                        Location::Remote(h.clone())
-                    }
-                });
-                (vm.mac, Managed { home, left: None })
-            })
-            .collect();
+        if self.violins.contains_key(&cfg.id) {
+            self.update_violin(cfg);
+            return;
+        }
+        let id = cfg.id;
         self.violins.insert(
-            cfg.id,
+            id,
             Violin {
-                cfg,
+                cfg: ViolinConfig {
+                    vms: Vec::new(),
+                    subnet: None,
+                    ..cfg.clone()
+                },
                 macs: HashMap::new(),
-                managed,
-                arp,
-                nd,
+                managed: HashMap::new(),
+                arp: HashMap::new(),
+                nd: HashMap::new(),
                 expected: HashMap::new(),
                 moved_away: HashMap::new(),
                 learned: HashMap::new(),
@@ -491,7 +508,50 @@ impl Switch {
                 local_learning: TokenBucket::default(),
             },
         );
+        self.update_violin(cfg);
         self.broadcast_membership(out);
+    }
+
+    /// Replaces the settings of a violin this host is a member of (name, allowed hosts,
+    /// managed VMs, subnet) without leaving it. Managed VMs no longer listed lose their ARP,
+    /// ND and home entries (their MACs become ordinary learned ones); new ones get them; those
+    /// still listed keep their home. Learned MACs and their sequence numbers stay. Returns
+    /// whether the violin exists. Nothing is sent: membership does not change, and the
+    /// allowed hosts are checked on every frame.
+    pub fn update_violin(&mut self, cfg: ViolinConfig) -> bool {
+        let me = self.me.clone();
+        let Some(v) = self.violins.get_mut(&cfg.id) else {
+            return false;
+        };
+        let listed: HashMap<Mac, &ManagedVm> = cfg.vms.iter().map(|vm| (vm.mac, vm)).collect();
+        v.managed.retain(|mac, _| listed.contains_key(mac));
+        v.nd.retain(|_, mac| listed.contains_key(mac));
+        for vm in &cfg.vms {
+            v.managed.entry(vm.mac).or_insert_with(|| {
+                let home = vm.host.as_ref().map(|h| {
+                    if *h == me {
+                        Location::Local
+                    } else {
+                        Location::Remote(h.clone())
+                    }
+                });
+                Managed { home, left: None }
+            });
+            v.nd.entry(wire::eui64_link_local(&vm.mac))
+                .or_insert(vm.mac);
+        }
+        // The static ARP entries are the table's: the VMs' addresses and the DHCP server's.
+        v.arp.retain(|_, (_, is_static)| !*is_static);
+        for vm in &cfg.vms {
+            v.arp.insert(vm.ip, (vm.mac, true));
+        }
+        if let Some(subnet) = &cfg.subnet {
+            v.arp
+                .insert(subnet.server(), (dhcp_server_mac(cfg.id), true));
+        }
+        v.cfg = cfg;
+        v.recount_learned();
+        true
     }
 
     /// Leaves a violin and tells connected peers.
@@ -763,6 +823,20 @@ impl Switch {
         {
             v.note_nd_claims(src, nd);
         }
+        if dhcp::is_client_frame(frame) {
+            match self.answer_dhcp(violin_id, src, frame) {
+                DhcpVerdict::Forward => {}
+                DhcpVerdict::Consumed => return,
+                DhcpVerdict::Answer(reply) => {
+                    self.counters.delivered += 1;
+                    out.push(Output::Deliver {
+                        violin: violin_id,
+                        frame: Bytes::from(reply),
+                    });
+                    return;
+                }
+            }
+        }
         if ethertype == ETHERTYPE_ARP
             && let Some(arp) = arp
             && arp.op == 1
@@ -933,6 +1007,114 @@ impl Switch {
             self.send_control(&h, msg.clone(), out);
         }
         Ok(())
+    }
+
+    /// What becomes of a DHCP client message from `src` on the local TAP (see
+    /// [`crate::dhcp`]). Answered here: messages of a managed VM (`chaddr` is the frame's
+    /// source and listed in `vms`) of a violin with a subnet, sent to the broadcast address or
+    /// the server's. Everyone else's go their usual way (there may be a DHCP server in the
+    /// violin), counted as `dhcp_unknown_client`.
+    fn answer_dhcp(&mut self, violin_id: ViolinId, src: Mac, frame: &[u8]) -> DhcpVerdict {
+        let Some(v) = self.violins.get(&violin_id) else {
+            return DhcpVerdict::Forward;
+        };
+        let Some(subnet) = v.cfg.subnet else {
+            return DhcpVerdict::Forward;
+        };
+        let Some(req) = dhcp::parse_client_frame(frame) else {
+            return DhcpVerdict::Forward;
+        };
+        let server = subnet.server();
+        let to_us = req.dst_ip == server;
+        if !(to_us || req.dst_ip == Ipv4Addr::BROADCAST) || !req.msg.giaddr.is_unspecified() {
+            return DhcpVerdict::Forward;
+        }
+        let vm = v
+            .cfg
+            .vms
+            .iter()
+            .find(|vm| vm.mac == req.msg.chaddr && vm.mac == src)
+            .map(|vm| vm.ip);
+        let Some(vm_ip) = vm else {
+            self.counters.dhcp_unknown_client += 1;
+            // Only we are at the server's address: nobody else would answer.
+            return if to_us {
+                DhcpVerdict::Consumed
+            } else {
+                DhcpVerdict::Forward
+            };
+        };
+        let o = &req.msg.options;
+        let reply_type = match o.msg_type {
+            Some(MessageType::Discover) => MessageType::Offer,
+            Some(MessageType::Request) if o.server_id.is_some_and(|s| s != server) => {
+                // It took another server's offer (it cannot have had one from us).
+                return DhcpVerdict::Consumed;
+            }
+            Some(MessageType::Request) => {
+                let asked = o
+                    .requested_ip
+                    .or((!req.msg.ciaddr.is_unspecified()).then_some(req.msg.ciaddr));
+                if asked == Some(vm_ip) {
+                    MessageType::Ack
+                } else {
+                    MessageType::Nak
+                }
+            }
+            // Release, decline, inform: nothing to do for a fixed address.
+            _ => return DhcpVerdict::Consumed,
+        };
+        let nak = reply_type == MessageType::Nak;
+        let lease = u32::try_from(self.cfg.dhcp_lease.as_secs()).unwrap_or(u32::MAX);
+        let granted = (!nak).then_some(lease);
+        let reply = dhcp::Message {
+            op: 2,
+            xid: req.msg.xid,
+            secs: 0,
+            flags: req.msg.flags,
+            ciaddr: if reply_type == MessageType::Ack {
+                req.msg.ciaddr
+            } else {
+                Ipv4Addr::UNSPECIFIED
+            },
+            yiaddr: if nak { Ipv4Addr::UNSPECIFIED } else { vm_ip },
+            siaddr: Ipv4Addr::UNSPECIFIED,
+            giaddr: Ipv4Addr::UNSPECIFIED,
+            chaddr: req.msg.chaddr,
+            options: dhcp::Options {
+                msg_type: Some(reply_type),
+                server_id: Some(server),
+                lease_time: granted,
+                renewal_time: granted.map(|l| l / 2),
+                rebinding_time: granted.map(|l| (u64::from(l) * 7 / 8) as u32),
+                subnet_mask: (!nak).then(|| subnet.mask()),
+                mtu: if nak { None } else { self.cfg.dhcp_mtu },
+                requested_ip: None,
+            },
+        };
+        // RFC 2131 4.1: a NAK is broadcast; a renewing client (ciaddr) is unicast; else the
+        // broadcast flag decides; else unicast to chaddr and yiaddr.
+        let (dst_mac, dst_ip) = if nak {
+            (BROADCAST, Ipv4Addr::BROADCAST)
+        } else if !req.msg.ciaddr.is_unspecified() {
+            (req.msg.chaddr, req.msg.ciaddr)
+        } else if req.msg.flags & dhcp::FLAG_BROADCAST != 0 {
+            (BROADCAST, Ipv4Addr::BROADCAST)
+        } else {
+            (req.msg.chaddr, vm_ip)
+        };
+        match reply_type {
+            MessageType::Offer => self.counters.dhcp_offers += 1,
+            MessageType::Ack => self.counters.dhcp_acks += 1,
+            _ => self.counters.dhcp_naks += 1,
+        }
+        DhcpVerdict::Answer(dhcp::build_server_frame(
+            dst_mac,
+            dhcp_server_mac(violin_id),
+            server,
+            dst_ip,
+            &reply,
+        ))
     }
 
     fn answer_arp(&self, violin_id: ViolinId, req: &Arp) -> Option<Vec<u8>> {
@@ -1547,6 +1729,8 @@ impl Switch {
                 .map(|v| ViolinStatus {
                     id: v.cfg.id.get(),
                     name: v.cfg.name.clone(),
+                    subnet: v.cfg.subnet.map(|s| s.to_string()),
+                    runtime: false,
                     members: self.members(v).iter().map(|h| h.to_string()).collect(),
                     macs: {
                         let mut m: Vec<MacStatus> = v
@@ -1636,6 +1820,8 @@ pub fn fuzz_switch(data: &[u8]) {
                     ip: Ipv4Addr::new(10, 0, 0, 9),
                     host: (i == 0).then(|| HostId::from("b/b0")),
                 }],
+                subnet: (i == 0)
+                    .then(|| Subnet::parse("10.0.0.0/24").unwrap_or_else(|_| unreachable!())),
             },
             &mut out,
         );

@@ -72,6 +72,8 @@ fn fake_overlays(
                 name: "lan".into(),
                 members: m.iter().map(|s| (*s).to_owned()).collect(),
                 macs: vec![],
+                subnet: None,
+                runtime: false,
             })
             .into_iter()
             .collect();

@@ -6,6 +6,8 @@
 //! viola-overlay status [--json] [--socket PATH]
 //! viola-overlay expect-move --violin 1 --mac 52:54:00:00:00:05 --host b/b1 [--socket PATH]
 //! viola-overlay status --remote 198.18.1.11:4500 --identity-dir /etc/viola/adaptmgr  # over QUIC
+//! viola-overlay violin set --json violin.json [--socket PATH]   # a ViolinSpec (set_violin)
+//! viola-overlay violin remove 7 [--socket PATH]
 //! ```
 
 use std::net::SocketAddr;
@@ -79,6 +81,32 @@ enum Cmd {
         socket: PathBuf,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Set or remove a violin at run time (kept in the daemon's state file, if it has one).
+    Violin {
+        #[command(subcommand)]
+        command: ViolinCmd,
+        #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum ViolinCmd {
+    /// Make this host a member of a violin, or replace its settings (set_violin).
+    Set {
+        /// A JSON file with the violin: {"id":7,"name":"lab","allowed":["a/*"],
+        /// "subnet":"10.7.0.0/24","vms":[{"mac":"52:54:00:aa:bb:cc","ip":"10.7.0.10"}]}
+        /// ("-": standard input).
+        #[arg(long)]
+        json: PathBuf,
+    },
+    /// Take this host out of a violin set at run time (remove_violin).
+    Remove {
+        /// Violin id.
+        id: u32,
     },
 }
 
@@ -158,9 +186,11 @@ fn format_status(s: &OverlayStatus) -> String {
     for v in &sw.violins {
         let _ = writeln!(
             o,
-            "\nviolin {} {:?}  members {}",
+            "\nviolin {} {:?}  {}  subnet {}  members {}",
             v.id,
             v.name,
+            if v.runtime { "run-time" } else { "configured" },
+            v.subnet.as_deref().unwrap_or("-"),
             json_list(&v.members)
         );
         for m in &v.macs {
@@ -189,6 +219,18 @@ fn format_status(s: &OverlayStatus) -> String {
         let _ = writeln!(o, "  refused_{k:<16} {v}");
     }
     o
+}
+
+/// Prints `ok` for a carried-out request; a refusal is an error.
+fn done(reply: ControlReply) -> anyhow::Result<()> {
+    match reply {
+        ControlReply::Done => {
+            println!("ok");
+            Ok(())
+        }
+        ControlReply::Refused { reason } => anyhow::bail!("{reason}"),
+        ControlReply::Status(_) => anyhow::bail!("unexpected reply from daemon"),
+    }
 }
 
 /// A list as the status JSON shows it (`[1,2]`, `["b/b1"]`).
@@ -260,11 +302,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             remote,
         } => {
             let req = ControlRequest::ExpectMove { violin, mac, host };
-            match ask(&socket, &remote, &req).await? {
-                ControlReply::Done => println!("ok"),
-                ControlReply::Refused { reason } => anyhow::bail!("{reason}"),
-                ControlReply::Status(_) => anyhow::bail!("unexpected reply from daemon"),
-            }
+            done(ask(&socket, &remote, &req).await?)?;
+        }
+        Cmd::Violin {
+            command,
+            socket,
+            remote,
+        } => {
+            let req = match command {
+                ViolinCmd::Set { json } => {
+                    let text = if json.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&json)
+                            .with_context(|| format!("cannot read {}", json.display()))?
+                    };
+                    let violin = serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a violin spec", json.display()))?;
+                    ControlRequest::SetViolin { violin }
+                }
+                ViolinCmd::Remove { id } => ControlRequest::RemoveViolin { violin: id },
+            };
+            done(ask(&socket, &remote, &req).await?)?;
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! The control API (status, expect_move): one typed handler, [`handle`], behind two transports
+//! The control API (status, expect_move, set_violin, remove_violin): one typed handler, [`handle`], behind two transports
 //! with the same JSON lines (see `viola_api::overlay`): the local unix socket, and QUIC with ALPN
 //! `viola-overlay-ctl/1` for the adaptation manager and the CLI (mutual TLS, role `adaptmgr` or
 //! `cli`, checked when the connection is accepted). The clients are in `viola_api::overlay`.
@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::Ctx;
+use super::{Ctx, violins};
 use crate::wire::{self, ViolinId};
 use viola_api::overlay::{ControlReply, ControlRequest};
 
@@ -23,7 +23,7 @@ const MAX_REQUEST: u64 = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Answers one control request.
-pub(super) fn handle(ctx: &Ctx, req: ControlRequest) -> ControlReply {
+pub(super) async fn handle(ctx: &Rc<Ctx>, req: ControlRequest) -> ControlReply {
     match req {
         ControlRequest::Status => ControlReply::Status(Box::new(ctx.status())),
         ControlRequest::ExpectMove { violin, mac, host } => {
@@ -36,10 +36,26 @@ pub(super) fn handle(ctx: &Ctx, req: ControlRequest) -> ControlReply {
                 },
             }
         }
-        ControlRequest::SetViolin { .. } | ControlRequest::RemoveViolin { .. } => {
-            ControlReply::Refused {
-                reason: "violins are configured in this daemon's TOML file".to_owned(),
-            }
+        ControlRequest::SetViolin { violin } => {
+            let id = violin.id;
+            let res = violins::set(ctx, violin);
+            info!(violin = id, ok = res.is_ok(), "set_violin");
+            outcome(res)
+        }
+        ControlRequest::RemoveViolin { violin } => {
+            let res = violins::remove(ctx, violin).await;
+            info!(violin, ok = res.is_ok(), "remove_violin");
+            outcome(res)
+        }
+    }
+}
+
+fn outcome(res: Result<(), String>) -> ControlReply {
+    match res {
+        Ok(()) => ControlReply::Done,
+        Err(reason) => {
+            warn!(%reason, "control request refused");
+            ControlReply::Refused { reason }
         }
     }
 }
@@ -61,9 +77,9 @@ fn expect_move(ctx: &Ctx, violin: u32, mac: &str, host: &str) -> Result<(), &'st
 }
 
 /// Answers one request line with one reply line (newline included).
-fn answer_line(ctx: &Ctx, line: &str) -> String {
+async fn answer_line(ctx: &Rc<Ctx>, line: &str) -> String {
     let reply = match serde_json::from_str::<ControlRequest>(line) {
-        Ok(req) => handle(ctx, req),
+        Ok(req) => handle(ctx, req).await,
         Err(e) => ControlReply::Refused {
             reason: format!("bad request: {e}"),
         },
@@ -104,7 +120,8 @@ pub(super) async fn serve_unix(ctx: Rc<Ctx>, path: PathBuf) {
             else {
                 return;
             };
-            let _ = w.write_all(answer_line(&ctx, &line).as_bytes()).await;
+            let reply = answer_line(&ctx, &line).await;
+            let _ = w.write_all(reply.as_bytes()).await;
         });
     }
     // Each client is answered within its request timeout.
@@ -124,9 +141,8 @@ pub(super) async fn serve_quic(ctx: Rc<Ctx>, conn: quinn::Connection) {
             continue;
         };
         let line = String::from_utf8_lossy(&body);
-        let _ = send
-            .write_all(answer_line(&ctx, line.trim()).as_bytes())
-            .await;
+        let reply = answer_line(&ctx, line.trim()).await;
+        let _ = send.write_all(reply.as_bytes()).await;
         let _ = send.finish();
     }
 }

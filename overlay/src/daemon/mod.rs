@@ -7,6 +7,7 @@
 //! - `switching`: the state the tasks share, carrying out the core's outputs, TAP readers.
 //! - `peers`: the peer book without I/O (known hosts, gossip, what to dial when).
 //! - `links`: accepting, dialing and serving peer connections.
+//! - `violins`: the violins of the TOML file and those set at run time (state file).
 //! - `control`: the control API on the unix socket and over QUIC, and its clients.
 //! - `metrics`: Prometheus export.
 
@@ -16,6 +17,7 @@ mod metrics;
 mod net;
 mod peers;
 mod switching;
+mod violins;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -95,13 +97,21 @@ struct Ctx {
     busy: Arc<BusyPoll>,
     /// Wakes the supervisor when the peer book may have new addresses due.
     dial_due: Notify,
+    /// MTU of the TAPs and bridges.
+    mtu: u32,
+    /// Where run-time violins are kept.
+    state_file: Option<PathBuf>,
 }
 
 impl Ctx {
     fn status(&self) -> OverlayStatus {
         let st = self.state.borrow();
+        let mut switch = st.switch.status(Instant::now());
+        for v in &mut switch.violins {
+            v.runtime = violins::is_runtime(&st.members, v.id);
+        }
         OverlayStatus {
-            switch: st.switch.status(Instant::now()),
+            switch,
             rtt_ms: st
                 .conns
                 .iter()
@@ -170,10 +180,15 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
             },
             mss_clamp: cfg.mss_clamp,
             expect_move_ttl: Duration::from_secs(cfg.expect_move_ttl_s),
+            dhcp_mtu: cfg.dhcp_mtu.then(|| u16::try_from(cfg.mtu).ok()).flatten(),
             ..SwitchConfig::default()
         },
     );
-    let (bridges, taps) = net::violins(&cfg, &mut switch)?;
+    let violins::Setup {
+        bridges,
+        taps,
+        members,
+    } = violins::setup(&cfg, &mut switch)?;
     let advertise = cfg.advertise.unwrap_or(local);
     let mut peers = PeerBook::new(me.clone(), advertise);
     for p in &cfg.peers {
@@ -183,6 +198,8 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         switch,
         conns: HashMap::new(),
         taps,
+        members,
+        readers: HashMap::new(),
         peers,
         driver_drops: BTreeMap::new(),
         refused: BTreeMap::new(),
@@ -203,11 +220,14 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         send_path,
         busy: busy.clone(),
         dial_due: Notify::new(),
+        mtu: cfg.mtu,
+        state_file: cfg.state_file.clone(),
     });
 
     let mut tasks: JoinSet<()> = JoinSet::new();
-    for v in state.borrow().taps.keys() {
-        tasks.spawn_local(switching::tap_reader(ctx.clone(), *v));
+    let ids: Vec<_> = state.borrow().taps.keys().copied().collect();
+    for v in ids {
+        violins::start_reader(&ctx, v);
     }
     tasks.spawn_local(links::acceptor(ctx.clone()));
     tasks.spawn_local(switching::ticker(ctx.clone()));
@@ -229,7 +249,10 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
 
     info!("shutting down");
     endpoint.close(0u32.into(), b"shutdown");
-    let drain = async { while tasks.join_next().await.is_some() {} };
+    let drain = async {
+        while tasks.join_next().await.is_some() {}
+        violins::stop_readers(&ctx).await;
+    };
     if tokio::time::timeout(Duration::from_secs(3), drain)
         .await
         .is_err()
@@ -238,7 +261,10 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         tasks.abort_all();
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    // TAPs close with the last reference; bridges we made are removed by `bridges`' drop.
+    // TAPs close with the last reference; bridges we made are removed by `bridges`' drop
+    // (the TOML's violins) and here (run-time violins not kept in a state file).
+    violins::shutdown(&ctx);
+    state.borrow_mut().readers.clear();
     state.borrow_mut().taps.clear();
     drop(ctx);
     drop(bridges);

@@ -16,12 +16,9 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{Identity, alpn};
 
 use super::{DaemonError, io_err};
-use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::local_runtime::LocalSetRuntime;
 use crate::sparse::{HandoffSocket, SparsePath};
-use crate::switch::{HostPattern, ManagedVm, Switch, ViolinConfig};
-use crate::wire::{self, ViolinId};
 
 /// A violin's TAP, readable through tokio.
 pub(super) type Tap = Rc<AsyncFd<Iface>>;
@@ -32,11 +29,19 @@ pub(super) struct Bridges(Vec<String>);
 impl Drop for Bridges {
     fn drop(&mut self) {
         for b in self.0.drain(..) {
-            match ip(&["link", "del", &b]) {
-                Ok(()) => info!(bridge = %b, "removed bridge"),
-                Err(e) => warn!(bridge = %b, "cannot remove bridge: {e}"),
-            }
+            remove_bridge(&b);
         }
+    }
+}
+
+impl Bridges {
+    pub(super) fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Removes `name` when dropped.
+    pub(super) fn push(&mut self, name: String) {
+        self.0.push(name);
     }
 }
 
@@ -161,68 +166,56 @@ fn udp_socket_drops(table: &str, inode: u64) -> Option<u64> {
     })
 }
 
-/// Sets up each configured violin: its bridge and TAP, and its place in `switch`.
-pub(super) fn violins(
-    cfg: &OverlayConfig,
-    switch: &mut Switch,
-) -> Result<(Bridges, HashMap<ViolinId, Tap>), DaemonError> {
-    let mut bridges = Bridges(Vec::new());
-    let mut taps = HashMap::new();
-    // No peer is up yet, so adding violins asks for nothing to be sent.
-    let mut out = Vec::new();
-    for v in &cfg.violins {
-        let id = ViolinId::new(v.id)
-            .ok_or_else(|| DaemonError::Config(format!("violin id {} exceeds 24 bits", v.id)))?;
-        let mut vms = Vec::new();
-        for vm in &v.vms {
-            let mac = wire::parse_mac(&vm.mac)
-                .ok_or_else(|| DaemonError::Config(format!("bad MAC {:?}", vm.mac)))?;
-            vms.push(ManagedVm {
-                mac,
-                ip: vm.ip,
-                host: vm.host.as_deref().map(HostId::from),
-            });
-        }
-        let br = v.bridge_name();
-        if !link_exists(&br) {
-            ip(&["link", "add", &br, "type", "bridge"])
-                .map_err(io_err(format!("cannot create bridge {br}")))?;
-            bridges.0.push(br.clone());
-            info!(bridge = %br, "created bridge");
-        }
-        let tap_name = v.tap_name();
-        let tap = Iface::without_packet_info(&tap_name, Mode::Tap)
-            .map_err(io_err(format!("cannot create TAP {tap_name}")))?;
-        tap.set_non_blocking()
-            .map_err(io_err(format!("cannot make TAP {tap_name} non-blocking")))?;
-        let mtu = cfg.mtu.to_string();
-        disable_ipv6(&br);
-        disable_ipv6(tap.name());
-        for args in [
-            vec!["link", "set", &br, "mtu", &mtu, "up"],
-            vec!["link", "set", tap.name(), "mtu", &mtu, "master", &br, "up"],
-        ] {
-            ip(&args).map_err(io_err(format!("cannot set up {br}/{tap_name}")))?;
-        }
-        // SAFETY: `Iface` owns its file descriptor and closes it only when dropped, which
-        // happens after the `AsyncFd` that owns the `Iface` is dropped.
-        let tap = unsafe { AsyncFd::register_with_interest(tap, tokio::io::Interest::READABLE) }
-            .map_err(|e| {
-                io_err("cannot register TAP with tokio")(io::Error::other(e.to_string()))
-            })?;
-        taps.insert(id, Rc::new(tap));
-        switch.add_violin(
-            ViolinConfig {
-                id,
-                name: v.name.clone(),
-                allowed: v.allowed.iter().map(|p| HostPattern::new(p)).collect(),
-                vms,
-            },
-            &mut out,
-        );
-        info!(violin = v.id, bridge = %br, tap = %tap_name, "violin up");
+/// A violin's devices: the bridge `bridge` (made unless it exists) and the TAP `tap_name` on
+/// it, both at `mtu` and up, IPv6 off. Also whether the bridge was made here (it is removed
+/// again if the TAP cannot be set up).
+pub(super) fn violin_devices(
+    bridge: &str,
+    tap_name: &str,
+    mtu: u32,
+) -> Result<(Tap, bool), DaemonError> {
+    let made = if link_exists(bridge) {
+        false
+    } else {
+        ip(&["link", "add", bridge, "type", "bridge"])
+            .map_err(io_err(format!("cannot create bridge {bridge}")))?;
+        info!(%bridge, "created bridge");
+        true
+    };
+    let tap = tap_on(bridge, tap_name, mtu);
+    if tap.is_err() && made {
+        remove_bridge(bridge);
     }
-    Ok((bridges, taps))
+    Ok((tap?, made))
+}
+
+fn tap_on(br: &str, tap_name: &str, mtu: u32) -> Result<Tap, DaemonError> {
+    let tap = Iface::without_packet_info(tap_name, Mode::Tap)
+        .map_err(io_err(format!("cannot create TAP {tap_name}")))?;
+    tap.set_non_blocking()
+        .map_err(io_err(format!("cannot make TAP {tap_name} non-blocking")))?;
+    let mtu = mtu.to_string();
+    disable_ipv6(br);
+    disable_ipv6(tap.name());
+    for args in [
+        vec!["link", "set", br, "mtu", &mtu, "up"],
+        vec!["link", "set", tap.name(), "mtu", &mtu, "master", br, "up"],
+    ] {
+        ip(&args).map_err(io_err(format!("cannot set up {br}/{tap_name}")))?;
+    }
+    // SAFETY: `Iface` owns its file descriptor and closes it only when dropped, which
+    // happens after the `AsyncFd` that owns the `Iface` is dropped.
+    let tap = unsafe { AsyncFd::register_with_interest(tap, tokio::io::Interest::READABLE) }
+        .map_err(|e| io_err("cannot register TAP with tokio")(io::Error::other(e.to_string())))?;
+    Ok(Rc::new(tap))
+}
+
+/// Deletes the bridge `name` (its ports stay, detached).
+pub(super) fn remove_bridge(name: &str) {
+    match ip(&["link", "del", name]) {
+        Ok(()) => info!(bridge = %name, "removed bridge"),
+        Err(e) => warn!(bridge = %name, "cannot remove bridge: {e}"),
+    }
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use tun_tap::Iface;
 
 use super::Ctx;
 use super::net::KernelDrops;
 use super::peers::PeerBook;
+use super::violins::{Member, Reader};
 use crate::HostId;
 use crate::control::ControlMsg;
 use crate::sparse::SparsePath;
@@ -90,6 +92,10 @@ pub(super) struct Shared {
     pub(super) switch: Switch,
     pub(super) conns: HashMap<HostId, Conn>,
     pub(super) taps: HashMap<ViolinId, Rc<AsyncFd<Iface>>>,
+    /// The violins: where each comes from, its bridge.
+    pub(super) members: BTreeMap<ViolinId, Member>,
+    /// The TAP readers.
+    pub(super) readers: HashMap<ViolinId, Reader>,
     pub(super) peers: PeerBook,
     pub(super) driver_drops: BTreeMap<DriverDrop, u64>,
     pub(super) refused: BTreeMap<Refusal, u64>,
@@ -199,8 +205,8 @@ impl Shared {
     }
 }
 
-/// Reads frames from the TAP of `violin` into the switch until cancelled.
-pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
+/// Reads frames from the TAP of `violin` into the switch until `token` is cancelled.
+pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: CancellationToken) {
     let Some(tap) = ctx.state.borrow().taps.get(&violin).cloned() else {
         return;
     };
@@ -208,7 +214,7 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId) {
     let mut slab = BytesMut::with_capacity(256 * 1024);
     loop {
         let mut guard = tokio::select! {
-            () = ctx.token.cancelled() => return,
+            () = token.cancelled() => return,
             g = tap.readable() => match g {
                 Ok(g) => g,
                 Err(e) => { warn!(%violin, "TAP not readable: {e}"); return; }
