@@ -866,17 +866,42 @@ impl Manager {
             vm.stage_id = Some(status.stage_id.clone());
             check_stage(&vm.name, &site, deadline_ms, &status)?;
             say(format!(
-                "{}: depot of site {site} staging image {} ({} bytes), predicted ready in {} s",
-                vm.name,
-                req.image,
-                status.bytes_total,
-                status
-                    .predicted_ready_unix_ms
-                    .map_or("?".to_owned(), |t| format!(
-                        "{:.1}",
-                        t.saturating_sub(now_ms()) as f64 / 1000.0
-                    )),
+                "{}: asked the depot of site {site} for image {}",
+                vm.name, req.image
             ));
+        }
+        // The depots' verdicts on the deadline first (each has planned once it stops
+        // resolving), so an impossible one is refused before any disk is waited for.
+        for vm in new.iter() {
+            let site = &vm.host.site;
+            let stage_id = vm.stage_id.clone().unwrap_or_default();
+            let until = now_ms() + 30_000;
+            loop {
+                let status =
+                    sessions[site]
+                        .status(&stage_id)
+                        .await
+                        .map_err(|source| VmError::Depot {
+                            site: site.clone(),
+                            source: Box::new(source),
+                        })?;
+                check_stage(&vm.name, site, status.deadline_unix_ms, &status)?;
+                if status.state != StageState::Resolving || now_ms() > until {
+                    say(format!(
+                        "{}: depot of site {site} stages {} bytes, predicted ready in {} s",
+                        vm.name,
+                        status.bytes_total,
+                        status
+                            .predicted_ready_unix_ms
+                            .map_or("?".to_owned(), |t| format!(
+                                "{:.1}",
+                                t.saturating_sub(now_ms()) as f64 / 1000.0
+                            )),
+                    ));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         for vm in new.iter() {
             let site = &vm.host.site;
@@ -891,17 +916,10 @@ impl Manager {
                             site: site.clone(),
                             source: Box::new(source),
                         })?;
-                match status.state {
-                    StageState::Ready => break,
-                    StageState::Failed | StageState::Rejected => {
-                        return Err(VmError::Staging {
-                            site: site.clone(),
-                            vm: vm.name.clone(),
-                            message: status.message,
-                        });
-                    }
-                    _ => {}
+                if status.state == StageState::Ready {
+                    break;
                 }
+                check_stage(&vm.name, site, status.deadline_unix_ms, &status)?;
                 if now_ms() > deadline_ms + 30_000 {
                     return Err(VmError::Staging {
                         site: site.clone(),
@@ -1189,7 +1207,10 @@ fn check_stage(
     status: &StageStatus,
 ) -> Result<(), VmError> {
     let now = now_ms();
-    if status.state == StageState::Rejected || !status.accepted {
+    // The depot answers `resolving` first; its verdict on the deadline comes with the plan.
+    if status.state == StageState::Rejected
+        || (!status.accepted && status.state != StageState::Resolving)
+    {
         return Err(VmError::DeadlineImpossible {
             vm: vm.to_owned(),
             deadline_s: deadline_ms.saturating_sub(now) / 1000,
