@@ -55,6 +55,40 @@ impl Overlay {
         Ok(p)
     }
 
+    /// Issues `host`'s overlay identity (site: the host name's first letter) and writes its
+    /// configuration: QUIC on its underlay address (port 4500), its identity, its control
+    /// socket, then `keys` (top-level keys), every one of `peers` as `[[peers]]`, then `tables`
+    /// (`[[violins]]` …). Returns the file.
+    pub fn host_config(
+        &self,
+        lab: &crate::Lab,
+        pki: &crate::pki::Pki,
+        host: &str,
+        peers: &[&str],
+        keys: &str,
+        tables: &str,
+    ) -> Result<PathBuf> {
+        let dir = pki.issue(
+            "overlay",
+            &host[..1],
+            host,
+            &self.path(&format!("pki-{host}")),
+        )?;
+        let peers: String = peers
+            .iter()
+            .map(|p| format!("[[peers]]\naddr = \"{}:4500\"\n", lab.host(p).address))
+            .collect();
+        self.write_config(
+            host,
+            &format!(
+                "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{keys}\n{peers}{tables}\n",
+                lab.host(host).address,
+                dir.display(),
+                self.socket(host).display(),
+            ),
+        )
+    }
+
     /// Starts `viola-overlay run` in network namespace `netns` as daemon `name`.
     pub fn start(&mut self, name: &str, netns: &str, config: &Path) -> Result<()> {
         let log = self.path(&format!("{name}.log"));
@@ -126,11 +160,15 @@ impl Overlay {
     }
 }
 
+/// Whether network namespace `ns` has a link named `link`.
+pub fn link_exists(ns: &str, link: &str) -> bool {
+    run(Command::new("ip").args(["-n", ns, "link", "show", link])).is_ok_and(|o| o.status.success())
+}
+
 /// Waits until the daemon has made `link` (a violin's bridge) in namespace `ns`.
 pub fn wait_for_link(ns: &str, link: &str, timeout: Duration) -> Result<()> {
     wait_until(&format!("{link} in {ns}"), timeout, || {
-        run(Command::new("ip").args(["-n", ns, "link", "show", link]))
-            .is_ok_and(|o| o.status.success())
+        link_exists(ns, link)
     })
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::{Daemons, bin, free_port, log_text, spawn_logged};
 use viola_labtests::depot::{self, depot, serve_config};
+use viola_labtests::overlay::{Overlay, link_exists};
 use viola_labtests::pki::Pki;
 use viola_labtests::{Lab, LabSpec, guest_dir, lab_tests_enabled, run, run_ok, wait_until};
 
@@ -99,8 +100,6 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     let pki = Pki::init(&dir.join("ca")).unwrap();
     let id = |name: &str| dir.join(format!("id-{name}"));
     for h in HOSTS {
-        pki.issue("overlay", &h[..1], h, &id(&format!("overlay-{h}")))
-            .unwrap();
         pki.issue("monitor", &h[..1], h, &id(&format!("monitor-{h}")))
             .unwrap();
     }
@@ -110,34 +109,16 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     pki.issue("cli", "fed", "user", &id("cli")).unwrap();
 
     // Overlays: peers only, no violin; each keeps what it is given in a state file.
-    let peers: String = HOSTS
-        .iter()
-        .map(|h| format!("[[peers]]\naddr = \"{}:4500\"\n", addr(h)))
-        .collect();
+    let mut overlays = Overlay::new(LAB).unwrap();
     for h in HOSTS {
-        let cfg = dir.join(format!("overlay-{h}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\nstate_file = \"{}\"\n{peers}",
-                addr(h),
-                id(&format!("overlay-{h}")).display(),
-                dir.join(format!("overlay-{h}.sock")).display(),
-                dir.join(format!("overlay-{h}.state")).display(),
-            ),
-        )
-        .unwrap();
-        let child = spawn_logged(
-            Command::new("ip")
-                .args(["netns", "exec", &ns(h)])
-                .arg(bin("viola-overlay"))
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "info"),
-            &dir.join(format!("overlay-{h}.log")),
-        )
-        .unwrap();
-        daemons.add(&format!("overlay-{h}"), child);
+        let state = format!(
+            "state_file = \"{}\"",
+            dir.join(format!("overlay-{h}.state")).display()
+        );
+        let cfg = overlays
+            .host_config(&lab, &pki, h, &HOSTS, &state, "")
+            .unwrap();
+        overlays.start(h, &ns(h), &cfg).unwrap();
     }
 
     // Depots: the guest image at site a; site b fetches from a.
@@ -252,11 +233,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     let bridge = format!("vio{vid}");
     eprintln!("violin lab: id {vid}, subnet {subnet}");
     for h in HOSTS {
-        let shown = run(Command::new("ip").args(["-n", &ns(h), "link", "show", &bridge]));
-        assert!(
-            shown.is_ok_and(|o| o.status.success()),
-            "{bridge} missing at {h}"
-        );
+        assert!(link_exists(&ns(h), &bridge), "{bridge} missing at {h}");
     }
     // a2 looks into the violin from an address of its own (no VM holds it).
     let observer = subnet.replace(".0/", ".250/");
@@ -409,18 +386,8 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
                 "{name}'s disk still at {h}"
             );
         }
-        let shown = run(Command::new("ip").args(["-n", &ns(h), "link", "show", &bridge]));
-        assert!(
-            shown.is_ok_and(|o| !o.status.success()),
-            "{bridge} still at {h}"
-        );
-        let status = run_ok(
-            Command::new(bin("viola-overlay"))
-                .args(["status", "--json", "--socket"])
-                .arg(dir.join(format!("overlay-{h}.sock"))),
-        )
-        .unwrap();
-        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert!(!link_exists(&ns(h), &bridge), "{bridge} still at {h}");
+        let status = overlays.status(h).unwrap();
         assert_eq!(status["switch"]["violins"], serde_json::json!([]), "{h}");
     }
     assert_eq!(
@@ -436,4 +403,5 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         "{left}"
     );
     drop(daemons);
+    drop(overlays);
 }

@@ -213,31 +213,16 @@ fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
     let ns = |h: &str| lab.host(h).namespace.clone();
     let addr = |h: &str| lab.host(h).address.clone();
     for h in HOSTS {
-        let dir = pki.issue("overlay", &h[..1], h, &o.path(&format!("pki-{h}")))?;
-        let cfg = format!(
-            r#"
-listen = "{addr}:4500"
-identity_dir = "{dir}"
-control_socket = "{sock}"
-mac_ageing_s = {MAC_AGEING_S}
-[[peers]]
-addr = "{a1}:4500"
-[[peers]]
-addr = "{b1}:4500"
-[[peers]]
-addr = "{c1}:4500"
-[[violins]]
-id = 1
-vms = [{{ mac = "{VICTIM_MAC}", ip = "{VICTIM_IP}", host = "a/a1" }}]
-"#,
-            addr = addr(h),
-            dir = dir.display(),
-            sock = o.socket(h).display(),
-            a1 = addr("a1"),
-            b1 = addr("b1"),
-            c1 = addr("c1"),
-        );
-        let path = o.write_config(h, &cfg)?;
+        let path = o.host_config(
+            &lab,
+            &pki,
+            h,
+            &HOSTS,
+            &format!("mac_ageing_s = {MAC_AGEING_S}"),
+            &format!(
+                "[[violins]]\nid = 1\nvms = [{{ mac = \"{VICTIM_MAC}\", ip = \"{VICTIM_IP}\", host = \"a/a1\" }}]"
+            ),
+        )?;
         o.start(h, &ns(h), &path)?;
     }
     let vms: Vec<String> = HOSTS

@@ -91,43 +91,17 @@ fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
     let ns = |h: &str| lab.host(h).namespace.clone();
     let addr = |h: &str| lab.host(h).address.clone();
     for h in HOSTS {
-        let site = &h[..1];
-        let dir = pki.issue("overlay", site, h, &o.path(&format!("pki-{h}")))?;
         // a1 also holds a CPU wake-up latency request (checked below), where the kernel has
         // the PM QoS device.
         let wake = if h == "a1" && pm_qos {
-            "cpu_wake_latency_us = 0\n"
+            "cpu_wake_latency_us = 0"
         } else {
             ""
         };
         // Violin 1: everyone. Violin 2: sites a and b only; c1 claims it but is not allowed.
-        let cfg = format!(
-            r#"{wake}
-listen = "{addr}:4500"
-identity_dir = "{dir}"
-control_socket = "{sock}"
-[[peers]]
-addr = "{a1}:4500"
-[[peers]]
-addr = "{b1}:4500"
-[[peers]]
-addr = "{c1}:4500"
-[[violins]]
-id = 1
-name = "blue"
-[[violins]]
-id = 2
-name = "red"
-allowed = ["a/*", "b/*"]
-"#,
-            addr = addr(h),
-            dir = dir.display(),
-            sock = o.socket(h).display(),
-            a1 = addr("a1"),
-            b1 = addr("b1"),
-            c1 = addr("c1"),
-        );
-        let path = o.write_config(h, &cfg)?;
+        let violins = "[[violins]]\nid = 1\nname = \"blue\"\n\
+                       [[violins]]\nid = 2\nname = \"red\"\nallowed = [\"a/*\", \"b/*\"]";
+        let path = o.host_config(&lab, &pki, h, &HOSTS, wake, violins)?;
         o.start(h, &ns(h), &path)?;
     }
     // Same addresses in both violins.

@@ -104,24 +104,15 @@ fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Resu
     let mut o = Overlay::new(LAB)?;
     let pki = Pki::init(&o.path("ca"))?;
     let ns = |h: &str| lab.host(h).namespace.clone();
-    let peers: String = HOSTS
-        .iter()
-        .map(|h| format!("[[peers]]\naddr = \"{}:4500\"\n", lab.host(h).address))
-        .collect();
     let guest = GuestSpec::new("vo-g1", "10.1.0.5/24", "vio1");
     // The third guest, on a2, loads g1 across the move.
     let pinger = GuestSpec::new("vo-g2", "10.1.0.6/24", "vio1");
     let mac = guest.mac(&lab.console_dir())?;
     for (i, h) in HOSTS.iter().enumerate() {
-        let dir = pki.issue("overlay", &h[..1], h, &o.path(&format!("pki-{h}")))?;
-        let cfg = format!(
-            "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{peers}\
-             [[violins]]\nid = 1\nname = \"mig\"\nvms = [{{ mac = \"{mac}\", ip = \"10.1.0.5\" }}]\n",
-            lab.host(h).address,
-            dir.display(),
-            o.socket(h).display(),
+        let violin = format!(
+            "[[violins]]\nid = 1\nname = \"mig\"\nvms = [{{ mac = \"{mac}\", ip = \"10.1.0.5\" }}]"
         );
-        let path = o.write_config(h, &cfg)?;
+        let path = o.host_config(&lab, &pki, h, &HOSTS, "", &violin)?;
         o.start(h, &ns(h), &path)?;
         // The host itself joins the violin through its bridge (a2 is the pinging "third guest").
         wait_for_link(&ns(h), "vio1", Duration::from_secs(15))?;

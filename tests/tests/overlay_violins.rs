@@ -48,10 +48,6 @@ fn control(o: &Overlay, host: &str, req: &ControlRequest) -> Result<ControlReply
     Ok(rt.block_on(request_unix(&o.socket(host), req))?)
 }
 
-fn link_exists(ns: &str, link: &str) -> bool {
-    run(Command::new("ip").args(["-n", ns, "link", "show", link])).is_ok_and(|o| o.status.success())
-}
-
 /// A namespace standing in for a VM on `host_ns`: its eth0 (with `mac`) is a port of vio7.
 fn guest(o: &mut Overlay, host_ns: &str, name: &str, mac: &str) -> Result<String> {
     let ns = format!("vo-{}-{name}", o.lab);
@@ -154,29 +150,13 @@ fn violins_set_at_run_time_answer_dhcp_and_survive_a_restart() -> Result<()> {
     let mut o = Overlay::new(LAB)?;
     let pki = Pki::init(&o.path("ca"))?;
     let ns = |h: &str| lab.host(h).namespace.clone();
-    let addr = |h: &str| lab.host(h).address.clone();
     let mut configs = Vec::new();
     for h in HOSTS {
-        let dir = pki.issue("overlay", &h[..1], h, &o.path(&format!("pki-{h}")))?;
-        let cfg = format!(
-            r#"
-listen = "{addr}:4500"
-identity_dir = "{dir}"
-control_socket = "{sock}"
-state_file = "{state}"
-[[peers]]
-addr = "{a1}:4500"
-[[peers]]
-addr = "{b1}:4500"
-"#,
-            addr = addr(h),
-            dir = dir.display(),
-            sock = o.socket(h).display(),
-            state = o.path(&format!("{h}-state.json")).display(),
-            a1 = addr("a1"),
-            b1 = addr("b1"),
+        let state = format!(
+            "state_file = \"{}\"",
+            o.path(&format!("{h}-state.json")).display()
         );
-        let path = o.write_config(h, &cfg)?;
+        let path = o.host_config(&lab, &pki, h, &HOSTS, &state, "")?;
         o.start(h, &ns(h), &path)?;
         configs.push(path);
     }
