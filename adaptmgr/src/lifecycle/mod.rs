@@ -262,6 +262,19 @@ struct NewVm {
     stage_id: Option<String>,
 }
 
+impl NewVm {
+    /// Its journal entry: what an undo removes.
+    fn pending(&self, violin: &str) -> PendingOp {
+        PendingOp {
+            kind: PendingKind::Create,
+            vm: self.name.clone(),
+            violin: violin.to_owned(),
+            host: self.host.name.clone(),
+            disk: self.disk.clone(),
+        }
+    }
+}
+
 fn valid_image(image: &str) -> bool {
     (1..=200).contains(&image.len())
         && image
@@ -464,8 +477,9 @@ impl Manager {
                 vms,
             });
         }
+        // The violin goes from every host right after: no need to tell them of each VM.
         for vm in &vms {
-            self.delete_vm(vm)
+            self.delete_vm_telling(vm, false)
                 .await
                 .map_err(|e| ViolinError::DeleteVm {
                     vm: vm.clone(),
@@ -691,13 +705,7 @@ impl Manager {
         // Journal first, then hand out the addresses: a manager that stops from here on
         // undoes these VMs at its next start.
         for vm in &new {
-            self.inventory.put_pending(&PendingOp {
-                kind: PendingKind::Create,
-                vm: vm.name.clone(),
-                violin: violin.name.clone(),
-                host: vm.host.name.clone(),
-                disk: vm.disk.clone(),
-            })?;
+            self.inventory.put_pending(&vm.pending(&violin.name))?;
         }
         for vm in &new {
             violin.members.push(MemberRecord {
@@ -746,14 +754,13 @@ impl Manager {
                     viola_common::errors::chain(&e)
                 ));
                 for vm in &new {
-                    self.undo_create(&PendingOp {
-                        kind: PendingKind::Create,
-                        vm: vm.name.clone(),
-                        violin: violin.name.clone(),
-                        host: vm.host.name.clone(),
-                        disk: vm.disk.clone(),
-                    })
-                    .await;
+                    self.undo_create(&vm.pending(&violin.name), false).await;
+                }
+                // The violin without them, told once.
+                if let Some(violin) = self.inventory.violin(&violin.name)?
+                    && let Err((host, reason)) = self.push_violin(&violin).await
+                {
+                    tracing::warn!(violin = %violin.name, %host, %reason, "cannot update the violin after an undo");
                 }
                 Err(e)
             }
@@ -874,17 +881,9 @@ impl Manager {
         // resolving), so an impossible one is refused before any disk is waited for.
         for vm in new.iter() {
             let site = &vm.host.site;
-            let stage_id = vm.stage_id.clone().unwrap_or_default();
             let until = now_ms() + 30_000;
             loop {
-                let status =
-                    sessions[site]
-                        .status(&stage_id)
-                        .await
-                        .map_err(|source| VmError::Depot {
-                            site: site.clone(),
-                            source: Box::new(source),
-                        })?;
+                let status = stage_status(sessions, vm).await?;
                 check_stage(&vm.name, site, status.deadline_unix_ms, &status)?;
                 if status.state != StageState::Resolving || now_ms() > until {
                     say(format!(
@@ -905,17 +904,9 @@ impl Manager {
         }
         for vm in new.iter() {
             let site = &vm.host.site;
-            let stage_id = vm.stage_id.clone().unwrap_or_default();
             let mut last_reported = 0u64;
             loop {
-                let status =
-                    sessions[site]
-                        .status(&stage_id)
-                        .await
-                        .map_err(|source| VmError::Depot {
-                            site: site.clone(),
-                            source: Box::new(source),
-                        })?;
+                let status = stage_status(sessions, vm).await?;
                 if status.state == StageState::Ready {
                     break;
                 }
@@ -984,8 +975,8 @@ impl Manager {
     /// Undoes a create (or finishes a delete): no domain, no disk, no address, no record.
     /// Each step is tolerant of what is already gone; failures are logged and leave the
     /// journal entry for the next start.
-    async fn undo_create(&self, op: &PendingOp) {
-        match self.remove_vm_everywhere(op).await {
+    async fn undo_create(&self, op: &PendingOp, tell_overlays: bool) {
+        match self.remove_vm_everywhere(op, tell_overlays).await {
             Ok(()) => {
                 if let Err(e) = self.inventory.remove_pending(&op.vm) {
                     tracing::warn!(vm = %op.vm, error = %viola_common::errors::chain(&e), "cannot clear the journal");
@@ -997,7 +988,14 @@ impl Manager {
         }
     }
 
-    async fn remove_vm_everywhere(&self, op: &PendingOp) -> Result<(), VmError> {
+    /// Removes `op.vm`'s domain (if it is of the violin), disk, address and record; with
+    /// `tell_overlays`, pushes the violin without it (a caller removing several VMs, or the
+    /// whole violin, tells the overlays once itself).
+    async fn remove_vm_everywhere(
+        &self,
+        op: &PendingOp,
+        tell_overlays: bool,
+    ) -> Result<(), VmError> {
         // The host it runs on now (a migration may have moved it), else the one it was made on.
         let at = self
             .inventory
@@ -1042,7 +1040,7 @@ impl Manager {
             violin.vms.retain(|v| v != &op.vm);
             if violin.members.len() != before {
                 self.inventory.put_violin(&violin)?;
-                if let Err((host, reason)) = self.push_violin(&violin).await {
+                if tell_overlays && let Err((host, reason)) = self.push_violin(&violin).await {
                     tracing::warn!(violin = %violin.name, %host, %reason, "cannot update the violin after removing a VM");
                 }
             }
@@ -1057,7 +1055,7 @@ impl Manager {
         let pending = self.inventory.pending()?;
         for op in &pending {
             tracing::warn!(vm = %op.vm, kind = ?op.kind, "resolving a create or delete the previous manager left in progress");
-            self.undo_create(op).await;
+            self.undo_create(op, true).await;
             self.inventory.record(
                 now_ms(),
                 match op.kind {
@@ -1083,6 +1081,10 @@ impl Manager {
 
     /// `viola vm delete`: stopped, undefined, disk deleted, address freed.
     pub async fn delete_vm(&self, vm: &str) -> Result<(), VmError> {
+        self.delete_vm_telling(vm, true).await
+    }
+
+    async fn delete_vm_telling(&self, vm: &str, tell_overlays: bool) -> Result<(), VmError> {
         let (violin, _) = self.member(vm)?;
         if self.migrating_vms().contains(vm) {
             return Err(VmError::Busy(vm.to_owned()));
@@ -1111,7 +1113,7 @@ impl Manager {
                 .into_owned(),
         };
         self.inventory.put_pending(&op)?;
-        self.remove_vm_everywhere(&op).await?;
+        self.remove_vm_everywhere(&op, tell_overlays).await?;
         self.inventory.remove_pending(vm)?;
         self.inventory.record(
             now_ms(),
@@ -1173,6 +1175,22 @@ impl Manager {
             .record(now_ms(), "vm_stopped", vm, serde_json::Value::Null)?;
         Ok(())
     }
+}
+
+/// Where `vm`'s staging stands, as its site's depot says.
+async fn stage_status(
+    sessions: &BTreeMap<String, Box<dyn DepotSession>>,
+    vm: &NewVm,
+) -> Result<StageStatus, VmError> {
+    let site = &vm.host.site;
+    let stage_id = vm.stage_id.as_deref().unwrap_or_default();
+    sessions[site]
+        .status(stage_id)
+        .await
+        .map_err(|source| VmError::Depot {
+            site: site.clone(),
+            source: Box::new(source),
+        })
 }
 
 /// Waits (at most 2 minutes) until every staging that was started has ended, one way or the
