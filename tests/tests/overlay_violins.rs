@@ -92,7 +92,7 @@ fn udhcpc(o: &Overlay, ns: &str) -> Result<(bool, Duration)> {
     let out = run(Command::new("ip")
         .args(["netns", "exec", ns, "timeout", "30"])
         .args([
-            "/usr/bin/busybox",
+            "busybox",
             "udhcpc",
             "-i",
             "eth0",
