@@ -60,6 +60,10 @@ pub struct ViolinSpec {
     /// managed VMs on its TAP (each gets its own `ip`, nobody else gets a lease).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
+    /// The MTU the daemon's DHCP answers tell the violin's VMs (option 26): what their NICs
+    /// are given; without it, the daemon's own `mtu` (its `dhcp_mtu` setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
     /// Managed VMs: their MACs are accepted only from their home host, ARP (and DHCP) for
     /// their addresses is answered from this table.
     #[serde(default)]

@@ -199,6 +199,7 @@ impl ViolinEntry {
             name: self.name.clone(),
             allowed: self.allowed.clone(),
             subnet: self.subnet.clone(),
+            mtu: None,
             vms: self
                 .vms
                 .iter()

@@ -90,6 +90,7 @@ impl Sim {
                 allowed: allowed.iter().map(|p| HostPattern::new(p)).collect(),
                 vms,
                 subnet: None,
+                dhcp_mtu: None,
             },
         );
     }
@@ -989,6 +990,7 @@ fn dhcp_violin(vms: &[(u8, [u8; 4])]) -> ViolinConfig {
             })
             .collect(),
         subnet: Some(Subnet::parse("10.7.0.0/24").unwrap()),
+        dhcp_mtu: None,
     }
 }
 
@@ -1072,6 +1074,24 @@ fn a_managed_vm_gets_its_address_by_dhcp_from_its_own_host() {
         (ack.options.msg_type, ack.ciaddr),
         (Some(MessageType::Ack), ip)
     );
+}
+
+#[test]
+fn a_violin_with_its_own_mtu_tells_its_vms_that_one() {
+    let mut s = full_mesh(&["a/a1", "b/b1"], 1414);
+    let cfg = ViolinConfig {
+        dhcp_mtu: Some(1400),
+        ..dhcp_violin(&[(10, [10, 7, 0, 10])])
+    };
+    s.set_violin("a/a1", cfg);
+    s.clear();
+    s.tap(
+        "a/a1",
+        7,
+        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
+    );
+    let (_, _, offer) = dhcp_reply(&mut s);
+    assert_eq!(offer.options.mtu, Some(1400));
 }
 
 #[test]

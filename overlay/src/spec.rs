@@ -24,6 +24,9 @@ pub enum SpecError {
     /// The name is too long or has control characters.
     #[error("violin name {0:?}: at most 64 printable characters")]
     Name(String),
+    /// The MTU for DHCP answers is below what IPv4 allows (RFC 2132: 68).
+    #[error("violin MTU {0}: at least 68")]
+    Mtu(u16),
     /// An allowed-host pattern is not `site/host`, `site/*` or `*`.
     #[error("allowed host {0:?} is not site/host, site/* or *")]
     Pattern(String),
@@ -90,6 +93,9 @@ pub fn violin_config(spec: &ViolinSpec) -> Result<ViolinConfig, SpecError> {
     if spec.name.chars().count() > 64 || spec.name.chars().any(char::is_control) {
         return Err(SpecError::Name(spec.name.clone()));
     }
+    if let Some(mtu) = spec.mtu.filter(|m| *m < 68) {
+        return Err(SpecError::Mtu(mtu));
+    }
     if let Some(p) = spec.allowed.iter().find(|p| !is_pattern(p)) {
         return Err(SpecError::Pattern(p.clone()));
     }
@@ -141,6 +147,7 @@ pub fn violin_config(spec: &ViolinSpec) -> Result<ViolinConfig, SpecError> {
         allowed: spec.allowed.iter().map(|p| HostPattern::new(p)).collect(),
         vms,
         subnet,
+        dhcp_mtu: spec.mtu,
     })
 }
 
@@ -281,6 +288,7 @@ mod tests {
         type Break = Box<dyn Fn(&mut ViolinSpec)>;
         let cases: Vec<(Break, &str)> = vec![
             (Box::new(|s| s.id = 1 << 24), "exceeds 24 bits"),
+            (Box::new(|s| s.mtu = Some(67)), "violin MTU 67"),
             (Box::new(|s| s.name = "a\nb".into()), "violin name"),
             (Box::new(|s| s.allowed.push("a/b/c".into())), "allowed host"),
             (Box::new(|s| s.allowed.push("".into())), "allowed host"),

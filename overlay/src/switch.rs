@@ -249,6 +249,8 @@ pub struct ViolinConfig {
     /// The violin's IPv4 subnet: with it, DHCP from managed VMs on the local TAP is answered
     /// here (each gets its configured address) and ARP for the server's address too.
     pub subnet: Option<Subnet>,
+    /// The MTU its DHCP answers carry (option 26); `None`: the switch's `dhcp_mtu`.
+    pub dhcp_mtu: Option<u16>,
 }
 
 /// A VM whose addresses the control plane knows: its MAC is accepted only from its home and
@@ -1088,7 +1090,11 @@ impl Switch {
                 renewal_time: granted.map(|l| l / 2),
                 rebinding_time: granted.map(|l| (u64::from(l) * 7 / 8) as u32),
                 subnet_mask: (!nak).then(|| subnet.mask()),
-                mtu: if nak { None } else { self.cfg.dhcp_mtu },
+                mtu: if nak {
+                    None
+                } else {
+                    v.cfg.dhcp_mtu.or(self.cfg.dhcp_mtu)
+                },
                 requested_ip: None,
             },
         };
@@ -1822,6 +1828,7 @@ pub fn fuzz_switch(data: &[u8]) {
                 }],
                 subnet: (i == 0)
                     .then(|| Subnet::parse("10.0.0.0/24").unwrap_or_else(|_| unreachable!())),
+                dhcp_mtu: None,
             },
             &mut out,
         );

@@ -311,6 +311,8 @@ impl Manager {
             name: violin.name.clone(),
             allowed: violin.sites.iter().map(|s| format!("{s}/*")).collect(),
             subnet: violin.subnet.clone(),
+            // What the VMs' NICs are given (`[vm_template] mtu`), so a DHCP guest agrees.
+            mtu: self.cfg.vm_template.mtu.and_then(|m| u16::try_from(m).ok()),
             vms: violin
                 .members
                 .iter()
