@@ -92,19 +92,7 @@ fn udhcpc(o: &Overlay, ns: &str) -> Result<(bool, Duration)> {
     let out = run(Command::new("ip")
         .args(["netns", "exec", ns, "timeout", "30"])
         .args([
-            "busybox",
-            "udhcpc",
-            "-i",
-            "eth0",
-            "-n",
-            "-q",
-            "-t",
-            "5",
-            "-T",
-            "1",
-            "-A",
-            "1",
-            "-s",
+            "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-t", "5", "-T", "1", "-A", "1", "-s",
         ])
         .arg(&script))?;
     eprintln!(
