@@ -252,6 +252,9 @@ pub struct Manager {
     announcer: OverlayAnnouncer,
     detector: Mutex<FailureDetector>,
     migrations: Mutex<HashMap<String, CancellationToken>>,
+    /// Held while a request reads and rewrites the violins' ids and addresses (`lifecycle`),
+    /// so two requests at once never hand out the same one or lose each other's.
+    pub(crate) allocation: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
@@ -364,6 +367,7 @@ impl Manager {
             stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),
+            allocation: tokio::sync::Mutex::new(()),
             metrics: ManagerMetrics::default(),
             cfg,
             inventory,

@@ -383,6 +383,7 @@ impl Manager {
     /// `viola violin create`.
     pub async fn create_violin(&self, req: ViolinCreate) -> Result<ViolinView, ViolinError> {
         alloc::check_violin_name(&req.name)?;
+        let allocation = self.allocation.lock().await;
         let violins = self.inventory.violins()?;
         if violins.iter().any(|v| v.name == req.name) {
             return Err(ViolinError::Exists(req.name));
@@ -420,6 +421,7 @@ impl Manager {
             members: Vec::new(),
         };
         self.inventory.put_violin(&record)?;
+        drop(allocation);
         if let Err((host, reason)) = self.push_violin(&record).await {
             // Nothing half-made: take it back from every host and forget it.
             self.withdraw_violin(&record).await;
@@ -605,6 +607,8 @@ impl Manager {
         if !valid_image(&req.image) {
             return Err(VmError::BadImage(req.image.clone()));
         }
+        // From the names' check to the addresses' record, one request at a time.
+        let allocation = self.allocation.lock().await;
         let mut violin = self
             .inventory
             .violin(&req.violin)?
@@ -719,6 +723,7 @@ impl Manager {
             });
         }
         self.inventory.put_violin(&violin)?;
+        drop(allocation);
         for vm in &new {
             say(format!(
                 "{}: host {} (site {}), MAC {}, address {}",
@@ -1036,18 +1041,28 @@ impl Manager {
                 hv.delete_image(&op.disk).await.map_err(hv_err)?;
             }
         }
-        if let Some(mut violin) = self.inventory.violin(&op.violin)? {
-            let before = violin.members.len();
-            violin.members.retain(|m| m.vm != op.vm);
-            violin.vms.retain(|v| v != &op.vm);
-            if violin.members.len() != before {
-                self.inventory.put_violin(&violin)?;
-                if tell_overlays && let Err((host, reason)) = self.push_violin(&violin).await {
-                    tracing::warn!(violin = %violin.name, %host, %reason, "cannot update the violin after removing a VM");
+        let allocation = self.allocation.lock().await;
+        let changed = match self.inventory.violin(&op.violin)? {
+            Some(mut violin) => {
+                let before = violin.members.len();
+                violin.members.retain(|m| m.vm != op.vm);
+                violin.vms.retain(|v| v != &op.vm);
+                let changed = violin.members.len() != before;
+                if changed {
+                    self.inventory.put_violin(&violin)?;
                 }
+                changed.then_some(violin)
             }
-        }
+            None => None,
+        };
         self.inventory.remove_vm(&op.vm)?;
+        drop(allocation);
+        if tell_overlays
+            && let Some(violin) = changed
+            && let Err((host, reason)) = self.push_violin(&violin).await
+        {
+            tracing::warn!(violin = %violin.name, %host, %reason, "cannot update the violin after removing a VM");
+        }
         Ok(())
     }
 

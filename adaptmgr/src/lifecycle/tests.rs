@@ -532,3 +532,27 @@ async fn deleting_a_violin_with_vms_needs_force_and_then_removes_everything() {
     assert_eq!(removed, 3);
     assert!(lab.manager.delete_violin("lab", true).await.is_err());
 }
+
+#[tokio::test]
+async fn creates_at_the_same_time_get_distinct_addresses_and_all_are_kept() {
+    let lab = lab(None, None).await;
+    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    let (a, b, c) = tokio::join!(
+        lab.create(vm("x", "lab")),
+        lab.create(vm("y", "lab")),
+        lab.create(VmCreate {
+            count: Some(2),
+            ..vm("z", "lab")
+        }),
+    );
+    let mut ips: Vec<_> = [a.unwrap(), b.unwrap(), c.unwrap()]
+        .concat()
+        .iter()
+        .map(|v| v.ip.unwrap())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 4);
+    let members = &lab.manager.list_violins().unwrap()[0].vms;
+    assert_eq!(members.len(), 4, "{members:?}");
+}
