@@ -14,3 +14,4 @@ pub mod observe;
 pub mod policy;
 pub mod policy_loop;
 pub mod sim;
+pub mod tenants;

@@ -115,6 +115,9 @@ pub struct ManagerConfig {
     pub policy: PolicyConfig,
     /// How `viola vm create` defines a VM's domain.
     pub vm_template: VmTemplate,
+    /// The tenants whose users (certificates of role `user`) may make violins and VMs, with
+    /// their quotas; a tenant not listed may do nothing.
+    pub tenants: Vec<crate::tenants::TenantConfig>,
 }
 
 /// One site's depot, as the manager reaches its staging API (QUIC, mutual TLS, with the
@@ -157,6 +160,7 @@ impl Default for ManagerConfig {
             depots: Vec::new(),
             policy: PolicyConfig::default(),
             vm_template: VmTemplate::default(),
+            tenants: Vec::new(),
         }
     }
 }

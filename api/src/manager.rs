@@ -1,7 +1,9 @@
 //! Messages on the manager's endpoint (ALPN `viola-adaptmgr/1`). One request per
 //! bidirectional stream; the manager answers with one or more [`Response`] frames (a migration
-//! streams `Progress` frames, then `Migrated`). Monitors may only send `Report`; the CLI
-//! (role `cli`) and other managers may send the rest.
+//! streams `Progress` frames, then `Migrated`). Monitors may only send `Report`; the CLI of an
+//! administrator (role `cli`) and other managers may send the rest; a tenant's user (role
+//! `user`) may send the violin, VM and image requests, which then see and change only that
+//! tenant's violins and VMs.
 
 use serde::{Deserialize, Serialize};
 
@@ -148,6 +150,9 @@ pub struct ViolinView {
     pub sites: Vec<String>,
     /// Made through the API (`true`) or listed in the manager's configuration.
     pub managed: bool,
+    /// The tenant it belongs to (`None`: an administrator's).
+    #[serde(default)]
+    pub tenant: Option<String>,
     pub vms: Vec<ViolinMember>,
 }
 

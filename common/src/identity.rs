@@ -92,17 +92,22 @@ pub enum Role {
     Monitor,
     /// Per-host overlay daemon.
     Overlay,
+    /// A tenant's user's command-line tool: `viola://user/TENANT/NAME` (the site part names
+    /// the tenant, the host part the user; see [`PeerIdentity::tenant`]). The manager lets it
+    /// see and change only its tenant's violins and VMs; the `cli` role is an administrator's.
+    User,
 }
 
 impl Role {
     /// All roles, in a stable order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Adaptmgr,
         Self::Cli,
         Self::Depot,
         Self::Libvirt,
         Self::Monitor,
         Self::Overlay,
+        Self::User,
     ];
 
     /// The lower-case name used in certificates and on the command line.
@@ -114,6 +119,7 @@ impl Role {
             Self::Libvirt => "libvirt",
             Self::Monitor => "monitor",
             Self::Overlay => "overlay",
+            Self::User => "user",
         }
     }
 }
@@ -126,7 +132,9 @@ impl fmt::Display for Role {
 
 /// A string that is not one of the [`Role`] names.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown role {0:?} (expected one of adaptmgr, cli, depot, libvirt, monitor, overlay)")]
+#[error(
+    "unknown role {0:?} (expected one of adaptmgr, cli, depot, libvirt, monitor, overlay, user)"
+)]
 pub struct UnknownRole(String);
 
 impl FromStr for Role {
@@ -211,6 +219,12 @@ impl PeerIdentity {
     /// as the server name to connect to exactly this daemon.
     pub fn server_name(&self) -> String {
         format!("{}.{}.{}.{DNS_SUFFIX}", self.host, self.site, self.role)
+    }
+
+    /// The tenant a user's certificate names (role `user`: its site part); `None` for daemons
+    /// and administrators.
+    pub fn tenant(&self) -> Option<&str> {
+        (self.role == Role::User).then_some(self.site.as_str())
     }
 
     /// Ok if this identity's role is one of `allowed`; otherwise an error naming both.

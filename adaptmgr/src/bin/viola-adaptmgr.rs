@@ -56,6 +56,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.heartbeat_timeout_s => cfg.heartbeat_timeout_s,
     }
     let token = viola_common::shutdown::signal_token().context("cannot watch signals")?;
+    viola_adaptmgr::tenants::check_tenants(&cfg.tenants).context("[[tenants]]")?;
     let identity = Identity::load_dir(&cfg.identity_dir)
         .with_context(|| format!("cannot load identity from {}", cfg.identity_dir.display()))?;
     if let Some(dir) = cfg.inventory.parent() {

@@ -32,7 +32,8 @@ struct Args {
     /// The manager's address.
     #[arg(long, default_value = "127.0.0.1:7443")]
     manager: SocketAddr,
-    /// Directory with this user's cert.pem, key.pem (role `cli`) and ca.pem.
+    /// Directory with this user's cert.pem, key.pem and ca.pem: role `cli` (an administrator,
+    /// `viola-ca issue`) or `user` (a tenant's user, `viola-ca issue-user`).
     #[arg(long, default_value = "/etc/viola/cli")]
     identity: PathBuf,
     /// Machine-readable output.
@@ -466,8 +467,8 @@ async fn violin(client: &Client, command: ViolinCommand, json: bool) -> anyhow::
 
 fn print_violins(violins: &[ViolinView]) {
     println!(
-        "{:<16} {:>6} {:<18} {:<10} {:>4}",
-        "VIOLIN", "ID", "SUBNET", "SITES", "VMS"
+        "{:<16} {:>6} {:<18} {:<10} {:<12} {:>4}",
+        "VIOLIN", "ID", "SUBNET", "SITES", "TENANT", "VMS"
     );
     for v in violins {
         let sites = if v.managed {
@@ -476,11 +477,12 @@ fn print_violins(violins: &[ViolinView]) {
             "(config)".to_owned()
         };
         println!(
-            "{:<16} {:>6} {:<18} {:<10} {:>4}",
+            "{:<16} {:>6} {:<18} {:<10} {:<12} {:>4}",
             v.name,
             v.id,
             v.subnet.as_deref().unwrap_or("-"),
             sites,
+            v.tenant.as_deref().unwrap_or("-"),
             v.vms.len()
         );
         for m in &v.vms {

@@ -1,6 +1,8 @@
 //! The manager's QUIC + mutual-TLS endpoint: monitors push reports, the CLI asks questions and
 //! gives orders. Every connection's certificate is checked: monitors may only report about
-//! their own host; only `cli` and `adaptmgr` identities may read or change anything.
+//! their own host; `cli` and `adaptmgr` identities (administrators) may read and change
+//! anything; a tenant's user (role `user`, of a tenant in `[[tenants]]`) may only make, see
+//! and remove its own violins and VMs (see [`crate::tenants`]).
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use viola_common::identity::{self, PeerIdentity, Role};
 use crate::inventory::HostRecord;
 use crate::lifecycle;
 use crate::manager::Manager;
+use crate::tenants::{Caller, TenantConfig};
 use viola_api::adaptation::DecisionRecord;
 use viola_api::manager::{Request, Response};
 use viola_api::wire::{self, FrameError};
@@ -92,23 +95,68 @@ fn error(message: impl Into<String>) -> Response {
     }
 }
 
-/// Who may send what.
-pub fn authorize(peer: &PeerIdentity, req: &Request) -> Result<(), String> {
-    match req {
-        Request::Report(report) => {
-            peer.require_role(&[Role::Monitor])
-                .map_err(|e| e.to_string())?;
-            if report.host != peer.host || report.site != peer.site {
-                return Err(format!(
-                    "{peer} may only report about {}/{}, not {}/{}",
-                    peer.site, peer.host, report.site, report.host
-                ));
-            }
-            Ok(())
+/// Who may send what: `Ok(None)` for a monitor's report, else the caller the request acts
+/// for (whose ownership the request's handler applies).
+pub fn authorize(
+    peer: &PeerIdentity,
+    req: &Request,
+    tenants: &[TenantConfig],
+) -> Result<Option<Caller>, String> {
+    if let Request::Report(report) = req {
+        peer.require_role(&[Role::Monitor])
+            .map_err(|e| e.to_string())?;
+        if report.host != peer.host || report.site != peer.site {
+            return Err(format!(
+                "{peer} may only report about {}/{}, not {}/{}",
+                peer.site, peer.host, report.site, report.host
+            ));
         }
-        _ => peer
-            .require_role(&[Role::Cli, Role::Adaptmgr])
-            .map_err(|e| e.to_string()),
+        return Ok(None);
+    }
+    let caller = Caller::of(peer).ok_or_else(|| {
+        peer.require_role(&[Role::Cli, Role::Adaptmgr, Role::User])
+            .map_or_else(
+                |e| e.to_string(),
+                |()| format!("{peer} may not ask the manager"),
+            )
+    })?;
+    if let Caller::Tenant(tenant) = &caller {
+        if !tenants.iter().any(|t| &t.name == tenant) {
+            return Err(format!(
+                "tenant {tenant:?} is not configured on this manager (no [[tenants]] table names it)"
+            ));
+        }
+        let tenants_may = matches!(
+            req,
+            Request::ListVms
+                | Request::ViolinCreate(_)
+                | Request::ViolinList
+                | Request::ViolinShow { .. }
+                | Request::ViolinDelete { .. }
+                | Request::VmCreate(_)
+                | Request::VmStart { .. }
+                | Request::VmStop { .. }
+                | Request::VmDelete { .. }
+        );
+        if !tenants_may {
+            return Err(format!(
+                "{peer} is a user of tenant {tenant}: only an administrator may {}",
+                admin_only_what(req)
+            ));
+        }
+    }
+    Ok(Some(caller))
+}
+
+/// What an administrator-only request does, for the refusal.
+fn admin_only_what(req: &Request) -> &'static str {
+    match req {
+        Request::ListHosts => "list hosts",
+        Request::Resize(_) => "resize VMs",
+        Request::Migrate(_) | Request::CancelMigration { .. } => "migrate VMs",
+        Request::Decisions { .. } => "read the policy's decisions",
+        Request::PolicyShow => "read the policy",
+        _ => "do that",
     }
 }
 
@@ -137,12 +185,15 @@ async fn handle_stream(
     let Some(req) = wire::read_frame::<Request>(&mut recv).await? else {
         return Ok(());
     };
-    if let Err(reason) = authorize(peer, &req) {
-        tracing::warn!(%peer, %reason, "request refused");
-        wire::write_frame(&mut send, &error(reason)).await?;
-        let _ = send.finish();
-        return Ok(());
-    }
+    let caller = match authorize(peer, &req, &manager.cfg.tenants) {
+        Ok(caller) => caller.unwrap_or(Caller::Admin),
+        Err(reason) => {
+            tracing::warn!(%peer, %reason, "request refused");
+            wire::write_frame(&mut send, &error(reason)).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
     let chain = |e: &(dyn std::error::Error + 'static)| viola_common::errors::chain(e);
     let response = match req {
         Request::Report(report) => match manager.handle_report(report).await {
@@ -154,31 +205,33 @@ async fn handle_stream(
             Err(e) => error(chain(&e)),
         },
         Request::ListVms => match (manager.inventory.vms(), manager.inventory.violins()) {
-            (Ok(v), Ok(violins)) => Response::Vms(lifecycle::vm_views(&v, &violins)),
+            (Ok(v), Ok(violins)) => Response::Vms(lifecycle::vm_views(&caller, &v, &violins)),
             (Err(e), _) | (_, Err(e)) => error(chain(&e)),
         },
-        Request::ViolinCreate(create) => match manager.create_violin(create).await {
+        Request::ViolinCreate(create) => match manager.create_violin(&caller, create).await {
             Ok(v) => Response::Violins(vec![v]),
             Err(e) => error(chain(&e)),
         },
-        Request::ViolinList => match manager.list_violins() {
+        Request::ViolinList => match manager.list_violins(&caller) {
             Ok(v) => Response::Violins(v),
             Err(e) => error(chain(&e)),
         },
-        Request::ViolinShow { name } => match manager.list_violins() {
+        Request::ViolinShow { name } => match manager.list_violins(&caller) {
             Ok(v) => match v.into_iter().find(|v| v.name == name) {
                 Some(v) => Response::Violins(vec![v]),
                 None => error(format!("no violin named {name:?}")),
             },
             Err(e) => error(chain(&e)),
         },
-        Request::ViolinDelete { name, force } => match manager.delete_violin(&name, force).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
+        Request::ViolinDelete { name, force } => {
+            match manager.delete_violin(&caller, &name, force).await {
+                Ok(()) => Response::Ack,
+                Err(e) => error(chain(&e)),
+            }
+        }
         Request::VmCreate(create) => {
             let (tx, mut rx) = mpsc::channel(64);
-            let run = manager.create_vms(create, tx);
+            let run = manager.create_vms(&caller, create, tx);
             tokio::pin!(run);
             loop {
                 tokio::select! {
@@ -193,15 +246,15 @@ async fn handle_stream(
                 }
             }
         }
-        Request::VmStart { vm } => match manager.start_vm(&vm).await {
+        Request::VmStart { vm } => match manager.start_vm(&caller, &vm).await {
             Ok(()) => Response::Ack,
             Err(e) => error(chain(&e)),
         },
-        Request::VmStop { vm } => match manager.stop_vm(&vm).await {
+        Request::VmStop { vm } => match manager.stop_vm(&caller, &vm).await {
             Ok(()) => Response::Ack,
             Err(e) => error(chain(&e)),
         },
-        Request::VmDelete { vm } => match manager.delete_vm(&vm).await {
+        Request::VmDelete { vm } => match manager.delete_vm(&caller, &vm).await {
             Ok(()) => Response::Ack,
             Err(e) => error(chain(&e)),
         },

@@ -572,3 +572,60 @@ async fn a_restart_elsewhere_is_announced_to_the_violin_from_the_restart_host() 
     );
     overlays.iter().for_each(tokio::task::JoinHandle::abort);
 }
+
+#[tokio::test]
+async fn a_tenants_user_may_use_its_violins_and_vms_only_and_an_unlisted_tenant_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let (cluster, _a1) = crate::fixtures::federation_with_vm1_on_a1();
+    let mut cfg = manager_config(&ca, dir.path(), Vec::new());
+    cfg.tenants = vec![crate::tenants::TenantConfig {
+        name: "physics".into(),
+        max_violins: None,
+        max_vms: None,
+        max_vcpus: None,
+        max_memory_mib: None,
+    }];
+    let inventory = inventory_with_vm1_in_lan(dir.path());
+    let manager = Arc::new(Manager::new(cfg, inventory, Arc::new(cluster)).unwrap());
+    let server = Served::start(&ca, &manager);
+
+    let user = server.connect(&ca, Role::User, "physics", "ann").await;
+    // The administrator's vm1 (violin "lan") is not the tenant's to see.
+    assert_eq!(
+        user.call(&Request::ListVms, |_| {}).await.unwrap(),
+        Response::Vms(Vec::new())
+    );
+    assert_eq!(
+        user.call(&Request::ViolinList, |_| {}).await.unwrap(),
+        Response::Violins(Vec::new())
+    );
+    for admin_only in [
+        Request::ListHosts,
+        Request::PolicyShow,
+        Request::Migrate(move_vm1("a1", None)),
+    ] {
+        match user.call(&admin_only, |_| {}).await.unwrap() {
+            Response::Error { message } => {
+                assert!(message.contains("only an administrator"), "{message}")
+            }
+            r => panic!("{admin_only:?} answered {r:?}"),
+        }
+    }
+    match user
+        .call(&Request::VmDelete { vm: "vm1".into() }, |_| {})
+        .await
+        .unwrap()
+    {
+        Response::Error { message } => assert!(message.contains("no VM named"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    assert!(manager.inventory.vm("vm1").unwrap().is_some());
+
+    let stranger = server.connect(&ca, Role::User, "bio", "bob").await;
+    match stranger.call(&Request::ViolinList, |_| {}).await.unwrap() {
+        Response::Error { message } => assert!(message.contains("not configured"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    server.stop().await;
+}

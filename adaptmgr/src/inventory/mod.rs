@@ -131,6 +131,9 @@ pub struct ViolinRecord {
     /// The addresses handed out to its VMs (never reused while the VM exists).
     #[serde(default)]
     pub members: Vec<MemberRecord>,
+    /// The tenant that made it (and owns its VMs); `None`: an administrator's.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// A VM's place in a violin made through the API.
@@ -143,6 +146,11 @@ pub struct MemberRecord {
     pub host: String,
     /// The depot image it runs from.
     pub image: String,
+    /// Its size as made (what its tenant's quotas count).
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// A create or delete in progress, journaled before the first action so that a manager that

@@ -44,6 +44,7 @@ use crate::inventory::{
 use crate::manager::{Manager, now_ms};
 use crate::observe;
 use crate::policy::{Placement, VmObs};
+use crate::tenants::{self, Caller, QuotaExceeded, Usage};
 use viola_api::domain::DomainState;
 
 /// The most VMs one `vm create --count` makes.
@@ -110,6 +111,10 @@ pub enum ViolinError {
         violin: String,
         reason: String,
     },
+    #[error("tenant {0:?} is not configured on this manager (no [[tenants]] table names it)")]
+    UnknownTenant(String),
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
     #[error("deleting VM {vm}")]
     DeleteVm {
         vm: String,
@@ -186,6 +191,10 @@ pub enum VmError {
     },
     #[error("{0} is being migrated")]
     Busy(String),
+    #[error("tenant {0:?} is not configured on this manager (no [[tenants]] table names it)")]
+    UnknownTenant(String),
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
     #[error("inventory")]
     Inventory(#[from] InventoryError),
 }
@@ -228,14 +237,23 @@ impl ViolinRecord {
             subnet: self.subnet.clone(),
             sites: self.sites.clone(),
             managed: self.managed,
+            tenant: self.tenant.clone(),
             vms: members,
         }
     }
 }
 
-/// What a VM's record shows through the API, with the violin and address the violins give it.
-pub fn vm_views(vms: &[VmRecord], violins: &[ViolinRecord]) -> Vec<VmView> {
+/// What a VM's record shows through the API, with the violin and address the violins give it;
+/// only the VMs `caller` owns (a tenant's: those of its violins).
+pub fn vm_views(caller: &Caller, vms: &[VmRecord], violins: &[ViolinRecord]) -> Vec<VmView> {
+    let owner = |vm: &str| {
+        violins
+            .iter()
+            .find(|v| v.members.iter().any(|m| m.vm == vm) || v.vms.iter().any(|n| n == vm))
+            .and_then(|v| v.tenant.as_deref())
+    };
     vms.iter()
+        .filter(|v| caller.owns(owner(&v.name)))
         .map(|v| {
             let mut view = v.view();
             for violin in violins {
@@ -380,13 +398,42 @@ impl Manager {
         Ok(())
     }
 
-    /// `viola violin create`.
-    pub async fn create_violin(&self, req: ViolinCreate) -> Result<ViolinView, ViolinError> {
+    /// The quotas of `caller`'s tenant (`None` for an administrator: no quota).
+    fn tenant_config(&self, caller: &Caller) -> Result<Option<&tenants::TenantConfig>, String> {
+        match caller.tenant() {
+            None => Ok(None),
+            Some(t) => self
+                .cfg
+                .tenants
+                .iter()
+                .find(|c| c.name == t)
+                .map(Some)
+                .ok_or_else(|| t.to_owned()),
+        }
+    }
+
+    /// `viola violin create`: the violin belongs to `caller`'s tenant (none for an
+    /// administrator).
+    pub async fn create_violin(
+        &self,
+        caller: &Caller,
+        req: ViolinCreate,
+    ) -> Result<ViolinView, ViolinError> {
         alloc::check_violin_name(&req.name)?;
+        let quota = self
+            .tenant_config(caller)
+            .map_err(ViolinError::UnknownTenant)?;
         let allocation = self.allocation.lock().await;
         let violins = self.inventory.violins()?;
         if violins.iter().any(|v| v.name == req.name) {
             return Err(ViolinError::Exists(req.name));
+        }
+        if let Some(quota) = quota {
+            let add = Usage {
+                violins: 1,
+                ..Usage::default()
+            };
+            tenants::check_quota(quota, tenants::usage_of(&quota.name, &violins), add)?;
         }
         let known_sites: BTreeSet<String> = self
             .inventory
@@ -419,6 +466,7 @@ impl Manager {
             sites,
             managed: true,
             members: Vec::new(),
+            tenant: caller.tenant().map(str::to_owned),
         };
         self.inventory.put_violin(&record)?;
         drop(allocation);
@@ -436,7 +484,9 @@ impl Manager {
             now_ms(),
             "violin_created",
             &record.name,
-            serde_json::json!({ "id": id, "subnet": record.subnet, "sites": record.sites }),
+            serde_json::json!({
+                "id": id, "subnet": record.subnet, "sites": record.sites, "tenant": record.tenant,
+            }),
         )?;
         Ok(record.view(&[]))
     }
@@ -454,22 +504,39 @@ impl Manager {
         }
     }
 
-    /// `viola violin list`.
-    pub fn list_violins(&self) -> Result<Vec<ViolinView>, InventoryError> {
+    /// `viola violin list`: the violins `caller` owns.
+    pub fn list_violins(&self, caller: &Caller) -> Result<Vec<ViolinView>, InventoryError> {
         let vms = self.inventory.vms()?;
         Ok(self
             .inventory
             .violins()?
             .iter()
+            .filter(|v| caller.owns_violin(v))
             .map(|v| v.view(&vms))
             .collect())
     }
 
-    /// `viola violin delete`: its VMs first (with `force`), then the violin everywhere.
-    pub async fn delete_violin(&self, name: &str, force: bool) -> Result<(), ViolinError> {
-        let violin = self
+    /// `violin` if `caller` owns it; another tenant's is as unknown as a missing one.
+    fn owned_violin(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Option<ViolinRecord>, InventoryError> {
+        Ok(self
             .inventory
             .violin(name)?
+            .filter(|v| caller.owns_violin(v)))
+    }
+
+    /// `viola violin delete`: its VMs first (with `force`), then the violin everywhere.
+    pub async fn delete_violin(
+        &self,
+        caller: &Caller,
+        name: &str,
+        force: bool,
+    ) -> Result<(), ViolinError> {
+        let violin = self
+            .owned_violin(caller, name)?
             .ok_or_else(|| ViolinError::Unknown(name.to_owned()))?;
         if !violin.managed {
             return Err(ViolinError::Configured(name.to_owned()));
@@ -588,6 +655,7 @@ impl Manager {
     /// `viola vm create`: makes the VMs or nothing; `progress` gets one line per step.
     pub async fn create_vms(
         &self,
+        caller: &Caller,
         req: VmCreate,
         progress: mpsc::Sender<Response>,
     ) -> Result<Vec<VmView>, VmError> {
@@ -607,11 +675,11 @@ impl Manager {
         if !valid_image(&req.image) {
             return Err(VmError::BadImage(req.image.clone()));
         }
+        let quota = self.tenant_config(caller).map_err(VmError::UnknownTenant)?;
         // From the names' check to the addresses' record, one request at a time.
         let allocation = self.allocation.lock().await;
         let mut violin = self
-            .inventory
-            .violin(&req.violin)?
+            .owned_violin(caller, &req.violin)?
             .ok_or_else(|| VmError::UnknownViolin(req.violin.clone()))?;
         if !violin.managed {
             return Err(VmError::ConfiguredViolin(req.violin.clone()));
@@ -655,6 +723,15 @@ impl Manager {
         let t = &self.cfg.vm_template;
         let vcpus = req.vcpus.unwrap_or(t.vcpus).max(1);
         let memory_mib = req.memory_mib.unwrap_or(t.memory_mib).max(64);
+        if let Some(quota) = quota {
+            let add = Usage {
+                violins: 0,
+                vms: count,
+                vcpus: vcpus.saturating_mul(count),
+                memory_mib: memory_mib.saturating_mul(u64::from(count)),
+            };
+            tenants::check_quota(quota, tenants::usage_of(&quota.name, &all_violins), add)?;
+        }
         let hosts = self.place(&names, &candidates, vcpus, memory_mib)?;
         for h in &hosts {
             if !self.cfg.depots.iter().any(|d| d.site == h.site) {
@@ -720,6 +797,8 @@ impl Manager {
                 ip: vm.ip,
                 host: vm.host.name.clone(),
                 image: req.image.clone(),
+                vcpus,
+                memory_mib,
             });
         }
         self.inventory.put_violin(&violin)?;
@@ -751,6 +830,7 @@ impl Manager {
                 }
                 let violins = self.inventory.violins()?;
                 Ok(vm_views(
+                    caller,
                     &views.into_iter().flatten().collect::<Vec<_>>(),
                     &violins,
                 ))
@@ -975,7 +1055,7 @@ impl Manager {
                 .map(|d| format!("{d}/{}.log", vm.name)),
             image_ref: Some(image.to_owned()),
             violin: Some(violin.name.clone()),
-            tenant: None,
+            tenant: violin.tenant.clone(),
         }
     }
 
@@ -1086,8 +1166,12 @@ impl Manager {
         Ok(pending.len())
     }
 
-    fn member(&self, vm: &str) -> Result<(ViolinRecord, MemberRecord), VmError> {
+    /// `vm`'s violin and place in it, if `caller` owns it (else it is unknown to `caller`).
+    fn member(&self, caller: &Caller, vm: &str) -> Result<(ViolinRecord, MemberRecord), VmError> {
         for violin in self.inventory.violins()? {
+            if !caller.owns_violin(&violin) {
+                continue;
+            }
             if let Some(m) = violin.members.iter().find(|m| m.vm == vm) {
                 let m = m.clone();
                 return Ok((violin, m));
@@ -1097,12 +1181,13 @@ impl Manager {
     }
 
     /// `viola vm delete`: stopped, undefined, disk deleted, address freed.
-    pub async fn delete_vm(&self, vm: &str) -> Result<(), VmError> {
+    pub async fn delete_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
+        self.member(caller, vm)?;
         self.delete_vm_telling(vm, true).await
     }
 
     async fn delete_vm_telling(&self, vm: &str, tell_overlays: bool) -> Result<(), VmError> {
-        let (violin, _) = self.member(vm)?;
+        let (violin, _) = self.member(&Caller::Admin, vm)?;
         if self.migrating_vms().contains(vm) {
             return Err(VmError::Busy(vm.to_owned()));
         }
@@ -1160,8 +1245,17 @@ impl Manager {
             })
     }
 
+    /// Ok if `caller` may act on `vm`: an administrator on any VM, a tenant on its violins'.
+    fn check_owns_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
+        match caller {
+            Caller::Admin => Ok(()),
+            Caller::Tenant(_) => self.member(caller, vm).map(|_| ()),
+        }
+    }
+
     /// `viola vm start`.
-    pub async fn start_vm(&self, vm: &str) -> Result<(), VmError> {
+    pub async fn start_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
+        self.check_owns_vm(caller, vm)?;
         let hv = self.vm_host(vm).await?;
         hv.start(vm).await.map_err(|source| VmError::Hypervisor {
             vm: vm.to_owned(),
@@ -1174,7 +1268,8 @@ impl Manager {
     }
 
     /// `viola vm stop`: powers the VM off (it keeps its disk and address).
-    pub async fn stop_vm(&self, vm: &str) -> Result<(), VmError> {
+    pub async fn stop_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
+        self.check_owns_vm(caller, vm)?;
         if self.migrating_vms().contains(vm) {
             return Err(VmError::Busy(vm.to_owned()));
         }

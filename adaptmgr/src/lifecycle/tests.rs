@@ -18,6 +18,7 @@ use crate::announce::{OverlayLink, OverlayLinkError};
 use crate::inventory::Inventory;
 use crate::manager::{DepotSiteConfig, Manager, ManagerConfig, now_ms};
 use crate::migration::depot_stage::{DepotLink, DepotSession};
+use crate::tenants::{Caller, TenantConfig};
 
 /// Overlay daemons that record what they are told; `refuse` names a host whose daemon refuses.
 #[derive(Default)]
@@ -139,6 +140,14 @@ struct Lab {
 }
 
 async fn lab(refuse: Option<&str>, earliest_s: Option<u64>) -> Lab {
+    lab_with_tenants(refuse, earliest_s, Vec::new()).await
+}
+
+async fn lab_with_tenants(
+    refuse: Option<&str>,
+    earliest_s: Option<u64>,
+    tenants: Vec<TenantConfig>,
+) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let cluster = FakeCluster::new();
     for h in HOSTS {
@@ -160,6 +169,7 @@ async fn lab(refuse: Option<&str>, earliest_s: Option<u64>) -> Lab {
             })
             .collect(),
         images_host_dir: "/img".into(),
+        tenants,
         ..ManagerConfig::default()
     };
     let overlays = Arc::new(Overlays {
@@ -225,7 +235,7 @@ impl Lab {
 
     async fn create(&self, req: VmCreate) -> Result<Vec<viola_api::manager::VmView>, VmError> {
         let (tx, _rx) = mpsc::channel(1024);
-        self.manager.create_vms(req, tx).await
+        self.manager.create_vms(&Caller::Admin, req, tx).await
     }
 
     /// Nothing of `vm` anywhere: no domain, no disk, no record, no address, no journal.
@@ -250,7 +260,11 @@ impl Lab {
 #[tokio::test]
 async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
     let lab = lab(None, None).await;
-    let v = lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    let v = lab
+        .manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await
+        .unwrap();
     assert_eq!((v.id, v.subnet.as_deref()), (1, Some("10.0.1.0/24")));
     assert_eq!(v.sites, ["a", "b"]);
     let told = lab.told();
@@ -265,7 +279,7 @@ async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
     // Only site b's host carries a violin of site b; ids are not reused.
     let w = lab
         .manager
-        .create_violin(violin("wan", &["b"]))
+        .create_violin(&Caller::Admin, violin("wan", &["b"]))
         .await
         .unwrap();
     assert_eq!(w.id, 2);
@@ -274,15 +288,26 @@ async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
         told.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
         [overlay_addr("b1")]
     );
-    let err = lab.manager.create_violin(violin("lab", &[])).await;
+    let err = lab
+        .manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await;
     assert!(err.unwrap_err().to_string().contains("exists"));
-    let err = lab.manager.create_violin(violin("x", &["c"])).await;
+    let err = lab
+        .manager
+        .create_violin(&Caller::Admin, violin("x", &["c"]))
+        .await;
     assert!(err.unwrap_err().to_string().contains("no site named \"c\""));
     let bad = ViolinCreate {
         subnet: Some("192.168.0.0/24".into()),
         ..violin("bad", &[])
     };
-    assert!(lab.manager.create_violin(bad).await.is_err());
+    assert!(
+        lab.manager
+            .create_violin(&Caller::Admin, bad)
+            .await
+            .is_err()
+    );
     assert!(lab.told().is_empty(), "a refused request tells no overlay");
 }
 
@@ -291,14 +316,14 @@ async fn a_violin_a_daemon_refuses_is_taken_back_everywhere() {
     let lab = lab(Some("b1"), None).await;
     let err = lab
         .manager
-        .create_violin(violin("lab", &[]))
+        .create_violin(&Caller::Admin, violin("lab", &[]))
         .await
         .unwrap_err();
     assert!(
         err.to_string().contains("b/b1") || err.to_string().contains("b1"),
         "{err}"
     );
-    assert!(lab.manager.list_violins().unwrap().is_empty());
+    assert!(lab.manager.list_violins(&Caller::Admin).unwrap().is_empty());
     let removed: Vec<SocketAddr> = lab
         .told()
         .into_iter()
@@ -311,7 +336,10 @@ async fn a_violin_a_daemon_refuses_is_taken_back_everywhere() {
 #[tokio::test]
 async fn vms_are_placed_addressed_staged_defined_and_started() {
     let lab = lab(None, None).await;
-    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await
+        .unwrap();
     lab.told();
     let vms = lab
         .create(VmCreate {
@@ -369,7 +397,7 @@ async fn vms_are_placed_addressed_staged_defined_and_started() {
     assert_eq!(ips.len(), 3);
     assert!(!ips.contains(&"10.0.1.2".parse().unwrap()));
     assert_eq!(lab.depot.requests.lock().unwrap().len(), 4);
-    let listed = lab.manager.list_violins().unwrap();
+    let listed = lab.manager.list_violins(&Caller::Admin).unwrap();
     assert_eq!(listed[0].vms.len(), 4);
     // The name is taken now.
     assert!(matches!(
@@ -381,7 +409,10 @@ async fn vms_are_placed_addressed_staged_defined_and_started() {
 #[tokio::test]
 async fn an_impossible_deadline_is_refused_with_the_earliest_time_and_leaves_nothing() {
     let lab = lab(None, Some(900)).await;
-    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await
+        .unwrap();
     let err = lab
         .create(VmCreate {
             ready_by_s: Some(60),
@@ -415,7 +446,7 @@ async fn an_impossible_deadline_is_refused_with_the_earliest_time_and_leaves_not
 async fn a_failure_half_way_undoes_every_vm_of_the_request() {
     let lab = lab(None, None).await;
     lab.manager
-        .create_violin(violin("lab", &["a"]))
+        .create_violin(&Caller::Admin, violin("lab", &["a"]))
         .await
         .unwrap();
     // a2's libvirt goes away once its disks are staged: the define there fails, and so does
@@ -459,7 +490,10 @@ async fn a_failure_half_way_undoes_every_vm_of_the_request() {
 #[tokio::test]
 async fn a_create_left_half_done_is_undone_at_the_next_start() {
     let lab = lab(None, None).await;
-    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await
+        .unwrap();
     lab.create(vm("kept", "lab")).await.unwrap();
     // As if the manager had stopped after defining `cut` at a1: journal, address, domain, disk.
     let op = crate::inventory::PendingOp {
@@ -477,6 +511,8 @@ async fn a_create_left_half_done_is_undone_at_the_next_start() {
         ip: "10.0.1.9".parse().unwrap(),
         host: "a1".into(),
         image: "guest-base".into(),
+        vcpus: 1,
+        memory_mib: 256,
     });
     lab.manager.inventory.put_violin(&rec).unwrap();
     lab.cluster
@@ -509,34 +545,52 @@ async fn a_create_left_half_done_is_undone_at_the_next_start() {
 #[tokio::test]
 async fn deleting_a_violin_with_vms_needs_force_and_then_removes_everything() {
     let lab = lab(None, None).await;
-    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await
+        .unwrap();
     lab.create(VmCreate {
         count: Some(2),
         ..vm("n", "lab")
     })
     .await
     .unwrap();
-    let err = lab.manager.delete_violin("lab", false).await.unwrap_err();
+    let err = lab
+        .manager
+        .delete_violin(&Caller::Admin, "lab", false)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("n-1"), "{err}");
-    assert_eq!(lab.manager.list_violins().unwrap().len(), 1);
+    assert_eq!(lab.manager.list_violins(&Caller::Admin).unwrap().len(), 1);
     lab.told();
-    lab.manager.delete_violin("lab", true).await.unwrap();
+    lab.manager
+        .delete_violin(&Caller::Admin, "lab", true)
+        .await
+        .unwrap();
     lab.assert_gone("n-1");
     lab.assert_gone("n-2");
-    assert!(lab.manager.list_violins().unwrap().is_empty());
+    assert!(lab.manager.list_violins(&Caller::Admin).unwrap().is_empty());
     let removed = lab
         .told()
         .into_iter()
         .filter(|(_, r)| matches!(r, ControlRequest::RemoveViolin { violin: 1 }))
         .count();
     assert_eq!(removed, 3);
-    assert!(lab.manager.delete_violin("lab", true).await.is_err());
+    assert!(
+        lab.manager
+            .delete_violin(&Caller::Admin, "lab", true)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn creates_at_the_same_time_get_distinct_addresses_and_all_are_kept() {
     let lab = lab(None, None).await;
-    lab.manager.create_violin(violin("lab", &[])).await.unwrap();
+    lab.manager
+        .create_violin(&Caller::Admin, violin("lab", &[]))
+        .await
+        .unwrap();
     let (a, b, c) = tokio::join!(
         lab.create(vm("x", "lab")),
         lab.create(vm("y", "lab")),
@@ -553,6 +607,131 @@ async fn creates_at_the_same_time_get_distinct_addresses_and_all_are_kept() {
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 4);
-    let members = &lab.manager.list_violins().unwrap()[0].vms;
+    let members = &lab.manager.list_violins(&Caller::Admin).unwrap()[0].vms;
     assert_eq!(members.len(), 4, "{members:?}");
+}
+
+#[tokio::test]
+async fn tenants_see_and_change_only_their_own_within_their_quotas() {
+    let quota = |name: &str| TenantConfig {
+        name: name.into(),
+        max_violins: Some(1),
+        max_vms: Some(3),
+        max_vcpus: Some(4),
+        max_memory_mib: None,
+    };
+    let lab = lab_with_tenants(None, None, vec![quota("physics"), quota("chem")]).await;
+    let physics = Caller::Tenant("physics".into());
+    let chem = Caller::Tenant("chem".into());
+    let (tx, _rx) = mpsc::channel(1024);
+
+    let v = lab
+        .manager
+        .create_violin(&physics, violin("p", &[]))
+        .await
+        .unwrap();
+    assert_eq!(v.tenant.as_deref(), Some("physics"));
+    let err = lab
+        .manager
+        .create_violin(&physics, violin("p2", &[]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("quota of 1 violins"), "{err}");
+    lab.manager
+        .create_violin(&Caller::Admin, violin("fed", &[]))
+        .await
+        .unwrap();
+    lab.create(vm("adm", "fed")).await.unwrap();
+
+    // Two VMs of 2 vCPUs fill physics's 4; a third is refused and leaves nothing.
+    let two = VmCreate {
+        vcpus: Some(2),
+        count: Some(2),
+        ..vm("pv", "p")
+    };
+    lab.manager
+        .create_vms(&physics, two, tx.clone())
+        .await
+        .unwrap();
+    let err = lab
+        .manager
+        .create_vms(&physics, vm("more", "p"), tx.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("quota of 4 vCPUs"), "{err}");
+    lab.assert_gone("more");
+
+    // Each sees only its own; another tenant's is as unknown as a missing one.
+    let names = |c: &Caller| -> Vec<String> {
+        lab.manager
+            .list_violins(c)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    };
+    assert_eq!(names(&physics), ["p"]);
+    assert!(names(&chem).is_empty());
+    assert_eq!(names(&Caller::Admin), ["fed", "p"]);
+    let (vms, violins) = (
+        lab.manager.inventory.vms().unwrap(),
+        lab.manager.inventory.violins().unwrap(),
+    );
+    let vm_names = |c: &Caller| -> Vec<String> {
+        super::vm_views(c, &vms, &violins)
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    };
+    assert_eq!(vm_names(&physics), ["pv-1", "pv-2"]);
+    assert!(vm_names(&chem).is_empty());
+    assert_eq!(vm_names(&Caller::Admin).len(), 3);
+
+    let err = lab
+        .manager
+        .delete_violin(&chem, "p", true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, super::ViolinError::Unknown(_)), "{err}");
+    let err = lab
+        .manager
+        .create_vms(&chem, vm("intruder", "p"), tx.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VmError::UnknownViolin(_)), "{err}");
+    lab.assert_gone("intruder");
+    for result in [
+        lab.manager.stop_vm(&chem, "pv-1").await,
+        lab.manager.start_vm(&chem, "pv-1").await,
+        lab.manager.delete_vm(&chem, "pv-1").await,
+        lab.manager.delete_vm(&physics, "adm").await,
+    ] {
+        assert!(matches!(result, Err(VmError::Unknown(_))), "{result:?}");
+    }
+    assert!(
+        lab.cluster.has_domain("fake://a1", "pv-1")
+            || lab.cluster.has_domain("fake://a2", "pv-1")
+            || lab.cluster.has_domain("fake://b1", "pv-1")
+    );
+    assert_eq!(names(&physics), ["p"]);
+
+    // A tenant no [[tenants]] table names may make nothing.
+    let bio = Caller::Tenant("bio".into());
+    let err = lab
+        .manager
+        .create_violin(&bio, violin("b", &[]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not configured"), "{err}");
+
+    // Its own: the tenant removes it, and its quota is free again.
+    lab.manager
+        .delete_violin(&physics, "p", true)
+        .await
+        .unwrap();
+    lab.assert_gone("pv-1");
+    lab.manager
+        .create_violin(&physics, violin("p2", &[]))
+        .await
+        .unwrap();
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! viola-ca init  --ca-dir /etc/viola/ca [--name fed] [--days 3650]
 //! viola-ca issue --ca-dir /etc/viola/ca --role overlay --site a --host a1 --out /etc/viola/overlay
+//! viola-ca issue-user --ca-dir /etc/viola/ca --tenant physics --name ann --out ~/.viola
 //! viola-ca show  /etc/viola/overlay/cert.pem
 //! viola-ca issue-libvirt --ca-dir /etc/viola/ca --site a --host a1 --address 198.18.1.11 --out /etc/pki
 //! ```
@@ -44,7 +45,8 @@ enum Command {
     Issue {
         #[arg(long)]
         ca_dir: PathBuf,
-        /// adaptmgr, cli, depot, monitor or overlay (libvirt: use issue-libvirt).
+        /// adaptmgr, cli, depot, monitor, overlay or user (libvirt: use issue-libvirt; a user's
+        /// certificate: issue-user).
         #[arg(long)]
         role: Role,
         #[arg(long)]
@@ -80,6 +82,22 @@ enum Command {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Issue a tenant's user certificate (viola://user/TENANT/NAME) for the `viola` CLI: the
+    /// manager lets it see and change only that tenant's violins and VMs, within the tenant's
+    /// quotas (`[[tenants]]` in the manager's configuration). Writes cert.pem, key.pem, ca.pem.
+    IssueUser {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// The user's name (a DNS label, like the tenant's).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Print the identity (viola://ROLE/SITE/HOST) a certificate names.
     Show { cert: PathBuf },
 }
@@ -107,6 +125,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let id = PeerIdentity::new(role, &site, &host)?;
             ca.issue(&id, days)?.save(&out)?;
             println!("issued {id} -> {}", out.display());
+        }
+        Command::IssueUser {
+            ca_dir,
+            tenant,
+            name,
+            out,
+            days,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let id = PeerIdentity::new(Role::User, &tenant, &name)
+                .context("tenant and user names are DNS labels")?;
+            ca.issue(&id, days)?.save(&out)?;
+            println!("issued {id} (tenant {tenant}) -> {}", out.display());
         }
         Command::IssueLibvirt {
             ca_dir,
