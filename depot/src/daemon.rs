@@ -208,13 +208,19 @@ impl Stager for StagerImpl {
             st.message = msg;
             return st;
         }
+        // Recorded before the job is queued: a job that plans at once updates this entry, and
+        // an insert after it would put back `resolving`, not accepted (a staging that worked
+        // then looked refused).
+        if let Ok(mut m) = inner.stages.lock() {
+            m.insert(st.stage_id.clone(), st.clone());
+        }
         if let Err(e) = inner.jobs.try_send((st.stage_id.clone(), req)) {
             st.state = StageState::Rejected;
             st.message = format!("depot busy: {e}");
+            if let Ok(mut m) = inner.stages.lock() {
+                m.insert(st.stage_id.clone(), st.clone());
+            }
             return st;
-        }
-        if let Ok(mut m) = inner.stages.lock() {
-            m.insert(st.stage_id.clone(), st.clone());
         }
         st
     }

@@ -39,4 +39,16 @@ impl Pki {
         )?;
         Ok(out.to_owned())
     }
+
+    /// A tenant's user certificate into `out` (`viola-ca issue-user`).
+    pub fn issue_user(&self, tenant: &str, name: &str, out: &Path) -> Result<PathBuf> {
+        run_ok(
+            Command::new(bin("viola-ca"))
+                .args(["issue-user", "--ca-dir"])
+                .arg(&self.ca_dir)
+                .args(["--tenant", tenant, "--name", name, "--out"])
+                .arg(out),
+        )?;
+        Ok(out.to_owned())
+    }
 }

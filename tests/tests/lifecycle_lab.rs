@@ -10,6 +10,11 @@
 //!   host (the console says so), answers HTTP on it from a2 across the sites, and `viola vm
 //!   list` shows its violin and address;
 //! - an impossible deadline is refused before anything is made;
+//! - a manager killed (SIGKILL) in the middle of a create of three VMs undoes it at its next
+//!   start: no domain, disk, address or inventory entry of them anywhere;
+//! - tenants: a user of tenant physics makes a violin that a user of tenant chem can neither
+//!   see nor delete; physics's quota refuses a create that would exceed it, and nothing is
+//!   made; a tenant's user may not list hosts;
 //! - a created VM migrates across sites with no hand-written configuration;
 //! - `viola violin delete lab` is refused while it has VMs, and with `--force` leaves nothing
 //!   on any host: no domain (`virsh list --all`), no disk, no bridge, no violin in the
@@ -107,6 +112,8 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     pki.issue("depot", "b", "b1", &id("depot-b1")).unwrap();
     pki.issue("adaptmgr", "fed", "mgr", &id("mgr")).unwrap();
     pki.issue("cli", "fed", "user", &id("cli")).unwrap();
+    pki.issue_user("physics", "ann", &id("ann")).unwrap();
+    pki.issue_user("chem", "bob", &id("bob")).unwrap();
 
     // Overlays: peers only, no violin; each keeps what it is given in a state file.
     let mut overlays = Overlay::new(LAB).unwrap();
@@ -175,7 +182,8 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         "[[depots]]\nsite = \"a\"\naddr = \"{}:7410\"\n\n[[depots]]\nsite = \"b\"\naddr = \"{}:7410\"\n\n\
          [vm_template]\nkernel = \"{g}/vmlinuz\"\ninitrd = \"{g}/initrd.img\"\n\
          cmdline = \"console=ttyS0 quiet panic=-1 viola.ip=dhcp viola.http=1\"\n\
-         console_dir = \"{}\"\nmtu = 1400\n",
+         console_dir = \"{}\"\nmtu = 1400\n\n\
+         [[tenants]]\nname = \"physics\"\nmax_vms = 1\n\n[[tenants]]\nname = \"chem\"\n",
         addr("a1"),
         addr("b1"),
         console.display(),
@@ -183,18 +191,21 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     ));
     let mgr_cfg = dir.join("adaptmgr.toml");
     std::fs::write(&mgr_cfg, cfg).unwrap();
+    let start_manager = |daemons: &mut Daemons, log: &Path| {
+        let child = spawn_logged(
+            Command::new("ip")
+                .args(["netns", "exec", &ns("a2")])
+                .arg(bin("viola-adaptmgr"))
+                .arg("--config")
+                .arg(&mgr_cfg)
+                .env("RUST_LOG", "info"),
+            log,
+        )
+        .unwrap();
+        daemons.add("manager", child);
+    };
     let mgr_log = dir.join("adaptmgr.log");
-    let child = spawn_logged(
-        Command::new("ip")
-            .args(["netns", "exec", &ns("a2")])
-            .arg(bin("viola-adaptmgr"))
-            .arg("--config")
-            .arg(&mgr_cfg)
-            .env("RUST_LOG", "info"),
-        &mgr_log,
-    )
-    .unwrap();
-    daemons.add("manager", child);
+    start_manager(&mut daemons, &mgr_log);
     for h in HOSTS {
         let child = spawn_logged(
             Command::new("ip")
@@ -347,6 +358,145 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         assert!(!all.contains("late"), "{h}: {all}");
         assert!(!Path::new(&lab.host(h).images).join("late.qcow2").exists());
     }
+
+    // A manager killed in the middle of a create of three VMs undoes it at its next start.
+    let cut_out = dir.join("cut.out");
+    let mut cut = cli
+        .cmd(&[
+            "vm",
+            "create",
+            "cut",
+            "--violin",
+            "lab",
+            "--image",
+            "guest",
+            "--site",
+            "b",
+            "--ready-by",
+            "180",
+            "--count",
+            "3",
+        ])
+        .stdout(std::fs::File::create(&cut_out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the create asks a depot", Duration::from_secs(60), || {
+        log_text(&cut_out).contains("asked the depot")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", log_text(&cut_out)));
+    daemons.kill("manager", libc::SIGKILL).unwrap();
+    let _ = cut.wait();
+    eprintln!("manager killed during: {}", log_text(&cut_out));
+    let mgr_log2 = dir.join("adaptmgr-2.log");
+    start_manager(&mut daemons, &mgr_log2);
+    wait_until(
+        "the restarted manager resolves the create",
+        Duration::from_secs(180),
+        || log_text(&mgr_log2).contains("interrupted creates and deletes resolved"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_text(&mgr_log2)));
+    let cut_names = ["cut-1", "cut-2", "cut-3"];
+    for h in HOSTS {
+        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
+        for name in cut_names {
+            assert!(
+                !all.lines().any(|l| l.trim() == name),
+                "{name} defined at {h}"
+            );
+            assert!(
+                !Path::new(&lab.host(h).images)
+                    .join(format!("{name}.qcow2"))
+                    .exists(),
+                "{name}'s disk at {h}"
+            );
+        }
+    }
+    let shown = cli.json(&["violin", "show", "lab"]).unwrap();
+    let members = shown[0]["vms"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "only web and node-1/2: {shown}");
+    let listed = cli.json(&["vm", "list"]).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| !cut_names.contains(&v["name"].as_str().unwrap_or_default())),
+        "{listed}"
+    );
+    for h in ["b1", "b2"] {
+        let status = overlays.status(h).unwrap().to_string();
+        for line in log_text(&cut_out).lines().filter(|l| l.contains("MAC")) {
+            let mac = line
+                .split("MAC ")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .unwrap();
+            assert!(!status.contains(mac), "{h}'s overlay still knows {mac}");
+        }
+    }
+
+    // Tenants: physics's violin is invisible and untouchable for chem; quotas hold.
+    let user = |who: &str| Cli {
+        ns: ns("a2"),
+        mgr: mgr.clone(),
+        id: id(who),
+    };
+    let (ann, bob) = (user("ann"), user("bob"));
+    let science = ann
+        .json(&["violin", "create", "science", "--sites", "b"])
+        .unwrap_or_else(|e| panic!("tenant's violin create: {e}"));
+    assert_eq!(science[0]["tenant"], "physics");
+    let science_bridge = format!("vio{}", science[0]["id"]);
+    assert!(link_exists(&ns("b1"), &science_bridge));
+    let ann_sees: Vec<_> = ann
+        .json(&["violin", "list"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(ann_sees, ["science"], "physics sees only its own violin");
+    assert_eq!(
+        bob.json(&["violin", "list"]).unwrap(),
+        serde_json::json!([])
+    );
+    assert!(
+        bob.json(&["violin", "show", "science"])
+            .is_err_and(|e| e.contains("no violin"))
+    );
+    assert!(
+        bob.json(&["violin", "delete", "science", "--force"])
+            .is_err_and(|e| e.contains("no violin"))
+    );
+    assert!(
+        link_exists(&ns("b1"), &science_bridge),
+        "chem's delete changed nothing"
+    );
+    assert_eq!(
+        ann.json(&["vm", "list"]).unwrap(),
+        serde_json::json!([]),
+        "the administrator's VMs are not physics's"
+    );
+    assert!(
+        ann.json(&["host", "list"])
+            .is_err_and(|e| e.contains("only an administrator"))
+    );
+    let over = ann.json(&[
+        "vm", "create", "sim", "--violin", "science", "--image", "guest", "--site", "b", "--count",
+        "2",
+    ]);
+    assert!(
+        over.is_err_and(|e| e.contains("quota of 1 VMs")),
+        "physics may hold 1 VM"
+    );
+    for h in ["b1", "b2"] {
+        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
+        assert!(!all.contains("sim-"), "{h}: {all}");
+    }
+    ann.json(&["violin", "delete", "science"]).unwrap();
+    assert!(!link_exists(&ns("b1"), &science_bridge));
 
     // A created VM moves across sites with nothing configured by hand.
     let (web, web_host, web_ip) = vms[0].clone();

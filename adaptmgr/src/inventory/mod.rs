@@ -163,6 +163,18 @@ pub struct PendingOp {
     pub host: String,
     /// The VM's disk as its host's libvirtd sees it.
     pub disk: String,
+    /// The depot staging that lays the disk down (a create, once the depot answered): a
+    /// manager that undoes the create after a restart waits for it to end first, so the
+    /// depot does not write the disk after the undo removed it.
+    #[serde(default)]
+    pub stage: Option<PendingStage>,
+}
+
+/// A staging request a depot accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingStage {
+    pub site: String,
+    pub stage_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

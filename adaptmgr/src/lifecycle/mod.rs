@@ -38,8 +38,8 @@ use crate::migration::depot_stage::DepotSession;
 
 use self::alloc::{AllocError, Subnet};
 use crate::inventory::{
-    HostRecord, HostState, InventoryError, MemberRecord, PendingKind, PendingOp, ViolinRecord,
-    VmRecord,
+    HostRecord, HostState, InventoryError, MemberRecord, PendingKind, PendingOp, PendingStage,
+    ViolinRecord, VmRecord,
 };
 use crate::manager::{Manager, now_ms};
 use crate::observe;
@@ -289,6 +289,10 @@ impl NewVm {
             violin: violin.to_owned(),
             host: self.host.name.clone(),
             disk: self.disk.clone(),
+            stage: self.stage_id.as_ref().map(|id| PendingStage {
+                site: self.host.site.clone(),
+                stage_id: id.clone(),
+            }),
         }
     }
 }
@@ -958,6 +962,9 @@ impl Manager {
                     source: Box::new(source),
                 })?;
             vm.stage_id = Some(status.stage_id.clone());
+            // Journaled: a manager restarted from here on waits for this staging to end
+            // before it removes the disk.
+            self.inventory.put_pending(&vm.pending(&req.violin))?;
             check_stage(&vm.name, &site, deadline_ms, &status)?;
             say(format!(
                 "{}: asked the depot of site {site} for image {}",
@@ -1152,6 +1159,9 @@ impl Manager {
         let pending = self.inventory.pending()?;
         for op in &pending {
             tracing::warn!(vm = %op.vm, kind = ?op.kind, "resolving a create or delete the previous manager left in progress");
+            if let Some(stage) = &op.stage {
+                self.settle_stage(stage).await;
+            }
             self.undo_create(op, true).await;
             self.inventory.record(
                 now_ms(),
@@ -1167,6 +1177,29 @@ impl Manager {
     }
 
     /// `vm`'s violin and place in it, if `caller` owns it (else it is unknown to `caller`).
+    /// Waits (at most 2 minutes) until `stage` has ended at its depot; a depot that cannot be
+    /// reached or no longer knows it has nothing left to write.
+    async fn settle_stage(&self, stage: &PendingStage) {
+        let Some(addr) = self
+            .cfg
+            .depots
+            .iter()
+            .find(|d| d.site == stage.site)
+            .map(|d| d.addr)
+        else {
+            return;
+        };
+        match self.depot_link.connect(addr).await {
+            Ok(session) => {
+                tracing::info!(site = %stage.site, stage = %stage.stage_id, "waiting for the depot to finish a staging before undoing its create");
+                settle_one(session.as_ref(), &stage.stage_id, now_ms() + 120_000).await;
+            }
+            Err(e) => {
+                tracing::warn!(site = %stage.site, error = %viola_common::errors::chain(&e), "cannot reach the depot to wait for a staging")
+            }
+        }
+    }
+
     fn member(&self, caller: &Caller, vm: &str) -> Result<(ViolinRecord, MemberRecord), VmError> {
         for violin in self.inventory.violins()? {
             if !caller.owns_violin(&violin) {
@@ -1213,6 +1246,7 @@ impl Manager {
                 .join(format!("{vm}.qcow2"))
                 .to_string_lossy()
                 .into_owned(),
+            stage: None,
         };
         self.inventory.put_pending(&op)?;
         self.remove_vm_everywhere(&op, tell_overlays).await?;
@@ -1313,18 +1347,23 @@ async fn settle(sessions: &BTreeMap<String, Box<dyn DepotSession>>, new: &[NewVm
         let (Some(stage_id), Some(session)) = (&vm.stage_id, sessions.get(&vm.host.site)) else {
             continue;
         };
-        while now_ms() < until {
-            match session.status(stage_id).await {
-                Ok(s)
-                    if matches!(
-                        s.state,
-                        StageState::Resolving | StageState::Fetching | StageState::Assembling
-                    ) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(250)).await
-                }
-                _ => break,
+        settle_one(session.as_ref(), stage_id, until).await;
+    }
+}
+
+/// Waits until `stage_id` has ended (or the depot does not answer, or `until_ms`).
+async fn settle_one(session: &dyn DepotSession, stage_id: &str, until_ms: u64) {
+    while now_ms() < until_ms {
+        match session.status(stage_id).await {
+            Ok(s)
+                if matches!(
+                    s.state,
+                    StageState::Resolving | StageState::Fetching | StageState::Assembling
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await
             }
+            _ => break,
         }
     }
 }
@@ -1337,6 +1376,14 @@ fn check_stage(
     status: &StageStatus,
 ) -> Result<(), VmError> {
     let now = now_ms();
+    // A staging that failed (before or after planning) is a failure, not a late deadline.
+    if status.state == StageState::Failed {
+        return Err(VmError::Staging {
+            site: site.to_owned(),
+            vm: vm.to_owned(),
+            message: status.message.clone(),
+        });
+    }
     // The depot answers `resolving` first; its verdict on the deadline comes with the plan.
     if status.state == StageState::Rejected
         || (!status.accepted && status.state != StageState::Resolving)
@@ -1347,13 +1394,6 @@ fn check_stage(
             earliest_s: status
                 .predicted_ready_unix_ms
                 .map(|t| t.saturating_sub(now).div_ceil(1000)),
-            message: status.message.clone(),
-        });
-    }
-    if status.state == StageState::Failed {
-        return Err(VmError::Staging {
-            site: site.to_owned(),
-            vm: vm.to_owned(),
             message: status.message.clone(),
         });
     }

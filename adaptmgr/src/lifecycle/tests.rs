@@ -502,6 +502,11 @@ async fn a_create_left_half_done_is_undone_at_the_next_start() {
         violin: "lab".into(),
         host: "a1".into(),
         disk: "/img/cut.qcow2".into(),
+        // The fake depot answers `ready` for a stage it was asked for: nothing to wait for.
+        stage: Some(crate::inventory::PendingStage {
+            site: "a".into(),
+            stage_id: "stage-kept".into(),
+        }),
     };
     lab.manager.inventory.put_pending(&op).unwrap();
     let mut rec = lab.manager.inventory.violin("lab").unwrap().unwrap();
