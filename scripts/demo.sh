@@ -311,7 +311,7 @@ until viola --json decisions | jq -e "select(.actions[] | (.vm == \"$g1\" and .a
 done
 lowered_after=$(since "$t")
 viola decisions | sed 's/^/   /'
-echo "   cap raised ${raised_after} s after the burn began; back to 30 % ${lowered_after} s after it ended"
+echo "   cap raised ${raised_after} s after the burn began; lowered again ${lowered_after} s after it ended (to the cap its last decision above gives)"
 
 say "9. \`viola violin delete demo --force\`: its VMs, disks and bridges go from every host"
 t=$(now)
