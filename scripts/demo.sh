@@ -224,8 +224,8 @@ create() {
   echo "   \$ viola vm create $1 --violin demo --image demo-base --host $2 --ready-by $3"
   t0=$(now)
   if ! viola vm create "$1" --violin demo --image demo-base --host "$2" --ready-by "$3" | sed 's/^/   /'; then
-    say "FAILED: viola vm create $1; the manager's last lines:"
-    tail -n 10 "$D/adaptmgr.log" | sed 's/^/   /'
+    say "FAILED: viola vm create $1 (its error above)"
+    [ ! -s "$D/adaptmgr.log" ] || { echo "   the manager's last lines:"; tail -n 10 "$D/adaptmgr.log" | sed 's/^/   /'; }
     exit 1
   fi
   echo "   $1 created in $(since "$t0") s"
