@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Viola's multi-site demo. Sets up this machine (idempotently: packages, guest, release build),
-# then, in a lab of two sites with two hosts each:
-#   1. a federation CA and a certificate for every daemon (role, site, host);
-#   2. an overlay daemon on every host: one violin ("demo", a private Ethernet across sites);
-#   3. a depot at each site: the guest image imported at site a and assembled into g1's disk at
-#      a1; fetched by site b's depot over the WAN (QUIC, mutual TLS, every chunk verified) and
-#      assembled into g2's disk at host b2;
-#   4. two guests on the violin, g1 on a1 (site a) and g2 on b2 (site b), both booted from
-#      depot-assembled chains, reachable across sites at their own addresses;
-#   5. the adaptation manager (on host a2) with a monitor per host; `viola vm migrate` moves g1
-#      live, with its disk, to b1 (site b) while host a2 pings it every 10 ms: its base staged at
-#      b1 through site b's depot (the manager's staging API call), only g1's own layer copied,
+# then, in a lab of two sites with two hosts each, starts Viola's daemons and builds everything
+# else with Viola's own commands (no virsh, no violin written in any configuration file):
+#   1. the lab; 2. a federation CA and a certificate for every daemon (role, site, host);
+#   3. an overlay daemon on every host, configured with its peers only (and a state file);
+#   4. a depot at each site: the guest image imported at site a; site b's depot peers with a's;
+#   5. the adaptation manager (on host a2) with the depots and a VM template, and a monitor per
+#      host;
+#   6. `viola violin create demo --sites a,b` (a private Ethernet across the sites, bridge
+#      vio<id> on every host), then `viola vm create` of g1 on a1 (image local to site a) and
+#      g2 on b2 (image fetched by site b's depot over the WAN: QUIC, mutual TLS, every chunk
+#      verified), each with a deadline; the guests take their addresses by DHCP from the
+#      overlay and answer HTTP across the sites; it prints how long each create took and how
+#      long until each VM answered;
+#   7. `viola vm migrate` moves g1 live, with its disk, to b1 (site b) while host a2 pings it
+#      every 10 ms: its base staged at b1 through site b's depot, only g1's own layer copied,
 #      same IP, same MAC, the overlay told in advance;
-#   6. the manager's policy loop on its own (act mode, 5 s period): g1, capped at 30 % of a CPU,
+#   8. the manager's policy loop on its own (act mode, 5 s period): g1, capped at 30 % of a CPU,
 #      starts burning one; the loop raises its cap and, once the burn is over, lowers it back,
-#      and its decision log says why (no resize typed after the first).
+#      and its decision log says why (no resize typed after the first);
+#   9. `viola violin delete demo --force`, and a check that no domain, disk or bridge is left.
 # It prints what happened and how long each step took, and removes everything at the end (also
 # on failure). Run as root. `--no-setup` skips the machine setup.
 set -euo pipefail
@@ -37,10 +42,10 @@ for b in viola-ca viola-overlay viola-depot viola-adaptmgr viola-monitor viola; 
   [ -x "$bin/$b" ] || { echo "demo.sh: $bin/$b missing: run scripts/setup.sh" >&2; exit 1; }
 done
 
-pids=()
+pids=() waiters=()
 cleanup() {
   set +e
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${waiters[@]}" "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
   lab down >/dev/null 2>&1
 }
@@ -63,89 +68,60 @@ for h in a1 a2 b1 b2; do issue overlay "${h:0:1}" "$h"; issue monitor "${h:0:1}"
 issue depot a a1; issue depot b b1; issue adaptmgr fed mgr; issue cli fed operator
 echo "   $(ls "$D/pki" | wc -l) certificates: $(ls "$D/pki" | paste -sd' ' -)"
 
-mac_of() { local h; h=$(printf '%s' "$1" | md5sum); echo "52:54:00:${h:0:2}:${h:2:2}:${h:4:2}"; }
-g1=demo-g1 g1_ip=10.1.0.5 g1_mac=$(mac_of demo-g1)
-g2=demo-g2 g2_ip=10.1.0.6 g2_mac=$(mac_of demo-g2)
-
-say "3. overlay: violin 1 \"demo\" on every host, QUIC datagrams with mutual TLS between hosts"
+say "3. overlay daemons: one per host, peers only (no violin configured), QUIC with mutual TLS"
+addr_of() { lab status --json | jq -r ".hosts[] | select(.name==\"$1\") | .address"; }
 peers=""
-for h in a1 a2 b1 b2; do peers+="[[peers]]"$'\n'"addr = \"$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address"):4500\""$'\n'; done
+for h in a1 a2 b1 b2; do peers+="[[peers]]"$'\n'"addr = \"$(addr_of "$h"):4500\""$'\n'; done
 for h in a1 a2 b1 b2; do
-  addr=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address")
+  # The violins the manager gives a daemon at run time are kept in its state file, so a
+  # restarted daemon carries them again before the manager tells it anything.
   cat >"$D/overlay-$h.toml" <<EOF
-listen = "$addr:4500"
+listen = "$(addr_of "$h"):4500"
 identity_dir = "$D/pki/overlay-$h"
 control_socket = "$D/overlay-$h.sock"
+state_file = "$D/overlay-$h.state"
 $peers
-[[violins]]
-id = 1
-name = "demo"
-vms = [{ mac = "$g1_mac", ip = "$g1_ip" }, { mac = "$g2_mac", ip = "$g2_ip" }]
 EOF
   lab exec "$h" -- "$bin/viola-overlay" run --config "$D/overlay-$h.toml" >"$D/overlay-$h.log" 2>&1 &
   pids+=($!)
 done
 for h in a1 a2 b1 b2; do
-  until lab exec "$h" -- ip link show vio1 >/dev/null 2>&1; do sleep 0.1; done
+  until [ -S "$D/overlay-$h.sock" ]; do sleep 0.1; done
 done
-# Hosts a2 and b2 join the violin through their bridge, as observers.
-lab exec a2 -- ip addr add 10.1.0.202/24 dev vio1
-lab exec b2 -- ip addr add 10.1.0.204/24 dev vio1
 sleep 1
 "$bin/viola-overlay" status --socket "$D/overlay-a2.sock" | sed 's/^/   /' | head -12
 
-say "4. depots: import at site a, fetch to site b across the WAN (verified), assemble at b2"
+say "4. depots: the guest image imported at site a; site a's and site b's depots serve (b fetches from a)"
 t=$(now)
 "$bin/viola-depot" --quiet --store "$D/depot-a" import /var/cache/viola/guest/base.qcow2 --name demo-base
-image=$(cat "$D/depot-a/names/demo-base")
 echo "   imported at site a in $(since "$t") s: $("$bin/viola-depot" --store "$D/depot-a" status 2>/dev/null | head -1)"
-echo "   image demo-base = manifest $image"
+echo "   image demo-base = manifest $(cat "$D/depot-a/names/demo-base")"
+# The depots plan their transfers for the lab's WAN (200 Mbit/s, 20 ms round trip).
 lab exec a1 -- "$bin/viola-depot" serve --store "$D/depot-a" --site a --listen 198.18.1.11:7410 \
-  --identity "$D/pki/depot-a1" --metrics-listen 198.18.1.11:9410 \
+  --identity "$D/pki/depot-a1" --metrics-listen 198.18.1.11:9410 --rate-mbit 200 --rtt-ms 20 \
   --image-dir-template "$lab_dir/images/{host}" >"$D/depot-a.log" 2>&1 &
 pids+=($!)
-sleep 1
-t=$(now)
-lab exec b1 -- "$bin/viola-depot" --quiet --store "$D/depot-b" fetch demo-base --from 198.18.1.11:7410 \
-  --identity "$D/pki/depot-b1" --rate-mbit 200 --rtt-ms 20 --json >"$D/fetch.json"
-echo "   site b fetched it in $(since "$t") s: $(jq -c '{bytes: (.bytes_fetched // .bytes // null), chunks: (.chunks_fetched // .chunks // null), rejected: (.chunks_rejected // .rejected // 0)}' "$D/fetch.json" 2>/dev/null || cat "$D/fetch.json")"
-t=$(now)
-lab exec b2 -- "$bin/viola-depot" --quiet --store "$D/depot-b" assemble demo-base \
-  --image-dir /var/lib/viola/images --vm "$g2" >/dev/null
-echo "   assembled at b2 in $(since "$t") s: $(ls "$lab_dir/images/b2" | paste -sd' ' -)"
-# Site b's depot serves its store from now on: the manager stages through it.
+# Site b's depot starts empty: it fetches what a VM at site b needs from site a's, over the WAN
+# (QUIC, mutual TLS, every chunk verified), when the manager asks it to stage an image.
 lab exec b1 -- "$bin/viola-depot" serve --store "$D/depot-b" --site b --listen 198.18.2.11:7410 \
-  --identity "$D/pki/depot-b1" --peer a=198.18.1.11:7410 \
+  --identity "$D/pki/depot-b1" --peer a=198.18.1.11:7410 --rate-mbit 200 --rtt-ms 20 \
   --image-dir-template "$lab_dir/images/{host}" >"$D/depot-b.log" 2>&1 &
 pids+=($!)
-
-say "5. guests on the violin: $g1 on a1 (site a), $g2 on b2 (site b), from depot-assembled chains"
-lab exec a1 -- "$bin/viola-depot" --quiet --store "$D/depot-a" assemble demo-base \
-  --image-dir /var/lib/viola/images --vm "$g1" >/dev/null
-echo "   assembled at a1: $(ls "$lab_dir/images/a1" | paste -sd' ' -)"
-xml() { VIOLA_CONSOLE_DIR="$lab_dir/console" scripts/guest/domain-xml.sh --name "$1" \
-  --disk "/var/lib/viola/images/$1.qcow2" --bridge vio1 --ip "$2/24" --mtu 1400; }
-xml "$g1" "$g1_ip" >"$D/$g1.xml"
-xml "$g2" "$g2_ip" >"$D/$g2.xml"
-t=$(now)
-lab virsh a1 define "$D/$g1.xml" >/dev/null
-# g1's domain records the depot image it runs from: the manager stages that image when it moves.
-lab virsh a1 metadata "$g1" --uri urn:viola:depot:1 --key viola --set "<image ref='$image'/>" --config >/dev/null
-lab virsh a1 start "$g1" >/dev/null
-lab virsh b2 define "$D/$g2.xml" >/dev/null && lab virsh b2 start "$g2" >/dev/null
-for ip in "$g1_ip" "$g2_ip"; do
-  until lab exec a2 -- curl -sf -m 2 "http://$ip/cgi-bin/viola?info" >/dev/null 2>&1; do sleep 0.2; done
+for h in a1 b1; do
+  deadline=$(( $(date +%s) + 30 ))
+  until lab exec "$h" -- ss -Hlun 'sport = :7410' | grep -q 7410; do
+    [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: the depot at $h does not serve"; tail -n 5 "$D"/depot-*.log; exit 1; }
+    sleep 0.2
+  done
 done
-echo "   both guests answer from a2 (site a) over the violin after $(since "$t") s"
-echo "   a2 -> $g2 on site b: $(lab exec a2 -- ping -c 5 -i 0.2 -q "$g2_ip" | tail -1)"
-echo "   $g1 writes a marker to its disk: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-write=demo-$$")"
+echo "   depots serving: site a at a1 (198.18.1.11:7410), site b at b1 (198.18.2.11:7410, peer a)"
 
-say "6. adaptation manager (on a2) + monitors; live migration of $g1 a1 -> b1 across the WAN"
-# The manager runs in host a2's namespace so it reaches the depots on the lab's underlay.
+say "5. adaptation manager (on a2) with the depots and a VM template, no violin configured; a monitor per host"
+# The manager runs in host a2's namespace so it reaches the depots and overlays on the lab's
+# underlay.
 mgr=198.18.1.12:17443
 hosts_toml=""
 for h in a1 a2 b1 b2; do
-  addr=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .address")
   # How the other hosts' libvirtds reach this one: TLS, with the lab CA's host certificates.
   peer_uri=$(lab status --json | jq -r ".hosts[] | select(.name==\"$h\") | .libvirt_uri")
   hosts_toml+="[[hosts]]
@@ -154,7 +130,7 @@ site = \"${h:0:1}\"
 libvirt_uri = \"qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock\"
 migration_uri = \"$peer_uri\"
 images_local = \"$lab_dir/images/$h\"
-overlay_addr = \"$addr:4500\"
+overlay_addr = \"$(addr_of "$h"):4500\"
 
 "
 done
@@ -167,11 +143,6 @@ heartbeat_timeout_s = 30
 images_host_dir = "/var/lib/viola/images"
 
 $hosts_toml
-[[violins]]
-name = "demo"
-id = 1
-vms = ["$g1", "$g2"]
-
 [[depots]]
 site = "a"
 addr = "198.18.1.11:7410"
@@ -179,6 +150,15 @@ addr = "198.18.1.11:7410"
 [[depots]]
 site = "b"
 addr = "198.18.2.11:7410"
+
+# How \`viola vm create\` defines a VM: the lab guest boots its kernel directly, takes its
+# address by DHCP (answered by the overlay daemon on its host) and serves HTTP on it.
+[vm_template]
+kernel = "/var/cache/viola/guest/vmlinuz"
+initrd = "/var/cache/viola/guest/initrd.img"
+cmdline = "console=ttyS0 quiet panic=-1 viola.ip=dhcp viola.http=1"
+console_dir = "$lab_dir/console"
+mtu = 1400
 
 # The policy loop acts on its own; the demo shows its vertical layer (caps of capped VMs), so
 # the consolidation of idle hosts (viola's underload) is off here.
@@ -204,10 +184,79 @@ for h in a1 a2 b1 b2; do
   port=$((port + 1))
 done
 viola() { lab exec a2 -- "$bin/viola" --manager "$mgr" --identity "$D/pki/cli-operator" "$@"; }
-until viola --json vm list 2>/dev/null | jq -e ".[] | select(.name==\"$g1\")" >/dev/null 2>&1; do sleep 0.5; done
+deadline=$(( $(date +%s) + 60 ))
+until [ "$(viola --json host list 2>/dev/null | jq '[.[] | select(.state == "up")] | length' 2>/dev/null)" = 4 ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: not every host reports to the manager within 60 s"; tail -n 5 "$D/adaptmgr.log"; exit 1; }
+  sleep 0.5
+done
 viola host list | sed 's/^/   /'
+
+g1=demo-g1 g2=demo-g2
+say "6. a violin across the sites and two VMs on it, with Viola's commands only"
+echo "   \$ viola violin create demo --subnet 10.1.0.0/24 --sites a,b"
+t=$(now)
+viola --json violin create demo --subnet 10.1.0.0/24 --sites a,b >"$D/violin.json"
+vid=$(jq -r '.[0].id' "$D/violin.json")
+bridge=vio$vid
+for h in a1 a2 b1 b2; do lab exec "$h" -- ip link show "$bridge" >/dev/null; done
+echo "   violin demo (id $vid, 10.1.0.0/24): bridge $bridge on every host after $(since "$t") s"
+# Hosts a2 and b2 join the violin through their bridge, as observers (addresses the violin
+# does not hand out: VMs get the lowest free ones).
+lab exec a2 -- ip addr add 10.1.0.202/24 dev "$bridge"
+lab exec b2 -- ip addr add 10.1.0.204/24 dev "$bridge"
+
+ip_of() { viola --json vm list | jq -r ".[] | select(.name==\"$1\") | .ip // empty"; }
+mac_of() { viola --json vm list | jq -r ".[] | select(.name==\"$1\") | .macs[0] // empty"; }
+# Waits (in the background) until VM $1 answers HTTP at $2 from a2, and writes how long after
+# $3 (the start of its create) into $D/answered-$1; gives up after 180 s.
+await_http() {
+  local deadline=$(( $(date +%s) + 180 ))
+  until lab exec a2 -- curl -sf -m 2 "http://$2/cgi-bin/viola?info" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+  since "$3" >"$D/answered-$1"
+}
+# Makes VM $1 at host $2 with deadline $3 s (its disk staged through the site's depot, its
+# domain defined and started on the violin) and starts waiting for it to answer.
+create() {
+  local t0 ip
+  echo "   \$ viola vm create $1 --violin demo --image demo-base --host $2 --ready-by $3"
+  t0=$(now)
+  if ! viola vm create "$1" --violin demo --image demo-base --host "$2" --ready-by "$3" | sed 's/^/   /'; then
+    say "FAILED: viola vm create $1 (its error above)"
+    [ ! -s "$D/adaptmgr.log" ] || { echo "   the manager's last lines:"; tail -n 10 "$D/adaptmgr.log" | sed 's/^/   /'; }
+    exit 1
+  fi
+  echo "   $1 created in $(since "$t0") s"
+  ip=$(ip_of "$1")
+  [ -n "$ip" ] || { say "FAILED: viola vm list shows no address for $1"; exit 1; }
+  await_http "$1" "$ip" "$t0" &
+  waiters+=($!)
+}
+create "$g1" a1 120
+create "$g2" b2 180
+g1_ip=$(ip_of "$g1") g1_mac=$(mac_of "$g1")
+g2_ip=$(ip_of "$g2") g2_mac=$(mac_of "$g2")
+echo "   addresses handed out by the violin: $g1 $g1_ip ($g1_mac), $g2 $g2_ip ($g2_mac)"
+vms=("$g1" "$g2")
+for i in 0 1; do
+  vm=${vms[$i]}
+  if ! wait "${waiters[$i]}"; then
+    say "FAILED: $vm does not answer HTTP at its address within 180 s of its creation; the last lines of its console:"
+    tail -n 15 "$lab_dir/console/$vm.log" 2>/dev/null | sed 's/^/   /'
+    exit 1
+  fi
+done
+waiters=() # both done and waited for
+echo "   $g1 (a1, image already at site a) answers from a2 $(cat "$D/answered-$g1") s after its \`vm create\` began"
+echo "   $g2 (b2, image fetched across the WAN) answers from a2 $(cat "$D/answered-$g2") s after its \`vm create\` began"
+echo "   a2 -> $g2 on site b: $(lab exec a2 -- ping -c 5 -i 0.2 -q "$g2_ip" | tail -1)"
+echo "   $g1 writes a marker to its disk: $(lab exec a2 -- curl -s "http://$g1_ip/cgi-bin/viola?marker-write=demo-$$")"
+viola violin show demo | sed 's/^/   /'
 viola vm list | sed 's/^/   /'
 
+say "7. live migration of $g1 a1 -> b1 across the WAN while a2 pings it every 10 ms"
 lab exec a2 -- ping -n -q -i 0.01 -w 40 "$g1_ip" >"$D/ping.txt" 2>&1 &
 ping_pid=$!
 sleep 1
@@ -228,7 +277,7 @@ echo "   guest downtime (QEMU): ${downtime:-?} ms; pings every 10 ms from a2: $(
 echo "   a1 runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || true)   b1 runs: $(lab virsh b1 list --name | sed '/^$/d' | paste -sd, -)"
 marker=$(lab exec a2 -- curl -s -m 5 "http://$g1_ip/cgi-bin/viola?marker-read" || true)
 echo "   marker read back from its disk on site b: ${marker:-(no answer)}"
-echo "   where a2's overlay sends frames for $g1_mac now: $("$bin/viola-overlay" status --json --socket "$D/overlay-a2.sock" | jq -r ".switch.violins[0].macs[] | select(.mac==\"$g1_mac\") | \"\(.location) (seq \(.seq))\"")"
+echo "   where a2's overlay sends frames for $g1_mac now: $("$bin/viola-overlay" status --json --socket "$D/overlay-a2.sock" | jq -r ".switch.violins[] | select(.id == $vid) | .macs[] | select(.mac==\"$g1_mac\") | \"\(.location) (seq \(.seq))\"")"
 if [ "$marker" != "demo-$$" ]; then
   # Say so, with the guest's own view, instead of ending as if it had worked.
   say "FAILED: $g1 does not answer at b1 after the move; the last lines of its console:"
@@ -236,7 +285,7 @@ if [ "$marker" != "demo-$$" ]; then
   say "tearing the lab down"
   exit 1
 fi
-say "7. the policy loop on its own: $g1 (at b1) capped at 30 % of a CPU starts burning one"
+say "8. the policy loop on its own: $g1 (at b1) capped at 30 % of a CPU starts burning one"
 # The loop's decisions on g1 that were carried out, as JSON lines.
 done_resizes() {
   viola --json decisions | jq -c "select(.actions[] | (.vm == \"$g1\" and .action == \"resize\" and .outcome.outcome == \"done\"))" | wc -l
@@ -262,6 +311,28 @@ until viola --json decisions | jq -e "select(.actions[] | (.vm == \"$g1\" and .a
 done
 lowered_after=$(since "$t")
 viola decisions | sed 's/^/   /'
-echo "   cap raised ${raised_after} s after the burn began; back to 30 % ${lowered_after} s after it ended"
+echo "   cap raised ${raised_after} s after the burn began; lowered again ${lowered_after} s after it ended (to the cap its last decision above gives)"
+
+say "9. \`viola violin delete demo --force\`: its VMs, disks and bridges go from every host"
+t=$(now)
+viola violin delete demo --force | sed 's/^/   /'
+echo "   deleted in $(since "$t") s"
+left=""
+for h in a1 a2 b1 b2; do
+  doms=$(lab virsh "$h" list --all --name | grep '^demo-' | paste -sd, - || true)
+  [ -z "$doms" ] || left+=" $h: domains $doms;"
+  disks=$(compgen -G "$lab_dir/images/$h/demo-*" | xargs -r -n1 basename | paste -sd, - || true)
+  [ -z "$disks" ] || left+=" $h: disks $disks;"
+  ! lab exec "$h" -- ip link show "$bridge" >/dev/null 2>&1 || left+=" $h: bridge $bridge;"
+done
+[ "$(viola --json violin list | jq length)" = 0 ] || left+=" the manager still lists a violin;"
+if [ -n "$left" ]; then
+  say "FAILED: left behind after the delete:$left"
+  exit 1
+fi
+for h in a1 a2 b1 b2; do
+  echo "   $h: virsh list --all: $(lab virsh "$h" list --all --name | sed '/^$/d' | paste -sd, - | grep . || echo '(none)'); $bridge: $(lab exec "$h" -- ip link show "$bridge" >/dev/null 2>&1 && echo present || echo gone)"
+done
+echo "   nothing left: no demo domain, disk or $bridge on any host, no violin at the manager"
 
 say "done: tearing the lab down"
