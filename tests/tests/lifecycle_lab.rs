@@ -617,3 +617,109 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         "{left}"
     );
 }
+
+/// Creates `n` VMs over both sites and waits until every one answers HTTP at its DHCP address.
+/// Returns (seconds until the creates returned, seconds until all answered).
+fn create_and_wait(fed: &Fed, violin: &str, names: &[String], one_plan: bool) -> (f64, f64) {
+    let started = Instant::now();
+    let base = ["--violin", violin, "--image", "guest", "--ready-by", "600"];
+    let mut made = Vec::new();
+    if one_plan {
+        let count = names.len().to_string();
+        let mut args = vec!["vm", "create", "many"];
+        args.extend_from_slice(&base);
+        args.extend_from_slice(&["--count", &count]);
+        made.extend(
+            fed.cli
+                .json(&args)
+                .expect("vm create --count")
+                .as_array()
+                .unwrap()
+                .clone(),
+        );
+    } else {
+        for name in names {
+            let mut args = vec!["vm", "create", name.as_str()];
+            args.extend_from_slice(&base);
+            made.extend(
+                fed.cli
+                    .json(&args)
+                    .expect("vm create")
+                    .as_array()
+                    .unwrap()
+                    .clone(),
+            );
+        }
+    }
+    let created = started.elapsed().as_secs_f64();
+    let sites: Vec<&str> = made.iter().filter_map(|v| v["host"].as_str()).collect();
+    eprintln!("{} VMs created in {created:.1} s on {sites:?}", made.len());
+    for v in &made {
+        let (name, ip) = (v["name"].as_str().unwrap(), v["ip"].as_str().unwrap());
+        wait_until(
+            &format!("{name} answers at {ip}"),
+            Duration::from_secs(600),
+            || viola_labtests::guest_http(&fed.lab, "a2", ip, "info").is_ok(),
+        )
+        .unwrap();
+    }
+    (created, started.elapsed().as_secs_f64())
+}
+
+/// `scripts/bench/lifecycle.sh`: the time to create a violin's VMs over two sites with one
+/// request (`--count N`: one plan per depot) against N requests one after the other, each
+/// until the creates return and until every VM answers HTTP at its DHCP address. Writes the
+/// figures to `VIOLA_BENCH_JSON`; `VIOLA_BENCH_VMS` sets N (default 8).
+#[test]
+#[ignore = "benchmark: scripts/bench/lifecycle.sh"]
+fn create_benchmark() {
+    if !lab_tests_enabled() {
+        return;
+    }
+    let n: usize = std::env::var("VIOLA_BENCH_VMS")
+        .ok()
+        .map_or(8, |v| v.parse().expect("VIOLA_BENCH_VMS: a number"));
+    let out = std::env::var("VIOLA_BENCH_JSON").expect("VIOLA_BENCH_JSON: where to write");
+    let fed = Fed::up();
+    let violin = fed
+        .cli
+        .json(&["violin", "create", "bench", "--sites", "a,b"])
+        .expect("violin create");
+    let subnet = violin[0]["subnet"].as_str().unwrap();
+    let bridge = format!("vio{}", violin[0]["id"]);
+    let observer = subnet.replace(".0/", ".250/");
+    run_ok(Command::new("ip").args([
+        "-n",
+        &fed.ns("a2"),
+        "addr",
+        "add",
+        &observer,
+        "dev",
+        &bridge,
+    ]))
+    .unwrap();
+
+    // Site b fetches the image across the WAN in the first run only (it is 3 MiB: a fraction
+    // of a second at 200 Mbit/s, against tens of seconds of boots).
+    let names: Vec<String> = (1..=n).map(|i| format!("many-{i}")).collect();
+    let (plan_create, plan_all) = create_and_wait(&fed, "bench", &names, true);
+    for name in &names {
+        fed.cli.json(&["vm", "delete", name]).expect("vm delete");
+    }
+    let names: Vec<String> = (1..=n).map(|i| format!("one-{i}")).collect();
+    let (seq_create, seq_all) = create_and_wait(&fed, "bench", &names, false);
+    fed.cli
+        .json(&["violin", "delete", "bench", "--force"])
+        .expect("violin delete");
+    let result = serde_json::json!({
+        "vms": n,
+        "one_plan.create_s": plan_create,
+        "one_plan.all_answer_s": plan_all,
+        "one_at_a_time.create_s": seq_create,
+        "one_at_a_time.all_answer_s": seq_all,
+        "create_ratio": seq_create / plan_create,
+        "all_answer_ratio": seq_all / plan_all,
+    });
+    eprintln!("{result}");
+    std::fs::write(out, result.to_string()).unwrap();
+}
