@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::api::ImageEntry;
 use crate::chunker::{self, ChunkerSpec};
 use crate::hash::Hash;
 use crate::manifest::{Manifest, ManifestError};
@@ -571,6 +572,34 @@ impl Store {
         linked?;
         sync_dir(&names)?;
         Ok((h, None))
+    }
+
+    /// What `images` tells about one name: read from its manifest, and whether each part is
+    /// committed here. A manifest that cannot be read gives an entry with its `problem`.
+    pub fn image_entry(&self, name: &str, h: Hash) -> ImageEntry {
+        let mut e = ImageEntry {
+            name: name.to_string(),
+            manifest: h,
+            virtual_size: 0,
+            bytes: 0,
+            parts: 0,
+            complete: false,
+            problem: None,
+        };
+        match self.manifest(&h) {
+            Ok(m) => {
+                e.virtual_size = m.top().map_or(0, |p| p.virtual_size);
+                e.bytes = m.parts.iter().map(|p| p.size).sum();
+                e.parts = m.parts.len();
+                e.complete = m.parts.iter().all(|p| self.has_part(&p.id));
+            }
+            Err(err) => {
+                // Bounded, so an entry always fits a control frame.
+                let msg = viola_common::errors::chain(&err);
+                e.problem = Some(msg.chars().take(512).collect());
+            }
+        }
+        e
     }
 
     /// The manifest with this hash.
