@@ -292,7 +292,7 @@ async fn an_image_that_points_outside_itself_or_is_another_format_is_refused_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_or_broken_upload_leaves_nothing() {
     let depot = Depot::start(UploadLimits {
-        idle_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(2),
         ..UploadLimits::default()
     });
     let mgr = depot.client(Role::Adaptmgr).await;
@@ -345,13 +345,26 @@ async fn a_short_or_broken_upload_leaves_nothing() {
 
     // A client that goes silent is dropped after the idle timeout; meanwhile the name is
     // being uploaded and a second upload of it is refused.
+    assert!(
+        depot.tmp_files_settled().await.is_empty(),
+        "temp files left"
+    );
     let (mut writer, reader) = tokio::io::duplex(2 << 20);
     writer.write_all(&half).await.unwrap();
     let stalled = {
         let mgr = depot.client(Role::Adaptmgr).await;
         tokio::spawn(async move { mgr.upload("short", size, false, reader, |_| {}).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..100 {
+        if !depot.tmp_files().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !depot.tmp_files().is_empty(),
+        "the stalled upload is under way"
+    );
     let msg = refusal(mgr.upload("short", size, false, &half[..], |_| {}).await);
     assert!(msg.contains("already in progress"), "{msg}");
     let r = tokio::time::timeout(Duration::from_secs(10), stalled)
