@@ -550,3 +550,19 @@ async fn the_daemon_counts_uploads_and_a_shutdown_mid_upload_leaves_nothing() {
     ));
     drop(writer);
 }
+
+/// The manager relays a user's upload from its own QUIC stream in a spawned task: the call
+/// must take a `quinn::RecvStream` cut to the size and be `Send` (checked when compiling).
+#[test]
+fn an_upload_relayed_from_a_quic_stream_can_be_spawned() {
+    fn spawnable<T: Send + 'static>(_: T) {}
+    let relay = |c: Arc<DepotClient>, from_user: quinn::RecvStream, size: u64| {
+        let c2 = c.clone();
+        spawnable(async move {
+            let limited = tokio::io::AsyncReadExt::take(from_user, size);
+            c2.upload("img", size, false, limited, |_| {}).await
+        });
+        spawnable(async move { c.images().await });
+    };
+    let _ = relay;
+}
