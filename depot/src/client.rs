@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use viola_common::identity::{self, Identity, Role, alpn};
-
 use tokio::io::{AsyncRead, AsyncReadExt};
+use viola_common::identity::{self, Identity, Role, alpn};
 
 use crate::api::{ImageEntry, StageRequest, StageState, StageStatus, UploadReport};
 use crate::transfer::{self, PathTuning, Source, TransferError, transport_config};
@@ -255,9 +254,11 @@ impl DepotClient {
                     return Err(ClientError::Source(e));
                 }
                 Step::Write(e) => {
-                    // The depot stopped reading; its reason is on the stream.
-                    return Err(match answer.await {
-                        Ok(Some(Response::Error { message })) => ClientError::Refused(message),
+                    // The depot stopped reading; its reason is on the stream (it writes it
+                    // right after; bounded all the same).
+                    let why = tokio::time::timeout(Duration::from_secs(10), &mut answer).await;
+                    return Err(match why {
+                        Ok(Ok(Some(Response::Error { message }))) => ClientError::Refused(message),
                         _ => TransferError::from(e).into(),
                     });
                 }
