@@ -387,6 +387,59 @@ async fn a_short_or_broken_upload_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_breaks_the_upload_protocol_is_stopped_and_leaves_nothing() {
+    let depot = Depot::start(UploadLimits::default());
+    let mgr = depot.client(Role::Adaptmgr).await;
+    let big = wire::MAX_UPLOAD_BLOB as usize + 1;
+    for (size, frames, expected) in [
+        (
+            4096u64,
+            vec![Frame::Blob(vec![1; 4097])],
+            "more than the announced 4096 bytes",
+        ),
+        (
+            big as u64,
+            vec![Frame::Blob(vec![1; big])],
+            "above the upload frame limit",
+        ),
+        (
+            4096,
+            vec![wire::control(&Request::Images { after: None })],
+            "only blob and end frames",
+        ),
+        (4096, vec![Frame::Blob(Vec::new())], "empty blob"),
+    ] {
+        let (mut send, mut recv) = mgr.conn.open_bi().await.unwrap();
+        let req = Request::Upload {
+            name: "bad".into(),
+            size,
+            replace: false,
+        };
+        transfer::write_frame(&mut send, &wire::control(&req))
+            .await
+            .unwrap();
+        let Some(Frame::Control(_)) = transfer::read_frame(&mut recv).await.unwrap() else {
+            panic!("no answer")
+        };
+        for f in &frames {
+            // The depot may stop reading before the whole frame is in.
+            let _ = transfer::write_frame(&mut send, f).await;
+        }
+        let _ = send.finish();
+        let Some(Frame::Control(c)) = transfer::read_frame(&mut recv).await.unwrap() else {
+            panic!("no answer")
+        };
+        let Response::Error { message } = wire::parse_response(&c).unwrap() else {
+            panic!("accepted a broken upload")
+        };
+        assert!(message.contains(expected), "{message}");
+    }
+    assert!(depot.tmp_files_settled().await.is_empty());
+    assert!(depot.store.images().unwrap().is_empty());
+    assert_eq!(depot.counts(), (0, 0, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_manager_may_upload_and_nothing_is_sent_when_refused_up_front() {
     let depot = Depot::start(UploadLimits {
         max_bytes: 1 << 20,
