@@ -11,10 +11,19 @@
 //! Times are Unix milliseconds. The depot answers at once with its prediction; `accepted`
 //! false means the planner says the deadline cannot be met (the depot still stages the image,
 //! best effort, unless `reject_if_late` is set).
+//!
+//! The same connection lists the depot's images ([`crate::wire::Request::Images`], roles
+//! `adaptmgr` and `cli`: [`ImageEntry`] per name, a page per request) and receives an image to
+//! import ([`crate::wire::Request::Upload`], role `adaptmgr` only: the manager enforces tenants
+//! and relays for users; the answer is an [`UploadReport`]). The frame sequences are in
+//! [`crate::wire`]; [`crate::client::DepotClient`] wraps them (`images`, `upload`).
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::hash::Hash;
+use crate::manifest::DiskFormat;
 
 /// Stage `image` for `vm` at `host`, ready by `deadline_unix_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,4 +81,53 @@ pub struct StageStatus {
     /// The backing chain, base first.
     pub chain: Vec<PathBuf>,
     pub message: String,
+}
+
+/// One named image of a depot, as `images` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageEntry {
+    pub name: String,
+    /// The manifest the name points at.
+    pub manifest: Hash,
+    /// Size of the disk the image presents (its top part's virtual size), bytes.
+    pub virtual_size: u64,
+    /// Sum of the part files' sizes from the manifest (chunks shared with other parts or
+    /// images are counted in each; zero runs are counted though not stored).
+    pub bytes: u64,
+    /// Parts (layers) of the chain.
+    pub parts: usize,
+    /// Whether every part is committed in this depot's store (false while a part is missing
+    /// or still being fetched).
+    pub complete: bool,
+    /// Why the other fields are zero: the name's manifest could not be read (it is listed all
+    /// the same, so a damaged image does not vanish from the list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// What an upload did: the image the name now points at and how much of it was new here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadReport {
+    pub name: String,
+    /// The new manifest (the name points at it).
+    pub manifest: Hash,
+    /// The manifest the name pointed at before (an upload with `replace`).
+    pub replaced: Option<Hash>,
+    pub bytes_received: u64,
+    /// As the depot decided from the image's first bytes (never probed by qemu).
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+    /// Parts of the image: always 1 (an upload is one self-contained image).
+    pub parts: usize,
+    pub chunks: usize,
+    /// Chunks of zeros (stored as holes).
+    pub zero_chunks: usize,
+    /// Chunks, and their bytes, that this store did not hold before.
+    pub new_chunks: usize,
+    pub new_bytes: u64,
+    /// Chunks, and their bytes, that the store already held (deduplicated).
+    pub dedup_chunks: usize,
+    pub dedup_bytes: u64,
 }

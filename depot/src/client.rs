@@ -1,15 +1,16 @@
-//! A QUIC client for a depot: staging requests (the adaptation manager's API) and sources for
-//! fetching.
+//! A QUIC client for a depot: staging requests, the image list and uploads (the adaptation
+//! manager's API), and sources for fetching.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt};
 use viola_common::identity::{self, Identity, Role, alpn};
 
-use crate::api::{StageRequest, StageState, StageStatus};
+use crate::api::{ImageEntry, StageRequest, StageState, StageStatus, UploadReport};
 use crate::transfer::{self, PathTuning, Source, TransferError, transport_config};
-use crate::wire::{self, Frame, Request, Response};
+use crate::wire::{self, Frame, MAX_UPLOAD_BLOB, Request, Response};
 
 /// Errors talking to a depot.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,36 @@ pub enum ClientError {
     },
     #[error("staging {0} not ready before the timeout")]
     Timeout(String),
+    #[error("reading the image to upload")]
+    Source(#[source] std::io::Error),
+    #[error("the image to upload ended after {sent} of {size} bytes")]
+    ShortSource { sent: u64, size: u64 },
+    #[error("the depot's image list did not end after {0} pages")]
+    EndlessList(usize),
+}
+
+/// Pages of the image list a client reads at most (a depot that says "more" forever is not
+/// followed forever).
+const MAX_IMAGE_PAGES: usize = 10_000;
+
+/// One step of an upload: a read from the source and its blob frame, or what stopped it.
+enum Step {
+    Sent(usize),
+    Short,
+    Source(std::io::Error),
+    Write(quinn::WriteError),
+    Answered(Result<Option<Response>, ClientError>),
+}
+
+/// The control frame a depot answered with (`None`: it finished without one).
+async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Option<Response>, ClientError> {
+    match transfer::read_frame(recv).await? {
+        Some(Frame::Control(c)) => Ok(Some(wire::parse_response(&c).map_err(TransferError::from)?)),
+        Some(_) => Err(ClientError::Refused(
+            "data frame instead of an answer".into(),
+        )),
+        None => Ok(None),
+    }
 }
 
 /// A connection to one depot.
@@ -120,6 +151,132 @@ impl DepotClient {
                 }
             }
             _ => Err(ClientError::Refused("no answer".into())),
+        }
+    }
+
+    /// The depot's named images, sorted by name (all pages).
+    pub async fn images(&self) -> Result<Vec<ImageEntry>, ClientError> {
+        let mut all: Vec<ImageEntry> = Vec::new();
+        for _ in 0..MAX_IMAGE_PAGES {
+            let after = all.last().map(|e| e.name.clone());
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(TransferError::from)?;
+            transfer::write_frame(&mut send, &wire::control(&Request::Images { after })).await?;
+            send.finish().map_err(TransferError::from)?;
+            match read_answer(&mut recv).await? {
+                Some(Response::Images { images, more }) => {
+                    // Each page must continue the list, or paging could loop.
+                    let progresses = images
+                        .first()
+                        .is_none_or(|f| all.last().is_none_or(|l| f.name > l.name));
+                    if !progresses || (more && images.is_empty()) {
+                        return Err(ClientError::Refused("image list out of order".into()));
+                    }
+                    all.extend(images);
+                    if !more {
+                        return Ok(all);
+                    }
+                }
+                Some(Response::Error { message }) => return Err(ClientError::Refused(message)),
+                _ => return Err(ClientError::Refused("unexpected answer".into())),
+            }
+        }
+        Err(ClientError::EndlessList(MAX_IMAGE_PAGES))
+    }
+
+    /// Uploads `size` bytes read from `reader` as image `name` (an existing name only with
+    /// `replace`); the depot imports them and answers with its report. `progress` sees the
+    /// bytes sent so far. Needs a certificate of role `adaptmgr`. If `reader` ends before
+    /// `size` bytes the stream is reset and the depot keeps nothing.
+    pub async fn upload(
+        &self,
+        name: &str,
+        size: u64,
+        replace: bool,
+        mut reader: impl AsyncRead + Unpin,
+        mut progress: impl FnMut(u64),
+    ) -> Result<UploadReport, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(TransferError::from)?;
+        let req = Request::Upload {
+            name: name.to_string(),
+            size,
+            replace,
+        };
+        transfer::write_frame(&mut send, &wire::control(&req)).await?;
+        // The depot says whether it takes the upload before any byte is sent.
+        match read_answer(&mut recv).await? {
+            Some(Response::Ok) => {}
+            Some(Response::Error { message }) => return Err(ClientError::Refused(message)),
+            _ => {
+                return Err(ClientError::Refused(
+                    "no answer to the upload request".into(),
+                ));
+            }
+        }
+        // The depot answers once, at the end or when it gives up early (an error, after which
+        // it reads nothing more): that answer is awaited all along, so a client waiting on a
+        // slow reader still learns at once that the depot gave up.
+        let answer = read_answer(&mut recv);
+        tokio::pin!(answer);
+        let mut buf = vec![0u8; MAX_UPLOAD_BLOB as usize];
+        let mut sent = 0u64;
+        while sent < size {
+            let want = (size - sent).min(buf.len() as u64) as usize;
+            let step = async {
+                let n = match reader.read(&mut buf[..want]).await {
+                    Ok(0) => return Step::Short,
+                    Ok(n) => n,
+                    Err(e) => return Step::Source(e),
+                };
+                let written = async {
+                    send.write_all(&wire::blob_header(n)).await?;
+                    send.write_all(&buf[..n]).await
+                };
+                match written.await {
+                    Ok(()) => Step::Sent(n),
+                    Err(e) => Step::Write(e),
+                }
+            };
+            let step = tokio::select! {
+                step = step => step,
+                early = &mut answer => Step::Answered(early),
+            };
+            match step {
+                Step::Sent(n) => {
+                    sent += n as u64;
+                    progress(sent);
+                }
+                Step::Short => {
+                    let _ = send.reset(0u32.into());
+                    return Err(ClientError::ShortSource { sent, size });
+                }
+                Step::Source(e) => {
+                    let _ = send.reset(0u32.into());
+                    return Err(ClientError::Source(e));
+                }
+                Step::Write(e) => {
+                    // The depot stopped reading; its reason is on the stream (it writes it
+                    // right after; bounded all the same).
+                    let why = tokio::time::timeout(Duration::from_secs(10), &mut answer).await;
+                    return Err(match why {
+                        Ok(Ok(Some(Response::Error { message }))) => ClientError::Refused(message),
+                        _ => TransferError::from(e).into(),
+                    });
+                }
+                Step::Answered(early) => {
+                    let _ = send.reset(0u32.into());
+                    return Err(match early? {
+                        Some(Response::Error { message }) => ClientError::Refused(message),
+                        _ => ClientError::Refused("the depot ended the upload early".into()),
+                    });
+                }
+            }
+        }
+        transfer::write_frame(&mut send, &Frame::End).await?;
+        send.finish().map_err(TransferError::from)?;
+        match answer.await? {
+            Some(Response::Upload(report)) => Ok(report),
+            Some(Response::Error { message }) => Err(ClientError::Refused(message)),
+            _ => Err(ClientError::Refused("no answer after the upload".into())),
         }
     }
 

@@ -5,6 +5,9 @@
 //! time with the planner (answered at once), fetch the missing parts from all holders at once
 //! (verified, resumable), assemble the chain in the host's image directory and create the VM's
 //! overlay. Jobs run in one supervised task set, bounded in number, cancelled at shutdown.
+//!
+//! It also lists its images (`images`) and receives images from the adaptation manager
+//! (`upload`: [`crate::upload`], bounded in size and in number at once, stopped at shutdown).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +30,8 @@ use crate::hash::Hash;
 use crate::manifest::{self, Manifest};
 use crate::planner::{self, LinkSpec, PartSpec, ProgressSpec, Scenario, SiteSpec, VmSpec};
 use crate::store::Store;
-use crate::transfer::{self, FetchOptions, PathTuning, Source, Stager, transport_config};
+use crate::transfer::{self, FetchOptions, PathTuning, Services, Source, Stager, transport_config};
+use crate::upload::{UploadCounters, UploadLimits, Uploads};
 
 /// A peer depot.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -64,6 +68,10 @@ pub struct DepotConfig {
     pub chunker: ChunkerSpec,
     /// Concurrent staging jobs.
     pub max_jobs: usize,
+    /// Largest image accepted by `upload`, bytes (refused before any byte above it).
+    pub upload_max_bytes: u64,
+    /// Uploads received at once (each holds a temp file in the store until imported).
+    pub max_uploads: usize,
 }
 
 impl Default for DepotConfig {
@@ -83,6 +91,8 @@ impl Default for DepotConfig {
             assembly_bytes_per_sec: 400e6,
             chunker: ChunkerSpec::default(),
             max_jobs: 16,
+            upload_max_bytes: crate::upload::DEFAULT_MAX_BYTES,
+            max_uploads: UploadLimits::default().max_concurrent,
         }
     }
 }
@@ -114,6 +124,7 @@ struct Metrics {
     stages_ready: Counter,
     stages_failed: Counter,
     jobs_running: Gauge,
+    uploads: UploadCounters,
 }
 
 impl Metrics {
@@ -148,6 +159,26 @@ impl Metrics {
             "viola_depot_jobs_running",
             "Staging jobs in progress",
             self.jobs_running.clone(),
+        );
+        r.register(
+            "viola_depot_uploads_ok",
+            "Uploads imported and named",
+            self.uploads.ok.clone(),
+        );
+        r.register(
+            "viola_depot_uploads_refused",
+            "Uploads refused (role, name, size, space, busy, or the image itself)",
+            self.uploads.refused.clone(),
+        );
+        r.register(
+            "viola_depot_uploads_failed",
+            "Uploads that failed otherwise (stream broken or short, import error, shutdown)",
+            self.uploads.failed.clone(),
+        );
+        r.register(
+            "viola_depot_bytes_uploaded",
+            "Bytes of uploads imported",
+            self.uploads.bytes.clone(),
         );
     }
 }
@@ -275,7 +306,21 @@ pub async fn run(
         jobs: jobs_tx,
         metrics,
     });
-    let stager: Arc<dyn Stager> = Arc::new(StagerImpl(inner.clone()));
+    let uploads = Uploads::new(
+        store.clone(),
+        cfg.chunker,
+        UploadLimits {
+            max_bytes: cfg.upload_max_bytes,
+            max_concurrent: cfg.max_uploads,
+            ..UploadLimits::default()
+        },
+        token.clone(),
+        inner.metrics.uploads.clone(),
+    );
+    let services = Services {
+        stager: Some(Arc::new(StagerImpl(inner.clone()))),
+        uploads: Some(Arc::new(uploads)),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.metrics_listen {
         let (bound, fut) =
@@ -291,10 +336,10 @@ pub async fn run(
             () = token.cancelled() => break,
             inc = endpoint.accept() => {
                 let Some(inc) = inc else { break };
-                let (store, stager) = (store.clone(), stager.clone());
+                let (store, services) = (store.clone(), services.clone());
                 conns.spawn(async move {
                     match inc.await {
-                        Ok(conn) => transfer::serve_connection(store, conn, Some(stager)).await,
+                        Ok(conn) => transfer::serve_connection(store, conn, services).await,
                         Err(e) => tracing::debug!(error = %viola_common::errors::chain(&e), "handshake failed"),
                     }
                 });

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::api::{StageRequest, StageState, StageStatus};
+use crate::api::{ImageEntry, StageRequest, StageState, StageStatus, UploadReport};
 use crate::chunker::ChunkerSpec;
 use crate::hash::Hash;
 use crate::manifest::{DiskFormat, MANIFEST_VERSION, Manifest, OverlaySpec, PartRef};
@@ -96,6 +96,29 @@ fn fuzz_seeds() {
     }));
     stream.extend(wire::encode(&Frame::Blob(fixed.encode()[..40].to_vec())));
     stream.extend(wire::encode(&Frame::End));
+    // An upload as the client sends it: the request, the bytes, the end.
+    let mut upload = control_frame(&Request::Upload {
+        name: "mpi-node".into(),
+        size: 8,
+        replace: true,
+    });
+    upload.extend(wire::encode(&Frame::Blob(b"QFI\xfb\0\0\0\x03".to_vec())));
+    upload.extend(wire::encode(&Frame::End));
+    let entry = ImageEntry {
+        name: "mpi-node".into(),
+        manifest: Hash::of(b"manifest"),
+        virtual_size: 1 << 30,
+        bytes: 4 << 20,
+        parts: 2,
+        complete: true,
+        problem: None,
+    };
+    let damaged = ImageEntry {
+        name: "old".into(),
+        problem: Some("reading manifest: No such file or directory".into()),
+        complete: false,
+        ..entry.clone()
+    };
     check(
         "wire",
         &[
@@ -136,6 +159,38 @@ fn fuzz_seeds() {
                 })),
             ),
             ("stream", stream),
+            (
+                "images",
+                control_frame(&Request::Images {
+                    after: Some("debian".into()),
+                }),
+            ),
+            (
+                "images_page",
+                control_frame(&Response::Images {
+                    images: vec![entry, damaged],
+                    more: true,
+                }),
+            ),
+            ("upload", upload),
+            (
+                "upload_report",
+                control_frame(&Response::Upload(UploadReport {
+                    name: "mpi-node".into(),
+                    manifest: Hash::of(b"manifest"),
+                    replaced: Some(Hash::of(b"before")),
+                    bytes_received: 4 << 20,
+                    format: DiskFormat::Qcow2,
+                    virtual_size: 1 << 30,
+                    parts: 1,
+                    chunks: 40,
+                    zero_chunks: 4,
+                    new_chunks: 30,
+                    new_bytes: 3 << 20,
+                    dedup_chunks: 6,
+                    dedup_bytes: 1 << 19,
+                })),
+            ),
         ],
         |b| {
             assert!(matches!(wire::decode(b), Ok(Some(_))));

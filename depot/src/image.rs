@@ -15,9 +15,14 @@
 //! `qemu-img check` of every qcow2 part, and `qemu-img check` of the overlay (which opens the
 //! whole chain). Only when all pass does the overlay get its name (a hard link: never replaces
 //! a VM's disk); the directory is synced once at the end.
+//!
+//! An uploaded file is untrusted: [`inspect_untrusted`] decides its format from its first bytes
+//! and refuses anything but one self-contained qcow2 or raw image before qemu opens it, then
+//! [`import_self_contained`] imports it as a one-part image (no `qemu-img info
+//! --backing-chain`, which would probe the format and follow a backing file).
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -27,10 +32,11 @@ use std::sync::mpsc;
 use crate::chunker::ChunkerSpec;
 use crate::hash::Hash;
 use crate::manifest::{
-    self, DiskFormat, MANIFEST_VERSION, Manifest, ManifestError, OverlaySpec, PartRef,
+    self, DiskFormat, MANIFEST_VERSION, MAX_VIRTUAL_SIZE, Manifest, ManifestError, OverlaySpec,
+    PartRef,
 };
 use crate::qemu::{self, QemuImgError};
-use crate::store::{PathIoError, Store, StoreError};
+use crate::store::{ImportStats, PathIoError, Store, StoreError};
 
 /// Errors of import and assembly.
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +98,29 @@ pub fn import(
     manifest::validate_name(name)?;
     let mut chain = qemu::chain(top)?;
     chain.reverse();
+    let (m, _) = import_layers(store, &chain, name, spec, &AtomicBool::new(false), progress)?;
+    let h = store.put_manifest(&m)?;
+    Ok((h, m))
+}
+
+/// Imports a chain (base first) as parts and returns its manifest (not stored yet) and the
+/// summed import statistics. Gives up when `stop` is set.
+fn import_layers(
+    store: &Store,
+    chain: &[qemu::ImageInfo],
+    name: &str,
+    spec: ChunkerSpec,
+    stop: &AtomicBool,
+    progress: Progress<'_>,
+) -> Result<(Manifest, ImportStats), ImageError> {
+    let mut stats = ImportStats::default();
     let total: u64 = chain
         .iter()
         .map(|i| fs::metadata(&i.path).map(|m| m.len()).unwrap_or(0))
         .sum();
     let mut done_before = 0u64;
     let mut parts: Vec<PartRef> = Vec::new();
-    for info in &chain {
+    for info in chain {
         if info.has_data_file {
             return Err(ImageError::DataFile {
                 path: info.path.clone(),
@@ -109,8 +131,13 @@ pub fn import(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (idx, _) = match parts.last() {
-            None => store.import_file(&info.path, spec, |b| progress(done_before + b, total))?,
+        let (idx, s) = match parts.last() {
+            None => store.import_file_until(
+                &info.path,
+                spec,
+                |b| progress(done_before + b, total),
+                stop,
+            )?,
             Some(parent) => {
                 // Copy, point the copy at its parent's content-addressed name, import the copy.
                 let tmp =
@@ -122,7 +149,12 @@ pub fn import(
                     .map_err(ImageError::from)
                     .and_then(|()| {
                         store
-                            .import_file(&tmp, spec, |b| progress(done_before + b, total))
+                            .import_file_until(
+                                &tmp,
+                                spec,
+                                |b| progress(done_before + b, total),
+                                stop,
+                            )
                             .map_err(ImageError::from)
                     });
                 let _ = fs::remove_file(&tmp);
@@ -130,6 +162,11 @@ pub fn import(
             }
         };
         done_before += idx.size;
+        stats.chunks += s.chunks;
+        stats.zero_chunks += s.zero_chunks;
+        stats.zero_bytes += s.zero_bytes;
+        stats.new_chunks += s.new_chunks;
+        stats.new_bytes += s.new_bytes;
         parts.push(PartRef {
             id: idx.id(),
             size: idx.size,
@@ -145,8 +182,159 @@ pub fn import(
         parts,
         overlay: OverlaySpec::default(),
     };
-    let h = store.put_manifest(&m)?;
-    Ok((h, m))
+    Ok((m, stats))
+}
+
+/// An uploaded file that is refused: anything but one self-contained qcow2 or raw image.
+#[derive(Debug, thiserror::Error)]
+pub enum UntrustedImageError {
+    #[error(transparent)]
+    Io(#[from] PathIoError),
+    #[error("the image is empty")]
+    Empty,
+    #[error("the image looks like {0} by its first bytes; only qcow2 and raw images are accepted")]
+    Foreign(&'static str),
+    #[error("unreadable qcow2 header")]
+    Header(#[source] qemu::Qcow2HeaderError),
+    #[error(
+        "the image names backing file {0:?}; only a single self-contained qcow2 or raw image is \
+         accepted (qemu-img convert makes one)"
+    )]
+    Backing(String),
+    #[error(
+        "the image uses an external data file; only a single self-contained qcow2 or raw image \
+         is accepted"
+    )]
+    DataFile,
+    #[error("qemu-img does not accept the image")]
+    Qemu(#[source] QemuImgError),
+    #[error(
+        "qemu-img reads a {found:?} image of {found_size} bytes where its header says \
+         {expected:?} of {expected_size}"
+    )]
+    Mismatch {
+        found: DiskFormat,
+        found_size: u64,
+        expected: DiskFormat,
+        expected_size: u64,
+    },
+    #[error("virtual size {0} is zero or above the limit of {MAX_VIRTUAL_SIZE} bytes")]
+    VirtualSize(u64),
+}
+
+/// Decides what an untrusted file (an upload) is before qemu opens it, and refuses anything
+/// but one self-contained qcow2 or raw image.
+///
+/// The format comes from the first bytes, never from qemu's probing: qcow2 if they carry the
+/// qcow2 signature (version 2 or 3), raw otherwise, and refused if they carry the signature
+/// of any other format qemu probes ([`qemu::foreign_signature`]: a raw disk whose first sector
+/// looks like a vmdk descriptor is refused rather than stored as raw and probed as vmdk later).
+/// A qcow2 header is parsed here first ([`qemu::parse_qcow2_header`], as for parts received
+/// from peers) and refused if it names a backing file or an external data file; only then does
+/// `qemu-img info` see the file, with the format pinned (`-f`), and must agree; a qcow2 image
+/// must pass `qemu-img check` too (it has no backing file to open by then).
+pub fn inspect_untrusted(path: &Path) -> Result<qemu::ImageInfo, UntrustedImageError> {
+    // qemu reads a qcow2 header and its extensions from the first cluster (at most 2 MiB).
+    let mut head = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(2 << 20).read_to_end(&mut head))
+        .map_err(PathIoError::on::<UntrustedImageError>("reading", path))?;
+    if head.is_empty() {
+        return Err(UntrustedImageError::Empty);
+    }
+    if let Some(format) = qemu::foreign_signature(&head) {
+        return Err(UntrustedImageError::Foreign(format));
+    }
+    let header = if head.starts_with(b"QFI\xfb") {
+        let h = qemu::parse_qcow2_header(&head).map_err(UntrustedImageError::Header)?;
+        if let Some(b) = h.backing {
+            return Err(UntrustedImageError::Backing(b));
+        }
+        if h.data_file {
+            return Err(UntrustedImageError::DataFile);
+        }
+        Some(h)
+    } else {
+        None
+    };
+    let format = if header.is_some() {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    };
+    let info = qemu::info_as(path, format).map_err(UntrustedImageError::Qemu)?;
+    if let Some(b) = info.backing.clone() {
+        return Err(UntrustedImageError::Backing(b));
+    }
+    if info.has_data_file {
+        return Err(UntrustedImageError::DataFile);
+    }
+    let expected_size = header
+        .as_ref()
+        .map_or(info.virtual_size, |h| h.virtual_size);
+    if info.format != format || info.virtual_size != expected_size {
+        return Err(UntrustedImageError::Mismatch {
+            found: info.format,
+            found_size: info.virtual_size,
+            expected: format,
+            expected_size,
+        });
+    }
+    if info.virtual_size == 0 || info.virtual_size > MAX_VIRTUAL_SIZE {
+        return Err(UntrustedImageError::VirtualSize(info.virtual_size));
+    }
+    if format == DiskFormat::Qcow2 {
+        qemu::check(path).map_err(UntrustedImageError::Qemu)?;
+    }
+    Ok(info)
+}
+
+/// What [`import_self_contained`] did.
+#[derive(Clone, Debug)]
+pub struct Imported {
+    pub hash: Hash,
+    pub manifest: Manifest,
+    /// The manifest the name pointed at before (with `replace`).
+    pub replaced: Option<Hash>,
+    pub stats: ImportStats,
+}
+
+/// Imports one image that [`inspect_untrusted`] accepted (`info` is its answer) as a one-part
+/// image `name`. Without `replace` the name must be new ([`StoreError::NameExists`] otherwise,
+/// decided atomically when the name is written). When `stop` is set the import gives up
+/// before the name is written; parts already committed stay, unnamed, for GC.
+pub fn import_self_contained(
+    store: &Store,
+    info: &qemu::ImageInfo,
+    name: &str,
+    replace: bool,
+    spec: ChunkerSpec,
+    stop: &AtomicBool,
+    progress: Progress<'_>,
+) -> Result<Imported, ImageError> {
+    manifest::validate_name(name)?;
+    let (mut m, stats) = import_layers(
+        store,
+        std::slice::from_ref(info),
+        name,
+        spec,
+        stop,
+        progress,
+    )?;
+    // The part's label is the image's name, not the temp file's.
+    if let Some(p) = m.parts.first_mut() {
+        p.label = name.to_string();
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Err(StoreError::Cancelled.into());
+    }
+    let (hash, replaced) = store.put_manifest_with(&m, replace)?;
+    Ok(Imported {
+        hash,
+        manifest: m,
+        replaced,
+        stats,
+    })
 }
 
 /// What assembly laid down.

@@ -14,6 +14,7 @@ pub mod qemu;
 pub mod scenario_gen;
 pub mod store;
 pub mod transfer;
+pub mod upload;
 pub mod wire;
 
 #[cfg(test)]

@@ -157,6 +157,95 @@ pub fn spawn_info(path: &Path) -> Result<PendingInfo, QemuImgError> {
     })
 }
 
+/// `qemu-img info` of one image read as `format`: qemu does not probe the format (a file
+/// whose first bytes look like another format is not opened as that format) and, as `info`
+/// always does, does not open a backing file.
+pub fn info_as(path: &Path, format: DiskFormat) -> Result<ImageInfo, QemuImgError> {
+    let p = path.to_string_lossy();
+    let call = Pending::spawn(&["info", "-U", "-f", format.as_str(), "--output=json", &p])?;
+    PendingInfo {
+        path: path.to_path_buf(),
+        call,
+    }
+    .wait()
+}
+
+/// How many first bytes of a file qemu looks at to probe its format (`BLOCK_PROBE_BUF_SIZE`).
+pub const PROBE_LEN: usize = 2048;
+
+/// The image format other than qcow2 and raw that qemu's probing would take a file starting
+/// with `head` for, if any: every format with a probe in qemu's block drivers (`qcow`, `qed`,
+/// `vmdk` binary and text descriptor, `vdi`, `vpc`, `vhdx`, `cloop`, `bochs`, `parallels`,
+/// `luks`; `dmg` goes by the file name's extension only). Several of them name other files
+/// (backing files, extents), and a file that only *contains* such bytes, stored as raw, would
+/// still be opened as that format by anything that probes it later.
+pub fn foreign_signature(head: &[u8]) -> Option<&'static str> {
+    let starts = |magic: &[u8]| head.starts_with(magic);
+    let qcow_version = head
+        .get(4..8)
+        .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+    if starts(b"QFI\xfb") && qcow_version != Some(2) && qcow_version != Some(3) {
+        return Some("qcow (version 1) or an unknown qcow2 version");
+    }
+    let table: [(&[u8], &'static str); 10] = [
+        (b"QED\0", "qed"),
+        (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk (ESX COWD)"),
+        (b"conectix", "vpc"),
+        (b"vhdxfile", "vhdx"),
+        (b"#!/bin/sh\n#V2.0 Format\n", "cloop"),
+        (b"Bochs Virtual HD Image", "bochs"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+        (b"LUKS\xba\xbe", "luks"),
+    ];
+    if let Some((_, name)) = table.iter().find(|(magic, _)| starts(magic)) {
+        return Some(name);
+    }
+    // vdi: the signature is at offset 64, little-endian.
+    if head.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe][..]) {
+        return Some("vdi");
+    }
+    vmdk_descriptor(&head[..head.len().min(PROBE_LEN)]).then_some("vmdk (text descriptor)")
+}
+
+/// qemu's `vmdk_probe` for a text descriptor: comment lines and blank lines of spaces, then a
+/// line `version=1`, `2` or `3`.
+fn vmdk_descriptor(buf: &[u8]) -> bool {
+    let mut p = 0;
+    while p < buf.len() {
+        match buf[p] {
+            b'#' => {
+                while p < buf.len() && buf[p] != b'\n' {
+                    p += 1;
+                }
+                p += 1;
+            }
+            b' ' => {
+                while p < buf.len() && buf[p] == b' ' {
+                    p += 1;
+                }
+                if p < buf.len() && buf[p] == b'\r' {
+                    p += 1;
+                }
+                if p == buf.len() || buf[p] != b'\n' {
+                    return false;
+                }
+                p += 1;
+            }
+            _ => {
+                let rest = &buf[p..];
+                return [b'1', b'2', b'3'].iter().any(|v| {
+                    let line = [b"version=".as_slice(), &[*v]].concat();
+                    rest.starts_with(&[line.as_slice(), b"\n"].concat())
+                        || rest.starts_with(&[line.as_slice(), b"\r\n"].concat())
+                });
+            }
+        }
+    }
+    false
+}
+
 /// A background `qemu-img info`.
 pub struct PendingInfo {
     path: PathBuf,
@@ -369,4 +458,34 @@ pub fn parse_qcow2_header(head: &[u8]) -> Result<Qcow2Header, Qcow2HeaderError> 
         backing_format,
         data_file,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_formats_are_recognised_by_their_first_bytes() {
+        let mut qcow2 = b"QFI\xfb\0\0\0\x03".to_vec();
+        qcow2.resize(4096, 0);
+        assert_eq!(foreign_signature(&qcow2), None);
+        qcow2[7] = 1;
+        assert!(foreign_signature(&qcow2).unwrap().starts_with("qcow"));
+        assert_eq!(foreign_signature(&[0u8; 4096]), None);
+        assert_eq!(foreign_signature(b"hello, raw world\n"), None);
+        assert_eq!(foreign_signature(b"KDMV\x01\0\0\0"), Some("vmdk"));
+        assert_eq!(foreign_signature(b"conectix\0\0"), Some("vpc"));
+        let mut vdi = vec![b'<'; 64];
+        vdi.extend([0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(foreign_signature(&vdi), Some("vdi"));
+        // qemu's vmdk text probe: comments and lines of spaces, then `version=N`.
+        let desc = b"# Disk DescriptorFile\n   \r\nversion=1\r\nRW 1 FLAT \"/etc/shadow\" 0\n";
+        assert_eq!(foreign_signature(desc), Some("vmdk (text descriptor)"));
+        assert_eq!(foreign_signature(b"#c\nversion=4\n"), None);
+        assert_eq!(
+            foreign_signature(b"#c\n\nversion=1\n"),
+            None,
+            "qemu stops at an empty line"
+        );
+    }
 }

@@ -9,8 +9,8 @@
 //! names/<name>              the manifest hash an image name points at
 //! tmp/                      writes in progress; emptied on open
 //! ```
-//! Invariants: a file appears under its final name only by `rename` from `tmp/` after its bytes
-//! were written, so nobody ever sees half a file. A part index is committed only after
+//! Invariants: a file appears under its final name only by `rename` (or, for a name that must
+//! be new, `link`) from `tmp/` after its bytes were written, so nobody ever sees half a file. A part index is committed only after
 //! `syncfs`, so after a crash every committed index names chunks that are on disk. Chunks that
 //! were renamed but not yet synced when the machine crashed may be damaged; they are never
 //! referenced by a committed index, and resume re-hashes them before trusting them.
@@ -22,6 +22,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::api::ImageEntry;
 use crate::chunker::{self, ChunkerSpec};
 use crate::hash::Hash;
 use crate::manifest::{Manifest, ManifestError};
@@ -60,6 +63,10 @@ pub enum StoreError {
     },
     #[error("another garbage collection holds the store lock")]
     Locked,
+    #[error("image {0} exists; pass replace to point it at the new content")]
+    NameExists(String),
+    #[error("import stopped (the depot is shutting down or the request is gone)")]
+    Cancelled,
 }
 
 /// A file operation that failed: what was done, to which path, and why.
@@ -130,6 +137,7 @@ use serde::Serialize;
 pub struct ImportStats {
     pub chunks: usize,
     pub zero_chunks: usize,
+    pub zero_bytes: u64,
     pub new_chunks: usize,
     pub new_bytes: u64,
 }
@@ -158,7 +166,7 @@ pub fn write_atomic(
 }
 
 fn tmp_path(tmp_dir: &Path) -> PathBuf {
-    let n = TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     tmp_dir.join(format!(
         "{}-{}-{}",
         std::process::id(),
@@ -228,6 +236,29 @@ impl Store {
 
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// A fresh name in `tmp/`. It starts with this process's id, so `open` in another process
+    /// leaves the file alone for an hour and removes it after that (a crash's leftover).
+    pub fn tmp_file(&self) -> PathBuf {
+        tmp_path(&self.tmp_dir())
+    }
+
+    /// Bytes free for an unprivileged writer on the store's filesystem.
+    pub fn free_bytes(&self) -> Result<u64, StoreError> {
+        let path = self.tmp_dir();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            io_err("measuring free space of", &path)(io::ErrorKind::InvalidInput.into())
+        })?;
+        // SAFETY: statvfs writes into a zeroed struct we own, given a NUL-terminated path that
+        // lives for the call.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
+            return Err(io_err("measuring free space of", &path)(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     pub fn chunk_path(&self, h: &Hash) -> PathBuf {
@@ -427,7 +458,20 @@ impl Store {
         &self,
         path: &Path,
         spec: ChunkerSpec,
+        progress: impl FnMut(u64),
+    ) -> Result<(PartIndex, ImportStats), StoreError> {
+        self.import_file_until(path, spec, progress, &AtomicBool::new(false))
+    }
+
+    /// [`Store::import_file`] that gives up with [`StoreError::Cancelled`] as soon as `stop` is
+    /// set (before the next chunk), so a shutdown need not wait for a large file. The chunks
+    /// stored by then stay (unreferenced: the next GC removes them).
+    pub fn import_file_until(
+        &self,
+        path: &Path,
+        spec: ChunkerSpec,
         mut progress: impl FnMut(u64),
+        stop: &AtomicBool,
     ) -> Result<(PartIndex, ImportStats), StoreError> {
         let file = File::open(path).map_err(io_err("opening", path))?;
         let reader = io::BufReader::with_capacity(1 << 20, file);
@@ -435,12 +479,16 @@ impl Store {
         let mut whole = blake3::Hasher::new();
         let mut stats = ImportStats::default();
         let size = chunker::for_each_chunk(spec, reader, |off, data| -> Result<(), StoreError> {
+            if stop.load(Ordering::Relaxed) {
+                return Err(StoreError::Cancelled);
+            }
             whole.update(data);
             let hash = Hash::of(data);
             let zero = is_zero(data);
             stats.chunks += 1;
             if zero {
                 stats.zero_chunks += 1;
+                stats.zero_bytes += data.len() as u64;
             } else if self.put_chunk(&hash, data)? {
                 stats.new_chunks += 1;
                 stats.new_bytes += data.len() as u64;
@@ -472,6 +520,18 @@ impl Store {
 
     /// Stores a manifest (validated) and points `name` at it. Returns the manifest hash.
     pub fn put_manifest(&self, m: &Manifest) -> Result<Hash, StoreError> {
+        self.put_manifest_with(m, true).map(|(h, _)| h)
+    }
+
+    /// Stores a manifest (validated) and points its name at it; without `replace`, only if no
+    /// image has that name ([`StoreError::NameExists`]; decided by one `link`, so of two
+    /// writers of a new name one wins and the other is told). Returns the manifest hash and,
+    /// with `replace`, the one the name pointed at before.
+    pub fn put_manifest_with(
+        &self,
+        m: &Manifest,
+        replace: bool,
+    ) -> Result<(Hash, Option<Hash>), StoreError> {
         let mpath = self.root.join("manifests");
         m.validate().map_err(|source| StoreError::Manifest {
             path: mpath.clone(),
@@ -485,13 +545,61 @@ impl Store {
             &bytes,
             true,
         )?;
-        write_atomic(
-            &self.tmp_dir(),
-            &self.root.join("names").join(&m.name),
-            h.to_hex().as_bytes(),
-            true,
-        )?;
-        Ok(h)
+        let names = self.root.join("names");
+        let name = names.join(&m.name);
+        let before = fs::read_to_string(&name)
+            .ok()
+            .and_then(|t| t.trim().parse::<Hash>().ok());
+        if replace {
+            write_atomic(&self.tmp_dir(), &name, h.to_hex().as_bytes(), true)?;
+            return Ok((h, before));
+        }
+        let tmp = tmp_path(&self.tmp_dir());
+        let linked = (|| {
+            let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+            f.write_all(h.to_hex().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(io_err("writing", &tmp))?;
+            fs::hard_link(&tmp, &name).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    StoreError::NameExists(m.name.clone())
+                } else {
+                    io_err("linking into place", &name)(e)
+                }
+            })
+        })();
+        let _ = fs::remove_file(&tmp);
+        linked?;
+        sync_dir(&names)?;
+        Ok((h, None))
+    }
+
+    /// What `images` tells about one name: read from its manifest, and whether each part is
+    /// committed here. A manifest that cannot be read gives an entry with its `problem`.
+    pub fn image_entry(&self, name: &str, h: Hash) -> ImageEntry {
+        let mut e = ImageEntry {
+            name: name.to_string(),
+            manifest: h,
+            virtual_size: 0,
+            bytes: 0,
+            parts: 0,
+            complete: false,
+            problem: None,
+        };
+        match self.manifest(&h) {
+            Ok(m) => {
+                e.virtual_size = m.top().map_or(0, |p| p.virtual_size);
+                e.bytes = m.parts.iter().map(|p| p.size).sum();
+                e.parts = m.parts.len();
+                e.complete = m.parts.iter().all(|p| self.has_part(&p.id));
+            }
+            Err(err) => {
+                // Bounded, so an entry always fits a control frame.
+                let msg = viola_common::errors::chain(&err);
+                e.problem = Some(msg.chars().take(512).collect());
+            }
+        }
+        e
     }
 
     /// The manifest with this hash.
@@ -922,6 +1030,42 @@ mod tests {
             fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
             "no temp file left behind"
         );
+    }
+
+    #[test]
+    fn a_name_is_taken_once_unless_replacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let idx = import(&store, dir.path(), "x", &pseudo_random(20_000, 7));
+        let first = manifest_for("x", &idx);
+        let mut second = first.clone();
+        second.parts[0].label = "again".into();
+        let (h1, before) = store.put_manifest_with(&first, false).unwrap();
+        assert_eq!(before, None);
+        assert!(matches!(
+            store.put_manifest_with(&second, false),
+            Err(StoreError::NameExists(n)) if n == "x"
+        ));
+        assert_eq!(store.resolve("x").unwrap().0, h1, "the name is unchanged");
+        let (h2, before) = store.put_manifest_with(&second, true).unwrap();
+        assert_eq!(before, Some(h1));
+        assert_eq!(store.resolve("x").unwrap().0, h2);
+        assert!(
+            fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
+            "no temp file left behind"
+        );
+    }
+
+    #[test]
+    fn a_stopped_import_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let p = dir.path().join("big");
+        fs::write(&p, pseudo_random(200_000, 8)).unwrap();
+        let stop = AtomicBool::new(true);
+        let r = store.import_file_until(&p, ChunkerSpec::Fixed { size: 4096 }, |_| {}, &stop);
+        assert!(matches!(r, Err(StoreError::Cancelled)), "{r:?}");
+        assert!(store.parts().unwrap().is_empty());
     }
 
     #[test]

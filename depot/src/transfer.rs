@@ -18,10 +18,12 @@ use quinn::VarInt;
 use serde::Serialize;
 use viola_common::identity::{self, Role};
 
+use crate::api::ImageEntry;
 use crate::hash::Hash;
 use crate::part::PartIndex;
 use crate::store::{PathIoError, Store, StoreError};
-use crate::wire::{self, Frame, Request, Response, WireError};
+use crate::upload::Uploads;
+use crate::wire::{self, Frame, MAX_CONTROL_LEN, Request, Response, WireError};
 
 /// Errors of one transfer.
 #[derive(Debug, thiserror::Error)]
@@ -581,12 +583,16 @@ pub trait Stager: Send + Sync + 'static {
     fn status(&self, stage_id: &str) -> Option<crate::api::StageStatus>;
 }
 
+/// What a server offers beyond parts, manifests and the image list: the daemon's staging and
+/// uploads (a bare part server has neither and says so when asked).
+#[derive(Clone, Default)]
+pub struct Services {
+    pub stager: Option<Arc<dyn Stager>>,
+    pub uploads: Option<Arc<Uploads>>,
+}
+
 /// Serves one accepted connection until it closes.
-pub async fn serve_connection(
-    store: Store,
-    conn: quinn::Connection,
-    stager: Option<Arc<dyn Stager>>,
-) {
+pub async fn serve_connection(store: Store, conn: quinn::Connection, services: Services) {
     let peer = match identity::peer_identity(&conn) {
         Ok(p) => p,
         Err(e) => {
@@ -600,9 +606,9 @@ pub async fn serve_connection(
         let Ok((send, recv)) = conn.accept_bi().await else {
             break;
         };
-        let (store, stager, peer) = (store.clone(), stager.clone(), peer.clone());
+        let (store, services, peer) = (store.clone(), services.clone(), peer.clone());
         streams.spawn(async move {
-            if let Err(e) = serve_stream(&store, send, recv, stager.as_deref(), &peer).await {
+            if let Err(e) = serve_stream(&store, send, recv, &services, &peer).await {
                 tracing::debug!(peer = %peer, error = %viola_common::errors::chain(&e), "stream ended with an error");
             }
         });
@@ -611,18 +617,78 @@ pub async fn serve_connection(
     streams.shutdown().await;
 }
 
+/// The roles that may make a request.
+fn allowed_roles(req: &Request) -> &'static [Role] {
+    match req {
+        Request::Index { .. }
+        | Request::Chunks { .. }
+        | Request::Manifest { .. }
+        | Request::Have { .. } => &[Role::Depot, Role::Adaptmgr, Role::Cli],
+        Request::Stage(_) | Request::StageStatus { .. } | Request::Images { .. } => {
+            &[Role::Adaptmgr, Role::Cli]
+        }
+        // The manager enforces tenants and relays users' uploads; nobody else writes names.
+        Request::Upload { .. } => &[Role::Adaptmgr],
+    }
+}
+
 /// The request in control frame `c`, if it parses and `peer`'s role may make it; else what to
-/// answer.
-fn admit(c: &[u8], peer: &identity::PeerIdentity) -> Result<Request, String> {
-    let req = wire::parse_request(c).map_err(|e| e.to_string())?;
-    let is_stage = matches!(req, Request::Stage(_) | Request::StageStatus { .. });
-    let allowed: &[Role] = if is_stage {
-        &[Role::Adaptmgr, Role::Cli]
-    } else {
-        &[Role::Depot, Role::Adaptmgr, Role::Cli]
-    };
-    peer.require_role(allowed).map_err(|e| e.to_string())?;
-    Ok(req)
+/// answer (and the request, if it parsed).
+fn admit(c: &[u8], peer: &identity::PeerIdentity) -> Result<Request, (Option<Request>, String)> {
+    let req = wire::parse_request(c).map_err(|e| (None, e.to_string()))?;
+    match peer.require_role(allowed_roles(&req)) {
+        Ok(()) => Ok(req),
+        Err(e) => Err((Some(req), e.to_string())),
+    }
+}
+
+/// Bounds the image list's page by the answer's size, never by a silent cut: the page ends
+/// where the next entry would not fit one control frame, and says there is more.
+const IMAGES_PAGE_BYTES: usize = MAX_CONTROL_LEN as usize - 256;
+
+/// Errors listing the images.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    #[error("store")]
+    Store(#[from] StoreError),
+    #[error("the entry of image {0:?} does not fit a control frame")]
+    TooLarge(String),
+    #[error("encoding the list")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The page of the image list after `after` whose answer takes at most `max_bytes` of JSON,
+/// and whether more follow.
+pub fn images_page(
+    store: &Store,
+    after: Option<&str>,
+    max_bytes: usize,
+) -> Result<(Vec<ImageEntry>, bool), ImagesError> {
+    let names = store.images()?;
+    // The envelope at its longest (`false` is longer than `true`).
+    let empty = serde_json::to_vec(&Response::Images {
+        images: Vec::new(),
+        more: false,
+    })?;
+    let mut used = empty.len();
+    let mut page = Vec::new();
+    for (name, h) in names
+        .into_iter()
+        .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a))
+    {
+        let entry = store.image_entry(&name, h);
+        // Its JSON and the comma before it.
+        let len = serde_json::to_vec(&entry)?.len() + 1;
+        if used + len > max_bytes {
+            if page.is_empty() {
+                return Err(ImagesError::TooLarge(name));
+            }
+            return Ok((page, true));
+        }
+        used += len;
+        page.push(entry);
+    }
+    Ok((page, false))
 }
 
 fn error_frame(message: String) -> Frame {
@@ -633,15 +699,27 @@ async fn serve_stream(
     store: &Store,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    stager: Option<&dyn Stager>,
+    services: &Services,
     peer: &identity::PeerIdentity,
 ) -> Result<(), TransferError> {
-    let Some(Frame::Control(c)) = read_frame(&mut recv).await? else {
+    // A control frame only: an upload's data frames are read by the upload, with their own
+    // smaller bound.
+    let mut h = [0u8; wire::HEADER_LEN];
+    recv.read_exact(&mut h).await?;
+    let (kind, len) = wire::parse_header(h)?;
+    if kind != 1 {
         return Err(TransferError::Unexpected("request must be a control frame"));
-    };
+    }
+    let mut c = vec![0u8; len as usize];
+    recv.read_exact(&mut c).await?;
+    let stager = services.stager.as_deref();
     let req = match admit(&c, peer) {
         Ok(req) => req,
-        Err(refusal) => {
+        Err((req, refusal)) => {
+            if let (Some(Request::Upload { .. }), Some(u)) = (&req, &services.uploads) {
+                u.count_refused();
+                tracing::warn!(%peer, error = %refusal, "upload refused");
+            }
             write_frame(&mut send, &error_frame(refusal)).await?;
             send.finish()?;
             return Ok(());
@@ -709,6 +787,38 @@ async fn serve_stream(
                 .await?
             }
         },
+        Request::Images { after } => {
+            // One manifest read per image: off the async threads.
+            let store = store.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                images_page(&store, after.as_deref(), IMAGES_PAGE_BYTES)
+            })
+            .await;
+            let answer = match page {
+                Ok(Ok((images, more))) => wire::control(&Response::Images { images, more }),
+                Ok(Err(e)) => error_frame(viola_common::errors::chain(&e)),
+                Err(e) => error_frame(format!("listing the images: {e}")),
+            };
+            write_frame(&mut send, &answer).await?;
+        }
+        Request::Upload {
+            name,
+            size,
+            replace,
+        } => {
+            return match &services.uploads {
+                Some(u) => u.serve(send, recv, name, size, replace, peer).await,
+                None => {
+                    write_frame(
+                        &mut send,
+                        &error_frame("this depot does not accept uploads".into()),
+                    )
+                    .await?;
+                    send.finish()?;
+                    Ok(())
+                }
+            };
+        }
     }
     send.finish()?;
     Ok(())

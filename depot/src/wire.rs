@@ -1,8 +1,8 @@
 //! The depot wire protocol on QUIC streams (ALPN `viola-depot/1`).
 //!
 //! One request per bidirectional stream: the client sends one JSON control frame and finishes
-//! its side; the server answers with frames and finishes. A frame is a 1-byte kind, a 4-byte
-//! big-endian length and the payload:
+//! its side (an upload sends more, below); the server answers with frames and finishes. A frame
+//! is a 1-byte kind, a 4-byte big-endian length and the payload:
 //!
 //! | kind | payload |
 //! |---|---|
@@ -13,10 +13,35 @@
 //!
 //! Every length is bounded before anything is allocated; nothing in a frame is trusted until
 //! it was verified against a hash the receiver already knows.
+//!
+//! Who may ask what (the role in the client's certificate): parts, indexes, manifests and
+//! `have` any depot, manager or CLI; `stage`, `stage_status` and `images` the manager and the
+//! CLI; `upload` the manager only.
+//!
+//! `images`: the answer is one control frame [`Response::Images`], the names after `after`
+//! (sorted by name) that fit in it; `more` says whether to ask again with `after` set to the
+//! last name received. So the list is paged, never cut short silently.
+//!
+//! `upload` (the image's bytes, untrusted, from the manager):
+//!
+//! | step | direction | frames |
+//! |---|---|---|
+//! | 1 | client → depot | control [`Request::Upload`] `{name, size, replace}` |
+//! | 2 | depot → client | control [`Response::Ok`] (send) or [`Response::Error`] (refused; the stream ends) |
+//! | 3 | client → depot | blob frames of 1 to [`MAX_UPLOAD_BLOB`] bytes, `size` bytes in all, then end; the client finishes its side |
+//! | 4 | depot → client | control [`Response::Upload`] (the report) or [`Response::Error`]; the depot finishes |
+//!
+//! The depot refuses at step 2 what it can decide without the bytes (role, name, an existing
+//! name without `replace`, size above its limit or its free space, too many uploads at once),
+//! so a refused client sends nothing. At step 3 it writes each blob to a temp file in its
+//! store as it arrives (one frame in memory at a time). A frame of another kind, a blob larger
+//! than [`MAX_UPLOAD_BLOB`], more than `size` bytes, or a stream that ends before the end frame
+//! is an error at once (the depot answers it and stops reading); fewer than `size` bytes
+//! before the end frame is one too.
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{StageRequest, StageStatus};
+use crate::api::{ImageEntry, StageRequest, StageStatus, UploadReport};
 use crate::chunker::MAX_CHUNK_LEN;
 use crate::hash::Hash;
 
@@ -27,6 +52,8 @@ pub const MAX_CONTROL_LEN: u32 = 64 * 1024;
 pub const MAX_BLOB_LEN: u32 = 64 << 20;
 /// Largest chunk frame.
 pub const MAX_CHUNK_FRAME: u32 = MAX_CHUNK_LEN + 4;
+/// Largest blob frame of an upload: the depot holds one such frame per upload in memory.
+pub const MAX_UPLOAD_BLOB: u32 = 1 << 20;
 pub const HEADER_LEN: usize = 5;
 
 /// A request (client → server).
@@ -45,6 +72,20 @@ pub enum Request {
     Stage(StageRequest),
     /// Status of a staging request.
     StageStatus { stage_id: String },
+    /// The depot's named images after `after`, a page (answered by [`Response::Images`];
+    /// manager and CLI only).
+    Images {
+        #[serde(default)]
+        after: Option<String>,
+    },
+    /// Upload `size` bytes of a qcow2 or raw image to import as `name` (manager only; the frame
+    /// sequence is in the module doc). An existing name is refused unless `replace`.
+    Upload {
+        name: String,
+        size: u64,
+        #[serde(default)]
+        replace: bool,
+    },
 }
 
 /// A control response (server → client).
@@ -52,9 +93,19 @@ pub enum Request {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
     Ok,
-    Have { complete: Vec<bool> },
+    Have {
+        complete: Vec<bool>,
+    },
     Stage(StageStatus),
-    Error { message: String },
+    Error {
+        message: String,
+    },
+    /// A page of the image list; `more`: ask again after the last name.
+    Images {
+        images: Vec<ImageEntry>,
+        more: bool,
+    },
+    Upload(UploadReport),
 }
 
 /// A frame.
@@ -173,6 +224,14 @@ pub fn chunk_header(index: u32, len: usize) -> [u8; HEADER_LEN + 4] {
     h
 }
 
+/// The blob frame header for `len` bytes (lets an uploader send its buffer without copying).
+pub fn blob_header(len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = 3;
+    h[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+    h
+}
+
 pub fn control<T: Serialize>(msg: &T) -> Frame {
     Frame::Control(serde_json::to_vec(msg).unwrap_or_default())
 }
@@ -226,7 +285,133 @@ mod tests {
         ]
     }
 
+    fn arb_hash() -> impl Strategy<Value = Hash> {
+        any::<[u8; 8]>().prop_map(|b| Hash::of(&b))
+    }
+
+    /// Names as they come: safe ones, and anything else a client might send.
+    fn arb_name() -> impl Strategy<Value = String> {
+        prop_oneof!["[A-Za-z0-9][A-Za-z0-9._-]{0,20}", any::<String>()]
+    }
+
+    /// Every request variant.
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            arb_hash().prop_map(|part| Request::Index { part }),
+            (arb_hash(), any::<u32>(), any::<u32>())
+                .prop_map(|(part, first, count)| Request::Chunks { part, first, count }),
+            arb_name().prop_map(|image| Request::Manifest { image }),
+            proptest::collection::vec(arb_hash(), 0..4).prop_map(|parts| Request::Have { parts }),
+            (
+                arb_name(),
+                arb_name(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(image, vm, deadline_unix_ms, reject_if_late, chain_only)| {
+                        Request::Stage(StageRequest {
+                            image,
+                            host: vm.clone(),
+                            vm,
+                            deadline_unix_ms,
+                            reject_if_late,
+                            chain_only,
+                        })
+                    }
+                ),
+            arb_name().prop_map(|stage_id| Request::StageStatus { stage_id }),
+            proptest::option::of(arb_name()).prop_map(|after| Request::Images { after }),
+            (arb_name(), any::<u64>(), any::<bool>()).prop_map(|(name, size, replace)| {
+                Request::Upload {
+                    name,
+                    size,
+                    replace,
+                }
+            }),
+        ]
+    }
+
+    fn arb_entry() -> impl Strategy<Value = ImageEntry> {
+        (
+            arb_name(),
+            arb_hash(),
+            any::<u64>(),
+            any::<u64>(),
+            0usize..40,
+            any::<bool>(),
+            proptest::option::of(any::<String>()),
+        )
+            .prop_map(
+                |(name, manifest, virtual_size, bytes, parts, complete, problem)| ImageEntry {
+                    name,
+                    manifest,
+                    virtual_size,
+                    bytes,
+                    parts,
+                    complete,
+                    problem,
+                },
+            )
+    }
+
+    /// The responses the new requests get (and the plain ones).
+    fn arb_response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            Just(Response::Ok),
+            any::<String>().prop_map(|message| Response::Error { message }),
+            (proptest::collection::vec(arb_entry(), 0..4), any::<bool>())
+                .prop_map(|(images, more)| Response::Images { images, more }),
+            (
+                arb_name(),
+                arb_hash(),
+                proptest::option::of(arb_hash()),
+                any::<[u64; 4]>(),
+                any::<[u32; 4]>(),
+                any::<bool>()
+            )
+                .prop_map(|(name, manifest, replaced, b, c, qcow2)| {
+                    Response::Upload(UploadReport {
+                        name,
+                        manifest,
+                        replaced,
+                        bytes_received: b[0],
+                        format: if qcow2 {
+                            crate::manifest::DiskFormat::Qcow2
+                        } else {
+                            crate::manifest::DiskFormat::Raw
+                        },
+                        virtual_size: b[1],
+                        parts: 1,
+                        chunks: c[0] as usize,
+                        zero_chunks: c[1] as usize,
+                        new_chunks: c[2] as usize,
+                        new_bytes: b[2],
+                        dedup_chunks: c[3] as usize,
+                        dedup_bytes: b[3],
+                    })
+                }),
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn requests_and_responses_round_trip(req in arb_request(), resp in arb_response()) {
+            let mut bytes = encode(&control(&req));
+            bytes.extend(encode(&control(&resp)));
+            // The fuzz target's own checks hold on these too.
+            fuzz_decode(&bytes);
+            let Some((Frame::Control(b), n)) = decode(&bytes).unwrap() else {
+                panic!("no control frame")
+            };
+            prop_assert_eq!(parse_request(&b).unwrap(), req);
+            let Some((Frame::Control(b), _)) = decode(&bytes[n..]).unwrap() else {
+                panic!("no control frame")
+            };
+            prop_assert_eq!(parse_response(&b).unwrap(), resp);
+        }
+
         #[test]
         fn frames_round_trip_in_sequence(frames in proptest::collection::vec(arb_frame(), 0..8)) {
             let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
@@ -281,6 +466,25 @@ mod tests {
         };
         assert_eq!(parse_request(&b).unwrap(), r);
         assert!(parse_request(br#"{"op":"rm_rf"}"#).is_err());
+        // Defaults: the first page; no replacing unless asked.
+        assert_eq!(
+            parse_request(br#"{"op":"images"}"#).unwrap(),
+            Request::Images { after: None }
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"upload","name":"x","size":3}"#).unwrap(),
+            Request::Upload {
+                name: "x".into(),
+                size: 3,
+                replace: false
+            }
+        );
+        assert!(parse_request(br#"{"op":"upload","name":"x","size":3,"path":"/"}"#).is_err());
+        assert!(parse_request(br#"{"op":"upload","name":"x","size":-1}"#).is_err());
+        assert_eq!(
+            blob_header(5).to_vec(),
+            encode(&Frame::Blob(vec![0; 5]))[..HEADER_LEN].to_vec()
+        );
         assert!(parse_request(br#"{"op":"index","part":"zz"}"#).is_err());
     }
 }

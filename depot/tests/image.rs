@@ -1,43 +1,17 @@
 //! Import and assembly with the real `qemu-img`.
 
+#[path = "support/qemu_tools.rs"]
+mod qemu_tools;
+
 use std::path::Path;
-use std::process::Command;
+use std::sync::atomic::AtomicBool;
+
+use qemu_tools::{create_qcow2, qemu_img, qemu_io};
 
 use viola_depot::chunker::ChunkerSpec;
 use viola_depot::image::{self, ImageError};
 use viola_depot::manifest::{DiskFormat, MANIFEST_VERSION, Manifest, OverlaySpec, PartRef};
-use viola_depot::store::Store;
-
-/// Runs `cmd`, panicking (with its stderr) unless it succeeds.
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?} (is it installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_img(args: &[&str]) {
-    run(Command::new("qemu-img").args(args));
-}
-
-/// `qemu-img create -q -f qcow2 OPTIONS... PATH [SIZE]` (no size: the backing file's).
-fn create_qcow2(path: &Path, options: &[&str], size: Option<&str>) {
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .args(options)
-        .arg(path)
-        .args(size));
-}
-
-fn qemu_io(image: &Path, cmd: &str) {
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", cmd])
-        .arg(image));
-}
+use viola_depot::store::{Store, StoreError};
 
 /// Makes a 1 MiB qcow2 `dir/evil.qcow2` with `qemu-img create` `options`, imports it into a
 /// new store in `dir` as the one part of an image, as a hostile peer would serve it, and
@@ -175,4 +149,42 @@ fn a_part_with_an_external_data_file_is_refused_before_anything_is_written() {
     assert!(matches!(err, ImageError::DataFile { .. }), "{err}");
     // Nothing under any name: no part, no overlay, no temp file.
     assert_eq!(std::fs::read_dir(&host).unwrap().count(), 0);
+}
+
+#[test]
+fn an_upload_is_inspected_then_imported_and_a_stopped_import_names_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    create_qcow2(&img, &[], Some("4M"));
+    qemu_io(&img, "write -P 0x7 0 1M");
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let info = image::inspect_untrusted(&img).unwrap();
+    assert_eq!(
+        (info.format, info.virtual_size),
+        (DiskFormat::Qcow2, 4 << 20)
+    );
+    let stop = AtomicBool::new(true);
+    let err =
+        image::import_self_contained(&store, &info, "u", false, spec(), &stop, &mut |_, _| {})
+            .unwrap_err();
+    assert!(
+        matches!(err, ImageError::Store(StoreError::Cancelled)),
+        "{err}"
+    );
+    assert!(matches!(
+        store.resolve("u"),
+        Err(StoreError::NoSuchImage(_))
+    ));
+    let go = AtomicBool::new(false);
+    let done = image::import_self_contained(&store, &info, "u", false, spec(), &go, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(store.resolve("u").unwrap().0, done.hash);
+    assert_eq!(done.manifest.parts[0].label, "u");
+    // A name is written once without replace, even by the same import.
+    let err = image::import_self_contained(&store, &info, "u", false, spec(), &go, &mut |_, _| {})
+        .unwrap_err();
+    assert!(
+        matches!(err, ImageError::Store(StoreError::NameExists(_))),
+        "{err}"
+    );
 }

@@ -1,64 +1,26 @@
 //! Verified multi-source transfers over real QUIC with mutual TLS on loopback.
 
-use std::net::SocketAddr;
+#[path = "support/quic.rs"]
+mod quic;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use viola_common::identity::{
-    CertificateAuthority, Identity, PeerIdentity, Role, alpn, server_name,
-};
+use quic::{connect, identity};
+use viola_common::identity::{CertificateAuthority, Role};
 use viola_depot::chunker::ChunkerSpec;
 use viola_depot::hash::Hash;
 use viola_depot::scenario_gen::pseudo_random_bytes as data;
 use viola_depot::store::Store;
-use viola_depot::transfer::{
-    FetchOptions, PathTuning, Source, fetch_part, serve_connection, transport_config,
-};
+use viola_depot::transfer::{FetchOptions, Services, fetch_part};
 
-fn identity(ca: &CertificateAuthority, role: Role, site: &str) -> Identity {
-    ca.issue(
-        &PeerIdentity::new(role, site, &format!("{site}1")).unwrap(),
-        1,
-    )
-    .unwrap()
-    .to_identity()
-    .unwrap()
-}
-
-fn serve(store: Store, id: &Identity) -> (SocketAddr, quinn::Endpoint) {
-    let mut cfg = id.server_config(&[alpn::DEPOT]).unwrap();
-    cfg.transport_config(Arc::new(transport_config(PathTuning::default())));
-    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = ep.local_addr().unwrap();
-    let accept = ep.clone();
-    tokio::spawn(async move {
-        while let Some(inc) = accept.accept().await {
-            let store = store.clone();
-            tokio::spawn(async move {
-                if let Ok(conn) = inc.await {
-                    serve_connection(store, conn, None).await;
-                }
-            });
-        }
-    });
-    (addr, ep)
-}
-
-async fn connect(id: &Identity, addr: SocketAddr, name: &str) -> Source {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut cfg = id.client_config(alpn::DEPOT).unwrap();
-    cfg.transport_config(Arc::new(transport_config(PathTuning::default())));
-    ep.set_default_client_config(cfg);
-    let conn = ep
-        .connect(addr, &server_name(Role::Depot))
-        .unwrap()
-        .await
-        .unwrap();
-    Source {
-        name: name.into(),
-        conn,
-    }
+/// A bare part server (no staging, no uploads).
+fn serve(
+    store: Store,
+    id: &viola_common::identity::Identity,
+) -> (std::net::SocketAddr, quinn::Endpoint) {
+    quic::serve(store, id, Services::default())
 }
 
 fn import(store: &Store, dir: &Path, bytes: &[u8]) -> Hash {

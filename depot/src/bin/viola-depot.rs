@@ -7,6 +7,8 @@
 //! viola-depot serve --config depot.toml               the daemon
 //! viola-depot fetch NAME --from ADDR...               fetch an image's parts from other depots
 //! viola-depot stage NAME --vm VM --host H --deadline-secs S --depot ADDR   ask a depot to stage
+//! viola-depot images --from ADDR --identity DIR        a depot's images, over the network
+//! viola-depot upload FILE --name NAME --to ADDR --identity DIR [--replace]   send an image to a depot
 //! viola-depot status | gc | scrub | chunk-stats
 //! ```
 
@@ -187,6 +189,34 @@ enum Command {
         no_wait: bool,
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+    },
+    /// List the images of the depot at ADDR (certificate of role adaptmgr or cli).
+    Images {
+        #[arg(long = "from")]
+        from: SocketAddr,
+        /// Directory with cert.pem, key.pem, ca.pem.
+        #[arg(long)]
+        identity: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one self-contained qcow2 or raw image to the depot at ADDR, which imports it as
+    /// NAME (certificate of role adaptmgr: the manager's; the depot refuses any other).
+    Upload {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        to: SocketAddr,
+        /// Directory with cert.pem, key.pem, ca.pem.
+        #[arg(long)]
+        identity: PathBuf,
+        /// Point an existing NAME at the new content.
+        #[arg(long)]
+        replace: bool,
+        /// Print the depot's report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Images, parts and space in the store.
     Status {
@@ -555,6 +585,98 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     late.abs(),
                     if late <= 0 { "before" } else { "after" },
                     st.predicted_ready_unix_ms.map(|p| p as i64 - now_ms as i64)
+                );
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Images {
+            from,
+            identity,
+            json,
+        } => {
+            let identity = Identity::load_dir(&identity)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let c = DepotClient::connect(&identity, from, PathTuning::default()).await?;
+                let images = c.images().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&images)?);
+                    return Ok(());
+                }
+                println!("depot {} ({from}): {} images", c.site, images.len());
+                for e in &images {
+                    let state = match (&e.problem, e.complete) {
+                        (Some(p), _) => format!("damaged: {p}"),
+                        (None, true) => "complete".to_string(),
+                        (None, false) => "incomplete".to_string(),
+                    };
+                    println!(
+                        "  {:<24} {} parts {:>10.1} MB  virtual {:>10.1} MB  {}  {state}",
+                        e.name,
+                        e.parts,
+                        e.bytes as f64 / 1e6,
+                        e.virtual_size as f64 / 1e6,
+                        e.manifest.short()
+                    );
+                }
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Upload {
+            file,
+            name,
+            to,
+            identity,
+            replace,
+            json,
+        } => {
+            let identity = Identity::load_dir(&identity)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let f = tokio::fs::File::open(&file)
+                    .await
+                    .with_context(|| format!("opening {}", file.display()))?;
+                let size = f
+                    .metadata()
+                    .await
+                    .with_context(|| format!("reading {}", file.display()))?
+                    .len();
+                let c = DepotClient::connect(&identity, to, PathTuning::default()).await?;
+                let pb = bar(quiet, size, "upload");
+                let t = Instant::now();
+                let report = c
+                    .upload(&name, size, replace, tokio::io::BufReader::new(f), |sent| {
+                        pb.set_position(sent);
+                        if sent == size {
+                            pb.set_message("importing");
+                        }
+                    })
+                    .await?;
+                pb.finish_and_clear();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    return Ok(());
+                }
+                println!(
+                    "uploaded {name} to depot {} ({size} bytes, {:.1}s): manifest {}{}",
+                    c.site,
+                    t.elapsed().as_secs_f64(),
+                    report.manifest,
+                    report
+                        .replaced
+                        .map(|h| format!(" (was {})", h.short()))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "  {} virtual {} bytes; {} chunks: {} new ({} bytes), {} already there ({} bytes), {} zero",
+                    report.format.as_str(),
+                    report.virtual_size,
+                    report.chunks,
+                    report.new_chunks,
+                    report.new_bytes,
+                    report.dedup_chunks,
+                    report.dedup_bytes,
+                    report.zero_chunks
                 );
                 anyhow::Ok(())
             })?;
