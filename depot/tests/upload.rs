@@ -446,12 +446,19 @@ async fn only_the_manager_may_upload_and_nothing_is_sent_when_refused_up_front()
         ..UploadLimits::default()
     });
     let bytes = vec![1u8; 4096];
-    for role in [Role::Cli, Role::Monitor, Role::Depot, Role::Overlay] {
+    // A tenant's user goes through the manager, never to the depot directly.
+    for role in [
+        Role::Cli,
+        Role::User,
+        Role::Monitor,
+        Role::Depot,
+        Role::Overlay,
+    ] {
         let c = depot.client(role).await;
         let msg = refusal(c.upload("x", 4096, false, &bytes[..], |_| panic!()).await);
         assert!(msg.contains("not allowed"), "{role:?}: {msg}");
     }
-    for role in [Role::Monitor, Role::Depot] {
+    for role in [Role::User, Role::Monitor, Role::Depot] {
         let c = depot.client(role).await;
         let err = c.images().await.unwrap_err();
         assert!(err.to_string().contains("not allowed"), "{role:?}: {err}");
@@ -474,7 +481,7 @@ async fn only_the_manager_may_upload_and_nothing_is_sent_when_refused_up_front()
         .await
         .unwrap();
     assert_eq!((r.format, r.virtual_size), (DiskFormat::Raw, 4096));
-    assert_eq!(depot.counts(), (1, 7, 0));
+    assert_eq!(depot.counts(), (1, 8, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
