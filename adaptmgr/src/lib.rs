@@ -6,6 +6,7 @@ pub mod control;
 #[cfg(test)]
 mod fixtures;
 pub mod ha;
+pub mod images;
 pub mod inventory;
 pub mod lifecycle;
 pub mod manager;

@@ -30,6 +30,8 @@ pub enum ClientError {
     Frame(#[from] FrameError),
     #[error("the manager closed the request without an answer")]
     NoAnswer,
+    #[error("sending the request's data failed")]
+    Body(#[source] std::io::Error),
 }
 
 /// One connection to the manager.
@@ -79,6 +81,44 @@ impl Client {
             last = Some(resp);
         }
         last.ok_or(ClientError::NoAnswer)
+    }
+
+    /// Like [`call`](Self::call), sending `body` after the request on the same stream (an
+    /// image import: exactly the size the request gives). Frames are read while the body is
+    /// sent, so a manager that refuses at once is heard at once.
+    pub async fn call_with_body(
+        &self,
+        req: &Request,
+        mut body: impl tokio::io::AsyncRead + Unpin,
+        mut on_response: impl FnMut(&Response),
+    ) -> Result<Response, ClientError> {
+        let addr = self.conn.remote_address();
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|source| ClientError::Connection { addr, source })?;
+        wire::write_frame(&mut send, req).await?;
+        let sending = async move {
+            let copied = tokio::io::copy(&mut body, &mut send).await;
+            let _ = send.finish();
+            copied
+        };
+        let reading = async {
+            let mut last = None;
+            while let Some(resp) = wire::read_frame::<Response>(&mut recv).await? {
+                on_response(&resp);
+                last = Some(resp);
+            }
+            Ok::<_, ClientError>(last)
+        };
+        let (sent, last) = tokio::join!(sending, reading);
+        match (last?, sent) {
+            // The manager's answer says what happened (also when it stopped the body early).
+            (Some(last), _) => Ok(last),
+            (None, Err(e)) => Err(ClientError::Body(e)),
+            (None, Ok(_)) => Err(ClientError::NoAnswer),
+        }
     }
 
     /// Closes the connection politely.

@@ -3,7 +3,7 @@
 //! streams `Progress` frames, then `Migrated`). Monitors may only send `Report`; the CLI of an
 //! administrator (role `cli`) and other managers may send the rest; a tenant's user (role
 //! `user`) may send the violin, VM and image requests, which then see and change only that
-//! tenant's violins and VMs.
+//! tenant's violins, VMs and images.
 
 use serde::{Deserialize, Serialize};
 
@@ -139,6 +139,42 @@ pub struct VmCreate {
     pub count: Option<u32>,
 }
 
+/// Put an image into a site's depot. On the same stream, the request frame is followed by
+/// exactly `size` bytes: the image file (a self-contained qcow2 or raw image; a backing file
+/// or an external data file is refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImport {
+    /// Its name (letters, digits, `.`, `_`, `-`; not starting with `_`, `.` or `-`). A
+    /// tenant's image is its own: other tenants neither see nor use it.
+    pub name: String,
+    /// The site whose depot takes it (the others fetch it from there when they need it).
+    pub site: String,
+    pub size: u64,
+    /// Point an existing name at the new content.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// An image as `ImageList` shows it: one per name, over every site's depot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageView {
+    /// The name `vm create --image` takes.
+    pub name: String,
+    /// The tenant it belongs to (`None`: the federation's, every tenant may use it).
+    pub tenant: Option<String>,
+    /// The manifest hash (hex) at the first site listed; differing sites are in `sites`.
+    pub manifest: String,
+    /// Size of the disk it presents, bytes.
+    pub virtual_size: u64,
+    /// Parts (layers) of its chain.
+    pub parts: usize,
+    /// The sites whose depot holds it complete.
+    pub sites: Vec<String>,
+    /// The sites whose depot knows the name but lacks parts (still fetching, or damaged).
+    pub incomplete: Vec<String>,
+}
+
 /// A violin as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViolinView {
@@ -209,6 +245,11 @@ pub enum Request {
     VmDelete {
         vm: String,
     },
+    /// The images of every site's depot that the caller may use.
+    ImageList,
+    /// Followed by the image's bytes (see [`ImageImport`]); answered with `Step` frames while
+    /// it is received and imported, then `Images` with the image.
+    ImageImport(ImageImport),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,6 +263,7 @@ pub enum Response {
     Decisions(Vec<DecisionRecord>),
     Policy(Box<PolicyView>),
     Violins(Vec<ViolinView>),
+    Images(Vec<ImageView>),
     /// Progress of a long request (one line for people).
     Step {
         message: String,

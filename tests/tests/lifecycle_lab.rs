@@ -250,7 +250,7 @@ impl Fed {
             })
         })
         .unwrap_or_else(|e| panic!("{e}\nmanager log:\n{}", log_text(&mgr_log)));
-        Fed {
+        Self {
             daemons,
             overlays,
             cli,
@@ -380,7 +380,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         wait_until(
             &format!("{name} answers at {ip}"),
             Duration::from_secs(60),
-            || viola_labtests::guest_http(&lab, "a2", ip, "info").is_ok(),
+            || viola_labtests::guest_http(lab, "a2", ip, "info").is_ok(),
         )
         .unwrap();
         eprintln!(
@@ -577,7 +577,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     wait_until(
         &format!("{web} answers at b2"),
         Duration::from_secs(30),
-        || viola_labtests::guest_http(&lab, "a2", &web_ip, "info").is_ok(),
+        || viola_labtests::guest_http(lab, "a2", &web_ip, "info").is_ok(),
     )
     .unwrap();
 

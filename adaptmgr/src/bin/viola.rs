@@ -10,6 +10,8 @@
 //!   viola violin create NAME [--subnet 10.x.y.0/24] [--sites a,b] [--json]
 //!   viola violin list|show NAME [--json]
 //!   viola violin delete NAME [--force]
+//!   viola image list [--json]
+//!   viola image import FILE --name NAME --site S [--replace] [--json]
 //!   viola decisions [--after SEQ] [--follow] [--json]
 //!   viola policy show [--json]
 
@@ -21,7 +23,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use viola_api::adaptation::{DecisionRecord, PolicyView};
 use viola_api::client::Client;
-use viola_api::manager::{HostState, HostView, ViolinCreate, ViolinView, VmCreate, VmView};
+use viola_api::manager::{
+    HostState, HostView, ImageImport, ImageView, ViolinCreate, ViolinView, VmCreate, VmView,
+};
 use viola_api::manager::{Request, Response, VmMigrate, VmResize};
 use viola_api::migration::Outcome;
 use viola_common::identity::Identity;
@@ -60,6 +64,11 @@ enum Command {
         #[command(subcommand)]
         command: ViolinCommand,
     },
+    /// Disk images in the sites' depots.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// The policy loop's decisions: what it saw, what it chose and why, how each action ended.
     Decisions {
         /// Only decisions after this sequence number.
@@ -97,6 +106,25 @@ enum ViolinCommand {
         name: String,
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// The images you may use, with the sites whose depot holds them.
+    List,
+    /// Put an image file (a self-contained qcow2 or raw image) into a site's depot; as a
+    /// tenant's user, it is your tenant's own.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// The site whose depot takes it (others fetch it when they need it).
+        #[arg(long)]
+        site: String,
+        /// Point an existing name at the new content.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -224,6 +252,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             show(args.json, &hosts[..], print_hosts)?;
         }
         Command::Violin { command } => violin(&client, command, args.json).await?,
+        Command::Image { command } => image(&client, command, args.json).await?,
         Command::Vm {
             command:
                 VmCommand::Create {
@@ -436,6 +465,63 @@ async fn done(
         println!("{subject} {what}");
     }
     Ok(())
+}
+
+async fn image(client: &Client, command: ImageCommand, json: bool) -> anyhow::Result<()> {
+    // Steps (a depot left out of a list, an import's progress) go to stderr.
+    let step = |resp: &Response| {
+        if let Response::Step { message } = resp {
+            eprintln!("  {message}");
+        }
+    };
+    let answer = match command {
+        ImageCommand::List => client.call(&Request::ImageList, step).await?,
+        ImageCommand::Import {
+            file,
+            name,
+            site,
+            replace,
+        } => {
+            let body = tokio::fs::File::open(&file)
+                .await
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            let size = body.metadata().await?.len();
+            let req = Request::ImageImport(ImageImport {
+                name,
+                site,
+                size,
+                replace,
+            });
+            client.call_with_body(&req, body, step).await?
+        }
+    };
+    let Response::Images(images) = fail_on_error(answer)? else {
+        bail!("unexpected answer");
+    };
+    show(json, &images[..], print_images)
+}
+
+fn print_images(images: &[ImageView]) {
+    println!(
+        "{:<24} {:<10} {:>10} {:>5} {:<12} {:<12} MANIFEST",
+        "IMAGE", "TENANT", "SIZE", "PARTS", "SITES", "INCOMPLETE"
+    );
+    for i in images {
+        println!(
+            "{:<24} {:<10} {:>8.1}Gi {:>5} {:<12} {:<12} {}",
+            i.name,
+            i.tenant.as_deref().unwrap_or("-"),
+            i.virtual_size as f64 / (1u64 << 30) as f64,
+            i.parts,
+            i.sites.join(","),
+            if i.incomplete.is_empty() {
+                "-".to_owned()
+            } else {
+                i.incomplete.join(",")
+            },
+            i.manifest.get(..16).unwrap_or(&i.manifest),
+        );
+    }
 }
 
 async fn violin(client: &Client, command: ViolinCommand, json: bool) -> anyhow::Result<()> {

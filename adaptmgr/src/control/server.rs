@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -137,6 +138,8 @@ pub fn authorize(
                 | Request::VmStart { .. }
                 | Request::VmStop { .. }
                 | Request::VmDelete { .. }
+                | Request::ImageList
+                | Request::ImageImport(_)
         );
         if !tenants_may {
             return Err(format!(
@@ -243,6 +246,42 @@ async fn handle_stream(
                         // A CLI that went away does not stop the create.
                         let _ = wire::write_frame(&mut send, &step).await;
                     }
+                }
+            }
+        }
+        Request::ImageList => {
+            let (tx, mut rx) = mpsc::channel(16);
+            let images = manager.list_images(&caller, &tx).await;
+            drop(tx);
+            while let Some(step) = rx.recv().await {
+                let _ = wire::write_frame(&mut send, &step).await;
+            }
+            Response::Images(images)
+        }
+        Request::ImageImport(import) => {
+            let (tx, mut rx) = mpsc::channel(64);
+            let result = {
+                let mut body = (&mut recv).take(import.size);
+                let run = manager.import_image(&caller, import, &mut body, &tx);
+                tokio::pin!(run);
+                loop {
+                    tokio::select! {
+                        result = &mut run => break result,
+                        Some(step) = rx.recv() => {
+                            let _ = wire::write_frame(&mut send, &step).await;
+                        }
+                    }
+                }
+            };
+            while let Ok(step) = rx.try_recv() {
+                let _ = wire::write_frame(&mut send, &step).await;
+            }
+            match result {
+                Ok(image) => Response::Images(vec![image]),
+                Err(e) => {
+                    // Whatever of the body was not read is not wanted.
+                    let _ = recv.stop(0u32.into());
+                    error(chain(&e))
                 }
             }
         }

@@ -191,6 +191,8 @@ pub enum VmError {
     },
     #[error("{0} is being migrated")]
     Busy(String),
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
     #[error("tenant {0:?} is not configured on this manager (no [[tenants]] table names it)")]
     UnknownTenant(String),
     #[error(transparent)]
@@ -680,6 +682,12 @@ impl Manager {
             return Err(VmError::BadImage(req.image.clone()));
         }
         let quota = self.tenant_config(caller).map_err(VmError::UnknownTenant)?;
+        // A tenant's own image of that name, else the federation's (asked of the depots of
+        // the violin's sites before the allocation lock: it is a network round trip).
+        let mut req = req;
+        if let Some(v) = self.owned_violin(caller, &req.violin)? {
+            req.image = self.resolve_image(caller, &req.image, &v.sites).await?;
+        }
         // From the names' check to the addresses' record, one request at a time.
         let allocation = self.allocation.lock().await;
         let mut violin = self

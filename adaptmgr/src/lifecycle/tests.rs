@@ -17,8 +17,10 @@ use super::VmError;
 use crate::announce::{OverlayLink, OverlayLinkError};
 use crate::inventory::Inventory;
 use crate::manager::{DepotSiteConfig, Manager, ManagerConfig, now_ms};
-use crate::migration::depot_stage::{DepotLink, DepotSession};
+use crate::migration::depot_stage::{DepotLink, DepotSession, UploadBody, UploadProgress};
 use crate::tenants::{Caller, TenantConfig};
+use tokio::io::AsyncReadExt as _;
+use viola_depot::api::{ImageEntry, UploadReport};
 
 /// Overlay daemons that record what they are told; `refuse` names a host whose daemon refuses.
 #[derive(Default)]
@@ -53,6 +55,20 @@ struct Depot {
     requests: Mutex<Vec<StageRequest>>,
     /// This host goes down when the depot first says a disk is ready.
     down_when_ready: Mutex<Option<String>>,
+    /// Its named images (every site's depot is this one).
+    images: Mutex<Vec<ImageEntry>>,
+}
+
+fn image_entry(name: &str, content: &[u8]) -> ImageEntry {
+    ImageEntry {
+        name: name.into(),
+        manifest: viola_depot::hash::Hash::of(content),
+        virtual_size: content.len() as u64,
+        bytes: content.len() as u64,
+        parts: 1,
+        complete: true,
+        problem: None,
+    }
 }
 
 fn status(req: &StageRequest, state: StageState, accepted: bool, ready_in_s: u64) -> StageStatus {
@@ -109,6 +125,58 @@ impl DepotSession for Arc<Depot> {
             self.cluster.set_host_up(&uri, false);
         }
         Box::pin(async move { Ok(status(&req, StageState::Ready, true, 0)) })
+    }
+
+    fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>> {
+        let images = self.images.lock().unwrap().clone();
+        Box::pin(async move { Ok(images) })
+    }
+
+    fn upload<'a>(
+        &'a self,
+        name: &'a str,
+        size: u64,
+        replace: bool,
+        body: UploadBody<'a>,
+        progress: UploadProgress<'a>,
+    ) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+        Box::pin(async move {
+            if !replace && self.images.lock().unwrap().iter().any(|e| e.name == name) {
+                return Err(ClientError::Refused(format!("image {name} exists")));
+            }
+            let mut content = Vec::new();
+            body.take(size)
+                .read_to_end(&mut content)
+                .await
+                .map_err(ClientError::Source)?;
+            progress(content.len() as u64);
+            if content.len() as u64 != size {
+                return Err(ClientError::ShortSource {
+                    sent: content.len() as u64,
+                    size,
+                });
+            }
+            let entry = image_entry(name, &content);
+            let mut images = self.images.lock().unwrap();
+            images.retain(|e| e.name != name);
+            images.push(entry.clone());
+            images.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(UploadReport {
+                name: name.into(),
+                manifest: entry.manifest,
+                replaced: None,
+                bytes_received: size,
+                format: viola_depot::manifest::DiskFormat::Raw,
+                virtual_size: size,
+                parts: 1,
+                chunks: 1,
+                zero_chunks: 0,
+                new_chunks: 1,
+                new_bytes: size,
+                dedup_chunks: 0,
+                dedup_bytes: 0,
+            })
+        })
     }
 }
 
@@ -181,6 +249,7 @@ async fn lab_with_tenants(
         earliest_s,
         requests: Mutex::default(),
         down_when_ready: Mutex::default(),
+        images: Mutex::new(vec![image_entry("guest-base", b"base")]),
     });
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
     let manager = Manager::with_links(
@@ -739,4 +808,141 @@ async fn tenants_see_and_change_only_their_own_within_their_quotas() {
         .create_violin(&physics, violin("p2", &[]))
         .await
         .unwrap();
+}
+
+/// (name, tenant) of the images `caller` is shown.
+async fn list_images(lab: &Lab, caller: &Caller) -> Vec<(String, Option<String>)> {
+    let (tx, _rx) = mpsc::channel(16);
+    lab.manager
+        .list_images(caller, &tx)
+        .await
+        .into_iter()
+        .map(|v| (v.name, v.tenant))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tenants_images_are_its_own_and_its_vms_run_from_them() {
+    let quota = |name: &str| TenantConfig {
+        name: name.into(),
+        max_violins: None,
+        max_vms: None,
+        max_vcpus: None,
+        max_memory_mib: None,
+    };
+    let lab = lab_with_tenants(None, None, vec![quota("physics"), quota("chem")]).await;
+    let physics = Caller::Tenant("physics".into());
+    let chem = Caller::Tenant("chem".into());
+    let (tx, _rx) = mpsc::channel(1024);
+    let import = |name: &str, size: u64| viola_api::manager::ImageImport {
+        name: name.into(),
+        site: "a".into(),
+        size,
+        replace: false,
+    };
+
+    let mut body: &[u8] = b"physics's own guest-base";
+    let view = lab
+        .manager
+        .import_image(
+            &physics,
+            import("guest-base", body.len() as u64),
+            &mut body,
+            &tx,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (view.name.as_str(), view.tenant.as_deref()),
+        ("guest-base", Some("physics"))
+    );
+    // Stored under the tenant's depot name, next to the federation's image of that name.
+    let names: Vec<_> = lab
+        .depot
+        .images
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    assert_eq!(names, ["_physics.guest-base", "guest-base"]);
+    // A short body is refused and names nothing.
+    let mut short: &[u8] = b"abc";
+    let err = lab
+        .manager
+        .import_image(&chem, import("big", 10), &mut short, &tx)
+        .await
+        .unwrap_err();
+    assert!(
+        viola_common::errors::chain(&err).contains("ended after 3 of 10"),
+        "{err}"
+    );
+    let mut reserved: &[u8] = b"x";
+    assert!(
+        lab.manager
+            .import_image(&chem, import("_physics.guest-base", 1), &mut reserved, &tx)
+            .await
+            .is_err()
+    );
+
+    assert_eq!(
+        list_images(&lab, &physics).await,
+        [
+            ("guest-base".to_owned(), None),
+            ("guest-base".to_owned(), Some("physics".to_owned()))
+        ]
+    );
+    assert_eq!(
+        list_images(&lab, &chem).await,
+        [("guest-base".to_owned(), None)]
+    );
+    assert_eq!(list_images(&lab, &Caller::Admin).await.len(), 2);
+
+    // physics's VM runs from physics's image, chem's from the federation's.
+    lab.manager
+        .create_violin(&physics, violin("p", &[]))
+        .await
+        .unwrap();
+    lab.manager
+        .create_violin(&chem, violin("c", &[]))
+        .await
+        .unwrap();
+    lab.manager
+        .create_vms(&physics, vm("pv", "p"), tx.clone())
+        .await
+        .unwrap();
+    lab.manager
+        .create_vms(&chem, vm("cv", "c"), tx.clone())
+        .await
+        .unwrap();
+    let staged: Vec<(String, String)> = lab
+        .depot
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.vm.clone(), r.image.clone()))
+        .collect();
+    assert!(
+        staged.contains(&("pv".into(), "_physics.guest-base".into())),
+        "{staged:?}"
+    );
+    assert!(
+        staged.contains(&("cv".into(), "guest-base".into())),
+        "{staged:?}"
+    );
+    let err = lab
+        .manager
+        .create_vms(
+            &chem,
+            VmCreate {
+                image: "_physics.guest-base".into(),
+                ..vm("cv2", "c")
+            },
+            tx.clone(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("image name"), "{err}");
+    lab.assert_gone("cv2");
 }

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use viola_depot::api::{StageRequest, StageState, StageStatus};
+use viola_depot::api::{ImageEntry, StageRequest, StageState, StageStatus, UploadReport};
 use viola_depot::client::{ClientError, DepotClient};
 use viola_depot::transfer::PathTuning;
 
@@ -83,10 +83,25 @@ pub fn is_depot_part(path: &str) -> bool {
         && matches!(ext, "qcow2" | "raw")
 }
 
+/// The bytes of an image being uploaded, and who hears how many were sent.
+pub type UploadBody<'a> = &'a mut (dyn tokio::io::AsyncRead + Unpin + Send);
+pub type UploadProgress<'a> = &'a mut (dyn FnMut(u64) + Send);
+
 /// One request/answer exchange with a depot (a QUIC connection in production, a fake in tests).
 pub trait DepotSession: Send + Sync {
     fn stage(&self, req: StageRequest) -> BoxFuture<'_, Result<StageStatus, ClientError>>;
     fn status<'a>(&'a self, stage_id: &'a str) -> BoxFuture<'a, Result<StageStatus, ClientError>>;
+    /// The depot's named images.
+    fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>>;
+    /// Uploads `size` bytes of `body` as image `name` (see `DepotClient::upload`).
+    fn upload<'a>(
+        &'a self,
+        name: &'a str,
+        size: u64,
+        replace: bool,
+        body: UploadBody<'a>,
+        progress: UploadProgress<'a>,
+    ) -> BoxFuture<'a, Result<UploadReport, ClientError>>;
 }
 
 /// How the stager reaches a depot.
@@ -123,6 +138,19 @@ impl DepotSession for QuicSession {
     }
     fn status<'a>(&'a self, stage_id: &'a str) -> BoxFuture<'a, Result<StageStatus, ClientError>> {
         Box::pin(self.0.stage_status(stage_id))
+    }
+    fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>> {
+        Box::pin(self.0.images())
+    }
+    fn upload<'a>(
+        &'a self,
+        name: &'a str,
+        size: u64,
+        replace: bool,
+        body: UploadBody<'a>,
+        progress: UploadProgress<'a>,
+    ) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+        Box::pin(self.0.upload(name, size, replace, body, progress))
     }
 }
 
@@ -457,6 +485,19 @@ mod tests {
             *self.0.polls.lock().unwrap() += 1;
             let s = self.0.next();
             Box::pin(async move { Ok(s) })
+        }
+        fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>> {
+            Box::pin(async { Err(ClientError::Refused("a staging-only fake".into())) })
+        }
+        fn upload<'a>(
+            &'a self,
+            _name: &'a str,
+            _size: u64,
+            _replace: bool,
+            _body: UploadBody<'a>,
+            _progress: UploadProgress<'a>,
+        ) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+            Box::pin(async { Err(ClientError::Refused("a staging-only fake".into())) })
         }
     }
 
