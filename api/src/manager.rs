@@ -137,6 +137,10 @@ pub struct VmCreate {
     /// Make this many VMs at once (their images staged together, one plan); default 1.
     #[serde(default)]
     pub count: Option<u32>,
+    /// An OpenSSH public key line the guest lets log in as root (needs a `[vm_template]` with
+    /// direct kernel boot: the key travels on the kernel command line).
+    #[serde(default)]
+    pub ssh_key: Option<String>,
 }
 
 /// Put an image into a site's depot. On the same stream, the request frame is followed by

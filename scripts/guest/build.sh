@@ -102,6 +102,14 @@ cp "$here/viola-init" "$root/sbin/viola-init"
 mkdir -p "$root/usr/share/udhcpc"
 install -m 0755 "$here/udhcpc.script" "$root/usr/share/udhcpc/default.script"
 cp "$here/cpuburn" "$here/diskwrite" "$root/usr/bin/"
+# SSH (viola.ssh_key): dropbear and the shared libraries it needs, at the host's paths.
+for b in /usr/sbin/dropbear /usr/bin/dropbearkey; do
+  [ -x "$b" ] || { echo "build.sh: $b missing: install dropbear-bin (scripts/setup.sh does)" >&2; exit 1; }
+  install -D -m 0755 "$b" "$root$b"
+  for lib in $(ldd "$b" | grep -o '/[^ ]*'); do
+    [ -e "$root$lib" ] || install -D -m 0755 "$lib" "$root$lib"
+  done
+done
 cp "$here/viola-cgi" "$root/www/cgi-bin/viola"
 echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
 echo "root:x:0:" >"$root/etc/group"

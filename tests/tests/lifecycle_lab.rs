@@ -5,7 +5,8 @@
 //! their unix sockets); a monitor per host. Then, with the CLI only:
 //!
 //! - `viola violin create lab --sites a,b`: every host gets bridge `vio<id>` at once;
-//! - `viola vm create` of three VMs from the depot image with a deadline, one at site a and two
+//! - `viola vm create` of three VMs from the depot image with a deadline (the one at site a
+//!   with the user's SSH key, which then logs in as root while another key does not), one at site a and two
 //!   at site b (`--count 2`, one plan); each takes its address by DHCP from the overlay on its
 //!   host (the console says so), answers HTTP on it from a2 across the sites, and `viola vm
 //!   list` shows its violin and address;
@@ -14,7 +15,8 @@
 //!   start: no domain, disk, address or inventory entry of them anywhere;
 //! - tenants: a user of tenant physics makes a violin that a user of tenant chem can neither
 //!   see nor delete; physics's quota refuses a create that would exceed it, and nothing is
-//!   made; a tenant's user may not list hosts;
+//!   made; a tenant's user may not list hosts; physics's imported image is listed for physics
+//!   only, and an image file naming a backing file is refused;
 //! - a created VM migrates across sites with no hand-written configuration;
 //! - `viola violin delete lab` is refused while it has VMs, and with `--force` leaves nothing
 //!   on any host: no domain (`virsh list --all`), no disk, no bridge, no violin in the
@@ -314,7 +316,15 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     run_ok(Command::new("ip").args(["-n", &ns("a2"), "addr", "add", &observer, "dev", &bridge]))
         .unwrap();
 
-    // Three VMs from the depot image with a deadline: one at site a, two at site b.
+    // Three VMs from the depot image with a deadline: one at site a (with the user's SSH
+    // key), two at site b.
+    let key = dir.join("id_ed25519");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "tester@lab", "-f"])
+            .arg(&key),
+    )
+    .unwrap();
     let created = Instant::now();
     let a_vms = cli
         .json(&[
@@ -329,6 +339,8 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
             "a",
             "--ready-by",
             "120",
+            "--ssh-key",
+            key.with_extension("pub").to_str().unwrap(),
         ])
         .unwrap_or_else(|e| panic!("vm create web: {e}\n{}", log_text(&mgr_log)));
     let b_vms = cli
@@ -388,6 +400,38 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
             created.elapsed().as_secs_f64()
         );
     }
+    // The key given at create logs in as root on web (and nothing else does).
+    let ssh = |ip: &str, identity: &Path| {
+        run(Command::new("ip")
+            .args(["netns", "exec", &ns("a2"), "ssh", "-i"])
+            .arg(identity)
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .args([
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=10",
+            ])
+            .args([&format!("root@{ip}"), "hostname"]))
+        .unwrap()
+    };
+    let out = ssh(&vms[0].2, &key);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "web",
+        "ssh root@web: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = dir.join("other_ed25519");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&other),
+    )
+    .unwrap();
+    assert!(
+        !ssh(&vms[0].2, &other).status.success(),
+        "another key is refused"
+    );
     let listed = cli.json(&["vm", "list"]).unwrap();
     for (name, _, ip) in &vms {
         let v = listed
@@ -559,6 +603,72 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
         assert!(!all.contains("sim-"), "{h}: {all}");
     }
+    // Images: physics's own is listed for physics only; a disk naming a backing file is
+    // refused by the depot before anything reads it.
+    let base = guest_dir().join("base.qcow2");
+    let imported = ann
+        .json(&[
+            "image",
+            "import",
+            base.to_str().unwrap(),
+            "--name",
+            "mine",
+            "--site",
+            "a",
+        ])
+        .unwrap_or_else(|e| panic!("image import: {e}\n{}", log_text(&mgr_log2)));
+    assert_eq!(imported[0]["name"], "mine");
+    assert_eq!(imported[0]["tenant"], "physics");
+    let images = |who: &Cli| -> Vec<(String, String)> {
+        who.json(&["image", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap().to_owned(),
+                    i["tenant"].to_string(),
+                )
+            })
+            .collect()
+    };
+    let ann_images = images(&ann);
+    assert!(
+        ann_images.contains(&("mine".into(), "\"physics\"".into())),
+        "{ann_images:?}"
+    );
+    assert!(
+        ann_images.contains(&("guest".into(), "null".into())),
+        "{ann_images:?}"
+    );
+    let bob_images = images(&bob);
+    assert!(
+        bob_images.iter().all(|(n, _)| n != "mine"),
+        "{bob_images:?}"
+    );
+    let layered = dir.join("layered.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&layered),
+    )
+    .unwrap();
+    let refused = ann.json(&[
+        "image",
+        "import",
+        layered.to_str().unwrap(),
+        "--name",
+        "layered",
+        "--site",
+        "a",
+    ]);
+    assert!(
+        refused.is_err_and(|e| e.contains("backing")),
+        "a disk with a backing file is refused"
+    );
+    assert!(images(&ann).iter().all(|(n, _)| n != "layered"));
     ann.json(&["violin", "delete", "science"]).unwrap();
     assert!(!link_exists(&ns("b1"), &science_bridge));
 

@@ -5,7 +5,7 @@
 //!   viola vm resize VM [--vcpus N] [--memory-mib M] [--cap-percent P] [--shares S]
 //!   viola vm migrate VM --to HOST [--bandwidth-mib-s B] [--full-copy] [--timeout-s T] [--json]
 //!   viola vm create NAME --violin V --image IMAGE [--site S | --host H] [--vcpus N]
-//!                  [--memory-mib M] [--ready-by SECONDS] [--count N] [--json]
+//!                  [--memory-mib M] [--ready-by SECONDS] [--count N] [--ssh-key FILE] [--json]
 //!   viola vm start|stop|delete VM
 //!   viola violin create NAME [--subnet 10.x.y.0/24] [--sites a,b] [--json]
 //!   viola violin list|show NAME [--json]
@@ -166,6 +166,9 @@ enum VmCommand {
         /// Make NAME-1 .. NAME-N, their images staged together.
         #[arg(long)]
         count: Option<u32>,
+        /// A file with the OpenSSH public key that may log in as root (e.g. ~/.ssh/id_ed25519.pub).
+        #[arg(long)]
+        ssh_key: Option<PathBuf>,
     },
     /// Start a stopped VM.
     Start { vm: String },
@@ -265,8 +268,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     memory_mib,
                     ready_by,
                     count,
+                    ssh_key,
                 },
         } => {
+            let ssh_key = match ssh_key {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
             let req = Request::VmCreate(VmCreate {
                 name,
                 violin,
@@ -277,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 memory_mib,
                 ready_by_s: ready_by,
                 count,
+                ssh_key,
             });
             let json = args.json;
             let last = client

@@ -144,6 +144,10 @@ pub enum VmError {
     ConfiguredViolin(String),
     #[error("--count must be 1 to {MAX_COUNT}")]
     BadCount,
+    #[error(
+        "--ssh-key needs a [vm_template] with direct kernel boot (the key travels on the kernel command line; cloud-init seeds are not built)"
+    )]
+    SshKeyNeedsKernelBoot,
     #[error("image name {0:?}: use letters, digits, '.', '_' and '-'")]
     BadImage(String),
     #[error("{0}")]
@@ -681,6 +685,12 @@ impl Manager {
         if !valid_image(&req.image) {
             return Err(VmError::BadImage(req.image.clone()));
         }
+        if let Some(key) = &req.ssh_key {
+            alloc::ssh_key_param(key)?;
+            if self.cfg.vm_template.kernel.is_none() {
+                return Err(VmError::SshKeyNeedsKernelBoot);
+            }
+        }
         let quota = self.tenant_config(caller).map_err(VmError::UnknownTenant)?;
         // A tenant's own image of that name, else the federation's (asked of the depots of
         // the violin's sites before the allocation lock: it is a network round trip).
@@ -888,7 +898,7 @@ impl Manager {
             return Err(e);
         }
         for vm in new.iter_mut() {
-            let spec = self.domain_spec(vm, violin, &req.image, vcpus, memory_mib);
+            let spec = self.domain_spec(vm, violin, req, vcpus, memory_mib);
             let xml = spec.to_xml().map_err(|source| VmError::Domain {
                 vm: vm.name.clone(),
                 source,
@@ -1040,16 +1050,23 @@ impl Manager {
         &self,
         vm: &NewVm,
         violin: &ViolinRecord,
-        image: &str,
+        req: &VmCreate,
         vcpus: u32,
         memory_mib: u64,
     ) -> DomainSpec {
         let t = &self.cfg.vm_template;
+        // Checked when the request came in.
+        let ssh_key = req
+            .ssh_key
+            .as_deref()
+            .and_then(|k| alloc::ssh_key_param(k).ok())
+            .map(|k| format!(" viola.ssh_key={k}"))
+            .unwrap_or_default();
         let boot = match (&t.kernel, &t.initrd) {
             (Some(kernel), Some(initrd)) => Boot::Kernel {
                 kernel: kernel.clone(),
                 initrd: initrd.clone(),
-                cmdline: format!("{} viola.name={}", t.cmdline, vm.name),
+                cmdline: format!("{} viola.name={}{ssh_key}", t.cmdline, vm.name),
             },
             _ => Boot::Disk,
         };
@@ -1068,7 +1085,7 @@ impl Manager {
                 .console_dir
                 .as_ref()
                 .map(|d| format!("{d}/{}.log", vm.name)),
-            image_ref: Some(image.to_owned()),
+            image_ref: Some(req.image.clone()),
             violin: Some(violin.name.clone()),
             tenant: violin.tenant.clone(),
         }

@@ -294,6 +294,7 @@ fn vm(name: &str, violin: &str) -> VmCreate {
         memory_mib: None,
         ready_by_s: None,
         count: None,
+        ssh_key: None,
     }
 }
 
