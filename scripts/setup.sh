@@ -28,7 +28,7 @@ packages=(
   pkg-config
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
   jq socat netcat-openbsd tcpdump iptables procps psmisc curl ca-certificates ethtool bc tini
-  dnsmasq-base dropbear-bin openssh-client
+  dnsmasq-base dropbear-bin openssh-client mmdebstrap
 )
 # libvirt and QEMU come as one stack, from one release. On Debian 12 that is bookworm-backports
 # (libvirt 11, QEMU 10): bookworm's own QEMU 7.2 corrupts the virtio TX ring of a guest that is

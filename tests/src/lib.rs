@@ -17,6 +17,7 @@ pub mod daemons;
 pub mod depot;
 #[cfg(feature = "mech")]
 pub mod federation;
+pub mod lifecycle;
 #[cfg(feature = "mech")]
 pub mod mech;
 pub mod overlay;

@@ -22,277 +22,21 @@
 //!   on any host: no domain (`virsh list --all`), no disk, no bridge, no violin in the
 //!   overlays' status, nothing in the inventory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use viola_labtests::daemons::{Daemons, bin, free_port, log_text, spawn_logged};
-use viola_labtests::depot::{self, depot, serve_config};
-use viola_labtests::overlay::{Overlay, link_exists};
-use viola_labtests::pki::Pki;
-use viola_labtests::{Lab, LabSpec, guest_dir, lab_tests_enabled, run, run_ok, wait_until};
-
-const LAB: &str = "vlc";
-const HOSTS: [&str; 4] = ["a1", "a2", "b1", "b2"];
-
-struct Cli {
-    ns: String,
-    mgr: String,
-    id: PathBuf,
-}
-
-impl Cli {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns])
-            .arg(bin("viola"))
-            .args(["--manager", &self.mgr, "--identity"])
-            .arg(&self.id)
-            .args(args);
-        c
-    }
-
-    /// `viola --json ARGS`: its JSON answer, or the error it printed.
-    fn json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
-        let mut full = vec!["--json"];
-        full.extend_from_slice(args);
-        let out = run(&mut self.cmd(&full)).map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {:?}", out.stdout))
-    }
-}
-
-fn console_ready_ip(console: &Path, vm: &str) -> Option<String> {
-    let text = std::fs::read_to_string(console.join(format!("{vm}.log"))).ok()?;
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("VIOLA-GUEST-READY"))?;
-    let ip = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ip="))?;
-    Some(ip.split('/').next()?.to_owned())
-}
-
-/// The federation every test here runs on: lab `vlc` (two sites of two hosts), an overlay
-/// daemon per host with no violin in its TOML, a depot per site (site a holds the guest image
-/// as "guest", site b fetches from a), the manager in a2's namespace with `[vm_template]` and
-/// two tenants (physics: at most 1 VM; chem), a monitor per host, and the CLI identities
-/// (administrator "cli", physics's "ann", chem's "bob").
-struct Fed {
-    // Dropped in this order: daemons, then the lab, then the files.
-    daemons: Daemons,
-    overlays: Overlay,
-    cli: Cli,
-    mgr: String,
-    mgr_cfg: PathBuf,
-    mgr_log: PathBuf,
-    console: PathBuf,
-    lab: Lab,
-    tmp: tempfile::TempDir,
-}
-
-fn spawn_manager(ns: &str, cfg: &Path, log: &Path) -> std::process::Child {
-    spawn_logged(
-        Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin("viola-adaptmgr"))
-            .arg("--config")
-            .arg(cfg)
-            .env("RUST_LOG", "info"),
-        log,
-    )
-    .unwrap()
-}
-
-impl Fed {
-    fn up() -> Self {
-        viola_labtests::daemons::build(&[
-            "viola-adaptmgr",
-            "viola-monitor",
-            "viola-overlay",
-            "viola-depot",
-            "viola-common",
-        ])
-        .expect("build");
-        let lab = Lab::up(LAB, &LabSpec::default()).expect("lab up");
-        let mut daemons = Daemons::default();
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().to_owned();
-        let dir = dir.as_path();
-        let lab_dir = PathBuf::from(&lab.status.lab_dir);
-        let console = lab_dir.join("console");
-        let ns = |h: &str| lab.host(h).namespace.clone();
-        let addr = |h: &str| lab.host(h).address.clone();
-        let manager_uri = |h: &str| {
-            format!(
-                "qemu+unix:///system?socket={}/hosts/{h}/run/libvirt-sock",
-                lab_dir.display()
-            )
-        };
-
-        let pki = Pki::init(&dir.join("ca")).unwrap();
-        let id = |name: &str| dir.join(format!("id-{name}"));
-        for h in HOSTS {
-            pki.issue("monitor", &h[..1], h, &id(&format!("monitor-{h}")))
-                .unwrap();
-        }
-        pki.issue("depot", "a", "a1", &id("depot-a1")).unwrap();
-        pki.issue("depot", "b", "b1", &id("depot-b1")).unwrap();
-        pki.issue("adaptmgr", "fed", "mgr", &id("mgr")).unwrap();
-        pki.issue("cli", "fed", "user", &id("cli")).unwrap();
-        pki.issue_user("physics", "ann", &id("ann")).unwrap();
-        pki.issue_user("chem", "bob", &id("bob")).unwrap();
-
-        // Overlays: peers only, no violin; each keeps what it is given in a state file.
-        let mut overlays = Overlay::new(LAB).unwrap();
-        for h in HOSTS {
-            let state = format!(
-                "state_file = \"{}\"",
-                dir.join(format!("overlay-{h}.state")).display()
-            );
-            let cfg = overlays
-                .host_config(&lab, &pki, h, &HOSTS, &state, "")
-                .unwrap();
-            overlays.start(h, &ns(h), &cfg).unwrap();
-        }
-
-        // Depots: the guest image at site a; site b fetches from a.
-        let store_a = dir.join("store-a");
-        depot(&[
-            "--store",
-            store_a.to_str().unwrap(),
-            "import",
-            guest_dir().join("base.qcow2").to_str().unwrap(),
-            "--name",
-            "guest",
-        ])
-        .expect("import");
-        let a_cfg = serve_config(
-            &lab,
-            "a",
-            "a1",
-            &store_a,
-            &id("depot-a1"),
-            "hosts = [\"a1\", \"a2\"]",
-        );
-        let b_cfg = serve_config(
-            &lab,
-            "b",
-            "b1",
-            &dir.join("store-b"),
-            &id("depot-b1"),
-            &format!(
-                "hosts = [\"b1\", \"b2\"]\n[[peers]]\nsite = \"a\"\naddr = \"{}:7410\"",
-                addr("a1")
-            ),
-        );
-        depot::start(&lab, &mut daemons, "a1", &a_cfg, dir).expect("depot a");
-        depot::start(&lab, &mut daemons, "b1", &b_cfg, dir).expect("depot b");
-
-        // The manager in a2's namespace.
-        let mgr = format!("{}:{}", addr("a2"), free_port());
-        let mut cfg = format!(
-            "listen = \"{mgr}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"/var/lib/viola/images\"\n\n",
-            free_port(),
-            id("mgr").display(),
-            dir.join("inventory.redb").display(),
-        );
-        for h in HOSTS {
-            cfg.push_str(&format!(
-                "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"{}\"\nmigration_uri = \"{}\"\noverlay_addr = \"{}:4500\"\n\n",
-                &h[..1],
-                manager_uri(h),
-                lab.host(h).libvirt_uri,
-                addr(h)
-            ));
-        }
-        cfg.push_str(&format!(
-            "[[depots]]\nsite = \"a\"\naddr = \"{}:7410\"\n\n[[depots]]\nsite = \"b\"\naddr = \"{}:7410\"\n\n\
-             [vm_template]\nkernel = \"{g}/vmlinuz\"\ninitrd = \"{g}/initrd.img\"\n\
-             cmdline = \"console=ttyS0 quiet panic=-1 viola.ip=dhcp viola.http=1\"\n\
-             console_dir = \"{}\"\nmtu = 1400\n\n\
-             [[tenants]]\nname = \"physics\"\nmax_vms = 1\n\n[[tenants]]\nname = \"chem\"\n",
-            addr("a1"),
-            addr("b1"),
-            console.display(),
-            g = guest_dir().display(),
-        ));
-        let mgr_cfg = dir.join("adaptmgr.toml");
-        std::fs::write(&mgr_cfg, cfg).unwrap();
-        let mgr_log = dir.join("adaptmgr.log");
-        daemons.add("manager", spawn_manager(&ns("a2"), &mgr_cfg, &mgr_log));
-        for h in HOSTS {
-            let child = spawn_logged(
-                Command::new("ip")
-                    .args(["netns", "exec", &ns(h)])
-                    .arg(bin("viola-monitor"))
-                    .args(["--host", h, "--site", &h[..1], "--manager", &mgr])
-                    .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
-                    .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-                    .arg("--identity")
-                    .arg(id(&format!("monitor-{h}"))),
-                &dir.join(format!("monitor-{h}.log")),
-            )
-            .unwrap();
-            daemons.add(&format!("monitor-{h}"), child);
-        }
-        let cli = Cli {
-            ns: ns("a2"),
-            mgr: mgr.clone(),
-            id: id("cli"),
-        };
-        wait_until("every host reports", Duration::from_secs(60), || {
-            cli.json(&["host", "list"]).is_ok_and(|hosts| {
-                hosts
-                    .as_array()
-                    .is_some_and(|a| a.len() == 4 && a.iter().all(|h| h["state"] == "up"))
-            })
-        })
-        .unwrap_or_else(|e| panic!("{e}\nmanager log:\n{}", log_text(&mgr_log)));
-        Self {
-            daemons,
-            overlays,
-            cli,
-            mgr,
-            mgr_cfg,
-            mgr_log,
-            console,
-            lab,
-            tmp,
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn ns(&self, h: &str) -> String {
-        self.lab.host(h).namespace.clone()
-    }
-
-    fn id(&self, name: &str) -> PathBuf {
-        self.dir().join(format!("id-{name}"))
-    }
-
-    /// The CLI as `who` (an identity made by `up`).
-    fn user(&self, who: &str) -> Cli {
-        Cli {
-            ns: self.ns("a2"),
-            mgr: self.mgr.clone(),
-            id: self.id(who),
-        }
-    }
-}
+use viola_labtests::daemons::log_text;
+use viola_labtests::lifecycle::{Cli, Fed, HOSTS, console_ready_ip, spawn_manager};
+use viola_labtests::overlay::link_exists;
+use viola_labtests::{guest_dir, lab_tests_enabled, run, run_ok, wait_until};
 
 #[test]
 fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_left_behind() {
     if !lab_tests_enabled() {
         return;
     }
-    let mut fed = Fed::up();
+    let mut fed = Fed::up(&[]);
     let lab = &fed.lab;
     let dir = fed.tmp.path();
     let console = fed.console.clone();
@@ -790,7 +534,7 @@ fn create_benchmark() {
         .ok()
         .map_or(8, |v| v.parse().expect("VIOLA_BENCH_VMS: a number"));
     let out = std::env::var("VIOLA_BENCH_JSON").expect("VIOLA_BENCH_JSON: where to write");
-    let fed = Fed::up();
+    let fed = Fed::up(&[]);
     let violin = fed
         .cli
         .json(&["violin", "create", "bench", "--sites", "a,b"])
