@@ -118,6 +118,8 @@ fi
 
 log "guest kernel and images"
 "$here/guest/build.sh"
+# The MPI guest (Debian with MPICH and OpenSSH, as an OS layer and an MPI layer) for mpi_lab.
+"$here/guest/mpi-image.sh"
 
 if [ "$build" -eq 1 ]; then
   log "building Viola (release)"

@@ -114,9 +114,12 @@ hook_mpi() {
   install -m 0644 "$here/mpi-ring.c" "$r/tmp/mpi-ring.c"
   chroot "$r" mpicc -O2 -o /usr/local/bin/mpi-ring /tmp/mpi-ring.c
   rm -f "$r/tmp/mpi-ring.c"
-  # shellcheck disable=SC2086
-  chroot "$r" apt-get purge -y -q --autoremove $build_packages
+  # Everything the build brought in goes, even what an installed package merely recommends or
+  # suggests (perl, pulled in by autoconf, would stay otherwise: 48 MB).
   chroot "$r" apt-mark manual $mpi_packages >/dev/null
+  # shellcheck disable=SC2086
+  chroot "$r" apt-get purge -y -q --autoremove -o APT::AutoRemove::RecommendsImportant=false \
+    -o APT::AutoRemove::SuggestsImportant=false $build_packages
   chroot "$r" mpichversion | sed -n '1,3p' >&2
   chroot "$r" ldd /usr/local/bin/mpi-ring >/dev/null
 }
@@ -155,17 +158,21 @@ done
 
 started=$(date +%s)
 work=$(mktemp -d /var/tmp/viola-guest-mpi.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+# --one-file-system: should a failed mmdebstrap leave /dev or /proc mounted in the chroot, those
+# are not descended into.
+trap 'rm -rf --one-file-system "$work"' EXIT
 export VIOLA_MPI_WORK="$work"
 
 # 1. One mmdebstrap run: the OS, a copy of it, then MPICH and the ring on top.
 log "mmdebstrap $suite minbase + $os_packages, then $mpi_packages"
 excludes=()
-for p in /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/* \
-  /usr/share/lintian/* /usr/share/linda/* /usr/share/bug/* /usr/share/i18n/locales/*; do
-  excludes+=("--dpkgopt=path-exclude=$p")
+for p in doc man info locale lintian linda bug; do
+  excludes+=("--dpkgopt=path-exclude=/usr/share/$p/*")
 done
+# maybe-merged-usr: the merged /usr layout from the start, with usr-is-merged; else apt satisfies
+# init-system-helpers' "usrmerge | usr-is-merged" with usrmerge, which brings full Perl (48 MB).
 mmdebstrap --mode=root --variant=minbase --format=directory \
+  --hook-dir=/usr/share/mmdebstrap/hooks/maybe-merged-usr \
   --include="$os_packages" \
   --aptopt='APT::Install-Recommends "false"' --aptopt='Acquire::Languages "none"' \
   "${excludes[@]}" --dpkgopt='path-include=/usr/share/doc/*/copyright' \
@@ -176,10 +183,10 @@ mmdebstrap --mode=root --variant=minbase --format=directory \
   "$suite" "$work/mpi" \
   "deb $mirror $suite main" "deb $mirror $suite-updates main" \
   "deb $security $suite-security main" </dev/null
-if [ ! -x "$work/mpi/usr/local/bin/mpi-ring" ] || [ ! -x "$work/mpi/usr/bin/mpiexec" ]; then
+if [ ! -x "$work/mpi/usr/local/bin/mpi-ring" ] || [ ! -x "$work/mpi/usr/bin/mpiexec.hydra" ] || [ ! -L "$work/mpi/usr/bin/mpiexec" ]; then
   die "the MPI tree lacks mpi-ring or mpiexec"
 fi
-if [ ! -x "$work/os/sbin/viola-init" ] || [ -e "$work/os/usr/bin/mpiexec" ]; then
+if [ ! -x "$work/os/sbin/viola-init" ] || [ -e "$work/os/usr/bin/mpiexec.hydra" ]; then
   die "the OS copy is not what it should be"
 fi
 
