@@ -2,7 +2,7 @@
 //! a depot per site, the manager and monitors, all started as a user would, and the CLI.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::daemons::{Daemons, bin, free_port, log_text, spawn_logged};
@@ -281,4 +281,46 @@ impl Fed {
             id: self.id(who),
         }
     }
+}
+
+/// `ssh root@IP CMD` from namespace `ns` with the private key `key` (no host-key checks: lab
+/// guests make a new host key at each boot); `stdin` is fed to it.
+pub fn ssh(ns: &str, key: &Path, ip: &str, cmd: &str, stdin: Option<&str>) -> Output {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "ssh", "-i"])
+        .arg(key)
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+        ])
+        .args([&format!("root@{ip}"), cmd]);
+    let Some(text) = stdin else {
+        return run(&mut c).unwrap();
+    };
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A command's stdout and stderr, for messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }

@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::log_text;
-use viola_labtests::lifecycle::{Cli, Fed, HOSTS, console_ready_ip, spawn_manager};
+use viola_labtests::lifecycle::{Cli, Fed, HOSTS, console_ready_ip, spawn_manager, ssh};
 use viola_labtests::overlay::link_exists;
 use viola_labtests::{guest_dir, lab_tests_enabled, run, run_ok, wait_until};
 
@@ -145,20 +145,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         );
     }
     // The key given at create logs in as root on web (and nothing else does).
-    let ssh = |ip: &str, identity: &Path| {
-        run(Command::new("ip")
-            .args(["netns", "exec", &ns("a2"), "ssh", "-i"])
-            .arg(identity)
-            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
-            .args([
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "ConnectTimeout=10",
-            ])
-            .args([&format!("root@{ip}"), "hostname"]))
-        .unwrap()
-    };
+    let ssh = |ip: &str, identity: &Path| ssh(&ns("a2"), identity, ip, "hostname", None);
     let out = ssh(&vms[0].2, &key);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "web",

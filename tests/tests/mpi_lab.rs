@@ -1,0 +1,195 @@
+//! A scientist's cluster on the lab (lab test, lab `vlc`): the MPI guest (Debian with MPICH
+//! and OpenSSH, `scripts/guest/mpi-image.sh`) imported into site a's depot as two layers,
+//! two VMs made from it with the CLI on one violin, one per site, each with the user's SSH
+//! key; an MPI job (`mpiexec -launcher ssh`) runs across them, and a ring keeps going and ends
+//! correctly while one of its ranks is live-migrated to the other site.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use viola_labtests::daemons::log_text;
+use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, ssh};
+use viola_labtests::{lab_tests_enabled, run, run_ok, wait_until};
+
+/// The MPI guest's top layer (its backing file is the OS layer beside it).
+fn mpi_image() -> PathBuf {
+    std::env::var_os("VIOLA_MPI_GUEST_DIR")
+        .map_or_else(
+            || PathBuf::from("/var/cache/viola/guest-mpi"),
+            PathBuf::from,
+        )
+        .join("mpi.qcow2")
+}
+
+#[test]
+fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_them() {
+    if !lab_tests_enabled() {
+        return;
+    }
+    let image = mpi_image();
+    assert!(
+        image.exists(),
+        "{} missing: run scripts/guest/mpi-image.sh (scripts/setup.sh does)",
+        image.display()
+    );
+    let fed = Fed::up(&[("mpi", &image)]);
+    let cli = &fed.cli;
+    let a2 = fed.ns("a2");
+
+    // The image is two layers at site a: the OS and MPI on it.
+    let images = cli.json(&["image", "list"]).unwrap();
+    let mpi = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "mpi")
+        .unwrap_or_else(|| panic!("mpi not listed: {images}"));
+    assert_eq!(mpi["parts"], 2, "{mpi}");
+    assert_eq!(mpi["sites"], serde_json::json!(["a"]), "{mpi}");
+
+    let violin = cli
+        .json(&["violin", "create", "hpc", "--sites", "a,b"])
+        .expect("violin create");
+    // The scientist's machine: host a2, on the violin from an address no VM holds.
+    let observer = violin[0]["subnet"]
+        .as_str()
+        .unwrap()
+        .replace(".0/", ".250/");
+    let bridge = format!("vio{}", violin[0]["id"]);
+    run_ok(Command::new("ip").args(["-n", &a2, "addr", "add", &observer, "dev", &bridge])).unwrap();
+    let key = fed.dir().join("id_ed25519");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "scientist@lab", "-f"])
+            .arg(&key),
+    )
+    .unwrap();
+    let pubkey = key.with_extension("pub");
+    let started = Instant::now();
+    let mut ranks = Vec::new();
+    for (name, site) in [("rank0", "a"), ("rank1", "b")] {
+        let made = cli
+            .json(&[
+                "vm",
+                "create",
+                name,
+                "--violin",
+                "hpc",
+                "--image",
+                "mpi",
+                "--site",
+                site,
+                "--memory-mib",
+                "512",
+                "--ready-by",
+                "300",
+                "--ssh-key",
+                pubkey.to_str().unwrap(),
+            ])
+            .unwrap_or_else(|e| panic!("vm create {name}: {e}\n{}", log_text(&fed.mgr_log)));
+        let host = made[0]["host"].as_str().unwrap().to_owned();
+        let ip = made[0]["ip"].as_str().unwrap().to_owned();
+        ranks.push((name, host, ip));
+    }
+    for (name, host, ip) in &ranks {
+        wait_until(
+            &format!("{name} at {host} is up at {ip}"),
+            Duration::from_secs(240),
+            || console_ready_ip(&fed.console, name).is_some_and(|got| &got == ip),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; console: {:?}",
+                std::fs::read_to_string(fed.console.join(format!("{name}.log")))
+            )
+        });
+        eprintln!(
+            "{name} at {host} ready at {ip} {:.1} s after the first create",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let (ip0, ip1) = (ranks[0].2.clone(), ranks[1].2.clone());
+
+    // rank0 launches the job: it gets the key rank1 accepts and knows rank1's host key.
+    let out = ssh(
+        &a2,
+        &key,
+        &ip0,
+        "umask 077 && cat >/root/.ssh/id_ed25519",
+        Some(&std::fs::read_to_string(&key).unwrap()),
+    );
+    assert!(out.status.success(), "key to rank0: {}", text(&out));
+    let out = ssh(
+        &a2,
+        &key,
+        &ip0,
+        &format!("viola-hosts rank0={ip0} rank1={ip1}"),
+        None,
+    );
+    assert!(out.status.success(), "viola-hosts: {}", text(&out));
+    let out = ssh(
+        &a2,
+        &key,
+        &ip0,
+        "mpiexec -launcher ssh -f /root/hosts -n 2 hostname",
+        None,
+    );
+    let names = text(&out);
+    assert!(
+        out.status.success() && names.contains("rank0") && names.contains("rank1"),
+        "mpiexec hostname: {names}"
+    );
+    let out = ssh(
+        &a2,
+        &key,
+        &ip0,
+        "mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring 100",
+        None,
+    );
+    let before = text(&out);
+    assert!(before.contains("ring ok ranks=2"), "ring: {before}");
+    eprintln!("ring across sites: {}", before.trim());
+
+    // A longer ring; rank1 moves to site a while it runs, and the ring still ends correctly.
+    let laps = "1500";
+    let ring_cmd =
+        format!("mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring {laps}");
+    let ring = std::thread::spawn({
+        let (a2, key, ip0) = (a2.clone(), key.clone(), ip0.clone());
+        move || ssh(&a2, &key, &ip0, &ring_cmd, None)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let to = if ranks[0].1 == "a1" { "a2" } else { "a1" };
+    let moved =
+        run(&mut cli.cmd(&["vm", "migrate", "rank1", "--to", to, "--timeout-s", "240"])).unwrap();
+    assert!(
+        moved.status.success(),
+        "migrate rank1: {}\n{}",
+        text(&moved),
+        log_text(&fed.mgr_log)
+    );
+    let downtime = String::from_utf8_lossy(&moved.stdout)
+        .lines()
+        .find(|l| l.contains("downtime"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let out = ring.join().unwrap();
+    let during = text(&out);
+    assert!(
+        out.status.success() && during.contains(&format!("ring ok ranks=2 laps={laps}")),
+        "the ring across the move: {during}"
+    );
+    assert_eq!(
+        fed.lab.domain_state(to, "rank1").as_deref(),
+        Some("running")
+    );
+    eprintln!(
+        "rank1 moved {} -> {to} ({downtime}) while the ring ran: {}",
+        ranks[1].1,
+        during.trim()
+    );
+    cli.json(&["violin", "delete", "hpc", "--force"])
+        .expect("violin delete");
+}
