@@ -115,11 +115,7 @@ pub fn image_views(caller: &Caller, by_site: &BTreeMap<String, Vec<ImageEntry>>)
 impl Manager {
     async fn depot_session(&self, site: &str) -> Result<Box<dyn DepotSession>, ImageError> {
         let addr = self
-            .cfg
-            .depots
-            .iter()
-            .find(|d| d.site == site)
-            .map(|d| d.addr)
+            .depot_addr(site)
             .ok_or_else(|| ImageError::NoDepot(site.to_owned()))?;
         self.depot_link
             .connect(addr)

@@ -67,12 +67,7 @@ impl Client {
         req: &Request,
         mut on_response: impl FnMut(&Response),
     ) -> Result<Response, ClientError> {
-        let addr = self.conn.remote_address();
-        let (mut send, mut recv) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(|source| ClientError::Connection { addr, source })?;
+        let (mut send, mut recv) = self.open().await?;
         wire::write_frame(&mut send, req).await?;
         let _ = send.finish();
         let mut last = None;
@@ -92,12 +87,7 @@ impl Client {
         mut body: impl tokio::io::AsyncRead + Unpin,
         mut on_response: impl FnMut(&Response),
     ) -> Result<Response, ClientError> {
-        let addr = self.conn.remote_address();
-        let (mut send, mut recv) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(|source| ClientError::Connection { addr, source })?;
+        let (mut send, mut recv) = self.open().await?;
         wire::write_frame(&mut send, req).await?;
         let sending = async move {
             let copied = tokio::io::copy(&mut body, &mut send).await;
@@ -119,6 +109,15 @@ impl Client {
             (None, Err(e)) => Err(ClientError::Body(e)),
             (None, Ok(_)) => Err(ClientError::NoAnswer),
         }
+    }
+
+    /// A new request stream.
+    async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        let addr = self.conn.remote_address();
+        self.conn
+            .open_bi()
+            .await
+            .map_err(|source| ClientError::Connection { addr, source })
     }
 
     /// Closes the connection politely.

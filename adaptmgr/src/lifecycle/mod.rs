@@ -311,6 +311,15 @@ fn valid_image(image: &str) -> bool {
 }
 
 impl Manager {
+    /// Where the depot of `site` takes requests (`[[depots]]`).
+    pub(crate) fn depot_addr(&self, site: &str) -> Option<SocketAddr> {
+        self.cfg
+            .depots
+            .iter()
+            .find(|d| d.site == site)
+            .map(|d| d.addr)
+    }
+
     fn overlay_addr(&self, host: &str) -> Option<SocketAddr> {
         self.cfg
             .hosts
@@ -949,11 +958,7 @@ impl Manager {
             let site = vm.host.site.clone();
             if !sessions.contains_key(&site) {
                 let addr = self
-                    .cfg
-                    .depots
-                    .iter()
-                    .find(|d| d.site == site)
-                    .map(|d| d.addr)
+                    .depot_addr(&site)
                     .ok_or_else(|| VmError::NoDepot(site.clone()))?;
                 let session =
                     self.depot_link
@@ -1205,13 +1210,7 @@ impl Manager {
     /// Waits (at most 2 minutes) until `stage` has ended at its depot; a depot that cannot be
     /// reached or no longer knows it has nothing left to write.
     async fn settle_stage(&self, stage: &PendingStage) {
-        let Some(addr) = self
-            .cfg
-            .depots
-            .iter()
-            .find(|d| d.site == stage.site)
-            .map(|d| d.addr)
-        else {
+        let Some(addr) = self.depot_addr(&stage.site) else {
             return;
         };
         match self.depot_link.connect(addr).await {
