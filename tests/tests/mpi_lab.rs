@@ -4,12 +4,12 @@
 //! key; an MPI job (`mpiexec -launcher ssh`) runs across them, and a ring keeps going and ends
 //! correctly while one of its ranks is live-migrated to the other site.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::log_text;
-use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, ssh};
+use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, spawn_manager, ssh};
 use viola_labtests::{lab_tests_enabled, run, run_ok, wait_until};
 
 /// The MPI guest's top layer (its backing file is the OS layer beside it).
@@ -191,5 +191,185 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
         during.trim()
     );
     cli.json(&["violin", "delete", "hpc", "--force"])
+        .expect("violin delete");
+}
+
+/// Runs `cmd` on rank0 (from a2) and returns (seconds it took, its output); panics if it fails.
+fn timed_on_rank0(ns: &str, key: &Path, ip0: &str, cmd: &str) -> (f64, String) {
+    let t = Instant::now();
+    let out = ssh(ns, key, ip0, cmd, None);
+    let took = t.elapsed().as_secs_f64();
+    let said = text(&out);
+    assert!(out.status.success(), "{cmd}: {said}");
+    (took, said)
+}
+
+/// `scripts/bench/mpi.sh`: the VIOLIN paper's NEMO3D scenario in small. A two-rank job (one
+/// rank per site) runs a network-heavy phase (the token ring, `VIOLA_BENCH_RING_LAPS`) then a
+/// CPU-heavy phase (a fixed amount of arithmetic per rank, `VIOLA_BENCH_WORK` loop turns).
+/// Both VMs are capped at 30 % of a CPU, as VMs sharing their hosts would be. The job runs
+/// three times on the same VMs: uncapped (the reference), capped with the manager's policy
+/// loop in `advise` mode (it decides, changes nothing), and capped with the loop in `act` mode
+/// (it raises the caps of the ranks that run at their cap). Writes the phases' times to
+/// `VIOLA_BENCH_JSON`.
+#[test]
+#[ignore = "benchmark: scripts/bench/mpi.sh"]
+fn adaptation_benchmark() {
+    if !lab_tests_enabled() {
+        return;
+    }
+    let out_file = std::env::var("VIOLA_BENCH_JSON").expect("VIOLA_BENCH_JSON: where to write");
+    let env_num = |name: &str, default: u64| {
+        std::env::var(name).ok().map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| panic!("{name}: a number"))
+        })
+    };
+    let laps = env_num("VIOLA_BENCH_RING_LAPS", 300);
+    let work = env_num("VIOLA_BENCH_WORK", 3_000_000);
+    let image = mpi_image();
+    assert!(
+        image.exists(),
+        "{} missing: run scripts/guest/mpi-image.sh",
+        image.display()
+    );
+    let mut fed = Fed::up(&[("mpi", &image)]);
+    let a2 = fed.ns("a2");
+    let violin = fed
+        .cli
+        .json(&["violin", "create", "hpc", "--sites", "a,b"])
+        .expect("violin create");
+    let observer = violin[0]["subnet"]
+        .as_str()
+        .unwrap()
+        .replace(".0/", ".250/");
+    let bridge = format!("vio{}", violin[0]["id"]);
+    run_ok(Command::new("ip").args(["-n", &a2, "addr", "add", &observer, "dev", &bridge])).unwrap();
+    let key = fed.dir().join("id_ed25519");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+    )
+    .unwrap();
+    let pubkey = key.with_extension("pub");
+    let mut ips = Vec::new();
+    for (name, site) in [("rank0", "a"), ("rank1", "b")] {
+        let made = fed
+            .cli
+            .json(&[
+                "vm",
+                "create",
+                name,
+                "--violin",
+                "hpc",
+                "--image",
+                "mpi",
+                "--site",
+                site,
+                "--memory-mib",
+                "512",
+                "--ready-by",
+                "300",
+                "--ssh-key",
+                pubkey.to_str().unwrap(),
+            ])
+            .unwrap_or_else(|e| panic!("vm create {name}: {e}"));
+        ips.push(made[0]["ip"].as_str().unwrap().to_owned());
+    }
+    for (name, ip) in ["rank0", "rank1"].iter().zip(&ips) {
+        wait_until(&format!("{name} up"), Duration::from_secs(240), || {
+            console_ready_ip(&fed.console, name).is_some_and(|got| &got == ip)
+        })
+        .unwrap();
+    }
+    let ip0 = ips[0].clone();
+    let out = ssh(
+        &a2,
+        &key,
+        &ip0,
+        "umask 077 && cat >/root/.ssh/id_ed25519",
+        Some(&std::fs::read_to_string(&key).unwrap()),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = ssh(
+        &a2,
+        &key,
+        &ip0,
+        &format!("viola-hosts rank0={} rank1={}", ips[0], ips[1]),
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let ring = format!("mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring {laps}");
+    let compute = format!(
+        "mpiexec -launcher ssh -f /root/hosts -n 2 sh -c 'i=0; while [ $i -lt {work} ]; do i=$((i+1)); done; hostname'"
+    );
+    let job = |label: &str| {
+        let (strain, said) = timed_on_rank0(&a2, &key, &ip0, &ring);
+        assert!(said.contains("ring ok"), "{said}");
+        let (lanczos, _) = timed_on_rank0(&a2, &key, &ip0, &compute);
+        eprintln!("{label}: ring {strain:.1} s, compute {lanczos:.1} s");
+        (strain, lanczos)
+    };
+    let free = job("uncapped");
+    for vm in ["rank0", "rank1"] {
+        fed.cli
+            .json(&["vm", "resize", vm, "--cap-percent", "30"])
+            .expect("cap");
+    }
+    let advised = job("capped, policy advises only");
+    // The same manager in act mode: its policy loop may now change the VMs.
+    fed.daemons.kill("manager", libc::SIGTERM).unwrap();
+    let mut cfg = std::fs::read_to_string(&fed.mgr_cfg).unwrap();
+    cfg.push_str(
+        "\n[policy]\nmode = \"act\"\nperiod_s = 5\n\n[policy.viola]\nunderload = 0.0\n\n\
+         [policy.vertical]\ncooldown_s = 10\nquiet_periods = 2\n",
+    );
+    std::fs::write(&fed.mgr_cfg, cfg).unwrap();
+    let log = fed.dir().join("adaptmgr-act.log");
+    let manager = spawn_manager(&a2, &fed.mgr_cfg, &log);
+    fed.daemons.add("manager", manager);
+    wait_until(
+        "the manager in act mode sees every host",
+        Duration::from_secs(60),
+        || {
+            fed.cli.json(&["host", "list"]).is_ok_and(|h| {
+                h.as_array()
+                    .is_some_and(|a| a.len() == 4 && a.iter().all(|h| h["state"] == "up"))
+            })
+        },
+    )
+    .unwrap();
+    for vm in ["rank0", "rank1"] {
+        fed.cli
+            .json(&["vm", "resize", vm, "--cap-percent", "30"])
+            .expect("cap");
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    let adapted = job("capped, policy acts");
+    // The loop's carried-out resizes (`viola --json decisions` prints one record per line).
+    let listed = run_ok(&mut fed.cli.cmd(&["--json", "decisions"])).unwrap();
+    let resizes = serde_json::Deserializer::from_str(&listed)
+        .into_iter::<serde_json::Value>()
+        .map(|r| r.expect("a decision record"))
+        .flat_map(|r| r["actions"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["action"] == "resize" && a["outcome"]["outcome"] == "done")
+        .count();
+    let result = serde_json::json!({
+        "ring_laps": laps,
+        "work": work,
+        "uncapped.ring_s": free.0,
+        "uncapped.compute_s": free.1,
+        "advise.ring_s": advised.0,
+        "advise.compute_s": advised.1,
+        "act.ring_s": adapted.0,
+        "act.compute_s": adapted.1,
+        "act.resizes": resizes,
+        "speedup.compute": advised.1 / adapted.1,
+        "speedup.job": (advised.0 + advised.1) / (adapted.0 + adapted.1),
+    });
+    eprintln!("{result}");
+    std::fs::write(out_file, result.to_string()).unwrap();
+    fed.cli
+        .json(&["violin", "delete", "hpc", "--force"])
         .expect("violin delete");
 }
