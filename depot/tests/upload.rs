@@ -291,8 +291,10 @@ async fn an_image_that_points_outside_itself_or_is_another_format_is_refused_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_or_broken_upload_leaves_nothing() {
+    // Long enough that a busy machine (CI runs test binaries side by side on 2 cores) gets
+    // the second upload's request to the depot while the stalled one is still under way.
     let depot = Depot::start(UploadLimits {
-        idle_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(6),
         ..UploadLimits::default()
     });
     let mgr = depot.client(Role::Adaptmgr).await;
@@ -367,7 +369,7 @@ async fn a_short_or_broken_upload_leaves_nothing() {
     );
     let msg = refusal(mgr.upload("short", size, false, &half[..], |_| {}).await);
     assert!(msg.contains("already in progress"), "{msg}");
-    let r = tokio::time::timeout(Duration::from_secs(10), stalled)
+    let r = tokio::time::timeout(Duration::from_secs(30), stalled)
         .await
         .expect("the depot gives up on a silent client")
         .unwrap();
