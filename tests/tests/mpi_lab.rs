@@ -22,33 +22,19 @@ fn mpi_image() -> PathBuf {
         .join("mpi.qcow2")
 }
 
-#[test]
-fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_them() {
-    if !lab_tests_enabled() {
-        return;
-    }
-    let image = mpi_image();
-    assert!(
-        image.exists(),
-        "{} missing: run scripts/guest/mpi-image.sh (scripts/setup.sh does)",
-        image.display()
-    );
-    let fed = Fed::up(&[("mpi", &image)]);
-    let cli = &fed.cli;
+/// Two VMs of the MPI image on violin "hpc", rank0 at site a and rank1 at site b, made with
+/// the CLI and the user's new SSH key; host a2 joins the violin; rank0 holds the key and
+/// knows rank1, so it can launch jobs (`/root/hosts`).
+struct Cluster {
+    key: PathBuf,
+    /// (name, host, address) of rank0 and rank1.
+    ranks: Vec<(&'static str, String, String)>,
+}
+
+fn two_rank_cluster(fed: &Fed) -> Cluster {
     let a2 = fed.ns("a2");
-
-    // The image is two layers at site a: the OS and MPI on it.
-    let images = cli.json(&["image", "list"]).unwrap();
-    let mpi = images
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == "mpi")
-        .unwrap_or_else(|| panic!("mpi not listed: {images}"));
-    assert_eq!(mpi["parts"], 2, "{mpi}");
-    assert_eq!(mpi["sites"], serde_json::json!(["a"]), "{mpi}");
-
-    let violin = cli
+    let violin = fed
+        .cli
         .json(&["violin", "create", "hpc", "--sites", "a,b"])
         .expect("violin create");
     // The scientist's machine: host a2, on the violin from an address no VM holds.
@@ -69,7 +55,8 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
     let started = Instant::now();
     let mut ranks = Vec::new();
     for (name, site) in [("rank0", "a"), ("rank1", "b")] {
-        let made = cli
+        let made = fed
+            .cli
             .json(&[
                 "vm",
                 "create",
@@ -109,13 +96,13 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
             started.elapsed().as_secs_f64()
         );
     }
-    let (ip0, ip1) = (ranks[0].2.clone(), ranks[1].2.clone());
+    let (ip0, ip1) = (&ranks[0].2, &ranks[1].2);
 
     // rank0 launches the job: it gets the key rank1 accepts and knows rank1's host key.
     let out = ssh(
         &a2,
         &key,
-        &ip0,
+        ip0,
         "umask 077 && cat >/root/.ssh/id_ed25519",
         Some(&std::fs::read_to_string(&key).unwrap()),
     );
@@ -123,11 +110,42 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
     let out = ssh(
         &a2,
         &key,
-        &ip0,
+        ip0,
         &format!("viola-hosts rank0={ip0} rank1={ip1}"),
         None,
     );
     assert!(out.status.success(), "viola-hosts: {}", text(&out));
+    Cluster { key, ranks }
+}
+
+#[test]
+fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_them() {
+    if !lab_tests_enabled() {
+        return;
+    }
+    let image = mpi_image();
+    assert!(
+        image.exists(),
+        "{} missing: run scripts/guest/mpi-image.sh (scripts/setup.sh does)",
+        image.display()
+    );
+    let fed = Fed::up(&[("mpi", &image)]);
+    let cli = &fed.cli;
+    let a2 = fed.ns("a2");
+
+    // The image is two layers at site a: the OS and MPI on it.
+    let images = cli.json(&["image", "list"]).unwrap();
+    let mpi = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "mpi")
+        .unwrap_or_else(|| panic!("mpi not listed: {images}"));
+    assert_eq!(mpi["parts"], 2, "{mpi}");
+    assert_eq!(mpi["sites"], serde_json::json!(["a"]), "{mpi}");
+
+    let Cluster { key, ranks } = two_rank_cluster(&fed);
+    let ip0 = ranks[0].2.clone();
     let out = ssh(
         &a2,
         &key,
@@ -234,71 +252,8 @@ fn adaptation_benchmark() {
     );
     let mut fed = Fed::up(&[("mpi", &image)]);
     let a2 = fed.ns("a2");
-    let violin = fed
-        .cli
-        .json(&["violin", "create", "hpc", "--sites", "a,b"])
-        .expect("violin create");
-    let observer = violin[0]["subnet"]
-        .as_str()
-        .unwrap()
-        .replace(".0/", ".250/");
-    let bridge = format!("vio{}", violin[0]["id"]);
-    run_ok(Command::new("ip").args(["-n", &a2, "addr", "add", &observer, "dev", &bridge])).unwrap();
-    let key = fed.dir().join("id_ed25519");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key),
-    )
-    .unwrap();
-    let pubkey = key.with_extension("pub");
-    let mut ips = Vec::new();
-    for (name, site) in [("rank0", "a"), ("rank1", "b")] {
-        let made = fed
-            .cli
-            .json(&[
-                "vm",
-                "create",
-                name,
-                "--violin",
-                "hpc",
-                "--image",
-                "mpi",
-                "--site",
-                site,
-                "--memory-mib",
-                "512",
-                "--ready-by",
-                "300",
-                "--ssh-key",
-                pubkey.to_str().unwrap(),
-            ])
-            .unwrap_or_else(|e| panic!("vm create {name}: {e}"));
-        ips.push(made[0]["ip"].as_str().unwrap().to_owned());
-    }
-    for (name, ip) in ["rank0", "rank1"].iter().zip(&ips) {
-        wait_until(&format!("{name} up"), Duration::from_secs(240), || {
-            console_ready_ip(&fed.console, name).is_some_and(|got| &got == ip)
-        })
-        .unwrap();
-    }
-    let ip0 = ips[0].clone();
-    let out = ssh(
-        &a2,
-        &key,
-        &ip0,
-        "umask 077 && cat >/root/.ssh/id_ed25519",
-        Some(&std::fs::read_to_string(&key).unwrap()),
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let out = ssh(
-        &a2,
-        &key,
-        &ip0,
-        &format!("viola-hosts rank0={} rank1={}", ips[0], ips[1]),
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    let Cluster { key, ranks } = two_rank_cluster(&fed);
+    let ip0 = ranks[0].2.clone();
     let ring = format!("mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring {laps}");
     let compute = format!(
         "mpiexec -launcher ssh -f /root/hosts -n 2 sh -c 'i=0; while [ $i -lt {work} ]; do i=$((i+1)); done; hostname'"
