@@ -2,7 +2,8 @@
 //! gives orders. Every connection's certificate is checked: monitors may only report about
 //! their own host; `cli` and `adaptmgr` identities (administrators) may read and change
 //! anything; a tenant's user (role `user`, of a tenant in `[[tenants]]`) may only make, see
-//! and remove its own violins and VMs (see [`crate::tenants`]).
+//! and remove its own violins and VMs, and list and import its own images (see
+//! [`crate::tenants`]).
 
 use std::sync::Arc;
 
