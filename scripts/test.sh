@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-step() { printf '\n=== %s\n' "$*" >&2; }
+step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%T)" >&2; }
 
 step "setup (packages, guest images)"
 scripts/setup.sh --no-build
@@ -45,14 +45,38 @@ needs_default_lab() {
   ignored=$(grep -cE '^#\[ignore' "$1" || true)
   [ "$tests" -gt "$ignored" ]
 }
+# The lab instances whose namespaces exist now (instance X has namespaces X-a1, X-rtr, ... and
+# its run directory; see scripts/lab.sh).
+lab_instances() {
+  ip netns list | awk '{print $1}' | sed -n 's/^\([a-z][a-z0-9]\{0,5\}\)-.*/\1/p' | sort -u |
+    while read -r i; do
+      if { [ "$i" = vl ] && [ -d /run/viola-lab ]; } || [ -d "/run/viola-lab-$i" ]; then echo "$i"; fi
+    done
+}
+# Each test file is bounded (a hung guest or job must fail the run, not stall it past CI's
+# limit); a lab it leaves behind (killed at its bound, or a teardown bug) is a failure too, and
+# is removed so that the next file starts on a clean machine.
+limit=${VIOLA_LAB_TEST_LIMIT_S:-1200}
 for file in tests/tests/*.rs; do
   t=$(basename "$file" .rs)
+  printf -- '--- %s (%s)\n' "$t" "$(date -u +%T)" >&2
   lab=0
   if needs_default_lab "$file"; then lab=1; scripts/lab.sh up >/dev/null; fi
-  cargo test --locked -p viola-labtests --test "$t" -- --test-threads=1 || failed+=("$t")
+  rc=0
+  timeout --kill-after=30 "$limit" \
+    cargo test --locked -p viola-labtests --test "$t" -- --test-threads=1 || rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "lab test $t did not end within ${limit} s: stopped" >&2
+  fi
+  [ "$rc" = 0 ] || failed+=("$t")
   if [ "$lab" = 1 ]; then scripts/lab.sh down >/dev/null; fi
+  for i in $(lab_instances); do
+    echo "lab $i left behind by $t: removing it" >&2
+    VIOLA_LAB=$i scripts/lab.sh down >/dev/null 2>&1 || true
+    failed+=("$t(left lab $i)")
+  done
 done
-leftover=$(ip netns list | awk '{print $1}' | grep -E '^(vl|lf|ovl|ovm|vdl|vdb|vds)-' || true)
+leftover=$(lab_instances)
 if [ -n "$leftover" ]; then
   echo "lab namespaces left behind: $leftover" >&2
   exit 1

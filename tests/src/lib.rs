@@ -89,6 +89,13 @@ fn which(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A progress line of a long lab test, written to stderr at once: the test harness holds back
+/// what `eprintln!` prints until the test ends, which for a hung step is never.
+pub fn progress(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "[lab test] {line}");
+}
+
 /// Runs a command, returning its output; an error if it could not start.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd

@@ -23,9 +23,11 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// `viola ARGS` as this identity, from the scientist's/administrator's host; bounded at
+    /// 10 minutes (the CLI itself waits as long as the manager works on a request).
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns])
+        let mut c = Command::new("timeout");
+        c.args(["--kill-after=5", "600", "ip", "netns", "exec", &self.ns])
             .arg(bin("viola"))
             .args(["--manager", &self.mgr, "--identity"])
             .arg(&self.id)
@@ -284,17 +286,33 @@ impl Fed {
 }
 
 /// `ssh root@IP CMD` from namespace `ns` with the private key `key` (no host-key checks: lab
-/// guests make a new host key at each boot); `stdin` is fed to it.
-pub fn ssh(ns: &str, key: &Path, ip: &str, cmd: &str, stdin: Option<&str>) -> Output {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, "ssh", "-i"])
+/// guests make a new host key at each boot); `stdin` is fed to it. The whole command is bounded
+/// by `limit` (then killed: exit status 124 or 137) and a dead connection by keep-alives, so a
+/// hung guest or job fails the test instead of stalling it.
+pub fn ssh(
+    ns: &str,
+    key: &Path,
+    ip: &str,
+    cmd: &str,
+    stdin: Option<&str>,
+    limit: Duration,
+) -> Output {
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=5", &format!("{}", limit.as_secs().max(1))])
+        .args(["ip", "netns", "exec", ns, "ssh", "-i"])
         .arg(key)
         .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
         .args([
             "-o",
             "UserKnownHostsFile=/dev/null",
             "-o",
+            "LogLevel=ERROR",
+            "-o",
             "ConnectTimeout=10",
+            "-o",
+            "ServerAliveInterval=5",
+            "-o",
+            "ServerAliveCountMax=6",
         ])
         .args([&format!("root@{ip}"), cmd]);
     let Some(text) = stdin else {

@@ -145,7 +145,16 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         );
     }
     // The key given at create logs in as root on web (and nothing else does).
-    let ssh = |ip: &str, identity: &Path| ssh(&ns("a2"), identity, ip, "hostname", None);
+    let ssh = |ip: &str, identity: &Path| {
+        ssh(
+            &ns("a2"),
+            identity,
+            ip,
+            "hostname",
+            None,
+            Duration::from_secs(60),
+        )
+    };
     let out = ssh(&vms[0].2, &key);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "web",

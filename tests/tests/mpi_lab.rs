@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::log_text;
 use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, spawn_manager, ssh};
-use viola_labtests::{lab_tests_enabled, run, run_ok, wait_until};
+use viola_labtests::{lab_tests_enabled, progress, run, run_ok, wait_until};
 
 /// The MPI guest's top layer (its backing file is the OS layer beside it).
 fn mpi_image() -> PathBuf {
@@ -20,6 +20,61 @@ fn mpi_image() -> PathBuf {
             PathBuf::from,
         )
         .join("mpi.qcow2")
+}
+
+/// Bound of a quick command on a rank (a login, `hostname` on both ranks, a short ring).
+const SHORT: Duration = Duration::from_secs(120);
+/// Bound of a job that spans a migration or a benchmark phase.
+const LONG: Duration = Duration::from_secs(900);
+
+/// `mpiexec` of `program` on both ranks (launched from rank0 over SSH), which Hydra ends after
+/// `limit` (less a margin for the SSH session around it) if it has not ended by then.
+fn mpiexec(program: &str, limit: Duration) -> String {
+    format!(
+        "MPIEXEC_TIMEOUT={} mpiexec -launcher ssh -f /root/hosts -n 2 {program}",
+        limit.as_secs().saturating_sub(15).max(5)
+    )
+}
+
+/// What the scientist's machine (a2) reaches of the ranks, and the manager's last words: the
+/// explanation a failed job's assertion carries.
+fn reachability(fed: &Fed, ranks: &[(&'static str, String, String)]) -> String {
+    let mut report = String::new();
+    for (name, host, ip) in ranks {
+        let pinged = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &fed.ns("a2"),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.3",
+            "-W",
+            "1",
+            ip,
+        ]))
+        .map(|o| text(&o))
+        .unwrap_or_else(|e| e.to_string());
+        let summary = pinged
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or("no ping summary");
+        report.push_str(&format!(
+            "{name} ({ip}, was placed at {host}; now at {:?}): {summary}\n",
+            ["a1", "a2", "b1", "b2"]
+                .into_iter()
+                .find(|h| fed.lab.domain_state(h, name).as_deref() == Some("running"))
+        ));
+    }
+    let log = log_text(&fed.mgr_log);
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    report.push_str("manager log (last lines):\n");
+    for line in tail.into_iter().rev() {
+        report.push_str(line);
+        report.push('\n');
+    }
+    report
 }
 
 /// Two VMs of the MPI image on violin "hpc", rank0 at site a and rank1 at site b, made with
@@ -91,10 +146,10 @@ fn two_rank_cluster(fed: &Fed) -> Cluster {
                 std::fs::read_to_string(fed.console.join(format!("{name}.log")))
             )
         });
-        eprintln!(
+        progress(&format!(
             "{name} at {host} ready at {ip} {:.1} s after the first create",
             started.elapsed().as_secs_f64()
-        );
+        ));
     }
     let (ip0, ip1) = (&ranks[0].2, &ranks[1].2);
 
@@ -105,6 +160,7 @@ fn two_rank_cluster(fed: &Fed) -> Cluster {
         ip0,
         "umask 077 && cat >/root/.ssh/id_ed25519",
         Some(&std::fs::read_to_string(&key).unwrap()),
+        SHORT,
     );
     assert!(out.status.success(), "key to rank0: {}", text(&out));
     let out = ssh(
@@ -113,6 +169,7 @@ fn two_rank_cluster(fed: &Fed) -> Cluster {
         ip0,
         &format!("viola-hosts rank0={ip0} rank1={ip1}"),
         None,
+        SHORT,
     );
     assert!(out.status.success(), "viola-hosts: {}", text(&out));
     Cluster { key, ranks }
@@ -146,36 +203,38 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
 
     let Cluster { key, ranks } = two_rank_cluster(&fed);
     let ip0 = ranks[0].2.clone();
-    let out = ssh(
-        &a2,
-        &key,
-        &ip0,
-        "mpiexec -launcher ssh -f /root/hosts -n 2 hostname",
-        None,
-    );
+    let out = ssh(&a2, &key, &ip0, &mpiexec("hostname", SHORT), None, SHORT);
     let names = text(&out);
     assert!(
         out.status.success() && names.contains("rank0") && names.contains("rank1"),
-        "mpiexec hostname: {names}"
+        "mpiexec hostname ({}): {names}\n{}",
+        out.status,
+        reachability(&fed, &ranks)
     );
+    progress("mpiexec across the sites: both ranks answered");
     let out = ssh(
         &a2,
         &key,
         &ip0,
-        "mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring 100",
+        &mpiexec("/usr/local/bin/mpi-ring 100", SHORT),
         None,
+        SHORT,
     );
     let before = text(&out);
-    assert!(before.contains("ring ok ranks=2"), "ring: {before}");
-    eprintln!("ring across sites: {}", before.trim());
+    assert!(
+        before.contains("ring ok ranks=2"),
+        "ring ({}): {before}\n{}",
+        out.status,
+        reachability(&fed, &ranks)
+    );
+    progress(&format!("ring across sites: {}", before.trim()));
 
     // A longer ring; rank1 moves to site a while it runs, and the ring still ends correctly.
     let laps = "1500";
-    let ring_cmd =
-        format!("mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring {laps}");
+    let ring_cmd = mpiexec(&format!("/usr/local/bin/mpi-ring {laps}"), LONG);
     let ring = std::thread::spawn({
         let (a2, key, ip0) = (a2.clone(), key.clone(), ip0.clone());
-        move || ssh(&a2, &key, &ip0, &ring_cmd, None)
+        move || ssh(&a2, &key, &ip0, &ring_cmd, None, LONG)
     });
     std::thread::sleep(Duration::from_secs(3));
     let to = if ranks[0].1 == "a1" { "a2" } else { "a1" };
@@ -193,21 +252,24 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
         .unwrap_or_default()
         .trim()
         .to_owned();
+    progress(&format!("rank1 moved to {to}: {downtime}"));
     let out = ring.join().unwrap();
     let during = text(&out);
     assert!(
         out.status.success() && during.contains(&format!("ring ok ranks=2 laps={laps}")),
-        "the ring across the move: {during}"
+        "the ring across the move ({}): {during}\n{}",
+        out.status,
+        reachability(&fed, &ranks)
     );
     assert_eq!(
         fed.lab.domain_state(to, "rank1").as_deref(),
         Some("running")
     );
-    eprintln!(
+    progress(&format!(
         "rank1 moved {} -> {to} ({downtime}) while the ring ran: {}",
         ranks[1].1,
         during.trim()
-    );
+    ));
     cli.json(&["violin", "delete", "hpc", "--force"])
         .expect("violin delete");
 }
@@ -215,7 +277,7 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
 /// Runs `cmd` on rank0 (from a2) and returns (seconds it took, its output); panics if it fails.
 fn timed_on_rank0(ns: &str, key: &Path, ip0: &str, cmd: &str) -> (f64, String) {
     let t = Instant::now();
-    let out = ssh(ns, key, ip0, cmd, None);
+    let out = ssh(ns, key, ip0, cmd, None, LONG);
     let took = t.elapsed().as_secs_f64();
     let said = text(&out);
     assert!(out.status.success(), "{cmd}: {said}");
@@ -254,15 +316,18 @@ fn adaptation_benchmark() {
     let a2 = fed.ns("a2");
     let Cluster { key, ranks } = two_rank_cluster(&fed);
     let ip0 = ranks[0].2.clone();
-    let ring = format!("mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-ring {laps}");
-    let compute = format!(
-        "mpiexec -launcher ssh -f /root/hosts -n 2 sh -c 'i=0; while [ $i -lt {work} ]; do i=$((i+1)); done; hostname'"
+    let ring = mpiexec(&format!("/usr/local/bin/mpi-ring {laps}"), LONG);
+    let compute = mpiexec(
+        &format!("sh -c 'i=0; while [ $i -lt {work} ]; do i=$((i+1)); done; hostname'"),
+        LONG,
     );
     let job = |label: &str| {
         let (strain, said) = timed_on_rank0(&a2, &key, &ip0, &ring);
         assert!(said.contains("ring ok"), "{said}");
         let (lanczos, _) = timed_on_rank0(&a2, &key, &ip0, &compute);
-        eprintln!("{label}: ring {strain:.1} s, compute {lanczos:.1} s");
+        progress(&format!(
+            "{label}: ring {strain:.1} s, compute {lanczos:.1} s"
+        ));
         (strain, lanczos)
     };
     let free = job("uncapped");
