@@ -5,8 +5,9 @@
 # $VIOLA_MPI_GUEST_DIR (default /var/cache/viola/guest-mpi):
 #   os.qcow2    the OS: minbase, openssh-server, busybox (udhcpc), iproute2, ping, procps, and
 #               /sbin/viola-init (scripts/guest/mpi-init), viola-hosts, the udhcpc script
-#   mpi.qcow2   a qcow2 overlay backed by os.qcow2 (relative name) holding only what MPICH and
-#               /usr/local/bin/mpi-ring (scripts/guest/mpi-ring.c) add: the depot imports the
+#   mpi.qcow2   a qcow2 overlay backed by os.qcow2 (relative name) holding only what MPICH,
+#               /usr/local/bin/mpi-ring (scripts/guest/mpi-ring.c) and /usr/local/bin/mpi-nemo
+#               (scripts/guest/mpi-nemo.c, the two-phase job) add: the depot imports the
 #               chain as two layers, shared with any other image built on os.qcow2
 # A VM's root disk is a qcow2 overlay on mpi.qcow2 (see `overlay` below), booted e.g. with
 #   scripts/guest/domain-xml.sh --disk VM.qcow2 ... --cmdline-extra "viola.ssh_key=TYPE,BASE64"
@@ -31,7 +32,8 @@ suite=bookworm
 os_packages=openssh-server,busybox,iproute2,iputils-ping,procps
 mpi_packages="mpich"
 build_packages="libmpich-dev gcc libc6-dev"
-inputs=("$self" "$here/mpi-init" "$here/udhcpc.script" "$here/viola-hosts" "$here/mpi-ring.c")
+inputs=("$self" "$here/mpi-init" "$here/udhcpc.script" "$here/viola-hosts" "$here/mpi-ring.c"
+  "$here/mpi-nemo.c")
 log() { printf '[guest-mpi] %s\n' "$*" >&2; }
 die() { printf 'mpi-image.sh: %s\n' "$*" >&2; exit 1; }
 
@@ -106,14 +108,20 @@ hook_snapshot() {
     >"$os/etc/resolv.conf"
 }
 
-# MPICH, and the ring compiled with mpicc; the compiler goes again.
+# MPICH, and the jobs (the ring, the NEMO3D-shaped job) compiled with mpicc; the compiler goes
+# again. The job runs once, tiny, on two local ranks with its own verification.
 hook_mpi() {
-  local r=$1
+  local r=$1 prog
   # shellcheck disable=SC2086
   chroot "$r" apt-get install -y -q --no-install-recommends $mpi_packages $build_packages
-  install -m 0644 "$here/mpi-ring.c" "$r/tmp/mpi-ring.c"
-  chroot "$r" mpicc -O2 -o /usr/local/bin/mpi-ring /tmp/mpi-ring.c
-  rm -f "$r/tmp/mpi-ring.c"
+  for prog in mpi-ring mpi-nemo; do
+    install -m 0644 "$here/$prog.c" "$r/tmp/$prog.c"
+    chroot "$r" mpicc -O2 -Wall -Werror -o "/usr/local/bin/$prog" "/tmp/$prog.c"
+    rm -f "$r/tmp/$prog.c"
+  done
+  chroot "$r" env UCX_TLS=tcp,sm,self timeout 120 mpiexec -launcher fork -n 2 \
+    /usr/local/bin/mpi-nemo --strain-iters 3 --block-kib 4 --lanczos-iters 2 --mem-mib 1 \
+    --verify | tail -n 1 | grep -q 'verify=ok' || die "mpi-nemo's self-check failed"
   # Everything the build brought in goes, even what an installed package merely recommends or
   # suggests (perl, pulled in by autoconf, would stay otherwise: 48 MB).
   chroot "$r" apt-mark manual $mpi_packages >/dev/null
@@ -121,7 +129,7 @@ hook_mpi() {
   chroot "$r" apt-get purge -y -q --autoremove -o APT::AutoRemove::RecommendsImportant=false \
     -o APT::AutoRemove::SuggestsImportant=false $build_packages
   chroot "$r" mpichversion | sed -n '1,3p' >&2
-  chroot "$r" ldd /usr/local/bin/mpi-ring >/dev/null
+  chroot "$r" ldd /usr/local/bin/mpi-ring /usr/local/bin/mpi-nemo >/dev/null
 }
 
 # Files both trees must hold identically (the MPI tree had the build machine's during apt).
@@ -183,8 +191,8 @@ mmdebstrap --mode=root --variant=minbase --format=directory \
   "$suite" "$work/mpi" \
   "deb $mirror $suite main" "deb $mirror $suite-updates main" \
   "deb $security $suite-security main" </dev/null
-if [ ! -x "$work/mpi/usr/local/bin/mpi-ring" ] || [ ! -x "$work/mpi/usr/bin/mpiexec.hydra" ] || [ ! -L "$work/mpi/usr/bin/mpiexec" ]; then
-  die "the MPI tree lacks mpi-ring or mpiexec"
+if [ ! -x "$work/mpi/usr/local/bin/mpi-ring" ] || [ ! -x "$work/mpi/usr/local/bin/mpi-nemo" ] || [ ! -x "$work/mpi/usr/bin/mpiexec.hydra" ] || [ ! -L "$work/mpi/usr/bin/mpiexec" ]; then
+  die "the MPI tree lacks mpi-ring, mpi-nemo or mpiexec"
 fi
 if [ ! -x "$work/os/sbin/viola-init" ] || [ -e "$work/os/usr/bin/mpiexec.hydra" ]; then
   die "the OS copy is not what it should be"

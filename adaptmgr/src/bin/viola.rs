@@ -10,6 +10,7 @@
 //!   viola violin create NAME [--subnet 10.x.y.0/24] [--sites a,b] [--json]
 //!   viola violin list|show NAME [--json]
 //!   viola violin delete NAME [--force]
+//!   viola violin hostfile NAME [--format hydra|openmpi|pairs] [--slots N] [-o FILE]
 //!   viola image list [--json]
 //!   viola image import FILE --name NAME --site S [--replace] [--json]
 //!   viola decisions [--after SEQ] [--follow] [--json]
@@ -107,6 +108,68 @@ enum ViolinCommand {
         #[arg(long)]
         force: bool,
     },
+    /// The MPI host file of a violin's VMs: their violin addresses in VM-name order (the first
+    /// VM is where mpirun runs rank 0), each with its vCPUs as slots.
+    Hostfile {
+        name: String,
+        /// hydra (MPICH: ADDR:SLOTS), openmpi (ADDR slots=SLOTS) or pairs (NAME=ADDR, what
+        /// the MPI guest's viola-hosts takes).
+        #[arg(long, value_enum, default_value_t = HostfileFormat::Hydra)]
+        format: HostfileFormat,
+        /// Slots per VM instead of its vCPUs.
+        #[arg(long)]
+        slots: Option<u32>,
+        /// Write it to FILE instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HostfileFormat {
+    Hydra,
+    Openmpi,
+    Pairs,
+}
+
+/// The host file of `violin` (its members, slots from `vms`' vCPUs unless `slots` is given).
+/// Every member must have an address: a host file that silently leaves out a VM would start a
+/// job on fewer ranks than the user asked for.
+fn hostfile(
+    violin: &ViolinView,
+    vms: &[VmView],
+    format: HostfileFormat,
+    slots: Option<u32>,
+) -> anyhow::Result<String> {
+    if violin.vms.is_empty() {
+        bail!("violin {} has no VMs", violin.name);
+    }
+    let mut members: Vec<_> = violin.vms.iter().collect();
+    members.sort_by(|a, b| a.vm.cmp(&b.vm));
+    let mut out = String::new();
+    for m in members {
+        let Some(ip) = m.ip else {
+            bail!(
+                "VM {} of violin {} has no violin address (made outside `viola vm create`?)",
+                m.vm,
+                violin.name
+            );
+        };
+        let n = match slots {
+            Some(n) => n,
+            None => vms
+                .iter()
+                .find(|v| v.name == m.vm)
+                .map(|v| v.vcpus.max(1))
+                .with_context(|| format!("VM {} is not in the manager's inventory", m.vm))?,
+        };
+        match format {
+            HostfileFormat::Hydra => out.push_str(&format!("{ip}:{n}\n")),
+            HostfileFormat::Openmpi => out.push_str(&format!("{ip} slots={n}\n")),
+            HostfileFormat::Pairs => out.push_str(&format!("{}={ip}\n", m.vm)),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Subcommand)]
@@ -558,6 +621,28 @@ async fn violin(client: &Client, command: ViolinCommand, json: bool) -> anyhow::
             };
             return done(client, req, &name, "deleted", json).await;
         }
+        ViolinCommand::Hostfile {
+            name,
+            format,
+            slots,
+            output,
+        } => {
+            let Response::Violins(violins) = ask(client, &Request::ViolinShow { name }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            let Response::Vms(vms) = ask(client, &Request::ListVms).await? else {
+                bail!("unexpected answer");
+            };
+            let violin = violins.first().context("the manager sent no violin")?;
+            let text = hostfile(violin, &vms, format, slots)?;
+            match output {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            return Ok(());
+        }
     };
     let Response::Violins(violins) = ask(client, &req).await? else {
         bail!("unexpected answer");
@@ -734,5 +819,82 @@ fn print_vms(vms: &[VmView]) {
             v.violin.as_deref().unwrap_or("-"),
             v.ip.map_or("-".to_owned(), |ip| ip.to_string())
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use viola_api::domain::DomainState;
+    use viola_api::manager::ViolinMember;
+
+    fn member(vm: &str, ip: Option<&str>) -> ViolinMember {
+        ViolinMember {
+            vm: vm.to_owned(),
+            mac: None,
+            ip: ip.map(|a| a.parse().unwrap()),
+            host: Some("a1".to_owned()),
+        }
+    }
+
+    fn vm(name: &str, vcpus: u32) -> VmView {
+        VmView {
+            name: name.to_owned(),
+            host: "a1".to_owned(),
+            violin: Some("hpc".to_owned()),
+            macs: vec![],
+            ip: None,
+            state: DomainState::Running,
+            vcpus,
+            max_vcpus: 4,
+            memory_kib: 524_288,
+            max_memory_kib: 524_288,
+            cpu_busy: 0.0,
+            domain_xml: None,
+            updated_ms: 0,
+        }
+    }
+
+    fn violin(members: Vec<ViolinMember>) -> ViolinView {
+        ViolinView {
+            name: "hpc".to_owned(),
+            id: 7,
+            subnet: Some("10.0.7.0/24".to_owned()),
+            sites: vec!["a".to_owned(), "b".to_owned()],
+            managed: true,
+            tenant: None,
+            vms: members,
+        }
+    }
+
+    #[test]
+    fn hostfile_lists_members_in_name_order_with_their_vcpus() {
+        let v = violin(vec![
+            member("rank1", Some("10.0.7.3")),
+            member("rank0", Some("10.0.7.2")),
+        ]);
+        let vms = [vm("rank0", 2), vm("rank1", 1)];
+        let hydra = hostfile(&v, &vms, HostfileFormat::Hydra, None).unwrap();
+        assert_eq!(hydra, "10.0.7.2:2\n10.0.7.3:1\n");
+        let ompi = hostfile(&v, &vms, HostfileFormat::Openmpi, Some(4)).unwrap();
+        assert_eq!(ompi, "10.0.7.2 slots=4\n10.0.7.3 slots=4\n");
+        let pairs = hostfile(&v, &vms, HostfileFormat::Pairs, None).unwrap();
+        assert_eq!(pairs, "rank0=10.0.7.2\nrank1=10.0.7.3\n");
+    }
+
+    #[test]
+    fn hostfile_refuses_a_member_without_address_or_record_and_an_empty_violin() {
+        let vms = [vm("rank0", 1), vm("rank1", 1)];
+        let v = violin(vec![
+            member("rank0", Some("10.0.7.2")),
+            member("rank1", None),
+        ]);
+        let err = hostfile(&v, &vms, HostfileFormat::Hydra, None).unwrap_err();
+        assert!(err.to_string().contains("rank1"), "{err}");
+        let v = violin(vec![member("ghost", Some("10.0.7.9"))]);
+        let err = hostfile(&v, &vms, HostfileFormat::Hydra, None).unwrap_err();
+        assert!(err.to_string().contains("ghost"), "{err}");
+        let err = hostfile(&violin(vec![]), &vms, HostfileFormat::Hydra, None).unwrap_err();
+        assert!(err.to_string().contains("no VMs"), "{err}");
     }
 }
