@@ -22,6 +22,10 @@
 #   9. `viola violin delete demo --force`, and a check that no domain, disk or bridge is left.
 # It prints what happened and how long each step took, and removes everything at the end (also
 # on failure). Run as root. `--no-setup` skips the machine setup.
+# `--mpi` adds a scientist's cluster before step 9: the MPI guest (two layers) imported at site
+# a, `viola violin create hpc`, one VM per site made from it with the scientist's SSH key, the
+# MPI host file from `viola violin hostfile`, and the NEMO3D-shaped job (`mpi-nemo --verify`)
+# run with `mpiexec` across the sites while one of its ranks live-migrates to the other site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -34,9 +38,22 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 now() { date +%s.%N; }
 since() { printf '%.2f' "$(echo "$(now) - $1" | bc)"; }
 
-if [ "${1:-}" != --no-setup ]; then
+setup=1 mpi=0
+for arg in "$@"; do
+  case "$arg" in
+    --no-setup) setup=0 ;;
+    --mpi) mpi=1 ;;
+    *) echo "usage: scripts/demo.sh [--no-setup] [--mpi]" >&2; exit 2 ;;
+  esac
+done
+if [ "$setup" = 1 ]; then
   say "setting up this machine (packages, guest kernel and images, release build)"
   scripts/setup.sh
+fi
+mpi_image=${VIOLA_MPI_GUEST_DIR:-/var/cache/viola/guest-mpi}/mpi.qcow2
+if [ "$mpi" = 1 ] && [ ! -f "$mpi_image" ]; then
+  echo "demo.sh: $mpi_image missing: run scripts/guest/mpi-image.sh (setup does)" >&2
+  exit 1
 fi
 for b in viola-ca viola-overlay viola-depot viola-adaptmgr viola-monitor viola; do
   [ -x "$bin/$b" ] || { echo "demo.sh: $bin/$b missing: run scripts/setup.sh" >&2; exit 1; }
@@ -96,6 +113,11 @@ t=$(now)
 "$bin/viola-depot" --quiet --store "$D/depot-a" import /var/cache/viola/guest/base.qcow2 --name demo-base
 echo "   imported at site a in $(since "$t") s: $("$bin/viola-depot" --store "$D/depot-a" status 2>/dev/null | head -1)"
 echo "   image demo-base = manifest $(cat "$D/depot-a/names/demo-base")"
+if [ "$mpi" = 1 ]; then
+  # The MPI guest is a chain (the MPI layer on the OS layer): imported as two parts.
+  "$bin/viola-depot" --quiet --store "$D/depot-a" import "$mpi_image" --name mpi
+  echo "   image mpi (Debian, MPICH, OpenSSH; two layers) = manifest $(cat "$D/depot-a/names/mpi")"
+fi
 # The depots plan their transfers for the lab's WAN (200 Mbit/s, 20 ms round trip).
 lab exec a1 -- "$bin/viola-depot" serve --store "$D/depot-a" --site a --listen 198.18.1.11:7410 \
   --identity "$D/pki/depot-a1" --metrics-listen 198.18.1.11:9410 --rate-mbit 200 --rtt-ms 20 \
@@ -312,6 +334,53 @@ done
 lowered_after=$(since "$t")
 viola decisions | sed 's/^/   /'
 echo "   cap raised ${raised_after} s after the burn began; lowered again ${lowered_after} s after it ended (to the cap its last decision above gives)"
+
+if [ "$mpi" = 1 ]; then
+  say "8b. a scientist's cluster: two MPI VMs across the sites, a job, and a rank that moves"
+  ssh-keygen -q -t ed25519 -N '' -C scientist@demo -f "$D/id_ed25519"
+  echo "   \$ viola violin create hpc --subnet 10.2.0.0/24 --sites a,b"
+  viola --json violin create hpc --subnet 10.2.0.0/24 --sites a,b >"$D/hpc.json"
+  # The scientist works from host a2, on the violin at an address it does not hand out.
+  lab exec a2 -- ip addr add 10.2.0.250/24 dev "vio$(jq -r '.[0].id' "$D/hpc.json")"
+  for n in node0:a node1:b; do
+    echo "   \$ viola vm create ${n%:*} --violin hpc --image mpi --site ${n#*:} --memory-mib 512 --ssh-key id_ed25519.pub"
+    t=$(now)
+    viola vm create "${n%:*}" --violin hpc --image mpi --site "${n#*:}" --memory-mib 512 \
+      --ready-by 300 --ssh-key "$D/id_ed25519.pub" | sed 's/^/   /'
+    echo "   ${n%:*} created in $(since "$t") s"
+  done
+  on() { # on VM CMD...: ssh root@VM's address from a2 with the scientist's key (bounded)
+    local ip; ip=$(ip_of "$1"); shift
+    lab exec a2 -- timeout 600 ssh -i "$D/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=no \
+      -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5 \
+      -o ServerAliveInterval=5 "root@$ip" "$@"
+  }
+  deadline=$(( $(date +%s) + 180 ))
+  until on node0 true 2>/dev/null && on node1 true 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: node0 and node1 do not take SSH logins within 180 s"; exit 1; }
+    sleep 1
+  done
+  echo "   \$ viola violin hostfile hpc --format pairs"
+  pairs=$(viola violin hostfile hpc --format pairs)
+  sed 's/^/   /' <<<"$pairs"
+  on node0 "umask 077 && cat >/root/.ssh/id_ed25519" <"$D/id_ed25519"
+  on node0 viola-hosts $pairs
+  job="mpiexec -launcher ssh -f /root/hosts -n 2 /usr/local/bin/mpi-nemo --strain-iters 2000 --block-kib 16 --lanczos-iters 3 --mem-mib 32 --verify"
+  echo "   node0\$ $job"
+  on node0 "MPIEXEC_TIMEOUT=500 $job" >"$D/nemo.out" 2>&1 &
+  jobpid=$!
+  waiters+=("$jobpid")
+  sleep 3
+  echo "   \$ viola vm migrate node1 --to a2        (while the job runs)"
+  viola vm migrate node1 --to a2 --timeout-s 240 | sed 's/^/   /'
+  rc=0; wait "$jobpid" || rc=$?
+  grep -E '^nemo (strain iter=(1|500|1000|1500|2000)/|lanczos|ok|FAILED)' "$D/nemo.out" | sed 's/^/   /'
+  if [ "$rc" != 0 ] || ! tail -n 1 "$D/nemo.out" | grep -q 'verify=ok$'; then
+    say "FAILED: the MPI job across the move (exit $rc)"; tail -n 5 "$D/nemo.out"; exit 1
+  fi
+  echo "   the job ended with the result rank 0 recomputed alone (verify=ok), node1 now at $(viola --json vm list | jq -r '.[] | select(.name=="node1") | .host')"
+  viola violin delete hpc --force | sed 's/^/   /'
+fi
 
 say "9. \`viola violin delete demo --force\`: its VMs, disks and bridges go from every host"
 t=$(now)
