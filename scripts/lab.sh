@@ -2,7 +2,7 @@
 # Viola's lab: several sites of real libvirt hosts on one machine.
 #
 #   lab.sh up [--sites N] [--hosts M] [--wan-delay-ms D] [--wan-rate-mbit R] [--nat-site S]
-#             [--allow-plain-migration]
+#             [--allow-plain-migration] [--host-cpus C]
 #   lab.sh down            remove everything `up` made (also after a crash or a half-made up)
 #   lab.sh status [--json] sites, hosts, addresses, each libvirtd's state and its domains
 #   lab.sh exec HOST -- CMD...   run CMD in HOST's network and mount namespace
@@ -271,6 +271,39 @@ issue_libvirt_certs() { # HOST CA_DIR: HOST's libvirt and QEMU certificates into
     --days 30 --out "$LAB_DIR/hosts/$h/pki" >/dev/null
 }
 
+# A host's CPU capacity: a CFS quota on its cgroup subtree, so that its libvirtd and every QEMU
+# it runs (its VMs, and the VMs that migrate in, which the destination's libvirtd starts inside
+# its own subtree) share C CPUs' worth of time per 100 ms, and a busy host slows only its own
+# guests. Without --host-cpus every host shares the whole machine. cgroup v1 refuses a child
+# quota above its parent's: a VM's CPU cap (`viola vm resize --cap-percent`) cannot exceed its
+# host's capacity.
+set_host_cpus() { # HOST CPUS
+  local dir quota set=0
+  quota=$(awk -v c="$2" 'BEGIN { printf "%d", c * 100000 }')
+  for dir in $(host_cgroup_dirs "$1"); do
+    if [ -f "$dir/cpu.cfs_quota_us" ]; then
+      echo 100000 >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us" && set=1
+    elif [ -f "$dir/cpu.max" ]; then
+      echo "$quota 100000" >"$dir/cpu.max" && set=1
+    fi
+  done
+  [ "$set" = 1 ] || die "cannot give $1 its own CPU capacity: no cpu controller for its cgroup"
+}
+
+host_cpus_now() { # HOST -> its CPU capacity as its cgroup says ("" when it shares the machine)
+  local dir q p
+  for dir in $(host_cgroup_dirs "$1"); do
+    if [ -f "$dir/cpu.cfs_quota_us" ]; then
+      q=$(cat "$dir/cpu.cfs_quota_us"); p=$(cat "$dir/cpu.cfs_period_us")
+    elif [ -f "$dir/cpu.max" ]; then
+      read -r q p <"$dir/cpu.max"
+    else
+      continue
+    fi
+    case "$q" in -1|max) ;; *) awk -v q="$q" -v p="$p" 'BEGIN { printf "%.2f", q / p }'; return ;; esac
+  done
+}
+
 remove_host_cgroups() { # HOST: the subtree, deepest first (its processes are gone by now)
   local dir
   for dir in $(host_cgroup_dirs "$1"); do
@@ -288,7 +321,7 @@ wait_libvirtd() { # HOST
 }
 
 cmd_up() {
-  local sites=2 hosts=2 delay=10 rate=200 nat_sites="" plain=0 i k s h
+  local sites=2 hosts=2 delay=10 rate=200 nat_sites="" plain=0 host_cpus="" i k s h
   while [ $# -gt 0 ]; do
     case "$1" in
       --sites) sites=$2; shift 2 ;;
@@ -297,6 +330,7 @@ cmd_up() {
       --wan-rate-mbit) rate=$2; shift 2 ;;
       --nat-site) nat_sites="$nat_sites $2"; shift 2 ;;
       --allow-plain-migration) plain=1; shift ;;
+      --host-cpus) host_cpus=$2; shift 2 ;;
       *) die "up: unknown option $1" ;;
     esac
   done
@@ -304,6 +338,10 @@ cmd_up() {
   [[ "$hosts" =~ ^[1-9]$ ]] || die "--hosts must be 1..9"
   [[ "$delay" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--wan-delay-ms must be a number"
   [[ "$rate" =~ ^[0-9]+$ ]] || die "--wan-rate-mbit must be a whole number"
+  if [ -n "$host_cpus" ]; then
+    [[ "$host_cpus" =~ ^[0-9]+(\.[0-9]{1,2})?$ ]] && awk -v c="$host_cpus" 'BEGIN { exit !(c >= 0.05) }' ||
+      die "--host-cpus must be a number of CPUs of at least 0.05 (e.g. 0.5)"
+  fi
   if ip route | grep -q '198\.1[89]\.'; then
     die "the machine's own routes use 198.18.0.0/15; the lab will not reuse that subnet"
   fi
@@ -388,6 +426,9 @@ cmd_up() {
     done
   done
   for h in $(lab_hosts); do wait_libvirtd "$h"; done
+  if [ -n "$host_cpus" ]; then
+    for h in $(lab_hosts); do set_host_cpus "$h" "$host_cpus"; done
+  fi
   cat >"$RUN_DIR/lab.env" <<EOF
 sites=$sites
 hosts=$hosts
@@ -397,7 +438,7 @@ nat_sites="${nat_sites# }"
 plain_migration_allowed=$plain
 EOF
   trap - ERR
-  log "up: $sites sites x $hosts hosts, WAN ${delay} ms one way at ${rate} Mbit/s"
+  log "up: $sites sites x $hosts hosts, WAN ${delay} ms one way at ${rate} Mbit/s${host_cpus:+, $host_cpus CPUs per host}"
   cmd_status
 }
 
@@ -413,7 +454,7 @@ host_state() { # HOST -> "running PID" | "down"
 }
 
 cmd_status() {
-  local json=0 h s i k addr state pid doms
+  local json=0 h s i k addr state pid doms cpus
   [ "${1:-}" = --json ] && json=1
   if [ ! -f "$RUN_DIR/lab.env" ]; then
     if [ "$json" -eq 1 ]; then echo '{"up":false,"lab":"'"$LAB"'","hosts":[]}'; else echo "lab $LAB: down"; fi
@@ -429,22 +470,24 @@ cmd_status() {
     printf 'lab %s: %s sites x %s hosts, WAN %s ms one way at %s Mbit/s%s, migrations over TLS%s\n' \
       "$LAB" "$sites" "$hosts" "$wan_delay_ms" "$wan_rate_mbit" "${nat_sites:+, behind NAT: $nat_sites}" \
       "$([ "${plain_migration_allowed:-0}" = 1 ] && echo ' (plain allowed)')"
-    printf '%-6s %-5s %-14s %-10s %-8s %s\n' HOST SITE ADDRESS LIBVIRTD PID DOMAINS
+    printf '%-6s %-5s %-14s %-8s %-10s %-8s %s\n' HOST SITE ADDRESS CPUS LIBVIRTD PID DOMAINS
   fi
   local first=1
   for h in $(lab_hosts); do
     s=${h%%[0-9]*}; k=${h#"$s"}; i=$(site_index "$s")
     addr="198.18.$i.$((10 + k))"
     read -r state pid < <(host_state "$h")
+    cpus=$(host_cpus_now "$h")
     doms=""
     [ "$state" = running ] && doms=$(host_exec "$h" virsh -q -c qemu:///system list --all --name 2>/dev/null | sed '/^$/d' | paste -sd, -)
     if [ "$json" -eq 1 ]; then
       [ "$first" -eq 1 ] || printf ','
-      printf '{"name":"%s","site":"%s","namespace":"%s","mount_namespace":"%s","address":"%s","libvirtd":"%s","libvirt_uri":"qemu+tls://%s/system","pki":"%s","images":"%s","host_uuid":"%s","domains":"%s"}' \
-        "$h" "$s" "$(host_ns "$h")" "$NS_DIR/$h.mnt" "$addr" "$state" "$addr" "$LAB_DIR/hosts/$h/pki" \
+      printf '{"name":"%s","site":"%s","namespace":"%s","mount_namespace":"%s","address":"%s","cpus":%s,"cgroups":"%s","libvirtd":"%s","libvirt_uri":"qemu+tls://%s/system","pki":"%s","images":"%s","host_uuid":"%s","domains":"%s"}' \
+        "$h" "$s" "$(host_ns "$h")" "$NS_DIR/$h.mnt" "$addr" "${cpus:-null}" "$(host_cgroup_dirs "$h" | paste -sd' ' -)" \
+        "$state" "$addr" "$LAB_DIR/hosts/$h/pki" \
         "$LAB_DIR/images/$h" "$(cat "$LAB_DIR/hosts/$h/host_uuid" 2>/dev/null)" "$doms"
     else
-      printf '%-6s %-5s %-14s %-10s %-8s %s\n' "$h" "$s" "$addr" "$state" "$pid" "${doms:--}"
+      printf '%-6s %-5s %-14s %-8s %-10s %-8s %s\n' "$h" "$s" "$addr" "${cpus:-machine}" "$state" "$pid" "${doms:--}"
     fi
     first=0
   done

@@ -135,6 +135,12 @@ pub struct LabHost {
     pub images: String,
     pub host_uuid: String,
     pub domains: String,
+    /// Its CPU capacity (`up --host-cpus`; `None`: it shares the whole machine).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Its cgroup subtree's directories (space-separated), where its libvirtd and QEMUs run.
+    #[serde(default)]
+    pub cgroups: String,
 }
 
 /// The lab as `lab.sh status --json` describes it.
@@ -169,6 +175,8 @@ pub struct LabSpec {
     pub nat_sites: Vec<String>,
     /// Let QEMU accept migrations without TLS (to measure what TLS costs).
     pub allow_plain_migration: bool,
+    /// Each host's own CPU capacity in CPUs (`--host-cpus`); `None`: hosts share the machine.
+    pub host_cpus: Option<f64>,
 }
 
 impl Default for LabSpec {
@@ -180,6 +188,7 @@ impl Default for LabSpec {
             wan_rate_mbit: 200,
             nat_sites: Vec::new(),
             allow_plain_migration: false,
+            host_cpus: None,
         }
     }
 }
@@ -206,6 +215,9 @@ impl Lab {
         }
         if spec.allow_plain_migration {
             cmd.arg("--allow-plain-migration");
+        }
+        if let Some(cpus) = spec.host_cpus {
+            cmd.args(["--host-cpus", &format!("{cpus:.2}")]);
         }
         // Construct the guard first so a failed `up` is still torn down.
         let mut lab = Self::unread(instance, true);
