@@ -80,6 +80,7 @@ fn main() -> anyhow::Result<()> {
                 sent_ms: at,
                 usage: HostUsage {
                     cpus: h.pes,
+                    cpu_capacity: None,
                     cpu_busy: h.utilization * f64::from(h.pes),
                     mem_total_kib: (h.ram_mb * 1024.0) as u64,
                     mem_available_kib: 0,

@@ -102,6 +102,7 @@ pub fn host_report(host: &str, seq: u64, vms: &[&str]) -> viola_api::manager::Ho
         sent_ms: 0,
         usage: viola_api::manager::HostUsage {
             cpus: 8,
+            cpu_capacity: None,
             cpu_busy: 0.1,
             mem_total_kib: 16 << 20,
             mem_available_kib: 8 << 20,

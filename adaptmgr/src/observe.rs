@@ -71,21 +71,25 @@ pub fn observed_state(
         .collect();
     let mut host_obs: Vec<HostObs> = hosts
         .iter()
-        .map(|h| HostObs {
-            name: h.name.clone(),
-            site: site_index[h.site.as_str()],
-            pes: h.cpus,
-            pe_mips: params.pe_mips,
-            ram_mb: h.memory_kib as f64 / 1024.0,
-            bw_mbps: params.bw_mbps,
-            ram_used_mb: 0.0,
-            bw_used_mbps: 0.0,
-            power: PowerModel::hp_ml110_g5(),
-            vms: Vec::new(),
-            utilization: h.usage.as_ref().map_or(0.0, |u| {
-                (u.cpu_busy / f64::from(h.cpus.max(1))).clamp(0.0, 1.0)
-            }),
-            powered_on: h.state == HostState::Up && !h.libvirt_uri.is_empty(),
+        .map(|h| {
+            let (pes, pe_mips, cpus) = host_capacity(h, params.pe_mips);
+            HostObs {
+                name: h.name.clone(),
+                site: site_index[h.site.as_str()],
+                pes,
+                pe_mips,
+                ram_mb: h.memory_kib as f64 / 1024.0,
+                bw_mbps: params.bw_mbps,
+                ram_used_mb: 0.0,
+                bw_used_mbps: 0.0,
+                power: PowerModel::hp_ml110_g5(),
+                vms: Vec::new(),
+                utilization: h
+                    .usage
+                    .as_ref()
+                    .map_or(0.0, |u| (u.cpu_busy / cpus).clamp(0.0, 1.0)),
+                powered_on: h.state == HostState::Up && !h.libvirt_uri.is_empty(),
+            }
         })
         .collect();
     let mut vm_obs = Vec::with_capacity(vms.len());
@@ -185,6 +189,26 @@ pub fn per_period(samples: &[Sample], now_ms: u64, period_ms: u64, periods: usiz
     out
 }
 
+/// A host's CPU capacity in the policies' model: `(pes, pe_mips, cpus)`. A host that is a
+/// partition of a bigger machine (its monitor reports a cgroup quota) has the quota's CPUs, as
+/// whole PEs of `pe_mips` where the quota is whole CPUs and as smaller PEs otherwise (which a
+/// vCPU of full size then does not fit into, so the policies place no VM there); any other
+/// host has its CPUs.
+fn host_capacity(h: &HostRecord, pe_mips: f64) -> (u32, f64, f64) {
+    match h
+        .usage
+        .as_ref()
+        .and_then(|u| u.cpu_capacity)
+        .filter(|c| *c > 0.0)
+    {
+        Some(c) => {
+            let pes = (c.ceil() as u32).max(1);
+            (pes, pe_mips * c / f64::from(pes), c)
+        }
+        None => (h.cpus, pe_mips, f64::from(h.cpus.max(1))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +303,44 @@ mod tests {
         assert!(st.vms[2].in_migration && !st.vms[0].in_migration);
         assert_eq!(st.hosts[0].ram_used_mb, 2048.0);
         assert_eq!(st.time_s, 60.0);
+    }
+
+    #[test]
+    fn a_partition_has_its_quota_as_capacity_and_is_busy_against_it() {
+        let mut h = HostRecord {
+            name: "a1".into(),
+            site: "a".into(),
+            libvirt_uri: "fake://a1".into(),
+            migration_uri: String::new(),
+            cpus: 2,
+            memory_kib: 8 << 20,
+            state: HostState::Up,
+            last_heartbeat_ms: None,
+            last_report_seq: 0,
+            usage: Some(viola_api::manager::HostUsage {
+                cpus: 2,
+                cpu_capacity: Some(1.0),
+                cpu_busy: 0.8,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(host_capacity(&h, 1000.0), (1, 1000.0, 1.0));
+        let params = ObserveParams {
+            period_ms: 30_000,
+            pe_mips: 1000.0,
+            bw_mbps: 1000.0,
+            wan_mbps: 100.0,
+        };
+        let none = SampleHistories::default();
+        let st = observed_state(&[h.clone()], &[], &[], &none, &BTreeSet::new(), 0, &params);
+        assert_eq!(st.hosts[0].total_mips(), 1000.0);
+        assert!((st.hosts[0].utilization - 0.8).abs() < 1e-9);
+        // Half a CPU: one smaller PE; no quota: the machine's CPUs.
+        h.usage.as_mut().unwrap().cpu_capacity = Some(0.5);
+        assert_eq!(host_capacity(&h, 1000.0), (1, 500.0, 0.5));
+        h.usage.as_mut().unwrap().cpu_capacity = Some(1.5);
+        assert_eq!(host_capacity(&h, 1000.0), (2, 750.0, 1.5));
+        h.usage.as_mut().unwrap().cpu_capacity = None;
+        assert_eq!(host_capacity(&h, 1000.0), (2, 1000.0, 2.0));
     }
 }

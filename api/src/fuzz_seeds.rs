@@ -21,6 +21,7 @@ fn fuzz_seeds() {
         sent_ms: 1_800_000_000_000,
         usage: HostUsage {
             cpus: 4,
+            cpu_capacity: Some(2.5),
             // Measured rates have all 17 digits (and need an exact float parser).
             cpu_busy: 30.070858376637702,
             mem_total_kib: 8 << 20,

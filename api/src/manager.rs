@@ -27,8 +27,13 @@ pub struct HostReport {
 /// Host figures from /proc.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostUsage {
+    /// The machine's CPUs.
     pub cpus: u32,
-    /// CPUs' worth of busy time over the last interval (0..=cpus).
+    /// CPUs' worth of time the host may use when it is a partition (a cgroup quota) of a
+    /// bigger machine; `None`: all of `cpus`.
+    #[serde(default)]
+    pub cpu_capacity: Option<f64>,
+    /// CPUs' worth of busy time over the last interval (of the partition when it is one).
     pub cpu_busy: f64,
     pub mem_total_kib: u64,
     pub mem_available_kib: u64,

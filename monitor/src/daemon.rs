@@ -22,7 +22,8 @@ use viola_common::identity::Identity;
 use viola_hypervisor::{Connector, Hypervisor, blocking};
 
 use crate::probe::{ProbeConfig, run_probe};
-use crate::sampler::{ProcText, Sampler};
+use crate::proc;
+use crate::sampler::{CgroupSample, ProcText, Sampler};
 
 /// `viola-monitor` configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +39,10 @@ pub struct MonitorConfig {
     pub metrics_listen: SocketAddr,
     /// Where /proc is (a test can point this at captured files).
     pub proc_root: PathBuf,
+    /// When the host is a partition of a bigger machine: its cgroup directories (cgroup v1:
+    /// the cpu and cpuacct hierarchies' ones; v2: its one directory). The host's capacity is
+    /// then the cgroup's CPU quota and its busy time the cgroup's CPU time.
+    pub cgroup_dirs: Vec<PathBuf>,
     pub probes: Vec<ProbeConfig>,
 }
 
@@ -52,6 +57,7 @@ impl Default for MonitorConfig {
             interval_ms: 1000,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9444)),
             proc_root: PathBuf::from("/proc"),
+            cgroup_dirs: Vec::new(),
             probes: Vec::new(),
         }
     }
@@ -153,6 +159,65 @@ pub fn read_proc(root: &std::path::Path) -> std::io::Result<ProcText> {
         stat: std::fs::read_to_string(root.join("stat"))?,
         meminfo: std::fs::read_to_string(root.join("meminfo"))?,
         net_dev: std::fs::read_to_string(root.join("net/dev"))?,
+        cgroup: None,
+    })
+}
+
+/// Why a host's cgroup could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupReadError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: proc::CgroupParseError,
+    },
+    #[error("no CPU quota file (cpu.cfs_quota_us or cpu.max) in {0:?}")]
+    NoQuota(Vec<PathBuf>),
+    #[error("no CPU time file (cpuacct.usage or cpu.stat with usage_usec) in {0:?}")]
+    NoUsage(Vec<PathBuf>),
+}
+
+/// Reads a partition's CPU quota and CPU time from its cgroup directories.
+pub fn read_cgroup(dirs: &[PathBuf]) -> Result<CgroupSample, CgroupReadError> {
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path)
+            .map_err(|source| CgroupReadError::Read {
+                path: path.clone(),
+                source,
+            })
+            .map(|text| (path, text))
+    };
+    let parse = |path: PathBuf| move |source| CgroupReadError::Parse { path, source };
+    let mut capacity = None;
+    let mut usage_ns = None;
+    for dir in dirs {
+        if capacity.is_none() && dir.join("cpu.cfs_quota_us").exists() {
+            let (_, quota) = read(dir.join("cpu.cfs_quota_us"))?;
+            let (path, period) = read(dir.join("cpu.cfs_period_us"))?;
+            capacity = Some(proc::parse_cfs_quota(&quota, &period).map_err(parse(path))?);
+        } else if capacity.is_none() && dir.join("cpu.max").exists() {
+            let (path, text) = read(dir.join("cpu.max"))?;
+            capacity = Some(proc::parse_cpu_max(&text).map_err(parse(path))?);
+        }
+        if dir.join("cpuacct.usage").exists() {
+            let (path, text) = read(dir.join("cpuacct.usage"))?;
+            usage_ns = Some(proc::parse_cpuacct_usage(&text).map_err(parse(path))?);
+        } else if usage_ns.is_none() && dir.join("cpu.stat").exists() {
+            // cgroup v1's cpu.stat has only throttling figures: not an error, just not this.
+            let (_, text) = read(dir.join("cpu.stat"))?;
+            usage_ns = proc::parse_cpu_stat_usage(&text).ok();
+        }
+    }
+    Ok(CgroupSample {
+        capacity: capacity.ok_or_else(|| CgroupReadError::NoQuota(dirs.to_vec()))?,
+        usage_ns: usage_ns.ok_or_else(|| CgroupReadError::NoUsage(dirs.to_vec()))?,
     })
 }
 
@@ -170,14 +235,22 @@ pub async fn collect(
     hv: &mut Option<Arc<dyn Hypervisor>>,
 ) -> HostReport {
     let root = cfg.proc_root.clone();
-    let text = tokio::task::spawn_blocking(move || read_proc(&root))
-        .await
-        .ok()
-        .and_then(|r| {
-            r.map_err(|e| tracing::warn!(error = %e, "cannot read /proc"))
-                .ok()
-        })
-        .unwrap_or_default();
+    let cgroup_dirs = cfg.cgroup_dirs.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = read_proc(&root)
+            .map_err(|e| tracing::warn!(error = %e, "cannot read /proc"))
+            .unwrap_or_default();
+        if !cgroup_dirs.is_empty() {
+            text.cgroup = read_cgroup(&cgroup_dirs)
+                .map_err(|e| {
+                    tracing::warn!(error = %viola_common::errors::chain(&e), "cannot read the host's cgroup")
+                })
+                .ok();
+        }
+        text
+    })
+    .await
+    .unwrap_or_default();
     let vms = match hv.as_ref() {
         Some(h) => match blocking(h, |h| h.stats()).await {
             Ok(v) => v,
@@ -272,5 +345,65 @@ pub async fn run(
     }
     if let Some(c) = client {
         c.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &std::path::Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn cgroup_v1_hierarchies_and_v2_directory_are_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cpu, cpuacct, unified) = (
+            tmp.path().join("cpu"),
+            tmp.path().join("cpuacct"),
+            tmp.path().join("v2"),
+        );
+        for d in [&cpu, &cpuacct, &unified] {
+            std::fs::create_dir(d).unwrap();
+        }
+        write(&cpu, "cpu.cfs_quota_us", "50000\n");
+        write(&cpu, "cpu.cfs_period_us", "100000\n");
+        write(
+            &cpu,
+            "cpu.stat",
+            "nr_periods 3\nnr_throttled 1\nthrottled_time 5\n",
+        );
+        write(&cpuacct, "cpuacct.usage", "7000\n");
+        let v1 = read_cgroup(&[cpu.clone(), cpuacct.clone()]).unwrap();
+        assert_eq!(
+            v1,
+            CgroupSample {
+                capacity: Some(0.5),
+                usage_ns: 7000
+            }
+        );
+        write(&unified, "cpu.max", "max 100000\n");
+        write(&unified, "cpu.stat", "usage_usec 3\nuser_usec 2\n");
+        let v2 = read_cgroup(std::slice::from_ref(&unified)).unwrap();
+        assert_eq!(
+            v2,
+            CgroupSample {
+                capacity: None,
+                usage_ns: 3000
+            }
+        );
+        // The cpu hierarchy alone has a quota but no CPU time; a broken quota is named.
+        let err = read_cgroup(std::slice::from_ref(&cpu)).unwrap_err();
+        assert!(matches!(err, CgroupReadError::NoUsage(_)), "{err}");
+        write(&cpu, "cpu.cfs_quota_us", "half\n");
+        let err = read_cgroup(&[cpu.clone(), cpuacct]).unwrap_err();
+        assert!(
+            viola_common::errors::chain(&err).contains("half"),
+            "{}",
+            viola_common::errors::chain(&err)
+        );
+        let err = read_cgroup(&[tmp.path().join("missing")]).unwrap_err();
+        assert!(matches!(err, CgroupReadError::NoQuota(_)), "{err}");
     }
 }

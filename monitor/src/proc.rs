@@ -1,5 +1,8 @@
 //! Host usage from /proc: pure parsers of `/proc/stat`, `/proc/meminfo` and `/proc/net/dev`
-//! (tested on captured text), and rates from two samples.
+//! (tested on captured text), and rates from two samples; and of a host's own CPU share when it
+//! is a cgroup (a partition of a bigger machine, as the lab's hosts are): its quota and its CPU
+//! time, from cgroup v1 (`cpu.cfs_quota_us`, `cpu.cfs_period_us`, `cpuacct.usage`) or v2
+//! (`cpu.max`, `cpu.stat`) files.
 
 /// Cumulative CPU jiffies from the `cpu` line of /proc/stat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,6 +43,61 @@ pub fn cpu_busy(before: CpuTimes, after: CpuTimes, cpus: u32) -> f64 {
     }
     let idle = after.idle.saturating_sub(before.idle);
     (total.saturating_sub(idle) as f64 / total as f64) * f64::from(cpus)
+}
+
+/// CPUs a cgroup may use, from a v1 quota and period (`-1`: no limit) in microseconds.
+pub fn parse_cfs_quota(quota: &str, period: &str) -> Result<Option<f64>, CgroupParseError> {
+    let period: u64 = number(period)?;
+    let quota = quota.trim();
+    if quota == "-1" {
+        return Ok(None);
+    }
+    share(number(quota)?, period)
+}
+
+/// CPUs a cgroup may use, from a v2 `cpu.max` ("max 100000" or "50000 100000").
+pub fn parse_cpu_max(text: &str) -> Result<Option<f64>, CgroupParseError> {
+    let mut fields = text.split_whitespace();
+    let (Some(quota), Some(period), None) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(CgroupParseError(text.trim().to_owned()));
+    };
+    if quota == "max" {
+        return Ok(None);
+    }
+    share(number(quota)?, number(period)?)
+}
+
+/// A cgroup's CPU time in nanoseconds from v1 `cpuacct.usage`.
+pub fn parse_cpuacct_usage(text: &str) -> Result<u64, CgroupParseError> {
+    number(text)
+}
+
+/// A cgroup's CPU time in nanoseconds from v2 `cpu.stat` (`usage_usec`).
+pub fn parse_cpu_stat_usage(text: &str) -> Result<u64, CgroupParseError> {
+    let usec: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .ok_or_else(|| CgroupParseError("cpu.stat without usage_usec".to_owned()))
+        .and_then(number)?;
+    Ok(usec.saturating_mul(1000))
+}
+
+/// A cgroup file that does not say what it should.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected cgroup file content {0:?}")]
+pub struct CgroupParseError(String);
+
+fn number(text: &str) -> Result<u64, CgroupParseError> {
+    text.trim()
+        .parse()
+        .map_err(|_| CgroupParseError(text.trim().to_owned()))
+}
+
+fn share(quota: u64, period: u64) -> Result<Option<f64>, CgroupParseError> {
+    if period == 0 {
+        return Err(CgroupParseError("a period of 0".to_owned()));
+    }
+    Ok(Some(quota as f64 / period as f64))
 }
 
 /// `(MemTotal, MemAvailable)` in KiB.
@@ -107,12 +165,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn cgroup_quota_and_usage_v1_and_v2() {
+        assert_eq!(parse_cfs_quota("50000\n", "100000\n"), Ok(Some(0.5)));
+        assert_eq!(parse_cfs_quota("-1\n", "100000\n"), Ok(None));
+        assert_eq!(parse_cpu_max("150000 100000\n"), Ok(Some(1.5)));
+        assert_eq!(parse_cpu_max("max 100000\n"), Ok(None));
+        assert_eq!(parse_cpuacct_usage("123456789\n"), Ok(123_456_789));
+        let stat = "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n";
+        assert_eq!(parse_cpu_stat_usage(stat), Ok(2_500_000));
+        assert!(parse_cfs_quota("50000", "0").is_err());
+        assert!(parse_cfs_quota("lots", "100000").is_err());
+        assert!(parse_cpu_max("50000").is_err());
+        assert!(parse_cpu_max("50000 100000 7").is_err());
+        assert!(parse_cpu_stat_usage("user_usec 1\n").is_err());
+    }
+
     proptest! {
         #[test]
-        fn parsers_never_panic(text in ".{0,400}") {
+        fn parsers_never_panic(text in ".{0,400}", other in ".{0,40}") {
             let _ = parse_stat(&text);
             let _ = parse_meminfo(&text);
             let _ = parse_net_dev(&text);
+            let _ = parse_cfs_quota(&text, &other);
+            let _ = parse_cpu_max(&text);
+            let _ = parse_cpuacct_usage(&text);
+            let _ = parse_cpu_stat_usage(&text);
+        }
+
+        #[test]
+        fn cpu_max_round_trips(quota in 1u64..10_000_000, period in 1_000u64..1_000_000) {
+            let got = parse_cpu_max(&format!("{quota} {period}\n")).unwrap().unwrap();
+            prop_assert!((got - quota as f64 / period as f64).abs() < 1e-9);
         }
 
         #[test]

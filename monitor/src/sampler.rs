@@ -9,12 +9,22 @@ use viola_hypervisor::DomainStats;
 
 use crate::proc::{self, CpuTimes};
 
-/// The /proc text of one sample.
+/// The /proc text of one sample, and the host's cgroup figures when it is a partition.
 #[derive(Debug, Clone, Default)]
 pub struct ProcText {
     pub stat: String,
     pub meminfo: String,
     pub net_dev: String,
+    pub cgroup: Option<CgroupSample>,
+}
+
+/// A host that is a cgroup of a bigger machine: what it may use and what it has used.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CgroupSample {
+    /// CPUs' worth of time it may use (`None`: no quota, the whole machine).
+    pub capacity: Option<f64>,
+    /// CPU time used by everything in it so far (ns).
+    pub usage_ns: u64,
 }
 
 /// Keeps the previous sample to compute rates.
@@ -24,6 +34,7 @@ pub struct Sampler {
     site: String,
     seq: u64,
     prev_cpu: Option<CpuTimes>,
+    prev_cgroup_ns: Option<u64>,
     prev_net: HashMap<String, (u64, u64)>,
     prev_vm_cpu: HashMap<String, u64>,
     prev_at: Option<Instant>,
@@ -36,6 +47,7 @@ impl Sampler {
             site: site.to_owned(),
             seq: 0,
             prev_cpu: None,
+            prev_cgroup_ns: None,
             prev_net: HashMap::new(),
             prev_vm_cpu: HashMap::new(),
             prev_at: None,
@@ -57,10 +69,16 @@ impl Sampler {
             .map(|p| now.saturating_duration_since(p).as_secs_f64())
             .filter(|s| *s > 0.0);
         let (cpu, cpus) = proc::parse_stat(&text.stat).unwrap_or_default();
-        let cpu_busy = match (self.prev_cpu, secs) {
-            (Some(prev), Some(_)) => proc::cpu_busy(prev, cpu, cpus),
+        // A partition's own busy time, not the machine's: the machine's other partitions are
+        // other hosts.
+        let cpu_busy = match (&text.cgroup, self.prev_cgroup_ns, self.prev_cpu, secs) {
+            (Some(cg), Some(prev), _, Some(secs)) => {
+                cg.usage_ns.saturating_sub(prev) as f64 / (secs * 1e9)
+            }
+            (None, _, Some(prev), Some(_)) => proc::cpu_busy(prev, cpu, cpus),
             _ => 0.0,
         };
+        let cpu_capacity = text.cgroup.and_then(|cg| cg.capacity);
         let (mem_total_kib, mem_available_kib) =
             proc::parse_meminfo(&text.meminfo).unwrap_or_default();
         let mut net = Vec::new();
@@ -110,6 +128,7 @@ impl Sampler {
             });
         }
         self.prev_cpu = Some(cpu);
+        self.prev_cgroup_ns = text.cgroup.map(|cg| cg.usage_ns);
         self.prev_net = next_net;
         self.prev_vm_cpu = next_vm;
         self.prev_at = Some(now);
@@ -121,6 +140,7 @@ impl Sampler {
             sent_ms: now_ms,
             usage: HostUsage {
                 cpus,
+                cpu_capacity,
                 cpu_busy,
                 mem_total_kib,
                 mem_available_kib,
@@ -168,6 +188,7 @@ mod tests {
             stat: "cpu 1 0 1 10 0 0 0 0\ncpu0 1 0 1 10 0 0 0 0\n".into(),
             meminfo: "MemTotal: 100 kB\nMemAvailable: 50 kB\n".into(),
             net_dev: "h\nh\n eth0: 0 0 0 0 0 0 0 0 0 0\n".into(),
+            cgroup: None,
         };
         let r1 = s.sample(t0, 0, &text, &[dom(0)], vec![]);
         assert_eq!(r1.vms[0].cpu_busy, 0.0);
@@ -183,5 +204,36 @@ mod tests {
         assert_eq!((r1.seq, r2.seq), (1, 2));
         assert_eq!(r2.usage.mem_available_kib, 50);
         assert_eq!(r2.vms[0].balloon_kib, Some(200_000));
+    }
+
+    #[test]
+    fn a_partition_reports_its_quota_and_its_own_busy_time() {
+        let mut s = Sampler::new("a1", "a");
+        let t0 = Instant::now();
+        // The machine: two CPUs, both fully busy (other partitions' work).
+        let mut text = ProcText {
+            stat: "cpu 0 0 0 0 0 0 0 0\ncpu0 0\ncpu1 0\n".into(),
+            cgroup: Some(CgroupSample {
+                capacity: Some(0.5),
+                usage_ns: 1_000_000_000,
+            }),
+            ..ProcText::default()
+        };
+        let first = s.sample(t0, 0, &text, &[], vec![]);
+        assert_eq!(first.usage.cpu_capacity, Some(0.5));
+        assert_eq!(first.usage.cpu_busy, 0.0);
+        text.stat = "cpu 400 0 0 0 0 0 0 0\ncpu0 0\ncpu1 0\n".into();
+        // The partition used 0.8 s of CPU in 2 s: 0.4 CPUs, not the machine's 2.
+        text.cgroup = Some(CgroupSample {
+            capacity: Some(0.5),
+            usage_ns: 1_800_000_000,
+        });
+        let second = s.sample(t0 + Duration::from_secs(2), 2000, &text, &[], vec![]);
+        assert!(
+            (second.usage.cpu_busy - 0.4).abs() < 1e-9,
+            "{:?}",
+            second.usage
+        );
+        assert_eq!(second.usage.cpus, 2);
     }
 }

@@ -789,12 +789,18 @@ fn print_hosts(hosts: &[HostView]) {
                 (u.mem_available_kib / 1024).to_string(),
             )
         });
+        // A partition's capacity (its cgroup quota) where it has one, else the machine's CPUs.
+        let cpus = h
+            .usage
+            .as_ref()
+            .and_then(|u| u.cpu_capacity)
+            .map_or_else(|| h.cpus.to_string(), |c| format!("{c:.2}"));
         println!(
             "{:<10} {:<6} {:<10} {:>5} {:>10} {:>9} {:>10}",
             h.name,
             h.site,
             state,
-            h.cpus,
+            cpus,
             h.memory_kib / 1024,
             busy,
             avail

@@ -31,6 +31,7 @@ fn report(host: &str, seq: u64) -> Request {
         sent_ms: 0,
         usage: HostUsage {
             cpus: 8,
+            cpu_capacity: None,
             cpu_busy: 0.1,
             mem_total_kib: 16 << 20,
             mem_available_kib: 8 << 20,

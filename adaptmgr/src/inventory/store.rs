@@ -607,6 +607,7 @@ mod tests {
             sent_ms: 0,
             usage: HostUsage {
                 cpus: 2,
+                cpu_capacity: None,
                 cpu_busy: 0.5,
                 mem_total_kib: 1 << 20,
                 mem_available_kib: 1 << 19,

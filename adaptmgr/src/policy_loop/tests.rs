@@ -109,6 +109,7 @@ impl Federation {
                     sent_ms: 0,
                     usage: HostUsage {
                         cpus: 2,
+                        cpu_capacity: None,
                         cpu_busy: 0.0,
                         mem_total_kib: 4 << 20,
                         mem_available_kib: 2 << 20,

@@ -30,6 +30,10 @@ struct Args {
     interval_ms: Option<u64>,
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// The host is a partition of a bigger machine: its cgroup directory (repeat for the cpu
+    /// and cpuacct hierarchies of cgroup v1). Replaces the config's `cgroup_dirs`.
+    #[arg(long = "cgroup-dir")]
+    cgroup_dirs: Vec<PathBuf>,
     /// Print one report as JSON and exit (no manager needed).
     #[arg(long)]
     once: bool,
@@ -53,6 +57,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if cfg.host.is_empty() || cfg.site.is_empty() {
         bail!("host and site must be set (config keys `host`, `site` or --host/--site)");
+    }
+    if !args.cgroup_dirs.is_empty() {
+        cfg.cgroup_dirs = args.cgroup_dirs;
+    }
+    if !cfg.cgroup_dirs.is_empty() {
+        // A misnamed partition is a configuration error, not a host that silently reports the
+        // whole machine.
+        let sample = daemon::read_cgroup(&cfg.cgroup_dirs)
+            .context("the host's cgroup (cgroup_dirs) cannot be read")?;
+        tracing::info!(capacity = ?sample.capacity, "the host is a cgroup partition");
     }
     if args.once {
         let connector = LibvirtConnector;
