@@ -92,10 +92,31 @@ pub fn spawn_manager(ns: &str, cfg: &Path, log: &Path) -> std::process::Child {
     .unwrap()
 }
 
+/// What a test wants of the federation beyond the defaults.
+#[derive(Default)]
+pub struct FedSpec<'a> {
+    /// More (name, file) images imported at site a's depot beside "guest" (chains as layers).
+    pub images: &'a [(&'a str, &'a Path)],
+    /// Each lab host's own CPU capacity (`lab.sh up --host-cpus`); the monitors then report
+    /// their host's cgroup (quota and CPU time), not the machine's /proc.
+    pub host_cpus: Option<f64>,
+    /// TOML appended to the manager's configuration (e.g. a `[policy]` table).
+    pub manager_toml: &'a str,
+}
+
 impl Fed {
     /// Builds the daemons, brings lab `LAB` up and starts everything; `images` are more
     /// (name, file) images imported at site a's depot beside "guest" (chains as layers).
     pub fn up(images: &[(&str, &Path)]) -> Self {
+        Self::with(&FedSpec {
+            images,
+            ..FedSpec::default()
+        })
+    }
+
+    /// [`up`](Self::up) with more than images.
+    pub fn with(spec: &FedSpec) -> Self {
+        let images = spec.images;
         crate::daemons::build(&[
             "viola-adaptmgr",
             "viola-monitor",
@@ -104,7 +125,14 @@ impl Fed {
             "viola-common",
         ])
         .expect("build");
-        let lab = Lab::up(LAB, &LabSpec::default()).expect("lab up");
+        let lab = Lab::up(
+            LAB,
+            &LabSpec {
+                host_cpus: spec.host_cpus,
+                ..LabSpec::default()
+            },
+        )
+        .expect("lab up");
         let mut daemons = Daemons::default();
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
@@ -212,10 +240,11 @@ impl Fed {
              [vm_template]\nkernel = \"{g}/vmlinuz\"\ninitrd = \"{g}/initrd.img\"\n\
              cmdline = \"console=ttyS0 quiet panic=-1 viola.ip=dhcp viola.http=1\"\n\
              console_dir = \"{}\"\nmtu = 1400\n\n\
-             [[tenants]]\nname = \"physics\"\nmax_vms = 1\n\n[[tenants]]\nname = \"chem\"\n",
+             [[tenants]]\nname = \"physics\"\nmax_vms = 1\n\n[[tenants]]\nname = \"chem\"\n\n{}\n",
             addr("a1"),
             addr("b1"),
             console.display(),
+            spec.manager_toml,
             g = guest_dir().display(),
         ));
         let mgr_cfg = dir.join("adaptmgr.toml");
@@ -223,18 +252,24 @@ impl Fed {
         let mgr_log = dir.join("adaptmgr.log");
         daemons.add("manager", spawn_manager(&ns("a2"), &mgr_cfg, &mgr_log));
         for h in HOSTS {
-            let child = spawn_logged(
-                Command::new("ip")
-                    .args(["netns", "exec", &ns(h)])
-                    .arg(bin("viola-monitor"))
-                    .args(["--host", h, "--site", &h[..1], "--manager", &mgr])
-                    .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
-                    .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-                    .arg("--identity")
-                    .arg(id(&format!("monitor-{h}"))),
-                &dir.join(format!("monitor-{h}.log")),
-            )
-            .unwrap();
+            // nsenter, not `ip netns exec`: that mounts a fresh /sys, which hides the machine's
+            // cgroup file systems the monitor reads its host's partition from.
+            let mut monitor = Command::new("nsenter");
+            monitor
+                .arg(format!("--net=/run/netns/{}", ns(h)))
+                .arg("--")
+                .arg(bin("viola-monitor"))
+                .args(["--host", h, "--site", &h[..1], "--manager", &mgr])
+                .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
+                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+                .arg("--identity")
+                .arg(id(&format!("monitor-{h}")));
+            if spec.host_cpus.is_some() {
+                for d in lab.host(h).cgroups.split_whitespace() {
+                    monitor.args(["--cgroup-dir", d]);
+                }
+            }
+            let child = spawn_logged(&mut monitor, &dir.join(format!("monitor-{h}.log"))).unwrap();
             daemons.add(&format!("monitor-{h}"), child);
         }
         let cli = Cli {

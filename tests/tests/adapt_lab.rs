@@ -1,0 +1,284 @@
+//! The manager's policy loop on its own (lab test, lab `vlc` with hosts of one CPU each: `lab.sh
+//! up --host-cpus 1`, the monitors reporting their host's cgroup). Host b1 runs two busy VMs
+//! that together want more than its CPU; b2 is half busy, so site b has no room. In `advise`
+//! mode the loop recommends moving a VM off b1 and nothing moves; restarted in `act` mode it
+//! moves that VM across the sites to an idle host of site a, live, while the scientist's host
+//! pings it, and the VM keeps its address.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use viola_labtests::daemons::log_text;
+use viola_labtests::lifecycle::{Fed, FedSpec, console_ready_ip, spawn_manager};
+use viola_labtests::{lab_tests_enabled, progress, run, run_ok, wait_until};
+
+/// A five-second control period; no consolidation (underload) and no cap changes (vertical),
+/// so the only reason to move is the overload this test makes.
+const POLICY: &str = "[policy]\nmode = \"advise\"\nperiod_s = 5\n\n[policy.viola]\nunderload = 0.0\n\n[policy.vertical]\nenabled = false\n";
+
+/// The loop's migrate actions so far, as (vm, from, to, outcome, reason).
+fn migrations(fed: &Fed) -> Vec<(String, String, String, String, String)> {
+    let listed = run_ok(&mut fed.cli.cmd(&["--json", "decisions"])).unwrap();
+    serde_json::Deserializer::from_str(&listed)
+        .into_iter::<serde_json::Value>()
+        .map(|r| r.expect("a decision record"))
+        .flat_map(|r| r["actions"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["action"] == "migrate")
+        .map(|a| {
+            let s = |k: &str| a[k].as_str().unwrap_or_default().to_owned();
+            (
+                s("vm"),
+                s("from"),
+                s("to"),
+                a["outcome"]["outcome"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                s("reason"),
+            )
+        })
+        .collect()
+}
+
+/// The violin address of VM `name`.
+fn ip_of(fed: &Fed, name: &str) -> String {
+    placement(fed)
+        .into_iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(_, _, ip)| ip)
+        .unwrap_or_else(|| panic!("no VM {name}"))
+}
+
+/// Where each VM runs now, with its address: (name, host, ip).
+fn placement(fed: &Fed) -> Vec<(String, String, String)> {
+    let vms = fed.cli.json(&["vm", "list"]).unwrap();
+    vms.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            (s("name"), s("host"), s("ip"))
+        })
+        .collect()
+}
+
+#[test]
+fn an_overloaded_host_is_relieved_across_sites_by_the_loop_in_act_mode_only() {
+    if !lab_tests_enabled() {
+        return;
+    }
+    let mut fed = Fed::with(&FedSpec {
+        host_cpus: Some(1.0),
+        manager_toml: POLICY,
+        ..FedSpec::default()
+    });
+    let a2 = fed.ns("a2");
+    wait_until(
+        "every host reports its own capacity of one CPU",
+        Duration::from_secs(30),
+        || {
+            fed.cli.json(&["host", "list"]).is_ok_and(|h| {
+                h.as_array().is_some_and(|a| {
+                    a.len() == 4 && a.iter().all(|h| h["usage"]["cpu_capacity"] == 1.0)
+                })
+            })
+        },
+    )
+    .unwrap();
+
+    let violin = fed
+        .cli
+        .json(&["violin", "create", "busy", "--sites", "a,b"])
+        .expect("violin create");
+    let observer = violin[0]["subnet"]
+        .as_str()
+        .unwrap()
+        .replace(".0/", ".250/");
+    let bridge = format!("vio{}", violin[0]["id"]);
+    run_ok(Command::new("ip").args(["-n", &a2, "addr", "add", &observer, "dev", &bridge])).unwrap();
+    // The smallest VM on b1 is the one the policy moves first (the shortest migration).
+    // `vm create` places no more vCPUs on a host than it has CPUs, so "stay" starts at a1 and
+    // an operator moves it to b1 (a manual move checks memory only).
+    let vms = [
+        ("mover", "b1", "192", "55"),
+        ("stay", "b1", "256", "55"),
+        ("filler", "b2", "256", "40"),
+    ];
+    for (name, host, mem, _) in vms {
+        let host = if name == "stay" { "a1" } else { host };
+        fed.cli
+            .json(&[
+                "vm",
+                "create",
+                name,
+                "--violin",
+                "busy",
+                "--image",
+                "guest",
+                "--host",
+                host,
+                "--memory-mib",
+                mem,
+                "--ready-by",
+                "180",
+            ])
+            .unwrap_or_else(|e| panic!("vm create {name}: {e}\n{}", log_text(&fed.mgr_log)));
+    }
+    for (name, _, _, _) in vms {
+        let ip = ip_of(&fed, name);
+        wait_until(
+            &format!("{name} up at {ip}"),
+            Duration::from_secs(180),
+            || console_ready_ip(&fed.console, name).is_some_and(|got| got == ip),
+        )
+        .unwrap();
+    }
+    let packed =
+        run(&mut fed
+            .cli
+            .cmd(&["vm", "migrate", "stay", "--to", "b1", "--timeout-s", "240"]))
+        .unwrap();
+    assert!(
+        packed.status.success(),
+        "vm migrate stay --to b1: {}{}",
+        String::from_utf8_lossy(&packed.stdout),
+        String::from_utf8_lossy(&packed.stderr)
+    );
+    for (name, _, _, cap) in vms {
+        let ip = ip_of(&fed, name);
+        fed.cli
+            .json(&["vm", "resize", name, "--cap-percent", cap])
+            .expect("cap");
+        // Each burns one CPU (bounded: 10 minutes) within its cap: b1's two want 1.1 CPUs of
+        // its 1, b2's one 0.4 of its 1.
+        let burn = run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &a2,
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+            &format!("http://{ip}/cgi-bin/viola?burn=1,600"),
+        ]))
+        .unwrap();
+        assert_eq!(burn.trim(), "ok", "burn on {name}");
+    }
+    progress("b1 runs two busy VMs (caps 55 %), b2 one (cap 40 %); the loop advises");
+
+    // Advise: a move off b1 is recommended, and nothing moves.
+    wait_until(
+        "the loop advises moving a VM off b1",
+        Duration::from_secs(120),
+        || {
+            migrations(&fed)
+                .iter()
+                .any(|(_, from, _, outcome, _)| from == "b1" && outcome == "advised")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_text(&fed.mgr_log)));
+    let advised = migrations(&fed);
+    assert!(
+        advised.iter().all(|m| m.3 == "advised"),
+        "advise mode carried something out: {advised:?}"
+    );
+    let (vm, _, to, _, reason) = advised.iter().find(|m| m.1 == "b1").unwrap().clone();
+    progress(&format!("advised: {vm} b1 -> {to} ({reason})"));
+    assert_eq!(
+        vm, "mover",
+        "the smallest VM of b1 moves first: {advised:?}"
+    );
+    assert!(to.starts_with('a'), "site b has no room: {advised:?}");
+    let before = placement(&fed);
+    for (name, host, _, _) in vms {
+        assert!(
+            before.iter().any(|(n, h, _)| n == name && h == host),
+            "advise mode moved {name}: {before:?}"
+        );
+    }
+
+    // Act: the same manager, restarted in act mode, moves the VM while a2 pings it.
+    fed.daemons.kill("manager", libc::SIGTERM).unwrap();
+    let cfg = std::fs::read_to_string(&fed.mgr_cfg).unwrap();
+    std::fs::write(
+        &fed.mgr_cfg,
+        cfg.replace("mode = \"advise\"", "mode = \"act\""),
+    )
+    .unwrap();
+    let log = fed.dir().join("adaptmgr-act.log");
+    fed.daemons
+        .add("manager", spawn_manager(&a2, &fed.mgr_cfg, &log));
+    let mover_ip = ip_of(&fed, "mover");
+    let ping = Command::new("timeout")
+        .args(["-s", "INT", "300", "ip", "netns", "exec", &a2])
+        .args(["ping", "-i", "0.02", "-W", "1", &mover_ip])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let moved = wait_until(
+        "the loop moves a VM off b1",
+        Duration::from_secs(180),
+        || {
+            migrations(&fed)
+                .iter()
+                .any(|(_, from, _, outcome, _)| from == "b1" && outcome == "done")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+    let pinged = ping.wait_with_output().unwrap();
+    moved.unwrap_or_else(|e| panic!("{e}\n{}", log_text(&log)));
+    let done: Vec<_> = migrations(&fed)
+        .into_iter()
+        .filter(|m| m.3 == "done")
+        .collect();
+    let (vm, from, to, _, reason) = done[0].clone();
+    progress(&format!(
+        "act: {vm} {from} -> {to} ({reason}) {:.0} s after the restart",
+        t.elapsed().as_secs_f64()
+    ));
+    assert_eq!(
+        (vm.as_str(), from.as_str()),
+        ("mover", "b1"),
+        "moves: {done:?}"
+    );
+    assert!(to.starts_with('a'), "a cross-site move: {done:?}");
+    let after = placement(&fed);
+    let expected = [("mover", to.as_str()), ("stay", "b1"), ("filler", "b2")];
+    for (name, host) in expected {
+        assert!(
+            after.iter().any(|(n, h, _)| n == name && h == host),
+            "{name} should be at {host}: {after:?}"
+        );
+    }
+    assert_eq!(
+        ip_of(&fed, "mover"),
+        mover_ip,
+        "the moved VM keeps its address"
+    );
+    assert_eq!(
+        fed.lab.domain_state(&to, "mover").as_deref(),
+        Some("running")
+    );
+    assert_eq!(fed.lab.domain_state("b1", "mover"), None);
+    let summary = String::from_utf8_lossy(&pinged.stdout)
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_owned();
+    progress(&format!("ping of mover from a2 across the move: {summary}"));
+    let answered = run(Command::new("ip").args([
+        "netns", "exec", &a2, "ping", "-c", "3", "-W", "2", &mover_ip,
+    ]))
+    .unwrap();
+    assert!(
+        answered.status.success(),
+        "mover does not answer at {mover_ip} after its move"
+    );
+    fed.cli
+        .json(&["violin", "delete", "busy", "--force"])
+        .expect("violin delete");
+}
