@@ -19,10 +19,15 @@
 #   8. the manager's policy loop on its own (act mode, 5 s period): g1, capped at 30 % of a CPU,
 #      starts burning one; the loop raises its cap and, once the burn is over, lowers it back,
 #      and its decision log says why (no resize typed after the first);
+#   8b. the loop moves a VM across the sites on its own: each lab host has one CPU of its own
+#      (`lab.sh up --host-cpus 1`, the monitors reporting their host's cgroup); a third VM is
+#      packed onto b1 beside g1, both burn within caps of 55 % (1.1 CPUs wanted of b1's 1) and
+#      g2 on b2 burns within 40 %, so site b has no room: the loop moves one of b1's VMs live to
+#      site a while a2 pings it;
 #   9. `viola violin delete demo --force`, and a check that no domain, disk or bridge is left.
 # It prints what happened and how long each step took, and removes everything at the end (also
 # on failure). Run as root. `--no-setup` skips the machine setup.
-# `--mpi` adds a scientist's cluster before step 9: the MPI guest (two layers) imported at site
+# `--mpi` adds a scientist's cluster after step 9: the MPI guest (two layers) imported at site
 # a, `viola violin create hpc`, one VM per site made from it with the scientist's SSH key, the
 # MPI host file from `viola violin hostfile`, and the NEMO3D-shaped job (`mpi-nemo --verify`)
 # run with `mpiexec` across the sites while one of its ranks live-migrates to the other site.
@@ -70,8 +75,10 @@ trap cleanup EXIT
 
 # ---------------------------------------------------------------------------------------------
 t=$(now)
-say "1. lab: 2 sites x 2 hosts (own libvirtd each), WAN 10 ms one way, 200 Mbit/s"
-lab up >/dev/null
+say "1. lab: 2 sites x 2 hosts (own libvirtd and one CPU each), WAN 10 ms one way, 200 Mbit/s"
+# Each host gets its own CPU (a cgroup quota): load on one host then slows only its guests,
+# and its monitor reports that host's capacity and use, as on separate machines.
+lab up --host-cpus 1 >/dev/null
 lab status
 lab_dir=$(lab status --json | jq -r .lab_dir)
 D=$lab_dir/demo
@@ -199,7 +206,9 @@ lab exec a2 -- "$bin/viola-adaptmgr" --config "$D/adaptmgr.toml" >"$D/adaptmgr.l
 pids+=($!)
 port=19450
 for h in a1 a2 b1 b2; do
+  # Inside the host's mount namespace /sys/fs/cgroup/{cpu,cpuacct} are the host's own cgroup.
   lab exec "$h" -- "$bin/viola-monitor" --host "$h" --site "${h:0:1}" --manager "$mgr" --interval-ms 1000 \
+    --cgroup-dir /sys/fs/cgroup/cpu --cgroup-dir /sys/fs/cgroup/cpuacct \
     --libvirt-uri "qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock" \
     --metrics-listen "127.0.0.1:$port" --identity "$D/pki/monitor-$h" >"$D/monitor-$h.log" 2>&1 &
   pids+=($!)
@@ -335,8 +344,76 @@ lowered_after=$(since "$t")
 viola decisions | sed 's/^/   /'
 echo "   cap raised ${raised_after} s after the burn began; lowered again ${lowered_after} s after it ended (to the cap its last decision above gives)"
 
+say "8b. the loop moves a VM across the sites on its own: b1 has more work than its CPU, b2 no room"
+g3=demo-g3
+# vm create puts no more vCPUs on a host than it has CPUs: g3 starts at a1 and the operator
+# packs it onto b1 beside g1 (a manual move checks memory only).
+viola vm create "$g3" --violin demo --image demo-base --host a1 --memory-mib 192 --ready-by 120 | sed 's/^/   /'
+g3_ip=$(ip_of "$g3")
+deadline=$(( $(date +%s) + 180 ))
+until lab exec a2 -- curl -sf -m 2 "http://$g3_ip/cgi-bin/viola?info" >/dev/null 2>&1; do
+  [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: $g3 does not answer HTTP within 180 s"; exit 1; }
+  sleep 0.5
+done
+viola vm migrate "$g3" --to b1 >/dev/null
+for v in "$g1:55" "$g3:55" "$g2:40"; do viola vm resize "${v%:*}" --cap-percent "${v#*:}" >/dev/null; done
+moves_before=$(viola --json decisions | jq -c 'select(.actions[] | (.action == "migrate" and .outcome.outcome == "done"))' | wc -l)
+for ip in "$g1_ip" "$g3_ip" "$g2_ip"; do
+  [ "$(lab exec a2 -- curl -s -m 5 "http://$ip/cgi-bin/viola?burn=1,90")" = ok ] || { say "FAILED: $ip did not start burning"; exit 1; }
+done
+echo "   b1: $g1 and $g3 (caps 55 %) burn, wanting 1.1 of b1's 1 CPU; b2: $g2 (cap 40 %) burns"
+# Both b1 VMs are pinged: the loop picks which one to move.
+lab exec a2 -- ping -n -q -i 0.02 -w 90 "$g1_ip" >"$D/ping-loop-$g1.txt" 2>&1 &
+ping_pids=($!)
+lab exec a2 -- ping -n -q -i 0.02 -w 90 "$g3_ip" >"$D/ping-loop-$g3.txt" 2>&1 &
+ping_pids+=($!)
+t=$(now)
+deadline=$(( $(date +%s) + 75 ))
+until [ "$(viola --json decisions | jq -c 'select(.actions[] | (.action == "migrate" and .outcome.outcome == "done"))' | wc -l)" -gt "$moves_before" ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: the loop did not relieve b1 within 75 s"; tail -n 5 "$D/adaptmgr.log"; exit 1; }
+  sleep 0.5
+done
+moved_after=$(since "$t")
+sleep 2
+for p in "${ping_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+move=$(viola --json decisions | jq -r 'select(.actions[] | (.action == "migrate" and .outcome.outcome == "done")) | .actions[] | select(.action == "migrate" and .outcome.outcome == "done") | "\(.vm) \(.from) -> \(.to): \(.reason)"' | tail -n 1)
+echo "   the loop moved ${move} (${moved_after} s after the burn began)"
+moved=${move%% *}
+if [ -f "$D/ping-loop-$moved.txt" ]; then
+  sent=$(awk '/packets transmitted/ {print $1}' "$D/ping-loop-$moved.txt")
+  got=$(awk '/packets transmitted/ {print $4}' "$D/ping-loop-$moved.txt")
+  echo "   pings of $moved every 20 ms from a2 meanwhile: $((sent - got)) of $sent lost"
+fi
+case "$move" in
+  "$g3 b1 -> a"*|"$g1 b1 -> a"*) ;;
+  *) say "FAILED: expected a move off b1 to site a, got: ${move:-nothing}"; exit 1 ;;
+esac
+viola host list | sed 's/^/   /'
+
+say "9. \`viola violin delete demo --force\`: its VMs, disks and bridges go from every host"
+t=$(now)
+viola violin delete demo --force | sed 's/^/   /'
+echo "   deleted in $(since "$t") s"
+left=""
+for h in a1 a2 b1 b2; do
+  doms=$(lab virsh "$h" list --all --name | grep '^demo-' | paste -sd, - || true)
+  [ -z "$doms" ] || left+=" $h: domains $doms;"
+  disks=$(compgen -G "$lab_dir/images/$h/demo-*" | xargs -r -n1 basename | paste -sd, - || true)
+  [ -z "$disks" ] || left+=" $h: disks $disks;"
+  ! lab exec "$h" -- ip link show "$bridge" >/dev/null 2>&1 || left+=" $h: bridge $bridge;"
+done
+[ "$(viola --json violin list | jq length)" = 0 ] || left+=" the manager still lists a violin;"
+if [ -n "$left" ]; then
+  say "FAILED: left behind after the delete:$left"
+  exit 1
+fi
+for h in a1 a2 b1 b2; do
+  echo "   $h: virsh list --all: $(lab virsh "$h" list --all --name | sed '/^$/d' | paste -sd, - | grep . || echo '(none)'); $bridge: $(lab exec "$h" -- ip link show "$bridge" >/dev/null 2>&1 && echo present || echo gone)"
+done
+echo "   nothing left: no demo domain, disk or $bridge on any host, no violin at the manager"
+
 if [ "$mpi" = 1 ]; then
-  say "8b. a scientist's cluster: two MPI VMs across the sites, a job, and a rank that moves"
+  say "10. a scientist's cluster: two MPI VMs across the sites, a job, and a rank that moves"
   ssh-keygen -q -t ed25519 -N '' -C scientist@demo -f "$D/id_ed25519"
   echo "   \$ viola violin create hpc --subnet 10.2.0.0/24 --sites a,b"
   viola --json violin create hpc --subnet 10.2.0.0/24 --sites a,b >"$D/hpc.json"
@@ -381,27 +458,5 @@ if [ "$mpi" = 1 ]; then
   echo "   the job ended with the result rank 0 recomputed alone (verify=ok), node1 now at $(viola --json vm list | jq -r '.[] | select(.name=="node1") | .host')"
   viola violin delete hpc --force | sed 's/^/   /'
 fi
-
-say "9. \`viola violin delete demo --force\`: its VMs, disks and bridges go from every host"
-t=$(now)
-viola violin delete demo --force | sed 's/^/   /'
-echo "   deleted in $(since "$t") s"
-left=""
-for h in a1 a2 b1 b2; do
-  doms=$(lab virsh "$h" list --all --name | grep '^demo-' | paste -sd, - || true)
-  [ -z "$doms" ] || left+=" $h: domains $doms;"
-  disks=$(compgen -G "$lab_dir/images/$h/demo-*" | xargs -r -n1 basename | paste -sd, - || true)
-  [ -z "$disks" ] || left+=" $h: disks $disks;"
-  ! lab exec "$h" -- ip link show "$bridge" >/dev/null 2>&1 || left+=" $h: bridge $bridge;"
-done
-[ "$(viola --json violin list | jq length)" = 0 ] || left+=" the manager still lists a violin;"
-if [ -n "$left" ]; then
-  say "FAILED: left behind after the delete:$left"
-  exit 1
-fi
-for h in a1 a2 b1 b2; do
-  echo "   $h: virsh list --all: $(lab virsh "$h" list --all --name | sed '/^$/d' | paste -sd, - | grep . || echo '(none)'); $bridge: $(lab exec "$h" -- ip link show "$bridge" >/dev/null 2>&1 && echo present || echo gone)"
-done
-echo "   nothing left: no demo domain, disk or $bridge on any host, no violin at the manager"
 
 say "done: tearing the lab down"
