@@ -2,13 +2,15 @@
 //! up --host-cpus 1`, the monitors reporting their host's cgroup). Host b1 runs two busy VMs
 //! that together want more than its CPU; b2 is half busy, so site b has no room. In `advise`
 //! mode the loop recommends moving a VM off b1 and nothing moves; restarted in `act` mode it
-//! moves that VM across the sites to an idle host of site a, live, while the scientist's host
-//! pings it, and the VM keeps its address.
+//! starts moving that VM across the sites to an idle host of site a, is killed (SIGKILL) in the
+//! middle of that migration, and its successor resolves it (one running copy) and moves the VM
+//! there, live, while the scientist's host pings it; the VM keeps its address. Packed again
+//! beside another busy VM at site a, one of the two is moved to the idle host of its own site.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use viola_labtests::daemons::log_text;
+use viola_labtests::daemons::{log_text, wait_for_log};
 use viola_labtests::lifecycle::{Fed, FedSpec, console_ready_ip, spawn_manager};
 use viola_labtests::{lab_tests_enabled, progress, run, run_ok, wait_until};
 
@@ -63,7 +65,7 @@ fn placement(fed: &Fed) -> Vec<(String, String, String)> {
 }
 
 #[test]
-fn an_overloaded_host_is_relieved_across_sites_by_the_loop_in_act_mode_only() {
+fn overloaded_hosts_are_relieved_by_the_loop_across_and_within_sites_in_act_mode_only() {
     if !lab_tests_enabled() {
         return;
     }
@@ -205,9 +207,9 @@ fn an_overloaded_host_is_relieved_across_sites_by_the_loop_in_act_mode_only() {
         cfg.replace("mode = \"advise\"", "mode = \"act\""),
     )
     .unwrap();
-    let log = fed.dir().join("adaptmgr-act.log");
+    let killed_log = fed.dir().join("adaptmgr-act-killed.log");
     fed.daemons
-        .add("manager", spawn_manager(&a2, &fed.mgr_cfg, &log));
+        .add("manager", spawn_manager(&a2, &fed.mgr_cfg, &killed_log));
     let mover_ip = ip_of(&fed, "mover");
     let ping = Command::new("timeout")
         .args(["-s", "INT", "300", "ip", "netns", "exec", &a2])
@@ -217,6 +219,40 @@ fn an_overloaded_host_is_relieved_across_sites_by_the_loop_in_act_mode_only() {
         .spawn()
         .unwrap();
     let t = Instant::now();
+    // Killed in the middle of its first policy-driven migration, the manager's successor
+    // resolves it from the journal (one running copy) and its loop goes on.
+    wait_for_log(
+        &killed_log,
+        "action=Run(Migrate)",
+        0,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    fed.daemons.kill("manager", libc::SIGKILL).unwrap();
+    let running_copies = |fed: &Fed| {
+        ["a1", "a2", "b1", "b2"]
+            .into_iter()
+            .filter(|h| fed.lab.domain_state(h, "mover").as_deref() == Some("running"))
+            .count()
+    };
+    let log = fed.dir().join("adaptmgr-act.log");
+    fed.daemons
+        .add("manager", spawn_manager(&a2, &fed.mgr_cfg, &log));
+    wait_for_log(
+        &log,
+        "interrupted migration resolved",
+        0,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    progress(&format!(
+        "manager killed mid-migration; its successor: {}",
+        log_text(&log)
+            .lines()
+            .find(|l| l.contains("interrupted migration resolved"))
+            .unwrap_or_default()
+    ));
+    assert_eq!(running_copies(&fed), 1, "one running copy of mover");
     let moved = wait_until(
         "the loop moves a VM off b1",
         Duration::from_secs(180),
@@ -264,6 +300,7 @@ fn an_overloaded_host_is_relieved_across_sites_by_the_loop_in_act_mode_only() {
         Some("running")
     );
     assert_eq!(fed.lab.domain_state("b1", "mover"), None);
+    assert_eq!(running_copies(&fed), 1, "one running copy of mover");
     let summary = String::from_utf8_lossy(&pinged.stdout)
         .lines()
         .find(|l| l.contains("packets transmitted"))
@@ -277,6 +314,42 @@ fn an_overloaded_host_is_relieved_across_sites_by_the_loop_in_act_mode_only() {
     assert!(
         answered.status.success(),
         "mover does not answer at {mover_ip} after its move"
+    );
+
+    // Within a site: the operator packs "stay" beside mover; the other host of site a is idle,
+    // so the loop moves one of the two there.
+    let other = if to == "a1" { "a2" } else { "a1" };
+    let packed =
+        run(&mut fed
+            .cli
+            .cmd(&["vm", "migrate", "stay", "--to", &to, "--timeout-s", "240"]))
+        .unwrap();
+    assert!(packed.status.success(), "vm migrate stay --to {to}");
+    wait_until(
+        &format!("the loop moves a VM off {to} within site a"),
+        Duration::from_secs(120),
+        || {
+            migrations(&fed)
+                .iter()
+                .any(|(_, f, t, outcome, _)| f == &to && t == other && outcome == "done")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{:?}\n{}", migrations(&fed), log_text(&log)));
+    let within = migrations(&fed)
+        .into_iter()
+        .find(|(_, f, t, outcome, _)| f == &to && t == other && outcome == "done")
+        .unwrap();
+    progress(&format!(
+        "within site a: {} {} -> {} ({})",
+        within.0, within.1, within.2, within.4
+    ));
+    assert!(
+        migrations(&fed)
+            .iter()
+            .filter(|m| m.3 == "done" && m.1 == to)
+            .all(|m| m.2.starts_with('a')),
+        "with room at its own site a VM stays there: {:?}",
+        migrations(&fed)
     );
     fed.cli
         .json(&["violin", "delete", "busy", "--force"])
