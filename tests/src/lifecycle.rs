@@ -302,6 +302,32 @@ impl Fed {
         self.tmp.path()
     }
 
+    /// `viola violin create NAME --sites a,b`, with host a2 (the scientist's or operator's
+    /// machine) joining it on its bridge at the subnet's .250, an address the violin does not
+    /// hand out. Returns the CLI's answer (a list of one violin).
+    pub fn violin_joined_by_a2(&self, name: &str) -> serde_json::Value {
+        let violin = self
+            .cli
+            .json(&["violin", "create", name, "--sites", "a,b"])
+            .unwrap_or_else(|e| panic!("violin create {name}: {e}"));
+        let observer = violin[0]["subnet"]
+            .as_str()
+            .unwrap()
+            .replace(".0/", ".250/");
+        let bridge = format!("vio{}", violin[0]["id"]);
+        crate::run_ok(Command::new("ip").args([
+            "-n",
+            &self.ns("a2"),
+            "addr",
+            "add",
+            &observer,
+            "dev",
+            &bridge,
+        ]))
+        .unwrap();
+        violin
+    }
+
     pub fn ns(&self, h: &str) -> String {
         self.lab.host(h).namespace.clone()
     }

@@ -88,16 +88,7 @@ fn overloaded_hosts_are_relieved_by_the_loop_across_and_within_sites_in_act_mode
     )
     .unwrap();
 
-    let violin = fed
-        .cli
-        .json(&["violin", "create", "busy", "--sites", "a,b"])
-        .expect("violin create");
-    let observer = violin[0]["subnet"]
-        .as_str()
-        .unwrap()
-        .replace(".0/", ".250/");
-    let bridge = format!("vio{}", violin[0]["id"]);
-    run_ok(Command::new("ip").args(["-n", &a2, "addr", "add", &observer, "dev", &bridge])).unwrap();
+    fed.violin_joined_by_a2("busy");
     // The smallest VM on b1 is the one the policy moves first (the shortest migration).
     // `vm create` places no more vCPUs on a host than it has CPUs, so "stay" starts at a1 and
     // an operator moves it to b1 (a manual move checks memory only).

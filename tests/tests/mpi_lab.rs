@@ -92,17 +92,8 @@ struct Cluster {
 
 fn two_rank_cluster(fed: &Fed) -> Cluster {
     let a2 = fed.ns("a2");
-    let violin = fed
-        .cli
-        .json(&["violin", "create", "hpc", "--sites", "a,b"])
-        .expect("violin create");
     // The scientist's machine: host a2, on the violin from an address no VM holds.
-    let observer = violin[0]["subnet"]
-        .as_str()
-        .unwrap()
-        .replace(".0/", ".250/");
-    let bridge = format!("vio{}", violin[0]["id"]);
-    run_ok(Command::new("ip").args(["-n", &a2, "addr", "add", &observer, "dev", &bridge])).unwrap();
+    fed.violin_joined_by_a2("hpc");
     let key = fed.dir().join("id_ed25519");
     run_ok(
         Command::new("ssh-keygen")
