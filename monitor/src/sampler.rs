@@ -106,7 +106,18 @@ impl Sampler {
             let s = &d.summary;
             let busy = match (self.prev_vm_cpu.get(&s.uuid), secs) {
                 (Some(prev), Some(secs)) => {
-                    s.cpu_time_ns.saturating_sub(*prev) as f64 / (secs * 1e9)
+                    let rate = s.cpu_time_ns.saturating_sub(*prev) as f64 / (secs * 1e9);
+                    // A VM uses at most its vCPUs plus its emulator's thread; more is a
+                    // measurement artefact. One such sample (about 30 CPUs for a 1-vCPU VM,
+                    // right after another VM migrated onto its host) was seen in the lab; most
+                    // likely a reading delayed by a slow libvirt call (an incoming migration
+                    // holds its domain's job), so that the difference spans more time than it
+                    // is divided by. A policy would take it for an overload.
+                    let most = f64::from(s.vcpus.max(1)) + 1.0;
+                    if rate > most {
+                        tracing::debug!(vm = %s.name, rate, most, "VM CPU rate above its vCPUs: clamped");
+                    }
+                    rate.min(most)
                 }
                 _ => 0.0,
             };
@@ -204,6 +215,28 @@ mod tests {
         assert_eq!((r1.seq, r2.seq), (1, 2));
         assert_eq!(r2.usage.mem_available_kib, 50);
         assert_eq!(r2.vms[0].balloon_kib, Some(200_000));
+    }
+
+    #[test]
+    fn a_vm_rate_above_its_vcpus_is_clamped() {
+        let mut s = Sampler::new("a1", "a");
+        let t0 = Instant::now();
+        let text = ProcText::default();
+        s.sample(t0, 0, &text, &[dom(0)], vec![]);
+        // 30 s of CPU time in 1 s for a 2-vCPU VM (see `sample`): two vCPUs and the emulator.
+        let r = s.sample(
+            t0 + Duration::from_secs(1),
+            1000,
+            &text,
+            &[dom(30_000_000_000)],
+            vec![],
+        );
+        assert_eq!(r.vms[0].vcpus, 2);
+        assert!(
+            (r.vms[0].cpu_busy - 3.0).abs() < 1e-9,
+            "{}",
+            r.vms[0].cpu_busy
+        );
     }
 
     #[test]
