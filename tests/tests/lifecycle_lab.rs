@@ -531,23 +531,7 @@ fn create_benchmark() {
         .map_or(8, |v| v.parse().expect("VIOLA_BENCH_VMS: a number"));
     let out = std::env::var("VIOLA_BENCH_JSON").expect("VIOLA_BENCH_JSON: where to write");
     let fed = Fed::up(&[]);
-    let violin = fed
-        .cli
-        .json(&["violin", "create", "bench", "--sites", "a,b"])
-        .expect("violin create");
-    let subnet = violin[0]["subnet"].as_str().unwrap();
-    let bridge = format!("vio{}", violin[0]["id"]);
-    let observer = subnet.replace(".0/", ".250/");
-    run_ok(Command::new("ip").args([
-        "-n",
-        &fed.ns("a2"),
-        "addr",
-        "add",
-        &observer,
-        "dev",
-        &bridge,
-    ]))
-    .unwrap();
+    fed.violin_joined_by_a2("bench");
 
     // Site b fetches the image across the WAN in the first run only (it is 3 MiB: a fraction
     // of a second at 200 Mbit/s, against tens of seconds of boots).
