@@ -81,6 +81,51 @@ fn reachability(fed: &Fed, ranks: &[(&'static str, String, String)]) -> String {
     report
 }
 
+/// Each rank's TCP sockets with their timers and counters, its TCP statistics and its last
+/// kernel messages: what a failed job across a move left behind inside the guests.
+fn guest_sockets(ns: &str, key: &Path, ranks: &[(&'static str, String, String)]) -> String {
+    let mut report = String::new();
+    for (name, _, ip) in ranks {
+        let out = ssh(
+            ns,
+            key,
+            ip,
+            "ss -tnoi; grep Tcp: /proc/net/snmp; grep TcpExt: /proc/net/netstat; dmesg | tail -n 20",
+            None,
+            Duration::from_secs(30),
+        );
+        report.push_str(&format!(
+            "--- {name} ({ip}): {}\n{}\n",
+            out.status,
+            text(&out)
+        ));
+    }
+    report
+}
+
+/// Each rank's processes with what they wait in, and their TCP sockets with their owners.
+fn guest_processes(ns: &str, key: &Path, ranks: &[(&'static str, String, String)]) -> String {
+    let mut report = String::new();
+    for (name, _, ip) in ranks {
+        let out = ssh(
+            ns,
+            key,
+            ip,
+            "ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' ; ss -tnpoi; \
+             for p in $(pgrep -f 'hydra|mpi-nemo'); do echo \"== $p\"; cat /proc/$p/stack 2>/dev/null; \
+             ls -l /proc/$p/fd 2>/dev/null | grep -c socket; done",
+            None,
+            Duration::from_secs(30),
+        );
+        report.push_str(&format!(
+            "--- {name} ({ip}): {}\n{}\n",
+            out.status,
+            text(&out)
+        ));
+    }
+    report
+}
+
 /// Two VMs of the MPI image on violin "hpc", rank0 at site a and rank1 at site b, made with
 /// the CLI and the user's new SSH key; host a2 joins the violin; rank0 holds the key and
 /// knows rank1, so it can launch jobs (`/root/hosts`).
@@ -237,27 +282,58 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
     );
     progress(&format!("ring across sites: {}", before.trim()));
 
-    // The NEMO3D-shaped job (CI size): its ring-exchange phase takes tens of seconds while
-    // the ranks are at two sites. rank1 moves to site a while it runs; an SSH session to rank1
-    // stays open across the move; the job ends with rank0's own recomputation of the result.
+    // The NEMO3D-shaped job (CI size) while rank1 moves to site a; `VIOLA_MPI_MOVES` (default
+    // 1) rounds, rank1 going back and forth, to soak the path a scientist depends on.
+    let rounds: usize = std::env::var("VIOLA_MPI_MOVES")
+        .ok()
+        .map_or(1, |v| v.parse().expect("VIOLA_MPI_MOVES: a number"));
+    let there = if ranks[0].1 == "a1" { "a2" } else { "a1" };
+    let mut at = ranks[1].1.clone();
+    for round in 1..=rounds {
+        let to = if at == there {
+            ranks[1].1.as_str()
+        } else {
+            there
+        };
+        job_across_move(&fed, &key, &ranks, &at, to);
+        progress(&format!("round {round}/{rounds} done"));
+        at = to.to_owned();
+    }
+    cli.json(&["violin", "delete", "hpc", "--force"])
+        .expect("violin delete");
+}
+
+/// One round of the NEMO3D-shaped job (CI size) across a move: its ring-exchange phase takes
+/// tens of seconds while rank1 moves `from` -> `to`; an SSH session to rank1 stays open across
+/// the move; the job ends with rank0's own recomputation of the result.
+fn job_across_move(
+    fed: &Fed,
+    key: &Path,
+    ranks: &[(&'static str, String, String)],
+    from: &str,
+    to: &str,
+) {
+    let cli = &fed.cli;
+    let a2 = fed.ns("a2");
+    let ip0 = ranks[0].2.clone();
     let job_cmd = mpiexec(
         "/usr/local/bin/mpi-nemo --strain-iters 2000 --block-kib 16 --lanczos-iters 3 \
          --mem-mib 32 --verify",
         ACROSS_MOVE,
     );
+    let started = Instant::now();
     let job = std::thread::spawn({
-        let (a2, key, ip0) = (a2.clone(), key.clone(), ip0.clone());
+        let (a2, key, ip0) = (a2.clone(), key.to_path_buf(), ip0.clone());
         move || ssh(&a2, &key, &ip0, &job_cmd, None, ACROSS_MOVE)
     });
     let ticks = 60;
     let session = std::thread::spawn({
-        let (a2, key, ip1) = (a2.clone(), key.clone(), ranks[1].2.clone());
+        let (a2, key, ip1) = (a2.clone(), key.to_path_buf(), ranks[1].2.clone());
         let cmd =
             format!("i=0; while [ $i -lt {ticks} ]; do i=$((i+1)); echo tick $i; sleep 0.5; done");
         move || ssh(&a2, &key, &ip1, &cmd, None, ACROSS_MOVE)
     });
     std::thread::sleep(Duration::from_secs(3));
-    let to = if ranks[0].1 == "a1" { "a2" } else { "a1" };
     let moved =
         run(&mut cli.cmd(&["vm", "migrate", "rank1", "--to", to, "--timeout-s", "240"])).unwrap();
     assert!(
@@ -277,6 +353,18 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
         !job.is_finished(),
         "the job ended before the move did: make it longer"
     );
+    // The job takes about 30 s: if it has not returned a minute after it began, say what the
+    // ranks' processes wait for while it still hangs (the teardown stall below).
+    while !job.is_finished() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if !job.is_finished() {
+        progress(&format!(
+            "the job has not returned after {:.0} s; the ranks now:\n{}",
+            started.elapsed().as_secs_f64(),
+            guest_processes(&a2, key, ranks)
+        ));
+    }
     let out = job.join().unwrap();
     let said = text(&out);
     let last = said
@@ -295,6 +383,7 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
         && said
             .lines()
             .skip_while(|l| !l.starts_with("nemo ok"))
+            .skip(1)
             .all(|l| l.is_empty() || l.starts_with("[mpiexec@") || l.starts_with("[proxy:"));
     if stalled_after_the_result {
         progress(
@@ -304,9 +393,10 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
     }
     assert!(
         (out.status.success() || stalled_after_the_result) && verified,
-        "the job across the move ({}): {said}\n{}",
+        "the job across the move ({}): {said}\n{}\n{}",
         out.status,
-        reachability(&fed, &ranks)
+        reachability(fed, ranks),
+        guest_sockets(&a2, key, ranks)
     );
     assert!(
         !said.contains("Fatal error") && !said.contains("UCX  ERROR"),
@@ -324,11 +414,8 @@ fn an_mpi_job_runs_across_sites_and_keeps_running_while_a_rank_moves_between_the
         Some("running")
     );
     progress(&format!(
-        "rank1 moved {} -> {to} ({downtime}) while the job ran, and an SSH session to it stayed open: {last}",
-        ranks[1].1
+        "rank1 moved {from} -> {to} ({downtime}) while the job ran, and an SSH session to it stayed open: {last}"
     ));
-    cli.json(&["violin", "delete", "hpc", "--force"])
-        .expect("violin delete");
 }
 
 /// Runs `cmd` on rank0 (from a2) and returns (seconds it took, its output); panics if it fails.
