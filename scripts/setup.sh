@@ -24,10 +24,11 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# ebtables: libvirt's nwfilter calls it for the VMs' port filters ([vm_template] port_filter).
 packages=(
   pkg-config
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
-  jq socat netcat-openbsd tcpdump iptables procps psmisc curl ca-certificates ethtool bc tini
+  jq socat netcat-openbsd tcpdump iptables ebtables procps psmisc curl ca-certificates ethtool bc tini
   dnsmasq-base dropbear-bin openssh-client mmdebstrap
 )
 # libvirt and QEMU come as one stack, from one release. On Debian 12 that is bookworm-backports

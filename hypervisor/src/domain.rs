@@ -10,6 +10,13 @@
 //! violin='…' tenant='…'/>` the violin and tenant the VM belongs to
 //! ([`crate::xml::viola_vm_metadata`] reads it back).
 //!
+//! Port security: with a [`PortFilter`] the NIC carries a libvirt `<filterref>` (nwfilter,
+//! e.g. libvirt's own `clean-traffic`) with the VM's MAC and address, so the host's bridge
+//! drops what the guest sends from any other MAC or IPv4 address, and ARP claiming anyone
+//! else's, before another guest on the same bridge sees it (the overlay guards only what
+//! reaches its TAP: stage2 research §4). libvirt installs the filter on the destination's port
+//! before a migrated VM resumes.
+//!
 //! Every value is escaped; names, the MAC, the bridge and the image ref are validated, and
 //! free-form values (paths, the kernel command line) only have to be characters XML 1.0 can
 //! carry.
@@ -34,6 +41,25 @@ pub enum Boot {
     },
     /// The disk's own bootloader (distribution images).
     Disk,
+}
+
+/// A libvirt nwfilter on the VM's NIC, with the VM's address as its `IP` parameter (libvirt
+/// adds `MAC`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortFilter {
+    /// A filter every host's libvirt knows: one of libvirt's own (`clean-traffic`) or one the
+    /// administrator defined on every host (`virsh nwfilter-define`); 1 to 64 of
+    /// `A-Z a-z 0-9 _ . -`.
+    pub filter: String,
+    /// The only IPv4 source address the guest may use (DHCP from `0.0.0.0` stays allowed).
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// Whether `s` can name an nwfilter: `^[A-Za-z0-9_.-]{1,64}$`.
+pub fn is_valid_filter_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Everything needed to define one VM.
@@ -66,6 +92,8 @@ pub struct DomainSpec {
     pub violin: Option<String>,
     /// Tenant the VM belongs to (a name like the domain's).
     pub tenant: Option<String>,
+    /// Port security on the NIC; `None` lets the guest send from any MAC and address.
+    pub port_filter: Option<PortFilter>,
 }
 
 /// Why a [`DomainSpec`] cannot be turned into XML.
@@ -79,6 +107,8 @@ pub enum DomainError {
     BadBridge(String),
     #[error("bad depot image ref {0:?}: want characters of A-Z a-z 0-9 . _ -")]
     BadImageRef(String),
+    #[error("bad nwfilter name {0:?}: want 1 to 64 characters of A-Z a-z 0-9 _ . -")]
+    BadFilterName(String),
     #[error("bad MTU {0}: want 68 to 65535")]
     BadMtu(u32),
     #[error("{0} must be at least 1")]
@@ -210,6 +240,11 @@ impl DomainSpec {
         if let Some(tenant) = &self.tenant {
             check_name("tenant name", tenant)?;
         }
+        if let Some(f) = &self.port_filter
+            && !is_valid_filter_name(&f.filter)
+        {
+            return Err(DomainError::BadFilterName(f.filter.clone()));
+        }
         Ok(())
     }
 
@@ -295,6 +330,14 @@ impl DomainSpec {
         if let Some(mtu) = self.mtu {
             let _ = writeln!(x, "      <mtu size='{mtu}'/>");
         }
+        if let Some(f) = &self.port_filter {
+            let _ = writeln!(
+                x,
+                "      <filterref filter='{}'><parameter name='IP' value='{}'/></filterref>",
+                e(&f.filter),
+                f.ip
+            );
+        }
         x.push_str("      <rom enabled='no'/>\n    </interface>\n");
         match &self.console_log {
             Some(log) => {
@@ -367,6 +410,10 @@ mod tests {
             image_ref: Some("abc123".into()),
             violin: Some("blue".into()),
             tenant: Some("acme_1".into()),
+            port_filter: Some(PortFilter {
+                filter: "clean-traffic".into(),
+                ip: "10.1.0.5".parse().unwrap(),
+            }),
         }
     }
 
@@ -442,6 +489,34 @@ mod tests {
             node(&doc, &["devices", "interface", "mtu"]).and_then(|n| n.attribute("size")),
             Some("1400")
         );
+        let filter = node(&doc, &["devices", "interface", "filterref"]).unwrap();
+        assert_eq!(filter.attribute("filter"), Some("clean-traffic"));
+        let param = filter
+            .children()
+            .find(|c| c.has_tag_name("parameter"))
+            .unwrap();
+        assert_eq!(
+            (param.attribute("name"), param.attribute("value")),
+            (Some("IP"), Some("10.1.0.5"))
+        );
+    }
+
+    #[test]
+    fn port_filter_is_optional_and_its_name_checked() {
+        let mut spec = lab_spec();
+        spec.port_filter = None;
+        assert!(!spec.to_xml().unwrap().contains("filterref"));
+        for bad in ["", "clean traffic", "x'/><y", &"f".repeat(65)] {
+            spec.port_filter = Some(PortFilter {
+                filter: bad.to_owned(),
+                ip: "10.1.0.5".parse().unwrap(),
+            });
+            assert_eq!(
+                spec.to_xml(),
+                Err(DomainError::BadFilterName(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
@@ -667,6 +742,7 @@ mod tests {
                 image_ref: image.map(str::to_owned),
                 violin: None,
                 tenant: None,
+                port_filter: None,
             };
             let lines = |s: &str| -> Vec<String> {
                 s.lines()

@@ -14,7 +14,7 @@ pub mod xml;
 
 use std::sync::Arc;
 
-pub use domain::{Boot, DomainError, DomainSpec, lab_cmdline};
+pub use domain::{Boot, DomainError, DomainSpec, PortFilter, lab_cmdline};
 use serde::{Deserialize, Serialize};
 pub use viola_api::domain::{DiskCounters, DomainState, JobProgress, NicCounters, StorageCopy};
 pub use viola_api::migration::MigrationTuning;

@@ -744,6 +744,7 @@ mod tests {
             image_ref: Some("abc123".into()),
             violin: Some("blue".into()),
             tenant: Some("acme".into()),
+            port_filter: None,
         };
         assert_eq!(hv.define(&spec.to_xml().unwrap()).unwrap(), name);
         let back = hv.domain_xml(&name).unwrap();

@@ -57,6 +57,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let token = viola_common::shutdown::signal_token().context("cannot watch signals")?;
     viola_adaptmgr::tenants::check_tenants(&cfg.tenants).context("[[tenants]]")?;
+    cfg.vm_template.check().context("[vm_template]")?;
     let identity = Identity::load_dir(&cfg.identity_dir)
         .with_context(|| format!("cannot load identity from {}", cfg.identity_dir.display()))?;
     if let Some(dir) = cfg.inventory.parent() {

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use viola_api::manager::{Response, ViolinCreate, ViolinMember, ViolinView, VmCreate, VmView};
 use viola_api::overlay::{ControlReply, ControlRequest, ManagedVmSpec, ViolinSpec};
 use viola_depot::api::{StageRequest, StageState, StageStatus};
-use viola_hypervisor::domain::{Boot, DomainSpec};
+use viola_hypervisor::domain::{Boot, DomainSpec, PortFilter};
 use viola_hypervisor::{Host, HypervisorError};
 
 use crate::migration::depot_stage::DepotSession;
@@ -71,6 +71,29 @@ pub struct VmTemplate {
     pub max_memory_mib: u64,
     /// Seconds a VM's disk may take to be ready when the request gives no deadline.
     pub ready_by_s: u64,
+    /// Port security: the libvirt nwfilter put on every VM's NIC with the VM's address, so
+    /// the host's bridge drops what the guest sends from another MAC or IPv4 address (and ARP
+    /// claiming them) before a guest on the same bridge sees it. `clean-traffic` (libvirt's
+    /// own; it also drops IPv6 and every protocol but IPv4 and ARP), the name of a filter
+    /// defined on every host, or `none` (no filter: a guest may take another's MAC).
+    pub port_filter: String,
+}
+
+impl VmTemplate {
+    /// Refuses a template no VM could be defined from (checked at the manager's start).
+    pub fn check(&self) -> Result<(), viola_hypervisor::DomainError> {
+        match self.port_filter_name() {
+            Some(name) if !viola_hypervisor::domain::is_valid_filter_name(name) => Err(
+                viola_hypervisor::DomainError::BadFilterName(name.to_owned()),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// The nwfilter of [`VmTemplate::port_filter`], `None` for `none`.
+    pub fn port_filter_name(&self) -> Option<&str> {
+        (self.port_filter != "none").then_some(self.port_filter.as_str())
+    }
 }
 
 impl Default for VmTemplate {
@@ -86,6 +109,7 @@ impl Default for VmTemplate {
             memory_mib: 256,
             max_memory_mib: 512,
             ready_by_s: 600,
+            port_filter: "clean-traffic".to_owned(),
         }
     }
 }
@@ -1093,6 +1117,10 @@ impl Manager {
             image_ref: Some(req.image.clone()),
             violin: Some(violin.name.clone()),
             tenant: violin.tenant.clone(),
+            port_filter: t.port_filter_name().map(|filter| PortFilter {
+                filter: filter.to_owned(),
+                ip: vm.ip,
+            }),
         }
     }
 

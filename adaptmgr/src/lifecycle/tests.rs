@@ -437,6 +437,13 @@ async fn vms_are_placed_addressed_staged_defined_and_started() {
         "{xml}"
     );
     assert!(xml.contains(&web.macs[0]));
+    // Port security: the bridge port accepts only the VM's own MAC and address.
+    assert!(
+        xml.contains(
+            "<filterref filter='clean-traffic'><parameter name='IP' value='10.0.1.2'/></filterref>"
+        ),
+        "{xml}"
+    );
     // Every host of the violin now knows the VM's MAC, address and home.
     let told = lab.told();
     assert_eq!(told.len(), 3);
@@ -607,6 +614,7 @@ async fn a_create_left_half_done_is_undone_at_the_next_start() {
         image_ref: Some("guest-base".into()),
         violin: Some("lab".into()),
         tenant: None,
+        port_filter: None,
     };
     lab.cluster
         .host("fake://a1")
