@@ -30,7 +30,8 @@
 #                     else, so a busy machine distorts their figures (each kind reports the load
 #                     seen right before it was measured, the most over its rounds, as
 #                     <kind>.background_busy_pct).
-# Extra daemon options for the viola kind in VIOLA_OVERLAY_ARGS.
+# Extra daemon options for the viola kind in VIOLA_OVERLAY_ARGS, extra top-level TOML lines of its
+# configuration in VIOLA_OVERLAY_TOML (e.g. 'quic_congestion = "cubic"').
 # Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools with apt if missing,
 # builds viola-overlay (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
 # <kind>.tcp4_gbps, <kind>.rtt_ms, <kind>.cpu_s_per_gb (+ <kind>.rtt_lowlat_ms,
@@ -237,6 +238,7 @@ setup_viola() {
 listen = "$ul:4500"
 identity_dir = "$d/$side"
 control_socket = "$d/$side.sock"
+${VIOLA_OVERLAY_TOML:-}
 [[peers]]
 addr = "$other:4500"
 [[violins]]

@@ -16,7 +16,7 @@ use tun_tap::{Iface, Mode};
 use viola_common::identity::{Identity, alpn};
 
 use super::{DaemonError, io_err};
-use crate::config::OverlayConfig;
+use crate::config::{OverlayConfig, QuicCongestion};
 use crate::local_runtime::LocalSetRuntime;
 use crate::sparse::{HandoffSocket, SparsePath};
 
@@ -67,6 +67,13 @@ pub(super) fn endpoint(
         ))
         .datagram_receive_buffer_size(Some(cfg.socket_buffer))
         .datagram_send_buffer_size(cfg.socket_buffer);
+    let congestion: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
+        match cfg.quic_congestion {
+            QuicCongestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            QuicCongestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            QuicCongestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        };
+    transport.congestion_controller_factory(congestion);
     let transport = Arc::new(transport);
     let mut server_cfg = me.server_config(&[alpn::OVERLAY, alpn::OVERLAY_CONTROL])?;
     server_cfg.transport_config(transport.clone());
