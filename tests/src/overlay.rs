@@ -165,6 +165,17 @@ pub fn link_exists(ns: &str, link: &str) -> bool {
     run(Command::new("ip").args(["-n", ns, "link", "show", link])).is_ok_and(|o| o.status.success())
 }
 
+/// The MTU of `link` in namespace `ns`.
+pub fn link_mtu(ns: &str, link: &str) -> Result<u32> {
+    let shown = run_ok(Command::new("ip").args(["-n", ns, "-o", "link", "show", "dev", link]))?;
+    let mut words = shown.split_whitespace();
+    words
+        .find(|w| *w == "mtu")
+        .and_then(|_| words.next())
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("no MTU in {shown:?}"))
+}
+
 /// Waits until the daemon has made `link` (a violin's bridge) in namespace `ns`.
 pub fn wait_for_link(ns: &str, link: &str, timeout: Duration) -> Result<()> {
     wait_until(&format!("{link} in {ns}"), timeout, || {

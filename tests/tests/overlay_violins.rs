@@ -6,6 +6,9 @@
 //!   per host) on both hosts: bridge and TAP appear; a bad spec is refused with its reason;
 //! - a namespace standing in for each VM, with the managed MAC, runs `busybox udhcpc` and gets
 //!   its configured address from its own host's daemon; the two ping each other across sites;
+//! - the violin's MTU set to 9000 in place (`set_violin` with `mtu`): both hosts' bridge and
+//!   TAP take it, the guests' renewed leases hand it out, and full-size 9000-byte frames cross
+//!   the sites (as fragments of QUIC datagrams) with don't-fragment set;
 //! - a namespace with an unknown MAC gets no lease (udhcpc gives up), counted as
 //!   `dhcp_unknown_client`;
 //! - b1's daemon restarts: the violin is back from the state file (bridge, TAP, the guest's
@@ -218,6 +221,54 @@ fn violins_set_at_run_time_answer_dhcp_and_survive_a_restart() -> Result<()> {
     let t = wait_ping_from(&ga, VM_B.1, Duration::from_secs(20))
         .with_context(|| format!("a1:\n{}\nb1:\n{}", o.log("a1"), o.log("b1")))?;
     eprintln!("ping a1 -> b1 guest after {t:?}");
+
+    // The violin's own MTU, changed in place: 9000 on its bridges and TAPs, and in the leases.
+    let jumbo = ViolinSpec {
+        mtu: Some(9000),
+        ..spec()?
+    };
+    for h in HOSTS {
+        let reply = control(
+            &o,
+            h,
+            &ControlRequest::SetViolin {
+                violin: jumbo.clone(),
+            },
+        )?;
+        assert_eq!(reply, ControlReply::Done, "set_violin mtu 9000 on {h}");
+        assert_eq!(link_mtu(&ns(h), "vio7")?, 9000, "{h}'s bridge");
+        assert_eq!(link_mtu(&ns(h), "vio7t")?, 9000, "{h}'s TAP");
+    }
+    let too_big = ViolinSpec {
+        mtu: Some(9001),
+        ..spec()?
+    };
+    match control(&o, "a1", &ControlRequest::SetViolin { violin: too_big })? {
+        ControlReply::Refused { reason } => assert!(reason.contains("9001"), "{reason}"),
+        other => panic!("MTU 9001 taken: {other:?}"),
+    }
+    assert_eq!(
+        link_mtu(&ns("a1"), "vio7")?,
+        9000,
+        "a refused spec changed nothing"
+    );
+    for (h, g, port) in [("a1", &ga, "gga"), ("b1", &gb, "ggb")] {
+        // The guest's port, as libvirt sets a VM's from the domain's <mtu>.
+        run_ok(Command::new("ip").args(["-n", &ns(h), "link", "set", port, "mtu", "9000"]))?;
+        let (leased, _) = udhcpc(&o, g)?;
+        assert!(leased, "{g}: no lease after the MTU change");
+        assert_eq!(link_mtu(g, "eth0")?, 9000, "{g}: the lease's MTU");
+    }
+    let jumbo_ping = run(Command::new("ip").args([
+        "netns", "exec", &ga, "ping", "-c", "3", "-W", "2", "-M", "do", "-s", "8972", VM_B.1,
+    ]))?;
+    assert!(
+        jumbo_ping.status.success(),
+        "9000-byte frames across the sites: {}{}",
+        String::from_utf8_lossy(&jumbo_ping.stdout),
+        String::from_utf8_lossy(&jumbo_ping.stderr)
+    );
+    eprintln!("9000-byte pings a1 -> b1 answered at violin MTU 9000");
 
     // An unknown MAC gets no lease from the overlay, in bounded time.
     let stranger = guest(&mut o, &ns("a1"), "gx", STRANGER_MAC)?;

@@ -188,6 +188,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         bridges,
         taps,
         members,
+        frame_limits,
     } = violins::setup(&cfg, &mut switch)?;
     let advertise = cfg.advertise.unwrap_or(local);
     let mut peers = PeerBook::new(me.clone(), advertise);
@@ -207,7 +208,8 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         serial: 0,
         tap_path: SparsePath::new(cfg.handoff_yield, busy.clone()),
         // Ethernet header and one VLAN tag.
-        max_frame: cfg.mtu as usize + 18,
+        max_frame: violins::frame_limit(cfg.mtu),
+        frame_limits,
         drop_log: Default::default(),
         kernel_drops: net::KernelDrops::new(udp_inode),
     }));

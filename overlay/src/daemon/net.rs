@@ -217,6 +217,16 @@ fn tap_on(br: &str, tap_name: &str, mtu: u32) -> Result<Tap, DaemonError> {
     Ok(Rc::new(tap))
 }
 
+/// Sets a violin's TAP and bridge to `mtu` (a violin updated in place).
+pub(super) fn set_mtu(bridge: &str, tap_name: &str, mtu: u32) -> Result<(), DaemonError> {
+    let mtu = mtu.to_string();
+    for dev in [tap_name, bridge] {
+        ip(&["link", "set", dev, "mtu", &mtu])
+            .map_err(io_err(format!("cannot set the MTU of {dev}")))?;
+    }
+    Ok(())
+}
+
 /// Deletes the bridge `name` (its ports stay, detached).
 pub(super) fn remove_bridge(name: &str) {
     match ip(&["link", "del", name]) {

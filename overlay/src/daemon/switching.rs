@@ -104,8 +104,11 @@ pub(super) struct Shared {
     pub(super) serial: u64,
     /// Sparse TAP writes: the frame's reader may be woken onto this CPU (see [`crate::sparse`]).
     pub(super) tap_path: SparsePath,
-    /// The longest frame a guest takes: MTU, Ethernet header and one VLAN tag.
+    /// The longest frame a guest takes: MTU, Ethernet header and one VLAN tag (the daemon's
+    /// `mtu`; a violin with its own MTU has its entry in `frame_limits`).
     pub(super) max_frame: usize,
+    /// The longest frame of each violin with an MTU of its own.
+    pub(super) frame_limits: HashMap<ViolinId, usize>,
     /// Rate-limited log lines about drops.
     pub(super) drop_log: DropLog,
     /// The kernel's drops on the TAPs and the UDP socket.
@@ -137,6 +140,14 @@ impl DropLog {
 pub(super) type State = Rc<RefCell<Shared>>;
 
 impl Shared {
+    /// The longest frame `violin` takes (see [`Shared::max_frame`]).
+    pub(super) fn max_frame_of(&self, violin: ViolinId) -> usize {
+        self.frame_limits
+            .get(&violin)
+            .copied()
+            .unwrap_or(self.max_frame)
+    }
+
     pub(super) fn count(&mut self, what: DriverDrop) {
         *self.driver_drops.entry(what).or_default() += 1;
     }
@@ -178,7 +189,7 @@ impl Shared {
                     let Some(tap) = self.taps.get(&violin) else {
                         continue;
                     };
-                    if frame.len() > self.max_frame {
+                    if frame.len() > self.max_frame_of(violin) {
                         self.count(DriverDrop::DeliverOversize);
                         continue;
                     }
@@ -210,9 +221,10 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: Cancellati
     let Some(tap) = ctx.state.borrow().taps.get(&violin).cloned() else {
         return;
     };
-    let max_frame = ctx.state.borrow().max_frame;
     let mut slab = BytesMut::with_capacity(256 * 1024);
     loop {
+        // Read at every wake-up: `set_violin` may change the violin's MTU in place.
+        let max_frame = ctx.state.borrow().max_frame_of(violin);
         let mut guard = tokio::select! {
             () = token.cancelled() => return,
             g = tap.readable() => match g {

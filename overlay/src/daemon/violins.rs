@@ -4,7 +4,7 @@
 //! violins cannot be changed or removed by control requests, and a kept violin whose id is
 //! now in the TOML file is dropped at start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use tokio::task::JoinHandle;
@@ -50,8 +50,15 @@ fn names(id: ViolinId) -> (String, String) {
 pub(super) struct Setup {
     /// Bridges of TOML violins made here, removed when dropped.
     pub(super) bridges: Bridges,
-    pub(super) taps: std::collections::HashMap<ViolinId, Tap>,
+    pub(super) taps: HashMap<ViolinId, Tap>,
     pub(super) members: BTreeMap<ViolinId, Member>,
+    /// Violins with an MTU other than the daemon's: their longest frame.
+    pub(super) frame_limits: HashMap<ViolinId, usize>,
+}
+
+/// The longest frame a violin of MTU `mtu` takes: the MTU, the Ethernet header and one VLAN tag.
+pub(super) fn frame_limit(mtu: u32) -> usize {
+    mtu as usize + 18
 }
 
 /// Makes the TOML file's violins, then the state file's: their bridges and TAPs, and their
@@ -61,6 +68,7 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
         bridges: Bridges::new(),
         taps: Default::default(),
         members: BTreeMap::new(),
+        frame_limits: HashMap::new(),
     };
     // No peer is up yet, so adding violins asks for nothing to be sent.
     let mut out = Vec::new();
@@ -114,8 +122,12 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
                 k.spec.id
             )));
         }
-        let (tap, made_now) = net::violin_devices(&bridge, &tap_name, cfg.mtu)?;
-        info!(violin = k.spec.id, %bridge, tap = %tap_name, "violin up (kept from the state file)");
+        let mtu = spec::violin_mtu(&k.spec, cfg.mtu);
+        let (tap, made_now) = net::violin_devices(&bridge, &tap_name, mtu)?;
+        info!(violin = k.spec.id, %bridge, tap = %tap_name, mtu, "violin up (kept from the state file)");
+        if mtu != cfg.mtu {
+            made.frame_limits.insert(vcfg.id, frame_limit(mtu));
+        }
         made.taps.insert(vcfg.id, tap);
         made.members.insert(
             vcfg.id,
@@ -236,11 +248,26 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
             if matches!(&m.origin, Origin::Runtime(old) if *old == spec) {
                 return Ok(());
             }
+            let mtu = spec::violin_mtu(&spec, ctx.mtu);
+            let old_mtu = match &m.origin {
+                Origin::Runtime(old) => spec::violin_mtu(old, ctx.mtu),
+                Origin::Config => ctx.mtu,
+            };
+            if mtu != old_mtu {
+                net::set_mtu(&m.bridge, &names(id).1, mtu).map_err(|e| error_chain(&e))?;
+                info!(violin = %id, mtu, "violin MTU changed");
+            }
             let k = KeptViolin {
                 spec: spec.clone(),
                 bridge_made: m.bridge_made,
             };
-            persist(ctx, &st.members, (id, Some(k)))?;
+            if let Err(e) = persist(ctx, &st.members, (id, Some(k))) {
+                if mtu != old_mtu {
+                    let _ = net::set_mtu(&m.bridge, &names(id).1, old_mtu);
+                }
+                return Err(e);
+            }
+            st.frame_limits.insert(id, frame_limit(mtu));
             st.switch.add_violin(vcfg, &mut st.out);
             st.execute();
             if let Some(m) = st.members.get_mut(&id) {
@@ -255,8 +282,9 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
     if st.members.values().any(|m| m.bridge == bridge) {
         return Err(format!("bridge {bridge} belongs to a configured violin"));
     }
+    let mtu = spec::violin_mtu(&spec, ctx.mtu);
     let (tap, bridge_made) =
-        net::violin_devices(&bridge, &tap_name, ctx.mtu).map_err(|e| error_chain(&e))?;
+        net::violin_devices(&bridge, &tap_name, mtu).map_err(|e| error_chain(&e))?;
     let k = KeptViolin {
         spec: spec.clone(),
         bridge_made,
@@ -269,6 +297,7 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
         return Err(e);
     }
     st.taps.insert(id, tap);
+    st.frame_limits.insert(id, frame_limit(mtu));
     st.members.insert(
         id,
         Member {
@@ -281,7 +310,7 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
     st.execute();
     drop(guard);
     start_reader(ctx, id);
-    info!(violin = %id, %bridge, tap = %tap_name, "violin up (set by a control request)");
+    info!(violin = %id, %bridge, tap = %tap_name, mtu, "violin up (set by a control request)");
     Ok(())
 }
 
@@ -305,6 +334,7 @@ pub(super) async fn remove(ctx: &Ctx, id: u32) -> Result<(), String> {
         st.switch.remove_violin(id, &mut st.out);
         st.execute();
         st.taps.remove(&id);
+        st.frame_limits.remove(&id);
         (st.readers.remove(&id), st.members.remove(&id))
     };
     // The reader holds the TAP until it ends; then its file closes and the kernel deletes it.
