@@ -210,6 +210,7 @@ mod tests {
                 })
                 .collect(),
             tenant: tenant.map(Into::into),
+            mtu: None,
         }
     }
 

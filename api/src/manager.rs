@@ -113,6 +113,10 @@ pub struct ViolinCreate {
     /// The sites whose hosts carry it; empty: every site.
     #[serde(default)]
     pub sites: Vec<String>,
+    /// Its MTU (68 to 9000): its bridges and TAPs on every host, its VMs' NICs and what DHCP
+    /// tells them. `None`: the manager's `[vm_template] mtu`, else the overlay daemons' `mtu`.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 /// Make a VM from a depot image on a violin.
@@ -198,6 +202,9 @@ pub struct ViolinView {
     /// The tenant it belongs to (`None`: an administrator's).
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Its own MTU, if it was given one at creation.
+    #[serde(default)]
+    pub mtu: Option<u16>,
     pub vms: Vec<ViolinMember>,
 }
 

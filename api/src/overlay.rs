@@ -70,6 +70,12 @@ pub struct ViolinSpec {
     pub vms: Vec<ManagedVmSpec>,
 }
 
+/// The smallest violin MTU (what IPv4 allows, RFC 2132).
+pub const MIN_VIOLIN_MTU: u16 = 68;
+/// The largest violin MTU: jumbo frames of 9000 bytes cross sites as fragments of QUIC
+/// datagrams (the overlay's reassembly path), which is as far as it is tested.
+pub const MAX_VIOLIN_MTU: u16 = 9000;
+
 /// A managed VM's addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -87,9 +87,7 @@ fn is_pattern(s: &str) -> bool {
             .is_some_and(|site| is_host_name(&format!("{site}/x")))
 }
 
-/// The largest violin MTU: jumbo frames of 9000 bytes cross sites as fragments of QUIC
-/// datagrams (the reassembly path), which is as far as it is tested.
-pub const MAX_MTU: u16 = 9000;
+pub use viola_api::overlay::{MAX_VIOLIN_MTU as MAX_MTU, MIN_VIOLIN_MTU as MIN_MTU};
 
 /// The MTU of a violin's bridge and TAP: the spec's, else the daemon's `mtu`.
 pub fn violin_mtu(spec: &ViolinSpec, daemon_mtu: u32) -> u32 {
@@ -102,7 +100,7 @@ pub fn violin_config(spec: &ViolinSpec) -> Result<ViolinConfig, SpecError> {
     if spec.name.chars().count() > 64 || spec.name.chars().any(char::is_control) {
         return Err(SpecError::Name(spec.name.clone()));
     }
-    if let Some(mtu) = spec.mtu.filter(|m| !(68..=MAX_MTU).contains(m)) {
+    if let Some(mtu) = spec.mtu.filter(|m| !(MIN_MTU..=MAX_MTU).contains(m)) {
         return Err(SpecError::Mtu(mtu));
     }
     if let Some(p) = spec.allowed.iter().find(|p| !is_pattern(p)) {

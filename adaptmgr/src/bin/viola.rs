@@ -7,7 +7,7 @@
 //!   viola vm create NAME --violin V --image IMAGE [--site S | --host H] [--vcpus N]
 //!                  [--memory-mib M] [--ready-by SECONDS] [--count N] [--ssh-key FILE] [--json]
 //!   viola vm start|stop|delete VM
-//!   viola violin create NAME [--subnet 10.x.y.0/24] [--sites a,b] [--json]
+//!   viola violin create NAME [--subnet 10.x.y.0/24] [--sites a,b] [--mtu N] [--json]
 //!   viola violin list|show NAME [--json]
 //!   viola violin delete NAME [--force]
 //!   viola violin hostfile NAME [--format hydra|openmpi|pairs] [--slots N] [-o FILE]
@@ -97,6 +97,9 @@ enum ViolinCommand {
         /// Comma-separated sites.
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
+        /// Its MTU, 68 to 9000 (default: the manager's [vm_template] mtu, else the overlays').
+        #[arg(long)]
+        mtu: Option<u16>,
     },
     /// Every violin with its VMs' addresses.
     List,
@@ -607,10 +610,12 @@ async fn violin(client: &Client, command: ViolinCommand, json: bool) -> anyhow::
             name,
             subnet,
             sites,
+            mtu,
         } => Request::ViolinCreate(ViolinCreate {
             name,
             subnet,
             sites,
+            mtu,
         }),
         ViolinCommand::List => Request::ViolinList,
         ViolinCommand::Show { name } => Request::ViolinShow { name },
@@ -652,8 +657,8 @@ async fn violin(client: &Client, command: ViolinCommand, json: bool) -> anyhow::
 
 fn print_violins(violins: &[ViolinView]) {
     println!(
-        "{:<16} {:>6} {:<18} {:<10} {:<12} {:>4}",
-        "VIOLIN", "ID", "SUBNET", "SITES", "TENANT", "VMS"
+        "{:<16} {:>6} {:<18} {:<10} {:<12} {:>5} {:>4}",
+        "VIOLIN", "ID", "SUBNET", "SITES", "TENANT", "MTU", "VMS"
     );
     for v in violins {
         let sites = if v.managed {
@@ -662,12 +667,13 @@ fn print_violins(violins: &[ViolinView]) {
             "(config)".to_owned()
         };
         println!(
-            "{:<16} {:>6} {:<18} {:<10} {:<12} {:>4}",
+            "{:<16} {:>6} {:<18} {:<10} {:<12} {:>5} {:>4}",
             v.name,
             v.id,
             v.subnet.as_deref().unwrap_or("-"),
             sites,
             v.tenant.as_deref().unwrap_or("-"),
+            v.mtu.map_or("-".to_owned(), |m| m.to_string()),
             v.vms.len()
         );
         for m in &v.vms {
@@ -869,6 +875,7 @@ mod tests {
             sites: vec!["a".to_owned(), "b".to_owned()],
             managed: true,
             tenant: None,
+            mtu: None,
             vms: members,
         }
     }

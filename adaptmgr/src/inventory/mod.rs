@@ -134,6 +134,9 @@ pub struct ViolinRecord {
     /// The tenant that made it (and owns its VMs); `None`: an administrator's.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Its own MTU (`viola violin create --mtu`).
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 /// A VM's place in a violin made through the API.

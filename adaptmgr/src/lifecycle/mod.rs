@@ -29,7 +29,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use viola_api::manager::{Response, ViolinCreate, ViolinMember, ViolinView, VmCreate, VmView};
-use viola_api::overlay::{ControlReply, ControlRequest, ManagedVmSpec, ViolinSpec};
+use viola_api::overlay::{
+    ControlReply, ControlRequest, MAX_VIOLIN_MTU as MAX_MTU, MIN_VIOLIN_MTU as MIN_MTU,
+    ManagedVmSpec, ViolinSpec,
+};
 use viola_depot::api::{StageRequest, StageState, StageStatus};
 use viola_hypervisor::domain::{Boot, DomainSpec, PortFilter};
 use viola_hypervisor::{Host, HypervisorError};
@@ -121,6 +124,8 @@ pub enum ViolinError {
     Invalid(#[from] AllocError),
     #[error("a violin named {0:?} exists")]
     Exists(String),
+    #[error("violin MTU {0}: want {MIN_MTU} to {MAX_MTU}")]
+    Mtu(u16),
     #[error("no violin named {0:?}")]
     Unknown(String),
     #[error("no site named {0:?}")]
@@ -268,6 +273,7 @@ impl ViolinRecord {
             sites: self.sites.clone(),
             managed: self.managed,
             tenant: self.tenant.clone(),
+            mtu: self.mtu,
             vms: members,
         }
     }
@@ -372,8 +378,11 @@ impl Manager {
             name: violin.name.clone(),
             allowed: violin.sites.iter().map(|s| format!("{s}/*")).collect(),
             subnet: violin.subnet.clone(),
-            // What the VMs' NICs are given (`[vm_template] mtu`), so a DHCP guest agrees.
-            mtu: self.cfg.vm_template.mtu.and_then(|m| u16::try_from(m).ok()),
+            // What the VMs' NICs are given (the violin's, else `[vm_template] mtu`), so a DHCP
+            // guest agrees.
+            mtu: violin
+                .mtu
+                .or_else(|| self.cfg.vm_template.mtu.and_then(|m| u16::try_from(m).ok())),
             vms: violin
                 .members
                 .iter()
@@ -496,6 +505,9 @@ impl Manager {
             }
             sites
         };
+        if let Some(mtu) = req.mtu.filter(|m| !(MIN_MTU..=MAX_MTU).contains(m)) {
+            return Err(ViolinError::Mtu(mtu));
+        }
         let id = alloc::next_violin_id(&violins.iter().map(|v| v.vni).collect())?;
         let subnet = match &req.subnet {
             Some(text) => Subnet::parse(text)?,
@@ -510,6 +522,7 @@ impl Manager {
             managed: true,
             members: Vec::new(),
             tenant: caller.tenant().map(str::to_owned),
+            mtu: req.mtu,
         };
         self.inventory.put_violin(&record)?;
         drop(allocation);
@@ -1108,7 +1121,7 @@ impl Manager {
             disk: vm.disk.clone(),
             bridge: format!("vio{}", violin.vni),
             mac: vm.mac.clone(),
-            mtu: t.mtu,
+            mtu: violin.mtu.map(u32::from).or(t.mtu),
             boot,
             console_log: t
                 .console_dir

@@ -280,6 +280,7 @@ fn violin(name: &str, sites: &[&str]) -> ViolinCreate {
         name: name.into(),
         subnet: None,
         sites: sites.iter().map(|s| (*s).to_owned()).collect(),
+        mtu: None,
     }
 }
 
@@ -379,6 +380,51 @@ async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
             .is_err()
     );
     assert!(lab.told().is_empty(), "a refused request tells no overlay");
+    for mtu in [67, 9001] {
+        let bad = ViolinCreate {
+            mtu: Some(mtu),
+            ..violin("bad", &[])
+        };
+        let err = lab.manager.create_violin(&Caller::Admin, bad).await;
+        assert!(
+            err.unwrap_err().to_string().contains(&format!("MTU {mtu}")),
+            "{mtu}"
+        );
+    }
+    assert!(lab.told().is_empty(), "a refused MTU tells no overlay");
+}
+
+#[tokio::test]
+async fn a_violins_own_mtu_goes_to_its_overlays_and_its_vms_nics() {
+    let lab = lab(None, None).await;
+    let made = lab
+        .manager
+        .create_violin(
+            &Caller::Admin,
+            ViolinCreate {
+                mtu: Some(9000),
+                ..violin("jumbo", &[])
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(made.mtu, Some(9000));
+    for (_, req) in lab.told() {
+        let ControlRequest::SetViolin { violin } = req else {
+            panic!("{req:?}");
+        };
+        assert_eq!(violin.mtu, Some(9000));
+    }
+    lab.create(vm("big", "jumbo")).await.unwrap();
+    let xml = lab
+        .manager
+        .inventory
+        .vm("big")
+        .unwrap()
+        .unwrap()
+        .domain_xml
+        .unwrap();
+    assert!(xml.contains("<mtu size='9000'/>"), "{xml}");
 }
 
 #[tokio::test]
