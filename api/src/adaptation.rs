@@ -59,7 +59,11 @@ pub enum ActionOutcome {
     Advised,
     /// Act mode: ordered, not finished yet.
     Pending,
-    Done,
+    /// Carried out; a migration says how long it took and how long the VM was paused.
+    Done {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        moved: Option<MoveFigures>,
+    },
     /// The migration was refused or failed and the VM stays where it was.
     RolledBack {
         reason: String,
@@ -84,13 +88,27 @@ impl ActionOutcome {
         match self {
             Self::Advised => "advised",
             Self::Pending => "pending",
-            Self::Done => "done",
+            Self::Done { .. } => "done",
             Self::RolledBack { .. } => "rolled_back",
             Self::Stuck { .. } => "stuck",
             Self::Failed { .. } => "failed",
             Self::Skipped { .. } => "skipped",
         }
     }
+}
+
+/// What a finished migration cost: the destination's completed-job statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveFigures {
+    pub time_ms: u64,
+    /// How long the VM was paused (libvirt's downtime), when libvirt reported it.
+    pub downtime_ms: Option<u64>,
+    pub bytes: u64,
+}
+
+impl ActionOutcome {
+    /// Carried out, with nothing more to say (a resize).
+    pub const DONE: Self = Self::Done { moved: None };
 }
 
 /// One action of a decision, by names (indices mean nothing outside the state they came from).
@@ -142,4 +160,34 @@ pub struct DecisionRecord {
     pub mode: PolicyMode,
     pub state: StateBrief,
     pub actions: Vec<ActionRecord>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_done_outcome_reads_back_with_and_without_its_figures() {
+        // What decision logs written before the figures existed hold.
+        let old: ActionOutcome = serde_json::from_str(r#"{"outcome":"done"}"#).unwrap();
+        assert_eq!(old, ActionOutcome::DONE);
+        assert_eq!(
+            serde_json::to_string(&ActionOutcome::DONE).unwrap(),
+            r#"{"outcome":"done"}"#
+        );
+        let moved = ActionOutcome::Done {
+            moved: Some(MoveFigures {
+                time_ms: 7210,
+                downtime_ms: Some(278),
+                bytes: 128_086_830,
+            }),
+        };
+        let text = serde_json::to_string(&moved).unwrap();
+        assert_eq!(
+            text,
+            r#"{"outcome":"done","moved":{"time_ms":7210,"downtime_ms":278,"bytes":128086830}}"#
+        );
+        assert_eq!(serde_json::from_str::<ActionOutcome>(&text).unwrap(), moved);
+        assert_eq!(moved.label(), "done");
+    }
 }

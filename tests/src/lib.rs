@@ -96,6 +96,25 @@ pub fn progress(line: &str) {
     let _ = writeln!(std::io::stderr(), "[lab test] {line}");
 }
 
+/// The longest run of echo requests left unanswered between two answers, in iputils `ping`
+/// output (reply lines name their `icmp_seq`): the longest outage, in pings. Duplicates and
+/// the order of the lines do not matter; requests after the last answer are not counted (the
+/// run may have been stopped with them in flight).
+pub fn longest_ping_gap(ping_stdout: &str) -> u64 {
+    let mut seqs: Vec<u64> = ping_stdout
+        .lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs.windows(2).map(|w| w[1] - w[0] - 1).max().unwrap_or(0)
+}
+
 /// Runs a command, returning its output; an error if it could not start.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd
@@ -586,6 +605,23 @@ pub fn jobinfo_number(info: &[(String, String)], key: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_ping_gap_is_the_longest_run_of_unanswered_requests() {
+        let out = "PING 10.0.1.2 (10.0.1.2) 56(84) bytes of data.\n\
+            64 bytes from 10.0.1.2: icmp_seq=1 ttl=64 time=0.3 ms\n\
+            64 bytes from 10.0.1.2: icmp_seq=2 ttl=64 time=0.3 ms\n\
+            64 bytes from 10.0.1.2: icmp_seq=5 ttl=64 time=0.3 ms\n\
+            64 bytes from 10.0.1.2: icmp_seq=4 ttl=64 time=40 ms\n\
+            64 bytes from 10.0.1.2: icmp_seq=4 ttl=64 time=40 ms (DUP!)\n\
+            64 bytes from 10.0.1.2: icmp_seq=17 ttl=64 time=0.3 ms\n\
+            64 bytes from 10.0.1.2: icmp_seq=18 ttl=64 time=0.3 ms\n\
+            \n--- 10.0.1.2 ping statistics ---\n\
+            25 packets transmitted, 6 received, 76% packet loss, time 480ms\n";
+        // 6..=16 unanswered; 3 alone; 19..=25 after the last answer are not an outage.
+        assert_eq!(longest_ping_gap(out), 11);
+        assert_eq!(longest_ping_gap("no answers at all"), 0);
+    }
 
     #[test]
     fn jobinfo_is_parsed() {

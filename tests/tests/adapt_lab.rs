@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::{log_text, wait_for_log};
 use viola_labtests::lifecycle::{Fed, FedSpec, console_ready_ip, spawn_manager};
-use viola_labtests::{lab_tests_enabled, progress, run, run_ok, wait_until};
+use viola_labtests::{lab_tests_enabled, longest_ping_gap, progress, run, run_ok, wait_until};
 
 /// A five-second control period; no consolidation (underload) and no cap changes (vertical),
 /// so the only reason to move is the overload this test makes.
@@ -40,6 +40,17 @@ fn migrations(fed: &Fed) -> Vec<(String, String, String, String, String)> {
             )
         })
         .collect()
+}
+
+/// The downtime the decision log recorded for the policy's move of `vm` to `to`.
+fn move_downtime_ms(fed: &Fed, vm: &str, to: &str) -> Option<u64> {
+    let listed = run_ok(&mut fed.cli.cmd(&["--json", "decisions"])).unwrap();
+    serde_json::Deserializer::from_str(&listed)
+        .into_iter::<serde_json::Value>()
+        .map(|r| r.expect("a decision record"))
+        .flat_map(|r| r["actions"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["action"] == "migrate" && a["vm"] == vm && a["to"] == to)
+        .find_map(|a| a["outcome"]["moved"]["downtime_ms"].as_u64())
 }
 
 /// The violin address of VM `name`.
@@ -313,7 +324,21 @@ fn overloaded_hosts_are_relieved_by_the_loop_across_and_within_sites_in_act_mode
         .find(|l| l.contains("packets transmitted"))
         .unwrap_or_default()
         .to_owned();
-    progress(&format!("ping of {vm} from a2 across the move: {summary}"));
+    // The loop's move costs the VM no more than the migration's own downtime plus 50 ms (what
+    // overlay_migrate allows a hand-typed move), give or take the pings' 20 ms spacing: the
+    // longest run of unanswered pings, wherever it fell (the killed manager's interrupted move
+    // paused the VM too).
+    let downtime_ms = move_downtime_ms(&fed, &vm, &to)
+        .unwrap_or_else(|| panic!("no downtime recorded for {vm}'s move to {to}"));
+    let gap_ms = longest_ping_gap(&String::from_utf8_lossy(&moved_ping.stdout)) * 20;
+    progress(&format!(
+        "ping of {vm} from a2 across the move: {summary}; longest outage {gap_ms} ms, \
+         migration downtime {downtime_ms} ms"
+    ));
+    assert!(
+        gap_ms <= downtime_ms + 50 + 40,
+        "{vm} was unreachable for {gap_ms} ms across a move with {downtime_ms} ms downtime"
+    );
     let answered = run(
         Command::new("ip").args(["netns", "exec", &a2, "ping", "-c", "3", "-W", "2", moved_ip])
     )

@@ -753,6 +753,12 @@ fn print_decision(d: &DecisionRecord) {
                 format!("{}: {reason}", a.outcome.label())
             }
             viola_api::adaptation::ActionOutcome::Failed { error } => format!("failed: {error}"),
+            viola_api::adaptation::ActionOutcome::Done { moved: Some(m) } => format!(
+                "done in {:.1} s, downtime {}, {} MiB moved",
+                m.time_ms as f64 / 1000.0,
+                m.downtime_ms.map_or("?".to_owned(), |d| format!("{d} ms")),
+                m.bytes >> 20
+            ),
             other => other.label().to_owned(),
         };
         let stage = a.stage.map_or(String::new(), |s| format!(" [stage {s}]"));

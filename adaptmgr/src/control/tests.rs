@@ -506,7 +506,7 @@ async fn the_cli_reads_the_decision_log_and_the_policy_in_force() {
             .record_decision(&decision_to_move_vm1(
                 1000 + i,
                 "host a1 overloaded",
-                ActionOutcome::Done,
+                ActionOutcome::DONE,
             ))
             .unwrap();
     }

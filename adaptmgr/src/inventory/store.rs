@@ -696,7 +696,7 @@ mod tests {
             let d = decision_to_move_vm1(5, "because", ActionOutcome::Pending);
             assert_eq!(inv.record_decision(&d).unwrap(), 1);
             assert_eq!(inv.record_decision(&d).unwrap(), 2);
-            inv.set_action_outcome(1, 0, ActionOutcome::Done).unwrap();
+            inv.set_action_outcome(1, 0, ActionOutcome::DONE).unwrap();
         }
         let inv = Inventory::open(&path).unwrap();
         let vm = inv.samples(SampleKey::Vm("vm1")).unwrap();
@@ -711,7 +711,7 @@ mod tests {
         assert!(inv.probes("a1").unwrap().is_empty());
         let decisions = inv.decisions_after(0, 10).unwrap();
         assert_eq!(decisions.len(), 2);
-        assert_eq!(decisions[0].actions[0].outcome, ActionOutcome::Done);
+        assert_eq!(decisions[0].actions[0].outcome, ActionOutcome::DONE);
         assert_eq!(decisions[1].actions[0].outcome, ActionOutcome::Pending);
         assert_eq!(inv.decisions_after(1, 10).unwrap()[0].seq, 2);
         assert_eq!(inv.decisions_after(0, 1).unwrap().len(), 1);

@@ -29,7 +29,7 @@ use crate::policy::{self, ActionKind, ObservedState, Policy};
 pub mod config;
 
 pub use config::{PolicyConfig, PolicyConfigError, PolicyMode, ViolaParams};
-use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, StateBrief};
+use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, MoveFigures, StateBrief};
 use viola_api::manager::{VmMigrate, VmResize};
 
 /// Prometheus metrics of the policy loop.
@@ -102,7 +102,7 @@ impl LoopMemory {
             return;
         }
         match &action.outcome {
-            ActionOutcome::Done => {
+            ActionOutcome::Done { .. } => {
                 if let Some(vm) = &action.vm {
                     self.moved_at_ms.insert(vm.clone(), ts_ms);
                 }
@@ -601,7 +601,7 @@ impl PolicyLoop {
             match step {
                 Step::Resize { action, req } => {
                     let outcome = match manager.resize(req).await {
-                        Ok(()) => ActionOutcome::Done,
+                        Ok(()) => ActionOutcome::DONE,
                         Err(e) => ActionOutcome::Failed {
                             error: viola_common::errors::chain(&e),
                         },
@@ -636,7 +636,7 @@ impl PolicyLoop {
                 (action, migration_outcome(result))
             });
             for (action, outcome) in futures::future::join_all(runs).await {
-                if outcome != ActionOutcome::Done {
+                if !matches!(outcome, ActionOutcome::Done { .. }) {
                     // Later stages counted on the room this move would have made.
                     halted = Some("an earlier move of this decision did not happen");
                 }
@@ -678,7 +678,13 @@ fn migration_outcome(
 ) -> ActionOutcome {
     match result {
         Ok(report) => match report.outcome {
-            Outcome::Migrated { .. } => ActionOutcome::Done,
+            Outcome::Migrated { .. } => ActionOutcome::Done {
+                moved: report.completed.map(|c| MoveFigures {
+                    time_ms: c.time_elapsed_ms,
+                    downtime_ms: c.downtime_ms,
+                    bytes: c.data_processed,
+                }),
+            },
             Outcome::RolledBack { reason } => ActionOutcome::RolledBack { reason },
             Outcome::Stuck { reason } => ActionOutcome::Stuck { reason },
         },

@@ -238,7 +238,11 @@ async fn act_mode_moves_a_vm_off_an_overloaded_host_within_two_periods() {
     assert_eq!(d.mode, PolicyMode::Act);
     assert_eq!(d.state.hosts_overloaded, 1);
     assert_eq!(d.actions.len(), 1);
-    assert_eq!(d.actions[0].outcome, ActionOutcome::Done);
+    assert!(
+        matches!(d.actions[0].outcome, ActionOutcome::Done { .. }),
+        "{:?}",
+        d.actions[0]
+    );
     assert!(
         d.actions[0].reason.contains("a1 overloaded"),
         "{:?}",
@@ -663,7 +667,7 @@ async fn act_mode_raises_the_cap_of_a_vm_at_its_cap_and_lowers_it_when_quiet() {
     assert_eq!(said.len(), 1, "{said:?}");
     assert_eq!(said[0].0, "resize");
     assert!(said[0].4.contains("at its cap"), "{said:?}");
-    assert_eq!(raised.actions[0].outcome, ActionOutcome::Done);
+    assert_eq!(raised.actions[0].outcome, ActionOutcome::DONE);
     assert_eq!(cap_of(&f), (Some(100), Some(100)));
     // Quiet for two periods: back to its own cap.
     for _ in 0..2 {
