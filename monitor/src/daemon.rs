@@ -227,6 +227,25 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Every running VM's statistics, with their CPU times all read at the returned instant: by
+/// one quick pass over the domains' summaries before the slow one (block, interface and
+/// balloon statistics wait while a migration holds a domain's job), whose own CPU times are
+/// replaced. Divided by the wrong interval, a CPU time read early in a slow call made a VM
+/// capped at 40 % look like two busy CPUs in the demo.
+fn stats_on_one_clock(
+    h: &dyn Hypervisor,
+) -> Result<(Vec<viola_hypervisor::DomainStats>, Instant), viola_hypervisor::HypervisorError> {
+    let summaries = h.list_domains()?;
+    let at = Instant::now();
+    let mut stats = h.stats()?;
+    for s in &mut stats {
+        if let Some(quick) = summaries.iter().find(|q| q.uuid == s.summary.uuid) {
+            s.summary.cpu_time_ns = quick.cpu_time_ns;
+        }
+    }
+    Ok((stats, at))
+}
+
 /// Collects one report (no push). A libvirt connection whose statistics call fails is
 /// dropped (set to `None`), so the caller reopens it: a libvirtd restart invalidates it.
 pub async fn collect(
@@ -251,22 +270,23 @@ pub async fn collect(
     })
     .await
     .unwrap_or_default();
-    let vms = match hv.as_ref() {
-        Some(h) => match blocking(h, |h| h.stats()).await {
+    let read_at = Instant::now();
+    let (vms, vms_at) = match hv.as_ref() {
+        Some(h) => match blocking(h, |h| stats_on_one_clock(h)).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %viola_common::errors::chain(&e), "libvirt stats failed");
                 *hv = None;
-                Vec::new()
+                (Vec::new(), Instant::now())
             }
         },
-        None => Vec::new(),
+        None => (Vec::new(), Instant::now()),
     };
     let mut probes = Vec::with_capacity(cfg.probes.len());
     for p in &cfg.probes {
         probes.push(run_probe(p).await);
     }
-    sampler.sample(Instant::now(), now_ms(), &text, &vms, probes)
+    sampler.sample_at(read_at, vms_at, now_ms(), &text, &vms, probes)
 }
 
 /// Runs until `token` is cancelled.

@@ -37,7 +37,10 @@ pub struct Sampler {
     prev_cgroup_ns: Option<u64>,
     prev_net: HashMap<String, (u64, u64)>,
     prev_vm_cpu: HashMap<String, u64>,
+    /// When /proc and the cgroup were last read.
     prev_at: Option<Instant>,
+    /// When libvirt's statistics last came back (the VMs' CPU times).
+    prev_vms_at: Option<Instant>,
 }
 
 impl Sampler {
@@ -51,11 +54,11 @@ impl Sampler {
             prev_net: HashMap::new(),
             prev_vm_cpu: HashMap::new(),
             prev_at: None,
+            prev_vms_at: None,
         }
     }
 
-    /// Builds the next report. Rates are over the time since the previous call (zero on the
-    /// first). A VM's `cpu_busy` is in vCPUs: 1.0 means one vCPU fully busy.
+    /// Builds the next report from readings all taken at `now` (see [`Sampler::sample_at`]).
     pub fn sample(
         &mut self,
         now: Instant,
@@ -64,6 +67,30 @@ impl Sampler {
         vms: &[DomainStats],
         probes: Vec<ProbeResult>,
     ) -> HostReport {
+        self.sample_at(now, now, now_ms, text, vms, probes)
+    }
+
+    /// Builds the next report: `text` was read at `now`, `vms` came back from libvirt at
+    /// `vms_at`. Rates are over the time since the previous reading of the same source (zero on
+    /// the first). A VM's `cpu_busy` is in vCPUs: 1.0 means one vCPU fully busy.
+    ///
+    /// Each source has its own clock because the calls between them take variable time (a
+    /// libvirt call waits while an incoming migration holds a domain's job; a service probe
+    /// waits for its timeout): divided by the time between two reports instead, a VM's CPU
+    /// time showed up to 30 CPUs for a 1-vCPU VM in the lab, an overload that was not there.
+    pub fn sample_at(
+        &mut self,
+        now: Instant,
+        vms_at: Instant,
+        now_ms: u64,
+        text: &ProcText,
+        vms: &[DomainStats],
+        probes: Vec<ProbeResult>,
+    ) -> HostReport {
+        let vm_secs = self
+            .prev_vms_at
+            .map(|p| vms_at.saturating_duration_since(p).as_secs_f64())
+            .filter(|s| *s > 0.0);
         let secs = self
             .prev_at
             .map(|p| now.saturating_duration_since(p).as_secs_f64())
@@ -104,15 +131,12 @@ impl Sampler {
         let mut next_vm = HashMap::new();
         for d in vms {
             let s = &d.summary;
-            let busy = match (self.prev_vm_cpu.get(&s.uuid), secs) {
+            let busy = match (self.prev_vm_cpu.get(&s.uuid), vm_secs) {
                 (Some(prev), Some(secs)) => {
                     let rate = s.cpu_time_ns.saturating_sub(*prev) as f64 / (secs * 1e9);
                     // A VM uses at most its vCPUs plus its emulator's thread; more is a
-                    // measurement artefact. One such sample (about 30 CPUs for a 1-vCPU VM,
-                    // right after another VM migrated onto its host) was seen in the lab; most
-                    // likely a reading delayed by a slow libvirt call (an incoming migration
-                    // holds its domain's job), so that the difference spans more time than it
-                    // is divided by. A policy would take it for an overload.
+                    // measurement artefact, which a policy would take for an overload (kept
+                    // as a bound; the clocks above removed the one cause seen).
                     let most = f64::from(s.vcpus.max(1)) + 1.0;
                     if rate > most {
                         tracing::debug!(vm = %s.name, rate, most, "VM CPU rate above its vCPUs: clamped");
@@ -143,6 +167,7 @@ impl Sampler {
         self.prev_net = next_net;
         self.prev_vm_cpu = next_vm;
         self.prev_at = Some(now);
+        self.prev_vms_at = Some(vms_at);
         self.seq += 1;
         HostReport {
             host: self.host.clone(),
@@ -215,6 +240,31 @@ mod tests {
         assert_eq!((r1.seq, r2.seq), (1, 2));
         assert_eq!(r2.usage.mem_available_kib, 50);
         assert_eq!(r2.vms[0].balloon_kib, Some(200_000));
+    }
+
+    #[test]
+    fn a_vm_rate_is_over_the_time_between_its_own_readings() {
+        let mut s = Sampler::new("a1", "a");
+        let t0 = Instant::now();
+        let text = ProcText::default();
+        // The first report's host readings came 1.5 s after its VM readings (a slow call in
+        // between); the second's both at t0 + 2 s.
+        s.sample_at(
+            t0 + Duration::from_millis(1500),
+            t0,
+            0,
+            &text,
+            &[dom(0)],
+            vec![],
+        );
+        let t2 = t0 + Duration::from_secs(2);
+        let r = s.sample_at(t2, t2, 2000, &text, &[dom(800_000_000)], vec![]);
+        // 0.8 s of CPU over the VMs' own 2 s: 0.4 (not 1.6 over the host readings' 0.5 s).
+        assert!(
+            (r.vms[0].cpu_busy - 0.4).abs() < 1e-9,
+            "{}",
+            r.vms[0].cpu_busy
+        );
     }
 
     #[test]
