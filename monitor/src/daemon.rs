@@ -272,7 +272,7 @@ pub async fn collect(
     .unwrap_or_default();
     let read_at = Instant::now();
     let (vms, vms_at) = match hv.as_ref() {
-        Some(h) => match blocking(h, |h| stats_on_one_clock(h)).await {
+        Some(h) => match blocking(h, stats_on_one_clock).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %viola_common::errors::chain(&e), "libvirt stats failed");
