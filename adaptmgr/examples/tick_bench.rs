@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
                             rss_kib: None,
                             disks: vec![],
                             nics: vec![],
+                            port_filter_drops: None,
                         }
                     })
                     .collect(),

@@ -57,6 +57,7 @@ pub fn running_vm(
         rss_kib: None,
         disks: vec![],
         nics: vec![],
+        port_filter_drops: None,
     }
 }
 

@@ -66,6 +66,11 @@ pub struct VmUsage {
     pub rss_kib: Option<u64>,
     pub disks: Vec<DiskCounters>,
     pub nics: Vec<NicCounters>,
+    /// Frames its host's bridge dropped from it so far (libvirt's nwfilter on its ports:
+    /// another MAC or address than its own, or a protocol the filter refuses, such as IPv6
+    /// under `clean-traffic`); `None` when its ports have no filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_filter_drops: Option<u64>,
 }
 
 /// A service-level probe (an HTTP GET against a service inside a VM).

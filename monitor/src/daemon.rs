@@ -77,6 +77,7 @@ pub struct MonitorMetrics {
     pub vm_vcpus: Family<VmLabels, Gauge>,
     pub probe_latency_ms: Family<VmLabels, Gauge<f64, AtomicU64>>,
     pub probe_ok: Family<VmLabels, Gauge>,
+    pub vm_port_filter_drops: Family<VmLabels, Gauge>,
 }
 
 impl MonitorMetrics {
@@ -126,6 +127,11 @@ impl MonitorMetrics {
             "Service probe success (1/0)",
             self.probe_ok.clone(),
         );
+        r.register(
+            "viola_monitor_vm_port_filter_drops",
+            "Frames the host's bridge dropped from the VM so far (its nwfilter: another MAC or address than its own, or a protocol the filter refuses)",
+            self.vm_port_filter_drops.clone(),
+        );
     }
 
     fn observe(&self, report: &HostReport) {
@@ -135,6 +141,7 @@ impl MonitorMetrics {
         self.vm_cpu_busy.clear();
         self.vm_memory_kib.clear();
         self.vm_vcpus.clear();
+        self.vm_port_filter_drops.clear();
         for vm in &report.vms {
             let l = vec![("vm".to_owned(), vm.name.clone())];
             self.vm_cpu_busy.get_or_create(&l).set(vm.cpu_busy);
@@ -142,6 +149,11 @@ impl MonitorMetrics {
                 .get_or_create(&l)
                 .set(vm.balloon_kib.unwrap_or(vm.memory_kib) as i64);
             self.vm_vcpus.get_or_create(&l).set(i64::from(vm.vcpus));
+            if let Some(dropped) = vm.port_filter_drops {
+                self.vm_port_filter_drops
+                    .get_or_create(&l)
+                    .set(i64::try_from(dropped).unwrap_or(i64::MAX));
+            }
         }
         for p in &report.probes {
             let l = vec![("probe".to_owned(), p.name.clone())];
@@ -160,6 +172,7 @@ pub fn read_proc(root: &std::path::Path) -> std::io::Result<ProcText> {
         meminfo: std::fs::read_to_string(root.join("meminfo"))?,
         net_dev: std::fs::read_to_string(root.join("net/dev"))?,
         cgroup: None,
+        ebtables: None,
     })
 }
 
@@ -246,6 +259,31 @@ fn stats_on_one_clock(
     Ok((stats, at))
 }
 
+/// The nat table of the host's ebtables, where libvirt's nwfilter keeps the VMs' port
+/// filters; `None` (logged once) where ebtables is missing or refuses.
+fn read_ebtables() -> Option<String> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let out = std::process::Command::new("ebtables")
+        .args(["--concurrent", "-t", "nat", "-L", "--Lc"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => {
+            WARNED.call_once(|| {
+                tracing::warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(),
+                    "ebtables failed: the VMs' port-filter drops are not reported")
+            });
+            None
+        }
+        Err(e) => {
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e, "cannot run ebtables: the VMs' port-filter drops are not reported")
+            });
+            None
+        }
+    }
+}
+
 /// Collects one report (no push). A libvirt connection whose statistics call fails is
 /// dropped (set to `None`), so the caller reopens it: a libvirtd restart invalidates it.
 pub async fn collect(
@@ -282,6 +320,13 @@ pub async fn collect(
         },
         None => (Vec::new(), Instant::now()),
     };
+    let mut text = text;
+    if vms.iter().any(|v| !v.nics.is_empty()) {
+        text.ebtables = tokio::task::spawn_blocking(read_ebtables)
+            .await
+            .ok()
+            .flatten();
+    }
     let mut probes = Vec::with_capacity(cfg.probes.len());
     for p in &cfg.probes {
         probes.push(run_probe(p).await);

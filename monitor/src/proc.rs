@@ -4,6 +4,51 @@
 //! time, from cgroup v1 (`cpu.cfs_quota_us`, `cpu.cfs_period_us`, `cpuacct.usage`) or v2
 //! (`cpu.max`, `cpu.stat`) files.
 
+/// Packets dropped per ebtables chain, from `ebtables -t nat -L --Lc`: for each chain, the
+/// packet counters of its DROP rules, summed (chains without one are listed with 0).
+pub fn parse_ebtables_drops(listing: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut drops = std::collections::BTreeMap::new();
+    let mut chain: Option<String> = None;
+    for line in listing.lines() {
+        if let Some(rest) = line.strip_prefix("Bridge chain: ") {
+            let name = rest.split(',').next().unwrap_or_default().trim().to_owned();
+            drops.entry(name.clone()).or_insert(0);
+            chain = Some(name);
+        } else if let Some(c) = &chain
+            && line.contains("-j DROP")
+            && let Some(count) = line
+                .split("pcnt = ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        {
+            *drops.entry(c.clone()).or_insert(0) += count;
+        }
+    }
+    drops
+}
+
+/// What libvirt's nwfilter dropped from the VM on bridge port `port`: the drops of the chains
+/// that filter what comes from it (`libvirt-I-PORT`, `I-PORT`, `I-PORT-…`); `None` if the port
+/// has no such chain (no filter).
+pub fn port_filter_drops(
+    chains: &std::collections::BTreeMap<String, u64>,
+    port: &str,
+) -> Option<u64> {
+    let root = format!("libvirt-I-{port}");
+    let own = format!("I-{port}");
+    let sub = format!("I-{port}-");
+    let mut found = false;
+    let mut sum = 0;
+    for (chain, n) in chains {
+        if *chain == root || *chain == own || chain.starts_with(&sub) {
+            found = true;
+            sum += n;
+        }
+    }
+    found.then_some(sum)
+}
+
 /// Cumulative CPU jiffies from the `cpu` line of /proc/stat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuTimes {
@@ -131,6 +176,55 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The shape of `ebtables -t nat -L --Lc` with libvirt's clean-traffic on two ports.
+    const EBTABLES: &str = "Bridge table: nat
+
+Bridge chain: PREROUTING, entries: 2, policy: ACCEPT
+-i vnet0 -j libvirt-I-vnet0 , pcnt = 170 -- bcnt = 12000
+-i vnet10 -j libvirt-I-vnet10 , pcnt = 9 -- bcnt = 600
+
+Bridge chain: POSTROUTING, entries: 1, policy: ACCEPT
+-o vnet0 -j libvirt-O-vnet0 , pcnt = 100 -- bcnt = 8000
+
+Bridge chain: libvirt-I-vnet0, entries: 4, policy: ACCEPT
+-j I-vnet0-mac , pcnt = 170 -- bcnt = 12000
+-p IPv4 -j I-vnet0-ipv4-ip , pcnt = 80 -- bcnt = 7000
+-p ARP -j I-vnet0-arp-mac , pcnt = 40 -- bcnt = 1680
+-j DROP , pcnt = 2 -- bcnt = 180
+
+Bridge chain: I-vnet0-mac, entries: 2, policy: ACCEPT
+-s 52:54:0:a:0:1 -j RETURN , pcnt = 126 -- bcnt = 9000
+-j DROP , pcnt = 44 -- bcnt = 2640
+
+Bridge chain: I-vnet0-ipv4-ip, entries: 3, policy: ACCEPT
+-p IPv4 --ip-src 0.0.0.0 --ip-proto udp -j RETURN , pcnt = 1 -- bcnt = 342
+-p IPv4 --ip-src 10.0.1.2 -j RETURN , pcnt = 76 -- bcnt = 6000
+-j DROP , pcnt = 3 -- bcnt = 250
+
+Bridge chain: libvirt-O-vnet0, entries: 1, policy: ACCEPT
+-j DROP , pcnt = 7 -- bcnt = 700
+
+Bridge chain: libvirt-I-vnet10, entries: 1, policy: ACCEPT
+-j I-vnet10-mac , pcnt = 9 -- bcnt = 600
+
+Bridge chain: I-vnet10-mac, entries: 2, policy: ACCEPT
+-s 52:54:0:a:0:2 -j RETURN , pcnt = 9 -- bcnt = 600
+-j DROP , pcnt = 0 -- bcnt = 0
+";
+
+    #[test]
+    fn port_filter_drops_are_the_drops_of_the_ports_own_chains() {
+        let chains = parse_ebtables_drops(EBTABLES);
+        assert_eq!(chains["I-vnet0-mac"], 44);
+        assert_eq!(chains["PREROUTING"], 0);
+        // 2 + 44 + 3; not the frames to the VM (libvirt-O-vnet0), not vnet10's.
+        assert_eq!(port_filter_drops(&chains, "vnet0"), Some(49));
+        assert_eq!(port_filter_drops(&chains, "vnet10"), Some(0));
+        assert_eq!(port_filter_drops(&chains, "vnet1"), None);
+        assert!(parse_ebtables_drops("").is_empty());
+        assert!(parse_ebtables_drops("-j DROP , pcnt = 5 -- bcnt = 1").is_empty());
+    }
 
     const STAT: &str = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
 

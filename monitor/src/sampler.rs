@@ -16,6 +16,8 @@ pub struct ProcText {
     pub meminfo: String,
     pub net_dev: String,
     pub cgroup: Option<CgroupSample>,
+    /// `ebtables -t nat -L --Lc` (the VMs' port filters), when the host has VMs with ports.
+    pub ebtables: Option<String>,
 }
 
 /// A host that is a cgroup of a bigger machine: what it may use and what it has used.
@@ -41,7 +43,12 @@ pub struct Sampler {
     prev_at: Option<Instant>,
     /// When libvirt's statistics last came back (the VMs' CPU times).
     prev_vms_at: Option<Instant>,
+    /// Per VM: its port-filter drops when last logged, and when.
+    drops_logged: HashMap<String, (u64, Instant)>,
 }
+
+/// At most one log line per VM about its port filter's drops in this time.
+const DROP_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Sampler {
     pub fn new(host: &str, site: &str) -> Self {
@@ -55,6 +62,29 @@ impl Sampler {
             prev_vm_cpu: HashMap::new(),
             prev_at: None,
             prev_vms_at: None,
+            drops_logged: HashMap::new(),
+        }
+    }
+
+    /// Logs a VM's new port-filter drops, at most once per [`DROP_LOG_INTERVAL`].
+    fn log_drops(&mut self, vm: &str, dropped: u64, now: Instant) {
+        match self.drops_logged.get(vm) {
+            None => {
+                // The first reading is the baseline (a restarted monitor finds old counts).
+                self.drops_logged.insert(vm.to_owned(), (dropped, now));
+            }
+            Some(&(logged, at))
+                if dropped > logged && now.duration_since(at) >= DROP_LOG_INTERVAL =>
+            {
+                tracing::warn!(
+                    vm,
+                    dropped = dropped - logged,
+                    total = dropped,
+                    "the bridge's port filter dropped frames from this VM (another MAC or address than its own, or a protocol the filter refuses)"
+                );
+                self.drops_logged.insert(vm.to_owned(), (dropped, now));
+            }
+            Some(_) => {}
         }
     }
 
@@ -127,10 +157,23 @@ impl Sampler {
                 tx_bps,
             });
         }
+        let chains = text
+            .ebtables
+            .as_deref()
+            .map(proc::parse_ebtables_drops)
+            .unwrap_or_default();
         let mut vm_usage = Vec::new();
         let mut next_vm = HashMap::new();
         for d in vms {
             let s = &d.summary;
+            let port_filter_drops = d
+                .nics
+                .iter()
+                .filter_map(|n| proc::port_filter_drops(&chains, &n.tap))
+                .reduce(|a, b| a + b);
+            if let Some(dropped) = port_filter_drops {
+                self.log_drops(&s.name, dropped, vms_at);
+            }
             let busy = match (self.prev_vm_cpu.get(&s.uuid), vm_secs) {
                 (Some(prev), Some(secs)) => {
                     let rate = s.cpu_time_ns.saturating_sub(*prev) as f64 / (secs * 1e9);
@@ -160,6 +203,7 @@ impl Sampler {
                 rss_kib: d.rss_kib,
                 disks: d.disks.clone(),
                 nics: d.nics.clone(),
+                port_filter_drops,
             });
         }
         self.prev_cpu = Some(cpu);
@@ -225,6 +269,7 @@ mod tests {
             meminfo: "MemTotal: 100 kB\nMemAvailable: 50 kB\n".into(),
             net_dev: "h\nh\n eth0: 0 0 0 0 0 0 0 0 0 0\n".into(),
             cgroup: None,
+            ebtables: None,
         };
         let r1 = s.sample(t0, 0, &text, &[dom(0)], vec![]);
         assert_eq!(r1.vms[0].cpu_busy, 0.0);
@@ -265,6 +310,40 @@ mod tests {
             "{}",
             r.vms[0].cpu_busy
         );
+    }
+
+    #[test]
+    fn a_vms_port_filter_drops_are_its_ports_and_absent_without_a_filter() {
+        let mut s = Sampler::new("a1", "a");
+        let t0 = Instant::now();
+        let text = ProcText {
+            ebtables: Some(
+                "Bridge chain: libvirt-I-vnet3, entries: 2, policy: ACCEPT\n\
+                 -j I-vnet3-mac , pcnt = 9 -- bcnt = 600\n\
+                 -j DROP , pcnt = 1 -- bcnt = 60\n\
+                 Bridge chain: I-vnet3-mac, entries: 2, policy: ACCEPT\n\
+                 -j DROP , pcnt = 40 -- bcnt = 2400\n"
+                    .into(),
+            ),
+            ..ProcText::default()
+        };
+        let nic = |tap: &str| viola_api::domain::NicCounters {
+            tap: tap.into(),
+            mac: "52:54:00:0a:00:01".into(),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+        };
+        let mut filtered = dom(0);
+        filtered.nics = vec![nic("vnet3")];
+        let mut open = dom(0);
+        open.summary.name = "vm2".into();
+        open.summary.uuid = "u2".into();
+        open.nics = vec![nic("vnet4")];
+        let r = s.sample(t0, 0, &text, &[filtered, open], vec![]);
+        assert_eq!(r.vms[0].port_filter_drops, Some(41));
+        assert_eq!(r.vms[1].port_filter_drops, None);
     }
 
     #[test]

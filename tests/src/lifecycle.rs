@@ -74,6 +74,8 @@ pub struct Fed {
     pub mgr_cfg: PathBuf,
     pub mgr_log: PathBuf,
     pub console: PathBuf,
+    /// Each host's monitor's Prometheus port (on 127.0.0.1 in the host's namespace).
+    pub monitor_metrics: std::collections::BTreeMap<String, u16>,
     pub lab: Lab,
     pub tmp: tempfile::TempDir,
 }
@@ -251,9 +253,12 @@ impl Fed {
         std::fs::write(&mgr_cfg, cfg).unwrap();
         let mgr_log = dir.join("adaptmgr.log");
         daemons.add("manager", spawn_manager(&ns("a2"), &mgr_cfg, &mgr_log));
+        let mut monitor_metrics = std::collections::BTreeMap::new();
         for h in HOSTS {
             // nsenter, not `ip netns exec`: that mounts a fresh /sys, which hides the machine's
             // cgroup file systems the monitor reads its host's partition from.
+            let metrics_port = free_port();
+            monitor_metrics.insert(h.to_string(), metrics_port);
             let mut monitor = Command::new("nsenter");
             monitor
                 .arg(format!("--net=/run/netns/{}", ns(h)))
@@ -261,7 +266,7 @@ impl Fed {
                 .arg(bin("viola-monitor"))
                 .args(["--host", h, "--site", &h[..1], "--manager", &mgr])
                 .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
-                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
                 .arg("--identity")
                 .arg(id(&format!("monitor-{h}")));
             if spec.host_cpus.is_some() {
@@ -293,9 +298,30 @@ impl Fed {
             mgr_cfg,
             mgr_log,
             console,
+            monitor_metrics,
             lab,
             tmp,
         }
+    }
+
+    /// The value of `metric` for VM `vm` in host `host`'s monitor's Prometheus text, if any.
+    pub fn monitor_vm_metric(&self, host: &str, metric: &str, vm: &str) -> Option<f64> {
+        let port = self.monitor_metrics.get(host)?;
+        let text = crate::run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns(host),
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            &format!("http://127.0.0.1:{port}/metrics"),
+        ]))
+        .ok()?;
+        let series = format!("{metric}{{vm=\"{vm}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     pub fn dir(&self) -> &Path {

@@ -8,7 +8,8 @@
 //! - every answer comes from the victim (without the filter a1's bridge would learn the
 //!   victim's MAC on the thief's port and hand it the victim's traffic: frames between two
 //!   ports of one bridge never reach the overlay, whose own guards cannot help);
-//! - a1's ebtables counted the thief's frames as dropped on the thief's port;
+//! - a1's monitor reports the thief's dropped frames (`viola_monitor_vm_port_filter_drops`,
+//!   from the port filter's ebtables counters) and logs them;
 //! - the thief, its own MAC and address back, answers again (a guest is fenced, not broken),
 //!   and both VMs took their addresses by DHCP through the filter;
 //! - the victim live-migrates to a2 and its filter goes with it: the binding is on a2's port,
@@ -26,36 +27,6 @@ struct Vm {
     name: String,
     mac: String,
     ip: String,
-}
-
-/// The packets `host`'s ebtables dropped on `port` (libvirt's chains for traffic from the VM
-/// on that port: `libvirt-I-<port>`, `I-<port>-…`), summed over every DROP rule.
-fn dropped_from(fed: &Fed, host: &str, port: &str) -> u64 {
-    let listing =
-        run_ok(
-            fed.lab
-                .cmd(host, "ebtables")
-                .args(["--concurrent", "-t", "nat", "-L", "--Lc"]),
-        )
-        .expect("ebtables -L");
-    let mut chain = String::new();
-    let mut dropped = 0;
-    for line in listing.lines() {
-        if let Some(name) = line.strip_prefix("Bridge chain: ") {
-            chain = name.split(',').next().unwrap_or_default().to_owned();
-        } else if (chain == format!("libvirt-I-{port}")
-            || chain == format!("I-{port}")
-            || chain.starts_with(&format!("I-{port}-")))
-            && line.contains("-j DROP")
-            && let Some(count) = line
-                .split("pcnt = ")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-        {
-            dropped += count.parse::<u64>().unwrap_or(0);
-        }
-    }
-    dropped
 }
 
 /// The host-side device of `vm`'s NIC on `host` (`virsh domiflist`).
@@ -148,7 +119,17 @@ fn a_guest_cannot_take_a_neighbours_mac_on_its_own_bridge() {
             "no clean-traffic on {port} at a1: {bindings}"
         );
     }
-    let dropped_before = dropped_from(&fed, "a1", &thief_port);
+    let drops = |vm: &str| {
+        fed.monitor_vm_metric("a1", "viola_monitor_vm_port_filter_drops", vm)
+            .map(|v| v as u64)
+    };
+    wait_until(
+        "a1's monitor reports the thief's port filter",
+        Duration::from_secs(30),
+        || drops("thief").is_some(),
+    )
+    .unwrap();
+    let dropped_before = drops("thief").unwrap();
 
     // The thief takes the victim's MAC and address for ~10 s and announces them (40 gratuitous
     // ARPs), in the background so the SSH session can end; then it takes its own back.
@@ -192,13 +173,28 @@ fn a_guest_cannot_take_a_neighbours_mac_on_its_own_bridge() {
         answers.len(),
         "the victim lost requests during the theft: {answers:?}"
     );
-    let dropped = dropped_from(&fed, "a1", &thief_port) - dropped_before;
+    // The monitor samples every second: its figure catches up within a few.
+    let mut dropped = 0;
+    wait_until(
+        "a1's monitor counts the thief's dropped frames",
+        Duration::from_secs(10),
+        || {
+            dropped = drops("thief").unwrap_or(0) - dropped_before;
+            dropped >= 20
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: the filter dropped only {dropped} of the thief's frames"));
     progress(&format!(
-        "a1's bridge dropped {dropped} frames from the thief's port"
+        "a1's monitor: the bridge dropped {dropped} frames from the thief, {} from the victim \
+         (its own frames the filter refuses, such as IPv6)",
+        drops("victim").unwrap_or(0)
     ));
+    let monitor_log = log_text(&fed.dir().join("monitor-a1.log"));
     assert!(
-        dropped >= 20,
-        "the filter dropped only {dropped} of the thief's frames"
+        monitor_log
+            .lines()
+            .any(|l| l.contains("port filter dropped frames") && l.contains("thief")),
+        "a1's monitor did not log the thief's drops:\n{monitor_log}"
     );
 
     // Fenced, not broken: with its own MAC and address back, the thief answers again.

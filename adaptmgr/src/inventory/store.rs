@@ -629,6 +629,7 @@ mod tests {
                     rss_kib: None,
                     disks: vec![],
                     nics: vec![],
+                    port_filter_drops: None,
                 })
                 .collect(),
             probes: vec![],
