@@ -81,19 +81,16 @@ fn reachability(fed: &Fed, ranks: &[(&'static str, String, String)]) -> String {
     report
 }
 
-/// Each rank's TCP sockets with their timers and counters, its TCP statistics and its last
-/// kernel messages: what a failed job across a move left behind inside the guests.
-fn guest_sockets(ns: &str, key: &Path, ranks: &[(&'static str, String, String)]) -> String {
+/// `script`'s output on each rank (over SSH from `ns`), headed by the rank's name.
+fn on_each_rank(
+    ns: &str,
+    key: &Path,
+    ranks: &[(&'static str, String, String)],
+    script: &str,
+) -> String {
     let mut report = String::new();
     for (name, _, ip) in ranks {
-        let out = ssh(
-            ns,
-            key,
-            ip,
-            "ss -tnoi; grep Tcp: /proc/net/snmp; grep TcpExt: /proc/net/netstat; dmesg | tail -n 20",
-            None,
-            Duration::from_secs(30),
-        );
+        let out = ssh(ns, key, ip, script, None, Duration::from_secs(30));
         report.push_str(&format!(
             "--- {name} ({ip}): {}\n{}\n",
             out.status,
@@ -103,27 +100,27 @@ fn guest_sockets(ns: &str, key: &Path, ranks: &[(&'static str, String, String)])
     report
 }
 
+/// Each rank's TCP sockets with their timers and counters, its TCP statistics and its last
+/// kernel messages: what a failed job across a move left behind inside the guests.
+fn guest_sockets(ns: &str, key: &Path, ranks: &[(&'static str, String, String)]) -> String {
+    on_each_rank(
+        ns,
+        key,
+        ranks,
+        "ss -tnoi; grep Tcp: /proc/net/snmp; grep TcpExt: /proc/net/netstat; dmesg | tail -n 20",
+    )
+}
+
 /// Each rank's processes with what they wait in, and their TCP sockets with their owners.
 fn guest_processes(ns: &str, key: &Path, ranks: &[(&'static str, String, String)]) -> String {
-    let mut report = String::new();
-    for (name, _, ip) in ranks {
-        let out = ssh(
-            ns,
-            key,
-            ip,
-            "ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' ; ss -tnpoi; \
-             for p in $(pgrep -f 'hydra|mpi-nemo'); do echo \"== $p\"; cat /proc/$p/stack 2>/dev/null; \
-             ls -l /proc/$p/fd 2>/dev/null | grep -c socket; done",
-            None,
-            Duration::from_secs(30),
-        );
-        report.push_str(&format!(
-            "--- {name} ({ip}): {}\n{}\n",
-            out.status,
-            text(&out)
-        ));
-    }
-    report
+    on_each_rank(
+        ns,
+        key,
+        ranks,
+        "ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' ; ss -tnpoi; \
+         for p in $(pgrep -f 'hydra|mpi-nemo'); do echo \"== $p\"; cat /proc/$p/stack 2>/dev/null; \
+         ls -l /proc/$p/fd 2>/dev/null | grep -c socket; done",
+    )
 }
 
 /// Two VMs of the MPI image on violin "hpc", rank0 at site a and rank1 at site b, made with
