@@ -459,9 +459,9 @@ if [ "$mpi" = 1 ]; then
     say "FAILED: the MPI job across the move (exit $rc)"; tail -n 5 "$D/nemo.out"; exit 1
   fi
   if [ "$rc" != 0 ]; then
-    # Known, cause not found: now and then mpiexec does not return after a job whose rank
-    # migrated has ended and verified, until MPIEXEC_TIMEOUT stops it (both ranks spin in MPI's
-    # UCX teardown with nothing queued between them; see README, mpi_lab).
+    # Known, not Viola's: now and then mpiexec does not return after the job has ended and
+    # verified, until MPIEXEC_TIMEOUT stops it (both ranks spin in MPI's UCX teardown with
+    # nothing queued between them, with or without a migration; see README, mpi_lab).
     echo "   WARNING: the job ended and verified, but mpiexec returned only at its timeout (exit $rc)"
   fi
   echo "   the job ended with the result rank 0 recomputed alone (verify=ok), node1 now at $(viola --json vm list | jq -r '.[] | select(.name=="node1") | .host')"
