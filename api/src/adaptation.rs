@@ -83,6 +83,9 @@ pub enum ActionOutcome {
 }
 
 impl ActionOutcome {
+    /// Carried out, with nothing more to say (a resize).
+    pub const DONE: Self = Self::Done { moved: None };
+
     /// A short label for metrics and tables.
     pub fn label(&self) -> &'static str {
         match self {
@@ -104,11 +107,6 @@ pub struct MoveFigures {
     /// How long the VM was paused (libvirt's downtime), when libvirt reported it.
     pub downtime_ms: Option<u64>,
     pub bytes: u64,
-}
-
-impl ActionOutcome {
-    /// Carried out, with nothing more to say (a resize).
-    pub const DONE: Self = Self::Done { moved: None };
 }
 
 /// One action of a decision, by names (indices mean nothing outside the state they came from).

@@ -368,6 +368,12 @@ impl Manager {
             .collect())
     }
 
+    /// The MTU of `violin`'s devices and its VMs' NICs: its own, else `[vm_template] mtu`
+    /// (`None`: the overlay daemons' own `mtu`).
+    fn violin_mtu(&self, violin: &ViolinRecord) -> Option<u32> {
+        violin.mtu.map(u32::from).or(self.cfg.vm_template.mtu)
+    }
+
     /// What the overlay daemons are told about `violin`.
     fn violin_spec(&self, violin: &ViolinRecord) -> Result<ViolinSpec, InventoryError> {
         let vms = self.inventory.vms()?;
@@ -378,11 +384,8 @@ impl Manager {
             name: violin.name.clone(),
             allowed: violin.sites.iter().map(|s| format!("{s}/*")).collect(),
             subnet: violin.subnet.clone(),
-            // What the VMs' NICs are given (the violin's, else `[vm_template] mtu`), so a DHCP
-            // guest agrees.
-            mtu: violin
-                .mtu
-                .or_else(|| self.cfg.vm_template.mtu.and_then(|m| u16::try_from(m).ok())),
+            // What the VMs' NICs are given, so a DHCP guest agrees.
+            mtu: self.violin_mtu(violin).and_then(|m| u16::try_from(m).ok()),
             vms: violin
                 .members
                 .iter()
@@ -1121,7 +1124,7 @@ impl Manager {
             disk: vm.disk.clone(),
             bridge: format!("vio{}", violin.vni),
             mac: vm.mac.clone(),
-            mtu: violin.mtu.map(u32::from).or(t.mtu),
+            mtu: self.violin_mtu(violin),
             boot,
             console_log: t
                 .console_dir

@@ -188,7 +188,6 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         bridges,
         taps,
         members,
-        frame_limits,
     } = violins::setup(&cfg, &mut switch)?;
     let advertise = cfg.advertise.unwrap_or(local);
     let mut peers = PeerBook::new(me.clone(), advertise);
@@ -208,8 +207,6 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         serial: 0,
         tap_path: SparsePath::new(cfg.handoff_yield, busy.clone()),
         // Ethernet header and one VLAN tag.
-        max_frame: violins::frame_limit(cfg.mtu),
-        frame_limits,
         drop_log: Default::default(),
         kernel_drops: net::KernelDrops::new(udp_inode),
     }));

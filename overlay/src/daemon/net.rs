@@ -23,6 +23,26 @@ use crate::sparse::{HandoffSocket, SparsePath};
 /// A violin's TAP, readable through tokio.
 pub(super) type Tap = Rc<AsyncFd<Iface>>;
 
+/// A violin's TAP and the longest frame the violin takes through it: its MTU, the Ethernet
+/// header and one VLAN tag (checked on every frame read from it and written to it).
+pub(super) struct ViolinTap {
+    pub(super) tap: Tap,
+    pub(super) max_frame: usize,
+}
+
+impl ViolinTap {
+    pub(super) fn new(tap: Tap, mtu: u32) -> Self {
+        let mut t = Self { tap, max_frame: 0 };
+        t.set_mtu(mtu);
+        t
+    }
+
+    /// The violin's MTU is `mtu` (also when it is updated in place).
+    pub(super) fn set_mtu(&mut self, mtu: u32) {
+        self.max_frame = mtu as usize + 18;
+    }
+}
+
 /// Bridges created by us, removed again on drop (also on a failed start).
 pub(super) struct Bridges(Vec<String>);
 

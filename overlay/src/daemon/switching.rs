@@ -8,14 +8,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
-use tun_tap::Iface;
 
 use super::Ctx;
-use super::net::KernelDrops;
+use super::net::{KernelDrops, ViolinTap};
 use super::peers::PeerBook;
 use super::violins::{Member, Reader};
 use crate::HostId;
@@ -91,7 +89,7 @@ pub(super) struct Conn {
 pub(super) struct Shared {
     pub(super) switch: Switch,
     pub(super) conns: HashMap<HostId, Conn>,
-    pub(super) taps: HashMap<ViolinId, Rc<AsyncFd<Iface>>>,
+    pub(super) taps: HashMap<ViolinId, ViolinTap>,
     /// The violins: where each comes from, its bridge.
     pub(super) members: BTreeMap<ViolinId, Member>,
     /// The TAP readers.
@@ -104,11 +102,6 @@ pub(super) struct Shared {
     pub(super) serial: u64,
     /// Sparse TAP writes: the frame's reader may be woken onto this CPU (see [`crate::sparse`]).
     pub(super) tap_path: SparsePath,
-    /// The longest frame a guest takes: MTU, Ethernet header and one VLAN tag (the daemon's
-    /// `mtu`; a violin with its own MTU has its entry in `frame_limits`).
-    pub(super) max_frame: usize,
-    /// The longest frame of each violin with an MTU of its own.
-    pub(super) frame_limits: HashMap<ViolinId, usize>,
     /// Rate-limited log lines about drops.
     pub(super) drop_log: DropLog,
     /// The kernel's drops on the TAPs and the UDP socket.
@@ -140,14 +133,6 @@ impl DropLog {
 pub(super) type State = Rc<RefCell<Shared>>;
 
 impl Shared {
-    /// The longest frame `violin` takes (see [`Shared::max_frame`]).
-    pub(super) fn max_frame_of(&self, violin: ViolinId) -> usize {
-        self.frame_limits
-            .get(&violin)
-            .copied()
-            .unwrap_or(self.max_frame)
-    }
-
     pub(super) fn count(&mut self, what: DriverDrop) {
         *self.driver_drops.entry(what).or_default() += 1;
     }
@@ -186,10 +171,10 @@ impl Shared {
                     }
                 }
                 Output::Deliver { violin, frame } => {
-                    let Some(tap) = self.taps.get(&violin) else {
+                    let Some(ViolinTap { tap, max_frame }) = self.taps.get(&violin) else {
                         continue;
                     };
-                    if frame.len() > self.max_frame_of(violin) {
+                    if frame.len() > *max_frame {
                         self.count(DriverDrop::DeliverOversize);
                         continue;
                     }
@@ -218,13 +203,15 @@ impl Shared {
 
 /// Reads frames from the TAP of `violin` into the switch until `token` is cancelled.
 pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: CancellationToken) {
-    let Some(tap) = ctx.state.borrow().taps.get(&violin).cloned() else {
+    let Some(tap) = ctx.state.borrow().taps.get(&violin).map(|t| t.tap.clone()) else {
         return;
     };
     let mut slab = BytesMut::with_capacity(256 * 1024);
     loop {
         // Read at every wake-up: `set_violin` may change the violin's MTU in place.
-        let max_frame = ctx.state.borrow().max_frame_of(violin);
+        let Some(max_frame) = ctx.state.borrow().taps.get(&violin).map(|t| t.max_frame) else {
+            return;
+        };
         let mut guard = tokio::select! {
             () = token.cancelled() => return,
             g = tap.readable() => match g {
@@ -287,7 +274,7 @@ pub(super) async fn ticker(ctx: Rc<Ctx>) {
         st.switch.handle_timeout(now);
         ticks += 1;
         if ticks.is_multiple_of(4) {
-            let taps = st.taps.values().map(|t| t.get_ref().name());
+            let taps = st.taps.values().map(|t| t.tap.get_ref().name());
             let (tap, udp) = st.kernel_drops.read(taps);
             st.driver_drops.insert(DriverDrop::TapQueueOverflow, tap);
             st.driver_drops.insert(DriverDrop::UdpReceiveOverflow, udp);

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use viola_api::overlay::ViolinSpec;
 
-use super::net::{self, Bridges, Tap};
+use super::net::{self, Bridges, ViolinTap};
 use super::{Ctx, DaemonError, switching};
 use crate::config::OverlayConfig;
 use crate::spec::{self, KeptViolin};
@@ -50,15 +50,8 @@ fn names(id: ViolinId) -> (String, String) {
 pub(super) struct Setup {
     /// Bridges of TOML violins made here, removed when dropped.
     pub(super) bridges: Bridges,
-    pub(super) taps: HashMap<ViolinId, Tap>,
+    pub(super) taps: HashMap<ViolinId, ViolinTap>,
     pub(super) members: BTreeMap<ViolinId, Member>,
-    /// Violins with an MTU other than the daemon's: their longest frame.
-    pub(super) frame_limits: HashMap<ViolinId, usize>,
-}
-
-/// The longest frame a violin of MTU `mtu` takes: the MTU, the Ethernet header and one VLAN tag.
-pub(super) fn frame_limit(mtu: u32) -> usize {
-    mtu as usize + 18
 }
 
 /// Makes the TOML file's violins, then the state file's: their bridges and TAPs, and their
@@ -68,7 +61,6 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
         bridges: Bridges::new(),
         taps: Default::default(),
         members: BTreeMap::new(),
-        frame_limits: HashMap::new(),
     };
     // No peer is up yet, so adding violins asks for nothing to be sent.
     let mut out = Vec::new();
@@ -84,7 +76,7 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
             made.bridges.push(bridge.clone());
         }
         info!(violin = v.id, %bridge, tap = %tap_name, "violin up (configured)");
-        made.taps.insert(vcfg.id, tap);
+        made.taps.insert(vcfg.id, ViolinTap::new(tap, cfg.mtu));
         made.members.insert(
             vcfg.id,
             Member {
@@ -125,10 +117,7 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
         let mtu = spec::violin_mtu(&k.spec, cfg.mtu);
         let (tap, made_now) = net::violin_devices(&bridge, &tap_name, mtu)?;
         info!(violin = k.spec.id, %bridge, tap = %tap_name, mtu, "violin up (kept from the state file)");
-        if mtu != cfg.mtu {
-            made.frame_limits.insert(vcfg.id, frame_limit(mtu));
-        }
-        made.taps.insert(vcfg.id, tap);
+        made.taps.insert(vcfg.id, ViolinTap::new(tap, mtu));
         made.members.insert(
             vcfg.id,
             Member {
@@ -267,7 +256,9 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
                 }
                 return Err(e);
             }
-            st.frame_limits.insert(id, frame_limit(mtu));
+            if let Some(t) = st.taps.get_mut(&id) {
+                t.set_mtu(mtu);
+            }
             st.switch.add_violin(vcfg, &mut st.out);
             st.execute();
             if let Some(m) = st.members.get_mut(&id) {
@@ -296,8 +287,7 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
         }
         return Err(e);
     }
-    st.taps.insert(id, tap);
-    st.frame_limits.insert(id, frame_limit(mtu));
+    st.taps.insert(id, ViolinTap::new(tap, mtu));
     st.members.insert(
         id,
         Member {
@@ -334,7 +324,6 @@ pub(super) async fn remove(ctx: &Ctx, id: u32) -> Result<(), String> {
         st.switch.remove_violin(id, &mut st.out);
         st.execute();
         st.taps.remove(&id);
-        st.frame_limits.remove(&id);
         (st.readers.remove(&id), st.members.remove(&id))
     };
     // The reader holds the TAP until it ends; then its file closes and the kernel deletes it.
