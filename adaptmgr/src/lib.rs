@@ -3,9 +3,11 @@
 //! that decide (pure, deterministic, shared by the live manager and the trace-driven simulator).
 pub mod announce;
 pub mod control;
+pub mod dashboard;
 #[cfg(test)]
 mod fixtures;
 pub mod ha;
+pub mod history;
 pub mod images;
 pub mod inventory;
 pub mod lifecycle;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::announce::{OverlayAnnouncer, OverlayHost, OverlayLink, QuicOverlayLink};
 use crate::ha::{self, FailureDetector, HostEvent};
+use crate::history::History;
 use crate::inventory::{
     HostRecord, HostState, Inventory, InventoryError, SiteRecord, ViolinRecord, VmRecord,
 };
@@ -32,6 +33,7 @@ use crate::migration::{
     MigrationStatus, MigrationTuning, Outcome, QuicDepotLink, resume_migration, run_journaled,
 };
 use crate::policy_loop::config::PolicyConfig;
+use viola_api::dashboard::MigrationInFlight;
 use viola_api::manager::{HostReport, Response, VmMigrate, VmResize};
 use viola_hypervisor::{Connector, CpuCap, CpuTuning, HypervisorError, blocking};
 
@@ -83,6 +85,9 @@ pub(crate) fn overlay_hosts(hosts: &[HostConfig]) -> BTreeMap<String, OverlayHos
 pub struct ManagerConfig {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    /// Where the web dashboard listens (HTTPS, client certificates from the federation CA,
+    /// the manager's identity as server certificate); `None`: no dashboard.
+    pub dashboard_listen: Option<SocketAddr>,
     pub identity_dir: PathBuf,
     pub inventory: PathBuf,
     /// A host is declared failed after this long without a report.
@@ -145,6 +150,7 @@ impl Default for ManagerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9443)),
+            dashboard_listen: None,
             identity_dir: PathBuf::from("/etc/viola/adaptmgr"),
             inventory: PathBuf::from("/var/lib/viola/adaptmgr/inventory.redb"),
             heartbeat_timeout_s: 15,
@@ -242,6 +248,18 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Locks `m`, also after a thread panicked while holding it (the data are plain records that a
+/// panic cannot leave half-written in a way worse than losing the manager).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A migration that runs now: how to cancel it and what the dashboard shows of it.
+struct RunningMigration {
+    cancel: CancellationToken,
+    view: MigrationInFlight,
+}
+
 /// The manager.
 pub struct Manager {
     pub cfg: ManagerConfig,
@@ -255,7 +273,9 @@ pub struct Manager {
     stager: DepotStager,
     announcer: OverlayAnnouncer,
     detector: Mutex<FailureDetector>,
-    migrations: Mutex<HashMap<String, CancellationToken>>,
+    migrations: Mutex<HashMap<String, RunningMigration>>,
+    /// What the dashboard plots (kept in the inventory too, so it survives a restart).
+    pub(crate) history: Mutex<History>,
     /// Held while a request reads and rewrites the violins' ids and addresses (`lifecycle`),
     /// so two requests at once never hand out the same one or lose each other's.
     pub(crate) allocation: tokio::sync::Mutex<()>,
@@ -371,6 +391,7 @@ impl Manager {
             stager: DepotStager::new(LocalCopyStager::new(views), depots, depot_hosts, link),
             detector: Mutex::new(detector),
             migrations: Mutex::new(HashMap::new()),
+            history: Mutex::new(inventory.load_history()?),
             allocation: tokio::sync::Mutex::new(()),
             metrics: ManagerMetrics::default(),
             cfg,
@@ -391,14 +412,17 @@ impl Manager {
         self.metrics.reports.inc();
         let inv = Arc::clone(&self.inventory);
         let r = report.clone();
-        tokio::task::spawn_blocking(move || inv.apply_report(&r, now))
+        let fresh = tokio::task::spawn_blocking(move || inv.apply_report(&r, now))
             .await
             .map_err(|e| ManagerError::Hypervisor(HypervisorError::Join(e)))??;
-        let event = self
-            .detector
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .heartbeat(&report.host, now);
+        if fresh {
+            let write = lock(&self.history).record(now, &report);
+            let inv = Arc::clone(&self.inventory);
+            tokio::task::spawn_blocking(move || inv.write_history(&write))
+                .await
+                .map_err(|e| ManagerError::Hypervisor(HypervisorError::Join(e)))??;
+        }
+        let event = lock(&self.detector).heartbeat(&report.host, now);
         let mut host = self
             .inventory
             .host(&report.host)?
@@ -550,14 +574,23 @@ impl Manager {
         let from = self.host_of(&vm.host)?;
         let to = self.host_of(&req.to_host)?;
         {
-            let mut running = self
-                .migrations
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut running = lock(&self.migrations);
             if running.contains_key(&req.vm) {
                 return Err(ManagerError::Busy(req.vm.clone()));
             }
-            running.insert(req.vm.clone(), cancel.clone());
+            running.insert(
+                req.vm.clone(),
+                RunningMigration {
+                    cancel: cancel.clone(),
+                    view: MigrationInFlight {
+                        vm: req.vm.clone(),
+                        from: from.name.clone(),
+                        to: to.name.clone(),
+                        started_ms: now_ms(),
+                        status: MigrationStatus::default(),
+                    },
+                },
+            );
         }
         let plan = MigrationPlan {
             vm: req.vm.clone(),
@@ -587,6 +620,9 @@ impl Manager {
         let forward = async {
             while rx.changed().await.is_ok() {
                 let status = rx.borrow_and_update().clone();
+                if let Some(m) = lock(&self.migrations).get_mut(&req.vm) {
+                    m.view.status = status.clone();
+                }
                 let _ = progress.try_send(Response::Progress(status));
             }
         };
@@ -600,10 +636,7 @@ impl Manager {
             report
         };
         let (report, ()) = tokio::join!(run, forward);
-        self.migrations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&req.vm);
+        lock(&self.migrations).remove(&req.vm);
         self.finish_migration(&req.vm, &report)?;
         Ok(report)
     }
@@ -667,23 +700,39 @@ impl Manager {
             let vm = snap.plan().vm.clone();
             let cancel = CancellationToken::new();
             {
-                let mut running = self
-                    .migrations
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut running = lock(&self.migrations);
                 if running.contains_key(&vm) {
                     continue;
                 }
-                running.insert(vm.clone(), cancel);
+                let host_named = |uri: &str| {
+                    self.cfg
+                        .hosts
+                        .iter()
+                        .find(|h| h.libvirt_uri == uri)
+                        .map_or_else(|| uri.to_owned(), |h| h.name.clone())
+                };
+                running.insert(
+                    vm.clone(),
+                    RunningMigration {
+                        cancel,
+                        view: MigrationInFlight {
+                            vm: vm.clone(),
+                            from: host_named(&snap.plan().source_uri),
+                            to: host_named(&snap.plan().dest_uri),
+                            started_ms: now_ms(),
+                            status: MigrationStatus {
+                                step: "resuming after a manager restart".into(),
+                                ..MigrationStatus::default()
+                            },
+                        },
+                    },
+                );
             }
             tracing::warn!(%vm, "resuming a migration the previous manager left in progress");
             let deps = self.migration_deps();
             let (tx, _rx) = watch::channel(MigrationStatus::default());
             let report = resume_migration(snap, &deps, &tx, |s| self.journal(&vm, s)).await;
-            self.migrations
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&vm);
+            lock(&self.migrations).remove(&vm);
             tracing::info!(%vm, outcome = ?report.outcome, "interrupted migration resolved");
             self.finish_migration(&vm, &report)?;
             reports.push(report);
@@ -693,32 +742,31 @@ impl Manager {
 
     /// The VMs whose migration runs now.
     pub fn migrating_vms(&self) -> BTreeSet<String> {
-        self.migrations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect()
+        lock(&self.migrations).keys().cloned().collect()
     }
 
     /// Cancels the running migration of `vm`; false if none runs.
     pub fn cancel_migration(&self, vm: &str) -> bool {
-        self.migrations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.migrations)
             .get(vm)
-            .map(CancellationToken::cancel)
+            .map(|m| m.cancel.cancel())
             .is_some()
+    }
+
+    /// The migrations that run now, as the dashboard shows them.
+    pub fn migrations_in_flight(&self) -> Vec<MigrationInFlight> {
+        let mut out: Vec<MigrationInFlight> = lock(&self.migrations)
+            .values()
+            .map(|m| m.view.clone())
+            .collect();
+        out.sort_by_key(|m| m.started_ms);
+        out
     }
 
     /// Declares silent hosts failed and re-instantiates their VMs elsewhere. Call periodically.
     pub async fn ha_tick(&self) -> Result<(), ManagerError> {
         let now = now_ms();
-        let events = self
-            .detector
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .poll(now);
+        let events = lock(&self.detector).poll(now);
         for event in events {
             let HostEvent::Failed { host, last_seen_ms } = event else {
                 continue;

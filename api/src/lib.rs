@@ -5,12 +5,14 @@
 //! - [`adaptation`]: the policy loop's decision log and the policy in force.
 //! - [`manager`]: the adaptation manager's endpoint: requests, responses, monitor reports and
 //!   the records as the API shows them; [`client`] is its client.
+//! - [`dashboard`]: the JSON the manager's web dashboard serves.
 //! - [`domain`], [`migration`]: the hypervisor facts and migration accounts those messages carry.
 //! - [`overlay`]: the overlay daemon's control API (typed requests, replies and status) and its
 //!   clients (QUIC with mutual TLS, or the host-local unix socket).
 
 pub mod adaptation;
 pub mod client;
+pub mod dashboard;
 pub mod domain;
 pub mod manager;
 pub mod migration;

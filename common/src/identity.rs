@@ -458,6 +458,30 @@ impl CertificateAuthority {
         )
     }
 
+    /// Issues a certificate for `identity` that also names `addresses` and `dns_names`, so
+    /// that a browser reaching the daemon by one of them accepts it (the manager's dashboard).
+    pub fn issue_with_names(
+        &self,
+        identity: &PeerIdentity,
+        addresses: &[std::net::IpAddr],
+        dns_names: &[String],
+        valid_days: u32,
+    ) -> Result<IssuedCertificate, CaError> {
+        let mut sans: Vec<SanType> = addresses.iter().map(|a| SanType::IpAddress(*a)).collect();
+        for name in dns_names {
+            sans.push(SanType::DnsName(
+                name.clone().try_into().map_err(CaError::Generate)?,
+            ));
+        }
+        self.sign(
+            identity,
+            identity.uri(),
+            sans,
+            vec![KeyUsagePurpose::DigitalSignature],
+            valid_days,
+        )
+    }
+
     /// Signs a fresh key's certificate naming `identity` (URI and DNS SANs) and `extra_sans`,
     /// for TLS server and client authentication.
     fn sign(

@@ -86,6 +86,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (metrics_addr, metrics) =
         viola_common::metrics::serve(cfg.metrics_listen, registry, token.clone()).await?;
 
+    let dashboard = match cfg.dashboard_listen {
+        Some(addr) => {
+            let (bound, serve) = viola_adaptmgr::dashboard::serve(
+                addr,
+                &identity,
+                Arc::clone(&manager),
+                token.clone(),
+            )
+            .await?;
+            tracing::info!(listen = %bound, "dashboard: https://{bound}/ (client certificate from the federation CA)");
+            Some(serve)
+        }
+        None => None,
+    };
+    let dashboard = async move {
+        if let Some(serve) = dashboard {
+            serve.await;
+        }
+    };
+
     let server_config = identity
         .server_config(&[alpn::ADAPTMGR])
         .context("cannot build the TLS server configuration")?;
@@ -148,7 +168,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ha,
         resume,
         policy_loop.run(Arc::clone(&manager), token.clone()),
-        metrics
+        metrics,
+        dashboard
     );
     tracing::info!("viola-adaptmgr stopped");
     Ok(())

@@ -10,7 +10,9 @@ use super::{
     EventRecord, HostRecord, HostState, PendingOp, SAMPLES_KEPT, Sample, SampleHistories,
     SampleKey, SiteRecord, ViolinRecord, VmRecord,
 };
+use crate::history::{History, HistoryWrite};
 use viola_api::adaptation::{ActionOutcome, DecisionRecord};
+use viola_api::dashboard::Placement;
 use viola_api::manager::{HostReport, ProbeResult};
 
 const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
@@ -31,6 +33,12 @@ const PROBES: TableDefinition<&str, &[u8]> = TableDefinition::new("probes");
 const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
 /// Creates and deletes in progress (`PendingOp` by VM name).
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
+/// The dashboard's history ([`crate::history`]): every sample of the last hour and the
+/// one-minute means of the last day, by (series, unix ms); and where each VM ran (JSON list of
+/// placements, by VM).
+const HISTORY_FINE: TableDefinition<(&str, u64), f64> = TableDefinition::new("history_fine");
+const HISTORY_MINUTES: TableDefinition<(&str, u64), f64> = TableDefinition::new("history_minutes");
+const PLACEMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("placements");
 /// Decisions kept; older ones are dropped as new ones come (a year of hourly moves).
 const DECISIONS_KEPT: u64 = 10_000;
 
@@ -95,6 +103,11 @@ impl Inventory {
             tx.open_table(PROBES).map_err(|e| open_err(e.into()))?;
             tx.open_table(DECISIONS).map_err(|e| open_err(e.into()))?;
             tx.open_table(PENDING).map_err(|e| open_err(e.into()))?;
+            tx.open_table(HISTORY_FINE)
+                .map_err(|e| open_err(e.into()))?;
+            tx.open_table(HISTORY_MINUTES)
+                .map_err(|e| open_err(e.into()))?;
+            tx.open_table(PLACEMENTS).map_err(|e| open_err(e.into()))?;
         }
         tx.commit().map_err(|e| open_err(e.into()))?;
         Ok(Self { db })
@@ -591,6 +604,111 @@ fn push_sample(
         .insert(key.as_str(), bytes.as_slice())
         .map_err(store)?;
     Ok(())
+}
+
+impl Inventory {
+    /// Appends what [`History::record`](crate::history::History::record) returned, and
+    /// forgets what its prune says, in one transaction.
+    pub fn write_history(&self, write: &HistoryWrite) -> Result<(), InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        {
+            let mut fine = tx.open_table(HISTORY_FINE).map_err(store)?;
+            for (name, ts, v) in &write.fine {
+                fine.insert((name.as_str(), *ts), *v).map_err(store)?;
+            }
+            let mut minutes = tx.open_table(HISTORY_MINUTES).map_err(store)?;
+            for (name, ts, v) in &write.minutes {
+                minutes.insert((name.as_str(), *ts), *v).map_err(store)?;
+            }
+            if let Some(prune) = write.prune {
+                fine.retain(|(_, ts), _| ts >= prune.fine_before)
+                    .map_err(store)?;
+                minutes
+                    .retain(|(_, ts), _| ts >= prune.minutes_before)
+                    .map_err(store)?;
+            }
+            let mut placements = tx.open_table(PLACEMENTS).map_err(store)?;
+            for (vm, list) in &write.placements {
+                match list {
+                    Some(list) => {
+                        let bytes =
+                            serde_json::to_vec(list).map_err(|source| InventoryError::Encode {
+                                key: format!("placements of {vm}"),
+                                source,
+                            })?;
+                        placements
+                            .insert(vm.as_str(), bytes.as_slice())
+                            .map_err(store)?;
+                    }
+                    None => {
+                        placements.remove(vm.as_str()).map_err(store)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(store)
+    }
+
+    /// The history as it was persisted (what a restarted manager plots from).
+    pub fn load_history(&self) -> Result<History, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let read = |table: TableDefinition<(&str, u64), f64>| -> Result<Vec<(String, u64, f64)>, InventoryError> {
+            let t = tx.open_table(table).map_err(store)?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(store)? {
+                let (k, v) = item.map_err(store)?;
+                let (name, ts) = k.value();
+                out.push((name.to_owned(), ts, v.value()));
+            }
+            Ok(out)
+        };
+        let fine = read(HISTORY_FINE)?;
+        let minutes = read(HISTORY_MINUTES)?;
+        let t = tx.open_table(PLACEMENTS).map_err(store)?;
+        let mut placements = Vec::new();
+        for item in t.iter().map_err(store)? {
+            let (k, v) = item.map_err(store)?;
+            let list: Vec<Placement> =
+                serde_json::from_slice(v.value()).map_err(|source| InventoryError::Corrupt {
+                    key: format!("placements of {}", k.value()),
+                    source,
+                })?;
+            placements.extend(list);
+        }
+        Ok(History::restore(fine, minutes, placements))
+    }
+
+    /// The last `limit` events (oldest first).
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<EventRecord>, InventoryError> {
+        self.last_of(EVENTS, limit, "event")
+    }
+
+    /// The last `limit` decisions (oldest first).
+    pub fn recent_decisions(&self, limit: usize) -> Result<Vec<DecisionRecord>, InventoryError> {
+        self.last_of(DECISIONS, limit, "decision")
+    }
+
+    fn last_of<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        limit: usize,
+        what: &str,
+    ) -> Result<Vec<T>, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(table).map_err(store)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(store)?.rev().take(limit) {
+            let (k, v) = item.map_err(store)?;
+            out.push(serde_json::from_slice(v.value()).map_err(|source| {
+                InventoryError::Corrupt {
+                    key: format!("{what} {}", k.value()),
+                    source,
+                }
+            })?);
+        }
+        out.reverse();
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,13 @@ enum Command {
         site: String,
         #[arg(long)]
         host: String,
+        /// An address browsers reach the daemon at, written into the certificate (repeatable;
+        /// the manager's dashboard).
+        #[arg(long = "address")]
+        addresses: Vec<IpAddr>,
+        /// A DNS name browsers reach the daemon by (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 365)]
@@ -114,6 +121,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             role,
             site,
             host,
+            addresses,
+            dns_names,
             out,
             days,
         } => {
@@ -123,7 +132,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let ca = CertificateAuthority::load(&ca_dir)?;
             let id = PeerIdentity::new(role, &site, &host)?;
-            ca.issue(&id, days)?.save(&out)?;
+            ca.issue_with_names(&id, &addresses, &dns_names, days)?
+                .save(&out)?;
             println!("issued {id} -> {}", out.display());
         }
         Command::IssueUser {
