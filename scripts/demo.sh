@@ -25,8 +25,12 @@
 #      g2 on b2 burns within 60 %, so site b has no room: the loop moves one of b1's VMs live to
 #      site a while a2 pings it;
 #   9. `viola violin delete demo --force`, and a check that no domain, disk or bridge is left.
+# The manager serves its web dashboard from step 5 on, forwarded to https://127.0.0.1:18443/
+# (VIOLA_DASHBOARD_PORT) on this machine: import the operator's certificate it prints into a
+# browser to watch the violin, the VMs, the migrations and the policy's decisions as they happen.
 # It prints what happened and how long each step took, and removes everything at the end (also
-# on failure). Run as root. `--no-setup` skips the machine setup.
+# on failure). Run as root. `--no-setup` skips the machine setup; `--hold` waits for Enter
+# before tearing down, to look around the dashboard.
 # `--mpi` adds a scientist's cluster after step 9: the MPI guest (two layers) imported at site
 # a, `viola violin create hpc`, one VM per site made from it with the scientist's SSH key, the
 # MPI host file from `viola violin hostfile`, and the NEMO3D-shaped job (`mpi-nemo --verify`)
@@ -43,12 +47,13 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 now() { date +%s.%N; }
 since() { printf '%.2f' "$(echo "$(now) - $1" | bc)"; }
 
-setup=1 mpi=0
+setup=1 mpi=0 hold=0
 for arg in "$@"; do
   case "$arg" in
     --no-setup) setup=0 ;;
     --mpi) mpi=1 ;;
-    *) echo "usage: scripts/demo.sh [--no-setup] [--mpi]" >&2; exit 2 ;;
+    --hold) hold=1 ;;
+    *) echo "usage: scripts/demo.sh [--no-setup] [--mpi] [--hold]" >&2; exit 2 ;;
   esac
 done
 if [ "$setup" = 1 ]; then
@@ -87,9 +92,14 @@ echo "   lab up in $(since "$t") s"
 
 say "2. federation CA and certificates"
 "$bin/viola-ca" init --ca-dir "$D/ca" >/dev/null
-issue() { "$bin/viola-ca" issue --ca-dir "$D/ca" --role "$1" --site "$2" --host "$3" --out "$D/pki/$1-$3" >/dev/null; }
+issue() { "$bin/viola-ca" issue --ca-dir "$D/ca" --role "$1" --site "$2" --host "$3" --out "$D/pki/$1-$3" "${@:4}" >/dev/null; }
 for h in a1 a2 b1 b2; do issue overlay "${h:0:1}" "$h"; issue monitor "${h:0:1}" "$h"; done
-issue depot a a1; issue depot b b1; issue adaptmgr fed mgr; issue cli fed operator
+# The manager's certificate also names where browsers reach its dashboard.
+issue depot a a1; issue depot b b1; issue adaptmgr fed mgr --address 127.0.0.1 --address 198.18.1.12
+issue cli fed operator
+# The operator's certificate as a browser imports it (PKCS#12, empty password).
+openssl pkcs12 -export -passout pass: -name viola-operator -inkey "$D/pki/cli-operator/key.pem" \
+  -in "$D/pki/cli-operator/cert.pem" -certfile "$D/ca/ca.pem" -out "$D/operator.p12"
 echo "   $(ls "$D/pki" | wc -l) certificates: $(ls "$D/pki" | paste -sd' ' -)"
 
 say "3. overlay daemons: one per host, peers only (no violin configured), QUIC with mutual TLS"
@@ -163,8 +173,11 @@ overlay_addr = \"$(addr_of "$h"):4500\"
 
 "
 done
+dashboard=198.18.1.12:18444
+dash_port=${VIOLA_DASHBOARD_PORT:-18443}
 cat >"$D/adaptmgr.toml" <<EOF
 listen = "$mgr"
+dashboard_listen = "$dashboard"
 metrics_listen = "127.0.0.1:19443"
 identity_dir = "$D/pki/adaptmgr-mgr"
 inventory = "$D/inventory.redb"
@@ -221,6 +234,22 @@ until [ "$(viola --json host list 2>/dev/null | jq '[.[] | select(.state == "up"
   sleep 0.5
 done
 viola host list | sed 's/^/   /'
+# The dashboard on this machine's loopback, forwarded into a2's namespace.
+a2_ns=$(lab status --json | jq -r '.hosts[] | select(.name=="a2") | .namespace')
+socat "TCP-LISTEN:$dash_port,bind=127.0.0.1,reuseaddr,fork" \
+  "SYSTEM:ip netns exec $a2_ns socat STDIO TCP\\:${dashboard%:*}\\:${dashboard##*:}" 2>"$D/dashboard-forward.log" &
+pids+=($!)
+dash_url="https://127.0.0.1:$dash_port"
+# What the browser reads, read here with the operator's certificate.
+dash_api() { curl -sf -m 5 --cacert "$D/ca/ca.pem" --cert "$D/pki/cli-operator/cert.pem" --key "$D/pki/cli-operator/key.pem" "$dash_url/api/v1/$1"; }
+deadline=$(( $(date +%s) + 20 ))
+until dash_api overview >/dev/null 2>&1; do
+  [ "$(date +%s)" -lt "$deadline" ] || { say "FAILED: the dashboard does not answer at $dash_url"; tail -n 5 "$D/adaptmgr.log" "$D/dashboard-forward.log"; exit 1; }
+  sleep 0.5
+done
+echo "   dashboard: $dash_url/ (HTTPS, client certificates from the federation CA)"
+echo "     import $D/operator.p12 (empty password) into your browser and trust $D/ca/ca.pem;"
+echo "     it shows $(dash_api overview | jq -r '[.sites[].hosts[]] | length') hosts, as $(dash_api overview | jq -r .viewer.identity)"
 
 g1=demo-g1 g2=demo-g2
 say "6. a violin across the sites and two VMs on it, with Viola's commands only"
@@ -308,6 +337,7 @@ echo "   guest downtime (QEMU): ${downtime:-?} ms; pings every 10 ms from a2: $(
 echo "   a1 runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || true)   b1 runs: $(lab virsh b1 list --name | sed '/^$/d' | paste -sd, -)"
 marker=$(lab exec a2 -- curl -s -m 5 "http://$g1_ip/cgi-bin/viola?marker-read" || true)
 echo "   marker read back from its disk on site b: ${marker:-(no answer)}"
+echo "   the dashboard lists it: $(dash_api overview | jq -r --arg vm "$g1" '.migrations_recent[] | select(.vm == $vm) | "\(.vm) \(.from) -> \(.to) \(.outcome), \((.finished_ms - .started_ms) / 1000) s, downtime \(.downtime_ms) ms"' | head -1)"
 echo "   where a2's overlay sends frames for $g1_mac now: $("$bin/viola-overlay" status --json --socket "$D/overlay-a2.sock" | jq -r ".switch.violins[] | select(.id == $vid) | .macs[] | select(.mac==\"$g1_mac\") | \"\(.location) (seq \(.seq))\"")"
 if [ "$marker" != "demo-$$" ]; then
   # Say so, with the guest's own view, instead of ending as if it had worked.
@@ -468,4 +498,8 @@ if [ "$mpi" = 1 ]; then
   viola violin delete hpc --force | sed 's/^/   /'
 fi
 
+if [ "$hold" = 1 ]; then
+  say "holding: the dashboard stays at $dash_url/ until you press Enter"
+  read -r _ || true
+fi
 say "done: tearing the lab down"

@@ -24,12 +24,15 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# chromium, chromium-driver, libnss3-tools: the dashboard's browser test (and a browser for the
+# demo's dashboard; see the Chromium policy below).
 # ebtables: libvirt's nwfilter calls it for the VMs' port filters ([vm_template] port_filter).
 packages=(
   pkg-config
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
   jq socat netcat-openbsd tcpdump iptables ebtables procps psmisc curl ca-certificates ethtool bc tini
   dnsmasq-base dropbear-bin openssh-client mmdebstrap
+  chromium chromium-driver libnss3-tools openssl
 )
 # libvirt and QEMU come as one stack, from one release. On Debian 12 that is bookworm-backports
 # (libvirt 11, QEMU 10): bookworm's own QEMU 7.2 corrupts the virtio TX ring of a guest that is
@@ -98,6 +101,19 @@ utils_ver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
 [ -n "$sys_ver" ] && [ "$sys_ver" = "$utils_ver" ] ||
   { echo "setup.sh: qemu-system-x86 ($sys_ver) and qemu-utils ($utils_ver) differ" >&2; exit 1; }
 command -v qemu-img >/dev/null || { echo "setup.sh: qemu-img is missing after install" >&2; exit 1; }
+
+# Chromium asks which client certificate to send to a site that wants one, and headless it
+# cannot ask: this policy lets it send the one it has to the dashboard as the lab and the demo
+# forward it (https://127.0.0.1, any port). A browser whose NSS database holds no Viola
+# certificate sends nothing; other sites are not affected.
+policy_dir=/etc/chromium/policies/managed
+policy_file=$policy_dir/viola-dashboard.json
+policy='{"AutoSelectCertificateForUrls": ["{\"pattern\":\"https://127.0.0.1\",\"filter\":{}}"]}'
+if [ "$(cat "$policy_file" 2>/dev/null)" != "$policy" ]; then
+  log "installing the Chromium policy for the dashboard's client certificate ($policy_file)"
+  mkdir -p "$policy_dir"
+  printf '%s\n' "$policy" >"$policy_file"
+fi
 command -v libvirtd >/dev/null || { echo "setup.sh: libvirtd is missing after install" >&2; exit 1; }
 
 # Debian's package starts nothing here (no systemd), but a libvirtd left running in the root

@@ -76,6 +76,9 @@ pub struct Fed {
     pub console: PathBuf,
     /// Each host's monitor's Prometheus port (on 127.0.0.1 in the host's namespace).
     pub monitor_metrics: std::collections::BTreeMap<String, u16>,
+    /// The dashboard as a browser on this machine reaches it (`https://127.0.0.1:PORT`), when
+    /// [`FedSpec::dashboard`] asked for it.
+    pub dashboard_url: Option<String>,
     pub lab: Lab,
     pub tmp: tempfile::TempDir,
 }
@@ -104,6 +107,9 @@ pub struct FedSpec<'a> {
     pub host_cpus: Option<f64>,
     /// TOML appended to the manager's configuration (e.g. a `[policy]` table).
     pub manager_toml: &'a str,
+    /// Serve the manager's dashboard, forwarded to 127.0.0.1 of the machine (see
+    /// [`Fed::dashboard_url`]).
+    pub dashboard: bool,
 }
 
 impl Fed {
@@ -158,7 +164,16 @@ impl Fed {
         }
         pki.issue("depot", "a", "a1", &id("depot-a1")).unwrap();
         pki.issue("depot", "b", "b1", &id("depot-b1")).unwrap();
-        pki.issue("adaptmgr", "fed", "mgr", &id("mgr")).unwrap();
+        // The dashboard is reached at a2's address in the lab and through the forward on the
+        // machine's loopback: the manager's certificate names both.
+        pki.issue_with_addresses(
+            "adaptmgr",
+            "fed",
+            "mgr",
+            &["127.0.0.1", &addr("a2")],
+            &id("mgr"),
+        )
+        .unwrap();
         pki.issue("cli", "fed", "user", &id("cli")).unwrap();
         pki.issue_user("physics", "ann", &id("ann")).unwrap();
         pki.issue_user("chem", "bob", &id("bob")).unwrap();
@@ -222,7 +237,14 @@ impl Fed {
 
         // The manager in a2's namespace.
         let mgr = format!("{}:{}", addr("a2"), free_port());
-        let mut cfg = format!(
+        let dashboard = spec
+            .dashboard
+            .then(|| format!("{}:{}", addr("a2"), free_port()));
+        let mut cfg = dashboard
+            .as_ref()
+            .map(|d| format!("dashboard_listen = \"{d}\"\n"))
+            .unwrap_or_default();
+        cfg += &format!(
             "listen = \"{mgr}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"/var/lib/viola/images\"\n\n",
             free_port(),
             id("mgr").display(),
@@ -282,6 +304,24 @@ impl Fed {
             mgr: mgr.clone(),
             id: id("cli"),
         };
+        // The dashboard on the machine's loopback (where a browser runs), forwarded into a2's
+        // namespace by socat, as the demo does.
+        let dashboard_url = dashboard.map(|d| {
+            let port = free_port();
+            let forward = spawn_logged(
+                Command::new("socat")
+                    .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+                    .arg(format!(
+                        "SYSTEM:ip netns exec {} socat STDIO TCP\\:{}",
+                        ns("a2"),
+                        d.replace(':', "\\:")
+                    )),
+                &dir.join("dashboard-forward.log"),
+            )
+            .unwrap();
+            daemons.add("dashboard-forward", forward);
+            format!("https://127.0.0.1:{port}")
+        });
         wait_until("every host reports", Duration::from_secs(60), || {
             cli.json(&["host", "list"]).is_ok_and(|hosts| {
                 hosts
@@ -299,6 +339,7 @@ impl Fed {
             mgr_log,
             console,
             monitor_metrics,
+            dashboard_url,
             lab,
             tmp,
         }

@@ -30,13 +30,28 @@ impl Pki {
     /// Issues an identity of `role` (`overlay`, `depot`, `adaptmgr`, `monitor`, `cli`) for
     /// `host` of `site` into the directory `out`; returns `out`.
     pub fn issue(&self, role: &str, site: &str, host: &str, out: &Path) -> Result<PathBuf> {
-        run_ok(
-            Command::new(bin("viola-ca"))
-                .args(["issue", "--ca-dir"])
-                .arg(&self.ca_dir)
-                .args(["--role", role, "--site", site, "--host", host, "--out"])
-                .arg(out),
-        )?;
+        self.issue_with_addresses(role, site, host, &[], out)
+    }
+
+    /// [`issue`](Self::issue), the certificate also naming `addresses` (where browsers reach
+    /// the daemon: the manager's dashboard).
+    pub fn issue_with_addresses(
+        &self,
+        role: &str,
+        site: &str,
+        host: &str,
+        addresses: &[&str],
+        out: &Path,
+    ) -> Result<PathBuf> {
+        let mut cmd = Command::new(bin("viola-ca"));
+        cmd.args(["issue", "--ca-dir"])
+            .arg(&self.ca_dir)
+            .args(["--role", role, "--site", site, "--host", host, "--out"])
+            .arg(out);
+        for a in addresses {
+            cmd.args(["--address", a]);
+        }
+        run_ok(&mut cmd)?;
         Ok(out.to_owned())
     }
 

@@ -44,7 +44,11 @@ const fmt = {
     while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
     return `${b.toFixed(i ? 1 : 0)} ${u[i]}`;
   },
-  time(ms) { return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }); },
+  time(ms, seconds = false) {
+    return new Date(ms).toLocaleTimeString([], seconds ? { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false } : { hour: "2-digit", minute: "2-digit", hour12: false });
+  },
+  // "Run(AnnounceMove)" -> "announce move": the driver's step names, for people.
+  step(s) { return (s || "starting").replace(/^Run\((.*)\)$/, "$1").replace(/([a-z])([A-Z])/g, "$1 $2").toLowerCase(); },
   num(v, d = 2) { return v === null || v === undefined ? "–" : Number(v).toFixed(d); },
 };
 
@@ -92,7 +96,7 @@ function renderViolins(o) {
     h("h3", {}, v.name),
     h("div", { class: "meta" }, `subnet ${v.subnet ?? "–"} · VNI ${v.id} · sites ${v.sites.length ? v.sites.join(", ") : "all"}`,
       v.mtu ? ` · MTU ${v.mtu}` : "", v.tenant ? ` · tenant ${v.tenant}` : ""),
-    h("table", {}, h("thead", {}, h("tr", {}, ["VM", "Host", "Address", "MAC", "State", "vCPUs", "CPU busy", "Memory"].map(t => h("th", {}, t)))),
+    h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, ["VM", "Host", "Address", "MAC", "State", "vCPUs", "CPU busy", "Memory"].map(t => h("th", {}, t)))),
       h("tbody", {}, v.vms.length ? v.vms.map(m => {
         const vm = byName[m.vm];
         const host = vm ? vm.host : m.host;
@@ -102,7 +106,7 @@ function renderViolins(o) {
           h("td", {}, h("span", { class: `badge ${vm ? state(vm.state) : "unknown"}` }, vm ? state(vm.state) : "not seen")),
           h("td", {}, vm ? `${vm.vcpus}/${vm.max_vcpus}` : "–"), h("td", {}, vm ? fmt.num(vm.cpu_busy) : "–"),
           h("td", {}, vm ? fmt.bytes(vm.memory_kib * 1024) : "–"));
-      }) : h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No VMs yet."))))
+      }) : h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No VMs yet.")))))
   )));
   if (!o.violins.length) list.replaceChildren(h("p", { class: "empty" }, "No violins yet: viola violin create NAME."));
 }
@@ -114,9 +118,11 @@ function renderMigrations(o) {
     const staging = m.status.staging;
     let frac = null;
     let detail = "";
-    if (job && job.data_total > 0) {
-      frac = Math.min(1, job.data_processed / job.data_total);
-      detail = `${fmt.bytes(job.data_processed)} of ${fmt.bytes(job.data_total)} · ${fmt.bytes(job.data_remaining)} left`;
+    if (job && job.data_processed + job.data_remaining > 0) {
+      // QEMU skips pages the guest never touched: what is sent plus what is left is the
+      // journey, not the VM's memory size.
+      frac = Math.min(1, job.data_processed / (job.data_processed + job.data_remaining));
+      detail = `${fmt.bytes(job.data_processed)} sent · ${fmt.bytes(job.data_remaining)} left`;
     } else if (staging && staging.bytes_total > 0) {
       frac = Math.min(1, staging.bytes_done / staging.bytes_total);
       detail = `staging by ${staging.by}: ${staging.state}, ${fmt.bytes(staging.bytes_done)} of ${fmt.bytes(staging.bytes_total)}`;
@@ -127,7 +133,7 @@ function renderMigrations(o) {
       h("strong", {}, `${m.vm}: ${m.from} → ${m.to}`),
       h("span", { class: "note" }, ` · started ${fmt.ago(m.started_ms)}`),
       bar,
-      h("div", { class: "step" }, `${m.status.step || "starting"}${frac !== null ? ` · ${(frac * 100).toFixed(0)} %` : ""}${detail ? ` · ${detail}` : ""}`));
+      h("div", { class: "step" }, `${fmt.step(m.status.step)}${frac !== null ? ` · ${(frac * 100).toFixed(0)} %` : ""}${detail ? ` · ${detail}` : ""}`));
   }));
   if (!o.migrations_in_flight.length) flights.replaceChildren(h("p", { class: "empty" }, "No migration runs now."));
   const recent = document.querySelector("#recent tbody");
@@ -188,7 +194,7 @@ function showTab() {
 function lineChart(title, series, unit, opts = {}) {
   const W = 560, H = 220, L = 46, R = 10, T = 10, B = 26;
   const all = series.flatMap(s => s.points);
-  const box = h("div", { class: "chart", "data-chart": title }, h("h3", {}, title));
+  const box = h("div", { class: "chart", "data-chart": title }, h("h3", {}, title, h("span", { class: "note" }, ` (${unit})`)));
   if (!all.length) { box.append(h("p", { class: "empty" }, "No samples yet.")); return box; }
   const t0 = Math.min(...all.map(p => p[0])), t1 = Math.max(...all.map(p => p[0]), t0 + 1);
   const vmax = Math.max(opts.min ?? 0, ...all.map(p => p[1])) * 1.1 || 1;
@@ -202,9 +208,8 @@ function lineChart(title, series, unit, opts = {}) {
   }
   for (let i = 0; i <= 4; i++) {
     const t = t0 + (t1 - t0) * i / 4;
-    g.append(svg("text", { x: x(t), y: H - 8, "text-anchor": "middle" }, fmt.time(t)));
+    g.append(svg("text", { x: x(t), y: H - 8, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, fmt.time(t, t1 - t0 < 600000)));
   }
-  g.append(svg("text", { x: 4, y: 10 }, unit));
   const legend = h("div", { class: "legend" });
   series.forEach((s, i) => {
     const color = s.color || PALETTE[i % PALETTE.length];
@@ -219,7 +224,7 @@ function lineChart(title, series, unit, opts = {}) {
 
 function barChart(title, bars, unit) {
   const W = 560, H = 180, L = 36, R = 10, T = 10, B = 26;
-  const box = h("div", { class: "chart", "data-chart": title }, h("h3", {}, title));
+  const box = h("div", { class: "chart", "data-chart": title }, h("h3", {}, title, h("span", { class: "note" }, ` (${unit})`)));
   const vmax = Math.max(1, ...bars.map(b => b[1]));
   const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
   const bw = (W - L - R) / Math.max(1, bars.length);
@@ -228,7 +233,7 @@ function barChart(title, bars, unit) {
     g.append(svg("rect", { x: L + i * bw + 1, y: H - B - bh, width: Math.max(1, bw - 2), height: bh, fill: PALETTE[0] }));
     if (i % 4 === 0) g.append(svg("text", { x: L + i * bw + bw / 2, y: H - 8, "text-anchor": "middle" }, fmt.time(b[0])));
   });
-  g.append(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, vmax), svg("text", { x: 4, y: 10 }, unit));
+  g.append(svg("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, vmax));
   box.append(g);
   return box;
 }
@@ -253,7 +258,8 @@ function timeline(title, placements, t1) {
         svg("title", {}, `${vm} on ${p.host} from ${fmt.time(p.since_ms)}`)));
     });
   });
-  g.append(svg("text", { x: L, y: H - 6 }, fmt.time(t0)), svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, fmt.time(t1)));
+  const short = t1 - t0 < 600000;
+  g.append(svg("text", { x: L, y: H - 6 }, fmt.time(t0, short)), svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, fmt.time(t1, short)));
   const legend = h("div", { class: "legend" }, hosts.map(host => { const sw = h("i"); sw.style.background = color(host); return h("span", {}, sw, host); }));
   box.append(g, legend);
   return box;
@@ -311,6 +317,8 @@ function connect() {
 }
 
 window.addEventListener("hashchange", showTab);
+// "… s ago" stays true between changes.
+setInterval(render, 5000);
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("range").addEventListener("change", loadHistory);
   loadOverview().catch(e => { document.getElementById("who").textContent = `cannot load: ${e.message}`; });
