@@ -75,7 +75,12 @@ fn every_panel_asks_for_a_registered_metric_and_every_daemon_has_panels() {
             }
         }
     }
-    for daemon in ["viola_adaptmgr_", "viola_monitor_", "viola_overlay_", "viola_depot_"] {
+    for daemon in [
+        "viola_adaptmgr_",
+        "viola_monitor_",
+        "viola_overlay_",
+        "viola_depot_",
+    ] {
         assert!(
             asked.iter().any(|n| n.starts_with(daemon)),
             "no panel for {daemon}*"
