@@ -12,8 +12,8 @@
 //!   VM's host; a migration started from the CLI appears in flight with its progress and then
 //!   as finished, with the VM at its new host, without the page being reloaded (server-sent
 //!   events); the plots show the hosts' CPU and where the VM ran.
-//! - A tenant's page shows its own violin and nothing of the administrator's or another
-//!   tenant's; the JSON API refuses it the hosts as the CLI does.
+//! - A tenant's page shows its own violins and VMs and nothing of the administrator's or
+//!   another tenant's; its JSON answers hold no hosts, and its history only its own VMs' series.
 //!
 //! Screenshots of every page (and the violins page at a phone's width) are written to the
 //! test's directory, and to `VIOLA_SCREENSHOTS` when that names a directory (`docs/dashboard`
@@ -303,6 +303,20 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
         ])
         .unwrap_or_else(|e| panic!("vm create: {e}\n{}", log_text(&mgr_log)));
     assert_eq!(created[0]["host"], "a1");
+    bob.json(&[
+        "vm",
+        "create",
+        "calc",
+        "--violin",
+        "chemnet",
+        "--image",
+        "guest",
+        "--host",
+        "a2",
+        "--ready-by",
+        "180",
+    ])
+    .unwrap_or_else(|e| panic!("vm create calc (tenant chem): {e}\n{}", log_text(&mgr_log)));
 
     // The tenant's API answer has its violin only and no hosts.
     let (code, body) = api(&format!("{url}/api/v1/overview"), Some(&fed.id("ann")), &ca);
@@ -317,6 +331,34 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     assert_eq!(names, ["physnet"], "tenant physics sees only its violin");
     assert_eq!(ann_view["sites"], json!([]), "a tenant sees no hosts");
     assert_eq!(ann_view["viewer"]["tenant"], "physics");
+    assert_eq!(
+        ann_view["vms"],
+        json!([]),
+        "tenant physics has no VMs: {body}"
+    );
+    let (code, body) = api(
+        &format!("{url}/api/v1/history?range=hour"),
+        Some(&fed.id("bob")),
+        &ca,
+    );
+    assert_eq!(code, 200, "{body}");
+    let bob_history: Value = serde_json::from_str(&body).unwrap();
+    let series: Vec<&str> = bob_history["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        series.iter().all(|s| s.starts_with("vm/calc/")),
+        "tenant chem's history holds its own VM's series only: {series:?}"
+    );
+    let (code, _) = api(
+        &format!("{url}/api/v1/history?range=week"),
+        Some(&fed.id("bob")),
+        &ca,
+    );
+    assert_eq!(code, 400, "an unknown range is refused");
 
     // The administrator's page.
     let admin = Browser::start(&dir, "admin", &fed.id("cli"));
@@ -357,8 +399,8 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
         |b| vm_host(b).as_deref() == Some("a1"),
     );
     let shown = admin.text("#violin-list");
-    for name in ["labnet", "physnet", "chemnet"] {
-        assert!(shown.contains(name), "the administrator sees violin {name}");
+    for name in ["labnet", "physnet", "chemnet", "calc"] {
+        assert!(shown.contains(name), "the administrator sees {name}");
     }
     admin.screenshot(&dir, "violins");
 
@@ -467,7 +509,7 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
         |b| b.text("[data-violin] h3").contains("physnet"),
     );
     let shown = tenant.text("main");
-    for other in ["labnet", "chemnet", "web"] {
+    for other in ["labnet", "chemnet", "web", "calc"] {
         assert!(
             !shown.contains(other),
             "tenant physics's page shows {other}:\n{shown}"
@@ -481,6 +523,25 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     );
     tenant.screenshot(&dir, "tenant-violins");
     drop(tenant);
+    let chem = Browser::start(&dir, "bob", &fed.id("bob"));
+    chem.goto(&format!("{url}/#violins"));
+    chem.wait_for(
+        "tenant chem's page shows chemnet with calc",
+        Duration::from_secs(30),
+        |b| {
+            b.text("[data-violin=\"chemnet\"] tr[data-vm=\"calc\"]")
+                .contains("a2")
+        },
+    );
+    let shown = chem.text("main");
+    for other in ["labnet", "physnet", "web"] {
+        assert!(
+            !shown.contains(other),
+            "tenant chem's page shows {other}:\n{shown}"
+        );
+    }
+    chem.screenshot(&dir, "tenant-chem-violins");
+    drop(chem);
 
     eprintln!("screenshots in {}", dir.join("screenshots").display());
     // Keep the test's directory when asked, to look at the screenshots.
