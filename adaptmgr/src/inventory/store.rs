@@ -863,6 +863,47 @@ mod tests {
     }
 
     #[test]
+    fn the_history_survives_reopening_and_its_prune_reaches_the_file() {
+        use crate::history::{FINE_SPAN_MS, History, MINUTE_MS, Range};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inv.redb");
+        let t0 = 1_700_000_000_000 - 1_700_000_000_000 % MINUTE_MS;
+        let mut h = History::default();
+        {
+            let inv = Inventory::open(&path).unwrap();
+            for i in 0..130u64 {
+                let vms: &[(&str, f64)] = if i < 70 { &[("vm1", 0.5)] } else { &[] };
+                inv.write_history(&h.record(t0 + i * 1000, &report(i + 1, vms)))
+                    .unwrap();
+            }
+        }
+        let now = t0 + 129_000;
+        let back = Inventory::open(&path).unwrap().load_history().unwrap();
+        for range in [Range::Hour, Range::Day] {
+            assert_eq!(
+                back.query("", range, now, |_| true),
+                h.query("", range, now, |_| true)
+            );
+        }
+        assert_eq!(
+            back.placements(Range::Day, now, |_| true),
+            h.placements(Range::Day, now, |_| true)
+        );
+        // An hour and more later: the old samples leave the file too.
+        let later = t0 + FINE_SPAN_MS + 5 * MINUTE_MS;
+        let inv = Inventory::open(&path).unwrap();
+        inv.write_history(&h.record(later, &report(500, &[])))
+            .unwrap();
+        let back = inv.load_history().unwrap();
+        let hour = back.query("host/a1/cpu", Range::Hour, later, |_| true);
+        assert_eq!(hour[0].points, vec![(later, 0.5)]);
+        assert_eq!(
+            back.query("host/a1/cpu", Range::Day, later, |_| true)[0].points[0].0,
+            t0
+        );
+    }
+
+    #[test]
     fn a_garbage_file_is_an_open_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inv.redb");
