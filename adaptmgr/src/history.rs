@@ -372,59 +372,27 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use viola_api::domain::DomainState;
-    use viola_api::manager::{HostUsage, NetUsage, VmUsage};
+    use crate::fixtures;
+    use viola_api::manager::NetUsage;
 
+    /// `host` busy `cpu` CPUs, with loopback and a violin bridge, running `vms` (name, CPU).
     fn report(host: &str, cpu: f64, vms: &[(&str, f64)]) -> HostReport {
-        HostReport {
-            host: host.into(),
-            site: "a".into(),
-            seq: 1,
-            sent_ms: 0,
-            usage: HostUsage {
-                cpus: 2,
-                cpu_capacity: Some(0.5),
-                cpu_busy: cpu,
-                mem_total_kib: 4 << 20,
-                mem_available_kib: 3 << 20,
-                net: vec![
-                    NetUsage {
-                        iface: "lo".into(),
-                        rx_bytes: 0,
-                        tx_bytes: 0,
-                        rx_bps: 1e9,
-                        tx_bps: 1e9,
-                    },
-                    NetUsage {
-                        iface: "vio7".into(),
-                        rx_bytes: 0,
-                        tx_bytes: 0,
-                        rx_bps: 2e6,
-                        tx_bps: 3e6,
-                    },
-                ],
-            },
-            vms: vms
-                .iter()
-                .map(|(name, cpu)| VmUsage {
-                    name: (*name).into(),
-                    uuid: String::new(),
-                    state: DomainState::Running,
-                    vcpus: 1,
-                    max_vcpus: 2,
-                    cpu_time_ns: 0,
-                    cpu_busy: *cpu,
-                    memory_kib: 256 << 10,
-                    max_memory_kib: 512 << 10,
-                    balloon_kib: None,
-                    rss_kib: None,
-                    disks: vec![],
-                    nics: vec![],
-                    port_filter_drops: None,
-                })
-                .collect(),
-            probes: vec![],
-        }
+        let mut r = fixtures::host_report(host, 1, &[]);
+        r.usage.cpu_busy = cpu;
+        r.usage.cpu_capacity = Some(0.5);
+        let iface = |name: &str, bps: f64| NetUsage {
+            iface: name.into(),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            rx_bps: bps,
+            tx_bps: bps,
+        };
+        r.usage.net = vec![iface("lo", 1e9), iface("vio7", 2e6)];
+        r.vms = vms
+            .iter()
+            .map(|(name, cpu)| fixtures::running_vm(name, 2, 256 << 10, *cpu))
+            .collect();
+        r
     }
 
     const T0: u64 = 1_700_000_000_000 - 1_700_000_000_000 % MINUTE_MS;
