@@ -610,7 +610,12 @@ impl Inventory {
     /// Appends what [`History::record`](crate::history::History::record) returned, and
     /// forgets what its prune says, in one transaction.
     pub fn write_history(&self, write: &HistoryWrite) -> Result<(), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
+        let mut tx = self.db.begin_write().map_err(store)?;
+        // Samples are not worth an fsync each: the next durable commit (the report's own, or
+        // this one once a minute, with the prune) persists them.
+        if write.prune.is_none() {
+            tx.set_durability(redb::Durability::None).map_err(store)?;
+        }
         {
             let mut fine = tx.open_table(HISTORY_FINE).map_err(store)?;
             for (name, ts, v) in &write.fine {
