@@ -24,6 +24,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# dpkg-dev: scripts/package.sh (dpkg-shlibdeps); mmdebstrap also makes package_lab's Debian root.
 # chromium, chromium-driver, libnss3-tools: the dashboard's browser test (and a browser for the
 # demo's dashboard; see the Chromium policy below).
 # ebtables: libvirt's nwfilter calls it for the VMs' port filters ([vm_template] port_filter).
@@ -32,7 +33,7 @@ packages=(
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
   jq socat netcat-openbsd tcpdump iptables ebtables procps psmisc curl ca-certificates ethtool bc tini
   dnsmasq-base dropbear-bin openssh-client mmdebstrap
-  chromium chromium-driver libnss3-tools openssl
+  chromium chromium-driver libnss3-tools openssl dpkg-dev
 )
 # libvirt and QEMU come as one stack, from one release. On Debian 12 that is bookworm-backports
 # (libvirt 11, QEMU 10): bookworm's own QEMU 7.2 corrupts the virtio TX ring of a guest that is
