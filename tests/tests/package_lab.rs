@@ -7,10 +7,11 @@
 //!   `postinst`);
 //! - each unit's files are where the unit says; systemd (installed in the root) verifies the
 //!   units, and its security analysis rates each one "OK";
-//! - in a network namespace of its own (prefix `vpk-`), with certificates made by the packaged
-//!   `viola-ca` and each daemon's configuration copied from the packaged example with its
-//!   addresses turned to the namespace's loopback, each unit's `ExecStart` runs as written (as
-//!   the unit's `User`) in that root: every daemon comes up, the manager lists the hosts and
+//! - in a network namespace of its own (prefix `vpk-`), the host enrolled as `docs/DEPLOY.md`
+//!   says (`viola-ca enrol` makes its bundle, `viola-ca install` writes its overlay's, monitor's
+//!   and depot's identities and configurations) and the manager configured from its packaged
+//!   example (addresses turned to the namespace's loopback), each unit's `ExecStart` runs as
+//!   written (as the unit's `User`) in that root: every daemon comes up, the manager lists the hosts and
 //!   sees the packaged monitor's host up, the overlay's and the depot's metrics answer, the
 //!   dashboard answers; then each stops cleanly on SIGTERM ("stopped" in its log).
 //!
@@ -97,7 +98,7 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
             "600",
             "mmdebstrap",
             "--variant=apt",
-            "--include=ca-certificates",
+            "--include=ca-certificates,systemd",
         ])
         .arg("--customize-hook=mkdir -p \"$1/tmp/debs\"");
     let mut copy_in = String::from("--customize-hook=copy-in");
@@ -189,17 +190,16 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
     // the packaged examples, addresses turned to this namespace's loopback.
     let setup = r#"set -e
         viola-ca init --ca-dir /root/viola-ca --name example-federation
-        viola-ca issue --ca-dir /root/viola-ca --role overlay --site a --host a1 --out /etc/viola/overlay
-        viola-ca issue --ca-dir /root/viola-ca --role monitor --site a --host a1 --out /etc/viola/monitor
-        viola-ca issue --ca-dir /root/viola-ca --role depot --site a --host a1 --out /etc/viola/depot
+        viola-ca enrol --ca-dir /root/viola-ca --site a --host a1 --manager 127.0.0.1:7443 \
+          --peer 127.0.0.2:4500 --depot-host a1 --depot-host a2 --depot-peer b=127.0.0.2:7410 \
+          --out /root/a1.bundle
+        viola-ca install --bundle /root/a1.bundle
+        chown -R viola: /etc/viola/depot
         viola-ca issue --ca-dir /root/viola-ca --role adaptmgr --site a --host mgr --address 127.0.0.1 --out /etc/viola/adaptmgr
         viola-ca issue --ca-dir /root/viola-ca --role cli --site a --host operator --out /root/operator
-        chown -R viola: /etc/viola/depot
-        for role in overlay monitor depot adaptmgr; do
-          sed -e 's/192\.0\.2\.[0-9]*/127.0.0.1/g' -e 's/198\.51\.100\.[0-9]*/127.0.0.1/g' \
-              -e 's/^addr = "127\.0\.0\.1:/addr = "127.0.0.2:/' \
-              /etc/viola/$role.toml.example >/etc/viola/$role.toml
-        done
+        sed -e 's/192\.0\.2\.[0-9]*/127.0.0.1/g' -e 's/198\.51\.100\.[0-9]*/127.0.0.1/g' \
+            -e 's/^addr = "127\.0\.0\.1:/addr = "127.0.0.2:/' \
+            /etc/viola/adaptmgr.toml.example >/etc/viola/adaptmgr.toml
         # What systemd makes for the units: RuntimeDirectory, StateDirectory.
         mkdir -p /run/viola /var/lib/viola/overlay /var/lib/viola/adaptmgr
         install -d -o viola -g viola /var/lib/viola/depot

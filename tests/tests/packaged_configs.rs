@@ -50,3 +50,37 @@ fn an_unknown_key_in_an_example_is_refused() {
     let typo = format!("{text}\nintervall_ms = 5\n");
     assert!(viola_common::config::parse::<MonitorConfig>(&typo).is_err());
 }
+
+#[test]
+fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
+    use viola_common::enrol::{DepotPlan, HostPlan, make_bundle};
+    use viola_common::identity::CertificateAuthority;
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let plan = HostPlan {
+        site: "b".into(),
+        host: "b1".into(),
+        manager: "192.0.2.10:7443".parse().unwrap(),
+        peers: vec!["192.0.2.11:4500".parse().unwrap()],
+        overlay_listen: "0.0.0.0:4500".parse().unwrap(),
+        depot: Some(DepotPlan {
+            hosts: vec!["b1".into(), "b2".into()],
+            peers: vec![("a".into(), "192.0.2.11:7410".parse().unwrap())],
+        }),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    make_bundle(&ca, &plan, 30)
+        .unwrap()
+        .install(dir.path(), false)
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    let overlay: OverlayConfig = viola_common::config::parse(&read("overlay.toml")).unwrap();
+    assert_eq!(overlay.peers.len(), 1);
+    assert_eq!(overlay.identity_dir, dir.path().join("overlay"));
+    let monitor: MonitorConfig = viola_common::config::parse(&read("monitor.toml")).unwrap();
+    assert_eq!((monitor.host.as_str(), monitor.site.as_str()), ("b1", "b"));
+    assert_eq!(monitor.manager, plan.manager);
+    let depot: DepotConfig = viola_common::config::parse(&read("depot.toml")).unwrap();
+    assert_eq!(depot.hosts, ["b1", "b2"]);
+    assert_eq!(depot.peers[0].site, "a");
+    assert_eq!(depot.site, "b");
+}

@@ -6,12 +6,15 @@
 //! viola-ca issue-user --ca-dir /etc/viola/ca --tenant physics --name ann --out ~/.viola
 //! viola-ca show  /etc/viola/overlay/cert.pem
 //! viola-ca issue-libvirt --ca-dir /etc/viola/ca --site a --host a1 --address 198.18.1.11 --out /etc/pki
+//! viola-ca enrol --ca-dir /etc/viola/ca --site a --host a1 --manager 192.0.2.10:7443 \
+//!          --peer 192.0.2.12:4500 [--depot-host a1 --depot-host a2 --depot-peer b=ADDR] --out a1.bundle
+//! viola-ca install --bundle a1.bundle [--etc /etc/viola] [--force]      # on the host
 //! ```
 //! `issue` writes `cert.pem`, `key.pem` (0600) and `ca.pem` into `--out`. `issue-libvirt`
 //! writes a host's libvirtd and QEMU certificates in the layout they expect below `--out`
 //! (`CA/`, `libvirt/`, `qemu/`; see `viola_common::identity::libvirt`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -19,6 +22,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use viola_common::enrol;
 use viola_common::identity::libvirt::{self, LibvirtHost};
 use viola_common::identity::{self, CertificateAuthority, PeerIdentity, Role};
 
@@ -105,8 +109,55 @@ enum Command {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Make a new host's enrolment bundle (one file, mode 0600): certificates for its overlay
+    /// and monitor (and depot with --depot-host), the manager's address and peers; install it
+    /// on the host with `viola-ca install`.
+    Enrol {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        host: String,
+        /// The manager's QUIC endpoint.
+        #[arg(long)]
+        manager: SocketAddr,
+        /// Another host's overlay to start from (repeatable).
+        #[arg(long = "peer")]
+        peers: Vec<SocketAddr>,
+        #[arg(long, default_value = "0.0.0.0:4500")]
+        overlay_listen: SocketAddr,
+        /// The host also runs its site's depot, staging for these hosts (repeatable).
+        #[arg(long = "depot-host")]
+        depot_hosts: Vec<String>,
+        /// Another site's depot, SITE=ADDR (repeatable; with --depot-host).
+        #[arg(long = "depot-peer", value_parser = parse_depot_peer)]
+        depot_peers: Vec<(String, SocketAddr)>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Install an enrolment bundle on its host: identities under --etc/ROLE/, and each
+    /// daemon's configuration --etc/ROLE.toml unless it exists (--force: rewrite it).
+    Install {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long, default_value = "/etc/viola")]
+        etc: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the identity (viola://ROLE/SITE/HOST) a certificate names.
     Show { cert: PathBuf },
+}
+
+fn parse_depot_peer(s: &str) -> Result<(String, SocketAddr), String> {
+    let (site, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SITE=ADDR"))?;
+    let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    Ok((site.to_owned(), addr))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -168,6 +219,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let issued = ca.issue_libvirt(&host, days)?;
             libvirt::write_layout(&issued, &out)?;
             println!("issued {} -> {}", issued.identity, out.display());
+        }
+        Command::Enrol {
+            ca_dir,
+            site,
+            host,
+            manager,
+            peers,
+            overlay_listen,
+            depot_hosts,
+            depot_peers,
+            out,
+            days,
+        } => {
+            if depot_hosts.is_empty() && !depot_peers.is_empty() {
+                anyhow::bail!("--depot-peer needs --depot-host (the hosts the depot stages for)");
+            }
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let plan = enrol::HostPlan {
+                site,
+                host,
+                manager,
+                peers,
+                overlay_listen,
+                depot: (!depot_hosts.is_empty()).then_some(enrol::DepotPlan {
+                    hosts: depot_hosts,
+                    peers: depot_peers,
+                }),
+            };
+            let bundle = enrol::make_bundle(&ca, &plan, days)?;
+            bundle.save(&out)?;
+            println!(
+                "enrolment bundle for {}/{} ({}) -> {}; on the host: viola-ca install --bundle FILE",
+                plan.site,
+                plan.host,
+                bundle
+                    .identities
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                out.display()
+            );
+        }
+        Command::Install { bundle, etc, force } => {
+            let b = enrol::Bundle::load(&bundle)?;
+            for path in b.install(&etc, force)? {
+                println!("wrote {}", path.display());
+            }
         }
         Command::Show { cert } => {
             let der = CertificateDer::from_pem_file(&cert)

@@ -1,0 +1,358 @@
+//! Enrolment: everything a new host needs from the federation, made on the CA machine as one
+//! bundle and installed on the host with one command (`viola-ca enrol`, `viola-ca install`).
+//!
+//! A bundle is one JSON file (mode 0600: it holds private keys). It carries a certificate per
+//! daemon the host runs (overlay and monitor; a depot when the host serves its site's), the
+//! manager's address, some peers, and the depot's hosts and peers. `install` writes the
+//! identities under `/etc/viola/ROLE/` and a configuration per daemon, `/etc/viola/ROLE.toml`,
+//! from what the bundle says. That is exactly what the units' `ConditionPathExists` waits for.
+//! An existing configuration is kept unless `--force`, so a re-enrolment renews the
+//! certificates without undoing an administrator's edits.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{CaError, CertificateAuthority, IssuedCertificate, PeerIdentity, Role};
+
+/// What the bundle's format is; `install` refuses another.
+pub const BUNDLE_VERSION: u32 = 1;
+
+/// What the CA machine knows about a new host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPlan {
+    pub site: String,
+    pub host: String,
+    /// The manager's QUIC endpoint (the monitor reports there).
+    pub manager: SocketAddr,
+    /// Overlay daemons of other hosts to start from (the rest are learnt from them).
+    pub peers: Vec<SocketAddr>,
+    /// Where this host's overlay listens.
+    pub overlay_listen: SocketAddr,
+    /// Set when the host also runs its site's depot.
+    pub depot: Option<DepotPlan>,
+}
+
+/// A site's depot on the new host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepotPlan {
+    /// The hosts of the site it stages for.
+    pub hosts: Vec<String>,
+    /// Other sites' depots: (site, address).
+    pub peers: Vec<(String, SocketAddr)>,
+}
+
+/// One daemon's identity files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityFiles {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+/// The bundle a host installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    pub version: u32,
+    pub site: String,
+    pub host: String,
+    pub manager: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    pub overlay_listen: SocketAddr,
+    pub depot: Option<DepotPlan>,
+    /// By role: `overlay`, `monitor`, `depot`.
+    pub identities: BTreeMap<String, IdentityFiles>,
+}
+
+/// Why a bundle could not be made or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    #[error("host and site names")]
+    Name(#[source] crate::identity::IdentityParseError),
+    #[error("issuing a certificate")]
+    Issue(#[source] CaError),
+    #[error("{} is not a Viola enrolment bundle", .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("bundle format {found} (this viola-ca reads {BUNDLE_VERSION})")]
+    Version { found: u32 },
+    #[error("{}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn files(issued: IssuedCertificate) -> IdentityFiles {
+    IdentityFiles {
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        ca_pem: issued.ca_pem,
+    }
+}
+
+/// Issues the host's certificates and puts them in a bundle with the plan.
+pub fn make_bundle(
+    ca: &CertificateAuthority,
+    plan: &HostPlan,
+    valid_days: u32,
+) -> Result<Bundle, EnrolError> {
+    let mut identities = BTreeMap::new();
+    let mut roles = vec![Role::Overlay, Role::Monitor];
+    if plan.depot.is_some() {
+        roles.push(Role::Depot);
+    }
+    for role in roles {
+        let id = PeerIdentity::new(role, &plan.site, &plan.host).map_err(EnrolError::Name)?;
+        let issued = ca.issue(&id, valid_days).map_err(EnrolError::Issue)?;
+        identities.insert(role.as_str().to_owned(), files(issued));
+    }
+    Ok(Bundle {
+        version: BUNDLE_VERSION,
+        site: plan.site.clone(),
+        host: plan.host.clone(),
+        manager: plan.manager,
+        peers: plan.peers.clone(),
+        overlay_listen: plan.overlay_listen,
+        depot: plan.depot.clone(),
+        identities,
+    })
+}
+
+impl Bundle {
+    /// Reads a bundle file.
+    pub fn load(path: &Path) -> Result<Self, EnrolError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EnrolError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let bundle: Self = serde_json::from_str(&text).map_err(|source| EnrolError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        if bundle.version != BUNDLE_VERSION {
+            return Err(EnrolError::Version {
+                found: bundle.version,
+            });
+        }
+        Ok(bundle)
+    }
+
+    /// Writes the bundle (mode 0600).
+    pub fn save(&self, path: &Path) -> Result<(), EnrolError> {
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        write(path, &text, 0o600)
+    }
+
+    /// The configuration of daemon `role` as `install` writes it, naming identities under
+    /// `etc`.
+    pub fn config(&self, role: &str, etc: &Path) -> Option<String> {
+        let id_dir = etc.join(role);
+        let mut t = format!(
+            "# Written by `viola-ca install` for {} (site {}); edit freely: a re-install keeps it.\n",
+            self.host, self.site
+        );
+        match role {
+            "overlay" => {
+                let _ = write!(
+                    t,
+                    "listen = \"{}\"\nidentity_dir = \"{}\"\ncontrol_socket = \"/run/viola/overlay.sock\"\n\
+                     metrics = \"127.0.0.1:9445\"\nstate_file = \"/var/lib/viola/overlay/violins.json\"\n",
+                    self.overlay_listen,
+                    id_dir.display()
+                );
+                for p in &self.peers {
+                    let _ = write!(t, "\n[[peers]]\naddr = \"{p}\"\n");
+                }
+            }
+            "monitor" => {
+                let _ = write!(
+                    t,
+                    "host = \"{}\"\nsite = \"{}\"\nmanager = \"{}\"\nidentity_dir = \"{}\"\n\
+                     libvirt_uri = \"qemu:///system\"\ninterval_ms = 5000\nmetrics_listen = \"127.0.0.1:9444\"\n",
+                    self.host,
+                    self.site,
+                    self.manager,
+                    id_dir.display()
+                );
+            }
+            "depot" => {
+                let depot = self.depot.as_ref()?;
+                let hosts: Vec<String> = depot.hosts.iter().map(|h| format!("{h:?}")).collect();
+                let _ = write!(
+                    t,
+                    "site = \"{}\"\nstore = \"/var/lib/viola/depot\"\nlisten = \"0.0.0.0:7410\"\n\
+                     identity_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:9446\"\n\
+                     image_dir_template = \"/var/lib/viola/images/{{host}}\"\nhosts = [{}]\n",
+                    self.site,
+                    id_dir.display(),
+                    hosts.join(", ")
+                );
+                for (site, addr) in &depot.peers {
+                    let _ = write!(t, "\n[[peers]]\nsite = \"{site}\"\naddr = \"{addr}\"\n");
+                }
+            }
+            _ => return None,
+        }
+        Some(t)
+    }
+
+    /// Writes the identities under `etc/ROLE/` (keys 0600) and each daemon's configuration
+    /// `etc/ROLE.toml`, keeping an existing one unless `force`. Returns the files written.
+    pub fn install(&self, etc: &Path, force: bool) -> Result<Vec<PathBuf>, EnrolError> {
+        let mut written = Vec::new();
+        for (role, id) in &self.identities {
+            let dir = etc.join(role);
+            std::fs::create_dir_all(&dir).map_err(|source| EnrolError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            for (name, text, mode) in [
+                ("cert.pem", &id.cert_pem, 0o644),
+                ("key.pem", &id.key_pem, 0o600),
+                ("ca.pem", &id.ca_pem, 0o644),
+            ] {
+                let path = dir.join(name);
+                write(&path, text, mode)?;
+                written.push(path);
+            }
+            let path = etc.join(format!("{role}.toml"));
+            if (force || !path.exists())
+                && let Some(config) = self.config(role, etc)
+            {
+                write(&path, &config, 0o644)?;
+                written.push(path);
+            }
+        }
+        Ok(written)
+    }
+}
+
+fn write(path: &Path, text: &str, mode: u32) -> Result<(), EnrolError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| EnrolError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    // An existing file keeps its mode on open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::identity::Identity;
+
+    fn plan(depot: bool) -> HostPlan {
+        HostPlan {
+            site: "a".into(),
+            host: "a1".into(),
+            manager: "192.0.2.10:7443".parse().unwrap(),
+            peers: vec!["192.0.2.12:4500".parse().unwrap()],
+            overlay_listen: "0.0.0.0:4500".parse().unwrap(),
+            depot: depot.then(|| DepotPlan {
+                hosts: vec!["a1".into(), "a2".into()],
+                peers: vec![("b".into(), "198.51.100.11:7410".parse().unwrap())],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_bundle_installs_identities_that_load_and_configurations_once() {
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a1.bundle");
+        make_bundle(&ca, &plan(true), 30)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "the bundle holds keys"
+        );
+        let bundle = Bundle::load(&path).unwrap();
+        let etc = dir.path().join("etc");
+        let written = bundle.install(&etc, false).unwrap();
+        assert_eq!(
+            written.len(),
+            3 * 3 + 3,
+            "three identities, three configurations"
+        );
+        for role in ["overlay", "monitor", "depot"] {
+            let id = Identity::load_dir(&etc.join(role)).unwrap();
+            assert_eq!(id.id().role.as_str(), role);
+            assert_eq!((id.id().site.as_str(), id.id().host.as_str()), ("a", "a1"));
+            let key = etc.join(role).join("key.pem");
+            assert_eq!(
+                std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        let monitor = std::fs::read_to_string(etc.join("monitor.toml")).unwrap();
+        assert!(
+            monitor.contains("manager = \"192.0.2.10:7443\""),
+            "{monitor}"
+        );
+        // An administrator's edit survives a re-install; --force rewrites.
+        std::fs::write(etc.join("monitor.toml"), "host = \"edited\"\n").unwrap();
+        bundle.install(&etc, false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(etc.join("monitor.toml")).unwrap(),
+            "host = \"edited\"\n"
+        );
+        bundle.install(&etc, true).unwrap();
+        assert!(
+            std::fs::read_to_string(etc.join("monitor.toml"))
+                .unwrap()
+                .contains("a1")
+        );
+    }
+
+    #[test]
+    fn without_a_depot_there_is_neither_its_identity_nor_its_configuration() {
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let bundle = make_bundle(&ca, &plan(false), 30).unwrap();
+        assert!(!bundle.identities.contains_key("depot"));
+        let dir = tempfile::tempdir().unwrap();
+        bundle.install(dir.path(), false).unwrap();
+        assert!(!dir.path().join("depot.toml").exists());
+        assert!(dir.path().join("overlay.toml").exists());
+    }
+
+    #[test]
+    fn another_format_or_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.bundle");
+        std::fs::write(&path, "{\"not\": \"a bundle\"}").unwrap();
+        assert!(matches!(Bundle::load(&path), Err(EnrolError::Parse { .. })));
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let mut b = make_bundle(&ca, &plan(false), 30).unwrap();
+        b.version = 9;
+        b.save(&path).unwrap();
+        assert!(matches!(
+            Bundle::load(&path),
+            Err(EnrolError::Version { found: 9 })
+        ));
+    }
+}
