@@ -75,6 +75,12 @@ for file in tests/tests/*.rs; do
     VIOLA_LAB=$i scripts/lab.sh down >/dev/null 2>&1 || true
     failed+=("$t(left lab $i)")
   done
+  # Plain namespaces a test makes without scripts/lab.sh (package_lab: vpk-host).
+  for ns in $(ip netns list | awk '{print $1}' | grep '^vpk-' || true); do
+    echo "namespace $ns left behind by $t: removing it" >&2
+    ip netns del "$ns" || true
+    failed+=("$t(left namespace $ns)")
+  done
 done
 leftover=$(lab_instances)
 if [ -n "$leftover" ]; then
