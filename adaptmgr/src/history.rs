@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use viola_api::dashboard::{Placement, Series};
+use viola_api::domain::DomainState;
 use viola_api::manager::HostReport;
 
 /// How far back every sample is kept.
@@ -108,7 +109,7 @@ pub struct History {
 
 /// The samples a monitor report gives: the host's CPU, capacity, memory and traffic per
 /// interface (violin bridges and the underlay; not loopback, nor the VMs' own ports, whose
-/// traffic is the VMs'), and each VM's CPU and memory.
+/// traffic is the VMs'), and each running VM's CPU and memory.
 pub fn samples_of(report: &HostReport) -> Vec<(String, f64)> {
     let h = &report.host;
     let u = &report.usage;
@@ -136,7 +137,13 @@ pub fn samples_of(report: &HostReport) -> Vec<(String, f64)> {
             n.tx_bps / 1e6,
         ));
     }
-    for vm in &report.vms {
+    // Only where a VM runs: during a migration both hosts report it (the destination's copy
+    // paused until the switch-over), and the paused copy's zeros would mix into its series.
+    for vm in report
+        .vms
+        .iter()
+        .filter(|v| v.state == DomainState::Running)
+    {
         out.push((format!("vm/{}/cpu", vm.name), vm.cpu_busy));
         out.push((
             format!("vm/{}/mem_mib", vm.name),
@@ -185,7 +192,11 @@ impl History {
                 }
             }
         }
-        for vm in &report.vms {
+        for vm in report
+            .vms
+            .iter()
+            .filter(|v| v.state == DomainState::Running)
+        {
             let moved = self
                 .placements
                 .get(&vm.name)
@@ -515,6 +526,26 @@ mod tests {
         assert_eq!(seen.len(), 2);
         let placed = h.placements(Range::Hour, T0, |vm| vm == "mine");
         assert_eq!(placed.len(), 1);
+    }
+
+    #[test]
+    fn a_migration_s_paused_copy_neither_moves_the_vm_nor_adds_samples() {
+        let mut h = History::default();
+        h.record(T0, &report("a1", 1.0, &[("g1", 0.8)]));
+        // Mid-migration: b1 holds g1 paused (incoming), a1 still runs it.
+        let mut incoming = report("b1", 1.0, &[("g1", 0.0)]);
+        incoming.vms[0].state = DomainState::Paused;
+        let w = h.record(T0 + 1000, &incoming);
+        assert!(w.placements.is_empty());
+        assert!(!w.fine.iter().any(|(n, _, _)| n.starts_with("vm/g1/")));
+        h.record(T0 + 2000, &report("b1", 1.0, &[("g1", 0.7)]));
+        let placed = h.placements(Range::Hour, T0 + 2000, |_| true);
+        assert_eq!(
+            placed.iter().map(|p| p.host.as_str()).collect::<Vec<_>>(),
+            ["a1", "b1"]
+        );
+        let cpu = h.query("vm/g1/cpu", Range::Hour, T0 + 2000, |_| true);
+        assert_eq!(cpu[0].points, vec![(T0, 0.8), (T0 + 2000, 0.7)]);
     }
 
     #[test]
