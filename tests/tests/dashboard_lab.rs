@@ -477,7 +477,10 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
             ) == Value::Bool(true)
         },
     );
+    // Every plot in one picture: a window as tall as the page.
+    admin.resize(1280, 2300);
     admin.screenshot(&dir, "plots");
+    admin.resize(1280, 900);
     admin.goto(&format!("{url}/#decisions"));
     admin.wait_for("the decisions page", Duration::from_secs(10), |b| {
         !b.text("#decision-list").is_empty()
