@@ -78,7 +78,8 @@ pub fn segment(
     }
     let room = max_frame.saturating_sub(hdrs);
     let mss = usize::from(hdr.gso_size).min(room);
-    if mss == 0 {
+    // TCP may be cut finer; UDP segments are the sender's datagrams and keep their size.
+    if mss == 0 || (lay.proto == PROTO_UDP && mss < usize::from(hdr.gso_size)) {
         return Err(OffloadError::BadGsoSize(hdr.gso_size));
     }
     let payload = &frame[hdrs..];
@@ -300,6 +301,13 @@ pub(crate) mod tests {
             csum_start: 34,
             csum_offset: 6,
         };
+        let mut slab = BytesMut::new();
+        let mut none = Vec::new();
+        assert_eq!(
+            segment(&hdr, &f, 1441, 4, &mut slab, &mut none),
+            Err(OffloadError::BadGsoSize(1400)),
+            "UDP datagrams are not cut to another size"
+        );
         let segs = run(&hdr, &f, 1500);
         assert_eq!(segs.len(), 3);
         for (i, s) in segs.iter().enumerate() {
