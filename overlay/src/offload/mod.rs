@@ -124,14 +124,15 @@ pub(crate) fn layout(frame: &[u8]) -> Option<Layout> {
         ETHERTYPE_IPV4 => {
             let vihl = *frame.get(l3)?;
             let ihl = usize::from(vihl & 0x0f) * 4;
-            (vihl >> 4 == 4 && ihl >= 20 && frame.len() >= l3 + ihl).then_some(Layout {
+            // `then`, not `then_some`: the protocol byte exists only if the check holds.
+            (vihl >> 4 == 4 && ihl >= 20 && frame.len() >= l3 + ihl).then(|| Layout {
                 l3,
                 l4: l3 + ihl,
                 v6: false,
                 proto: frame[l3 + 9],
             })
         }
-        ETHERTYPE_IPV6 => (frame.len() >= l3 + 40 && frame[l3] >> 4 == 6).then_some(Layout {
+        ETHERTYPE_IPV6 => (frame.len() >= l3 + 40 && frame[l3] >> 4 == 6).then(|| Layout {
             l3,
             l4: l3 + 40,
             v6: true,
@@ -318,6 +319,26 @@ pub(crate) mod tests {
             complete_checksum(&far, &mut f),
             Err(OffloadError::ChecksumOutOfRange)
         );
+    }
+
+    #[test]
+    fn truncated_ip_headers_have_no_layout() {
+        // Found by the fuzzer: an IPv4 header cut after 3 bytes (the protocol byte was read
+        // before the length was checked).
+        let mut f = frame_v4_udp(b"x");
+        assert!(layout(&f).is_some());
+        for n in 0..34 {
+            assert_eq!(layout(&f[..n]), None, "{n} bytes");
+        }
+        f.truncate(14);
+        f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&[0x60; 39]);
+        assert_eq!(layout(&f), None);
+        let crash = [
+            1u8, 1, 0x42, 0, 1, 0, 0x8f, 6, 1, 0x13, 0x1c, 0x34, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 8,
+            0, 0x45, 0, 0x0f, 0xd4, 0x12, 0x34, 0x40, 1, 1,
+        ];
+        fuzz_offload(&crash);
     }
 
     /// An Ethernet/IPv4/UDP frame with valid checksums.
