@@ -14,6 +14,7 @@
 //! max_macs_per_port = 512             # ... per port (local TAP, each peer host)
 //! mac_learn_rate = 100                # new MACs per second from the local TAP (burst 2x)
 //! mss_clamp = true                    # lower TCP SYNs' MSS so full segments fit one datagram
+//! tap_offload = true                  # TAPs with virtio-net headers: TSO from, GRO to the guests
 //! expect_move_ttl_s = 600             # how long an announced move stays expected
 //! dhcp_mtu = true                     # DHCP answers to managed VMs carry option 26 = mtu
 //! state_file = "/var/lib/viola/overlay-violins.json" # optional: keep run-time violins
@@ -107,6 +108,14 @@ pub struct OverlayConfig {
     /// Lower the MSS option of TCP SYNs from local guests so that a full segment fits one
     /// QUIC datagram on its way (no fragmentation for TCP at the guest's default MTU).
     pub mss_clamp: bool,
+    /// Open the violins' TAPs with `IFF_VNET_HDR` and the kernel's offloads: the guests' TCP
+    /// reaches the daemon as frames of up to 64 KiB, which it cuts into datagram-sized frames
+    /// itself, and consecutive frames of one flow from the peers are written to the TAP as one
+    /// (see [`crate::offload`]). On by default: on the bench topology one guest TCP stream
+    /// went from 1.0–1.2 to 2.8–3.3 Gbit/s, at 4.3–5.2 instead of 12–16 busy CPU seconds per
+    /// GB. Off: the TAPs are opened with `tun-tap` and every frame is read and written one by
+    /// one.
+    pub tap_offload: bool,
     /// How long a move announced by `expect_move` stays expected, in seconds. A managed VM
     /// moves only while expected, so this must outlast the longest migration; while it lasts,
     /// the expected host may claim the VM even if the migration was abandoned.
@@ -148,6 +157,7 @@ impl Default for OverlayConfig {
             max_macs_per_port: 512,
             mac_learn_rate: 100,
             mss_clamp: true,
+            tap_offload: true,
             expect_move_ttl_s: 600,
             dhcp_mtu: true,
             state_file: None,

@@ -200,4 +200,25 @@ fn fuzz_seeds() {
         ],
         dhcp::fuzz_parse,
     );
+
+    // TAP offloads: a virtio-net header and the frame behind it, as the TAP hands them over.
+    let tso = |v6: bool, payload: &[u8], mss: u16| {
+        let (hdr, f) =
+            crate::offload::segment::tests::tso_frame(v6, 1, 1000, 0x18, 12, payload, mss);
+        let mut d = hdr.encode().to_vec();
+        d.extend_from_slice(&f);
+        d
+    };
+    let mut plain = crate::offload::VnetHdr::default().encode().to_vec();
+    plain.extend_from_slice(&arp_frame());
+    check(
+        "offload",
+        &[
+            ("tso4", tso(false, &[0x5a; 4000], 1348)),
+            ("tso6", tso(true, &[0xa5; 3000], 1000)),
+            ("needs_csum", tso(false, &[1; 100], 1348)),
+            ("plain_arp", plain),
+        ],
+        crate::offload::fuzz_offload,
+    );
 }

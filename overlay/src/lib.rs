@@ -5,6 +5,8 @@
 //! - [`reassembly`]: memory-bounded reassembly of fragmented frames.
 //! - [`switch`]: the switching core without I/O (learning, flooding, isolation, moves).
 //! - [`mss`]: TCP MSS clamping, so that full segments fit one datagram.
+//! - [`offload`]: TAP offloads without I/O (virtio-net header, segmentation, coalescing);
+//!   [`tap`] opens a TAP with them.
 //! - [`dhcp`]: DHCPv4 formats for the switch's answers to managed VMs.
 //! - [`spec`]: checking the control plane's violins, and the state file keeping them.
 //! - [`config`], [`daemon`]: the `viola-overlay` daemon around the core.
@@ -45,6 +47,7 @@ macro_rules! labelled_enum {
 pub mod control;
 pub mod dhcp;
 pub mod mss;
+pub mod offload;
 pub mod reassembly;
 pub mod spec;
 pub mod switch;
@@ -55,6 +58,7 @@ pub mod cpu_latency;
 pub mod daemon;
 pub mod local_runtime;
 pub mod sparse;
+pub mod tap;
 
 #[cfg(test)]
 mod fuzz_seeds;

@@ -58,7 +58,9 @@ impl Overlay {
     /// Issues `host`'s overlay identity (site: the host name's first letter) and writes its
     /// configuration: QUIC on its underlay address (port 4500), its identity, its control
     /// socket, then `keys` (top-level keys), every one of `peers` as `[[peers]]`, then `tables`
-    /// (`[[violins]]` …). Returns the file.
+    /// (`[[violins]]` …). Returns the file. Top-level keys in `VIOLA_OVERLAY_TOML` (if set)
+    /// come first: the lab tests run with other settings, e.g. `tap_offload = true` (the same
+    /// variable as `scripts/bench/overlay.sh`'s).
     pub fn host_config(
         &self,
         lab: &crate::Lab,
@@ -78,10 +80,11 @@ impl Overlay {
             .iter()
             .map(|p| format!("[[peers]]\naddr = \"{}:4500\"\n", lab.host(p).address))
             .collect();
+        let extra = std::env::var("VIOLA_OVERLAY_TOML").unwrap_or_default();
         self.write_config(
             host,
             &format!(
-                "listen = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{keys}\n{peers}{tables}\n",
+                "{extra}\nlisten = \"{}:4500\"\nidentity_dir = \"{}\"\ncontrol_socket = \"{}\"\n{keys}\n{peers}{tables}\n",
                 lab.host(host).address,
                 dir.display(),
                 self.socket(host).display(),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -176,6 +177,9 @@ async fn serve_link(ctx: Rc<Ctx>, conn: quinn::Connection, dialed: bool) {
     info!(peer = %host, %remote, dialed, "peer connected");
     drop(ctl_tx);
 
+    // With TAP offloads, the datagrams already received are taken as one batch, so that the
+    // TAP writes can merge a flow's consecutive frames.
+    let batch = if ctx.tap_offload { 64 } else { 1 };
     let datagrams = async {
         loop {
             let d = tokio::select! {
@@ -184,8 +188,14 @@ async fn serve_link(ctx: Rc<Ctx>, conn: quinn::Connection, dialed: bool) {
             };
             let mut st = ctx.state.borrow_mut();
             let st = &mut *st;
-            st.switch
-                .handle_datagram(Instant::now(), &host, d, &mut st.out);
+            let now = Instant::now();
+            st.switch.handle_datagram(now, &host, d, &mut st.out);
+            for _ in 1..batch {
+                let Some(Ok(d)) = conn.read_datagram().now_or_never() else {
+                    break;
+                };
+                st.switch.handle_datagram(now, &host, d, &mut st.out);
+            }
             st.execute();
         }
     };

@@ -39,6 +39,7 @@ use self::switching::{Shared, State};
 use crate::HostId;
 use crate::config::OverlayConfig;
 use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
+use crate::offload::Coalescer;
 use crate::sparse::{BusyPoll, SparsePath};
 use crate::switch::{LearningLimits, Switch, SwitchConfig};
 use viola_api::overlay::{BusyPollStatus, OverlayStatus};
@@ -99,6 +100,8 @@ struct Ctx {
     dial_due: Notify,
     /// MTU of the TAPs and bridges.
     mtu: u32,
+    /// TAPs with virtio-net headers and offloads ([`OverlayConfig::tap_offload`]).
+    tap_offload: bool,
     /// Where run-time violins are kept.
     state_file: Option<PathBuf>,
 }
@@ -209,6 +212,8 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         // Ethernet header and one VLAN tag.
         drop_log: Default::default(),
         kernel_drops: net::KernelDrops::new(udp_inode),
+        coalescer: Coalescer::new(),
+        coalesced: Vec::new(),
     }));
     let ctx = Rc::new(Ctx {
         me,
@@ -220,6 +225,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
         busy: busy.clone(),
         dial_due: Notify::new(),
         mtu: cfg.mtu,
+        tap_offload: cfg.tap_offload,
         state_file: cfg.state_file.clone(),
     });
 

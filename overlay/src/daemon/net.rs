@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::process::Command;
 use std::rc::Rc;
@@ -19,9 +19,35 @@ use super::{DaemonError, io_err};
 use crate::config::{OverlayConfig, QuicCongestion};
 use crate::local_runtime::LocalSetRuntime;
 use crate::sparse::{HandoffSocket, SparsePath};
+use crate::tap::VnetTap;
 
 /// A violin's TAP, readable through tokio.
-pub(super) type Tap = Rc<AsyncFd<Iface>>;
+pub(super) type Tap = Rc<AsyncFd<TapDev>>;
+
+/// A TAP without offloads (`tun-tap`), or with a virtio-net header and offloads
+/// ([`OverlayConfig::tap_offload`]).
+pub(super) enum TapDev {
+    Plain(Iface),
+    Vnet(VnetTap),
+}
+
+impl TapDev {
+    pub(super) fn name(&self) -> &str {
+        match self {
+            Self::Plain(t) => t.name(),
+            Self::Vnet(t) => t.name(),
+        }
+    }
+}
+
+impl AsRawFd for TapDev {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Plain(t) => t.as_raw_fd(),
+            Self::Vnet(t) => t.as_raw_fd(),
+        }
+    }
+}
 
 /// A violin's TAP and the longest frame the violin takes through it: its MTU, the Ethernet
 /// header and one VLAN tag (checked on every frame read from it and written to it).
@@ -194,12 +220,13 @@ fn udp_socket_drops(table: &str, inode: u64) -> Option<u64> {
 }
 
 /// A violin's devices: the bridge `bridge` (made unless it exists) and the TAP `tap_name` on
-/// it, both at `mtu` and up, IPv6 off. Also whether the bridge was made here (it is removed
-/// again if the TAP cannot be set up).
+/// it (with a virtio-net header and offloads if `offload`), both at `mtu` and up, IPv6 off.
+/// Also whether the bridge was made here (it is removed again if the TAP cannot be set up).
 pub(super) fn violin_devices(
     bridge: &str,
     tap_name: &str,
     mtu: u32,
+    offload: bool,
 ) -> Result<(Tap, bool), DaemonError> {
     let made = if link_exists(bridge) {
         false
@@ -209,18 +236,27 @@ pub(super) fn violin_devices(
         info!(%bridge, "created bridge");
         true
     };
-    let tap = tap_on(bridge, tap_name, mtu);
+    let tap = tap_on(bridge, tap_name, mtu, offload);
     if tap.is_err() && made {
         remove_bridge(bridge);
     }
     Ok((tap?, made))
 }
 
-fn tap_on(br: &str, tap_name: &str, mtu: u32) -> Result<Tap, DaemonError> {
-    let tap = Iface::without_packet_info(tap_name, Mode::Tap)
-        .map_err(io_err(format!("cannot create TAP {tap_name}")))?;
-    tap.set_non_blocking()
-        .map_err(io_err(format!("cannot make TAP {tap_name} non-blocking")))?;
+fn tap_on(br: &str, tap_name: &str, mtu: u32, offload: bool) -> Result<Tap, DaemonError> {
+    let tap = if offload {
+        let tap = VnetTap::open(tap_name).map_err(|e| {
+            io_err(format!("cannot create TAP {tap_name} with offloads"))(io::Error::other(e))
+        })?;
+        info!(tap = %tap.name(), offloads = tap.offloads(), "TAP with virtio-net header");
+        TapDev::Vnet(tap)
+    } else {
+        let tap = Iface::without_packet_info(tap_name, Mode::Tap)
+            .map_err(io_err(format!("cannot create TAP {tap_name}")))?;
+        tap.set_non_blocking()
+            .map_err(io_err(format!("cannot make TAP {tap_name} non-blocking")))?;
+        TapDev::Plain(tap)
+    };
     let mtu = mtu.to_string();
     disable_ipv6(br);
     disable_ipv6(tap.name());
@@ -230,8 +266,8 @@ fn tap_on(br: &str, tap_name: &str, mtu: u32) -> Result<Tap, DaemonError> {
     ] {
         ip(&args).map_err(io_err(format!("cannot set up {br}/{tap_name}")))?;
     }
-    // SAFETY: `Iface` owns its file descriptor and closes it only when dropped, which
-    // happens after the `AsyncFd` that owns the `Iface` is dropped.
+    // SAFETY: `Iface` and `VnetTap` own their file descriptors and close them only when
+    // dropped, which happens after the `AsyncFd` that owns them is dropped.
     let tap = unsafe { AsyncFd::register_with_interest(tap, tokio::io::Interest::READABLE) }
         .map_err(|e| io_err("cannot register TAP with tokio")(io::Error::other(e.to_string())))?;
     Ok(Rc::new(tap))

@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::Ctx;
-use super::net::{KernelDrops, ViolinTap};
+use super::net::{KernelDrops, Tap, TapDev, ViolinTap};
 use super::peers::PeerBook;
 use super::violins::{Member, Reader};
 use crate::HostId;
 use crate::control::ControlMsg;
+use crate::offload::{self, Coalesced, Coalescer, VNET_HDR_LEN, VnetHdr};
 use crate::sparse::SparsePath;
 use crate::switch::{DropReason, Output, Switch};
 use crate::wire::{FRAME_HEADER_LEN, ViolinId};
@@ -35,6 +36,9 @@ labelled_enum! {
         DeliverOversize = "deliver_oversize",
         /// A frame on the TAP longer than the MTU allows (read truncated).
         TapOversize = "tap_oversize",
+        /// A frame on a TAP with offloads whose virtio-net header or headers could not be
+        /// segmented (or its checksum completed).
+        TapOffload = "tap_offload",
         /// A datagram above the connection's current limit.
         DatagramTooLarge = "datagram_too_large",
         /// A datagram that displaced older ones from QUIC's full datagram send buffer (QUIC
@@ -106,6 +110,11 @@ pub(super) struct Shared {
     pub(super) drop_log: DropLog,
     /// The kernel's drops on the TAPs and the UDP socket.
     pub(super) kernel_drops: KernelDrops,
+    /// Frames for TAPs with offloads, merged per flow before they are written (one batch per
+    /// [`execute`](Self::execute)).
+    pub(super) coalescer: Coalescer,
+    /// The coalescer's output (kept for its allocation).
+    pub(super) coalesced: Vec<Coalesced>,
 }
 
 /// Logs drops at most once per reason per [`DropLog::INTERVAL`], with the number since the
@@ -178,13 +187,14 @@ impl Shared {
                         self.count(DriverDrop::DeliverOversize);
                         continue;
                     }
-                    match tap.get_ref().send(&frame) {
-                        Ok(_) => self.tap_path.after_handoff(),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.count(DriverDrop::TapFull);
+                    let sent = match tap.get_ref() {
+                        TapDev::Plain(t) => t.send(&frame),
+                        TapDev::Vnet(_) => {
+                            self.coalescer.push(violin, frame);
+                            continue;
                         }
-                        Err(_) => self.count(DriverDrop::TapWrite),
-                    }
+                    };
+                    self.tap_written(sent);
                 }
                 Output::Control { via, msg } => {
                     let Some(c) = self.conns.get(&via) else {
@@ -198,6 +208,38 @@ impl Shared {
             }
         }
         self.out = out;
+        if self.coalescer.pending() > 0 {
+            self.write_coalesced();
+        }
+    }
+
+    fn tap_written(&mut self, sent: io::Result<usize>) {
+        match sent {
+            Ok(_) => self.tap_path.after_handoff(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.count(DriverDrop::TapFull),
+            Err(_) => self.count(DriverDrop::TapWrite),
+        }
+    }
+
+    /// Writes the frames the coalescer holds to their TAPs, each after its virtio-net header
+    /// (one `writev`, the merged segments' payloads not copied).
+    fn write_coalesced(&mut self) {
+        let mut done = std::mem::take(&mut self.coalesced);
+        self.coalescer.flush(&mut done);
+        for c in &done {
+            let Some(TapDev::Vnet(t)) = self.taps.get(&c.violin).map(|t| t.tap.get_ref()) else {
+                continue;
+            };
+            let hdr = c.vnet.encode();
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + c.payloads.len());
+            parts.push(&hdr);
+            parts.push(&c.head);
+            parts.extend(c.payloads.iter().map(|p| &p[..]));
+            let sent = t.send(&parts);
+            self.tap_written(sent);
+        }
+        done.clear();
+        self.coalesced = done;
     }
 }
 
@@ -206,6 +248,9 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: Cancellati
     let Some(tap) = ctx.state.borrow().taps.get(&violin).map(|t| t.tap.clone()) else {
         return;
     };
+    if matches!(tap.get_ref(), TapDev::Vnet(_)) {
+        return vnet_tap_reader(ctx, violin, token, tap).await;
+    }
     let mut slab = BytesMut::with_capacity(256 * 1024);
     loop {
         // Read at every wake-up: `set_violin` may change the violin's MTU in place.
@@ -226,7 +271,10 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: Cancellati
             }
             // One byte more than a frame may have, to see longer ones.
             slab.resize(FRAME_HEADER_LEN + max_frame + 1, 0);
-            let res = guard.try_io(|inner| inner.get_ref().recv(&mut slab[FRAME_HEADER_LEN..]));
+            let res = guard.try_io(|inner| match inner.get_ref() {
+                TapDev::Plain(t) => t.recv(&mut slab[FRAME_HEADER_LEN..]),
+                TapDev::Vnet(_) => Err(io::Error::other("TAP has a virtio-net header")),
+            });
             match res {
                 Ok(Ok(n)) if n > max_frame => {
                     slab.clear();
@@ -249,6 +297,77 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: Cancellati
                 Err(_would_block) => {
                     slab.clear();
                     break;
+                }
+            }
+            n_frames += 1;
+            if n_frames.is_multiple_of(64) {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// [`tap_reader`] for a TAP with a virtio-net header: each frame read (up to 64 KiB with
+/// TSO) is cut into frames of at most the violin's frame size, which go to the switch as if
+/// read one by one.
+async fn vnet_tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: CancellationToken, tap: Tap) {
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    // A whole TSO frame: 64 KiB of IP packet plus Ethernet and VLAN headers.
+    let mut big = vec![0u8; 65_536 + 64];
+    let mut slab = BytesMut::with_capacity(256 * 1024);
+    let mut segs = Vec::new();
+    loop {
+        let Some(max_frame) = ctx.state.borrow().taps.get(&violin).map(|t| t.max_frame) else {
+            return;
+        };
+        let mut guard = tokio::select! {
+            () = token.cancelled() => return,
+            g = tap.readable() => match g {
+                Ok(g) => g,
+                Err(e) => { warn!(%violin, "TAP not readable: {e}"); return; }
+            },
+        };
+        let mut n_frames = 0usize;
+        loop {
+            let res = guard.try_io(|inner| match inner.get_ref() {
+                TapDev::Vnet(t) => t.recv(&mut hdr, &mut big),
+                TapDev::Plain(_) => Err(io::Error::other("TAP has no virtio-net header")),
+            });
+            let n = match res {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    warn!(%violin, "TAP read: {e}");
+                    break;
+                }
+                Err(_would_block) => break,
+            };
+            let cut = VnetHdr::parse(&hdr).and_then(|h| {
+                if h.gso_type == offload::GSO_NONE && n > max_frame {
+                    return Ok(false);
+                }
+                offload::segment(
+                    &h,
+                    &big[..n],
+                    max_frame,
+                    FRAME_HEADER_LEN,
+                    &mut slab,
+                    &mut segs,
+                )
+                .map(|()| true)
+            });
+            {
+                let mut st = ctx.state.borrow_mut();
+                let st = &mut *st;
+                match cut {
+                    Ok(true) => {
+                        let now = Instant::now();
+                        for s in segs.drain(..) {
+                            st.switch.handle_tap_frame(now, violin, s, &mut st.out);
+                        }
+                        st.execute();
+                    }
+                    Ok(false) => st.count(DriverDrop::TapOversize),
+                    Err(_) => st.count(DriverDrop::TapOffload),
                 }
             }
             n_frames += 1;

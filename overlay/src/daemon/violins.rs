@@ -71,7 +71,7 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
             return Err(DaemonError::Config(format!("violin {} listed twice", v.id)));
         }
         let (bridge, tap_name) = (v.bridge_name(), v.tap_name());
-        let (tap, bridge_made) = net::violin_devices(&bridge, &tap_name, cfg.mtu)?;
+        let (tap, bridge_made) = net::violin_devices(&bridge, &tap_name, cfg.mtu, cfg.tap_offload)?;
         if bridge_made {
             made.bridges.push(bridge.clone());
         }
@@ -115,7 +115,7 @@ pub(super) fn setup(cfg: &OverlayConfig, switch: &mut Switch) -> Result<Setup, D
             )));
         }
         let mtu = spec::violin_mtu(&k.spec, cfg.mtu);
-        let (tap, made_now) = net::violin_devices(&bridge, &tap_name, mtu)?;
+        let (tap, made_now) = net::violin_devices(&bridge, &tap_name, mtu, cfg.tap_offload)?;
         info!(violin = k.spec.id, %bridge, tap = %tap_name, mtu, "violin up (kept from the state file)");
         made.taps.insert(vcfg.id, ViolinTap::new(tap, mtu));
         made.members.insert(
@@ -274,8 +274,8 @@ pub(super) fn set(ctx: &Rc<Ctx>, spec: ViolinSpec) -> Result<(), String> {
         return Err(format!("bridge {bridge} belongs to a configured violin"));
     }
     let mtu = spec::violin_mtu(&spec, ctx.mtu);
-    let (tap, bridge_made) =
-        net::violin_devices(&bridge, &tap_name, mtu).map_err(|e| error_chain(&e))?;
+    let (tap, bridge_made) = net::violin_devices(&bridge, &tap_name, mtu, ctx.tap_offload)
+        .map_err(|e| error_chain(&e))?;
     let k = KeptViolin {
         spec: spec.clone(),
         bridge_made,
