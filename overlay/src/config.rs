@@ -114,7 +114,7 @@ pub struct OverlayConfig {
     /// (see [`crate::offload`]). On by default: on the bench topology one guest TCP stream
     /// went from 1.0–1.2 to 2.8–3.3 Gbit/s, at 4.3–5.2 instead of 12–16 busy CPU seconds per
     /// GB. Off: the TAPs are opened with `tun-tap` and every frame is read and written one by
-    /// one.
+    /// one; so is a TAP whose kernel refuses the header or the offloads (logged).
     pub tap_offload: bool,
     /// How long a move announced by `expect_move` stays expected, in seconds. A managed VM
     /// moves only while expected, so this must outlast the longest migration; while it lasts,

@@ -19,9 +19,8 @@
 //! test's directory, and to `VIOLA_SCREENSHOTS` when that names a directory (`docs/dashboard`
 //! holds the ones reviewed).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -192,19 +191,8 @@ impl Browser {
     /// A PNG of the page as it is now, into `dir` and `VIOLA_SCREENSHOTS` if set.
     fn screenshot(&self, dir: &Path, name: &str) {
         let b64 = self.session_call("GET", "/screenshot", None);
-        let mut decode = Command::new("base64")
-            .arg("-d")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        decode
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b64.as_str().unwrap().as_bytes())
-            .unwrap();
-        let png = decode.wait_with_output().unwrap().stdout;
+        let png = base64_decode(b64.as_str().unwrap_or_default())
+            .unwrap_or_else(|| panic!("screenshot {name}: not base64"));
         assert!(png.starts_with(b"\x89PNG"), "screenshot {name} is a PNG");
         let mut targets = vec![dir.join("screenshots")];
         if let Some(d) = std::env::var_os("VIOLA_SCREENSHOTS") {
@@ -225,6 +213,34 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// Standard base64 (what WebDriver's screenshots are), `None` on a character outside it.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let digits: Vec<u8> = text
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 /// `curl` of the dashboard's JSON API with the identity in `id` (or none): HTTP status and body;
@@ -551,4 +567,13 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     if std::env::var_os("VIOLA_KEEP_LAB").is_some() {
         let _ = fed.tmp.keep();
     }
+}
+
+#[test]
+fn screenshots_decode_from_base64() {
+    // The PNG signature, as WebDriver sends the start of every screenshot.
+    assert_eq!(base64_decode("iVBORw0KGgo=").unwrap(), b"\x89PNG\r\n\x1a\n");
+    assert_eq!(base64_decode("TWFu").unwrap(), b"Man");
+    assert_eq!(base64_decode("TWE=").unwrap(), b"Ma");
+    assert!(base64_decode("T*E=").is_none());
 }

@@ -244,18 +244,28 @@ pub(super) fn violin_devices(
 }
 
 fn tap_on(br: &str, tap_name: &str, mtu: u32, offload: bool) -> Result<Tap, DaemonError> {
-    let tap = if offload {
-        let tap = VnetTap::open(tap_name).map_err(|e| {
-            io_err(format!("cannot create TAP {tap_name} with offloads"))(io::Error::other(e))
-        })?;
-        info!(tap = %tap.name(), offloads = tap.offloads(), "TAP with virtio-net header");
-        TapDev::Vnet(tap)
-    } else {
+    let plain = || -> Result<TapDev, DaemonError> {
         let tap = Iface::without_packet_info(tap_name, Mode::Tap)
             .map_err(io_err(format!("cannot create TAP {tap_name}")))?;
         tap.set_non_blocking()
             .map_err(io_err(format!("cannot make TAP {tap_name} non-blocking")))?;
-        TapDev::Plain(tap)
+        Ok(TapDev::Plain(tap))
+    };
+    let tap = if offload {
+        match VnetTap::open(tap_name) {
+            Ok(tap) => {
+                info!(tap = %tap.name(), offloads = tap.offloads(), "TAP with virtio-net header");
+                TapDev::Vnet(tap)
+            }
+            // A kernel that refuses the header or the offloads still gets the violin, at the
+            // speed without them (the failed TAP was not persistent: it went with its fd).
+            Err(e) => {
+                warn!(tap = %tap_name, error = %e, "cannot open the TAP with offloads; using it without");
+                plain()?
+            }
+        }
+    } else {
+        plain()?
     };
     let mtu = mtu.to_string();
     disable_ipv6(br);
