@@ -204,7 +204,7 @@ function lineChart(title, series, unit, opts = {}) {
   for (let i = 0; i <= 4; i++) {
     const v = vmax * i / 4;
     g.append(svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "#e3e6eb" }),
-      svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }, fmt.num(v, v < 10 ? 1 : 0)));
+      svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }, fmt.num(v, vmax < 0.1 ? 3 : vmax < 1 ? 2 : vmax < 10 ? 1 : 0)));
   }
   for (let i = 0; i <= 4; i++) {
     const t = t0 + (t1 - t0) * i / 4;
@@ -291,7 +291,8 @@ async function loadHistory() {
   charts.push(lineChart("VM memory", seriesOf(hist, /^vm\/([^/]+)\/mem_mib$/, m => m[1]), "MiB"));
   const violin = seriesOf(hist, /^host\/([^/]+)\/net\/(vio[0-9]+)\/(rx|tx)_mbit_s$/, m => `${m[1]} ${m[2]} ${m[3]}`);
   if (violin.length) charts.push(lineChart("Violin traffic (each host's violin bridge)", violin, "Mbit/s"));
-  const wan = hist.series.filter(s => /^host\/[^/]+\/net\/[^/]+\/(rx|tx)_mbit_s$/.test(s.name) && !/\/net\/vio[0-9]+\//.test(s.name) && !/\/net\/(vt|tap)/.test(s.name))
+  // Everything but the violins' own devices (bridges vioN, the overlay's TAPs vioNt).
+  const wan = hist.series.filter(s => /^host\/[^/]+\/net\/[^/]+\/(rx|tx)_mbit_s$/.test(s.name) && !/\/net\/vio[0-9]+t?\//.test(s.name))
     .map(s => { const m = s.name.match(/^host\/([^/]+)\/net\/([^/]+)\/(rx|tx)/); return { label: `${m[1]} ${m[2]} ${m[3]}`, points: s.points }; });
   if (wan.length) charts.push(lineChart("Underlay traffic (overlay peers and migrations)", wan, "Mbit/s"));
   charts.push(barChart("Migrations per hour", hist.migrations_per_hour, "moves"));
