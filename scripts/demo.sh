@@ -374,7 +374,7 @@ lowered_after=$(since "$t")
 viola decisions | sed 's/^/   /'
 echo "   cap raised ${raised_after} s after the burn began; lowered again ${lowered_after} s after it ended (to the cap its last decision above gives)"
 
-say "8b. the loop moves a VM across the sites on its own: b1 has more work than its CPU, b2 no room"
+say "8b. the loop moves a VM across the sites on its own: site b has more work than its CPUs"
 g3=demo-g3
 # vm create puts no more vCPUs on a host than it has CPUs: g3 starts at a1 and the operator
 # packs it onto b1 beside g1 (a manual move checks memory only).
@@ -395,11 +395,12 @@ for ip in "$g1_ip" "$g3_ip" "$g2_ip"; do
   [ "$(lab exec a2 -- curl -s -m 5 "http://$ip/cgi-bin/viola?burn=1,90")" = ok ] || { say "FAILED: $ip did not start burning"; exit 1; }
 done
 echo "   b1: $g1 and $g3 (caps 55 %) burn, wanting 1.1 of b1's 1 CPU; b2: $g2 (cap 60 %) burns"
-# Both b1 VMs are pinged: the loop picks which one to move.
-lab exec a2 -- ping -n -q -i 0.02 -w 90 "$g1_ip" >"$D/ping-loop-$g1.txt" 2>&1 &
-ping_pids=($!)
-lab exec a2 -- ping -n -q -i 0.02 -w 90 "$g3_ip" >"$D/ping-loop-$g3.txt" 2>&1 &
-ping_pids+=($!)
+# Every burning VM is pinged: the loop picks which one to move.
+ping_pids=()
+for v in "$g1:$g1_ip" "$g3:$g3_ip" "$g2:$g2_ip"; do
+  lab exec a2 -- ping -n -q -i 0.02 -w 90 "${v#*:}" >"$D/ping-loop-${v%%:*}.txt" 2>&1 &
+  ping_pids+=($!)
+done
 t=$(now)
 deadline=$(( $(date +%s) + 75 ))
 until [ "$(viola --json decisions | jq -c 'select(.actions[] | (.action == "migrate" and .outcome.outcome == "done"))' | wc -l)" -gt "$moves_before" ]; do
@@ -417,9 +418,11 @@ if [ -f "$D/ping-loop-$moved.txt" ]; then
   got=$(awk '/packets transmitted/ {print $4}' "$D/ping-loop-$moved.txt")
   echo "   pings of $moved every 20 ms from a2 meanwhile: $((sent - got)) of $sent lost"
 fi
+# Mostly one of b1's VMs goes; when QEMU's own threads take b2 past its mark too, the loop may
+# relieve b2 first (g2 to site a). Either is the loop moving a VM across the sites on its own.
 case "$move" in
-  "$g3 b1 -> a"*|"$g1 b1 -> a"*) ;;
-  *) say "FAILED: expected a move off b1 to site a, got: ${move:-nothing}"; exit 1 ;;
+  "$g3 b1 -> a"*|"$g1 b1 -> a"*|"$g2 b2 -> a"*) ;;
+  *) say "FAILED: expected a move from site b to site a, got: ${move:-nothing}"; exit 1 ;;
 esac
 viola host list | sed 's/^/   /'
 
