@@ -41,6 +41,9 @@ const HISTORY_MINUTES: TableDefinition<(&str, u64), f64> = TableDefinition::new(
 const PLACEMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("placements");
 /// Decisions kept; older ones are dropped as new ones come (a year of hourly moves).
 const DECISIONS_KEPT: u64 = 10_000;
+/// Events kept (migrations, resizes, host events; a migration's is its whole report, a few KB);
+/// older ones are dropped as new ones come.
+const EVENTS_KEPT: u64 = 20_000;
 
 /// Why the inventory could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +299,10 @@ impl Inventory {
                 source,
             })?;
             t.insert(seq, bytes.as_slice()).map_err(store)?;
+            if seq > EVENTS_KEPT {
+                t.retain_in(..=seq - EVENTS_KEPT, |_, _| false)
+                    .map_err(store)?;
+            }
             event
         };
         tx.commit().map_err(store)?;
@@ -906,6 +913,21 @@ mod tests {
             back.query("host/a1/cpu", Range::Day, later, |_| true)[0].points[0].0,
             t0
         );
+    }
+
+    #[test]
+    fn the_event_log_keeps_its_newest_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = Inventory::open(&dir.path().join("inv.redb")).unwrap();
+        for i in 0..EVENTS_KEPT + 5 {
+            inv.record(i, "vm_resized", "vm1", serde_json::Value::Null)
+                .unwrap();
+        }
+        let all = inv.events_after(0).unwrap();
+        assert_eq!(all.len() as u64, EVENTS_KEPT);
+        assert_eq!(all[0].seq, 6, "the five oldest went");
+        assert_eq!(all.last().unwrap().seq, EVENTS_KEPT + 5);
+        assert_eq!(inv.recent_events(3).unwrap()[2].seq, EVENTS_KEPT + 5);
     }
 
     #[test]
