@@ -7,7 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%T)" >&2; }
+# Each step says how much disk is left: a fresh CI machine may have little, and a build that
+# fills it fails far from the cause.
+step() {
+  printf '\n=== %s (%s; %s free on the build disk)\n' "$*" "$(date -u +%T)" \
+    "$(df -h --output=avail . | tail -1 | tr -d ' ')" >&2
+}
+# No incremental compilation: CI builds each crate once, and the incremental caches would double
+# the target dir.
+export CARGO_INCREMENTAL=0
 
 step "setup (packages, guest images)"
 scripts/setup.sh --no-build
@@ -28,6 +36,8 @@ step "fuzz targets (bounded: 15 s each)"
 # for 15 s from its checked-in seeds; a crash, hang or OOM fails the step and names the target
 # and the input it saved. Longer runs by hand: scripts/fuzz.sh --seconds N.
 scripts/fuzz.sh --ci
+# The fuzz builds (instrumented, release) are not needed again in this run; their disk is.
+rm -rf target/fuzz
 
 step "lab tests (real namespaces, libvirtd, QEMU; one at a time)"
 # Most lab tests build a lab of their own; the mechanisms tests (on viola_labtests::mech) use the
@@ -59,7 +69,8 @@ lab_instances() {
 limit=${VIOLA_LAB_TEST_LIMIT_S:-1200}
 for file in tests/tests/*.rs; do
   t=$(basename "$file" .rs)
-  printf -- '--- %s (%s)\n' "$t" "$(date -u +%T)" >&2
+  printf -- '--- %s (%s; %s free)\n' "$t" "$(date -u +%T)" \
+    "$(df -h --output=avail . | tail -1 | tr -d ' ')" >&2
   lab=0
   if needs_default_lab "$file"; then lab=1; scripts/lab.sh up >/dev/null; fi
   rc=0

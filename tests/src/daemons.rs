@@ -18,8 +18,14 @@ pub fn bin(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
-/// `cargo build --bins` of `packages` (quietly; what is built already is not built again).
+/// `cargo build --workspace --bins` (quietly; what is built already is not built again), the
+/// same command `scripts/test.sh` runs before the lab tests. `packages` names the binaries the
+/// caller needs; they are all built by the workspace build. A build of only those packages would
+/// unify the dependencies' features differently, and cargo would build a second copy of every
+/// dependency beside the first: on CI that filled the disk (blake3 and the hypervisor crate
+/// failed with ENOSPC in the first lab test).
 pub fn build(packages: &[&str]) -> Result<()> {
+    debug_assert!(!packages.is_empty(), "name the packages whose binaries the caller runs");
     let mut cmd = Command::new(env!("CARGO"));
     // Not the environment `cargo test` gave this test: with its LD_LIBRARY_PATH (and CARGO_*)
     // the build scripts' fingerprints change, so this build and the next `cargo test` rebuilt
@@ -27,16 +33,15 @@ pub fn build(packages: &[&str]) -> Result<()> {
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         if name == "LD_LIBRARY_PATH"
-            || (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+            || (name.starts_with("CARGO_")
+                && !matches!(&*name, "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_INCREMENTAL"))
         {
             cmd.env_remove(&*name);
         }
     }
-    cmd.current_dir(repo_root()).args(["build", "-q"]);
-    for p in packages {
-        cmd.args(["-p", p]);
-    }
-    run_ok(cmd.arg("--bins"))?;
+    cmd.current_dir(repo_root())
+        .args(["build", "-q", "--workspace", "--bins"]);
+    run_ok(&mut cmd)?;
     Ok(())
 }
 
