@@ -25,7 +25,10 @@ pub fn bin(name: &str) -> PathBuf {
 /// dependency beside the first: on CI that filled the disk (blake3 and the hypervisor crate
 /// failed with ENOSPC in the first lab test).
 pub fn build(packages: &[&str]) -> Result<()> {
-    debug_assert!(!packages.is_empty(), "name the packages whose binaries the caller runs");
+    debug_assert!(
+        !packages.is_empty(),
+        "name the packages whose binaries the caller runs"
+    );
     let mut cmd = Command::new(env!("CARGO"));
     // Not the environment `cargo test` gave this test: with its LD_LIBRARY_PATH (and CARGO_*)
     // the build scripts' fingerprints change, so this build and the next `cargo test` rebuilt
@@ -34,7 +37,10 @@ pub fn build(packages: &[&str]) -> Result<()> {
         let name = name.to_string_lossy();
         if name == "LD_LIBRARY_PATH"
             || (name.starts_with("CARGO_")
-                && !matches!(&*name, "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_INCREMENTAL"))
+                && !matches!(
+                    &*name,
+                    "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_INCREMENTAL"
+                ))
         {
             cmd.env_remove(&*name);
         }
