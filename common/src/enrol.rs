@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::revocation::{CRL_FILE, RevocationError, write_atomically};
 use crate::identity::{CaError, CertificateAuthority, IssuedCertificate, PeerIdentity, Role};
 
 /// What the bundle's format is; `install` refuses another.
@@ -66,6 +67,10 @@ pub struct Bundle {
     pub depot: Option<DepotPlan>,
     /// By role: `overlay`, `monitor`, `depot`.
     pub identities: BTreeMap<String, IdentityFiles>,
+    /// The federation's revocation list when the bundle was made (`crl.pem` in the CA
+    /// directory), installed beside each identity.
+    #[serde(default)]
+    pub crl_pem: Option<String>,
 }
 
 /// Why a bundle could not be made or installed.
@@ -91,18 +96,22 @@ pub enum EnrolError {
     },
 }
 
-fn files(issued: IssuedCertificate) -> IdentityFiles {
-    IdentityFiles {
-        cert_pem: issued.cert_pem,
-        key_pem: issued.key_pem,
-        ca_pem: issued.ca_pem,
+impl From<IssuedCertificate> for IdentityFiles {
+    fn from(issued: IssuedCertificate) -> Self {
+        Self {
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+            ca_pem: issued.ca_pem,
+        }
     }
 }
 
-/// Issues the host's certificates and puts them in a bundle with the plan.
+/// Issues the host's certificates and puts them in a bundle with the plan and the CA's current
+/// revocation list, if it has one.
 pub fn make_bundle(
     ca: &CertificateAuthority,
     plan: &HostPlan,
+    crl_pem: Option<String>,
     valid_days: u32,
 ) -> Result<Bundle, EnrolError> {
     let mut identities = BTreeMap::new();
@@ -113,7 +122,7 @@ pub fn make_bundle(
     for role in roles {
         let id = PeerIdentity::new(role, &plan.site, &plan.host).map_err(EnrolError::Name)?;
         let issued = ca.issue(&id, valid_days).map_err(EnrolError::Issue)?;
-        identities.insert(role.as_str().to_owned(), files(issued));
+        identities.insert(role.as_str().to_owned(), issued.into());
     }
     Ok(Bundle {
         version: BUNDLE_VERSION,
@@ -124,6 +133,7 @@ pub fn make_bundle(
         overlay_listen: plan.overlay_listen,
         depot: plan.depot.clone(),
         identities,
+        crl_pem,
     })
 }
 
@@ -215,11 +225,18 @@ impl Bundle {
                 path: dir.clone(),
                 source,
             })?;
+            // The key first: a daemon that re-reads its directory between two renames sees a
+            // new key with the old certificate, refuses that pair and keeps the old one until
+            // the certificate arrives too.
+            let crl = self.crl_pem.as_ref().map(|c| (CRL_FILE, c, 0o644));
             for (name, text, mode) in [
-                ("cert.pem", &id.cert_pem, 0o644),
                 ("key.pem", &id.key_pem, 0o600),
+                ("cert.pem", &id.cert_pem, 0o644),
                 ("ca.pem", &id.ca_pem, 0o644),
-            ] {
+            ]
+            .into_iter()
+            .chain(crl)
+            {
                 let path = dir.join(name);
                 write(&path, text, mode)?;
                 written.push(path);
@@ -236,24 +253,38 @@ impl Bundle {
     }
 }
 
+/// Writes by renaming a new file over the old one: a running daemon that re-reads its identity
+/// directory sees either file whole (certificate renewal without a restart).
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), EnrolError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |source| EnrolError::Io {
-        path: path.to_owned(),
-        source,
+    write_atomically(path, text.as_bytes(), mode).map_err(|e| match e {
+        RevocationError::Io { path, source } => EnrolError::Io { path, source },
+        other => EnrolError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
+}
+
+/// Installs a revocation list beside every identity below `etc` (each `etc/ROLE/` that holds a
+/// `cert.pem`); returns the files written. The daemons pick it up at their next handshake.
+pub fn install_crl(crl_pem: &str, etc: &Path) -> Result<Vec<PathBuf>, EnrolError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EnrolError::Io { path, source }
     };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    // An existing file keeps its mode on open: set it.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)
+    let mut written = Vec::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(etc)
+        .map_err(io(etc))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|d| d.join("cert.pem").is_file())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let path = dir.join(CRL_FILE);
+        write(&path, crl_pem, 0o644)?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -282,7 +313,7 @@ mod tests {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a1.bundle");
-        make_bundle(&ca, &plan(true), 30)
+        make_bundle(&ca, &plan(true), None, 30)
             .unwrap()
             .save(&path)
             .unwrap();
@@ -332,7 +363,7 @@ mod tests {
     #[test]
     fn without_a_depot_there_is_neither_its_identity_nor_its_configuration() {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
-        let bundle = make_bundle(&ca, &plan(false), 30).unwrap();
+        let bundle = make_bundle(&ca, &plan(false), None, 30).unwrap();
         assert!(!bundle.identities.contains_key("depot"));
         let dir = tempfile::tempdir().unwrap();
         bundle.install(dir.path(), false).unwrap();
@@ -347,7 +378,7 @@ mod tests {
         std::fs::write(&path, "{\"not\": \"a bundle\"}").unwrap();
         assert!(matches!(Bundle::load(&path), Err(EnrolError::Parse { .. })));
         let ca = CertificateAuthority::generate("test", 1).unwrap();
-        let mut b = make_bundle(&ca, &plan(false), 30).unwrap();
+        let mut b = make_bundle(&ca, &plan(false), None, 30).unwrap();
         b.version = 9;
         b.save(&path).unwrap();
         assert!(matches!(

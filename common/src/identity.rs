@@ -47,14 +47,13 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
 
 pub mod libvirt;
+pub mod live;
+pub mod revocation;
 
 /// ALPN protocol ids, one per service. A server lists the services it offers, a client names one.
 pub mod alpn {
@@ -561,7 +560,7 @@ fn write_file(path: &Path, text: &str, private: bool) -> Result<(), CaError> {
     f.write_all(text.as_bytes()).map_err(io_err)
 }
 
-/// Failure to load a daemon's identity (certificate, key, CA).
+/// Failure to load a daemon's identity (certificate, key, CA, CRL).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// A file could not be read.
@@ -585,27 +584,45 @@ pub enum LoadError {
     /// The certificate does not carry a `viola://` identity.
     #[error("certificate does not name a Viola identity")]
     Identity(#[source] PeerIdentityError),
+    /// rustls refused the key (unsupported, or not the certificate's) or the CA certificate.
+    #[error("the private key does not fit the certificate, or the CA certificate is unusable")]
+    Key(#[source] rustls::Error),
+    /// The certificate verifiers could not be built from the CA and CRL.
+    #[error("certificate verifier")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// The CRL does not load or is not the federation CA's.
+    #[error("{what}: unusable revocation list")]
+    Crl {
+        /// The CRL's path.
+        what: String,
+        #[source]
+        source: Box<revocation::RevocationError>,
+    },
+    /// The renewed certificate names another identity than the one in use.
+    #[error("the new certificate names {now}, the daemon is {was}")]
+    Changed {
+        /// The identity in use.
+        was: Box<PeerIdentity>,
+        /// The one the new certificate names.
+        now: Box<PeerIdentity>,
+    },
 }
 
-/// A daemon's own identity: its certificate chain, private key and the federation CA.
-#[derive(Debug)]
+/// A daemon's own identity: its certificate and private key, the federation CA and its
+/// revocation list. Loaded from a directory ([`Self::load_dir`]), it follows that directory:
+/// configurations built from it present a renewed certificate and enforce a new CRL from the
+/// next handshake on ([`live`]). Clones share the same live state.
+#[derive(Debug, Clone)]
 pub struct Identity {
     id: PeerIdentity,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    ca: CertificateDer<'static>,
+    live: Arc<live::LiveIdentity>,
 }
 
-impl Clone for Identity {
-    fn clone(&self) -> Self {
-        Self {
-            id: self.id.clone(),
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-            ca: self.ca.clone(),
-        }
-    }
-}
+/// How often [`Identity::until_revoked`] looks at a connection.
+pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The QUIC close code of a connection closed because its peer's certificate was revoked.
+pub const CLOSE_REVOKED: u32 = 0x7265;
 
 /// Failure to build a TLS/QUIC configuration from an identity.
 #[derive(Debug, thiserror::Error)]
@@ -626,61 +643,67 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 impl Identity {
-    /// Loads `cert.pem`, `key.pem` and `ca.pem` from `dir`.
+    /// Loads `cert.pem`, `key.pem`, `ca.pem` and, if present, `crl.pem` from `dir`, and
+    /// follows them: see [`live`].
     pub fn load_dir(dir: &Path) -> Result<Self, LoadError> {
-        Self::load(
-            &dir.join("cert.pem"),
-            &dir.join("key.pem"),
-            &dir.join("ca.pem"),
-        )
+        Self::from_files(live::Files {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca: dir.join("ca.pem"),
+            crl: Some(dir.join(revocation::CRL_FILE)),
+        })
     }
 
-    /// Loads the daemon certificate (chain), its private key and the CA certificate.
+    /// Loads the daemon certificate (chain), its private key and the CA certificate (no CRL),
+    /// and follows them.
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, LoadError> {
-        let read = |p: &Path| {
-            fs::read_to_string(p).map_err(|source| LoadError::Io {
-                path: p.to_owned(),
-                source,
-            })
-        };
-        Self::from_pem_named(
-            (&read(cert)?, &cert.display().to_string()),
-            (&read(key)?, &key.display().to_string()),
-            (&read(ca)?, &ca.display().to_string()),
-        )
+        Self::from_files(live::Files {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            ca: ca.to_owned(),
+            crl: None,
+        })
     }
 
-    /// Builds an identity from PEM text.
+    fn from_files(files: live::Files) -> Result<Self, LoadError> {
+        let live = live::LiveIdentity::load(files)?;
+        Ok(Self {
+            id: live.current().id.clone(),
+            live: Arc::new(live),
+        })
+    }
+
+    /// Builds an identity from PEM text (it does not change).
     pub fn from_pem(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<Self, LoadError> {
-        Self::from_pem_named(
-            (cert_pem, "certificate"),
-            (key_pem, "private key"),
-            (ca_pem, "CA certificate"),
-        )
+        Self::from_pems(&live::Pems {
+            cert: (cert_pem, "certificate"),
+            key: (key_pem, "private key"),
+            ca: (ca_pem, "CA certificate"),
+            crl: None,
+        })
     }
 
-    fn from_pem_named(
-        (cert_pem, cert_name): (&str, &str),
-        (key_pem, key_name): (&str, &str),
-        (ca_pem, ca_name): (&str, &str),
+    /// Builds an identity from PEM text with a revocation list (it does not change).
+    pub fn from_pem_with_crl(
+        cert_pem: &str,
+        key_pem: &str,
+        ca_pem: &str,
+        crl_pem: &str,
     ) -> Result<Self, LoadError> {
-        let pem_err = |what: &str| {
-            let what = what.to_owned();
-            move |source| LoadError::Pem { what, source }
-        };
-        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err(cert_name))?;
-        let Some(leaf) = chain.first() else {
-            return Err(LoadError::Pem {
-                what: cert_name.to_owned(),
-                source: rustls_pki_types::pem::Error::NoItemsFound,
-            });
-        };
-        let id = identity_of(leaf).map_err(LoadError::Identity)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err(key_name))?;
-        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(pem_err(ca_name))?;
-        Ok(Self { id, chain, key, ca })
+        Self::from_pems(&live::Pems {
+            cert: (cert_pem, "certificate"),
+            key: (key_pem, "private key"),
+            ca: (ca_pem, "CA certificate"),
+            crl: Some((crl_pem, "revocation list")),
+        })
+    }
+
+    fn from_pems(pems: &live::Pems<'_>) -> Result<Self, LoadError> {
+        let material = live::Material::from_pems(pems)?;
+        Ok(Self {
+            id: material.id.clone(),
+            live: Arc::new(live::LiveIdentity::fixed(material)),
+        })
     }
 
     /// Who this daemon is.
@@ -688,39 +711,87 @@ impl Identity {
         &self.id
     }
 
-    fn roots(&self) -> Result<Arc<RootCertStore>, TlsConfigError> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone())?;
-        Ok(Arc::new(roots))
+    /// Looks at the identity's files now rather than at the next handshake; true if a renewed
+    /// certificate or a new CRL is now in use.
+    pub fn refresh(&self) -> bool {
+        self.live.refresh_now()
+    }
+
+    /// Whether the current CRL revokes the certificate the peer of `conn` presented (a daemon
+    /// calls this to drop connections opened before the revocation; new handshakes are refused
+    /// by the verifiers). A connection without a certificate counts as revoked.
+    pub fn is_revoked(&self, conn: &quinn::Connection) -> bool {
+        let Some(certs) = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        else {
+            return true;
+        };
+        certs.first().is_none_or(|leaf| self.is_revoked_cert(leaf))
+    }
+
+    /// Resolves once the current CRL revokes the peer of `conn` (looked at every
+    /// [`REVOCATION_POLL`]). A daemon serving a long-lived connection selects on it and closes
+    /// the connection when it resolves: revoking a host ends the links it already has.
+    pub async fn until_revoked(&self, conn: &quinn::Connection) {
+        while !self.is_revoked(conn) {
+            tokio::time::sleep(REVOCATION_POLL).await;
+        }
+        tracing::warn!(
+            peer = %peer_identity(conn).map_or_else(|e| e.to_string(), |p| p.to_string()),
+            remote = %conn.remote_address(),
+            "the peer's certificate is revoked: closing its connection"
+        );
+    }
+
+    /// Whether the current CRL revokes `cert`.
+    pub fn is_revoked_cert(&self, cert: &CertificateDer<'_>) -> bool {
+        let revoked = &self.live.current().revoked;
+        !revoked.is_empty() && revocation::Serial::of(cert).is_ok_and(|s| revoked.contains(&s))
+    }
+
+    /// The federation CA certificate in use.
+    pub fn ca_cert(&self) -> CertificateDer<'static> {
+        self.live.current().ca.clone()
     }
 
     /// A rustls server configuration: TLS 1.3 only, client certificates from the federation CA
-    /// required, offering the given ALPN protocols.
+    /// and not revoked required, offering the given ALPN protocols.
     pub fn rustls_server_config(
         &self,
         alpns: &[&[u8]],
     ) -> Result<rustls::ServerConfig, TlsConfigError> {
-        let provider = provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone()).build()?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        let hints = self
+            .live
+            .current()
+            .client_verifier
+            .root_hint_subjects()
+            .to_vec();
+        let verifier = Arc::new(live::CurrentClientVerifier {
+            live: self.live.clone(),
+            hints,
+        });
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(Arc::new(live::CurrentCert(self.live.clone())));
         cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }
 
     /// A rustls client configuration: TLS 1.3 only, server verified against the federation
-    /// CA, presenting this daemon's certificate, asking for `alpn`.
+    /// CA and CRL, presenting this daemon's certificate, asking for `alpn`.
     pub fn rustls_client_config(
         &self,
         alpn: &[u8],
     ) -> Result<rustls::ClientConfig, TlsConfigError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(live::CurrentServerVerifier(
+                self.live.clone(),
+            )))
+            .with_client_cert_resolver(Arc::new(live::CurrentCert(self.live.clone())));
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
@@ -793,6 +864,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, PeerIdent
 
 #[cfg(test)]
 mod tests {
+    use rustls_pki_types::pem::PemObject;
     use std::net::{Ipv4Addr, SocketAddr};
 
     use super::*;
@@ -982,5 +1054,233 @@ mod tests {
             .await
             .is_err()
         );
+    }
+
+    /// Writes `issued` as a daemon identity directory `dir` and notes it in `register`.
+    fn install(issued: &IssuedCertificate, register: &revocation::Register, dir: &Path) {
+        register.record_issued(&issued.cert_pem).unwrap();
+        issued.save(dir).unwrap();
+    }
+
+    /// An open connection from `client` to `server` on loopback: (server side, client side,
+    /// the endpoints to keep alive).
+    async fn open_connection(
+        server: &Identity,
+        client: &Identity,
+    ) -> (quinn::Connection, quinn::Connection, [quinn::Endpoint; 2]) {
+        let localhost = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let srv =
+            quinn::Endpoint::server(server.server_config(&[alpn::OVERLAY]).unwrap(), localhost)
+                .unwrap();
+        let mut cli = quinn::Endpoint::client(localhost).unwrap();
+        cli.set_default_client_config(client.client_config(alpn::OVERLAY).unwrap());
+        let addr = srv.local_addr().unwrap();
+        let (s, c) = tokio::join!(
+            async { srv.accept().await.unwrap().await.unwrap() },
+            async {
+                cli.connect(addr, &server_name(Role::Overlay))
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
+        );
+        (s, c, [srv, cli])
+    }
+
+    #[tokio::test]
+    async fn a_revoked_host_is_refused_at_its_next_handshake_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let ca = CertificateAuthority::generate("test", 30).unwrap();
+        ca.save(&ca_dir).unwrap();
+        let register = revocation::Register::new(&ca_dir);
+        let etc = dir.path().join("etc");
+        install(
+            &ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap(),
+            &register,
+            &etc.join("overlay"),
+        );
+        let server = Identity::load_dir(&etc.join("overlay")).unwrap();
+        // b1 was enrolled twice (a renewal); both of its certificates must go.
+        let leaving_id = id(Role::Overlay, "b", "b1");
+        let old = ca.issue(&leaving_id, 1).unwrap();
+        register.record_issued(&old.cert_pem).unwrap();
+        let leaving = ca.issue(&leaving_id, 1).unwrap();
+        register.record_issued(&leaving.cert_pem).unwrap();
+        let leaving = leaving.to_identity().unwrap();
+        let staying = ca.issue(&id(Role::Overlay, "b", "b2"), 1).unwrap();
+        register.record_issued(&staying.cert_pem).unwrap();
+        let staying = staying.to_identity().unwrap();
+
+        let (open, _client_side, _endpoints) = open_connection(&server, &leaving).await;
+        assert!(!server.is_revoked(&open));
+
+        let revoked = register
+            .revoke(
+                &ca,
+                &revocation::RevokeTarget::Identity(leaving_id.clone()),
+                30,
+            )
+            .unwrap();
+        assert_eq!(revoked.len(), 2, "both of b1's certificates");
+        assert!(revoked.iter().all(|e| e.identity == leaving_id));
+        // Revoking again adds nothing and keeps the list.
+        let again = register
+            .revoke(
+                &ca,
+                &revocation::RevokeTarget::Identity(leaving_id.clone()),
+                30,
+            )
+            .unwrap();
+        assert!(again.is_empty());
+        assert_eq!(register.revoked().unwrap().len(), 2);
+
+        let crl = fs::read_to_string(ca_dir.join(revocation::CRL_FILE)).unwrap();
+        let written = crate::enrol::install_crl(&crl, &etc).unwrap();
+        assert_eq!(
+            written,
+            vec![etc.join("overlay").join(revocation::CRL_FILE)]
+        );
+        assert!(server.refresh(), "the daemon took the new CRL");
+        assert!(
+            server.is_revoked(&open),
+            "the connection open before is flagged"
+        );
+
+        let sn = server_name(Role::Overlay);
+        let err = handshake(&server, &leaving, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
+            .await
+            .unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
+        let (seen, _) = handshake(&server, &staying, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
+            .await
+            .unwrap();
+        assert_eq!(&seen, staying.id());
+
+        // A client holding the CRL refuses a revoked server, too.
+        let careful = ca.issue(&id(Role::Overlay, "c", "c1"), 1).unwrap();
+        let careful =
+            Identity::from_pem_with_crl(&careful.cert_pem, &careful.key_pem, &careful.ca_pem, &crl)
+                .unwrap();
+        let err = handshake(&leaving, &careful, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
+            .await
+            .unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_is_presented_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let ca = CertificateAuthority::generate("test", 30).unwrap();
+        ca.save(&ca_dir).unwrap();
+        let register = revocation::Register::new(&ca_dir);
+        let srv_dir = dir.path().join("overlay");
+        let first = ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap();
+        install(&first, &register, &srv_dir);
+        let server = Identity::load_dir(&srv_dir).unwrap();
+        // A client that no longer trusts the first certificate (revoked after a key leak).
+        let der = CertificateDer::from_pem_slice(first.cert_pem.as_bytes()).unwrap();
+        register
+            .revoke(&ca, &revocation::RevokeTarget::Certificate(der), 30)
+            .unwrap();
+        let crl = fs::read_to_string(ca_dir.join(revocation::CRL_FILE)).unwrap();
+        let client = ca.issue(&id(Role::Overlay, "b", "b1"), 1).unwrap();
+        let client =
+            Identity::from_pem_with_crl(&client.cert_pem, &client.key_pem, &client.ca_pem, &crl)
+                .unwrap();
+        let sn = server_name(Role::Overlay);
+        let err = handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
+            .await
+            .unwrap_err();
+        assert!(err.contains("Revoked"), "{err}");
+
+        // Renewal: a new key and certificate replace the files while the daemon runs.
+        crate::enrol::Bundle {
+            version: crate::enrol::BUNDLE_VERSION,
+            site: "a".into(),
+            host: "a1".into(),
+            manager: "192.0.2.1:7443".parse().unwrap(),
+            peers: Vec::new(),
+            overlay_listen: "192.0.2.2:4500".parse().unwrap(),
+            depot: None,
+            identities: [(
+                "overlay".to_owned(),
+                crate::enrol::IdentityFiles::from(
+                    ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap(),
+                ),
+            )]
+            .into(),
+            crl_pem: None,
+        }
+        .install(dir.path(), false)
+        .unwrap();
+        assert!(server.refresh());
+        handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn files_that_do_not_load_are_refused_and_the_identity_in_use_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("ours", 30).unwrap();
+        let theirs = CertificateAuthority::generate("theirs", 30).unwrap();
+        let srv_dir = dir.path().join("overlay");
+        ca.issue(&id(Role::Overlay, "a", "a1"), 1)
+            .unwrap()
+            .save(&srv_dir)
+            .unwrap();
+        // Another federation's CRL: the daemon does not start with it.
+        let foreign = theirs.sign_crl(&[], 30).unwrap();
+        fs::write(srv_dir.join(revocation::CRL_FILE), &foreign).unwrap();
+        let err = Identity::load_dir(&srv_dir).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::Crl { source, .. }
+                    if matches!(**source, revocation::RevocationError::ForeignCrl { .. })
+            ),
+            "{err:?}"
+        );
+        fs::remove_file(srv_dir.join(revocation::CRL_FILE)).unwrap();
+        let server = Identity::load_dir(&srv_dir).unwrap();
+        let client = issued(&ca, Role::Overlay, "b", "b1");
+        let sn = server_name(Role::Overlay);
+
+        // A running daemon keeps its identity when a broken set of files appears: a key that
+        // is not the certificate's, then a certificate naming someone else.
+        let stranger = ca.issue(&id(Role::Overlay, "z", "z9"), 1).unwrap();
+        fs::write(srv_dir.join("key.pem"), &stranger.key_pem).unwrap();
+        assert!(!server.refresh());
+        fs::write(srv_dir.join("cert.pem"), &stranger.cert_pem).unwrap();
+        assert!(!server.refresh());
+        let (_, seen) = handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
+            .await
+            .unwrap();
+        assert_eq!(&seen, &id(Role::Overlay, "a", "a1"));
+        assert_eq!(server.id(), &id(Role::Overlay, "a", "a1"));
+    }
+
+    #[test]
+    fn the_register_refuses_what_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("test", 30).unwrap();
+        let register = revocation::Register::new(dir.path());
+        let nobody = id(Role::Overlay, "a", "a1");
+        let err = register
+            .revoke(&ca, &revocation::RevokeTarget::Identity(nobody), 30)
+            .unwrap_err();
+        assert!(
+            matches!(err, revocation::RevocationError::NothingIssued(_)),
+            "{err}"
+        );
+        fs::write(
+            dir.path().join("issued.tsv"),
+            "zz\tviola://overlay/a/a1\t1\n",
+        )
+        .unwrap();
+        let err = register.issued().unwrap_err();
+        assert!(err.to_string().contains("issued.tsv:1"), "{err}");
     }
 }

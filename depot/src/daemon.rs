@@ -337,9 +337,15 @@ pub async fn run(
             inc = endpoint.accept() => {
                 let Some(inc) = inc else { break };
                 let (store, services) = (store.clone(), services.clone());
+                let identity = identity.clone();
                 conns.spawn(async move {
                     match inc.await {
-                        Ok(conn) => transfer::serve_connection(store, conn, services).await,
+                        Ok(conn) => tokio::select! {
+                            () = transfer::serve_connection(store, conn.clone(), services) => {}
+                            () = identity.until_revoked(&conn) => {
+                                conn.close(identity::CLOSE_REVOKED.into(), b"revoked");
+                            }
+                        },
                         Err(e) => tracing::debug!(error = %viola_common::errors::chain(&e), "handshake failed"),
                     }
                 });

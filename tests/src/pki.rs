@@ -66,4 +66,29 @@ impl Pki {
         )?;
         Ok(out.to_owned())
     }
+
+    /// Revokes every certificate issued to `identity` (`viola://ROLE/SITE/HOST`) with
+    /// `viola-ca revoke`; returns the CRL it wrote.
+    pub fn revoke(&self, identity: &str) -> Result<PathBuf> {
+        run_ok(
+            Command::new(bin("viola-ca"))
+                .args(["revoke", "--ca-dir"])
+                .arg(&self.ca_dir)
+                .args(["--identity", identity]),
+        )?;
+        Ok(self.ca_dir.join("crl.pem"))
+    }
+
+    /// Puts `crl` beside every identity directory below `etc` (`viola-ca install-crl`), as an
+    /// administrator does on each host.
+    pub fn install_crl(crl: &Path, etc: &Path) -> Result<String> {
+        run_ok(
+            Command::new(bin("viola-ca"))
+                .arg("install-crl")
+                .arg("--crl")
+                .arg(crl)
+                .arg("--etc")
+                .arg(etc),
+        )
+    }
 }

@@ -68,7 +68,7 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
         }),
     };
     let dir = tempfile::tempdir().unwrap();
-    make_bundle(&ca, &plan, 30)
+    make_bundle(&ca, &plan, None, 30)
         .unwrap()
         .install(dir.path(), false)
         .unwrap();

@@ -164,7 +164,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     tokio::join!(
-        server::serve(endpoint, Arc::clone(&manager), token.clone()),
+        server::serve(
+            endpoint,
+            identity.clone(),
+            Arc::clone(&manager),
+            token.clone()
+        ),
         ha,
         resume,
         policy_loop.run(Arc::clone(&manager), token.clone()),

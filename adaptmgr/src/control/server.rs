@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use viola_common::identity::{self, PeerIdentity, Role};
+use viola_common::identity::{self, Identity, PeerIdentity, Role};
 
 use crate::inventory::HostRecord;
 use crate::lifecycle;
@@ -23,7 +23,15 @@ use viola_api::wire::{self, FrameError};
 
 /// Accepts connections until `token` is cancelled; then waits for the open ones to finish
 /// their current request (bounded by the endpoint's close).
-pub async fn serve(endpoint: quinn::Endpoint, manager: Arc<Manager>, token: CancellationToken) {
+///
+/// A connection whose peer's certificate is revoked while it is open is closed
+/// ([`Identity::until_revoked`]); `identity` is the manager's, whose CRL is in force.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    identity: Identity,
+    manager: Arc<Manager>,
+    token: CancellationToken,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -37,9 +45,15 @@ pub async fn serve(endpoint: quinn::Endpoint, manager: Arc<Manager>, token: Canc
                 let Some(incoming) = incoming else { break };
                 let manager = Arc::clone(&manager);
                 let token = token.clone();
+                let identity = identity.clone();
                 connections.spawn(async move {
                     match incoming.await {
-                        Ok(conn) => handle_connection(conn, manager, token).await,
+                        Ok(conn) => tokio::select! {
+                            () = handle_connection(conn.clone(), manager, token) => {}
+                            () = identity.until_revoked(&conn) => {
+                                conn.close(identity::CLOSE_REVOKED.into(), b"revoked");
+                            }
+                        },
                         Err(e) => tracing::info!(error = %e, "handshake failed"),
                     }
                 });

@@ -205,14 +205,14 @@ struct Served {
 
 impl Served {
     fn start(ca: &CertificateAuthority, manager: &Arc<Manager>) -> Self {
-        let server_cfg = identity(ca, Role::Adaptmgr, "fed", "mgr")
-            .server_config(&[alpn::ADAPTMGR])
-            .unwrap();
+        let me = identity(ca, Role::Adaptmgr, "fed", "mgr");
+        let server_cfg = me.server_config(&[alpn::ADAPTMGR]).unwrap();
         let endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let token = CancellationToken::new();
         let task = tokio::spawn(super::server::serve(
             endpoint,
+            me,
             Arc::clone(manager),
             token.clone(),
         ));

@@ -9,7 +9,11 @@
 //! viola-ca enrol --ca-dir /etc/viola/ca --site a --host a1 --manager 192.0.2.10:7443 \
 //!          --peer 192.0.2.12:4500 [--depot-host a1 --depot-host a2 --depot-peer b=ADDR] --out a1.bundle
 //! viola-ca install --bundle a1.bundle [--etc /etc/viola] [--force]      # on the host
+//! viola-ca revoke --ca-dir /etc/viola/ca --identity viola://overlay/a/a1   # or --cert FILE
+//! viola-ca install-crl --crl crl.pem [--etc /etc/viola]                  # on every host
 //! ```
+//! Every certificate issued is noted in the CA directory's `issued.tsv`; `revoke` adds to
+//! `revoked.tsv` and writes `crl.pem` (see `viola_common::identity::revocation`).
 //! `issue` writes `cert.pem`, `key.pem` (0600) and `ca.pem` into `--out`. `issue-libvirt`
 //! writes a host's libvirtd and QEMU certificates in the layout they expect below `--out`
 //! (`CA/`, `libvirt/`, `qemu/`; see `viola_common::identity::libvirt`).
@@ -24,7 +28,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use viola_common::enrol;
 use viola_common::identity::libvirt::{self, LibvirtHost};
-use viola_common::identity::{self, CertificateAuthority, PeerIdentity, Role};
+use viola_common::identity::{self, CertificateAuthority, PeerIdentity, Role, revocation};
 
 #[derive(Parser)]
 #[command(about = "Viola federation CA: create it, issue daemon certificates")]
@@ -148,8 +152,48 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke every certificate issued to an identity (a host or user leaving the federation),
+    /// or one certificate, and write a fresh CRL (--ca-dir/crl.pem). Distribute it with
+    /// `viola-ca install-crl` on every host; daemons refuse the revoked peers from then on.
+    Revoke {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// viola://ROLE/SITE/HOST: every certificate the CA's register has for it.
+        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        identity: Option<PeerIdentity>,
+        /// One certificate (PEM), issued by this CA.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// How long the CRL stays valid (re-sign it with `viola-ca crl` before then).
+        #[arg(long, default_value_t = 365)]
+        crl_days: u32,
+    },
+    /// Re-sign the CRL (--ca-dir/crl.pem) with every certificate revoked so far; print its path.
+    Crl {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        crl_days: u32,
+    },
+    /// On a host: put a CRL beside every daemon identity under --etc (ROLE/crl.pem). Running
+    /// daemons enforce it from their next handshake and drop connections of revoked peers.
+    InstallCrl {
+        #[arg(long)]
+        crl: PathBuf,
+        #[arg(long, default_value = "/etc/viola")]
+        etc: PathBuf,
+    },
     /// Print the identity (viola://ROLE/SITE/HOST) a certificate names.
     Show { cert: PathBuf },
+}
+
+/// Notes a certificate in the CA directory's register (`issued.tsv`), so that `revoke
+/// --identity` finds it.
+fn record(ca_dir: &std::path::Path, cert_pem: &str) -> anyhow::Result<()> {
+    revocation::Register::new(ca_dir)
+        .record_issued(cert_pem)
+        .context("recording the certificate in the CA's register")?;
+    Ok(())
 }
 
 fn parse_depot_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -183,8 +227,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let ca = CertificateAuthority::load(&ca_dir)?;
             let id = PeerIdentity::new(role, &site, &host)?;
-            ca.issue_with_names(&id, &addresses, &dns_names, days)?
-                .save(&out)?;
+            let issued = ca.issue_with_names(&id, &addresses, &dns_names, days)?;
+            record(&ca_dir, &issued.cert_pem)?;
+            issued.save(&out)?;
             println!("issued {id} -> {}", out.display());
         }
         Command::IssueUser {
@@ -197,7 +242,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ca = CertificateAuthority::load(&ca_dir)?;
             let id = PeerIdentity::new(Role::User, &tenant, &name)
                 .context("tenant and user names are DNS labels")?;
-            ca.issue(&id, days)?.save(&out)?;
+            let issued = ca.issue(&id, days)?;
+            record(&ca_dir, &issued.cert_pem)?;
+            issued.save(&out)?;
             println!("issued {id} (tenant {tenant}) -> {}", out.display());
         }
         Command::IssueLibvirt {
@@ -217,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dns_names,
             };
             let issued = ca.issue_libvirt(&host, days)?;
+            record(&ca_dir, &issued.cert_pem)?;
             libvirt::write_layout(&issued, &out)?;
             println!("issued {} -> {}", issued.identity, out.display());
         }
@@ -247,7 +295,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     peers: depot_peers,
                 }),
             };
-            let bundle = enrol::make_bundle(&ca, &plan, days)?;
+            let crl_path = ca_dir.join(revocation::CRL_FILE);
+            let crl = match std::fs::read_to_string(&crl_path) {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e).context(crl_path.display().to_string()),
+            };
+            let bundle = enrol::make_bundle(&ca, &plan, crl, days)?;
+            for id in bundle.identities.values() {
+                record(&ca_dir, &id.cert_pem)?;
+            }
             bundle.save(&out)?;
             println!(
                 "enrolment bundle for {}/{} ({}) -> {}; on the host: viola-ca install --bundle FILE",
@@ -265,6 +322,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Install { bundle, etc, force } => {
             let b = enrol::Bundle::load(&bundle)?;
             for path in b.install(&etc, force)? {
+                println!("wrote {}", path.display());
+            }
+        }
+        Command::Revoke {
+            ca_dir,
+            identity,
+            cert,
+            crl_days,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let target = match (identity, cert) {
+                (Some(id), _) => revocation::RevokeTarget::Identity(id),
+                (None, Some(path)) => revocation::RevokeTarget::Certificate(
+                    CertificateDer::from_pem_file(&path)
+                        .with_context(|| format!("{}: no PEM certificate", path.display()))?,
+                ),
+                (None, None) => anyhow::bail!("name --identity or --cert"),
+            };
+            let register = revocation::Register::new(&ca_dir);
+            let revoked = register.revoke(&ca, &target, crl_days)?;
+            if revoked.is_empty() {
+                println!("already revoked; CRL re-signed");
+            }
+            for e in &revoked {
+                println!("revoked {} (serial {})", e.identity, e.serial);
+            }
+            println!(
+                "CRL: {} ({} revoked in all); on each host: viola-ca install-crl --crl FILE",
+                ca_dir.join(revocation::CRL_FILE).display(),
+                register.revoked()?.len()
+            );
+        }
+        Command::Crl { ca_dir, crl_days } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let path = revocation::Register::new(&ca_dir).write_crl(&ca, crl_days)?;
+            println!("{}", path.display());
+        }
+        Command::InstallCrl { crl, etc } => {
+            let text = std::fs::read_to_string(&crl)
+                .with_context(|| format!("reading {}", crl.display()))?;
+            let written = enrol::install_crl(&text, &etc)?;
+            if written.is_empty() {
+                anyhow::bail!("no daemon identity (ROLE/cert.pem) under {}", etc.display());
+            }
+            for path in written {
                 println!("wrote {}", path.display());
             }
         }

@@ -59,7 +59,12 @@ async fn accepted(ctx: Rc<Ctx>, incoming: quinn::Incoming) {
                 p.require_role(&[Role::Adaptmgr, Role::Cli])
                     .map_err(|e| e.to_string())
             }) {
-            Ok(()) => serve_quic(ctx, conn).await,
+            Ok(()) => tokio::select! {
+                () = serve_quic(ctx.clone(), conn.clone()) => {}
+                () = ctx.identity.until_revoked(&conn) => {
+                    conn.close(identity::CLOSE_REVOKED.into(), b"revoked");
+                }
+            },
             Err(e) => {
                 warn!(%remote, "control connection refused: {e}");
                 ctx.state.borrow_mut().refuse(Refusal::Role);
@@ -205,6 +210,9 @@ async fn serve_link(ctx: Rc<Ctx>, conn: quinn::Connection, dialed: bool) {
         () = datagrams => {}
         () = writer => {}
         () = reader => {}
+        () = ctx.identity.until_revoked(&conn) => {
+            conn.close(identity::CLOSE_REVOKED.into(), b"revoked");
+        }
     }
     let reason = conn
         .close_reason()

@@ -90,6 +90,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
 /// What every task of the daemon holds.
 struct Ctx {
     me: HostId,
+    /// This daemon's identity: its CRL decides which open links are closed
+    /// ([`Identity::until_revoked`]).
+    identity: Identity,
     endpoint: quinn::Endpoint,
     state: State,
     token: CancellationToken,
@@ -217,6 +220,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     }));
     let ctx = Rc::new(Ctx {
         me,
+        identity: me_id.clone(),
         endpoint: endpoint.clone(),
         state: state.clone(),
         token: token.clone(),
