@@ -27,6 +27,13 @@ impl Pki {
         })
     }
 
+    /// The CA already in `ca_dir` (the lab's, say).
+    pub fn open(ca_dir: &Path) -> Self {
+        Self {
+            ca_dir: ca_dir.to_owned(),
+        }
+    }
+
     /// Issues an identity of `role` (`overlay`, `depot`, `adaptmgr`, `monitor`, `cli`) for
     /// `host` of `site` into the directory `out`; returns `out`.
     pub fn issue(&self, role: &str, site: &str, host: &str, out: &Path) -> Result<PathBuf> {
@@ -77,6 +84,19 @@ impl Pki {
                 .args(["--identity", identity]),
         )?;
         Ok(self.ca_dir.join("crl.pem"))
+    }
+
+    /// Puts `crl` where a host's libvirt and QEMU read it below its PKI directory `pki`
+    /// (`viola-ca install-crl --pki`).
+    pub fn install_libvirt_crl(crl: &Path, pki: &Path) -> Result<String> {
+        run_ok(
+            Command::new(bin("viola-ca"))
+                .arg("install-crl")
+                .arg("--crl")
+                .arg(crl)
+                .arg("--pki")
+                .arg(pki),
+        )
     }
 
     /// Puts `crl` beside every identity directory below `etc` (`viola-ca install-crl`), as an

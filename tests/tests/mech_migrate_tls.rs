@@ -266,6 +266,59 @@ async fn a_host_whose_certificate_is_not_from_the_federation_ca_cannot_receive_a
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_host_cannot_receive_a_migration() {
+    let name = "vm-revoked";
+    let ip = "10.77.7.5";
+    let mut cleanup = begin(&["a1", "b2"], name);
+    daemons::build(&["viola-common"]).expect("build viola-ca");
+    // b2 leaves the federation: the lab CA revokes its libvirt certificates, and a1 gets the
+    // CRL where its libvirt and QEMU read it. Afterwards a1 forgets the CRL and b2 gets a new
+    // certificate (a new key, so a serial the CRL does not list).
+    let a1_pki = lab_dir().join("hosts/a1/pki");
+    cleanup.first(move || {
+        for rel in viola_common::identity::libvirt::CRL_LAYOUT {
+            let _ = std::fs::remove_file(lab_dir().join("hosts/a1/pki").join(rel));
+        }
+        issue_libvirt_certs("b2", None);
+    });
+    let pki = Pki::open(&lab_dir().join("pki/ca"));
+    let crl = pki.revoke("viola://libvirt/b/b2").expect("viola-ca revoke");
+    Pki::install_libvirt_crl(&crl, &a1_pki).expect("viola-ca install-crl --pki");
+    boot_with_marker(name, ip, "10.77.7", "b2");
+
+    let announcer = RecordingAnnouncer::default();
+    let d = migration_deps(&["a1", "b2"], announcer.clone());
+    let (tx, _rx) = watch::channel(MigrationStatus::default());
+    let run = run_migration_detailed(
+        plan(name, "a1", "b2", true),
+        &d,
+        &tx,
+        &CancellationToken::new(),
+    )
+    .await;
+    eprintln!("{}", serde_json::to_string_pretty(&run.report).unwrap());
+
+    // a1's libvirtd refuses b2's certificate when it connects; rolled back: the guest runs at
+    // a1 only and answers there, nothing of it is left at b2.
+    assert_rolled_back_clean(
+        &run,
+        open("a1").as_ref(),
+        open("b2").as_ref(),
+        &announcer,
+        |f| {
+            let why = viola_common::errors::chain(&f.error).to_lowercase();
+            f.action == Action::Run(Step::Migrate)
+                && (why.contains("revoked") || why.contains("certificate"))
+        },
+    );
+    wait_guest("a1", ip, Duration::from_secs(30));
+    assert!(
+        !local_images("b2").join(format!("{name}.qcow2")).exists(),
+        "overlay left at b2"
+    );
+}
+
 #[test]
 fn libvirtds_listen_with_tls_only() {
     let _cleanup = begin(&["a1", "b1"], "vm-none");

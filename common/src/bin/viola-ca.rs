@@ -175,13 +175,18 @@ enum Command {
         #[arg(long, default_value_t = 365)]
         crl_days: u32,
     },
-    /// On a host: put a CRL beside every daemon identity under --etc (ROLE/crl.pem). Running
-    /// daemons enforce it from their next handshake and drop connections of revoked peers.
+    /// On a host: put a CRL beside every daemon identity under --etc (ROLE/crl.pem; the
+    /// default when neither --etc nor --pki is given is /etc/viola), and with --pki where
+    /// libvirt and QEMU read it (CA/cacrl.pem, qemu/ca-crl.pem). Running daemons enforce it
+    /// from their next handshake and drop connections of revoked peers.
     InstallCrl {
         #[arg(long)]
         crl: PathBuf,
-        #[arg(long, default_value = "/etc/viola")]
-        etc: PathBuf,
+        #[arg(long)]
+        etc: Option<PathBuf>,
+        /// The host's PKI directory of libvirt and QEMU (/etc/pki).
+        #[arg(long)]
+        pki: Option<PathBuf>,
     },
     /// Print the identity (viola://ROLE/SITE/HOST) a certificate names.
     Show { cert: PathBuf },
@@ -359,12 +364,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = revocation::Register::new(&ca_dir).write_crl(&ca, crl_days)?;
             println!("{}", path.display());
         }
-        Command::InstallCrl { crl, etc } => {
+        Command::InstallCrl { crl, etc, pki } => {
             let text = std::fs::read_to_string(&crl)
                 .with_context(|| format!("reading {}", crl.display()))?;
-            let written = enrol::install_crl(&text, &etc)?;
-            if written.is_empty() {
-                anyhow::bail!("no daemon identity (ROLE/cert.pem) under {}", etc.display());
+            // Refuse what is not this federation's CRL before it is installed anywhere.
+            let der =
+                rustls_pki_types::CertificateRevocationListDer::from_pem_slice(text.as_bytes())
+                    .with_context(|| format!("{}: no PEM revocation list", crl.display()))?;
+            let etc = etc.or_else(|| pki.is_none().then(|| "/etc/viola".into()));
+            let mut written = Vec::new();
+            if let Some(etc) = &etc {
+                let first = written.len();
+                for dir in std::fs::read_dir(etc)
+                    .with_context(|| format!("reading {}", etc.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                {
+                    if let Ok(ca) = CertificateDer::from_pem_file(dir.join("ca.pem")) {
+                        revocation::revoked_serials(der.as_ref(), &ca)
+                            .with_context(|| format!("checking it against {}", dir.display()))?;
+                    }
+                }
+                written.extend(enrol::install_crl(&text, etc)?);
+                if written.len() == first {
+                    anyhow::bail!("no daemon identity (ROLE/cert.pem) under {}", etc.display());
+                }
+            }
+            if let Some(pki) = &pki {
+                written.extend(libvirt::write_crl(&text, pki)?);
             }
             for path in written {
                 println!("wrote {}", path.display());

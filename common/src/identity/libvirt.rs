@@ -128,6 +128,31 @@ pub fn write_layout(cert: &IssuedCertificate, pki_dir: &Path) -> Result<Vec<Path
     Ok(written)
 }
 
+/// Where libvirt and QEMU look for the federation's revocation list below a PKI directory.
+/// libvirt reads `CA/cacrl.pem` each time it connects to another host's libvirtd (the source of
+/// a migration refuses a revoked destination); QEMU reads `qemu/ca-crl.pem` each time it
+/// listens for an incoming migration (the destination refuses a revoked source). A libvirtd's
+/// own listener reads it only when it starts.
+pub const CRL_LAYOUT: [&str; 2] = ["CA/cacrl.pem", "qemu/ca-crl.pem"];
+
+/// Writes the federation's CRL (`crl_pem`) where libvirt and QEMU read it below `pki_dir`
+/// ([`CRL_LAYOUT`]), each file in one rename. Returns the files written.
+pub fn write_crl(crl_pem: &str, pki_dir: &Path) -> Result<Vec<PathBuf>, CaError> {
+    let mut written = Vec::with_capacity(CRL_LAYOUT.len());
+    for rel in CRL_LAYOUT {
+        let path = pki_dir.join(rel);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|source| CaError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        replace_file(&path, crl_pem, false)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 fn replace_file(path: &Path, text: &str, private: bool) -> Result<(), CaError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
