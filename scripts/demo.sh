@@ -223,7 +223,8 @@ for h in a1 a2 b1 b2; do
   lab exec "$h" -- "$bin/viola-monitor" --host "$h" --site "${h:0:1}" --manager "$mgr" --interval-ms 1000 \
     --cgroup-dir /sys/fs/cgroup/cpu --cgroup-dir /sys/fs/cgroup/cpuacct \
     --libvirt-uri "qemu+unix:///system?socket=$lab_dir/hosts/$h/run/libvirt-sock" \
-    --metrics-listen "127.0.0.1:$port" --identity "$D/pki/monitor-$h" >"$D/monitor-$h.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$port" --identity "$D/pki/monitor-$h" \
+    --overlay-socket "$D/overlay-$h.sock" >"$D/monitor-$h.log" 2>&1 &
   pids+=($!)
   port=$((port + 1))
 done
@@ -338,6 +339,8 @@ echo "   a1 runs: $(lab virsh a1 list --name | sed '/^$/d' | paste -sd, - || tru
 marker=$(lab exec a2 -- curl -s -m 5 "http://$g1_ip/cgi-bin/viola?marker-read" || true)
 echo "   marker read back from its disk on site b: ${marker:-(no answer)}"
 echo "   the dashboard lists it: $(dash_api overview | jq -r --arg vm "$g1" '.migrations_recent[] | select(.vm == $vm) | "\(.vm) \(.from) -> \(.to) \(.outcome), \((.finished_ms - .started_ms) / 1000) s, downtime \(.downtime_ms) ms"' | head -1)"
+links=$(dash_api "history?series=host/a2/link/&range=hour" | jq -r '[.series[] | select(.name | endswith("/tx_mbit_s")) | "\(.name | split("/")[3] | sub(":"; "/")) \([.points[][1]] | max * 100 | round / 100) Mbit/s"] | join(", ")' || true)
+echo "   a2's overlay links at their peak, from the dashboard's per-link history: ${links:-(none)}"
 echo "   where a2's overlay sends frames for $g1_mac now: $("$bin/viola-overlay" status --json --socket "$D/overlay-a2.sock" | jq -r ".switch.violins[] | select(.id == $vid) | .macs[] | select(.mac==\"$g1_mac\") | \"\(.location) (seq \(.seq))\"")"
 if [ "$marker" != "demo-$$" ]; then
   # Say so, with the guest's own view, instead of ending as if it had worked.

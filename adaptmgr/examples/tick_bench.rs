@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                     mem_total_kib: (h.ram_mb * 1024.0) as u64,
                     mem_available_kib: 0,
                     net: vec![],
+                    links: vec![],
                 },
                 vms: synthetic.hosts[i]
                     .vms

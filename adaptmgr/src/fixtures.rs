@@ -108,6 +108,7 @@ pub fn host_report(host: &str, seq: u64, vms: &[&str]) -> viola_api::manager::Ho
             mem_total_kib: 16 << 20,
             mem_available_kib: 8 << 20,
             net: vec![],
+            links: vec![],
         },
         vms: vms
             .iter()

@@ -137,6 +137,13 @@ pub fn samples_of(report: &HostReport) -> Vec<(String, f64)> {
             n.tx_bps / 1e6,
         ));
     }
+    // Each overlay link, named by its peer's `site:host` (a series name's parts are split at
+    // '/').
+    for l in &u.links {
+        let peer = l.peer.replace('/', ":");
+        out.push((format!("host/{h}/link/{peer}/rx_mbit_s"), l.rx_bps / 1e6));
+        out.push((format!("host/{h}/link/{peer}/tx_mbit_s"), l.tx_bps / 1e6));
+    }
     // Only where a VM runs: during a migration both hosts report it (the destination's copy
     // paused until the switch-over), and the paused copy's zeros would mix into its series.
     for vm in report
@@ -399,6 +406,11 @@ mod tests {
             tx_bps: bps,
         };
         r.usage.net = vec![iface("lo", 1e9), iface("vio7", 2e6)];
+        r.usage.links = vec![viola_api::manager::LinkUsage {
+            peer: "b/b1".into(),
+            tx_bps: 3e6,
+            ..Default::default()
+        }];
         r.vms = vms
             .iter()
             .map(|(name, cpu)| fixtures::running_vm(name, 2, 256 << 10, *cpu))
@@ -410,13 +422,16 @@ mod tests {
 
     #[test]
     fn a_report_gives_host_vm_and_bridge_series_but_not_loopback() {
-        let names: Vec<String> = samples_of(&report("a1", 0.3, &[("g1", 0.9)]))
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let samples = samples_of(&report("a1", 0.3, &[("g1", 0.9)]));
+        let names: Vec<String> = samples.iter().map(|(n, _)| n.clone()).collect();
         assert!(names.contains(&"host/a1/cpu".to_owned()));
         assert!(names.contains(&"host/a1/cpu_capacity".to_owned()));
         assert!(names.contains(&"host/a1/net/vio7/tx_mbit_s".to_owned()));
+        let link = samples
+            .iter()
+            .find(|(n, _)| n == "host/a1/link/b:b1/tx_mbit_s")
+            .expect("the link to b1 is sampled");
+        assert!((link.1 - 3.0).abs() < 1e-9);
         assert!(names.contains(&"vm/g1/cpu".to_owned()));
         assert!(!names.iter().any(|n| n.contains("/lo/")));
     }

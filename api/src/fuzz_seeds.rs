@@ -8,7 +8,7 @@ use crate::adaptation::{
     ActionOutcome, ActionRecord, DecisionRecord, PolicyMode, PolicyView, StateBrief,
 };
 use crate::manager::{
-    HostReport, HostUsage, NetUsage, ProbeResult, Request, Response, VmMigrate, VmResize,
+    HostReport, HostUsage, LinkUsage, NetUsage, ProbeResult, Request, Response, VmMigrate, VmResize,
 };
 use crate::wire::{encode, fuzz_decode};
 
@@ -32,6 +32,13 @@ fn fuzz_seeds() {
                 tx_bytes: 1 << 29,
                 rx_bps: 1.5e6,
                 tx_bps: 37.523754495532884,
+            }],
+            links: vec![LinkUsage {
+                peer: "b/b1".into(),
+                rx_bytes: 3000,
+                tx_bytes: 9000,
+                rx_bps: 8000.0,
+                tx_bps: 24000.0,
             }],
         },
         vms: vec![],

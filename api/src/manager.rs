@@ -38,6 +38,21 @@ pub struct HostUsage {
     pub mem_total_kib: u64,
     pub mem_available_kib: u64,
     pub net: Vec<NetUsage>,
+    /// The host's overlay links, one per peer it has exchanged traffic with, from its overlay
+    /// daemon's status (empty when the monitor is not given the daemon's control socket).
+    #[serde(default)]
+    pub links: Vec<LinkUsage>,
+}
+
+/// One overlay link of a host: bytes on the underlay to and from a peer (`site/host`), QUIC's
+/// overhead included, and their rates over the last interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkUsage {
+    pub peer: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_bps: f64,
+    pub tx_bps: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -166,6 +166,37 @@ pub struct OverlayStatus {
     /// Busy polling after sparse packets (None: off).
     #[serde(default)]
     pub busy_poll: Option<BusyPollStatus>,
+    /// Bytes each peer link (`site/host`) carried since the daemon started, its ended
+    /// connections included: the UDP payload on the underlay, QUIC's overhead and
+    /// retransmissions included. Monitors turn them into per-link rates.
+    #[serde(default)]
+    pub link_bytes: BTreeMap<String, LinkBytes>,
+}
+
+/// Bytes one peer link carried, each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkBytes {
+    /// Sent to the peer.
+    pub tx: u64,
+    /// Received from it.
+    pub rx: u64,
+}
+
+impl LinkBytes {
+    /// What a connection carried so far.
+    pub fn of(conn: &quinn::Connection) -> Self {
+        let s = conn.stats();
+        Self {
+            tx: s.udp_tx.bytes,
+            rx: s.udp_rx.bytes,
+        }
+    }
+
+    /// Adds `other` (another connection's bytes).
+    pub fn add(&mut self, other: Self) {
+        self.tx = self.tx.saturating_add(other.tx);
+        self.rx = self.rx.saturating_add(other.rx);
+    }
 }
 
 /// Busy polling after sparse packets; on the wire `[window_us, polls]`.
@@ -489,6 +520,7 @@ mod tests {
                 window_us: 300,
                 polls: 9,
             }),
+            link_bytes: [("b/b1".to_owned(), LinkBytes { tx: 9000, rx: 4000 })].into(),
         }
     }
 

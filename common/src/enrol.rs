@@ -187,7 +187,8 @@ impl Bundle {
                 let _ = write!(
                     t,
                     "host = \"{}\"\nsite = \"{}\"\nmanager = \"{}\"\nidentity_dir = \"{}\"\n\
-                     libvirt_uri = \"qemu:///system\"\ninterval_ms = 5000\nmetrics_listen = \"127.0.0.1:9444\"\n",
+                     libvirt_uri = \"qemu:///system\"\ninterval_ms = 5000\nmetrics_listen = \"127.0.0.1:9444\"\n\
+                     overlay_socket = \"/run/viola/overlay.sock\"\n",
                     self.host,
                     self.site,
                     self.manager,

@@ -44,6 +44,9 @@ pub struct MonitorConfig {
     /// then the cgroup's CPU quota and its busy time the cgroup's CPU time.
     pub cgroup_dirs: Vec<PathBuf>,
     pub probes: Vec<ProbeConfig>,
+    /// The host's overlay daemon's control socket (its `control_socket`): each report then
+    /// carries the bytes and rates of the host's overlay links, per peer.
+    pub overlay_socket: Option<PathBuf>,
 }
 
 impl Default for MonitorConfig {
@@ -59,6 +62,7 @@ impl Default for MonitorConfig {
             proc_root: PathBuf::from("/proc"),
             cgroup_dirs: Vec::new(),
             probes: Vec::new(),
+            overlay_socket: None,
         }
     }
 }
@@ -173,6 +177,7 @@ pub fn read_proc(root: &std::path::Path) -> std::io::Result<ProcText> {
         net_dev: std::fs::read_to_string(root.join("net/dev"))?,
         cgroup: None,
         ebtables: None,
+        overlay_links: None,
     })
 }
 
@@ -284,6 +289,36 @@ fn read_ebtables() -> Option<String> {
     }
 }
 
+/// The overlay daemon's bytes per peer link, or `None` (logged once per outage) when it does not
+/// answer: the report then has no links rather than zero rates.
+async fn overlay_links(
+    socket: &std::path::Path,
+) -> Option<std::collections::BTreeMap<String, viola_api::overlay::LinkBytes>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use viola_api::overlay::{ControlReply, ControlRequest, request_unix};
+    static DOWN: AtomicBool = AtomicBool::new(false);
+    match request_unix(socket, &ControlRequest::Status).await {
+        Ok(ControlReply::Status(status)) => {
+            if DOWN.swap(false, Ordering::Relaxed) {
+                tracing::info!(socket = %socket.display(), "overlay daemon answers again");
+            }
+            Some(status.link_bytes)
+        }
+        Ok(other) => {
+            if !DOWN.swap(true, Ordering::Relaxed) {
+                tracing::warn!(socket = %socket.display(), ?other, "overlay daemon gave no status: no link figures");
+            }
+            None
+        }
+        Err(e) => {
+            if !DOWN.swap(true, Ordering::Relaxed) {
+                tracing::warn!(socket = %socket.display(), error = %viola_common::errors::chain(&e), "overlay daemon unreachable: no link figures");
+            }
+            None
+        }
+    }
+}
+
 /// Collects one report (no push). A libvirt connection whose statistics call fails is
 /// dropped (set to `None`), so the caller reopens it: a libvirtd restart invalidates it.
 pub async fn collect(
@@ -291,10 +326,14 @@ pub async fn collect(
     sampler: &mut Sampler,
     hv: &mut Option<Arc<dyn Hypervisor>>,
 ) -> HostReport {
+    let overlay_links = match &cfg.overlay_socket {
+        Some(socket) => overlay_links(socket).await,
+        None => None,
+    };
     let root = cfg.proc_root.clone();
     let cgroup_dirs = cfg.cgroup_dirs.clone();
-    let text = tokio::task::spawn_blocking(move || {
-        let mut text = read_proc(&root)
+    let mut text = tokio::task::spawn_blocking(move || {
+        let mut text: ProcText = read_proc(&root)
             .map_err(|e| tracing::warn!(error = %e, "cannot read /proc"))
             .unwrap_or_default();
         if !cgroup_dirs.is_empty() {
@@ -308,6 +347,7 @@ pub async fn collect(
     })
     .await
     .unwrap_or_default();
+    text.overlay_links = overlay_links;
     let read_at = Instant::now();
     let (vms, vms_at) = match hv.as_ref() {
         Some(h) => match blocking(h, stats_on_one_clock).await {
@@ -320,7 +360,6 @@ pub async fn collect(
         },
         None => (Vec::new(), Instant::now()),
     };
-    let mut text = text;
     if vms.iter().any(|v| !v.nics.is_empty()) {
         text.ebtables = tokio::task::spawn_blocking(read_ebtables)
             .await

@@ -1,10 +1,11 @@
 //! Turns raw samples (/proc text, libvirt domain statistics) into [`HostReport`]s with rates.
 //! No I/O: the daemon reads and passes in; time is passed in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use viola_api::manager::{HostReport, HostUsage, NetUsage, ProbeResult, VmUsage};
+use viola_api::manager::{HostReport, HostUsage, LinkUsage, NetUsage, ProbeResult, VmUsage};
+use viola_api::overlay::LinkBytes;
 use viola_hypervisor::DomainStats;
 
 use crate::proc::{self, CpuTimes};
@@ -18,6 +19,9 @@ pub struct ProcText {
     pub cgroup: Option<CgroupSample>,
     /// `ebtables -t nat -L --Lc` (the VMs' port filters), when the host has VMs with ports.
     pub ebtables: Option<String>,
+    /// The overlay daemon's bytes per peer link (read just before /proc), when the monitor
+    /// asks it.
+    pub overlay_links: Option<BTreeMap<String, LinkBytes>>,
 }
 
 /// A host that is a cgroup of a bigger machine: what it may use and what it has used.
@@ -38,6 +42,8 @@ pub struct Sampler {
     prev_cpu: Option<CpuTimes>,
     prev_cgroup_ns: Option<u64>,
     prev_net: HashMap<String, (u64, u64)>,
+    /// The links' (rx, tx) bytes at the last reading.
+    prev_links: HashMap<String, (u64, u64)>,
     prev_vm_cpu: HashMap<String, u64>,
     /// When /proc and the cgroup were last read.
     prev_at: Option<Instant>,
@@ -59,6 +65,7 @@ impl Sampler {
             prev_cpu: None,
             prev_cgroup_ns: None,
             prev_net: HashMap::new(),
+            prev_links: HashMap::new(),
             prev_vm_cpu: HashMap::new(),
             prev_at: None,
             prev_vms_at: None,
@@ -157,6 +164,30 @@ impl Sampler {
                 tx_bps,
             });
         }
+        // A link's counters restart only with the daemon: a smaller reading is a restart, whose
+        // interval counts from zero.
+        let mut links = Vec::new();
+        let mut next_links = HashMap::new();
+        for (peer, bytes) in text.overlay_links.iter().flatten() {
+            let (rx_bps, tx_bps) = match (self.prev_links.get(peer), secs) {
+                (Some((prx, ptx)), Some(s)) => {
+                    let delta = |now: u64, prev: u64| if now >= prev { now - prev } else { now };
+                    (
+                        delta(bytes.rx, *prx) as f64 * 8.0 / s,
+                        delta(bytes.tx, *ptx) as f64 * 8.0 / s,
+                    )
+                }
+                _ => (0.0, 0.0),
+            };
+            next_links.insert(peer.clone(), (bytes.rx, bytes.tx));
+            links.push(LinkUsage {
+                peer: peer.clone(),
+                rx_bytes: bytes.rx,
+                tx_bytes: bytes.tx,
+                rx_bps,
+                tx_bps,
+            });
+        }
         let chains = text
             .ebtables
             .as_deref()
@@ -209,6 +240,7 @@ impl Sampler {
         self.prev_cpu = Some(cpu);
         self.prev_cgroup_ns = text.cgroup.map(|cg| cg.usage_ns);
         self.prev_net = next_net;
+        self.prev_links = next_links;
         self.prev_vm_cpu = next_vm;
         self.prev_at = Some(now);
         self.prev_vms_at = Some(vms_at);
@@ -225,6 +257,7 @@ impl Sampler {
                 mem_total_kib,
                 mem_available_kib,
                 net,
+                links,
             },
             vms: vm_usage,
             probes,
@@ -261,6 +294,33 @@ mod tests {
     }
 
     #[test]
+    fn link_rates_come_from_the_overlay_s_byte_counts_and_survive_its_restart() {
+        let mut s = Sampler::new("a1", "a");
+        let t0 = Instant::now();
+        let links = |rx: u64, tx: u64| ProcText {
+            overlay_links: Some([("b/b1".to_owned(), LinkBytes { tx, rx })].into()),
+            ..ProcText::default()
+        };
+        let first = s.sample_at(t0, t0, 0, &links(1000, 5000), &[], vec![]);
+        assert_eq!(first.usage.links[0].tx_bps, 0.0, "no rate from one reading");
+        let t1 = t0 + Duration::from_secs(2);
+        let r = s.sample_at(t1, t1, 2000, &links(3000, 505_000), &[], vec![]);
+        let l = &r.usage.links[0];
+        assert_eq!(l.peer, "b/b1");
+        assert_eq!((l.rx_bytes, l.tx_bytes), (3000, 505_000));
+        assert!((l.tx_bps - 2_000_000.0).abs() < 1.0, "{l:?}");
+        assert!((l.rx_bps - 8_000.0).abs() < 1.0, "{l:?}");
+        // The daemon restarted: its counters start again from zero.
+        let t2 = t1 + Duration::from_secs(1);
+        let r = s.sample_at(t2, t2, 3000, &links(100, 1000), &[], vec![]);
+        assert!((r.usage.links[0].tx_bps - 8_000.0).abs() < 1.0);
+        // Without the overlay's figures, no links.
+        let t3 = t2 + Duration::from_secs(1);
+        let r = s.sample_at(t3, t3, 4000, &ProcText::default(), &[], vec![]);
+        assert!(r.usage.links.is_empty());
+    }
+
+    #[test]
     fn vm_cpu_rate_is_in_vcpus_and_seq_increases() {
         let mut s = Sampler::new("a1", "a");
         let t0 = Instant::now();
@@ -270,6 +330,7 @@ mod tests {
             net_dev: "h\nh\n eth0: 0 0 0 0 0 0 0 0 0 0\n".into(),
             cgroup: None,
             ebtables: None,
+            overlay_links: None,
         };
         let r1 = s.sample(t0, 0, &text, &[dom(0)], vec![]);
         assert_eq!(r1.vms[0].cpu_busy, 0.0);

@@ -166,6 +166,14 @@ fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
             / 1e6
     );
     assert!(bytes > 100_000.0, "TCP moved only {bytes} bytes");
+    // The link a1 -> b1 counted at least what TCP moved over it (QUIC's overhead on top).
+    let link = &o.status("a1")?["link_bytes"]["b/b1"];
+    let link_tx = link["tx"].as_f64().unwrap_or(0.0);
+    eprintln!("a1's link to b1: {link}");
+    assert!(
+        link_tx >= bytes,
+        "a1's link to b1 counted {link_tx} bytes sent, TCP moved {bytes}"
+    );
 
     // 2. b1 and c1 are both behind NAT: they reach each other only through a1.
     let t = wait_ping_from(&v1[1], "10.1.0.3", Duration::from_secs(30))

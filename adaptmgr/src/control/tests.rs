@@ -36,6 +36,7 @@ fn report(host: &str, seq: u64) -> Request {
             mem_total_kib: 16 << 20,
             mem_available_kib: 8 << 20,
             net: vec![],
+            links: vec![],
         },
         vms: vec![crate::fixtures::running_vm("vm1", 2, 262_144, 0.0)],
         probes: vec![],

@@ -742,6 +742,7 @@ mod tests {
                 mem_total_kib: 1 << 20,
                 mem_available_kib: 1 << 19,
                 net: vec![],
+                links: vec![],
             },
             vms: vms
                 .iter()

@@ -114,6 +114,7 @@ impl Federation {
                         mem_total_kib: 4 << 20,
                         mem_available_kib: 2 << 20,
                         net: vec![],
+                        links: vec![],
                     },
                     vms,
                     probes: vec![],

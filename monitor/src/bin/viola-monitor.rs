@@ -34,6 +34,9 @@ struct Args {
     /// and cpuacct hierarchies of cgroup v1). Replaces the config's `cgroup_dirs`.
     #[arg(long = "cgroup-dir")]
     cgroup_dirs: Vec<PathBuf>,
+    /// The host's overlay daemon's control socket: reports then carry its links' traffic.
+    #[arg(long)]
+    overlay_socket: Option<PathBuf>,
     /// Print one report as JSON and exit (no manager needed).
     #[arg(long)]
     once: bool,
@@ -60,6 +63,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if !args.cgroup_dirs.is_empty() {
         cfg.cgroup_dirs = args.cgroup_dirs;
+    }
+    if args.overlay_socket.is_some() {
+        cfg.overlay_socket = args.overlay_socket;
     }
     if !cfg.cgroup_dirs.is_empty() {
         // A misnamed partition is a configuration error, not a host that silently reports the

@@ -16,6 +16,7 @@ use super::control::serve_quic;
 use super::switching::{Conn, DriverDrop, Refusal};
 use crate::HostId;
 use crate::control::{self, ControlMsg};
+use viola_api::overlay::LinkBytes;
 
 /// A peer's host name from its certificate.
 pub(super) fn host_id(id: &identity::PeerIdentity) -> HostId {
@@ -159,6 +160,11 @@ async fn serve_link(ctx: Rc<Ctx>, conn: quinn::Connection, dialed: bool) {
                 return;
             }
             old.conn.close(0u32.into(), b"replaced");
+            let carried = LinkBytes::of(&old.conn);
+            st.ended_link_bytes
+                .entry(host.clone())
+                .or_default()
+                .add(carried);
             st.switch.peer_down(&host, &mut st.out);
         }
         st.serial += 1;
@@ -222,6 +228,10 @@ async fn serve_link(ctx: Rc<Ctx>, conn: quinn::Connection, dialed: bool) {
     let st = &mut *st;
     if st.conns.get(&host).is_some_and(|c| c.serial == serial) {
         st.conns.remove(&host);
+        st.ended_link_bytes
+            .entry(host.clone())
+            .or_default()
+            .add(LinkBytes::of(&conn));
         st.switch.peer_down(&host, &mut st.out);
         st.execute();
         info!(peer = %host, "peer disconnected: {reason}");

@@ -25,8 +25,11 @@ pub(super) struct Metrics {
     peers: Gauge,
     rtt: Family<Labels, Gauge<f64, AtomicU64>>,
     macs: Family<Labels, Gauge>,
+    link_bytes: Family<Labels, Counter>,
     /// The status' counters at the last update, to turn them into counter increments.
     last: BTreeMap<(bool, String), u64>,
+    /// The same for the links' bytes: (peer, direction).
+    last_link: BTreeMap<(String, &'static str), u64>,
 }
 
 impl Metrics {
@@ -38,7 +41,9 @@ impl Metrics {
             peers: Gauge::default(),
             rtt: Family::default(),
             macs: Family::default(),
+            link_bytes: Family::default(),
             last: BTreeMap::new(),
+            last_link: BTreeMap::new(),
         };
         if let Ok(mut r) = registry.lock() {
             r.register(
@@ -65,6 +70,11 @@ impl Metrics {
                 "viola_overlay_macs",
                 "MAC table entries per violin",
                 m.macs.clone(),
+            );
+            r.register(
+                "viola_overlay_link_bytes",
+                "Bytes each peer link carried on the underlay (QUIC overhead included), by peer and direction",
+                m.link_bytes.clone(),
             );
         }
         m
@@ -93,6 +103,19 @@ impl Metrics {
             self.rtt
                 .get_or_create(&vec![("peer".into(), p.clone())])
                 .set(r / 1000.0);
+        }
+        for (peer, bytes) in &s.link_bytes {
+            for (direction, value) in [("tx", bytes.tx), ("rx", bytes.rx)] {
+                let last = self.last_link.entry((peer.clone(), direction)).or_default();
+                let delta = value.saturating_sub(*last);
+                *last = value;
+                self.link_bytes
+                    .get_or_create(&vec![
+                        ("peer".into(), peer.clone()),
+                        ("direction".into(), direction.into()),
+                    ])
+                    .inc_by(delta);
+            }
         }
         for v in &s.switch.violins {
             self.macs
@@ -151,6 +174,11 @@ mod tests {
             cpu_wake_latency_us: None,
             handoff_yields: None,
             busy_poll: None,
+            link_bytes: [(
+                "b/b1".to_owned(),
+                viola_api::overlay::LinkBytes { tx: 1500, rx: 700 },
+            )]
+            .into(),
         }
     }
 
@@ -192,13 +220,21 @@ mod tests {
         let mut s = status();
         m.update(&s);
         s.switch.counters.relayed = 10;
+        s.link_bytes.get_mut("b/b1").unwrap().tx = 4000;
         m.update(&s);
         m.update(&s);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry.lock().unwrap()).unwrap();
-        assert!(
-            text.contains("viola_overlay_events_total{event=\"relayed\"} 10"),
-            "{text}"
-        );
+        for line in [
+            "viola_overlay_events_total{event=\"relayed\"} 10",
+            "viola_overlay_link_bytes_total{peer=\"b/b1\",direction=\"tx\"} 4000",
+            "viola_overlay_link_bytes_total{peer=\"b/b1\",direction=\"rx\"} 700",
+        ] {
+            assert!(
+                text.contains(line),
+                "{line} missing from
+{text}"
+            );
+        }
     }
 }

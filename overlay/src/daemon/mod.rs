@@ -42,7 +42,7 @@ use crate::cpu_latency::{CpuLatencyError, CpuLatencyRequest};
 use crate::offload::Coalescer;
 use crate::sparse::{BusyPoll, SparsePath};
 use crate::switch::{LearningLimits, Switch, SwitchConfig};
-use viola_api::overlay::{BusyPollStatus, OverlayStatus};
+use viola_api::overlay::{BusyPollStatus, LinkBytes, OverlayStatus};
 
 /// Why the daemon could not start or failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,20 @@ impl Ctx {
                 .iter()
                 .map(|(k, v)| (k.as_str().to_owned(), *v))
                 .collect(),
+            link_bytes: {
+                let mut bytes: BTreeMap<String, LinkBytes> = st
+                    .ended_link_bytes
+                    .iter()
+                    .map(|(h, b)| (h.to_string(), *b))
+                    .collect();
+                for (h, c) in &st.conns {
+                    bytes
+                        .entry(h.to_string())
+                        .or_default()
+                        .add(LinkBytes::of(&c.conn));
+                }
+                bytes
+            },
             cpu_wake_latency_us: self.cpu_wake_latency_us,
             handoff_yields: self
                 .send_path
@@ -203,6 +217,7 @@ pub async fn run(cfg: OverlayConfig, token: CancellationToken) -> Result<(), Dae
     let state: State = Rc::new(RefCell::new(Shared {
         switch,
         conns: HashMap::new(),
+        ended_link_bytes: HashMap::new(),
         taps,
         members,
         readers: HashMap::new(),

@@ -22,6 +22,7 @@ use crate::offload::{self, Coalesced, Coalescer, VNET_HDR_LEN, VnetHdr};
 use crate::sparse::SparsePath;
 use crate::switch::{DropReason, Output, Switch};
 use crate::wire::{FRAME_HEADER_LEN, ViolinId};
+use viola_api::overlay::LinkBytes;
 
 labelled_enum! {
     /// Why the driver dropped something (the core counts its own, `DropReason`).
@@ -93,6 +94,8 @@ pub(super) struct Conn {
 pub(super) struct Shared {
     pub(super) switch: Switch,
     pub(super) conns: HashMap<HostId, Conn>,
+    /// What the ended connections to each peer carried (the open one's bytes come on top).
+    pub(super) ended_link_bytes: HashMap<HostId, LinkBytes>,
     pub(super) taps: HashMap<ViolinId, ViolinTap>,
     /// The violins: where each comes from, its bridge.
     pub(super) members: BTreeMap<ViolinId, Member>,

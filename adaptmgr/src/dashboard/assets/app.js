@@ -295,6 +295,8 @@ async function loadHistory() {
   const wan = hist.series.filter(s => /^host\/[^/]+\/net\/[^/]+\/(rx|tx)_mbit_s$/.test(s.name) && !/\/net\/vio[0-9]+t?\//.test(s.name))
     .map(s => { const m = s.name.match(/^host\/([^/]+)\/net\/([^/]+)\/(rx|tx)/); return { label: `${m[1]} ${m[2]} ${m[3]}`, points: s.points }; });
   if (wan.length) charts.push(lineChart("Underlay traffic (overlay peers and migrations)", wan, "Mbit/s"));
+  const links = seriesOf(hist, /^host\/([^/]+)\/link\/([^/]+)\/tx_mbit_s$/, m => `${m[1]} → ${m[2].replace(":", "/")}`);
+  if (links.length) charts.push(lineChart("Overlay traffic per peer link (sent)", links, "Mbit/s"));
   charts.push(barChart("Migrations per hour", hist.migrations_per_hour, "moves"));
   charts.push(timeline("Where each VM ran", hist.placements, Date.now()));
   document.getElementById("charts").replaceChildren(...charts);
