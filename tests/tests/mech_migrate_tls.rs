@@ -282,6 +282,14 @@ async fn a_revoked_host_cannot_receive_a_migration() {
         }
         issue_libvirt_certs("b2", None);
     });
+    let libvirtd_log = lab_dir().join("hosts/a1/log/libvirtd.log");
+    let revocations_logged = || {
+        std::fs::read_to_string(&libvirtd_log)
+            .unwrap_or_default()
+            .matches("has been revoked")
+            .count()
+    };
+    let logged_before = revocations_logged();
     let pki = Pki::open(&lab_dir().join("pki/ca"));
     let crl = pki.revoke("viola://libvirt/b/b2").expect("viola-ca revoke");
     Pki::install_libvirt_crl(&crl, &a1_pki).expect("viola-ca install-crl --pki");
@@ -311,6 +319,12 @@ async fn a_revoked_host_cannot_receive_a_migration() {
             f.action == Action::Run(Step::Migrate)
                 && (why.contains("revoked") || why.contains("certificate"))
         },
+    );
+    // Refused for the revocation, not for anything else about the certificate.
+    assert!(
+        revocations_logged() > logged_before,
+        "a1's libvirtd did not log b2's certificate as revoked ({})",
+        libvirtd_log.display()
     );
     wait_guest("a1", ip, Duration::from_secs(30));
     assert!(
