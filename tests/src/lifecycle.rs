@@ -290,7 +290,9 @@ impl Fed {
                 .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
                 .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
                 .arg("--identity")
-                .arg(id(&format!("monitor-{h}")));
+                .arg(id(&format!("monitor-{h}")))
+                .arg("--overlay-socket")
+                .arg(overlays.socket(h));
             if spec.host_cpus.is_some() {
                 for d in lab.host(h).cgroups.split_whitespace() {
                     monitor.args(["--cgroup-dir", d]);

@@ -11,7 +11,7 @@
 //! - The administrator's page shows the sites and their four hosts, the violin, its VM and the
 //!   VM's host; a migration started from the CLI appears in flight with its progress and then
 //!   as finished, with the VM at its new host, without the page being reloaded (server-sent
-//!   events); the plots show the hosts' CPU and where the VM ran.
+//!   events); the plots show the hosts' CPU, each overlay link's traffic and where the VM ran.
 //! - A tenant's page shows its own violins and VMs and nothing of the administrator's or
 //!   another tenant's; its JSON answers hold no hosts, and its history only its own VMs' series.
 //!
@@ -483,18 +483,19 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
 
     admin.goto(&format!("{url}/#plots"));
     admin.wait_for(
-        "the plots draw the hosts' CPU and the VM's move",
+        "the plots draw the hosts' CPU, the overlay links' traffic and the VM's move",
         Duration::from_secs(30),
         |b| {
             b.eval(
                 "return !!document.querySelector('[data-chart=\"Host CPU\"] svg path') && \
+                 !!document.querySelector('[data-chart=\"Overlay traffic per peer link (sent)\"] svg path') && \
                  !!document.querySelector('rect[data-vm=\"web\"][data-host=\"b1\"]') && \
                  !!document.querySelector('rect[data-vm=\"web\"][data-host=\"a1\"]');",
             ) == Value::Bool(true)
         },
     );
     // Every plot in one picture: a window as tall as the page.
-    admin.resize(1280, 2300);
+    admin.resize(1280, 2700);
     admin.screenshot(&dir, "plots");
     admin.resize(1280, 900);
     admin.goto(&format!("{url}/#decisions"));
