@@ -212,6 +212,17 @@ impl Default for LabSpec {
     }
 }
 
+impl LabSpec {
+    /// `sites` sites of one host each (what the overlay tests need), the rest as default.
+    pub fn one_host_per_site(sites: u32) -> Self {
+        Self {
+            sites,
+            hosts: 1,
+            ..Self::default()
+        }
+    }
+}
+
 /// A lab instance; `Drop` runs `lab.sh down` if this value brought it up.
 pub struct Lab {
     pub instance: String,

@@ -27,8 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use viola_labtests::overlay::*;
-use viola_labtests::pki::Pki;
-use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run, run_ok};
+use viola_labtests::{LabSpec, run, run_ok};
 
 const LAB: &str = "ovh";
 const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
@@ -198,20 +197,9 @@ fn victim_location(o: &Overlay, host: &str) -> Result<String> {
 
 #[test]
 fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
-    if !lab_tests_enabled() {
+    let Some((lab, mut o, pki)) = start_lab(LAB, &LabSpec::one_host_per_site(3))? else {
         return Ok(());
-    }
-    build_binaries()?;
-    let lab = Lab::up(
-        LAB,
-        &LabSpec {
-            sites: 3,
-            hosts: 1,
-            ..LabSpec::default()
-        },
-    )?;
-    let mut o = Overlay::new(LAB)?;
-    let pki = Pki::init(&o.path("ca"))?;
+    };
     let ns = |h: &str| lab.host(h).namespace.clone();
     let addr = |h: &str| lab.host(h).address.clone();
     for h in HOSTS {
@@ -227,11 +215,7 @@ fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
         )?;
         o.start(h, &ns(h), &path)?;
     }
-    let vms: Vec<String> = HOSTS
-        .iter()
-        .enumerate()
-        .map(|(i, h)| o.vm(&ns(h), h, 1, &format!("10.1.0.{}/24", i + 1)))
-        .collect::<Result<_>>()?;
+    let vms: Vec<String> = o.vm_per_host(&lab, &HOSTS, 1)?;
     let (victim, spoofer, observer) = (&vms[0], &vms[1], &vms[2]);
     set_mac(victim, VICTIM_MAC)?;
     let spoofer_mac = mac_of(spoofer)?;
