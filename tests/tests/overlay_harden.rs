@@ -150,23 +150,41 @@ fn mac_table_len(o: &Overlay, name: &str) -> Result<usize> {
         .map_or(0, Vec::len))
 }
 
-/// TCP throughput from namespace `client` to `server_ip` in namespace `server`: iperf3 for 8 s,
-/// Mbit/s received after the first 2 s (both slow starts, the guest's and the QUIC
-/// connection's, are left out).
-fn tcp_mbit(server: &str, client: &str, server_ip: &str) -> Result<f64> {
+/// `iperf3 -c SERVER_IP -p PORT CLIENT_ARGS` in namespace `client` (30 s at most) against a
+/// one-shot iperf3 server on `port` in namespace `server`; the client's output.
+fn iperf3(
+    server: &str,
+    client: &str,
+    server_ip: &str,
+    port: &str,
+    client_args: &[&str],
+) -> Result<std::process::Output> {
     let mut iperf_server = Command::new("ip")
-        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5311"])
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", port])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     sleep(Duration::from_millis(500));
-    let iperf = run(Command::new("ip").args([
-        "netns", "exec", client, "timeout", "30", "iperf3", "-c", server_ip, "-p", "5311", "-t",
-        "6", "-O", "2", "-J",
-    ]));
+    let iperf = run(Command::new("ip")
+        .args(["netns", "exec", client, "timeout", "30", "iperf3"])
+        .args(["-c", server_ip, "-p", port])
+        .args(client_args));
     let _ = iperf_server.kill();
     let _ = iperf_server.wait();
-    let iperf = iperf?;
+    iperf
+}
+
+/// TCP throughput from namespace `client` to `server_ip` in namespace `server`: iperf3 for 8 s,
+/// Mbit/s received after the first 2 s (both slow starts, the guest's and the QUIC
+/// connection's, are left out).
+fn tcp_mbit(server: &str, client: &str, server_ip: &str) -> Result<f64> {
+    let iperf = iperf3(
+        server,
+        client,
+        server_ip,
+        "5311",
+        &["-t", "6", "-O", "2", "-J"],
+    )?;
     anyhow::ensure!(
         iperf.status.success(),
         "iperf3 {client} -> {server_ip} failed"
@@ -438,21 +456,17 @@ fn udp_loss(
     mbit: u32,
     seconds: u32,
 ) -> Result<(u64, u64)> {
-    let mut iperf_server = Command::new("ip")
-        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5312"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    sleep(Duration::from_millis(500));
-    let iperf = run(Command::new("ip")
-        .args([
-            "netns", "exec", client, "timeout", "30", "iperf3", "-c", server_ip,
-        ])
-        .args(["-p", "5312", "-u", "-l", "1000", "-w", "4M", "-J"])
-        .args(["-b", &format!("{mbit}M"), "-t", &seconds.to_string()]));
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
-    let iperf = iperf?;
+    let rate = format!("{mbit}M");
+    let seconds = seconds.to_string();
+    let iperf = iperf3(
+        server,
+        client,
+        server_ip,
+        "5312",
+        &[
+            "-u", "-l", "1000", "-w", "4M", "-J", "-b", &rate, "-t", &seconds,
+        ],
+    )?;
     anyhow::ensure!(
         iperf.status.success(),
         "iperf3 -u {client} -> {server_ip} failed: {}",
