@@ -413,6 +413,17 @@ impl Fed {
     }
 }
 
+/// A new ed25519 key pair without a passphrase: the private key at `path`, the public one at
+/// `path.pub`, commented `comment` if given (else ssh-keygen's default, user@host).
+pub fn ssh_keygen(path: &Path, comment: Option<&str>) {
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", "ed25519", "-N", ""]);
+    if let Some(comment) = comment {
+        cmd.args(["-C", comment]);
+    }
+    crate::run_ok(cmd.arg("-f").arg(path)).unwrap();
+}
+
 /// `ssh root@IP CMD` from namespace `ns` with the private key `key` (no host-key checks: lab
 /// guests make a new host key at each boot); `stdin` is fed to it. The whole command is bounded
 /// by `limit` (then killed: exit status 124 or 137) and a dead connection by keep-alives, so a
