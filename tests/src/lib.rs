@@ -342,6 +342,24 @@ impl Lab {
         )
     }
 
+    /// Asserts that none of the domains `names` is defined at `host` and none left its disk
+    /// (`NAME.qcow2`) in the host's images.
+    pub fn assert_vms_gone(&self, host: &str, names: &[&str]) {
+        let all = self.virsh(host, &["list", "--all", "--name"]).unwrap();
+        for name in names {
+            assert!(
+                !all.lines().any(|l| l.trim() == *name),
+                "{name} still defined at {host}"
+            );
+            assert!(
+                !Path::new(&self.host(host).images)
+                    .join(format!("{name}.qcow2"))
+                    .exists(),
+                "{name}'s disk still at {host}"
+            );
+        }
+    }
+
     /// The state of `domain` on `host` (`running`, `paused`, `shut off`) or None if unknown there.
     pub fn domain_state(&self, host: &str, domain: &str) -> Option<String> {
         let out = run(self

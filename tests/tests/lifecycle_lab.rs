@@ -243,19 +243,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     .unwrap_or_else(|e| panic!("{e}\n{}", log_text(&mgr_log2)));
     let cut_names = ["cut-1", "cut-2", "cut-3"];
     for h in HOSTS {
-        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
-        for name in cut_names {
-            assert!(
-                !all.lines().any(|l| l.trim() == name),
-                "{name} defined at {h}"
-            );
-            assert!(
-                !Path::new(&lab.host(h).images)
-                    .join(format!("{name}.qcow2"))
-                    .exists(),
-                "{name}'s disk at {h}"
-            );
-        }
+        lab.assert_vms_gone(h, &cut_names);
     }
     let shown = cli.json(&["violin", "show", "lab"]).unwrap();
     let members = shown[0]["vms"].as_array().unwrap();
@@ -429,19 +417,8 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     cli.json(&["violin", "delete", "lab", "--force"])
         .unwrap_or_else(|e| panic!("violin delete: {e}\n{}", log_text(&mgr_log)));
     for h in HOSTS {
-        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
-        for (name, _, _) in &vms {
-            assert!(
-                !all.lines().any(|l| l.trim() == name),
-                "{name} still defined at {h}"
-            );
-            assert!(
-                !Path::new(&lab.host(h).images)
-                    .join(format!("{name}.qcow2"))
-                    .exists(),
-                "{name}'s disk still at {h}"
-            );
-        }
+        let names: Vec<&str> = vms.iter().map(|(name, _, _)| name.as_str()).collect();
+        lab.assert_vms_gone(h, &names);
         assert!(!link_exists(&ns(h), &bridge), "{bridge} still at {h}");
         let status = fed.overlays.status(h).unwrap();
         assert_eq!(status["switch"]["violins"], serde_json::json!([]), "{h}");
