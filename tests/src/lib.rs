@@ -81,6 +81,14 @@ pub fn lab_tests_enabled() -> bool {
     true
 }
 
+/// Panics naming the first of `tools` not on the PATH: the machine is not set up for a test
+/// that needs more than the lab does.
+pub fn assert_tools(tools: &[&str]) {
+    for tool in tools {
+        assert!(which(tool), "{tool} is missing: run scripts/setup.sh");
+    }
+}
+
 fn which(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
