@@ -152,6 +152,12 @@ impl Sim {
         }
     }
 
+    /// A DHCPDISCOVER from `mac(vm)` at `host`'s TAP of `violin`.
+    fn discover(&mut self, host: &str, violin: u32, vm: u8) {
+        let frame = dhcp::tests::client_frame(mac(vm), MessageType::Discover, None, None);
+        self.tap(host, violin, &frame);
+    }
+
     fn tap(&mut self, host: &str, violin: u32, frame: &[u8]) {
         let now = self.now;
         let mut out = Vec::new();
@@ -1015,11 +1021,7 @@ fn a_managed_vm_gets_its_address_by_dhcp_from_its_own_host() {
     let mut s = dhcp_pair();
     let server = Ipv4Addr::new(10, 7, 0, 1);
     let ip = Ipv4Addr::new(10, 7, 0, 10);
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 10);
     let (dst, to, offer) = dhcp_reply(&mut s);
     assert_eq!((dst, to), (mac(10), ip), "unicast to chaddr and yiaddr");
     assert_eq!(offer.op, 2);
@@ -1085,11 +1087,7 @@ fn a_violin_with_its_own_mtu_tells_its_vms_that_one() {
     };
     s.set_violin("a/a1", cfg);
     s.clear();
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 10);
     let (_, _, offer) = dhcp_reply(&mut s);
     assert_eq!(offer.options.mtu, Some(1400));
 }
@@ -1144,11 +1142,7 @@ fn unknown_clients_get_no_lease_and_their_dhcp_is_flooded() {
 fn a_violin_without_a_subnet_leaves_dhcp_alone() {
     let mut s = mesh_in_violin_1(&["a/a1", "b/b1"], 1414);
     s.clear();
-    s.tap(
-        "a/a1",
-        1,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 1, 10);
     assert!(s.take("a/a1", 1).is_empty());
     assert_eq!(s.take("b/b1", 1).len(), 1);
     assert_eq!(s.sw("a/a1").counters().dhcp_unknown_client, 0);
@@ -1173,11 +1167,7 @@ fn a_changed_violin_spec_takes_effect_in_place() {
     assert_eq!(status.violins[0].name, "renamed");
     assert_eq!(status.violins[0].subnet.as_deref(), Some("10.7.0.0/24"));
     // The removed VM gets no lease; its DISCOVER goes out like anyone's.
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 10);
     assert!(s.take("a/a1", 7).is_empty());
     assert_eq!(s.take("b/b1", 7).len(), 1);
     // ... nor is ARP for its old address answered from the table.
@@ -1199,17 +1189,9 @@ fn a_changed_violin_spec_takes_effect_in_place() {
         s.sw("a/a1").lookup(v(7), &mac(11)),
         Some((Location::Local, 1))
     );
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(11), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 11);
     assert_eq!(dhcp_reply(&mut s).2.yiaddr, Ipv4Addr::new(10, 7, 0, 11));
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(12), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 12);
     assert_eq!(dhcp_reply(&mut s).2.yiaddr, Ipv4Addr::new(10, 7, 0, 12));
     // The new VM's home is a1: b1 refuses it from elsewhere.
     s.tap("b/b1", 7, &test_frame(BROADCAST, mac(12), IP, 60, 0));
@@ -1219,11 +1201,7 @@ fn a_changed_violin_spec_takes_effect_in_place() {
     cfg.subnet = None;
     s.set_violin("a/a1", cfg);
     s.clear();
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(11), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 11);
     assert!(s.take("a/a1", 7).is_empty());
     assert_eq!(s.take("b/b1", 7).len(), 1);
 }
