@@ -320,6 +320,21 @@ where
     tokio::runtime::Runtime::new()?.block_on(work(identity))
 }
 
+/// [`run_with_identity`] with a client of `depot` connected for `work`.
+fn run_with_depot<F>(
+    identity_dir: &Path,
+    depot: SocketAddr,
+    work: impl FnOnce(DepotClient) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    run_with_identity(identity_dir, |identity| async move {
+        let c = DepotClient::connect(&identity, depot, PathTuning::default()).await?;
+        work(c).await
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let quiet = cli.quiet;
     match cli.command {
@@ -589,8 +604,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_wait,
             timeout_secs,
         } => {
-            run_with_identity(&identity, |identity| async move {
-                let c = DepotClient::connect(&identity, depot, PathTuning::default()).await?;
+            run_with_depot(&identity, depot, |c| async move {
                 let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
                 let deadline_unix_ms = now_ms + (deadline_secs * 1000.0) as u64;
                 let st = c
@@ -636,8 +650,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
             json,
         } => {
-            run_with_identity(&identity, |identity| async move {
-                let c = DepotClient::connect(&identity, from, PathTuning::default()).await?;
+            run_with_depot(&identity, from, |c| async move {
                 let images = c.images().await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&images)?);
