@@ -90,6 +90,32 @@ struct OpenMinute {
     n: u32,
 }
 
+impl OpenMinute {
+    /// Adds `value`, sampled at `ts`, to the mean of its minute in `open`. A sample of a later
+    /// minute closes the open one: returned as (start, mean) for the caller to keep.
+    fn add(open: &mut Option<Self>, ts: u64, value: f64) -> Option<(u64, f64)> {
+        let minute = minute_of(ts);
+        match open {
+            Some(open) if open.start == minute => {
+                open.sum += value;
+                open.n += 1;
+                None
+            }
+            open => {
+                let closed = open
+                    .take()
+                    .map(|done| (done.start, done.sum / f64::from(done.n)));
+                *open = Some(Self {
+                    start: minute,
+                    sum: value,
+                    n: 1,
+                });
+                closed
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct SeriesState {
     fine: VecDeque<(u64, f64)>,
@@ -179,24 +205,9 @@ impl History {
             let s = self.series.entry(name.clone()).or_default();
             s.fine.push_back((now_ms, value));
             write.fine.push((name.clone(), now_ms, value));
-            let minute = minute_of(now_ms);
-            match &mut s.open {
-                Some(open) if open.start == minute => {
-                    open.sum += value;
-                    open.n += 1;
-                }
-                open => {
-                    if let Some(done) = open.take() {
-                        let mean = done.sum / f64::from(done.n);
-                        s.minutes.push_back((done.start, mean));
-                        write.minutes.push((name.clone(), done.start, mean));
-                    }
-                    *open = Some(OpenMinute {
-                        start: minute,
-                        sum: value,
-                        n: 1,
-                    });
-                }
+            if let Some((start, mean)) = OpenMinute::add(&mut s.open, now_ms, value) {
+                s.minutes.push_back((start, mean));
+                write.minutes.push((name.clone(), start, mean));
             }
         }
         for vm in report
@@ -300,23 +311,8 @@ impl History {
             // so it is neither lost nor counted twice.
             let closed_until = s.minutes.back().map_or(0, |(t, _)| t + MINUTE_MS);
             for &(ts, v) in s.fine.iter().filter(|(ts, _)| *ts >= closed_until) {
-                let minute = minute_of(ts);
-                match &mut s.open {
-                    Some(open) if open.start == minute => {
-                        open.sum += v;
-                        open.n += 1;
-                    }
-                    open => {
-                        if let Some(done) = open.take() {
-                            s.minutes
-                                .push_back((done.start, done.sum / f64::from(done.n)));
-                        }
-                        *open = Some(OpenMinute {
-                            start: minute,
-                            sum: v,
-                            n: 1,
-                        });
-                    }
+                if let Some(closed) = OpenMinute::add(&mut s.open, ts, v) {
+                    s.minutes.push_back(closed);
                 }
             }
         }

@@ -868,6 +868,13 @@ mod tests {
     use crate::manifest::{DiskFormat, MANIFEST_VERSION, OverlaySpec, PartRef};
     use crate::scenario_gen::pseudo_random_bytes as pseudo_random;
 
+    fn assert_no_temp_file(store: &Store) {
+        assert!(
+            fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
+            "no temp file left behind"
+        );
+    }
+
     fn import(store: &Store, dir: &Path, name: &str, data: &[u8]) -> PartIndex {
         let p = dir.join(name);
         fs::write(&p, data).unwrap();
@@ -1026,10 +1033,7 @@ mod tests {
             Err(StoreError::MissingChunk { .. })
         ));
         assert!(!store.has_part(&idx.id()));
-        assert!(
-            fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
-            "no temp file left behind"
-        );
+        assert_no_temp_file(&store);
     }
 
     #[test]
@@ -1050,10 +1054,7 @@ mod tests {
         let (h2, before) = store.put_manifest_with(&second, true).unwrap();
         assert_eq!(before, Some(h1));
         assert_eq!(store.resolve("x").unwrap().0, h2);
-        assert!(
-            fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
-            "no temp file left behind"
-        );
+        assert_no_temp_file(&store);
     }
 
     #[test]

@@ -121,6 +121,28 @@ async fn upload_file(
     c.upload(name, size, replace, f, |_| {}).await
 }
 
+/// Opens a stream and asks to upload `size` bytes as image `name` (no replace), by hand as
+/// a client breaking the protocol would; the stream and the daemon's first (control) answer.
+async fn begin_upload(
+    mgr: &DepotClient,
+    name: &str,
+    size: u64,
+) -> (quinn::SendStream, quinn::RecvStream, Vec<u8>) {
+    let (mut send, mut recv) = mgr.conn.open_bi().await.unwrap();
+    let req = Request::Upload {
+        name: name.into(),
+        size,
+        replace: false,
+    };
+    transfer::write_frame(&mut send, &wire::control(&req))
+        .await
+        .unwrap();
+    let Some(Frame::Control(answer)) = transfer::read_frame(&mut recv).await.unwrap() else {
+        panic!("no answer")
+    };
+    (send, recv, answer)
+}
+
 fn refusal(r: Result<UploadReport, ClientError>) -> String {
     match r {
         Err(ClientError::Refused(m)) => m,
@@ -303,18 +325,7 @@ async fn a_short_or_broken_upload_leaves_nothing() {
 
     // The client sends half, then the end frame (or nothing more), and closes its side.
     for with_end in [true, false] {
-        let (mut send, mut recv) = mgr.conn.open_bi().await.unwrap();
-        let req = Request::Upload {
-            name: "short".into(),
-            size,
-            replace: false,
-        };
-        transfer::write_frame(&mut send, &wire::control(&req))
-            .await
-            .unwrap();
-        let Some(Frame::Control(c)) = transfer::read_frame(&mut recv).await.unwrap() else {
-            panic!("no answer")
-        };
+        let (mut send, mut recv, c) = begin_upload(&mgr, "short", size).await;
         assert_eq!(wire::parse_response(&c).unwrap(), Response::Ok);
         transfer::write_frame(&mut send, &Frame::Blob(half.clone()))
             .await
@@ -411,18 +422,7 @@ async fn a_client_that_breaks_the_upload_protocol_is_stopped_and_leaves_nothing(
         ),
         (4096, vec![Frame::Blob(Vec::new())], "empty blob"),
     ] {
-        let (mut send, mut recv) = mgr.conn.open_bi().await.unwrap();
-        let req = Request::Upload {
-            name: "bad".into(),
-            size,
-            replace: false,
-        };
-        transfer::write_frame(&mut send, &wire::control(&req))
-            .await
-            .unwrap();
-        let Some(Frame::Control(_)) = transfer::read_frame(&mut recv).await.unwrap() else {
-            panic!("no answer")
-        };
+        let (mut send, mut recv, _) = begin_upload(&mgr, "bad", size).await;
         for f in &frames {
             // The depot may stop reading before the whole frame is in.
             let _ = transfer::write_frame(&mut send, f).await;

@@ -273,6 +273,11 @@ mod tests {
 
     use super::*;
 
+    /// A VM's CPU use equals `expected` up to rounding.
+    fn assert_busy(cpu_busy: f64, expected: f64) {
+        assert!((cpu_busy - expected).abs() < 1e-9, "{cpu_busy}");
+    }
+
     fn dom(cpu_time_ns: u64) -> DomainStats {
         DomainStats {
             summary: DomainSummary {
@@ -342,7 +347,7 @@ mod tests {
             &[dom(2_000_000_000)],
             vec![],
         );
-        assert!((r2.vms[0].cpu_busy - 1.0).abs() < 1e-9);
+        assert_busy(r2.vms[0].cpu_busy, 1.0);
         assert_eq!((r1.seq, r2.seq), (1, 2));
         assert_eq!(r2.usage.mem_available_kib, 50);
         assert_eq!(r2.vms[0].balloon_kib, Some(200_000));
@@ -366,11 +371,7 @@ mod tests {
         let t2 = t0 + Duration::from_secs(2);
         let r = s.sample_at(t2, t2, 2000, &text, &[dom(800_000_000)], vec![]);
         // 0.8 s of CPU over the VMs' own 2 s: 0.4 (not 1.6 over the host readings' 0.5 s).
-        assert!(
-            (r.vms[0].cpu_busy - 0.4).abs() < 1e-9,
-            "{}",
-            r.vms[0].cpu_busy
-        );
+        assert_busy(r.vms[0].cpu_busy, 0.4);
     }
 
     #[test]
@@ -422,11 +423,7 @@ mod tests {
             vec![],
         );
         assert_eq!(r.vms[0].vcpus, 2);
-        assert!(
-            (r.vms[0].cpu_busy - 3.0).abs() < 1e-9,
-            "{}",
-            r.vms[0].cpu_busy
-        );
+        assert_busy(r.vms[0].cpu_busy, 3.0);
     }
 
     #[test]

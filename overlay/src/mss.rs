@@ -6,12 +6,10 @@
 //! as the first next header are rewritten; everything else is left alone. The TCP checksum is
 //! updated incrementally (RFC 1624), so the rest of the segment is not read.
 
-use crate::wire::ETHERNET_HEADER_LEN;
+use crate::wire::{
+    ETHERNET_HEADER_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, IP_PROTO_TCP,
+};
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86DD;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const IP_PROTO_TCP: u8 = 6;
 const TCP_HEADER_LEN: usize = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_OPTION_END: u8 = 0;

@@ -152,6 +152,24 @@ impl Sim {
         }
     }
 
+    /// A broadcast ARP request at `host`'s TAP of `violin`: `sha` at `spa` asks who has `tpa`.
+    fn arp_request(&mut self, host: &str, violin: u32, sha: Mac, spa: [u8; 4], tpa: [u8; 4]) {
+        let req = Arp {
+            op: 1,
+            sha,
+            spa,
+            tha: [0; 6],
+            tpa,
+        };
+        self.tap(host, violin, &wire::build_arp(BROADCAST, sha, &req));
+    }
+
+    /// A DHCPDISCOVER from `mac(vm)` at `host`'s TAP of `violin`.
+    fn discover(&mut self, host: &str, violin: u32, vm: u8) {
+        let frame = dhcp::tests::client_frame(mac(vm), MessageType::Discover, None, None);
+        self.tap(host, violin, &frame);
+    }
+
     fn tap(&mut self, host: &str, violin: u32, frame: &[u8]) {
         let now = self.now;
         let mut out = Vec::new();
@@ -512,35 +530,17 @@ fn arp_requests_for_known_addresses_are_answered_locally() {
     s.violin("a/a1", 1, &["*"], &[(ip_b, mac(2))]);
     s.violin("b/b1", 1, &["*"], &[]);
     s.clear();
-    let req = Arp {
-        op: 1,
-        sha: mac(1),
-        spa: [10, 1, 0, 1],
-        tha: [0; 6],
-        tpa: ip_b.octets(),
-    };
-    s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(1), &req));
+    s.arp_request("a/a1", 1, mac(1), [10, 1, 0, 1], ip_b.octets());
     let replies = s.take("a/a1", 1);
     assert_eq!(replies.len(), 1);
     let reply = wire::parse_arp(&replies[0]).unwrap();
     assert_eq!((reply.op, reply.sha, reply.tpa), (2, mac(2), [10, 1, 0, 1]));
     assert!(s.take("b/b1", 1).is_empty(), "answered request was flooded");
     // An address nobody knows is flooded as usual.
-    let req2 = Arp {
-        tpa: [10, 1, 0, 99],
-        ..req
-    };
-    s.tap("a/a1", 1, &wire::build_arp(BROADCAST, mac(1), &req2));
+    s.arp_request("a/a1", 1, mac(1), [10, 1, 0, 1], [10, 1, 0, 99]);
     assert_eq!(s.take("b/b1", 1).len(), 1);
     // b1 learned 10.1.0.1 from a1's announcement (sender of the ARP) and answers for it.
-    let req3 = Arp {
-        op: 1,
-        sha: mac(2),
-        spa: ip_b.octets(),
-        tha: [0; 6],
-        tpa: [10, 1, 0, 1],
-    };
-    s.tap("b/b1", 1, &wire::build_arp(BROADCAST, mac(2), &req3));
+    s.arp_request("b/b1", 1, mac(2), ip_b.octets(), [10, 1, 0, 1]);
     assert_eq!(s.take("b/b1", 1).len(), 1);
     assert_eq!(s.sw("b/b1").counters().arp_answered, 1);
 }
@@ -794,14 +794,7 @@ fn arp_for_a_managed_address_cannot_be_poisoned() {
     assert_eq!(s.drops("c/c1", DropReason::ArpSpoof), 1);
     // Everyone still answers with the victim's MAC.
     for host in ["b/b1", "c/c1"] {
-        let req = Arp {
-            op: 1,
-            sha: mac(8),
-            spa: [10, 1, 0, 8],
-            tha: [0; 6],
-            tpa: VICTIM_IP.octets(),
-        };
-        s.tap(host, 1, &wire::build_arp(BROADCAST, mac(8), &req));
+        s.arp_request(host, 1, mac(8), [10, 1, 0, 8], VICTIM_IP.octets());
         let replies = s.take(host, 1);
         assert_eq!(replies.len(), 1, "{host}");
         assert_eq!(wire::parse_arp(&replies[0]).unwrap().sha, mac(5), "{host}");
@@ -1015,11 +1008,7 @@ fn a_managed_vm_gets_its_address_by_dhcp_from_its_own_host() {
     let mut s = dhcp_pair();
     let server = Ipv4Addr::new(10, 7, 0, 1);
     let ip = Ipv4Addr::new(10, 7, 0, 10);
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 10);
     let (dst, to, offer) = dhcp_reply(&mut s);
     assert_eq!((dst, to), (mac(10), ip), "unicast to chaddr and yiaddr");
     assert_eq!(offer.op, 2);
@@ -1048,14 +1037,7 @@ fn a_managed_vm_gets_its_address_by_dhcp_from_its_own_host() {
     assert_eq!((c.dhcp_offers, c.dhcp_acks, c.dhcp_naks), (1, 1, 0));
 
     // The server's address resolves (renewals are unicast to it), from a1's TAP only.
-    let arp = Arp {
-        op: 1,
-        sha: mac(10),
-        spa: ip.octets(),
-        tha: [0; 6],
-        tpa: server.octets(),
-    };
-    s.tap("a/a1", 7, &wire::build_arp(BROADCAST, mac(10), &arp));
+    s.arp_request("a/a1", 7, mac(10), ip.octets(), server.octets());
     let answers = s.take("a/a1", 7);
     assert_eq!(answers.len(), 1);
     let reply = wire::parse_arp(&answers[0]).unwrap();
@@ -1085,11 +1067,7 @@ fn a_violin_with_its_own_mtu_tells_its_vms_that_one() {
     };
     s.set_violin("a/a1", cfg);
     s.clear();
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 10);
     let (_, _, offer) = dhcp_reply(&mut s);
     assert_eq!(offer.options.mtu, Some(1400));
 }
@@ -1144,11 +1122,7 @@ fn unknown_clients_get_no_lease_and_their_dhcp_is_flooded() {
 fn a_violin_without_a_subnet_leaves_dhcp_alone() {
     let mut s = mesh_in_violin_1(&["a/a1", "b/b1"], 1414);
     s.clear();
-    s.tap(
-        "a/a1",
-        1,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 1, 10);
     assert!(s.take("a/a1", 1).is_empty());
     assert_eq!(s.take("b/b1", 1).len(), 1);
     assert_eq!(s.sw("a/a1").counters().dhcp_unknown_client, 0);
@@ -1173,22 +1147,11 @@ fn a_changed_violin_spec_takes_effect_in_place() {
     assert_eq!(status.violins[0].name, "renamed");
     assert_eq!(status.violins[0].subnet.as_deref(), Some("10.7.0.0/24"));
     // The removed VM gets no lease; its DISCOVER goes out like anyone's.
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(10), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 10);
     assert!(s.take("a/a1", 7).is_empty());
     assert_eq!(s.take("b/b1", 7).len(), 1);
     // ... nor is ARP for its old address answered from the table.
-    let arp = Arp {
-        op: 1,
-        sha: mac(1),
-        spa: [10, 7, 0, 50],
-        tha: [0; 6],
-        tpa: [10, 7, 0, 10],
-    };
-    s.tap("b/b1", 7, &wire::build_arp(BROADCAST, mac(1), &arp));
+    s.arp_request("b/b1", 7, mac(1), [10, 7, 0, 50], [10, 7, 0, 10]);
     assert!(
         s.take("b/b1", 7).is_empty(),
         "b1 no longer answers for 10.7.0.10"
@@ -1199,17 +1162,9 @@ fn a_changed_violin_spec_takes_effect_in_place() {
         s.sw("a/a1").lookup(v(7), &mac(11)),
         Some((Location::Local, 1))
     );
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(11), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 11);
     assert_eq!(dhcp_reply(&mut s).2.yiaddr, Ipv4Addr::new(10, 7, 0, 11));
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(12), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 12);
     assert_eq!(dhcp_reply(&mut s).2.yiaddr, Ipv4Addr::new(10, 7, 0, 12));
     // The new VM's home is a1: b1 refuses it from elsewhere.
     s.tap("b/b1", 7, &test_frame(BROADCAST, mac(12), IP, 60, 0));
@@ -1219,11 +1174,7 @@ fn a_changed_violin_spec_takes_effect_in_place() {
     cfg.subnet = None;
     s.set_violin("a/a1", cfg);
     s.clear();
-    s.tap(
-        "a/a1",
-        7,
-        &dhcp::tests::client_frame(mac(11), MessageType::Discover, None, None),
-    );
+    s.discover("a/a1", 7, 11);
     assert!(s.take("a/a1", 7).is_empty());
     assert_eq!(s.take("b/b1", 7).len(), 1);
 }

@@ -405,8 +405,16 @@ pub fn parse_arp(frame: &[u8]) -> Option<Arp> {
     })
 }
 
+/// EtherType of IPv4.
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
 /// EtherType of IPv6.
 pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// EtherType of an 802.1Q VLAN tag.
+pub const ETHERTYPE_VLAN: u16 = 0x8100;
+/// IP protocol number of TCP.
+pub const IP_PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const IP_PROTO_UDP: u8 = 17;
 
 /// An IPv6 neighbour solicitation or advertisement (RFC 4861 §4.3, §4.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,6 +15,18 @@ pub fn depot(args: &[&str]) -> Result<String> {
     run_ok(Command::new(bin("viola-depot")).arg("--quiet").args(args))
 }
 
+/// `viola-depot --store STORE import FILE --name NAME`: `file` becomes image `name` in `store`.
+pub fn import(store: &Path, file: &Path, name: &str) -> Result<String> {
+    depot(&[
+        "--store",
+        store.to_str().unwrap(),
+        "import",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+    ])
+}
+
 /// The configuration of a depot of `site` serving on `host`'s underlay address (port 7410) from
 /// `store`, laying chains down in the lab's image directories, with the lab's WAN as its path
 /// (200 Mbit/s, 20 ms RTT); `extra` holds further top-level keys and tables.

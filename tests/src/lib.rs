@@ -81,6 +81,14 @@ pub fn lab_tests_enabled() -> bool {
     true
 }
 
+/// Panics naming the first of `tools` not on the PATH: the machine is not set up for a test
+/// that needs more than the lab does.
+pub fn assert_tools(tools: &[&str]) {
+    for tool in tools {
+        assert!(which(tool), "{tool} is missing: run scripts/setup.sh");
+    }
+}
+
 fn which(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -212,6 +220,17 @@ impl Default for LabSpec {
     }
 }
 
+impl LabSpec {
+    /// `sites` sites of one host each (what the overlay tests need), the rest as default.
+    pub fn one_host_per_site(sites: u32) -> Self {
+        Self {
+            sites,
+            hosts: 1,
+            ..Self::default()
+        }
+    }
+}
+
 /// A lab instance; `Drop` runs `lab.sh down` if this value brought it up.
 pub struct Lab {
     pub instance: String,
@@ -329,6 +348,24 @@ impl Lab {
                 .args(["-c", "qemu:///system"])
                 .args(args),
         )
+    }
+
+    /// Asserts that none of the domains `names` is defined at `host` and none left its disk
+    /// (`NAME.qcow2`) in the host's images.
+    pub fn assert_vms_gone(&self, host: &str, names: &[&str]) {
+        let all = self.virsh(host, &["list", "--all", "--name"]).unwrap();
+        for name in names {
+            assert!(
+                !all.lines().any(|l| l.trim() == *name),
+                "{name} still defined at {host}"
+            );
+            assert!(
+                !Path::new(&self.host(host).images)
+                    .join(format!("{name}.qcow2"))
+                    .exists(),
+                "{name}'s disk still at {host}"
+            );
+        }
     }
 
     /// The state of `domain` on `host` (`running`, `paused`, `shut off`) or None if unknown there.

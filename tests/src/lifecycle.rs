@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::daemons::{Daemons, bin, free_port, log_text, spawn_logged};
-use crate::depot::{self, depot, serve_config};
+use crate::depot::{self, serve_config};
 use crate::overlay::Overlay;
 use crate::pki::Pki;
 use crate::{Lab, LabSpec, guest_dir, run, wait_until};
@@ -193,25 +193,9 @@ impl Fed {
 
         // Depots: the guest image at site a; site b fetches from a.
         let store_a = dir.join("store-a");
-        depot(&[
-            "--store",
-            store_a.to_str().unwrap(),
-            "import",
-            guest_dir().join("base.qcow2").to_str().unwrap(),
-            "--name",
-            "guest",
-        ])
-        .expect("import");
+        depot::import(&store_a, &guest_dir().join("base.qcow2"), "guest").expect("import");
         for (name, file) in images {
-            depot(&[
-                "--store",
-                store_a.to_str().unwrap(),
-                "import",
-                file.to_str().unwrap(),
-                "--name",
-                name,
-            ])
-            .unwrap_or_else(|e| panic!("import {name}: {e}"));
+            depot::import(&store_a, file, name).unwrap_or_else(|e| panic!("import {name}: {e}"));
         }
         let a_cfg = serve_config(
             &lab,
@@ -413,6 +397,17 @@ impl Fed {
             id: self.id(who),
         }
     }
+}
+
+/// A new ed25519 key pair without a passphrase: the private key at `path`, the public one at
+/// `path.pub`, commented `comment` if given (else ssh-keygen's default, user@host).
+pub fn ssh_keygen(path: &Path, comment: Option<&str>) {
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", "ed25519", "-N", ""]);
+    if let Some(comment) = comment {
+        cmd.args(["-C", comment]);
+    }
+    crate::run_ok(cmd.arg("-f").arg(path)).unwrap();
 }
 
 /// `ssh root@IP CMD` from namespace `ns` with the private key `key` (no host-key checks: lab

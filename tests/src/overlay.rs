@@ -9,11 +9,26 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::daemons::{Daemons, bin, log_text, spawn_logged};
-use crate::{run, run_ok, wait_until};
+use crate::pki::Pki;
+use crate::{Lab, LabSpec, lab_tests_enabled, run, run_ok, wait_until};
 
 /// Builds `viola-overlay` and `viola-ca`.
 pub fn build_binaries() -> Result<()> {
     crate::daemons::build(&["viola-overlay", "viola-common"])
+}
+
+/// What every overlay lab test starts from: the daemons built, lab `instance` up as `spec`
+/// says, no daemons yet and a CA in the test's directory. `None` where lab tests are off.
+/// Bind the three in this order: dropped in reverse, the daemons go before the lab.
+pub fn start_lab(instance: &str, spec: &LabSpec) -> Result<Option<(Lab, Overlay, Pki)>> {
+    if !lab_tests_enabled() {
+        return Ok(None);
+    }
+    build_binaries()?;
+    let lab = Lab::up(instance, spec)?;
+    let overlay = Overlay::new(instance)?;
+    let pki = Pki::init(&overlay.path("ca"))?;
+    Ok(Some((lab, overlay, pki)))
 }
 
 /// Daemons, VM namespaces and files of this test; removed on drop (also on panic).
@@ -63,8 +78,8 @@ impl Overlay {
     /// variable as `scripts/bench/overlay.sh`'s).
     pub fn host_config(
         &self,
-        lab: &crate::Lab,
-        pki: &crate::pki::Pki,
+        lab: &Lab,
+        pki: &Pki,
         host: &str,
         peers: &[&str],
         keys: &str,
@@ -129,6 +144,23 @@ impl Overlay {
 
     pub fn log(&self, name: &str) -> String {
         log_text(&self.path(&format!("{name}.log")))
+    }
+
+    /// A VM namespace on violin `violin` at each of `hosts`, the i-th at `10.1.0.(i+1)/24`
+    /// (the same addresses in every violin); their names.
+    pub fn vm_per_host(&mut self, lab: &Lab, hosts: &[&str], violin: u32) -> Result<Vec<String>> {
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                self.vm(
+                    &lab.host(h).namespace,
+                    h,
+                    violin,
+                    &format!("10.1.0.{}/24", i + 1),
+                )
+            })
+            .collect()
     }
 
     /// A namespace standing in for a VM of `violin` on `host`, attached to the violin's bridge.

@@ -42,6 +42,22 @@ fn migrations(fed: &Fed) -> Vec<(String, String, String, String, String)> {
         .collect()
 }
 
+/// Waits until the loop has a migrate action off `from` with `outcome`; an error naming `what`
+/// after `timeout`.
+fn wait_for_migration_off(
+    fed: &Fed,
+    from: &str,
+    outcome: &str,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_until(what, timeout, || {
+        migrations(fed)
+            .iter()
+            .any(|(_, f, _, o, _)| f == from && o == outcome)
+    })
+}
+
 /// The downtime the decision log recorded for the policy's move of `vm` to `to`.
 fn move_downtime_ms(fed: &Fed, vm: &str, to: &str) -> Option<u64> {
     let listed = run_ok(&mut fed.cli.cmd(&["--json", "decisions"])).unwrap();
@@ -171,14 +187,12 @@ fn overloaded_hosts_are_relieved_by_the_loop_across_and_within_sites_in_act_mode
     progress("b1 runs two busy VMs (caps 55 %), b2 one (cap 40 %); the loop advises");
 
     // Advise: a move off b1 is recommended, and nothing moves.
-    wait_until(
+    wait_for_migration_off(
+        &fed,
+        "b1",
+        "advised",
         "the loop advises moving a VM off b1",
         Duration::from_secs(120),
-        || {
-            migrations(&fed)
-                .iter()
-                .any(|(_, from, _, outcome, _)| from == "b1" && outcome == "advised")
-        },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", log_text(&fed.mgr_log)));
     let advised = migrations(&fed);
@@ -266,14 +280,12 @@ fn overloaded_hosts_are_relieved_by_the_loop_across_and_within_sites_in_act_mode
     for vm in ["mover", "stay"] {
         assert_eq!(running_copies(&fed, vm), 1, "one running copy of {vm}");
     }
-    let moved = wait_until(
+    let moved = wait_for_migration_off(
+        &fed,
+        "b1",
+        "done",
         "the loop moves a VM off b1",
         Duration::from_secs(180),
-        || {
-            migrations(&fed)
-                .iter()
-                .any(|(_, from, _, outcome, _)| from == "b1" && outcome == "done")
-        },
     );
     std::thread::sleep(Duration::from_secs(3));
     let pinged: Vec<(&str, String, std::process::Output)> = pings

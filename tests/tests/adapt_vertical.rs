@@ -26,7 +26,8 @@ fn cap_percent(name: &str) -> Option<i64> {
     (cap.quota_us > 0).then(|| cap.quota_us * 100 / cap.period_us as i64)
 }
 
-fn viola(mgr: &str, cli: &Path, args: &[&str]) {
+/// `viola ARGS` as `cli` against the manager at `mgr`, insisting on success; its stdout.
+fn viola(mgr: &str, cli: &Path, args: &[&str]) -> String {
     let out = Command::new(bin("viola"))
         .args(["--manager", mgr, "--identity"])
         .arg(cli)
@@ -38,23 +39,13 @@ fn viola(mgr: &str, cli: &Path, args: &[&str]) {
         "viola {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The resize actions the decision log holds for `vm`: (reason, outcome). `viola --json
 /// decisions` prints one decision per line.
 fn resizes(mgr: &str, cli: &Path, vm: &str) -> Vec<(String, String)> {
-    let out = Command::new(bin("viola"))
-        .args(["--manager", mgr, "--identity"])
-        .arg(cli)
-        .args(["--json", "decisions"])
-        .output()
-        .expect("run viola decisions");
-    assert!(
-        out.status.success(),
-        "viola decisions: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    viola(mgr, cli, &["--json", "decisions"])
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a decision per line"))
         .flat_map(|d| d["actions"].as_array().cloned().unwrap_or_default())

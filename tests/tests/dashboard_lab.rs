@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use viola_labtests::daemons::{free_port, log_text, spawn_logged};
 use viola_labtests::lifecycle::{Fed, FedSpec, HOSTS};
-use viola_labtests::{lab_tests_enabled, run, run_ok, wait_until};
+use viola_labtests::{assert_tools, lab_tests_enabled, run, run_ok, wait_until};
 
 /// A WebDriver session of a Chromium whose NSS database holds one identity.
 struct Browser {
@@ -267,13 +267,7 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     if !lab_tests_enabled() {
         return;
     }
-    for tool in ["chromedriver", "certutil", "pk12util", "socat"] {
-        assert!(
-            run(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
-                .is_ok_and(|o| o.status.success()),
-            "{tool} is missing: run scripts/setup.sh"
-        );
-    }
+    assert_tools(&["chromedriver", "certutil", "pk12util", "socat"]);
     let fed = Fed::with(&FedSpec {
         dashboard: true,
         ..FedSpec::default()

@@ -129,15 +129,7 @@ fn image_staged_across_sites_boots_survives_a_lying_source_and_a_killed_depot() 
     let store_a2 = dir.join("store-a2");
     let store_b1 = dir.join("store-b1");
     for (img, name) in [(&guest_layer, "guest"), (&big_layer, "big")] {
-        depot(&[
-            "--store",
-            store_a1.to_str().unwrap(),
-            "import",
-            img.to_str().unwrap(),
-            "--name",
-            name,
-        ])
-        .unwrap();
+        depot::import(&store_a1, img, name).unwrap();
     }
     run_ok(Command::new("cp").arg("-a").arg(&store_a1).arg(&store_a2)).unwrap();
     // a1's copy of the guest layer is corrupt: one flipped byte in every chunk of that part.

@@ -27,7 +27,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::log_text;
-use viola_labtests::lifecycle::{Cli, Fed, HOSTS, console_ready_ip, spawn_manager, ssh};
+use viola_labtests::lifecycle::{
+    Cli, Fed, HOSTS, console_ready_ip, spawn_manager, ssh, ssh_keygen,
+};
 use viola_labtests::overlay::link_exists;
 use viola_labtests::{guest_dir, lab_tests_enabled, run, run_ok, wait_until};
 
@@ -63,12 +65,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     // Three VMs from the depot image with a deadline: one at site a (with the user's SSH
     // key), two at site b.
     let key = dir.join("id_ed25519");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "tester@lab", "-f"])
-            .arg(&key),
-    )
-    .unwrap();
+    ssh_keygen(&key, Some("tester@lab"));
     let created = Instant::now();
     let a_vms = cli
         .json(&[
@@ -162,12 +159,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         String::from_utf8_lossy(&out.stderr)
     );
     let other = dir.join("other_ed25519");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&other),
-    )
-    .unwrap();
+    ssh_keygen(&other, None);
     assert!(
         !ssh(&vms[0].2, &other).status.success(),
         "another key is refused"
@@ -251,19 +243,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     .unwrap_or_else(|e| panic!("{e}\n{}", log_text(&mgr_log2)));
     let cut_names = ["cut-1", "cut-2", "cut-3"];
     for h in HOSTS {
-        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
-        for name in cut_names {
-            assert!(
-                !all.lines().any(|l| l.trim() == name),
-                "{name} defined at {h}"
-            );
-            assert!(
-                !Path::new(&lab.host(h).images)
-                    .join(format!("{name}.qcow2"))
-                    .exists(),
-                "{name}'s disk at {h}"
-            );
-        }
+        lab.assert_vms_gone(h, &cut_names);
     }
     let shown = cli.json(&["violin", "show", "lab"]).unwrap();
     let members = shown[0]["vms"].as_array().unwrap();
@@ -437,19 +417,8 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     cli.json(&["violin", "delete", "lab", "--force"])
         .unwrap_or_else(|e| panic!("violin delete: {e}\n{}", log_text(&mgr_log)));
     for h in HOSTS {
-        let all = lab.virsh(h, &["list", "--all", "--name"]).unwrap();
-        for (name, _, _) in &vms {
-            assert!(
-                !all.lines().any(|l| l.trim() == name),
-                "{name} still defined at {h}"
-            );
-            assert!(
-                !Path::new(&lab.host(h).images)
-                    .join(format!("{name}.qcow2"))
-                    .exists(),
-                "{name}'s disk still at {h}"
-            );
-        }
+        let names: Vec<&str> = vms.iter().map(|(name, _, _)| name.as_str()).collect();
+        lab.assert_vms_gone(h, &names);
         assert!(!link_exists(&ns(h), &bridge), "{bridge} still at {h}");
         let status = fed.overlays.status(h).unwrap();
         assert_eq!(status["switch"]["violins"], serde_json::json!([]), "{h}");

@@ -124,17 +124,11 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     // The guest image in site a's depot; its manifest hash is what g1's domain will name.
     let store_a = dir.join("store-a");
     let store_b = dir.join("store-b");
-    depot(&[
-        "--store",
-        store_a.to_str().unwrap(),
-        "import",
-        viola_labtests::guest_dir()
-            .join("base.qcow2")
-            .to_str()
-            .unwrap(),
-        "--name",
+    depot::import(
+        &store_a,
+        &viola_labtests::guest_dir().join("base.qcow2"),
         "guest",
-    ])
+    )
     .expect("import");
     let (image, manifest) = depot::manifest(&store_a, "guest").expect("image recorded");
     let parts = manifest["parts"].as_array().expect("parts");

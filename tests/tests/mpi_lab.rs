@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::log_text;
-use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, spawn_manager, ssh};
+use viola_labtests::lifecycle::{
+    Fed, console_ready_ip, output_text as text, spawn_manager, ssh, ssh_keygen,
+};
 use viola_labtests::{lab_tests_enabled, progress, run, run_ok, wait_until};
 
 /// The MPI guest's top layer (its backing file is the OS layer beside it).
@@ -137,12 +139,7 @@ fn two_rank_cluster(fed: &Fed) -> Cluster {
     // The scientist's machine: host a2, on the violin from an address no VM holds.
     fed.violin_joined_by_a2("hpc");
     let key = fed.dir().join("id_ed25519");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "scientist@lab", "-f"])
-            .arg(&key),
-    )
-    .unwrap();
+    ssh_keygen(&key, Some("scientist@lab"));
     let pubkey = key.with_extension("pub");
     let started = Instant::now();
     let mut ranks = Vec::new();

@@ -27,8 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use viola_labtests::overlay::*;
-use viola_labtests::pki::Pki;
-use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run, run_ok};
+use viola_labtests::{LabSpec, run, run_ok};
 
 const LAB: &str = "ovh";
 const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
@@ -151,23 +150,41 @@ fn mac_table_len(o: &Overlay, name: &str) -> Result<usize> {
         .map_or(0, Vec::len))
 }
 
-/// TCP throughput from namespace `client` to `server_ip` in namespace `server`: iperf3 for 8 s,
-/// Mbit/s received after the first 2 s (both slow starts, the guest's and the QUIC
-/// connection's, are left out).
-fn tcp_mbit(server: &str, client: &str, server_ip: &str) -> Result<f64> {
+/// `iperf3 -c SERVER_IP -p PORT CLIENT_ARGS` in namespace `client` (30 s at most) against a
+/// one-shot iperf3 server on `port` in namespace `server`; the client's output.
+fn iperf3(
+    server: &str,
+    client: &str,
+    server_ip: &str,
+    port: &str,
+    client_args: &[&str],
+) -> Result<std::process::Output> {
     let mut iperf_server = Command::new("ip")
-        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5311"])
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", port])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     sleep(Duration::from_millis(500));
-    let iperf = run(Command::new("ip").args([
-        "netns", "exec", client, "timeout", "30", "iperf3", "-c", server_ip, "-p", "5311", "-t",
-        "6", "-O", "2", "-J",
-    ]));
+    let iperf = run(Command::new("ip")
+        .args(["netns", "exec", client, "timeout", "30", "iperf3"])
+        .args(["-c", server_ip, "-p", port])
+        .args(client_args));
     let _ = iperf_server.kill();
     let _ = iperf_server.wait();
-    let iperf = iperf?;
+    iperf
+}
+
+/// TCP throughput from namespace `client` to `server_ip` in namespace `server`: iperf3 for 8 s,
+/// Mbit/s received after the first 2 s (both slow starts, the guest's and the QUIC
+/// connection's, are left out).
+fn tcp_mbit(server: &str, client: &str, server_ip: &str) -> Result<f64> {
+    let iperf = iperf3(
+        server,
+        client,
+        server_ip,
+        "5311",
+        &["-t", "6", "-O", "2", "-J"],
+    )?;
     anyhow::ensure!(
         iperf.status.success(),
         "iperf3 {client} -> {server_ip} failed"
@@ -198,20 +215,9 @@ fn victim_location(o: &Overlay, host: &str) -> Result<String> {
 
 #[test]
 fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
-    if !lab_tests_enabled() {
+    let Some((lab, mut o, pki)) = start_lab(LAB, &LabSpec::one_host_per_site(3))? else {
         return Ok(());
-    }
-    build_binaries()?;
-    let lab = Lab::up(
-        LAB,
-        &LabSpec {
-            sites: 3,
-            hosts: 1,
-            ..LabSpec::default()
-        },
-    )?;
-    let mut o = Overlay::new(LAB)?;
-    let pki = Pki::init(&o.path("ca"))?;
+    };
     let ns = |h: &str| lab.host(h).namespace.clone();
     let addr = |h: &str| lab.host(h).address.clone();
     for h in HOSTS {
@@ -227,11 +233,7 @@ fn a_guest_can_neither_steal_a_managed_mac_nor_poison_arp() -> Result<()> {
         )?;
         o.start(h, &ns(h), &path)?;
     }
-    let vms: Vec<String> = HOSTS
-        .iter()
-        .enumerate()
-        .map(|(i, h)| o.vm(&ns(h), h, 1, &format!("10.1.0.{}/24", i + 1)))
-        .collect::<Result<_>>()?;
+    let vms: Vec<String> = o.vm_per_host(&lab, &HOSTS, 1)?;
     let (victim, spoofer, observer) = (&vms[0], &vms[1], &vms[2]);
     set_mac(victim, VICTIM_MAC)?;
     let spoofer_mac = mac_of(spoofer)?;
@@ -454,21 +456,17 @@ fn udp_loss(
     mbit: u32,
     seconds: u32,
 ) -> Result<(u64, u64)> {
-    let mut iperf_server = Command::new("ip")
-        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5312"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    sleep(Duration::from_millis(500));
-    let iperf = run(Command::new("ip")
-        .args([
-            "netns", "exec", client, "timeout", "30", "iperf3", "-c", server_ip,
-        ])
-        .args(["-p", "5312", "-u", "-l", "1000", "-w", "4M", "-J"])
-        .args(["-b", &format!("{mbit}M"), "-t", &seconds.to_string()]));
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
-    let iperf = iperf?;
+    let rate = format!("{mbit}M");
+    let seconds = seconds.to_string();
+    let iperf = iperf3(
+        server,
+        client,
+        server_ip,
+        "5312",
+        &[
+            "-u", "-l", "1000", "-w", "4M", "-J", "-b", &rate, "-t", &seconds,
+        ],
+    )?;
     anyhow::ensure!(
         iperf.status.success(),
         "iperf3 -u {client} -> {server_ip} failed: {}",

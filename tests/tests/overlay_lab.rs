@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use viola_labtests::overlay::*;
 use viola_labtests::pki::Pki;
-use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run, wait_until};
+use viola_labtests::{LabSpec, run, wait_until};
 
 const LAB: &str = "ovl";
 const HOSTS: [&str; 3] = ["a1", "b1", "c1"];
@@ -69,21 +69,16 @@ fn only_holder_of_qos_request(o: &Overlay, name: &str) -> Result<()> {
 
 #[test]
 fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
-    if !lab_tests_enabled() {
-        return Ok(());
-    }
-    build_binaries()?;
-    let lab = Lab::up(
+    let Some((lab, mut o, pki)) = start_lab(
         LAB,
         &LabSpec {
-            sites: 3,
-            hosts: 1,
             nat_sites: vec!["b".into(), "c".into()],
-            ..LabSpec::default()
+            ..LabSpec::one_host_per_site(3)
         },
-    )?;
-    let mut o = Overlay::new(LAB)?;
-    let pki = Pki::init(&o.path("ca"))?;
+    )?
+    else {
+        return Ok(());
+    };
     let pm_qos = std::path::Path::new(PM_QOS_DEVICE).exists();
     if !pm_qos {
         eprintln!("no {PM_QOS_DEVICE} in this kernel: the CPU wake-up latency checks are skipped");
@@ -105,16 +100,8 @@ fn overlay_across_sites_with_nat_relay_isolation_and_restart() -> Result<()> {
         o.start(h, &ns(h), &path)?;
     }
     // Same addresses in both violins.
-    let v1: Vec<String> = HOSTS
-        .iter()
-        .enumerate()
-        .map(|(i, h)| o.vm(&ns(h), h, 1, &format!("10.1.0.{}/24", i + 1)))
-        .collect::<Result<_>>()?;
-    let v2: Vec<String> = HOSTS
-        .iter()
-        .enumerate()
-        .map(|(i, h)| o.vm(&ns(h), h, 2, &format!("10.1.0.{}/24", i + 1)))
-        .collect::<Result<_>>()?;
+    let v1: Vec<String> = o.vm_per_host(&lab, &HOSTS, 1)?;
+    let v2: Vec<String> = o.vm_per_host(&lab, &HOSTS, 2)?;
 
     // 1. Ping and TCP across sites (a1 <-> b1 direct: b1 dials out through its NAT).
     let t = wait_ping_from(&v1[0], "10.1.0.2", Duration::from_secs(30))

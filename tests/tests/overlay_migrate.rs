@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use viola_labtests::daemons::{bin, build, log_text, spawn_logged};
 use viola_labtests::overlay::*;
-use viola_labtests::pki::Pki;
 use viola_labtests::{
-    GuestSpec, Lab, LabSpec, boot_guest, create_overlay, guest_http, lab_tests_enabled, run_ok,
-    stage_base, wait_until,
+    GuestSpec, LabSpec, boot_guest, create_overlay, guest_http, run_ok, stage_base, wait_until,
 };
 
 const LAB: &str = "ovm";
@@ -95,14 +93,10 @@ fn mac_location(status: &serde_json::Value, mac: &str) -> Option<(String, u64)> 
 
 #[test]
 fn guest_live_migrates_across_sites_on_the_overlay_keeping_its_address() -> Result<()> {
-    if !lab_tests_enabled() {
+    let Some((lab, mut o, pki)) = start_lab(LAB, &LabSpec::default())? else {
         return Ok(());
-    }
-    build_binaries()?;
+    };
     build(&["viola-adaptmgr", "viola-monitor"])?;
-    let lab = Lab::up(LAB, &LabSpec::default())?;
-    let mut o = Overlay::new(LAB)?;
-    let pki = Pki::init(&o.path("ca"))?;
     let ns = |h: &str| lab.host(h).namespace.clone();
     let guest = GuestSpec::new("vo-g1", "10.1.0.5/24", "vio1");
     // The third guest, on a2, loads g1 across the move.

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use viola_api::overlay::{ControlReply, ControlRequest, ViolinSpec, request_unix};
 use viola_labtests::overlay::*;
-use viola_labtests::pki::Pki;
-use viola_labtests::{Lab, LabSpec, lab_tests_enabled, run, run_ok, wait_until};
+use viola_labtests::{LabSpec, run, run_ok, wait_until};
 
 const LAB: &str = "ovv";
 const HOSTS: [&str; 2] = ["a1", "b1"];
@@ -126,20 +125,9 @@ fn wait_for_violin(o: &Overlay, host: &str, present: bool) -> Result<()> {
 
 #[test]
 fn violins_set_at_run_time_answer_dhcp_and_survive_a_restart() -> Result<()> {
-    if !lab_tests_enabled() {
+    let Some((lab, mut o, pki)) = start_lab(LAB, &LabSpec::one_host_per_site(2))? else {
         return Ok(());
-    }
-    build_binaries()?;
-    let lab = Lab::up(
-        LAB,
-        &LabSpec {
-            sites: 2,
-            hosts: 1,
-            ..LabSpec::default()
-        },
-    )?;
-    let mut o = Overlay::new(LAB)?;
-    let pki = Pki::init(&o.path("ca"))?;
+    };
     let ns = |h: &str| lab.host(h).namespace.clone();
     let mut configs = Vec::new();
     for h in HOSTS {

@@ -23,7 +23,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use viola_labtests::daemons::{log_text, spawn_logged};
-use viola_labtests::{lab_tests_enabled, repo_root, run, run_ok, wait_until};
+use viola_labtests::{assert_tools, lab_tests_enabled, repo_root, run, run_ok, wait_until};
 
 const NS: &str = "vpk-host";
 const UNITS: [(&str, &str); 4] = [
@@ -69,13 +69,7 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
     if !lab_tests_enabled() {
         return;
     }
-    for tool in ["mmdebstrap", "dpkg-deb", "dpkg-shlibdeps", "unshare"] {
-        assert!(
-            run(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
-                .is_ok_and(|o| o.status.success()),
-            "{tool} is missing: run scripts/setup.sh"
-        );
-    }
+    assert_tools(&["mmdebstrap", "dpkg-deb", "dpkg-shlibdeps", "unshare"]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let debs = dir.join("debs");

@@ -15,11 +15,10 @@
 //! - the victim live-migrates to a2 and its filter goes with it: the binding is on a2's port,
 //!   no longer on a1.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::log_text;
-use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, ssh};
+use viola_labtests::lifecycle::{Fed, console_ready_ip, output_text as text, ssh, ssh_keygen};
 use viola_labtests::{guest_http, lab_tests_enabled, progress, run_ok, wait_until};
 
 /// (name, MAC, address) of a VM the CLI made.
@@ -49,12 +48,7 @@ fn a_guest_cannot_take_a_neighbours_mac_on_its_own_bridge() {
     let a2 = fed.ns("a2");
     fed.violin_joined_by_a2("sec");
     let key = fed.dir().join("id_ed25519");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "tester@lab", "-f"])
-            .arg(&key),
-    )
-    .unwrap();
+    ssh_keygen(&key, Some("tester@lab"));
     let mut vms = Vec::new();
     for name in ["victim", "thief"] {
         let made = cli

@@ -200,14 +200,7 @@ async fn route(
         "/app.css" => asset(APP_CSS, "text/css; charset=utf-8"),
         "/api/v1/overview" => {
             let m = Arc::clone(manager);
-            let built =
-                tokio::task::spawn_blocking(move || view::overview(&m, &caller, viewer, now_ms()))
-                    .await;
-            match built {
-                Ok(Ok(o)) => json(&o),
-                Ok(Err(e)) => server_error(&e),
-                Err(e) => server_error(&e),
-            }
+            json_built_off_runtime(move || view::overview(&m, &caller, viewer, now_ms())).await
         }
         "/api/v1/history" => {
             let prefix = param(query, "series").unwrap_or_default();
@@ -220,15 +213,8 @@ async fn route(
                 Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
             };
             let m = Arc::clone(manager);
-            let built = tokio::task::spawn_blocking(move || {
-                view::history(&m, &caller, &prefix, range, now_ms())
-            })
-            .await;
-            match built {
-                Ok(Ok(h)) => json(&h),
-                Ok(Err(e)) => server_error(&e),
-                Err(e) => server_error(&e),
-            }
+            json_built_off_runtime(move || view::history(&m, &caller, &prefix, range, now_ms()))
+                .await
         }
         "/api/v1/events" => {
             let Ok(permit) = Arc::clone(streams).try_acquire_owned() else {
@@ -362,6 +348,22 @@ fn asset(body: &'static str, content_type: &str) -> Response<Body> {
         Bytes::from_static(body.as_bytes()),
         "no-cache",
     )
+}
+
+/// Answers with what `build` makes, as JSON; `build` reads the inventory, so it runs on a
+/// blocking thread.
+async fn json_built_off_runtime<T, E>(
+    build: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Response<Body>
+where
+    T: serde::Serialize + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    match tokio::task::spawn_blocking(build).await {
+        Ok(Ok(value)) => json(&value),
+        Ok(Err(e)) => server_error(&e),
+        Err(e) => server_error(&e),
+    }
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Response<Body> {

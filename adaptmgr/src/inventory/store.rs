@@ -727,7 +727,6 @@ impl Inventory {
 mod tests {
     use super::*;
     use viola_api::manager::{HostUsage, VmUsage};
-    use viola_hypervisor::DomainState;
 
     fn report(seq: u64, vms: &[(&str, f64)]) -> HostReport {
         HostReport {
@@ -747,20 +746,9 @@ mod tests {
             vms: vms
                 .iter()
                 .map(|(n, busy)| VmUsage {
-                    name: (*n).into(),
                     uuid: String::new(),
-                    state: DomainState::Running,
-                    vcpus: 1,
-                    max_vcpus: 2,
-                    cpu_time_ns: 0,
-                    cpu_busy: *busy,
-                    memory_kib: 262_144,
-                    max_memory_kib: 262_144,
                     balloon_kib: Some(200_000),
-                    rss_kib: None,
-                    disks: vec![],
-                    nics: vec![],
-                    port_filter_drops: None,
+                    ..crate::fixtures::running_vm(n, 2, 262_144, *busy)
                 })
                 .collect(),
             probes: vec![],

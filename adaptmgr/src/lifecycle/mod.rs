@@ -234,6 +234,17 @@ pub enum VmError {
     Inventory(#[from] InventoryError),
 }
 
+impl VmError {
+    /// For `map_err`: what the hypervisor of `host` said acting on `vm`.
+    fn hypervisor<'a>(vm: &'a str, host: &'a str) -> impl Fn(HypervisorError) -> Self + Copy + 'a {
+        move |source| Self::Hypervisor {
+            vm: vm.to_owned(),
+            host: host.to_owned(),
+            source: Box::new(source),
+        }
+    }
+}
+
 /// Label `site/host` as the overlay daemons name hosts.
 fn label(h: &HostRecord) -> String {
     format!("{}/{}", h.site, h.name)
@@ -839,11 +850,7 @@ impl Manager {
         // Anything found at a host from here on was made by this request (what the undo
         // removes), so nothing of that name may be there before.
         for vm in &new {
-            let hv_err = |source| VmError::Hypervisor {
-                vm: vm.name.clone(),
-                host: vm.host.name.clone(),
-                source: Box::new(source),
-            };
+            let hv_err = VmError::hypervisor(&vm.name, &vm.host.name);
             let hv = Host::open(&self.connector, &vm.host.libvirt_uri)
                 .await
                 .map_err(hv_err)?;
@@ -952,11 +959,7 @@ impl Manager {
                 vm: vm.name.clone(),
                 source,
             })?;
-            let hv_err = |source| VmError::Hypervisor {
-                vm: vm.name.clone(),
-                host: vm.host.name.clone(),
-                source: Box::new(source),
-            };
+            let hv_err = VmError::hypervisor(&vm.name, &vm.host.name);
             let host = Host::open(&self.connector, &vm.host.libvirt_uri)
                 .await
                 .map_err(hv_err)?;
@@ -1174,11 +1177,7 @@ impl Manager {
             .host(&at)?
             .filter(|h| !h.libvirt_uri.is_empty());
         if let Some(host) = &host {
-            let hv_err = |source| VmError::Hypervisor {
-                vm: op.vm.clone(),
-                host: host.name.clone(),
-                source: Box::new(source),
-            };
+            let hv_err = VmError::hypervisor(&op.vm, &host.name);
             let hv = Host::open(&self.connector, &host.libvirt_uri)
                 .await
                 .map_err(hv_err)?;
@@ -1340,11 +1339,7 @@ impl Manager {
             .ok_or_else(|| VmError::NoPlace(format!("{vm}'s host {} is unknown", rec.host)))?;
         Host::open(&self.connector, &host.libvirt_uri)
             .await
-            .map_err(|source| VmError::Hypervisor {
-                vm: vm.to_owned(),
-                host: host.name.clone(),
-                source: Box::new(source),
-            })
+            .map_err(VmError::hypervisor(vm, &host.name))
     }
 
     /// Ok if `caller` may act on `vm`: an administrator on any VM, a tenant on its violins'.
@@ -1359,11 +1354,9 @@ impl Manager {
     pub async fn start_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
         self.check_owns_vm(caller, vm)?;
         let hv = self.vm_host(vm).await?;
-        hv.start(vm).await.map_err(|source| VmError::Hypervisor {
-            vm: vm.to_owned(),
-            host: hv.uri().to_owned(),
-            source: Box::new(source),
-        })?;
+        hv.start(vm)
+            .await
+            .map_err(VmError::hypervisor(vm, hv.uri()))?;
         self.inventory
             .record(now_ms(), "vm_started", vm, serde_json::Value::Null)?;
         Ok(())
@@ -1376,11 +1369,9 @@ impl Manager {
             return Err(VmError::Busy(vm.to_owned()));
         }
         let hv = self.vm_host(vm).await?;
-        hv.destroy(vm).await.map_err(|source| VmError::Hypervisor {
-            vm: vm.to_owned(),
-            host: hv.uri().to_owned(),
-            source: Box::new(source),
-        })?;
+        hv.destroy(vm)
+            .await
+            .map_err(VmError::hypervisor(vm, hv.uri()))?;
         if let Some(mut rec) = self.inventory.vm(vm)? {
             rec.state = DomainState::ShutOff;
             self.inventory.put_vm(&rec)?;

@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
-use viola_api::manager::{ViolinCreate, VmCreate};
+use viola_api::manager::{ViolinCreate, ViolinView, VmCreate};
 use viola_api::overlay::{ControlReply, ControlRequest};
 use viola_depot::api::{StageRequest, StageState, StageStatus};
 use viola_depot::client::ClientError;
 use viola_hypervisor::Hypervisor as _;
 use viola_hypervisor::fake::FakeCluster;
 
-use super::VmError;
+use super::{ViolinError, VmError};
 use crate::announce::{OverlayLink, OverlayLinkError};
 use crate::inventory::Inventory;
 use crate::manager::{DepotSiteConfig, Manager, ManagerConfig, now_ms};
@@ -304,6 +304,13 @@ impl Lab {
         std::mem::take(&mut *self.overlays.told.lock().unwrap())
     }
 
+    /// Violin `name` over `sites` (none: all), created by an administrator.
+    async fn create_violin(&self, name: &str, sites: &[&str]) -> Result<ViolinView, ViolinError> {
+        self.manager
+            .create_violin(&Caller::Admin, violin(name, sites))
+            .await
+    }
+
     async fn create(&self, req: VmCreate) -> Result<Vec<viola_api::manager::VmView>, VmError> {
         let (tx, _rx) = mpsc::channel(1024);
         self.manager.create_vms(&Caller::Admin, req, tx).await
@@ -331,11 +338,7 @@ impl Lab {
 #[tokio::test]
 async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
     let lab = lab(None, None).await;
-    let v = lab
-        .manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap();
+    let v = lab.create_violin("lab", &[]).await.unwrap();
     assert_eq!((v.id, v.subnet.as_deref()), (1, Some("10.0.1.0/24")));
     assert_eq!(v.sites, ["a", "b"]);
     let told = lab.told();
@@ -348,26 +351,16 @@ async fn a_violin_gets_an_id_a_subnet_and_its_hosts_overlays() {
         assert!(violin.vms.is_empty());
     }
     // Only site b's host carries a violin of site b; ids are not reused.
-    let w = lab
-        .manager
-        .create_violin(&Caller::Admin, violin("wan", &["b"]))
-        .await
-        .unwrap();
+    let w = lab.create_violin("wan", &["b"]).await.unwrap();
     assert_eq!(w.id, 2);
     let told = lab.told();
     assert_eq!(
         told.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
         [overlay_addr("b1")]
     );
-    let err = lab
-        .manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await;
+    let err = lab.create_violin("lab", &[]).await;
     assert!(err.unwrap_err().to_string().contains("exists"));
-    let err = lab
-        .manager
-        .create_violin(&Caller::Admin, violin("x", &["c"]))
-        .await;
+    let err = lab.create_violin("x", &["c"]).await;
     assert!(err.unwrap_err().to_string().contains("no site named \"c\""));
     let bad = ViolinCreate {
         subnet: Some("192.168.0.0/24".into()),
@@ -430,11 +423,7 @@ async fn a_violins_own_mtu_goes_to_its_overlays_and_its_vms_nics() {
 #[tokio::test]
 async fn a_violin_a_daemon_refuses_is_taken_back_everywhere() {
     let lab = lab(Some("b1"), None).await;
-    let err = lab
-        .manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap_err();
+    let err = lab.create_violin("lab", &[]).await.unwrap_err();
     assert!(
         err.to_string().contains("b/b1") || err.to_string().contains("b1"),
         "{err}"
@@ -452,10 +441,7 @@ async fn a_violin_a_daemon_refuses_is_taken_back_everywhere() {
 #[tokio::test]
 async fn vms_are_placed_addressed_staged_defined_and_started() {
     let lab = lab(None, None).await;
-    lab.manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap();
+    lab.create_violin("lab", &[]).await.unwrap();
     lab.told();
     let vms = lab
         .create(VmCreate {
@@ -532,10 +518,7 @@ async fn vms_are_placed_addressed_staged_defined_and_started() {
 #[tokio::test]
 async fn an_impossible_deadline_is_refused_with_the_earliest_time_and_leaves_nothing() {
     let lab = lab(None, Some(900)).await;
-    lab.manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap();
+    lab.create_violin("lab", &[]).await.unwrap();
     let err = lab
         .create(VmCreate {
             ready_by_s: Some(60),
@@ -568,10 +551,7 @@ async fn an_impossible_deadline_is_refused_with_the_earliest_time_and_leaves_not
 #[tokio::test]
 async fn a_failure_half_way_undoes_every_vm_of_the_request() {
     let lab = lab(None, None).await;
-    lab.manager
-        .create_violin(&Caller::Admin, violin("lab", &["a"]))
-        .await
-        .unwrap();
+    lab.create_violin("lab", &["a"]).await.unwrap();
     // a2's libvirt goes away once its disks are staged: the define there fails, and so does
     // the undo at a2 until it is back; the journal keeps the VMs for the next start.
     *lab.depot.down_when_ready.lock().unwrap() = Some("fake://a2".into());
@@ -613,10 +593,7 @@ async fn a_failure_half_way_undoes_every_vm_of_the_request() {
 #[tokio::test]
 async fn a_create_left_half_done_is_undone_at_the_next_start() {
     let lab = lab(None, None).await;
-    lab.manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap();
+    lab.create_violin("lab", &[]).await.unwrap();
     lab.create(vm("kept", "lab")).await.unwrap();
     // As if the manager had stopped after defining `cut` at a1: journal, address, domain, disk.
     let op = crate::inventory::PendingOp {
@@ -674,10 +651,7 @@ async fn a_create_left_half_done_is_undone_at_the_next_start() {
 #[tokio::test]
 async fn deleting_a_violin_with_vms_needs_force_and_then_removes_everything() {
     let lab = lab(None, None).await;
-    lab.manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap();
+    lab.create_violin("lab", &[]).await.unwrap();
     lab.create(VmCreate {
         count: Some(2),
         ..vm("n", "lab")
@@ -716,10 +690,7 @@ async fn deleting_a_violin_with_vms_needs_force_and_then_removes_everything() {
 #[tokio::test]
 async fn creates_at_the_same_time_get_distinct_addresses_and_all_are_kept() {
     let lab = lab(None, None).await;
-    lab.manager
-        .create_violin(&Caller::Admin, violin("lab", &[]))
-        .await
-        .unwrap();
+    lab.create_violin("lab", &[]).await.unwrap();
     let (a, b, c) = tokio::join!(
         lab.create(vm("x", "lab")),
         lab.create(vm("y", "lab")),
@@ -766,10 +737,7 @@ async fn tenants_see_and_change_only_their_own_within_their_quotas() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("quota of 1 violins"), "{err}");
-    lab.manager
-        .create_violin(&Caller::Admin, violin("fed", &[]))
-        .await
-        .unwrap();
+    lab.create_violin("fed", &[]).await.unwrap();
     lab.create(vm("adm", "fed")).await.unwrap();
 
     // Two VMs of 2 vCPUs fill physics's 4; a third is refused and leaves nothing.
@@ -821,7 +789,7 @@ async fn tenants_see_and_change_only_their_own_within_their_quotas() {
         .delete_violin(&chem, "p", true)
         .await
         .unwrap_err();
-    assert!(matches!(err, super::ViolinError::Unknown(_)), "{err}");
+    assert!(matches!(err, ViolinError::Unknown(_)), "{err}");
     let err = lab
         .manager
         .create_vms(&chem, vm("intruder", "p"), tx.clone())

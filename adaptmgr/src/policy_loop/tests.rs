@@ -659,11 +659,7 @@ async fn act_mode_raises_the_cap_of_a_vm_at_its_cap_and_lowers_it_when_quiet() {
     // At its cap (half a CPU) for a period: raised to a whole one.
     tokio::time::sleep(period + Duration::from_millis(50)).await;
     f.report(&|_| 0.5).await;
-    let raised = lp
-        .tick(&f.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .unwrap();
+    let raised = decide(&lp, &f, &token).await;
     let said = actions(&raised);
     assert_eq!(said.len(), 1, "{said:?}");
     assert_eq!(said[0].0, "resize");
@@ -675,11 +671,7 @@ async fn act_mode_raises_the_cap_of_a_vm_at_its_cap_and_lowers_it_when_quiet() {
         tokio::time::sleep(period + Duration::from_millis(50)).await;
         f.report(&|_| 0.01).await;
     }
-    let lowered = lp
-        .tick(&f.manager, now_ms(), &token)
-        .await
-        .unwrap()
-        .unwrap();
+    let lowered = decide(&lp, &f, &token).await;
     assert!(
         actions(&lowered)[0].4.contains("lowered"),
         "{:?}",

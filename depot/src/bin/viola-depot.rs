@@ -311,6 +311,30 @@ fn load_scenario(path: &Path) -> anyhow::Result<Scenario> {
     }
 }
 
+/// Loads the identity in `dir` and runs `work` with it to the end on a new Tokio runtime.
+fn run_with_identity<F>(dir: &Path, work: impl FnOnce(Identity) -> F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let identity = Identity::load_dir(dir)?;
+    tokio::runtime::Runtime::new()?.block_on(work(identity))
+}
+
+/// [`run_with_identity`] with a client of `depot` connected for `work`.
+fn run_with_depot<F>(
+    identity_dir: &Path,
+    depot: SocketAddr,
+    work: impl FnOnce(DepotClient) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    run_with_identity(identity_dir, |identity| async move {
+        let c = DepotClient::connect(&identity, depot, PathTuning::default()).await?;
+        work(c).await
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let quiet = cli.quiet;
     match cli.command {
@@ -467,14 +491,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let store = Store::open(&cli.store)?;
-            let identity = Identity::load_dir(&identity)?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
-                let ep = client_endpoint(&identity, PathTuning { rate_mbit, rtt_ms, congestion: congestion.into() })?;
+            run_with_identity(&identity, |identity| async move {
+                let ep = client_endpoint(
+                    &identity,
+                    PathTuning {
+                        rate_mbit,
+                        rtt_ms,
+                        congestion: congestion.into(),
+                    },
+                )?;
                 let mut sources = Vec::new();
                 for addr in &from {
                     let (conn, peer) = connect_on(&ep, *addr).await?;
-                    sources.push(transfer::Source { name: format!("{}/{}", peer.site, peer.host), conn });
+                    sources.push(transfer::Source {
+                        name: format!("{}/{}", peer.site, peer.host),
+                        conn,
+                    });
                 }
                 let m = match store.resolve(&image) {
                     Ok((_, m)) => m,
@@ -486,7 +518,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                                 break;
                             }
                         }
-                        let m = found.with_context(|| format!("no source knows image {image:?}"))?;
+                        let m =
+                            found.with_context(|| format!("no source knows image {image:?}"))?;
                         if let Ok(h) = image.parse::<Hash>()
                             && m.hash() != h
                         {
@@ -496,13 +529,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         m
                     }
                 };
-                let total: u64 = m.parts.iter().filter(|p| !store.has_part(&p.id)).map(|p| p.size).sum();
+                let total: u64 = m
+                    .parts
+                    .iter()
+                    .filter(|p| !store.has_part(&p.id))
+                    .map(|p| p.size)
+                    .sum();
                 let pb = bar(quiet, total, "fetch");
                 let progress = Arc::new(AtomicU64::new(0));
                 let t = Instant::now();
                 let mut reports = Vec::new();
                 for p in &m.parts {
-                    let fut = transfer::fetch_part(&store, p.id, &sources, FetchOptions { streams_per_source: streams, ..FetchOptions::default() }, progress.clone());
+                    let fut = transfer::fetch_part(
+                        &store,
+                        p.id,
+                        &sources,
+                        FetchOptions {
+                            streams_per_source: streams,
+                            ..FetchOptions::default()
+                        },
+                        progress.clone(),
+                    );
                     tokio::pin!(fut);
                     let r = loop {
                         tokio::select! {
@@ -516,9 +563,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let secs = t.elapsed().as_secs_f64();
                 let bytes: u64 = reports.iter().map(|r| r.bytes_fetched).sum();
                 if json {
-                    println!("{}", serde_json::to_string(&serde_json::json!({ "seconds": secs, "bytes_fetched": bytes, "parts": reports }))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string(
+                            &serde_json::json!({ "seconds": secs, "bytes_fetched": bytes, "parts": reports })
+                        )?
+                    );
                 } else {
-                    println!("fetched {} ({} parts): {} bytes in {:.2}s = {:.1} Mbit/s", m.name, m.parts.len(), bytes, secs, bytes as f64 * 8.0 / secs / 1e6);
+                    println!(
+                        "fetched {} ({} parts): {} bytes in {:.2}s = {:.1} Mbit/s",
+                        m.name,
+                        m.parts.len(),
+                        bytes,
+                        secs,
+                        bytes as f64 * 8.0 / secs / 1e6
+                    );
                     for r in &reports {
                         println!(
                             "  {}: {} chunks fetched, {} already here, by source {:?}, lying {:?}",
@@ -545,10 +604,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_wait,
             timeout_secs,
         } => {
-            let identity = Identity::load_dir(&identity)?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
-                let c = DepotClient::connect(&identity, depot, PathTuning::default()).await?;
+            run_with_depot(&identity, depot, |c| async move {
                 let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
                 let deadline_unix_ms = now_ms + (deadline_secs * 1000.0) as u64;
                 let st = c
@@ -594,10 +650,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
             json,
         } => {
-            let identity = Identity::load_dir(&identity)?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
-                let c = DepotClient::connect(&identity, from, PathTuning::default()).await?;
+            run_with_depot(&identity, from, |c| async move {
                 let images = c.images().await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&images)?);
@@ -630,9 +683,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             replace,
             json,
         } => {
-            let identity = Identity::load_dir(&identity)?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
+            run_with_identity(&identity, |identity| async move {
                 let f = tokio::fs::File::open(&file)
                     .await
                     .with_context(|| format!("opening {}", file.display()))?;

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -246,6 +247,26 @@ impl Shared {
     }
 }
 
+/// Waits until the TAP of `violin` is readable. Returns the violin's frame size, read at every
+/// wake-up because `set_violin` may change its MTU in place, with the readiness guard; `None`
+/// when the reader is to stop: `token` cancelled, the violin gone or the TAP broken.
+async fn tap_readable<'a>(
+    ctx: &Ctx,
+    violin: ViolinId,
+    token: &CancellationToken,
+    tap: &'a Tap,
+) -> Option<(usize, AsyncFdReadyGuard<'a, TapDev>)> {
+    let max_frame = ctx.state.borrow().taps.get(&violin).map(|t| t.max_frame)?;
+    let guard = tokio::select! {
+        () = token.cancelled() => return None,
+        g = tap.readable() => match g {
+            Ok(g) => g,
+            Err(e) => { warn!(%violin, "TAP not readable: {e}"); return None; }
+        },
+    };
+    Some((max_frame, guard))
+}
+
 /// Reads frames from the TAP of `violin` into the switch until `token` is cancelled.
 pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: CancellationToken) {
     let Some(tap) = ctx.state.borrow().taps.get(&violin).map(|t| t.tap.clone()) else {
@@ -256,16 +277,8 @@ pub(super) async fn tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: Cancellati
     }
     let mut slab = BytesMut::with_capacity(256 * 1024);
     loop {
-        // Read at every wake-up: `set_violin` may change the violin's MTU in place.
-        let Some(max_frame) = ctx.state.borrow().taps.get(&violin).map(|t| t.max_frame) else {
+        let Some((max_frame, mut guard)) = tap_readable(&ctx, violin, &token, &tap).await else {
             return;
-        };
-        let mut guard = tokio::select! {
-            () = token.cancelled() => return,
-            g = tap.readable() => match g {
-                Ok(g) => g,
-                Err(e) => { warn!(%violin, "TAP not readable: {e}"); return; }
-            },
         };
         let mut n_frames = 0usize;
         loop {
@@ -320,15 +333,8 @@ async fn vnet_tap_reader(ctx: Rc<Ctx>, violin: ViolinId, token: CancellationToke
     let mut slab = BytesMut::with_capacity(256 * 1024);
     let mut segs = Vec::new();
     loop {
-        let Some(max_frame) = ctx.state.borrow().taps.get(&violin).map(|t| t.max_frame) else {
+        let Some((max_frame, mut guard)) = tap_readable(&ctx, violin, &token, &tap).await else {
             return;
-        };
-        let mut guard = tokio::select! {
-            () = token.cancelled() => return,
-            g = tap.readable() => match g {
-                Ok(g) => g,
-                Err(e) => { warn!(%violin, "TAP not readable: {e}"); return; }
-            },
         };
         let mut n_frames = 0usize;
         loop {

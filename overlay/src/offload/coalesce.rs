@@ -11,8 +11,8 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    ETH_LEN, ETHERTYPE_IPV4, GSO_TCPV4, GSO_TCPV6, Layout, NEEDS_CSUM, PROTO_TCP, VnetHdr, be16,
-    be32, fold, ipv4_checksum, l4_checksum_ok, layout, pseudo_sum,
+    ETHERNET_HEADER_LEN, ETHERTYPE_IPV4, GSO_TCPV4, GSO_TCPV6, IP_PROTO_TCP, Layout, NEEDS_CSUM,
+    VnetHdr, be16, be32, fold, ipv4_checksum, l4_checksum_ok, layout, pseudo_sum,
 };
 use crate::wire::ViolinId;
 
@@ -227,7 +227,7 @@ fn merged(violin: ViolinId, g: &Group, frames: Vec<Bytes>) -> Coalesced {
     }
     head[lay.l4 + 13] = last[lay.l4 + 13];
     head[lay.l4 + 14..lay.l4 + 16].copy_from_slice(&last[lay.l4 + 14..lay.l4 + 16]);
-    let ps = fold(pseudo_sum(&head[lay.l3..], lay.v6, PROTO_TCP, l4_len));
+    let ps = fold(pseudo_sum(&head[lay.l3..], lay.v6, IP_PROTO_TCP, l4_len));
     head[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&ps.to_be_bytes());
     let payloads = frames.into_iter().map(|f| f.slice(g.hdrs..)).collect();
     Coalesced {
@@ -248,7 +248,7 @@ fn merged(violin: ViolinId, g: &Group, frames: Vec<Bytes>) -> Coalesced {
 /// The flow of a TCP frame (not a fragment, untagged), if it is one.
 fn flow_key(violin: ViolinId, frame: &[u8]) -> Option<FlowKey> {
     let lay = layout(frame)?;
-    if lay.proto != PROTO_TCP || lay.l3 != ETH_LEN || frame.len() < lay.l4 + 4 {
+    if lay.proto != IP_PROTO_TCP || lay.l3 != ETHERNET_HEADER_LEN || frame.len() < lay.l4 + 4 {
         return None;
     }
     if !lay.v6 && be16(frame, lay.l3 + 6)? & 0x3fff != 0 {
@@ -273,7 +273,7 @@ fn flow_key(violin: ViolinId, frame: &[u8]) -> Option<FlowKey> {
 /// The frame as a segment that may be merged, if it is one (see the module's rules).
 fn mergeable(frame: &[u8]) -> Option<Segment> {
     let lay = layout(frame)?;
-    if lay.proto != PROTO_TCP || lay.l3 != ETH_LEN {
+    if lay.proto != IP_PROTO_TCP || lay.l3 != ETHERNET_HEADER_LEN {
         return None;
     }
     if lay.v6 {
@@ -445,7 +445,7 @@ mod tests {
         fin[lay.l4 + 16..lay.l4 + 18].fill(0);
         let c = !fold(super::super::sum(
             &fin[lay.l4..],
-            pseudo_sum(&fin[lay.l3..], false, PROTO_TCP, fin.len() - lay.l4),
+            pseudo_sum(&fin[lay.l3..], false, IP_PROTO_TCP, fin.len() - lay.l4),
         ));
         fin[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&c.to_be_bytes());
         let fin = Bytes::from(fin);

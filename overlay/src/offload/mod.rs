@@ -14,6 +14,10 @@ pub mod segment;
 pub use coalesce::{Coalesced, Coalescer};
 pub use segment::segment;
 
+use crate::wire::{
+    ETHERNET_HEADER_LEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, IP_PROTO_TCP, IP_PROTO_UDP,
+};
+
 /// Length of the `virtio_net_hdr` on the TAP (the kernel's default `TUNSETVNETHDRSZ`).
 pub const VNET_HDR_LEN: usize = 10;
 
@@ -33,13 +37,6 @@ pub const GSO_TCPV6: u8 = 4;
 pub const GSO_UDP_L4: u8 = 5;
 /// `gso_type` bit: the TCP frame carries ECN (CWR only on the first segment).
 pub const GSO_ECN: u8 = 0x80;
-
-const ETH_LEN: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86DD;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
 
 /// Why a frame from the TAP cannot be processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,7 +111,7 @@ pub(crate) struct Layout {
 /// The layout of an Ethernet frame carrying IPv4 or IPv6 (at most one VLAN tag; IPv6 without
 /// extension headers), if it is one.
 pub(crate) fn layout(frame: &[u8]) -> Option<Layout> {
-    let mut l3 = ETH_LEN;
+    let mut l3 = ETHERNET_HEADER_LEN;
     let mut ethertype = be16(frame, 12)?;
     if ethertype == ETHERTYPE_VLAN {
         ethertype = be16(frame, 16)?;
@@ -248,16 +245,19 @@ pub fn fuzz_offload(data: &[u8]) {
 pub(crate) mod tests {
     use super::*;
 
+    /// USO of an untagged IPv4 UDP frame (as [`frame_v4_udp`] makes) in 1400-byte segments.
+    pub(crate) const USO_V4_HDR: VnetHdr = VnetHdr {
+        flags: NEEDS_CSUM,
+        gso_type: GSO_UDP_L4,
+        hdr_len: 42,
+        gso_size: 1400,
+        csum_start: 34,
+        csum_offset: 6,
+    };
+
     #[test]
     fn the_header_round_trips_in_little_endian() {
-        let h = VnetHdr {
-            flags: NEEDS_CSUM,
-            gso_type: GSO_UDP_L4,
-            hdr_len: 42,
-            gso_size: 1400,
-            csum_start: 34,
-            csum_offset: 6,
-        };
+        let h = USO_V4_HDR;
         let b = h.encode();
         // The layout the lab kernel produced for a 40×1400 B UDP_SEGMENT send (stage2 §1).
         assert_eq!(b, [1, 5, 42, 0, 0x78, 0x05, 34, 0, 6, 0]);
@@ -298,7 +298,7 @@ pub(crate) mod tests {
         let ps = fold(pseudo_sum(
             &f[lay.l3..],
             false,
-            PROTO_UDP,
+            IP_PROTO_UDP,
             8 + payload.len(),
         ));
         f[40..42].copy_from_slice(&ps.to_be_bytes());
@@ -363,7 +363,7 @@ pub(crate) mod tests {
         let ul = 8 + payload.len();
         f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, (ul >> 8) as u8, ul as u8, 0, 0]);
         f.extend_from_slice(payload);
-        let c = !fold(sum(&f[34..], pseudo_sum(&f[14..], false, PROTO_UDP, ul)));
+        let c = !fold(sum(&f[34..], pseudo_sum(&f[14..], false, IP_PROTO_UDP, ul)));
         f[40..42].copy_from_slice(&c.to_be_bytes());
         f
     }

@@ -7,8 +7,8 @@
 use bytes::BytesMut;
 
 use super::{
-    GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, Layout, NEEDS_CSUM, OffloadError,
-    PROTO_TCP, PROTO_UDP, VnetHdr, be32, complete_checksum, fold, ipv4_checksum, layout,
+    GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, IP_PROTO_TCP, IP_PROTO_UDP, Layout,
+    NEEDS_CSUM, OffloadError, VnetHdr, be32, complete_checksum, fold, ipv4_checksum, layout,
     pseudo_sum, sum,
 };
 
@@ -46,9 +46,9 @@ pub fn segment(
     }
     let lay = layout(frame).ok_or(OffloadError::Malformed("not IPv4/IPv6"))?;
     let (want_proto, want_v6) = match gso {
-        GSO_TCPV4 => (PROTO_TCP, Some(false)),
-        GSO_TCPV6 => (PROTO_TCP, Some(true)),
-        GSO_UDP_L4 => (PROTO_UDP, None),
+        GSO_TCPV4 => (IP_PROTO_TCP, Some(false)),
+        GSO_TCPV6 => (IP_PROTO_TCP, Some(true)),
+        GSO_UDP_L4 => (IP_PROTO_UDP, None),
         other => return Err(OffloadError::UnsupportedGso(other)),
     };
     if lay.proto != want_proto || want_v6.is_some_and(|v6| v6 != lay.v6) {
@@ -58,7 +58,7 @@ pub fn segment(
     if !lay.v6 && u16::from_be_bytes([frame[lay.l3 + 6], frame[lay.l3 + 7]]) & 0x3fff != 0 {
         return Err(OffloadError::Malformed("IPv4 fragment"));
     }
-    let l4_len = if lay.proto == PROTO_TCP {
+    let l4_len = if lay.proto == IP_PROTO_TCP {
         let doff = usize::from(
             frame
                 .get(lay.l4 + 12)
@@ -79,7 +79,7 @@ pub fn segment(
     let room = max_frame.saturating_sub(hdrs);
     let mss = usize::from(hdr.gso_size).min(room);
     // TCP may be cut finer; UDP segments are the sender's datagrams and keep their size.
-    if mss == 0 || (lay.proto == PROTO_UDP && mss < usize::from(hdr.gso_size)) {
+    if mss == 0 || (lay.proto == IP_PROTO_UDP && mss < usize::from(hdr.gso_size)) {
         return Err(OffloadError::BadGsoSize(hdr.gso_size));
     }
     let payload = &frame[hdrs..];
@@ -96,7 +96,7 @@ pub fn segment(
         slab.extend_from_slice(chunk);
         let f = &mut slab[at..];
         fix_ip(f, &lay, l4_len + chunk.len(), id0.wrapping_add(i as u16));
-        if lay.proto == PROTO_TCP {
+        if lay.proto == IP_PROTO_TCP {
             let seq = seq0.wrapping_add((i * mss) as u32);
             f[lay.l4 + 4..lay.l4 + 8].copy_from_slice(&seq.to_be_bytes());
             if i + 1 < n {
@@ -150,7 +150,7 @@ fn set_l4_checksum(f: &mut [u8], lay: &Layout, offset: usize) {
     let len = f.len() - lay.l4;
     let ps = pseudo_sum(&f[lay.l3..], lay.v6, lay.proto, len);
     let mut c = !fold(sum(&f[lay.l4..], ps));
-    if c == 0 && lay.proto == PROTO_UDP {
+    if c == 0 && lay.proto == IP_PROTO_UDP {
         c = 0xffff;
     }
     f[at..at + 2].copy_from_slice(&c.to_be_bytes());
@@ -158,7 +158,8 @@ fn set_l4_checksum(f: &mut [u8], lay: &Layout, offset: usize) {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::super::{l4_checksum_ok, tests::frame_v4_udp};
+    use super::super::l4_checksum_ok;
+    use super::super::tests::{USO_V4_HDR, frame_v4_udp};
     use super::*;
 
     /// A TSO frame as the TAP hands it over: Ethernet, IPv4 or IPv6, TCP with `opts` bytes of
@@ -203,7 +204,7 @@ pub(crate) mod tests {
         }
         f.extend_from_slice(payload);
         let lay = layout(&f).unwrap();
-        let ps = fold(pseudo_sum(&f[lay.l3..], v6, PROTO_TCP, f.len() - l4));
+        let ps = fold(pseudo_sum(&f[lay.l3..], v6, IP_PROTO_TCP, f.len() - l4));
         f[l4 + 16..l4 + 18].copy_from_slice(&ps.to_be_bytes());
         let hdr = VnetHdr {
             flags: NEEDS_CSUM,
@@ -291,16 +292,9 @@ pub(crate) mod tests {
     fn uso_frames_get_their_own_udp_headers() {
         let payload: Vec<u8> = (0..4200u32).map(|i| (i / 7) as u8).collect();
         let mut f = frame_v4_udp(&payload);
-        let ps = fold(pseudo_sum(&f[14..], false, PROTO_UDP, f.len() - 34));
+        let ps = fold(pseudo_sum(&f[14..], false, IP_PROTO_UDP, f.len() - 34));
         f[40..42].copy_from_slice(&ps.to_be_bytes());
-        let hdr = VnetHdr {
-            flags: NEEDS_CSUM,
-            gso_type: GSO_UDP_L4,
-            hdr_len: 42,
-            gso_size: 1400,
-            csum_start: 34,
-            csum_offset: 6,
-        };
+        let hdr = USO_V4_HDR;
         let mut slab = BytesMut::new();
         let mut none = Vec::new();
         assert_eq!(
