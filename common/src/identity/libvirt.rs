@@ -116,12 +116,7 @@ pub fn write_layout(cert: &IssuedCertificate, pki_dir: &Path) -> Result<Vec<Path
             Part::Cert => &cert.cert_pem,
             Part::Key => &cert.key_pem,
         };
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|source| CaError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
+        create_parent(&path)?;
         replace_file(&path, text, private)?;
         written.push(path);
     }
@@ -141,16 +136,21 @@ pub fn write_crl(crl_pem: &str, pki_dir: &Path) -> Result<Vec<PathBuf>, CaError>
     let mut written = Vec::with_capacity(CRL_LAYOUT.len());
     for rel in CRL_LAYOUT {
         let path = pki_dir.join(rel);
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|source| CaError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
+        create_parent(&path)?;
         replace_file(&path, crl_pem, false)?;
         written.push(path);
     }
     Ok(written)
+}
+
+fn create_parent(path: &Path) -> Result<(), CaError> {
+    match path.parent() {
+        Some(dir) => fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn replace_file(path: &Path, text: &str, private: bool) -> Result<(), CaError> {
