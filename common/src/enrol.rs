@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::libvirt;
 use crate::identity::revocation::{CRL_FILE, RevocationError, write_atomically};
-use crate::identity::{CaError, CertificateAuthority, IssuedCertificate, PeerIdentity, Role};
+use crate::identity::{
+    CaError, CertificateAuthority, Identity, IssuedCertificate, PeerIdentity, Role,
+};
 
 /// What the bundle's format is; `install` refuses another.
 pub const BUNDLE_VERSION: u32 = 1;
@@ -35,6 +38,16 @@ pub struct HostPlan {
     pub overlay_listen: SocketAddr,
     /// Set when the host also runs its site's depot.
     pub depot: Option<DepotPlan>,
+    /// Set to give the host its libvirtd's and QEMU's certificate for TLS migrations, naming
+    /// these addresses and DNS names (what other hosts' migration URIs use).
+    pub libvirt: Option<LibvirtNames>,
+}
+
+/// The names other hosts reach a host's libvirtd by.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LibvirtNames {
+    pub addresses: Vec<std::net::IpAddr>,
+    pub dns_names: Vec<String>,
 }
 
 /// A site's depot on the new host.
@@ -71,6 +84,10 @@ pub struct Bundle {
     /// directory), installed beside each identity.
     #[serde(default)]
     pub crl_pem: Option<String>,
+    /// The host's libvirt and QEMU certificate (role `libvirt`), installed in libvirt's
+    /// layout below the host's PKI directory (`/etc/pki`), with the CRL where they read it.
+    #[serde(default)]
+    pub libvirt: Option<IdentityFiles>,
 }
 
 /// Why a bundle could not be made or installed.
@@ -86,6 +103,8 @@ pub enum EnrolError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the bundle's libvirt certificate")]
+    Identity(#[source] crate::identity::LoadError),
     #[error("bundle format {found} (this viola-ca reads {BUNDLE_VERSION})")]
     Version { found: u32 },
     #[error("{}", .path.display())]
@@ -124,6 +143,22 @@ pub fn make_bundle(
         let issued = ca.issue(&id, valid_days).map_err(EnrolError::Issue)?;
         identities.insert(role.as_str().to_owned(), issued.into());
     }
+    let libvirt = match &plan.libvirt {
+        Some(names) => {
+            let host = libvirt::LibvirtHost {
+                site: plan.site.clone(),
+                host: plan.host.clone(),
+                addresses: names.addresses.clone(),
+                dns_names: names.dns_names.clone(),
+            };
+            Some(
+                ca.issue_libvirt(&host, valid_days)
+                    .map_err(EnrolError::Issue)?
+                    .into(),
+            )
+        }
+        None => None,
+    };
     Ok(Bundle {
         version: BUNDLE_VERSION,
         site: plan.site.clone(),
@@ -134,6 +169,7 @@ pub fn make_bundle(
         depot: plan.depot.clone(),
         identities,
         crl_pem,
+        libvirt,
     })
 }
 
@@ -217,9 +253,32 @@ impl Bundle {
     }
 
     /// Writes the identities under `etc/ROLE/` (keys 0600) and each daemon's configuration
-    /// `etc/ROLE.toml`, keeping an existing one unless `force`. Returns the files written.
-    pub fn install(&self, etc: &Path, force: bool) -> Result<Vec<PathBuf>, EnrolError> {
+    /// `etc/ROLE.toml`, keeping an existing one unless `force`; with `pki` (`/etc/pki`), the
+    /// libvirt certificate in libvirt's and QEMU's layout there, and the CRL where they read
+    /// it. Returns the files written.
+    pub fn install(
+        &self,
+        etc: &Path,
+        pki: Option<&Path>,
+        force: bool,
+    ) -> Result<Vec<PathBuf>, EnrolError> {
         let mut written = Vec::new();
+        if let (Some(files), Some(pki)) = (&self.libvirt, pki) {
+            let identity = Identity::from_pem(&files.cert_pem, &files.key_pem, &files.ca_pem)
+                .map_err(EnrolError::Identity)?
+                .id()
+                .clone();
+            let issued = IssuedCertificate {
+                identity,
+                cert_pem: files.cert_pem.clone(),
+                key_pem: files.key_pem.clone(),
+                ca_pem: files.ca_pem.clone(),
+            };
+            written.extend(libvirt::write_layout(&issued, pki).map_err(EnrolError::Issue)?);
+            if let Some(crl) = &self.crl_pem {
+                written.extend(libvirt::write_crl(crl, pki).map_err(EnrolError::Issue)?);
+            }
+        }
         for (role, id) in &self.identities {
             let dir = etc.join(role);
             std::fs::create_dir_all(&dir).map_err(|source| EnrolError::Io {
@@ -293,7 +352,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::identity::Identity;
+    use rustls_pki_types::pem::PemObject;
 
     fn plan(depot: bool) -> HostPlan {
         HostPlan {
@@ -306,6 +365,7 @@ mod tests {
                 hosts: vec!["a1".into(), "a2".into()],
                 peers: vec![("b".into(), "198.51.100.11:7410".parse().unwrap())],
             }),
+            libvirt: None,
         }
     }
 
@@ -325,7 +385,7 @@ mod tests {
         );
         let bundle = Bundle::load(&path).unwrap();
         let etc = dir.path().join("etc");
-        let written = bundle.install(&etc, false).unwrap();
+        let written = bundle.install(&etc, None, false).unwrap();
         assert_eq!(
             written.len(),
             3 * 3 + 3,
@@ -348,12 +408,12 @@ mod tests {
         );
         // An administrator's edit survives a re-install; --force rewrites.
         std::fs::write(etc.join("monitor.toml"), "host = \"edited\"\n").unwrap();
-        bundle.install(&etc, false).unwrap();
+        bundle.install(&etc, None, false).unwrap();
         assert_eq!(
             std::fs::read_to_string(etc.join("monitor.toml")).unwrap(),
             "host = \"edited\"\n"
         );
-        bundle.install(&etc, true).unwrap();
+        bundle.install(&etc, None, true).unwrap();
         assert!(
             std::fs::read_to_string(etc.join("monitor.toml"))
                 .unwrap()
@@ -367,9 +427,56 @@ mod tests {
         let bundle = make_bundle(&ca, &plan(false), None, 30).unwrap();
         assert!(!bundle.identities.contains_key("depot"));
         let dir = tempfile::tempdir().unwrap();
-        bundle.install(dir.path(), false).unwrap();
+        bundle.install(dir.path(), None, false).unwrap();
         assert!(!dir.path().join("depot.toml").exists());
         assert!(dir.path().join("overlay.toml").exists());
+    }
+
+    #[test]
+    fn a_bundle_gives_the_host_its_libvirt_certificate_and_the_crl_in_libvirt_s_layout() {
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let mut plan = plan(false);
+        plan.libvirt = Some(LibvirtNames {
+            addresses: vec!["192.0.2.11".parse().unwrap()],
+            dns_names: vec!["a1.example.org".into()],
+        });
+        let crl = ca.sign_crl(&[], 30).unwrap();
+        let bundle = make_bundle(&ca, &plan, Some(crl.clone()), 30).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (etc, pki) = (dir.path().join("etc"), dir.path().join("pki"));
+        // Without a PKI directory the libvirt files are left alone.
+        bundle.install(&etc, None, false).unwrap();
+        assert!(!pki.exists());
+        let written = bundle.install(&etc, Some(&pki), false).unwrap();
+        for rel in [
+            "libvirt/servercert.pem",
+            "qemu/server-key.pem",
+            "CA/cacrl.pem",
+            "qemu/ca-crl.pem",
+        ] {
+            assert!(
+                written.contains(&pki.join(rel)),
+                "{rel} not written: {written:?}"
+            );
+        }
+        let cert = std::fs::read_to_string(pki.join("libvirt/servercert.pem")).unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(
+            crate::identity::identity_of(&der).unwrap().uri(),
+            "viola://libvirt/a/a1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(pki.join("CA/cacrl.pem")).unwrap(),
+            crl
+        );
+        assert_eq!(
+            std::fs::metadata(pki.join("libvirt/private/serverkey.pem"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o077,
+            0
+        );
     }
 
     #[test]

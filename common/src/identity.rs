@@ -1212,8 +1212,9 @@ mod tests {
             )]
             .into(),
             crl_pem: None,
+            libvirt: None,
         }
-        .install(dir.path(), false)
+        .install(dir.path(), None, false)
         .unwrap();
         assert!(server.refresh());
         handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)

@@ -185,9 +185,14 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
     let setup = r#"set -e
         viola-ca init --ca-dir /root/viola-ca --name example-federation
         viola-ca enrol --ca-dir /root/viola-ca --site a --host a1 --manager 127.0.0.1:7443 \
-          --peer 127.0.0.2:4500 --depot-host a1 --depot-host a2 --depot-peer b=127.0.0.2:7410 \
-          --out /root/a1.bundle
+          --peer 127.0.0.2:4500 --libvirt-address 127.0.0.1 \
+          --depot-host a1 --depot-host a2 --depot-peer b=127.0.0.2:7410 --out /root/a1.bundle
         viola-ca install --bundle /root/a1.bundle
+        # The host's libvirt and QEMU certificates came with the bundle, where they read them.
+        for f in CA/cacert.pem libvirt/servercert.pem libvirt/private/serverkey.pem \
+            qemu/server-cert.pem qemu/client-key.pem; do
+          test -s /etc/pki/$f || { echo "install left no /etc/pki/$f" >&2; exit 1; }
+        done
         chown -R viola: /etc/viola/depot
         viola-ca issue --ca-dir /root/viola-ca --role adaptmgr --site a --host mgr --address 127.0.0.1 --out /etc/viola/adaptmgr
         viola-ca issue --ca-dir /root/viola-ca --role cli --site a --host operator --out /root/operator

@@ -66,11 +66,12 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
             hosts: vec!["b1".into(), "b2".into()],
             peers: vec![("a".into(), "192.0.2.11:7410".parse().unwrap())],
         }),
+        libvirt: None,
     };
     let dir = tempfile::tempdir().unwrap();
     make_bundle(&ca, &plan, None, 30)
         .unwrap()
-        .install(dir.path(), false)
+        .install(dir.path(), None, false)
         .unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
     let overlay: OverlayConfig = viola_common::config::parse(&read("overlay.toml")).unwrap();

@@ -7,8 +7,9 @@
 //! viola-ca show  /etc/viola/overlay/cert.pem
 //! viola-ca issue-libvirt --ca-dir /etc/viola/ca --site a --host a1 --address 198.18.1.11 --out /etc/pki
 //! viola-ca enrol --ca-dir /etc/viola/ca --site a --host a1 --manager 192.0.2.10:7443 \
-//!          --peer 192.0.2.12:4500 [--depot-host a1 --depot-host a2 --depot-peer b=ADDR] --out a1.bundle
-//! viola-ca install --bundle a1.bundle [--etc /etc/viola] [--force]      # on the host
+//!          --peer 192.0.2.12:4500 [--depot-host a1 --depot-host a2 --depot-peer b=ADDR] \
+//!          [--libvirt-address 192.0.2.11] --out a1.bundle
+//! viola-ca install --bundle a1.bundle [--etc /etc/viola] [--pki /etc/pki] [--force]   # on the host
 //! viola-ca revoke --ca-dir /etc/viola/ca --identity viola://overlay/a/a1   # or --cert FILE
 //! viola-ca install-crl --crl crl.pem [--etc /etc/viola]                  # on every host
 //! ```
@@ -137,6 +138,13 @@ enum Command {
         /// Another site's depot, SITE=ADDR (repeatable; with --depot-host).
         #[arg(long = "depot-peer", value_parser = parse_depot_peer)]
         depot_peers: Vec<(String, SocketAddr)>,
+        /// Also the host's libvirt and QEMU certificate (TLS migrations), naming this address
+        /// that other hosts' migration URIs use (repeatable).
+        #[arg(long = "libvirt-address")]
+        libvirt_addresses: Vec<IpAddr>,
+        /// A DNS name other hosts' migration URIs use for this host (repeatable).
+        #[arg(long = "libvirt-dns-name")]
+        libvirt_dns_names: Vec<String>,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 365)]
@@ -149,6 +157,9 @@ enum Command {
         bundle: PathBuf,
         #[arg(long, default_value = "/etc/viola")]
         etc: PathBuf,
+        /// Where libvirt and QEMU read their certificates and CRL (if the bundle has them).
+        #[arg(long, default_value = "/etc/pki")]
+        pki: PathBuf,
         #[arg(long)]
         force: bool,
     },
@@ -282,6 +293,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overlay_listen,
             depot_hosts,
             depot_peers,
+            libvirt_addresses,
+            libvirt_dns_names,
             out,
             days,
         } => {
@@ -299,6 +312,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     hosts: depot_hosts,
                     peers: depot_peers,
                 }),
+                libvirt: (!libvirt_addresses.is_empty() || !libvirt_dns_names.is_empty())
+                    .then_some(enrol::LibvirtNames {
+                        addresses: libvirt_addresses,
+                        dns_names: libvirt_dns_names,
+                    }),
             };
             let crl_path = ca_dir.join(revocation::CRL_FILE);
             let crl = match std::fs::read_to_string(&crl_path) {
@@ -307,7 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => return Err(e).context(crl_path.display().to_string()),
             };
             let bundle = enrol::make_bundle(&ca, &plan, crl, days)?;
-            for id in bundle.identities.values() {
+            for id in bundle.identities.values().chain(&bundle.libvirt) {
                 record(&ca_dir, &id.cert_pem)?;
             }
             bundle.save(&out)?;
@@ -319,14 +337,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .identities
                     .keys()
                     .cloned()
+                    .chain(bundle.libvirt.as_ref().map(|_| "libvirt".to_owned()))
                     .collect::<Vec<_>>()
                     .join(", "),
                 out.display()
             );
         }
-        Command::Install { bundle, etc, force } => {
+        Command::Install {
+            bundle,
+            etc,
+            pki,
+            force,
+        } => {
             let b = enrol::Bundle::load(&bundle)?;
-            for path in b.install(&etc, force)? {
+            for path in b.install(&etc, Some(&pki), force)? {
                 println!("wrote {}", path.display());
             }
         }
