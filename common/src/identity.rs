@@ -744,6 +744,18 @@ impl Identity {
         );
     }
 
+    /// [`Self::until_revoked`] for a connection that is not QUIC (the dashboard's HTTPS): resolves
+    /// once the current CRL revokes `cert`, the peer's certificate.
+    pub async fn until_cert_revoked(&self, cert: &CertificateDer<'_>) {
+        while !self.is_revoked_cert(cert) {
+            tokio::time::sleep(REVOCATION_POLL).await;
+        }
+        tracing::warn!(
+            peer = %identity_of(cert).map_or_else(|e| e.to_string(), |p| p.to_string()),
+            "the peer's certificate is revoked: closing its connection"
+        );
+    }
+
     /// Whether the current CRL revokes `cert`.
     pub fn is_revoked_cert(&self, cert: &CertificateDer<'_>) -> bool {
         let revoked = &self.live.current().revoked;

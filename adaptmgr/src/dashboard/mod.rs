@@ -70,11 +70,12 @@ pub async fn serve(
     identity: &Identity,
     manager: Arc<Manager>,
     token: CancellationToken,
-) -> Result<(SocketAddr, impl Future<Output = ()>), DashboardError> {
+) -> Result<(SocketAddr, impl Future<Output = ()> + use<>), DashboardError> {
     let tls = identity
         .rustls_server_config(&[b"http/1.1"])
         .map_err(DashboardError::Tls)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let identity = identity.clone();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| DashboardError::Bind { addr, source })?;
@@ -102,6 +103,7 @@ pub async fn serve(
             let manager = Arc::clone(&manager);
             let streams = Arc::clone(&streams);
             let token = token.clone();
+            let identity = identity.clone();
             tasks.spawn(async move {
                 let _permit = permit;
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
@@ -114,19 +116,21 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 };
-                let peer = tls
+                let Some(leaf) = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(identity::identity_of);
-                let peer = match peer {
-                    Some(Ok(p)) => p,
-                    Some(Err(e)) => {
+                    .map(|c| c.clone().into_owned())
+                else {
+                    return;
+                };
+                let peer = match identity::identity_of(&leaf) {
+                    Ok(p) => p,
+                    Err(e) => {
                         tracing::info!(%peer_addr, error = %e, "dashboard: certificate without a Viola identity");
                         return;
                     }
-                    None => return,
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let manager = Arc::clone(&manager);
@@ -139,8 +143,12 @@ pub async fn serve(
                     .header_read_timeout(Duration::from_secs(10))
                     .timer(hyper_util::rt::TokioTimer::new())
                     .serve_connection(TokioIo::new(tls), service);
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer_addr, error = %e, "dashboard connection ended");
+                // A user revoked while watching loses the page's event stream at once.
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        tracing::debug!(%peer_addr, error = %e, "dashboard connection ended");
+                    },
+                    () = identity.until_cert_revoked(&leaf) => {}
                 }
             });
         }
@@ -406,5 +414,83 @@ mod tests {
         assert_eq!(param(q, "missing"), None);
         assert_eq!(percent_decode("a+b%zz%4"), "a b%zz%4");
         assert_eq!(percent_decode("%41"), "A");
+    }
+
+    #[tokio::test]
+    async fn a_user_revoked_while_watching_loses_the_event_stream() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use viola_common::identity::revocation::{CRL_FILE, Register, RevokeTarget};
+        use viola_common::identity::{CertificateAuthority, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let register = Register::new(dir.path());
+        let issue = |role, name: &str| {
+            let issued = ca
+                .issue(&PeerIdentity::new(role, "fed", name).unwrap(), 1)
+                .unwrap();
+            register.record_issued(&issued.cert_pem).unwrap();
+            issued
+        };
+        let mgr_dir = dir.path().join("mgr");
+        issue(Role::Adaptmgr, "mgr").save(&mgr_dir).unwrap();
+        let me = Identity::load_dir(&mgr_dir).unwrap();
+        let ann = issue(Role::Cli, "ann").to_identity().unwrap();
+        let inventory =
+            Arc::new(crate::inventory::Inventory::open(&dir.path().join("inv")).unwrap());
+        let manager = Arc::new(
+            Manager::new(
+                crate::manager::ManagerConfig::default(),
+                inventory,
+                Arc::new(viola_hypervisor::fake::FakeCluster::new()),
+            )
+            .unwrap(),
+        );
+        let token = CancellationToken::new();
+        let (addr, serving) = serve("127.0.0.1:0".parse().unwrap(), &me, manager, token.clone())
+            .await
+            .unwrap();
+        let server = tokio::spawn(serving);
+
+        // Ann watches the live updates.
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(
+            ann.rustls_client_config(b"http/1.1").unwrap(),
+        ));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name =
+            rustls_pki_types::ServerName::try_from(identity::server_name(Role::Adaptmgr)).unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: mgr\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tls.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+        // She is removed from the federation: the CRL reaches the manager's identity directory.
+        register
+            .revoke(
+                &ca,
+                &RevokeTarget::Identity(PeerIdentity::new(Role::Cli, "fed", "ann").unwrap()),
+                1,
+            )
+            .unwrap();
+        std::fs::copy(dir.path().join(CRL_FILE), mgr_dir.join(CRL_FILE)).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the revoked user's event stream is still open"
+        );
+
+        token.cancel();
+        server.await.unwrap();
     }
 }
