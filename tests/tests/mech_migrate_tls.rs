@@ -4,7 +4,8 @@
 //! (`viola-ca issue-libvirt`), and their QEMUs refuse migrations without TLS. Shown here: a
 //! guest's marker, in its memory and on its disk, never appears in a capture of the WAN link
 //! while the guest moves across it; a host whose certificate comes from another CA cannot
-//! receive a migration; there is no plain TCP listener. The ignored test measures what TLS
+//! receive a migration, nor can a host whose certificate the federation revoked, and a revoked
+//! host cannot send one; there is no plain TCP listener. The ignored test measures what TLS
 //! costs against a plain migration (on a lab brought up with `--allow-plain-migration`), where
 //! the same capture does show the marker.
 // lab: default
@@ -306,6 +307,38 @@ async fn a_revoked_host_cannot_receive_a_migration() {
         revocations_logged() > logged_before,
         "a1's libvirtd did not log b2's certificate as revoked ({})",
         libvirtd_log.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_host_cannot_send_a_migration() {
+    let name = "vm-revoked-src";
+    let ip = "10.77.8.5";
+    let mut cleanup = begin(&["a1", "b2"], name);
+    daemons::build(&["viola-common"]).expect("build viola-ca");
+    // a1 leaves the federation while it still runs a guest: the lab CA revokes a1's libvirt
+    // certificates, and b2 gets the CRL. b2's libvirtd read its CRL when it started, so it still
+    // lets a1's libvirtd in; b2's QEMU reads it when it listens for the incoming migration, and
+    // must refuse a1's QEMU. Afterwards b2 forgets the CRL and a1 gets a new certificate.
+    let b2_pki = lab_dir().join("hosts/b2/pki");
+    cleanup.first(move || {
+        for rel in viola_common::identity::libvirt::CRL_LAYOUT {
+            let _ = std::fs::remove_file(lab_dir().join("hosts/b2/pki").join(rel));
+        }
+        issue_libvirt_certs("a1", None);
+    });
+    let qemu_log = lab_dir().join(format!("hosts/b2/log/qemu/{name}.log"));
+    let pki = Pki::open(&lab_dir().join("pki/ca"));
+    let crl = pki.revoke("viola://libvirt/a/a1").expect("viola-ca revoke");
+    Pki::install_libvirt_crl(&crl, &b2_pki).expect("viola-ca install-crl --pki");
+    boot_with_marker(name, ip, "10.77.8", "b2");
+    migration_to_b2_is_refused(name, ip, |_| true).await;
+    // Refused for the revocation, by the destination's QEMU.
+    let log = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+    assert!(
+        log.contains("revoked"),
+        "b2's QEMU did not refuse a1's certificate as revoked ({}):\n{log}",
+        qemu_log.display()
     );
 }
 
