@@ -734,8 +734,13 @@ impl Identity {
     /// [`REVOCATION_POLL`]). A daemon serving a long-lived connection selects on it and closes
     /// the connection when it resolves: revoking a host ends the links it already has.
     pub async fn until_revoked(&self, conn: &quinn::Connection) {
-        while !self.is_revoked(conn) {
-            tokio::time::sleep(REVOCATION_POLL).await;
+        let leaf = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|certs| certs.first().cloned());
+        // A connection without a certificate counts as revoked (as in `is_revoked`).
+        if let Some(leaf) = &leaf {
+            self.wait_revoked(leaf).await;
         }
         tracing::warn!(
             peer = %peer_identity(conn).map_or_else(|e| e.to_string(), |p| p.to_string()),
@@ -747,13 +752,23 @@ impl Identity {
     /// [`Self::until_revoked`] for a connection that is not QUIC (the dashboard's HTTPS): resolves
     /// once the current CRL revokes `cert`, the peer's certificate.
     pub async fn until_cert_revoked(&self, cert: &CertificateDer<'_>) {
-        while !self.is_revoked_cert(cert) {
-            tokio::time::sleep(REVOCATION_POLL).await;
-        }
+        self.wait_revoked(cert).await;
         tracing::warn!(
             peer = %identity_of(cert).map_or_else(|e| e.to_string(), |p| p.to_string()),
             "the peer's certificate is revoked: closing its connection"
         );
+    }
+
+    /// Waits until the current CRL lists `cert`. Its serial is read once: every open
+    /// connection is looked at each second, and a look is then one set lookup.
+    async fn wait_revoked(&self, cert: &CertificateDer<'_>) {
+        let serial = revocation::Serial::of(cert).ok();
+        while !serial
+            .as_ref()
+            .is_some_and(|s| self.live.current().revoked.contains(s))
+        {
+            tokio::time::sleep(REVOCATION_POLL).await;
+        }
     }
 
     /// Whether the current CRL revokes `cert`.
