@@ -13,6 +13,13 @@
 //!   cap back down: to 1.25 times its highest recent use, never below the cap it had before
 //!   the first raise.
 //!
+//! - **Settled caps only.** The history of a VM whose cap someone else changed during the last
+//!   period (a user's `viola vm resize`) was measured partly under the old cap, so the layer
+//!   waits one period before it judges that VM, and forgets a raise of its own the user
+//!   overrode (it never lowers a cap a user set). Its own changes take effect at the start of
+//!   a period, so they need no wait. Without this rule the lab caught the layer undoing a
+//!   user's new 30 % cap five seconds later, from use measured before it.
+//!
 //! The placement policy runs after, on the same state; actions it proposes for a VM resized
 //! this period are dropped (one change per VM per period). Uncapped VMs (the simulator's
 //! traces) pass through untouched, so the wrapped policy decides exactly as alone.
@@ -69,11 +76,28 @@ struct Raised {
     at_s: f64,
 }
 
+/// The cap a VM had at the last decision, and the one this layer set then, if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CapSeen {
+    seen_mips: f64,
+    set_mips: Option<f64>,
+}
+
+impl CapSeen {
+    /// The cap `now` is one the layer knew at the last decision: the period since was
+    /// measured under it. Caps read back from libvirt's quota are rounded, hence the margin.
+    fn settled(self, now: f64) -> bool {
+        let close = |a: f64| (a - now).abs() <= 0.01 * now.max(a);
+        close(self.seen_mips) || self.set_mips.is_some_and(close)
+    }
+}
+
 /// Vertical scaling in front of `inner`.
 pub struct Vertical {
     pub params: VerticalParams,
     inner: Box<dyn Policy>,
     raised: BTreeMap<String, Raised>,
+    caps: BTreeMap<String, CapSeen>,
 }
 
 impl Vertical {
@@ -82,6 +106,7 @@ impl Vertical {
             params,
             inner,
             raised: BTreeMap::new(),
+            caps: BTreeMap::new(),
         }
     }
 
@@ -96,10 +121,24 @@ impl Vertical {
             }
         }
         let mut actions = Vec::new();
+        let mut caps = BTreeMap::new();
         for (i, v) in st.vms.iter().enumerate() {
             let (Some(h), Some(cap)) = (v.host, v.cpu_cap_mips) else {
                 continue;
             };
+            let settled = self.caps.get(&v.name).is_some_and(|c| c.settled(cap));
+            caps.insert(
+                v.name.clone(),
+                CapSeen {
+                    seen_mips: cap,
+                    set_mips: None,
+                },
+            );
+            if !settled {
+                // Someone else set this cap: theirs from now on.
+                self.raised.remove(&v.name);
+                continue;
+            }
             if v.in_migration || v.suspended || cap <= 0.0 {
                 continue;
             }
@@ -123,6 +162,8 @@ impl Vertical {
                         at_s: st.time_s,
                     },
                 );
+                caps.entry(v.name.clone())
+                    .and_modify(|c| c.set_mips = Some(new));
                 actions.push(set_cap(
                     i,
                     new,
@@ -156,6 +197,8 @@ impl Vertical {
             if new <= r.original_mips {
                 self.raised.remove(&v.name);
             }
+            caps.entry(v.name.clone())
+                .and_modify(|c| c.set_mips = Some(new));
             actions.push(set_cap(
                 i,
                 new,
@@ -170,6 +213,7 @@ impl Vertical {
         // VMs that left the state (deleted) are forgotten.
         self.raised
             .retain(|name, _| st.vms.iter().any(|v| &v.name == name));
+        self.caps = caps;
         actions
     }
 }
@@ -335,6 +379,39 @@ mod tests {
     }
 
     #[test]
+    fn a_cap_a_user_just_set_is_judged_only_after_a_period_under_it_and_never_undone() {
+        let mut p = vertical();
+        // Uncapped at 2000 MIPS, busy; the user then caps it at 500 mid-period. The last
+        // period's use (measured before the cap) and the current sample exceed the new cap.
+        assert_eq!(
+            cap_set(&p.decide(&state(0.0, Some(2000.0), 1900.0, &[0.95]))),
+            None
+        );
+        assert_eq!(
+            cap_set(&p.decide(&state(5.0, Some(500.0), 740.0, &[0.6, 0.95]))),
+            None,
+            "raised from use measured under the old cap"
+        );
+        // A whole period at the new cap: now it is raised.
+        let d = p.decide(&state(10.0, Some(500.0), 500.0, &[0.25, 0.6]));
+        assert_eq!(cap_set(&d), Some(1000.0), "{d:?}");
+        // Its own raise needs no wait: still at the cap, raised again.
+        assert_eq!(
+            cap_set(&p.decide(&state(15.0, Some(1000.0), 1000.0, &[0.5, 0.25]))),
+            Some(2000.0)
+        );
+        // The user sets 1500 by hand; quiet long after the cool-down, the layer leaves it.
+        let quiet = [0.01, 0.01, 0.01];
+        for t in [20.0, 60.0, 100.0] {
+            assert_eq!(
+                cap_set(&p.decide(&state(t, Some(1500.0), 10.0, &quiet))),
+                None,
+                "at {t} s"
+            );
+        }
+    }
+
+    #[test]
     fn no_raise_without_room_on_the_host_and_uncapped_vms_pass_through() {
         let mut p = vertical();
         let mut st = state(5.0, Some(500.0), 500.0, &[0.25]);
@@ -346,7 +423,13 @@ mod tests {
             ..st.vms[0].clone()
         });
         st.hosts[0].vms.push(1);
+        // Seen once, so the second decision judges a settled cap.
+        p.decide(&st);
         assert_eq!(cap_set(&p.decide(&st)), None);
+        // The same without the other VM's demand is raised: the room was the reason.
+        let mut roomy = st.clone();
+        roomy.vms[1].requested_mips = 0.0;
+        assert_eq!(cap_set(&p.decide(&roomy)), Some(1000.0));
         // Uncapped: the placement policy's decision, unchanged.
         let st = state(5.0, None, 2000.0, &[1.0, 1.0]);
         let mut alone = crate::policy::by_name("viola").unwrap();

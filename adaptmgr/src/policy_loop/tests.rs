@@ -656,6 +656,13 @@ async fn act_mode_raises_the_cap_of_a_vm_at_its_cap_and_lowers_it_when_quiet() {
         .unwrap();
     assert_eq!(cap_of(&f), (Some(50), Some(50)));
     let lp = new_loop(&f);
+    // The first period sees the cap the user set and judges it only after a period under it.
+    assert!(
+        lp.tick(&f.manager, now_ms(), &token)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // At its cap (half a CPU) for a period: raised to a whole one.
     tokio::time::sleep(period + Duration::from_millis(50)).await;
     f.report(&|_| 0.5).await;
