@@ -1,6 +1,15 @@
 //! Fixtures shared by this crate's unit tests.
 
+use std::sync::Arc;
+
 use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, PolicyMode};
+use viola_api::manager::{HostReport, HostUsage};
+use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
+use viola_hypervisor::{DomainState, Hypervisor};
+
+use crate::inventory::Inventory;
+use crate::manager::{HostConfig, Manager, ManagerConfig, ViolinConfig};
+use crate::policy_loop::config::PolicyConfig;
 
 /// A decision of the viola policy in act mode, at `ts_ms`, to move vm1 from a1 to a2 in the
 /// first stage (the log numbers it: `seq` 0).
@@ -23,8 +32,8 @@ pub fn decision_to_move_vm1(ts_ms: u64, reason: &str, outcome: ActionOutcome) ->
 }
 
 /// A host on the fake hypervisor (`fake://NAME`) with no overlay daemon.
-pub fn fake_host(name: &str, site: &str) -> crate::manager::HostConfig {
-    crate::manager::HostConfig {
+pub fn fake_host(name: &str, site: &str) -> HostConfig {
+    HostConfig {
         name: name.into(),
         site: site.into(),
         libvirt_uri: format!("fake://{name}"),
@@ -46,7 +55,7 @@ pub fn running_vm(
     viola_api::manager::VmUsage {
         name: name.into(),
         uuid: format!("uuid-{name}"),
-        state: viola_api::domain::DomainState::Running,
+        state: DomainState::Running,
         vcpus: 1,
         max_vcpus,
         cpu_time_ns: 0,
@@ -62,11 +71,8 @@ pub fn running_vm(
 }
 
 /// Fake hosts a1, b1 and a2, each with the base; vm1 runs on a1 from its overlay.
-pub fn federation_with_vm1_on_a1() -> (
-    viola_hypervisor::fake::FakeCluster,
-    viola_hypervisor::fake::FakeHypervisor,
-) {
-    let cluster = viola_hypervisor::fake::FakeCluster::new();
+pub fn federation_with_vm1_on_a1() -> (FakeCluster, viola_hypervisor::fake::FakeHypervisor) {
+    let cluster = FakeCluster::new();
     let a1 = cluster.host("fake://a1");
     cluster.host("fake://b1");
     cluster.host("fake://a2");
@@ -79,9 +85,9 @@ pub fn federation_with_vm1_on_a1() -> (
         1 << 30,
         Some("/img/base.qcow2"),
     );
-    viola_hypervisor::Hypervisor::define(
+    Hypervisor::define(
         &a1,
-        &viola_hypervisor::fake::sample_domain_xml(
+        &sample_domain_xml(
             "vm1",
             "/img/vm1.qcow2",
             "/img/base.qcow2",
@@ -89,19 +95,19 @@ pub fn federation_with_vm1_on_a1() -> (
         ),
     )
     .unwrap();
-    viola_hypervisor::Hypervisor::start(&a1, "vm1").unwrap();
+    Hypervisor::start(&a1, "vm1").unwrap();
     (cluster, a1)
 }
 
 /// A monitor's report of `host` (site: its first letter; 8 CPUs, 16 GiB with 8 free) with
 /// `vms` running (256 MiB, idle).
-pub fn host_report(host: &str, seq: u64, vms: &[&str]) -> viola_api::manager::HostReport {
-    viola_api::manager::HostReport {
+pub fn host_report(host: &str, seq: u64, vms: &[&str]) -> HostReport {
+    HostReport {
         host: host.into(),
         site: host[..1].into(),
         seq,
         sent_ms: 0,
-        usage: viola_api::manager::HostUsage {
+        usage: HostUsage {
             cpus: 8,
             cpu_capacity: None,
             cpu_busy: 0.1,
@@ -115,5 +121,145 @@ pub fn host_report(host: &str, seq: u64, vms: &[&str]) -> viola_api::manager::Ho
             .map(|name| running_vm(name, 2, 262_144, 0.0))
             .collect(),
         probes: vec![],
+    }
+}
+
+const BASE: &str = "/img/base.qcow2";
+
+/// A federation of fake hosts `(name, site)`, every one with the base image, and VMs
+/// `(name, host)` running from overlays on it, all in violin "lan".
+pub struct Federation {
+    pub cluster: FakeCluster,
+    pub manager: Arc<Manager>,
+    pub hosts: Vec<(String, String)>,
+    /// Report sequence number per host (the next one to send).
+    pub seq: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl Federation {
+    pub fn new(hosts: &[(&str, &str)], vms: &[(&str, &str)], policy: PolicyConfig) -> Self {
+        Self::with(hosts, vms, policy, |_| {})
+    }
+
+    /// [`Self::new`] with `tweak` applied to the manager's configuration.
+    pub fn with(
+        hosts: &[(&str, &str)],
+        vms: &[(&str, &str)],
+        policy: PolicyConfig,
+        tweak: impl FnOnce(&mut ManagerConfig),
+    ) -> Self {
+        let cluster = FakeCluster::new();
+        for (h, _) in hosts {
+            cluster.host(&format!("fake://{h}"));
+            cluster.add_image(&format!("fake://{h}"), BASE, 1 << 30, None);
+        }
+        for (i, (vm, h)) in vms.iter().enumerate() {
+            let uri = format!("fake://{h}");
+            let overlay = format!("/img/{vm}.qcow2");
+            cluster.add_image(&uri, &overlay, 1 << 30, Some(BASE));
+            let hv = cluster.host(&uri);
+            hv.define(&sample_domain_xml(
+                vm,
+                &overlay,
+                BASE,
+                &format!("52:54:00:00:00:{:02x}", i + 1),
+            ))
+            .unwrap();
+            hv.start(vm).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ManagerConfig {
+            hosts: hosts
+                .iter()
+                .map(|(h, site)| HostConfig {
+                    name: (*h).into(),
+                    site: (*site).into(),
+                    libvirt_uri: format!("fake://{h}"),
+                    migration_uri: None,
+                    migration_tls_name: None,
+                    images_local: None,
+                    // No overlay daemons: the move is not announced (the announcer's own tests
+                    // cover that); the VM must still be in a violin.
+                    overlay_addr: None,
+                })
+                .collect(),
+            violins: vec![ViolinConfig {
+                name: "lan".into(),
+                id: 42,
+                vms: vms.iter().map(|(v, _)| (*v).to_owned()).collect(),
+            }],
+            identity_dir: dir.path().join("no-identity"),
+            policy,
+            ..ManagerConfig::default()
+        };
+        let mut cfg = cfg;
+        tweak(&mut cfg);
+        let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
+        let manager = Arc::new(Manager::new(cfg, inventory, Arc::new(cluster.clone())).unwrap());
+        Self {
+            cluster,
+            manager,
+            hosts: hosts
+                .iter()
+                .map(|(h, s)| ((*h).to_owned(), (*s).to_owned()))
+                .collect(),
+            seq: 1,
+            _dir: dir,
+        }
+    }
+
+    /// What each host's monitor would report, with `busy(vm)` as each VM's CPU use.
+    pub fn reports(&mut self, busy: &dyn Fn(&str) -> f64) -> Vec<HostReport> {
+        let seq = self.seq;
+        self.seq += 1;
+        self.hosts
+            .iter()
+            .map(|(h, site)| {
+                let hv = self.cluster.host(&format!("fake://{h}"));
+                let vms = hv
+                    .list_domains()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|d| d.state == DomainState::Running)
+                    .map(|d| running_vm(&d.name, 1, 512 << 10, busy(&d.name)))
+                    .collect();
+                HostReport {
+                    host: h.clone(),
+                    site: site.clone(),
+                    seq,
+                    sent_ms: 0,
+                    usage: HostUsage {
+                        cpus: 2,
+                        cpu_capacity: None,
+                        cpu_busy: 0.0,
+                        mem_total_kib: 4 << 20,
+                        mem_available_kib: 2 << 20,
+                        net: vec![],
+                        links: vec![],
+                    },
+                    vms,
+                    probes: vec![],
+                }
+            })
+            .collect()
+    }
+
+    /// Every monitor reports through the manager's front door (as over QUIC).
+    pub async fn report(&mut self, busy: &dyn Fn(&str) -> f64) {
+        for r in self.reports(busy) {
+            self.manager.handle_report(r).await.unwrap();
+        }
+    }
+
+    pub fn running(&self, vm: &str) -> Vec<String> {
+        self.cluster.hosts_running(vm)
+    }
+
+    pub fn decisions(&self) -> Vec<DecisionRecord> {
+        self.manager
+            .inventory
+            .decisions_after(0, usize::MAX)
+            .unwrap()
     }
 }

@@ -6,6 +6,7 @@ pub mod control;
 pub mod dashboard;
 #[cfg(test)]
 mod fixtures;
+pub mod guest_requests;
 pub mod ha;
 pub mod history;
 pub mod images;

@@ -123,6 +123,7 @@ pub struct ManagerConfig {
     /// The tenants whose users (certificates of role `user`) may make violins and VMs, with
     /// their quotas; a tenant not listed may do nothing.
     pub tenants: Vec<crate::tenants::TenantConfig>,
+    pub guest_requests: crate::guest_requests::GuestRequestConfig,
 }
 
 /// One site's depot, as the manager reaches its staging API (QUIC, mutual TLS, with the
@@ -167,6 +168,7 @@ impl Default for ManagerConfig {
             policy: PolicyConfig::default(),
             vm_template: VmTemplate::default(),
             tenants: Vec::new(),
+            guest_requests: crate::guest_requests::GuestRequestConfig::default(),
         }
     }
 }
@@ -200,6 +202,7 @@ pub struct ManagerMetrics {
     pub vm_restarts: Family<Vec<(String, String)>, Counter>,
     pub hosts_up: Gauge,
     pub vms: Gauge,
+    pub guest_requests: Family<Vec<(String, String)>, Counter>,
 }
 
 impl ManagerMetrics {
@@ -238,6 +241,11 @@ impl ManagerMetrics {
             "viola_adaptmgr_vms",
             "VMs in the inventory",
             self.vms.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_guest_requests",
+            "Requests from guests (their shepherd channel) by operation and outcome",
+            self.guest_requests.clone(),
         );
     }
 }
@@ -279,6 +287,7 @@ pub struct Manager {
     /// Held while a request reads and rewrites the violins' ids and addresses (`lifecycle`),
     /// so two requests at once never hand out the same one or lose each other's.
     pub(crate) allocation: tokio::sync::Mutex<()>,
+    pub(crate) shepherd: Mutex<crate::policy::shepherd::Shepherd>,
 }
 
 impl Manager {
@@ -393,6 +402,7 @@ impl Manager {
             migrations: Mutex::new(HashMap::new()),
             history: Mutex::new(inventory.load_history()?),
             allocation: tokio::sync::Mutex::new(()),
+            shepherd: Mutex::new(crate::policy::shepherd::Shepherd::new()),
             metrics: ManagerMetrics::default(),
             cfg,
             inventory,

@@ -57,7 +57,7 @@ fn abusive_or_malformed_requests_are_refused_logged_and_do_not_touch_other_violi
     );
     assert!(matches!(
         s.validate(0.0, Some(&r1), &grow("b1", 2000.0)),
-        Err(Refusal::ForeignVm { .. })
+        Err(Refusal::NotItself { .. })
     ));
     assert!(matches!(
         s.validate(1.0, Some(&r1), b"{\"op\":\"resize\",\"vm\":"),

@@ -8,7 +8,8 @@ use crate::adaptation::{
     ActionOutcome, ActionRecord, DecisionRecord, PolicyMode, PolicyView, StateBrief,
 };
 use crate::manager::{
-    HostReport, HostUsage, LinkUsage, NetUsage, ProbeResult, Request, Response, VmMigrate, VmResize,
+    GuestAnswer, GuestAsk, HostReport, HostUsage, LinkUsage, NetUsage, ProbeResult, Request,
+    Response, VmMigrate, VmResize,
 };
 use crate::wire::{encode, fuzz_decode};
 
@@ -74,7 +75,7 @@ fn fuzz_seeds() {
             },
         )],
     };
-    let seeds: [(&str, Vec<u8>); 10] = [
+    let seeds: [(&str, Vec<u8>); 12] = [
         ("report", encode(&Request::Report(report)).unwrap()),
         (
             "resize",
@@ -123,6 +124,24 @@ fn fuzz_seeds() {
             .unwrap(),
         ),
         ("ack", encode(&Response::Ack).unwrap()),
+        (
+            "guest_ask",
+            encode(&Request::GuestAsk(GuestAsk {
+                host: "a1".into(),
+                site: "a".into(),
+                vm: "vm1".into(),
+                line: r#"{"op":"resize","vm":"vm1","cpu_mips":1500}"#.into(),
+            }))
+            .unwrap(),
+        ),
+        (
+            "guest_answer",
+            encode(&Response::GuestAnswer(GuestAnswer {
+                accepted: false,
+                detail: "rate limit exceeded: VM vm1 over 6 requests/min".into(),
+            }))
+            .unwrap(),
+        ),
         (
             "error",
             encode(&Response::Error {

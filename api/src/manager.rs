@@ -1,6 +1,6 @@
 //! Messages on the manager's endpoint (ALPN `viola-adaptmgr/1`). One request per
 //! bidirectional stream; the manager answers with one or more [`Response`] frames (a migration
-//! streams `Progress` frames, then `Migrated`). Monitors may only send `Report`; the CLI of an
+//! streams `Progress` frames, then `Migrated`). Monitors may only send `Report` and `GuestAsk`; the CLI of an
 //! administrator (role `cli`) and other managers may send the rest; a tenant's user (role
 //! `user`) may send the violin, VM and image requests, which then see and change only that
 //! tenant's violins, VMs and images.
@@ -286,6 +286,30 @@ pub enum Request {
     /// Followed by the image's bytes (see [`ImageImport`]); answered with `Step` frames while
     /// it is received and imported, then `Images` with the image.
     ImageImport(ImageImport),
+    /// A request a guest sent through its shepherd channel, forwarded by its host's monitor
+    /// (monitors only, about a VM on their own host). Answered with `GuestAnswer` at once; a
+    /// move the guest asked for then runs on the same stream (`Progress`, then `Migrated`).
+    GuestAsk(GuestAsk),
+}
+
+/// What a monitor forwards from a guest's shepherd channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestAsk {
+    pub host: String,
+    pub site: String,
+    /// The VM whose channel the line came from: the origin, which the guest cannot choose.
+    pub vm: String,
+    /// The line as the guest sent it (untrusted: the manager's shepherd parses it).
+    pub line: String,
+}
+
+/// The shepherd's answer to a guest, written back on its channel as one JSON line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestAnswer {
+    pub accepted: bool,
+    /// What was done, or why not.
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +324,7 @@ pub enum Response {
     Policy(Box<PolicyView>),
     Violins(Vec<ViolinView>),
     Images(Vec<ImageView>),
+    GuestAnswer(GuestAnswer),
     /// Progress of a long request (one line for people).
     Step {
         message: String,

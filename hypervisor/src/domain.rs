@@ -29,6 +29,9 @@ pub const DEPOT_METADATA_NS: &str = "urn:viola:depot:1";
 pub const VM_METADATA_NS: &str = "urn:viola:vm:1";
 /// The emulator every Viola domain runs under.
 pub const EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
+/// The name of the virtio-serial port a guest asks the shepherd through (`viola-ask` in the
+/// guest; the host's monitor reads the other end).
+pub const SHEPHERD_CHANNEL: &str = "org.viola.shepherd";
 
 /// How a domain boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,6 +354,13 @@ impl DomainSpec {
                 "    </console>\n",
             )),
         }
+        // The shepherd's channel: libvirt picks the socket's path (under its own state
+        // directory, where QEMU's confinement lets it bind); the host's monitor reads it.
+        let _ = writeln!(
+            x,
+            "    <channel type='unix'>\n      <source mode='bind'/>\n      \
+             <target type='virtio' name='{SHEPHERD_CHANNEL}'/>\n    </channel>"
+        );
         x.push_str("    <memballoon model='virtio'><stats period='2'/></memballoon>\n");
         x.push_str("  </devices>\n</domain>\n");
         Ok(x)

@@ -85,6 +85,19 @@ pub fn nics(xml: &str) -> Result<Vec<NicInfo>, XmlError> {
     Ok(out)
 }
 
+/// The host-side socket of the unix channel whose virtio port is named `port` (libvirt
+/// writes the path it chose into a running domain's XML), if the domain has one.
+pub fn unix_channel_path(xml: &str, port: &str) -> Result<Option<String>, XmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(XmlError::Parse)?;
+    let devices = child(doc.root_element(), "devices").ok_or(XmlError::Missing("devices"))?;
+    Ok(devices
+        .children()
+        .filter(|c| c.has_tag_name("channel") && c.attribute("type") == Some("unix"))
+        .find(|c| child(*c, "target").and_then(|t| t.attribute("name")) == Some(port))
+        .and_then(|c| child(c, "source")?.attribute("path"))
+        .map(str::to_owned))
+}
+
 /// `(current, maximum)` vCPUs declared in the XML.
 pub fn vcpus(xml: &str) -> Result<(u32, u32), XmlError> {
     let doc = roxmltree::Document::parse(xml).map_err(XmlError::Parse)?;
@@ -185,6 +198,14 @@ mod tests {
       <target dev='vnet3'/>
       <model type='virtio'/>
     </interface>
+    <channel type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-vm1/org.viola.shepherd'/>
+      <target type='virtio' name='org.viola.shepherd' state='connected'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-vm1/other'/>
+      <target type='virtio' name='other'/>
+    </channel>
   </devices>
 </domain>"#;
 
@@ -199,6 +220,17 @@ mod tests {
             d[0].backing,
             Some(("/var/lib/libvirt/images/base.qcow2".into(), "qcow2".into()))
         );
+    }
+
+    #[test]
+    fn finds_the_shepherd_channel_by_its_port_name() {
+        assert_eq!(
+            unix_channel_path(SAMPLE, crate::domain::SHEPHERD_CHANNEL)
+                .unwrap()
+                .as_deref(),
+            Some("/var/lib/libvirt/qemu/channel/target/domain-3-vm1/org.viola.shepherd")
+        );
+        assert_eq!(unix_channel_path(SAMPLE, "absent").unwrap(), None);
     }
 
     #[test]

@@ -47,6 +47,12 @@ pub struct MonitorConfig {
     /// The host's overlay daemon's control socket (its `control_socket`): each report then
     /// carries the bytes and rates of the host's overlay links, per peer.
     pub overlay_socket: Option<PathBuf>,
+    /// Serve the shepherd channels of the host's VMs (`crate::guest_channel`).
+    pub guest_channels: bool,
+    /// Where the host's `/var/lib/libvirt` is as this monitor sees it (where libvirt puts the
+    /// channels' sockets); another path only when the monitor runs outside the host's mount
+    /// namespace, as in the lab.
+    pub libvirt_state_dir: PathBuf,
 }
 
 impl Default for MonitorConfig {
@@ -63,6 +69,8 @@ impl Default for MonitorConfig {
             cgroup_dirs: Vec::new(),
             probes: Vec::new(),
             overlay_socket: None,
+            guest_channels: true,
+            libvirt_state_dir: PathBuf::from("/var/lib/libvirt"),
         }
     }
 }
@@ -82,6 +90,7 @@ pub struct MonitorMetrics {
     pub probe_latency_ms: Family<VmLabels, Gauge<f64, AtomicU64>>,
     pub probe_ok: Family<VmLabels, Gauge>,
     pub vm_port_filter_drops: Family<VmLabels, Gauge>,
+    pub guest_requests: crate::guest_channel::GuestRequestCounts,
 }
 
 impl MonitorMetrics {
@@ -135,6 +144,11 @@ impl MonitorMetrics {
             "viola_monitor_vm_port_filter_drops",
             "Frames the host's bridge dropped from the VM so far (its nwfilter: another MAC or address than its own, or a protocol the filter refuses)",
             self.vm_port_filter_drops.clone(),
+        );
+        r.register(
+            "viola_monitor_guest_requests",
+            "Requests read from the VMs' shepherd channels, by outcome",
+            self.guest_requests.clone(),
         );
     }
 
@@ -373,8 +387,44 @@ pub async fn collect(
     sampler.sample_at(read_at, vms_at, now_ms(), &text, &vms, probes)
 }
 
-/// Runs until `token` is cancelled.
+/// Runs until `token` is cancelled: the reports, and the guests' shepherd channels.
 pub async fn run(
+    cfg: MonitorConfig,
+    identity: Identity,
+    connector: Arc<dyn Connector>,
+    metrics: Arc<MonitorMetrics>,
+    token: CancellationToken,
+) {
+    let channels = async {
+        if cfg.guest_channels {
+            let channel_cfg = crate::guest_channel::ChannelConfig {
+                host: cfg.host.clone(),
+                site: cfg.site.clone(),
+                manager: cfg.manager,
+                libvirt_uri: cfg.libvirt_uri.clone(),
+                libvirt_state_dir: cfg.libvirt_state_dir.clone(),
+            };
+            crate::guest_channel::run(
+                channel_cfg,
+                identity.clone(),
+                Arc::clone(&connector),
+                metrics.guest_requests.clone(),
+                token.clone(),
+            )
+            .await;
+        }
+    };
+    let reports = report_loop(
+        cfg.clone(),
+        identity.clone(),
+        Arc::clone(&connector),
+        Arc::clone(&metrics),
+        token.clone(),
+    );
+    tokio::join!(reports, channels);
+}
+
+async fn report_loop(
     cfg: MonitorConfig,
     identity: Identity,
     connector: Arc<dyn Connector>,

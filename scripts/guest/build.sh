@@ -61,7 +61,8 @@ cp "$work/k/boot/vmlinuz-$kver" "$work/vmlinuz"
 mkdir -p "$work/initrd/bin" "$work/initrd/sbin" "$work/initrd/modules"
 cp /bin/busybox "$work/initrd/bin/busybox"
 moddir="$work/k/lib/modules/$kver"
-want="crc32c_generic crc32c-intel virtio_pci virtio_net virtio_blk virtio_balloon ext4"
+# virtio_console: the shepherd's channel (/usr/bin/viola-ask).
+want="crc32c_generic crc32c-intel virtio_pci virtio_net virtio_blk virtio_balloon virtio_console ext4"
 : >"$work/initrd/modules.order"
 add_module() { # resolve dependencies depth-first from modules.dep
   local name=$1 path deps dep base
@@ -101,7 +102,7 @@ cp "$here/viola-init" "$root/sbin/viola-init"
 # viola.ip=dhcp: busybox udhcpc (linked above with every applet) runs this on lease events.
 mkdir -p "$root/usr/share/udhcpc"
 install -m 0755 "$here/udhcpc.script" "$root/usr/share/udhcpc/default.script"
-cp "$here/cpuburn" "$here/diskwrite" "$root/usr/bin/"
+cp "$here/cpuburn" "$here/diskwrite" "$here/viola-ask" "$root/usr/bin/"
 # SSH (viola.ssh_key): dropbear and the shared libraries it needs, at the host's paths.
 for b in /usr/sbin/dropbear /usr/bin/dropbearkey; do
   [ -x "$b" ] || { echo "build.sh: $b missing: install dropbear-bin (scripts/setup.sh does)" >&2; exit 1; }

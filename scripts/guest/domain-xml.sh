@@ -85,6 +85,10 @@ cat <<XML
       <source path='$console_dir/$name.log' append='on'/>
       <target port='0'/>
     </serial>
+    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='org.viola.shepherd'/>
+    </channel>
     <memballoon model='virtio'><stats period='2'/></memballoon>
   </devices>
 </domain>

@@ -101,9 +101,21 @@ async fn handle_connection(
             }
         }
     }
-    streams.abort_all();
+    if token.is_cancelled() {
+        // Shutting down: running requests see the token (a migration rolls back); whatever
+        // has not ended by then is dropped.
+        let drain = async { while streams.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            streams.abort_all();
+        }
+    }
+    // The peer went away: what it started still ends, so that a migration a CLI or a guest
+    // asked for finishes (or rolls back) with the VM in one place, journaled as usual.
     while streams.join_next().await.is_some() {}
 }
+
+/// How long running requests get to end when the manager shuts down.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn error(message: impl Into<String>) -> Response {
     Response::Error {
@@ -118,13 +130,18 @@ pub fn authorize(
     req: &Request,
     tenants: &[TenantConfig],
 ) -> Result<Option<Caller>, String> {
-    if let Request::Report(report) = req {
+    let from_host = match req {
+        Request::Report(r) => Some((&r.host, &r.site, "report about")),
+        Request::GuestAsk(a) => Some((&a.host, &a.site, "forward requests of guests on")),
+        _ => None,
+    };
+    if let Some((host, site, what)) = from_host {
         peer.require_role(&[Role::Monitor])
             .map_err(|e| e.to_string())?;
-        if report.host != peer.host || report.site != peer.site {
+        if *host != peer.host || *site != peer.site {
             return Err(format!(
-                "{peer} may only report about {}/{}, not {}/{}",
-                peer.site, peer.host, report.site, report.host
+                "{peer} may only {what} {}/{}, not {site}/{host}",
+                peer.site, peer.host
             ));
         }
         return Ok(None);
@@ -330,6 +347,25 @@ async fn handle_stream(
             } else {
                 error(format!("no migration of {vm} is running"))
             }
+        }
+        Request::GuestAsk(ask) => {
+            let (tx, mut rx) = mpsc::channel(16);
+            let run = manager.guest_ask(ask, tx, token.child_token());
+            tokio::pin!(run);
+            let response = loop {
+                tokio::select! {
+                    response = &mut run => break response,
+                    Some(frame) = rx.recv() => {
+                        // A monitor that went away does not stop a move the guest asked for.
+                        let _ = wire::write_frame(&mut send, &frame).await;
+                    }
+                }
+            };
+            // The guest's answer may still be queued when a move ends at once.
+            while let Ok(frame) = rx.try_recv() {
+                let _ = wire::write_frame(&mut send, &frame).await;
+            }
+            response
         }
         Request::Migrate(m) => {
             let (tx, mut rx) = mpsc::channel(16);

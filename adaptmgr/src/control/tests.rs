@@ -306,12 +306,42 @@ async fn monitors_report_cli_resizes_and_migrates_roles_are_enforced() {
         Response::Error { message } => assert!(message.contains("may only report"), "{message}"),
         r => panic!("{r:?}"),
     }
+    // Guests' requests: a1's monitor forwards for a VM on a1 (vm1 is in no violin here, so
+    // the shepherd refuses it, over the same stream); a2's monitor may not speak for a1, nor
+    // may a CLI forward anything as if from a guest.
+    let ask = |host: &str| {
+        Request::GuestAsk(viola_api::manager::GuestAsk {
+            host: host.into(),
+            site: "a".into(),
+            vm: "vm1".into(),
+            line: r#"{"op":"resize","vm":"vm1","cpu_mips":500}"#.into(),
+        })
+    };
+    match mon.call(&ask("a1"), |_| {}).await.unwrap() {
+        Response::GuestAnswer(a) => {
+            assert!(!a.accepted && a.detail.contains("in no violin"), "{a:?}")
+        }
+        r => panic!("{r:?}"),
+    }
+    match other.call(&ask("a1"), |_| {}).await.unwrap() {
+        Response::Error { message } => {
+            assert!(
+                message.contains("may only forward requests of guests on a/a2"),
+                "{message}"
+            )
+        }
+        r => panic!("{r:?}"),
+    }
 
     let cli = server.connect(&ca, Role::Cli, "fed", "me").await;
     let Response::Vms(vms) = cli.call(&Request::ListVms, |_| {}).await.unwrap() else {
         panic!("no vm list");
     };
     assert_eq!(vms.len(), 1);
+    assert!(matches!(
+        cli.call(&ask("a1"), |_| {}).await.unwrap(),
+        Response::Error { .. }
+    ));
     let resize = Request::Resize(VmResize {
         vm: "vm1".into(),
         vcpus: Some(2),

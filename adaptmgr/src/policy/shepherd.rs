@@ -62,6 +62,8 @@ pub enum Refusal {
     UnknownViolin(String),
     #[error("VM {vm:?} does not belong to violin {violin:?}")]
     ForeignVm { violin: String, vm: String },
+    #[error("a VM may only ask for itself: {origin} asked for {named}")]
+    NotItself { origin: String, named: String },
     #[error("malformed request: {0}")]
     Malformed(String),
     #[error("request exceeds the violin's quota: {0}")]
@@ -96,6 +98,9 @@ pub struct Shepherd {
     log: Vec<LogEntry>,
 }
 
+/// Log entries kept (the oldest go first): a manager runs for months.
+pub const LOG_KEPT: usize = 1000;
+
 /// The largest request body accepted.
 pub const MAX_REQUEST_BYTES: usize = 4096;
 
@@ -118,6 +123,20 @@ impl Shepherd {
             .insert(vm.to_string(), (cpu_mips, ram_mb));
     }
 
+    /// Replaces a violin's VMs and their grants (the live manager passes what runs now, so a
+    /// grant accepted but not carried out is not counted against the quota).
+    pub fn set_vms<'a>(
+        &mut self,
+        violin: &str,
+        vms: impl IntoIterator<Item = (&'a str, f64, f64)>,
+    ) {
+        self.violins.entry(violin.to_string()).or_default().vms = vms
+            .into_iter()
+            .map(|(vm, cpu, ram)| (vm.to_string(), (cpu, ram)))
+            .collect();
+    }
+
+    /// The last [`LOG_KEPT`] entries, oldest first.
     pub fn log(&self) -> &[LogEntry] {
         &self.log
     }
@@ -130,6 +149,9 @@ impl Shepherd {
         body: &[u8],
     ) -> Result<Request, Refusal> {
         let res = self.check(now_s, origin, body);
+        if self.log.len() >= LOG_KEPT {
+            self.log.drain(..=self.log.len() - LOG_KEPT);
+        }
         self.log.push(LogEntry {
             time_s: now_s,
             violin: origin.map(|o| o.violin.clone()),
@@ -182,9 +204,9 @@ impl Shepherd {
         st.recent.push((now, o.vm.clone()));
         let req = parse(body)?;
         if req.vm() != o.vm {
-            return Err(Refusal::ForeignVm {
-                violin: o.violin.clone(),
-                vm: req.vm().to_owned(),
+            return Err(Refusal::NotItself {
+                origin: o.vm.clone(),
+                named: req.vm().to_owned(),
             });
         }
         match &req {

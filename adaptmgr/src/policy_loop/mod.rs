@@ -633,7 +633,7 @@ impl PolicyLoop {
                 // Nobody watches a policy migration's progress frames.
                 let (progress, _unwatched) = mpsc::channel(1);
                 let result = manager.migrate(req, progress, token.child_token()).await;
-                (action, migration_outcome(result))
+                (action, migration_outcome(&result))
             });
             for (action, outcome) in futures::future::join_all(runs).await {
                 if !matches!(outcome, ActionOutcome::Done { .. }) {
@@ -673,23 +673,28 @@ impl PolicyLoop {
     }
 }
 
-fn migration_outcome(
-    result: Result<crate::migration::MigrationReport, ManagerError>,
+/// How a migration ended, as the decision log says it (the policy loop's and the guests').
+pub(crate) fn migration_outcome(
+    result: &Result<crate::migration::MigrationReport, ManagerError>,
 ) -> ActionOutcome {
     match result {
-        Ok(report) => match report.outcome {
+        Ok(report) => match &report.outcome {
             Outcome::Migrated { .. } => ActionOutcome::Done {
-                moved: report.completed.map(|c| MoveFigures {
+                moved: report.completed.as_ref().map(|c| MoveFigures {
                     time_ms: c.time_elapsed_ms,
                     downtime_ms: c.downtime_ms,
                     bytes: c.data_processed,
                 }),
             },
-            Outcome::RolledBack { reason } => ActionOutcome::RolledBack { reason },
-            Outcome::Stuck { reason } => ActionOutcome::Stuck { reason },
+            Outcome::RolledBack { reason } => ActionOutcome::RolledBack {
+                reason: reason.clone(),
+            },
+            Outcome::Stuck { reason } => ActionOutcome::Stuck {
+                reason: reason.clone(),
+            },
         },
         Err(e) => ActionOutcome::Failed {
-            error: viola_common::errors::chain(&e),
+            error: viola_common::errors::chain(e),
         },
     }
 }

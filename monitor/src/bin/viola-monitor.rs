@@ -37,6 +37,9 @@ struct Args {
     /// The host's overlay daemon's control socket: reports then carry its links' traffic.
     #[arg(long)]
     overlay_socket: Option<PathBuf>,
+    /// Where the host's /var/lib/libvirt is as this monitor sees it (the VMs' channels).
+    #[arg(long)]
+    libvirt_state_dir: Option<PathBuf>,
     /// Print one report as JSON and exit (no manager needed).
     #[arg(long)]
     once: bool,
@@ -57,6 +60,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.libvirt_uri => cfg.libvirt_uri,
         args.interval_ms => cfg.interval_ms,
         args.metrics_listen => cfg.metrics_listen,
+        args.libvirt_state_dir => cfg.libvirt_state_dir,
     }
     if cfg.host.is_empty() || cfg.site.is_empty() {
         bail!("host and site must be set (config keys `host`, `site` or --host/--site)");
