@@ -49,10 +49,11 @@ pub struct MonitorConfig {
     pub overlay_socket: Option<PathBuf>,
     /// Serve the shepherd channels of the host's VMs (`crate::guest_channel`).
     pub guest_channels: bool,
-    /// Where the host's `/var/lib/libvirt` is as this monitor sees it (where libvirt puts the
-    /// channels' sockets); another path only when the monitor runs outside the host's mount
-    /// namespace, as in the lab.
+    /// Where the host's `/var/lib/libvirt` and `/run/libvirt` are as this monitor sees them
+    /// (libvirt puts the channels' sockets in one of them, by version); other paths only when
+    /// the monitor runs outside the host's mount namespace, as in the lab.
     pub libvirt_state_dir: PathBuf,
+    pub libvirt_run_dir: PathBuf,
 }
 
 impl Default for MonitorConfig {
@@ -71,6 +72,7 @@ impl Default for MonitorConfig {
             overlay_socket: None,
             guest_channels: true,
             libvirt_state_dir: PathBuf::from("/var/lib/libvirt"),
+            libvirt_run_dir: PathBuf::from("/run/libvirt"),
         }
     }
 }
@@ -403,6 +405,7 @@ pub async fn run(
                 manager: cfg.manager,
                 libvirt_uri: cfg.libvirt_uri.clone(),
                 libvirt_state_dir: cfg.libvirt_state_dir.clone(),
+                libvirt_run_dir: cfg.libvirt_run_dir.clone(),
             };
             crate::guest_channel::run(
                 channel_cfg,

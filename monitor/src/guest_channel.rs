@@ -1,6 +1,7 @@
 //! The host's end of its guests' shepherd channels. Each VM Viola defines has a virtio-serial
 //! port `org.viola.shepherd` whose host side is a unix socket QEMU listens on (libvirt picks
-//! the path and writes it into the running domain's XML). Every `CHANNEL_SCAN` the monitor
+//! the path, under `/run/libvirt` or `/var/lib/libvirt` by version, and writes it into the
+//! running domain's XML). Every `CHANNEL_SCAN` the monitor
 //! connects to the channels of running domains it does not serve yet, reads one JSON line per
 //! request (at most [`MAX_LINE`] bytes), forwards it to the manager as a
 //! [`GuestAsk`](viola_api::manager::GuestAsk) naming the VM the socket belongs to, and writes
@@ -48,19 +49,24 @@ pub struct ChannelConfig {
     pub site: String,
     pub manager: SocketAddr,
     pub libvirt_uri: String,
-    /// Where the host's `/var/lib/libvirt` is as this monitor sees it (the lab's monitors run
-    /// outside the hosts' mount namespaces).
+    /// Where the host's `/var/lib/libvirt` and `/run/libvirt` are as this monitor sees them
+    /// (the lab's monitors run outside the hosts' mount namespaces).
     pub libvirt_state_dir: PathBuf,
+    pub libvirt_run_dir: PathBuf,
 }
 
 /// Counters by outcome (`accepted`, `refused`, `unanswered`, `malformed`).
 pub type GuestRequestCounts = Family<Vec<(String, String)>, Counter>;
 
-/// The socket path libvirt wrote, seen through `state_dir`.
-pub fn seen_from_here(path: &str, state_dir: &Path) -> PathBuf {
-    match Path::new(path).strip_prefix("/var/lib/libvirt") {
-        Ok(rest) => state_dir.join(rest),
-        Err(_) => PathBuf::from(path),
+/// The socket path libvirt wrote, seen through `state_dir` and `run_dir`.
+pub fn seen_from_here(path: &str, state_dir: &Path, run_dir: &Path) -> PathBuf {
+    let path = Path::new(path);
+    if let Ok(rest) = path.strip_prefix("/var/lib/libvirt") {
+        state_dir.join(rest)
+    } else if let Ok(rest) = path.strip_prefix("/run/libvirt") {
+        run_dir.join(rest)
+    } else {
+        path.to_owned()
     }
 }
 
@@ -203,7 +209,7 @@ pub async fn run(
             else {
                 continue;
             };
-            let path = seen_from_here(&path, &cfg.libvirt_state_dir);
+            let path = seen_from_here(&path, &cfg.libvirt_state_dir, &cfg.libvirt_run_dir);
             let stream = match UnixStream::connect(&path).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -348,17 +354,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn libvirt_paths_are_seen_through_the_state_dir() {
-        let dir = Path::new("/run/lab/hosts/a1/lib");
+    fn libvirt_paths_are_seen_through_the_state_and_run_dirs() {
+        let (lib, run) = (Path::new("/lab/a1/lib"), Path::new("/lab/a1/run"));
         assert_eq!(
             seen_from_here(
                 "/var/lib/libvirt/qemu/channel/target/d/org.viola.shepherd",
-                dir
+                lib,
+                run
             ),
-            dir.join("qemu/channel/target/d/org.viola.shepherd")
+            lib.join("qemu/channel/target/d/org.viola.shepherd")
         );
         assert_eq!(
-            seen_from_here("/srv/other.sock", dir),
+            seen_from_here(
+                "/run/libvirt/qemu/channel/6-vm/org.viola.shepherd",
+                lib,
+                run
+            ),
+            run.join("qemu/channel/6-vm/org.viola.shepherd")
+        );
+        assert_eq!(
+            seen_from_here("/srv/other.sock", lib, run),
             PathBuf::from("/srv/other.sock")
         );
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::daemons::{Daemons, bin, free_port};
-use crate::mech::{local_images, manager_uri, peer_uri};
+use crate::mech::{local_images, manager_uri, monitor_libvirt_dirs, peer_uri};
 use crate::pki::Pki;
 
 /// The federation of a test: its CA, the manager's and the CLI's identities, the manager's
@@ -76,6 +76,7 @@ impl Federation {
         let child = Command::new(bin("viola-monitor"))
             .args(["--host", host, "--site", site, "--manager", &self.mgr])
             .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
+            .args(monitor_libvirt_dirs(host))
             .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
             .arg("--identity")
             .arg(&id)

@@ -306,6 +306,19 @@ impl Lab {
         serde_json::from_str(&json).with_context(|| format!("bad lab status JSON: {json}"))
     }
 
+    /// `viola-monitor` arguments for a monitor of `host` running in the root mount namespace:
+    /// where the host's `/var/lib/libvirt` and `/run/libvirt` are from there (the VMs'
+    /// shepherd channels are in one of them).
+    pub fn monitor_libvirt_dirs(&self, host: &str) -> [String; 4] {
+        let d = PathBuf::from(&self.status.lab_dir).join("hosts").join(host);
+        [
+            "--libvirt-state-dir".into(),
+            d.join("lib").display().to_string(),
+            "--libvirt-run-dir".into(),
+            d.join("run").display().to_string(),
+        ]
+    }
+
     pub fn host(&self, name: &str) -> &LabHost {
         self.status
             .hosts

@@ -272,6 +272,7 @@ impl Fed {
                 .arg(bin("viola-monitor"))
                 .args(["--host", h, "--site", &h[..1], "--manager", &mgr])
                 .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
+                .args(lab.monitor_libvirt_dirs(h))
                 .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
                 .arg("--identity")
                 .arg(id(&format!("monitor-{h}")))

@@ -126,6 +126,11 @@ pub fn manager_uri(host: &str) -> String {
     )
 }
 
+/// [`Lab::monitor_libvirt_dirs`](crate::Lab::monitor_libvirt_dirs) of the lab in use.
+pub fn monitor_libvirt_dirs(host: &str) -> [String; 4] {
+    lab().monitor_libvirt_dirs(host)
+}
+
 /// Underlay address of a lab host (`a1` → 198.18.1.11).
 pub fn address(host: &str) -> String {
     lab().host(host).address.clone()

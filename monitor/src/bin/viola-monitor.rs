@@ -40,6 +40,9 @@ struct Args {
     /// Where the host's /var/lib/libvirt is as this monitor sees it (the VMs' channels).
     #[arg(long)]
     libvirt_state_dir: Option<PathBuf>,
+    /// Where the host's /run/libvirt is as this monitor sees it (the VMs' channels).
+    #[arg(long)]
+    libvirt_run_dir: Option<PathBuf>,
     /// Print one report as JSON and exit (no manager needed).
     #[arg(long)]
     once: bool,
@@ -61,6 +64,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.interval_ms => cfg.interval_ms,
         args.metrics_listen => cfg.metrics_listen,
         args.libvirt_state_dir => cfg.libvirt_state_dir,
+        args.libvirt_run_dir => cfg.libvirt_run_dir,
     }
     if cfg.host.is_empty() || cfg.site.is_empty() {
         bail!("host and site must be set (config keys `host`, `site` or --host/--site)");
