@@ -18,6 +18,8 @@
 //!   made; a tenant's user may not list hosts; physics's imported image is listed for physics
 //!   only, and an image file naming a backing file is refused;
 //! - a created VM migrates across sites with no hand-written configuration;
+//! - from inside, through its shepherd channel (`viola-ask migrate --site a`), the VM asks to
+//!   go back: it is told where before the move, moves live and keeps its address;
 //! - `viola violin delete lab` is refused while it has VMs, and with `--force` leaves nothing
 //!   on any host: no domain (`virsh list --all`), no disk, no bridge, no violin in the
 //!   overlays' status, nothing in the inventory.
@@ -411,6 +413,42 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     )
     .unwrap();
 
+    // From inside, the guest asks to go back to site a (its shepherd channel, b2's monitor,
+    // the manager's shepherd): it is told where it goes before the move, and it moves live,
+    // keeping its address.
+    let said = viola_labtests::guest_http(lab, "a2", &web_ip, "ask=migrate,a").unwrap();
+    eprintln!("[lab test] {web} asked to move to site a: {said}");
+    assert!(
+        said.contains("\"accepted\":true") && said.contains("moving to a/"),
+        "{said}"
+    );
+    let mut back_at = String::new();
+    wait_until(
+        &format!("{web} moved back to site a at its own request"),
+        Duration::from_secs(240),
+        || {
+            back_at = placement_of(cli, &web);
+            // The source's copy goes once the move is complete: one running copy.
+            back_at.starts_with('a')
+                && lab.domain_state(&back_at, &web).as_deref() == Some("running")
+                && lab.domain_state("b2", &web).is_none()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", log_text(&mgr_log)));
+    wait_until(
+        &format!("{web} answers at {back_at}"),
+        Duration::from_secs(30),
+        || viola_labtests::guest_http(lab, "a2", &web_ip, "info").is_ok(),
+    )
+    .unwrap();
+    let moves = run_ok(&mut cli.cmd(&["--json", "decisions"])).unwrap();
+    assert!(
+        moves.lines().any(|l| l.contains("\"policy\":\"shepherd\"")
+            && l.contains("\"action\":\"migrate\"")
+            && l.contains("\"outcome\":\"done\"")),
+        "the guest's move is not in the decision log as done: {moves}"
+    );
+
     // Delete: refused while it has VMs; with --force nothing is left anywhere.
     let refused = cli.json(&["violin", "delete", "lab"]);
     assert!(refused.is_err_and(|e| e.contains("--force")));
@@ -525,4 +563,17 @@ fn create_benchmark() {
     });
     eprintln!("{result}");
     std::fs::write(out, result.to_string()).unwrap();
+}
+
+/// The host `viola vm list` places `vm` on (empty when it cannot be read).
+fn placement_of(cli: &Cli, vm: &str) -> String {
+    cli.json(&["vm", "list"])
+        .ok()
+        .and_then(|l| {
+            l.as_array()?
+                .iter()
+                .find(|v| v["name"] == vm)
+                .and_then(|v| v["host"].as_str().map(str::to_owned))
+        })
+        .unwrap_or_default()
 }
