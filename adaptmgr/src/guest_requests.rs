@@ -50,7 +50,8 @@ impl Default for GuestRequestConfig {
             max_memory_mib_per_vm: 8192,
             max_cap_percent_per_violin: 1600,
             max_memory_mib_per_violin: 32768,
-            requests_per_vm_per_min: 6,
+            // A job reporting its progress every 5 s sends 12.
+            requests_per_vm_per_min: 20,
             requests_per_violin_per_min: 60,
             migrations_per_hour: 4,
         }
@@ -146,6 +147,22 @@ impl Manager {
             } => {
                 let ended = self.guest_resize(&ask, cpu_mips, ram_mb).await;
                 self.finish(&ask, ts_ms, ended)
+            }
+            Request::Progress { done, total, .. } => {
+                // Not logged one by one (a job reports every few seconds): the cap changes
+                // they lead to are, as the policy `vservices`.
+                let p = self.job_progress(&ask.vm, done, total).await;
+                let outcome = match &p.action {
+                    Some(a) => a.outcome.clone(),
+                    None => ActionOutcome::Skipped {
+                        reason: p.answer.detail.clone(),
+                    },
+                };
+                if let Some(a) = p.action {
+                    self.record_deadline_action(a);
+                }
+                self.count_guest_request("progress", &outcome);
+                Response::GuestAnswer(p.answer)
             }
             Request::Migrate { to_site, .. } => {
                 let to = match self.guest_destination(&ask, &violin, to_site.as_deref()) {
@@ -278,6 +295,7 @@ impl Manager {
                 let op = match crate::policy::shepherd::parse(ask.line.as_bytes()) {
                     Ok(Request::Resize { .. }) => "resize",
                     Ok(Request::Migrate { .. }) => "migrate",
+                    Ok(Request::Progress { .. }) => "progress",
                     Err(_) => "request",
                 };
                 Err((op, refusal.to_string()))
@@ -461,6 +479,7 @@ mod tests {
             |cfg| {
                 cfg.guest_requests.max_cap_percent_per_vm = 100;
                 cfg.guest_requests.max_cap_percent_per_violin = 170;
+                cfg.guest_requests.requests_per_vm_per_min = 6;
             },
         );
         f.report(&|_| 0.1).await;

@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod control;
 pub mod dashboard;
+pub mod deadlines;
 #[cfg(test)]
 mod fixtures;
 pub mod guest_requests;

@@ -18,7 +18,10 @@
 //! - A VM's `cpu_cap_mips` is the cap the manager last set on it (`viola vm resize
 //!   --cap-percent`, or the policy loop), in percent of one CPU at `pe_mips`; a cap set outside
 //!   Viola is not known.
-//! - Service levels (`VmObs::service`) stay `None`: targets per VM are not configured yet.
+//! - A VM's `service` is its job deadline's level (`viola vm deadline`, `deadlines`): x =
+//!   projected completion / deadline from the job's progress reports; `None` for VMs without a
+//!   deadline or before the job's speed is known. Probed response times are not turned into
+//!   service levels (no model maps a share to a response time yet).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -129,7 +132,7 @@ pub fn observed_state(
             history,
             in_migration: held.contains(&v.name),
             suspended: !running,
-            service: None,
+            service: v.deadline.as_ref().and_then(|d| d.service(now_ms)),
         });
     }
     ObservedState {
@@ -263,6 +266,7 @@ mod tests {
             cpu_busy: busy,
             domain_xml: None,
             cap_percent: None,
+            deadline: None,
             updated_ms: 0,
         };
         let hosts = [

@@ -109,6 +109,20 @@ pub struct VmResize {
     pub shares: Option<u64>,
 }
 
+/// Give a VM's job a deadline (Virtual Services' computational service): from the progress
+/// the job reports on its shepherd channel (`viola-ask progress DONE TOTAL`), the manager keeps
+/// the VM's CPU cap at the smallest share that finishes the job by then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDeadline {
+    pub vm: String,
+    /// Seconds from now; `None` clears the deadline (the VM gets its cap from before back).
+    pub in_s: Option<u64>,
+    /// The most of a CPU it may get, percent; default its vCPUs' worth.
+    #[serde(default)]
+    pub max_cap_percent: Option<u32>,
+}
+
 /// Move a VM to another host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmMigrate {
@@ -290,6 +304,8 @@ pub enum Request {
     /// (monitors only, about a VM on their own host). Answered with `GuestAnswer` at once; a
     /// move the guest asked for then runs on the same stream (`Progress`, then `Migrated`).
     GuestAsk(GuestAsk),
+    /// Set or clear a job deadline on a VM (answered with `Ack`).
+    VmDeadline(VmDeadline),
 }
 
 /// What a monitor forwards from a guest's shepherd channel.

@@ -102,7 +102,7 @@ cp "$here/viola-init" "$root/sbin/viola-init"
 # viola.ip=dhcp: busybox udhcpc (linked above with every applet) runs this on lease events.
 mkdir -p "$root/usr/share/udhcpc"
 install -m 0755 "$here/udhcpc.script" "$root/usr/share/udhcpc/default.script"
-cp "$here/cpuburn" "$here/diskwrite" "$here/viola-ask" "$root/usr/bin/"
+cp "$here/cpuburn" "$here/diskwrite" "$here/viola-ask" "$here/viola-job" "$root/usr/bin/"
 # SSH (viola.ssh_key): dropbear and the shared libraries it needs, at the host's paths.
 for b in /usr/sbin/dropbear /usr/bin/dropbearkey; do
   [ -x "$b" ] || { echo "build.sh: $b missing: install dropbear-bin (scripts/setup.sh does)" >&2; exit 1; }

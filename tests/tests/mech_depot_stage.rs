@@ -244,6 +244,7 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
             cpu_busy: 0.0,
             domain_xml: None,
             cap_percent: None,
+            deadline: None,
             updated_ms: 0,
         })
         .unwrap();

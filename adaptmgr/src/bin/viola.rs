@@ -27,7 +27,7 @@ use viola_api::client::Client;
 use viola_api::manager::{
     HostState, HostView, ImageImport, ImageView, ViolinCreate, ViolinView, VmCreate, VmView,
 };
-use viola_api::manager::{Request, Response, VmMigrate, VmResize};
+use viola_api::manager::{Request, Response, VmDeadline, VmMigrate, VmResize};
 use viola_api::migration::Outcome;
 use viola_common::identity::Identity;
 
@@ -255,6 +255,21 @@ enum VmCommand {
         #[arg(long)]
         shares: Option<u64>,
     },
+    /// Give the VM's job a deadline: from the progress the job reports from inside
+    /// (`viola-ask progress DONE TOTAL`), the manager keeps its CPU cap at the smallest share
+    /// that finishes it in time.
+    Deadline {
+        vm: String,
+        /// Seconds from now.
+        #[arg(long, required_unless_present = "clear")]
+        in_s: Option<u64>,
+        /// The most of a CPU the job may get, percent (default: its vCPUs' worth).
+        #[arg(long, conflicts_with = "clear")]
+        max_cap_percent: Option<u32>,
+        /// Remove the deadline (the VM gets its cap from before back).
+        #[arg(long, conflicts_with = "in_s")]
+        clear: bool,
+    },
     /// Live-migrate a VM (with its disk) to another host.
     Migrate {
         vm: String,
@@ -396,6 +411,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.json,
             )
             .await?
+        }
+        Command::Vm {
+            command:
+                VmCommand::Deadline {
+                    vm,
+                    in_s,
+                    max_cap_percent,
+                    clear,
+                },
+        } => {
+            let req = Request::VmDeadline(VmDeadline {
+                vm: vm.clone(),
+                in_s: if clear { None } else { in_s },
+                max_cap_percent,
+            });
+            let what = if clear {
+                "deadline cleared"
+            } else {
+                "deadline set"
+            };
+            done(&client, req, &vm, what, args.json).await?
         }
         Command::Vm {
             command: VmCommand::Delete { vm },

@@ -170,6 +170,7 @@ pub fn authorize(
                 | Request::VmStart { .. }
                 | Request::VmStop { .. }
                 | Request::VmDelete { .. }
+                | Request::VmDeadline(_)
                 | Request::ImageList
                 | Request::ImageImport(_)
         );
@@ -326,6 +327,10 @@ async fn handle_stream(
             Err(e) => error(chain(&e)),
         },
         Request::VmDelete { vm } => match manager.delete_vm(&caller, &vm).await {
+            Ok(()) => Response::Ack,
+            Err(e) => error(chain(&e)),
+        },
+        Request::VmDeadline(d) => match manager.set_deadline(&caller, d).await {
             Ok(()) => Response::Ack,
             Err(e) => error(chain(&e)),
         },

@@ -394,6 +394,7 @@ mod tests {
                 "52:54:00:00:00:01",
             )),
             cap_percent: None,
+            deadline: None,
             updated_ms: 0,
         }
     }

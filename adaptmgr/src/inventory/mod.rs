@@ -109,6 +109,9 @@ pub struct VmRecord {
     /// The CPU cap the manager last set (percent of one CPU); `None`: none set through Viola.
     #[serde(default)]
     pub cap_percent: Option<u32>,
+    /// A job deadline set with `viola vm deadline`, and the job's progress reports.
+    #[serde(default)]
+    pub deadline: Option<crate::deadlines::JobDeadline>,
     pub updated_ms: u64,
 }
 

@@ -423,6 +423,7 @@ impl Inventory {
                     cpu_busy: 0.0,
                     domain_xml: None,
                     cap_percent: None,
+                    deadline: None,
                     updated_ms: now_ms,
                 });
                 vm.host = report.host.clone();

@@ -978,6 +978,7 @@ impl Manager {
                 cpu_busy: 0.0,
                 domain_xml: Some(xml),
                 cap_percent: None,
+                deadline: None,
                 updated_ms: now_ms(),
             })?;
             say(format!("{}: started on {}", vm.name, vm.host.name));
@@ -1343,7 +1344,7 @@ impl Manager {
     }
 
     /// Ok if `caller` may act on `vm`: an administrator on any VM, a tenant on its violins'.
-    fn check_owns_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
+    pub(crate) fn check_owns_vm(&self, caller: &Caller, vm: &str) -> Result<(), VmError> {
         match caller {
             Caller::Admin => Ok(()),
             Caller::Tenant(_) => self.member(caller, vm).map(|_| ()),

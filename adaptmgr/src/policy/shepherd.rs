@@ -28,13 +28,16 @@ pub enum Request {
     },
     /// Ask to be moved (e.g. closer to its peers).
     Migrate { vm: String, to_site: Option<String> },
+    /// A job's progress: `done` of `total` work units (any unit, the same in every report).
+    /// With a deadline set on the VM, the manager re-solves its CPU share from it.
+    Progress { vm: String, done: f64, total: f64 },
 }
 
 impl Request {
     /// The VM the request is about (a VM may only ask about itself).
     pub fn vm(&self) -> &str {
         match self {
-            Self::Resize { vm, .. } | Self::Migrate { vm, .. } => vm,
+            Self::Resize { vm, .. } | Self::Migrate { vm, .. } | Self::Progress { vm, .. } => vm,
         }
     }
 }
@@ -240,6 +243,7 @@ impl Shepherd {
                 }
                 st.vms.insert(vm.clone(), (cpu, ram));
             }
+            Request::Progress { .. } => {}
             Request::Migrate { .. } => {
                 st.migrations.retain(|t| now - t < 3600.0);
                 if st.migrations.len() >= quota.migrations_per_hour as usize {
@@ -280,6 +284,19 @@ pub fn parse(body: &[u8]) -> Result<Request, Refusal> {
             {
                 return Err(Refusal::Malformed(
                     "resize needs a VM name and positive finite sizes".into(),
+                ));
+            }
+        }
+        Request::Progress { vm, done, total } => {
+            let ok = !vm.is_empty()
+                && vm.len() <= 255
+                && total.is_finite()
+                && *total > 0.0
+                && done.is_finite()
+                && (0.0..=*total).contains(done);
+            if !ok {
+                return Err(Refusal::Malformed(
+                    "progress needs a VM name and 0 <= done <= total, total > 0".into(),
                 ));
             }
         }

@@ -139,7 +139,8 @@ impl Vertical {
                 self.raised.remove(&v.name);
                 continue;
             }
-            if v.in_migration || v.suspended || cap <= 0.0 {
+            // A VM with a service level (a job deadline) has its cap set by that controller.
+            if v.in_migration || v.suspended || cap <= 0.0 || v.service.is_some() {
                 continue;
             }
             let total = v.total_mips();
