@@ -67,10 +67,11 @@ pub fn min_share(
     hi
 }
 
-/// The service level a job's share is solved for: s(x) = 0.6 with a = 10, b = 1, w = 0.5 puts
-/// the projected completion about 2 % of the deadline's window early (0.5 would aim at the
-/// deadline itself, which measurement noise then misses half the time).
-pub const DEADLINE_LEVEL: f64 = 0.6;
+/// The service level a job's share is solved for: s(x) = 0.7 with a = 10, b = 1, w = 0.5 puts
+/// the projected completion about 4 % of the deadline's window early (0.5 would aim at the
+/// deadline itself, which measurement noise then misses half the time; at 0.6, 2 % early, the
+/// lab's 61 s job ended 0.9 s before its deadline).
+pub const DEADLINE_LEVEL: f64 = 0.7;
 
 /// One progress report of a job: `done` work units at `at_s`, `share` CPUs in force over the
 /// interval that ended there.
@@ -145,7 +146,7 @@ mod tests {
         // 1000 units at 10 units per CPU-second: 100 CPU-seconds. 20 s of a 200 s window gone
         // with 800 units left: 80 CPU-seconds in 180 s is 0.44 CPUs; the level asks a little more.
         let s = deadline_share(20.0, 200.0, 800.0, 10.0, 1.0, 2.0);
-        assert!((0.45..0.47).contains(&s), "{s}");
+        assert!((0.45..0.48).contains(&s), "{s}");
         let finish = 20.0 + 800.0 / (10.0 * s);
         assert!((190.0..200.0).contains(&finish), "{finish}");
         // The job turns out slower (5 units per CPU-second): the share doubles.
