@@ -18,6 +18,8 @@ pub struct Federation {
     pub mgr_id: PathBuf,
     pub cli_id: PathBuf,
     pub cfg: PathBuf,
+    /// The manager's Prometheus endpoint (loopback).
+    pub metrics: String,
     pub daemons: Daemons,
 }
 
@@ -47,6 +49,7 @@ impl Federation {
             .unwrap();
         Self {
             mgr: format!("127.0.0.1:{}", free_port()),
+            metrics: format!("127.0.0.1:{}", free_port()),
             dir,
             pki,
             mgr_id,
@@ -65,6 +68,20 @@ impl Federation {
             .spawn()
             .expect("start viola-adaptmgr");
         self.daemons.add("manager", child);
+    }
+
+    /// The value of the manager's unlabelled metric `name`, if it has one.
+    pub fn manager_metric(&self, name: &str) -> Option<f64> {
+        let text = crate::run_ok(Command::new("curl").args([
+            "-s",
+            "-m",
+            "5",
+            &format!("http://{}/metrics", self.metrics),
+        ]))
+        .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Starts the monitor of `host` as daemon "monitor-HOST" (its identity issued once).
@@ -117,9 +134,9 @@ pub fn vm_host(mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
 fn write_manager_config(fed: &Federation, hosts: &[(&str, &str)], extra: &str) -> PathBuf {
     let dir = fed.dir.path();
     let mut toml = format!(
-        "listen = \"{}\"\nmetrics_listen = \"127.0.0.1:{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
+        "listen = \"{}\"\nmetrics_listen = \"{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
         fed.mgr,
-        free_port(),
+        fed.metrics,
         fed.mgr_id.display(),
         dir.join("inventory.redb").display()
     );

@@ -98,8 +98,12 @@ fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
     let reaction = burn_started.elapsed();
     let raised_to = cap_percent(name);
     let said = resizes(&mgr, &cli, name);
+    let decision_to_action = fed
+        .manager_metric("viola_adaptmgr_policy_decision_to_action_ms")
+        .expect("the manager exports viola_adaptmgr_policy_decision_to_action_ms");
     eprintln!(
-        "FIGURES adapt_vertical reaction_s={:.1} raised_to={raised_to:?} decisions={said:?}",
+        "FIGURES adapt_vertical reaction_s={:.1} decision_to_action_ms={decision_to_action} \
+         raised_to={raised_to:?} decisions={said:?}",
         reaction.as_secs_f64()
     );
     assert!(

@@ -41,6 +41,10 @@ pub struct PolicyMetrics {
     pub actions: Family<Vec<(String, String)>, Counter>,
     /// Milliseconds the last period's state building, decision and planning took.
     pub tick_ms: Gauge,
+    /// Milliseconds from the last carried-out decision to its first action's call into the
+    /// manager (whose first step is to open the host's hypervisor): recording the decision
+    /// and ordering the steps.
+    pub decision_to_action_ms: Gauge,
 }
 
 impl PolicyMetrics {
@@ -59,6 +63,11 @@ impl PolicyMetrics {
             "viola_adaptmgr_policy_tick_ms",
             "Time the last control period took to build the state, decide and plan",
             self.tick_ms.clone(),
+        );
+        registry.register(
+            "viola_adaptmgr_policy_decision_to_action_ms",
+            "Time from the last carried-out decision to its first action's call into the manager",
+            self.decision_to_action_ms.clone(),
         );
     }
 
@@ -564,6 +573,7 @@ impl PolicyLoop {
         })
         .await
         .map_err(TickError::Join)??;
+        let decided = std::time::Instant::now();
         self.metrics
             .tick_ms
             .set(started.elapsed().as_millis() as i64);
@@ -583,7 +593,7 @@ impl PolicyLoop {
                 outcome = a.outcome.label(), reason = %a.reason, "policy decision");
         }
         if record.mode == PolicyMode::Act {
-            self.execute(manager, &mut record, plan.steps, token)
+            self.execute(manager, &mut record, plan.steps, decided, token)
                 .await?;
         }
         Ok(Some(record))
@@ -594,12 +604,22 @@ impl PolicyLoop {
         manager: &Manager,
         record: &mut DecisionRecord,
         steps: Vec<Step>,
+        decided: std::time::Instant,
         token: &CancellationToken,
     ) -> Result<(), TickError> {
+        let mut first_action = Some(decided);
+        let mut acting = || {
+            if let Some(at) = first_action.take() {
+                self.metrics
+                    .decision_to_action_ms
+                    .set(at.elapsed().as_millis() as i64);
+            }
+        };
         let mut stages: BTreeMap<usize, Vec<(usize, VmMigrate)>> = BTreeMap::new();
         for step in steps {
             match step {
                 Step::Resize { action, req } => {
+                    acting();
                     let outcome = match manager.resize(req).await {
                         Ok(()) => ActionOutcome::DONE,
                         Err(e) => ActionOutcome::Failed {
@@ -629,6 +649,7 @@ impl PolicyLoop {
             }
             // A stage's moves run side by side (at most `max_parallel`, by the planner); no
             // task is spawned, so none outlives a cancelled loop.
+            acting();
             let runs = stage.into_iter().map(|(action, req)| async move {
                 // Nobody watches a policy migration's progress frames.
                 let (progress, _unwatched) = mpsc::channel(1);
