@@ -531,138 +531,94 @@ mod tests {
             .collect()
     }
 
+    /// The answer to `line` from `vm`'s channel on `host`.
+    async fn said(f: &Federation, host: &str, vm: &str, line: &str) -> GuestAnswer {
+        answer(&ask(f, host, vm, line).await.0).clone()
+    }
+
+    /// A resize line: `vm` asks for a cap of `mips`.
+    fn cap(vm: &str, mips: u32) -> String {
+        format!(r#"{{"op":"resize","vm":"{vm}","cpu_mips":{mips}}}"#)
+    }
+
     #[tokio::test]
     async fn a_request_within_quota_is_carried_out_and_one_over_it_is_refused_with_its_reason() {
         let f = federation().await;
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm1",
-            r#"{"op":"resize","vm":"vm1","cpu_mips":600}"#,
-        )
-        .await;
-        assert!(answer(&r).accepted, "{r:?}");
-        assert!(answer(&r).detail.contains("cap 60 %"), "{r:?}");
+        let a = said(&f, "a1", "vm1", &cap("vm1", 600)).await;
+        assert!(a.accepted && a.detail.contains("cap 60 %"), "{a:?}");
         assert_eq!(cap_on_a1(&f, "vm1"), Some(60));
-        assert_eq!(
-            f.manager.inventory.vm("vm1").unwrap().unwrap().cap_percent,
-            Some(60)
-        );
+        let recorded = f.manager.inventory.vm("vm1").unwrap().unwrap().cap_percent;
+        assert_eq!(recorded, Some(60));
 
         // Over the per-VM quota (100 %): refused, nothing changes.
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm1",
-            r#"{"op":"resize","vm":"vm1","cpu_mips":1500}"#,
-        )
-        .await;
-        assert!(!answer(&r).accepted);
-        assert!(answer(&r).detail.contains("quota"), "{r:?}");
+        let a = said(&f, "a1", "vm1", &cap("vm1", 1500)).await;
+        assert!(!a.accepted && a.detail.contains("quota"), "{a:?}");
         assert_eq!(cap_on_a1(&f, "vm1"), Some(60));
         // vm2 (uncapped: its whole vCPU, 100 %) asks for 80 %: with vm1's 60 % the violin
         // would hold 140 % of its 170; accepted. Then vm1 asking for 100 % would make 180 %.
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm2",
-            r#"{"op":"resize","vm":"vm2","cpu_mips":800}"#,
-        )
-        .await;
-        assert!(answer(&r).accepted, "{r:?}");
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm1",
-            r#"{"op":"resize","vm":"vm1","cpu_mips":1000}"#,
-        )
-        .await;
-        assert!(answer(&r).detail.contains("violin total"), "{r:?}");
+        assert!(said(&f, "a1", "vm2", &cap("vm2", 800)).await.accepted);
+        let a = said(&f, "a1", "vm1", &cap("vm1", 1000)).await;
+        assert!(a.detail.contains("violin total"), "{a:?}");
         // Beyond the VM itself: more memory than its maximum.
-        let (r, _) = ask(
+        let a = said(
             &f,
             "a1",
             "vm2",
             r#"{"op":"resize","vm":"vm2","ram_mb":4096}"#,
         )
         .await;
-        assert!(
-            answer(&r).detail.contains("maximum memory is 512 MiB"),
-            "{r:?}"
-        );
+        assert!(a.detail.contains("maximum memory is 512 MiB"), "{a:?}");
 
+        let outcomes: Vec<_> = logged(&f).into_iter().map(|(_, vm, o)| (vm, o)).collect();
+        let expected = [
+            ("vm1", "done"),
+            ("vm1", "skipped"),
+            ("vm2", "done"),
+            ("vm1", "skipped"),
+            ("vm2", "skipped"),
+        ];
         assert_eq!(
-            logged(&f),
-            [
-                ("resize".into(), "vm1".into(), "done".into()),
-                ("resize".into(), "vm1".into(), "skipped".into()),
-                ("resize".into(), "vm2".into(), "done".into()),
-                ("resize".into(), "vm1".into(), "skipped".into()),
-                ("resize".into(), "vm2".into(), "skipped".into()),
-            ]
+            outcomes,
+            expected.map(|(v, o)| (v.to_owned(), o.to_owned()))
         );
-        let counted = |op: &str, outcome: &str| {
+        let counted = |outcome: &str| {
+            let labels = vec![
+                ("op".to_owned(), "resize".to_owned()),
+                ("outcome".to_owned(), outcome.to_owned()),
+            ];
             f.manager
                 .metrics
                 .guest_requests
-                .get_or_create(&vec![
-                    ("op".to_owned(), op.to_owned()),
-                    ("outcome".to_owned(), outcome.to_owned()),
-                ])
+                .get_or_create(&labels)
                 .get()
         };
-        assert_eq!(
-            (counted("resize", "done"), counted("resize", "skipped")),
-            (2, 3)
-        );
+        assert_eq!((counted("done"), counted("skipped")), (2, 3));
     }
 
     #[tokio::test]
     async fn a_vm_cannot_act_on_another_nor_a_monitor_speak_for_a_vm_elsewhere() {
         let f = federation().await;
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm1",
-            r#"{"op":"resize","vm":"vm2","cpu_mips":100}"#,
-        )
-        .await;
-        assert!(!answer(&r).accepted);
+        let a = said(&f, "a1", "vm1", &cap("vm2", 100)).await;
+        assert!(!a.accepted, "{a:?}");
         assert!(
-            answer(&r)
-                .detail
+            a.detail
                 .contains("may only ask for itself: vm1 asked for vm2"),
-            "{r:?}"
+            "{a:?}"
         );
         // a2's monitor forwarding a line as if from vm1 (which runs on a1).
-        let (r, _) = ask(
-            &f,
-            "a2",
-            "vm1",
-            r#"{"op":"resize","vm":"vm1","cpu_mips":100}"#,
-        )
-        .await;
-        assert!(
-            answer(&r).detail.contains("no VM \"vm1\" on host a/a2"),
-            "{r:?}"
-        );
-        let (r, _) = ask(&f, "a1", "vm1", r#"{"op":"resize","vm":"#).await;
-        assert!(answer(&r).detail.contains("malformed"), "{r:?}");
+        let a = said(&f, "a2", "vm1", &cap("vm1", 100)).await;
+        assert!(a.detail.contains("no VM \"vm1\" on host a/a2"), "{a:?}");
+        let a = said(&f, "a1", "vm1", r#"{"op":"resize","vm":"#).await;
+        assert!(a.detail.contains("malformed"), "{a:?}");
         // None of it touched vm2 or vm1.
         assert_eq!((cap_on_a1(&f, "vm1"), cap_on_a1(&f, "vm2")), (None, None));
         // Six requests per VM per minute, malformed ones included: vm1 has sent two (what a2's
         // monitor forwarded never reached the shepherd).
         for _ in 0..4 {
-            ask(&f, "a1", "vm1", "{}").await;
+            said(&f, "a1", "vm1", "{}").await;
         }
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm1",
-            r#"{"op":"resize","vm":"vm1","cpu_mips":100}"#,
-        )
-        .await;
-        assert!(answer(&r).detail.contains("rate limit"), "{r:?}");
+        let a = said(&f, "a1", "vm1", &cap("vm1", 100)).await;
+        assert!(a.detail.contains("rate limit"), "{a:?}");
         assert_eq!(cap_on_a1(&f, "vm1"), None);
     }
 
@@ -703,13 +659,7 @@ mod tests {
             |cfg| cfg.guest_requests.enabled = false,
         );
         f.report(&|_| 0.1).await;
-        let (r, _) = ask(
-            &f,
-            "a1",
-            "vm1",
-            r#"{"op":"resize","vm":"vm1","cpu_mips":100}"#,
-        )
-        .await;
-        assert!(answer(&r).detail.contains("off on this manager"), "{r:?}");
+        let a = said(&f, "a1", "vm1", &cap("vm1", 100)).await;
+        assert!(a.detail.contains("off on this manager"), "{a:?}");
     }
 }

@@ -3,10 +3,55 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use viola_hypervisor::Hypervisor;
 
 use crate::daemons::{Daemons, bin, free_port};
-use crate::mech::{local_images, manager_uri, monitor_libvirt_dirs, peer_uri};
+use crate::mech::{
+    Cleanup, begin_with_guest, local_images, manager_uri, monitor_libvirt_dirs, peer_uri,
+    wait_guest,
+};
 use crate::pki::Pki;
+use crate::wait_until;
+
+/// A lab guest under a federation's manager ([`managed_guest`]). Dropped in field order: the
+/// daemons stop first, the guest and its bridge go last.
+pub struct ManagedGuest {
+    pub fed: Federation,
+    pub hv: Arc<dyn Hypervisor>,
+    /// The guest's address.
+    pub ip: String,
+    pub cleanup: Cleanup,
+}
+
+/// Guest `name` booted at `host` of site `site` on a bridge of its own (`SUBNET.5`, one vCPU:
+/// [`begin_with_guest`]), a manager configured with `extra` and a monitor at `host`; returns
+/// once the guest answers and the manager has it at `host`.
+pub fn managed_guest(
+    host: &'static str,
+    site: &str,
+    name: &'static str,
+    subnet: &str,
+    extra: &str,
+) -> ManagedGuest {
+    let (cleanup, hv, ip) = begin_with_guest(host, name, subnet, 1);
+    let fed = Federation::start(&[(host, site)], extra);
+    wait_guest(host, &ip, Duration::from_secs(180));
+    wait_until(
+        "the manager knows the guest",
+        Duration::from_secs(60),
+        || vm_host(&fed.mgr, &fed.cli_id, name).is_some_and(|(h, _)| h == host),
+    )
+    .unwrap();
+    ManagedGuest {
+        fed,
+        hv,
+        ip,
+        cleanup,
+    }
+}
 
 /// The federation of a test: its CA, the manager's and the CLI's identities, the manager's
 /// address and configuration, the daemons (stopped at the end).
@@ -68,6 +113,33 @@ impl Federation {
             .spawn()
             .expect("start viola-adaptmgr");
         self.daemons.add("manager", child);
+    }
+
+    /// `viola ARGS` as the CLI against this manager, insisting on success; its stdout.
+    pub fn viola(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("viola"))
+            .args(["--manager", &self.mgr, "--identity"])
+            .arg(&self.cli_id)
+            .args(args)
+            .output()
+            .expect("run viola");
+        assert!(
+            out.status.success(),
+            "viola {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every action of the decision log's decisions by `policy` (`viola --json decisions`
+    /// prints one decision per line).
+    pub fn actions_of(&self, policy: &str) -> Vec<serde_json::Value> {
+        self.viola(&["--json", "decisions"])
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a decision per line"))
+            .filter(|d| policy.is_empty() || d["policy"] == policy)
+            .flat_map(|d| d["actions"].as_array().cloned().unwrap_or_default())
+            .collect()
     }
 
     /// The value of the manager's unlabelled metric `name`, if it has one.

@@ -118,6 +118,13 @@ pub fn begin_with_guest(
     (cleanup, hv, ip)
 }
 
+/// Guest `name`'s CPU cap at `host` in percent of one CPU, as libvirt has it now (`None`:
+/// uncapped, or the host cannot say).
+pub fn cap_percent(host: &str, name: &str) -> Option<i64> {
+    let cap = open(host).cpu_tuning(name).ok()?.cap?;
+    (cap.quota_us > 0).then(|| cap.quota_us * 100 / cap.period_us as i64)
+}
+
 /// The manager's way to a host's libvirtd: its unix socket, visible from the root namespace.
 pub fn manager_uri(host: &str) -> String {
     format!(

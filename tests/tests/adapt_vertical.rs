@@ -7,48 +7,19 @@
 
 // lab: default
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use viola_labtests::daemons::bin;
-use viola_labtests::federation::{Federation, vm_host};
+use viola_labtests::federation::{Federation, managed_guest, vm_host};
 use viola_labtests::mech::*;
 
 const PERIOD_S: u64 = 5;
 const COOLDOWN_S: u64 = 10;
 const BURN_S: u64 = 30;
 
-/// The guest's cap in percent of one CPU as libvirt has it now (`None`: uncapped).
-fn cap_percent(name: &str) -> Option<i64> {
-    let tuning = open("a1").cpu_tuning(name).ok()?;
-    let cap = tuning.cap?;
-    (cap.quota_us > 0).then(|| cap.quota_us * 100 / cap.period_us as i64)
-}
-
-/// `viola ARGS` as `cli` against the manager at `mgr`, insisting on success; its stdout.
-fn viola(mgr: &str, cli: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin("viola"))
-        .args(["--manager", mgr, "--identity"])
-        .arg(cli)
-        .args(args)
-        .output()
-        .expect("run viola");
-    assert!(
-        out.status.success(),
-        "viola {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The resize actions the decision log holds for `vm`: (reason, outcome). `viola --json
-/// decisions` prints one decision per line.
-fn resizes(mgr: &str, cli: &Path, vm: &str) -> Vec<(String, String)> {
-    viola(mgr, cli, &["--json", "decisions"])
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a decision per line"))
-        .flat_map(|d| d["actions"].as_array().cloned().unwrap_or_default())
+/// The resize actions the decision log holds for `vm`: (reason, outcome).
+fn resizes(fed: &Federation, vm: &str) -> Vec<(String, String)> {
+    fed.actions_of("")
+        .into_iter()
         .filter(|a| a["action"] == "resize" && a["vm"] == vm)
         .map(|a| {
             (
@@ -62,27 +33,24 @@ fn resizes(mgr: &str, cli: &Path, vm: &str) -> Vec<(String, String)> {
 #[test]
 fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
     let name = "vm-vert";
-    let (_cleanup, _hv, ip) = begin_with_guest("a1", name, "10.77.9", 1);
-    let ip = ip.as_str();
-    let fed = Federation::start(
-        &[("a1", "a")],
+    let mut g = managed_guest(
+        "a1",
+        "a",
+        name,
+        "10.77.9",
         &format!(
             "[policy]\nmode = \"act\"\nperiod_s = {PERIOD_S}\n\
              [policy.vertical]\ncooldown_s = {COOLDOWN_S}\nquiet_periods = 2\n"
         ),
     );
-    let (mgr, cli) = (fed.mgr.clone(), fed.cli_id.clone());
-    wait_guest("a1", ip, Duration::from_secs(180));
-    wait_until(
-        "the manager knows the guest",
-        Duration::from_secs(60),
-        || vm_host(&mgr, &cli, name).is_some_and(|(h, _)| h == "a1"),
-    );
-    viola(&mgr, &cli, &["vm", "resize", name, "--cap-percent", "30"]);
-    assert_eq!(cap_percent(name), Some(30));
+    let ip = g.ip.clone();
+    let ip = ip.as_str();
+    let (mgr, cli) = (g.fed.mgr.clone(), g.fed.cli_id.clone());
+    g.fed.viola(&["vm", "resize", name, "--cap-percent", "30"]);
+    assert_eq!(cap_percent("a1", name), Some(30));
     // A quiet period at the new cap first, so that the loop's history starts from it.
     std::thread::sleep(Duration::from_secs(PERIOD_S));
-    assert_eq!(cap_percent(name), Some(30), "raised while idle");
+    assert_eq!(cap_percent("a1", name), Some(30), "raised while idle");
 
     assert_eq!(
         guest_http("a1", ip, &format!("burn=1,{BURN_S}")).as_deref(),
@@ -93,12 +61,13 @@ fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
     wait_until(
         "the manager raises the cap",
         Duration::from_secs(2 * PERIOD_S + 5),
-        || cap_percent(name).is_some_and(|c| c > 30),
+        || cap_percent("a1", name).is_some_and(|c| c > 30),
     );
     let reaction = burn_started.elapsed();
-    let raised_to = cap_percent(name);
-    let said = resizes(&mgr, &cli, name);
-    let decision_to_action = fed
+    let raised_to = cap_percent("a1", name);
+    let said = resizes(&g.fed, name);
+    let decision_to_action = g
+        .fed
         .manager_metric("viola_adaptmgr_policy_decision_to_action_ms")
         .expect("the manager exports viola_adaptmgr_policy_decision_to_action_ms");
     eprintln!(
@@ -119,13 +88,13 @@ fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
     wait_until(
         "the manager lowers the cap back",
         Duration::from_secs(COOLDOWN_S + 3 * PERIOD_S + 10),
-        || cap_percent(name) == Some(30),
+        || cap_percent("a1", name) == Some(30),
     );
     eprintln!(
         "FIGURES adapt_vertical lowered_after_s={:.1}",
         quiet_since.elapsed().as_secs_f64()
     );
-    let said = resizes(&mgr, &cli, name);
+    let said = resizes(&g.fed, name);
     assert!(
         said.iter()
             .any(|(reason, outcome)| reason.contains("lowered") && outcome.contains("done")),
@@ -137,7 +106,7 @@ fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
 
     // Advise mode: the manager restarted with `mode = "advise"` sees the same burn, records
     // the same raise as advised, and changes nothing.
-    let mut fed = fed;
+    let fed = &mut g.fed;
     let cfg = std::fs::read_to_string(&fed.cfg).expect("the manager's configuration");
     std::fs::write(&fed.cfg, cfg.replace("mode = \"act\"", "mode = \"advise\"")).unwrap();
     fed.daemons
@@ -161,8 +130,11 @@ fn a_guest_at_its_cpu_cap_gets_a_higher_one_and_its_own_back_when_quiet() {
     wait_until(
         "the advise-mode loop records a raise",
         Duration::from_secs(2 * PERIOD_S + 5),
-        || advised(&resizes(&mgr, &cli, name)) > 0,
+        || advised(&resizes(&g.fed, name)) > 0,
     );
-    assert_eq!(cap_percent(name), Some(30), "advise mode changed the cap");
-    drop(fed);
+    assert_eq!(
+        cap_percent("a1", name),
+        Some(30),
+        "advise mode changed the cap"
+    );
 }

@@ -9,15 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use viola_labtests::daemons::bin;
-use viola_labtests::federation::{Federation, vm_host};
+use viola_labtests::federation::managed_guest;
 use viola_labtests::mech::*;
-
-/// The guest's cap in percent of one CPU as libvirt has it now (`None`: uncapped).
-fn cap_percent(name: &str) -> Option<i64> {
-    let cap = open("a1").cpu_tuning(name).ok()?.cap?;
-    (cap.quota_us > 0).then(|| cap.quota_us * 100 / cap.period_us as i64)
-}
 
 /// Runs `viola-job UNITS REPORT_S` in the guest and waits for it (at most `timeout`): the
 /// job's own duration in seconds, and the caps seen while it ran.
@@ -28,7 +21,7 @@ fn run_job(name: &str, ip: &str, units: u32, report_s: u32, timeout: Duration) -
     let mut caps = Vec::new();
     let t0 = Instant::now();
     wait_until("the job ends", timeout, || {
-        caps.extend(cap_percent(name));
+        caps.extend(cap_percent("a1", name));
         result = guest_http("a1", ip, "job-result").unwrap_or_default();
         result.starts_with("units=")
     });
@@ -49,22 +42,17 @@ fn run_job(name: &str, ip: &str, units: u32, report_s: u32, timeout: Duration) -
 #[test]
 fn a_job_with_a_deadline_gets_the_smallest_share_that_meets_it() {
     let name = "vm-job";
-    let (_cleanup, _hv, ip) = begin_with_guest("a1", name, "10.77.12", 1);
-    let ip = ip.as_str();
-    let fed = Federation::start(
-        &[("a1", "a")],
+    let g = managed_guest(
+        "a1",
+        "a",
+        name,
+        "10.77.12",
         &format!(
             "[[violins]]\nname = \"lan\"\nid = 7712\nvms = [\"{name}\"]\n\
              [guest_requests]\nrequests_per_vm_per_min = 40\n"
         ),
     );
-    let (mgr, cli) = (fed.mgr.clone(), fed.cli_id.clone());
-    wait_guest("a1", ip, Duration::from_secs(180));
-    wait_until(
-        "the manager knows the guest",
-        Duration::from_secs(60),
-        || vm_host(&mgr, &cli, name).is_some_and(|(h, _)| h == "a1"),
-    );
+    let ip = g.ip.as_str();
 
     // How fast a unit of work is here, at a whole CPU (no deadline yet: progress is noted).
     let (calibration_s, _) = run_job(name, ip, 20, 60, Duration::from_secs(300));
@@ -76,19 +64,10 @@ fn a_job_with_a_deadline_gets_the_smallest_share_that_meets_it() {
     eprintln!(
         "[lab test] {per_unit_s:.2} s per unit: {units} units, {alone_s:.0} s alone, deadline in {deadline_s} s"
     );
-    assert_eq!(cap_percent(name), None);
+    assert_eq!(cap_percent("a1", name), None);
 
-    let out = std::process::Command::new(bin("viola"))
-        .args(["--manager", &mgr, "--identity"])
-        .arg(&cli)
-        .args(["vm", "deadline", name, "--in-s", &deadline_s.to_string()])
-        .output()
-        .expect("run viola vm deadline");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    g.fed
+        .viola(&["vm", "deadline", name, "--in-s", &deadline_s.to_string()]);
     let (took_s, caps) = run_job(name, ip, units, 3, Duration::from_secs(deadline_s * 2 + 60));
     // Below a whole CPU while it ran (the last reading may be the cap given back).
     let below: Vec<i64> = caps.iter().copied().filter(|c| *c < 100).collect();
@@ -113,21 +92,15 @@ fn a_job_with_a_deadline_gets_the_smallest_share_that_meets_it() {
     );
     // Done: the deadline is gone and the VM uncapped (the quota is its vCPU's worth).
     wait_until("the cap is given back", Duration::from_secs(20), || {
-        cap_percent(name).is_none_or(|c| c >= 100)
+        cap_percent("a1", name).is_none_or(|c| c >= 100)
     });
-    let out = std::process::Command::new(bin("viola"))
-        .args(["--manager", &mgr, "--identity"])
-        .arg(&cli)
-        .args(["--json", "decisions"])
-        .output()
-        .expect("run viola decisions");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let changes = text
-        .lines()
-        .filter(|l| l.contains("\"policy\":\"vservices\"") && l.contains("\"outcome\":\"done\""))
+    let changes = g.fed.actions_of("vservices");
+    let done = changes
+        .iter()
+        .filter(|a| a["outcome"]["outcome"] == "done")
         .count();
     assert!(
-        changes >= 2,
-        "the cap changes are not in the decision log: {text}"
+        done >= 2,
+        "the cap changes are not in the decision log: {changes:?}"
     );
 }

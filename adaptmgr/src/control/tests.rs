@@ -11,7 +11,7 @@ use crate::inventory::{Inventory, ViolinRecord};
 use crate::manager::{HostConfig, Manager, ManagerConfig};
 use crate::migration::Outcome;
 use viola_api::client::Client;
-use viola_api::manager::{HostReport, HostUsage, Request, Response, VmMigrate, VmResize};
+use viola_api::manager::{Request, Response, VmMigrate, VmResize};
 use viola_api::overlay::{ControlReply, ControlRequest, OverlayStatus, ViolinStatus};
 use viola_hypervisor::Hypervisor;
 use viola_hypervisor::fake::FakeCluster;
@@ -24,23 +24,7 @@ fn identity(ca: &CertificateAuthority, role: Role, site: &str, host: &str) -> Id
 }
 
 fn report(host: &str, seq: u64) -> Request {
-    Request::Report(HostReport {
-        host: host.into(),
-        site: "a".into(),
-        seq,
-        sent_ms: 0,
-        usage: HostUsage {
-            cpus: 8,
-            cpu_capacity: None,
-            cpu_busy: 0.1,
-            mem_total_kib: 16 << 20,
-            mem_available_kib: 8 << 20,
-            net: vec![],
-            links: vec![],
-        },
-        vms: vec![crate::fixtures::running_vm("vm1", 2, 262_144, 0.0)],
-        probes: vec![],
-    })
+    Request::Report(crate::fixtures::host_report(host, seq, &["vm1"]))
 }
 
 /// What a fake overlay daemon was asked: (its host, the request).
