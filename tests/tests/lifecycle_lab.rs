@@ -441,6 +441,18 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
         || viola_labtests::guest_http(lab, "a2", &web_ip, "info").is_ok(),
     )
     .unwrap();
+    // Its new host's monitor serves its channel now: a request from there is answered.
+    let mut said = String::new();
+    wait_until(
+        &format!("{web} is heard from {back_at}"),
+        Duration::from_secs(30),
+        || {
+            said = viola_labtests::guest_http(lab, "a2", &web_ip, "ask=resize,500")
+                .unwrap_or_default();
+            said.contains("\"accepted\":true")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {said}"));
     let moves = run_ok(&mut cli.cmd(&["--json", "decisions"])).unwrap();
     assert!(
         moves.lines().any(|l| l.contains("\"policy\":\"shepherd\"")
