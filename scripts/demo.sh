@@ -16,6 +16,9 @@
 #   7. `viola vm migrate` moves g1 live, with its disk, to b1 (site b) while host a2 pings it
 #      every 10 ms: its base staged at b1 through site b's depot, only g1's own layer copied,
 #      same IP, same MAC, the overlay told in advance;
+#   7b. a scientist's job in g2 gets a deadline (`viola vm deadline`) three times what it needs
+#      at a whole CPU; the job reports its progress from inside (`viola-ask progress`) and the
+#      manager keeps g2's CPU cap at the smallest share that still meets the deadline;
 #   8. the manager's policy loop on its own (act mode, 5 s period): g1, capped at 30 % of a CPU,
 #      starts burning one; the loop raises its cap and, once the burn is over, lowers it back,
 #      and its decision log says why (no resize typed after the first);
@@ -349,6 +352,32 @@ if [ "$marker" != "demo-$$" ]; then
   say "tearing the lab down"
   exit 1
 fi
+say "7b. a scientist's job in $g2 with a deadline: the manager gives it the smallest CPU share that meets it"
+# viola-job in the guest does UNITS equal pieces of CPU work and tells the manager its progress
+# from inside (viola-ask progress, on its shepherd channel). Prints the job's own duration.
+run_job() { # UNITS REPORT_S TIMEOUT_S
+  local r deadline=$(( $(date +%s) + $3 ))
+  [ "$(lab exec a2 -- curl -s -m 5 "http://$g2_ip/cgi-bin/viola?job-start=$1,$2")" = ok ] || return 1
+  until r=$(lab exec a2 -- curl -s -m 5 "http://$g2_ip/cgi-bin/viola?job-result") && [ "${r#units=}" != "$r" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 1
+  done
+  echo "$r" | awk '{ split($2, s, "="); split($3, e, "="); printf "%.1f", e[2] - s[2] }'
+}
+calibration=$(run_job 10 60 120) || { say "FAILED: $g2's calibration job did not end"; exit 1; }
+units=$(echo "$calibration" | awk '{ u = int(15 * 10 / $1 + 0.999); print (u < 5 ? 5 : u) }')
+alone=$(echo "$calibration $units" | awk '{ printf "%.1f", $1 / 10 * $2 }')
+due=$(echo "$alone" | awk '{ printf "%d", 3 * $1 + 0.999 }')
+echo "   a job of $units units needs ${alone} s of a whole CPU; \$ viola vm deadline $g2 --in-s $due"
+viola vm deadline "$g2" --in-s "$due" >/dev/null
+took=$(run_job "$units" 5 $((2 * due + 60))) || { say "FAILED: $g2's job did not end"; exit 1; }
+viola --json decisions | jq -r "select(.policy == \"vservices\") | .actions[] | select(.vm == \"$g2\") | \"   \\(.detail): \\(.reason)\"" | tail -n 4
+echo "   the job took ${took} s of its ${due} s (alone at a whole CPU: ${alone} s)"
+if [ "$(echo "$took > $due + 3" | bc)" = 1 ]; then
+  say "FAILED: $g2's job missed its deadline"
+  exit 1
+fi
+
 say "8. the policy loop on its own: $g1 (at b1) capped at 30 % of a CPU starts burning one"
 # The loop's decisions on g1 that were carried out, as JSON lines.
 done_resizes() {

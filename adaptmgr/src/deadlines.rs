@@ -168,32 +168,29 @@ impl Manager {
         Ok(())
     }
 
-    /// The cap the VM had before its deadline (uncapped: its vCPUs' worth, and no cap recorded).
+    /// The cap the VM had before its deadline, or none.
     async fn restore_cap(
         &self,
         rec: &VmRecord,
         cap_before: Option<u32>,
     ) -> Result<(), DeadlineError> {
-        let cap = cap_before.unwrap_or(rec.max_vcpus.max(rec.vcpus).max(1) * 100);
-        self.resize(VmResize {
-            vm: rec.name.clone(),
-            vcpus: None,
-            memory_mib: None,
-            cap_percent: Some(cap),
-            shares: None,
-        })
-        .await
-        .map_err(|source| DeadlineError::Restore {
+        let restored = match cap_before {
+            Some(cap) => {
+                self.resize(VmResize {
+                    vm: rec.name.clone(),
+                    vcpus: None,
+                    memory_mib: None,
+                    cap_percent: Some(cap),
+                    shares: None,
+                })
+                .await
+            }
+            None => self.remove_cap(&rec.name).await,
+        };
+        restored.map_err(|source| DeadlineError::Restore {
             vm: rec.name.clone(),
             source,
-        })?;
-        if cap_before.is_none()
-            && let Some(mut now) = self.inventory.vm(&rec.name)?
-        {
-            now.cap_percent = None;
-            self.inventory.put_vm(&now)?;
-        }
-        Ok(())
+        })
     }
 
     /// A progress report from the VM's job: kept, and the cap re-solved.
@@ -461,7 +458,7 @@ mod tests {
         );
         let rec = m.inventory.vm("job").unwrap().unwrap();
         assert_eq!((rec.cap_percent, rec.deadline), (None, None));
-        assert_eq!(cap_on_a1(&f), Some(100));
+        assert_eq!(cap_on_a1(&f), None);
         assert_eq!(vservices_actions(&f).len(), 1);
     }
 

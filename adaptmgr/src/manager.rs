@@ -518,6 +518,33 @@ impl Manager {
             .ok_or_else(|| ManagerError::UnknownHost(name.to_owned()))
     }
 
+    /// Removes a VM's CPU cap where it runs (what `cap_percent: None` in the inventory says).
+    pub async fn remove_cap(&self, vm: &str) -> Result<(), ManagerError> {
+        let rec = self
+            .inventory
+            .vm(vm)?
+            .ok_or_else(|| ManagerError::UnknownVm(vm.to_owned()))?;
+        let host = self.host_of(&rec.host)?;
+        let c = Arc::clone(&self.connector);
+        let uri = host.libvirt_uri.clone();
+        let hv = tokio::task::spawn_blocking(move || c.open(&uri))
+            .await
+            .map_err(|e| ManagerError::Hypervisor(HypervisorError::Join(e)))??;
+        let name = vm.to_owned();
+        let uncapped = CpuTuning {
+            shares: None,
+            cap: Some(CpuCap::UNLIMITED),
+        };
+        blocking(&hv, move |h| h.set_cpu_tuning(&name, uncapped)).await?;
+        if let Some(mut now) = self.inventory.vm(vm)? {
+            now.cap_percent = None;
+            self.inventory.put_vm(&now)?;
+        }
+        self.inventory
+            .record(now_ms(), "vm_uncapped", vm, serde_json::Value::Null)?;
+        Ok(())
+    }
+
     /// Resizes a VM where it runs.
     pub async fn resize(&self, req: VmResize) -> Result<(), ManagerError> {
         if req.vcpus.is_none()

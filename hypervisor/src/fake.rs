@@ -438,7 +438,7 @@ impl Hypervisor for FakeHypervisor {
                 d.tuning.shares = Some(s);
             }
             if let Some(c) = tuning.cap {
-                d.tuning.cap = Some(c);
+                d.tuning.cap = (c != crate::CpuCap::UNLIMITED).then_some(c);
             }
             Ok(())
         })

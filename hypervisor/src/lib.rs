@@ -84,6 +84,12 @@ pub struct CpuCap {
 }
 
 impl CpuCap {
+    /// No cap: libvirt's `-1` quota (the VM's cgroup then has only its host's limits).
+    pub const UNLIMITED: Self = Self {
+        period_us: 100_000,
+        quota_us: -1,
+    };
+
     /// A cap of `percent` of one CPU (100 = one full CPU, 150 = one and a half) per 100 ms.
     pub fn percent(percent: u32) -> Self {
         Self {

@@ -554,6 +554,7 @@ impl Hypervisor for LibvirtHypervisor {
     fn set_cpu_tuning(&self, name: &str, tuning: CpuTuning) -> Result<(), HypervisorError> {
         let dom = self.lookup(name)?;
         if let Some(cap) = tuning.cap
+            && cap != CpuCap::UNLIMITED
             && (cap.period_us < 1000 || cap.period_us > 1_000_000 || cap.quota_us < 1000)
         {
             return Err(HypervisorError::OutOfRange {
