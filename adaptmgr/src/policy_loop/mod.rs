@@ -278,11 +278,15 @@ impl LoopCore {
                     let cap_percent =
                         cpu_mips.map(|m| (m / self.cfg.pe_mips * 100.0).round() as u32);
                     let memory_mib = ram_mb.map(|m| m.round() as u64);
-                    let detail = format!(
-                        "cap {} %, memory {} MiB",
-                        cap_percent.map_or("=".into(), |c| c.to_string()),
-                        memory_mib.map_or("=".into(), |m| m.to_string())
-                    );
+                    // What changes; the rest stays as it is.
+                    let detail = [
+                        cap_percent.map(|c| format!("cap {c} %")),
+                        memory_mib.map(|m| format!("memory {m} MiB")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(", ");
                     let outcome = match state.vms.get(vm) {
                         Some(v) if v.in_migration => {
                             skip("the VM is moving or in its cool-down after a move".into())

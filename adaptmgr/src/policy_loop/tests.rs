@@ -276,10 +276,7 @@ fn a_swap_of_full_hosts_is_ordered_safely_and_unsupported_actions_are_skipped() 
         r.actions[0]
     );
     assert_eq!(r.actions[2].outcome, ActionOutcome::Pending);
-    assert_eq!(
-        r.actions[2].detail.as_deref(),
-        Some("cap 150 %, memory = MiB")
-    );
+    assert_eq!(r.actions[2].detail.as_deref(), Some("cap 150 %"));
     assert!(matches!(
         r.actions[3].outcome,
         ActionOutcome::Skipped { .. }
