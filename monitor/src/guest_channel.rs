@@ -154,6 +154,7 @@ pub async fn run(
         client: tokio::sync::Mutex::new(None),
     });
     let mut served: HashMap<String, CancellationToken> = HashMap::new();
+    let mut denied: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut tasks: JoinSet<String> = JoinSet::new();
     let mut hv: Option<Arc<dyn Hypervisor>> = None;
     let mut scan = tokio::time::interval(CHANNEL_SCAN);
@@ -212,6 +213,13 @@ pub async fn run(
             let path = seen_from_here(&path, &cfg.libvirt_state_dir, &cfg.libvirt_run_dir);
             let stream = match UnixStream::connect(&path).await {
                 Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    // Tried again every scan, said once per VM.
+                    if denied.insert(vm.clone()) {
+                        tracing::warn!(%vm, path = %path.display(), error = %e, "cannot open the guest's channel");
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(%vm, path = %path.display(), error = %e, "guest channel not open yet");
                     continue;
