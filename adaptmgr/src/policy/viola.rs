@@ -195,6 +195,9 @@ impl Policy for Viola {
                     .destination(v, self.params.target, &touched, site)
                     .or_else(|| l.destination(v, self.params.target, &touched, None));
                 if let Some(d) = dest {
+                    // Both figures the overload test looks at, as they were before this move:
+                    // the demand now, and the estimate from the VMs' recent use.
+                    let (now, estimated) = (l.req[h], l.load[h]);
                     l.move_vm(v, h, d);
                     self.last_moved[v] = st.time_s;
                     actions.push(Action::migrate(
@@ -202,10 +205,9 @@ impl Policy for Viola {
                         h,
                         d,
                         format!(
-                            "host {} overloaded: demand {:.0} / {:.0} MIPS",
+                            "host {} overloaded: demand {now:.0} / {cap:.0} MIPS now, \
+                             {estimated:.0} estimated from its VMs' recent use",
                             st.hosts[h].name,
-                            l.req[h] + st.vms[v].requested_mips,
-                            cap
                         ),
                     ));
                 }

@@ -115,10 +115,12 @@ async fn act_mode_moves_a_vm_off_an_overloaded_host_within_two_periods() {
         "{:?}",
         d.actions[0]
     );
+    // Both figures the policy judged: the demand now and its estimate from recent use.
+    let reason = &d.actions[0].reason;
     assert!(
-        d.actions[0].reason.contains("a1 overloaded"),
-        "{:?}",
-        d.actions[0]
+        reason.contains("a1 overloaded: demand 2000 / 2000 MIPS now, ")
+            && reason.contains(" estimated from its VMs' recent use"),
+        "{reason}"
     );
 }
 
