@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use viola_api::adaptation::{ActionOutcome, ActionRecord, DecisionRecord, PolicyMode, StateBrief};
 use viola_api::manager::{GuestAnswer, GuestAsk, HostState, Response, VmMigrate, VmResize};
 
-use crate::inventory::{HostRecord, InventoryError, VmRecord};
+use crate::inventory::{HostRecord, InventoryError, ViolinRecord, VmRecord};
 use crate::manager::{Manager, lock, now_ms};
 use crate::policy::shepherd::{Origin, Quota, Request};
 
@@ -83,17 +83,14 @@ fn grant(vm: &VmRecord, pe_mips: f64) -> (f64, f64) {
     )
 }
 
-/// The violin `vm` belongs to: its recorded one, else the one whose list names it.
-fn violin_of(manager: &Manager, vm: &VmRecord) -> Result<Option<String>, InventoryError> {
-    if let Some(v) = &vm.violin {
-        return Ok(Some(v.clone()));
-    }
-    Ok(manager
-        .inventory
-        .violins()?
-        .into_iter()
-        .find(|v| v.vms.contains(&vm.name))
-        .map(|v| v.name))
+/// The violin `vm` belongs to: its recorded one, else the one of `violins` whose list names it.
+fn violin_of<'a>(vm: &'a VmRecord, violins: &'a [ViolinRecord]) -> Option<&'a str> {
+    vm.violin.as_deref().or_else(|| {
+        violins
+            .iter()
+            .find(|v| v.vms.contains(&vm.name))
+            .map(|v| v.name.as_str())
+    })
 }
 
 /// A request refused before anything was done: its operation and the reason.
@@ -235,7 +232,8 @@ impl Manager {
                     .into(),
             ));
         }
-        let Some(violin) = violin_of(self, &vm).map_err(internal)? else {
+        let violins = self.inventory.violins().map_err(internal)?;
+        let Some(violin) = violin_of(&vm, &violins).map(str::to_owned) else {
             return Err((
                 "request",
                 format!(
@@ -250,7 +248,7 @@ impl Manager {
             .vms()
             .map_err(internal)?
             .into_iter()
-            .filter(|v| violin_of(self, v).ok().flatten().as_deref() == Some(violin.as_str()))
+            .filter(|v| violin_of(v, &violins) == Some(violin.as_str()))
             .collect();
         let mut shepherd = lock(&self.shepherd);
         shepherd.set_quota(&violin, self.cfg.guest_requests.quota(pe_mips));
