@@ -24,7 +24,7 @@ use viola_api::manager::{ImageImport, ImageView, Response};
 use viola_depot::api::ImageEntry;
 
 use crate::manager::Manager;
-use crate::migration::depot_stage::DepotSession;
+use crate::migration::depot_stage::{DepotSession, Upload};
 use crate::tenants::Caller;
 
 /// What begins the depot name of a tenant's image.
@@ -205,7 +205,13 @@ impl Manager {
             }
         };
         let report = session
-            .upload(&name, req.size, req.replace, body, &mut on_sent)
+            .upload(Upload {
+                name: &name,
+                size: req.size,
+                replace: req.replace,
+                body,
+                progress: &mut on_sent,
+            })
             .await
             .map_err(|source| ImageError::Depot {
                 site: req.site.clone(),
