@@ -163,7 +163,6 @@ pub struct LabHost {
     pub host_uuid: String,
     pub domains: String,
     /// Its CPU capacity (`up --host-cpus`; `None`: it shares the whole machine).
-    #[serde(default)]
     pub cpus: Option<f64>,
     /// Its cgroup subtree's directories (space-separated), where its libvirtd and QEMUs run.
     #[serde(default)]
