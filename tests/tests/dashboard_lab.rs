@@ -298,34 +298,20 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     bob.json(&["violin", "create", "chemnet", "--sites", "a"])
         .unwrap();
     let created = cli
-        .json(&[
-            "vm",
-            "create",
+        .vm_create(
             "web",
-            "--violin",
             "labnet",
-            "--image",
             "guest",
-            "--host",
-            "a1",
-            "--ready-by",
-            "180",
-        ])
+            &["--host", "a1", "--ready-by", "180"],
+        )
         .unwrap_or_else(|e| panic!("vm create: {e}\n{}", log_text(&mgr_log)));
     assert_eq!(created[0]["host"], "a1");
-    bob.json(&[
-        "vm",
-        "create",
+    bob.vm_create(
         "calc",
-        "--violin",
         "chemnet",
-        "--image",
         "guest",
-        "--host",
-        "a2",
-        "--ready-by",
-        "180",
-    ])
+        &["--host", "a2", "--ready-by", "180"],
+    )
     .unwrap_or_else(|e| panic!("vm create calc (tenant chem): {e}\n{}", log_text(&mgr_log)));
 
     // The tenant's API answer has its violin only and no hosts.

@@ -70,21 +70,9 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     ssh_keygen(&key, Some("tester@lab"));
     // `vm create NAME` in violin lab from the depot image at SITE, ready within READY_BY s.
     let create = |name: &str, site: &str, ready_by: &str, more: &[&str]| {
-        let mut args = vec![
-            "vm",
-            "create",
-            name,
-            "--violin",
-            "lab",
-            "--image",
-            "guest",
-            "--site",
-            site,
-            "--ready-by",
-            ready_by,
-        ];
+        let mut args = vec!["--site", site, "--ready-by", ready_by];
         args.extend_from_slice(more);
-        cli.json(&args)
+        cli.vm_create(name, "lab", "guest", &args)
     };
     let created = Instant::now();
     let pub_key = key.with_extension("pub");
