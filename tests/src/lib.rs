@@ -635,6 +635,16 @@ pub fn guest_http(lab: &Lab, host: &str, ip: &str, query: &str) -> Result<String
     Ok(out.trim().to_owned())
 }
 
+/// The `name` of each object of a JSON list (what the CLI's and the dashboard's lists hold), in
+/// order; an object without a string `name` is left out. Panics when `list` is no list.
+pub fn names(list: &serde_json::Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect()
+}
+
 /// Parses `virsh domjobinfo --completed` into (key, value) pairs.
 pub fn parse_jobinfo(text: &str) -> Vec<(String, String)> {
     text.lines()

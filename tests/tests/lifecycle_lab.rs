@@ -33,7 +33,7 @@ use viola_labtests::lifecycle::{
     Cli, Fed, HOSTS, console_ready_ip, spawn_manager, ssh, ssh_keygen,
 };
 use viola_labtests::overlay::link_exists;
-use viola_labtests::{guest_dir, lab_tests_enabled, run, run_ok, wait_until};
+use viola_labtests::{guest_dir, lab_tests_enabled, names, run, run_ok, wait_until};
 
 #[test]
 fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_left_behind() {
@@ -244,15 +244,12 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     assert_eq!(science[0]["tenant"], "physics");
     let science_bridge = format!("vio{}", science[0]["id"]);
     assert!(link_exists(&ns("b1"), &science_bridge));
-    let ann_sees: Vec<_> = ann
-        .json(&["violin", "list"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].clone())
-        .collect();
-    assert_eq!(ann_sees, ["science"], "physics sees only its own violin");
+    let ann_sees = ann.json(&["violin", "list"]).unwrap();
+    assert_eq!(
+        names(&ann_sees),
+        ["science"],
+        "physics sees only its own violin: {ann_sees}"
+    );
     assert_eq!(
         bob.json(&["violin", "list"]).unwrap(),
         serde_json::json!([])
