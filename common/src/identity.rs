@@ -1007,6 +1007,15 @@ mod tests {
         result
     }
 
+    /// [`handshake`] of two overlay daemons (the name every overlay daemon's certificate holds).
+    async fn overlay_handshake(
+        server: &Identity,
+        client: &Identity,
+    ) -> Result<(PeerIdentity, PeerIdentity), String> {
+        let name = server_name(Role::Overlay);
+        handshake(server, client, &[alpn::OVERLAY], alpn::OVERLAY, &name).await
+    }
+
     #[tokio::test]
     async fn mutual_tls_between_daemons_of_one_ca() {
         let ca = CertificateAuthority::generate("test", 30).unwrap();
@@ -1042,14 +1051,9 @@ mod tests {
         let good = issued(&ours, Role::Overlay, "a", "a1");
         // Same names, wrong CA.
         let foreign = issued(&theirs, Role::Overlay, "b", "b1");
-        let sn = server_name(Role::Overlay);
-        let err = handshake(&good, &foreign, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&good, &foreign).await.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
-        let err = handshake(&foreign, &good, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&foreign, &good).await.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
     }
 
@@ -1059,15 +1063,7 @@ mod tests {
         let depot = issued(&ca, Role::Depot, "a", "d1");
         let overlay = issued(&ca, Role::Overlay, "a", "a1");
         // A depot cannot pass itself off as an overlay daemon.
-        let err = handshake(
-            &depot,
-            &overlay,
-            &[alpn::OVERLAY],
-            alpn::OVERLAY,
-            &server_name(Role::Overlay),
-        )
-        .await
-        .unwrap_err();
+        let err = overlay_handshake(&depot, &overlay).await.unwrap_err();
         assert!(err.contains("not valid for name"), "{err}");
         // A client asking for a service the server does not offer is refused.
         assert!(
@@ -1174,14 +1170,9 @@ mod tests {
             "the connection open before is flagged"
         );
 
-        let sn = server_name(Role::Overlay);
-        let err = handshake(&server, &leaving, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&server, &leaving).await.unwrap_err();
         assert!(err.contains("Revoked"), "{err}");
-        let (seen, _) = handshake(&server, &staying, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap();
+        let (seen, _) = overlay_handshake(&server, &staying).await.unwrap();
         assert_eq!(&seen, staying.id());
 
         // A client holding the CRL refuses a revoked server, too.
@@ -1189,9 +1180,7 @@ mod tests {
         let careful =
             Identity::from_pem_with_crl(&careful.cert_pem, &careful.key_pem, &careful.ca_pem, &crl)
                 .unwrap();
-        let err = handshake(&leaving, &careful, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&leaving, &careful).await.unwrap_err();
         assert!(err.contains("Revoked"), "{err}");
     }
 
@@ -1216,10 +1205,7 @@ mod tests {
         let client =
             Identity::from_pem_with_crl(&client.cert_pem, &client.key_pem, &client.ca_pem, &crl)
                 .unwrap();
-        let sn = server_name(Role::Overlay);
-        let err = handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&server, &client).await.unwrap_err();
         assert!(err.contains("Revoked"), "{err}");
 
         // Renewal: a new key and certificate replace the files while the daemon runs.
@@ -1244,9 +1230,7 @@ mod tests {
         .install(dir.path(), None, false)
         .unwrap();
         assert!(server.refresh());
-        handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap();
+        overlay_handshake(&server, &client).await.unwrap();
     }
 
     #[tokio::test]
@@ -1274,7 +1258,6 @@ mod tests {
         fs::remove_file(srv_dir.join(revocation::CRL_FILE)).unwrap();
         let server = Identity::load_dir(&srv_dir).unwrap();
         let client = issued(&ca, Role::Overlay, "b", "b1");
-        let sn = server_name(Role::Overlay);
 
         // A running daemon keeps its identity when a broken set of files appears: a key that
         // is not the certificate's, then a certificate naming someone else.
@@ -1283,9 +1266,7 @@ mod tests {
         assert!(!server.refresh());
         fs::write(srv_dir.join("cert.pem"), &stranger.cert_pem).unwrap();
         assert!(!server.refresh());
-        let (_, seen) = handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap();
+        let (_, seen) = overlay_handshake(&server, &client).await.unwrap();
         assert_eq!(&seen, &id(Role::Overlay, "a", "a1"));
         assert_eq!(server.id(), &id(Role::Overlay, "a", "a1"));
     }
