@@ -1079,6 +1079,15 @@ mod tests {
         );
     }
 
+    /// A test CA saved in `dir/ca` (its directory, the CA, and its register).
+    fn saved_ca(dir: &Path) -> (PathBuf, CertificateAuthority, revocation::Register) {
+        let ca_dir = dir.join("ca");
+        let ca = CertificateAuthority::generate("test", 30).unwrap();
+        ca.save(&ca_dir).unwrap();
+        let register = revocation::Register::new(&ca_dir);
+        (ca_dir, ca, register)
+    }
+
     /// Writes `issued` as a daemon identity directory `dir` and notes it in `register`.
     fn install(issued: &IssuedCertificate, register: &revocation::Register, dir: &Path) {
         register.record_issued(&issued.cert_pem).unwrap();
@@ -1113,10 +1122,7 @@ mod tests {
     #[tokio::test]
     async fn a_revoked_host_is_refused_at_its_next_handshake_without_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        let ca = CertificateAuthority::generate("test", 30).unwrap();
-        ca.save(&ca_dir).unwrap();
-        let register = revocation::Register::new(&ca_dir);
+        let (ca_dir, ca, register) = saved_ca(dir.path());
         let etc = dir.path().join("etc");
         install(
             &ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap(),
@@ -1187,10 +1193,7 @@ mod tests {
     #[tokio::test]
     async fn a_renewed_certificate_is_presented_without_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        let ca = CertificateAuthority::generate("test", 30).unwrap();
-        ca.save(&ca_dir).unwrap();
-        let register = revocation::Register::new(&ca_dir);
+        let (ca_dir, ca, register) = saved_ca(dir.path());
         let srv_dir = dir.path().join("overlay");
         let first = ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap();
         install(&first, &register, &srv_dir);
