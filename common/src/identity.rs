@@ -1144,23 +1144,12 @@ mod tests {
         let (open, _client_side, _endpoints) = open_connection(&server, &leaving).await;
         assert!(!server.is_revoked(&open));
 
-        let revoked = register
-            .revoke(
-                &ca,
-                &revocation::RevokeTarget::Identity(leaving_id.clone()),
-                30,
-            )
-            .unwrap();
+        let b1_leaves = revocation::RevokeTarget::Identity(leaving_id.clone());
+        let revoked = register.revoke(&ca, &b1_leaves, 30).unwrap();
         assert_eq!(revoked.len(), 2, "both of b1's certificates");
         assert!(revoked.iter().all(|e| e.identity == leaving_id));
         // Revoking again adds nothing and keeps the list.
-        let again = register
-            .revoke(
-                &ca,
-                &revocation::RevokeTarget::Identity(leaving_id.clone()),
-                30,
-            )
-            .unwrap();
+        let again = register.revoke(&ca, &b1_leaves, 30).unwrap();
         assert!(again.is_empty());
         assert_eq!(register.revoked().unwrap().len(), 2);
 
