@@ -22,9 +22,10 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 use viola_api::manager::{ImageImport, ImageView, Response};
 use viola_depot::api::ImageEntry;
+use viola_depot::client::ClientError;
 
 use crate::manager::Manager;
-use crate::migration::depot_stage::DepotSession;
+use crate::migration::depot_stage::{DepotSession, Upload};
 use crate::tenants::Caller;
 
 /// What begins the depot name of a tenant's image.
@@ -43,7 +44,7 @@ pub enum ImageError {
     Depot {
         site: String,
         #[source]
-        source: Box<viola_depot::client::ClientError>,
+        source: Box<ClientError>,
     },
 }
 
@@ -112,6 +113,16 @@ pub fn image_views(caller: &Caller, by_site: &BTreeMap<String, Vec<ImageEntry>>)
     views
 }
 
+impl ImageError {
+    /// For `map_err`: what the depot of `site` said (or that it could not be reached).
+    fn depot(site: &str) -> impl Fn(ClientError) -> Self + '_ {
+        move |source| Self::Depot {
+            site: site.to_owned(),
+            source: Box::new(source),
+        }
+    }
+}
+
 impl Manager {
     async fn depot_session(&self, site: &str) -> Result<Box<dyn DepotSession>, ImageError> {
         let addr = self
@@ -120,10 +131,7 @@ impl Manager {
         self.depot_link
             .connect(addr)
             .await
-            .map_err(|source| ImageError::Depot {
-                site: site.to_owned(),
-                source: Box::new(source),
-            })
+            .map_err(ImageError::depot(site))
     }
 
     /// Every configured depot's images, by site; a depot that does not answer is left out
@@ -139,10 +147,10 @@ impl Manager {
                 continue;
             }
             let listed = match self.depot_session(&depot.site).await {
-                Ok(session) => session.images().await.map_err(|source| ImageError::Depot {
-                    site: depot.site.clone(),
-                    source: Box::new(source),
-                }),
+                Ok(session) => session
+                    .images()
+                    .await
+                    .map_err(ImageError::depot(&depot.site)),
                 Err(e) => Err(e),
             };
             match listed {
@@ -205,12 +213,15 @@ impl Manager {
             }
         };
         let report = session
-            .upload(&name, req.size, req.replace, body, &mut on_sent)
+            .upload(Upload {
+                name: &name,
+                size: req.size,
+                replace: req.replace,
+                body,
+                progress: &mut on_sent,
+            })
             .await
-            .map_err(|source| ImageError::Depot {
-                site: req.site.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(ImageError::depot(&req.site))?;
         say(format!(
             "imported at site {}: manifest {}, {} chunks ({} new, {} of zeros)",
             req.site, report.manifest, report.chunks, report.new_chunks, report.zero_chunks

@@ -47,19 +47,15 @@ pub struct HostConfig {
     pub libvirt_uri: String,
     /// How other hosts' libvirtds reach it (defaults to `libvirt_uri`): `qemu+tls://ADDR/system`
     /// with `migration_tls`.
-    #[serde(default)]
     pub migration_uri: Option<String>,
     /// The name its libvirt certificate carries, when `migration_uri`'s host (and the address
     /// its QEMU receives migrations on) is not among the certificate's names.
-    #[serde(default)]
     pub migration_tls_name: Option<String>,
     /// Its image directory as the manager sees it, for direct base staging (used when the
     /// destination's site has no depot or the VM runs from no depot image).
-    #[serde(default)]
     pub images_local: Option<PathBuf>,
     /// Its overlay daemon's address (the daemon's `listen`), for move announcements over QUIC
     /// with the manager's certificate. Without it the host is taken to run no overlay daemon.
-    #[serde(default)]
     pub overlay_addr: Option<SocketAddr>,
 }
 

@@ -65,13 +65,9 @@ impl Caller {
 pub struct TenantConfig {
     /// As named in its users' certificates (`viola-ca issue-user --tenant NAME`).
     pub name: String,
-    #[serde(default)]
     pub max_violins: Option<u32>,
-    #[serde(default)]
     pub max_vms: Option<u32>,
-    #[serde(default)]
     pub max_vcpus: Option<u32>,
-    #[serde(default)]
     pub max_memory_mib: Option<u64>,
 }
 

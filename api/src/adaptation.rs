@@ -61,7 +61,7 @@ pub enum ActionOutcome {
     Pending,
     /// Carried out; a migration says how long it took and how long the VM was paused.
     Done {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         moved: Option<MoveFigures>,
     },
     /// The migration was refused or failed and the VM stays where it was.

@@ -31,7 +31,6 @@ pub struct HostUsage {
     pub cpus: u32,
     /// CPUs' worth of time the host may use when it is a partition (a cgroup quota) of a
     /// bigger machine; `None`: all of `cpus`.
-    #[serde(default)]
     pub cpu_capacity: Option<f64>,
     /// CPUs' worth of busy time over the last interval (of the partition when it is one).
     pub cpu_busy: f64,
@@ -84,7 +83,7 @@ pub struct VmUsage {
     /// Frames its host's bridge dropped from it so far (libvirt's nwfilter on its ports:
     /// another MAC or address than its own, or a protocol the filter refuses, such as IPv6
     /// under `clean-traffic`); `None` when its ports have no filter.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port_filter_drops: Option<u64>,
 }
 
@@ -119,7 +118,6 @@ pub struct VmDeadline {
     /// Seconds from now; `None` clears the deadline (the VM gets its cap from before back).
     pub in_s: Option<u64>,
     /// The most of a CPU it may get, percent; default its vCPUs' worth.
-    #[serde(default)]
     pub max_cap_percent: Option<u32>,
 }
 
@@ -142,14 +140,12 @@ pub struct ViolinCreate {
     pub name: String,
     /// Its IPv4 subnet (`10.x.y.0/24`, inside 10.0.0.0/8, prefix /16 to /29); `None`: the
     /// manager picks `10.<id/256>.<id%256>.0/24`.
-    #[serde(default)]
     pub subnet: Option<String>,
     /// The sites whose hosts carry it; empty: every site.
     #[serde(default)]
     pub sites: Vec<String>,
     /// Its MTU (68 to 9000): its bridges and TAPs on every host, its VMs' NICs and what DHCP
     /// tells them. `None`: the manager's `[vm_template] mtu`, else the overlay daemons' `mtu`.
-    #[serde(default)]
     pub mtu: Option<u16>,
 }
 
@@ -165,24 +161,17 @@ pub struct VmCreate {
     pub image: String,
     /// Where: a host, else a site (the placement picks a host there), else any host of the
     /// violin's sites.
-    #[serde(default)]
     pub host: Option<String>,
-    #[serde(default)]
     pub site: Option<String>,
-    #[serde(default)]
     pub vcpus: Option<u32>,
-    #[serde(default)]
     pub memory_mib: Option<u64>,
     /// The disk must be ready this many seconds after the request; refused at once when the
     /// depot's planner says it cannot be (default: 600 s).
-    #[serde(default)]
     pub ready_by_s: Option<u64>,
     /// Make this many VMs at once (their images staged together, one plan); default 1.
-    #[serde(default)]
     pub count: Option<u32>,
     /// An OpenSSH public key line the guest lets log in as root (needs a `[vm_template]` with
     /// direct kernel boot: the key travels on the kernel command line).
-    #[serde(default)]
     pub ssh_key: Option<String>,
 }
 
@@ -234,10 +223,8 @@ pub struct ViolinView {
     /// Made through the API (`true`) or listed in the manager's configuration.
     pub managed: bool,
     /// The tenant it belongs to (`None`: an administrator's).
-    #[serde(default)]
     pub tenant: Option<String>,
     /// Its own MTU, if it was given one at creation.
-    #[serde(default)]
     pub mtu: Option<u16>,
     pub vms: Vec<ViolinMember>,
 }
@@ -385,7 +372,6 @@ pub struct VmView {
     pub violin: Option<String>,
     pub macs: Vec<String>,
     /// Its violin address, when the manager handed it out.
-    #[serde(default)]
     pub ip: Option<std::net::Ipv4Addr>,
     pub state: DomainState,
     pub vcpus: u32,

@@ -27,27 +27,23 @@ pub struct MigrationPlan {
 /// How a live migration's stream runs: what the manager plans and passes on to the source's
 /// libvirtd as it is. The default is QEMU's: uncapped, uncompressed, in the clear.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MigrationTuning {
     /// Bandwidth cap for RAM and disk mirror, MiB/s.
-    #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
     /// Longest pause allowed at switchover, ms (QEMU's downtime limit; its default is 300).
-    #[serde(default)]
     pub max_downtime_ms: Option<u64>,
     /// Compress RAM pages on the wire (zstd level 1 on two multifd channels): a WAN link is
     /// slower than the compression threads, and guest RAM is mostly compressible.
-    #[serde(default)]
     pub compress: bool,
     /// Encrypt and authenticate the migration stream (RAM, device state and the disk copy)
     /// with QEMU's TLS (`VIR_MIGRATE_TLS`), with the hosts' certificates from the federation CA.
     /// The destination's URI should then be `qemu+tls://…`, so the libvirtds' own connection is
     /// TLS too. Off in plans journaled before it existed.
-    #[serde(default)]
     pub tls: bool,
     /// The name the destination's libvirt certificate must carry, when the host of the URI the
     /// source reaches it by is not one of its names (libvirt's `tls.destination`); only with
     /// `tls`.
-    #[serde(default)]
     pub tls_destination: Option<String>,
 }
 
@@ -78,7 +74,6 @@ pub struct MigrationStatus {
     pub step: String,
     pub job: Option<JobProgress>,
     /// While the base is being staged.
-    #[serde(default)]
     pub staging: Option<StagingProgress>,
 }
 
@@ -106,4 +101,41 @@ pub struct StagingProgress {
     pub predicted_ready_unix_ms: Option<u64>,
     /// Whether the depot's planner expects the deadline to hold.
     pub accepted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::{ViolinCreate, VmCreate};
+
+    /// What older peers and journals write lacks the optional fields: absent, an `Option` is
+    /// `None` and the stream's tuning is the default.
+    #[test]
+    fn absent_optional_fields_read_as_none() {
+        let plan: MigrationPlan = serde_json::from_str(
+            r#"{"vm":"v","source_uri":"s","dest_uri":"d","dest_migration_uri":"d",
+                "stage_base":true,"timeout_ms":5}"#,
+        )
+        .unwrap();
+        assert_eq!(plan.tuning, MigrationTuning::default());
+        let plan: MigrationPlan = serde_json::from_str(
+            r#"{"vm":"v","source_uri":"s","dest_uri":"d","dest_migration_uri":"d",
+                "stage_base":true,"timeout_ms":5,"tls":true,"max_downtime_ms":9}"#,
+        )
+        .unwrap();
+        let tuning = MigrationTuning {
+            tls: true,
+            max_downtime_ms: Some(9),
+            ..MigrationTuning::default()
+        };
+        assert_eq!(plan.tuning, tuning);
+        let vm: VmCreate =
+            serde_json::from_str(r#"{"name":"n","violin":"v","image":"i"}"#).unwrap();
+        assert_eq!((vm.host, vm.count, vm.ssh_key), (None, None, None));
+        assert!(serde_json::from_str::<VmCreate>(r#"{"name":"n","violin":"v"}"#).is_err());
+        let violin: ViolinCreate = serde_json::from_str(r#"{"name":"n"}"#).unwrap();
+        assert_eq!((violin.subnet, violin.mtu), (None, None));
+        let status: MigrationStatus = serde_json::from_str(r#"{"step":"s","job":null}"#).unwrap();
+        assert_eq!(status.staging, None);
+    }
 }

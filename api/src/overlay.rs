@@ -58,11 +58,11 @@ pub struct ViolinSpec {
     pub allowed: Vec<String>,
     /// The violin's IPv4 subnet (`10.1.0.0/24`); with it, the daemon answers DHCP for the
     /// managed VMs on its TAP (each gets its own `ip`, nobody else gets a lease).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
     /// The MTU the daemon's DHCP answers tell the violin's VMs (option 26): what their NICs
     /// are given; without it, the daemon's own `mtu` (its `dhcp_mtu` setting).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
     /// Managed VMs: their MACs are accepted only from their home host, ARP (and DHCP) for
     /// their addresses is answered from this table.
@@ -85,7 +85,7 @@ pub struct ManagedVmSpec {
     /// IPv4 address.
     pub ip: Ipv4Addr,
     /// The host it runs on (`site/host`); without it, the first host that claims the MAC.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
 }
 
@@ -109,7 +109,7 @@ pub enum ControlReply {
 enum ReplyWire<S> {
     Outcome {
         ok: bool,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
     Status(S),
@@ -158,13 +158,10 @@ pub struct OverlayStatus {
     /// Connections refused, by reason.
     pub refused: BTreeMap<String, u64>,
     /// The CPU wake-up latency request this daemon holds, microseconds.
-    #[serde(default)]
     pub cpu_wake_latency_us: Option<u32>,
     /// How often the daemon gave the CPU up after a sparse handoff (None: `handoff_yield` off).
-    #[serde(default)]
     pub handoff_yields: Option<u64>,
     /// Busy polling after sparse packets (None: off).
-    #[serde(default)]
     pub busy_poll: Option<BusyPollStatus>,
     /// Bytes each peer link (`site/host`) carried since the daemon started, its ended
     /// connections included: the UDP payload on the underlay, QUIC's overhead and
@@ -270,7 +267,7 @@ pub struct ViolinStatus {
     /// MAC table.
     pub macs: Vec<MacStatus>,
     /// The violin's IPv4 subnet, if it has one (the daemon answers DHCP for its managed VMs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
     /// Set at run time by a control request (`set_violin`, kept in the daemon's state file);
     /// false: from the daemon's TOML configuration.

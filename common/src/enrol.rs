@@ -82,11 +82,9 @@ pub struct Bundle {
     pub identities: BTreeMap<String, IdentityFiles>,
     /// The federation's revocation list when the bundle was made (`crl.pem` in the CA
     /// directory), installed beside each identity.
-    #[serde(default)]
     pub crl_pem: Option<String>,
     /// The host's libvirt and QEMU certificate (role `libvirt`), installed in libvirt's
     /// layout below the host's PKI directory (`/etc/pki`), with the CRL where they read it.
-    #[serde(default)]
     pub libvirt: Option<IdentityFiles>,
 }
 

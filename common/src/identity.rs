@@ -1007,6 +1007,15 @@ mod tests {
         result
     }
 
+    /// [`handshake`] of two overlay daemons (the name every overlay daemon's certificate holds).
+    async fn overlay_handshake(
+        server: &Identity,
+        client: &Identity,
+    ) -> Result<(PeerIdentity, PeerIdentity), String> {
+        let name = server_name(Role::Overlay);
+        handshake(server, client, &[alpn::OVERLAY], alpn::OVERLAY, &name).await
+    }
+
     #[tokio::test]
     async fn mutual_tls_between_daemons_of_one_ca() {
         let ca = CertificateAuthority::generate("test", 30).unwrap();
@@ -1042,14 +1051,9 @@ mod tests {
         let good = issued(&ours, Role::Overlay, "a", "a1");
         // Same names, wrong CA.
         let foreign = issued(&theirs, Role::Overlay, "b", "b1");
-        let sn = server_name(Role::Overlay);
-        let err = handshake(&good, &foreign, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&good, &foreign).await.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
-        let err = handshake(&foreign, &good, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&foreign, &good).await.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
     }
 
@@ -1059,15 +1063,7 @@ mod tests {
         let depot = issued(&ca, Role::Depot, "a", "d1");
         let overlay = issued(&ca, Role::Overlay, "a", "a1");
         // A depot cannot pass itself off as an overlay daemon.
-        let err = handshake(
-            &depot,
-            &overlay,
-            &[alpn::OVERLAY],
-            alpn::OVERLAY,
-            &server_name(Role::Overlay),
-        )
-        .await
-        .unwrap_err();
+        let err = overlay_handshake(&depot, &overlay).await.unwrap_err();
         assert!(err.contains("not valid for name"), "{err}");
         // A client asking for a service the server does not offer is refused.
         assert!(
@@ -1081,6 +1077,15 @@ mod tests {
             .await
             .is_err()
         );
+    }
+
+    /// A test CA saved in `dir/ca` (its directory, the CA, and its register).
+    fn saved_ca(dir: &Path) -> (PathBuf, CertificateAuthority, revocation::Register) {
+        let ca_dir = dir.join("ca");
+        let ca = CertificateAuthority::generate("test", 30).unwrap();
+        ca.save(&ca_dir).unwrap();
+        let register = revocation::Register::new(&ca_dir);
+        (ca_dir, ca, register)
     }
 
     /// Writes `issued` as a daemon identity directory `dir` and notes it in `register`.
@@ -1117,10 +1122,7 @@ mod tests {
     #[tokio::test]
     async fn a_revoked_host_is_refused_at_its_next_handshake_without_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        let ca = CertificateAuthority::generate("test", 30).unwrap();
-        ca.save(&ca_dir).unwrap();
-        let register = revocation::Register::new(&ca_dir);
+        let (ca_dir, ca, register) = saved_ca(dir.path());
         let etc = dir.path().join("etc");
         install(
             &ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap(),
@@ -1142,23 +1144,12 @@ mod tests {
         let (open, _client_side, _endpoints) = open_connection(&server, &leaving).await;
         assert!(!server.is_revoked(&open));
 
-        let revoked = register
-            .revoke(
-                &ca,
-                &revocation::RevokeTarget::Identity(leaving_id.clone()),
-                30,
-            )
-            .unwrap();
+        let b1_leaves = revocation::RevokeTarget::Identity(leaving_id.clone());
+        let revoked = register.revoke(&ca, &b1_leaves, 30).unwrap();
         assert_eq!(revoked.len(), 2, "both of b1's certificates");
         assert!(revoked.iter().all(|e| e.identity == leaving_id));
         // Revoking again adds nothing and keeps the list.
-        let again = register
-            .revoke(
-                &ca,
-                &revocation::RevokeTarget::Identity(leaving_id.clone()),
-                30,
-            )
-            .unwrap();
+        let again = register.revoke(&ca, &b1_leaves, 30).unwrap();
         assert!(again.is_empty());
         assert_eq!(register.revoked().unwrap().len(), 2);
 
@@ -1174,14 +1165,9 @@ mod tests {
             "the connection open before is flagged"
         );
 
-        let sn = server_name(Role::Overlay);
-        let err = handshake(&server, &leaving, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&server, &leaving).await.unwrap_err();
         assert!(err.contains("Revoked"), "{err}");
-        let (seen, _) = handshake(&server, &staying, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap();
+        let (seen, _) = overlay_handshake(&server, &staying).await.unwrap();
         assert_eq!(&seen, staying.id());
 
         // A client holding the CRL refuses a revoked server, too.
@@ -1189,19 +1175,14 @@ mod tests {
         let careful =
             Identity::from_pem_with_crl(&careful.cert_pem, &careful.key_pem, &careful.ca_pem, &crl)
                 .unwrap();
-        let err = handshake(&leaving, &careful, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&leaving, &careful).await.unwrap_err();
         assert!(err.contains("Revoked"), "{err}");
     }
 
     #[tokio::test]
     async fn a_renewed_certificate_is_presented_without_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        let ca = CertificateAuthority::generate("test", 30).unwrap();
-        ca.save(&ca_dir).unwrap();
-        let register = revocation::Register::new(&ca_dir);
+        let (ca_dir, ca, register) = saved_ca(dir.path());
         let srv_dir = dir.path().join("overlay");
         let first = ca.issue(&id(Role::Overlay, "a", "a1"), 1).unwrap();
         install(&first, &register, &srv_dir);
@@ -1216,10 +1197,7 @@ mod tests {
         let client =
             Identity::from_pem_with_crl(&client.cert_pem, &client.key_pem, &client.ca_pem, &crl)
                 .unwrap();
-        let sn = server_name(Role::Overlay);
-        let err = handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap_err();
+        let err = overlay_handshake(&server, &client).await.unwrap_err();
         assert!(err.contains("Revoked"), "{err}");
 
         // Renewal: a new key and certificate replace the files while the daemon runs.
@@ -1244,9 +1222,7 @@ mod tests {
         .install(dir.path(), None, false)
         .unwrap();
         assert!(server.refresh());
-        handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap();
+        overlay_handshake(&server, &client).await.unwrap();
     }
 
     #[tokio::test]
@@ -1274,7 +1250,6 @@ mod tests {
         fs::remove_file(srv_dir.join(revocation::CRL_FILE)).unwrap();
         let server = Identity::load_dir(&srv_dir).unwrap();
         let client = issued(&ca, Role::Overlay, "b", "b1");
-        let sn = server_name(Role::Overlay);
 
         // A running daemon keeps its identity when a broken set of files appears: a key that
         // is not the certificate's, then a certificate naming someone else.
@@ -1283,9 +1258,7 @@ mod tests {
         assert!(!server.refresh());
         fs::write(srv_dir.join("cert.pem"), &stranger.cert_pem).unwrap();
         assert!(!server.refresh());
-        let (_, seen) = handshake(&server, &client, &[alpn::OVERLAY], alpn::OVERLAY, &sn)
-            .await
-            .unwrap();
+        let (_, seen) = overlay_handshake(&server, &client).await.unwrap();
         assert_eq!(&seen, &id(Role::Overlay, "a", "a1"));
         assert_eq!(server.id(), &id(Role::Overlay, "a", "a1"));
     }

@@ -102,7 +102,7 @@ pub struct ImageEntry {
     pub complete: bool,
     /// Why the other fields are zero: the name's manifest could not be read (it is listed all
     /// the same, so a damaged image does not vanish from the list).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
 }
 

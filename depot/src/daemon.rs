@@ -40,7 +40,6 @@ pub struct PeerConfig {
     pub site: String,
     pub addr: SocketAddr,
     /// Expected rate from that depot to us, Mbit/s (for planning); the path default if absent.
-    #[serde(default)]
     pub rate_mbit: Option<f64>,
 }
 

@@ -71,7 +71,6 @@ impl PartRef {
 #[serde(deny_unknown_fields)]
 pub struct OverlaySpec {
     /// qcow2 cluster size of the overlay; QEMU's default when absent.
-    #[serde(default)]
     pub cluster_size: Option<u32>,
 }
 

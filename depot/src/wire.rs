@@ -74,10 +74,7 @@ pub enum Request {
     StageStatus { stage_id: String },
     /// The depot's named images after `after`, a page (answered by [`Response::Images`];
     /// manager and CLI only).
-    Images {
-        #[serde(default)]
-        after: Option<String>,
-    },
+    Images { after: Option<String> },
     /// Upload `size` bytes of a qcow2 or raw image to import as `name` (manager only; the frame
     /// sequence is in the module doc). An existing name is refused unless `replace`.
     Upload {

@@ -185,7 +185,6 @@ pub struct ViolinEntry {
     #[serde(default)]
     pub name: String,
     /// Bridge name (default `vio<id>`); created unless it exists.
-    #[serde(default)]
     pub bridge: Option<String>,
     /// Hosts allowed to be members: `site/host`, `site/*`, `*`.
     #[serde(default = "all_hosts")]
@@ -196,7 +195,6 @@ pub struct ViolinEntry {
     pub vms: Vec<VmEntry>,
     /// The violin's IPv4 subnet (`10.1.0.0/24`): with it, the daemon answers DHCP for the
     /// managed VMs on its TAP.
-    #[serde(default)]
     pub subnet: Option<String>,
 }
 
@@ -214,7 +212,6 @@ pub struct VmEntry {
     pub ip: Ipv4Addr,
     /// The host it runs on (`site/host`); without it, the first host that claims the MAC.
     /// Moves follow `expect_move`.
-    #[serde(default)]
     pub host: Option<String>,
 }
 

@@ -176,35 +176,19 @@ impl Message {
                     Err(ParseError::BadOption(code))
                 }
             };
+            let ip = || want(4).map(|()| Some(ip_at(value, 0)));
+            let secs = || want(4).map(|()| Some(u32_at(value, 0)));
             match code {
                 53 => {
                     want(1)?;
                     options.msg_type = MessageType::from_u8(value[0]);
                 }
-                50 => {
-                    want(4)?;
-                    options.requested_ip = Some(ip_at(value, 0));
-                }
-                54 => {
-                    want(4)?;
-                    options.server_id = Some(ip_at(value, 0));
-                }
-                51 => {
-                    want(4)?;
-                    options.lease_time = Some(u32_at(value, 0));
-                }
-                58 => {
-                    want(4)?;
-                    options.renewal_time = Some(u32_at(value, 0));
-                }
-                59 => {
-                    want(4)?;
-                    options.rebinding_time = Some(u32_at(value, 0));
-                }
-                1 => {
-                    want(4)?;
-                    options.subnet_mask = Some(ip_at(value, 0));
-                }
+                50 => options.requested_ip = ip()?,
+                54 => options.server_id = ip()?,
+                51 => options.lease_time = secs()?,
+                58 => options.renewal_time = secs()?,
+                59 => options.rebinding_time = secs()?,
+                1 => options.subnet_mask = ip()?,
                 26 => {
                     want(2)?;
                     options.mtu = Some(u16::from_be_bytes([value[0], value[1]]));

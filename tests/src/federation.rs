@@ -53,6 +53,27 @@ pub fn managed_guest(
     }
 }
 
+/// [`managed_guest`] `name` at `a1` of site `a`, the one VM of violin `lan` (`id`), guests'
+/// requests configured by `guest_requests` (the TOML lines of the manager's
+/// `[guest_requests]`).
+pub fn guest_of_one_violin(
+    name: &'static str,
+    subnet: &str,
+    id: u32,
+    guest_requests: &str,
+) -> ManagedGuest {
+    managed_guest(
+        "a1",
+        "a",
+        name,
+        subnet,
+        &format!(
+            "[[violins]]\nname = \"lan\"\nid = {id}\nvms = [\"{name}\"]\n\
+             [guest_requests]\n{guest_requests}\n"
+        ),
+    )
+}
+
 /// The federation of a test: its CA, the manager's and the CLI's identities, the manager's
 /// address and configuration, the daemons (stopped at the end).
 pub struct Federation {

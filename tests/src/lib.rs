@@ -163,7 +163,6 @@ pub struct LabHost {
     pub host_uuid: String,
     pub domains: String,
     /// Its CPU capacity (`up --host-cpus`; `None`: it shares the whole machine).
-    #[serde(default)]
     pub cpus: Option<f64>,
     /// Its cgroup subtree's directories (space-separated), where its libvirtd and QEMUs run.
     #[serde(default)]
@@ -634,6 +633,16 @@ pub fn guest_http(lab: &Lab, host: &str, ip: &str, query: &str) -> Result<String
         &format!("http://{ip}/cgi-bin/viola?{query}"),
     ]))?;
     Ok(out.trim().to_owned())
+}
+
+/// The `name` of each object of a JSON list (what the CLI's and the dashboard's lists hold), in
+/// order; an object without a string `name` is left out. Panics when `list` is no list.
+pub fn names(list: &serde_json::Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect()
 }
 
 /// Parses `virsh domjobinfo --completed` into (key, value) pairs.

@@ -45,6 +45,20 @@ impl Cli {
         }
         serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {:?}", out.stdout))
     }
+
+    /// `viola --json vm create NAME --violin VIOLIN --image IMAGE ARGS` (where, sizes,
+    /// `--ready-by` and the rest): the VMs made, or the error printed.
+    pub fn vm_create(
+        &self,
+        name: &str,
+        violin: &str,
+        image: &str,
+        args: &[&str],
+    ) -> Result<serde_json::Value, String> {
+        let mut full = vec!["vm", "create", name, "--violin", violin, "--image", image];
+        full.extend_from_slice(args);
+        self.json(&full)
+    }
 }
 
 /// The address the guest's console says it got (`VIOLA-GUEST-READY ... ip=A/P`).

@@ -127,21 +127,12 @@ fn overloaded_hosts_are_relieved_by_the_loop_across_and_within_sites_in_act_mode
     for (name, host, mem, _) in vms {
         let host = if name == "stay" { "a1" } else { host };
         fed.cli
-            .json(&[
-                "vm",
-                "create",
+            .vm_create(
                 name,
-                "--violin",
                 "busy",
-                "--image",
                 "guest",
-                "--host",
-                host,
-                "--memory-mib",
-                mem,
-                "--ready-by",
-                "180",
-            ])
+                &["--host", host, "--memory-mib", mem, "--ready-by", "180"],
+            )
             .unwrap_or_else(|e| panic!("vm create {name}: {e}\n{}", log_text(&fed.mgr_log)));
     }
     for (name, _, _, _) in vms {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use viola_labtests::daemons::{free_port, log_text, spawn_logged};
 use viola_labtests::lifecycle::{Fed, FedSpec, HOSTS};
-use viola_labtests::{assert_tools, lab_tests_enabled, run, run_ok, wait_until};
+use viola_labtests::{assert_tools, lab_tests_enabled, names, run, run_ok, wait_until};
 
 /// A WebDriver session of a Chromium whose NSS database holds one identity.
 struct Browser {
@@ -261,6 +261,43 @@ fn api(url: &str, id: Option<&Path>, ca: &Path) -> (u32, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// The migration step the page shows for VM web, noted in `seen` when it is a new one.
+fn note_step(page: &Browser, seen: &mut Vec<String>) -> String {
+    let step = page.text("[data-migrating=\"web\"] .step");
+    if !step.is_empty() && seen.last() != Some(&step) {
+        seen.push(step.clone());
+    }
+    step
+}
+
+/// The violins page of user `name` (with `identity`) of `tenant`, once `shown` holds; none of
+/// `others` (other tenants' and the administrator's violins and VMs) is on it.
+fn tenant_page(
+    dir: &Path,
+    url: &str,
+    name: &str,
+    identity: &Path,
+    tenant: &str,
+    shown: impl FnMut(&Browser) -> bool,
+    others: &[&str],
+) -> Browser {
+    let page = Browser::start(dir, name, identity);
+    page.goto(&format!("{url}/#violins"));
+    page.wait_for(
+        &format!("tenant {tenant}'s page shows its violin"),
+        Duration::from_secs(30),
+        shown,
+    );
+    let text = page.text("main");
+    for other in others {
+        assert!(
+            !text.contains(other),
+            "tenant {tenant}'s page shows {other}:\n{text}"
+        );
+    }
+    page
+}
+
 #[test]
 fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_only_a_tenants_own_violins()
  {
@@ -298,47 +335,31 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     bob.json(&["violin", "create", "chemnet", "--sites", "a"])
         .unwrap();
     let created = cli
-        .json(&[
-            "vm",
-            "create",
+        .vm_create(
             "web",
-            "--violin",
             "labnet",
-            "--image",
             "guest",
-            "--host",
-            "a1",
-            "--ready-by",
-            "180",
-        ])
+            &["--host", "a1", "--ready-by", "180"],
+        )
         .unwrap_or_else(|e| panic!("vm create: {e}\n{}", log_text(&mgr_log)));
     assert_eq!(created[0]["host"], "a1");
-    bob.json(&[
-        "vm",
-        "create",
+    bob.vm_create(
         "calc",
-        "--violin",
         "chemnet",
-        "--image",
         "guest",
-        "--host",
-        "a2",
-        "--ready-by",
-        "180",
-    ])
+        &["--host", "a2", "--ready-by", "180"],
+    )
     .unwrap_or_else(|e| panic!("vm create calc (tenant chem): {e}\n{}", log_text(&mgr_log)));
 
     // The tenant's API answer has its violin only and no hosts.
     let (code, body) = api(&format!("{url}/api/v1/overview"), Some(&fed.id("ann")), &ca);
     assert_eq!(code, 200, "{body}");
     let ann_view: Value = serde_json::from_str(&body).unwrap();
-    let names: Vec<&str> = ann_view["violins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v["name"].as_str())
-        .collect();
-    assert_eq!(names, ["physnet"], "tenant physics sees only its violin");
+    assert_eq!(
+        names(&ann_view["violins"]),
+        ["physnet"],
+        "tenant physics sees only its violin"
+    );
     assert_eq!(ann_view["sites"], json!([]), "a tenant sees no hosts");
     assert_eq!(ann_view["viewer"]["tenant"], "physics");
     assert_eq!(
@@ -353,12 +374,7 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     );
     assert_eq!(code, 200, "{body}");
     let bob_history: Value = serde_json::from_str(&body).unwrap();
-    let series: Vec<&str> = bob_history["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
+    let series = names(&bob_history["series"]);
     assert!(
         series.iter().all(|s| s.starts_with("vm/calc/")),
         "tenant chem's history holds its own VM's series only: {series:?}"
@@ -427,20 +443,14 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
         "the migration appears in flight with its progress",
         Duration::from_secs(60),
         |b| {
-            let step = b.text("[data-migrating=\"web\"] .step");
-            if !step.is_empty() && progress_seen.last() != Some(&step) {
-                progress_seen.push(step.clone());
-            }
+            let step = note_step(b, &mut progress_seen);
             b.text("[data-migrating=\"web\"]").contains("a1 → b1") && step.contains('%')
         },
     );
     admin.screenshot(&dir, "migration-in-flight");
     // What the page shows while the CLI's migration runs.
     while migration.try_wait().unwrap().is_none() {
-        let step = admin.text("[data-migrating=\"web\"] .step");
-        if !step.is_empty() && progress_seen.last() != Some(&step) {
-            progress_seen.push(step);
-        }
+        note_step(&admin, &mut progress_seen);
         std::thread::sleep(Duration::from_millis(300));
     }
     let status = migration.wait().unwrap();
@@ -449,10 +459,7 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
         "the finished migration is listed and nothing is in flight",
         Duration::from_secs(20),
         |b| {
-            let step = b.text("[data-migrating=\"web\"] .step");
-            if !step.is_empty() && progress_seen.last() != Some(&step) {
-                progress_seen.push(step);
-            }
+            note_step(b, &mut progress_seen);
             b.text("tr[data-migration=\"web\"]").contains("migrated")
                 && b.text("[data-migrating=\"web\"]").is_empty()
         },
@@ -515,20 +522,15 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     drop(admin);
 
     // The tenant's page: its violin only; no federation or decisions pages.
-    let tenant = Browser::start(&dir, "ann", &fed.id("ann"));
-    tenant.goto(&format!("{url}/#violins"));
-    tenant.wait_for(
-        "tenant physics's page shows physnet",
-        Duration::from_secs(30),
+    let tenant = tenant_page(
+        &dir,
+        &url,
+        "ann",
+        &fed.id("ann"),
+        "physics",
         |b| b.text("[data-violin] h3").contains("physnet"),
+        &["labnet", "chemnet", "web", "calc"],
     );
-    let shown = tenant.text("main");
-    for other in ["labnet", "chemnet", "web", "calc"] {
-        assert!(
-            !shown.contains(other),
-            "tenant physics's page shows {other}:\n{shown}"
-        );
-    }
     assert!(tenant.text("#who").contains("tenant physics"));
     assert_eq!(
         tenant.eval("return document.querySelector('nav a[data-tab=\"federation\"]').hidden;"),
@@ -537,23 +539,18 @@ fn the_dashboard_in_a_real_browser_shows_the_federation_a_live_migration_and_onl
     );
     tenant.screenshot(&dir, "tenant-violins");
     drop(tenant);
-    let chem = Browser::start(&dir, "bob", &fed.id("bob"));
-    chem.goto(&format!("{url}/#violins"));
-    chem.wait_for(
-        "tenant chem's page shows chemnet with calc",
-        Duration::from_secs(30),
+    let chem = tenant_page(
+        &dir,
+        &url,
+        "bob",
+        &fed.id("bob"),
+        "chem",
         |b| {
             b.text("[data-violin=\"chemnet\"] tr[data-vm=\"calc\"]")
                 .contains("a2")
         },
+        &["labnet", "physnet", "web"],
     );
-    let shown = chem.text("main");
-    for other in ["labnet", "physnet", "web"] {
-        assert!(
-            !shown.contains(other),
-            "tenant chem's page shows {other}:\n{shown}"
-        );
-    }
     chem.screenshot(&dir, "tenant-chem-violins");
     drop(chem);
 

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use viola_labtests::federation::managed_guest;
+use viola_labtests::federation::guest_of_one_violin;
 use viola_labtests::mech::*;
 
 /// Runs `viola-job UNITS REPORT_S` in the guest and waits for it (at most `timeout`): the
@@ -42,16 +42,7 @@ fn run_job(name: &str, ip: &str, units: u32, report_s: u32, timeout: Duration) -
 #[test]
 fn a_job_with_a_deadline_gets_the_smallest_share_that_meets_it() {
     let name = "vm-job";
-    let g = managed_guest(
-        "a1",
-        "a",
-        name,
-        "10.77.12",
-        &format!(
-            "[[violins]]\nname = \"lan\"\nid = 7712\nvms = [\"{name}\"]\n\
-             [guest_requests]\nrequests_per_vm_per_min = 40\n"
-        ),
-    );
+    let g = guest_of_one_violin(name, "10.77.12", 7712, "requests_per_vm_per_min = 40");
     let ip = g.ip.as_str();
 
     // How fast a unit of work is here, at a whole CPU (no deadline yet: progress is noted).

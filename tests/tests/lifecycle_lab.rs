@@ -33,7 +33,7 @@ use viola_labtests::lifecycle::{
     Cli, Fed, HOSTS, console_ready_ip, spawn_manager, ssh, ssh_keygen,
 };
 use viola_labtests::overlay::link_exists;
-use viola_labtests::{guest_dir, lab_tests_enabled, run, run_ok, wait_until};
+use viola_labtests::{guest_dir, lab_tests_enabled, names, run, run_ok, wait_until};
 
 #[test]
 fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_left_behind() {
@@ -68,40 +68,17 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     // key), two at site b.
     let key = dir.join("id_ed25519");
     ssh_keygen(&key, Some("tester@lab"));
+    // `vm create NAME` in violin lab from the depot image at SITE, ready within READY_BY s.
+    let create = |name: &str, site: &str, ready_by: &str, more: &[&str]| {
+        let mut args = vec!["--site", site, "--ready-by", ready_by];
+        args.extend_from_slice(more);
+        cli.vm_create(name, "lab", "guest", &args)
+    };
     let created = Instant::now();
-    let a_vms = cli
-        .json(&[
-            "vm",
-            "create",
-            "web",
-            "--violin",
-            "lab",
-            "--image",
-            "guest",
-            "--site",
-            "a",
-            "--ready-by",
-            "120",
-            "--ssh-key",
-            key.with_extension("pub").to_str().unwrap(),
-        ])
+    let pub_key = key.with_extension("pub");
+    let a_vms = create("web", "a", "120", &["--ssh-key", pub_key.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("vm create web: {e}\n{}", log_text(&mgr_log)));
-    let b_vms = cli
-        .json(&[
-            "vm",
-            "create",
-            "node",
-            "--violin",
-            "lab",
-            "--image",
-            "guest",
-            "--site",
-            "b",
-            "--ready-by",
-            "180",
-            "--count",
-            "2",
-        ])
+    let b_vms = create("node", "b", "180", &["--count", "2"])
         .unwrap_or_else(|e| panic!("vm create node: {e}\n{}", log_text(&mgr_log)));
     eprintln!("3 VMs created in {:.1} s", created.elapsed().as_secs_f64());
     let vms: Vec<(String, String, String)> = a_vms
@@ -179,19 +156,7 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     }
 
     // An impossible deadline: refused at once, nothing made.
-    let late = cli.json(&[
-        "vm",
-        "create",
-        "late",
-        "--violin",
-        "lab",
-        "--image",
-        "guest",
-        "--site",
-        "b",
-        "--ready-by",
-        "0",
-    ]);
+    let late = create("late", "b", "0", &[]);
     let err = late.expect_err("a deadline of 0 s cannot be met");
     assert!(err.contains("cannot be ready"), "{err}");
     for h in ["b1", "b2"] {
@@ -279,15 +244,12 @@ fn violins_and_vms_from_the_cli_with_dhcp_a_deadline_a_migration_and_nothing_lef
     assert_eq!(science[0]["tenant"], "physics");
     let science_bridge = format!("vio{}", science[0]["id"]);
     assert!(link_exists(&ns("b1"), &science_bridge));
-    let ann_sees: Vec<_> = ann
-        .json(&["violin", "list"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].clone())
-        .collect();
-    assert_eq!(ann_sees, ["science"], "physics sees only its own violin");
+    let ann_sees = ann.json(&["violin", "list"]).unwrap();
+    assert_eq!(
+        names(&ann_sees),
+        ["science"],
+        "physics sees only its own violin: {ann_sees}"
+    );
     assert_eq!(
         bob.json(&["violin", "list"]).unwrap(),
         serde_json::json!([])

@@ -269,22 +269,34 @@ async fn migration_to_b2_is_refused(name: &str, ip: &str, why: impl Fn(&str) -> 
     );
 }
 
+/// The lab CA revokes the libvirt certificates of host `revoked` (site, host), and host `crl_at`
+/// gets the CRL where its libvirt and QEMU read it. At cleanup `crl_at` forgets the CRL and
+/// `revoked` gets a new certificate (a new key, so a serial the CRL does not list).
+fn revoke_libvirt_certs(
+    cleanup: &mut Cleanup,
+    (site, revoked): (&str, &'static str),
+    crl_at: &'static str,
+) {
+    daemons::build(&["viola-common"]).expect("build viola-ca");
+    let pki_dir = move || lab_dir().join(format!("hosts/{crl_at}/pki"));
+    cleanup.first(move || {
+        for rel in viola_common::identity::libvirt::CRL_LAYOUT {
+            let _ = std::fs::remove_file(pki_dir().join(rel));
+        }
+        issue_libvirt_certs(revoked, None);
+    });
+    let pki = Pki::open(&lab_dir().join("pki/ca"));
+    let crl = pki
+        .revoke(&format!("viola://libvirt/{site}/{revoked}"))
+        .expect("viola-ca revoke");
+    Pki::install_libvirt_crl(&crl, &pki_dir()).expect("viola-ca install-crl --pki");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_host_cannot_receive_a_migration() {
     let name = "vm-revoked";
     let ip = "10.77.7.5";
     let mut cleanup = begin(&["a1", "b2"], name);
-    daemons::build(&["viola-common"]).expect("build viola-ca");
-    // b2 leaves the federation: the lab CA revokes its libvirt certificates, and a1 gets the
-    // CRL where its libvirt and QEMU read it. Afterwards a1 forgets the CRL and b2 gets a new
-    // certificate (a new key, so a serial the CRL does not list).
-    let a1_pki = lab_dir().join("hosts/a1/pki");
-    cleanup.first(move || {
-        for rel in viola_common::identity::libvirt::CRL_LAYOUT {
-            let _ = std::fs::remove_file(lab_dir().join("hosts/a1/pki").join(rel));
-        }
-        issue_libvirt_certs("b2", None);
-    });
     let libvirtd_log = lab_dir().join("hosts/a1/log/libvirtd.log");
     let revocations_logged = || {
         std::fs::read_to_string(&libvirtd_log)
@@ -293,9 +305,8 @@ async fn a_revoked_host_cannot_receive_a_migration() {
             .count()
     };
     let logged_before = revocations_logged();
-    let pki = Pki::open(&lab_dir().join("pki/ca"));
-    let crl = pki.revoke("viola://libvirt/b/b2").expect("viola-ca revoke");
-    Pki::install_libvirt_crl(&crl, &a1_pki).expect("viola-ca install-crl --pki");
+    // b2 leaves the federation; a1 gets the CRL.
+    revoke_libvirt_certs(&mut cleanup, ("b", "b2"), "a1");
     boot_with_marker(name, ip, "10.77.7", "b2");
     // a1's libvirtd refuses b2's certificate when it connects.
     migration_to_b2_is_refused(name, ip, |why| {
@@ -315,22 +326,11 @@ async fn a_revoked_host_cannot_send_a_migration() {
     let name = "vm-revoked-src";
     let ip = "10.77.8.5";
     let mut cleanup = begin(&["a1", "b2"], name);
-    daemons::build(&["viola-common"]).expect("build viola-ca");
-    // a1 leaves the federation while it still runs a guest: the lab CA revokes a1's libvirt
-    // certificates, and b2 gets the CRL. b2's libvirtd read its CRL when it started, so it still
-    // lets a1's libvirtd in; b2's QEMU reads it when it listens for the incoming migration, and
-    // must refuse a1's QEMU. Afterwards b2 forgets the CRL and a1 gets a new certificate.
-    let b2_pki = lab_dir().join("hosts/b2/pki");
-    cleanup.first(move || {
-        for rel in viola_common::identity::libvirt::CRL_LAYOUT {
-            let _ = std::fs::remove_file(lab_dir().join("hosts/b2/pki").join(rel));
-        }
-        issue_libvirt_certs("a1", None);
-    });
+    // a1 leaves the federation while it still runs a guest; b2 gets the CRL. b2's libvirtd read
+    // its CRL when it started, so it still lets a1's libvirtd in; b2's QEMU reads it when it
+    // listens for the incoming migration, and must refuse a1's QEMU.
+    revoke_libvirt_certs(&mut cleanup, ("a", "a1"), "b2");
     let qemu_log = lab_dir().join(format!("hosts/b2/log/qemu/{name}.log"));
-    let pki = Pki::open(&lab_dir().join("pki/ca"));
-    let crl = pki.revoke("viola://libvirt/a/a1").expect("viola-ca revoke");
-    Pki::install_libvirt_crl(&crl, &b2_pki).expect("viola-ca install-crl --pki");
     boot_with_marker(name, ip, "10.77.8", "b2");
     migration_to_b2_is_refused(name, ip, |_| true).await;
     // Refused for the revocation, by the destination's QEMU.

@@ -146,23 +146,21 @@ fn two_rank_cluster(fed: &Fed) -> Cluster {
     for (name, site) in [("rank0", "a"), ("rank1", "b")] {
         let made = fed
             .cli
-            .json(&[
-                "vm",
-                "create",
+            .vm_create(
                 name,
-                "--violin",
                 "hpc",
-                "--image",
                 "mpi",
-                "--site",
-                site,
-                "--memory-mib",
-                "512",
-                "--ready-by",
-                "300",
-                "--ssh-key",
-                pubkey.to_str().unwrap(),
-            ])
+                &[
+                    "--site",
+                    site,
+                    "--memory-mib",
+                    "512",
+                    "--ready-by",
+                    "300",
+                    "--ssh-key",
+                    pubkey.to_str().unwrap(),
+                ],
+            )
             .unwrap_or_else(|e| panic!("vm create {name}: {e}\n{}", log_text(&fed.mgr_log)));
         let host = made[0]["host"].as_str().unwrap().to_owned();
         let ip = made[0]["ip"].as_str().unwrap().to_owned();

@@ -23,7 +23,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use viola_labtests::daemons::{log_text, spawn_logged};
-use viola_labtests::{assert_tools, lab_tests_enabled, repo_root, run, run_ok, wait_until};
+use viola_labtests::{assert_tools, lab_tests_enabled, names, repo_root, run, run_ok, wait_until};
 
 const NS: &str = "vpk-host";
 const UNITS: [(&str, &str); 4] = [
@@ -277,14 +277,8 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
             log("monitor")
         )
     });
-    let names: Vec<String> = hosts()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|h| h["name"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(names, ["a1", "b1"], "the example's two hosts");
+    let listed = hosts().unwrap();
+    assert_eq!(names(&listed), ["a1", "b1"], "the example's two hosts");
 
     // Metrics of every daemon, and the dashboard, from inside the namespace.
     for (what, url) in [

@@ -52,21 +52,19 @@ fn a_guest_cannot_take_a_neighbours_mac_on_its_own_bridge() {
     let mut vms = Vec::new();
     for name in ["victim", "thief"] {
         let made = cli
-            .json(&[
-                "vm",
-                "create",
+            .vm_create(
                 name,
-                "--violin",
                 "sec",
-                "--image",
                 "guest",
-                "--host",
-                "a1",
-                "--ready-by",
-                "120",
-                "--ssh-key",
-                key.with_extension("pub").to_str().unwrap(),
-            ])
+                &[
+                    "--host",
+                    "a1",
+                    "--ready-by",
+                    "120",
+                    "--ssh-key",
+                    key.with_extension("pub").to_str().unwrap(),
+                ],
+            )
             .unwrap_or_else(|e| panic!("vm create {name}: {e}\n{}", log_text(&fed.mgr_log)));
         vms.push(Vm {
             name: name.to_owned(),

@@ -6,7 +6,7 @@
 
 // lab: default
 
-use viola_labtests::federation::managed_guest;
+use viola_labtests::federation::guest_of_one_violin;
 use viola_labtests::mech::*;
 
 /// What the guest's `viola-ask` printed for `ask=QUERY` (its answer line and exit status).
@@ -18,16 +18,7 @@ fn ask(ip: &str, query: &str) -> String {
 #[test]
 fn a_guest_asks_from_inside_and_gets_what_its_quota_allows_and_nothing_for_another_vm() {
     let name = "vm-shep";
-    let g = managed_guest(
-        "a1",
-        "a",
-        name,
-        "10.77.11",
-        &format!(
-            "[[violins]]\nname = \"lan\"\nid = 7711\nvms = [\"{name}\"]\n\
-             [guest_requests]\nmax_cap_percent_per_vm = 60\n"
-        ),
-    );
+    let g = guest_of_one_violin(name, "10.77.11", 7711, "max_cap_percent_per_vm = 60");
     let ip = g.ip.as_str();
     assert_eq!(cap_percent("a1", name), None);
 

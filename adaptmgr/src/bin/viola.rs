@@ -337,20 +337,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Violin { command } => violin(&client, command, args.json).await?,
         Command::Image { command } => image(&client, command, args.json).await?,
-        Command::Vm {
-            command:
-                VmCommand::Create {
-                    name,
-                    violin,
-                    image,
-                    site,
-                    host,
-                    vcpus,
-                    memory_mib,
-                    ready_by,
-                    count,
-                    ssh_key,
-                },
+        Command::Vm { command } => vm(&client, command, args.json).await?,
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn vm(client: &Client, command: VmCommand, json: bool) -> anyhow::Result<()> {
+    // A request answered by `Ack`: what is asked, of which VM, and what happened to it; the
+    // others say more and return.
+    let (req, vm, what) = match command {
+        VmCommand::Start { vm } => (Request::VmStart { vm: vm.clone() }, vm, "started"),
+        VmCommand::Stop { vm } => (Request::VmStop { vm: vm.clone() }, vm, "stopped"),
+        VmCommand::Delete { vm } => (Request::VmDelete { vm: vm.clone() }, vm, "deleted"),
+        VmCommand::Deadline {
+            vm,
+            in_s,
+            max_cap_percent,
+            clear,
+        } => {
+            let req = Request::VmDeadline(VmDeadline {
+                vm: vm.clone(),
+                in_s: if clear { None } else { in_s },
+                max_cap_percent,
+            });
+            let what = if clear {
+                "deadline cleared"
+            } else {
+                "deadline set"
+            };
+            (req, vm, what)
+        }
+        VmCommand::Create {
+            name,
+            violin,
+            image,
+            site,
+            host,
+            vcpus,
+            memory_mib,
+            ready_by,
+            count,
+            ssh_key,
         } => {
             let ssh_key = match ssh_key {
                 Some(path) => Some(
@@ -373,7 +401,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 count,
                 ssh_key,
             });
-            let json = args.json;
             let last = client
                 .call(&req, |resp| {
                     if let Response::Step { message } = resp
@@ -386,82 +413,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let Response::Vms(vms) = fail_on_error(last)? else {
                 bail!("unexpected answer");
             };
-            show(args.json, &vms[..], print_vms)?;
+            return show(json, &vms[..], print_vms);
         }
-        Command::Vm {
-            command: VmCommand::Start { vm },
-        } => {
-            done(
-                &client,
-                Request::VmStart { vm: vm.clone() },
-                &vm,
-                "started",
-                args.json,
-            )
-            .await?
-        }
-        Command::Vm {
-            command: VmCommand::Stop { vm },
-        } => {
-            done(
-                &client,
-                Request::VmStop { vm: vm.clone() },
-                &vm,
-                "stopped",
-                args.json,
-            )
-            .await?
-        }
-        Command::Vm {
-            command:
-                VmCommand::Deadline {
-                    vm,
-                    in_s,
-                    max_cap_percent,
-                    clear,
-                },
-        } => {
-            let req = Request::VmDeadline(VmDeadline {
-                vm: vm.clone(),
-                in_s: if clear { None } else { in_s },
-                max_cap_percent,
-            });
-            let what = if clear {
-                "deadline cleared"
-            } else {
-                "deadline set"
-            };
-            done(&client, req, &vm, what, args.json).await?
-        }
-        Command::Vm {
-            command: VmCommand::Delete { vm },
-        } => {
-            done(
-                &client,
-                Request::VmDelete { vm: vm.clone() },
-                &vm,
-                "deleted",
-                args.json,
-            )
-            .await?
-        }
-        Command::Vm {
-            command: VmCommand::List,
-        } => {
-            let Response::Vms(vms) = ask(&client, &Request::ListVms).await? else {
+        VmCommand::List => {
+            let Response::Vms(vms) = ask(client, &Request::ListVms).await? else {
                 bail!("unexpected answer");
             };
-            show(args.json, &vms[..], print_vms)?;
+            return show(json, &vms[..], print_vms);
         }
-        Command::Vm {
-            command:
-                VmCommand::Resize {
-                    vm,
-                    vcpus,
-                    memory_mib,
-                    cap_percent,
-                    shares,
-                },
+        VmCommand::Resize {
+            vm,
+            vcpus,
+            memory_mib,
+            cap_percent,
+            shares,
         } => {
             let req = Request::Resize(VmResize {
                 vm: vm.clone(),
@@ -470,22 +435,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cap_percent,
                 shares,
             });
-            ask(&client, &req).await?;
-            if args.json {
+            ask(client, &req).await?;
+            if json {
                 println!("{}", serde_json::json!({"vm": vm, "resized": true}));
             } else {
                 println!("{vm} resized");
             }
+            return Ok(());
         }
-        Command::Vm {
-            command:
-                VmCommand::Migrate {
-                    vm,
-                    to,
-                    bandwidth_mib_s,
-                    full_copy,
-                    timeout_s,
-                },
+        VmCommand::Migrate {
+            vm,
+            to,
+            bandwidth_mib_s,
+            full_copy,
+            timeout_s,
         } => {
             let req = Request::Migrate(VmMigrate {
                 vm: vm.clone(),
@@ -494,7 +457,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 stage_base: !full_copy,
                 timeout_s,
             });
-            let bar = if args.json {
+            let bar = if json {
                 ProgressBar::hidden()
             } else {
                 let bar = ProgressBar::new(1000);
@@ -531,7 +494,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let Response::Migrated(report) = fail_on_error(last)? else {
                 bail!("unexpected answer");
             };
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for r in &report.records {
@@ -553,17 +516,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             match report.outcome {
                 Outcome::Migrated { storage } => {
-                    if !args.json {
+                    if !json {
                         println!("{vm} now runs at {to} ({storage:?} disk copy)");
                     }
                 }
                 Outcome::RolledBack { reason } => bail!("{vm} stays where it was: {reason}"),
                 Outcome::Stuck { reason } => bail!("{vm} needs an operator: {reason}"),
             }
+            return Ok(());
         }
-    }
-    client.close().await;
-    Ok(())
+    };
+    done(client, req, &vm, what, json).await
 }
 
 /// Asks `req` (answered by `Ack`) and says `what` happened to `subject`.

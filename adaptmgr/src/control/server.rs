@@ -211,6 +211,39 @@ fn within_frame(decisions: Vec<DecisionRecord>) -> Vec<DecisionRecord> {
     out
 }
 
+/// `ok(value)`, or the error answer naming the error's chain.
+fn answer<T, E: std::error::Error + 'static>(
+    result: Result<T, E>,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
+    result.map_or_else(|e| error(viola_common::errors::chain(&e)), ok)
+}
+
+/// Runs `work` while writing the frames it sends on `rx` to the peer (a peer that went away does
+/// not stop the work); its result. What is still queued when it ends stays in `rx`.
+async fn forwarding<T>(
+    send: &mut quinn::SendStream,
+    rx: &mut mpsc::Receiver<Response>,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            Some(frame) = rx.recv() => {
+                let _ = wire::write_frame(send, &frame).await;
+            }
+        }
+    }
+}
+
+/// Writes the frames still queued in `rx` to the peer.
+async fn forward_queued(send: &mut quinn::SendStream, rx: &mut mpsc::Receiver<Response>) {
+    while let Ok(frame) = rx.try_recv() {
+        let _ = wire::write_frame(send, &frame).await;
+    }
+}
+
 async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -231,27 +264,22 @@ async fn handle_stream(
         }
     };
     let chain = |e: &(dyn std::error::Error + 'static)| viola_common::errors::chain(e);
+    let ack = |()| Response::Ack;
     let response = match req {
-        Request::Report(report) => match manager.handle_report(report).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
-        Request::ListHosts => match manager.inventory.hosts() {
-            Ok(h) => Response::Hosts(h.iter().map(HostRecord::view).collect()),
-            Err(e) => error(chain(&e)),
-        },
+        Request::Report(report) => answer(manager.handle_report(report).await, ack),
+        Request::ListHosts => answer(manager.inventory.hosts(), |h| {
+            Response::Hosts(h.iter().map(HostRecord::view).collect())
+        }),
         Request::ListVms => match (manager.inventory.vms(), manager.inventory.violins()) {
             (Ok(v), Ok(violins)) => Response::Vms(lifecycle::vm_views(&caller, &v, &violins)),
             (Err(e), _) | (_, Err(e)) => error(chain(&e)),
         },
-        Request::ViolinCreate(create) => match manager.create_violin(&caller, create).await {
-            Ok(v) => Response::Violins(vec![v]),
-            Err(e) => error(chain(&e)),
-        },
-        Request::ViolinList => match manager.list_violins(&caller) {
-            Ok(v) => Response::Violins(v),
-            Err(e) => error(chain(&e)),
-        },
+        Request::ViolinCreate(create) => {
+            answer(manager.create_violin(&caller, create).await, |v| {
+                Response::Violins(vec![v])
+            })
+        }
+        Request::ViolinList => answer(manager.list_violins(&caller), Response::Violins),
         Request::ViolinShow { name } => match manager.list_violins(&caller) {
             Ok(v) => match v.into_iter().find(|v| v.name == name) {
                 Some(v) => Response::Violins(vec![v]),
@@ -260,27 +288,12 @@ async fn handle_stream(
             Err(e) => error(chain(&e)),
         },
         Request::ViolinDelete { name, force } => {
-            match manager.delete_violin(&caller, &name, force).await {
-                Ok(()) => Response::Ack,
-                Err(e) => error(chain(&e)),
-            }
+            answer(manager.delete_violin(&caller, &name, force).await, ack)
         }
         Request::VmCreate(create) => {
             let (tx, mut rx) = mpsc::channel(64);
             let run = manager.create_vms(&caller, create, tx);
-            tokio::pin!(run);
-            loop {
-                tokio::select! {
-                    result = &mut run => break match result {
-                        Ok(vms) => Response::Vms(vms),
-                        Err(e) => error(chain(&e)),
-                    },
-                    Some(step) = rx.recv() => {
-                        // A CLI that went away does not stop the create.
-                        let _ = wire::write_frame(&mut send, &step).await;
-                    }
-                }
-            }
+            answer(forwarding(&mut send, &mut rx, run).await, Response::Vms)
         }
         Request::ImageList => {
             let (tx, mut rx) = mpsc::channel(16);
@@ -296,19 +309,9 @@ async fn handle_stream(
             let result = {
                 let mut body = (&mut recv).take(import.size);
                 let run = manager.import_image(&caller, import, &mut body, &tx);
-                tokio::pin!(run);
-                loop {
-                    tokio::select! {
-                        result = &mut run => break result,
-                        Some(step) = rx.recv() => {
-                            let _ = wire::write_frame(&mut send, &step).await;
-                        }
-                    }
-                }
+                forwarding(&mut send, &mut rx, run).await
             };
-            while let Ok(step) = rx.try_recv() {
-                let _ = wire::write_frame(&mut send, &step).await;
-            }
+            forward_queued(&mut send, &mut rx).await;
             match result {
                 Ok(image) => Response::Images(vec![image]),
                 Err(e) => {
@@ -318,32 +321,16 @@ async fn handle_stream(
                 }
             }
         }
-        Request::VmStart { vm } => match manager.start_vm(&caller, &vm).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
-        Request::VmStop { vm } => match manager.stop_vm(&caller, &vm).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
-        Request::VmDelete { vm } => match manager.delete_vm(&caller, &vm).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
-        Request::VmDeadline(d) => match manager.set_deadline(&caller, d).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
-        Request::Resize(r) => match manager.resize(r).await {
-            Ok(()) => Response::Ack,
-            Err(e) => error(chain(&e)),
-        },
+        Request::VmStart { vm } => answer(manager.start_vm(&caller, &vm).await, ack),
+        Request::VmStop { vm } => answer(manager.stop_vm(&caller, &vm).await, ack),
+        Request::VmDelete { vm } => answer(manager.delete_vm(&caller, &vm).await, ack),
+        Request::VmDeadline(d) => answer(manager.set_deadline(&caller, d).await, ack),
+        Request::Resize(r) => answer(manager.resize(r).await, ack),
         Request::Decisions { after_seq, limit } => {
             let limit = (limit as usize).clamp(1, 500);
-            match manager.inventory.decisions_after(after_seq, limit) {
-                Ok(d) => Response::Decisions(within_frame(d)),
-                Err(e) => error(chain(&e)),
-            }
+            answer(manager.inventory.decisions_after(after_seq, limit), |d| {
+                Response::Decisions(within_frame(d))
+            })
         }
         Request::PolicyShow => Response::Policy(Box::new(manager.cfg.policy.view())),
         Request::CancelMigration { vm } => {
@@ -356,39 +343,19 @@ async fn handle_stream(
         Request::GuestAsk(ask) => {
             let (tx, mut rx) = mpsc::channel(16);
             let run = manager.guest_ask(ask, tx, token.child_token());
-            tokio::pin!(run);
-            let response = loop {
-                tokio::select! {
-                    response = &mut run => break response,
-                    Some(frame) = rx.recv() => {
-                        // A monitor that went away does not stop a move the guest asked for.
-                        let _ = wire::write_frame(&mut send, &frame).await;
-                    }
-                }
-            };
+            // A monitor that went away does not stop a move the guest asked for.
+            let response = forwarding(&mut send, &mut rx, run).await;
             // The guest's answer may still be queued when a move ends at once.
-            while let Ok(frame) = rx.try_recv() {
-                let _ = wire::write_frame(&mut send, &frame).await;
-            }
+            forward_queued(&mut send, &mut rx).await;
             response
         }
         Request::Migrate(m) => {
             let (tx, mut rx) = mpsc::channel(16);
             let cancel = token.child_token();
             let run = manager.migrate(m, tx, cancel);
-            tokio::pin!(run);
-            loop {
-                tokio::select! {
-                    result = &mut run => break match result {
-                        Ok(report) => Response::Migrated(Box::new(report)),
-                        Err(e) => error(chain(&e)),
-                    },
-                    Some(progress) = rx.recv() => {
-                        // A CLI that went away does not stop the migration.
-                        let _ = wire::write_frame(&mut send, &progress).await;
-                    }
-                }
-            }
+            answer(forwarding(&mut send, &mut rx, run).await, |report| {
+                Response::Migrated(Box::new(report))
+            })
         }
     };
     wire::write_frame(&mut send, &response).await?;

@@ -77,11 +77,9 @@ pub struct HostRecord {
     pub cpus: u32,
     pub memory_kib: u64,
     pub state: HostState,
-    #[serde(default)]
     pub last_heartbeat_ms: Option<u64>,
     #[serde(default)]
     pub last_report_seq: u64,
-    #[serde(default)]
     pub usage: Option<HostUsage>,
 }
 
@@ -91,7 +89,6 @@ pub struct VmRecord {
     pub name: String,
     /// Where it runs (or last ran).
     pub host: String,
-    #[serde(default)]
     pub violin: Option<String>,
     #[serde(default)]
     pub macs: Vec<String>,
@@ -104,13 +101,10 @@ pub struct VmRecord {
     #[serde(default)]
     pub cpu_busy: f64,
     /// Persistent domain XML, kept to re-instantiate the VM elsewhere if its host fails.
-    #[serde(default)]
     pub domain_xml: Option<String>,
     /// The CPU cap the manager last set (percent of one CPU); `None`: none set through Viola.
-    #[serde(default)]
     pub cap_percent: Option<u32>,
     /// A job deadline set with `viola vm deadline`, and the job's progress reports.
-    #[serde(default)]
     pub deadline: Option<crate::deadlines::JobDeadline>,
     pub updated_ms: u64,
 }
@@ -122,7 +116,6 @@ pub struct ViolinRecord {
     pub vni: u32,
     pub vms: Vec<String>,
     /// Its IPv4 subnet (`10.1.0.0/24`), for a violin made through the API.
-    #[serde(default)]
     pub subnet: Option<String>,
     /// The sites whose hosts carry it (a violin made through the API).
     #[serde(default)]
@@ -135,10 +128,8 @@ pub struct ViolinRecord {
     #[serde(default)]
     pub members: Vec<MemberRecord>,
     /// The tenant that made it (and owns its VMs); `None`: an administrator's.
-    #[serde(default)]
     pub tenant: Option<String>,
     /// Its own MTU (`viola violin create --mtu`).
-    #[serde(default)]
     pub mtu: Option<u16>,
 }
 
@@ -172,7 +163,6 @@ pub struct PendingOp {
     /// The depot staging that lays the disk down (a create, once the depot answered): a
     /// manager that undoes the create after a restart waits for it to end first, so the
     /// depot does not write the disk after the undo removed it.
-    #[serde(default)]
     pub stage: Option<PendingStage>,
 }
 

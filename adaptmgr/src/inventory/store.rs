@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{AccessGuard, Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -88,31 +88,28 @@ pub struct Inventory {
 impl Inventory {
     /// Opens (or creates) the inventory file at `path`.
     pub fn open(path: &Path) -> Result<Self, InventoryError> {
-        let open_err = |e: redb::Error| InventoryError::Open {
-            path: path.to_owned(),
-            source: e,
+        let open = || -> Result<Database, redb::Error> {
+            let db = Database::create(path)?;
+            // Create every table once so readers never meet a missing one.
+            let tx = db.begin_write()?;
+            for table in [
+                SITES, HOSTS, VMS, VIOLINS, MIGRATIONS, SAMPLES, PROBES, PENDING, PLACEMENTS,
+            ] {
+                tx.open_table(table)?;
+            }
+            for table in [EVENTS, DECISIONS] {
+                tx.open_table(table)?;
+            }
+            for table in [HISTORY_FINE, HISTORY_MINUTES] {
+                tx.open_table(table)?;
+            }
+            tx.commit()?;
+            Ok(db)
         };
-        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
-        // Create every table once so readers never meet a missing one.
-        let tx = db.begin_write().map_err(|e| open_err(e.into()))?;
-        {
-            tx.open_table(SITES).map_err(|e| open_err(e.into()))?;
-            tx.open_table(HOSTS).map_err(|e| open_err(e.into()))?;
-            tx.open_table(VMS).map_err(|e| open_err(e.into()))?;
-            tx.open_table(VIOLINS).map_err(|e| open_err(e.into()))?;
-            tx.open_table(EVENTS).map_err(|e| open_err(e.into()))?;
-            tx.open_table(MIGRATIONS).map_err(|e| open_err(e.into()))?;
-            tx.open_table(SAMPLES).map_err(|e| open_err(e.into()))?;
-            tx.open_table(PROBES).map_err(|e| open_err(e.into()))?;
-            tx.open_table(DECISIONS).map_err(|e| open_err(e.into()))?;
-            tx.open_table(PENDING).map_err(|e| open_err(e.into()))?;
-            tx.open_table(HISTORY_FINE)
-                .map_err(|e| open_err(e.into()))?;
-            tx.open_table(HISTORY_MINUTES)
-                .map_err(|e| open_err(e.into()))?;
-            tx.open_table(PLACEMENTS).map_err(|e| open_err(e.into()))?;
-        }
-        tx.commit().map_err(|e| open_err(e.into()))?;
+        let db = open().map_err(|source| InventoryError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self { db })
     }
 
@@ -122,10 +119,7 @@ impl Inventory {
         key: &str,
         value: &T,
     ) -> Result<(), InventoryError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| InventoryError::Encode {
-            key: key.to_owned(),
-            source,
-        })?;
+        let bytes = encode(value, key)?;
         let tx = self.db.begin_write().map_err(store)?;
         tx.open_table(table)
             .map_err(store)?
@@ -153,12 +147,7 @@ impl Inventory {
         let Some(v) = t.get(key).map_err(store)? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|source| InventoryError::Corrupt {
-                key: key.to_owned(),
-                source,
-            })
+        decode(v.value(), key).map(Some)
     }
 
     fn all<T: DeserializeOwned>(
@@ -170,12 +159,7 @@ impl Inventory {
         let mut out = Vec::new();
         for item in t.iter().map_err(store)? {
             let (k, v) = item.map_err(store)?;
-            out.push(serde_json::from_slice(v.value()).map_err(|source| {
-                InventoryError::Corrupt {
-                    key: k.value().to_owned(),
-                    source,
-                }
-            })?);
+            out.push(decode(v.value(), k.value())?);
         }
         Ok(out)
     }
@@ -283,47 +267,19 @@ impl Inventory {
         subject: &str,
         detail: serde_json::Value,
     ) -> Result<EventRecord, InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        let event = {
-            let mut t = tx.open_table(EVENTS).map_err(store)?;
-            let seq = t.last().map_err(store)?.map_or(1, |(k, _)| k.value() + 1);
-            let event = EventRecord {
-                seq,
-                ts_ms,
-                kind: kind.to_owned(),
-                subject: subject.to_owned(),
-                detail,
-            };
-            let bytes = serde_json::to_vec(&event).map_err(|source| InventoryError::Encode {
-                key: format!("event {seq}"),
-                source,
-            })?;
-            t.insert(seq, bytes.as_slice()).map_err(store)?;
-            if seq > EVENTS_KEPT {
-                t.retain_in(..=seq - EVENTS_KEPT, |_, _| false)
-                    .map_err(store)?;
-            }
-            event
-        };
-        tx.commit().map_err(store)?;
-        Ok(event)
+        self.append(EVENTS, EVENTS_KEPT, "event", |seq| EventRecord {
+            seq,
+            ts_ms,
+            kind: kind.to_owned(),
+            subject: subject.to_owned(),
+            detail,
+        })
+        .map(|(_, event)| event)
     }
 
     /// Events with a sequence number above `after`, oldest first.
     pub fn events_after(&self, after: u64) -> Result<Vec<EventRecord>, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(EVENTS).map_err(store)?;
-        let mut out = Vec::new();
-        for item in t.range(after.saturating_add(1)..).map_err(store)? {
-            let (k, v) = item.map_err(store)?;
-            out.push(serde_json::from_slice(v.value()).map_err(|source| {
-                InventoryError::Corrupt {
-                    key: format!("event {}", k.value()),
-                    source,
-                }
-            })?);
-        }
-        Ok(out)
+        self.after(EVENTS, after, usize::MAX, "event")
     }
 
     /// Folds a monitor report into the host and its VMs, in one transaction. Reports older
@@ -334,12 +290,7 @@ impl Inventory {
             let mut hosts = tx.open_table(HOSTS).map_err(store)?;
             let existing: Option<HostRecord> =
                 match hosts.get(report.host.as_str()).map_err(store)? {
-                    Some(v) => Some(serde_json::from_slice(v.value()).map_err(|source| {
-                        InventoryError::Corrupt {
-                            key: report.host.clone(),
-                            source,
-                        }
-                    })?),
+                    Some(v) => Some(decode(v.value(), &report.host)?),
                     None => None,
                 };
             let mut host = match existing {
@@ -367,10 +318,7 @@ impl Inventory {
                 host.memory_kib = report.usage.mem_total_kib;
             }
             host.usage = Some(report.usage.clone());
-            let bytes = serde_json::to_vec(&host).map_err(|source| InventoryError::Encode {
-                key: host.name.clone(),
-                source,
-            })?;
+            let bytes = encode(&host, &host.name)?;
             hosts
                 .insert(report.host.as_str(), bytes.as_slice())
                 .map_err(store)?;
@@ -394,11 +342,7 @@ impl Inventory {
                     },
                 )?;
             }
-            let probes =
-                serde_json::to_vec(&report.probes).map_err(|source| InventoryError::Encode {
-                    key: format!("probes of {}", report.host),
-                    source,
-                })?;
+            let probes = encode(&report.probes, format_args!("probes of {}", report.host))?;
             tx.open_table(PROBES)
                 .map_err(store)?
                 .insert(report.host.as_str(), probes.as_slice())
@@ -435,10 +379,7 @@ impl Inventory {
                 vm.cpu_busy = usage.cpu_busy;
                 vm.macs = usage.nics.iter().map(|n| n.mac.clone()).collect();
                 vm.updated_ms = now_ms;
-                let bytes = serde_json::to_vec(&vm).map_err(|source| InventoryError::Encode {
-                    key: vm.name.clone(),
-                    source,
-                })?;
+                let bytes = encode(&vm, &vm.name)?;
                 vms.insert(usage.name.as_str(), bytes.as_slice())
                     .map_err(store)?;
             }
@@ -483,24 +424,12 @@ impl Inventory {
 
     /// Appends a decision (its `seq` is assigned here); returns its sequence number.
     pub fn record_decision(&self, decision: &DecisionRecord) -> Result<u64, InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        let seq = {
-            let mut t = tx.open_table(DECISIONS).map_err(store)?;
-            let seq = t.last().map_err(store)?.map_or(1, |(k, _)| k.value() + 1);
-            let mut d = decision.clone();
-            d.seq = seq;
-            let bytes = serde_json::to_vec(&d).map_err(|source| InventoryError::Encode {
-                key: format!("decision {seq}"),
-                source,
-            })?;
-            t.insert(seq, bytes.as_slice()).map_err(store)?;
-            if seq > DECISIONS_KEPT {
-                t.retain_in(..=seq - DECISIONS_KEPT, |_, _| false)
-                    .map_err(store)?;
+        let (seq, _) = self.append(DECISIONS, DECISIONS_KEPT, "decision", |seq| {
+            DecisionRecord {
+                seq,
+                ..decision.clone()
             }
-            seq
-        };
-        tx.commit().map_err(store)?;
+        })?;
         Ok(seq)
     }
 
@@ -518,19 +447,12 @@ impl Inventory {
             let Some(bytes) = existing else {
                 return Ok(());
             };
-            let mut d: DecisionRecord =
-                serde_json::from_slice(&bytes).map_err(|source| InventoryError::Corrupt {
-                    key: format!("decision {seq}"),
-                    source,
-                })?;
+            let mut d: DecisionRecord = decode(&bytes, format_args!("decision {seq}"))?;
             let Some(action) = d.actions.get_mut(index) else {
                 return Ok(());
             };
             action.outcome = outcome;
-            let bytes = serde_json::to_vec(&d).map_err(|source| InventoryError::Encode {
-                key: format!("decision {seq}"),
-                source,
-            })?;
+            let bytes = encode(&d, format_args!("decision {seq}"))?;
             t.insert(seq, bytes.as_slice()).map_err(store)?;
         }
         tx.commit().map_err(store)
@@ -542,23 +464,7 @@ impl Inventory {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DecisionRecord>, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(DECISIONS).map_err(store)?;
-        let mut out = Vec::new();
-        for item in t
-            .range(after.saturating_add(1)..)
-            .map_err(store)?
-            .take(limit)
-        {
-            let (k, v) = item.map_err(store)?;
-            out.push(serde_json::from_slice(v.value()).map_err(|source| {
-                InventoryError::Corrupt {
-                    key: format!("decision {}", k.value()),
-                    source,
-                }
-            })?);
-        }
-        Ok(out)
+        self.after(DECISIONS, after, limit, "decision")
     }
 }
 
@@ -644,11 +550,7 @@ impl Inventory {
             for (vm, list) in &write.placements {
                 match list {
                     Some(list) => {
-                        let bytes =
-                            serde_json::to_vec(list).map_err(|source| InventoryError::Encode {
-                                key: format!("placements of {vm}"),
-                                source,
-                            })?;
+                        let bytes = encode(list, format_args!("placements of {vm}"))?;
                         placements
                             .insert(vm.as_str(), bytes.as_slice())
                             .map_err(store)?;
@@ -682,10 +584,7 @@ impl Inventory {
         for item in t.iter().map_err(store)? {
             let (k, v) = item.map_err(store)?;
             let list: Vec<Placement> =
-                serde_json::from_slice(v.value()).map_err(|source| InventoryError::Corrupt {
-                    key: format!("placements of {}", k.value()),
-                    source,
-                })?;
+                decode(v.value(), format_args!("placements of {}", k.value()))?;
             placements.extend(list);
         }
         Ok(History::restore(fine, minutes, placements))
@@ -709,19 +608,84 @@ impl Inventory {
     ) -> Result<Vec<T>, InventoryError> {
         let tx = self.db.begin_read().map_err(store)?;
         let t = tx.open_table(table).map_err(store)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(store)?.rev().take(limit) {
-            let (k, v) = item.map_err(store)?;
-            out.push(serde_json::from_slice(v.value()).map_err(|source| {
-                InventoryError::Corrupt {
-                    key: format!("{what} {}", k.value()),
-                    source,
-                }
-            })?);
-        }
+        let mut out: Vec<T> = decode_log(t.iter().map_err(store)?.rev().take(limit), what)?;
         out.reverse();
         Ok(out)
     }
+
+    /// Of a log table, the entries with a sequence number above `after`, oldest first, at
+    /// most `limit`.
+    fn after<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        after: u64,
+        limit: usize,
+        what: &str,
+    ) -> Result<Vec<T>, InventoryError> {
+        let tx = self.db.begin_read().map_err(store)?;
+        let t = tx.open_table(table).map_err(store)?;
+        let entries = t.range(after.saturating_add(1)..).map_err(store)?;
+        decode_log(entries.take(limit), what)
+    }
+
+    /// Appends `entry(seq)` to a log table under the next sequence number, keeping the last
+    /// `kept` entries; returns the number and the entry.
+    fn append<T: Serialize>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        kept: u64,
+        what: &str,
+        entry: impl FnOnce(u64) -> T,
+    ) -> Result<(u64, T), InventoryError> {
+        let tx = self.db.begin_write().map_err(store)?;
+        let appended = {
+            let mut t = tx.open_table(table).map_err(store)?;
+            let seq = t.last().map_err(store)?.map_or(1, |(k, _)| k.value() + 1);
+            let entry = entry(seq);
+            let bytes = encode(&entry, format_args!("{what} {seq}"))?;
+            t.insert(seq, bytes.as_slice()).map_err(store)?;
+            if seq > kept {
+                t.retain_in(..=seq - kept, |_, _| false).map_err(store)?;
+            }
+            (seq, entry)
+        };
+        tx.commit().map_err(store)?;
+        Ok(appended)
+    }
+}
+
+/// A record as stored (JSON); `key` names it in the error.
+fn encode<T: Serialize>(value: &T, key: impl std::fmt::Display) -> Result<Vec<u8>, InventoryError> {
+    serde_json::to_vec(value).map_err(|source| InventoryError::Encode {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Entries of a log table (events, decisions) read back; `what` names them in errors.
+fn decode_log<'a, T: DeserializeOwned>(
+    entries: impl Iterator<
+        Item = Result<(AccessGuard<'a, u64>, AccessGuard<'a, &'static [u8]>), redb::StorageError>,
+    >,
+    what: &str,
+) -> Result<Vec<T>, InventoryError> {
+    entries
+        .map(|entry| {
+            let (k, v) = entry.map_err(store)?;
+            decode(v.value(), format_args!("{what} {}", k.value()))
+        })
+        .collect()
+}
+
+/// A stored record read back; `key` names it in the error.
+fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    key: impl std::fmt::Display,
+) -> Result<T, InventoryError> {
+    serde_json::from_slice(bytes).map_err(|source| InventoryError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -147,26 +147,34 @@ pub fn next_violin_id(used: &BTreeSet<u32>) -> Result<u32, AllocError> {
 }
 
 pub fn check_violin_name(name: &str) -> Result<(), AllocError> {
-    let ok = (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(AllocError::BadViolinName(name.to_owned()))
-    }
+    check_name(
+        name,
+        32,
+        |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-',
+        AllocError::BadViolinName,
+    )
 }
 
 pub fn check_vm_name(name: &str) -> Result<(), AllocError> {
-    let ok = (1..=48).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
+    check_name(
+        name,
+        48,
+        |b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-',
+        AllocError::BadVmName,
+    )
+}
+
+/// `name` is 1 to `max` bytes, each of them `allowed`; else `bad(name)`.
+fn check_name(
+    name: &str,
+    max: usize,
+    allowed: fn(u8) -> bool,
+    bad: fn(String) -> AllocError,
+) -> Result<(), AllocError> {
+    if (1..=max).contains(&name.len()) && name.bytes().all(allowed) {
         Ok(())
     } else {
-        Err(AllocError::BadVmName(name.to_owned()))
+        Err(bad(name.to_owned()))
     }
 }
 

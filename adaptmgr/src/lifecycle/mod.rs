@@ -34,6 +34,7 @@ use viola_api::overlay::{
     ManagedVmSpec, ViolinSpec,
 };
 use viola_depot::api::{StageRequest, StageState, StageStatus};
+use viola_depot::client::ClientError;
 use viola_hypervisor::domain::{Boot, DomainSpec, PortFilter};
 use viola_hypervisor::{Host, HypervisorError};
 
@@ -205,7 +206,7 @@ pub enum VmError {
     Depot {
         site: String,
         #[source]
-        source: Box<viola_depot::client::ClientError>,
+        source: Box<ClientError>,
     },
     #[error("the overlay daemon of {host}: {reason}")]
     Overlay { host: String, reason: String },
@@ -240,6 +241,14 @@ impl VmError {
         move |source| Self::Hypervisor {
             vm: vm.to_owned(),
             host: host.to_owned(),
+            source: Box::new(source),
+        }
+    }
+
+    /// For `map_err`: what the depot of `site` said (or that it could not be reached).
+    fn depot(site: &str) -> impl Fn(ClientError) -> Self + '_ {
+        move |source| Self::Depot {
+            site: site.to_owned(),
             source: Box::new(source),
         }
     }
@@ -1004,14 +1013,11 @@ impl Manager {
                 let addr = self
                     .depot_addr(&site)
                     .ok_or_else(|| VmError::NoDepot(site.clone()))?;
-                let session =
-                    self.depot_link
-                        .connect(addr)
-                        .await
-                        .map_err(|source| VmError::Depot {
-                            site: site.clone(),
-                            source: Box::new(source),
-                        })?;
+                let session = self
+                    .depot_link
+                    .connect(addr)
+                    .await
+                    .map_err(VmError::depot(&site))?;
                 sessions.insert(site.clone(), session);
             }
             let status = sessions[&site]
@@ -1024,10 +1030,7 @@ impl Manager {
                     chain_only: false,
                 })
                 .await
-                .map_err(|source| VmError::Depot {
-                    site: site.clone(),
-                    source: Box::new(source),
-                })?;
+                .map_err(VmError::depot(&site))?;
             vm.stage_id = Some(status.stage_id.clone());
             // Journaled: a manager restarted from here on waits for this staging to end
             // before it removes the disk.
@@ -1393,10 +1396,7 @@ async fn stage_status(
     sessions[site]
         .status(stage_id)
         .await
-        .map_err(|source| VmError::Depot {
-            site: site.clone(),
-            source: Box::new(source),
-        })
+        .map_err(VmError::depot(site))
 }
 
 /// Waits (at most 2 minutes) until every staging that was started has ended, one way or the

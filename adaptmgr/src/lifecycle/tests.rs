@@ -17,7 +17,7 @@ use super::{ViolinError, VmError};
 use crate::announce::{OverlayLink, OverlayLinkError};
 use crate::inventory::Inventory;
 use crate::manager::{DepotSiteConfig, Manager, ManagerConfig, now_ms};
-use crate::migration::depot_stage::{DepotLink, DepotSession, UploadBody, UploadProgress};
+use crate::migration::depot_stage::{DepotLink, DepotSession, Upload};
 use crate::tenants::{Caller, TenantConfig};
 use tokio::io::AsyncReadExt as _;
 use viola_depot::api::{ImageEntry, UploadReport};
@@ -132,14 +132,14 @@ impl DepotSession for Arc<Depot> {
         Box::pin(async move { Ok(images) })
     }
 
-    fn upload<'a>(
-        &'a self,
-        name: &'a str,
-        size: u64,
-        replace: bool,
-        body: UploadBody<'a>,
-        progress: UploadProgress<'a>,
-    ) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+    fn upload<'a>(&'a self, up: Upload<'a>) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+        let Upload {
+            name,
+            size,
+            replace,
+            body,
+            progress,
+        } = up;
         Box::pin(async move {
             if !replace && self.images.lock().unwrap().iter().any(|e| e.name == name) {
                 return Err(ClientError::Refused(format!("image {name} exists")));

@@ -83,9 +83,16 @@ pub fn is_depot_part(path: &str) -> bool {
         && matches!(ext, "qcow2" | "raw")
 }
 
-/// The bytes of an image being uploaded, and who hears how many were sent.
-pub type UploadBody<'a> = &'a mut (dyn tokio::io::AsyncRead + Unpin + Send);
-pub type UploadProgress<'a> = &'a mut (dyn FnMut(u64) + Send);
+/// An image upload: `size` bytes of `body` as image `name` (see `DepotClient::upload`).
+pub struct Upload<'a> {
+    pub name: &'a str,
+    pub size: u64,
+    /// Replace an image of that name (else the depot refuses the upload).
+    pub replace: bool,
+    pub body: &'a mut (dyn tokio::io::AsyncRead + Unpin + Send),
+    /// Hears how many bytes were sent.
+    pub progress: &'a mut (dyn FnMut(u64) + Send),
+}
 
 /// One request/answer exchange with a depot (a QUIC connection in production, a fake in tests).
 pub trait DepotSession: Send + Sync {
@@ -93,15 +100,7 @@ pub trait DepotSession: Send + Sync {
     fn status<'a>(&'a self, stage_id: &'a str) -> BoxFuture<'a, Result<StageStatus, ClientError>>;
     /// The depot's named images.
     fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>>;
-    /// Uploads `size` bytes of `body` as image `name` (see `DepotClient::upload`).
-    fn upload<'a>(
-        &'a self,
-        name: &'a str,
-        size: u64,
-        replace: bool,
-        body: UploadBody<'a>,
-        progress: UploadProgress<'a>,
-    ) -> BoxFuture<'a, Result<UploadReport, ClientError>>;
+    fn upload<'a>(&'a self, up: Upload<'a>) -> BoxFuture<'a, Result<UploadReport, ClientError>>;
 }
 
 /// How the stager reaches a depot.
@@ -142,15 +141,11 @@ impl DepotSession for QuicSession {
     fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>> {
         Box::pin(self.0.images())
     }
-    fn upload<'a>(
-        &'a self,
-        name: &'a str,
-        size: u64,
-        replace: bool,
-        body: UploadBody<'a>,
-        progress: UploadProgress<'a>,
-    ) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
-        Box::pin(self.0.upload(name, size, replace, body, progress))
+    fn upload<'a>(&'a self, up: Upload<'a>) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+        Box::pin(
+            self.0
+                .upload(up.name, up.size, up.replace, up.body, up.progress),
+        )
     }
 }
 
@@ -489,14 +484,7 @@ mod tests {
         fn images(&self) -> BoxFuture<'_, Result<Vec<ImageEntry>, ClientError>> {
             Box::pin(async { Err(ClientError::Refused("a staging-only fake".into())) })
         }
-        fn upload<'a>(
-            &'a self,
-            _name: &'a str,
-            _size: u64,
-            _replace: bool,
-            _body: UploadBody<'a>,
-            _progress: UploadProgress<'a>,
-        ) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
+        fn upload<'a>(&'a self, _: Upload<'a>) -> BoxFuture<'a, Result<UploadReport, ClientError>> {
             Box::pin(async { Err(ClientError::Refused("a staging-only fake".into())) })
         }
     }

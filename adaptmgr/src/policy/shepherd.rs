@@ -270,41 +270,24 @@ pub fn parse(body: &[u8]) -> Result<Request, Refusal> {
     let req: Request =
         serde_json::from_slice(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
     let bad = |x: &Option<f64>| x.is_some_and(|v| !v.is_finite() || v <= 0.0);
-    match &req {
+    let (ok, needs) = match &req {
         Request::Resize {
-            vm,
-            cpu_mips,
-            ram_mb,
-        } => {
-            if vm.is_empty()
-                || vm.len() > 255
-                || bad(cpu_mips)
-                || bad(ram_mb)
-                || (cpu_mips.is_none() && ram_mb.is_none())
-            {
-                return Err(Refusal::Malformed(
-                    "resize needs a VM name and positive finite sizes".into(),
-                ));
-            }
+            cpu_mips, ram_mb, ..
+        } => (
+            !bad(cpu_mips) && !bad(ram_mb) && (cpu_mips.is_some() || ram_mb.is_some()),
+            "resize needs a VM name and positive finite sizes",
+        ),
+        Request::Progress { done, total, .. } => (
+            total.is_finite() && *total > 0.0 && done.is_finite() && (0.0..=*total).contains(done),
+            "progress needs a VM name and 0 <= done <= total, total > 0",
+        ),
+        Request::Migrate { to_site, .. } => {
+            (to_site.as_ref().is_none_or(|s| s.len() <= 255), "bad names")
         }
-        Request::Progress { vm, done, total } => {
-            let ok = !vm.is_empty()
-                && vm.len() <= 255
-                && total.is_finite()
-                && *total > 0.0
-                && done.is_finite()
-                && (0.0..=*total).contains(done);
-            if !ok {
-                return Err(Refusal::Malformed(
-                    "progress needs a VM name and 0 <= done <= total, total > 0".into(),
-                ));
-            }
-        }
-        Request::Migrate { vm, to_site } => {
-            if vm.is_empty() || vm.len() > 255 || to_site.as_ref().is_some_and(|s| s.len() > 255) {
-                return Err(Refusal::Malformed("bad names".into()));
-            }
-        }
+    };
+    let vm = req.vm();
+    if vm.is_empty() || vm.len() > 255 || !ok {
+        return Err(Refusal::Malformed(needs.into()));
     }
     Ok(req)
 }

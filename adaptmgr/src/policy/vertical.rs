@@ -341,42 +341,44 @@ mod tests {
         })
     }
 
+    /// The cap `p` sets, deciding on [`state`] of these figures.
+    fn cap_after(
+        p: &mut Vertical,
+        time_s: f64,
+        cap: Option<f64>,
+        use_now: f64,
+        history: &[f64],
+    ) -> Option<f64> {
+        cap_set(&p.decide(&state(time_s, cap, use_now, history)))
+    }
+
     #[test]
     fn a_vm_at_its_cap_is_raised_then_lowered_back_once_quiet_after_the_cool_down() {
         let mut p = vertical();
         // Capped at 500 MIPS (a quarter of its 2000): half a period at the cap is not enough.
-        assert_eq!(
-            cap_set(&p.decide(&state(0.0, Some(500.0), 500.0, &[0.12]))),
-            None
-        );
+        assert_eq!(cap_after(&mut p, 0.0, Some(500.0), 500.0, &[0.12]), None);
         // A whole period at the cap: raised to 1000.
         let d = p.decide(&state(5.0, Some(500.0), 495.0, &[0.25, 0.12]));
         assert_eq!(cap_set(&d), Some(1000.0), "{d:?}");
         assert!(d.actions[0].reason.contains("at its cap"), "{d:?}");
         // Still at the new cap: raised again, at most to its vCPUs' worth.
         assert_eq!(
-            cap_set(&p.decide(&state(10.0, Some(1000.0), 1000.0, &[0.5, 0.25]))),
+            cap_after(&mut p, 10.0, Some(1000.0), 1000.0, &[0.5, 0.25]),
             Some(2000.0)
         );
         assert_eq!(
-            cap_set(&p.decide(&state(15.0, Some(2000.0), 2000.0, &[1.0, 0.5]))),
+            cap_after(&mut p, 15.0, Some(2000.0), 2000.0, &[1.0, 0.5]),
             None
         );
         // The burn stops: quiet, but within the cool-down after the last raise.
         let quiet = [0.01, 0.01, 0.01];
-        assert_eq!(
-            cap_set(&p.decide(&state(20.0, Some(2000.0), 10.0, &quiet))),
-            None
-        );
+        assert_eq!(cap_after(&mut p, 20.0, Some(2000.0), 10.0, &quiet), None);
         // After it: back to the cap it had before the first raise.
         let d = p.decide(&state(31.0, Some(2000.0), 10.0, &quiet));
         assert_eq!(cap_set(&d), Some(500.0), "{d:?}");
         assert!(d.actions[0].reason.contains("lowered"), "{d:?}");
         // And left alone from then on.
-        assert_eq!(
-            cap_set(&p.decide(&state(60.0, Some(500.0), 10.0, &quiet))),
-            None
-        );
+        assert_eq!(cap_after(&mut p, 60.0, Some(500.0), 10.0, &quiet), None);
     }
 
     #[test]
@@ -384,12 +386,9 @@ mod tests {
         let mut p = vertical();
         // Uncapped at 2000 MIPS, busy; the user then caps it at 500 mid-period. The last
         // period's use (measured before the cap) and the current sample exceed the new cap.
+        assert_eq!(cap_after(&mut p, 0.0, Some(2000.0), 1900.0, &[0.95]), None);
         assert_eq!(
-            cap_set(&p.decide(&state(0.0, Some(2000.0), 1900.0, &[0.95]))),
-            None
-        );
-        assert_eq!(
-            cap_set(&p.decide(&state(5.0, Some(500.0), 740.0, &[0.6, 0.95]))),
+            cap_after(&mut p, 5.0, Some(500.0), 740.0, &[0.6, 0.95]),
             None,
             "raised from use measured under the old cap"
         );
@@ -398,14 +397,14 @@ mod tests {
         assert_eq!(cap_set(&d), Some(1000.0), "{d:?}");
         // Its own raise needs no wait: still at the cap, raised again.
         assert_eq!(
-            cap_set(&p.decide(&state(15.0, Some(1000.0), 1000.0, &[0.5, 0.25]))),
+            cap_after(&mut p, 15.0, Some(1000.0), 1000.0, &[0.5, 0.25]),
             Some(2000.0)
         );
         // The user sets 1500 by hand; quiet long after the cool-down, the layer leaves it.
         let quiet = [0.01, 0.01, 0.01];
         for t in [20.0, 60.0, 100.0] {
             assert_eq!(
-                cap_set(&p.decide(&state(t, Some(1500.0), 10.0, &quiet))),
+                cap_after(&mut p, t, Some(1500.0), 10.0, &quiet),
                 None,
                 "at {t} s"
             );

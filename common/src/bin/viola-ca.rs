@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use viola_common::enrol;
@@ -52,27 +52,14 @@ enum Command {
     },
     /// Issue a certificate naming ROLE, SITE and HOST; writes cert.pem, key.pem, ca.pem to --out.
     Issue {
-        #[arg(long)]
-        ca_dir: PathBuf,
+        #[command(flatten)]
+        to: Issuing,
         /// adaptmgr, cli, depot, monitor, overlay or user (libvirt: use issue-libvirt; a user's
         /// certificate: issue-user).
         #[arg(long)]
         role: Role,
-        #[arg(long)]
-        site: String,
-        #[arg(long)]
-        host: String,
-        /// An address browsers reach the daemon at, written into the certificate (repeatable;
-        /// the manager's dashboard).
-        #[arg(long = "address")]
-        addresses: Vec<IpAddr>,
-        /// A DNS name browsers reach the daemon by (repeatable).
-        #[arg(long = "dns-name")]
-        dns_names: Vec<String>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
+        #[command(flatten)]
+        host: HostNames,
     },
     /// Issue a host's certificate for libvirtd and QEMU (TLS migrations), valid for server and
     /// client authentication, and write it below --out (a PKI directory such as /etc/pki) as
@@ -80,46 +67,29 @@ enum Command {
     /// qemu/{ca-cert,server-cert,server-key,client-cert,client-key}.pem; existing files are
     /// replaced.
     IssueLibvirt {
-        #[arg(long)]
-        ca_dir: PathBuf,
-        #[arg(long)]
-        site: String,
-        /// The host name (also a DNS name in the certificate).
-        #[arg(long)]
-        host: String,
-        /// An address other hosts' migration URIs name (repeatable).
-        #[arg(long = "address")]
-        addresses: Vec<IpAddr>,
-        /// A further DNS name other hosts' migration URIs name (repeatable).
-        #[arg(long = "dns-name")]
-        dns_names: Vec<String>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
+        #[command(flatten)]
+        to: Issuing,
+        #[command(flatten)]
+        host: HostNames,
     },
     /// Issue a tenant's user certificate (viola://user/TENANT/NAME) for the `viola` CLI: the
     /// manager lets it see and change only that tenant's violins and VMs, within the tenant's
     /// quotas (`[[tenants]]` in the manager's configuration). Writes cert.pem, key.pem, ca.pem.
     IssueUser {
-        #[arg(long)]
-        ca_dir: PathBuf,
+        #[command(flatten)]
+        to: Issuing,
         #[arg(long)]
         tenant: String,
         /// The user's name (a DNS label, like the tenant's).
         #[arg(long)]
         name: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
     },
     /// Make a new host's enrolment bundle (one file, mode 0600): certificates for its overlay
     /// and monitor (and depot with --depot-host), the manager's address and peers; install it
     /// on the host with `viola-ca install`.
     Enrol {
-        #[arg(long)]
-        ca_dir: PathBuf,
+        #[command(flatten)]
+        to: Issuing,
         #[arg(long)]
         site: String,
         #[arg(long)]
@@ -145,10 +115,6 @@ enum Command {
         /// A DNS name other hosts' migration URIs use for this host (repeatable).
         #[arg(long = "libvirt-dns-name")]
         libvirt_dns_names: Vec<String>,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 365)]
-        days: u32,
     },
     /// Install an enrolment bundle on its host: identities under --etc/ROLE/, and each
     /// daemon's configuration --etc/ROLE.toml unless it exists (--force: rewrite it).
@@ -203,13 +169,48 @@ enum Command {
     Show { cert: PathBuf },
 }
 
-/// Notes a certificate in the CA directory's register (`issued.tsv`), so that `revoke
-/// --identity` finds it.
-fn record(ca_dir: &std::path::Path, cert_pem: &str) -> anyhow::Result<()> {
-    revocation::Register::new(ca_dir)
-        .record_issued(cert_pem)
-        .context("recording the certificate in the CA's register")?;
-    Ok(())
+/// The CA that issues, and where and for how long the certificates go.
+#[derive(Args)]
+struct Issuing {
+    #[arg(long)]
+    ca_dir: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+}
+
+impl Issuing {
+    fn ca(&self) -> anyhow::Result<CertificateAuthority> {
+        Ok(CertificateAuthority::load(&self.ca_dir)?)
+    }
+
+    /// Notes a certificate in the CA directory's register (`issued.tsv`), so that `revoke
+    /// --identity` finds it.
+    fn record(&self, cert_pem: &str) -> anyhow::Result<()> {
+        revocation::Register::new(&self.ca_dir)
+            .record_issued(cert_pem)
+            .context("recording the certificate in the CA's register")?;
+        Ok(())
+    }
+}
+
+/// A host a certificate names, and the names it is reached by besides its host name.
+#[derive(Args)]
+struct HostNames {
+    #[arg(long)]
+    site: String,
+    /// The host name (also a DNS name in a libvirt certificate).
+    #[arg(long)]
+    host: String,
+    /// An address the host is reached at, written into the certificate (repeatable): for a
+    /// daemon, where browsers reach it (the manager's dashboard); for libvirt, what other
+    /// hosts' migration URIs name.
+    #[arg(long = "address")]
+    addresses: Vec<IpAddr>,
+    /// A DNS name the host is reached by, likewise (repeatable).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
 }
 
 fn parse_depot_peer(s: &str) -> Result<(String, SocketAddr), String> {
@@ -227,65 +228,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ca.save(&ca_dir)?;
             println!("created CA {name:?} in {}", ca_dir.display());
         }
-        Command::Issue {
-            ca_dir,
-            role,
-            site,
-            host,
-            addresses,
-            dns_names,
-            out,
-            days,
-        } => {
+        Command::Issue { to, role, host } => {
             if role == Role::Libvirt {
                 // Its certificate needs the host's addresses and libvirt's file layout.
                 anyhow::bail!("for libvirt certificates use `viola-ca issue-libvirt`");
             }
-            let ca = CertificateAuthority::load(&ca_dir)?;
-            let id = PeerIdentity::new(role, &site, &host)?;
-            let issued = ca.issue_with_names(&id, &addresses, &dns_names, days)?;
-            record(&ca_dir, &issued.cert_pem)?;
-            issued.save(&out)?;
-            println!("issued {id} -> {}", out.display());
+            let id = PeerIdentity::new(role, &host.site, &host.host)?;
+            let issued =
+                to.ca()?
+                    .issue_with_names(&id, &host.addresses, &host.dns_names, to.days)?;
+            to.record(&issued.cert_pem)?;
+            issued.save(&to.out)?;
+            println!("issued {id} -> {}", to.out.display());
         }
-        Command::IssueUser {
-            ca_dir,
-            tenant,
-            name,
-            out,
-            days,
-        } => {
-            let ca = CertificateAuthority::load(&ca_dir)?;
+        Command::IssueUser { to, tenant, name } => {
             let id = PeerIdentity::new(Role::User, &tenant, &name)
                 .context("tenant and user names are DNS labels")?;
-            let issued = ca.issue(&id, days)?;
-            record(&ca_dir, &issued.cert_pem)?;
-            issued.save(&out)?;
-            println!("issued {id} (tenant {tenant}) -> {}", out.display());
+            let issued = to.ca()?.issue(&id, to.days)?;
+            to.record(&issued.cert_pem)?;
+            issued.save(&to.out)?;
+            println!("issued {id} (tenant {tenant}) -> {}", to.out.display());
         }
-        Command::IssueLibvirt {
-            ca_dir,
-            site,
-            host,
-            addresses,
-            dns_names,
-            out,
-            days,
-        } => {
-            let ca = CertificateAuthority::load(&ca_dir)?;
+        Command::IssueLibvirt { to, host } => {
             let host = LibvirtHost {
-                site,
-                host,
-                addresses,
-                dns_names,
+                site: host.site,
+                host: host.host,
+                addresses: host.addresses,
+                dns_names: host.dns_names,
             };
-            let issued = ca.issue_libvirt(&host, days)?;
-            record(&ca_dir, &issued.cert_pem)?;
-            libvirt::write_layout(&issued, &out)?;
-            println!("issued {} -> {}", issued.identity, out.display());
+            let issued = to.ca()?.issue_libvirt(&host, to.days)?;
+            to.record(&issued.cert_pem)?;
+            libvirt::write_layout(&issued, &to.out)?;
+            println!("issued {} -> {}", issued.identity, to.out.display());
         }
         Command::Enrol {
-            ca_dir,
+            to,
             site,
             host,
             manager,
@@ -295,13 +272,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             depot_peers,
             libvirt_addresses,
             libvirt_dns_names,
-            out,
-            days,
         } => {
             if depot_hosts.is_empty() && !depot_peers.is_empty() {
                 anyhow::bail!("--depot-peer needs --depot-host (the hosts the depot stages for)");
             }
-            let ca = CertificateAuthority::load(&ca_dir)?;
+            let ca = to.ca()?;
             let plan = enrol::HostPlan {
                 site,
                 host,
@@ -318,17 +293,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         dns_names: libvirt_dns_names,
                     }),
             };
-            let crl_path = ca_dir.join(revocation::CRL_FILE);
+            let crl_path = to.ca_dir.join(revocation::CRL_FILE);
             let crl = match std::fs::read_to_string(&crl_path) {
                 Ok(text) => Some(text),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e).context(crl_path.display().to_string()),
             };
-            let bundle = enrol::make_bundle(&ca, &plan, crl, days)?;
+            let bundle = enrol::make_bundle(&ca, &plan, crl, to.days)?;
             for id in bundle.identities.values().chain(&bundle.libvirt) {
-                record(&ca_dir, &id.cert_pem)?;
+                to.record(&id.cert_pem)?;
             }
-            bundle.save(&out)?;
+            bundle.save(&to.out)?;
             println!(
                 "enrolment bundle for {}/{} ({}) -> {}; on the host: viola-ca install --bundle FILE",
                 plan.site,
@@ -340,7 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .chain(bundle.libvirt.as_ref().map(|_| "libvirt".to_owned()))
                     .collect::<Vec<_>>()
                     .join(", "),
-                out.display()
+                to.out.display()
             );
         }
         Command::Install {

@@ -13,11 +13,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateRevocationListDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -287,6 +288,33 @@ impl LiveIdentity {
     }
 }
 
+/// What handshake signatures are checked with: the provider's algorithms, whatever the CA and
+/// CRL in use.
+static SIGNATURE_ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> =
+    LazyLock::new(|| provider().signature_verification_algorithms);
+
+/// The handshake signature checks of a verifier, alike for clients and servers (what the
+/// WebPKI verifiers of the material would do): `verify_tls12_signature` and
+/// `verify_tls13_signature` call the `rustls::crypto` functions of the same name.
+macro_rules! signature_checks {
+    ($($check:ident),+) => {
+        $(
+            fn $check(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                rustls::crypto::$check(message, cert, dss, &SIGNATURE_ALGORITHMS)
+            }
+        )+
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            SIGNATURE_ALGORITHMS.supported_schemes()
+        }
+    };
+}
+
 /// Presents the current certificate (server and client side).
 #[derive(Debug)]
 pub(super) struct CurrentCert(pub Arc<LiveIdentity>);
@@ -336,33 +364,7 @@ impl ClientCertVerifier for CurrentClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.live
-            .get()
-            .client_verifier
-            .verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.live
-            .get()
-            .client_verifier
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.live.get().client_verifier.supported_verify_schemes()
-    }
+    signature_checks!(verify_tls12_signature, verify_tls13_signature);
 }
 
 /// Verifies servers with the current CA and CRL.
@@ -387,31 +389,5 @@ impl ServerCertVerifier for CurrentServerVerifier {
         )
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .get()
-            .server_verifier
-            .verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .get()
-            .server_verifier
-            .verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.get().server_verifier.supported_verify_schemes()
-    }
+    signature_checks!(verify_tls12_signature, verify_tls13_signature);
 }
