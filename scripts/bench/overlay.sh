@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # overlay.sh — Viola's overlay against a plain veth, kernel VXLAN, tinc (switch mode), OpenVPN
-# (tap) and wireguard-go (L3, for reference), on one topology and in one run.
+# (tap), wireguard-go and boringtun (both L3 WireGuard, for reference), on one topology and in
+# one run.
 #
 #   vo-bv-a (10.77.0.11) --veth-- [vo-bh-a: br0 + tunnel] ==veth underlay== [vo-bh-b: br0 + tunnel] --veth-- vo-bv-b (10.77.0.12)
 #                                   198.18.99.1/24  <---- ul0, MTU 1500 ---->  198.18.99.2/24
@@ -18,9 +19,17 @@
 # so that every kind is measured in the same minutes; then the same again while the script holds
 # a machine-wide PM QoS request of 0 µs, so that idle CPUs poll instead of halting ("rtt*",
 # <kind>.rtt_lowlat_ms).
+# WAN: then every kind once more over a WAN between the two hosts (--wan-delay-ms one way,
+# default 10, and --wan-rate-mbit, default 200, as the lab's WAN): the underlay veth is cut in
+# two by a namespace vo-bw where viola-wanem (the lab's delay line: this kernel has no netem)
+# delays every frame and a tbf qdisc sets the rate, each way. iperf3 1 stream for --time s
+# through each tunnel, and once between the hosts themselves without a tunnel:
+# <kind>.wan_over_underlay is the tunnel's goodput over that (--no-wan skips it).
 # VM MTU is 1400 everywhere (a full VM frame plus Viola's 4-byte header fits one 1434-byte QUIC datagram).
 #
-# Usage: overlay.sh [--json FILE] [--time S] [--tcp-rounds R] [--pings N] [--rtt-rounds R] [--kinds "viola veth vxlan tinc openvpn wireguard_go"]
+# Usage: overlay.sh [--json FILE] [--time S] [--tcp-rounds R] [--pings N] [--rtt-rounds R]
+#                   [--kinds "veth vxlan viola tinc openvpn wireguard_go boringtun"]
+#                   [--no-wan | --wan-delay-ms D --wan-rate-mbit R]
 #                   [--hops N] [--wait-quiet PCT [--quiet-max S]] [--no-install] [--keep]
 #   --hops N          after the RTT rounds, N more pings through viola, tinc and openvpn with
 #                     tcpdump in both host namespaces: median µs per hop (<kind>.hop_*_us; the
@@ -31,16 +40,24 @@
 #                     seen right before it was measured, the most over its rounds, as
 #                     <kind>.background_busy_pct).
 # Extra daemon options for the viola kind in VIOLA_OVERLAY_ARGS, extra top-level TOML lines of its
-# configuration in VIOLA_OVERLAY_TOML (e.g. 'quic_congestion = "cubic"').
-# Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools with apt if missing,
-# builds viola-overlay (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
+# configuration in VIOLA_OVERLAY_TOML (e.g. 'quic_congestion = "cubic"'); VIOLA_OVERLAY_BIN runs
+# another viola-overlay binary, built already (to compare two builds in turns; VIOLA_CA_BIN for
+# viola-ca, default the checkout's release build). With perf, the viola daemons' epoll_wait
+# calls that returned events are counted during the one-stream run
+# (viola.epoll_events_per_mb: how often the kernel had news for them, per MB of TCP payload)
+# and the plain RTT rounds (viola.epoll_events_per_ping, both daemons, keepalives included);
+# calls that returned nothing (busy polling, timers) are not counted.
+# Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools, ethtool with apt if
+# missing, boringtun-cli 0.7.1 with cargo into /var/cache/viola/bench-tools (its default 4
+# threads), builds viola-overlay and viola-wanem (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
 # <kind>.tcp4_gbps, <kind>.rtt_ms, <kind>.cpu_s_per_gb (+ <kind>.rtt_lowlat_ms,
-# <kind>.tunnel_cpu_s_per_gb, ratios and differences).
+# <kind>.tunnel_cpu_s_per_gb, <kind>.wan_mbps, <kind>.wan_over_underlay, ratios and
+# differences).
 set -Eeuo pipefail
 export LC_ALL=C
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
-ALL_KINDS="veth vxlan viola tinc openvpn wireguard_go"
+ALL_KINDS="veth vxlan viola tinc openvpn wireguard_go boringtun"
 KINDS=$ALL_KINDS
 TIME=10
 PINGS=300
@@ -52,6 +69,9 @@ INSTALL=1
 KEEP=0
 QUIET_PCT=0
 QUIET_MAX=300
+WAN=1
+WAN_DELAY_MS=10
+WAN_RATE_MBIT=200
 while (($#)); do
   case $1 in
     --json) JSON_OUT=$2; shift 2 ;;
@@ -65,7 +85,10 @@ while (($#)); do
     --keep) KEEP=1; shift ;;
     --wait-quiet) QUIET_PCT=$2; shift 2 ;;
     --quiet-max) QUIET_MAX=$2; shift 2 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    --no-wan) WAN=0; shift ;;
+    --wan-delay-ms) WAN_DELAY_MS=$2; shift 2 ;;
+    --wan-rate-mbit) WAN_RATE_MBIT=$2; shift 2 ;;
+    -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -75,6 +98,7 @@ done
 [[ $TCP_ROUNDS =~ ^[1-9]$ ]] || { echo "--tcp-rounds must be 1..9" >&2; exit 2; }
 [[ $HOPS =~ ^[0-9]{1,4}$ ]] || { echo "--hops must be 0..9999" >&2; exit 2; }
 [[ $QUIET_PCT =~ ^[0-9]{1,3}$ && $QUIET_MAX =~ ^[0-9]{1,4}$ ]] || { echo "bad --wait-quiet/--quiet-max" >&2; exit 2; }
+[[ $WAN_DELAY_MS =~ ^[0-9]{1,3}$ && $WAN_RATE_MBIT =~ ^[1-9][0-9]{0,4}$ ]] || { echo "--wan-delay-ms 0..999, --wan-rate-mbit 1..99999" >&2; exit 2; }
 for k in $KINDS; do [[ " $ALL_KINDS " == *" $k "* ]] || { echo "unknown kind $k" >&2; exit 2; }; done
 [[ $(id -u) == 0 ]] || { echo "must run as root" >&2; exit 2; }
 
@@ -92,7 +116,7 @@ nsx() { ip netns exec "$@"; }
 
 # ----------------------------------------------------------------- install and build
 if ((INSTALL)); then
-  declare -A PKG=([iperf3]=iperf3 [tincd]=tinc [openvpn]=openvpn [wireguard-go]=wireguard-go [wg]=wireguard-tools [jq]=jq [openssl]=openssl)
+  declare -A PKG=([iperf3]=iperf3 [tincd]=tinc [openvpn]=openvpn [wireguard-go]=wireguard-go [wg]=wireguard-tools [jq]=jq [openssl]=openssl [ethtool]=ethtool)
   ((HOPS)) && PKG+=([tcpdump]=tcpdump [python3]=python3)
   missing=()
   for c in "${!PKG[@]}"; do command -v "$c" >/dev/null || missing+=("${PKG[$c]}"); done
@@ -104,17 +128,32 @@ if ((INSTALL)); then
       log "warning: apt-get install failed (see /tmp/vo-bench-apt.log)"
   fi
 fi
+BENCH_TOOLS=/var/cache/viola/bench-tools
+export PATH=$BENCH_TOOLS/bin:$PATH
+if ((INSTALL)) && [[ " $KINDS " == *" boringtun "* ]] && ! command -v boringtun-cli >/dev/null; then
+  log "installing boringtun-cli 0.7.1 (cargo install, about a minute)"
+  cargo install -q --locked boringtun-cli --version 0.7.1 --root "$BENCH_TOOLS" >/tmp/vo-bench-cargo.log 2>&1 ||
+    die "cargo install boringtun-cli failed (see /tmp/vo-bench-cargo.log)"
+fi
 for c in iperf3 jq ip ping; do command -v "$c" >/dev/null || die "$c missing"; done
-if [[ " $KINDS " == *" viola "* ]]; then
+((WAN)) && { command -v ethtool >/dev/null || die "ethtool missing (for the WAN runs; or --no-wan)"; }
+if [[ " $KINDS " == *" viola "* && -z ${VIOLA_OVERLAY_BIN:-} ]]; then
   log "building viola-overlay (release)"
   (cd "$ROOT" && cargo build --release -q -p viola-overlay -p viola-common --bins) || die "cargo build failed"
 fi
-VIOLA=$ROOT/target/release/viola-overlay
-VIOLA_CA=$ROOT/target/release/viola-ca
+VIOLA=${VIOLA_OVERLAY_BIN:-$ROOT/target/release/viola-overlay}
+WANEM=$ROOT/target/release/viola-wanem
+if ((WAN)) && [[ ! -x $WANEM ]]; then
+  log "building viola-wanem (release)"
+  (cd "$ROOT" && cargo build --release -q -p viola-labtests --bin viola-wanem) || die "cargo build viola-wanem failed"
+fi
+[[ " $KINDS " != *" viola "* || -x $VIOLA ]] || die "VIOLA_OVERLAY_BIN=$VIOLA is not an executable"
+VIOLA_CA=${VIOLA_CA_BIN:-$ROOT/target/release/viola-ca}
 
 # ----------------------------------------------------------------- bookkeeping
 WORK=$(mktemp -d /tmp/vo-bench.XXXXXX)
 PIDS=() # daemons we started (for CPU and cleanup)
+VIOLA_PIDS=() # the viola daemons among them
 ns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF "$1"; }
 teardown() {
   local p ns i
@@ -126,7 +165,7 @@ teardown() {
     sleep 0.1
   done
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  PIDS=()
+  PIDS=() VIOLA_PIDS=()
   for ns in "${NSS[@]}"; do
     ns_exists "$ns" || continue
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
@@ -175,7 +214,7 @@ busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
 # One topology's namespaces and work directory; SUFFIX "" for the throughput runs (one kind at a
 # time), "-KIND" for the RTT runs (all kinds side by side).
 use_set() { # SUFFIX
-  HA=vo-bh-a$1 HB=vo-bh-b$1 VA=vo-bv-a$1 VB=vo-bv-b$1
+  HA=vo-bh-a$1 HB=vo-bh-b$1 VA=vo-bv-a$1 VB=vo-bv-b$1 W=vo-bw$1
   KW=$WORK/t$1
   mkdir -p "$KW"
 }
@@ -195,7 +234,27 @@ build_base() {
       nsx "$ns" sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 net.bridge.bridge-nf-call-arptables=0
     fi
   done
-  ip -n "$HA" link add ul0 mtu 1500 type veth peer name ul0 netns "$HB" mtu 1500
+  if ((WAN_MODE)); then
+    # The underlay cut in two: vo-bw delays every frame (viola-wanem) and limits the rate (tbf)
+    # on its way out of wa toward a and out of wb toward b.
+    NSS+=("$W")
+    ip netns add "$W"
+    ip -n "$W" link set lo up
+    nsx "$W" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    ip -n "$HA" link add ul0 mtu 1500 type veth peer name wa netns "$W" mtu 1500
+    ip -n "$HB" link add ul0 mtu 1500 type veth peer name wb netns "$W" mtu 1500
+    for ns in "$HA" "$HB"; do
+      # The delay line copies frames as they are: they must leave the hosts whole and checksummed.
+      nsx "$ns" ethtool -K ul0 tx off tso off gso off >/dev/null 2>&1 || die "ethtool -K ul0 in $ns"
+    done
+    for ns in wa wb; do
+      ip -n "$W" link set "$ns" up
+      tc -n "$W" qdisc add dev "$ns" root tbf rate "${WAN_RATE_MBIT}mbit" burst 64kb latency 40ms
+    done
+    start_bg "$W" "$KW/wanem.log" "$WANEM" "wa:wb:$WAN_DELAY_MS" "wb:wa:$WAN_DELAY_MS"
+  else
+    ip -n "$HA" link add ul0 mtu 1500 type veth peer name ul0 netns "$HB" mtu 1500
+  fi
   ip -n "$HA" addr add "$UL_A/24" dev ul0
   ip -n "$HB" addr add "$UL_B/24" dev ul0
   ip -n "$HA" link set ul0 up
@@ -246,6 +305,7 @@ id = 77
 bridge = "br0"
 EOF
     start_bg "$(hns "$side")" "$d/$side.log" env RUST_LOG=warn "$VIOLA" run --config "$d/$side.toml" ${VIOLA_OVERLAY_ARGS:-}
+    VIOLA_PIDS+=("${PIDS[-1]}")
   done
   wait_for 100 "viola TAPs" ip -n "$HB" link show br0t
 }
@@ -304,7 +364,9 @@ wg_in() { # SIDE CMD...
   shift
   ip netns exec "$(hns "$side")" unshare -m --propagation private sh -c 'mount --bind "$0" /run && exec "$@"' "$KW/wgrun$side" "$@"
 }
-setup_wireguard_go() {
+setup_wireguard_go() { setup_wireguard wireguard-go -f; }
+setup_boringtun() { setup_wireguard boringtun-cli -f --disable-drop-privileges; }
+setup_wireguard() { # DAEMON ARGS... (the interface name follows): a userspace WireGuard, L3
   local side ns other_vm other_ul br_ip peer
   for side in a b; do
     mkdir -p "$KW/wgrun$side"
@@ -313,13 +375,13 @@ setup_wireguard_go() {
   done
   for side in a b; do
     ip netns exec "$(hns "$side")" unshare -m --propagation private \
-      sh -c 'mount --bind "$0" /run && exec wireguard-go -f "$1"' "$KW/wgrun$side" "vowg$side" >"$KW/wg-$side.log" 2>&1 </dev/null &
+      sh -c 'mount --bind "$0" /run && exec "$@"' "$KW/wgrun$side" "$@" "vowg$side" >"$KW/wg-$side.log" 2>&1 </dev/null &
     PIDS+=($!)
   done
   for side in a b; do
     ns=$(hns "$side")
     if [[ $side == a ]]; then other_vm=$VM_B other_ul=$UL_B br_ip=10.77.0.1; else other_vm=$VM_A other_ul=$UL_A br_ip=10.77.0.2; fi
-    wait_for 100 "wireguard-go socket $side" test -S "$KW/wgrun$side/wireguard/vowg$side.sock"
+    wait_for 100 "$1 socket $side" test -S "$KW/wgrun$side/wireguard/vowg$side.sock"
     [[ $side == a ]] && peer=$(cat "$KW/wg-b.pub") || peer=$(cat "$KW/wg-a.pub")
     wg_in "$side" wg set "vowg$side" private-key "$KW/wg-$side.key" listen-port 51820 \
       peer "$peer" endpoint "$other_ul:51820" allowed-ips "$other_vm/32"
@@ -364,8 +426,9 @@ wait_connected() { # KIND: the tunnel of the current topology carries a ping wit
 }
 
 declare -A R
+WAN_MODE=0
 # per kind, over the throughput rounds: Gb/s of each round, busy and tunnel ticks, bytes
-declare -A TS1 TS4 BUSY_TICKS TUNNEL_TICKS BYTES BG_MAX
+declare -A TS1 TS4 BUSY_TICKS TUNNEL_TICKS BYTES BYTES1 BG_MAX EPOLL_WAITS
 measure() { # KIND: throughput and CPU, this kind alone on the machine
   local kind=$1
   SETTLE=1
@@ -393,7 +456,18 @@ measure() { # KIND: throughput and CPU, this kind alone on the machine
   t0=$( ((${#PIDS[@]})) && proc_ticks || echo 0)
   b0=$(busy_ticks)
   log "$kind: iperf3 1 stream, ${TIME}s"
+  local perf_pid=
+  if [[ $kind == viola ]] && command -v perf >/dev/null; then
+    timeout -s INT $((TIME + 60)) perf stat -x, -o "$WORK/epoll.csv" -e syscalls:sys_exit_epoll_wait --filter 'ret > 0' \
+      -p "$(IFS=,; echo "${VIOLA_PIDS[*]}")" 2>/dev/null &
+    perf_pid=$!
+  fi
   r1=$(iperf 1)
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    EPOLL_WAITS[$kind]=$(( ${EPOLL_WAITS[$kind]:-0} + $(awk -F, '$1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$WORK/epoll.csv" 2>/dev/null || echo 0) ))
+  fi
   sleep 1
   log "$kind: iperf3 4 streams, ${TIME}s"
   r4=$(iperf 4)
@@ -411,6 +485,7 @@ measure() { # KIND: throughput and CPU, this kind alone on the machine
   BUSY_TICKS[$k]=$(( ${BUSY_TICKS[$k]:-0} + b1 - b0 ))
   TUNNEL_TICKS[$k]=$(( ${TUNNEL_TICKS[$k]:-0} + t1 - t0 ))
   BYTES[$k]=$(awk -v a="${BYTES[$k]:-0}" -v g="$by1" -v h="$by4" 'BEGIN{printf "%.0f", a + g + h}')
+  BYTES1[$k]=$(awk -v a="${BYTES1[$k]:-0}" -v g="$by1" 'BEGIN{printf "%.0f", a + g}')
   ((${R[$k.background_busy_pct]} > ${BG_MAX[$k]:-0})) && BG_MAX[$k]=${R[$k.background_busy_pct]}
   log "$kind: tcp1 $g1 Gbit/s, tcp4 $g4 Gbit/s (other load before: ${R[$k.background_busy_pct]} %)"
   if [[ $kind == viola ]]; then
@@ -476,6 +551,12 @@ measure_rtt() {
       printf 0 >&"$qos"
     fi
     log "rtt ($cond): $RTT_ROUNDS rounds of $n pings at 10 ms per kind"
+    local perf_pid=
+    if [[ $cond == plain && ${#VIOLA_PIDS[@]} -gt 0 ]] && command -v perf >/dev/null; then
+      timeout -s INT $((PINGS * ${#kinds[@]} / 50 + 60)) perf stat -x, -o "$WORK/epoll-rtt.csv" -e syscalls:sys_exit_epoll_wait --filter 'ret > 0' \
+        -p "$(IFS=,; echo "${VIOLA_PIDS[*]}")" 2>/dev/null &
+      perf_pid=$!
+    fi
     for ((round = 0; round < RTT_ROUNDS; round++)); do
       for ((i = 0; i < ${#kinds[@]}; i++)); do
         k=${kinds[$(((i + round) % ${#kinds[@]}))]}
@@ -485,6 +566,11 @@ measure_rtt() {
       done
     done
     [[ $cond == held ]] && exec {qos}>&-
+    if [[ -n $perf_pid ]]; then
+      kill -INT "$perf_pid" 2>/dev/null || true
+      wait "$perf_pid" 2>/dev/null || true
+      EPOLL_WAITS_RTT=$(awk -F, '$1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$WORK/epoll-rtt.csv" 2>/dev/null || echo 0)
+    fi
   done
   ((HOPS)) && measure_hops "${kinds[@]}"
   local avg
@@ -497,10 +583,48 @@ measure_rtt() {
     done
     R[$k.rtt_replies]=0
     [[ -f $WORK/rtt-$k-plain.txt ]] && R[$k.rtt_replies]=$(wc -l <"$WORK/rtt-$k-plain.txt")
+    if [[ $k == viola && -n ${EPOLL_WAITS_RTT:-} ]] && ((R[viola.rtt_replies] > 0)); then
+      R[viola.epoll_events_per_ping]=$(awk -v n="$EPOLL_WAITS_RTT" -v p="${R[viola.rtt_replies]}" 'BEGIN{printf "%.2f", n / p}')
+      log "viola: ${R[viola.epoll_events_per_ping]} epoll_wait calls with events in both daemons per ping (4 hops; plain rounds)"
+    fi
     log "$k: rtt ${R[$k.rtt_ms]} ms (${R[$k.rtt_lowlat_ms]} ms with wake-ups held), ${R[$k.rtt_replies]} of $((n * RTT_ROUNDS)) replies"
   done
   teardown
 }
+
+# WAN: every kind once over the delay line, and the hosts themselves without a tunnel before
+# and after (their mean is the underlay's goodput). iperf3 omits its first 2 s (slow start).
+measure_wan() { # KIND, or "underlay": no tunnel, host to host
+  local kind=$1 r bps
+  wait_quiet
+  log "wan $kind: building"
+  rm -rf "$WORK/t"
+  use_set ""
+  build_base
+  if [[ $kind == underlay ]]; then
+    wait_for 300 "the WAN" nsx "$HB" ping -c1 -W1 -q "$UL_A"
+    start_bg "$HA" "$WORK/iperf-server.log" iperf3 -s -B "$UL_A" -p "$PORT"
+    wait_for 100 "iperf3 server" nsx "$HA" sh -c "ss -ltn | grep -q '$UL_A:$PORT '"
+    timeout -k 5 $((TIME + 40)) ip netns exec "$HB" iperf3 -c "$UL_A" -B "$UL_B" -p "$PORT" -t "$TIME" -O 2 -J \
+      --connect-timeout 5000 >"$WORK/iperf-wan.json" 2>&1 || true
+  else
+    SETTLE=1
+    "setup_$kind"
+    wait_connected "$kind"
+    sleep "$SETTLE"
+    start_bg "$VA" "$WORK/iperf-server.log" iperf3 -s -B "$VM_A" -p "$PORT"
+    wait_for 100 "iperf3 server" nsx "$VA" sh -c "ss -ltn | grep -q '$VM_A:$PORT '"
+    timeout -k 5 $((TIME + 40)) ip netns exec "$VB" iperf3 -c "$VM_A" -B "$VM_B" -p "$PORT" -t "$TIME" -O 2 -J \
+      --connect-timeout 5000 >"$WORK/iperf-wan.json" 2>&1 || true
+  fi
+  r=$(jq -r 'if .error then "ERR" else .end.sum_received.bits_per_second end' "$WORK/iperf-wan.json" 2>/dev/null || echo ERR)
+  [[ $r != ERR ]] || die "wan $kind: iperf3 failed ($(head -c 300 "$WORK/iperf-wan.json"))"
+  bps=$(awk -v b="$r" 'BEGIN{printf "%.1f", b/1e6}')
+  WAN_MBPS[$kind]+=" $bps"
+  log "wan $kind: $bps Mbit/s"
+  teardown
+}
+declare -A WAN_MBPS
 
 sorted() { tr ' ' '\n' | sed '/^$/d' | sort -g; } # space-separated numbers, one per line, ascending
 median() { sorted | awk '{v[NR] = $1} END {if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
@@ -518,12 +642,31 @@ for k in $KINDS; do
   R[$k.tcp1_gbps_max]=$(sorted <<<"${TS1[$k]}" | tail -1)
   R[$k.background_busy_pct]=${BG_MAX[$k]:-0}
   R[$k.cpu_s_per_gb]=$(awk -v t="${BUSY_TICKS[$k]}" -v hz="$HZ" -v b="${BYTES[$k]}" 'BEGIN{printf "%.2f", (t/hz)/(b/1e9)}')
-  if [[ $k == viola || $k == tinc || $k == openvpn || $k == wireguard_go ]]; then
+  if [[ $k == viola || $k == tinc || $k == openvpn || $k == wireguard_go || $k == boringtun ]]; then
     R[$k.tunnel_cpu_s_per_gb]=$(awk -v t="${TUNNEL_TICKS[$k]}" -v hz="$HZ" -v b="${BYTES[$k]}" 'BEGIN{printf "%.2f", (t/hz)/(b/1e9)}')
+  fi
+  if [[ -n ${EPOLL_WAITS[$k]:-} ]]; then
+    R[$k.epoll_events_per_mb]=$(awk -v n="${EPOLL_WAITS[$k]}" -v b="${BYTES1[$k]}" 'BEGIN{printf "%.1f", n / (b / 1e6)}')
+    log "$k: ${R[$k.epoll_events_per_mb]} epoll_wait calls with events in its daemons per MB (one stream)"
   fi
   log "$k: tcp1 ${R[$k.tcp1_gbps]} Gbit/s (rounds:${TS1[$k]}), tcp4 ${R[$k.tcp4_gbps]} Gbit/s (rounds:${TS4[$k]}), ${R[$k.cpu_s_per_gb]} busy CPU s/GB"
 done
 measure_rtt
+if ((WAN)); then
+  WAN_MODE=1
+  log "WAN: ${WAN_DELAY_MS} ms one way, ${WAN_RATE_MBIT} Mbit/s, iperf3 1 stream for ${TIME}s per kind"
+  measure_wan underlay
+  for k in $KINDS; do measure_wan "$k"; done
+  measure_wan underlay
+  WAN_MODE=0
+  R[underlay.wan_mbps]=$(awk '{s = 0; for (i = 1; i <= NF; i++) s += $i; printf "%.1f", s / NF}' <<<"${WAN_MBPS[underlay]}")
+  for k in $KINDS; do
+    R[$k.wan_mbps]=${WAN_MBPS[$k]# }
+    R[$k.wan_over_underlay]=$(awk -v a="${R[$k.wan_mbps]}" -v b="${R[underlay.wan_mbps]}" 'BEGIN{printf "%.3f", a / b}')
+  done
+  R[bench.wan_delay_ms]=$WAN_DELAY_MS
+  R[bench.wan_rate_mbit]=$WAN_RATE_MBIT
+fi
 
 # ----------------------------------------------------------------- report
 ratio() { awk -v a="${R[$1]:-}" -v b="${R[$2]:-}" 'BEGIN{ if (a=="" || b=="" || b+0==0) print "null"; else printf "%.2f", a/b }'; }
@@ -531,6 +674,7 @@ diff_ms() { awk -v a="${R[$1]:-}" -v b="${R[$2]:-}" 'BEGIN{ if (a=="" || b=="" |
 R[ratio.viola_over_tinc_tcp1]=$(ratio viola.tcp1_gbps tinc.tcp1_gbps)
 R[ratio.viola_over_openvpn_tcp1]=$(ratio viola.tcp1_gbps openvpn.tcp1_gbps)
 R[ratio.viola_over_wireguard_go_tcp1]=$(ratio viola.tcp1_gbps wireguard_go.tcp1_gbps)
+R[ratio.viola_over_boringtun_tcp1]=$(ratio viola.tcp1_gbps boringtun.tcp1_gbps)
 R[ratio.viola_over_veth_tcp1]=$(ratio viola.tcp1_gbps veth.tcp1_gbps)
 R[rtt.viola_minus_vxlan_ms]=$(diff_ms viola.rtt_ms vxlan.rtt_ms)
 R[rtt.viola_minus_vxlan_lowlat_ms]=$(diff_ms viola.rtt_lowlat_ms vxlan.rtt_lowlat_ms)
@@ -548,11 +692,17 @@ echo
 echo "viola / tinc (1 stream):         ${R[ratio.viola_over_tinc_tcp1]}   (target >= 2)"
 echo "viola / openvpn (1 stream):      ${R[ratio.viola_over_openvpn_tcp1]}   (target >= 2)"
 echo "viola / wireguard-go (1 stream): ${R[ratio.viola_over_wireguard_go_tcp1]}   (target >= 1)"
+echo "viola / boringtun (1 stream):    ${R[ratio.viola_over_boringtun_tcp1]}"
 echo "viola / veth (1 stream):         ${R[ratio.viola_over_veth_tcp1]}"
 echo "viola RTT - vxlan RTT:           ${R[rtt.viola_minus_vxlan_ms]} ms   (target <= 0.2)"
 echo "  the same with wake-ups held:   ${R[rtt.viola_minus_vxlan_lowlat_ms]} ms   (rtt*: CPU wake-up latency held at 0 µs, PM QoS)"
 echo "tinc RTT - vxlan RTT:            ${R[rtt.tinc_minus_vxlan_ms]} ms"
 echo "openvpn RTT - vxlan RTT:         ${R[rtt.openvpn_minus_vxlan_ms]} ms"
+if ((WAN)); then
+  printf '\nWAN (%s ms one way, %s Mbit/s): underlay without a tunnel %s Mbit/s (%s)\n%-13s %10s %18s\n' "$WAN_DELAY_MS" "$WAN_RATE_MBIT" \
+    "${R[underlay.wan_mbps]}" "${WAN_MBPS[underlay]# }" kind "Mbit/s" "of the underlay"
+  for k in $KINDS; do printf '%-13s %10s %18s\n' "$k" "${R[$k.wan_mbps]}" "${R[$k.wan_over_underlay]}"; done
+fi
 if ((HOPS)); then
   printf '\nmedian µs per hop (--hops %s)\n%-13s %8s %8s %8s %8s %8s %8s\n' "$HOPS" kind "B t->u" "A u->t" "A vm" "A t->u" "B u->t" total
   for k in viola tinc openvpn; do
