@@ -67,6 +67,7 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
             peers: vec![("a".into(), "192.0.2.11:7410".parse().unwrap())],
         }),
         libvirt: None,
+        manager_identity: None,
     };
     let dir = tempfile::tempdir().unwrap();
     make_bundle(&ca, &plan, None, 30)
