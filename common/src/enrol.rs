@@ -30,6 +30,9 @@ use crate::identity::{
 /// What the bundle's format is; `install` refuses another.
 pub const BUNDLE_VERSION: u32 = 1;
 
+/// Where the manager's package puts its commented example configuration, whatever `--etc`.
+pub const MANAGER_EXAMPLE: &str = "/etc/viola/adaptmgr.toml.example";
+
 /// What the CA machine knows about a new host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPlan {
@@ -317,9 +320,9 @@ impl Bundle {
     }
 
     /// Writes the identities under `etc/ROLE/` (keys 0600) and each daemon's configuration
-    /// `etc/ROLE.toml`, keeping an existing one unless `force`; with `pki` (`/etc/pki`), the
-    /// libvirt certificate in libvirt's and QEMU's layout there, and the CRL where they read
-    /// it. Returns the files written.
+    /// `etc/ROLE.toml` but the manager's ([`Bundle::next_step`]), keeping an existing one
+    /// unless `force`; with `pki` (`/etc/pki`), the libvirt certificate in libvirt's and
+    /// QEMU's layout there, and the CRL where they read it. Returns the files written.
     pub fn install(
         &self,
         etc: &Path,
@@ -391,7 +394,7 @@ impl Bundle {
         Some(format!(
             "{config} not written: the manager's configuration lists the federation's hosts, \
              depots and tenants, which the bundle does not know.\n\
-             Next: cp {config}.example {config}, then in it list every host ([[hosts]]), each \
+             Next: cp {MANAGER_EXAMPLE} {config}, then in it list every host ([[hosts]]), each \
              site's depot ([[depots]]) and the tenants ([[tenants]]), with\n  \
              identity_dir = \"{identity}\"\n  listen = \"{listen}\"\n\
              and start it: systemctl start viola-adaptmgr",
@@ -633,7 +636,7 @@ mod tests {
         let step = bundle.next_step(dir.path()).expect("a next step");
         let etc = dir.path().display();
         for want in [
-            format!("cp {etc}/adaptmgr.toml.example {etc}/adaptmgr.toml"),
+            format!("cp /etc/viola/adaptmgr.toml.example {etc}/adaptmgr.toml"),
             format!("identity_dir = \"{etc}/adaptmgr\""),
             "listen = \"0.0.0.0:7443\"".to_owned(),
             "[[hosts]]".to_owned(),
