@@ -117,7 +117,7 @@ enum Command {
         /// A DNS name other hosts' migration URIs use for this host (repeatable).
         #[arg(long = "libvirt-dns-name")]
         libvirt_dns_names: Vec<String>,
-        /// The host also runs the manager (listening on --manager's port): its certificate
+        /// The host also runs the manager (the one --manager names): its certificate
         /// (viola://adaptmgr/SITE/HOST) names this address, one browsers reach the dashboard at
         /// (repeatable).
         #[arg(long = "manager-address")]
