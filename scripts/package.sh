@@ -30,7 +30,10 @@ done
 if [ "$build" = 1 ]; then
   cargo build --release --quiet -p viola-overlay -p viola-depot -p viola-monitor -p viola-adaptmgr -p viola-common --bins
 fi
-bin=$root/target/release
+# Where cargo put the build: CARGO_TARGET_DIR when set (relative: to the workspace, as for cargo).
+target=${CARGO_TARGET_DIR:-target}
+case $target in /*) ;; *) target=$root/$target ;; esac
+bin=$target/release
 base_version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 # Debian versions must grow with every commit: the commit count since the start.
 version="$base_version+git$(git rev-list --count HEAD 2>/dev/null || echo 0)"

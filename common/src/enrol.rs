@@ -2,12 +2,17 @@
 //! bundle and installed on the host with one command (`viola-ca enrol`, `viola-ca install`).
 //!
 //! A bundle is one JSON file (mode 0600: it holds private keys). It carries a certificate per
-//! daemon the host runs (overlay and monitor; a depot when the host serves its site's), the
-//! manager's address, some peers, and the depot's hosts and peers. `install` writes the
-//! identities under `/etc/viola/ROLE/` and a configuration per daemon, `/etc/viola/ROLE.toml`,
-//! from what the bundle says. That is exactly what the units' `ConditionPathExists` waits for.
-//! An existing configuration is kept unless `--force`, so a re-enrolment renews the
-//! certificates without undoing an administrator's edits.
+//! daemon the host runs (overlay and monitor; a depot when the host serves its site's; the
+//! manager when it runs there), the manager's address, some peers, and the depot's hosts and
+//! peers. `install` writes the identities under `/etc/viola/ROLE/` and a configuration per
+//! daemon, `/etc/viola/ROLE.toml`, from what the bundle says. That is exactly what the units'
+//! `ConditionPathExists` waits for. An existing configuration is kept unless `--force`, so a
+//! re-enrolment renews the certificates without undoing an administrator's edits.
+//!
+//! The manager's configuration is the exception: it lists every host, depot and tenant of the
+//! federation, which a bundle does not know, and a manager without its hosts would start and
+//! refuse every monitor's report. So `install` writes only the manager's identity, and
+//! [`Bundle::next_step`] says what the administrator does next.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,13 +22,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::libvirt;
-use crate::identity::revocation::{CRL_FILE, RevocationError, write_atomically};
+use crate::identity::revocation::{CRL_FILE, Register, RevocationError, write_atomically};
 use crate::identity::{
     CaError, CertificateAuthority, Identity, IssuedCertificate, PeerIdentity, Role,
 };
 
 /// What the bundle's format is; `install` refuses another.
 pub const BUNDLE_VERSION: u32 = 1;
+
+/// Where the manager's package puts its commented example configuration, whatever `--etc`.
+pub const MANAGER_EXAMPLE: &str = "/etc/viola/adaptmgr.toml.example";
 
 /// What the CA machine knows about a new host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,12 +48,16 @@ pub struct HostPlan {
     pub depot: Option<DepotPlan>,
     /// Set to give the host its libvirtd's and QEMU's certificate for TLS migrations, naming
     /// these addresses and DNS names (what other hosts' migration URIs use).
-    pub libvirt: Option<LibvirtNames>,
+    pub libvirt: Option<Names>,
+    /// Set when the host also runs the manager: its certificate (role `adaptmgr`) names these
+    /// addresses and DNS names, the ones browsers reach the dashboard by.
+    pub manager_identity: Option<Names>,
 }
 
-/// The names other hosts reach a host's libvirtd by.
+/// The addresses and DNS names a certificate names besides its identity: those a daemon is
+/// reached by where its peers do not check the identity (libvirt's migration URIs, browsers).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LibvirtNames {
+pub struct Names {
     pub addresses: Vec<std::net::IpAddr>,
     pub dns_names: Vec<String>,
 }
@@ -78,7 +90,7 @@ pub struct Bundle {
     pub peers: Vec<SocketAddr>,
     pub overlay_listen: SocketAddr,
     pub depot: Option<DepotPlan>,
-    /// By role: `overlay`, `monitor`, `depot`.
+    /// By role: `overlay`, `monitor`, `depot`, `adaptmgr`.
     pub identities: BTreeMap<String, IdentityFiles>,
     /// The federation's revocation list when the bundle was made (`crl.pem` in the CA
     /// directory), installed beside each identity.
@@ -95,6 +107,16 @@ pub enum EnrolError {
     Name(#[source] crate::identity::IdentityParseError),
     #[error("issuing a certificate")]
     Issue(#[source] CaError),
+    #[error(
+        "the manager's certificate names no address or DNS name: browsers could not reach its \
+         dashboard (give --manager-address or --manager-dns-name)"
+    )]
+    ManagerUnnamed,
+    /// rcgen takes any ASCII string as a DNS name; no client would ever match a wrong one.
+    #[error("{name:?} is not a DNS name (for the {role} certificate)")]
+    DnsName { role: Role, name: String },
+    #[error("recording the certificates in the CA's register")]
+    Record(#[source] RevocationError),
     #[error("{} is not a Viola enrolment bundle", .path.display())]
     Parse {
         path: PathBuf,
@@ -113,6 +135,23 @@ pub enum EnrolError {
     },
 }
 
+impl Names {
+    /// Refuses a DNS name no client could match, before a certificate is issued with it.
+    fn check(&self, role: Role) -> Result<(), EnrolError> {
+        match self
+            .dns_names
+            .iter()
+            .find(|n| rustls_pki_types::DnsName::try_from(n.as_str()).is_err())
+        {
+            Some(name) => Err(EnrolError::DnsName {
+                role,
+                name: name.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 impl From<IssuedCertificate> for IdentityFiles {
     fn from(issued: IssuedCertificate) -> Self {
         Self {
@@ -123,14 +162,25 @@ impl From<IssuedCertificate> for IdentityFiles {
     }
 }
 
-/// Issues the host's certificates and puts them in a bundle with the plan and the CA's current
-/// revocation list, if it has one.
+/// Issues the host's certificates (the manager's naming what browsers reach it by) and puts
+/// them in a bundle with the plan and the CA's current revocation list, if it has one. The
+/// caller notes them in the CA's register ([`Bundle::record`]).
 pub fn make_bundle(
     ca: &CertificateAuthority,
     plan: &HostPlan,
     crl_pem: Option<String>,
     valid_days: u32,
 ) -> Result<Bundle, EnrolError> {
+    // A wrong name refuses the bundle before any key is made.
+    if let Some(names) = &plan.manager_identity {
+        if names.addresses.is_empty() && names.dns_names.is_empty() {
+            return Err(EnrolError::ManagerUnnamed);
+        }
+        names.check(Role::Adaptmgr)?;
+    }
+    if let Some(names) = &plan.libvirt {
+        names.check(Role::Libvirt)?;
+    }
     let mut identities = BTreeMap::new();
     let mut roles = vec![Role::Overlay, Role::Monitor];
     if plan.depot.is_some() {
@@ -140,6 +190,14 @@ pub fn make_bundle(
         let id = PeerIdentity::new(role, &plan.site, &plan.host).map_err(EnrolError::Name)?;
         let issued = ca.issue(&id, valid_days).map_err(EnrolError::Issue)?;
         identities.insert(role.as_str().to_owned(), issued.into());
+    }
+    if let Some(names) = &plan.manager_identity {
+        let id =
+            PeerIdentity::new(Role::Adaptmgr, &plan.site, &plan.host).map_err(EnrolError::Name)?;
+        let issued = ca
+            .issue_with_names(&id, &names.addresses, &names.dns_names, valid_days)
+            .map_err(EnrolError::Issue)?;
+        identities.insert(Role::Adaptmgr.as_str().to_owned(), issued.into());
     }
     let libvirt = match &plan.libvirt {
         Some(names) => {
@@ -190,6 +248,17 @@ impl Bundle {
         Ok(bundle)
     }
 
+    /// Notes every certificate of the bundle in the CA's register (`issued.tsv`), so that
+    /// `viola-ca revoke --identity` finds them.
+    pub fn record(&self, register: &Register) -> Result<(), EnrolError> {
+        for id in self.identities.values().chain(&self.libvirt) {
+            register
+                .record_issued(&id.cert_pem)
+                .map_err(EnrolError::Record)?;
+        }
+        Ok(())
+    }
+
     /// Writes the bundle (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), EnrolError> {
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
@@ -197,7 +266,7 @@ impl Bundle {
     }
 
     /// The configuration of daemon `role` as `install` writes it, naming identities under
-    /// `etc`.
+    /// `etc`; `None` for the manager (see the module's documentation) and unknown roles.
     pub fn config(&self, role: &str, etc: &Path) -> Option<String> {
         let id_dir = etc.join(role);
         let mut t = format!(
@@ -251,9 +320,9 @@ impl Bundle {
     }
 
     /// Writes the identities under `etc/ROLE/` (keys 0600) and each daemon's configuration
-    /// `etc/ROLE.toml`, keeping an existing one unless `force`; with `pki` (`/etc/pki`), the
-    /// libvirt certificate in libvirt's and QEMU's layout there, and the CRL where they read
-    /// it. Returns the files written.
+    /// `etc/ROLE.toml` but the manager's ([`Bundle::next_step`]), keeping an existing one
+    /// unless `force`; with `pki` (`/etc/pki`), the libvirt certificate in libvirt's and
+    /// QEMU's layout there, and the CRL where they read it. Returns the files written.
     pub fn install(
         &self,
         etc: &Path,
@@ -308,6 +377,31 @@ impl Bundle {
             }
         }
         Ok(written)
+    }
+
+    /// What is left to do after `install` into `etc`: `Some` when the bundle carries the
+    /// manager's identity and `etc` has no configuration of the manager yet, which the
+    /// administrator makes from the packaged example.
+    pub fn next_step(&self, etc: &Path) -> Option<String> {
+        let config = etc.join("adaptmgr.toml");
+        if !self.identities.contains_key(Role::Adaptmgr.as_str()) || config.exists() {
+            return None;
+        }
+        let unspecified: std::net::IpAddr = match self.manager {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        Some(format!(
+            "{config} not written: the manager's configuration lists the federation's hosts, \
+             depots and tenants, which the bundle does not know.\n\
+             Next: cp {MANAGER_EXAMPLE} {config}, then in it list every host ([[hosts]]), each \
+             site's depot ([[depots]]) and the tenants ([[tenants]]), with\n  \
+             identity_dir = \"{identity}\"\n  listen = \"{listen}\"\n\
+             and start it: systemctl start viola-adaptmgr",
+            config = config.display(),
+            identity = etc.join(Role::Adaptmgr.as_str()).display(),
+            listen = SocketAddr::new(unspecified, self.manager.port()),
+        ))
     }
 }
 
@@ -364,6 +458,7 @@ mod tests {
                 peers: vec![("b".into(), "198.51.100.11:7410".parse().unwrap())],
             }),
             libvirt: None,
+            manager_identity: None,
         }
     }
 
@@ -434,7 +529,7 @@ mod tests {
     fn a_bundle_gives_the_host_its_libvirt_certificate_and_the_crl_in_libvirt_s_layout() {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
         let mut plan = plan(false);
-        plan.libvirt = Some(LibvirtNames {
+        plan.libvirt = Some(Names {
             addresses: vec!["192.0.2.11".parse().unwrap()],
             dns_names: vec!["a1.example.org".into()],
         });
@@ -474,6 +569,165 @@ mod tests {
                 .mode()
                 & 0o077,
             0
+        );
+    }
+
+    /// Host a1 of `plan(false)` also running the manager, reached by browsers at 192.0.2.11
+    /// and viola.example.org.
+    fn manager_plan() -> HostPlan {
+        HostPlan {
+            manager_identity: Some(Names {
+                addresses: vec!["192.0.2.11".parse().unwrap()],
+                dns_names: vec!["viola.example.org".into()],
+            }),
+            ..plan(false)
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_manager_s_bundle_installs_its_identity_with_the_crl_and_the_names_browsers_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let crl = ca.sign_crl(&[], 30).unwrap();
+        let path = dir.path().join("a1.bundle");
+        make_bundle(&ca, &manager_plan(), Some(crl.clone()), 30)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        let bundle = Bundle::load(&path).unwrap();
+        let etc = dir.path().join("etc");
+        let written = bundle.install(&etc, None, true).unwrap();
+        let mgr = etc.join("adaptmgr");
+        for name in ["key.pem", "cert.pem", "ca.pem", "crl.pem"] {
+            assert!(written.contains(&mgr.join(name)), "{name}: {written:?}");
+        }
+        assert_eq!(mode(&mgr.join("key.pem")), 0o600);
+        assert_eq!(mode(&mgr.join("cert.pem")), 0o644);
+        assert_eq!(std::fs::read_to_string(mgr.join("crl.pem")).unwrap(), crl);
+        // What the manager's `identity_dir` loads, CRL included.
+        let id = Identity::load_dir(&mgr).unwrap();
+        assert_eq!(id.id().uri(), "viola://adaptmgr/a/a1");
+        let cert = std::fs::read_to_string(mgr.join("cert.pem")).unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let sans = x509.subject_alternative_name().unwrap().unwrap().value;
+        let names: Vec<String> = sans.general_names.iter().map(|n| n.to_string()).collect();
+        // x509-parser shows an address in hex: 192.0.2.11.
+        for want in ["DNSName(viola.example.org)", "IPAddress(c0:00:02:0b)"] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+        // The host's own daemons are installed as before.
+        assert!(etc.join("overlay.toml").exists() && etc.join("monitor.toml").exists());
+    }
+
+    #[test]
+    fn the_manager_s_configuration_is_left_to_the_administrator_who_is_told_how() {
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let bundle = make_bundle(&ca, &manager_plan(), None, 30).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Not even --force writes one: without the federation's hosts the manager would refuse
+        // every monitor's report.
+        bundle.install(dir.path(), None, true).unwrap();
+        assert!(!dir.path().join("adaptmgr.toml").exists());
+        let step = bundle.next_step(dir.path()).expect("a next step");
+        let etc = dir.path().display();
+        for want in [
+            format!("cp /etc/viola/adaptmgr.toml.example {etc}/adaptmgr.toml"),
+            format!("identity_dir = \"{etc}/adaptmgr\""),
+            "listen = \"0.0.0.0:7443\"".to_owned(),
+            "[[hosts]]".to_owned(),
+        ] {
+            assert!(step.contains(&want), "{want} not in:\n{step}");
+        }
+        // Once the administrator has made it (or for a host without the manager), nothing.
+        std::fs::write(dir.path().join("adaptmgr.toml"), "").unwrap();
+        assert_eq!(bundle.next_step(dir.path()), None);
+        let host = make_bundle(&ca, &plan(false), None, 30).unwrap();
+        assert_eq!(host.next_step(tempfile::tempdir().unwrap().path()), None);
+    }
+
+    #[test]
+    fn the_manager_s_certificate_is_registered_and_revoked_like_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        ca.save(&ca_dir).unwrap();
+        let register = Register::new(&ca_dir);
+        let bundle = make_bundle(&ca, &manager_plan(), None, 30).unwrap();
+        bundle.record(&register).unwrap();
+        let issued: Vec<String> = register
+            .issued()
+            .unwrap()
+            .iter()
+            .map(|e| e.identity.uri())
+            .collect();
+        assert_eq!(
+            issued,
+            [
+                "viola://adaptmgr/a/a1",
+                "viola://monitor/a/a1",
+                "viola://overlay/a/a1"
+            ]
+        );
+        let manager: PeerIdentity = "viola://adaptmgr/a/a1".parse().unwrap();
+        let revoked = register
+            .revoke(
+                &ca,
+                &crate::identity::revocation::RevokeTarget::Identity(manager.clone()),
+                30,
+            )
+            .unwrap();
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].identity, manager);
+        // The new CRL names it, and install-crl puts it beside the manager's identity too.
+        let crl = std::fs::read_to_string(ca_dir.join(CRL_FILE)).unwrap();
+        let etc = dir.path().join("etc");
+        bundle.install(&etc, None, false).unwrap();
+        let written = install_crl(&crl, &etc).unwrap();
+        assert!(
+            written.contains(&etc.join("adaptmgr").join(CRL_FILE)),
+            "{written:?}"
+        );
+        let crl_der =
+            rustls_pki_types::CertificateRevocationListDer::from_pem_slice(crl.as_bytes()).unwrap();
+        let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(
+            bundle.identities["adaptmgr"].ca_pem.as_bytes(),
+        )
+        .unwrap();
+        let listed =
+            crate::identity::revocation::revoked_serials(crl_der.as_ref(), &ca_der).unwrap();
+        assert_eq!(
+            listed.into_iter().collect::<Vec<_>>(),
+            [revoked[0].serial.clone()],
+            "the CRL lists the manager's certificate"
+        );
+    }
+
+    #[test]
+    fn a_manager_s_certificate_without_names_or_with_a_wrong_dns_name_is_refused() {
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let plan = HostPlan {
+            manager_identity: Some(Names::default()),
+            ..plan(false)
+        };
+        let err = make_bundle(&ca, &plan, None, 30).unwrap_err();
+        assert!(matches!(err, EnrolError::ManagerUnnamed), "{err:?}");
+        assert!(err.to_string().contains("--manager-address"), "{err}");
+        let plan = HostPlan {
+            manager_identity: Some(Names {
+                dns_names: vec!["viola example".into()],
+                ..Names::default()
+            }),
+            ..plan
+        };
+        let err = make_bundle(&ca, &plan, None, 30).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "\"viola example\" is not a DNS name (for the adaptmgr certificate)"
         );
     }
 

@@ -9,11 +9,13 @@
 //!   units, and its security analysis rates each one "OK";
 //! - in a network namespace of its own (prefix `vpk-`), the host enrolled as `docs/DEPLOY.md`
 //!   says (`viola-ca enrol` makes its bundle, `viola-ca install` writes its overlay's, monitor's
-//!   and depot's identities and configurations) and the manager configured from its packaged
-//!   example (addresses turned to the namespace's loopback), each unit's `ExecStart` runs as
-//!   written (as the unit's `User`) in that root: every daemon comes up, the manager lists the hosts and
-//!   sees the packaged monitor's host up, the overlay's and the depot's metrics answer, the
-//!   dashboard answers; then each stops cleanly on SIGTERM ("stopped" in its log).
+//!   and depot's identities and configurations, and the manager's identity but not its
+//!   configuration, saying to copy the example) and the manager configured from its packaged
+//!   example as `install` says (addresses turned to the namespace's loopback), each unit's
+//!   `ExecStart` runs as written (as the unit's `User`) in that root: every daemon comes up,
+//!   the manager lists the hosts and sees the packaged monitor's host up, the overlay's and the
+//!   depot's metrics answer, the dashboard answers; then each stops cleanly on SIGTERM
+//!   ("stopped" in its log).
 //!
 //! What systemd itself would add (its sandboxing, its directories) is not exercised: the test
 //! makes `/run/viola` and the units' state directories as systemd would.
@@ -180,21 +182,31 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
     let mut lab = Lab { units: Vec::new() };
     run_ok(Command::new("ip").args(["-n", NS, "link", "set", "lo", "up"])).unwrap();
 
-    // Certificates as DEPLOY.md makes them, with the packaged viola-ca; the configurations from
-    // the packaged examples, addresses turned to this namespace's loopback.
+    // Certificates as DEPLOY.md makes them, with the packaged viola-ca; the manager's
+    // configuration from its packaged example as `install` says, addresses turned to this
+    // namespace's loopback.
     let setup = r#"set -e
+        fail() { echo "$*" >&2; exit 1; }
         viola-ca init --ca-dir /root/viola-ca --name example-federation
         viola-ca enrol --ca-dir /root/viola-ca --site a --host a1 --manager 127.0.0.1:7443 \
           --peer 127.0.0.2:4500 --libvirt-address 127.0.0.1 \
-          --depot-host a1 --depot-host a2 --depot-peer b=127.0.0.2:7410 --out /root/a1.bundle
-        viola-ca install --bundle /root/a1.bundle
+          --depot-host a1 --depot-host a2 --depot-peer b=127.0.0.2:7410 \
+          --manager-address 127.0.0.1 --out /root/a1.bundle
+        viola-ca install --bundle /root/a1.bundle >/root/install.out
+        # The manager's identity came with the bundle; its configuration is left to the
+        # administrator, who is told how to make it.
+        test "$(stat -c %a /etc/viola/adaptmgr/key.pem)" = 600 || fail "adaptmgr/key.pem not 0600"
+        test "$(viola-ca show /etc/viola/adaptmgr/cert.pem)" = viola://adaptmgr/a/a1 \
+          || fail "adaptmgr/cert.pem: $(viola-ca show /etc/viola/adaptmgr/cert.pem)"
+        test ! -e /etc/viola/adaptmgr.toml || fail "install wrote adaptmgr.toml"
+        grep -qF 'cp /etc/viola/adaptmgr.toml.example /etc/viola/adaptmgr.toml' /root/install.out \
+          || fail "install did not say how to configure the manager: $(cat /root/install.out)"
         # The host's libvirt and QEMU certificates came with the bundle, where they read them.
         for f in CA/cacert.pem libvirt/servercert.pem libvirt/private/serverkey.pem \
             qemu/server-cert.pem qemu/client-key.pem; do
           test -s /etc/pki/$f || { echo "install left no /etc/pki/$f" >&2; exit 1; }
         done
         chown -R viola: /etc/viola/depot
-        viola-ca issue --ca-dir /root/viola-ca --role adaptmgr --site a --host mgr --address 127.0.0.1 --out /etc/viola/adaptmgr
         viola-ca issue --ca-dir /root/viola-ca --role cli --site a --host operator --out /root/operator
         sed -e 's/192\.0\.2\.[0-9]*/127.0.0.1/g' -e 's/198\.51\.100\.[0-9]*/127.0.0.1/g' \
             -e 's/^addr = "127\.0\.0\.1:/addr = "127.0.0.2:/' \

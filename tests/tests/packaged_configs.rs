@@ -1,7 +1,8 @@
 //! The example configurations the packages install under `/etc/viola/` (`packaging/etc/`)
 //! are read by each daemon's own configuration type, unknown keys refused, and pass the checks
 //! the daemon makes at start, so an administrator's copy starts the daemon once its addresses
-//! are edited. No lab.
+//! are edited. So are the configurations an enrolment bundle installs; the manager's, which a
+//! bundle does not write, is the example copied as `viola-ca install` says. No lab.
 
 use std::path::PathBuf;
 
@@ -49,6 +50,11 @@ fn an_unknown_key_in_an_example_is_refused() {
     let (_, text) = example("monitor.toml");
     let typo = format!("{text}\nintervall_ms = 5\n");
     assert!(viola_common::config::parse::<MonitorConfig>(&typo).is_err());
+    // The manager's configuration is the administrator's copy of its example.
+    let (_, text) = example("adaptmgr.toml");
+    let typo = text.replace("heartbeat_timeout_s", "heartbeat_timeout");
+    assert_ne!(typo, text);
+    assert!(viola_common::config::parse::<ManagerConfig>(&typo).is_err());
 }
 
 #[test]
@@ -67,6 +73,7 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
             peers: vec![("a".into(), "192.0.2.11:7410".parse().unwrap())],
         }),
         libvirt: None,
+        manager_identity: None,
     };
     let dir = tempfile::tempdir().unwrap();
     make_bundle(&ca, &plan, None, 30)
@@ -84,4 +91,61 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
     assert_eq!(depot.hosts, ["b1", "b2"]);
     assert_eq!(depot.peers[0].site, "a");
     assert_eq!(depot.site, "b");
+}
+
+/// The manager's bundle writes its identity, not its configuration (the bundle does not know
+/// the federation's hosts); the example the administrator is told to copy, with the values
+/// `install` tells, reads that identity and listens where the monitors were told.
+#[test]
+fn the_manager_s_example_as_install_says_to_copy_it_reads_the_identity_the_bundle_installed() {
+    use viola_common::enrol::{HostPlan, Names, make_bundle};
+    use viola_common::identity::{CertificateAuthority, Identity};
+    let ca = CertificateAuthority::generate("test", 1).unwrap();
+    let plan = HostPlan {
+        site: "a".into(),
+        host: "a1".into(),
+        manager: "192.0.2.11:7443".parse().unwrap(),
+        peers: vec![],
+        overlay_listen: "0.0.0.0:4500".parse().unwrap(),
+        depot: None,
+        libvirt: None,
+        manager_identity: Some(Names {
+            addresses: vec!["192.0.2.11".parse().unwrap()],
+            dns_names: vec!["viola.example.org".into()],
+        }),
+    };
+    let crl = ca.sign_crl(&[], 30).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path();
+    let bundle = make_bundle(&ca, &plan, Some(crl), 30).unwrap();
+    bundle.install(etc, None, true).unwrap();
+    assert!(
+        !etc.join("adaptmgr.toml").exists(),
+        "no manager without hosts"
+    );
+    let step = bundle.next_step(etc).expect("install says what to do next");
+
+    // What the step says to set, as `key = "value"` lines.
+    let told = |key: &str| -> String {
+        step.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key} = \"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{key} not in:\n{step}"))
+            .to_owned()
+    };
+    let (_, text) = example("adaptmgr.toml");
+    let copy = text.replace(
+        "\"/etc/viola/adaptmgr\"",
+        &format!("\"{}\"", told("identity_dir")),
+    );
+    let manager: ManagerConfig = viola_common::config::parse(&copy).unwrap();
+    assert_eq!(
+        manager.listen.to_string(),
+        told("listen"),
+        "the example's port"
+    );
+    assert_eq!(manager.identity_dir, etc.join("adaptmgr"));
+    let identity = Identity::load_dir(&manager.identity_dir).unwrap();
+    assert_eq!(identity.id().uri(), "viola://adaptmgr/a/a1");
+    assert!(manager.identity_dir.join("crl.pem").is_file());
 }

@@ -8,7 +8,7 @@
 //! viola-ca issue-libvirt --ca-dir /etc/viola/ca --site a --host a1 --address 198.18.1.11 --out /etc/pki
 //! viola-ca enrol --ca-dir /etc/viola/ca --site a --host a1 --manager 192.0.2.10:7443 \
 //!          --peer 192.0.2.12:4500 [--depot-host a1 --depot-host a2 --depot-peer b=ADDR] \
-//!          [--libvirt-address 192.0.2.11] --out a1.bundle
+//!          [--libvirt-address 192.0.2.11] [--manager-address 192.0.2.11] --out a1.bundle
 //! viola-ca install --bundle a1.bundle [--etc /etc/viola] [--pki /etc/pki] [--force]   # on the host
 //! viola-ca revoke --ca-dir /etc/viola/ca --identity viola://overlay/a/a1   # or --cert FILE
 //! viola-ca install-crl --crl crl.pem [--etc /etc/viola]                  # on every host
@@ -85,8 +85,10 @@ enum Command {
         name: String,
     },
     /// Make a new host's enrolment bundle (one file, mode 0600): certificates for its overlay
-    /// and monitor (and depot with --depot-host), the manager's address and peers; install it
-    /// on the host with `viola-ca install`.
+    /// and monitor (its depot's with --depot-host, its libvirt's with --libvirt-address, the
+    /// manager's with --manager-address), the manager's address and peers, and the CA's current
+    /// CRL; install it on the host with `viola-ca install`. Every certificate is noted in the
+    /// CA's register, so `viola-ca revoke` finds it.
     Enrol {
         #[command(flatten)]
         to: Issuing,
@@ -115,9 +117,19 @@ enum Command {
         /// A DNS name other hosts' migration URIs use for this host (repeatable).
         #[arg(long = "libvirt-dns-name")]
         libvirt_dns_names: Vec<String>,
+        /// The host also runs the manager (the one --manager names): its certificate
+        /// (viola://adaptmgr/SITE/HOST) names this address, one browsers reach the dashboard at
+        /// (repeatable).
+        #[arg(long = "manager-address")]
+        manager_addresses: Vec<IpAddr>,
+        /// A DNS name browsers reach the manager's dashboard by, likewise (repeatable).
+        #[arg(long = "manager-dns-name")]
+        manager_dns_names: Vec<String>,
     },
-    /// Install an enrolment bundle on its host: identities under --etc/ROLE/, and each
-    /// daemon's configuration --etc/ROLE.toml unless it exists (--force: rewrite it).
+    /// Install an enrolment bundle on its host: identities under --etc/ROLE/ (keys 0600, the
+    /// CRL beside each), each daemon's configuration --etc/ROLE.toml unless it exists (--force:
+    /// rewrite it), and the libvirt certificate below --pki. The manager's configuration is not
+    /// written (the bundle does not know the federation's hosts); what to do instead is printed.
     Install {
         #[arg(long)]
         bundle: PathBuf,
@@ -213,6 +225,14 @@ struct HostNames {
     dns_names: Vec<String>,
 }
 
+/// The names a certificate is to carry; `None` when there are none (no such certificate).
+fn names(addresses: Vec<IpAddr>, dns_names: Vec<String>) -> Option<enrol::Names> {
+    (!addresses.is_empty() || !dns_names.is_empty()).then_some(enrol::Names {
+        addresses,
+        dns_names,
+    })
+}
+
 fn parse_depot_peer(s: &str) -> Result<(String, SocketAddr), String> {
     let (site, addr) = s
         .split_once('=')
@@ -272,6 +292,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             depot_peers,
             libvirt_addresses,
             libvirt_dns_names,
+            manager_addresses,
+            manager_dns_names,
         } => {
             if depot_hosts.is_empty() && !depot_peers.is_empty() {
                 anyhow::bail!("--depot-peer needs --depot-host (the hosts the depot stages for)");
@@ -287,11 +309,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     hosts: depot_hosts,
                     peers: depot_peers,
                 }),
-                libvirt: (!libvirt_addresses.is_empty() || !libvirt_dns_names.is_empty())
-                    .then_some(enrol::LibvirtNames {
-                        addresses: libvirt_addresses,
-                        dns_names: libvirt_dns_names,
-                    }),
+                libvirt: names(libvirt_addresses, libvirt_dns_names),
+                manager_identity: names(manager_addresses, manager_dns_names),
             };
             let crl_path = to.ca_dir.join(revocation::CRL_FILE);
             let crl = match std::fs::read_to_string(&crl_path) {
@@ -300,9 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) => return Err(e).context(crl_path.display().to_string()),
             };
             let bundle = enrol::make_bundle(&ca, &plan, crl, to.days)?;
-            for id in bundle.identities.values().chain(&bundle.libvirt) {
-                to.record(&id.cert_pem)?;
-            }
+            bundle.record(&revocation::Register::new(&to.ca_dir))?;
             bundle.save(&to.out)?;
             println!(
                 "enrolment bundle for {}/{} ({}) -> {}; on the host: viola-ca install --bundle FILE",
@@ -327,6 +344,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let b = enrol::Bundle::load(&bundle)?;
             for path in b.install(&etc, Some(&pki), force)? {
                 println!("wrote {}", path.display());
+            }
+            if let Some(step) = b.next_step(&etc) {
+                println!("{step}");
             }
         }
         Command::Revoke {
