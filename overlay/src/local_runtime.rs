@@ -34,6 +34,8 @@ use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, TokioRuntime, UdpPoller};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::sparse::SparsePath;
+
 /// quinn's tokio runtime, except that [`spawn`](Runtime::spawn) uses
 /// [`tokio::task::spawn_local`]. Every endpoint built with it must be created and used inside a
 /// `LocalSet` (the daemon's `main` runs everything in one).
@@ -66,6 +68,8 @@ pub struct ReadInterestSocket {
     state: UdpSocketState,
     /// The last send would have blocked, and no waiter has seen the socket writable since.
     blocked: AtomicBool,
+    /// Every send that passed is a handoff on this path (the daemon's sparse-packet handling).
+    handoff: Option<Arc<SparsePath>>,
 }
 
 impl ReadInterestSocket {
@@ -81,7 +85,15 @@ impl ReadInterestSocket {
             io,
             state,
             blocked: AtomicBool::new(false),
+            handoff: None,
         })
+    }
+
+    /// Treats every send that passed as a handoff on `path` ([`SparsePath::after_handoff`]).
+    #[must_use]
+    pub fn with_handoff(mut self, path: Arc<SparsePath>) -> Self {
+        self.handoff = Some(path);
+        self
     }
 }
 
@@ -102,13 +114,20 @@ impl AsyncUdpSocket for ReadInterestSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
-        if let Err(e) = &sent
-            && e.kind() == io::ErrorKind::WouldBlock
-        {
-            self.blocked.store(true, Ordering::Relaxed);
+        match self.state.send(self.io.get_ref().into(), transmit) {
+            Ok(()) => {
+                if let Some(path) = &self.handoff {
+                    path.after_handoff();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.blocked.store(true, Ordering::Relaxed);
+                }
+                Err(e)
+            }
         }
-        sent
     }
 
     fn poll_recv(

@@ -17,8 +17,8 @@ use viola_common::identity::{Identity, alpn};
 
 use super::{DaemonError, io_err};
 use crate::config::{OverlayConfig, QuicCongestion};
-use crate::local_runtime::LocalSetRuntime;
-use crate::sparse::{HandoffSocket, SparsePath};
+use crate::local_runtime::{LocalSetRuntime, ReadInterestSocket};
+use crate::sparse::SparsePath;
 use crate::tap::VnetTap;
 
 /// A violin's TAP, readable through tokio.
@@ -150,10 +150,12 @@ pub(super) fn endpoint(
                 .ok()
         });
     let runtime: Arc<dyn quinn::Runtime> = Arc::new(LocalSetRuntime);
-    let udp = runtime
-        .wrap_udp_socket(socket)
-        .map_err(io_err("cannot create QUIC endpoint"))?;
-    let udp = Arc::new(HandoffSocket::new(udp, send_path));
+    // Every send is a handoff on the UDP path (see `sparse`).
+    let udp = Arc::new(
+        ReadInterestSocket::new(socket)
+            .map_err(io_err("cannot create QUIC endpoint"))?
+            .with_handoff(send_path),
+    );
     let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         Some(server_cfg),

@@ -23,17 +23,9 @@
 
 pub mod busy_poll;
 
-use std::fmt;
-use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use quinn::udp::{RecvMeta, Transmit};
-use quinn::{AsyncUdpSocket, UdpPoller};
 
 pub use busy_poll::BusyPoll;
 
@@ -127,65 +119,6 @@ impl SparsePath {
     #[must_use]
     pub fn yields(&self) -> u64 {
         self.yields.load(Ordering::Relaxed)
-    }
-}
-
-/// quinn's UDP socket, treating every send as a handoff on `path`.
-pub struct HandoffSocket {
-    inner: Arc<dyn AsyncUdpSocket>,
-    path: Arc<SparsePath>,
-}
-
-impl HandoffSocket {
-    /// Wraps `inner`.
-    #[must_use]
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>, path: Arc<SparsePath>) -> Self {
-        Self { inner, path }
-    }
-}
-
-impl fmt::Debug for HandoffSocket {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HandoffSocket")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AsyncUdpSocket for HandoffSocket {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.inner.clone().create_io_poller()
-    }
-
-    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)?;
-        self.path.after_handoff();
-        Ok(())
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut Context,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
     }
 }
 
