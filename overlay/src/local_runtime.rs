@@ -197,6 +197,20 @@ impl UdpPoller for WritableWaiter {
     }
 }
 
+/// Sets a socket buffer's size: `opt_force` (beyond the system's limit, needs CAP_NET_ADMIN),
+/// else `opt` (up to the limit).
+pub(crate) fn set_buffer(fd: i32, opt_force: i32, opt: i32, size: usize) {
+    let size = size as libc::c_int;
+    let p = &size as *const libc::c_int as *const libc::c_void;
+    let len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: setsockopt with a valid fd and a pointer to a live c_int of the given length.
+    let rc = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt_force, p, len) };
+    if rc != 0 {
+        // SAFETY: as above.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, p, len) };
+    }
+}
+
 /// Runs `main` to its end inside a `LocalSet` on a new current-thread runtime, as the daemon
 /// runs everything (see the module's doc).
 pub fn block_on_local<F: Future>(main: F) -> io::Result<F::Output> {
@@ -263,23 +277,19 @@ mod tests {
         .unwrap();
     }
 
+    /// Whether `waiter` is ready without waiting.
+    fn ready_at_once(waiter: &mut Pin<Box<dyn UdpPoller>>) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        waiter.as_mut().poll_writable(&mut cx).is_ready()
+    }
+
     async fn would_block_then_writable() {
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = receiver.local_addr().unwrap();
         let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The smallest send buffer (the kernel rounds 1 up to its minimum).
         let raw = std::os::fd::AsRawFd::as_raw_fd(&std_socket);
-        let smallest: libc::c_int = 1;
-        // SAFETY: sets an int socket option on our own socket (the kernel rounds it up).
-        let r = unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                std::ptr::from_ref(&smallest).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0);
+        set_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 1);
         let from = std_socket.local_addr().unwrap();
         let socket = Arc::new(ReadInterestSocket::new(std_socket).unwrap());
         let payload = [7u8; 1200];
@@ -291,12 +301,8 @@ mod tests {
             src_ip: None,
         };
         let mut waiter = socket.clone().create_io_poller();
-        let waker = std::task::Waker::noop().clone();
         assert!(
-            waiter
-                .as_mut()
-                .poll_writable(&mut Context::from_waker(&waker))
-                .is_ready(),
+            ready_at_once(&mut waiter),
             "ready at once while no send would have blocked (quinn asks before every send)"
         );
         let mut sent = 0;
@@ -327,10 +333,7 @@ mod tests {
             .unwrap();
         socket.try_send(&transmit).expect("a send passes again");
         assert!(
-            waiter
-                .as_mut()
-                .poll_writable(&mut Context::from_waker(&waker))
-                .is_ready(),
+            ready_at_once(&mut waiter),
             "ready at once again after a send that passed"
         );
 

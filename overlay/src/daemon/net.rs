@@ -17,7 +17,7 @@ use viola_common::identity::{Identity, alpn};
 
 use super::{DaemonError, io_err};
 use crate::config::{OverlayConfig, QuicCongestion};
-use crate::local_runtime::{LocalSetRuntime, ReadInterestSocket};
+use crate::local_runtime::{LocalSetRuntime, ReadInterestSocket, set_buffer};
 use crate::sparse::SparsePath;
 use crate::tap::VnetTap;
 
@@ -326,18 +326,6 @@ fn disable_ipv6(ifname: &str) {
         format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
         "1",
     );
-}
-
-fn set_buffer(fd: i32, opt_force: i32, opt: i32, size: usize) {
-    let size = size as libc::c_int;
-    let p = &size as *const libc::c_int as *const libc::c_void;
-    let len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: setsockopt with a valid fd and a pointer to a live c_int of the given length.
-    let rc = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt_force, p, len) };
-    if rc != 0 {
-        // SAFETY: as above.
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, p, len) };
-    }
 }
 
 #[cfg(test)]
