@@ -47,8 +47,8 @@
 # (viola.epoll_events_per_mb: how often the kernel had news for them, per MB of TCP payload)
 # and the plain RTT rounds (viola.epoll_events_per_ping, both daemons, keepalives included);
 # calls that returned nothing (busy polling, timers) are not counted.
-# Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools, ethtool with apt if
-# missing, boringtun-cli 0.7.1 with cargo into /var/cache/viola/bench-tools (its default 4
+# Needs root. Installs iperf3, tinc, openvpn, wireguard-go, wireguard-tools, ethtool, linux-perf
+# with apt if missing, boringtun-cli 0.7.1 with cargo into /var/cache/viola/bench-tools (its default 4
 # threads), builds viola-overlay and viola-wanem (release). Writes one flat JSON object with --json: <kind>.tcp1_gbps,
 # <kind>.tcp4_gbps, <kind>.rtt_ms, <kind>.cpu_s_per_gb (+ <kind>.rtt_lowlat_ms,
 # <kind>.tunnel_cpu_s_per_gb, <kind>.wan_mbps, <kind>.wan_over_underlay, ratios and
@@ -116,7 +116,7 @@ nsx() { ip netns exec "$@"; }
 
 # ----------------------------------------------------------------- install and build
 if ((INSTALL)); then
-  declare -A PKG=([iperf3]=iperf3 [tincd]=tinc [openvpn]=openvpn [wireguard-go]=wireguard-go [wg]=wireguard-tools [jq]=jq [openssl]=openssl [ethtool]=ethtool)
+  declare -A PKG=([iperf3]=iperf3 [tincd]=tinc [openvpn]=openvpn [wireguard-go]=wireguard-go [wg]=wireguard-tools [jq]=jq [openssl]=openssl [ethtool]=ethtool [perf]=linux-perf)
   ((HOPS)) && PKG+=([tcpdump]=tcpdump [python3]=python3)
   missing=()
   for c in "${!PKG[@]}"; do command -v "$c" >/dev/null || missing+=("${PKG[$c]}"); done
@@ -428,7 +428,7 @@ wait_connected() { # KIND: the tunnel of the current topology carries a ping wit
 declare -A R
 WAN_MODE=0
 # per kind, over the throughput rounds: Gb/s of each round, busy and tunnel ticks, bytes
-declare -A TS1 TS4 BUSY_TICKS TUNNEL_TICKS BYTES BYTES1 BG_MAX EPOLL_WAITS
+declare -A TS1 TS4 BUSY_TICKS TUNNEL_TICKS BYTES BYTES1 BG_MAX EPOLL_EVENTS
 measure() { # KIND: throughput and CPU, this kind alone on the machine
   local kind=$1
   SETTLE=1
@@ -466,7 +466,7 @@ measure() { # KIND: throughput and CPU, this kind alone on the machine
   if [[ -n $perf_pid ]]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
-    EPOLL_WAITS[$kind]=$(( ${EPOLL_WAITS[$kind]:-0} + $(awk -F, '$1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$WORK/epoll.csv" 2>/dev/null || echo 0) ))
+    EPOLL_EVENTS[$kind]=$(( ${EPOLL_EVENTS[$kind]:-0} + $(awk -F, '$1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$WORK/epoll.csv" 2>/dev/null || echo 0) ))
   fi
   sleep 1
   log "$kind: iperf3 4 streams, ${TIME}s"
@@ -569,7 +569,7 @@ measure_rtt() {
     if [[ -n $perf_pid ]]; then
       kill -INT "$perf_pid" 2>/dev/null || true
       wait "$perf_pid" 2>/dev/null || true
-      EPOLL_WAITS_RTT=$(awk -F, '$1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$WORK/epoll-rtt.csv" 2>/dev/null || echo 0)
+      EPOLL_EVENTS_RTT=$(awk -F, '$1 ~ /^[0-9]+$/ {s += $1} END {print s + 0}' "$WORK/epoll-rtt.csv" 2>/dev/null || echo 0)
     fi
   done
   ((HOPS)) && measure_hops "${kinds[@]}"
@@ -583,8 +583,8 @@ measure_rtt() {
     done
     R[$k.rtt_replies]=0
     [[ -f $WORK/rtt-$k-plain.txt ]] && R[$k.rtt_replies]=$(wc -l <"$WORK/rtt-$k-plain.txt")
-    if [[ $k == viola && -n ${EPOLL_WAITS_RTT:-} ]] && ((R[viola.rtt_replies] > 0)); then
-      R[viola.epoll_events_per_ping]=$(awk -v n="$EPOLL_WAITS_RTT" -v p="${R[viola.rtt_replies]}" 'BEGIN{printf "%.2f", n / p}')
+    if [[ $k == viola && -n ${EPOLL_EVENTS_RTT:-} ]] && ((R[viola.rtt_replies] > 0)); then
+      R[viola.epoll_events_per_ping]=$(awk -v n="$EPOLL_EVENTS_RTT" -v p="${R[viola.rtt_replies]}" 'BEGIN{printf "%.2f", n / p}')
       log "viola: ${R[viola.epoll_events_per_ping]} epoll_wait calls with events in both daemons per ping (4 hops; plain rounds)"
     fi
     log "$k: rtt ${R[$k.rtt_ms]} ms (${R[$k.rtt_lowlat_ms]} ms with wake-ups held), ${R[$k.rtt_replies]} of $((n * RTT_ROUNDS)) replies"
@@ -645,8 +645,8 @@ for k in $KINDS; do
   if [[ $k == viola || $k == tinc || $k == openvpn || $k == wireguard_go || $k == boringtun ]]; then
     R[$k.tunnel_cpu_s_per_gb]=$(awk -v t="${TUNNEL_TICKS[$k]}" -v hz="$HZ" -v b="${BYTES[$k]}" 'BEGIN{printf "%.2f", (t/hz)/(b/1e9)}')
   fi
-  if [[ -n ${EPOLL_WAITS[$k]:-} ]]; then
-    R[$k.epoll_events_per_mb]=$(awk -v n="${EPOLL_WAITS[$k]}" -v b="${BYTES1[$k]}" 'BEGIN{printf "%.1f", n / (b / 1e6)}')
+  if [[ -n ${EPOLL_EVENTS[$k]:-} ]]; then
+    R[$k.epoll_events_per_mb]=$(awk -v n="${EPOLL_EVENTS[$k]}" -v b="${BYTES1[$k]}" 'BEGIN{printf "%.1f", n / (b / 1e6)}')
     log "$k: ${R[$k.epoll_events_per_mb]} epoll_wait calls with events in its daemons per MB (one stream)"
   fi
   log "$k: tcp1 ${R[$k.tcp1_gbps]} Gbit/s (rounds:${TS1[$k]}), tcp4 ${R[$k.tcp4_gbps]} Gbit/s (rounds:${TS4[$k]}), ${R[$k.cpu_s_per_gb]} busy CPU s/GB"
