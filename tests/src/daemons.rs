@@ -51,12 +51,28 @@ pub fn build(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A local port free at the time of asking (for listeners bound to 127.0.0.1).
+/// A local port free for both TCP and UDP at the time of asking (for listeners bound to
+/// 127.0.0.1), never the same twice in one test process. It is taken below Linux's ephemeral
+/// range (32768–60999): a port from that range (what binding port 0 gives) can be taken by any
+/// process's outgoing connection before the daemon binds it, which once failed a manager's
+/// metrics listener in CI ("Address already in use").
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000;
+    // Spread test processes over the range; within one, count on.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(COUNT)) as u16;
+    for _ in 0..COUNT {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) % COUNT;
+        let port = FIRST + offset;
+        let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free local port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// Spawns `cmd` with stdin closed and stdout and stderr appended to `log`.
