@@ -2,7 +2,7 @@
 # Viola's lab: several sites of real libvirt hosts on one machine.
 #
 #   lab.sh up [--sites N] [--hosts M] [--wan-delay-ms D] [--wan-rate-mbit R] [--nat-site S]
-#             [--allow-plain-migration] [--host-cpus C]
+#             [--allow-plain-migration] [--host-cpus C] [--private-images]
 #   lab.sh down            remove everything `up` made (also after a crash or a half-made up)
 #   lab.sh status [--json] sites, hosts, addresses, each libvirtd's state and its domains
 #   lab.sh exec HOST -- CMD...   run CMD in HOST's network and mount namespace
@@ -25,7 +25,10 @@
 # Each host runs its own libvirtd in a private mount namespace with private /etc/libvirt,
 # /run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt and /etc/pki, a random
 # host_uuid, and a private image directory: /var/lib/viola/images inside the host is
-# /var/lib/viola-lab/images/<host> outside.
+# /var/lib/viola-lab/images/<host> outside. With `up --private-images` it is instead a tmpfs
+# mounted only inside the host's mount namespace, as on separate machines: no process outside
+# that host (another host's, the manager's, a site depot's) can see or write it, and only a
+# Viola component running in the host (its depot agent) can lay images down there.
 # Migrations are encrypted and mutually authenticated as in a real federation: `up` makes a lab
 # CA with viola-ca (LAB_DIR/pki/ca) and issues each host's libvirt and QEMU certificates from it
 # (`viola-ca issue-libvirt`, the host's name and underlay address as names) into the host's
@@ -176,8 +179,8 @@ EOF
   echo "$uuid" >"$d/host_uuid"
 }
 
-start_host() { # HOST SITE_INDEX K PLAIN_MIGRATION_ALLOWED
-  local h=$1 i=$2 k=$3 plain=$4 ns addr d c
+start_host() { # HOST SITE_INDEX K PLAIN_MIGRATION_ALLOWED PRIVATE_IMAGES
+  local h=$1 i=$2 k=$3 plain=$4 private=$5 ns addr d c images_mount
   ns=$(host_ns "$h")
   addr="198.18.$i.$((10 + k))"
   d="$LAB_DIR/hosts/$h"
@@ -205,6 +208,10 @@ start_host() { # HOST SITE_INDEX K PLAIN_MIGRATION_ALLOWED
   # Only a mount point: every host mounts its own certificates over it (libvirt's client side,
   # libvirtd connecting to a peer or virsh, always looks in /etc/pki).
   mkdir -p /etc/pki
+  images_mount="mount --bind '$LAB_DIR/images/$h' /var/lib/viola/images"
+  if [ "$private" -eq 1 ]; then
+    images_mount="mount -t tmpfs -o mode=0755,size=1g 'viola-images-$h' /var/lib/viola/images"
+  fi
   touch "$NS_DIR/$h.mnt" "$NS_DIR/$h.cgroup"
   # The cgroup namespace is rooted at the host's own cgroup subtree, and the mount namespace
   # mounts the cgroup file systems afresh inside it (in place of the machine's: the same file
@@ -217,7 +224,7 @@ start_host() { # HOST SITE_INDEX K PLAIN_MIGRATION_ALLOWED
     mount --bind '$d/lib' /var/lib/libvirt &&
     mount --bind '$d/log' /var/log/libvirt &&
     mount --bind '$d/cache' /var/cache/libvirt &&
-    mount --bind '$LAB_DIR/images/$h' /var/lib/viola/images &&
+    $images_mount &&
     mount --bind '$d/pki' /etc/pki &&
     awk '\$3 == \"cgroup\" || \$3 == \"cgroup2\" { print \$3, \$4, \$2 }' /proc/self/mounts |
       while read -r type opts dir; do
@@ -321,7 +328,7 @@ wait_libvirtd() { # HOST
 }
 
 cmd_up() {
-  local sites=2 hosts=2 delay=10 rate=200 nat_sites="" plain=0 host_cpus="" i k s h
+  local sites=2 hosts=2 delay=10 rate=200 nat_sites="" plain=0 host_cpus="" private=0 i k s h
   while [ $# -gt 0 ]; do
     case "$1" in
       --sites) sites=$2; shift 2 ;;
@@ -331,6 +338,7 @@ cmd_up() {
       --nat-site) nat_sites="$nat_sites $2"; shift 2 ;;
       --allow-plain-migration) plain=1; shift ;;
       --host-cpus) host_cpus=$2; shift 2 ;;
+      --private-images) private=1; shift ;;
       *) die "up: unknown option $1" ;;
     esac
   done
@@ -416,7 +424,7 @@ cmd_up() {
         mkdir -p "$LAB_DIR/hosts/$h/cache/qemu/capabilities"
         cp -a "$caps_seed/." "$LAB_DIR/hosts/$h/cache/qemu/capabilities/" 2>/dev/null || true
       fi
-      start_host "$h" "$i" "$k" "$plain"
+      start_host "$h" "$i" "$k" "$plain" "$private"
       if [ "$first" -eq 1 ] && [ ! -d "$caps_seed" ]; then
         wait_libvirtd "$h"
         mkdir -p "$caps_seed.tmp" && cp -a "$LAB_DIR/hosts/$h/cache/qemu/capabilities/." "$caps_seed.tmp/" \
@@ -436,6 +444,7 @@ wan_delay_ms=$delay
 wan_rate_mbit=$rate
 nat_sites="${nat_sites# }"
 plain_migration_allowed=$plain
+private_images=$private
 EOF
   trap - ERR
   log "up: $sites sites x $hosts hosts, WAN ${delay} ms one way at ${rate} Mbit/s${host_cpus:+, $host_cpus CPUs per host}"
@@ -485,7 +494,7 @@ cmd_status() {
       printf '{"name":"%s","site":"%s","namespace":"%s","mount_namespace":"%s","address":"%s","cpus":%s,"cgroups":"%s","libvirtd":"%s","libvirt_uri":"qemu+tls://%s/system","pki":"%s","images":"%s","host_uuid":"%s","domains":"%s"}' \
         "$h" "$s" "$(host_ns "$h")" "$NS_DIR/$h.mnt" "$addr" "${cpus:-null}" "$(host_cgroup_dirs "$h" | paste -sd' ' -)" \
         "$state" "$addr" "$LAB_DIR/hosts/$h/pki" \
-        "$LAB_DIR/images/$h" "$(cat "$LAB_DIR/hosts/$h/host_uuid" 2>/dev/null)" "$doms"
+        "$([ "${private_images:-0}" = 1 ] || echo "$LAB_DIR/images/$h")" "$(cat "$LAB_DIR/hosts/$h/host_uuid" 2>/dev/null)" "$doms"
     else
       printf '%-6s %-5s %-14s %-8s %-10s %-8s %s\n' "$h" "$s" "$addr" "${cpus:-machine}" "$state" "$pid" "${doms:--}"
     fi

@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
                 migration_tls_name: None,
                 images_local: None,
                 overlay_addr: None,
+                depot_agent: None,
             }
         })
         .collect();

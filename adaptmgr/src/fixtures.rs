@@ -41,6 +41,7 @@ pub fn fake_host(name: &str, site: &str) -> HostConfig {
         migration_tls_name: None,
         images_local: None,
         overlay_addr: None,
+        depot_agent: None,
     }
 }
 
@@ -182,6 +183,7 @@ impl Federation {
                     // No overlay daemons: the move is not announced (the announcer's own tests
                     // cover that); the VM must still be in a violin.
                     overlay_addr: None,
+                    depot_agent: None,
                 })
                 .collect(),
             violins: vec![ViolinConfig {

@@ -57,6 +57,12 @@ pub struct HostConfig {
     /// Its overlay daemon's address (the daemon's `listen`), for move announcements over QUIC
     /// with the manager's certificate. Without it the host is taken to run no overlay daemon.
     pub overlay_addr: Option<SocketAddr>,
+    /// Its own depot agent's staging address: a `viola-depot` running on this host that lays
+    /// images down in this host's image directory only (`hosts = [this host]`), fetching the
+    /// parts over the network from its peers with verification. When set, every image this
+    /// host needs (a migration's base, a new VM's disk) is staged through it instead of the
+    /// site's depot, so no process on another machine writes this host's files.
+    pub depot_agent: Option<SocketAddr>,
 }
 
 /// `f` of each of `hosts`, by libvirt URI (the name migrations and failures give a host).
@@ -384,6 +390,7 @@ impl Manager {
         let depot_hosts = by_libvirt_uri(&cfg.hosts, |h| DepotHost {
             name: h.name.clone(),
             site: h.site.clone(),
+            agent: h.depot_agent,
         });
         Ok(Self {
             announcer: OverlayAnnouncer::new(

@@ -96,9 +96,39 @@ impl Default for DepotConfig {
     }
 }
 
+/// A depot configuration that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "image_dir_template {template:?} has no {{host}}: that is one host's own image directory \
+         (a depot agent on that host), so `hosts` must name exactly that host, not {hosts:?}"
+    )]
+    SharedImageDir {
+        template: String,
+        hosts: Vec<String>,
+    },
+}
+
+impl DepotConfig {
+    /// Checks what parsing cannot: a template without `{host}` is a host-local depot agent's
+    /// own image directory, which must serve exactly one host (else two hosts' images would
+    /// land in one directory, or an agent would write for a host it does not run on).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !self.image_dir_template.contains("{host}") && self.hosts.len() != 1 {
+            return Err(ConfigError::SharedImageDir {
+                template: self.image_dir_template.clone(),
+                hosts: self.hosts.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error("configuration")]
+    Config(#[from] ConfigError),
     #[error("identity")]
     Identity(#[from] identity::LoadError),
     #[error("TLS configuration")]
@@ -279,6 +309,7 @@ pub async fn run(
     registry: SharedRegistry,
     token: CancellationToken,
 ) -> Result<(), DaemonError> {
+    cfg.check()?;
     let store = Store::open(&cfg.store)?;
     let mut server = identity.server_config(&[alpn::DEPOT])?;
     let transport = Arc::new(transport_config(cfg.path));
@@ -616,5 +647,26 @@ fn single_vm_scenario(
             assembly_secs: 0.5 + total as f64 / inner.cfg.assembly_bytes_per_sec.max(1.0),
         }],
         progress,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_dir_without_a_host_placeholder_serves_exactly_one_host() {
+        let site_depot = DepotConfig::default();
+        assert_eq!(site_depot.check(), Ok(()));
+        let agent = |hosts: &[&str]| DepotConfig {
+            image_dir_template: "/var/lib/viola/images".into(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            ..DepotConfig::default()
+        };
+        assert_eq!(agent(&["a1"]).check(), Ok(()));
+        for hosts in [&[][..], &["a1", "a2"][..]] {
+            let err = agent(hosts).check().unwrap_err();
+            assert!(err.to_string().contains("exactly that host"), "{err}");
+        }
     }
 }

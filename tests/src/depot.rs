@@ -47,6 +47,32 @@ pub fn serve_config(
     )
 }
 
+/// Port of a host's own depot agent (a site's depot listens on 7410).
+pub const AGENT_PORT: u16 = 7411;
+
+/// The configuration of `host`'s own depot agent (site `site`, store `store`): it lays images
+/// down in the host's image directory, as the host sees it, for that host only, fetching parts
+/// from `peers` (`(site, address)`, each a depot's `listen`).
+pub fn agent_config(
+    lab: &Lab,
+    site: &str,
+    host: &str,
+    store: &Path,
+    identity: &Path,
+    peers: &[(&str, &str)],
+) -> String {
+    let mut peers_toml = String::new();
+    for (peer_site, addr) in peers {
+        peers_toml += &format!("[[peers]]\nsite = \"{peer_site}\"\naddr = \"{addr}\"\n");
+    }
+    format!(
+        "site = \"{site}\"\nstore = \"{}\"\nlisten = \"{}:{AGENT_PORT}\"\nidentity_dir = \"{}\"\nimage_dir_template = \"/var/lib/viola/images\"\nhosts = [\"{host}\"]\n{peers_toml}[path]\nrate_mbit = 200.0\nrtt_ms = 20.0\n",
+        store.display(),
+        lab.host(host).address,
+        identity.display(),
+    )
+}
+
 /// Where [`start`] logs the depot of `host`.
 pub fn log_path(dir: &Path, host: &str) -> PathBuf {
     dir.join(format!("depot-{host}.log"))
@@ -62,20 +88,52 @@ pub fn start(
     config: &str,
     dir: &Path,
 ) -> Result<PathBuf> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.host(host).namespace]);
+    start_as(daemons, host, cmd, config, dir)
+}
+
+/// Starts `host`'s own depot agent with `config` (see [`agent_config`]) inside the host's
+/// network *and* mount namespace, so it sees the host's image directory as the host's libvirtd
+/// does, as daemon `agent-HOST`; waits until it serves. Returns the log's path.
+pub fn start_agent(
+    lab: &Lab,
+    daemons: &mut Daemons,
+    host: &str,
+    config: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let h = lab.host(host);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", h.namespace))
+        .arg(format!("--mount={}", h.mount_namespace))
+        .arg("--");
+    start_as(daemons, &format!("agent-{host}"), cmd, config, dir)
+}
+
+/// Runs `viola-depot serve --config` (written to `dir`) under `prefix` (a command that enters
+/// namespaces and then runs its arguments) as daemon `name`, logging to `dir`.
+fn start_as(
+    daemons: &mut Daemons,
+    name: &str,
+    mut prefix: Command,
+    config: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let host = name;
     let cfg = dir.join(format!("depot-{host}.toml"));
     std::fs::write(&cfg, config)?;
     let log = log_path(dir, host);
     let serving_before = log_text(&log).matches("depot serving").count();
     let child = spawn_logged(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.host(host).namespace])
+        prefix
             .arg(bin("viola-depot"))
             .args(["serve", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info"),
         &log,
     )?;
-    daemons.add(host, child);
+    daemons.add(name, child);
     // Ready when it accepts QUIC: it logs "depot serving" then.
     wait_for_log(
         &log,

@@ -203,6 +203,9 @@ pub struct LabSpec {
     pub allow_plain_migration: bool,
     /// Each host's own CPU capacity in CPUs (`--host-cpus`); `None`: hosts share the machine.
     pub host_cpus: Option<f64>,
+    /// Each host's image directory only inside the host (`--private-images`): no view of it
+    /// from outside (`LabHost::images` is empty), as on separate machines.
+    pub private_images: bool,
 }
 
 impl Default for LabSpec {
@@ -215,6 +218,7 @@ impl Default for LabSpec {
             nat_sites: Vec::new(),
             allow_plain_migration: false,
             host_cpus: None,
+            private_images: false,
         }
     }
 }
@@ -255,6 +259,9 @@ impl Lab {
         }
         if let Some(cpus) = spec.host_cpus {
             cmd.args(["--host-cpus", &format!("{cpus:.2}")]);
+        }
+        if spec.private_images {
+            cmd.arg("--private-images");
         }
         // Construct the guard first so a failed `up` is still torn down.
         let mut lab = Self::unread(instance, true);

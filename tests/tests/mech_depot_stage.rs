@@ -1,22 +1,29 @@
-//! Migration with the base staged through the destination site's depot (lab test).
+//! Migration with the base staged by the destination host's own depot agent, on hosts that
+//! share no file system (lab test).
 //!
-//! The guest image is imported into site a's depot and assembled for guest `g1` at a1, which
-//! boots from it (its domain metadata names the depot image). Site b's depot runs with site a's
-//! as its peer. The adaptation manager (the library's `Manager`, configured with `[[depots]]`
-//! for site b) first tries a migration whose domain names an image no depot has: the staging
-//! fails, the migration rolls back, g1 keeps running at a1 and b1 has nothing of it. Then, with
-//! the right image, it migrates g1 a1 -> b1: site b's depot fetches the chain from site a across
-//! the WAN and lays it down at b1, and only g1's own layer crosses with the migration. Checked:
-//! an incremental migration, the base at b1 laid down by site b's depot (fetched from a1, same
-//! bytes as a1's), staging progress reported, the marker g1 wrote before the move read back
-//! after it, and exactly one running copy, at b1.
+//! The lab runs with private image directories (`lab.sh up --private-images`): each host's
+//! `/var/lib/viola/images` is a tmpfs mounted only inside that host's mount namespace, so no
+//! process outside the host (another host's, the manager's, a site's depot) can see or write
+//! it. The test checks that first. Each of a1 and b1 runs its own depot agent (a `viola-depot`
+//! inside the host, `hosts = [itself]`), fed over the network by site a's depot, which holds the
+//! imported guest image.
+//!
+//! a1's agent lays down g1's disk (chain and overlay) at a1, and g1 boots from it. The
+//! adaptation manager (the library's `Manager`, configured with each host's `depot_agent` and no
+//! view of any image directory) first tries a migration whose domain names an image no depot
+//! has: the staging fails, the migration rolls back, g1 keeps running at a1 and b1 has nothing
+//! of it. Then, with the right image, it migrates g1 a1 -> b1: b1's agent fetches the chain from
+//! site a's depot across the WAN, verifies it and lays it down in b1's own directory, and only
+//! g1's own layer crosses with the migration. Checked: an incremental migration, the base at b1
+//! laid down by b1's agent (fetched from site a, same bytes as a1's), staging progress reported,
+//! the marker g1 wrote before the move read back after it, and exactly one running copy, at b1.
 //!
 //! The manager must reach the depots' underlay addresses, which only the lab's namespaces can:
 //! it runs on a thread that joined host a2's network namespace (libvirt is reached through the
 //! hosts' unix sockets, which any namespace sees).
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,10 +38,10 @@ use viola_api::manager::{Response, VmMigrate};
 use viola_hypervisor::DomainState;
 use viola_hypervisor::libvirt::LibvirtConnector;
 use viola_labtests::daemons::{Daemons, log_text};
-use viola_labtests::depot::{self, depot, serve_config};
+use viola_labtests::depot::{self, agent_config, serve_config};
 use viola_labtests::pki::Pki;
 use viola_labtests::{
-    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled,
+    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, run, run_ok,
 };
 
 const LAB: &str = "vds";
@@ -92,38 +99,107 @@ async fn migrate(
     (report, seen)
 }
 
-fn bytes_of(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// Where a host's own image directory is, as the host (its libvirtd, its agent) sees it.
+const HOST_IMAGES: &str = "/var/lib/viola/images";
+
+/// SHA-256 of `file` in `host`'s image directory, read inside the host; `None` if it is not
+/// there.
+fn digest_at(lab: &Lab, host: &str, file: &str) -> Option<String> {
+    lab.sh(host, &format!("sha256sum {HOST_IMAGES}/{file}"))
+        .ok()
+        .and_then(|out| out.split_whitespace().next().map(str::to_owned))
+}
+
+/// The device (`major:minor`) of every mount in a mount namespace's mount table.
+fn mounted_devices(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .collect()
+}
+
+/// Each host's image directory is its own file system, mounted in no other mount namespace:
+/// not the machine's (where the test, the manager and site a's depot run), not another host's.
+fn assert_image_dirs_private(lab: &Lab, hosts: &[&str]) {
+    let device = |h: &str| {
+        lab.sh(h, &format!("mountpoint -d {HOST_IMAGES}"))
+            .unwrap_or_else(|e| panic!("{h}'s image directory is no mount of its own: {e:#}"))
+            .trim()
+            .to_owned()
+    };
+    let root = mounted_devices(&std::fs::read_to_string("/proc/self/mountinfo").unwrap());
+    for h in hosts {
+        let dev = device(h);
+        assert!(
+            !root.contains(&dev),
+            "{h}'s image directory ({dev}) is mounted outside the host"
+        );
+        for other in hosts.iter().filter(|o| *o != h) {
+            let theirs = mounted_devices(&lab.sh(other, "cat /proc/self/mountinfo").unwrap());
+            assert!(
+                !theirs.contains(&dev),
+                "{h}'s image directory ({dev}) is mounted in {other}"
+            );
+        }
+    }
+    // And what one host writes there, no other host sees.
+    lab.sh(hosts[0], &format!("echo {} >{HOST_IMAGES}/probe", hosts[0]))
+        .unwrap();
+    for other in &hosts[1..] {
+        assert_eq!(
+            digest_at(lab, other, "probe"),
+            None,
+            "{other} sees {}'s file",
+            hosts[0]
+        );
+    }
+    lab.sh(hosts[0], &format!("rm {HOST_IMAGES}/probe"))
+        .unwrap();
 }
 
 #[test]
-fn base_staged_through_the_destination_depot_then_incremental_migration() {
+fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
     if !lab_tests_enabled() {
         return;
     }
     let started = Instant::now();
     viola_labtests::daemons::build(&["viola-depot", "viola-common"]).expect("build");
-    let lab = Lab::up(LAB, &LabSpec::default()).expect("lab up");
+    let lab = Lab::up(
+        LAB,
+        &LabSpec {
+            private_images: true,
+            ..LabSpec::default()
+        },
+    )
+    .expect("lab up");
+    let hosts = ["a1", "a2", "b1", "b2"];
+    assert_image_dirs_private(&lab, &hosts);
+    for h in hosts {
+        assert_eq!(
+            lab.host(h).images,
+            "",
+            "{h}'s image directory has a view from outside"
+        );
+    }
     let mut daemons = Daemons::default();
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let lab_dir = PathBuf::from(&lab.status.lab_dir);
-    let images = |h: &str| PathBuf::from(&lab.host(h).images);
 
-    // Identities: the depots of sites a and b, the manager.
+    // Identities: site a's depot, the agents of a1 and b1, the manager.
     let pki = Pki::init(&dir.join("ca")).unwrap();
-    for (role, site, host) in [
+    for (role, site, name) in [
+        ("depot", "a", "depot-a"),
         ("depot", "a", "a1"),
         ("depot", "b", "b1"),
         ("adaptmgr", "fed", "mgr"),
     ] {
-        pki.issue(role, site, host, &dir.join(format!("id-{host}")))
+        pki.issue(role, site, name, &dir.join(format!("id-{name}")))
             .unwrap();
     }
 
     // The guest image in site a's depot; its manifest hash is what g1's domain will name.
     let store_a = dir.join("store-a");
-    let store_b = dir.join("store-b");
     depot::import(
         &store_a,
         &viola_labtests::guest_dir().join("base.qcow2"),
@@ -139,46 +215,92 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
         top["format"].as_str().unwrap()
     );
 
-    // Depots: a at a1, b at b1 (fetching from a), each laying chains down in its hosts' image
-    // directories.
-    let serve_cfg = |site: &str, host: &str, store: &Path, extra: &str| {
-        serve_config(
+    // Site a's depot on a1's network (it lays nothing down: `hosts` names no host it could
+    // write for), and the agents of a1 and b1, each fed by it.
+    let site_a = format!("{}:7410", lab.host("a1").address);
+    let a_cfg = serve_config(
+        &lab,
+        "a",
+        "a1",
+        &store_a,
+        &dir.join("id-depot-a"),
+        "hosts = [\"no-such-host\"]",
+    );
+    depot::start(&lab, &mut daemons, "a1", &a_cfg, dir).unwrap();
+    let agent = |site: &str, host: &str| {
+        agent_config(
             &lab,
             site,
             host,
-            store,
+            &dir.join(format!("agent-store-{host}")),
             &dir.join(format!("id-{host}")),
-            extra,
+            &[("a", &site_a)],
         )
     };
-    let a_cfg = serve_cfg("a", "a1", &store_a, "hosts = [\"a1\", \"a2\"]");
-    let b_cfg = serve_cfg(
-        "b",
-        "b1",
-        &store_b,
-        &format!(
-            "hosts = [\"b1\", \"b2\"]\n[[peers]]\nsite = \"a\"\naddr = \"{}:7410\"",
-            lab.host("a1").address
-        ),
-    );
-    depot::start(&lab, &mut daemons, "a1", &a_cfg, dir).unwrap();
-    let b_log = depot::start(&lab, &mut daemons, "b1", &b_cfg, dir).unwrap();
+    let agent_addr = |h: &str| format!("{}:{}", lab.host(h).address, depot::AGENT_PORT);
+    depot::start_agent(&lab, &mut daemons, "a1", &agent("a", "a1"), dir).unwrap();
+    let b1_log = depot::start_agent(&lab, &mut daemons, "b1", &agent("b", "b1"), dir).unwrap();
 
-    // g1 at a1, booted from the chain site a's depot assembled there.
-    depot(&[
-        "--store",
-        store_a.to_str().unwrap(),
-        "assemble",
-        "guest",
-        "--image-dir",
-        images("a1").to_str().unwrap(),
-        "--vm",
-        "g1",
-    ])
-    .expect("assemble at a1");
-    assert!(images("a1").join(&top_file).exists());
+    // An agent lays images down for its own host only.
+    let refused = run(lab
+        .cmd(
+            "a2",
+            viola_labtests::daemons::bin("viola-depot")
+                .to_str()
+                .unwrap(),
+        )
+        .args([
+            "--quiet",
+            "stage",
+            "guest",
+            "--vm",
+            "x",
+            "--host",
+            "b1",
+            "--deadline-secs",
+            "60",
+        ])
+        .args(["--depot", &agent_addr("a1"), "--identity"])
+        .arg(dir.join("id-mgr")))
+    .unwrap();
+    let said = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !images("b1").join(&top_file).exists(),
+        said.contains("host b1 is not served by depot a"),
+        "a1's agent asked to stage for b1: {said}"
+    );
+
+    // g1 at a1, its disk laid down by a1's agent (fetched from site a's depot), booted there.
+    run_ok(
+        lab.cmd(
+            "a2",
+            viola_labtests::daemons::bin("viola-depot")
+                .to_str()
+                .unwrap(),
+        )
+        .args([
+            "--quiet",
+            "stage",
+            "guest",
+            "--vm",
+            "g1",
+            "--host",
+            "a1",
+            "--deadline-secs",
+            "60",
+        ])
+        .args(["--depot", &agent_addr("a1"), "--identity"])
+        .arg(dir.join("id-mgr")),
+    )
+    .expect("a1's agent stages g1's disk");
+    assert!(digest_at(&lab, "a1", &top_file).is_some(), "no base at a1");
+    assert!(
+        digest_at(&lab, "a1", "g1.qcow2").is_some(),
+        "no disk for g1 at a1"
+    );
+    assert_eq!(
+        digest_at(&lab, "b1", &top_file),
+        None,
         "b1 starts without the base"
     );
     let guest = GuestSpec::new("g1", "10.1.0.5/24", "lan0");
@@ -209,22 +331,25 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
         "ok"
     );
 
-    // The manager: every lab host, site b's depot, g1 in its inventory at a1.
+    // The manager: every lab host, no view of any image directory, and the agents of a1 and
+    // b1; no site depot at all.
     let mut hosts_toml = String::new();
-    for h in ["a1", "a2", "b1", "b2"] {
+    for h in hosts {
         hosts_toml += &format!(
-            "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"qemu+unix:///system?socket={}/hosts/{h}/run/libvirt-sock\"\nmigration_uri = \"{}\"\nimages_local = \"{}\"\n\n",
+            "[[hosts]]\nname = \"{h}\"\nsite = \"{}\"\nlibvirt_uri = \"qemu+unix:///system?socket={}/hosts/{h}/run/libvirt-sock\"\nmigration_uri = \"{}\"\n",
             &h[..1],
             lab_dir.display(),
             lab.host(h).libvirt_uri,
-            images(h).display()
         );
+        if matches!(h, "a1" | "b1") {
+            hosts_toml += &format!("depot_agent = \"{}\"\n", agent_addr(h));
+        }
+        hosts_toml += "\n";
     }
     let cfg_text = format!(
-        "identity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"/var/lib/viola/images\"\nmigration_bandwidth_mib_s = 1000\n\n{hosts_toml}[[violins]]\nname = \"t\"\nid = 1\nvms = [\"g1\"]\n\n[[depots]]\nsite = \"b\"\naddr = \"{}:7410\"\n",
+        "identity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"{HOST_IMAGES}\"\nmigration_bandwidth_mib_s = 1000\n\n{hosts_toml}[[violins]]\nname = \"t\"\nid = 1\nvms = [\"g1\"]\n",
         dir.join("id-mgr").display(),
         dir.join("inventory.redb").display(),
-        lab.host("b1").address
     );
     let cfg: ManagerConfig = viola_common::config::parse(&cfg_text).expect("manager config");
     let inventory = Arc::new(Inventory::open(&cfg.inventory).unwrap());
@@ -249,6 +374,7 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
         })
         .unwrap();
     let mgr_ns = lab.host("a2").namespace.clone();
+    let by_agent = "b (b1's own depot)";
 
     // 1. g1's domain names an image no depot has: staging fails, nothing moves.
     set_image("vds-no-such-image");
@@ -258,19 +384,20 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     eprintln!("failed staging: {:#?}", report.records);
     match &report.outcome {
         Outcome::RolledBack { reason } => assert!(
-            reason.contains("StageBase") && reason.contains("depot of site b"),
+            reason.contains("StageBase") && reason.contains(&format!("depot of site {by_agent}")),
             "{reason}"
         ),
         o => panic!("expected a rollback: {o:?}"),
     }
     assert_eq!(lab.domain_state("a1", "g1").as_deref(), Some("running"));
     assert_eq!(lab.domain_state("b1", "g1"), None, "nothing of g1 at b1");
-    assert!(
-        !images("b1").join("g1.qcow2").exists(),
+    assert_eq!(
+        digest_at(&lab, "b1", "g1.qcow2"),
+        None,
         "no overlay left at b1"
     );
 
-    // 2. The right image: staged by site b's depot, then an incremental migration.
+    // 2. The right image: staged by b1's agent, then an incremental migration.
     set_image(&image);
     let t = Instant::now();
     let m = Arc::clone(&manager);
@@ -285,7 +412,7 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     assert_migrated_incrementally(&report);
     let staged = stage_base_result(&report);
     assert!(
-        staged.contains(&format!("depot of site b staged image {image}")),
+        staged.contains(&format!("depot of site {by_agent} staged image {image}")),
         "{staged}"
     );
     let staging: Vec<_> = progress
@@ -298,27 +425,29 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     assert!(
         staging
             .iter()
-            .any(|s| s.by == "depot b" && s.state == "ready"),
+            .any(|s| s.by == format!("depot {by_agent}") && s.state == "ready"),
         "staging progress: {staging:?}"
     );
 
-    // The base at b1 was laid down by site b's depot, fetched from a1 across the WAN.
-    let log = log_text(&b_log);
+    // The base at b1 was laid down by b1's agent, fetched from site a's depot across the WAN.
+    let log = log_text(&b1_log);
     let fetched = log
         .lines()
         .find(|l| l.contains("part fetched"))
-        .unwrap_or_else(|| panic!("site b's depot fetched nothing: {log}"));
-    assert!(fetched.contains("a/a1"), "{fetched}");
+        .unwrap_or_else(|| panic!("b1's agent fetched nothing: {log}"));
+    assert!(fetched.contains("a/depot-a"), "{fetched}");
     assert!(log.contains("staged"), "{log}");
     assert!(
-        store_b
+        dir.join("agent-store-b1")
             .join("parts")
             .join(format!("{}.idx", top["id"].as_str().unwrap()))
             .exists(),
-        "site b's depot holds the part"
+        "b1's agent holds the part"
     );
-    assert!(
-        bytes_of(&images("b1").join(&top_file)) == bytes_of(&images("a1").join(&top_file)),
+    let base_at_b1 = digest_at(&lab, "b1", &top_file).expect("the base at b1");
+    assert_eq!(
+        Some(base_at_b1),
+        digest_at(&lab, "a1", &top_file),
         "the base at b1 is not the base g1 booted from at a1"
     );
 
@@ -329,10 +458,18 @@ fn base_staged_through_the_destination_depot_then_incremental_migration() {
     );
     assert_eq!(lab.domain_state("b1", "g1").as_deref(), Some("running"));
     assert_eq!(lab.domain_state("a1", "g1"), None, "g1 still defined at a1");
-    assert!(
-        !images("a1").join("g1.qcow2").exists(),
+    assert_eq!(
+        digest_at(&lab, "a1", "g1.qcow2"),
+        None,
         "source overlay left at a1"
     );
+    // Nothing of it anywhere outside the hosts.
+    for h in hosts {
+        assert!(
+            !lab_dir.join("images").join(h).join(&top_file).exists(),
+            "a base appeared in the machine's view of {h}"
+        );
+    }
     let _ = lab.virsh("b1", &["destroy", "g1"]);
     drop(daemons);
     eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());

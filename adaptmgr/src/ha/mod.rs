@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::inventory::{HostRecord, HostState, VmRecord};
 use crate::migration::BaseStager;
+use crate::migration::stage::StageJob;
 use viola_hypervisor::{Connector, DomainState, Host, HypervisorError, xml};
 
 /// Liveness changes the detector reports.
@@ -255,6 +256,9 @@ pub async fn probe_vm_at(
     }
 }
 
+/// How long a restart waits for a VM's base to be staged through a depot.
+const RESTART_STAGE_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Re-instantiates `vm` (from its recorded XML) on `to`: base present (staged from another
 /// live host if needed), a fresh overlay over it, define, start.
 pub async fn restart_vm<S: BaseStager>(
@@ -289,14 +293,38 @@ pub async fn restart_vm<S: BaseStager>(
         })?;
         if !target.image_exists(&base).await.map_err(hv_err)? {
             let mut staged = false;
-            for src in live_hosts.iter().filter(|h| h.name != to.name) {
-                if stager
-                    .stage(&base, &src.libvirt_uri, &to.libvirt_uri)
-                    .await
-                    .is_ok()
-                {
-                    staged = true;
-                    break;
+            for (i, src) in live_hosts.iter().filter(|h| h.name != to.name).enumerate() {
+                // First as a VM's base: a depot image is then laid down by the destination's
+                // depot (its own agent where it has one), with no other host's files involved.
+                // Then as a direct copy from each other live host.
+                let result = if i == 0 {
+                    let job = StageJob {
+                        vm: &vm.name,
+                        base_path: &base,
+                        source_uri: &src.libvirt_uri,
+                        dest_uri: &to.libvirt_uri,
+                        domain_xml: &desc,
+                        deadline_unix_ms: crate::manager::now_ms()
+                            + RESTART_STAGE_WITHIN.as_millis() as u64,
+                        progress: &|_| {},
+                    };
+                    stager.stage_for_vm(&job).await.map(|how| {
+                        tracing::info!(vm = %vm.name, host = %to.name, %how, "base staged for a restart");
+                    })
+                } else {
+                    stager
+                        .stage(&base, &src.libvirt_uri, &to.libvirt_uri)
+                        .await
+                        .map(|_| ())
+                };
+                match result {
+                    Ok(()) => {
+                        staged = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, from = %src.name, to = %to.name, error = %viola_common::errors::chain(&e), "cannot stage a restarted VM's base this way")
+                    }
                 }
             }
             if !staged {
@@ -356,6 +384,7 @@ pub async fn fence_returned_host(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::stage::{StageError, StagedBase, StagedHow};
     use crate::migration::testing::FakeStager;
     use viola_hypervisor::Hypervisor;
     use viola_hypervisor::fake::{FakeCluster, sample_domain_xml};
@@ -503,5 +532,68 @@ mod tests {
         assert!(!cluster.has_domain("fake://a1", "vm1"));
         let b1 = cluster.host("fake://b1");
         assert!(b1.domain("vm1").unwrap().is_some());
+    }
+
+    /// Stages a base only as a VM's (as a host's depot agent does, from the image the VM's
+    /// domain names), never by a direct copy from another host's files.
+    struct VmBaseOnlyStager {
+        cluster: FakeCluster,
+        jobs: std::sync::Mutex<Vec<(String, String)>>,
+    }
+
+    impl BaseStager for VmBaseOnlyStager {
+        async fn stage(&self, _: &str, src: &str, _: &str) -> Result<StagedBase, StageError> {
+            Err(StageError::UnknownHost { uri: src.into() })
+        }
+
+        async fn stage_for_vm(&self, job: &StageJob<'_>) -> Result<StagedHow, StageError> {
+            assert!(
+                job.domain_xml.contains("<name>vm1</name>"),
+                "{}",
+                job.domain_xml
+            );
+            self.jobs
+                .lock()
+                .unwrap()
+                .push((job.vm.into(), job.dest_uri.into()));
+            self.cluster
+                .add_image(job.dest_uri, job.base_path, 1 << 30, None);
+            Ok(StagedHow::Depot {
+                site: "b".into(),
+                image: "guest".into(),
+                stage_id: "vm1-1".into(),
+                bytes_fetched: 1 << 30,
+                chain: vec![job.base_path.into()],
+                elapsed_ms: 1,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_stages_the_base_as_the_vms_so_a_depot_can_lay_it_down() {
+        let cluster = FakeCluster::new();
+        let a1 = cluster.host("fake://a1");
+        cluster.host("fake://b1");
+        let record = vm("vm1", "a1", 256);
+        a1.define(record.domain_xml.as_ref().unwrap()).unwrap();
+        cluster.set_host_up("fake://a1", false);
+        let stager = VmBaseOnlyStager {
+            cluster: cluster.clone(),
+            jobs: std::sync::Mutex::default(),
+        };
+        let connector: Arc<dyn Connector> = Arc::new(cluster.clone());
+        let live = [
+            host("b1", "b", 8192, HostState::Up),
+            host("a2", "a", 8192, HostState::Up),
+        ];
+        restart_vm(&connector, &stager, &record, &live[0], &live)
+            .await
+            .unwrap();
+        assert_eq!(
+            *stager.jobs.lock().unwrap(),
+            [("vm1".into(), "fake://b1".into())]
+        );
+        assert_eq!(cluster.hosts_running("vm1"), vec!["fake://b1".to_string()]);
+        assert!(cluster.has_image("fake://b1", "/img/vm1.qcow2"));
     }
 }

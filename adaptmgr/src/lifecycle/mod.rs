@@ -334,6 +334,8 @@ struct NewVm {
     ip: std::net::Ipv4Addr,
     disk: String,
     stage_id: Option<String>,
+    /// Which depot stages its disk (its key in the sessions: a site, or a host's own depot).
+    depot: String,
 }
 
 impl NewVm {
@@ -368,6 +370,33 @@ impl Manager {
             .iter()
             .find(|d| d.site == site)
             .map(|d| d.addr)
+    }
+
+    /// The depot that lays down images on host `host` of site `site`, and its name in
+    /// messages: the host's own depot agent when it has one, else the site's depot.
+    pub(crate) fn staging_depot(
+        &self,
+        host: &str,
+        site: &str,
+    ) -> Result<(SocketAddr, String), VmError> {
+        let site_depots = self
+            .cfg
+            .depots
+            .iter()
+            .map(|d| (d.site.clone(), d.addr))
+            .collect();
+        crate::migration::depot_stage::DepotHost {
+            name: host.to_owned(),
+            site: site.to_owned(),
+            agent: self
+                .cfg
+                .hosts
+                .iter()
+                .find(|h| h.name == host)
+                .and_then(|h| h.depot_agent),
+        }
+        .stager(&site_depots)
+        .map_err(|_| VmError::NoDepot(site.to_owned()))
     }
 
     fn overlay_addr(&self, host: &str) -> Option<SocketAddr> {
@@ -825,9 +854,7 @@ impl Manager {
         }
         let hosts = self.place(&names, &candidates, vcpus, memory_mib)?;
         for h in &hosts {
-            if !self.cfg.depots.iter().any(|d| d.site == h.site) {
-                return Err(VmError::NoDepot(h.site.clone()));
-            }
+            self.staging_depot(&h.name, &h.site)?;
         }
         // Addresses: never one another VM of the violin holds.
         let mut used_ips: BTreeSet<_> = violin.members.iter().map(|m| m.ip).collect();
@@ -854,6 +881,7 @@ impl Manager {
                 mac,
                 ip,
                 stage_id: None,
+                depot: String::new(),
             });
         }
         // Anything found at a host from here on was made by this request (what the undo
@@ -1008,11 +1036,8 @@ impl Manager {
         let ready_by_s = req.ready_by_s.unwrap_or(self.cfg.vm_template.ready_by_s);
         let deadline_ms = now_ms() + ready_by_s * 1000;
         for vm in new.iter_mut() {
-            let site = vm.host.site.clone();
+            let (addr, site) = self.staging_depot(&vm.host.name, &vm.host.site)?;
             if !sessions.contains_key(&site) {
-                let addr = self
-                    .depot_addr(&site)
-                    .ok_or_else(|| VmError::NoDepot(site.clone()))?;
                 let session = self
                     .depot_link
                     .connect(addr)
@@ -1020,6 +1045,7 @@ impl Manager {
                     .map_err(VmError::depot(&site))?;
                 sessions.insert(site.clone(), session);
             }
+            vm.depot = site.clone();
             let status = sessions[&site]
                 .stage(StageRequest {
                     image: req.image.clone(),
@@ -1044,7 +1070,7 @@ impl Manager {
         // The depots' verdicts on the deadline first (each has planned once it stops
         // resolving), so an impossible one is refused before any disk is waited for.
         for vm in new.iter() {
-            let site = &vm.host.site;
+            let site = &vm.depot;
             let until = now_ms() + 30_000;
             loop {
                 let status = stage_status(sessions, vm).await?;
@@ -1067,7 +1093,7 @@ impl Manager {
             }
         }
         for vm in new.iter() {
-            let site = &vm.host.site;
+            let site = &vm.depot;
             let mut last_reported = 0u64;
             loop {
                 let status = stage_status(sessions, vm).await?;
@@ -1237,7 +1263,7 @@ impl Manager {
         for op in &pending {
             tracing::warn!(vm = %op.vm, kind = ?op.kind, "resolving a create or delete the previous manager left in progress");
             if let Some(stage) = &op.stage {
-                self.settle_stage(stage).await;
+                self.settle_stage(stage, &op.host).await;
             }
             self.undo_create(op, true).await;
             self.inventory.record(
@@ -1256,8 +1282,8 @@ impl Manager {
     /// `vm`'s violin and place in it, if `caller` owns it (else it is unknown to `caller`).
     /// Waits (at most 2 minutes) until `stage` has ended at its depot; a depot that cannot be
     /// reached or no longer knows it has nothing left to write.
-    async fn settle_stage(&self, stage: &PendingStage) {
-        let Some(addr) = self.depot_addr(&stage.site) else {
+    async fn settle_stage(&self, stage: &PendingStage, host: &str) {
+        let Ok((addr, _)) = self.staging_depot(host, &stage.site) else {
             return;
         };
         match self.depot_link.connect(addr).await {
@@ -1391,7 +1417,7 @@ async fn stage_status(
     sessions: &BTreeMap<String, Box<dyn DepotSession>>,
     vm: &NewVm,
 ) -> Result<StageStatus, VmError> {
-    let site = &vm.host.site;
+    let site = &vm.depot;
     let stage_id = vm.stage_id.as_deref().unwrap_or_default();
     sessions[site]
         .status(stage_id)
@@ -1404,7 +1430,7 @@ async fn stage_status(
 async fn settle(sessions: &BTreeMap<String, Box<dyn DepotSession>>, new: &[NewVm]) {
     let until = now_ms() + 120_000;
     for vm in new {
-        let (Some(stage_id), Some(session)) = (&vm.stage_id, sessions.get(&vm.host.site)) else {
+        let (Some(stage_id), Some(session)) = (&vm.stage_id, sessions.get(&vm.depot)) else {
             continue;
         };
         settle_one(session.as_ref(), stage_id, until).await;

@@ -57,6 +57,8 @@ struct Depot {
     down_when_ready: Mutex<Option<String>>,
     /// Its named images (every site's depot is this one).
     images: Mutex<Vec<ImageEntry>>,
+    /// Where the manager connected to reach a depot, in order.
+    connected: Mutex<Vec<SocketAddr>>,
 }
 
 fn image_entry(name: &str, content: &[u8]) -> ImageEntry {
@@ -185,9 +187,10 @@ struct Link(Arc<Depot>);
 impl DepotLink for Link {
     fn connect(
         &self,
-        _addr: SocketAddr,
+        addr: SocketAddr,
     ) -> BoxFuture<'_, Result<Box<dyn DepotSession>, ClientError>> {
         let depot = Arc::clone(&self.0);
+        depot.connected.lock().unwrap().push(addr);
         Box::pin(async move { Ok(Box::new(depot) as Box<dyn DepotSession>) })
     }
 }
@@ -216,12 +219,23 @@ async fn lab_with_tenants(
     earliest_s: Option<u64>,
     tenants: Vec<TenantConfig>,
 ) -> Lab {
+    lab_with(refuse, earliest_s, |cfg| cfg.tenants = tenants).await
+}
+
+/// Where every site's depot is, unless a test says otherwise.
+const SITE_DEPOT: &str = "198.18.0.1:7410";
+
+async fn lab_with(
+    refuse: Option<&str>,
+    earliest_s: Option<u64>,
+    configure: impl FnOnce(&mut ManagerConfig),
+) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let cluster = FakeCluster::new();
     for h in HOSTS {
         cluster.host(&format!("fake://{h}"));
     }
-    let cfg = ManagerConfig {
+    let mut cfg = ManagerConfig {
         hosts: HOSTS
             .iter()
             .map(|h| crate::manager::HostConfig {
@@ -233,13 +247,13 @@ async fn lab_with_tenants(
             .iter()
             .map(|s| DepotSiteConfig {
                 site: (*s).into(),
-                addr: "198.18.0.1:7410".parse().unwrap(),
+                addr: SITE_DEPOT.parse().unwrap(),
             })
             .collect(),
         images_host_dir: "/img".into(),
-        tenants,
         ..ManagerConfig::default()
     };
+    configure(&mut cfg);
     let overlays = Arc::new(Overlays {
         told: Mutex::default(),
         refuse: refuse.map(overlay_addr),
@@ -250,6 +264,7 @@ async fn lab_with_tenants(
         requests: Mutex::default(),
         down_when_ready: Mutex::default(),
         images: Mutex::new(vec![image_entry("guest-base", b"base")]),
+        connected: Mutex::default(),
     });
     let inventory = Arc::new(Inventory::open(&dir.path().join("inv.redb")).unwrap());
     let manager = Manager::with_links(
@@ -513,6 +528,36 @@ async fn vms_are_placed_addressed_staged_defined_and_started() {
         lab.create(vm("web", "lab")).await,
         Err(VmError::Exists(_))
     ));
+}
+
+#[tokio::test]
+async fn a_host_with_its_own_depot_agent_gets_its_disks_from_it_not_from_its_sites_depot() {
+    let agent: SocketAddr = "198.18.2.11:7411".parse().unwrap();
+    // b1 has its own agent, and site b no depot at all.
+    let lab = lab_with(None, None, |cfg| {
+        cfg.depots.retain(|d| d.site == "a");
+        cfg.hosts
+            .iter_mut()
+            .filter(|h| h.name == "b1")
+            .for_each(|h| h.depot_agent = Some(agent));
+    })
+    .await;
+    lab.create_violin("lab", &[]).await.unwrap();
+    for (site, host, depot) in [("b", "b1", agent), ("a", "a1", SITE_DEPOT.parse().unwrap())] {
+        lab.depot.connected.lock().unwrap().clear();
+        let vms = lab
+            .create(VmCreate {
+                site: Some(site.into()),
+                host: Some(host.into()),
+                ..vm(&format!("web-{host}"), "lab")
+            })
+            .await
+            .unwrap();
+        assert_eq!(vms[0].host, host);
+        assert_eq!(*lab.depot.connected.lock().unwrap(), [depot], "{host}");
+        let req = lab.depot.requests.lock().unwrap().last().cloned().unwrap();
+        assert_eq!((req.host.as_str(), req.chain_only), (host, false));
+    }
 }
 
 #[tokio::test]

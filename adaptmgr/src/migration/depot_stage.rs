@@ -175,6 +175,25 @@ impl DepotLink for QuicDepotLink {
 pub struct DepotHost {
     pub name: String,
     pub site: String,
+    /// The host's own depot agent, which stages in its place when set.
+    pub agent: Option<SocketAddr>,
+}
+
+impl DepotHost {
+    /// Which depot stages for this host, and how logs and errors name it: the host's own agent
+    /// when it has one (so no other machine writes its files), else its site's depot.
+    pub fn stager(
+        &self,
+        site_depots: &BTreeMap<String, SocketAddr>,
+    ) -> Result<(SocketAddr, String), String> {
+        match self.agent {
+            Some(addr) => Ok((addr, format!("{} ({}'s own depot)", self.site, self.name))),
+            None => site_depots
+                .get(&self.site)
+                .map(|addr| (*addr, self.site.clone()))
+                .ok_or_else(|| format!("no depot configured for site {}", self.site)),
+        }
+    }
 }
 
 /// Stages through the destination site's depot when it can (see the module docs), else copies
@@ -214,15 +233,12 @@ impl DepotStager {
 
     /// Why the depot cannot stage this job (then the base is copied directly), or which depot,
     /// host, image and site to ask.
-    fn route(&self, job: &StageJob<'_>) -> Result<(SocketAddr, DepotHost, String), String> {
+    fn route(&self, job: &StageJob<'_>) -> Result<(SocketAddr, String, DepotHost, String), String> {
         let host = self
             .hosts
             .get(job.dest_uri)
             .ok_or_else(|| format!("destination {} is not a configured host", job.dest_uri))?;
-        let addr = *self
-            .depots
-            .get(&host.site)
-            .ok_or_else(|| format!("no depot configured for site {}", host.site))?;
+        let (addr, label) = host.stager(&self.depots)?;
         let image = depot_image(job.domain_xml)
             .map_err(|e| format!("domain XML unreadable: {e}"))?
             .ok_or_else(|| format!("{} records no depot image in its metadata", job.vm))?;
@@ -232,17 +248,17 @@ impl DepotStager {
                 job.base_path
             ));
         }
-        Ok((addr, host.clone(), image))
+        Ok((addr, label, host.clone(), image))
     }
 
     async fn through_depot(
         &self,
         job: &StageJob<'_>,
         addr: SocketAddr,
+        site: String,
         host: DepotHost,
         image: String,
     ) -> Result<StagedHow, StageError> {
-        let site = host.site.clone();
         let started = tokio::time::Instant::now();
         let show = |st: &StageStatus| {
             (job.progress)(StagingProgress {
@@ -358,7 +374,9 @@ impl BaseStager for DepotStager {
 
     async fn stage_for_vm(&self, job: &StageJob<'_>) -> Result<StagedHow, StageError> {
         match self.route(job) {
-            Ok((addr, host, image)) => self.through_depot(job, addr, host, image).await,
+            Ok((addr, label, host, image)) => {
+                self.through_depot(job, addr, label, host, image).await
+            }
             Err(reason) => {
                 tracing::info!(vm = job.vm, %reason, "base copied directly");
                 (job.progress)(StagingProgress {
@@ -442,6 +460,8 @@ mod tests {
         script: Mutex<VecDeque<StageStatus>>,
         requests: Mutex<Vec<StageRequest>>,
         polls: Mutex<u32>,
+        /// Where the stager connected, in order.
+        connected: Mutex<Vec<SocketAddr>>,
         unreachable: bool,
         on_ready: Option<Box<dyn Fn() + Send + Sync>>,
     }
@@ -462,6 +482,9 @@ mod tests {
             s
         }
     }
+
+    /// Where the test stagers find every site's depot.
+    const SITE_B_DEPOT: &str = "198.18.2.11:7410";
 
     struct FakeLink(Arc<FakeDepot>);
     struct FakeSession(Arc<FakeDepot>);
@@ -492,9 +515,10 @@ mod tests {
     impl DepotLink for FakeLink {
         fn connect(
             &self,
-            _addr: SocketAddr,
+            addr: SocketAddr,
         ) -> BoxFuture<'_, Result<Box<dyn DepotSession>, ClientError>> {
             let depot = Arc::clone(&self.0);
+            depot.connected.lock().unwrap().push(addr);
             Box::pin(async move {
                 if depot.unreachable {
                     return Err(ClientError::Refused("connection refused".into()));
@@ -509,7 +533,7 @@ mod tests {
         direct: LocalCopyStager,
         depot_sites: &[&str],
     ) -> DepotStager {
-        let addr: SocketAddr = "198.18.2.11:7410".parse().unwrap();
+        let addr: SocketAddr = SITE_B_DEPOT.parse().unwrap();
         let hosts = [(A, "a1", "a"), (B, "b1", "b")]
             .into_iter()
             .map(|(uri, name, site)| {
@@ -518,6 +542,7 @@ mod tests {
                     DepotHost {
                         name: name.into(),
                         site: site.into(),
+                        agent: None,
                     },
                 )
             })
@@ -660,6 +685,38 @@ mod tests {
         );
         assert!(seen.iter().all(|p| p.by == "depot b"));
         assert_eq!(seen[2].bytes_done, 60);
+        assert_eq!(
+            *depot.connected.lock().unwrap(),
+            [SITE_B_DEPOT.parse().unwrap()]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_with_its_own_depot_agent_is_staged_through_it_not_its_sites_depot() {
+        let base = part_path("/var/lib/viola/images");
+        let depot = scripted(vec![st(StageState::Ready, 100, 100, &[&base])]);
+        let agent: SocketAddr = "198.18.2.21:7410".parse().unwrap();
+        // With and without a depot for site b: the agent is asked either way.
+        for sites in [&["a", "b"][..], &["a"][..]] {
+            depot.connected.lock().unwrap().clear();
+            let mut s = stager(&depot, LocalCopyStager::default(), sites);
+            s.hosts.get_mut(B).unwrap().agent = Some(agent);
+            let (r, seen) = stage(
+                &s,
+                &base,
+                &vm_xml(&base, Some(IMAGE)),
+                Duration::from_secs(10),
+            )
+            .await;
+            match r.unwrap() {
+                StagedHow::Depot { site, .. } => assert_eq!(site, "b (b1's own depot)"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(*depot.connected.lock().unwrap(), [agent]);
+            assert!(seen.iter().all(|p| p.by == "depot b (b1's own depot)"));
+        }
+        let reqs = depot.requests.lock().unwrap();
+        assert!(reqs.iter().all(|r| r.host == "b1" && r.chain_only));
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use viola_common::identity::Identity;
-use viola_depot::api::StageRequest;
+use viola_depot::api::{StageRequest, StageState};
 use viola_depot::bound;
 use viola_depot::chunker::{self, ChunkerSpec};
 use viola_depot::client::{DepotClient, client_endpoint, connect_on};
@@ -618,6 +618,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .await?;
                 println!("stage {} {:?}", st.stage_id, st.state);
+                // A refusal is final and not kept by the depot: say why now.
+                if matches!(st.state, StageState::Rejected | StageState::Failed) {
+                    anyhow::bail!("the depot refused to stage {}: {}", st.stage_id, st.message);
+                }
                 if no_wait {
                     println!("{}", serde_json::to_string_pretty(&st)?);
                     return Ok(());
