@@ -2,9 +2,11 @@
 //! bundle and installed on the host with one command (`viola-ca enrol`, `viola-ca install`).
 //!
 //! A bundle is one JSON file (mode 0600: it holds private keys). It carries a certificate per
-//! daemon the host runs (overlay and monitor; a depot when the host serves its site's; the
-//! manager when it runs there), the manager's address, some peers, and the depot's hosts and
-//! peers. `install` writes the identities under `/etc/viola/ROLE/` and a configuration per
+//! daemon the host runs (overlay, monitor and its own depot; the manager when it runs there),
+//! the manager's address, some peers, and the depots the host's depot fetches from. Every host
+//! runs its own depot, which lays images down in this host's image directory and nowhere else:
+//! no machine writes another's files. A site's depot is just the host depot the images are
+//! imported into, which the others fetch from. `install` writes the identities under `/etc/viola/ROLE/` and a configuration per
 //! daemon, `/etc/viola/ROLE.toml`, from what the bundle says. That is exactly what the units'
 //! `ConditionPathExists` waits for. An existing configuration is kept unless `--force`, so a
 //! re-enrolment renews the certificates without undoing an administrator's edits.
@@ -28,7 +30,11 @@ use crate::identity::{
 };
 
 /// What the bundle's format is; `install` refuses another.
-pub const BUNDLE_VERSION: u32 = 1;
+pub const BUNDLE_VERSION: u32 = 2;
+
+/// Where a host's depot lays its images down: the host's image directory, as its libvirtd sees
+/// it (the manager's `images_host_dir`).
+pub const HOST_IMAGE_DIR: &str = "/var/lib/viola/images";
 
 /// Where the manager's package puts its commented example configuration, whatever `--etc`.
 pub const MANAGER_EXAMPLE: &str = "/etc/viola/adaptmgr.toml.example";
@@ -44,8 +50,8 @@ pub struct HostPlan {
     pub peers: Vec<SocketAddr>,
     /// Where this host's overlay listens.
     pub overlay_listen: SocketAddr,
-    /// Set when the host also runs its site's depot.
-    pub depot: Option<DepotPlan>,
+    /// The host's own depot.
+    pub depot: DepotPlan,
     /// Set to give the host its libvirtd's and QEMU's certificate for TLS migrations, naming
     /// these addresses and DNS names (what other hosts' migration URIs use).
     pub libvirt: Option<Names>,
@@ -62,12 +68,12 @@ pub struct Names {
     pub dns_names: Vec<String>,
 }
 
-/// A site's depot on the new host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The new host's own depot: it stages images for this host only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct DepotPlan {
-    /// The hosts of the site it stages for.
-    pub hosts: Vec<String>,
-    /// Other sites' depots: (site, address).
+    /// The depots it fetches parts from, (site, address): its site's depot (where images are
+    /// imported) and other sites'.
     pub peers: Vec<(String, SocketAddr)>,
 }
 
@@ -89,7 +95,7 @@ pub struct Bundle {
     pub manager: SocketAddr,
     pub peers: Vec<SocketAddr>,
     pub overlay_listen: SocketAddr,
-    pub depot: Option<DepotPlan>,
+    pub depot: DepotPlan,
     /// By role: `overlay`, `monitor`, `depot`, `adaptmgr`.
     pub identities: BTreeMap<String, IdentityFiles>,
     /// The federation's revocation list when the bundle was made (`crl.pem` in the CA
@@ -182,11 +188,7 @@ pub fn make_bundle(
         names.check(Role::Libvirt)?;
     }
     let mut identities = BTreeMap::new();
-    let mut roles = vec![Role::Overlay, Role::Monitor];
-    if plan.depot.is_some() {
-        roles.push(Role::Depot);
-    }
-    for role in roles {
+    for role in [Role::Overlay, Role::Monitor, Role::Depot] {
         let id = PeerIdentity::new(role, &plan.site, &plan.host).map_err(EnrolError::Name)?;
         let issued = ca.issue(&id, valid_days).map_err(EnrolError::Issue)?;
         identities.insert(role.as_str().to_owned(), issued.into());
@@ -299,18 +301,17 @@ impl Bundle {
                 );
             }
             "depot" => {
-                let depot = self.depot.as_ref()?;
-                let hosts: Vec<String> = depot.hosts.iter().map(|h| format!("{h:?}")).collect();
                 let _ = write!(
                     t,
                     "site = \"{}\"\nstore = \"/var/lib/viola/depot\"\nlisten = \"0.0.0.0:7410\"\n\
                      identity_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:9446\"\n\
-                     image_dir_template = \"/var/lib/viola/images/{{host}}\"\nhosts = [{}]\n",
+                     # This host's own image directory: the depot lays images down for this host only.\n\
+                     image_dir_template = \"{HOST_IMAGE_DIR}\"\nhosts = [{:?}]\n",
                     self.site,
                     id_dir.display(),
-                    hosts.join(", ")
+                    self.host
                 );
-                for (site, addr) in &depot.peers {
+                for (site, addr) in &self.depot.peers {
                     let _ = write!(t, "\n[[peers]]\nsite = \"{site}\"\naddr = \"{addr}\"\n");
                 }
             }
@@ -446,17 +447,16 @@ mod tests {
     use super::*;
     use rustls_pki_types::pem::PemObject;
 
-    fn plan(depot: bool) -> HostPlan {
+    fn plan() -> HostPlan {
         HostPlan {
             site: "a".into(),
             host: "a1".into(),
             manager: "192.0.2.10:7443".parse().unwrap(),
             peers: vec!["192.0.2.12:4500".parse().unwrap()],
             overlay_listen: "0.0.0.0:4500".parse().unwrap(),
-            depot: depot.then(|| DepotPlan {
-                hosts: vec!["a1".into(), "a2".into()],
+            depot: DepotPlan {
                 peers: vec![("b".into(), "198.51.100.11:7410".parse().unwrap())],
-            }),
+            },
             libvirt: None,
             manager_identity: None,
         }
@@ -467,7 +467,7 @@ mod tests {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a1.bundle");
-        make_bundle(&ca, &plan(true), None, 30)
+        make_bundle(&ca, &plan(), None, 30)
             .unwrap()
             .save(&path)
             .unwrap();
@@ -515,20 +515,26 @@ mod tests {
     }
 
     #[test]
-    fn without_a_depot_there_is_neither_its_identity_nor_its_configuration() {
+    fn the_hosts_depot_stages_for_this_host_only_in_its_own_image_directory() {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
-        let bundle = make_bundle(&ca, &plan(false), None, 30).unwrap();
-        assert!(!bundle.identities.contains_key("depot"));
-        let dir = tempfile::tempdir().unwrap();
-        bundle.install(dir.path(), None, false).unwrap();
-        assert!(!dir.path().join("depot.toml").exists());
-        assert!(dir.path().join("overlay.toml").exists());
+        let bundle = make_bundle(&ca, &plan(), None, 30).unwrap();
+        let text = bundle.config("depot", Path::new("/etc/viola")).unwrap();
+        assert!(
+            text.contains("image_dir_template = \"/var/lib/viola/images\"\n"),
+            "{text}"
+        );
+        assert!(text.contains("hosts = [\"a1\"]\n"), "{text}");
+        assert!(
+            text.contains("site = \"b\"\naddr = \"198.51.100.11:7410\""),
+            "{text}"
+        );
+        assert!(!text.contains("{host}"), "{text}");
     }
 
     #[test]
     fn a_bundle_gives_the_host_its_libvirt_certificate_and_the_crl_in_libvirt_s_layout() {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
-        let mut plan = plan(false);
+        let mut plan = plan();
         plan.libvirt = Some(Names {
             addresses: vec!["192.0.2.11".parse().unwrap()],
             dns_names: vec!["a1.example.org".into()],
@@ -572,7 +578,7 @@ mod tests {
         );
     }
 
-    /// Host a1 of `plan(false)` also running the manager, reached by browsers at 192.0.2.11
+    /// Host a1 of `plan()` also running the manager, reached by browsers at 192.0.2.11
     /// and viola.example.org.
     fn manager_plan() -> HostPlan {
         HostPlan {
@@ -580,7 +586,7 @@ mod tests {
                 addresses: vec!["192.0.2.11".parse().unwrap()],
                 dns_names: vec!["viola.example.org".into()],
             }),
-            ..plan(false)
+            ..plan()
         }
     }
 
@@ -646,7 +652,7 @@ mod tests {
         // Once the administrator has made it (or for a host without the manager), nothing.
         std::fs::write(dir.path().join("adaptmgr.toml"), "").unwrap();
         assert_eq!(bundle.next_step(dir.path()), None);
-        let host = make_bundle(&ca, &plan(false), None, 30).unwrap();
+        let host = make_bundle(&ca, &plan(), None, 30).unwrap();
         assert_eq!(host.next_step(tempfile::tempdir().unwrap().path()), None);
     }
 
@@ -669,6 +675,7 @@ mod tests {
             issued,
             [
                 "viola://adaptmgr/a/a1",
+                "viola://depot/a/a1",
                 "viola://monitor/a/a1",
                 "viola://overlay/a/a1"
             ]
@@ -712,7 +719,7 @@ mod tests {
         let ca = CertificateAuthority::generate("test", 1).unwrap();
         let plan = HostPlan {
             manager_identity: Some(Names::default()),
-            ..plan(false)
+            ..plan()
         };
         let err = make_bundle(&ca, &plan, None, 30).unwrap_err();
         assert!(matches!(err, EnrolError::ManagerUnnamed), "{err:?}");
@@ -738,7 +745,7 @@ mod tests {
         std::fs::write(&path, "{\"not\": \"a bundle\"}").unwrap();
         assert!(matches!(Bundle::load(&path), Err(EnrolError::Parse { .. })));
         let ca = CertificateAuthority::generate("test", 1).unwrap();
-        let mut b = make_bundle(&ca, &plan(false), None, 30).unwrap();
+        let mut b = make_bundle(&ca, &plan(), None, 30).unwrap();
         b.version = 9;
         b.save(&path).unwrap();
         assert!(matches!(

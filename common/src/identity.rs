@@ -1208,7 +1208,7 @@ mod tests {
             manager: "192.0.2.1:7443".parse().unwrap(),
             peers: Vec::new(),
             overlay_listen: "192.0.2.2:4500".parse().unwrap(),
-            depot: None,
+            depot: crate::enrol::DepotPlan::default(),
             identities: [(
                 "overlay".to_owned(),
                 crate::enrol::IdentityFiles::from(

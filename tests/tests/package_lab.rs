@@ -190,7 +190,7 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
         viola-ca init --ca-dir /root/viola-ca --name example-federation
         viola-ca enrol --ca-dir /root/viola-ca --site a --host a1 --manager 127.0.0.1:7443 \
           --peer 127.0.0.2:4500 --libvirt-address 127.0.0.1 \
-          --depot-host a1 --depot-host a2 --depot-peer b=127.0.0.2:7410 \
+          --depot-peer b=127.0.0.2:7410 \
           --manager-address 127.0.0.1 --out /root/a1.bundle
         viola-ca install --bundle /root/a1.bundle >/root/install.out
         # The manager's identity came with the bundle; its configuration is left to the
@@ -206,6 +206,10 @@ fn the_packages_install_into_a_fresh_debian_and_their_units_start_the_daemons() 
             qemu/server-cert.pem qemu/client-key.pem; do
           test -s /etc/pki/$f || { echo "install left no /etc/pki/$f" >&2; exit 1; }
         done
+        # The host's own depot: it lays images down for this host only, in its own directory.
+        grep -qx 'hosts = \["a1"\]' /etc/viola/depot.toml &&
+          grep -qx 'image_dir_template = "/var/lib/viola/images"' /etc/viola/depot.toml ||
+          fail "the host's depot would write other hosts' images: $(cat /etc/viola/depot.toml)"
         chown -R viola: /etc/viola/depot
         viola-ca issue --ca-dir /root/viola-ca --role cli --site a --host operator --out /root/operator
         sed -e 's/192\.0\.2\.[0-9]*/127.0.0.1/g' -e 's/198\.51\.100\.[0-9]*/127.0.0.1/g' \

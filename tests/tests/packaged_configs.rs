@@ -30,7 +30,8 @@ fn every_example_configuration_is_read_by_its_daemon() {
     assert_eq!(overlay.identity_dir, PathBuf::from("/etc/viola/overlay"));
 
     let depot: DepotConfig = parse("depot.toml");
-    assert!(depot.image_dir_template.contains("{host}"));
+    depot.check().expect("the example is a host's own depot");
+    assert_eq!(depot.hosts.len(), 1, "a host's own depot serves that host");
     assert_eq!(depot.identity_dir, PathBuf::from("/etc/viola/depot"));
 
     let monitor: MonitorConfig = parse("monitor.toml");
@@ -68,10 +69,9 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
         manager: "192.0.2.10:7443".parse().unwrap(),
         peers: vec!["192.0.2.11:4500".parse().unwrap()],
         overlay_listen: "0.0.0.0:4500".parse().unwrap(),
-        depot: Some(DepotPlan {
-            hosts: vec!["b1".into(), "b2".into()],
+        depot: DepotPlan {
             peers: vec![("a".into(), "192.0.2.11:7410".parse().unwrap())],
-        }),
+        },
         libvirt: None,
         manager_identity: None,
     };
@@ -88,7 +88,10 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
     assert_eq!((monitor.host.as_str(), monitor.site.as_str()), ("b1", "b"));
     assert_eq!(monitor.manager, plan.manager);
     let depot: DepotConfig = viola_common::config::parse(&read("depot.toml")).unwrap();
-    assert_eq!(depot.hosts, ["b1", "b2"]);
+    // The host's own depot: for this host only, in its own image directory.
+    assert_eq!(depot.hosts, ["b1"]);
+    assert_eq!(depot.image_dir_template, "/var/lib/viola/images");
+    depot.check().expect("a depot that serves one host");
     assert_eq!(depot.peers[0].site, "a");
     assert_eq!(depot.site, "b");
 }
@@ -107,7 +110,7 @@ fn the_manager_s_example_as_install_says_to_copy_it_reads_the_identity_the_bundl
         manager: "192.0.2.11:7443".parse().unwrap(),
         peers: vec![],
         overlay_listen: "0.0.0.0:4500".parse().unwrap(),
-        depot: None,
+        depot: Default::default(),
         libvirt: None,
         manager_identity: Some(Names {
             addresses: vec!["192.0.2.11".parse().unwrap()],

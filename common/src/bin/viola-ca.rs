@@ -7,7 +7,7 @@
 //! viola-ca show  /etc/viola/overlay/cert.pem
 //! viola-ca issue-libvirt --ca-dir /etc/viola/ca --site a --host a1 --address 198.18.1.11 --out /etc/pki
 //! viola-ca enrol --ca-dir /etc/viola/ca --site a --host a1 --manager 192.0.2.10:7443 \
-//!          --peer 192.0.2.12:4500 [--depot-host a1 --depot-host a2 --depot-peer b=ADDR] \
+//!          --peer 192.0.2.12:4500 [--depot-peer a=ADDR --depot-peer b=ADDR] \
 //!          [--libvirt-address 192.0.2.11] [--manager-address 192.0.2.11] --out a1.bundle
 //! viola-ca install --bundle a1.bundle [--etc /etc/viola] [--pki /etc/pki] [--force]   # on the host
 //! viola-ca revoke --ca-dir /etc/viola/ca --identity viola://overlay/a/a1   # or --cert FILE
@@ -84,9 +84,9 @@ enum Command {
         #[arg(long)]
         name: String,
     },
-    /// Make a new host's enrolment bundle (one file, mode 0600): certificates for its overlay
-    /// and monitor (its depot's with --depot-host, its libvirt's with --libvirt-address, the
-    /// manager's with --manager-address), the manager's address and peers, and the CA's current
+    /// Make a new host's enrolment bundle (one file, mode 0600): certificates for its overlay,
+    /// monitor and own depot (its libvirt's with --libvirt-address, the manager's with
+    /// --manager-address), the manager's address and peers, and the CA's current
     /// CRL; install it on the host with `viola-ca install`. Every certificate is noted in the
     /// CA's register, so `viola-ca revoke` finds it.
     Enrol {
@@ -104,10 +104,9 @@ enum Command {
         peers: Vec<SocketAddr>,
         #[arg(long, default_value = "0.0.0.0:4500")]
         overlay_listen: SocketAddr,
-        /// The host also runs its site's depot, staging for these hosts (repeatable).
-        #[arg(long = "depot-host")]
-        depot_hosts: Vec<String>,
-        /// Another site's depot, SITE=ADDR (repeatable; with --depot-host).
+        /// A depot the host's own depot fetches image parts from, SITE=ADDR: its site's depot
+        /// (the host depot images are imported into) and other sites' (repeatable). The host's
+        /// depot lays images down in this host's image directory only.
         #[arg(long = "depot-peer", value_parser = parse_depot_peer)]
         depot_peers: Vec<(String, SocketAddr)>,
         /// Also the host's libvirt and QEMU certificate (TLS migrations), naming this address
@@ -288,16 +287,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             manager,
             peers,
             overlay_listen,
-            depot_hosts,
             depot_peers,
             libvirt_addresses,
             libvirt_dns_names,
             manager_addresses,
             manager_dns_names,
         } => {
-            if depot_hosts.is_empty() && !depot_peers.is_empty() {
-                anyhow::bail!("--depot-peer needs --depot-host (the hosts the depot stages for)");
-            }
             let ca = to.ca()?;
             let plan = enrol::HostPlan {
                 site,
@@ -305,10 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 manager,
                 peers,
                 overlay_listen,
-                depot: (!depot_hosts.is_empty()).then_some(enrol::DepotPlan {
-                    hosts: depot_hosts,
-                    peers: depot_peers,
-                }),
+                depot: enrol::DepotPlan { peers: depot_peers },
                 libvirt: names(libvirt_addresses, libvirt_dns_names),
                 manager_identity: names(manager_addresses, manager_dns_names),
             };
