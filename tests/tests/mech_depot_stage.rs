@@ -41,7 +41,7 @@ use viola_labtests::daemons::{Daemons, log_text};
 use viola_labtests::depot::{self, agent_config, serve_config};
 use viola_labtests::pki::Pki;
 use viola_labtests::{
-    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, run, run_ok,
+    GuestSpec, Lab, LabSpec, boot_guest, guest_http, host_bridge, lab_tests_enabled, run,
 };
 
 const LAB: &str = "vds";
@@ -241,58 +241,43 @@ fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
     depot::start_agent(&lab, &mut daemons, "a1", &agent("a", "a1"), dir).unwrap();
     let b1_log = depot::start_agent(&lab, &mut daemons, "b1", &agent("b", "b1"), dir).unwrap();
 
+    // `viola-depot stage` from a2, with the manager's certificate: a1's agent asked to lay
+    // image `guest` down for `vm` at `host`.
+    let stage_at_a1 = |vm: &str, host: &str| {
+        run(lab
+            .cmd(
+                "a2",
+                viola_labtests::daemons::bin("viola-depot")
+                    .to_str()
+                    .unwrap(),
+            )
+            .args(["--quiet", "stage", "guest", "--vm", vm, "--host", host])
+            .args([
+                "--deadline-secs",
+                "60",
+                "--depot",
+                &agent_addr("a1"),
+                "--identity",
+            ])
+            .arg(dir.join("id-mgr")))
+        .unwrap()
+    };
     // An agent lays images down for its own host only.
-    let refused = run(lab
-        .cmd(
-            "a2",
-            viola_labtests::daemons::bin("viola-depot")
-                .to_str()
-                .unwrap(),
-        )
-        .args([
-            "--quiet",
-            "stage",
-            "guest",
-            "--vm",
-            "x",
-            "--host",
-            "b1",
-            "--deadline-secs",
-            "60",
-        ])
-        .args(["--depot", &agent_addr("a1"), "--identity"])
-        .arg(dir.join("id-mgr")))
-    .unwrap();
+    let refused = stage_at_a1("x", "b1");
     let said = String::from_utf8_lossy(&refused.stdout).to_string()
         + &String::from_utf8_lossy(&refused.stderr);
     assert!(
-        said.contains("host b1 is not served by depot a"),
+        !refused.status.success() && said.contains("host b1 is not served by depot a"),
         "a1's agent asked to stage for b1: {said}"
     );
 
     // g1 at a1, its disk laid down by a1's agent (fetched from site a's depot), booted there.
-    run_ok(
-        lab.cmd(
-            "a2",
-            viola_labtests::daemons::bin("viola-depot")
-                .to_str()
-                .unwrap(),
-        )
-        .args([
-            "--quiet",
-            "stage",
-            "guest",
-            "--vm",
-            "g1",
-            "--host",
-            "a1",
-            "--deadline-secs",
-            "60",
-        ])
-        .args(["--depot", &agent_addr("a1"), "--identity"])
-        .arg(dir.join("id-mgr")),
-    )
-    .expect("a1's agent stages g1's disk");
+    let staged = stage_at_a1("g1", "a1");
+    assert!(
+        staged.status.success(),
+        "a1's agent stages g1's disk: {}",
+        String::from_utf8_lossy(&staged.stderr)
+    );
     assert!(digest_at(&lab, "a1", &top_file).is_some(), "no base at a1");
     assert!(
         digest_at(&lab, "a1", "g1.qcow2").is_some(),

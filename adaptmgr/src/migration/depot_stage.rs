@@ -582,6 +582,15 @@ mod tests {
         (r, seen.into_inner().unwrap())
     }
 
+    /// Runs `stage_for_vm` for vm1 over `base`, its domain naming `IMAGE`, 10 s before the
+    /// deadline.
+    async fn stage_image(
+        s: &DepotStager,
+        base: &str,
+    ) -> (Result<StagedHow, StageError>, Vec<StagingProgress>) {
+        stage(s, base, &vm_xml(base, Some(IMAGE)), Duration::from_secs(10)).await
+    }
+
     /// Runs `stage_for_vm` for vm1 over a depot part at `/img`, with a depot at site b only.
     async fn stage_at_site_b(
         depot: &Arc<FakeDepot>,
@@ -646,13 +655,7 @@ mod tests {
             st(StageState::Ready, 100, 100, &[&laid]),
         ]);
         let s = stager(&depot, LocalCopyStager::default(), &["a", "b"]);
-        let (r, seen) = stage(
-            &s,
-            &base,
-            &vm_xml(&base, Some(IMAGE)),
-            Duration::from_secs(10),
-        )
-        .await;
+        let (r, seen) = stage_image(&s, &base).await;
         match r.unwrap() {
             StagedHow::Depot {
                 site,
@@ -701,13 +704,7 @@ mod tests {
             depot.connected.lock().unwrap().clear();
             let mut s = stager(&depot, LocalCopyStager::default(), sites);
             s.hosts.get_mut(B).unwrap().agent = Some(agent);
-            let (r, seen) = stage(
-                &s,
-                &base,
-                &vm_xml(&base, Some(IMAGE)),
-                Duration::from_secs(10),
-            )
-            .await;
+            let (r, seen) = stage_image(&s, &base).await;
             match r.unwrap() {
                 StagedHow::Depot { site, .. } => assert_eq!(site, "b (b1's own depot)"),
                 other => panic!("{other:?}"),
