@@ -58,6 +58,9 @@ pub struct HostPlan {
     /// Set when the host also runs the manager: its certificate (role `adaptmgr`) names these
     /// addresses and DNS names, the ones browsers reach the dashboard by.
     pub manager_identity: Option<Names>,
+    /// The machine runs the manager only, no VMs: its bundle holds the manager's certificate
+    /// and nothing of a host's (no overlay, monitor, depot or libvirt certificate).
+    pub manager_only: bool,
 }
 
 /// The addresses and DNS names a certificate names besides its identity: those a daemon is
@@ -118,6 +121,8 @@ pub enum EnrolError {
          dashboard (give --manager-address or --manager-dns-name)"
     )]
     ManagerUnnamed,
+    #[error("a machine that runs only the manager runs no libvirt: it gets no libvirt certificate")]
+    ManagerOnlyLibvirt,
     /// rcgen takes any ASCII string as a DNS name; no client would ever match a wrong one.
     #[error("{name:?} is not a DNS name (for the {role} certificate)")]
     DnsName { role: Role, name: String },
@@ -178,17 +183,27 @@ pub fn make_bundle(
     valid_days: u32,
 ) -> Result<Bundle, EnrolError> {
     // A wrong name refuses the bundle before any key is made.
-    if let Some(names) = &plan.manager_identity {
-        if names.addresses.is_empty() && names.dns_names.is_empty() {
+    match &plan.manager_identity {
+        Some(names) if names.addresses.is_empty() && names.dns_names.is_empty() => {
             return Err(EnrolError::ManagerUnnamed);
         }
-        names.check(Role::Adaptmgr)?;
+        Some(names) => names.check(Role::Adaptmgr)?,
+        None if plan.manager_only => return Err(EnrolError::ManagerUnnamed),
+        None => {}
     }
     if let Some(names) = &plan.libvirt {
+        if plan.manager_only {
+            return Err(EnrolError::ManagerOnlyLibvirt);
+        }
         names.check(Role::Libvirt)?;
     }
     let mut identities = BTreeMap::new();
-    for role in [Role::Overlay, Role::Monitor, Role::Depot] {
+    let host_roles: &[Role] = if plan.manager_only {
+        &[]
+    } else {
+        &[Role::Overlay, Role::Monitor, Role::Depot]
+    };
+    for &role in host_roles {
         let id = PeerIdentity::new(role, &plan.site, &plan.host).map_err(EnrolError::Name)?;
         let issued = ca.issue(&id, valid_days).map_err(EnrolError::Issue)?;
         identities.insert(role.as_str().to_owned(), issued.into());
@@ -238,16 +253,21 @@ impl Bundle {
             path: path.to_owned(),
             source,
         })?;
-        let bundle: Self = serde_json::from_str(&text).map_err(|source| EnrolError::Parse {
+        let parse_err = |source| EnrolError::Parse {
             path: path.to_owned(),
             source,
-        })?;
-        if bundle.version != BUNDLE_VERSION {
-            return Err(EnrolError::Version {
-                found: bundle.version,
-            });
+        };
+        // The version first: another format's fields would not parse, and the error should
+        // say which format it is, not that it is no bundle.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
         }
-        Ok(bundle)
+        let Versioned { version } = serde_json::from_str(&text).map_err(parse_err)?;
+        if version != BUNDLE_VERSION {
+            return Err(EnrolError::Version { found: version });
+        }
+        serde_json::from_str(&text).map_err(parse_err)
     }
 
     /// Notes every certificate of the bundle in the CA's register (`issued.tsv`), so that
@@ -459,6 +479,7 @@ mod tests {
             },
             libvirt: None,
             manager_identity: None,
+            manager_only: false,
         }
     }
 
@@ -512,6 +533,65 @@ mod tests {
                 .unwrap()
                 .contains("a1")
         );
+    }
+
+    #[test]
+    fn a_bundle_of_another_format_is_refused_by_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.bundle");
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let mut v1 = serde_json::to_value(make_bundle(&ca, &plan(), None, 30).unwrap()).unwrap();
+        v1["version"] = 1.into();
+        v1["depot"] = serde_json::json!({"hosts": ["a1", "a2"], "peers": []});
+        std::fs::write(&path, v1.to_string()).unwrap();
+        let err = Bundle::load(&path).unwrap_err();
+        assert_eq!(err.to_string(), "bundle format 1 (this viola-ca reads 2)");
+        std::fs::write(&path, "{}").unwrap();
+        assert!(matches!(Bundle::load(&path), Err(EnrolError::Parse { .. })));
+    }
+
+    #[test]
+    fn a_manager_only_machine_gets_the_manager_s_certificate_and_nothing_of_a_host() {
+        let ca = CertificateAuthority::generate("test", 1).unwrap();
+        let plan = HostPlan {
+            host: "mgr".into(),
+            manager_only: true,
+            ..manager_plan()
+        };
+        let bundle = make_bundle(&ca, &plan, None, 30).unwrap();
+        assert_eq!(bundle.identities.keys().collect::<Vec<_>>(), ["adaptmgr"]);
+        assert_eq!(bundle.libvirt, None);
+        let dir = tempfile::tempdir().unwrap();
+        let written = bundle.install(dir.path(), None, false).unwrap();
+        assert!(
+            written
+                .iter()
+                .all(|p| p.starts_with(dir.path().join("adaptmgr"))),
+            "{written:?}"
+        );
+        let id = Identity::load_dir(&dir.path().join("adaptmgr")).unwrap();
+        assert_eq!(id.id().uri(), "viola://adaptmgr/a/mgr");
+        assert!(
+            bundle.next_step(dir.path()).is_some(),
+            "install says how to configure it"
+        );
+        // Without a name browsers could reach it by, or with a libvirt certificate: refused.
+        let unnamed = HostPlan {
+            manager_identity: None,
+            ..plan.clone()
+        };
+        assert!(matches!(
+            make_bundle(&ca, &unnamed, None, 30),
+            Err(EnrolError::ManagerUnnamed)
+        ));
+        let with_libvirt = HostPlan {
+            libvirt: Some(Names::default()),
+            ..plan
+        };
+        assert!(matches!(
+            make_bundle(&ca, &with_libvirt, None, 30),
+            Err(EnrolError::ManagerOnlyLibvirt)
+        ));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! guest's marker, in its memory and on its disk, never appears in a capture of the WAN link
 //! while the guest moves across it; a host whose certificate comes from another CA cannot
 //! receive a migration, nor can a host whose certificate the federation revoked, and a revoked
-//! host cannot send one; there is no plain TCP listener. The ignored test measures what TLS
+//! host cannot send one, nor connect to a libvirtd told to read its CRL again (`viola-ca
+//! install-crl --reload-libvirtd`); there is no plain TCP listener. The ignored test measures what TLS
 //! costs against a plain migration (on a lab brought up with `--allow-plain-migration`), where
 //! the same capture does show the marker.
 // lab: default
@@ -339,6 +340,43 @@ async fn a_revoked_host_cannot_send_a_migration() {
         log.contains("revoked"),
         "b2's QEMU did not refuse a1's certificate as revoked ({}):\n{log}",
         qemu_log.display()
+    );
+}
+
+#[test]
+fn a_libvirtd_told_to_reload_refuses_a_revoked_client_at_once() {
+    let mut cleanup = begin(&["a1", "b2"], "vm-none");
+    let a1 = peer_uri("a1");
+    let b2_connects = || lab_exec_status("b2", &["virsh", "-c", &a1, "uri"]);
+    assert!(b2_connects(), "b2 cannot reach a1's libvirtd to begin with");
+    // b2 leaves the federation; a1 gets the CRL where libvirt reads it. a1's listener read its
+    // CRL when it started, so it still lets b2 in.
+    revoke_libvirt_certs(&mut cleanup, ("b", "b2"), "a1");
+    assert!(
+        b2_connects(),
+        "a1's listener already refuses b2 without a reload: the reload is no longer needed"
+    );
+    // On a1, as DEPLOY.md says: the CRL again, and libvirtd told to read its TLS files.
+    let crl = lab_dir().join("pki/ca/crl.pem");
+    let said = lab_exec(
+        "a1",
+        &[
+            daemons::bin("viola-ca").to_str().unwrap(),
+            "install-crl",
+            "--crl",
+            crl.to_str().unwrap(),
+            "--pki",
+            "/etc/pki",
+            "--reload-libvirtd",
+        ],
+    );
+    assert!(
+        said.contains("libvirtd reads its TLS files again"),
+        "{said}"
+    );
+    assert!(
+        !b2_connects(),
+        "a1's libvirtd lets revoked b2 in after the reload"
     );
 }
 

@@ -74,6 +74,7 @@ fn the_configurations_an_enrolment_bundle_installs_are_read_by_their_daemons() {
         },
         libvirt: None,
         manager_identity: None,
+        manager_only: false,
     };
     let dir = tempfile::tempdir().unwrap();
     make_bundle(&ca, &plan, None, 30)
@@ -116,6 +117,7 @@ fn the_manager_s_example_as_install_says_to_copy_it_reads_the_identity_the_bundl
             addresses: vec!["192.0.2.11".parse().unwrap()],
             dns_names: vec!["viola.example.org".into()],
         }),
+        manager_only: false,
     };
     let crl = ca.sign_crl(&[], 30).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -362,7 +362,8 @@ fn unix_ms() -> u64 {
 }
 
 impl BaseStager for DepotStager {
-    /// Without a VM (host-failure restarts) there is no image to ask a depot for: direct copy.
+    /// Without a VM there is no image to ask a depot for: direct copy. (Host-failure
+    /// restarts ask [`stage_for_vm`](BaseStager::stage_for_vm) first.)
     async fn stage(
         &self,
         base_path: &str,

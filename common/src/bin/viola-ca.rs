@@ -124,6 +124,10 @@ enum Command {
         /// A DNS name browsers reach the manager's dashboard by, likewise (repeatable).
         #[arg(long = "manager-dns-name")]
         manager_dns_names: Vec<String>,
+        /// The machine runs only the manager, no VMs: the bundle holds the manager's
+        /// certificate (give --manager-address or --manager-dns-name) and nothing of a host's.
+        #[arg(long, conflicts_with_all = ["peers", "depot_peers", "libvirt_addresses", "libvirt_dns_names"])]
+        manager_only: bool,
     },
     /// Install an enrolment bundle on its host: identities under --etc/ROLE/ (keys 0600, the
     /// CRL beside each), each daemon's configuration --etc/ROLE.toml unless it exists (--force:
@@ -139,6 +143,10 @@ enum Command {
         pki: PathBuf,
         #[arg(long)]
         force: bool,
+        /// Then tell the running libvirtd to read its TLS files again (`virt-admin
+        /// server-update-tls libvirtd`): renewed certificates without a restart.
+        #[arg(long)]
+        reload_libvirtd: bool,
     },
     /// Revoke every certificate issued to an identity (a host or user leaving the federation),
     /// or one certificate, and write a fresh CRL (--ca-dir/crl.pem). Distribute it with
@@ -175,6 +183,11 @@ enum Command {
         /// The host's PKI directory of libvirt and QEMU (/etc/pki).
         #[arg(long)]
         pki: Option<PathBuf>,
+        /// Then tell the running libvirtd to read its TLS files again (`virt-admin
+        /// server-update-tls libvirtd`), so its listener refuses the revoked at once; without
+        /// it, it reads the CRL only when it starts (with --pki).
+        #[arg(long, requires = "pki")]
+        reload_libvirtd: bool,
     },
     /// Print the identity (viola://ROLE/SITE/HOST) a certificate names.
     Show { cert: PathBuf },
@@ -292,6 +305,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             libvirt_dns_names,
             manager_addresses,
             manager_dns_names,
+            manager_only,
         } => {
             let ca = to.ca()?;
             let plan = enrol::HostPlan {
@@ -303,6 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 depot: enrol::DepotPlan { peers: depot_peers },
                 libvirt: names(libvirt_addresses, libvirt_dns_names),
                 manager_identity: names(manager_addresses, manager_dns_names),
+                manager_only,
             };
             let crl_path = to.ca_dir.join(revocation::CRL_FILE);
             let crl = match std::fs::read_to_string(&crl_path) {
@@ -332,10 +347,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             etc,
             pki,
             force,
+            reload_libvirtd,
         } => {
             let b = enrol::Bundle::load(&bundle)?;
             for path in b.install(&etc, Some(&pki), force)? {
                 println!("wrote {}", path.display());
+            }
+            if reload_libvirtd {
+                libvirt::reload_libvirtd_tls()?;
+                println!("libvirtd reads its TLS files again");
             }
             if let Some(step) = b.next_step(&etc) {
                 println!("{step}");
@@ -375,7 +395,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = revocation::Register::new(&ca_dir).write_crl(&ca, crl_days)?;
             println!("{}", path.display());
         }
-        Command::InstallCrl { crl, etc, pki } => {
+        Command::InstallCrl {
+            crl,
+            etc,
+            pki,
+            reload_libvirtd,
+        } => {
             let text = std::fs::read_to_string(&crl)
                 .with_context(|| format!("reading {}", crl.display()))?;
             // Refuse what is not this federation's CRL before it is installed anywhere.
@@ -405,6 +430,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             for path in written {
                 println!("wrote {}", path.display());
+            }
+            if reload_libvirtd {
+                libvirt::reload_libvirtd_tls()?;
+                println!("libvirtd reads its TLS files again");
             }
         }
         Command::Show { cert } => {

@@ -130,6 +130,34 @@ pub fn write_layout(cert: &IssuedCertificate, pki_dir: &Path) -> Result<Vec<Path
 /// own listener reads it only when it starts.
 pub const CRL_LAYOUT: [&str; 2] = ["CA/cacrl.pem", "qemu/ca-crl.pem"];
 
+/// Why the host's libvirtd could not be told to read its TLS files again.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("cannot run virt-admin (libvirt-clients)")]
+    Spawn(#[source] std::io::Error),
+    #[error("virt-admin server-update-tls libvirtd failed: {0}")]
+    Refused(String),
+}
+
+/// Tells the host's running libvirtd to read its TLS files again (the CA, the CRL, its
+/// certificate and key): `virt-admin server-update-tls libvirtd`, over libvirtd's local admin
+/// socket. Without it, its TLS listener reads them only when it starts, so a revoked host could
+/// still connect to it and a renewed certificate would wait for a restart. libvirtd as a client
+/// and QEMU read the files at each connection and need no reload.
+pub fn reload_libvirtd_tls() -> Result<(), ReloadError> {
+    let out = std::process::Command::new("virt-admin")
+        .args(["-c", "libvirtd:///system", "server-update-tls", "libvirtd"])
+        .output()
+        .map_err(ReloadError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ReloadError::Refused(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
 /// Writes the federation's CRL (`crl_pem`) where libvirt and QEMU read it below `pki_dir`
 /// ([`CRL_LAYOUT`]), each file in one rename. Returns the files written.
 pub fn write_crl(crl_pem: &str, pki_dir: &Path) -> Result<Vec<PathBuf>, CaError> {
