@@ -6,7 +6,8 @@
 //! while the guest moves across it; a host whose certificate comes from another CA cannot
 //! receive a migration, nor can a host whose certificate the federation revoked, and a revoked
 //! host cannot send one, nor connect to a libvirtd told to read its CRL again (`viola-ca
-//! install-crl --reload-libvirtd`); there is no plain TCP listener. The ignored test measures what TLS
+//! install-crl --reload-libvirtd`); a renewed certificate is served without a restart; there is
+//! no plain TCP listener. The ignored test measures what TLS
 //! costs against a plain migration (on a lab brought up with `--allow-plain-migration`), where
 //! the same capture does show the marker.
 // lab: default
@@ -378,6 +379,55 @@ fn a_libvirtd_told_to_reload_refuses_a_revoked_client_at_once() {
         !b2_connects(),
         "a1's libvirtd lets revoked b2 in after the reload"
     );
+}
+
+/// The serial of the certificate `host`'s libvirtd presents, as host `from` sees it.
+fn served_serial(from: &str, host: &str) -> String {
+    lab_exec(
+        from,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "openssl s_client -connect {}:16514 -cert /etc/pki/libvirt/clientcert.pem \
+                 -key /etc/pki/libvirt/private/clientkey.pem </dev/null 2>/dev/null | \
+                 openssl x509 -noout -serial",
+                address(host)
+            ),
+        ],
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_renewed_libvirt_certificate_is_served_without_a_restart() {
+    let _cleanup = begin(&["a1", "b1"], "vm-none");
+    let pid_file = lab_dir().join("hosts/b1/libvirtd.pid");
+    let pid = || std::fs::read_to_string(&pid_file).unwrap();
+    let (pid_before, served_before) = (pid(), served_serial("a1", "b1"));
+    assert!(served_before.starts_with("serial="), "{served_before}");
+    // A new key and certificate in b1's /etc/pki, and libvirtd told to read them.
+    issue_libvirt_certs("b1", None);
+    let new_serial = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(lab_dir().join("hosts/b1/pki/libvirt/servercert.pem"))
+        .output()
+        .unwrap();
+    let new_serial = String::from_utf8_lossy(&new_serial.stdout)
+        .trim()
+        .to_owned();
+    assert_ne!(new_serial, served_before, "no new certificate was issued");
+    assert_eq!(
+        served_serial("a1", "b1"),
+        new_serial,
+        "b1 still serves its old certificate"
+    );
+    assert_eq!(pid(), pid_before, "b1's libvirtd was restarted");
+    assert!(lab_exec_status(
+        "a1",
+        &["virsh", "-c", &peer_uri("b1"), "uri"]
+    ));
 }
 
 #[test]
