@@ -409,7 +409,7 @@ fn a_renewed_libvirt_certificate_is_served_without_a_restart() {
     assert!(served_before.starts_with("serial="), "{served_before}");
     // A new key and certificate in b1's /etc/pki, and libvirtd told to read them.
     issue_libvirt_certs("b1", None);
-    let new_serial = std::process::Command::new("openssl")
+    let new_serial = Command::new("openssl")
         .args(["x509", "-noout", "-serial", "-in"])
         .arg(lab_dir().join("hosts/b1/pki/libvirt/servercert.pem"))
         .output()
