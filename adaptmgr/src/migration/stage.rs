@@ -20,7 +20,11 @@ pub use viola_api::migration::StagingProgress;
 /// Why a base could not be staged.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("no local view of the image directory of {uri}")]
+    #[error(
+        "no local view of the image directory of {uri} (`images_local`): a base that is not a \
+         depot image is copied directly only where the manager sees both hosts' directories; \
+         give the VM a depot image, or move it with its whole disk (`viola vm migrate --full-copy`)"
+    )]
     UnknownHost { uri: String },
     #[error("{path} is outside the image directory {prefix} of {uri}")]
     OutsideImageDir {
