@@ -17,6 +17,8 @@
 //! g1's own layer crosses with the migration. Checked: an incremental migration, the base at b1
 //! laid down by b1's agent (fetched from site a, same bytes as a1's), staging progress reported,
 //! the marker g1 wrote before the move read back after it, and exactly one running copy, at b1.
+//! Then b1 is lost: the manager, fed heartbeats, declares it failed and restarts g1 at b2 from a
+//! base b2's own depot lays down (no host's directory is copied), and g1 answers from b2.
 //!
 //! The manager must reach the depots' underlay addresses, which only the lab's namespaces can:
 //! it runs on a thread that joined host a2's network namespace (libvirt is reached through the
@@ -99,6 +101,45 @@ async fn migrate(
     (report, seen)
 }
 
+/// A heartbeat from lab host `host` with the VMs `running` there, and room for g1.
+fn heartbeat(host: &str, seq: u64, running: &[&str]) -> viola_api::manager::HostReport {
+    viola_api::manager::HostReport {
+        host: host.into(),
+        site: host[..1].into(),
+        seq,
+        sent_ms: 0,
+        usage: viola_api::manager::HostUsage {
+            cpus: 2,
+            cpu_capacity: None,
+            cpu_busy: 0.1,
+            mem_total_kib: 4 << 20,
+            mem_available_kib: 2 << 20,
+            net: vec![],
+            links: vec![],
+        },
+        vms: running
+            .iter()
+            .map(|name| viola_api::manager::VmUsage {
+                name: (*name).into(),
+                uuid: format!("uuid-{name}"),
+                state: DomainState::Running,
+                vcpus: 1,
+                max_vcpus: 2,
+                cpu_time_ns: 0,
+                cpu_busy: 0.0,
+                memory_kib: 256 * 1024,
+                max_memory_kib: 512 * 1024,
+                balloon_kib: None,
+                rss_kib: None,
+                disks: vec![],
+                nics: vec![],
+                port_filter_drops: None,
+            })
+            .collect(),
+        probes: vec![],
+    }
+}
+
 /// Where a host's own image directory is, as the host (its libvirtd, its agent) sees it.
 const HOST_IMAGES: &str = "/var/lib/viola/images";
 
@@ -158,7 +199,7 @@ fn assert_image_dirs_private(lab: &Lab, hosts: &[&str]) {
 }
 
 #[test]
-fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
+fn bases_laid_down_by_each_hosts_own_depot_for_a_migration_and_a_restart() {
     if !lab_tests_enabled() {
         return;
     }
@@ -186,12 +227,13 @@ fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
     let dir = tmp.path();
     let lab_dir = PathBuf::from(&lab.status.lab_dir);
 
-    // Identities: site a's depot, the agents of a1 and b1, the manager.
+    // Identities: site a's depot, the agents of a1, b1 and b2, the manager.
     let pki = Pki::init(&dir.join("ca")).unwrap();
     for (role, site, name) in [
         ("depot", "a", "depot-a"),
         ("depot", "a", "a1"),
         ("depot", "b", "b1"),
+        ("depot", "b", "b2"),
         ("adaptmgr", "fed", "mgr"),
     ] {
         pki.issue(role, site, name, &dir.join(format!("id-{name}")))
@@ -240,6 +282,7 @@ fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
     let agent_addr = |h: &str| format!("{}:{}", lab.host(h).address, depot::AGENT_PORT);
     depot::start_agent(&lab, &mut daemons, "a1", &agent("a", "a1"), dir).unwrap();
     let b1_log = depot::start_agent(&lab, &mut daemons, "b1", &agent("b", "b1"), dir).unwrap();
+    let b2_log = depot::start_agent(&lab, &mut daemons, "b2", &agent("b", "b2"), dir).unwrap();
 
     // `viola-depot stage` from a2, with the manager's certificate: a1's agent asked to lay
     // image `guest` down for `vm` at `host`.
@@ -326,13 +369,13 @@ fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
             lab_dir.display(),
             lab.host(h).libvirt_uri,
         );
-        if matches!(h, "a1" | "b1") {
+        if matches!(h, "a1" | "b1" | "b2") {
             hosts_toml += &format!("depot_agent = \"{}\"\n", agent_addr(h));
         }
         hosts_toml += "\n";
     }
     let cfg_text = format!(
-        "identity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"{HOST_IMAGES}\"\nmigration_bandwidth_mib_s = 1000\n\n{hosts_toml}[[violins]]\nname = \"t\"\nid = 1\nvms = [\"g1\"]\n",
+        "identity_dir = \"{}\"\ninventory = \"{}\"\nimages_host_dir = \"{HOST_IMAGES}\"\nmigration_bandwidth_mib_s = 1000\nheartbeat_timeout_s = 1\n\n{hosts_toml}[[violins]]\nname = \"t\"\nid = 1\nvms = [\"g1\"]\n",
         dir.join("id-mgr").display(),
         dir.join("inventory.redb").display(),
     );
@@ -455,7 +498,78 @@ fn base_staged_by_the_destination_hosts_own_agent_then_incremental_migration() {
             "a base appeared in the machine's view of {h}"
         );
     }
-    let _ = lab.virsh("b1", &["destroy", "g1"]);
+
+    // 3. b1 is lost. The manager restarts g1 at b2, the other host of site b, from a base
+    // b2's own depot lays down: nobody copies it from another host's directory. First every
+    // host reports (which arms the failure detector), b1 with g1 running, so the manager
+    // captures g1's definition from b1 as it does for any VM it is told about.
+    let mut rec = inventory.vm("g1").unwrap().expect("g1 in the inventory");
+    rec.domain_xml = None;
+    inventory.put_vm(&rec).unwrap();
+    let report = |seq: u64, skip_b1: bool| {
+        let m = Arc::clone(&manager);
+        in_netns(&mgr_ns, move || {
+            Box::pin(async move {
+                for h in hosts.into_iter().filter(|h| !(skip_b1 && *h == "b1")) {
+                    let vms: &[&str] = if h == "b1" { &["g1"] } else { &[] };
+                    m.handle_report(heartbeat(h, seq, vms)).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .unwrap()
+    };
+    report(1, false).expect("first reports");
+    assert!(
+        inventory
+            .vm("g1")
+            .unwrap()
+            .and_then(|r| r.domain_xml)
+            .is_some(),
+        "the manager did not capture g1's definition from b1"
+    );
+    // Then g1 is gone from b1 (its libvirtd still answers, so the manager's fencing probe
+    // finds g1 not running there), and b1 falls silent while the others keep reporting.
+    lab.virsh("b1", &["destroy", "g1"]).unwrap();
+    lab.virsh("b1", &["undefine", "g1"]).unwrap();
+    host_bridge(&lab, "b2", "lan0", "10.1.0.3/24").unwrap();
+    for seq in 2..=6 {
+        std::thread::sleep(Duration::from_millis(400));
+        report(seq, true).expect("reports without b1");
+    }
+    let m = Arc::clone(&manager);
+    in_netns(&mgr_ns, move || Box::pin(async move { m.ha_tick().await }))
+        .unwrap()
+        .expect("the HA tick");
+    let events: Vec<_> = inventory
+        .recent_events(20)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.subject == "g1" || e.subject == "b1")
+        .map(|e| format!("{} {} {}", e.kind, e.subject, e.detail))
+        .collect();
+    eprintln!("HA events: {events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("vm_restarted g1") && e.contains("\"b2\"")),
+        "g1 was not restarted at b2: {events:?}"
+    );
+    assert_eq!(lab.domain_state("b2", "g1").as_deref(), Some("running"));
+    assert_eq!(lab.domain_state("b1", "g1"), None);
+    assert_eq!(
+        digest_at(&lab, "b2", &top_file),
+        digest_at(&lab, "a1", &top_file),
+        "the base at b2 is not g1's"
+    );
+    let log = log_text(&b2_log);
+    assert!(
+        log.contains("staged"),
+        "b2's own depot laid nothing down: {log}"
+    );
+    viola_labtests::wait_ping(&lab, "b2", guest.ip(), Duration::from_secs(120))
+        .expect("g1 answers from b2 after its restart");
+    let _ = lab.virsh("b2", &["destroy", "g1"]);
     drop(daemons);
     eprintln!("test took {:.1} s", started.elapsed().as_secs_f64());
 }
