@@ -120,10 +120,9 @@ fn start_as(
     config: &str,
     dir: &Path,
 ) -> Result<PathBuf> {
-    let host = name;
-    let cfg = dir.join(format!("depot-{host}.toml"));
+    let cfg = dir.join(format!("depot-{name}.toml"));
     std::fs::write(&cfg, config)?;
-    let log = log_path(dir, host);
+    let log = log_path(dir, name);
     let serving_before = log_text(&log).matches("depot serving").count();
     let child = spawn_logged(
         prefix
@@ -141,7 +140,7 @@ fn start_as(
         serving_before,
         Duration::from_secs(20),
     )
-    .with_context(|| format!("depot on {host} did not start"))?;
+    .with_context(|| format!("depot {name} did not start"))?;
     Ok(log)
 }
 

@@ -379,12 +379,6 @@ impl Manager {
         host: &str,
         site: &str,
     ) -> Result<(SocketAddr, String), VmError> {
-        let site_depots = self
-            .cfg
-            .depots
-            .iter()
-            .map(|d| (d.site.clone(), d.addr))
-            .collect();
         crate::migration::depot_stage::DepotHost {
             name: host.to_owned(),
             site: site.to_owned(),
@@ -395,7 +389,7 @@ impl Manager {
                 .find(|h| h.name == host)
                 .and_then(|h| h.depot_agent),
         }
-        .stager(&site_depots)
+        .stager(self.depot_addr(site))
         .map_err(|_| VmError::NoDepot(site.to_owned()))
     }
 

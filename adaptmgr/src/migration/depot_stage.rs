@@ -181,17 +181,13 @@ pub struct DepotHost {
 
 impl DepotHost {
     /// Which depot stages for this host, and how logs and errors name it: the host's own agent
-    /// when it has one (so no other machine writes its files), else its site's depot.
-    pub fn stager(
-        &self,
-        site_depots: &BTreeMap<String, SocketAddr>,
-    ) -> Result<(SocketAddr, String), String> {
-        match self.agent {
-            Some(addr) => Ok((addr, format!("{} ({}'s own depot)", self.site, self.name))),
-            None => site_depots
-                .get(&self.site)
-                .map(|addr| (*addr, self.site.clone()))
-                .ok_or_else(|| format!("no depot configured for site {}", self.site)),
+    /// when it has one (so no other machine writes its files), else its site's depot
+    /// (`site_depot`, if the site has one).
+    pub fn stager(&self, site_depot: Option<SocketAddr>) -> Result<(SocketAddr, String), String> {
+        match (self.agent, site_depot) {
+            (Some(addr), _) => Ok((addr, format!("{} ({}'s own depot)", self.site, self.name))),
+            (None, Some(addr)) => Ok((addr, self.site.clone())),
+            (None, None) => Err(format!("no depot configured for site {}", self.site)),
         }
     }
 }
@@ -238,7 +234,7 @@ impl DepotStager {
             .hosts
             .get(job.dest_uri)
             .ok_or_else(|| format!("destination {} is not a configured host", job.dest_uri))?;
-        let (addr, label) = host.stager(&self.depots)?;
+        let (addr, label) = host.stager(self.depots.get(&host.site).copied())?;
         let image = depot_image(job.domain_xml)
             .map_err(|e| format!("domain XML unreadable: {e}"))?
             .ok_or_else(|| format!("{} records no depot image in its metadata", job.vm))?;
