@@ -7,15 +7,20 @@
 //! results, and the policy loop's decision log, so a restarted manager's policy sees the same
 //! history and `viola decisions` the same log.
 //!
-//! Store: `redb` (an embedded, crash-safe B-tree with ACID transactions). Each record is a
+//! Store: one storage trait ([`Backend`]: ordered tables of bytes, atomic batches); by default
+//! `redb` (an embedded, crash-safe B-tree with ACID transactions). Each record is a
 //! JSON value under its name (sample series excepted: 16-byte binary records, read in bulk), so the file stays inspectable with `viola` itself and the schema
 //! can grow fields (`#[serde(default)]`) without a migration. We chose it over a hand-rolled
 //! JSON snapshot + journal because atomic multi-record updates (a report touches a host and
 //! many VMs; a migration moves a VM and logs an event) and torn-write safety come for free,
 //! while a journal would need its own framing, fsync discipline and compaction.
 
+pub mod backend;
+mod redb_backend;
 mod store;
 
+pub use backend::Backend;
+pub use redb_backend::RedbBackend;
 pub use store::{Inventory, InventoryError};
 
 use serde::{Deserialize, Serialize};

@@ -1,11 +1,17 @@
-//! The redb-backed store behind [`Inventory`].
+//! The inventory's records, logs and journal, written once over the storage trait
+//! ([`Backend`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
-use redb::{AccessGuard, Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::backend::{
+    Backend, BackendError, Durability, Order, Table, Write, history_key, parse_history_key,
+    parse_seq_key, seq_key,
+};
+use super::redb_backend::RedbBackend;
 use super::{
     EventRecord, HostRecord, HostState, PendingOp, SAMPLES_KEPT, Sample, SampleHistories,
     SampleKey, SiteRecord, ViolinRecord, VmRecord,
@@ -15,30 +21,6 @@ use viola_api::adaptation::{ActionOutcome, DecisionRecord};
 use viola_api::dashboard::Placement;
 use viola_api::manager::{HostReport, ProbeResult};
 
-const SITES: TableDefinition<&str, &[u8]> = TableDefinition::new("sites");
-const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
-const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
-const VIOLINS: TableDefinition<&str, &[u8]> = TableDefinition::new("violins");
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// Migrations in progress (the driver's snapshot after each step), by VM: what a restarted
-/// manager finishes or rolls back.
-const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
-/// Monitor samples, newest first, under `host/NAME` and `vm/NAME`: 16 bytes each (`ts_ms` u64
-/// then `cpu_busy` f64, little-endian), not JSON: the policy loop reads every series each period
-/// and decoding 300,000 JSON numbers was most of its time at 10,000 VMs.
-const SAMPLES: TableDefinition<&str, &[u8]> = TableDefinition::new("samples");
-/// Each host's last service-probe results.
-const PROBES: TableDefinition<&str, &[u8]> = TableDefinition::new("probes");
-/// The policy loop's decisions, by sequence number.
-const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
-/// Creates and deletes in progress (`PendingOp` by VM name).
-const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
-/// The dashboard's history ([`crate::history`]): every sample of the last hour and the
-/// one-minute means of the last day, by (series, unix ms); and where each VM ran (JSON list of
-/// placements, by VM).
-const HISTORY_FINE: TableDefinition<(&str, u64), f64> = TableDefinition::new("history_fine");
-const HISTORY_MINUTES: TableDefinition<(&str, u64), f64> = TableDefinition::new("history_minutes");
-const PLACEMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("placements");
 /// Decisions kept; older ones are dropped as new ones come (a year of hourly moves).
 const DECISIONS_KEPT: u64 = 10_000;
 /// Events kept (migrations, resizes, host events; a migration's is its whole report, a few KB);
@@ -54,8 +36,12 @@ pub enum InventoryError {
         #[source]
         source: redb::Error,
     },
-    #[error("inventory store failed")]
-    Store(#[source] redb::Error),
+    #[error("inventory store ({store}) failed")]
+    Store {
+        store: String,
+        #[source]
+        source: BackendError,
+    },
     #[error("inventory record {key:?} is corrupt")]
     Corrupt {
         key: String,
@@ -76,138 +62,173 @@ pub enum InventoryError {
     Conflict(String),
 }
 
-fn store<E: Into<redb::Error>>(e: E) -> InventoryError {
-    InventoryError::Store(e.into())
+impl InventoryError {
+    /// The store refused a write because another manager leads now.
+    pub fn is_not_leader(&self) -> bool {
+        matches!(
+            self,
+            InventoryError::Store {
+                source: BackendError::NotLeader { .. },
+                ..
+            }
+        )
+    }
 }
 
-/// The persistent inventory. Cheap to share behind an `Arc`; every method is one transaction.
+/// The persistent inventory. Cheap to share behind an `Arc`.
+///
+/// Every write goes through one lock, and a read-modify-write (a report folded into its host
+/// and VMs, a log append) holds it from its read to its commit: the storage trait has no
+/// read-write transactions (etcd's are compare-and-swap), and this manager is the store's only
+/// writer (the replicated store's leader fences the others out).
 pub struct Inventory {
-    db: Database,
+    backend: Box<dyn Backend>,
+    writer: Mutex<()>,
 }
 
 impl Inventory {
-    /// Opens (or creates) the inventory file at `path`.
+    /// Opens (or creates) the embedded inventory file at `path`.
     pub fn open(path: &Path) -> Result<Self, InventoryError> {
-        let open = || -> Result<Database, redb::Error> {
-            let db = Database::create(path)?;
-            // Create every table once so readers never meet a missing one.
-            let tx = db.begin_write()?;
-            for table in [
-                SITES, HOSTS, VMS, VIOLINS, MIGRATIONS, SAMPLES, PROBES, PENDING, PLACEMENTS,
-            ] {
-                tx.open_table(table)?;
-            }
-            for table in [EVENTS, DECISIONS] {
-                tx.open_table(table)?;
-            }
-            for table in [HISTORY_FINE, HISTORY_MINUTES] {
-                tx.open_table(table)?;
-            }
-            tx.commit()?;
-            Ok(db)
-        };
-        let db = open().map_err(|source| InventoryError::Open {
+        let backend = RedbBackend::open(path).map_err(|source| InventoryError::Open {
             path: path.to_owned(),
             source,
         })?;
-        Ok(Self { db })
+        Ok(Self::with_backend(Box::new(backend)))
     }
 
-    fn put<T: Serialize>(
+    /// The inventory kept in `backend`.
+    pub fn with_backend(backend: Box<dyn Backend>) -> Self {
+        Self {
+            backend,
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// What the inventory is kept in.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    fn store(&self, source: BackendError) -> InventoryError {
+        InventoryError::Store {
+            store: self.backend.describe(),
+            source,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // A writer that panicked left no half-made batch (batches are atomic): go on.
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Commits `writes`; the caller holds the writer lock.
+    fn commit_locked(
         &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &T,
+        _writer: &MutexGuard<'_, ()>,
+        writes: &[Write],
+        durability: Durability,
     ) -> Result<(), InventoryError> {
-        let bytes = encode(value, key)?;
-        let tx = self.db.begin_write().map_err(store)?;
-        tx.open_table(table)
-            .map_err(store)?
-            .insert(key, bytes.as_slice())
-            .map_err(store)?;
-        tx.commit().map_err(store)
+        self.backend
+            .commit(writes, durability)
+            .map_err(|e| self.store(e))
     }
 
-    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        tx.open_table(table)
-            .map_err(store)?
-            .remove(key)
-            .map_err(store)?;
-        tx.commit().map_err(store)
+    fn commit(&self, writes: &[Write]) -> Result<(), InventoryError> {
+        let writer = self.lock();
+        self.commit_locked(&writer, writes, Durability::Durable)
+    }
+
+    fn raw(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, InventoryError> {
+        self.backend.get(table, key).map_err(|e| self.store(e))
+    }
+
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        order: Order,
+        limit: Option<usize>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, InventoryError> {
+        self.backend
+            .scan(table, from, order, limit)
+            .map_err(|e| self.store(e))
+    }
+
+    fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), InventoryError> {
+        self.commit(&[put(table, key, encode(value, key)?)])
+    }
+
+    fn remove(&self, table: Table, key: &str) -> Result<(), InventoryError> {
+        self.commit(&[Write::Delete {
+            table,
+            key: key.as_bytes().to_vec(),
+        }])
     }
 
     fn get<T: DeserializeOwned>(
         &self,
-        table: TableDefinition<&str, &[u8]>,
+        table: Table,
         key: &str,
     ) -> Result<Option<T>, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(table).map_err(store)?;
-        let Some(v) = t.get(key).map_err(store)? else {
-            return Ok(None);
-        };
-        decode(v.value(), key).map(Some)
+        match self.raw(table, key.as_bytes())? {
+            Some(bytes) => decode(&bytes, key).map(Some),
+            None => Ok(None),
+        }
     }
 
-    fn all<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<T>, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(table).map_err(store)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(store)? {
-            let (k, v) = item.map_err(store)?;
-            out.push(decode(v.value(), k.value())?);
-        }
-        Ok(out)
+    fn all<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, InventoryError> {
+        self.scan(table, b"", Order::Ascending, None)?
+            .iter()
+            .map(|(k, v)| decode(v, String::from_utf8_lossy(k)))
+            .collect()
     }
 
     pub fn put_site(&self, site: &SiteRecord) -> Result<(), InventoryError> {
-        self.put(SITES, &site.name, site)
+        self.put(Table::Sites, &site.name, site)
     }
 
     pub fn sites(&self) -> Result<Vec<SiteRecord>, InventoryError> {
-        self.all(SITES)
+        self.all(Table::Sites)
     }
 
     pub fn put_host(&self, host: &HostRecord) -> Result<(), InventoryError> {
-        self.put(HOSTS, &host.name, host)
+        self.put(Table::Hosts, &host.name, host)
     }
 
     pub fn host(&self, name: &str) -> Result<Option<HostRecord>, InventoryError> {
-        self.get(HOSTS, name)
+        self.get(Table::Hosts, name)
     }
 
     pub fn hosts(&self) -> Result<Vec<HostRecord>, InventoryError> {
-        self.all(HOSTS)
+        self.all(Table::Hosts)
     }
 
     pub fn put_vm(&self, vm: &VmRecord) -> Result<(), InventoryError> {
-        self.put(VMS, &vm.name, vm)
+        self.put(Table::Vms, &vm.name, vm)
     }
 
     pub fn vm(&self, name: &str) -> Result<Option<VmRecord>, InventoryError> {
-        self.get(VMS, name)
+        self.get(Table::Vms, name)
     }
 
     pub fn vms(&self) -> Result<Vec<VmRecord>, InventoryError> {
-        self.all(VMS)
+        self.all(Table::Vms)
     }
 
     /// Forgets a VM and its samples.
     pub fn remove_vm(&self, name: &str) -> Result<(), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        tx.open_table(VMS)
-            .map_err(store)?
-            .remove(name)
-            .map_err(store)?;
-        tx.open_table(SAMPLES)
-            .map_err(store)?
-            .remove(SampleKey::Vm(name).encode().as_str())
-            .map_err(store)?;
-        tx.commit().map_err(store)
+        self.commit(&[
+            Write::Delete {
+                table: Table::Vms,
+                key: name.as_bytes().to_vec(),
+            },
+            Write::Delete {
+                table: Table::Samples,
+                key: SampleKey::Vm(name).encode().into_bytes(),
+            },
+        ])
     }
 
     /// Records where the migration of `vm` stands (replaces the previous snapshot).
@@ -216,47 +237,47 @@ impl Inventory {
         vm: &str,
         snapshot: &T,
     ) -> Result<(), InventoryError> {
-        self.put(MIGRATIONS, vm, snapshot)
+        self.put(Table::Migrations, vm, snapshot)
     }
 
     /// Every migration recorded as in progress.
     pub fn migrations<T: DeserializeOwned>(&self) -> Result<Vec<T>, InventoryError> {
-        self.all(MIGRATIONS)
+        self.all(Table::Migrations)
     }
 
     /// Forgets the migration of `vm` (it ended).
     pub fn remove_migration(&self, vm: &str) -> Result<(), InventoryError> {
-        self.remove(MIGRATIONS, vm)
+        self.remove(Table::Migrations, vm)
     }
 
     pub fn put_violin(&self, violin: &ViolinRecord) -> Result<(), InventoryError> {
-        self.put(VIOLINS, &violin.name, violin)
+        self.put(Table::Violins, &violin.name, violin)
     }
 
     pub fn violins(&self) -> Result<Vec<ViolinRecord>, InventoryError> {
-        self.all(VIOLINS)
+        self.all(Table::Violins)
     }
 
     pub fn violin(&self, name: &str) -> Result<Option<ViolinRecord>, InventoryError> {
-        self.get(VIOLINS, name)
+        self.get(Table::Violins, name)
     }
 
     pub fn remove_violin(&self, name: &str) -> Result<(), InventoryError> {
-        self.remove(VIOLINS, name)
+        self.remove(Table::Violins, name)
     }
 
     /// Journals a create or delete before its first action (replaces an earlier entry).
     pub fn put_pending(&self, op: &PendingOp) -> Result<(), InventoryError> {
-        self.put(PENDING, &op.vm, op)
+        self.put(Table::Pending, &op.vm, op)
     }
 
     /// Every create or delete journaled as in progress.
     pub fn pending(&self) -> Result<Vec<PendingOp>, InventoryError> {
-        self.all(PENDING)
+        self.all(Table::Pending)
     }
 
     pub fn remove_pending(&self, vm: &str) -> Result<(), InventoryError> {
-        self.remove(PENDING, vm)
+        self.remove(Table::Pending, vm)
     }
 
     /// Appends an event; returns it with its sequence number.
@@ -267,7 +288,7 @@ impl Inventory {
         subject: &str,
         detail: serde_json::Value,
     ) -> Result<EventRecord, InventoryError> {
-        self.append(EVENTS, EVENTS_KEPT, "event", |seq| EventRecord {
+        self.append(Table::Events, EVENTS_KEPT, "event", |seq| EventRecord {
             seq,
             ts_ms,
             kind: kind.to_owned(),
@@ -279,135 +300,123 @@ impl Inventory {
 
     /// Events with a sequence number above `after`, oldest first.
     pub fn events_after(&self, after: u64) -> Result<Vec<EventRecord>, InventoryError> {
-        self.after(EVENTS, after, usize::MAX, "event")
+        self.after(Table::Events, after, usize::MAX, "event")
     }
 
-    /// Folds a monitor report into the host and its VMs, in one transaction. Reports older
-    /// than the last one seen from that host are ignored (returns false).
+    /// Folds a monitor report into the host and its VMs, in one batch. Reports older than the
+    /// last one seen from that host are ignored (returns false).
     pub fn apply_report(&self, report: &HostReport, now_ms: u64) -> Result<bool, InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        {
-            let mut hosts = tx.open_table(HOSTS).map_err(store)?;
-            let existing: Option<HostRecord> =
-                match hosts.get(report.host.as_str()).map_err(store)? {
-                    Some(v) => Some(decode(v.value(), &report.host)?),
-                    None => None,
-                };
-            let mut host = match existing {
-                Some(h) if h.last_report_seq >= report.seq && report.seq != 0 => return Ok(false),
-                Some(h) => h,
-                None => HostRecord {
-                    name: report.host.clone(),
-                    site: report.site.clone(),
-                    libvirt_uri: String::new(),
-                    migration_uri: String::new(),
-                    cpus: report.usage.cpus,
-                    memory_kib: report.usage.mem_total_kib,
-                    state: HostState::Unknown,
-                    last_heartbeat_ms: None,
-                    last_report_seq: 0,
-                    usage: None,
-                },
-            };
-            host.last_report_seq = report.seq;
-            host.last_heartbeat_ms = Some(now_ms);
-            if host.cpus == 0 {
-                host.cpus = report.usage.cpus;
-            }
-            if host.memory_kib == 0 {
-                host.memory_kib = report.usage.mem_total_kib;
-            }
-            host.usage = Some(report.usage.clone());
-            let bytes = encode(&host, &host.name)?;
-            hosts
-                .insert(report.host.as_str(), bytes.as_slice())
-                .map_err(store)?;
+        let writer = self.lock();
+        let mut host = match self.get::<HostRecord>(Table::Hosts, &report.host)? {
+            Some(h) if h.last_report_seq >= report.seq && report.seq != 0 => return Ok(false),
+            Some(h) => h,
+            None => HostRecord {
+                name: report.host.clone(),
+                site: report.site.clone(),
+                libvirt_uri: String::new(),
+                migration_uri: String::new(),
+                cpus: report.usage.cpus,
+                memory_kib: report.usage.mem_total_kib,
+                state: HostState::Unknown,
+                last_heartbeat_ms: None,
+                last_report_seq: 0,
+                usage: None,
+            },
+        };
+        host.last_report_seq = report.seq;
+        host.last_heartbeat_ms = Some(now_ms);
+        if host.cpus == 0 {
+            host.cpus = report.usage.cpus;
+        }
+        if host.memory_kib == 0 {
+            host.memory_kib = report.usage.mem_total_kib;
+        }
+        host.usage = Some(report.usage.clone());
+        let mut writes = vec![put(Table::Hosts, &host.name, encode(&host, &host.name)?)];
 
-            let mut samples = tx.open_table(SAMPLES).map_err(store)?;
-            push_sample(
-                &mut samples,
-                SampleKey::Host(&report.host),
+        writes.push(self.pushed_sample(
+            SampleKey::Host(&report.host),
+            Sample {
+                ts_ms: now_ms,
+                cpu_busy: report.usage.cpu_busy,
+            },
+        )?);
+        for usage in &report.vms {
+            writes.push(self.pushed_sample(
+                SampleKey::Vm(&usage.name),
                 Sample {
                     ts_ms: now_ms,
-                    cpu_busy: report.usage.cpu_busy,
+                    cpu_busy: usage.cpu_busy,
                 },
-            )?;
-            for usage in &report.vms {
-                push_sample(
-                    &mut samples,
-                    SampleKey::Vm(&usage.name),
-                    Sample {
-                        ts_ms: now_ms,
-                        cpu_busy: usage.cpu_busy,
-                    },
-                )?;
-            }
-            let probes = encode(&report.probes, format_args!("probes of {}", report.host))?;
-            tx.open_table(PROBES)
-                .map_err(store)?
-                .insert(report.host.as_str(), probes.as_slice())
-                .map_err(store)?;
+            )?);
+        }
+        let probes = encode(&report.probes, format_args!("probes of {}", report.host))?;
+        writes.push(put(Table::Probes, &report.host, probes));
 
-            let mut vms = tx.open_table(VMS).map_err(store)?;
-            for usage in &report.vms {
-                let old: Option<VmRecord> = match vms.get(usage.name.as_str()).map_err(store)? {
-                    Some(v) => serde_json::from_slice(v.value()).ok(),
-                    None => None,
-                };
-                let mut vm = old.unwrap_or_else(|| VmRecord {
-                    name: usage.name.clone(),
-                    host: report.host.clone(),
-                    violin: None,
-                    macs: Vec::new(),
-                    state: usage.state,
-                    vcpus: usage.vcpus,
-                    max_vcpus: usage.max_vcpus,
-                    memory_kib: usage.memory_kib,
-                    max_memory_kib: usage.max_memory_kib,
-                    cpu_busy: 0.0,
-                    domain_xml: None,
-                    cap_percent: None,
-                    deadline: None,
-                    updated_ms: now_ms,
-                });
-                vm.host = report.host.clone();
-                vm.state = usage.state;
-                vm.vcpus = usage.vcpus;
-                vm.max_vcpus = usage.max_vcpus;
-                vm.memory_kib = usage.balloon_kib.unwrap_or(usage.memory_kib);
-                vm.max_memory_kib = usage.max_memory_kib;
-                vm.cpu_busy = usage.cpu_busy;
-                vm.macs = usage.nics.iter().map(|n| n.mac.clone()).collect();
-                vm.updated_ms = now_ms;
-                let bytes = encode(&vm, &vm.name)?;
-                vms.insert(usage.name.as_str(), bytes.as_slice())
-                    .map_err(store)?;
+        for usage in &report.vms {
+            let old: Option<VmRecord> = self
+                .raw(Table::Vms, usage.name.as_bytes())?
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let mut vm = old.unwrap_or_else(|| VmRecord {
+                name: usage.name.clone(),
+                host: report.host.clone(),
+                violin: None,
+                macs: Vec::new(),
+                state: usage.state,
+                vcpus: usage.vcpus,
+                max_vcpus: usage.max_vcpus,
+                memory_kib: usage.memory_kib,
+                max_memory_kib: usage.max_memory_kib,
+                cpu_busy: 0.0,
+                domain_xml: None,
+                cap_percent: None,
+                deadline: None,
+                updated_ms: now_ms,
+            });
+            vm.host = report.host.clone();
+            vm.state = usage.state;
+            vm.vcpus = usage.vcpus;
+            vm.max_vcpus = usage.max_vcpus;
+            vm.memory_kib = usage.balloon_kib.unwrap_or(usage.memory_kib);
+            vm.max_memory_kib = usage.max_memory_kib;
+            vm.cpu_busy = usage.cpu_busy;
+            vm.macs = usage.nics.iter().map(|n| n.mac.clone()).collect();
+            vm.updated_ms = now_ms;
+            writes.push(put(Table::Vms, &vm.name, encode(&vm, &vm.name)?));
+        }
+        self.commit_locked(&writer, &writes, Durability::Durable)?;
+        Ok(true)
+    }
+
+    /// The write that adds `sample` in front of `key`'s samples, keeping [`SAMPLES_KEPT`].
+    fn pushed_sample(&self, key: SampleKey<'_>, sample: Sample) -> Result<Write, InventoryError> {
+        let key = key.encode();
+        let mut bytes = encode_samples(&[sample]);
+        if let Some(old) = self.raw(Table::Samples, key.as_bytes())? {
+            // A corrupt series is only history: start it again rather than refuse the report.
+            if old.len().is_multiple_of(SAMPLE_BYTES) {
+                let keep = old.len().min((SAMPLES_KEPT - 1) * SAMPLE_BYTES);
+                bytes.extend_from_slice(&old[..keep]);
             }
         }
-        tx.commit().map_err(store)?;
-        Ok(true)
+        Ok(put(Table::Samples, &key, bytes))
     }
 
     /// Samples of one host or VM, newest first.
     pub fn samples(&self, key: SampleKey<'_>) -> Result<Vec<Sample>, InventoryError> {
         let key = key.encode();
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(SAMPLES).map_err(store)?;
-        let Some(v) = t.get(key.as_str()).map_err(store)? else {
-            return Ok(Vec::new());
-        };
-        decode_samples(&key, v.value())
+        match self.raw(Table::Samples, key.as_bytes())? {
+            Some(bytes) => decode_samples(&key, &bytes),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Every host's and VM's samples (what the policy loop reads each period).
     pub fn sample_histories(&self) -> Result<SampleHistories, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(SAMPLES).map_err(store)?;
         let mut out = SampleHistories::default();
-        for item in t.iter().map_err(store)? {
-            let (k, v) = item.map_err(store)?;
-            let key = k.value();
-            let samples = decode_samples(key, v.value())?;
+        for (k, v) in self.scan(Table::Samples, b"", Order::Ascending, None)? {
+            let key = String::from_utf8_lossy(&k);
+            let samples = decode_samples(&key, &v)?;
             if let Some(name) = key.strip_prefix("host/") {
                 out.hosts.insert(name.to_owned(), samples);
             } else if let Some(name) = key.strip_prefix("vm/") {
@@ -419,12 +428,12 @@ impl Inventory {
 
     /// The last service-probe results a host's monitor sent.
     pub fn probes(&self, host: &str) -> Result<Vec<ProbeResult>, InventoryError> {
-        Ok(self.get(PROBES, host)?.unwrap_or_default())
+        Ok(self.get(Table::Probes, host)?.unwrap_or_default())
     }
 
     /// Appends a decision (its `seq` is assigned here); returns its sequence number.
     pub fn record_decision(&self, decision: &DecisionRecord) -> Result<u64, InventoryError> {
-        let (seq, _) = self.append(DECISIONS, DECISIONS_KEPT, "decision", |seq| {
+        let (seq, _) = self.append(Table::Decisions, DECISIONS_KEPT, "decision", |seq| {
             DecisionRecord {
                 seq,
                 ..decision.clone()
@@ -440,22 +449,26 @@ impl Inventory {
         index: usize,
         outcome: ActionOutcome,
     ) -> Result<(), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        {
-            let mut t = tx.open_table(DECISIONS).map_err(store)?;
-            let existing = t.get(seq).map_err(store)?.map(|v| v.value().to_vec());
-            let Some(bytes) = existing else {
-                return Ok(());
-            };
-            let mut d: DecisionRecord = decode(&bytes, format_args!("decision {seq}"))?;
-            let Some(action) = d.actions.get_mut(index) else {
-                return Ok(());
-            };
-            action.outcome = outcome;
-            let bytes = encode(&d, format_args!("decision {seq}"))?;
-            t.insert(seq, bytes.as_slice()).map_err(store)?;
-        }
-        tx.commit().map_err(store)
+        let writer = self.lock();
+        let key = seq_key(seq);
+        let Some(bytes) = self.raw(Table::Decisions, &key)? else {
+            return Ok(());
+        };
+        let mut d: DecisionRecord = decode(&bytes, format_args!("decision {seq}"))?;
+        let Some(action) = d.actions.get_mut(index) else {
+            return Ok(());
+        };
+        action.outcome = outcome;
+        let bytes = encode(&d, format_args!("decision {seq}"))?;
+        self.commit_locked(
+            &writer,
+            &[Write::Put {
+                table: Table::Decisions,
+                key: key.to_vec(),
+                value: bytes,
+            }],
+            Durability::Durable,
+        )
     }
 
     /// Decisions with a sequence number above `after`, oldest first, at most `limit`.
@@ -464,7 +477,7 @@ impl Inventory {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DecisionRecord>, InventoryError> {
-        self.after(DECISIONS, after, limit, "decision")
+        self.after(Table::Decisions, after, limit, "decision")
     }
 }
 
@@ -498,93 +511,85 @@ fn decode_samples(key: &str, bytes: &[u8]) -> Result<Vec<Sample>, InventoryError
         .collect())
 }
 
-/// Adds `sample` in front of `key`'s samples, keeping [`SAMPLES_KEPT`].
-fn push_sample(
-    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
-    key: SampleKey<'_>,
-    sample: Sample,
-) -> Result<(), InventoryError> {
-    let key = key.encode();
-    let mut bytes = encode_samples(&[sample]);
-    if let Some(v) = table.get(key.as_str()).map_err(store)? {
-        let old = v.value();
-        // A corrupt series is only history: start it again rather than refuse the report.
-        if old.len().is_multiple_of(SAMPLE_BYTES) {
-            let keep = old.len().min((SAMPLES_KEPT - 1) * SAMPLE_BYTES);
-            bytes.extend_from_slice(&old[..keep]);
-        }
-    }
-    table
-        .insert(key.as_str(), bytes.as_slice())
-        .map_err(store)?;
-    Ok(())
-}
-
 impl Inventory {
     /// Appends what [`History::record`](crate::history::History::record) returned, and
-    /// forgets what its prune says, in one transaction.
+    /// forgets what its prune says, in one batch.
     pub fn write_history(&self, write: &HistoryWrite) -> Result<(), InventoryError> {
-        let mut tx = self.db.begin_write().map_err(store)?;
+        let point = |table, (name, ts, v): &(String, u64, f64)| Write::Put {
+            table,
+            key: history_key(name, *ts),
+            value: v.to_le_bytes().to_vec(),
+        };
+        let mut writes: Vec<Write> = write
+            .fine
+            .iter()
+            .map(|p| point(Table::HistoryFine, p))
+            .chain(
+                write
+                    .minutes
+                    .iter()
+                    .map(|p| point(Table::HistoryMinutes, p)),
+            )
+            .collect();
+        if let Some(prune) = write.prune {
+            writes.push(Write::DeleteBelow {
+                table: Table::HistoryFine,
+                end: prune.fine_before.to_be_bytes().to_vec(),
+            });
+            writes.push(Write::DeleteBelow {
+                table: Table::HistoryMinutes,
+                end: prune.minutes_before.to_be_bytes().to_vec(),
+            });
+        }
+        for (vm, list) in &write.placements {
+            writes.push(match list {
+                Some(list) => put(
+                    Table::Placements,
+                    vm,
+                    encode(list, format_args!("placements of {vm}"))?,
+                ),
+                None => Write::Delete {
+                    table: Table::Placements,
+                    key: vm.as_bytes().to_vec(),
+                },
+            });
+        }
         // Samples are not worth an fsync each: the next durable commit (the report's own, or
         // this one once a minute, with the prune) persists them.
-        if write.prune.is_none() {
-            tx.set_durability(redb::Durability::None).map_err(store)?;
-        }
-        {
-            let mut fine = tx.open_table(HISTORY_FINE).map_err(store)?;
-            for (name, ts, v) in &write.fine {
-                fine.insert((name.as_str(), *ts), *v).map_err(store)?;
-            }
-            let mut minutes = tx.open_table(HISTORY_MINUTES).map_err(store)?;
-            for (name, ts, v) in &write.minutes {
-                minutes.insert((name.as_str(), *ts), *v).map_err(store)?;
-            }
-            if let Some(prune) = write.prune {
-                fine.retain(|(_, ts), _| ts >= prune.fine_before)
-                    .map_err(store)?;
-                minutes
-                    .retain(|(_, ts), _| ts >= prune.minutes_before)
-                    .map_err(store)?;
-            }
-            let mut placements = tx.open_table(PLACEMENTS).map_err(store)?;
-            for (vm, list) in &write.placements {
-                match list {
-                    Some(list) => {
-                        let bytes = encode(list, format_args!("placements of {vm}"))?;
-                        placements
-                            .insert(vm.as_str(), bytes.as_slice())
-                            .map_err(store)?;
-                    }
-                    None => {
-                        placements.remove(vm.as_str()).map_err(store)?;
-                    }
-                }
-            }
-        }
-        tx.commit().map_err(store)
+        let durability = if write.prune.is_none() {
+            Durability::Eventual
+        } else {
+            Durability::Durable
+        };
+        let writer = self.lock();
+        self.commit_locked(&writer, &writes, durability)
     }
 
     /// The history as it was persisted (what a restarted manager plots from).
     pub fn load_history(&self) -> Result<History, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let read = |table: TableDefinition<(&str, u64), f64>| -> Result<Vec<(String, u64, f64)>, InventoryError> {
-            let t = tx.open_table(table).map_err(store)?;
-            let mut out = Vec::new();
-            for item in t.iter().map_err(store)? {
-                let (k, v) = item.map_err(store)?;
-                let (name, ts) = k.value();
-                out.push((name.to_owned(), ts, v.value()));
-            }
-            Ok(out)
+        let read = |table: Table| -> Result<Vec<(String, u64, f64)>, InventoryError> {
+            self.scan(table, b"", Order::Ascending, None)?
+                .into_iter()
+                .map(|(k, v)| {
+                    let point = parse_history_key(&k).zip(v.as_slice().try_into().ok());
+                    let Some(((series, ts), value)) = point else {
+                        return Err(InventoryError::CorruptSamples {
+                            key: format!("{} {}", table.name(), String::from_utf8_lossy(&k)),
+                            len: v.len(),
+                        });
+                    };
+                    Ok((series.to_owned(), ts, f64::from_le_bytes(value)))
+                })
+                .collect()
         };
-        let fine = read(HISTORY_FINE)?;
-        let minutes = read(HISTORY_MINUTES)?;
-        let t = tx.open_table(PLACEMENTS).map_err(store)?;
+        let fine = read(Table::HistoryFine)?;
+        let minutes = read(Table::HistoryMinutes)?;
         let mut placements = Vec::new();
-        for item in t.iter().map_err(store)? {
-            let (k, v) = item.map_err(store)?;
-            let list: Vec<Placement> =
-                decode(v.value(), format_args!("placements of {}", k.value()))?;
+        for (k, v) in self.scan(Table::Placements, b"", Order::Ascending, None)? {
+            let list: Vec<Placement> = decode(
+                &v,
+                format_args!("placements of {}", String::from_utf8_lossy(&k)),
+            )?;
             placements.extend(list);
         }
         Ok(History::restore(fine, minutes, placements))
@@ -592,23 +597,22 @@ impl Inventory {
 
     /// The last `limit` events (oldest first).
     pub fn recent_events(&self, limit: usize) -> Result<Vec<EventRecord>, InventoryError> {
-        self.last_of(EVENTS, limit, "event")
+        self.last_of(Table::Events, limit, "event")
     }
 
     /// The last `limit` decisions (oldest first).
     pub fn recent_decisions(&self, limit: usize) -> Result<Vec<DecisionRecord>, InventoryError> {
-        self.last_of(DECISIONS, limit, "decision")
+        self.last_of(Table::Decisions, limit, "decision")
     }
 
     fn last_of<T: DeserializeOwned>(
         &self,
-        table: TableDefinition<u64, &[u8]>,
+        table: Table,
         limit: usize,
         what: &str,
     ) -> Result<Vec<T>, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(table).map_err(store)?;
-        let mut out: Vec<T> = decode_log(t.iter().map_err(store)?.rev().take(limit), what)?;
+        let mut out: Vec<T> =
+            decode_log(self.scan(table, b"", Order::Descending, Some(limit))?, what)?;
         out.reverse();
         Ok(out)
     }
@@ -617,40 +621,55 @@ impl Inventory {
     /// most `limit`.
     fn after<T: DeserializeOwned>(
         &self,
-        table: TableDefinition<u64, &[u8]>,
+        table: Table,
         after: u64,
         limit: usize,
         what: &str,
     ) -> Result<Vec<T>, InventoryError> {
-        let tx = self.db.begin_read().map_err(store)?;
-        let t = tx.open_table(table).map_err(store)?;
-        let entries = t.range(after.saturating_add(1)..).map_err(store)?;
-        decode_log(entries.take(limit), what)
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let entries = self.scan(table, &seq_key(from), Order::Ascending, Some(limit))?;
+        decode_log(entries, what)
     }
 
     /// Appends `entry(seq)` to a log table under the next sequence number, keeping the last
     /// `kept` entries; returns the number and the entry.
     fn append<T: Serialize>(
         &self,
-        table: TableDefinition<u64, &[u8]>,
+        table: Table,
         kept: u64,
         what: &str,
         entry: impl FnOnce(u64) -> T,
     ) -> Result<(u64, T), InventoryError> {
-        let tx = self.db.begin_write().map_err(store)?;
-        let appended = {
-            let mut t = tx.open_table(table).map_err(store)?;
-            let seq = t.last().map_err(store)?.map_or(1, |(k, _)| k.value() + 1);
-            let entry = entry(seq);
-            let bytes = encode(&entry, format_args!("{what} {seq}"))?;
-            t.insert(seq, bytes.as_slice()).map_err(store)?;
-            if seq > kept {
-                t.retain_in(..=seq - kept, |_, _| false).map_err(store)?;
-            }
-            (seq, entry)
-        };
-        tx.commit().map_err(store)?;
-        Ok(appended)
+        let writer = self.lock();
+        let last = self.scan(table, b"", Order::Descending, Some(1))?;
+        let seq = last
+            .first()
+            .and_then(|(k, _)| parse_seq_key(k))
+            .map_or(1, |s| s + 1);
+        let entry = entry(seq);
+        let mut writes = vec![Write::Put {
+            table,
+            key: seq_key(seq).to_vec(),
+            value: encode(&entry, format_args!("{what} {seq}"))?,
+        }];
+        if seq > kept {
+            writes.push(Write::DeleteBelow {
+                table,
+                end: seq_key(seq - kept + 1).to_vec(),
+            });
+        }
+        self.commit_locked(&writer, &writes, Durability::Durable)?;
+        Ok((seq, entry))
+    }
+}
+
+fn put(table: Table, key: &str, value: Vec<u8>) -> Write {
+    Write::Put {
+        table,
+        key: key.as_bytes().to_vec(),
+        value,
     }
 }
 
@@ -663,16 +682,15 @@ fn encode<T: Serialize>(value: &T, key: impl std::fmt::Display) -> Result<Vec<u8
 }
 
 /// Entries of a log table (events, decisions) read back; `what` names them in errors.
-fn decode_log<'a, T: DeserializeOwned>(
-    entries: impl Iterator<
-        Item = Result<(AccessGuard<'a, u64>, AccessGuard<'a, &'static [u8]>), redb::StorageError>,
-    >,
+fn decode_log<T: DeserializeOwned>(
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
     what: &str,
 ) -> Result<Vec<T>, InventoryError> {
     entries
-        .map(|entry| {
-            let (k, v) = entry.map_err(store)?;
-            decode(v.value(), format_args!("{what} {}", k.value()))
+        .iter()
+        .map(|(k, v)| {
+            let seq = parse_seq_key(k).unwrap_or_default();
+            decode(v, format_args!("{what} {seq}"))
         })
         .collect()
 }
