@@ -28,9 +28,12 @@ fi
 # chromium, chromium-driver, libnss3-tools: the dashboard's browser test (and a browser for the
 # demo's dashboard; see the Chromium policy below).
 # ebtables: libvirt's nwfilter calls it for the VMs' port filters ([vm_template] port_filter).
+# etcd-server, etcd-client: replicated managers' store (mech_replicated runs a three-member
+# cluster in lab namespaces; viola-etcd's tests run members on loopback).
 packages=(
   pkg-config
   iproute2 iputils-ping iperf3 busybox-static e2fsprogs cpio kmod xz-utils zstd
+  etcd-server etcd-client
   jq socat netcat-openbsd tcpdump iptables ebtables procps psmisc curl ca-certificates ethtool bc tini
   dnsmasq-base dropbear-bin openssh-client mmdebstrap
   chromium chromium-driver libnss3-tools openssl dpkg-dev
