@@ -26,6 +26,12 @@ pub enum ClientError {
         #[source]
         source: quinn::ConnectionError,
     },
+    #[error("no manager answered within {per_addr_s} s each (tried {tried}); last: {last}")]
+    NoManager {
+        tried: String,
+        per_addr_s: u64,
+        last: String,
+    },
     #[error("exchange with the manager failed")]
     Frame(#[from] FrameError),
     #[error("the manager closed the request without an answer")]
@@ -58,6 +64,36 @@ impl Client {
             .await
             .map_err(|source| ClientError::Connection { addr, source })?;
         Ok(Self { endpoint, conn })
+    }
+
+    /// Connects to the first of `addrs` that answers within `per_addr` (a replicated
+    /// manager: only the leader listens, the others stand by); returns it and its address.
+    pub async fn connect_first(
+        me: &Identity,
+        addrs: &[SocketAddr],
+        per_addr: std::time::Duration,
+    ) -> Result<(Self, SocketAddr), ClientError> {
+        let mut last = String::from("no address given");
+        for &addr in addrs {
+            match tokio::time::timeout(per_addr, Self::connect(me, addr)).await {
+                Ok(Ok(client)) => return Ok((client, addr)),
+                Ok(Err(ClientError::Connection { addr, source })) => {
+                    last = format!("{addr}: {source}");
+                }
+                // A local failure (endpoint, TLS setup) is the same for every address.
+                Ok(Err(e)) => return Err(e),
+                Err(_) => last = format!("{addr}: no answer"),
+            }
+        }
+        Err(ClientError::NoManager {
+            tried: addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            per_addr_s: per_addr.as_secs().max(1),
+            last,
+        })
     }
 
     /// Sends `req` and hands every response frame to `on_response` until the stream ends;

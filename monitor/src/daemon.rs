@@ -33,6 +33,9 @@ pub struct MonitorConfig {
     pub site: String,
     /// The manager's endpoint.
     pub manager: SocketAddr,
+    /// The other managers of a replicated manager (its `[replication]`): only the leader
+    /// answers, so reports go to the first of `manager` and these that does.
+    pub manager_replicas: Vec<SocketAddr>,
     pub identity_dir: PathBuf,
     pub libvirt_uri: String,
     pub interval_ms: u64,
@@ -56,12 +59,25 @@ pub struct MonitorConfig {
     pub libvirt_run_dir: PathBuf,
 }
 
+/// How long a manager gets to answer a connection before the next one is tried.
+pub const MANAGER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl MonitorConfig {
+    /// Every manager address, `manager` first.
+    pub fn managers(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.manager)
+            .chain(self.manager_replicas.iter().copied())
+            .collect()
+    }
+}
+
 impl Default for MonitorConfig {
     fn default() -> Self {
         Self {
             host: String::new(),
             site: String::new(),
             manager: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            manager_replicas: Vec::new(),
             identity_dir: PathBuf::from("/etc/viola/monitor"),
             libvirt_uri: "qemu:///system".into(),
             interval_ms: 1000,
@@ -402,7 +418,7 @@ pub async fn run(
             let channel_cfg = crate::guest_channel::ChannelConfig {
                 host: cfg.host.clone(),
                 site: cfg.site.clone(),
-                manager: cfg.manager,
+                managers: cfg.managers(),
                 libvirt_uri: cfg.libvirt_uri.clone(),
                 libvirt_state_dir: cfg.libvirt_state_dir.clone(),
                 libvirt_run_dir: cfg.libvirt_run_dir.clone(),
@@ -458,17 +474,14 @@ async fn report_loop(
         let report = collect(&cfg, &mut sampler, &mut hv).await;
         metrics.observe(&report);
         if client.is_none() {
-            match tokio::time::timeout(
-                Duration::from_secs(5),
-                Client::connect(&identity, cfg.manager),
-            )
-            .await
-            {
-                Ok(Ok(c)) => client = Some(c),
-                Ok(Err(e)) => {
+            match Client::connect_first(&identity, &cfg.managers(), MANAGER_CONNECT_TIMEOUT).await {
+                Ok((c, addr)) => {
+                    tracing::info!(manager = %addr, "reporting to the manager");
+                    client = Some(c);
+                }
+                Err(e) => {
                     tracing::warn!(error = %viola_common::errors::chain(&e), "manager unreachable")
                 }
-                Err(_) => tracing::warn!("manager connect timed out"),
             }
         }
         let Some(c) = client.as_ref() else {

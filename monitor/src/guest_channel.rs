@@ -47,7 +47,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ChannelConfig {
     pub host: String,
     pub site: String,
-    pub manager: SocketAddr,
+    /// Every manager address (a replicated manager's leader is the one that answers).
+    pub managers: Vec<SocketAddr>,
     pub libvirt_uri: String,
     /// Where the host's `/var/lib/libvirt` and `/run/libvirt` are as this monitor sees them
     /// (the lab's monitors run outside the hosts' mount namespaces).
@@ -73,7 +74,7 @@ pub fn seen_from_here(path: &str, state_dir: &Path, run_dir: &Path) -> PathBuf {
 /// One manager connection for every VM's task.
 struct ManagerLink {
     identity: Identity,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
@@ -83,12 +84,12 @@ impl ManagerLink {
         if let Some(c) = slot.as_ref() {
             return Ok(Arc::clone(c));
         }
-        let c = tokio::time::timeout(
-            Duration::from_secs(5),
-            Client::connect(&self.identity, self.addr),
+        let (c, _) = Client::connect_first(
+            &self.identity,
+            &self.addrs,
+            crate::daemon::MANAGER_CONNECT_TIMEOUT,
         )
         .await
-        .map_err(|_| "the manager did not answer within 5 s".to_owned())?
         .map_err(|e| viola_common::errors::chain(&e))?;
         let c = Arc::new(c);
         *slot = Some(Arc::clone(&c));
@@ -150,7 +151,7 @@ pub async fn run(
 ) {
     let link = Arc::new(ManagerLink {
         identity,
-        addr: cfg.manager,
+        addrs: cfg.managers.clone(),
         client: tokio::sync::Mutex::new(None),
     });
     let mut served: HashMap<String, CancellationToken> = HashMap::new();

@@ -34,9 +34,10 @@ use viola_common::identity::Identity;
 #[derive(Debug, Parser)]
 #[command(version, about = "Viola command-line client")]
 struct Args {
-    /// The manager's address.
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    manager: SocketAddr,
+    /// The manager's address; a replicated manager's addresses separated by commas (the one
+    /// that answers, its leader, is asked).
+    #[arg(long, default_value = "127.0.0.1:7443", value_delimiter = ',')]
+    manager: Vec<SocketAddr>,
     /// Directory with this user's cert.pem, key.pem and ca.pem: role `cli` (an administrator,
     /// `viola-ca issue`) or `user` (a tenant's user, `viola-ca issue-user`).
     #[arg(long, default_value = "/etc/viola/cli")]
@@ -296,6 +297,10 @@ fn fail_on_error(resp: Response) -> anyhow::Result<Response> {
     Ok(resp)
 }
 
+/// How long a manager gets to answer before the next address is tried (a one-address manager
+/// that does not answer fails after it too).
+const MANAGER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Asks the manager `req` and returns its answer, failing on an error answer.
 async fn ask(client: &Client, req: &Request) -> anyhow::Result<Response> {
     fail_on_error(client.call(req, |_| {}).await?)
@@ -314,7 +319,7 @@ fn show<T: serde::Serialize + ?Sized>(json: bool, value: &T, print: fn(&T)) -> a
 async fn run(args: Args) -> anyhow::Result<()> {
     let me = Identity::load_dir(&args.identity)
         .with_context(|| format!("cannot load identity from {}", args.identity.display()))?;
-    let client = Client::connect(&me, args.manager).await?;
+    let (client, _) = Client::connect_first(&me, &args.manager, MANAGER_CONNECT_TIMEOUT).await?;
     match args.command {
         Command::Decisions { after, follow } => {
             decisions(&client, after, follow, args.json).await?;

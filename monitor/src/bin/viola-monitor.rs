@@ -20,8 +20,10 @@ struct Args {
     host: Option<String>,
     #[arg(long)]
     site: Option<String>,
-    #[arg(long)]
-    manager: Option<SocketAddr>,
+    /// The manager's address; a replicated manager's addresses separated by commas (the
+    /// first is `manager`, the others `manager_replicas`).
+    #[arg(long, value_delimiter = ',')]
+    manager: Vec<SocketAddr>,
     #[arg(long)]
     identity: Option<PathBuf>,
     #[arg(long)]
@@ -58,7 +60,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     viola_common::override_with! {
         args.host => cfg.host,
         args.site => cfg.site,
-        args.manager => cfg.manager,
         args.identity => cfg.identity_dir,
         args.libvirt_uri => cfg.libvirt_uri,
         args.interval_ms => cfg.interval_ms,
@@ -68,6 +69,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if cfg.host.is_empty() || cfg.site.is_empty() {
         bail!("host and site must be set (config keys `host`, `site` or --host/--site)");
+    }
+    if let Some((first, replicas)) = args.manager.split_first() {
+        cfg.manager = *first;
+        cfg.manager_replicas = replicas.to_vec();
     }
     if !args.cgroup_dirs.is_empty() {
         cfg.cgroup_dirs = args.cgroup_dirs;
