@@ -18,5 +18,6 @@ pub mod migration;
 pub mod observe;
 pub mod policy;
 pub mod policy_loop;
+pub mod replication;
 pub mod sim;
 pub mod tenants;

@@ -126,6 +126,10 @@ pub struct ManagerConfig {
     /// their quotas; a tenant not listed may do nothing.
     pub tenants: Vec<crate::tenants::TenantConfig>,
     pub guest_requests: crate::guest_requests::GuestRequestConfig,
+    /// Replicated managers: this one of several sharing their state in etcd, the elected
+    /// leader doing the work ([`crate::replication`]); `None`: one manager, the embedded
+    /// store at `inventory`.
+    pub replication: Option<crate::replication::ReplicationConfig>,
 }
 
 /// One site's depot, as the manager reaches its staging API (QUIC, mutual TLS, with the
@@ -171,6 +175,7 @@ impl Default for ManagerConfig {
             vm_template: VmTemplate::default(),
             tenants: Vec::new(),
             guest_requests: crate::guest_requests::GuestRequestConfig::default(),
+            replication: None,
         }
     }
 }

@@ -198,7 +198,25 @@ impl Federation {
 }
 
 pub fn viola_json(mgr: &str, cli: &Path, args: &[&str]) -> Option<serde_json::Value> {
-    let out = Command::new(bin("viola"))
+    viola_json_in(None, mgr, cli, args)
+}
+
+/// `viola --json ARGS` run in lab namespace `ns` (`None`: here); its answer, if it succeeded.
+pub fn viola_json_in(
+    ns: Option<&str>,
+    mgr: &str,
+    cli: &Path,
+    args: &[&str],
+) -> Option<serde_json::Value> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin("viola"));
+            c
+        }
+        None => Command::new(bin("viola")),
+    };
+    let out = cmd
         .args(["--manager", mgr, "--identity"])
         .arg(cli)
         .arg("--json")
@@ -213,7 +231,12 @@ pub fn viola_json(mgr: &str, cli: &Path, args: &[&str]) -> Option<serde_json::Va
 }
 
 pub fn vm_host(mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
-    let vms = viola_json(mgr, cli, &["vm", "list"])?;
+    vm_host_in(None, mgr, cli, vm)
+}
+
+/// Where the manager has `vm` (and whether it keeps its definition), asked from namespace `ns`.
+pub fn vm_host_in(ns: Option<&str>, mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
+    let vms = viola_json_in(ns, mgr, cli, &["vm", "list"])?;
     vms.as_array()?.iter().find(|v| v["name"] == vm).map(|v| {
         (
             v["host"].as_str().unwrap_or_default().to_owned(),
@@ -225,6 +248,13 @@ pub fn vm_host(mgr: &str, cli: &Path, vm: &str) -> Option<(String, bool)> {
 /// Writes the manager's configuration for `hosts` (name, site) with `extra` keys and tables
 /// (top-level keys first), its inventory in the federation's directory.
 fn write_manager_config(fed: &Federation, hosts: &[(&str, &str)], extra: &str) -> PathBuf {
+    let cfg = fed.dir.path().join("adaptmgr.toml");
+    std::fs::write(&cfg, write_manager_config_text(fed, hosts, extra)).unwrap();
+    cfg
+}
+
+/// The text of [`write_manager_config`].
+fn write_manager_config_text(fed: &Federation, hosts: &[(&str, &str)], extra: &str) -> String {
     let dir = fed.dir.path();
     let mut toml = format!(
         "listen = \"{}\"\nmetrics_listen = \"{}\"\nidentity_dir = \"{}\"\ninventory = \"{}\"\n{extra}\n",
@@ -241,7 +271,174 @@ fn write_manager_config(fed: &Federation, hosts: &[(&str, &str)], extra: &str) -
             local_images(h).display()
         ));
     }
-    let cfg = dir.join("adaptmgr.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    cfg
+    toml
+}
+
+/// Replicated managers for a lab test: a three-member etcd cluster and a manager beside each
+/// member, on three "machines" (lab hosts' namespaces, at their addresses), every manager
+/// with the same configuration but its `[replication]` name; monitors in their hosts'
+/// namespaces report to whichever leads, and the CLI runs in the namespace of `cli_host`
+/// (lab addresses are not reachable from the root namespace).
+pub struct Replicated {
+    pub fed: Federation,
+    /// The machines, in the order their managers started (the first leads at first).
+    pub machines: Vec<String>,
+    /// Every manager's address, comma-separated (what the CLI and the monitors are given).
+    pub managers: String,
+    pub cli_ns: String,
+}
+
+/// The managers' port at their machines' addresses.
+const REPLICA_PORT: u16 = 7443;
+
+impl Replicated {
+    /// Starts etcd on `machines`, then a manager on each (the first alone until it leads),
+    /// configured for `hosts` (name, site) with `extra`, then a monitor at each host.
+    pub fn start(machines: &[&str], hosts: &[(&str, &str)], extra: &str, cli_host: &str) -> Self {
+        crate::daemons::build(&["viola-adaptmgr", "viola-monitor", "viola-common"])
+            .expect("building the daemons");
+        crate::assert_tools(&["etcd", "etcdctl"]);
+        let lab = crate::mech::lab();
+        let fed = Federation::new();
+        let addr = |m: &str| lab.host(m).address.clone();
+        let managers: Vec<String> = machines
+            .iter()
+            .map(|m| format!("{}:{REPLICA_PORT}", addr(m)))
+            .collect();
+        let cluster = machines
+            .iter()
+            .map(|m| format!("{m}=http://{}:2380", addr(m)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let endpoints: Vec<String> = machines
+            .iter()
+            .map(|m| format!("\"{}:2379\"", addr(m)))
+            .collect();
+        let mut repl = Self {
+            managers: managers.join(","),
+            machines: machines.iter().map(|m| (*m).to_owned()).collect(),
+            cli_ns: lab.host(cli_host).namespace.clone(),
+            fed,
+        };
+        for m in machines {
+            let a = addr(m);
+            let data = repl.fed.dir.path().join(format!("etcd-{m}"));
+            let child = crate::daemons::spawn_logged(
+                Command::new("ip")
+                    .args(["netns", "exec", &lab.host(m).namespace, "etcd"])
+                    .args(["--name", m, "--data-dir"])
+                    .arg(&data)
+                    .arg(format!("--listen-client-urls=http://{a}:2379"))
+                    .arg(format!("--advertise-client-urls=http://{a}:2379"))
+                    .arg(format!("--listen-peer-urls=http://{a}:2380"))
+                    .arg(format!("--initial-advertise-peer-urls=http://{a}:2380"))
+                    .arg(format!("--initial-cluster={cluster}"))
+                    .args([
+                        "--initial-cluster-token",
+                        "viola-lab",
+                        "--initial-cluster-state",
+                        "new",
+                    ])
+                    // A report is one transaction of two writes per VM; keep a day of history.
+                    .args(["--max-txn-ops", "10000", "--max-request-bytes", "10485760"])
+                    .args([
+                        "--auto-compaction-mode",
+                        "periodic",
+                        "--auto-compaction-retention",
+                        "1h",
+                    ]),
+                &repl.fed.dir.path().join(format!("etcd-{m}.log")),
+            )
+            .expect("start etcd");
+            repl.fed.daemons.add(&format!("etcd-{m}"), child);
+        }
+        for (i, m) in machines.iter().enumerate() {
+            let cfg = repl.fed.dir.path().join(format!("adaptmgr-{m}.toml"));
+            let mut toml = write_manager_config_text(&repl.fed, hosts, extra).replace(
+                &format!("listen = \"{}\"", repl.fed.mgr),
+                &format!("listen = \"{}\"", managers[i]),
+            );
+            toml.push_str(&format!(
+                "[replication]\netcd = [{}]\nname = \"{m}\"\n",
+                endpoints.join(", ")
+            ));
+            std::fs::write(&cfg, toml).unwrap();
+            let log = repl.fed.dir.path().join(format!("adaptmgr-{m}.log"));
+            let child = crate::lifecycle::spawn_manager(&lab.host(m).namespace, &cfg, &log);
+            repl.fed.daemons.add(&format!("manager-{m}"), child);
+            if i == 0 {
+                wait_until("the first manager leads", Duration::from_secs(60), || {
+                    repl.leader().as_deref() == Some(*m)
+                })
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", crate::daemons::log_text(&log)));
+            }
+        }
+        for (h, site) in hosts {
+            let id = repl.fed.dir.path().join(format!("monitor-{h}"));
+            repl.fed.pki.issue("monitor", site, h, &id).unwrap();
+            let child = Command::new("ip")
+                .args(["netns", "exec", &lab.host(h).namespace])
+                .arg(bin("viola-monitor"))
+                .args(["--host", h, "--site", site, "--manager", &repl.managers])
+                .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
+                .args(monitor_libvirt_dirs(h))
+                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+                .arg("--identity")
+                .arg(&id)
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start viola-monitor");
+            repl.fed.daemons.add(&format!("monitor-{h}"), child);
+        }
+        repl
+    }
+
+    /// The etcd endpoints of the machines still standing.
+    fn endpoints(&self) -> String {
+        let lab = crate::mech::lab();
+        self.machines
+            .iter()
+            .filter(|m| self.fed.daemons.pid(&format!("etcd-{m}")).is_some())
+            .map(|m| format!("http://{}:2379", lab.host(m).address))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The machine whose manager leads now, as etcd says.
+    pub fn leader(&self) -> Option<String> {
+        let out = crate::run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.cli_ns, "etcdctl"])
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &self.endpoints(), "--dial-timeout", "2s"])
+                .args(["get", "/viola/leader", "--print-value-only"]),
+        )
+        .ok()?;
+        out.split_whitespace().next().map(str::to_owned)
+    }
+
+    /// `viola --json ARGS` against the managers; its answer if it succeeded.
+    pub fn viola_json(&self, args: &[&str]) -> Option<serde_json::Value> {
+        viola_json_in(Some(&self.cli_ns), &self.managers, &self.fed.cli_id, args)
+    }
+
+    /// Where the managers have `vm`.
+    pub fn vm_host(&self, vm: &str) -> Option<(String, bool)> {
+        vm_host_in(Some(&self.cli_ns), &self.managers, &self.fed.cli_id, vm)
+    }
+
+    /// `machine` is lost: its manager and its etcd member are killed (SIGKILL).
+    pub fn lose_machine(&mut self, machine: &str) {
+        for d in [format!("manager-{machine}"), format!("etcd-{machine}")] {
+            self.fed
+                .daemons
+                .kill(&d, libc::SIGKILL)
+                .unwrap_or_else(|e| panic!("kill {d}: {e:#}"));
+        }
+    }
+
+    /// A manager's log.
+    pub fn manager_log(&self, machine: &str) -> String {
+        crate::daemons::log_text(&self.fed.dir.path().join(format!("adaptmgr-{machine}.log")))
+    }
 }

@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicI64;
+use tokio_util::sync::CancellationToken;
 use viola_adaptmgr::control::server;
 use viola_adaptmgr::inventory::Inventory;
 use viola_adaptmgr::manager::{Manager, ManagerConfig};
 use viola_adaptmgr::policy_loop::{PolicyLoop, PolicyMetrics};
+use viola_adaptmgr::replication::Replica;
 use viola_common::identity::{Identity, alpn};
 use viola_hypervisor::libvirt::LibvirtConnector;
 
@@ -60,13 +64,79 @@ async fn run(args: Args) -> anyhow::Result<()> {
     cfg.vm_template.check().context("[vm_template]")?;
     let identity = Identity::load_dir(&cfg.identity_dir)
         .with_context(|| format!("cannot load identity from {}", cfg.identity_dir.display()))?;
-    if let Some(dir) = cfg.inventory.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let inventory = Arc::new(Inventory::open(&cfg.inventory)?);
+    let mut registry = Registry::default();
+    let leader = Gauge::<i64, AtomicI64>::default();
+    registry.register(
+        "viola_manager_leader",
+        "1 while this manager leads (always, without [replication]); 0 while it stands by",
+        leader.clone(),
+    );
+    let registry = Arc::new(Mutex::new(registry));
+    let (metrics_addr, metrics) =
+        viola_common::metrics::serve(cfg.metrics_listen, Arc::clone(&registry), token.clone())
+            .await?;
+    tracing::info!(metrics = %metrics_addr, "metrics");
+
+    let role = async {
+        let Some(replication) = &cfg.replication else {
+            if let Some(dir) = cfg.inventory.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let inventory = Inventory::open(&cfg.inventory)?;
+            leader.set(1);
+            return lead(&cfg, identity, inventory, &registry, token.clone()).await;
+        };
+        let replica = Replica::join(replication, cfg.listen).await?;
+        let Some(leadership) = replica.campaign(&token).await else {
+            replica.resign(None).await;
+            return Ok(());
+        };
+        leader.set(1);
+        let inventory = replica.inventory(&leadership);
+        let leading = token.child_token();
+        let led = async {
+            let led = lead(&cfg, identity, inventory, &registry, leading.clone()).await;
+            leading.cancel();
+            led
+        };
+        let held = async {
+            let lost = replica.hold(&leading).await;
+            if lost.is_some() {
+                leading.cancel();
+            }
+            lost
+        };
+        let (led, lost) = tokio::join!(led, held);
+        leader.set(0);
+        if let Some(lost) = lost {
+            anyhow::bail!(
+                "lost the leadership of the managers ({lost}); stopping so that this manager starts again as a standby"
+            );
+        }
+        replica.resign(Some(leadership)).await;
+        led
+    };
+    let (role, ()) = tokio::join!(role, metrics);
+    role?;
+    tracing::info!("viola-adaptmgr stopped");
+    Ok(())
+}
+
+/// The manager's work, while it leads (always, without `[replication]`): the endpoint for
+/// monitors and the CLI, the dashboard, failure handling, the journal's recovery and the
+/// policy loop, until `token` is cancelled.
+async fn lead(
+    cfg: &ManagerConfig,
+    identity: Identity,
+    inventory: Inventory,
+    registry: &Mutex<Registry>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(store = %inventory.describe(), "leading");
     let manager = Arc::new(Manager::new(
         cfg.clone(),
-        inventory,
+        Arc::new(inventory),
         Arc::new(LibvirtConnector),
     )?);
 
@@ -78,13 +148,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&policy_metrics),
     )
     .context("cannot start the policy loop")?;
-
-    let mut registry = Registry::default();
-    manager.metrics.register(&mut registry);
-    policy_metrics.register(&mut registry);
-    let registry = Arc::new(Mutex::new(registry));
-    let (metrics_addr, metrics) =
-        viola_common::metrics::serve(cfg.metrics_listen, registry, token.clone()).await?;
+    {
+        let mut registry = registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        manager.metrics.register(&mut registry);
+        policy_metrics.register(&mut registry);
+    }
 
     let dashboard = match cfg.dashboard_listen {
         Some(addr) => {
@@ -111,7 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot build the TLS server configuration")?;
     let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, hosts = cfg.hosts.len(),
+    tracing::info!(listen = %cfg.listen, hosts = cfg.hosts.len(),
         policy = %cfg.policy.name, mode = %cfg.policy.mode, period_s = cfg.policy.period_s, "viola-adaptmgr running");
 
     let ha = {
@@ -173,9 +243,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ha,
         resume,
         policy_loop.run(Arc::clone(&manager), token.clone()),
-        metrics,
         dashboard
     );
-    tracing::info!("viola-adaptmgr stopped");
     Ok(())
 }

@@ -41,38 +41,38 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 13] = [
-        Table::Sites,
-        Table::Hosts,
-        Table::Vms,
-        Table::Violins,
-        Table::Events,
-        Table::Migrations,
-        Table::Samples,
-        Table::Probes,
-        Table::Decisions,
-        Table::Pending,
-        Table::HistoryFine,
-        Table::HistoryMinutes,
-        Table::Placements,
+    pub const ALL: [Self; 13] = [
+        Self::Sites,
+        Self::Hosts,
+        Self::Vms,
+        Self::Violins,
+        Self::Events,
+        Self::Migrations,
+        Self::Samples,
+        Self::Probes,
+        Self::Decisions,
+        Self::Pending,
+        Self::HistoryFine,
+        Self::HistoryMinutes,
+        Self::Placements,
     ];
 
     /// Its name in the store (a redb table's name, an etcd key's second part).
     pub fn name(self) -> &'static str {
         match self {
-            Table::Sites => "sites",
-            Table::Hosts => "hosts",
-            Table::Vms => "vms",
-            Table::Violins => "violins",
-            Table::Events => "events",
-            Table::Migrations => "migrations",
-            Table::Samples => "samples",
-            Table::Probes => "probes",
-            Table::Decisions => "decisions",
-            Table::Pending => "pending",
-            Table::HistoryFine => "history_fine",
-            Table::HistoryMinutes => "history_minutes",
-            Table::Placements => "placements",
+            Self::Sites => "sites",
+            Self::Hosts => "hosts",
+            Self::Vms => "vms",
+            Self::Violins => "violins",
+            Self::Events => "events",
+            Self::Migrations => "migrations",
+            Self::Samples => "samples",
+            Self::Probes => "probes",
+            Self::Decisions => "decisions",
+            Self::Pending => "pending",
+            Self::HistoryFine => "history_fine",
+            Self::HistoryMinutes => "history_minutes",
+            Self::Placements => "placements",
         }
     }
 }
@@ -104,6 +104,9 @@ pub fn parse_history_key(key: &[u8]) -> Option<(&str, u64)> {
         u64::from_be_bytes(ts.try_into().ok()?),
     ))
 }
+
+/// A key and its value, as a scan returns them.
+pub type Entry = (Vec<u8>, Vec<u8>);
 
 /// One change of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,17 +144,23 @@ pub enum Order {
     Descending,
 }
 
+impl From<viola_etcd::EtcdError> for BackendError {
+    fn from(e: viola_etcd::EtcdError) -> Self {
+        Self::Etcd(Box::new(e))
+    }
+}
+
 /// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("redb")]
     Redb(#[source] redb::Error),
+    #[error("etcd")]
+    Etcd(#[source] Box<viola_etcd::EtcdError>),
     /// The write was refused because this manager is no longer the leader of the replicated
     /// store (another manager took over): nothing of it was written.
     #[error("this manager is no longer the leader (leader key {key} is not the one it holds)")]
     NotLeader { key: String },
-    #[error("etcd answered a write of {ops} changes with an unknown outcome")]
-    Ambiguous { ops: usize },
 }
 
 /// Ordered tables of byte keys and values. Every method is one transaction of the engine.
@@ -166,7 +175,7 @@ pub trait Backend: Send + Sync {
         from: &[u8],
         order: Order,
         limit: Option<usize>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BackendError>;
+    ) -> Result<Vec<Entry>, BackendError>;
     /// The batch, all or nothing.
     fn commit(&self, writes: &[Write], durability: Durability) -> Result<(), BackendError>;
     /// What the inventory is kept in, for logs ("redb /var/lib/...", "etcd 198.18.0.1:2379 ...").

@@ -16,6 +16,7 @@
 //! while a journal would need its own framing, fsync discipline and compaction.
 
 pub mod backend;
+pub mod etcd_backend;
 mod redb_backend;
 mod store;
 

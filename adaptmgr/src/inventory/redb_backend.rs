@@ -11,7 +11,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::backend::{
-    Backend, BackendError, Durability, Order, Table, Write, history_key, seq_key,
+    Backend, BackendError, Durability, Entry, Order, Table, Write, history_key, seq_key,
 };
 
 fn table_name(table: Table) -> String {
@@ -21,6 +21,9 @@ fn table_name(table: Table) -> String {
 fn definition(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
 }
+
+/// A key or value as redb hands it out.
+type Guard<'a> = redb::AccessGuard<'a, &'static [u8]>;
 
 fn redb<E: Into<redb::Error>>(e: E) -> BackendError {
     BackendError::Redb(e.into())
@@ -68,15 +71,12 @@ impl Backend for RedbBackend {
         from: &[u8],
         order: Order,
         limit: Option<usize>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, BackendError> {
+    ) -> Result<Vec<Entry>, BackendError> {
         let tx = self.db.begin_read().map_err(redb)?;
         let t = tx.open_table(definition(self.name(table))).map_err(redb)?;
         let range = t.range(from..).map_err(redb)?;
         let limit = limit.unwrap_or(usize::MAX);
-        let entry = |e: Result<
-            (redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>),
-            redb::StorageError,
-        >| {
+        let entry = |e: Result<(Guard<'_>, Guard<'_>), redb::StorageError>| {
             e.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
                 .map_err(redb)
         };

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::backend::{
-    Backend, BackendError, Durability, Order, Table, Write, history_key, parse_history_key,
+    Backend, BackendError, Durability, Entry, Order, Table, Write, history_key, parse_history_key,
     parse_seq_key, seq_key,
 };
 use super::redb_backend::RedbBackend;
@@ -67,7 +67,7 @@ impl InventoryError {
     pub fn is_not_leader(&self) -> bool {
         matches!(
             self,
-            InventoryError::Store {
+            Self::Store {
                 source: BackendError::NotLeader { .. },
                 ..
             }
@@ -150,7 +150,7 @@ impl Inventory {
         from: &[u8],
         order: Order,
         limit: Option<usize>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, InventoryError> {
+    ) -> Result<Vec<Entry>, InventoryError> {
         self.backend
             .scan(table, from, order, limit)
             .map_err(|e| self.store(e))
@@ -683,7 +683,7 @@ fn encode<T: Serialize>(value: &T, key: impl std::fmt::Display) -> Result<Vec<u8
 
 /// Entries of a log table (events, decisions) read back; `what` names them in errors.
 fn decode_log<T: DeserializeOwned>(
-    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    entries: Vec<Entry>,
     what: &str,
 ) -> Result<Vec<T>, InventoryError> {
     entries

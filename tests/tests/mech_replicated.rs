@@ -1,0 +1,191 @@
+//! Lab, replicated managers: three `viola-adaptmgr`s share their state in a three-member etcd
+//! cluster, each manager beside an etcd member on its own "machine" (a lab host's namespace:
+//! a2 at site a, b2 and b1 at site b). The leader's machine is lost (its manager and its etcd
+//! member killed) in the middle of a cross-site migration; another manager takes over, resolves
+//! the migration from the journal in etcd (exactly one running copy, the inventory agrees) and
+//! goes on serving: the monitors report to it and it acts on the VM.
+
+// lab: default
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use viola_labtests::daemons::bin;
+use viola_labtests::federation::Replicated;
+use viola_labtests::mech::*;
+
+/// What the test states for a takeover: the lease's TTL (3 s; etcd grants at least 2 s), etcd
+/// electing a new leader of its own when the lost member led it (about 2 s), the standby's
+/// campaign period, and slack for a loaded 2-core machine.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_lost_leader_mid_migration_is_replaced_and_its_migration_resolved() {
+    let name = "vm-repl";
+    let ip = "10.77.9.5";
+    let _cleanup = begin(&["a1", "b1"], name);
+    make_bridge("a1", "10.77.9.1/24");
+    make_bridge("b1", "10.77.9.2/24");
+    let mut repl = Replicated::start(
+        &["a2", "b2", "b1"],
+        &[("a1", "a"), ("b1", "b")],
+        &format!(
+            "migration_bandwidth_mib_s = 4\n[[violins]]\nname = \"t\"\nid = 9\nvms = [\"{name}\"]\n"
+        ),
+        "a1",
+    );
+    assert_eq!(
+        repl.leader().as_deref(),
+        Some("a2"),
+        "a2's manager leads first"
+    );
+
+    // A standby does not answer: only the leader serves the CLI (asked with a2's address only
+    // it answers; with only a standby's address the CLI fails).
+    let standby_only = repl.managers.split(',').nth(1).unwrap().to_owned();
+    assert!(
+        viola_labtests::federation::viola_json_in(
+            Some(&repl.cli_ns),
+            &standby_only,
+            &repl.fed.cli_id,
+            &["host", "list"]
+        )
+        .is_none(),
+        "a standby manager answered the CLI"
+    );
+
+    stage_base("b1");
+    let hv_a1 = open("a1");
+    boot_guest(&hv_a1, "a1", name, &format!("{ip}/24"), "vm-br0", 1, 256);
+    wait_guest("a1", ip, Duration::from_secs(180));
+    write_marker("a1", ip, "before-loss");
+    wait_until(
+        "the leader knows the guest at a1",
+        Duration::from_secs(60),
+        || repl.vm_host(name).is_some_and(|(h, _)| h == "a1"),
+    );
+
+    // The move runs at 4 MiB/s (the guest's RAM alone takes tens of seconds): lose the
+    // leader's machine once libvirt's migration job is under way.
+    let mut cli = Command::new("ip")
+        .args(["netns", "exec", &repl.cli_ns])
+        .arg(bin("viola"))
+        .args(["--manager", &repl.managers, "--identity"])
+        .arg(&repl.fed.cli_id)
+        .args(["--json", "vm", "migrate", name, "--to", "b1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("viola vm migrate");
+    wait_until(
+        "the migration job runs at a1",
+        Duration::from_secs(60),
+        || hv_a1.job_progress(name).ok().flatten().is_some(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    repl.lose_machine("a2");
+    let lost_at = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &cli.id().to_string()])
+        .status();
+    let _ = cli.wait();
+
+    viola_labtests::wait_until("another manager leads", TAKEOVER_BOUND, || {
+        repl.leader().is_some_and(|l| l != "a2")
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}\nb2:\n{}\nb1:\n{}",
+            repl.manager_log("b2"),
+            repl.manager_log("b1")
+        )
+    });
+    let took_over = lost_at.elapsed();
+    let successor = repl.leader().expect("a leader");
+    eprintln!(
+        "manager at {successor} leads {:.1} s after a2 was lost",
+        took_over.as_secs_f64()
+    );
+
+    let hv_b1 = open("b1");
+    let running_at = |hv: &std::sync::Arc<dyn viola_hypervisor::Hypervisor>| {
+        hv.domain(name)
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == viola_hypervisor::DomainState::Running)
+    };
+    // Resolved: one running copy, nothing at the other host, the inventory agrees.
+    let resolved = || {
+        let (at_a1, at_b1) = (running_at(&hv_a1), running_at(&hv_b1));
+        if at_a1 == at_b1 {
+            return None;
+        }
+        let (here, other) = if at_a1 { ("a1", "b1") } else { ("b1", "a1") };
+        let clean = open(other).domain(name).ok().flatten().is_none()
+            && !local_images(other).join(format!("{name}.qcow2")).exists();
+        let recorded = repl.vm_host(name).is_some_and(|(h, _)| h == here);
+        (clean && recorded).then_some(here)
+    };
+    viola_labtests::wait_until(
+        "the new leader resolves the migration",
+        Duration::from_secs(120),
+        || resolved().is_some(),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", repl.manager_log(&successor)));
+    let here = resolved().expect("still resolved");
+    eprintln!(
+        "the interrupted migration was resolved with the guest at {here}, {:.1} s after the loss",
+        lost_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        guest_http(here, ip, "marker-read")
+            .as_deref()
+            .map(str::trim),
+        Some("before-loss")
+    );
+    let log = repl.manager_log(&successor);
+    assert!(
+        log.contains("elected leader of the managers")
+            && log.contains("interrupted migrations resolved"),
+        "the successor resolves the migration from the journal; its log:\n{log}"
+    );
+
+    // It goes on: both monitors report to the new leader (their hosts up, heartbeats after the
+    // loss), and it acts on the VM (a CPU cap, set at the guest's host).
+    let after_loss_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - lost_at.elapsed().as_millis() as u64;
+    wait_until(
+        "both hosts report to the new leader",
+        Duration::from_secs(30),
+        || {
+            repl.viola_json(&["host", "list"])
+                .and_then(|h| h.as_array().cloned())
+                .is_some_and(|h| {
+                    h.len() == 2
+                        && h.iter().all(|h| {
+                            h["state"] == "up"
+                                && h["last_heartbeat_ms"]
+                                    .as_u64()
+                                    .is_some_and(|t| t > after_loss_ms)
+                        })
+                })
+        },
+    );
+    let resize = Command::new("ip")
+        .args(["netns", "exec", &repl.cli_ns])
+        .arg(bin("viola"))
+        .args(["--manager", &repl.managers, "--identity"])
+        .arg(&repl.fed.cli_id)
+        .args(["vm", "resize", name, "--cap-percent", "50"])
+        .output()
+        .expect("viola vm resize");
+    assert!(
+        resize.status.success(),
+        "the new leader refused a resize: {}",
+        String::from_utf8_lossy(&resize.stderr)
+    );
+    assert_eq!(cap_percent(here, name), Some(50));
+}
