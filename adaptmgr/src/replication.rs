@@ -336,6 +336,59 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_leads_once_the_leader_resigns_or_stops_renewing_its_lease() {
+        let cluster = viola_etcd::testing::Cluster::start(1);
+        let cfg = |name: &str| ReplicationConfig {
+            etcd: cluster.endpoints(),
+            name: name.into(),
+            prefix: "/t".into(),
+            lease_ttl_s: 2,
+            request_timeout_s: 1,
+        };
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 7443));
+        let token = CancellationToken::new();
+        let m1 = Arc::new(Replica::join(&cfg("m1"), listen).await.unwrap());
+        let m2 = Replica::join(&cfg("m2"), listen).await.unwrap();
+        let first = m1.campaign(&token).await.expect("m1 elected");
+
+        // While m1 renews its lease, m2 stands by (three leases' time).
+        let holding = token.child_token();
+        let hold = tokio::spawn({
+            let (m1, holding) = (Arc::clone(&m1), holding.clone());
+            async move { m1.hold(&holding).await }
+        });
+        let standby = tokio::time::timeout(Duration::from_secs(6), m2.campaign(&token)).await;
+        assert!(standby.is_err(), "m2 was elected while m1 led");
+        holding.cancel();
+        assert_eq!(hold.await.unwrap(), None, "m1 never lost its lease");
+
+        // m1 stops cleanly: it resigns, and m2 is elected without waiting for m1's lease.
+        m1.resign(Some(first.clone())).await;
+        let second = tokio::time::timeout(Duration::from_secs(2), m2.campaign(&token))
+            .await
+            .expect("m2 elected at once")
+            .expect("m2 elected");
+        assert_ne!(second.create_revision, first.create_revision);
+        let err = m1
+            .inventory(&first)
+            .put_site(&crate::inventory::SiteRecord { name: "a".into() })
+            .unwrap_err();
+        assert!(err.is_not_leader(), "{err}");
+        m2.inventory(&second)
+            .put_site(&crate::inventory::SiteRecord { name: "a".into() })
+            .unwrap();
+
+        // m2 stops renewing (paused, cut off): its lease ends, m3 is elected, and m2 learns it
+        // lost at its next renewal.
+        let m3 = Replica::join(&cfg("m3"), listen).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(15), m3.campaign(&token))
+            .await
+            .expect("m3 elected once m2's lease ended")
+            .expect("m3 elected");
+        assert_eq!(m2.hold(&token).await, Some(Lost::LeaseExpired));
+    }
+
     #[test]
     fn a_configuration_that_cannot_work_is_refused_with_the_reason() {
         assert_eq!(cfg().check(), Ok(()));

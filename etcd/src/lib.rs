@@ -65,6 +65,9 @@ use std::time::{Duration, Instant};
 use serde::de::{self, DeserializeOwned};
 use serde_json::{Value, json};
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 pub use election::{Acquire, Leadership};
 pub use error::{AttemptError, EtcdError};
 pub use http::HttpError;

@@ -1,10 +1,8 @@
 //! A three-member cluster: failover when a member dies, writes visible from every member.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{CLIENT_TIMEOUT, Cluster};
+use viola_etcd::testing::{CLIENT_TIMEOUT, Cluster};
 use viola_etcd::{Etcd, EtcdError};
 
 /// Kills the member `etcd` used last, then checks the next write and read go through another
@@ -124,7 +122,7 @@ fn a_txn_sent_as_the_leader_dies_has_an_unknown_outcome_and_a_reread_settles_it(
     );
 
     // What a caller does: re-read (reads fail over), then decide.
-    let seen = support::wait_for(Duration::from_secs(10), || etcd.get(b"/u/x").ok())
+    let seen = viola_etcd::testing::wait_for(Duration::from_secs(10), || etcd.get(b"/u/x").ok())
         .expect("no member served a read within 10 s of the leader's death");
     if seen.is_none() {
         etcd.put(b"/u/x", b"1", None).unwrap();

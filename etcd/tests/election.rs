@@ -1,10 +1,8 @@
 //! Leader election against a one-member etcd.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{Cluster, wait_for};
+use viola_etcd::testing::{Cluster, wait_for};
 use viola_etcd::{Acquire, Leadership, Op, Txn};
 
 const KEY: &[u8] = b"/viola/leader";

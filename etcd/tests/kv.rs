@@ -1,8 +1,6 @@
 //! Keys, ranges, deletes and transactions against a one-member etcd.
 
-mod support;
-
-use support::Cluster;
+use viola_etcd::testing::Cluster;
 use viola_etcd::{Compare, EtcdError, KeyValue, Op, OpResponse, Txn, prefix_end};
 
 fn keys(kvs: &[KeyValue]) -> Vec<&[u8]> {

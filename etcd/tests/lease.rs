@@ -1,11 +1,9 @@
 //! Leases against a one-member etcd (election timeout 1 s, so etcd's minimum TTL is 2 s).
 
-mod support;
-
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use support::{Cluster, wait_for};
+use viola_etcd::testing::{Cluster, wait_for};
 
 #[test]
 fn grant_keep_alive_and_revoke() {

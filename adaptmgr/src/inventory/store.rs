@@ -738,12 +738,40 @@ mod tests {
         }
     }
 
+    /// A new inventory on one store each time (a restarted manager, or its successor).
+    type Reopen<'a> = &'a dyn Fn() -> Inventory;
+
+    /// On redb: the file at `path` opened again each time.
+    fn redb_file(path: &std::path::Path) -> impl Fn() -> Inventory + '_ {
+        move || Inventory::open(path).unwrap()
+    }
+
+    /// On etcd: a new client of `cluster`, the same prefix each time.
+    fn etcd_store(cluster: &viola_etcd::testing::Cluster) -> impl Fn() -> Inventory + '_ {
+        move || {
+            Inventory::with_backend(Box::new(super::super::etcd_backend::EtcdBackend::new(
+                std::sync::Arc::new(cluster.client()),
+                b"/test/inventory/".to_vec(),
+                None,
+            )))
+        }
+    }
+
     #[test]
     fn survives_a_restart_with_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("inv.redb");
+        everything_survives(&redb_file(&dir.path().join("inv.redb")));
+    }
+
+    #[test]
+    fn survives_a_successor_with_everything_in_etcd() {
+        let cluster = viola_etcd::testing::Cluster::start(1);
+        everything_survives(&etcd_store(&cluster));
+    }
+
+    fn everything_survives(open: Reopen<'_>) {
         {
-            let inv = Inventory::open(&path).unwrap();
+            let inv = open();
             inv.put_site(&SiteRecord { name: "a".into() }).unwrap();
             inv.put_violin(&ViolinRecord {
                 name: "lan".into(),
@@ -756,7 +784,7 @@ mod tests {
             inv.record(1001, "migration", "vm1", serde_json::json!({"ok": true}))
                 .unwrap();
         }
-        let inv = Inventory::open(&path).unwrap();
+        let inv = open();
         assert_eq!(inv.sites().unwrap().len(), 1);
         assert_eq!(inv.violins().unwrap()[0].vni, 7);
         let vm = inv.vm("vm1").unwrap().unwrap();
@@ -778,11 +806,20 @@ mod tests {
 
     #[test]
     fn samples_probes_and_decisions_survive_a_restart_and_stay_bounded() {
-        use crate::fixtures::decision_to_move_vm1;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("inv.redb");
+        samples_probes_and_decisions_survive(&redb_file(&dir.path().join("inv.redb")));
+    }
+
+    #[test]
+    fn samples_probes_and_decisions_survive_in_etcd_and_stay_bounded() {
+        let cluster = viola_etcd::testing::Cluster::start(1);
+        samples_probes_and_decisions_survive(&etcd_store(&cluster));
+    }
+
+    fn samples_probes_and_decisions_survive(open: Reopen<'_>) {
+        use crate::fixtures::decision_to_move_vm1;
         {
-            let inv = Inventory::open(&path).unwrap();
+            let inv = open();
             for seq in 1..=(SAMPLES_KEPT as u64 + 5) {
                 let mut r = report(seq, &[("vm1", seq as f64 / 1000.0)]);
                 if seq == 3 {
@@ -801,7 +838,7 @@ mod tests {
             assert_eq!(inv.record_decision(&d).unwrap(), 2);
             inv.set_action_outcome(1, 0, ActionOutcome::DONE).unwrap();
         }
-        let inv = Inventory::open(&path).unwrap();
+        let inv = open();
         let vm = inv.samples(SampleKey::Vm("vm1")).unwrap();
         assert_eq!(vm.len(), SAMPLES_KEPT);
         let newest = SAMPLES_KEPT as u64 + 5;
@@ -848,13 +885,22 @@ mod tests {
 
     #[test]
     fn the_history_survives_reopening_and_its_prune_reaches_the_file() {
-        use crate::history::{FINE_SPAN_MS, History, MINUTE_MS, Range};
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("inv.redb");
+        the_history_survives_and_is_pruned(&redb_file(&dir.path().join("inv.redb")));
+    }
+
+    #[test]
+    fn the_history_survives_in_etcd_and_its_prune_reaches_etcd() {
+        let cluster = viola_etcd::testing::Cluster::start(1);
+        the_history_survives_and_is_pruned(&etcd_store(&cluster));
+    }
+
+    fn the_history_survives_and_is_pruned(open: Reopen<'_>) {
+        use crate::history::{FINE_SPAN_MS, History, MINUTE_MS, Range};
         let t0 = 1_700_000_000_000 - 1_700_000_000_000 % MINUTE_MS;
         let mut h = History::default();
         {
-            let inv = Inventory::open(&path).unwrap();
+            let inv = open();
             for i in 0..130u64 {
                 let vms: &[(&str, f64)] = if i < 70 { &[("vm1", 0.5)] } else { &[] };
                 inv.write_history(&h.record(t0 + i * 1000, &report(i + 1, vms)))
@@ -862,7 +908,7 @@ mod tests {
             }
         }
         let now = t0 + 129_000;
-        let back = Inventory::open(&path).unwrap().load_history().unwrap();
+        let back = open().load_history().unwrap();
         for range in [Range::Hour, Range::Day] {
             assert_eq!(
                 back.query("", range, now, |_| true),
@@ -875,7 +921,7 @@ mod tests {
         );
         // An hour and more later: the old samples leave the file too.
         let later = t0 + FINE_SPAN_MS + 5 * MINUTE_MS;
-        let inv = Inventory::open(&path).unwrap();
+        let inv = open();
         inv.write_history(&h.record(later, &report(500, &[])))
             .unwrap();
         let back = inv.load_history().unwrap();
@@ -900,6 +946,45 @@ mod tests {
         assert_eq!(all[0].seq, 6, "the five oldest went");
         assert_eq!(all.last().unwrap().seq, EVENTS_KEPT + 5);
         assert_eq!(inv.recent_events(3).unwrap()[2].seq, EVENTS_KEPT + 5);
+    }
+
+    #[test]
+    fn a_deposed_leaders_writes_are_refused_and_change_nothing() {
+        use std::sync::Arc;
+        use viola_etcd::Acquire;
+        let cluster = viola_etcd::testing::Cluster::start(1);
+        let etcd = Arc::new(cluster.client());
+        let fenced = |fence| {
+            Inventory::with_backend(Box::new(super::super::etcd_backend::EtcdBackend::new(
+                Arc::clone(&etcd),
+                b"/test/inventory/".to_vec(),
+                Some(fence),
+            )))
+        };
+        let elect = |who: &[u8]| {
+            let lease = etcd.lease_grant(5).unwrap();
+            match etcd.try_acquire(b"/test/leader", who, lease.id).unwrap() {
+                Acquire::Won(leadership) => leadership,
+                held => panic!("not elected: {held:?}"),
+            }
+        };
+        let first = elect(b"m1");
+        let old = fenced(first.clone());
+        old.put_site(&SiteRecord { name: "a".into() }).unwrap();
+
+        // m1's lease ends (it stopped renewing it) and m2 is elected; m1 has not noticed.
+        etcd.lease_revoke(first.lease).unwrap();
+        let new = fenced(elect(b"m2"));
+        let err = old.put_site(&SiteRecord { name: "b".into() }).unwrap_err();
+        assert!(err.is_not_leader(), "{err}");
+        let err = old
+            .record(1, "migration", "vm1", serde_json::Value::Null)
+            .unwrap_err();
+        assert!(err.is_not_leader(), "{err}");
+        assert_eq!(new.sites().unwrap(), vec![SiteRecord { name: "a".into() }]);
+        assert!(new.events_after(0).unwrap().is_empty());
+        new.put_site(&SiteRecord { name: "b".into() }).unwrap();
+        assert_eq!(new.sites().unwrap().len(), 2);
     }
 
     #[test]

@@ -1,8 +1,6 @@
-//! Real etcd processes for the integration tests: one member or a cluster on 127.0.0.1 with
-//! free ports, data in temporary directories, each process killed by its own handle on drop.
-
-// Each test binary uses part of this module.
-#![allow(dead_code)]
+//! Real etcd processes for tests (feature `testing`: this crate's and the manager's): one
+//! member or a cluster on 127.0.0.1 with free ports, data in temporary directories, each
+//! process killed by its own handle on drop.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -11,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use viola_etcd::Etcd;
+use crate::Etcd;
 
 pub const ETCD: &str = "/usr/bin/etcd";
 
