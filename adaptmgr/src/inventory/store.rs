@@ -742,7 +742,7 @@ mod tests {
     type Reopen<'a> = &'a dyn Fn() -> Inventory;
 
     /// On redb: the file at `path` opened again each time.
-    fn redb_file(path: &std::path::Path) -> impl Fn() -> Inventory + '_ {
+    fn redb_file(path: &Path) -> impl Fn() -> Inventory + '_ {
         move || Inventory::open(path).unwrap()
     }
 
