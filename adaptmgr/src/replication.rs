@@ -42,8 +42,14 @@ pub const CAMPAIGN_PERIOD: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
-    /// etcd's client endpoints (`HOST:PORT`, plain HTTP), e.g. the three members'.
+    /// etcd's client endpoints (`HOST:PORT`), e.g. the three members'.
     pub etcd: Vec<String>,
+    /// Speak TLS to etcd: the manager's certificate (`identity_dir`) as client certificate,
+    /// etcd's members' certificates from the federation CA naming the addresses in `etcd`
+    /// (`viola-ca issue --role etcd --address ...`), etcd run with `--client-cert-auth`.
+    /// `false`: plain HTTP, for etcd on loopback only.
+    #[serde(default = "default_tls")]
+    pub tls: bool,
     /// This manager's name (what the others log as the leader); unique among the managers.
     pub name: String,
     /// Where the federation's state lives in etcd's keyspace.
@@ -58,6 +64,9 @@ pub struct ReplicationConfig {
     pub request_timeout_s: u64,
 }
 
+fn default_tls() -> bool {
+    true
+}
 fn default_prefix() -> String {
     "/viola".into()
 }
@@ -122,6 +131,8 @@ pub enum ReplicationError {
     },
     #[error("etcd call task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("cannot build the TLS configuration for etcd")]
+    Tls(#[source] viola_common::identity::TlsConfigError),
 }
 
 /// Why a leader stopped leading.
@@ -164,20 +175,33 @@ async fn call<T: Send + 'static>(
 }
 
 impl Replica {
-    /// Connects to etcd and takes a lease. `listen` is what the others log as the leader's
-    /// address.
+    /// Connects to etcd (over TLS as `identity`, unless `tls = false`) and takes a lease.
+    /// `listen` is what the others log as the leader's address.
     pub async fn join(
         cfg: &ReplicationConfig,
         listen: std::net::SocketAddr,
+        identity: &viola_common::identity::Identity,
     ) -> Result<Self, ReplicationError> {
         cfg.check().map_err(ReplicationError::Config)?;
-        let etcd =
-            Etcd::new(&cfg.etcd, Duration::from_secs(cfg.request_timeout_s)).map_err(|source| {
-                ReplicationError::Etcd {
-                    what: "use the endpoints",
-                    source,
-                }
-            })?;
+        let timeout = Duration::from_secs(cfg.request_timeout_s);
+        let etcd = if cfg.tls {
+            // No ALPN: etcd serves its JSON gateway on HTTP/1.1, and Go refuses a client
+            // whose ALPN list it shares nothing with.
+            let mut tls = identity
+                .rustls_client_config(b"")
+                .map_err(ReplicationError::Tls)?;
+            tls.alpn_protocols.clear();
+            Etcd::with_tls(&cfg.etcd, timeout, Arc::new(tls))
+        } else {
+            tracing::warn!(
+                "[replication] tls = false: the inventory travels to etcd in plain HTTP"
+            );
+            Etcd::new(&cfg.etcd, timeout)
+        }
+        .map_err(|source| ReplicationError::Etcd {
+            what: "use the endpoints",
+            source,
+        })?;
         let etcd = Arc::new(etcd);
         let ttl = i64::try_from(cfg.lease_ttl_s).unwrap_or(3);
         let lease = call(&etcd, "grant a lease", move |e| e.lease_grant(ttl)).await?;
@@ -329,6 +353,7 @@ mod tests {
     fn cfg() -> ReplicationConfig {
         ReplicationConfig {
             etcd: vec!["198.18.0.1:2379".into()],
+            tls: true,
             name: "m1".into(),
             prefix: default_prefix(),
             lease_ttl_s: default_lease_ttl(),
@@ -341,6 +366,7 @@ mod tests {
         let cluster = viola_etcd::testing::Cluster::start(1);
         let cfg = |name: &str| ReplicationConfig {
             etcd: cluster.endpoints(),
+            tls: false,
             name: name.into(),
             prefix: "/t".into(),
             lease_ttl_s: 2,
@@ -348,8 +374,22 @@ mod tests {
         };
         let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 7443));
         let token = CancellationToken::new();
-        let m1 = Arc::new(Replica::join(&cfg("m1"), listen).await.unwrap());
-        let m2 = Replica::join(&cfg("m2"), listen).await.unwrap();
+        let ca = viola_common::identity::CertificateAuthority::generate("fed", 1).unwrap();
+        let identity = ca
+            .issue(
+                &viola_common::identity::PeerIdentity::new(
+                    viola_common::identity::Role::Adaptmgr,
+                    "fed",
+                    "m",
+                )
+                .unwrap(),
+                1,
+            )
+            .unwrap()
+            .to_identity()
+            .unwrap();
+        let m1 = Arc::new(Replica::join(&cfg("m1"), listen, &identity).await.unwrap());
+        let m2 = Replica::join(&cfg("m2"), listen, &identity).await.unwrap();
         let first = m1.campaign(&token).await.expect("m1 elected");
 
         // While m1 renews its lease, m2 stands by (three leases' time).
@@ -381,7 +421,7 @@ mod tests {
 
         // m2 stops renewing (paused, cut off): its lease ends, m3 is elected, and m2 learns it
         // lost at its next renewal.
-        let m3 = Replica::join(&cfg("m3"), listen).await.unwrap();
+        let m3 = Replica::join(&cfg("m3"), listen, &identity).await.unwrap();
         tokio::time::timeout(Duration::from_secs(15), m3.campaign(&token))
             .await
             .expect("m3 elected once m2's lease ended")

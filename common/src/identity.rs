@@ -84,6 +84,9 @@ pub enum Role {
     Cli,
     /// Per-site image depot.
     Depot,
+    /// A member of the etcd cluster that replicated managers share (its server and peer
+    /// certificate, naming its addresses). No Viola service accepts this role.
+    Etcd,
     /// A host's libvirtd and QEMU, for TLS migrations ([`libvirt`]). No Viola service accepts
     /// this role: the key lies where QEMU can read it, so it must not stand for a daemon.
     Libvirt,
@@ -99,10 +102,11 @@ pub enum Role {
 
 impl Role {
     /// All roles, in a stable order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Adaptmgr,
         Self::Cli,
         Self::Depot,
+        Self::Etcd,
         Self::Libvirt,
         Self::Monitor,
         Self::Overlay,
@@ -115,6 +119,7 @@ impl Role {
             Self::Adaptmgr => "adaptmgr",
             Self::Cli => "cli",
             Self::Depot => "depot",
+            Self::Etcd => "etcd",
             Self::Libvirt => "libvirt",
             Self::Monitor => "monitor",
             Self::Overlay => "overlay",
@@ -132,7 +137,7 @@ impl fmt::Display for Role {
 /// A string that is not one of the [`Role`] names.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "unknown role {0:?} (expected one of adaptmgr, cli, depot, libvirt, monitor, overlay, user)"
+    "unknown role {0:?} (expected one of adaptmgr, cli, depot, etcd, libvirt, monitor, overlay, user)"
 )]
 pub struct UnknownRole(String);
 

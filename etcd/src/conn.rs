@@ -1,4 +1,5 @@
-//! One TCP connection per request, under one deadline for connect, write and read together.
+//! One TCP connection per request, under one deadline for connect, write and read together,
+//! with TLS over it when the client has a TLS configuration.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -71,5 +72,62 @@ impl Write for Deadlined {
 
     fn flush(&mut self) -> io::Result<()> {
         self.stream.flush()
+    }
+}
+
+/// A request's connection: plain, or TLS over it (the handshake runs at the first write, under
+/// the same deadline).
+pub(crate) enum Transport {
+    Plain(Deadlined),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Deadlined>>),
+}
+
+impl Transport {
+    /// Connects to `endpoint` ("host:port"), with TLS when `tls` is given: the server's
+    /// certificate must name the host part (an IP address or a DNS name).
+    pub(crate) fn connect(
+        endpoint: &str,
+        deadline: Instant,
+        tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    ) -> io::Result<Self> {
+        let tcp = Deadlined::connect(endpoint, deadline)?;
+        let Some(tls) = tls else {
+            return Ok(Self::Plain(tcp));
+        };
+        let host = endpoint
+            .rsplit_once(':')
+            .map_or(endpoint, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let session = rustls::ClientConnection::new(std::sync::Arc::clone(tls), name)
+            .map_err(io::Error::other)?;
+        Ok(Self::Tls(Box::new(rustls::StreamOwned::new(session, tcp))))
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
     }
 }

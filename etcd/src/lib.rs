@@ -32,8 +32,12 @@
 //! answers only at etcd's own request timeout (5 s + 2 election timeouts), so the client's
 //! timeout fires first; reads meanwhile fail over and are served once a new leader is elected.
 //!
-//! **Limits.** Plain `http://` only: TLS (and etcd's authentication) is not supported, so the
-//! cluster's client port must be on a trusted network or loopback. Reads are linearizable (the
+//! **TLS.** [`Etcd::with_tls`] speaks HTTPS with the rustls configuration it is given (the
+//! manager's: its certificate as client certificate, the federation CA as the only root, each
+//! member's certificate checked against the address or name in its endpoint), for etcd run with
+//! `--client-cert-auth`. [`Etcd::new`] speaks plain HTTP, for loopback and tests.
+//!
+//! **Limits.** etcd's own authentication (users, roles) is not supported. Reads are linearizable (the
 //! default), ranges are returned whole (no paging), watches are not offered. A host name in
 //! an endpoint is resolved outside the request's deadline.
 //!
@@ -59,6 +63,7 @@ mod txn;
 mod wire;
 
 use std::io::BufReader;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -73,7 +78,7 @@ pub use error::{AttemptError, EtcdError};
 pub use http::HttpError;
 pub use txn::{Compare, Op, OpResponse, Txn, TxnResult};
 
-use conn::Deadlined;
+use conn::Transport;
 use http::{Response, Until};
 use wire::{b64, int};
 
@@ -178,18 +183,25 @@ const NOT_APPLIED: &[&str] = &[
     "etcdserver: too many requests",
 ];
 
-/// Parses "host:port", "http://host:port" or "http://host:port/".
-fn parse_endpoint(raw: &str) -> Result<String, EtcdError> {
+/// Parses "host:port", "http://host:port" or "http://host:port/" (with `tls`: "https://"
+/// instead of "http://").
+fn parse_endpoint(raw: &str, tls: bool) -> Result<String, EtcdError> {
     let text = raw.trim();
     let lower = text.to_ascii_lowercase();
-    if lower.starts_with("https://") {
-        return Err(EtcdError::Config(format!(
-            "endpoint {raw:?}: TLS is not supported by this client; use http:// on a trusted \
-             network or loopback"
-        )));
+    let (ours, other) = if tls {
+        ("https://", "http://")
+    } else {
+        ("http://", "https://")
+    };
+    if lower.starts_with(other) {
+        return Err(EtcdError::Config(if tls {
+            format!("endpoint {raw:?}: this client speaks TLS to etcd; give https:// endpoints")
+        } else {
+            format!("endpoint {raw:?}: TLS needs a TLS configuration (Etcd::with_tls)")
+        }));
     }
-    let rest = if lower.starts_with("http://") {
-        &text["http://".len()..]
+    let rest = if lower.starts_with(ours) {
+        &text[ours.len()..]
     } else {
         text
     };
@@ -210,12 +222,23 @@ fn parse_endpoint(raw: &str) -> Result<String, EtcdError> {
 
 /// A client of one etcd cluster. Cheap to share between threads (`&Etcd` is enough: every
 /// request opens its own connection).
-#[derive(Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
     timeout: Duration,
     /// Index into `endpoints` of the one that answered last.
     current: AtomicUsize,
+    /// HTTPS with this configuration; `None`: plain HTTP.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Etcd {
@@ -223,6 +246,27 @@ impl Etcd {
     /// request bounded by `timeout` (connect, send and answer together). Nothing is contacted
     /// yet.
     pub fn new(endpoints: &[String], timeout: Duration) -> Result<Self, EtcdError> {
+        Self::build(endpoints, timeout, None)
+    }
+
+    /// A client of the cluster at `endpoints` ("host:port", optionally with "https://") over
+    /// TLS with `tls`: the member's certificate is checked against the host in its endpoint
+    /// (an IP address or a DNS name), and `tls`'s client certificate is presented. Offer no
+    /// ALPN protocol in it: etcd serves its JSON gateway on HTTP/1.1 and Go servers refuse a
+    /// connection whose ALPN list they share nothing with.
+    pub fn with_tls(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, EtcdError> {
+        Self::build(endpoints, timeout, Some(tls))
+    }
+
+    fn build(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, EtcdError> {
         if endpoints.is_empty() {
             return Err(EtcdError::Config("no etcd endpoint given".to_owned()));
         }
@@ -231,12 +275,13 @@ impl Etcd {
         }
         let endpoints = endpoints
             .iter()
-            .map(|e| parse_endpoint(e))
+            .map(|e| parse_endpoint(e, tls.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             endpoints,
             timeout,
             current: AtomicUsize::new(0),
+            tls,
         })
     }
 
@@ -418,11 +463,12 @@ impl Etcd {
     /// The status of the member at `endpoint` (one of [`Etcd::endpoints`] or any other
     /// "host:port"), without failover.
     pub fn status_of(&self, endpoint: &str) -> Result<Status, EtcdError> {
-        let endpoint = parse_endpoint(endpoint)?;
+        let endpoint = parse_endpoint(endpoint, self.tls.is_some())?;
         let one = Self {
             endpoints: vec![endpoint],
             timeout: self.timeout,
             current: AtomicUsize::new(0),
+            tls: self.tls.clone(),
         };
         one.status()
     }
@@ -528,15 +574,16 @@ impl Etcd {
         until: Until,
     ) -> Result<Response, (bool, AttemptError)> {
         let deadline = Instant::now() + self.timeout;
-        let mut conn = Deadlined::connect(endpoint, deadline).map_err(|source| {
-            (
-                false,
-                AttemptError::Connect {
-                    endpoint: endpoint.to_owned(),
-                    source,
-                },
-            )
-        })?;
+        let mut conn =
+            Transport::connect(endpoint, deadline, self.tls.as_ref()).map_err(|source| {
+                (
+                    false,
+                    AttemptError::Connect {
+                        endpoint: endpoint.to_owned(),
+                        source,
+                    },
+                )
+            })?;
         let sent = http::write_request(&mut conn, endpoint, path, body);
         // Even when sending failed, etcd may have answered first (a request too large is
         // refused before it is read whole): read what it said.
@@ -637,13 +684,23 @@ mod tests {
 
     #[test]
     fn endpoints_are_checked() {
-        let ok = |s: &str| parse_endpoint(s).unwrap();
+        let ok = |s: &str| parse_endpoint(s, false).unwrap();
         assert_eq!(ok("127.0.0.1:2379"), "127.0.0.1:2379");
         assert_eq!(ok("http://127.0.0.1:2379"), "127.0.0.1:2379");
         assert_eq!(ok("HTTP://etcd-a:2379/"), "etcd-a:2379");
         assert_eq!(ok("[::1]:2379"), "[::1]:2379");
-        let err = |s: &str| parse_endpoint(s).unwrap_err().to_string();
-        assert!(err("https://127.0.0.1:2379").contains("TLS is not supported"));
+        let err = |s: &str| parse_endpoint(s, false).unwrap_err().to_string();
+        assert!(err("https://127.0.0.1:2379").contains("TLS needs a TLS configuration"));
+        assert_eq!(
+            parse_endpoint("https://10.0.0.1:2379", true).unwrap(),
+            "10.0.0.1:2379"
+        );
+        assert!(
+            parse_endpoint("http://10.0.0.1:2379", true)
+                .unwrap_err()
+                .to_string()
+                .contains("give https://")
+        );
         assert!(err("127.0.0.1").contains("has no port"));
         assert!(err("127.0.0.1:0").contains("no valid port"));
         assert!(err(":2379").contains("no host"));

@@ -57,6 +57,17 @@ impl Drop for Member {
 
 pub struct Cluster {
     pub members: Vec<Member>,
+    /// Clients speak TLS with this configuration (`start_tls`).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS member's files (PEM): its certificate and key, and the CA its clients' certificates
+/// must come from (`--client-cert-auth`); and the configuration its test clients use.
+pub struct MemberTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub client: std::sync::Arc<rustls::ClientConfig>,
 }
 
 /// Ports the kernel hands out now, all distinct (every listener is held until all are picked).
@@ -73,6 +84,15 @@ fn free_ports(n: usize) -> Vec<u16> {
 impl Cluster {
     /// Starts `n` members and waits (bounded) until every one answers and knows the leader.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, None)
+    }
+
+    /// One member serving its clients over TLS only, asking for their certificates.
+    pub fn start_tls(tls: &MemberTls) -> Self {
+        Self::start_with(1, Some(tls))
+    }
+
+    fn start_with(n: usize, tls: Option<&MemberTls>) -> Self {
         assert!(
             Path::new(ETCD).exists(),
             "{ETCD} is missing: these tests run a real etcd; install Debian's etcd-server \
@@ -92,15 +112,26 @@ impl Cluster {
             let out = File::create(&log).expect("create etcd.log");
             let err = out.try_clone().expect("clone etcd.log handle");
             let client = format!("127.0.0.1:{}", ports[2 * i]);
-            let child = Command::new(ETCD)
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut cmd = Command::new(ETCD);
+            if let Some(tls) = tls {
+                cmd.arg("--cert-file")
+                    .arg(&tls.cert)
+                    .arg("--key-file")
+                    .arg(&tls.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.ca)
+                    .arg("--client-cert-auth");
+            }
+            let child = cmd
                 .arg("--name")
                 .arg(&names[i])
                 .arg("--data-dir")
                 .arg(dir.path().join("data"))
                 .arg("--listen-client-urls")
-                .arg(format!("http://{client}"))
+                .arg(format!("{scheme}://{client}"))
                 .arg("--advertise-client-urls")
-                .arg(format!("http://{client}"))
+                .arg(format!("{scheme}://{client}"))
                 .arg("--listen-peer-urls")
                 .arg(peer(i))
                 .arg("--initial-advertise-peer-urls")
@@ -126,7 +157,10 @@ impl Cluster {
                 _dir: dir,
             });
         }
-        let mut cluster = Self { members };
+        let mut cluster = Self {
+            members,
+            tls: tls.map(|t| std::sync::Arc::clone(&t.client)),
+        };
         cluster.wait_ready();
         cluster
     }
@@ -134,7 +168,7 @@ impl Cluster {
     /// Waits until every running member answers status with the same, known, leader.
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
-        let probe = Etcd::new(&self.endpoints(), Duration::from_millis(500)).expect("client");
+        let probe = self.client_with(Duration::from_millis(500));
         loop {
             for m in &mut self.members {
                 if let Some(child) = m.child.as_mut()
@@ -178,7 +212,15 @@ impl Cluster {
 
     /// A client of every member.
     pub fn client(&self) -> Etcd {
-        Etcd::new(&self.endpoints(), CLIENT_TIMEOUT).expect("client")
+        self.client_with(CLIENT_TIMEOUT)
+    }
+
+    fn client_with(&self, timeout: Duration) -> Etcd {
+        match &self.tls {
+            Some(tls) => Etcd::with_tls(&self.endpoints(), timeout, std::sync::Arc::clone(tls)),
+            None => Etcd::new(&self.endpoints(), timeout),
+        }
+        .expect("client")
     }
 
     /// The index of the member at `endpoint`.

@@ -307,7 +307,7 @@ impl Replicated {
             .collect();
         let cluster = machines
             .iter()
-            .map(|m| format!("{m}=http://{}:2380", addr(m)))
+            .map(|m| format!("{m}=https://{}:2380", addr(m)))
             .collect::<Vec<_>>()
             .join(",");
         let endpoints: Vec<String> = machines
@@ -323,15 +323,31 @@ impl Replicated {
         for m in machines {
             let a = addr(m);
             let data = repl.fed.dir.path().join(format!("etcd-{m}"));
+            // Each member's certificate from the federation CA names its address; it serves
+            // clients and peers over TLS and asks both for certificates of the CA.
+            let id = repl.fed.dir.path().join(format!("etcd-id-{m}"));
+            repl.fed
+                .pki
+                .issue_with_addresses("etcd", "fed", m, &[&a], &id)
+                .expect("etcd certificate");
+            let (cert, key, ca) = (id.join("cert.pem"), id.join("key.pem"), id.join("ca.pem"));
+            let tls = |flag: &str, path: &Path| format!("--{flag}={}", path.display());
             let child = crate::daemons::spawn_logged(
                 Command::new("ip")
                     .args(["netns", "exec", &lab.host(m).namespace, "etcd"])
                     .args(["--name", m, "--data-dir"])
                     .arg(&data)
-                    .arg(format!("--listen-client-urls=http://{a}:2379"))
-                    .arg(format!("--advertise-client-urls=http://{a}:2379"))
-                    .arg(format!("--listen-peer-urls=http://{a}:2380"))
-                    .arg(format!("--initial-advertise-peer-urls=http://{a}:2380"))
+                    .arg(format!("--listen-client-urls=https://{a}:2379"))
+                    .arg(format!("--advertise-client-urls=https://{a}:2379"))
+                    .arg(format!("--listen-peer-urls=https://{a}:2380"))
+                    .arg(format!("--initial-advertise-peer-urls=https://{a}:2380"))
+                    .args([tls("cert-file", &cert), tls("key-file", &key)])
+                    .args([tls("trusted-ca-file", &ca), "--client-cert-auth".into()])
+                    .args([tls("peer-cert-file", &cert), tls("peer-key-file", &key)])
+                    .args([
+                        tls("peer-trusted-ca-file", &ca),
+                        "--peer-client-cert-auth".into(),
+                    ])
                     .arg(format!("--initial-cluster={cluster}"))
                     .args([
                         "--initial-cluster-token",
@@ -394,12 +410,12 @@ impl Replicated {
     }
 
     /// The etcd endpoints of the machines still standing.
-    fn endpoints(&self) -> String {
+    pub fn endpoints(&self) -> String {
         let lab = crate::mech::lab();
         self.machines
             .iter()
             .filter(|m| self.fed.daemons.pid(&format!("etcd-{m}")).is_some())
-            .map(|m| format!("http://{}:2379", lab.host(m).address))
+            .map(|m| format!("https://{}:2379", lab.host(m).address))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -411,6 +427,18 @@ impl Replicated {
                 .args(["netns", "exec", &self.cli_ns, "etcdctl"])
                 .env("ETCDCTL_API", "3")
                 .args(["--endpoints", &self.endpoints(), "--dial-timeout", "2s"])
+                .arg(format!(
+                    "--cacert={}",
+                    self.fed.cli_id.join("ca.pem").display()
+                ))
+                .arg(format!(
+                    "--cert={}",
+                    self.fed.cli_id.join("cert.pem").display()
+                ))
+                .arg(format!(
+                    "--key={}",
+                    self.fed.cli_id.join("key.pem").display()
+                ))
                 .args(["get", "/viola/leader", "--print-value-only"]),
         )
         .ok()?;

@@ -40,6 +40,31 @@ fn a_lost_leader_mid_migration_is_replaced_and_its_migration_resolved() {
         "a2's manager leads first"
     );
 
+    // etcd speaks TLS only and asks for a certificate of the federation: neither plain HTTP
+    // nor a client without a certificate reads the inventory.
+    let first_etcd = repl.endpoints().split(',').next().unwrap().to_owned();
+    for url in [
+        first_etcd.clone(),
+        first_etcd.replace("https://", "http://"),
+    ] {
+        let read = Command::new("ip")
+            .args(["netns", "exec", &repl.cli_ns, "curl", "-skf", "-m", "5"])
+            .args([
+                "-X",
+                "POST",
+                "-d",
+                "{\"key\":\"L3Zpb2xh\",\"range_end\":\"L3Zpb2xi\"}",
+            ])
+            .arg(format!("{url}/v3/kv/range"))
+            .output()
+            .expect("curl");
+        assert!(
+            !read.status.success() && !String::from_utf8_lossy(&read.stdout).contains("kvs"),
+            "{url} answered without a client certificate: {}",
+            String::from_utf8_lossy(&read.stdout)
+        );
+    }
+
     // A standby does not answer: only the leader serves the CLI (asked with a2's address only
     // it answers; with only a standby's address the CLI fails).
     let standby_only = repl.managers.split(',').nth(1).unwrap().to_owned();

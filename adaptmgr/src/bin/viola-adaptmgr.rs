@@ -87,7 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             leader.set(1);
             return lead(&cfg, identity, inventory, &registry, token.clone()).await;
         };
-        let replica = Replica::join(replication, cfg.listen).await?;
+        let replica = Replica::join(replication, cfg.listen, &identity).await?;
         let Some(leadership) = replica.campaign(&token).await else {
             replica.resign(None).await;
             return Ok(());
