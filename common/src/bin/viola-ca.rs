@@ -54,7 +54,8 @@ enum Command {
     Issue {
         #[command(flatten)]
         to: Issuing,
-        /// adaptmgr, cli, depot, monitor, overlay or user (libvirt: use issue-libvirt; a user's
+        /// adaptmgr, cli, depot, etcd (a member of the replicated managers' etcd: give its
+        /// --address), monitor, overlay or user (libvirt: use issue-libvirt; a user's
         /// certificate: issue-user).
         #[arg(long)]
         role: Role,
