@@ -183,18 +183,30 @@ impl Federation {
         if !id.exists() {
             self.pki.issue("monitor", site, host, &id).unwrap();
         }
-        let child = Command::new(bin("viola-monitor"))
-            .args(["--host", host, "--site", site, "--manager", &self.mgr])
-            .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
-            .args(monitor_libvirt_dirs(host))
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--identity")
-            .arg(&id)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start viola-monitor");
+        let child = monitor_command(
+            Command::new(bin("viola-monitor")),
+            host,
+            site,
+            &self.mgr,
+            &id,
+        )
+        .spawn()
+        .expect("start viola-monitor");
         self.daemons.add(&format!("monitor-{host}"), child);
     }
+}
+
+/// `cmd` (the monitor's binary, or a command that runs it) with the arguments of `host`'s
+/// monitor, reporting to `managers` as identity `id`.
+fn monitor_command(mut cmd: Command, host: &str, site: &str, managers: &str, id: &Path) -> Command {
+    cmd.args(["--host", host, "--site", site, "--manager", managers])
+        .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(host)])
+        .args(monitor_libvirt_dirs(host))
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--identity")
+        .arg(id)
+        .stderr(Stdio::null());
+    cmd
 }
 
 pub fn viola_json(mgr: &str, cli: &Path, args: &[&str]) -> Option<serde_json::Value> {
@@ -392,16 +404,10 @@ impl Replicated {
         for (h, site) in hosts {
             let id = repl.fed.dir.path().join(format!("monitor-{h}"));
             repl.fed.pki.issue("monitor", site, h, &id).unwrap();
-            let child = Command::new("ip")
-                .args(["netns", "exec", &lab.host(h).namespace])
-                .arg(bin("viola-monitor"))
-                .args(["--host", h, "--site", site, "--manager", &repl.managers])
-                .args(["--interval-ms", "1000", "--libvirt-uri", &manager_uri(h)])
-                .args(monitor_libvirt_dirs(h))
-                .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-                .arg("--identity")
-                .arg(&id)
-                .stderr(Stdio::null())
+            let mut ns = Command::new("ip");
+            ns.args(["netns", "exec", &lab.host(h).namespace])
+                .arg(bin("viola-monitor"));
+            let child = monitor_command(ns, h, site, &repl.managers, &id)
                 .spawn()
                 .expect("start viola-monitor");
             repl.fed.daemons.add(&format!("monitor-{h}"), child);
@@ -443,6 +449,17 @@ impl Replicated {
         )
         .ok()?;
         out.split_whitespace().next().map(str::to_owned)
+    }
+
+    /// `viola ARGS` against the managers, run in the CLI's namespace.
+    pub fn viola_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.cli_ns])
+            .arg(bin("viola"))
+            .args(["--manager", &self.managers, "--identity"])
+            .arg(&self.fed.cli_id)
+            .args(args);
+        cmd
     }
 
     /// `viola --json ARGS` against the managers; its answer if it succeeded.

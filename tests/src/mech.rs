@@ -423,6 +423,58 @@ pub fn wait_until(what: &str, timeout: Duration, check: impl FnMut() -> bool) {
         .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
+/// Starts `migrate` (a `viola vm migrate` of `vm`) and returns it once libvirt's migration job
+/// has run for 2 s at `from`: a test then interrupts the move mid-way. Stop the CLI with
+/// [`stop_cli`] (its manager may be gone; it would wait for its idle timeout).
+pub fn migration_under_way(mut migrate: Command, vm: &str, from: &str) -> std::process::Child {
+    let child = migrate
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("viola vm migrate");
+    let hv = open(from);
+    wait_until(
+        &format!("the migration job runs at {from}"),
+        Duration::from_secs(60),
+        || hv.job_progress(vm).ok().flatten().is_some(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    child
+}
+
+/// Stops a CLI process this test started (SIGTERM, by its PID) and reaps it.
+pub fn stop_cli(mut cli: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &cli.id().to_string()])
+        .status();
+    let _ = cli.wait();
+}
+
+/// Where an interrupted migration of `vm` between hosts `a` and `b` ended, once it is
+/// resolved: it runs at exactly one of them, the other has neither its definition nor its disk,
+/// and `recorded()` (where the manager has it) agrees.
+pub fn resolved_migration(
+    vm: &str,
+    [a, b]: [&'static str; 2],
+    recorded: impl Fn() -> Option<String>,
+) -> Option<&'static str> {
+    let running_at = |host: &str| {
+        open(host)
+            .domain(vm)
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.state == viola_hypervisor::DomainState::Running)
+    };
+    let (at_a, at_b) = (running_at(a), running_at(b));
+    if at_a == at_b {
+        return None;
+    }
+    let (here, other) = if at_a { (a, b) } else { (b, a) };
+    let clean = open(other).domain(vm).ok().flatten().is_none()
+        && !local_images(other).join(format!("{vm}.qcow2")).exists();
+    (clean && recorded().as_deref() == Some(here)).then_some(here)
+}
+
 /// PID of a lab host's libvirtd (the lab writes it).
 pub fn libvirtd_pid(host: &str) -> Option<i32> {
     std::fs::read_to_string(lab_dir().join(format!("hosts/{host}/libvirtd.pid")))

@@ -6,7 +6,7 @@
 
 // lab: default
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use viola_labtests::daemons::bin;
@@ -142,20 +142,12 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
 
     // The move runs at 4 MiB/s (the guest's RAM alone takes tens of seconds): kill the
     // manager once libvirt's migration job is under way.
-    let mut cli = Command::new(bin("viola"))
+    let mut migrate = Command::new(bin("viola"));
+    migrate
         .args(["--manager", &mgr, "--identity"])
         .arg(&cli_id)
-        .args(["--json", "vm", "migrate", name, "--to", "b1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("viola vm migrate");
-    wait_until(
-        "the migration job runs at a1",
-        Duration::from_secs(60),
-        || hv_a1.job_progress(name).ok().flatten().is_some(),
-    );
-    std::thread::sleep(Duration::from_secs(2));
+        .args(["--json", "vm", "migrate", name, "--to", "b1"]);
+    let cli = migration_under_way(migrate, name, "a1");
     fed.daemons
         .kill("manager", libc::SIGKILL)
         .expect("kill the manager");
@@ -163,28 +155,12 @@ fn manager_killed_mid_migration_is_resolved_by_its_successor() {
     // Its successor resolves the migration from the journal (the CLI, whose connection died
     // with the manager, is stopped: it would wait for its idle timeout).
     fed.start_manager();
-    let _ = Command::new("kill")
-        .args(["-TERM", &cli.id().to_string()])
-        .status();
-    let _ = cli.wait();
-    let hv_b1 = open("b1");
-    let running_at = |hv: &std::sync::Arc<dyn viola_hypervisor::Hypervisor>| {
-        hv.domain(name)
-            .ok()
-            .flatten()
-            .is_some_and(|d| d.state == viola_hypervisor::DomainState::Running)
-    };
+    stop_cli(cli);
     // Resolved: one running copy, nothing at the other host, the inventory agrees.
     let resolved = || {
-        let (at_a1, at_b1) = (running_at(&hv_a1), running_at(&hv_b1));
-        if at_a1 == at_b1 {
-            return None;
-        }
-        let (here, other) = if at_a1 { ("a1", "b1") } else { ("b1", "a1") };
-        let clean = open(other).domain(name).ok().flatten().is_none()
-            && !local_images(other).join(format!("{name}.qcow2")).exists();
-        let recorded = vm_host(&mgr, &cli_id, name).is_some_and(|(h, _)| h == here);
-        (clean && recorded).then_some(here)
+        resolved_migration(name, ["a1", "b1"], || {
+            vm_host(&mgr, &cli_id, name).map(|(h, _)| h)
+        })
     };
     wait_until(
         "the restarted manager resolves the migration",

@@ -7,10 +7,9 @@
 
 // lab: default
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use viola_labtests::daemons::bin;
 use viola_labtests::federation::Replicated;
 use viola_labtests::mech::*;
 
@@ -92,28 +91,14 @@ fn a_lost_leader_mid_migration_is_replaced_and_its_migration_resolved() {
 
     // The move runs at 4 MiB/s (the guest's RAM alone takes tens of seconds): lose the
     // leader's machine once libvirt's migration job is under way.
-    let mut cli = Command::new("ip")
-        .args(["netns", "exec", &repl.cli_ns])
-        .arg(bin("viola"))
-        .args(["--manager", &repl.managers, "--identity"])
-        .arg(&repl.fed.cli_id)
-        .args(["--json", "vm", "migrate", name, "--to", "b1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("viola vm migrate");
-    wait_until(
-        "the migration job runs at a1",
-        Duration::from_secs(60),
-        || hv_a1.job_progress(name).ok().flatten().is_some(),
+    let cli = migration_under_way(
+        repl.viola_command(&["--json", "vm", "migrate", name, "--to", "b1"]),
+        name,
+        "a1",
     );
-    std::thread::sleep(Duration::from_secs(2));
     repl.lose_machine("a2");
     let lost_at = Instant::now();
-    let _ = Command::new("kill")
-        .args(["-TERM", &cli.id().to_string()])
-        .status();
-    let _ = cli.wait();
+    stop_cli(cli);
 
     viola_labtests::wait_until("another manager leads", TAKEOVER_BOUND, || {
         repl.leader().is_some_and(|l| l != "a2")
@@ -132,25 +117,8 @@ fn a_lost_leader_mid_migration_is_replaced_and_its_migration_resolved() {
         took_over.as_secs_f64()
     );
 
-    let hv_b1 = open("b1");
-    let running_at = |hv: &std::sync::Arc<dyn viola_hypervisor::Hypervisor>| {
-        hv.domain(name)
-            .ok()
-            .flatten()
-            .is_some_and(|d| d.state == viola_hypervisor::DomainState::Running)
-    };
     // Resolved: one running copy, nothing at the other host, the inventory agrees.
-    let resolved = || {
-        let (at_a1, at_b1) = (running_at(&hv_a1), running_at(&hv_b1));
-        if at_a1 == at_b1 {
-            return None;
-        }
-        let (here, other) = if at_a1 { ("a1", "b1") } else { ("b1", "a1") };
-        let clean = open(other).domain(name).ok().flatten().is_none()
-            && !local_images(other).join(format!("{name}.qcow2")).exists();
-        let recorded = repl.vm_host(name).is_some_and(|(h, _)| h == here);
-        (clean && recorded).then_some(here)
-    };
+    let resolved = || resolved_migration(name, ["a1", "b1"], || repl.vm_host(name).map(|(h, _)| h));
     viola_labtests::wait_until(
         "the new leader resolves the migration",
         Duration::from_secs(120),
@@ -199,12 +167,8 @@ fn a_lost_leader_mid_migration_is_replaced_and_its_migration_resolved() {
                 })
         },
     );
-    let resize = Command::new("ip")
-        .args(["netns", "exec", &repl.cli_ns])
-        .arg(bin("viola"))
-        .args(["--manager", &repl.managers, "--identity"])
-        .arg(&repl.fed.cli_id)
-        .args(["vm", "resize", name, "--cap-percent", "50"])
+    let resize = repl
+        .viola_command(&["vm", "resize", name, "--cap-percent", "50"])
         .output()
         .expect("viola vm resize");
     assert!(

@@ -144,6 +144,42 @@ pub enum Order {
     Descending,
 }
 
+/// What a scan reads: the keys at or above `from`, in `order` from the matching end, at most
+/// `limit` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan<'a> {
+    pub from: &'a [u8],
+    pub order: Order,
+    pub limit: Option<usize>,
+}
+
+impl<'a> Scan<'a> {
+    /// The whole table, in key order.
+    pub const ALL: Scan<'static> = Scan {
+        from: b"",
+        order: Order::Ascending,
+        limit: None,
+    };
+
+    /// At most `limit` keys from `from` on, in key order.
+    pub fn from(from: &'a [u8], limit: usize) -> Self {
+        Self {
+            from,
+            order: Order::Ascending,
+            limit: Some(limit),
+        }
+    }
+
+    /// The last `limit` keys, the last first.
+    pub fn last(limit: usize) -> Self {
+        Self {
+            from: b"",
+            order: Order::Descending,
+            limit: Some(limit),
+        }
+    }
+}
+
 impl From<viola_etcd::EtcdError> for BackendError {
     fn from(e: viola_etcd::EtcdError) -> Self {
         Self::Etcd(Box::new(e))
@@ -167,15 +203,8 @@ pub enum BackendError {
 pub trait Backend: Send + Sync {
     /// The value under `key`.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, BackendError>;
-    /// Entries with keys at or above `from`, in `order` from the matching end, at most
-    /// `limit`.
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        order: Order,
-        limit: Option<usize>,
-    ) -> Result<Vec<Entry>, BackendError>;
+    /// The entries `scan` names.
+    fn scan(&self, table: Table, scan: Scan<'_>) -> Result<Vec<Entry>, BackendError>;
     /// The batch, all or nothing.
     fn commit(&self, writes: &[Write], durability: Durability) -> Result<(), BackendError>;
     /// What the inventory is kept in, for logs ("redb /var/lib/...", "etcd 198.18.0.1:2379 ...").

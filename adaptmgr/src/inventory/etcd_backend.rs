@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use viola_etcd::{Etcd, Leadership, Op, Txn, prefix_end};
 
-use super::backend::{Backend, BackendError, Durability, Entry, Order, Table, Write};
+use super::backend::{Backend, BackendError, Durability, Entry, Order, Scan, Table, Write};
 
 pub struct EtcdBackend {
     etcd: Arc<Etcd>,
@@ -52,19 +52,13 @@ impl Backend for EtcdBackend {
             .map(|kv| kv.value))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        order: Order,
-        limit: Option<usize>,
-    ) -> Result<Vec<Entry>, BackendError> {
-        let start = self.key(table, from);
+    fn scan(&self, table: Table, scan: Scan<'_>) -> Result<Vec<Entry>, BackendError> {
+        let start = self.key(table, scan.from);
         let end = prefix_end(&self.table_prefix(table));
         let skip = self.table_prefix(table).len();
         let kvs = self
             .etcd
-            .range(&start, &end, limit, order == Order::Descending)
+            .range(&start, &end, scan.limit, scan.order == Order::Descending)
             .map_err(BackendError::from)?;
         Ok(kvs
             .into_iter()

@@ -11,7 +11,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::backend::{
-    Backend, BackendError, Durability, Entry, Order, Table, Write, history_key, seq_key,
+    Backend, BackendError, Durability, Entry, Order, Scan, Table, Write, history_key, seq_key,
 };
 
 fn table_name(table: Table) -> String {
@@ -65,22 +65,16 @@ impl Backend for RedbBackend {
         Ok(t.get(key).map_err(redb)?.map(|v| v.value().to_vec()))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        order: Order,
-        limit: Option<usize>,
-    ) -> Result<Vec<Entry>, BackendError> {
+    fn scan(&self, table: Table, scan: Scan<'_>) -> Result<Vec<Entry>, BackendError> {
         let tx = self.db.begin_read().map_err(redb)?;
         let t = tx.open_table(definition(self.name(table))).map_err(redb)?;
-        let range = t.range(from..).map_err(redb)?;
-        let limit = limit.unwrap_or(usize::MAX);
+        let range = t.range(scan.from..).map_err(redb)?;
+        let limit = scan.limit.unwrap_or(usize::MAX);
         let entry = |e: Result<(Guard<'_>, Guard<'_>), redb::StorageError>| {
             e.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
                 .map_err(redb)
         };
-        match order {
+        match scan.order {
             Order::Ascending => range.take(limit).map(entry).collect(),
             Order::Descending => range.rev().take(limit).map(entry).collect(),
         }
@@ -203,9 +197,7 @@ mod tests {
             store.get(Table::Events, &seq_key(7)).unwrap().as_deref(),
             Some(b"e".as_slice())
         );
-        let fine = store
-            .scan(Table::HistoryFine, b"", Order::Ascending, None)
-            .unwrap();
+        let fine = store.scan(Table::HistoryFine, Scan::ALL).unwrap();
         assert_eq!(
             fine,
             vec![(

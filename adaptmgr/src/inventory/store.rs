@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::backend::{
-    Backend, BackendError, Durability, Entry, Order, Table, Write, history_key, parse_history_key,
+    Backend, BackendError, Durability, Entry, Scan, Table, Write, history_key, parse_history_key,
     parse_seq_key, seq_key,
 };
 use super::redb_backend::RedbBackend;
@@ -144,16 +144,8 @@ impl Inventory {
         self.backend.get(table, key).map_err(|e| self.store(e))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        order: Order,
-        limit: Option<usize>,
-    ) -> Result<Vec<Entry>, InventoryError> {
-        self.backend
-            .scan(table, from, order, limit)
-            .map_err(|e| self.store(e))
+    fn scan(&self, table: Table, scan: Scan<'_>) -> Result<Vec<Entry>, InventoryError> {
+        self.backend.scan(table, scan).map_err(|e| self.store(e))
     }
 
     fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), InventoryError> {
@@ -179,7 +171,7 @@ impl Inventory {
     }
 
     fn all<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, InventoryError> {
-        self.scan(table, b"", Order::Ascending, None)?
+        self.scan(table, Scan::ALL)?
             .iter()
             .map(|(k, v)| decode(v, String::from_utf8_lossy(k)))
             .collect()
@@ -414,7 +406,7 @@ impl Inventory {
     /// Every host's and VM's samples (what the policy loop reads each period).
     pub fn sample_histories(&self) -> Result<SampleHistories, InventoryError> {
         let mut out = SampleHistories::default();
-        for (k, v) in self.scan(Table::Samples, b"", Order::Ascending, None)? {
+        for (k, v) in self.scan(Table::Samples, Scan::ALL)? {
             let key = String::from_utf8_lossy(&k);
             let samples = decode_samples(&key, &v)?;
             if let Some(name) = key.strip_prefix("host/") {
@@ -568,7 +560,7 @@ impl Inventory {
     /// The history as it was persisted (what a restarted manager plots from).
     pub fn load_history(&self) -> Result<History, InventoryError> {
         let read = |table: Table| -> Result<Vec<(String, u64, f64)>, InventoryError> {
-            self.scan(table, b"", Order::Ascending, None)?
+            self.scan(table, Scan::ALL)?
                 .into_iter()
                 .map(|(k, v)| {
                     let point = parse_history_key(&k).zip(v.as_slice().try_into().ok());
@@ -585,7 +577,7 @@ impl Inventory {
         let fine = read(Table::HistoryFine)?;
         let minutes = read(Table::HistoryMinutes)?;
         let mut placements = Vec::new();
-        for (k, v) in self.scan(Table::Placements, b"", Order::Ascending, None)? {
+        for (k, v) in self.scan(Table::Placements, Scan::ALL)? {
             let list: Vec<Placement> = decode(
                 &v,
                 format_args!("placements of {}", String::from_utf8_lossy(&k)),
@@ -611,8 +603,7 @@ impl Inventory {
         limit: usize,
         what: &str,
     ) -> Result<Vec<T>, InventoryError> {
-        let mut out: Vec<T> =
-            decode_log(self.scan(table, b"", Order::Descending, Some(limit))?, what)?;
+        let mut out: Vec<T> = decode_log(self.scan(table, Scan::last(limit))?, what)?;
         out.reverse();
         Ok(out)
     }
@@ -629,7 +620,7 @@ impl Inventory {
         let Some(from) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
-        let entries = self.scan(table, &seq_key(from), Order::Ascending, Some(limit))?;
+        let entries = self.scan(table, Scan::from(&seq_key(from), limit))?;
         decode_log(entries, what)
     }
 
@@ -643,7 +634,7 @@ impl Inventory {
         entry: impl FnOnce(u64) -> T,
     ) -> Result<(u64, T), InventoryError> {
         let writer = self.lock();
-        let last = self.scan(table, b"", Order::Descending, Some(1))?;
+        let last = self.scan(table, Scan::last(1))?;
         let seq = last
             .first()
             .and_then(|(k, _)| parse_seq_key(k))
