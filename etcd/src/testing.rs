@@ -67,6 +67,8 @@ pub struct MemberTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    /// The revocation list etcd reads at each client's handshake (`--client-crl-file`).
+    pub crl: Option<PathBuf>,
     pub client: std::sync::Arc<rustls::ClientConfig>,
 }
 
@@ -122,6 +124,9 @@ impl Cluster {
                     .arg("--trusted-ca-file")
                     .arg(&tls.ca)
                     .arg("--client-cert-auth");
+                if let Some(crl) = &tls.crl {
+                    cmd.arg("--client-crl-file").arg(crl);
+                }
             }
             let child = cmd
                 .arg("--name")

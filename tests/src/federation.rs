@@ -332,17 +332,22 @@ impl Replicated {
             cli_ns: lab.host(cli_host).namespace.clone(),
             fed,
         };
+        let crl = repl.fed.pki.crl().expect("the CA's revocation list");
         for m in machines {
             let a = addr(m);
             let data = repl.fed.dir.path().join(format!("etcd-{m}"));
             // Each member's certificate from the federation CA names its address; it serves
-            // clients and peers over TLS and asks both for certificates of the CA.
-            let id = repl.fed.dir.path().join(format!("etcd-id-{m}"));
+            // clients and peers over TLS, asks both for certificates of the CA, and refuses
+            // those the CA's revocation list names (installed as on a host: DEPLOY.md).
+            let etc = repl.fed.dir.path().join(format!("etc-{m}"));
+            let id = etc.join("etcd");
             repl.fed
                 .pki
                 .issue_with_addresses("etcd", "fed", m, &[&a], &id)
                 .expect("etcd certificate");
+            Pki::install_crl(&crl, &etc).expect("install the CRL");
             let (cert, key, ca) = (id.join("cert.pem"), id.join("key.pem"), id.join("ca.pem"));
+            let member_crl = id.join("crl.pem");
             let tls = |flag: &str, path: &Path| format!("--{flag}={}", path.display());
             let child = crate::daemons::spawn_logged(
                 Command::new("ip")
@@ -359,6 +364,10 @@ impl Replicated {
                     .args([
                         tls("peer-trusted-ca-file", &ca),
                         "--peer-client-cert-auth".into(),
+                    ])
+                    .args([
+                        tls("client-crl-file", &member_crl),
+                        tls("peer-crl-file", &member_crl),
                     ])
                     .arg(format!("--initial-cluster={cluster}"))
                     .args([

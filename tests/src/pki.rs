@@ -86,6 +86,16 @@ impl Pki {
         Ok(self.ca_dir.join("crl.pem"))
     }
 
+    /// The CA's current revocation list, signed afresh (`viola-ca crl`); returns its path.
+    pub fn crl(&self) -> Result<PathBuf> {
+        let out = run_ok(
+            Command::new(bin("viola-ca"))
+                .args(["crl", "--ca-dir"])
+                .arg(&self.ca_dir),
+        )?;
+        Ok(PathBuf::from(out.trim()))
+    }
+
     /// Puts `crl` where a host's libvirt and QEMU read it below its PKI directory `pki`
     /// (`viola-ca install-crl --pki`).
     pub fn install_libvirt_crl(crl: &Path, pki: &Path) -> Result<String> {
