@@ -3,7 +3,8 @@
 //! a2 at site a, b2 and b1 at site b). The leader's machine is lost (its manager and its etcd
 //! member killed) in the middle of a cross-site migration; another manager takes over, resolves
 //! the migration from the journal in etcd (exactly one running copy, the inventory agrees) and
-//! goes on serving: the monitors report to it and it acts on the VM.
+//! goes on serving: the monitors report to it and it acts on the VM. Stopped cleanly, it hands
+//! over at once.
 
 // lab: default
 
@@ -177,4 +178,40 @@ fn a_lost_leader_mid_migration_is_replaced_and_its_migration_resolved() {
         String::from_utf8_lossy(&resize.stderr)
     );
     assert_eq!(cap_percent(here, name), Some(50));
+
+    // The successor is stopped cleanly (SIGTERM): it resigns, so the last manager leads
+    // without waiting for a lease to end, and serves the CLI.
+    let last = ["b2", "b1"]
+        .into_iter()
+        .find(|m| *m != successor)
+        .expect("a third manager");
+    let stopped_at = Instant::now();
+    let status = repl
+        .fed
+        .daemons
+        .kill(&format!("manager-{successor}"), libc::SIGTERM)
+        .expect("stop the successor");
+    assert!(
+        status.success(),
+        "the successor did not stop cleanly: {status}"
+    );
+    viola_labtests::wait_until("the last manager leads", Duration::from_secs(10), || {
+        repl.leader().as_deref() == Some(last)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", repl.manager_log(last)));
+    eprintln!(
+        "after a clean stop, the manager at {last} leads {:.1} s later",
+        stopped_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        repl.manager_log(&successor)
+            .contains("resigned the managers' leadership"),
+        "{}",
+        repl.manager_log(&successor)
+    );
+    wait_until(
+        "the last manager serves the CLI",
+        Duration::from_secs(30),
+        || repl.vm_host(name).is_some_and(|(h, _)| h == here),
+    );
 }
