@@ -300,6 +300,14 @@ impl Replica {
                 () = tokio::time::sleep(ttl / 3) => {}
             }
             let id = self.lease();
+            let since = renewed.elapsed();
+            if since > ttl * 2 / 3 {
+                tracing::warn!(
+                    since_ms = since.as_millis() as u64,
+                    ttl_ms = ttl.as_millis() as u64,
+                    "renewing the leader's lease late"
+                );
+            }
             match call(&self.etcd, "renew the leader's lease", move |e| {
                 e.lease_keep_alive(id)
             })

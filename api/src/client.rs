@@ -26,7 +26,10 @@ pub enum ClientError {
         #[source]
         source: quinn::ConnectionError,
     },
-    #[error("no manager answered within {per_addr_s} s each (tried {tried}); last: {last}")]
+    #[error(
+        "no manager served the connection (tried {tried}, up to {per_addr_s} s each; of \
+         replicated managers only the leader serves, the others refuse); last: {last}"
+    )]
     NoManager {
         tried: String,
         per_addr_s: u64,

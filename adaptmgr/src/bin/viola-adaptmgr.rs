@@ -18,7 +18,7 @@ use viola_adaptmgr::control::server;
 use viola_adaptmgr::inventory::Inventory;
 use viola_adaptmgr::manager::{Manager, ManagerConfig};
 use viola_adaptmgr::policy_loop::{PolicyLoop, PolicyMetrics};
-use viola_adaptmgr::replication::Replica;
+use viola_adaptmgr::replication::{Lost, Replica};
 use viola_common::identity::{Identity, alpn};
 use viola_hypervisor::libvirt::LibvirtConnector;
 
@@ -76,6 +76,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         viola_common::metrics::serve(cfg.metrics_listen, Arc::clone(&registry), token.clone())
             .await?;
     tracing::info!(metrics = %metrics_addr, "metrics");
+    // Bound once, before anything else: a standby refuses connections on it (so a client
+    // asking it moves on to the next manager at once), the leader serves on it.
+    let server_config = identity
+        .server_config(&[alpn::ADAPTMGR])
+        .context("cannot build the TLS server configuration")?;
+    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
 
     let role = async {
         let Some(replication) = &cfg.replication else {
@@ -85,29 +92,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             let inventory = Inventory::open(&cfg.inventory)?;
             leader.set(1);
-            return lead(&cfg, identity, inventory, &registry, token.clone()).await;
+            return lead(
+                &cfg,
+                identity,
+                endpoint,
+                inventory,
+                &registry,
+                token.clone(),
+            )
+            .await;
         };
-        let replica = Replica::join(replication, cfg.listen, &identity).await?;
-        let Some(leadership) = replica.campaign(&token).await else {
+        let replica = Arc::new(Replica::join(replication, cfg.listen, &identity).await?);
+        let refusing = async {
+            while let Some(incoming) = endpoint.accept().await {
+                incoming.refuse();
+            }
+        };
+        let elected = tokio::select! {
+            elected = replica.campaign(&token) => elected,
+            () = refusing => None,
+        };
+        let Some(leadership) = elected else {
             replica.resign(None).await;
             return Ok(());
         };
         leader.set(1);
         let inventory = replica.inventory(&leadership);
         let leading = token.child_token();
-        let led = async {
-            let led = lead(&cfg, identity, inventory, &registry, leading.clone()).await;
-            leading.cancel();
-            led
-        };
-        let held = async {
-            let lost = replica.hold(&leading).await;
-            if lost.is_some() {
-                leading.cancel();
+        // The lease is renewed by a task of its own: the leader's work calls the inventory
+        // synchronously, and must not hold the renewal back past the lease's end.
+        let held = tokio::spawn({
+            let (replica, leading) = (Arc::clone(&replica), leading.clone());
+            async move {
+                let lost = replica.hold(&leading).await;
+                if lost.is_some() {
+                    leading.cancel();
+                }
+                lost
             }
-            lost
-        };
-        let (led, lost) = tokio::join!(led, held);
+        });
+        let led = lead(
+            &cfg,
+            identity,
+            endpoint.clone(),
+            inventory,
+            &registry,
+            leading.clone(),
+        )
+        .await;
+        leading.cancel();
+        let lost = held
+            .await
+            .unwrap_or_else(|e| Some(Lost::Unreachable(format!("the lease task failed: {e}"))));
         leader.set(0);
         if let Some(lost) = lost {
             anyhow::bail!(
@@ -116,6 +152,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         replica.resign(Some(leadership)).await;
         led
+    };
+    // Whatever ends the role (a signal, a lost leadership, an error) ends the process: the
+    // metrics endpoint stops with it.
+    let stop = token.clone();
+    let role = async {
+        let role = role.await;
+        stop.cancel();
+        role
     };
     let (role, ()) = tokio::join!(role, metrics);
     role?;
@@ -129,6 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn lead(
     cfg: &ManagerConfig,
     identity: Identity,
+    endpoint: quinn::Endpoint,
     inventory: Inventory,
     registry: &Mutex<Registry>,
     token: CancellationToken,
@@ -176,11 +221,6 @@ async fn lead(
         }
     };
 
-    let server_config = identity
-        .server_config(&[alpn::ADAPTMGR])
-        .context("cannot build the TLS server configuration")?;
-    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, hosts = cfg.hosts.len(),
         policy = %cfg.policy.name, mode = %cfg.policy.mode, period_s = cfg.policy.period_s, "viola-adaptmgr running");
 
