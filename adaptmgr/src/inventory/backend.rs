@@ -41,6 +41,7 @@ pub enum Table {
 }
 
 impl Table {
+    /// Every table, in declaration order (so `table as usize` is its index here).
     pub const ALL: [Self; 13] = [
         Self::Sites,
         Self::Hosts,
@@ -209,4 +210,16 @@ pub trait Backend: Send + Sync {
     fn commit(&self, writes: &[Write], durability: Durability) -> Result<(), BackendError>;
     /// What the inventory is kept in, for logs ("redb /var/lib/...", "etcd 198.18.0.1:2379 ...").
     fn describe(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn every_table_is_listed_once_at_its_own_index() {
+        for (i, table) in Table::ALL.into_iter().enumerate() {
+            assert_eq!(table as usize, i, "{table:?}");
+        }
+    }
 }

@@ -54,8 +54,8 @@ impl Backend for EtcdBackend {
 
     fn scan(&self, table: Table, scan: Scan<'_>) -> Result<Vec<Entry>, BackendError> {
         let start = self.key(table, scan.from);
-        let end = prefix_end(&self.table_prefix(table));
-        let skip = self.table_prefix(table).len();
+        let prefix = self.table_prefix(table);
+        let (end, skip) = (prefix_end(&prefix), prefix.len());
         let kvs = self
             .etcd
             .range(&start, &end, scan.limit, scan.order == Order::Descending)

@@ -31,18 +31,18 @@ fn redb<E: Into<redb::Error>>(e: E) -> BackendError {
 
 pub struct RedbBackend {
     db: Database,
-    /// Names of the tables, made once (redb's definitions borrow them).
-    names: Vec<(Table, String)>,
+    /// Names of the tables, in the order of [`Table::ALL`] (redb's definitions borrow them).
+    names: [String; Table::ALL.len()],
 }
 
 impl RedbBackend {
     /// Opens (or creates) the store at `path`, converting a format-1 file.
     pub fn open(path: &Path) -> Result<Self, redb::Error> {
         let db = Database::create(path)?;
-        let names: Vec<(Table, String)> = Table::ALL.iter().map(|&t| (t, table_name(t))).collect();
+        let names = Table::ALL.map(table_name);
         let tx = db.begin_write()?;
         // Create every table once so readers never meet a missing one.
-        for (_, name) in &names {
+        for name in &names {
             tx.open_table(definition(name))?;
         }
         convert_format_1(&tx)?;
@@ -51,10 +51,7 @@ impl RedbBackend {
     }
 
     fn name(&self, table: Table) -> &str {
-        self.names
-            .iter()
-            .find(|(t, _)| *t == table)
-            .map_or("", |(_, n)| n.as_str())
+        &self.names[table as usize]
     }
 }
 
